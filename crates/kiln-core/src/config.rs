@@ -1,0 +1,551 @@
+//! kiln's configuration: one typed tree, merged from layers and validated on load.
+//!
+//! Layers, later ones winning: built-in defaults < a TOML file < `KILN_*` environment
+//! variables (`KILN_MODEL__DTYPE=f16` sets `model.dtype`; `__` separates sections) <
+//! `--set section.key=value` flags. Every problem — an unknown key, a value of the wrong
+//! type, an unknown variant, a number out of range — is reported at once with its key,
+//! the value found, what is accepted and which layer set it.
+//!
+//! Relative paths written in a config file are relative to that file; relative paths
+//! from the environment or `--set` are relative to the working directory.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider as FigmentProvider};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::device::Device;
+use crate::error::{ConfigIssue, Error, Result};
+use crate::tensor::DType;
+
+/// Prefix of environment variables read as config.
+pub const ENV_PREFIX: &str = "KILN_";
+
+/// Environment variables with the prefix that are not config keys.
+const ENV_IGNORED: &[&str] = &["log"];
+
+/// The whole configuration of a kiln run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KilnConfig {
+    /// What the run does with its inputs.
+    pub task: Task,
+    /// Which backend, and its own options.
+    pub provider: ProviderConfig,
+    /// Which model, where, at which precision.
+    pub model: ModelConfig,
+    /// Text pre- and post-processing.
+    pub text: TextConfig,
+    /// Batching of requests.
+    pub batching: BatchingConfig,
+    /// Where metrics go; several at once.
+    pub trackers: Vec<TrackerConfig>,
+}
+
+impl Default for KilnConfig {
+    fn default() -> Self {
+        KilnConfig {
+            task: Task::Embed,
+            provider: ProviderConfig::default(),
+            model: ModelConfig::default(),
+            text: TextConfig::default(),
+            batching: BatchingConfig::default(),
+            trackers: Vec::new(),
+        }
+    }
+}
+
+/// The kind of work a run does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Texts in, one embedding vector per text out.
+    Embed,
+}
+
+/// `[provider]`: the backend by registered name, plus options it reads itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProviderConfig {
+    /// Registered provider name (`kiln providers` lists them).
+    pub name: String,
+    /// Provider-specific options, read by the provider with [`ProviderConfig::options`].
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig { name: "candle".into(), options: serde_json::Map::new() }
+    }
+}
+
+impl ProviderConfig {
+    /// The provider's options as its own type; errors name `provider.options`.
+    pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(serde_json::Value::Object(self.options.clone())).map_err(|e| {
+            Error::Config(vec![ConfigIssue::new(
+                "provider.options",
+                e.to_string(),
+                format!("options that provider `{}` accepts", self.name),
+            )])
+        })
+    }
+}
+
+/// `[model]`: what to load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model file or folder.
+    pub path: PathBuf,
+    /// Where it runs.
+    pub device: Device,
+    /// Its precision: f32, f16 or bf16.
+    #[serde(deserialize_with = "float_dtype")]
+    pub dtype: DType,
+}
+
+fn float_dtype<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<DType, D::Error> {
+    const EXPECTED: &str = "one of f32, f16, bf16";
+    let s = String::deserialize(d)?;
+    match s.parse::<DType>() {
+        Ok(dtype) if dtype.is_float() => Ok(dtype),
+        _ => Err(serde::de::Error::invalid_value(serde::de::Unexpected::Str(&s), &EXPECTED)),
+    }
+}
+
+/// Where `scripts/setup` puts all-MiniLM-L6-v2, the default model.
+pub const DEFAULT_MODEL_DIR: &str = ".kiln/models/all-MiniLM-L6-v2";
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { path: DEFAULT_MODEL_DIR.into(), device: Device::Cpu, dtype: DType::F32 }
+    }
+}
+
+/// Pooling of token vectors into one text vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The first token's vector.
+    Cls,
+    /// Mean over real (unpadded) tokens.
+    Mean,
+    /// Element-wise max over real tokens.
+    Max,
+    /// Sum over real tokens divided by the square root of their count.
+    MeanSqrtLen,
+}
+
+/// `[text]`: overrides of what the model folder says about text processing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TextConfig {
+    /// Truncate to this many word pieces (default: the folder's `max_seq_length`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+    /// Pooling (default: the folder's pooling config, else mean).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<Pooling>,
+    /// L2-normalise embeddings (default: whether `modules.json` has a Normalize step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<bool>,
+}
+
+/// `[batching]`: how requests are grouped into model batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// Most texts in one model run.
+    pub max_batch_size: usize,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig { max_batch_size: 32 }
+    }
+}
+
+/// `[[trackers]]`: one tracker by kind, with its own keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrackerConfig {
+    /// Registered tracker kind.
+    pub kind: String,
+    /// Everything else in the entry, read by the tracker.
+    #[serde(flatten)]
+    pub options: serde_json::Map<String, serde_json::Value>,
+}
+
+impl KilnConfig {
+    /// The layered sources: defaults, `file` (if any), `KILN_*` variables, `--set` flags.
+    pub fn figment(file: Option<&Path>, sets: &[String]) -> Result<Figment> {
+        let mut figment = Figment::from(Serialized::defaults(KilnConfig::default()));
+        if let Some(file) = file {
+            // figment ignores a missing file; a config the user named must exist.
+            if !file.is_file() {
+                let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+                return Err(Error::io("reading config", file, e));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_IGNORED));
+        Ok(figment.merge(SetFlags::parse(sets)?))
+    }
+
+    /// Loads, resolves and validates the config from its layers.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self> {
+        Self::from_figment(&Self::figment(file, sets)?)
+    }
+
+    /// Extracts, resolves relative paths and validates.
+    pub fn from_figment(figment: &Figment) -> Result<Self> {
+        let mut config = extract_all(figment)?;
+        if let Some(dir) = file_dir(figment, "model.path") {
+            config.model.path = dir.join(&config.model.path);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range checks serde cannot express; every problem is reported.
+    pub fn validate(&self) -> Result<()> {
+        let mut issues = Vec::new();
+        if !self.model.dtype.is_float() {
+            issues.push(ConfigIssue::new(
+                "model.dtype",
+                format!("\"{}\"", self.model.dtype),
+                "one of f32, f16, bf16",
+            ));
+        }
+        if self.provider.name.trim().is_empty() {
+            issues.push(ConfigIssue::new(
+                "provider.name",
+                "\"\"",
+                "a registered provider name (see `kiln providers`)",
+            ));
+        }
+        if self.model.path.as_os_str().is_empty() {
+            issues.push(ConfigIssue::new("model.path", "\"\"", "a model file or folder"));
+        }
+        check_range(&mut issues, "batching.max_batch_size", self.batching.max_batch_size, 1, 4096);
+        if let Some(n) = self.text.max_length {
+            check_range(&mut issues, "text.max_length", n, 1, 65_536);
+        }
+        for (i, t) in self.trackers.iter().enumerate() {
+            if t.kind.trim().is_empty() {
+                issues.push(ConfigIssue::new(
+                    format!("trackers[{i}].kind"),
+                    "\"\"",
+                    "a registered tracker kind",
+                ));
+            }
+        }
+        if issues.is_empty() { Ok(()) } else { Err(Error::Config(issues)) }
+    }
+
+    /// The config as pretty TOML, as `kiln config` prints it.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::InvalidInput(format!("config cannot be written as TOML: {e}")))
+    }
+}
+
+fn check_range(issues: &mut Vec<ConfigIssue>, key: &str, value: usize, min: usize, max: usize) {
+    if !(min..=max).contains(&value) {
+        issues.push(ConfigIssue::new(key, value.to_string(), format!("an integer in {min}..={max}")));
+    }
+}
+
+/// Extracts section by section, so a problem in one section does not hide those in
+/// the others (serde stops at the first error of a value).
+fn extract_all(figment: &Figment) -> Result<KilnConfig> {
+    fn section<T: DeserializeOwned>(f: &Figment, key: &str, issues: &mut Vec<ConfigIssue>) -> Option<T> {
+        match f.extract_inner::<T>(key) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                issues.extend(config_issues(e, key));
+                None
+            }
+        }
+    }
+    let mut issues = Vec::new();
+    let known = ["task", "provider", "model", "text", "batching", "trackers"];
+    if let Ok(top) = figment.data() {
+        for (key, value) in top.get(&Profile::Default).into_iter().flatten() {
+            if !known.contains(&key.as_str()) {
+                let mut issue =
+                    ConfigIssue::new(key, "an unknown key", format!("one of the keys {}", known.join(", ")));
+                issue.origin =
+                    figment.get_metadata(value.tag()).map(|m| origin(m, None, std::slice::from_ref(key)));
+                issues.push(issue);
+            }
+        }
+    }
+    let config = KilnConfig {
+        task: section(figment, "task", &mut issues).unwrap_or(Task::Embed),
+        provider: section(figment, "provider", &mut issues).unwrap_or_default(),
+        model: section(figment, "model", &mut issues).unwrap_or_default(),
+        text: section(figment, "text", &mut issues).unwrap_or_default(),
+        batching: section(figment, "batching", &mut issues).unwrap_or_default(),
+        trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),
+    };
+    if issues.is_empty() { Ok(config) } else { Err(Error::Config(issues)) }
+}
+
+/// The folder of the config file that set `key`, if a file set it and the value is relative.
+fn file_dir(figment: &Figment, key: &str) -> Option<PathBuf> {
+    let value = figment.find_value(key).ok()?;
+    if Path::new(value.as_str()?).is_absolute() {
+        return None;
+    }
+    match &figment.get_metadata(value.tag())?.source {
+        Some(figment::Source::File(file)) => file.parent().map(Path::to_path_buf),
+        _ => None,
+    }
+}
+
+/// Turns figment's errors for `section` into issues with key, value, expectation, origin.
+fn config_issues(error: figment::Error, section: &str) -> Vec<ConfigIssue> {
+    use figment::error::Kind;
+    error
+        .into_iter()
+        .map(|mut e| {
+            // `extract_inner(section)` appends the section to the error's path instead of
+            // putting it first; put it first.
+            if e.path.last().is_some_and(|p| p == section) {
+                e.path.pop();
+            }
+            if e.path.first().is_none_or(|p| p != section) {
+                e.path.insert(0, section.to_string());
+            }
+            let key = e.path.join(".");
+            let origin = e.metadata.as_ref().map(|m| origin(m, e.profile.as_ref(), &e.path));
+            let mut issue = match &e.kind {
+                // figment's path already ends with the unknown field.
+                Kind::UnknownField(_, expected) => ConfigIssue::new(
+                    key.clone(),
+                    "an unknown key",
+                    format!("one of the keys {}", expected.join(", ")),
+                ),
+                Kind::UnknownVariant(found, expected) => ConfigIssue::new(
+                    key.clone(),
+                    format!("\"{found}\""),
+                    format!("one of {}", expected.join(", ")),
+                ),
+                Kind::InvalidType(found, expected) | Kind::InvalidValue(found, expected) => {
+                    ConfigIssue::new(key.clone(), found.to_string(), expected.clone())
+                }
+                Kind::MissingField(field) => ConfigIssue::new(
+                    if key.is_empty() { field.to_string() } else { format!("{key}.{field}") },
+                    "nothing",
+                    "a value",
+                ),
+                other => ConfigIssue::new(
+                    if key.is_empty() { "(config)".to_string() } else { key.clone() },
+                    other.to_string(),
+                    "a valid config (see docs/config.md)",
+                ),
+            };
+            issue.origin = origin;
+            issue
+        })
+        .collect()
+}
+
+fn origin(metadata: &Metadata, profile: Option<&Profile>, path: &[String]) -> String {
+    match &metadata.source {
+        Some(figment::Source::File(file)) => file.display().to_string(),
+        _ if metadata.name.contains("environment variable") => {
+            format!("environment variable {ENV_PREFIX}{}", path.join("__").to_uppercase())
+        }
+        _ => {
+            let profile = profile.cloned().unwrap_or_default();
+            format!("{} `{}`", metadata.name, metadata.interpolate(&profile, path))
+        }
+    }
+}
+
+/// `--set section.key=value` flags as a figment layer. Values are read as TOML
+/// (`32`, `true`, `[1, 2]`, `"x"`); anything that is not valid TOML is a string.
+struct SetFlags(toml::Table);
+
+impl SetFlags {
+    fn parse(sets: &[String]) -> Result<Self> {
+        let mut root = toml::Table::new();
+        for set in sets {
+            let parsed = set.split_once('=').and_then(|(key, raw)| {
+                let parts: Vec<&str> = key.trim().split('.').collect();
+                parts.iter().all(|p| !p.is_empty()).then_some((parts, raw))
+            });
+            let Some((parts, raw)) = parsed else {
+                return Err(Error::Config(vec![ConfigIssue::new(
+                    "--set",
+                    format!("`{set}`"),
+                    "section.key=value, e.g. --set model.dtype=f16",
+                )]));
+            };
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let (last, sections) = parts.split_last().expect("split yields at least one part");
+            let mut table = &mut root;
+            for part in sections {
+                let entry = table.entry(part.to_string()).or_insert_with(|| toml::Table::new().into());
+                if !entry.is_table() {
+                    *entry = toml::Table::new().into();
+                }
+                table = entry.as_table_mut().expect("made a table just above");
+            }
+            table.insert(last.to_string(), value);
+        }
+        Ok(SetFlags(root))
+    }
+}
+
+impl FigmentProvider for SetFlags {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("--set flag").interpolater(|_, keys| keys.join("."))
+    }
+    fn data(&self) -> std::result::Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::defaults(&self.0).data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    /// Jail closures return figment's error type; carry ours in its message.
+    fn jail_err(e: Error) -> figment::Error {
+        figment::Error::from(e.to_string())
+    }
+
+    fn load_in(jail: &Jail, toml: &str, sets: &[&str]) -> Result<KilnConfig> {
+        jail.create_file("kiln.toml", toml).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        KilnConfig::load(Some(Path::new("kiln.toml")), &sets)
+    }
+
+    #[test]
+    fn defaults_are_candle_minilm_on_cpu() {
+        let c = KilnConfig::default();
+        assert_eq!(c.provider.name, "candle");
+        assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_DIR));
+        assert_eq!((c.model.device, c.model.dtype, c.task), (Device::Cpu, DType::F32, Task::Embed));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_set() {
+        Jail::expect_with(|jail| {
+            let file = "[model]\ndtype = \"f16\"\ndevice = \"cuda:1\"\n[batching]\nmax_batch_size = 8\n";
+            let c = load_in(jail, file, &[]).map_err(jail_err)?;
+            assert_eq!(
+                (c.model.dtype, c.model.device, c.batching.max_batch_size),
+                (DType::F16, Device::Cuda(1), 8)
+            );
+
+            jail.set_env("KILN_MODEL__DTYPE", "bf16");
+            jail.set_env("KILN_BATCHING__MAX_BATCH_SIZE", "16");
+            let c = load_in(jail, file, &[]).map_err(jail_err)?;
+            assert_eq!((c.model.dtype, c.batching.max_batch_size), (DType::BF16, 16));
+            assert_eq!(c.model.device, Device::Cuda(1), "keys the env does not set keep the file's value");
+
+            let c =
+                load_in(jail, file, &["model.dtype=f32", "batching.max_batch_size=4", "provider.name=mine"])
+                    .map_err(jail_err)?;
+            assert_eq!((c.model.dtype, c.batching.max_batch_size), (DType::F32, 4));
+            assert_eq!(c.provider.name, "mine");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn relative_model_path_in_a_file_is_relative_to_the_file() {
+        Jail::expect_with(|jail| {
+            std::fs::create_dir("conf").unwrap();
+            jail.create_file("conf/k.toml", "[model]\npath = \"models/m\"\n")?;
+            let c = KilnConfig::load(Some(Path::new("conf/k.toml")), &[]).map_err(jail_err)?;
+            assert_eq!(c.model.path, PathBuf::from("conf/models/m"));
+            let c = KilnConfig::load(Some(Path::new("conf/k.toml")), &["model.path=other".into()])
+                .map_err(jail_err)?;
+            assert_eq!(
+                c.model.path,
+                PathBuf::from("other"),
+                "--set paths stay relative to the working directory"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_key_value_expectation_and_origin() {
+        Jail::expect_with(|jail| {
+            let file = "[model]\ndtype = \"f64\"\n[text]\ncolour = 3\n[extra]\nx = 1\n";
+            let err = load_in(jail, file, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("`model.dtype`: found string \"f64\", expected one of f32, f16, bf16"),
+                "{err}"
+            );
+            assert!(err.contains("(set in kiln.toml)"), "{err}");
+            assert!(err.contains("`text.colour`: found an unknown key, expected one of the keys max_length, pooling, normalize"), "{err}");
+            assert!(
+                err.contains("`extra`: found an unknown key, expected one of the keys task, provider"),
+                "{err}"
+            );
+
+            let err = load_in(jail, "", &["batching.max_batch_size=0", "text.max_length=0"])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`batching.max_batch_size`: found 0, expected an integer in 1..=4096"),
+                "{err}"
+            );
+            assert!(err.contains("`text.max_length`: found 0, expected an integer in 1..=65536"), "{err}");
+
+            jail.set_env("KILN_MODEL__DEVICE", "gpu0");
+            let err = load_in(jail, "", &[]).unwrap_err().to_string();
+            assert!(err.contains("`model.device`: found string \"gpu0\", expected `cpu`, `cuda:N`"), "{err}");
+            assert!(err.contains("environment variable KILN_MODEL__DEVICE"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_set_flags_and_types_are_reported() {
+        Jail::expect_with(|jail| {
+            let err = load_in(jail, "", &["nonsense"]).unwrap_err().to_string();
+            assert!(err.contains("`--set`: found `nonsense`, expected section.key=value"), "{err}");
+            let err = load_in(jail, "", &["batching.max_batch_size=lots"]).unwrap_err().to_string();
+            assert!(err.contains("`batching.max_batch_size`: found string \"lots\""), "{err}");
+            assert!(err.contains("--set flag"), "{err}");
+            let err = load_in(jail, "task = \"dance\"\n", &[]).unwrap_err().to_string();
+            assert!(err.contains("`task`: found \"dance\", expected one of embed"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_config_file_must_exist() {
+        let err = KilnConfig::load(Some(Path::new("/no/such/kiln.toml")), &[]).unwrap_err().to_string();
+        assert_eq!(err, "reading config /no/such/kiln.toml: no such file");
+    }
+
+    #[test]
+    fn printed_config_loads_back_to_the_same_config() {
+        Jail::expect_with(|jail| {
+            let mut c = KilnConfig::default();
+            c.text.pooling = Some(Pooling::Cls);
+            c.trackers.push(TrackerConfig { kind: "stdout".into(), options: Default::default() });
+            jail.create_file("round.toml", &c.to_toml().map_err(jail_err)?)?;
+            let back = KilnConfig::load(Some(Path::new("round.toml")), &[]).map_err(jail_err)?;
+            assert_eq!(back, c);
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,40 @@
+//! kiln's core: the four traits every part of kiln is built on, the plain types they
+//! exchange, the config, the errors and the plugin registries.
+//!
+//! - [`Provider`] / [`Model`]: a backend and the models it loads.
+//! - [`Cache`]: results by content hash.
+//! - [`Profiler`]: timed spans and resource samples.
+//! - [`Tracker`]: where metrics go.
+//!
+//! Nothing here knows a backend or starts a runtime; backends, trackers and the runtime
+//! depend on this crate, never the other way round.
+
+pub mod cache;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod profiler;
+pub mod provider;
+pub mod registry;
+pub mod tensor;
+pub mod tracker;
+
+pub use async_trait::async_trait;
+pub use cache::{Cache, CacheKey, CacheStats, NoCache};
+pub use config::{
+    BatchingConfig, KilnConfig, ModelConfig, Pooling, ProviderConfig, Task, TextConfig, TrackerConfig,
+};
+pub use device::{Device, DeviceInfo, DeviceKind, MemoryInfo};
+pub use error::{BoxError, ConfigIssue, Error, Result};
+pub use profiler::{NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
+pub use provider::{
+    Capabilities, Model, ModelInfo, ModelSpec, Provider, ProviderRegistration, build_provider, providers,
+};
+pub use registry::{Registration, Registry};
+pub use tensor::{DType, Dim, Element, Inputs, NamedTensors, Outputs, Tensor, TensorSpec};
+pub use tracker::{Metrics, Tracker, TrackerRegistration, build_trackers, trackers};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use inventory;
+}

@@ -1,0 +1,325 @@
+//! The [`Provider`] and [`Model`] traits: how a backend loads and runs models.
+//!
+//! # Design
+//!
+//! A *provider* is a backend (candle, ONNX Runtime, libtorch, or one of yours). It is
+//! built once from its config section by a plain constructor function registered with
+//! [`register_provider!`](crate::register_provider), and it loads *models*. A model
+//! runs one batch at a time, synchronously: `run` blocks, and the runtime calls it from
+//! a thread of its own, never from an async executor, so a backend needs no async code
+//! and no knowledge of batching, retries or caching — the runtime wraps those around it.
+//!
+//! Inputs and outputs are backend-neutral [`Tensor`](crate::Tensor)s by name. A model
+//! describes what it expects in [`ModelInfo`]; [`ModelInfo::validate`] checks a request
+//! against that so every provider rejects bad input with the same clear message.
+//!
+//! Both traits are object safe; the runtime holds `Arc<dyn Provider>` and `Arc<dyn Model>`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ProviderConfig;
+use crate::device::{Device, DeviceKind};
+use crate::error::{Error, Result};
+use crate::registry::{Registration, Registry};
+use crate::tensor::{DType, Inputs, Outputs, TensorSpec};
+
+/// A backend that loads models.
+///
+/// ```
+/// use std::sync::Arc;
+/// use kiln_core::{async_trait, Capabilities, Device, DType, Inputs, Model, ModelInfo,
+///                 ModelSpec, Outputs, Provider, Result};
+///
+/// /// A provider whose models return their inputs.
+/// struct Echo;
+/// struct EchoModel(ModelInfo);
+///
+/// impl Model for EchoModel {
+///     fn info(&self) -> &ModelInfo { &self.0 }
+///     fn run(&self, inputs: &Inputs) -> Result<Outputs> { Ok(inputs.clone()) }
+/// }
+///
+/// #[async_trait]
+/// impl Provider for Echo {
+///     fn name(&self) -> &str { "echo" }
+///     fn capabilities(&self) -> Capabilities {
+///         Capabilities::cpu_only(vec![DType::F32])
+///     }
+///     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+///         Ok(Arc::new(EchoModel(ModelInfo::new("echo", "echo", spec.device, spec.dtype))))
+///     }
+/// }
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let provider: Arc<dyn Provider> = Arc::new(Echo);
+/// let model = provider.load(&ModelSpec::new("unused", Device::Cpu, DType::F32)).await?;
+/// assert_eq!(model.info().provider, "echo");
+/// # Ok::<(), kiln_core::Error>(()) }).unwrap();
+/// ```
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// The name it is registered under.
+    fn name(&self) -> &str;
+
+    /// What this provider can do in this build (devices, dtypes, formats).
+    fn capabilities(&self) -> Capabilities;
+
+    /// Loads the model `spec` describes. May take seconds; runs on a blocking-safe task.
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>>;
+}
+
+/// A loaded model: runs one batch at a time, blocking.
+///
+/// See the [`Provider`] example for an implementation.
+pub trait Model: Send + Sync + 'static {
+    /// What the model expects and produces.
+    fn info(&self) -> &ModelInfo;
+
+    /// Runs one batch. Blocking: the runtime calls it from its own worker thread.
+    fn run(&self, inputs: &Inputs) -> Result<Outputs>;
+}
+
+/// What to load: where from, on which device, at which precision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// A model file or folder (an HF-style folder for BERT models).
+    pub path: PathBuf,
+    /// Where to run it.
+    pub device: Device,
+    /// Weight and compute precision.
+    pub dtype: DType,
+}
+
+impl ModelSpec {
+    /// A spec from its parts.
+    pub fn new(path: impl Into<PathBuf>, device: Device, dtype: DType) -> Self {
+        ModelSpec { path: path.into(), device, dtype }
+    }
+}
+
+/// What a loaded model expects and produces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// The model's name (folder or file name).
+    pub name: String,
+    /// The provider that loaded it.
+    pub provider: String,
+    /// The device it runs on.
+    pub device: Device,
+    /// Its precision.
+    pub dtype: DType,
+    /// Inputs it accepts. Inputs it lists are required; others are rejected.
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs it produces.
+    pub outputs: Vec<TensorSpec>,
+    /// Bytes of weights held, when known.
+    pub weight_bytes: Option<u64>,
+    /// Largest batch it accepts, if limited.
+    pub max_batch_size: Option<usize>,
+    /// Longest sequence it accepts (position embeddings), for text models.
+    pub max_sequence_length: Option<usize>,
+}
+
+impl ModelInfo {
+    /// Minimal info; fill the rest with struct update syntax or field assignment.
+    pub fn new(name: impl Into<String>, provider: impl Into<String>, device: Device, dtype: DType) -> Self {
+        ModelInfo {
+            name: name.into(),
+            provider: provider.into(),
+            device,
+            dtype,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            weight_bytes: None,
+            max_batch_size: None,
+            max_sequence_length: None,
+        }
+    }
+
+    /// Checks a request against [`ModelInfo::inputs`]: every listed input present with
+    /// the right dtype and shape, nothing unlisted. The error names the input, what was
+    /// expected and what came.
+    pub fn validate(&self, inputs: &Inputs) -> Result<()> {
+        if self.inputs.is_empty() {
+            return Ok(());
+        }
+        for spec in &self.inputs {
+            spec.check(inputs.require(&spec.name)?)?;
+        }
+        for name in inputs.names() {
+            if !self.inputs.iter().any(|s| s.name == name) {
+                let accepted: Vec<_> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(Error::InvalidInput(format!(
+                    "model `{}` has no input `{name}`; its inputs are [{}]",
+                    self.name,
+                    accepted.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a provider supports in this build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Device families it can run on.
+    pub devices: Vec<DeviceKind>,
+    /// Precisions it accepts for models.
+    pub dtypes: Vec<DType>,
+    /// Quantization schemes it accepts (empty: none).
+    pub quantization: Vec<String>,
+    /// Model formats it loads, in words ("HF BERT folder (safetensors)").
+    pub formats: Vec<String>,
+    /// Largest batch, if the backend limits it.
+    pub max_batch_size: Option<usize>,
+}
+
+impl Capabilities {
+    /// CPU only, the given dtypes, nothing else declared.
+    pub fn cpu_only(dtypes: Vec<DType>) -> Self {
+        Capabilities {
+            devices: vec![DeviceKind::Cpu],
+            dtypes,
+            quantization: Vec::new(),
+            formats: Vec::new(),
+            max_batch_size: None,
+        }
+    }
+}
+
+/// A provider's entry in the registry: a name and a constructor, run only when chosen.
+#[derive(Debug)]
+pub struct ProviderRegistration {
+    /// Name used in configs (`provider.name`).
+    pub name: &'static str,
+    /// One line for `kiln providers`.
+    pub description: &'static str,
+    /// Builds the provider from its config section.
+    pub build: fn(&ProviderConfig) -> Result<Arc<dyn Provider>>,
+}
+
+impl ProviderRegistration {
+    /// Const constructor, used by [`register_provider!`](crate::register_provider).
+    pub const fn new(
+        name: &'static str,
+        description: &'static str,
+        build: fn(&ProviderConfig) -> Result<Arc<dyn Provider>>,
+    ) -> Self {
+        ProviderRegistration { name, description, build }
+    }
+}
+
+impl Registration for ProviderRegistration {
+    const KIND: &'static str = "provider";
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn description(&self) -> &'static str {
+        self.description
+    }
+}
+
+inventory::collect!(ProviderRegistration);
+
+/// Every provider linked into this binary.
+pub fn providers() -> Result<Registry<ProviderRegistration>> {
+    Registry::collect(inventory::iter::<ProviderRegistration>)
+}
+
+/// Builds the provider a config names.
+pub fn build_provider(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
+    (providers()?.get(&config.name)?.build)(config)
+}
+
+/// Registers a provider under a name: one line at the end of a provider crate.
+///
+/// ```
+/// use std::sync::Arc;
+/// use kiln_core::{async_trait, Capabilities, DType, Error, Model, ModelSpec, Provider,
+///                 ProviderConfig, Result};
+///
+/// struct Mine;
+/// #[async_trait]
+/// impl Provider for Mine {
+///     fn name(&self) -> &str { "mine" }
+///     fn capabilities(&self) -> Capabilities { Capabilities::cpu_only(vec![DType::F32]) }
+///     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+///         Err(Error::model_load(&spec.path, "this example loads nothing"))
+///     }
+/// }
+///
+/// fn build(_config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
+///     Ok(Arc::new(Mine))
+/// }
+///
+/// kiln_core::register_provider!("mine", "an example provider", build);
+///
+/// assert!(kiln_core::providers()?.names().contains(&"mine"));
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+///
+/// `build` is a `fn(&ProviderConfig) -> Result<Arc<dyn Provider>>`; it runs only when a
+/// config chooses this provider. A crate that only registers plugins must be linked
+/// (`use kiln_provider_x as _;`) for its registration to be seen.
+#[macro_export]
+macro_rules! register_provider {
+    ($name:expr, $description:expr, $build:expr $(,)?) => {
+        $crate::__private::inventory::submit! {
+            $crate::ProviderRegistration::new($name, $description, $build)
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{Dim, NamedTensors, Tensor};
+
+    struct Nothing;
+    #[async_trait]
+    impl Provider for Nothing {
+        fn name(&self) -> &str {
+            "nothing"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::cpu_only(vec![DType::F32])
+        }
+        async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+            Err(Error::model_load(&spec.path, "nothing loads"))
+        }
+    }
+
+    #[test]
+    fn provider_and_model_are_object_safe() {
+        let _provider: Arc<dyn Provider> = Arc::new(Nothing);
+        let _model: Option<Arc<dyn Model>> = None;
+    }
+
+    #[test]
+    fn validate_rejects_missing_unknown_and_misshapen_inputs() {
+        let mut info = ModelInfo::new("bert", "test", Device::Cpu, DType::F32);
+        info.inputs = vec![TensorSpec::new(
+            "input_ids",
+            DType::I64,
+            vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())],
+        )];
+        let ids = Tensor::from_vec(vec![1, 2], vec![1i64, 2]).unwrap();
+        info.validate(&NamedTensors::new().with("input_ids", ids.clone())).unwrap();
+
+        let err = info.validate(&NamedTensors::new()).unwrap_err().to_string();
+        assert!(err.contains("missing tensor `input_ids`"), "{err}");
+
+        let extra = NamedTensors::new().with("input_ids", ids.clone()).with("pixels", ids);
+        let err = info.validate(&extra).unwrap_err().to_string();
+        assert!(err.contains("no input `pixels`; its inputs are [input_ids]"), "{err}");
+
+        let flat = Tensor::from_vec(vec![2], vec![1i64, 2]).unwrap();
+        let err = info.validate(&NamedTensors::new().with("input_ids", flat)).unwrap_err().to_string();
+        assert!(err.contains("expected i64 [batch, sequence], got i64 [2]"), "{err}");
+    }
+}

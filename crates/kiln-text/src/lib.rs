@@ -1,0 +1,342 @@
+//! kiln's text pipeline: texts to padded token batches, and token vectors back to one
+//! embedding per text — the way sentence-transformers does it for the same model folder.
+//!
+//! A [`TextPipeline`] reads a Hugging Face / sentence-transformers folder:
+//! `tokenizer.json` (required), `sentence_bert_config.json` (`max_seq_length`),
+//! `modules.json` (is there a Pooling and a Normalize step?) and the pooling module's
+//! `config.json` (which pooling). Values in [`TextConfig`] override what the folder says.
+
+use std::path::{Path, PathBuf};
+
+use kiln_core::{Error, NamedTensors, Pooling, Result, Tensor, TextConfig};
+use serde::Deserialize;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams, TruncationStrategy};
+
+/// Input names the pipeline produces, as BERT-family models call them.
+pub const INPUT_IDS: &str = "input_ids";
+/// Mask of real (1) versus padding (0) tokens.
+pub const ATTENTION_MASK: &str = "attention_mask";
+/// Segment ids (all 0 for single texts).
+pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+
+/// What the pipeline decided from the folder and the overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextSettings {
+    /// Word pieces per text at most, special tokens included.
+    pub max_length: usize,
+    /// How token vectors become one vector.
+    pub pooling: Pooling,
+    /// Whether the result is L2-normalised.
+    pub normalize: bool,
+}
+
+/// A batch of tokenized texts, padded to the longest.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `input_ids`, `attention_mask`, `token_type_ids`, each i64 `[batch, sequence]`.
+    pub inputs: NamedTensors,
+    /// Number of texts.
+    pub batch: usize,
+    /// Padded length.
+    pub sequence: usize,
+    /// Real tokens per text (before padding).
+    pub lengths: Vec<usize>,
+    /// The attention mask, row-major, for pooling.
+    pub mask: Vec<i64>,
+}
+
+/// Tokenizer plus pooling and normalisation rules of one model folder.
+#[derive(Debug, Clone)]
+pub struct TextPipeline {
+    tokenizer: Tokenizer,
+    settings: TextSettings,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct Module {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    path: String,
+}
+
+#[derive(Deserialize, Default)]
+struct PoolingFlags {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+    #[serde(default)]
+    pooling_mode_weightedmean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_lasttoken: bool,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::model_load_with(path, "invalid JSON", e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("reading", path, e)),
+    }
+}
+
+/// Pooling and normalisation as the folder's `modules.json` describes them.
+fn folder_pooling(dir: &Path) -> Result<(Option<Pooling>, bool)> {
+    let Some(modules) = read_json::<Vec<Module>>(&dir.join("modules.json"))? else {
+        return Ok((None, false));
+    };
+    let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
+    let Some(pooling_module) = modules.iter().find(|m| m.kind.ends_with(".Pooling")) else {
+        return Ok((None, normalize));
+    };
+    let config_path: PathBuf = dir.join(&pooling_module.path).join("config.json");
+    let flags: PoolingFlags = read_json(&config_path)?.unwrap_or_default();
+    let chosen: Vec<Pooling> = [
+        (flags.pooling_mode_cls_token, Pooling::Cls),
+        (flags.pooling_mode_mean_tokens, Pooling::Mean),
+        (flags.pooling_mode_max_tokens, Pooling::Max),
+        (flags.pooling_mode_mean_sqrt_len_tokens, Pooling::MeanSqrtLen),
+    ]
+    .into_iter()
+    .filter_map(|(on, p)| on.then_some(p))
+    .collect();
+    if flags.pooling_mode_weightedmean_tokens || flags.pooling_mode_lasttoken || chosen.len() > 1 {
+        return Err(Error::Unsupported(format!(
+            "{}: pooling modes other than exactly one of cls, mean, max, mean_sqrt_len; \
+             set `text.pooling` to choose one",
+            config_path.display()
+        )));
+    }
+    Ok((chosen.first().copied(), normalize))
+}
+
+impl TextPipeline {
+    /// Reads the folder's tokenizer and settings; `overrides` win over the folder;
+    /// `model_max` (the model's position embeddings) caps the length.
+    pub fn from_model_dir(dir: &Path, overrides: &TextConfig, model_max: Option<usize>) -> Result<Self> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(Error::model_load(
+                dir,
+                "no tokenizer.json; a text model folder needs one to tokenize",
+            ));
+        }
+        let tokenizer = Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| Error::model_load_with(&tokenizer_path, "cannot read tokenizer", e))?;
+
+        let folder_max = read_json::<SentenceBertConfig>(&dir.join("sentence_bert_config.json"))?
+            .and_then(|c| c.max_seq_length);
+        let max_length = overrides.max_length.or(folder_max).or(model_max).unwrap_or(512);
+        if let Some(model_max) = model_max {
+            if max_length > model_max {
+                return Err(Error::InvalidInput(format!(
+                    "text.max_length {max_length} exceeds what the model accepts ({model_max} positions)"
+                )));
+            }
+        }
+        let (pooling, normalize) = folder_pooling(dir)?;
+        let settings = TextSettings {
+            max_length,
+            pooling: overrides.pooling.or(pooling).unwrap_or(Pooling::Mean),
+            normalize: overrides.normalize.unwrap_or(normalize),
+        };
+        Self::new(tokenizer, settings)
+    }
+
+    /// A pipeline from a tokenizer and explicit settings.
+    pub fn new(mut tokenizer: Tokenizer, settings: TextSettings) -> Result<Self> {
+        // The folder's tokenizer.json may carry its own padding (MiniLM's pads every text
+        // to 128) and truncation; ours replace them: pad to the longest in the batch,
+        // truncate to max_length, as sentence-transformers does.
+        let pad = tokenizer.get_padding().cloned().unwrap_or_default();
+        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..pad }));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: settings.max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                ..Default::default()
+            }))
+            .map_err(|e| Error::InvalidInput(format!("cannot truncate to {}: {e}", settings.max_length)))?;
+        Ok(TextPipeline { tokenizer, settings })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &TextSettings {
+        &self.settings
+    }
+
+    /// Tokenizes a batch, padded to its longest text.
+    pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Encoded> {
+        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let encodings = self
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| Error::InvalidInput(format!("tokenization failed: {e}")))?;
+        let batch = encodings.len();
+        let sequence = encodings.first().map_or(0, |e| e.get_ids().len());
+        let mut ids = Vec::with_capacity(batch * sequence);
+        let mut mask = Vec::with_capacity(batch * sequence);
+        let mut types = Vec::with_capacity(batch * sequence);
+        let mut lengths = Vec::with_capacity(batch);
+        for e in &encodings {
+            ids.extend(e.get_ids().iter().map(|&v| i64::from(v)));
+            mask.extend(e.get_attention_mask().iter().map(|&v| i64::from(v)));
+            types.extend(e.get_type_ids().iter().map(|&v| i64::from(v)));
+            lengths.push(e.get_attention_mask().iter().filter(|&&m| m == 1).count());
+        }
+        let shape = vec![batch, sequence];
+        let inputs = NamedTensors::new()
+            .with(INPUT_IDS, Tensor::from_vec(shape.clone(), ids)?)
+            .with(ATTENTION_MASK, Tensor::from_vec(shape.clone(), mask.clone())?)
+            .with(TOKEN_TYPE_IDS, Tensor::from_vec(shape, types)?);
+        Ok(Encoded { inputs, batch, sequence, lengths, mask })
+    }
+
+    /// Pools token vectors (`f32 [batch, sequence, hidden]`) into one vector per text,
+    /// then normalises if the settings say so.
+    pub fn pool(&self, hidden: &Tensor, encoded: &Encoded) -> Result<Vec<Vec<f32>>> {
+        let shape = hidden.shape();
+        if shape.len() != 3 || shape[0] != encoded.batch || shape[1] != encoded.sequence {
+            return Err(Error::InvalidInput(format!(
+                "token vectors: expected f32 [{}, {}, hidden], got {} {:?}",
+                encoded.batch,
+                encoded.sequence,
+                hidden.dtype(),
+                shape
+            )));
+        }
+        let values = hidden.to_vec::<f32>()?;
+        Ok(pool(&values, &encoded.mask, shape[0], shape[1], shape[2], &self.settings))
+    }
+}
+
+/// Pools `[batch, sequence, hidden]` row-major values under a `[batch, sequence]` mask.
+pub fn pool(
+    values: &[f32],
+    mask: &[i64],
+    batch: usize,
+    sequence: usize,
+    hidden: usize,
+    settings: &TextSettings,
+) -> Vec<Vec<f32>> {
+    (0..batch)
+        .map(|b| {
+            let rows = || {
+                (0..sequence)
+                    .filter(move |&s| mask[b * sequence + s] != 0)
+                    .map(move |s| &values[(b * sequence + s) * hidden..][..hidden])
+            };
+            let count = rows().count() as f32;
+            let mut v = match settings.pooling {
+                Pooling::Cls => values[b * sequence * hidden..][..hidden].to_vec(),
+                Pooling::Mean | Pooling::MeanSqrtLen => {
+                    let mut sum = vec![0f32; hidden];
+                    for row in rows() {
+                        sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                    }
+                    // sentence-transformers clamps the count at 1e-9 so an all-padding row gives zeros.
+                    let div = if settings.pooling == Pooling::Mean {
+                        count.max(1e-9)
+                    } else {
+                        count.max(1e-9).sqrt()
+                    };
+                    sum.iter_mut().for_each(|s| *s /= div);
+                    sum
+                }
+                Pooling::Max => {
+                    let mut max = vec![f32::NEG_INFINITY; hidden];
+                    for row in rows() {
+                        max.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
+                    }
+                    max.iter_mut().filter(|m| m.is_infinite()).for_each(|m| *m = 0.0);
+                    max
+                }
+            };
+            if settings.normalize {
+                // torch.nn.functional.normalize: divide by max(norm, 1e-12).
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+            v
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pooling: Pooling, normalize: bool) -> TextSettings {
+        TextSettings { max_length: 8, pooling, normalize }
+    }
+
+    // Two texts, three positions, hidden 2; the second text has one padding position.
+    const VALUES: [f32; 12] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 10.0, 0.0, 0.0, 10.0, 99.0, 99.0];
+    const MASK: [i64; 6] = [1, 1, 1, 1, 1, 0];
+
+    #[test]
+    fn mean_pooling_ignores_padding() {
+        let out = pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Mean, false));
+        assert_eq!(out, vec![vec![3.0, 4.0], vec![5.0, 5.0]]);
+    }
+
+    #[test]
+    fn cls_max_and_sqrt_len_pooling() {
+        assert_eq!(pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Cls, false))[1], vec![10.0, 0.0]);
+        assert_eq!(pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Max, false))[1], vec![10.0, 10.0]);
+        let s = pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::MeanSqrtLen, false));
+        assert!((s[1][0] - 10.0 / 2f32.sqrt()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn normalisation_gives_unit_vectors_and_survives_zeros() {
+        let out = pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Mean, true));
+        let norm = (out[0][0].powi(2) + out[0][1].powi(2)).sqrt();
+        assert!((norm - 1.0).abs() < 1e-6);
+        let zeros = pool(&[0.0; 4], &[0, 0], 1, 2, 2, &settings(Pooling::Mean, true));
+        assert_eq!(zeros, vec![vec![0.0, 0.0]]);
+    }
+
+    #[test]
+    fn folder_without_tokenizer_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = TextPipeline::from_model_dir(dir.path(), &TextConfig::default(), None).unwrap_err();
+        assert!(err.to_string().contains("no tokenizer.json"), "{err}");
+    }
+
+    #[test]
+    fn modules_json_decides_pooling_and_normalisation() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("modules.json"),
+            r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
+                {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"},
+                {"idx":2,"name":"2","path":"2_Normalize","type":"sentence_transformers.models.Normalize"}]"#,
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+        std::fs::write(dir.path().join("1_Pooling/config.json"), r#"{"pooling_mode_cls_token": true}"#)
+            .unwrap();
+        assert_eq!(folder_pooling(dir.path()).unwrap(), (Some(Pooling::Cls), true));
+
+        std::fs::write(
+            dir.path().join("1_Pooling/config.json"),
+            r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": true}"#,
+        )
+        .unwrap();
+        let err = folder_pooling(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("set `text.pooling` to choose one"), "{err}");
+    }
+}
