@@ -1,1 +1,32 @@
-//! kiln
+//! # kiln
+//!
+//! Fast, observable ML inference on any backend. This facade re-exports kiln's crates
+//! and links the providers whose cargo features are on (`candle` by default), so they
+//! register themselves and can be chosen by name in a config.
+//!
+//! ```no_run
+//! # async fn demo() -> kiln::Result<()> {
+//! let config = kiln::KilnConfig::load(Some("examples/embed.toml".as_ref()), &[])?;
+//! let optimizer = kiln::Optimizer::from_config(config).await?;
+//! let vectors = optimizer.embed(&["kiln is fast".to_string()]).await?;
+//! println!("{} dimensions", vectors[0].len());
+//! optimizer.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+pub use kiln_core as core;
+pub use kiln_core::*;
+pub use kiln_runtime as runtime;
+pub use kiln_runtime::{Optimizer, Stats};
+pub use kiln_text as text;
+
+// A crate that only registers plugins is dropped by the linker unless something names
+// it; these lines keep each enabled provider's registration in the binary.
+#[cfg(feature = "candle")]
+use kiln_provider_candle as _;
+
+/// Names of the providers whose cargo features are on in this build.
+pub const ENABLED_PROVIDERS: &[&str] = &[
+    #[cfg(feature = "candle")]
+    "candle",
+];

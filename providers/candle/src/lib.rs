@@ -1,1 +1,385 @@
-//! placeholder
+//! kiln provider for [candle](https://github.com/huggingface/candle): BERT-family
+//! encoders from Hugging Face folders (`config.json` + `model.safetensors`), on CPU.
+//!
+//! Registered as `candle`. The model takes the `input_ids`, `attention_mask` and
+//! `token_type_ids` that `kiln-text` produces and returns `last_hidden_state`
+//! (f32 `[batch, sequence, hidden]`, whatever the compute precision), so pooling and
+//! normalisation happen in f32 in kiln's text pipeline, the same for every provider.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
+use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
+use candle_transformers::models::bert::{BertEncoder as CandleBertEncoder, Config as BertConfig};
+use kiln_core::{
+    Capabilities, DType, Device, Dim, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Provider,
+    ProviderConfig, Result, Tensor, TensorSpec, async_trait,
+};
+use serde::Deserialize;
+
+/// The registered name.
+pub const NAME: &str = "candle";
+
+/// Name of the output this provider's models produce.
+pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+
+/// Options under `[provider.options]` for candle. None yet; unknown keys are rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandleOptions {}
+
+/// The candle provider.
+#[derive(Debug, Default)]
+pub struct CandleProvider;
+
+fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
+    let _options: CandleOptions = config.options()?;
+    Ok(Arc::new(CandleProvider))
+}
+
+fn backend(e: candle_core::Error) -> Error {
+    Error::backend(NAME, e)
+}
+
+fn candle_device(device: Device) -> Result<CDevice> {
+    match device {
+        Device::Cpu => Ok(CDevice::Cpu),
+        other => Err(Error::Unsupported(format!(
+            "provider `candle` in this build runs on cpu only, not {other}; CUDA support comes with the \
+             `candle-cuda` feature"
+        ))),
+    }
+}
+
+fn candle_dtype(dtype: DType) -> Result<CDType> {
+    match dtype {
+        DType::F32 => Ok(CDType::F32),
+        DType::F16 => Ok(CDType::F16),
+        DType::BF16 => Ok(CDType::BF16),
+        other => {
+            Err(Error::Unsupported(format!("provider `candle` runs models in f32, f16 or bf16, not {other}")))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelType {
+    model_type: Option<String>,
+}
+
+/// The safetensors files of a folder: one `model.safetensors`, or the shards an
+/// index names.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let text = std::fs::read(&index).map_err(|e| Error::io("reading", &index, e))?;
+        let parsed: Index =
+            serde_json::from_slice(&text).map_err(|e| Error::model_load_with(&index, "invalid index", e))?;
+        let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let hint = if dir.join("pytorch_model.bin").is_file() {
+        "; pytorch_model.bin is not read: convert it to safetensors"
+    } else {
+        ""
+    };
+    Err(Error::model_load(dir, format!("no model.safetensors (or model.safetensors.index.json){hint}")))
+}
+
+/// Bytes the weights take at `dtype`, from the safetensors headers (no tensor is read).
+pub fn weight_bytes(files: &[PathBuf], dtype: DType) -> Result<u64> {
+    use std::io::Read;
+    let mut total = 0u64;
+    for file in files {
+        let mut f = std::fs::File::open(file).map_err(|e| Error::io("opening", file, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| Error::io("reading", file, e))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return Err(Error::model_load(file, "not a safetensors file (header too large)"));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io("reading", file, e))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| Error::model_load_with(file, "not a safetensors file", e))?;
+        for (name, entry) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let elements: u64 = entry["shape"]
+                .as_array()
+                .map(|dims| dims.iter().filter_map(|d| d.as_u64()).product())
+                .unwrap_or(0);
+            // Float weights are converted to the model dtype; integer buffers keep their size.
+            let stored = match entry["dtype"].as_str() {
+                Some("F64" | "I64" | "U64") => 8,
+                Some("F32" | "I32" | "U32") => 4,
+                Some("F16" | "BF16" | "I16" | "U16") => 2,
+                _ => 1,
+            };
+            let is_float = matches!(entry["dtype"].as_str(), Some("F64" | "F32" | "F16" | "BF16"));
+            total += elements * if is_float { dtype.size() as u64 } else { stored };
+        }
+    }
+    Ok(total)
+}
+
+#[async_trait]
+impl Provider for CandleProvider {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            formats: vec!["Hugging Face BERT folder (config.json + model.safetensors)".into()],
+            ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
+        }
+    }
+
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+        let dir = &spec.path;
+        let device = candle_device(spec.device)?;
+        let dtype = candle_dtype(spec.dtype)?;
+        if !dir.exists() {
+            return Err(Error::model_load(dir, "no such folder (run `scripts/setup` for the default model)"));
+        }
+        if !dir.is_dir() {
+            return Err(Error::model_load(
+                dir,
+                "not a folder; candle loads Hugging Face folders (config.json + model.safetensors)",
+            ));
+        }
+        let config_path = dir.join("config.json");
+        let config_text = std::fs::read(&config_path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::model_load(
+                    dir,
+                    "no config.json; expected a Hugging Face BERT folder (config.json + model.safetensors)",
+                )
+            } else {
+                Error::io("reading", &config_path, e)
+            }
+        })?;
+        let model_type: ModelType = serde_json::from_slice(&config_text)
+            .map_err(|e| Error::model_load_with(&config_path, "invalid JSON", e))?;
+        match model_type.model_type.as_deref() {
+            Some("bert") | None => {}
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: model_type `{other}`; provider `candle` loads model_type `bert`",
+                    config_path.display()
+                )));
+            }
+        }
+        let config: BertConfig = serde_json::from_slice(&config_text)
+            .map_err(|e| Error::model_load_with(&config_path, "not a BERT config", e))?;
+        let files = weight_files(dir)?;
+        let weight_bytes = weight_bytes(&files, spec.dtype)?;
+
+        // SAFETY: the files are memory-mapped read-only; kiln does not modify model files
+        // while they are loaded, and candle copies what it converts.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device) }
+            .map_err(|e| Error::model_load_with(dir, "cannot read weights", e))?;
+        let model = Bert::load(vb, &config, dtype)
+            .map_err(|e| Error::model_load_with(dir, "weights do not match a BERT model", e))?;
+
+        let name =
+            dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let token_dims = || vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())];
+        let mut info = ModelInfo::new(name, NAME, spec.device, spec.dtype);
+        info.inputs = ["input_ids", "attention_mask", "token_type_ids"]
+            .into_iter()
+            .map(|n| TensorSpec::new(n, DType::I64, token_dims()))
+            .collect();
+        info.outputs = vec![TensorSpec::new(
+            LAST_HIDDEN_STATE,
+            DType::F32,
+            vec![
+                Dim::Dynamic("batch".into()),
+                Dim::Dynamic("sequence".into()),
+                Dim::Fixed(config.hidden_size),
+            ],
+        )];
+        info.weight_bytes = Some(weight_bytes);
+        info.max_sequence_length = Some(config.max_position_embeddings);
+        let model = BertEncoder { model, device, info };
+
+        // Run a padded batch once, so a precision this build of candle cannot compute on
+        // this device is refused now, with its reason, rather than on the first request
+        // or, worse, as NaN embeddings.
+        let inputs = Inputs::new()
+            .with("input_ids", Tensor::from_vec(vec![2, 3], vec![101i64, 7592, 102, 101, 102, 0])?)
+            .with("attention_mask", Tensor::from_vec(vec![2, 3], vec![1i64, 1, 1, 1, 1, 0])?)
+            .with("token_type_ids", Tensor::from_vec(vec![2, 3], vec![0i64; 6])?);
+        let unsupported = |why: String| {
+            Error::Unsupported(format!(
+                "provider `candle` cannot run {} on {}: {why}",
+                spec.dtype, spec.device
+            ))
+        };
+        let probe = model.run(&inputs).map_err(|e| unsupported(e.to_string()))?;
+        let values = probe.require(LAST_HIDDEN_STATE)?.to_vec::<f32>()?;
+        if !values.iter().all(|v| v.is_finite()) {
+            return Err(unsupported("the probe batch produced non-finite values".into()));
+        }
+        Ok(Arc::new(model))
+    }
+}
+
+/// BERT: embeddings (ours) and candle-transformers' encoder stack.
+///
+/// candle-transformers' `BertModel` builds the additive attention mask as
+/// `(1 - mask) * f32::MIN` cast to the model dtype; in f16 that is `-inf`, and
+/// `0 * -inf` is NaN for every real token. Like Hugging Face, we use the dtype's
+/// finite minimum, so f16 and bf16 work.
+struct Bert {
+    embeddings: Embeddings,
+    encoder: CandleBertEncoder,
+    dtype: CDType,
+}
+
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+}
+
+impl Bert {
+    fn load(vb: VarBuilder, config: &BertConfig, dtype: CDType) -> candle_core::Result<Self> {
+        let load_at = |vb: VarBuilder| -> candle_core::Result<(Embeddings, CandleBertEncoder)> {
+            let e = vb.pp("embeddings");
+            let h = config.hidden_size;
+            let embeddings = Embeddings {
+                word: candle_nn::embedding(config.vocab_size, h, e.pp("word_embeddings"))?,
+                position: candle_nn::embedding(
+                    config.max_position_embeddings,
+                    h,
+                    e.pp("position_embeddings"),
+                )?,
+                token_type: candle_nn::embedding(config.type_vocab_size, h, e.pp("token_type_embeddings"))?,
+                norm: candle_nn::layer_norm(h, config.layer_norm_eps, e.pp("LayerNorm"))?,
+            };
+            Ok((embeddings, CandleBertEncoder::load(vb.pp("encoder"), config)?))
+        };
+        // Checkpoints saved from BertModel have bare names; those from task heads prefix `bert.`.
+        let (embeddings, encoder) =
+            load_at(vb.clone()).or_else(|first| load_at(vb.pp("bert")).map_err(|_| first))?;
+        Ok(Bert { embeddings, encoder, dtype })
+    }
+
+    fn forward(&self, ids: &CTensor, types: &CTensor, mask: &CTensor) -> candle_core::Result<CTensor> {
+        let (_, sequence) = ids.dims2()?;
+        let positions = CTensor::arange(0u32, sequence as u32, ids.device())?;
+        let e = &self.embeddings;
+        let x = (e.word.forward(ids)? + e.token_type.forward(types)?)?
+            .broadcast_add(&e.position.forward(&positions)?)?;
+        let x = e.norm.forward(&x)?;
+        let min = match self.dtype {
+            CDType::F16 => f64::from(half::f16::MIN),
+            CDType::BF16 => f64::from(half::bf16::MIN),
+            _ => f64::from(f32::MIN),
+        };
+        // [batch, sequence] of 1/0 -> additive [batch, 1, 1, sequence] of 0/min.
+        let additive = mask
+            .to_dtype(CDType::F32)?
+            .affine(-min, min)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(1)?
+            .unsqueeze(1)?;
+        self.encoder.forward(&x, &additive)
+    }
+}
+
+/// A BERT encoder loaded by candle.
+struct BertEncoder {
+    model: Bert,
+    device: CDevice,
+    info: ModelInfo,
+}
+
+impl BertEncoder {
+    fn tensor(&self, inputs: &Inputs, name: &str) -> Result<CTensor> {
+        let t = inputs.require(name)?;
+        CTensor::from_vec(t.to_vec::<i64>()?, t.shape(), &self.device).map_err(backend)
+    }
+}
+
+impl Model for BertEncoder {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        self.info.validate(inputs)?;
+        let ids = self.tensor(inputs, "input_ids")?;
+        let mask = self.tensor(inputs, "attention_mask")?;
+        let types = self.tensor(inputs, "token_type_ids")?;
+        let hidden = self.model.forward(&ids, &types, &mask).map_err(backend)?;
+        let shape = hidden.dims().to_vec();
+        let values = hidden
+            .to_dtype(CDType::F32)
+            .and_then(|h| h.to_device(&CDevice::Cpu))
+            .and_then(|h| h.flatten_all())
+            .and_then(|h| h.to_vec1::<f32>())
+            .map_err(backend)?;
+        Ok(Outputs::new().with(LAST_HIDDEN_STATE, Tensor::from_vec(shape, values)?))
+    }
+}
+
+kiln_core::register_provider!(NAME, "candle: BERT-family encoders from Hugging Face folders (cpu)", build);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(CandleProvider.load(spec))
+    }
+
+    #[test]
+    fn registers_itself_under_its_name() {
+        assert!(kiln_core::providers().unwrap().names().contains(&NAME));
+    }
+
+    #[test]
+    fn missing_folder_config_and_weights_are_clear_errors() {
+        let err = load(&ModelSpec::new("/no/such/model", Device::Cpu, DType::F32)).err().unwrap().to_string();
+        assert!(err.contains("/no/such/model: no such folder"), "{err}");
+
+        let dir = tempfile_dir();
+        let err = load(&ModelSpec::new(&dir, Device::Cpu, DType::F32)).err().unwrap().to_string();
+        assert!(err.contains("no config.json; expected a Hugging Face BERT folder"), "{err}");
+
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+        let err = load(&ModelSpec::new(&dir, Device::Cpu, DType::F32)).err().unwrap().to_string();
+        assert!(err.contains("model_type `gpt2`; provider `candle` loads model_type `bert`"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unsupported_device_and_dtype_say_what_is_accepted() {
+        let err = load(&ModelSpec::new(".", Device::Cuda(0), DType::F32)).err().unwrap().to_string();
+        assert!(err.contains("runs on cpu only, not cuda:0"), "{err}");
+        let err = load(&ModelSpec::new(".", Device::Cpu, DType::I64)).err().unwrap().to_string();
+        assert!(err.contains("f32, f16 or bf16, not i64"), "{err}");
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-candle-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

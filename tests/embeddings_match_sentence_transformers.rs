@@ -1,0 +1,70 @@
+//! kiln's MiniLM embeddings equal sentence-transformers' for the same model folder.
+//!
+//! The reference was made once by `scripts/make_reference_embeddings.py` with the real
+//! sentence-transformers 6.2.0 and torch 2.11.0 on CPU. Tolerance: cosine ≥ 0.9999 per
+//! text (f32 on both sides; differences come from summation order in the kernels).
+
+mod support;
+
+use kiln::Optimizer;
+use support::{cosine, minilm_config, reference};
+
+#[tokio::test]
+async fn every_fixture_text_matches_with_cosine_at_least_0_9999() {
+    let reference = reference();
+    let optimizer = Optimizer::from_config(minilm_config(&[])).await.unwrap();
+    let ours = optimizer.embed(&reference.texts).await.unwrap();
+    assert_eq!(ours.len(), reference.texts.len());
+    for ((text, a), b) in reference.texts.iter().zip(&ours).zip(&reference.embeddings) {
+        assert_eq!(a.len(), 384);
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "cosine {c:.6} for {text:?}");
+        let norm = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "normalised like the folder's Normalize module: {norm}");
+    }
+    optimizer.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn results_do_not_depend_on_batch_size_or_neighbours() {
+    let reference = reference();
+    let optimizer = Optimizer::from_config(minilm_config(&["batching.max_batch_size=1"])).await.unwrap();
+    let alone = optimizer.embed(&reference.texts).await.unwrap();
+    for ((text, a), b) in reference.texts.iter().zip(&alone).zip(&reference.embeddings) {
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "batch of one: cosine {c:.6} for {text:?}");
+    }
+    let stats = optimizer.shutdown().await.unwrap();
+    assert_eq!(stats.batches as usize, reference.texts.len(), "max_batch_size=1 runs one text per batch");
+}
+
+#[tokio::test]
+async fn the_long_text_is_truncated_to_256_word_pieces() {
+    let reference = reference();
+    let long = reference.texts.last().unwrap();
+    let optimizer = Optimizer::from_config(minilm_config(&[])).await.unwrap();
+    // Appending words beyond the 256th piece must not change the embedding.
+    let longer = format!("{long} and these words fall past the truncation point entirely");
+    let v = optimizer.embed(&[long.clone(), longer]).await.unwrap();
+    assert!(cosine(&v[0], &v[1]) > 0.999_999, "{}", cosine(&v[0], &v[1]));
+    optimizer.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn f16_and_bf16_on_cpu_are_close_to_f32() {
+    let reference = reference();
+    for (dtype, min) in [("f16", 0.999), ("bf16", 0.997)] {
+        // The candle provider advertises f16 and bf16 on CPU, so both must load and agree.
+        let optimizer =
+            Optimizer::from_config(minilm_config(&[&format!("model.dtype={dtype}")])).await.unwrap();
+        let ours = optimizer.embed(&reference.texts).await.unwrap();
+        let mut worst = 1f64;
+        for ((text, a), b) in reference.texts.iter().zip(&ours).zip(&reference.embeddings) {
+            let c = cosine(a, b);
+            assert!(c >= min, "{dtype}: cosine {c:.5} for {text:?}");
+            worst = worst.min(c);
+        }
+        eprintln!("{dtype} on cpu: worst cosine against sentence-transformers f32: {worst:.6}");
+        optimizer.shutdown().await.unwrap();
+    }
+}

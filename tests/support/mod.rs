@@ -1,0 +1,49 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The all-MiniLM-L6-v2 folder `scripts/setup` fills. Tests fail, never skip, without it.
+pub fn minilm_dir() -> PathBuf {
+    let dir = root().join(kiln::config::DEFAULT_MODEL_DIR);
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run `scripts/setup` (the README's test command does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A config for MiniLM on candle, CPU, with `sets` applied as `--set` flags would be.
+pub fn minilm_config(sets: &[&str]) -> kiln::KilnConfig {
+    let mut all = vec![format!("model.path={:?}", minilm_dir().display().to_string())];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    kiln::KilnConfig::load(None, &all).expect("valid test config")
+}
+
+/// Cosine similarity.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// The sentence-transformers reference: texts and their embeddings.
+pub struct Reference {
+    pub texts: Vec<String>,
+    pub embeddings: Vec<Vec<f32>>,
+}
+
+pub fn reference() -> Reference {
+    let path = root().join("tests/fixtures/minilm_reference.json");
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let texts = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let embeddings = serde_json::from_value(json["embeddings"].clone()).unwrap();
+    Reference { texts, embeddings }
+}
