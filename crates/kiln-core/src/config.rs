@@ -292,7 +292,15 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),
     };
-    if issues.is_empty() { Ok(config) } else { Err(Error::Config(issues)) }
+    if issues.is_empty() {
+        return Ok(config);
+    }
+    // Sections that failed hold defaults, which pass; the others are range-checked now
+    // so one run reports every problem.
+    if let Err(Error::Config(more)) = config.validate() {
+        issues.extend(more);
+    }
+    Err(Error::Config(issues))
 }
 
 /// The folder of the config file that set `key`, if a file set it and the value is relative.
@@ -509,7 +517,11 @@ mod tests {
             assert!(err.contains("`text.max_length`: found 0, expected an integer in 1..=65536"), "{err}");
 
             jail.set_env("KILN_MODEL__DEVICE", "gpu0");
-            let err = load_in(jail, "", &[]).unwrap_err().to_string();
+            let err = load_in(jail, "", &["batching.max_batch_size=5000"]).unwrap_err().to_string();
+            assert!(
+                err.contains("`batching.max_batch_size`: found 5000"),
+                "range problems come with type problems: {err}"
+            );
             assert!(err.contains("`model.device`: found string \"gpu0\", expected `cpu`, `cuda:N`"), "{err}");
             assert!(err.contains("environment variable KILN_MODEL__DEVICE"), "{err}");
             Ok(())

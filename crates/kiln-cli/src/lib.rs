@@ -1,0 +1,207 @@
+//! The `kiln` command line. `main.rs` only parses arguments and calls [`run`]; this
+//! library holds the logic so tests can call it.
+
+pub mod input;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use kiln::{KilnConfig, Optimizer, Task};
+
+use crate::input::{InputFormat, read_texts};
+
+/// Fast, observable ML inference on any backend.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// kiln's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the config's task over an input file.
+    Run(RunArgs),
+    /// Print the merged, validated config (defaults < file < KILN_* env < --set).
+    Config {
+        /// Config source options.
+        #[command(flatten)]
+        source: ConfigSource,
+        /// Print JSON instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the providers in this build and what they support.
+    Providers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the config comes from.
+#[derive(Debug, Args)]
+pub struct ConfigSource {
+    /// A kiln.toml; without one, the built-in defaults (candle, CPU, MiniLM) apply.
+    pub config: Option<PathBuf>,
+    /// Override a key: `--set model.dtype=f16` (repeatable; wins over file and env).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<KilnConfig> {
+        Ok(KilnConfig::load(self.config.as_deref(), &self.sets)?)
+    }
+}
+
+/// `kiln run` arguments.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Config source options.
+    #[command(flatten)]
+    pub source: ConfigSource,
+    /// Input file: one text per line, or JSON Lines {"id", "text"}.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output file: JSON Lines {"id", "embedding"} in input order.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// How to read the input.
+    #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
+    pub format: InputFormat,
+}
+
+/// An error and its causes on one line, each cause once: kiln's messages often
+/// already include their source's text, which a plain chain would repeat.
+pub fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(args) => run_task(args).await,
+        Command::Config { source, json } => {
+            let config = source.load()?;
+            let text = if json { serde_json::to_string_pretty(&config)? } else { config.to_toml()? };
+            println!("{}", text.trim_end());
+            Ok(())
+        }
+        Command::Providers { json } => providers(json),
+    }
+}
+
+async fn run_task(args: RunArgs) -> Result<()> {
+    let config = args.source.load()?;
+    match config.task {
+        Task::Embed => embed_file(config, &args.input, &args.output, args.format).await,
+    }
+}
+
+/// One output line of the embed task.
+#[derive(serde::Serialize)]
+struct EmbeddingRow<'a> {
+    id: &'a serde_json::Value,
+    embedding: &'a [f32],
+}
+
+/// Texts per call to the optimizer, so a large input does not sit in memory as vectors.
+const CHUNK: usize = 1024;
+
+async fn embed_file(config: KilnConfig, input: &Path, output: &Path, format: InputFormat) -> Result<()> {
+    let records = read_texts(input, format)?;
+    let optimizer = Optimizer::from_config(config).await?;
+    let started = Instant::now();
+    let mut partial = output.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let result = async {
+        let file = std::fs::File::create(&partial)
+            .with_context(|| format!("creating output {}", partial.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        for chunk in records.chunks(CHUNK) {
+            let texts: Vec<String> = chunk.iter().map(|r| r.text.clone()).collect();
+            let vectors = optimizer.embed(&texts).await?;
+            for (record, embedding) in chunk.iter().zip(vectors) {
+                serde_json::to_writer(&mut out, &EmbeddingRow { id: &record.id, embedding: &embedding })?;
+                out.write_all(b"\n")?;
+            }
+        }
+        out.flush().with_context(|| format!("writing output {}", partial.display()))?;
+        // Only a complete output takes the requested name.
+        std::fs::rename(&partial, output).with_context(|| format!("writing output {}", output.display()))
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let stats = optimizer.shutdown().await?;
+    result?;
+    let info = &stats.model;
+    eprintln!(
+        "kiln: embedded {} texts in {:.2} s ({:.1} texts/s) with {} on {} ({}); model loaded in {:.2} s",
+        records.len(),
+        elapsed,
+        records.len() as f64 / elapsed.max(1e-9),
+        info.provider,
+        info.device,
+        info.dtype,
+        stats.load_seconds
+    );
+    Ok(())
+}
+
+fn providers(json: bool) -> Result<()> {
+    let registry = kiln::providers()?;
+    let rows: Vec<serde_json::Value> = registry
+        .iter()
+        .map(|reg| {
+            let built = (reg.build)(&kiln::ProviderConfig { name: reg.name.into(), ..Default::default() });
+            match built {
+                Ok(p) => serde_json::json!({"name": reg.name, "description": reg.description, "capabilities": p.capabilities()}),
+                Err(e) => serde_json::json!({"name": reg.name, "description": reg.description, "error": e.to_string()}),
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    };
+    println!("{:<10} {:<14} {:<16} description", "provider", "devices", "dtypes");
+    for row in &rows {
+        let caps = &row["capabilities"];
+        println!(
+            "{:<10} {:<14} {:<16} {}",
+            row["name"].as_str().unwrap_or_default(),
+            list(&caps["devices"]),
+            list(&caps["dtypes"]),
+            row["error"].as_str().map_or_else(
+                || row["description"].as_str().unwrap_or_default().to_string(),
+                |e| format!("unavailable: {e}")
+            )
+        );
+    }
+    Ok(())
+}

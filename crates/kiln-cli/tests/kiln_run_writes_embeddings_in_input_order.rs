@@ -1,0 +1,112 @@
+//! `kiln run` writes one JSON line per input text, in input order, equal to
+//! sentence-transformers' embeddings (cosine ≥ 0.9999), for both input formats.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(root()).output().unwrap()
+}
+
+fn reference() -> (Vec<String>, Vec<Vec<f32>>) {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/minilm_reference.json")).unwrap())
+            .unwrap();
+    (
+        serde_json::from_value(json["texts"].clone()).unwrap(),
+        serde_json::from_value(json["embeddings"].clone()).unwrap(),
+    )
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+fn rows(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn lines_input_gives_ids_by_line_number_and_reference_embeddings() {
+    let (texts, expected) = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("texts.txt");
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(&input, texts.join("\n") + "\n").unwrap();
+    let run =
+        kiln(&["run", "examples/embed.toml", "-i", input.to_str().unwrap(), "-o", output.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("embedded {} texts in", texts.len())) && stderr.contains("texts/s"),
+        "{stderr}"
+    );
+
+    let rows = rows(&output);
+    assert_eq!(rows.len(), texts.len(), "one line per text, the empty ones included");
+    for (i, (row, want)) in rows.iter().zip(&expected).enumerate() {
+        assert_eq!(row["id"], i, "ids are 0-based line numbers");
+        let got: Vec<f32> = serde_json::from_value(row["embedding"].clone()).unwrap();
+        assert!(cosine(&got, want) >= 0.9999, "line {i} ({:?}): cosine {}", texts[i], cosine(&got, want));
+    }
+    assert!(!dir.path().join("out.jsonl.partial").exists());
+}
+
+#[test]
+fn jsonl_input_keeps_its_ids_and_order() {
+    let (texts, expected) = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("texts.jsonl");
+    let output = dir.path().join("out.jsonl");
+    let lines: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| serde_json::json!({"id": format!("doc-{}", texts.len() - i), "text": t}).to_string())
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let run = kiln(&[
+        "run",
+        "examples/embed.toml",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows = rows(&output);
+    for (i, (row, want)) in rows.iter().zip(&expected).enumerate() {
+        assert_eq!(row["id"], format!("doc-{}", texts.len() - i));
+        let got: Vec<f32> = serde_json::from_value(row["embedding"].clone()).unwrap();
+        assert!(cosine(&got, want) >= 0.9999);
+    }
+}
+
+#[test]
+fn config_prints_the_merged_config_and_providers_lists_candle() {
+    let out = kiln(&[
+        "config",
+        "examples/embed.toml",
+        "--set",
+        "model.dtype=bf16",
+        "--set",
+        "batching.max_batch_size=8",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(text.contains("dtype = \"bf16\"") && text.contains("max_batch_size = 8"), "{text}");
+    let back: toml::Value = toml::from_str(&text).expect("kiln config prints valid TOML");
+    assert_eq!(back["provider"]["name"].as_str(), Some("candle"));
+
+    let out = kiln(&["providers", "--json"]);
+    assert!(out.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let candle = list.as_array().unwrap().iter().find(|p| p["name"] == "candle").expect("candle is listed");
+    assert_eq!(candle["capabilities"]["devices"], serde_json::json!(["cpu"]));
+    assert_eq!(candle["capabilities"]["dtypes"], serde_json::json!(["f32", "f16", "bf16"]));
+}
