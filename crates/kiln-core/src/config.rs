@@ -424,6 +424,8 @@ impl FigmentProvider for SetFlags {
 }
 
 #[cfg(test)]
+// figment::Jail closures must return figment::Error, which is large.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

@@ -104,10 +104,9 @@ impl<T: Tracker> Tracker for Option<T> {
 fn fan_out<T>(members: &mut [T], mut f: impl FnMut(&mut T) -> Result<()>) -> Result<()> {
     let mut first = Ok(());
     for member in members {
-        if let Err(e) = f(member) {
-            if first.is_ok() {
-                first = Err(e);
-            }
+        let result = f(member);
+        if first.is_ok() {
+            first = result;
         }
     }
     first

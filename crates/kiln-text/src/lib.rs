@@ -138,12 +138,10 @@ impl TextPipeline {
         let folder_max = read_json::<SentenceBertConfig>(&dir.join("sentence_bert_config.json"))?
             .and_then(|c| c.max_seq_length);
         let max_length = overrides.max_length.or(folder_max).or(model_max).unwrap_or(512);
-        if let Some(model_max) = model_max {
-            if max_length > model_max {
-                return Err(Error::InvalidInput(format!(
-                    "text.max_length {max_length} exceeds what the model accepts ({model_max} positions)"
-                )));
-            }
+        if let Some(model_max) = model_max.filter(|&m| max_length > m) {
+            return Err(Error::InvalidInput(format!(
+                "text.max_length {max_length} exceeds what the model accepts ({model_max} positions)"
+            )));
         }
         let (pooling, normalize) = folder_pooling(dir)?;
         let settings = TextSettings {
