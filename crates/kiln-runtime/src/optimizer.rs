@@ -125,8 +125,14 @@ impl Optimizer {
                 self.config.task
             ))
         })?;
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(self.config.batching.max_batch_size) {
+        // Batch texts of similar length together, longest first (as sentence-transformers
+        // does), so short texts are not padded to a long neighbour's length; answers go
+        // back to input order.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let mut out = vec![Vec::new(); texts.len()];
+        for indices in order.chunks(self.config.batching.max_batch_size) {
+            let chunk: Vec<String> = indices.iter().map(|&i| texts[i].clone()).collect();
             let encoded = self.tokenize(text, chunk).await?;
             let inputs = self.model_inputs(&encoded.inputs);
             let run = self.run_model(inputs).await?;
@@ -136,7 +142,9 @@ impl Optimizer {
                 .await
                 .map_err(|e| Error::Shutdown(format!("pooling task failed: {e}")))??;
             self.timed(Stage::Pooling, "pool", started);
-            out.extend(vectors);
+            for (&i, vector) in indices.iter().zip(vectors) {
+                out[i] = vector;
+            }
         }
         Ok(out)
     }
@@ -155,10 +163,10 @@ impl Optimizer {
         result
     }
 
-    async fn tokenize(&self, text: &Arc<TextPipeline>, chunk: &[String]) -> Result<Encoded> {
+    async fn tokenize(&self, text: &Arc<TextPipeline>, chunk: Vec<String>) -> Result<Encoded> {
         let started = Instant::now();
-        let (pipeline, owned) = (text.clone(), chunk.to_vec());
-        let encoded = tokio::task::spawn_blocking(move || pipeline.encode(&owned))
+        let pipeline = text.clone();
+        let encoded = tokio::task::spawn_blocking(move || pipeline.encode(&chunk))
             .await
             .map_err(|e| Error::Shutdown(format!("tokenization task failed: {e}")))??;
         self.timed(Stage::Tokenize, "tokenize", started);
