@@ -41,6 +41,8 @@ pub struct KilnConfig {
     pub text: TextConfig,
     /// Batching of requests.
     pub batching: BatchingConfig,
+    /// The result cache.
+    pub cache: CacheConfig,
     /// Where metrics go; several at once.
     pub trackers: Vec<TrackerConfig>,
 }
@@ -53,6 +55,7 @@ impl Default for KilnConfig {
             model: ModelConfig::default(),
             text: TextConfig::default(),
             batching: BatchingConfig::default(),
+            cache: CacheConfig::default(),
             trackers: Vec::new(),
         }
     }
@@ -159,13 +162,56 @@ pub struct TextConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingConfig {
+    /// Group the texts of concurrent callers into shared batches. When off, each call
+    /// runs alone, in chunks of `max_batch_size`.
+    pub enabled: bool,
     /// Most texts in one model run.
     pub max_batch_size: usize,
+    /// How long the oldest waiting text may wait for others to fill its batch.
+    pub max_wait_ms: u64,
+    /// Texts that may wait in a model's queue.
+    pub queue_capacity: usize,
+    /// What a caller meets when the queue is full.
+    pub when_full: WhenFull,
 }
 
 impl Default for BatchingConfig {
     fn default() -> Self {
-        BatchingConfig { max_batch_size: 32 }
+        BatchingConfig {
+            enabled: true,
+            max_batch_size: 32,
+            max_wait_ms: 5,
+            queue_capacity: 4096,
+            when_full: WhenFull::Wait,
+        }
+    }
+}
+
+/// Behaviour at a full queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    /// The caller waits for room (back-pressure).
+    Wait,
+    /// The caller gets [`Error::Overloaded`] at once.
+    Reject,
+}
+
+/// `[cache]`: results kept by content hash, so a repeated input skips the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Keep results.
+    pub enabled: bool,
+    /// Seconds an entry lives.
+    pub ttl_s: u64,
+    /// Bytes of results kept at most (entries weighed by size).
+    pub max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { enabled: true, ttl_s: 600, max_bytes: 256 << 20 }
     }
 }
 
@@ -231,6 +277,16 @@ impl KilnConfig {
             issues.push(ConfigIssue::new("model.path", "\"\"", "a model file or folder"));
         }
         check_range(&mut issues, "batching.max_batch_size", self.batching.max_batch_size, 1, 4096);
+        check_range(&mut issues, "batching.max_wait_ms", self.batching.max_wait_ms as usize, 0, 10_000);
+        check_range(&mut issues, "batching.queue_capacity", self.batching.queue_capacity, 1, 1 << 20);
+        check_range(&mut issues, "cache.ttl_s", self.cache.ttl_s as usize, 1, 365 * 24 * 3600);
+        if self.cache.max_bytes < 1024 {
+            issues.push(ConfigIssue::new(
+                "cache.max_bytes",
+                self.cache.max_bytes.to_string(),
+                "at least 1024 (use `cache.enabled = false` to turn the cache off)",
+            ));
+        }
         if let Some(n) = self.text.max_length {
             check_range(&mut issues, "text.max_length", n, 1, 65_536);
         }
@@ -272,7 +328,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         }
     }
     let mut issues = Vec::new();
-    let known = ["task", "provider", "model", "text", "batching", "trackers"];
+    let known = ["task", "provider", "model", "text", "batching", "cache", "trackers"];
     if let Ok(top) = figment.data() {
         for (key, value) in top.get(&Profile::Default).into_iter().flatten() {
             if !known.contains(&key.as_str()) {
@@ -290,6 +346,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         model: section(figment, "model", &mut issues).unwrap_or_default(),
         text: section(figment, "text", &mut issues).unwrap_or_default(),
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
+        cache: section(figment, "cache", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),
     };
     if issues.is_empty() {

@@ -85,6 +85,18 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A model's queue is full and the config says to refuse rather than wait.
+    #[error(
+        "overloaded: the queue of model `{model}` is full ({capacity} waiting); retry later, raise \
+         `batching.queue_capacity`, or set `batching.when_full = \"wait\"`"
+    )]
+    Overloaded {
+        /// The model whose queue is full.
+        model: String,
+        /// The queue's capacity, in items.
+        capacity: usize,
+    },
+
     /// The optimizer or one of its workers has shut down.
     #[error("kiln is shutting down: {0}")]
     Shutdown(String),
@@ -131,7 +143,29 @@ impl Error {
             Error::Unsupported(_) => "unsupported",
             Error::Io { .. } => "io",
             Error::Backend { .. } => "backend",
+            Error::Overloaded { .. } => "overloaded",
             Error::Shutdown(_) => "shutdown",
+        }
+    }
+
+    /// A copy of this error for each request that shared the batch that failed. The
+    /// kind, message and retryability are kept; sources become their messages.
+    pub fn for_request(&self) -> Error {
+        match self {
+            Error::InvalidInput(m) => Error::InvalidInput(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::Shutdown(m) => Error::Shutdown(m.clone()),
+            Error::Overloaded { model, capacity } => {
+                Error::Overloaded { model: model.clone(), capacity: *capacity }
+            }
+            Error::Backend { provider, retryable, source } => Error::Backend {
+                provider: provider.clone(),
+                retryable: *retryable,
+                source: source.to_string().into(),
+            },
+            other => {
+                Error::Backend { provider: "kiln".into(), retryable: false, source: other.to_string().into() }
+            }
         }
     }
 }
@@ -198,6 +232,15 @@ mod tests {
             text.contains("`model.dtype`: found \"f64\", expected one of f32, f16, bf16 (set in kiln.toml)")
         );
         assert!(text.contains("`batching.max_batch_size`: found 0, expected 1..=4096"));
+    }
+
+    #[test]
+    fn a_copy_per_request_keeps_kind_message_and_retryability() {
+        let e = Error::Backend { provider: "x".into(), retryable: true, source: "device busy".into() };
+        let copy = e.for_request();
+        assert_eq!((copy.kind(), copy.to_string(), copy.is_retryable()), (e.kind(), e.to_string(), true));
+        let e = Error::InvalidInput("bad".into());
+        assert_eq!(e.for_request().to_string(), e.to_string());
     }
 
     #[test]

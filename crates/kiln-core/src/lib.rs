@@ -22,7 +22,8 @@ pub mod tracker;
 pub use async_trait::async_trait;
 pub use cache::{Cache, CacheKey, CacheStats, NoCache};
 pub use config::{
-    BatchingConfig, KilnConfig, ModelConfig, Pooling, ProviderConfig, Task, TextConfig, TrackerConfig,
+    BatchingConfig, CacheConfig, KilnConfig, ModelConfig, Pooling, ProviderConfig, Task, TextConfig,
+    TrackerConfig, WhenFull,
 };
 pub use device::{Device, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result};

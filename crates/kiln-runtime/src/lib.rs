@@ -1,14 +1,18 @@
 //! kiln's runtime: the [`Optimizer`] and what it wraps around a model.
 //!
-//! The optimizer looks the provider up by name, loads the model on a dedicated worker
-//! thread ([`worker`]), tokenizes and pools on blocking tasks, and keeps [`Stats`].
-//! Batching, scheduling, caching, profiling and tracking grow here as layers around the
-//! worker; none of them names a backend.
+//! The optimizer looks the provider up by name and loads the model on a dedicated
+//! worker thread ([`worker`]) that batches the requests of concurrent callers
+//! ([`collate`] pads them into one batch and splits the outputs back). Repeated inputs
+//! are answered from the result cache ([`cache`]); tokenization and pooling run on
+//! blocking tasks; [`Stats`] counts it all. None of it names a backend.
 
+pub mod cache;
+pub mod collate;
 pub mod optimizer;
 pub mod stats;
 pub mod worker;
 
+pub use cache::{MokaCache, cache_key};
 pub use optimizer::{LAST_HIDDEN_STATE, Optimizer};
-pub use stats::Stats;
-pub use worker::{ModelWorker, RunOutput};
+pub use stats::{LatencyHistogram, Percentiles, Stats};
+pub use worker::{BatchPolicy, BatchStats, ItemOutput, ModelWorker, RunOutput};

@@ -1,23 +1,27 @@
 //! The [`Optimizer`]: builds the stack a config names and serves requests through it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Cache, Error, Inputs, KilnConfig, Metrics, ModelInfo, ModelSpec, NoCache, NoopProfiler, Outputs,
-    Profiler, Provider, Result, Task, Tracker, build_provider, build_trackers,
+    Cache, CacheKey, Error, Inputs, KilnConfig, Metrics, ModelInfo, ModelSpec, NamedTensors, NoCache,
+    NoopProfiler, Outputs, Profiler, Provider, Result, Task, Tensor, Tracker, build_provider, build_trackers,
 };
-use kiln_text::{Encoded, TextPipeline};
+use kiln_text::TextPipeline;
 use tokio::sync::Mutex;
 
+use crate::cache::{MokaCache, cache_key};
 use crate::stats::{Counters, Stage, Stats};
-use crate::worker::ModelWorker;
+use crate::worker::{BatchPolicy, ModelWorker};
 
 /// Name of the token-vector output text models are expected to produce.
 pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
 
-/// kiln's entry point: a provider, a loaded model on its worker, the text pipeline,
-/// cache, profiler and trackers, composed from a [`KilnConfig`].
+/// Name under which a cached embedding is stored.
+const EMBEDDING: &str = "embedding";
+
+/// kiln's entry point: a provider, a loaded model on its batching worker, the text
+/// pipeline, the result cache, profiler and trackers, composed from a [`KilnConfig`].
 ///
 /// ```no_run
 /// # async fn demo() -> kiln_core::Result<()> {
@@ -36,12 +40,14 @@ pub struct Optimizer {
     provider: Arc<dyn Provider>,
     worker: ModelWorker,
     text: Option<Arc<TextPipeline>>,
+    /// Model identity and text settings: the prefix of every cache key.
+    identity: String,
     cache: Arc<dyn Cache>,
     profiler: Arc<dyn Profiler>,
     trackers: Mutex<Vec<Box<dyn Tracker>>>,
     counters: Counters,
     started: Instant,
-    load_time: std::time::Duration,
+    load_time: Duration,
 }
 
 impl Optimizer {
@@ -54,9 +60,16 @@ impl Optimizer {
         let mut trackers = build_trackers(&config.trackers)?;
         let spec = ModelSpec::new(&config.model.path, config.model.device, config.model.dtype);
         let profiler: Arc<dyn Profiler> = Arc::new(NoopProfiler);
+        let b = &config.batching;
+        let policy = BatchPolicy {
+            max_batch_size: b.max_batch_size,
+            max_wait: Duration::from_millis(b.max_wait_ms),
+            queue_capacity: b.queue_capacity,
+            when_full: b.when_full,
+        };
         let worker = {
             let _span = profiler.span("load_model");
-            ModelWorker::start(provider.clone(), spec).await?
+            ModelWorker::start(provider.clone(), spec.clone(), policy).await?
         };
         let load_time = started.elapsed();
         let text = match config.task {
@@ -65,6 +78,12 @@ impl Optimizer {
                 &config.text,
                 worker.info().max_sequence_length,
             )?)),
+        };
+        let identity = format!("{}|{:?}|{:?}", provider.name(), spec, text.as_ref().map(|t| t.settings()));
+        let cache: Arc<dyn Cache> = if config.cache.enabled {
+            Arc::new(MokaCache::new(&config.cache))
+        } else {
+            Arc::new(NoCache::default())
         };
         let config_json = serde_json::to_value(&config).unwrap_or_default();
         // A tracker never fails a run: its error is a warning.
@@ -76,7 +95,8 @@ impl Optimizer {
             provider,
             worker,
             text,
-            cache: Arc::new(NoCache::default()),
+            identity,
+            cache,
             profiler,
             trackers: Mutex::new(trackers),
             counters: Counters::default(),
@@ -106,13 +126,18 @@ impl Optimizer {
     }
 
     /// Embeds texts: one vector per text, in order. An empty text is embedded (as
-    /// sentence-transformers does), not dropped. Texts longer than the model's maximum
-    /// are truncated to it.
+    /// sentence-transformers does), not dropped; texts longer than the model's maximum
+    /// are truncated to it. With batching on, the texts join those of concurrent
+    /// callers in shared batches; repeated texts are answered from the cache.
     pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let started = Instant::now();
         Counters::add(&self.counters.requests, 1);
         let result = self.embed_inner(texts).await;
         match &result {
-            Ok(_) => Counters::add(&self.counters.texts, texts.len() as u64),
+            Ok(_) => {
+                Counters::add(&self.counters.texts, texts.len() as u64);
+                self.counters.latency(started.elapsed());
+            }
             Err(e) => self.counters.error(e),
         }
         result
@@ -125,48 +150,106 @@ impl Optimizer {
                 self.config.task
             ))
         })?;
-        // Batch texts of similar length together, longest first (as sentence-transformers
-        // does), so short texts are not padded to a long neighbour's length; answers go
-        // back to input order.
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
-        let mut out = vec![Vec::new(); texts.len()];
-        for indices in order.chunks(self.config.batching.max_batch_size) {
-            let chunk: Vec<String> = indices.iter().map(|&i| texts[i].clone()).collect();
-            let encoded = self.tokenize(text, chunk).await?;
-            let inputs = self.model_inputs(&encoded.inputs);
-            let run = self.run_model(inputs).await?;
-            let pipeline = text.clone();
-            let started = Instant::now();
-            let vectors = tokio::task::spawn_blocking(move || embeddings(&pipeline, &run, &encoded))
-                .await
-                .map_err(|e| Error::Shutdown(format!("pooling task failed: {e}")))??;
-            self.timed(Stage::Pooling, "pool", started);
-            for (&i, vector) in indices.iter().zip(vectors) {
-                out[i] = vector;
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
+        let mut misses: Vec<(usize, CacheKey)> = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            let key = cache_key(&[self.identity.as_bytes(), t.as_bytes()]);
+            match self.cache.get(&key).and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok()))
+            {
+                Some(vector) => out[i] = Some(vector),
+                None => misses.push((i, key)),
             }
         }
-        Ok(out)
+        if !misses.is_empty() {
+            // Longest first, as sentence-transformers does, so chunks and tokenizer calls
+            // hold texts of similar length.
+            misses.sort_by_key(|&(i, _)| std::cmp::Reverse(texts[i].len()));
+            let batch = self.config.batching.max_batch_size;
+            for chunk in misses.chunks(batch * 8) {
+                let chunk_texts: Vec<String> = chunk.iter().map(|&(i, _)| texts[i].clone()).collect();
+                let vectors = if self.config.batching.enabled {
+                    self.embed_shared(text, chunk_texts).await?
+                } else {
+                    let mut vectors = Vec::with_capacity(chunk_texts.len());
+                    for own in chunk_texts.chunks(batch) {
+                        vectors.extend(self.embed_alone(text, own.to_vec()).await?);
+                    }
+                    vectors
+                };
+                for (&(i, key), vector) in chunk.iter().zip(vectors) {
+                    let entry = NamedTensors::new()
+                        .with(EMBEDDING, Tensor::from_vec(vec![vector.len()], vector.clone())?);
+                    self.cache.insert(key, Arc::new(entry));
+                    out[i] = Some(vector);
+                }
+            }
+        }
+        Ok(out.into_iter().map(|v| v.expect("every text was answered from the cache or the model")).collect())
     }
 
-    /// Runs raw tensors through the model, validated against what it expects.
+    /// Each text becomes an item of the worker's queue, batched with other callers'.
+    async fn embed_shared(&self, text: &Arc<TextPipeline>, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+        let encoded = self.tokenize(text, texts).await?;
+        let rows = encoded.rows()?;
+        let outputs = futures_util::future::join_all(
+            rows.into_iter().map(|(inputs, len)| self.worker.submit(self.model_inputs(&inputs), len)),
+        )
+        .await;
+        let mut items = Vec::with_capacity(outputs.len());
+        for (out, &len) in outputs.into_iter().zip(&encoded.lengths) {
+            let out = out?;
+            self.counters.queue_wait(out.queue_wait);
+            self.counters.time(Stage::Inference, out.run_time.div_f64(out.batch_size as f64));
+            items.push((out.outputs, len));
+        }
+        let pipeline = text.clone();
+        let started = Instant::now();
+        let vectors = tokio::task::spawn_blocking(move || {
+            items
+                .iter()
+                .map(|(outputs, len)| Ok(embeddings(&pipeline, outputs, &vec![1; *len])?.remove(0)))
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Shutdown(format!("pooling task failed: {e}")))?;
+        self.timed(Stage::Pooling, "pool", started);
+        vectors
+    }
+
+    /// The caller's texts run as one batch of their own.
+    async fn embed_alone(&self, text: &Arc<TextPipeline>, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+        let encoded = self.tokenize(text, texts).await?;
+        let inputs = self.model_inputs(&encoded.inputs);
+        let run = self.run_model(inputs).await?;
+        let pipeline = text.clone();
+        let started = Instant::now();
+        let vectors = tokio::task::spawn_blocking(move || embeddings(&pipeline, &run, &encoded.mask))
+            .await
+            .map_err(|e| Error::Shutdown(format!("pooling task failed: {e}")))??;
+        self.timed(Stage::Pooling, "pool", started);
+        Ok(vectors)
+    }
+
+    /// Runs raw tensors through the model as one batch, validated against what it expects.
     pub async fn infer(&self, inputs: Inputs) -> Result<Outputs> {
+        let started = Instant::now();
         Counters::add(&self.counters.requests, 1);
         let result = async {
             self.model_info().validate(&inputs)?;
             self.run_model(inputs).await
         }
         .await;
-        if let Err(e) = &result {
-            self.counters.error(e);
+        match &result {
+            Ok(_) => self.counters.latency(started.elapsed()),
+            Err(e) => self.counters.error(e),
         }
         result
     }
 
-    async fn tokenize(&self, text: &Arc<TextPipeline>, chunk: Vec<String>) -> Result<Encoded> {
+    async fn tokenize(&self, text: &Arc<TextPipeline>, texts: Vec<String>) -> Result<kiln_text::Encoded> {
         let started = Instant::now();
         let pipeline = text.clone();
-        let encoded = tokio::task::spawn_blocking(move || pipeline.encode(&chunk))
+        let encoded = tokio::task::spawn_blocking(move || pipeline.encode(&texts))
             .await
             .map_err(|e| Error::Shutdown(format!("tokenization task failed: {e}")))??;
         self.timed(Stage::Tokenize, "tokenize", started);
@@ -191,7 +274,6 @@ impl Optimizer {
     async fn run_model(&self, inputs: Inputs) -> Result<Outputs> {
         let queued = Instant::now();
         let run = self.worker.run(inputs).await?;
-        Counters::add(&self.counters.batches, 1);
         self.counters.time(Stage::Inference, run.elapsed);
         self.profiler.record("inference", queued, run.elapsed);
         Ok(run.outputs)
@@ -205,7 +287,14 @@ impl Optimizer {
 
     /// What the optimizer has done so far.
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot(self.started, self.load_time, self.cache.stats(), self.model_info().clone())
+        self.counters.snapshot(
+            self.started,
+            self.load_time,
+            self.cache.stats(),
+            self.worker.batch_stats(),
+            self.worker.queue_depth(),
+            self.model_info().clone(),
+        )
     }
 
     /// Logs the summary to the trackers, stops the model worker and returns final stats.
@@ -216,6 +305,8 @@ impl Optimizer {
             ("texts".to_string(), stats.texts as f64),
             ("errors".to_string(), stats.errors.values().sum::<u64>() as f64),
             ("inference_seconds".to_string(), stats.inference_seconds),
+            ("mean_batch_size".to_string(), stats.mean_batch_size),
+            ("cache_hit_rate".to_string(), stats.cache.hit_rate()),
         ]);
         let mut trackers = self.trackers.lock().await;
         if let Err(e) = trackers.log_summary(&summary).and_then(|_| trackers.finish()) {
@@ -227,26 +318,29 @@ impl Optimizer {
     }
 }
 
-/// Turns model outputs into one vector per text: token vectors are pooled; an output
-/// that is already one vector per text is used as is (normalised if configured).
-fn embeddings(text: &TextPipeline, outputs: &Outputs, encoded: &Encoded) -> Result<Vec<Vec<f32>>> {
+/// Turns model outputs into one vector per text: token vectors (`[batch, sequence,
+/// hidden]`) are pooled under `mask` (`[batch, sequence]`, row-major); an output that is
+/// already one vector per text (`[batch, hidden]`) is used as is, normalised if
+/// configured.
+fn embeddings(text: &TextPipeline, outputs: &Outputs, mask: &[i64]) -> Result<Vec<Vec<f32>>> {
     let tensor = match outputs.get(LAST_HIDDEN_STATE) {
         Some(t) => t,
         None => outputs.iter().next().map(|(_, t)| t).ok_or_else(|| {
             Error::InvalidInput("the model returned no outputs; an embedding model must return one".into())
         })?,
     };
-    match tensor.shape() {
-        [_, _, _] => text.pool(tensor, encoded),
-        [batch, dim] if *batch == encoded.batch => {
-            let values = tensor.to_vec::<f32>()?;
-            let settings = text.settings().clone();
-            let one_token = vec![1i64; *batch];
-            Ok(kiln_text::pool(&values, &one_token, *batch, 1, *dim, &settings))
+    let values = tensor.to_vec::<f32>()?;
+    let settings = text.settings();
+    match *tensor.shape() {
+        [batch, sequence, hidden] if batch * sequence == mask.len() => {
+            Ok(kiln_text::pool(&values, mask, batch, sequence, hidden, settings))
         }
-        shape => Err(Error::InvalidInput(format!(
-            "model output: expected f32 [batch, sequence, hidden] or [batch, hidden] with batch {}, got {:?}",
-            encoded.batch, shape
+        [batch, hidden] => Ok(kiln_text::pool(&values, &vec![1; batch], batch, 1, hidden, settings)),
+        ref shape => Err(Error::InvalidInput(format!(
+            "model output: expected f32 [batch, sequence, hidden] matching the attention mask ({} tokens) \
+             or [batch, hidden], got {:?}",
+            mask.len(),
+            shape
         ))),
     }
 }

@@ -5,20 +5,33 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use kiln_core::{CacheStats, Error, ModelInfo};
 use serde::Serialize;
+
+use crate::worker::BatchStats;
 
 /// A snapshot of what the optimizer has done, serialisable to JSON.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
     /// Calls to `embed` / `infer`.
     pub requests: u64,
-    /// Texts embedded.
+    /// Texts embedded (cache hits included).
     pub texts: u64,
     /// Model runs (batches).
     pub batches: u64,
-    /// Failed requests by error kind (`invalid_input`, `backend`, ...).
+    /// Model runs by number of items in them.
+    pub batch_sizes: BTreeMap<usize, u64>,
+    /// Mean items per model run.
+    pub mean_batch_size: f64,
+    /// Items waiting in the model's queue now.
+    pub queue_depth: usize,
+    /// Failed requests by error kind (`invalid_input`, `overloaded`, `backend`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// End-to-end latency of successful requests.
+    pub latency_ms: Percentiles,
+    /// Time items waited in the queue before their batch ran (batching on).
+    pub queue_wait_ms: Percentiles,
     /// Time in tokenization, seconds.
     pub tokenize_seconds: f64,
     /// Time inside the model, measured on its worker thread, seconds.
@@ -35,15 +48,67 @@ pub struct Stats {
     pub model: ModelInfo,
 }
 
+/// Percentiles of a latency distribution, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    /// Samples recorded.
+    pub count: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// A latency histogram in microseconds, 3 significant digits, up to an hour.
+pub struct LatencyHistogram(Mutex<Histogram<u64>>);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")))
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    pub fn record(&self, d: Duration) {
+        let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
+        let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).record(us);
+    }
+
+    /// The percentiles so far.
+    pub fn percentiles(&self) -> Percentiles {
+        let h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Percentiles {
+            count: h.len(),
+            mean: h.mean() / 1000.0,
+            p50: ms(h.value_at_quantile(0.50)),
+            p95: ms(h.value_at_quantile(0.95)),
+            p99: ms(h.value_at_quantile(0.99)),
+            max: ms(h.max()),
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Counters {
     pub requests: AtomicU64,
     pub texts: AtomicU64,
-    pub batches: AtomicU64,
     tokenize_ns: AtomicU64,
     inference_ns: AtomicU64,
     pooling_ns: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    latency: LatencyHistogram,
+    queue_wait: LatencyHistogram,
 }
 
 pub(crate) enum Stage {
@@ -66,16 +131,35 @@ impl Counters {
         Self::add(counter, elapsed.as_nanos() as u64);
     }
 
+    pub fn latency(&self, d: Duration) {
+        self.latency.record(d);
+    }
+
+    pub fn queue_wait(&self, d: Duration) {
+        self.queue_wait.record(d);
+    }
+
     pub fn error(&self, error: &Error) {
         *self.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(error.kind()).or_default() += 1;
     }
 
-    pub fn snapshot(&self, started: Instant, load: Duration, cache: CacheStats, model: ModelInfo) -> Stats {
+    pub fn snapshot(
+        &self,
+        started: Instant,
+        load: Duration,
+        cache: CacheStats,
+        batches: BatchStats,
+        queue_depth: usize,
+        model: ModelInfo,
+    ) -> Stats {
         let secs = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
         Stats {
             requests: self.requests.load(Ordering::Relaxed),
             texts: self.texts.load(Ordering::Relaxed),
-            batches: self.batches.load(Ordering::Relaxed),
+            batches: batches.batches,
+            mean_batch_size: batches.mean_batch_size(),
+            batch_sizes: batches.batch_sizes,
+            queue_depth,
             errors: self
                 .errors
                 .lock()
@@ -83,6 +167,8 @@ impl Counters {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
+            latency_ms: self.latency.percentiles(),
+            queue_wait_ms: self.queue_wait.percentiles(),
             tokenize_seconds: secs(&self.tokenize_ns),
             inference_seconds: secs(&self.inference_ns),
             pooling_seconds: secs(&self.pooling_ns),
@@ -91,5 +177,24 @@ impl Counters {
             cache,
             model,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_known_latencies() {
+        let h = LatencyHistogram::default();
+        for ms in 1..=100 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p = h.percentiles();
+        assert_eq!(p.count, 100);
+        assert!((p.p50 - 50.0).abs() < 0.1, "{p:?}");
+        assert!((p.p99 - 99.0).abs() < 0.1, "{p:?}");
+        assert!((p.max - 100.0).abs() < 0.1, "{p:?}");
+        assert_eq!(LatencyHistogram::default().percentiles(), Percentiles::default());
     }
 }

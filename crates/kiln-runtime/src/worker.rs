@@ -1,19 +1,31 @@
-//! One model on one dedicated thread, fed by a channel, answering on oneshots.
+//! One model on one dedicated thread, with its batching queue.
 //!
 //! The thread loads the model (so a slow load never blocks the async runtime) and then
-//! runs jobs one at a time, timing each where the work happens. A panic inside a
-//! backend is caught and returned as that request's error; the worker keeps serving.
+//! serves two kinds of work from one bounded queue:
+//!
+//! - **items**: one request's tensors (batch dim 1). The worker groups items from many
+//!   callers: it waits until `max_batch_size` items are queued or the oldest has waited
+//!   `max_wait`, then runs the oldest item together with the waiting items closest to
+//!   it in length (so short texts are not padded to a long one's length), and answers
+//!   each caller with its own row.
+//! - **whole batches**, run as given (`infer`, and embedding with batching off).
+//!
+//! Every run is timed where it happens. A panic inside a backend is caught and becomes
+//! that batch's error; if a shared batch fails, its items are retried one by one so
+//! only the item that causes the failure gets it. The worker keeps serving.
 
+use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kiln_core::{Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Provider, Result};
+use kiln_core::{Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Provider, Result, WhenFull};
 use tokio::sync::oneshot;
 
-/// What a model run returns: the outputs and how long the model itself took.
+use crate::collate::{collate, split};
+
+/// What a whole-batch run returns: the outputs and how long the model itself took.
 #[derive(Debug)]
 pub struct RunOutput {
     /// The model's outputs.
@@ -22,16 +34,79 @@ pub struct RunOutput {
     pub elapsed: Duration,
 }
 
-struct Job {
+/// What one batched item gets back.
+#[derive(Debug)]
+pub struct ItemOutput {
+    /// This item's row of every output (batch dim 1, sequence dims trimmed to its length).
+    pub outputs: Outputs,
+    /// Time from submission to the start of its batch's run.
+    pub queue_wait: Duration,
+    /// Items in the batch it ran in.
+    pub batch_size: usize,
+    /// Time the batch spent in `Model::run`.
+    pub run_time: Duration,
+}
+
+/// How the worker groups items.
+#[derive(Debug, Clone)]
+pub struct BatchPolicy {
+    /// Most items in one run.
+    pub max_batch_size: usize,
+    /// Longest the oldest item waits for company.
+    pub max_wait: Duration,
+    /// Queue capacity, in messages.
+    pub queue_capacity: usize,
+    /// Wait for room, or refuse at once, when the queue is full.
+    pub when_full: WhenFull,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            max_batch_size: 32,
+            max_wait: Duration::from_millis(5),
+            queue_capacity: 4096,
+            when_full: WhenFull::Wait,
+        }
+    }
+}
+
+struct Item {
     inputs: Inputs,
-    reply: oneshot::Sender<Result<RunOutput>>,
+    length: usize,
+    enqueued: Instant,
+    reply: oneshot::Sender<Result<ItemOutput>>,
+}
+
+enum Message {
+    Item(Item),
+    Whole { inputs: Inputs, reply: oneshot::Sender<Result<RunOutput>> },
+}
+
+/// Batch counters the worker keeps.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct BatchStats {
+    /// Model runs.
+    pub batches: u64,
+    /// Runs by number of items (whole batches count by their batch dim).
+    pub batch_sizes: BTreeMap<usize, u64>,
+}
+
+impl BatchStats {
+    /// Mean items per run.
+    pub fn mean_batch_size(&self) -> f64 {
+        let items: u64 = self.batch_sizes.iter().map(|(size, n)| *size as u64 * n).sum();
+        if self.batches == 0 { 0.0 } else { items as f64 / self.batches as f64 }
+    }
 }
 
 /// A handle to a model running on its own thread.
 pub struct ModelWorker {
-    jobs: Option<mpsc::Sender<Job>>,
+    queue: Option<flume::Sender<Message>>,
     thread: Option<JoinHandle<()>>,
     info: ModelInfo,
+    policy: BatchPolicy,
+    stats: Arc<Mutex<BatchStats>>,
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -42,15 +117,23 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
+struct Serve {
+    model: Arc<dyn Model>,
+    provider: String,
+    policy: BatchPolicy,
+    stats: Arc<Mutex<BatchStats>>,
+}
+
 impl ModelWorker {
     /// Starts the thread, loads the model there, and returns once it is ready.
-    pub async fn start(provider: Arc<dyn Provider>, spec: ModelSpec) -> Result<Self> {
-        let (jobs, queue) = mpsc::channel::<Job>();
+    pub async fn start(provider: Arc<dyn Provider>, spec: ModelSpec, policy: BatchPolicy) -> Result<Self> {
+        let (queue, inbox) = flume::bounded::<Message>(policy.queue_capacity.max(1));
         let (ready, is_ready) = oneshot::channel::<Result<ModelInfo>>();
         let runtime = tokio::runtime::Handle::current();
-        let name = format!("kiln-model-{}", provider.name());
+        let stats = Arc::new(Mutex::new(BatchStats::default()));
+        let (thread_stats, thread_policy) = (stats.clone(), policy.clone());
         let thread = std::thread::Builder::new()
-            .name(name)
+            .name(format!("kiln-model-{}", provider.name()))
             .spawn(move || {
                 let provider_name = provider.name().to_string();
                 let loaded = catch_unwind(AssertUnwindSafe(|| runtime.block_on(provider.load(&spec))))
@@ -60,36 +143,21 @@ impl ModelWorker {
                             format!("panicked while loading: {}", panic_message(p)),
                         ))
                     });
-                let model: Arc<dyn Model> = match loaded {
+                match loaded {
                     Ok(model) => {
                         let _ = ready.send(Ok(model.info().clone()));
-                        model
+                        Serve { model, provider: provider_name, policy: thread_policy, stats: thread_stats }
+                            .run(inbox);
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));
-                        return;
                     }
-                };
-                for job in queue {
-                    if job.reply.is_closed() {
-                        continue; // the caller gave up; skip the work
-                    }
-                    let start = Instant::now();
-                    let result =
-                        catch_unwind(AssertUnwindSafe(|| model.run(&job.inputs))).unwrap_or_else(|p| {
-                            Err(Error::backend(
-                                &provider_name,
-                                format!("panicked while running: {}", panic_message(p)),
-                            ))
-                        });
-                    let _ =
-                        job.reply.send(result.map(|outputs| RunOutput { outputs, elapsed: start.elapsed() }));
                 }
             })
             .map_err(|e| Error::io("starting a thread for", "the model worker", e))?;
         let info =
             is_ready.await.map_err(|_| Error::Shutdown("the model worker exited while loading".into()))??;
-        Ok(ModelWorker { jobs: Some(jobs), thread: Some(thread), info })
+        Ok(ModelWorker { queue: Some(queue), thread: Some(thread), info, policy, stats })
     }
 
     /// The loaded model's description.
@@ -97,20 +165,49 @@ impl ModelWorker {
         &self.info
     }
 
-    /// Runs one batch on the worker thread.
+    /// Messages waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| q.len())
+    }
+
+    /// Batch counters so far.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn send(&self, message: Message) -> Result<()> {
+        let queue =
+            self.queue.as_ref().ok_or_else(|| Error::Shutdown("the model worker is stopped".into()))?;
+        let stopped = || Error::Shutdown("the model worker has stopped".into());
+        match self.policy.when_full {
+            WhenFull::Wait => queue.send_async(message).await.map_err(|_| stopped()),
+            WhenFull::Reject => queue.try_send(message).map_err(|e| match e {
+                flume::TrySendError::Full(_) => {
+                    Error::Overloaded { model: self.info.name.clone(), capacity: self.policy.queue_capacity }
+                }
+                flume::TrySendError::Disconnected(_) => stopped(),
+            }),
+        }
+    }
+
+    /// Runs one whole batch, as given, on the worker thread.
     pub async fn run(&self, inputs: Inputs) -> Result<RunOutput> {
         let (reply, answer) = oneshot::channel();
-        self.jobs
-            .as_ref()
-            .ok_or_else(|| Error::Shutdown("the model worker is stopped".into()))?
-            .send(Job { inputs, reply })
-            .map_err(|_| Error::Shutdown("the model worker has stopped".into()))?;
+        self.send(Message::Whole { inputs, reply }).await?;
         answer.await.map_err(|_| Error::Shutdown("the model worker stopped before answering".into()))?
     }
 
-    /// Stops taking jobs, lets queued ones finish, and waits for the thread to end.
+    /// Queues one item (tensors with batch dim 1, dim 1 of `length`) to be batched with
+    /// other callers' items; returns its own row of the outputs.
+    pub async fn submit(&self, inputs: Inputs, length: usize) -> Result<ItemOutput> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Message::Item(Item { inputs, length, enqueued: Instant::now(), reply })).await?;
+        answer.await.map_err(|_| Error::Shutdown("the model worker stopped before answering".into()))?
+    }
+
+    /// Stops taking work, lets queued work finish, and waits for the thread to end.
     pub async fn shutdown(mut self) {
-        self.jobs.take();
+        self.queue.take();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
@@ -119,33 +216,166 @@ impl ModelWorker {
 
 impl Drop for ModelWorker {
     fn drop(&mut self) {
-        // Closing the channel ends the thread after its current job; not joined here,
+        // Closing the queue ends the thread once queued work is done; not joined here,
         // since drop may run on an async worker thread.
-        self.jobs.take();
+        self.queue.take();
     }
+}
+
+impl Serve {
+    fn run(self, inbox: flume::Receiver<Message>) {
+        let mut pending: Vec<Item> = Vec::new();
+        loop {
+            if pending.is_empty() {
+                match inbox.recv() {
+                    Ok(message) => self.accept(message, &mut pending),
+                    Err(_) => return, // queue closed and drained
+                }
+                continue;
+            }
+            // Wait for a full batch or for the oldest item's deadline.
+            let deadline = pending[0].enqueued + self.policy.max_wait;
+            while pending.len() < self.policy.max_batch_size {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match inbox.recv_timeout(deadline - now) {
+                    Ok(message) => self.accept(message, &mut pending),
+                    Err(_) => break, // timed out, or closed: run what is pending
+                }
+            }
+            // Whatever else is already queued joins the pool the batch is chosen from.
+            let window = self.policy.max_batch_size * 4;
+            while pending.len() < window {
+                match inbox.try_recv() {
+                    Ok(message) => self.accept(message, &mut pending),
+                    Err(_) => break,
+                }
+            }
+            pending.retain(|item| !item.reply.is_closed()); // callers that gave up
+            if !pending.is_empty() {
+                let batch = take_batch(&mut pending, self.policy.max_batch_size);
+                self.run_items(batch);
+            }
+        }
+    }
+
+    fn accept(&self, message: Message, pending: &mut Vec<Item>) {
+        match message {
+            Message::Item(item) => pending.push(item),
+            Message::Whole { inputs, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                let rows = inputs.iter().next().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(1);
+                let result = self.run_model(&inputs, rows);
+                let _ = reply.send(result.map(|(outputs, elapsed)| RunOutput { outputs, elapsed }));
+            }
+        }
+    }
+
+    fn run_model(&self, inputs: &Inputs, rows: usize) -> Result<(Outputs, Duration)> {
+        let start = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| self.model.run(inputs))).unwrap_or_else(|p| {
+            Err(Error::backend(&self.provider, format!("panicked while running: {}", panic_message(p))))
+        });
+        let elapsed = start.elapsed();
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.batches += 1;
+        *stats.batch_sizes.entry(rows).or_default() += 1;
+        result.map(|outputs| (outputs, elapsed))
+    }
+
+    fn run_items(&self, items: Vec<Item>) {
+        let started = Instant::now();
+        // Collation and splitting are guarded like the model: nothing an item carries
+        // may take the worker down.
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            let inputs: Vec<&Inputs> = items.iter().map(|i| &i.inputs).collect();
+            let (batch, padded) = collate(&inputs)?;
+            let (outputs, elapsed) = self.run_model(&batch, items.len())?;
+            let lengths: Vec<usize> = items.iter().map(|i| i.length).collect();
+            Ok((split(&outputs, &lengths, padded, self.model.info())?, elapsed))
+        }))
+        .unwrap_or_else(|p| {
+            Err(Error::backend("kiln", format!("panicked while batching: {}", panic_message(p))))
+        });
+        match result {
+            Ok((rows, run_time)) => {
+                let batch_size = items.len();
+                for (item, outputs) in items.into_iter().zip(rows) {
+                    let queue_wait = started.saturating_duration_since(item.enqueued);
+                    let _ = item.reply.send(Ok(ItemOutput { outputs, queue_wait, batch_size, run_time }));
+                }
+            }
+            // Alone, an item's error is its own.
+            Err(e) if items.len() == 1 => {
+                let _ = items.into_iter().next().map(|item| item.reply.send(Err(e)));
+            }
+            // A shared batch failed: run each item alone, so only the culprit fails.
+            Err(_) => {
+                for item in items {
+                    self.run_items(vec![item]);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the oldest item and the `max - 1` others closest to it in length, keeping
+/// the rest in arrival order.
+fn take_batch(pending: &mut Vec<Item>, max: usize) -> Vec<Item> {
+    if pending.len() <= max {
+        return std::mem::take(pending);
+    }
+    let anchor = pending[0].length;
+    let mut order: Vec<usize> = (1..pending.len()).collect();
+    order.sort_by_key(|&i| (pending[i].length.abs_diff(anchor), i));
+    let mut chosen = vec![false; pending.len()];
+    chosen[0] = true;
+    for &i in order.iter().take(max - 1) {
+        chosen[i] = true;
+    }
+    let mut batch = Vec::with_capacity(max);
+    let mut rest = Vec::with_capacity(pending.len() - max);
+    for (item, take) in std::mem::take(pending).into_iter().zip(chosen) {
+        if take { batch.push(item) } else { rest.push(item) }
+    }
+    *pending = rest;
+    batch
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_core::{Capabilities, DType, Device, Tensor, async_trait};
+    use kiln_core::{Capabilities, DType, Device, Dim, Tensor, TensorSpec, async_trait};
 
-    /// Fault injection: a model that panics on an empty input and echoes otherwise.
-    struct Flaky(ModelInfo);
-    impl Model for Flaky {
+    /// Fault injection: a model that panics on input id 13 and otherwise returns its
+    /// input ids as floats, with the batch size it saw.
+    struct Faulty(ModelInfo);
+    impl Model for Faulty {
         fn info(&self) -> &ModelInfo {
             &self.0
         }
         fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-            assert!(!inputs.is_empty(), "fault injected: empty input");
-            Ok(inputs.clone())
+            let ids = inputs.require("input_ids")?;
+            let values = ids.to_vec::<i64>()?;
+            assert!(!values.contains(&13), "fault injected: id 13");
+            let batch = ids.shape()[0];
+            Ok(Outputs::new()
+                .with(
+                    "echo",
+                    Tensor::from_vec(ids.shape().to_vec(), values.iter().map(|&v| v as f32).collect())?,
+                )
+                .with("batch", Tensor::from_vec(vec![batch], vec![batch as f32; batch])?))
         }
     }
-    struct FlakyProvider;
+    struct FaultyProvider;
     #[async_trait]
-    impl Provider for FlakyProvider {
+    impl Provider for FaultyProvider {
         fn name(&self) -> &str {
-            "flaky"
+            "faulty"
         }
         fn capabilities(&self) -> Capabilities {
             Capabilities::cpu_only(vec![DType::F32])
@@ -154,32 +384,145 @@ mod tests {
             if spec.path.as_os_str() == "panic" {
                 panic!("fault injected: load");
             }
-            Ok(Arc::new(Flaky(ModelInfo::new("flaky", "flaky", spec.device, spec.dtype))))
+            let seq = || vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())];
+            let mut info = ModelInfo::new("faulty", "faulty", spec.device, spec.dtype);
+            info.inputs = vec![TensorSpec::new("input_ids", DType::I64, seq())];
+            info.outputs = vec![
+                TensorSpec::new("echo", DType::F32, seq()),
+                TensorSpec::new("batch", DType::F32, vec![Dim::Dynamic("batch".into())]),
+            ];
+            Ok(Arc::new(Faulty(info)))
         }
     }
 
+    async fn worker(policy: BatchPolicy) -> Arc<ModelWorker> {
+        Arc::new(
+            ModelWorker::start(
+                Arc::new(FaultyProvider),
+                ModelSpec::new("m", Device::Cpu, DType::F32),
+                policy,
+            )
+            .await
+            .unwrap(),
+        )
+    }
+
+    fn item(ids: Vec<i64>) -> (Inputs, usize) {
+        let n = ids.len();
+        (Inputs::new().with("input_ids", Tensor::from_vec(vec![1, n], ids).unwrap()), n)
+    }
+
     #[tokio::test]
-    async fn a_panicking_run_fails_that_request_and_the_worker_keeps_serving() {
-        let worker =
-            ModelWorker::start(Arc::new(FlakyProvider), ModelSpec::new("m", Device::Cpu, DType::F32))
-                .await
-                .unwrap();
-        let err = worker.run(Inputs::new()).await.unwrap_err().to_string();
-        assert!(err.contains("panicked while running: fault injected: empty input"), "{err}");
-        let one = Inputs::new().with("x", Tensor::from_vec(vec![1], vec![1f32]).unwrap());
-        let out = worker.run(one.clone()).await.unwrap();
-        assert_eq!(out.outputs, one);
-        worker.shutdown().await;
+    async fn concurrent_items_share_batches_and_each_gets_its_own_row() {
+        let policy = BatchPolicy { max_wait: Duration::from_millis(50), ..BatchPolicy::default() };
+        let w = worker(policy).await;
+        let calls: Vec<_> = (0..40i64)
+            .map(|i| {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    let (inputs, len) = item((0..(i % 5 + 1)).map(|k| 100 * i + k).collect());
+                    (i, w.submit(inputs, len).await.unwrap())
+                })
+            })
+            .collect();
+        let mut shared = 0;
+        for call in calls {
+            let (i, out) = call.await.unwrap();
+            let echo = out.outputs.require("echo").unwrap();
+            let want: Vec<f32> = (0..(i % 5 + 1)).map(|k| (100 * i + k) as f32).collect();
+            assert_eq!(
+                echo.to_vec::<f32>().unwrap(),
+                want,
+                "item {i} got its own row, trimmed to its length"
+            );
+            shared += usize::from(out.batch_size > 1);
+        }
+        assert!(shared > 0, "with 40 concurrent callers some batches are shared: {:?}", w.batch_stats());
+        assert!(w.batch_stats().mean_batch_size() > 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_failing_item_fails_alone_and_the_worker_keeps_serving() {
+        let policy = BatchPolicy { max_wait: Duration::from_millis(50), ..BatchPolicy::default() };
+        let w = worker(policy).await;
+        let calls: Vec<_> = [vec![1, 2], vec![13], vec![3]]
+            .into_iter()
+            .map(|ids| {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    let (inputs, len) = item(ids);
+                    w.submit(inputs, len).await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for c in calls {
+            results.push(c.await.unwrap());
+        }
+        assert!(results[0].is_ok() && results[2].is_ok());
+        let err = results[1].as_ref().unwrap_err().to_string();
+        assert!(err.contains("panicked while running: fault injected: id 13"), "{err}");
+        let (inputs, len) = item(vec![4]);
+        assert!(w.submit(inputs, len).await.is_ok(), "still serving");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_overloaded_and_recovers() {
+        // Capacity 1 and a long wait keep the first item queued while the others arrive.
+        let policy = BatchPolicy {
+            max_wait: Duration::from_millis(300),
+            queue_capacity: 1,
+            when_full: WhenFull::Reject,
+            max_batch_size: 64,
+        };
+        let w = worker(policy).await;
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    let (inputs, len) = item(vec![i]);
+                    w.submit(inputs, len).await
+                })
+            })
+            .collect();
+        let mut overloaded = 0;
+        for c in calls {
+            match c.await.unwrap() {
+                Ok(_) => {}
+                Err(Error::Overloaded { capacity: 1, .. }) => overloaded += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(overloaded > 0, "some callers met the full queue");
+        let (inputs, len) = item(vec![1]);
+        assert!(w.submit(inputs, len).await.is_ok(), "recovered once the queue drained");
     }
 
     #[tokio::test]
     async fn a_panicking_load_is_an_error_not_a_crash() {
-        let err =
-            ModelWorker::start(Arc::new(FlakyProvider), ModelSpec::new("panic", Device::Cpu, DType::F32))
-                .await
-                .err()
-                .unwrap()
-                .to_string();
+        let err = ModelWorker::start(
+            Arc::new(FaultyProvider),
+            ModelSpec::new("panic", Device::Cpu, DType::F32),
+            BatchPolicy::default(),
+        )
+        .await
+        .err()
+        .unwrap()
+        .to_string();
         assert!(err.contains("panicked while loading: fault injected: load"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_is_the_oldest_item_and_its_nearest_lengths() {
+        let mk = |length| Item {
+            inputs: Inputs::new(),
+            length,
+            enqueued: Instant::now(),
+            reply: oneshot::channel().0,
+        };
+        let mut pending: Vec<Item> = [50, 3, 48, 4, 51, 5].into_iter().map(mk).collect();
+        let batch = take_batch(&mut pending, 3);
+        assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![50, 48, 51]);
+        assert_eq!(pending.iter().map(|i| i.length).collect::<Vec<_>>(), vec![3, 4, 5]);
     }
 }

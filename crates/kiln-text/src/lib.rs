@@ -45,6 +45,29 @@ pub struct Encoded {
     pub mask: Vec<i64>,
 }
 
+impl Encoded {
+    /// Each text's inputs without padding — tensors `[1, length]` — with its length,
+    /// for batching with other callers' texts.
+    pub fn rows(&self) -> Result<Vec<(NamedTensors, usize)>> {
+        let columns: Vec<(&str, Vec<i64>)> =
+            self.inputs.iter().map(|(name, t)| Ok((name, t.to_vec::<i64>()?))).collect::<Result<_>>()?;
+        self.lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let mut row = NamedTensors::new();
+                for (name, values) in &columns {
+                    row.insert(
+                        *name,
+                        Tensor::from_vec(vec![1, len], values[i * self.sequence..][..len].to_vec())?,
+                    );
+                }
+                Ok((row, len))
+            })
+            .collect()
+    }
+}
+
 /// Tokenizer plus pooling and normalisation rules of one model folder.
 #[derive(Debug, Clone)]
 pub struct TextPipeline {
@@ -305,6 +328,20 @@ mod tests {
         assert!((norm - 1.0).abs() < 1e-6);
         let zeros = pool(&[0.0; 4], &[0, 0], 1, 2, 2, &settings(Pooling::Mean, true));
         assert_eq!(zeros, vec![vec![0.0, 0.0]]);
+    }
+
+    #[test]
+    fn rows_drop_the_padding_of_each_text() {
+        let shape = vec![2, 3];
+        let inputs = NamedTensors::new()
+            .with(INPUT_IDS, Tensor::from_vec(shape.clone(), vec![101i64, 7, 102, 101, 102, 0]).unwrap())
+            .with(ATTENTION_MASK, Tensor::from_vec(shape, vec![1i64, 1, 1, 1, 1, 0]).unwrap());
+        let encoded =
+            Encoded { inputs, batch: 2, sequence: 3, lengths: vec![3, 2], mask: vec![1, 1, 1, 1, 1, 0] };
+        let rows = encoded.rows().unwrap();
+        assert_eq!(rows[1].1, 2);
+        assert_eq!(rows[1].0.require(INPUT_IDS).unwrap().to_vec::<i64>().unwrap(), vec![101, 102]);
+        assert_eq!(rows[0].0.require(ATTENTION_MASK).unwrap().shape(), &[1, 3]);
     }
 
     #[test]

@@ -1,0 +1,77 @@
+//! Many concurrent single-text callers share model batches, and each gets the
+//! embedding of its own text; batching off gives the same vectors; repeated texts are
+//! answered from the cache without running the model.
+
+mod support;
+
+use std::sync::Arc;
+
+use kiln::Optimizer;
+use support::{cosine, minilm_config, reference};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_batches_and_get_their_own_embeddings() {
+    let reference = reference();
+    let optimizer = Arc::new(
+        Optimizer::from_config(minilm_config(&["cache.enabled=false", "batching.max_wait_ms=20"]))
+            .await
+            .unwrap(),
+    );
+    // 64 callers, each with one fixture text (every text several times over).
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let optimizer = optimizer.clone();
+            let text = reference.texts[i % reference.texts.len()].clone();
+            tokio::spawn(async move { (i, optimizer.embed(&[text]).await) })
+        })
+        .collect();
+    for call in calls {
+        let (i, result) = call.await.unwrap();
+        let got = result.unwrap().remove(0);
+        let want = &reference.embeddings[i % reference.texts.len()];
+        assert!(cosine(&got, want) >= 0.9999, "caller {i}: cosine {}", cosine(&got, want));
+    }
+    let stats = optimizer.stats();
+    assert_eq!(stats.requests, 64);
+    assert!(stats.mean_batch_size > 1.0, "callers shared batches: {:?}", stats.batch_sizes);
+    assert!(
+        stats.batch_sizes.keys().all(|&size| size <= 32),
+        "max_batch_size holds: {:?}",
+        stats.batch_sizes
+    );
+    assert_eq!(stats.queue_wait_ms.count, 64);
+    assert_eq!(stats.latency_ms.count, 64);
+}
+
+#[tokio::test]
+async fn batching_off_gives_the_same_vectors() {
+    let reference = reference();
+    let on = Optimizer::from_config(minilm_config(&["cache.enabled=false"])).await.unwrap();
+    let off = Optimizer::from_config(minilm_config(&["cache.enabled=false", "batching.enabled=false"]))
+        .await
+        .unwrap();
+    let a = on.embed(&reference.texts).await.unwrap();
+    let b = off.embed(&reference.texts).await.unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert!(cosine(x, y) > 0.99999);
+    }
+    assert_eq!(off.stats().queue_wait_ms.count, 0, "with batching off nothing goes through the item queue");
+}
+
+#[tokio::test]
+async fn a_repeated_text_is_answered_from_the_cache_without_the_model() {
+    let optimizer = Optimizer::from_config(minilm_config(&[])).await.unwrap();
+    let texts = vec!["cache me".to_string(), "and me".to_string()];
+    let first = optimizer.embed(&texts).await.unwrap();
+    let batches = optimizer.stats().batches;
+    let again = optimizer.embed(&texts).await.unwrap();
+    assert_eq!(first, again, "a hit returns the stored vector");
+    let stats = optimizer.stats();
+    assert_eq!(stats.batches, batches, "no model run for hits");
+    assert_eq!((stats.cache.hits, stats.cache.misses), (2, 2));
+    assert_eq!(stats.cache.entries, 2);
+    // A different model setting is a different key.
+    let other = Optimizer::from_config(minilm_config(&["text.normalize=false"])).await.unwrap();
+    let unnormalised = other.embed(&texts[..1]).await.unwrap();
+    assert!((unnormalised[0].iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() > 1e-3);
+}
