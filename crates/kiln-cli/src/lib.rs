@@ -1,6 +1,7 @@
 //! The `kiln` command line. `main.rs` only parses arguments and calls [`run`]; this
 //! library holds the logic so tests can call it.
 
+pub mod bench;
 pub mod input;
 
 use std::io::Write;
@@ -36,6 +37,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate load on the configured model and report throughput and latency.
+    Bench(BenchArgs),
     /// List the providers in this build and what they support.
     Providers {
         /// Print JSON instead of a table.
@@ -93,6 +96,33 @@ pub fn describe(error: &anyhow::Error) -> String {
     text
 }
 
+/// `kiln bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Config source options.
+    #[command(flatten)]
+    pub source: ConfigSource,
+    /// Single-text calls to make.
+    #[arg(long, default_value_t = 1000)]
+    pub requests: usize,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Fraction of distinct texts; the rest repeat them (cache hits).
+    #[arg(long, default_value_t = 1.0)]
+    pub unique_ratio: f64,
+    /// Words per generated text, MIN-MAX.
+    #[arg(long, default_value = "4-64", value_parser = parse_words)]
+    pub words: (usize, usize),
+    /// Also run a baseline with these overrides first (repeatable), and report
+    /// config / baseline throughput: `--compare batching.enabled=false`.
+    #[arg(long, value_name = "SECTION.KEY=VALUE")]
+    pub compare: Vec<String>,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -104,7 +134,52 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Providers { json } => providers(json),
+        Command::Bench(args) => bench_command(args).await,
     }
+}
+
+fn parse_words(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (min, max) = s.split_once('-').ok_or_else(|| format!("expected MIN-MAX, e.g. 4-64, got `{s}`"))?;
+    let parse = |v: &str| {
+        v.trim().parse::<usize>().map_err(|_| format!("expected MIN-MAX of whole numbers, got `{s}`"))
+    };
+    Ok((parse(min)?, parse(max)?))
+}
+
+async fn bench_command(args: BenchArgs) -> Result<()> {
+    let options = bench::BenchOptions {
+        requests: args.requests,
+        concurrency: args.concurrency,
+        unique_ratio: args.unique_ratio,
+        words: args.words,
+        progress: true,
+    };
+    let config = args.source.load()?;
+    let baseline = if args.compare.is_empty() {
+        None
+    } else {
+        let sets: Vec<String> = args.source.sets.iter().chain(&args.compare).cloned().collect();
+        let config = KilnConfig::load(args.source.config.as_deref(), &sets)?;
+        let report = bench::run_once(config, &options, args.compare.clone()).await?;
+        bench::print("baseline", &report);
+        Some(report)
+    };
+    let report = bench::run_once(config, &options, Vec::new()).await?;
+    bench::print("kiln", &report);
+    let ratio = baseline.as_ref().map(|b| report.throughput_rps / b.throughput_rps.max(1e-9));
+    if let (Some(ratio), Some(_)) = (ratio, &baseline) {
+        println!("throughput ratio kiln / baseline ({}): {ratio:.2}", args.compare.join(", "));
+    }
+    if let Some(path) = &args.json {
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(b) = &baseline {
+            value["baseline"] = serde_json::to_value(b)?;
+            value["throughput_ratio"] = serde_json::json!(ratio);
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 async fn run_task(args: RunArgs) -> Result<()> {

@@ -1,0 +1,262 @@
+//! `kiln bench`: a load generator over the configured model.
+//!
+//! `requests` single-text calls from `concurrency` concurrent callers; a fraction
+//! `unique_ratio` of the texts are distinct and the rest repeat them, so the cache's
+//! effect shows. With `compare`, the same load runs first against the config with those
+//! overrides (the baseline), then against the config itself, in one process, and the
+//! throughput ratio is reported.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use kiln::runtime::{LatencyHistogram, Stats};
+use kiln::{KilnConfig, Optimizer};
+use serde::Serialize;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Calls to make.
+    pub requests: usize,
+    /// Callers at once.
+    pub concurrency: usize,
+    /// Distinct texts over requests, in (0, 1].
+    pub unique_ratio: f64,
+    /// Words per generated text, inclusive range.
+    pub words: (usize, usize),
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Calls made.
+    pub requests: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// Successful calls per second.
+    pub throughput_rps: f64,
+    /// Client-side latency of successful calls.
+    pub latency_ms: Latency,
+    /// Mean texts per model run during the load.
+    pub mean_batch_size: f64,
+    /// Cache hits over lookups during the load.
+    pub cache_hit_rate: f64,
+    /// Failed calls by error kind.
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Wall time of the load, seconds.
+    pub seconds: f64,
+    /// Overrides this run used on top of the config (empty for the config itself).
+    pub overrides: Vec<String>,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// The texts of a run: `distinct` generated texts (`words` long, fixed seed), and the
+/// index of the text each request sends.
+fn workload(requests: usize, unique_ratio: f64, words: (usize, usize)) -> (Vec<String>, Vec<usize>) {
+    const WORDS: &[&str] = &[
+        "model",
+        "inference",
+        "batch",
+        "latency",
+        "throughput",
+        "memory",
+        "cache",
+        "token",
+        "vector",
+        "embedding",
+        "query",
+        "document",
+        "search",
+        "rank",
+        "score",
+        "server",
+        "request",
+        "queue",
+        "worker",
+        "thread",
+        "device",
+        "tensor",
+        "layer",
+        "attention",
+        "the",
+        "a",
+        "of",
+        "to",
+        "and",
+        "in",
+        "is",
+        "for",
+    ];
+    let distinct = ((requests as f64 * unique_ratio).round() as usize).clamp(1, requests.max(1));
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let texts = (0..distinct)
+        .map(|_| {
+            let n = words.0 + (next() % (words.1 - words.0 + 1) as u64) as usize;
+            (0..n).map(|_| WORDS[(next() % WORDS.len() as u64) as usize]).collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    // Each distinct text first appears in order, then repeats are spread over the run.
+    let order =
+        (0..requests).map(|i| if i < distinct { i } else { (next() % distinct as u64) as usize }).collect();
+    (texts, order)
+}
+
+/// Runs the load against one config.
+pub async fn run_once(
+    config: KilnConfig,
+    options: &BenchOptions,
+    overrides: Vec<String>,
+) -> Result<BenchReport> {
+    if options.requests == 0 || options.concurrency == 0 {
+        bail!("--requests and --concurrency must be at least 1");
+    }
+    if !(options.unique_ratio > 0.0 && options.unique_ratio <= 1.0) {
+        bail!("--unique-ratio must be in (0, 1], got {}", options.unique_ratio);
+    }
+    if options.words.0 == 0 || options.words.0 > options.words.1 {
+        bail!("--words must be MIN-MAX with 1 <= MIN <= MAX, got {}-{}", options.words.0, options.words.1);
+    }
+    let optimizer = Arc::new(Optimizer::from_config(config).await?);
+    // Warm-up on texts outside the workload: first-call costs are not measured.
+    let warm: Vec<String> =
+        (0..options.concurrency.min(32)).map(|i| format!("warm-up text number {i}")).collect();
+    optimizer.embed(&warm).await.context("warm-up")?;
+
+    let (texts, order) = workload(options.requests, options.unique_ratio, options.words);
+    let (texts, order) = (Arc::new(texts), Arc::new(order));
+    let before = optimizer.stats();
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
+    let ok = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(LatencyHistogram::default());
+    let bar = if options.progress {
+        indicatif::ProgressBar::new(options.requests as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = Instant::now();
+    let callers: Vec<_> = (0..options.concurrency)
+        .map(|_| {
+            let (optimizer, texts, order, next) =
+                (optimizer.clone(), texts.clone(), order.clone(), next.clone());
+            let (errors, ok, latency, bar) = (errors.clone(), ok.clone(), latency.clone(), bar.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= order.len() {
+                        break;
+                    }
+                    let t0 = Instant::now();
+                    match optimizer.embed(std::slice::from_ref(&texts[order[i]])).await {
+                        Ok(_) => {
+                            latency.record(t0.elapsed());
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => *errors.lock().unwrap().entry(e.kind().to_string()).or_default() += 1,
+                    }
+                    bar.inc(1);
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.context("a load-generating task failed")?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let after = optimizer.stats();
+    let optimizer =
+        Arc::try_unwrap(optimizer).map_err(|_| anyhow::anyhow!("bench callers still hold the optimizer"))?;
+    optimizer.shutdown().await?;
+
+    let p = latency.percentiles();
+    let errors_by_kind = errors.lock().unwrap().clone();
+    Ok(BenchReport {
+        requests: options.requests as u64,
+        errors: errors_by_kind.values().sum(),
+        throughput_rps: ok.load(Ordering::Relaxed) as f64 / seconds,
+        latency_ms: Latency { p50: p.p50, p95: p.p95, p99: p.p99, max: p.max },
+        mean_batch_size: mean_batch_size(&before, &after),
+        cache_hit_rate: {
+            let hits = after.cache.hits - before.cache.hits;
+            let lookups = hits + after.cache.misses - before.cache.misses;
+            if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 }
+        },
+        errors_by_kind,
+        seconds,
+        overrides,
+    })
+}
+
+/// Mean texts per model run between two snapshots.
+fn mean_batch_size(before: &Stats, after: &Stats) -> f64 {
+    let (mut runs, mut items) = (0u64, 0u64);
+    for (&size, &count) in &after.batch_sizes {
+        let delta = count - before.batch_sizes.get(&size).copied().unwrap_or(0);
+        runs += delta;
+        items += delta * size as u64;
+    }
+    if runs == 0 { 0.0 } else { items as f64 / runs as f64 }
+}
+
+/// Prints a report as a few lines.
+pub fn print(label: &str, r: &BenchReport) {
+    println!(
+        "{label}: {} requests, {} errors in {:.2} s: {:.1} req/s; mean batch {:.1}; cache hit rate {:.1}%",
+        r.requests,
+        r.errors,
+        r.seconds,
+        r.throughput_rps,
+        r.mean_batch_size,
+        r.cache_hit_rate * 100.0
+    );
+    println!(
+        "{:width$}  latency ms: p50 {:.3}, p95 {:.3}, p99 {:.3}, max {:.3}",
+        "",
+        r.latency_ms.p50,
+        r.latency_ms.p95,
+        r.latency_ms.p99,
+        r.latency_ms.max,
+        width = label.len()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workload_repeats_texts_per_the_unique_ratio() {
+        let (texts, order) = workload(1000, 0.25, (4, 64));
+        assert_eq!(texts.len(), 250);
+        assert_eq!(order.len(), 1000);
+        assert!(order.iter().all(|&i| i < 250));
+        assert!(texts.iter().all(|t| (4..=64).contains(&t.split(' ').count())));
+        let (again, _) = workload(1000, 0.25, (4, 64));
+        assert_eq!(texts, again, "the same texts every run");
+        assert_eq!(workload(10, 1.0, (2, 2)).0.len(), 10);
+    }
+}

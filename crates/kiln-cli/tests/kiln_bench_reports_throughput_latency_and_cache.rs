@@ -1,0 +1,62 @@
+//! `kiln bench` drives the real model and writes the figures it prints as JSON, with a
+//! baseline from `--compare` measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+#[test]
+fn bench_writes_the_documented_json_keys_with_a_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "bench",
+            "examples/embed.toml",
+            "--requests",
+            "40",
+            "--concurrency",
+            "8",
+            "--unique-ratio",
+            "0.5",
+        ])
+        .args(["--words", "3-8", "--compare", "batching.enabled=false", "--set", "batching.max_wait_ms=20"])
+        .arg("--json")
+        .arg(&json)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("throughput ratio kiln / baseline (batching.enabled=false)"), "{stdout}");
+
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["requests"], 40);
+    assert_eq!(report["errors"], 0);
+    assert!(report["throughput_rps"].as_f64().unwrap() > 0.0);
+    for p in ["p50", "p95", "p99", "max"] {
+        assert!(report["latency_ms"][p].as_f64().is_some(), "latency_ms.{p}");
+    }
+    // 20 distinct texts over 40 requests: at most 20 hits (fewer when a repeat
+    // arrives while its first copy is still in flight).
+    let hit_rate = report["cache_hit_rate"].as_f64().unwrap();
+    assert!(hit_rate > 0.0 && hit_rate <= 0.5, "{hit_rate}");
+    assert!(report["mean_batch_size"].as_f64().unwrap() >= 1.0);
+    assert_eq!(report["baseline"]["mean_batch_size"], 1.0, "batching off runs each call alone");
+    assert_eq!(report["baseline"]["overrides"][0], "batching.enabled=false");
+    assert!(report["throughput_ratio"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_refuses_bad_arguments_clearly() {
+    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["bench", "examples/embed.toml", "--requests", "5", "--unique-ratio", "1.5"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--unique-ratio must be in (0, 1], got 1.5"));
+}
