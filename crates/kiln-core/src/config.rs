@@ -41,6 +41,8 @@ pub struct KilnConfig {
     pub text: TextConfig,
     /// Batching of requests.
     pub batching: BatchingConfig,
+    /// Concurrency, deadlines and retries.
+    pub scheduler: SchedulerConfig,
     /// The result cache.
     pub cache: CacheConfig,
     /// Where metrics go; several at once.
@@ -55,6 +57,7 @@ impl Default for KilnConfig {
             model: ModelConfig::default(),
             text: TextConfig::default(),
             batching: BatchingConfig::default(),
+            scheduler: SchedulerConfig::default(),
             cache: CacheConfig::default(),
             trackers: Vec::new(),
         }
@@ -197,6 +200,27 @@ pub enum WhenFull {
     Reject,
 }
 
+/// `[scheduler]`: how many requests run at once, how long they may take, and how
+/// failures the provider marks retryable are retried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Requests in flight at most; more wait for a slot.
+    pub max_concurrent: usize,
+    /// Deadline of a request in milliseconds, waiting for a slot included; 0: none.
+    pub timeout_ms: u64,
+    /// Retries after the first attempt, for retryable errors only.
+    pub retries: usize,
+    /// First backoff delay; it doubles per retry, with random jitter.
+    pub backoff_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { max_concurrent: 1024, timeout_ms: 30_000, retries: 2, backoff_ms: 10 }
+    }
+}
+
 /// `[cache]`: results kept by content hash, so a repeated input skips the model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -279,6 +303,10 @@ impl KilnConfig {
         check_range(&mut issues, "batching.max_batch_size", self.batching.max_batch_size, 1, 4096);
         check_range(&mut issues, "batching.max_wait_ms", self.batching.max_wait_ms as usize, 0, 10_000);
         check_range(&mut issues, "batching.queue_capacity", self.batching.queue_capacity, 1, 1 << 20);
+        check_range(&mut issues, "scheduler.max_concurrent", self.scheduler.max_concurrent, 1, 1 << 20);
+        check_range(&mut issues, "scheduler.timeout_ms", self.scheduler.timeout_ms as usize, 0, 3_600_000);
+        check_range(&mut issues, "scheduler.retries", self.scheduler.retries, 0, 100);
+        check_range(&mut issues, "scheduler.backoff_ms", self.scheduler.backoff_ms as usize, 0, 60_000);
         check_range(&mut issues, "cache.ttl_s", self.cache.ttl_s as usize, 1, 365 * 24 * 3600);
         if self.cache.max_bytes < 1024 {
             issues.push(ConfigIssue::new(
@@ -328,7 +356,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         }
     }
     let mut issues = Vec::new();
-    let known = ["task", "provider", "model", "text", "batching", "cache", "trackers"];
+    let known = ["task", "provider", "model", "text", "batching", "scheduler", "cache", "trackers"];
     if let Ok(top) = figment.data() {
         for (key, value) in top.get(&Profile::Default).into_iter().flatten() {
             if !known.contains(&key.as_str()) {
@@ -346,6 +374,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         model: section(figment, "model", &mut issues).unwrap_or_default(),
         text: section(figment, "text", &mut issues).unwrap_or_default(),
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
+        scheduler: section(figment, "scheduler", &mut issues).unwrap_or_default(),
         cache: section(figment, "cache", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),
     };

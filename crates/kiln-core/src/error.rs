@@ -97,6 +97,13 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// A request passed its deadline; its remaining work was cancelled.
+    #[error("timed out after {after_ms} ms (`scheduler.timeout_ms`); its remaining work was cancelled")]
+    Timeout {
+        /// The deadline, in milliseconds.
+        after_ms: u64,
+    },
+
     /// The optimizer or one of its workers has shut down.
     #[error("kiln is shutting down: {0}")]
     Shutdown(String),
@@ -144,6 +151,7 @@ impl Error {
             Error::Io { .. } => "io",
             Error::Backend { .. } => "backend",
             Error::Overloaded { .. } => "overloaded",
+            Error::Timeout { .. } => "timeout",
             Error::Shutdown(_) => "shutdown",
         }
     }

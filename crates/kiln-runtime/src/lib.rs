@@ -3,16 +3,19 @@
 //! The optimizer looks the provider up by name and loads the model on a dedicated
 //! worker thread ([`worker`]) that batches the requests of concurrent callers
 //! ([`collate`] pads them into one batch and splits the outputs back). Repeated inputs
-//! are answered from the result cache ([`cache`]); tokenization and pooling run on
+//! are answered from the result cache ([`cache`]); the [`scheduler`] bounds concurrency,
+//! enforces deadlines and retries retryable failures; tokenization and pooling run on
 //! blocking tasks; [`Stats`] counts it all. None of it names a backend.
 
 pub mod cache;
 pub mod collate;
 pub mod optimizer;
+pub mod scheduler;
 pub mod stats;
 pub mod worker;
 
 pub use cache::{MokaCache, cache_key};
-pub use optimizer::{LAST_HIDDEN_STATE, Optimizer};
+pub use optimizer::{LAST_HIDDEN_STATE, Optimizer, TaskInput, TaskOutput};
+pub use scheduler::Scheduler;
 pub use stats::{LatencyHistogram, Percentiles, Stats};
 pub use worker::{BatchPolicy, BatchStats, ItemOutput, ModelWorker, RunOutput};

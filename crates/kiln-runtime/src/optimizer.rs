@@ -11,7 +11,8 @@ use kiln_text::TextPipeline;
 use tokio::sync::Mutex;
 
 use crate::cache::{MokaCache, cache_key};
-use crate::stats::{Counters, Stage, Stats};
+use crate::scheduler::Scheduler;
+use crate::stats::{Counters, Parts, Stage, Stats};
 use crate::worker::{BatchPolicy, ModelWorker};
 
 /// Name of the token-vector output text models are expected to produce.
@@ -43,6 +44,7 @@ pub struct Optimizer {
     /// Model identity and text settings: the prefix of every cache key.
     identity: String,
     cache: Arc<dyn Cache>,
+    scheduler: Scheduler,
     profiler: Arc<dyn Profiler>,
     trackers: Mutex<Vec<Box<dyn Tracker>>>,
     counters: Counters,
@@ -85,6 +87,7 @@ impl Optimizer {
         } else {
             Arc::new(NoCache::default())
         };
+        let scheduler = Scheduler::new(&config.scheduler);
         let config_json = serde_json::to_value(&config).unwrap_or_default();
         // A tracker never fails a run: its error is a warning.
         if let Err(e) = trackers.log_config(&config_json) {
@@ -97,6 +100,7 @@ impl Optimizer {
             text,
             identity,
             cache,
+            scheduler,
             profiler,
             trackers: Mutex::new(trackers),
             counters: Counters::default(),
@@ -132,7 +136,9 @@ impl Optimizer {
     pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let started = Instant::now();
         Counters::add(&self.counters.requests, 1);
-        let result = self.embed_inner(texts).await;
+        // A retry runs the whole call again; texts that made it the first time are
+        // cache hits by then (when the cache is on).
+        let result = self.scheduler.call(|| self.embed_inner(texts)).await;
         match &result {
             Ok(_) => {
                 Counters::add(&self.counters.texts, texts.len() as u64);
@@ -234,16 +240,25 @@ impl Optimizer {
     pub async fn infer(&self, inputs: Inputs) -> Result<Outputs> {
         let started = Instant::now();
         Counters::add(&self.counters.requests, 1);
-        let result = async {
-            self.model_info().validate(&inputs)?;
-            self.run_model(inputs).await
-        }
-        .await;
+        self.model_info().validate(&inputs).inspect_err(|e| self.counters.error(e))?;
+        let result = self.scheduler.call(|| self.run_model(inputs.clone())).await;
         match &result {
             Ok(_) => self.counters.latency(started.elapsed()),
             Err(e) => self.counters.error(e),
         }
         result
+    }
+
+    /// Runs a list of tasks concurrently under the same limits; one result per task, in
+    /// order. One task failing does not fail the others.
+    pub async fn run_batch(&self, tasks: Vec<TaskInput>) -> Vec<Result<TaskOutput>> {
+        futures_util::future::join_all(tasks.into_iter().map(|task| async move {
+            match task {
+                TaskInput::Embed(texts) => self.embed(&texts).await.map(TaskOutput::Embeddings),
+                TaskInput::Infer(inputs) => self.infer(inputs).await.map(TaskOutput::Outputs),
+            }
+        }))
+        .await
     }
 
     async fn tokenize(&self, text: &Arc<TextPipeline>, texts: Vec<String>) -> Result<kiln_text::Encoded> {
@@ -287,14 +302,16 @@ impl Optimizer {
 
     /// What the optimizer has done so far.
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot(
-            self.started,
-            self.load_time,
-            self.cache.stats(),
-            self.worker.batch_stats(),
-            self.worker.queue_depth(),
-            self.model_info().clone(),
-        )
+        self.counters.snapshot(Parts {
+            retries: self.scheduler.retries(),
+            timeouts: self.scheduler.timeouts(),
+            started: self.started,
+            load: self.load_time,
+            cache: self.cache.stats(),
+            batches: self.worker.batch_stats(),
+            queue_depth: self.worker.queue_depth(),
+            model: self.model_info().clone(),
+        })
     }
 
     /// Logs the summary to the trackers, stops the model worker and returns final stats.
@@ -316,6 +333,26 @@ impl Optimizer {
         self.worker.shutdown().await;
         Ok(stats)
     }
+}
+
+/// One task of [`Optimizer::run_batch`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum TaskInput {
+    /// Embed these texts.
+    Embed(Vec<String>),
+    /// Run these tensors through the model.
+    Infer(Inputs),
+}
+
+/// The result of one [`TaskInput`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum TaskOutput {
+    /// One vector per text.
+    Embeddings(Vec<Vec<f32>>),
+    /// The model's outputs.
+    Outputs(Outputs),
 }
 
 /// Turns model outputs into one vector per text: token vectors (`[batch, sequence,

@@ -26,8 +26,12 @@ pub struct Stats {
     pub mean_batch_size: f64,
     /// Items waiting in the model's queue now.
     pub queue_depth: usize,
-    /// Failed requests by error kind (`invalid_input`, `overloaded`, `backend`, ...).
+    /// Failed requests by error kind (`invalid_input`, `overloaded`, `timeout`, ...).
     pub errors: BTreeMap<String, u64>,
+    /// Retries made after retryable failures.
+    pub retries: u64,
+    /// Requests that passed their deadline.
+    pub timeouts: u64,
     /// End-to-end latency of successful requests.
     pub latency_ms: Percentiles,
     /// Time items waited in the queue before their batch ran (batching on).
@@ -111,6 +115,18 @@ pub(crate) struct Counters {
     queue_wait: LatencyHistogram,
 }
 
+/// What the counters do not hold themselves: the figures of the other layers.
+pub(crate) struct Parts {
+    pub retries: u64,
+    pub timeouts: u64,
+    pub started: Instant,
+    pub load: Duration,
+    pub cache: CacheStats,
+    pub batches: BatchStats,
+    pub queue_depth: usize,
+    pub model: ModelInfo,
+}
+
 pub(crate) enum Stage {
     Tokenize,
     Inference,
@@ -143,15 +159,8 @@ impl Counters {
         *self.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(error.kind()).or_default() += 1;
     }
 
-    pub fn snapshot(
-        &self,
-        started: Instant,
-        load: Duration,
-        cache: CacheStats,
-        batches: BatchStats,
-        queue_depth: usize,
-        model: ModelInfo,
-    ) -> Stats {
+    pub fn snapshot(&self, parts: Parts) -> Stats {
+        let Parts { retries, timeouts, started, load, cache, batches, queue_depth, model } = parts;
         let secs = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
         Stats {
             requests: self.requests.load(Ordering::Relaxed),
@@ -167,6 +176,8 @@ impl Counters {
                 .iter()
                 .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
+            retries,
+            timeouts,
             latency_ms: self.latency.percentiles(),
             queue_wait_ms: self.queue_wait.percentiles(),
             tokenize_seconds: secs(&self.tokenize_ns),
