@@ -41,6 +41,8 @@ pub struct KilnConfig {
     pub text: TextConfig,
     /// Batching of requests.
     pub batching: BatchingConfig,
+    /// Limits on loaded models.
+    pub models: ModelsConfig,
     /// Concurrency, deadlines and retries.
     pub scheduler: SchedulerConfig,
     /// The result cache.
@@ -57,6 +59,7 @@ impl Default for KilnConfig {
             model: ModelConfig::default(),
             text: TextConfig::default(),
             batching: BatchingConfig::default(),
+            models: ModelsConfig::default(),
             scheduler: SchedulerConfig::default(),
             cache: CacheConfig::default(),
             trackers: Vec::new(),
@@ -200,6 +203,22 @@ pub enum WhenFull {
     Reject,
 }
 
+/// `[models]`: how many models stay loaded, and how much memory they may hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Models loaded at once; loading one more unloads the least recently used idle one.
+    pub max_loaded: usize,
+    /// Bytes of (estimated) model memory at most; 0: only what the device has free.
+    pub max_bytes: u64,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig { max_loaded: 4, max_bytes: 0 }
+    }
+}
+
 /// `[scheduler]`: how many requests run at once, how long they may take, and how
 /// failures the provider marks retryable are retried.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -303,6 +322,7 @@ impl KilnConfig {
         check_range(&mut issues, "batching.max_batch_size", self.batching.max_batch_size, 1, 4096);
         check_range(&mut issues, "batching.max_wait_ms", self.batching.max_wait_ms as usize, 0, 10_000);
         check_range(&mut issues, "batching.queue_capacity", self.batching.queue_capacity, 1, 1 << 20);
+        check_range(&mut issues, "models.max_loaded", self.models.max_loaded, 1, 1024);
         check_range(&mut issues, "scheduler.max_concurrent", self.scheduler.max_concurrent, 1, 1 << 20);
         check_range(&mut issues, "scheduler.timeout_ms", self.scheduler.timeout_ms as usize, 0, 3_600_000);
         check_range(&mut issues, "scheduler.retries", self.scheduler.retries, 0, 100);
@@ -356,7 +376,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         }
     }
     let mut issues = Vec::new();
-    let known = ["task", "provider", "model", "text", "batching", "scheduler", "cache", "trackers"];
+    let known = ["task", "provider", "model", "text", "batching", "models", "scheduler", "cache", "trackers"];
     if let Ok(top) = figment.data() {
         for (key, value) in top.get(&Profile::Default).into_iter().flatten() {
             if !known.contains(&key.as_str()) {
@@ -374,6 +394,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         model: section(figment, "model", &mut issues).unwrap_or_default(),
         text: section(figment, "text", &mut issues).unwrap_or_default(),
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
+        models: section(figment, "models", &mut issues).unwrap_or_default(),
         scheduler: section(figment, "scheduler", &mut issues).unwrap_or_default(),
         cache: section(figment, "cache", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),

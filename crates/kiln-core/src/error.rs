@@ -97,6 +97,23 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// A model does not fit in the memory that is available for it.
+    #[error(
+        "cannot load {what}: required {:.2} GiB, available {:.2} GiB on {device}",
+        gib(*required),
+        gib(*available)
+    )]
+    OutOfMemory {
+        /// The model (or what is being allocated), in words.
+        what: String,
+        /// Bytes it needs, by estimate.
+        required: u64,
+        /// Bytes available to it.
+        available: u64,
+        /// Where.
+        device: crate::Device,
+    },
+
     /// A request passed its deadline; its remaining work was cancelled.
     #[error("timed out after {after_ms} ms (`scheduler.timeout_ms`); its remaining work was cancelled")]
     Timeout {
@@ -152,6 +169,7 @@ impl Error {
             Error::Backend { .. } => "backend",
             Error::Overloaded { .. } => "overloaded",
             Error::Timeout { .. } => "timeout",
+            Error::OutOfMemory { .. } => "out_of_memory",
             Error::Shutdown(_) => "shutdown",
         }
     }
@@ -212,6 +230,10 @@ impl fmt::Display for ConfigIssue {
     }
 }
 
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 fn list_or_none(names: &[String]) -> String {
     if names.is_empty() { "none".to_string() } else { names.join(", ") }
 }
@@ -249,6 +271,17 @@ mod tests {
         assert_eq!((copy.kind(), copy.to_string(), copy.is_retryable()), (e.kind(), e.to_string(), true));
         let e = Error::InvalidInput("bad".into());
         assert_eq!(e.for_request().to_string(), e.to_string());
+    }
+
+    #[test]
+    fn out_of_memory_names_both_figures_in_gib() {
+        let e = Error::OutOfMemory {
+            what: "model big".into(),
+            required: 3 << 30,
+            available: 1 << 29,
+            device: crate::Device::Cpu,
+        };
+        assert_eq!(e.to_string(), "cannot load model big: required 3.00 GiB, available 0.50 GiB on cpu");
     }
 
     #[test]

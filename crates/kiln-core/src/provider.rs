@@ -68,8 +68,16 @@ pub trait Provider: Send + Sync + 'static {
     /// What this provider can do in this build (devices, dtypes, formats).
     fn capabilities(&self) -> Capabilities;
 
-    /// Loads the model `spec` describes. May take seconds; runs on a blocking-safe task.
+    /// Loads the model `spec` describes. May take seconds; kiln calls it on the model's
+    /// own worker thread.
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>>;
+
+    /// Bytes the model will take on its device once loaded, estimated without loading
+    /// it (from file headers, say), so kiln can refuse a model that does not fit before
+    /// spending the memory. `None`: no estimate; the model is loaded unchecked.
+    fn estimate_memory(&self, _spec: &ModelSpec) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// A loaded model: runs one batch at a time, blocking.

@@ -9,12 +9,16 @@
 
 pub mod cache;
 pub mod collate;
+pub mod memory;
+pub mod models;
 pub mod optimizer;
 pub mod scheduler;
 pub mod stats;
 pub mod worker;
 
 pub use cache::{MokaCache, cache_key};
+pub use memory::{MemoryProbe, MemorySample, process_rss};
+pub use models::{LoadedModel, ModelKey, ModelManager};
 pub use optimizer::{LAST_HIDDEN_STATE, Optimizer, TaskInput, TaskOutput};
 pub use scheduler::Scheduler;
 pub use stats::{LatencyHistogram, Percentiles, Stats};

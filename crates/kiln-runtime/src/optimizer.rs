@@ -11,6 +11,7 @@ use kiln_text::TextPipeline;
 use tokio::sync::Mutex;
 
 use crate::cache::{MokaCache, cache_key};
+use crate::models::ModelManager;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Parts, Stage, Stats};
 use crate::worker::{BatchPolicy, ModelWorker};
@@ -39,7 +40,9 @@ const EMBEDDING: &str = "embedding";
 pub struct Optimizer {
     config: KilnConfig,
     provider: Arc<dyn Provider>,
-    worker: ModelWorker,
+    models: ModelManager,
+    policy: BatchPolicy,
+    worker: Arc<ModelWorker>,
     text: Option<Arc<TextPipeline>>,
     /// Model identity and text settings: the prefix of every cache key.
     identity: String,
@@ -69,9 +72,10 @@ impl Optimizer {
             queue_capacity: b.queue_capacity,
             when_full: b.when_full,
         };
+        let models = ModelManager::new(config.models.clone());
         let worker = {
             let _span = profiler.span("load_model");
-            ModelWorker::start(provider.clone(), spec.clone(), policy).await?
+            models.load(provider.clone(), spec.clone(), policy.clone()).await?
         };
         let load_time = started.elapsed();
         let text = match config.task {
@@ -96,6 +100,8 @@ impl Optimizer {
         Ok(Optimizer {
             config,
             provider,
+            models,
+            policy,
             worker,
             text,
             identity,
@@ -117,6 +123,18 @@ impl Optimizer {
     /// The provider serving the model.
     pub fn provider(&self) -> &Arc<dyn Provider> {
         &self.provider
+    }
+
+    /// The model manager: what is loaded, and unloading.
+    pub fn models(&self) -> &ModelManager {
+        &self.models
+    }
+
+    /// Loads another model with this optimizer's provider, subject to memory admission
+    /// (`required X GiB, available Y GiB` when it does not fit) and the `[models]` limits.
+    /// The returned worker runs whole batches (`run`) or batched items (`submit`).
+    pub async fn load_model(&self, spec: ModelSpec) -> Result<Arc<ModelWorker>> {
+        self.models.load(self.provider.clone(), spec, self.policy.clone()).await
     }
 
     /// The loaded model's description.
@@ -330,7 +348,10 @@ impl Optimizer {
             tracing::warn!("tracker failed at shutdown: {e}");
         }
         drop(trackers);
-        self.worker.shutdown().await;
+        self.models.clear();
+        if let Ok(worker) = Arc::try_unwrap(self.worker) {
+            worker.shutdown().await;
+        }
         Ok(stats)
     }
 }

@@ -148,6 +148,21 @@ impl Provider for CandleProvider {
         }
     }
 
+    /// Weights at the model's dtype, from the safetensors headers, plus 10% for
+    /// activations and buffers. Only headers are read.
+    fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
+        // An incomplete folder gets no estimate: load() reports what is wrong with it,
+        // checking in the order a user would fix things.
+        if !spec.path.join("config.json").is_file() {
+            return Ok(None);
+        }
+        let Ok(files) = weight_files(&spec.path) else {
+            return Ok(None);
+        };
+        let bytes = weight_bytes(&files, spec.dtype)?;
+        Ok(Some(bytes + bytes / 10))
+    }
+
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
         let dir = &spec.path;
         let device = candle_device(spec.device)?;

@@ -1,0 +1,88 @@
+//! Memory figures from the operating system (sysinfo).
+//!
+//! GPU memory (NVML) joins with CUDA support; until then a GPU device reports no
+//! figures and loads on it are not checked.
+
+use kiln_core::{Device, MemoryInfo};
+use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, RefreshKind, System};
+
+/// A point-in-time reading of system and process memory, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct MemorySample {
+    /// System memory: total, used, available.
+    pub system: MemoryInfo,
+    /// This process's resident set size.
+    pub process_rss: u64,
+}
+
+impl MemorySample {
+    /// Used system memory as a fraction of total.
+    pub fn used_fraction(&self) -> f64 {
+        if self.system.total == 0 { 0.0 } else { self.system.used as f64 / self.system.total as f64 }
+    }
+}
+
+/// Reads memory figures; keeps its `System` between readings so each is cheap. Where
+/// the operating system cannot be read, it reports zeros and no available memory, and
+/// loads go unchecked.
+pub struct MemoryProbe {
+    system: Option<System>,
+    pid: Option<Pid>,
+}
+
+impl Default for MemoryProbe {
+    fn default() -> Self {
+        let kind = RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram());
+        let system = System::new_with_specifics(kind)
+            .inspect_err(|e| tracing::warn!("cannot read system memory ({e}); memory checks are off"))
+            .ok();
+        MemoryProbe { system, pid: sysinfo::get_current_pid().ok() }
+    }
+}
+
+impl MemoryProbe {
+    /// System and process memory now.
+    pub fn sample(&mut self) -> MemorySample {
+        let Some(system) = self.system.as_mut() else {
+            return MemorySample::default();
+        };
+        system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        let total = system.total_memory();
+        let free = system.available_memory();
+        let process_rss = self.pid.map_or(0, |pid| {
+            system.refresh_processes_specifics(
+                ProcessesToUpdate::Some(&[pid]),
+                true,
+                ProcessRefreshKind::nothing().with_memory(),
+            );
+            system.process(pid).map_or(0, |p| p.memory())
+        });
+        MemorySample { system: MemoryInfo { total, used: total.saturating_sub(free), free }, process_rss }
+    }
+
+    /// Bytes available for new allocations on `device`, when known.
+    pub fn available(&mut self, device: Device) -> Option<u64> {
+        match device {
+            Device::Cpu if self.system.is_some() => Some(self.sample().system.free),
+            _ => None,
+        }
+    }
+}
+
+/// This process's resident set size now, in bytes.
+pub fn process_rss() -> u64 {
+    MemoryProbe::default().sample().process_rss
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_real_figures() {
+        let s = MemoryProbe::default().sample();
+        assert!(s.system.total > 0 && s.system.free <= s.system.total, "{s:?}");
+        assert!(s.process_rss > 1 << 20, "a running test process holds more than 1 MiB: {s:?}");
+        assert!((0.0..=1.0).contains(&s.used_fraction()));
+    }
+}
