@@ -43,6 +43,8 @@ pub struct KilnConfig {
     pub batching: BatchingConfig,
     /// Limits on loaded models.
     pub models: ModelsConfig,
+    /// The memory governor.
+    pub memory: MemoryConfig,
     /// Concurrency, deadlines and retries.
     pub scheduler: SchedulerConfig,
     /// The result cache.
@@ -60,6 +62,7 @@ impl Default for KilnConfig {
             text: TextConfig::default(),
             batching: BatchingConfig::default(),
             models: ModelsConfig::default(),
+            memory: MemoryConfig::default(),
             scheduler: SchedulerConfig::default(),
             cache: CacheConfig::default(),
             trackers: Vec::new(),
@@ -219,6 +222,26 @@ impl Default for ModelsConfig {
     }
 }
 
+/// `[memory]`: the governor that watches memory and sheds caches and idle models.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Run the governor.
+    pub enabled: bool,
+    /// Milliseconds between samples.
+    pub sample_interval_ms: u64,
+    /// Used fraction of memory above which the governor sheds.
+    pub high_watermark: f64,
+    /// Used fraction it sheds down to (as far as idle models and the cache allow).
+    pub low_watermark: f64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig { enabled: true, sample_interval_ms: 1000, high_watermark: 0.90, low_watermark: 0.80 }
+    }
+}
+
 /// `[scheduler]`: how many requests run at once, how long they may take, and how
 /// failures the provider marks retryable are retried.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -322,6 +345,22 @@ impl KilnConfig {
         check_range(&mut issues, "batching.max_batch_size", self.batching.max_batch_size, 1, 4096);
         check_range(&mut issues, "batching.max_wait_ms", self.batching.max_wait_ms as usize, 0, 10_000);
         check_range(&mut issues, "batching.queue_capacity", self.batching.queue_capacity, 1, 1 << 20);
+        let m = &self.memory;
+        check_range(&mut issues, "memory.sample_interval_ms", m.sample_interval_ms as usize, 10, 3_600_000);
+        for (key, value) in
+            [("memory.high_watermark", m.high_watermark), ("memory.low_watermark", m.low_watermark)]
+        {
+            if !(value > 0.0 && value <= 1.0) {
+                issues.push(ConfigIssue::new(key, value.to_string(), "a fraction in (0, 1]"));
+            }
+        }
+        if m.low_watermark > m.high_watermark {
+            issues.push(ConfigIssue::new(
+                "memory.low_watermark",
+                m.low_watermark.to_string(),
+                format!("at most memory.high_watermark ({})", m.high_watermark),
+            ));
+        }
         check_range(&mut issues, "models.max_loaded", self.models.max_loaded, 1, 1024);
         check_range(&mut issues, "scheduler.max_concurrent", self.scheduler.max_concurrent, 1, 1 << 20);
         check_range(&mut issues, "scheduler.timeout_ms", self.scheduler.timeout_ms as usize, 0, 3_600_000);
@@ -376,7 +415,18 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         }
     }
     let mut issues = Vec::new();
-    let known = ["task", "provider", "model", "text", "batching", "models", "scheduler", "cache", "trackers"];
+    let known = [
+        "task",
+        "provider",
+        "model",
+        "text",
+        "batching",
+        "models",
+        "memory",
+        "scheduler",
+        "cache",
+        "trackers",
+    ];
     if let Ok(top) = figment.data() {
         for (key, value) in top.get(&Profile::Default).into_iter().flatten() {
             if !known.contains(&key.as_str()) {
@@ -395,6 +445,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         text: section(figment, "text", &mut issues).unwrap_or_default(),
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
         models: section(figment, "models", &mut issues).unwrap_or_default(),
+        memory: section(figment, "memory", &mut issues).unwrap_or_default(),
         scheduler: section(figment, "scheduler", &mut issues).unwrap_or_default(),
         cache: section(figment, "cache", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),

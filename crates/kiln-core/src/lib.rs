@@ -22,8 +22,8 @@ pub mod tracker;
 pub use async_trait::async_trait;
 pub use cache::{Cache, CacheKey, CacheStats, NoCache};
 pub use config::{
-    BatchingConfig, CacheConfig, KilnConfig, ModelConfig, ModelsConfig, Pooling, ProviderConfig,
-    SchedulerConfig, Task, TextConfig, TrackerConfig, WhenFull,
+    BatchingConfig, CacheConfig, KilnConfig, MemoryConfig, ModelConfig, ModelsConfig, Pooling,
+    ProviderConfig, SchedulerConfig, Task, TextConfig, TrackerConfig, WhenFull,
 };
 pub use device::{Device, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result};

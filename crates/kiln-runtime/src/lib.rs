@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod collate;
+pub mod governor;
 pub mod memory;
 pub mod models;
 pub mod optimizer;
@@ -17,6 +18,7 @@ pub mod stats;
 pub mod worker;
 
 pub use cache::{MokaCache, cache_key};
+pub use governor::{MemoryGovernor, MemoryStats};
 pub use memory::{MemoryProbe, MemorySample, process_rss};
 pub use models::{LoadedModel, ModelKey, ModelManager};
 pub use optimizer::{LAST_HIDDEN_STATE, Optimizer, TaskInput, TaskOutput};

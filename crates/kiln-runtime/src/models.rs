@@ -165,7 +165,7 @@ impl ModelManager {
     }
 
     /// Unloads the least recently used idle model; false if none is idle.
-    async fn unload_lru_idle(&self) -> bool {
+    pub async fn unload_lru_idle(&self) -> bool {
         let entry = {
             let mut entries = self.entries();
             let Some(i) = entries

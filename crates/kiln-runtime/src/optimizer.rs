@@ -11,6 +11,7 @@ use kiln_text::TextPipeline;
 use tokio::sync::Mutex;
 
 use crate::cache::{MokaCache, cache_key};
+use crate::governor::MemoryGovernor;
 use crate::models::ModelManager;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Parts, Stage, Stats};
@@ -40,7 +41,8 @@ const EMBEDDING: &str = "embedding";
 pub struct Optimizer {
     config: KilnConfig,
     provider: Arc<dyn Provider>,
-    models: ModelManager,
+    models: Arc<ModelManager>,
+    governor: Option<MemoryGovernor>,
     policy: BatchPolicy,
     worker: Arc<ModelWorker>,
     text: Option<Arc<TextPipeline>>,
@@ -72,7 +74,7 @@ impl Optimizer {
             queue_capacity: b.queue_capacity,
             when_full: b.when_full,
         };
-        let models = ModelManager::new(config.models.clone());
+        let models = Arc::new(ModelManager::new(config.models.clone()));
         let worker = {
             let _span = profiler.span("load_model");
             models.load(provider.clone(), spec.clone(), policy.clone()).await?
@@ -92,6 +94,10 @@ impl Optimizer {
             Arc::new(NoCache::default())
         };
         let scheduler = Scheduler::new(&config.scheduler);
+        let governor = config
+            .memory
+            .enabled
+            .then(|| MemoryGovernor::start(config.memory.clone(), cache.clone(), models.clone()));
         let config_json = serde_json::to_value(&config).unwrap_or_default();
         // A tracker never fails a run: its error is a warning.
         if let Err(e) = trackers.log_config(&config_json) {
@@ -101,6 +107,7 @@ impl Optimizer {
             config,
             provider,
             models,
+            governor,
             policy,
             worker,
             text,
@@ -329,6 +336,7 @@ impl Optimizer {
             batches: self.worker.batch_stats(),
             queue_depth: self.worker.queue_depth(),
             model: self.model_info().clone(),
+            memory: self.governor.as_ref().map(MemoryGovernor::stats),
         })
     }
 
@@ -348,6 +356,7 @@ impl Optimizer {
             tracing::warn!("tracker failed at shutdown: {e}");
         }
         drop(trackers);
+        drop(self.governor);
         self.models.clear();
         if let Ok(worker) = Arc::try_unwrap(self.worker) {
             worker.shutdown().await;

@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use kiln_core::{CacheStats, Error, ModelInfo};
 use serde::Serialize;
 
+use crate::governor::MemoryStats;
 use crate::worker::BatchStats;
 
 /// A snapshot of what the optimizer has done, serialisable to JSON.
@@ -50,6 +51,8 @@ pub struct Stats {
     pub cache: CacheStats,
     /// The model served.
     pub model: ModelInfo,
+    /// Memory peaks and pressure handling (when the governor runs).
+    pub memory: Option<MemoryStats>,
 }
 
 /// Percentiles of a latency distribution, in milliseconds.
@@ -125,6 +128,7 @@ pub(crate) struct Parts {
     pub batches: BatchStats,
     pub queue_depth: usize,
     pub model: ModelInfo,
+    pub memory: Option<MemoryStats>,
 }
 
 pub(crate) enum Stage {
@@ -160,7 +164,7 @@ impl Counters {
     }
 
     pub fn snapshot(&self, parts: Parts) -> Stats {
-        let Parts { retries, timeouts, started, load, cache, batches, queue_depth, model } = parts;
+        let Parts { retries, timeouts, started, load, cache, batches, queue_depth, model, memory } = parts;
         let secs = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
         Stats {
             requests: self.requests.load(Ordering::Relaxed),
@@ -187,6 +191,7 @@ impl Counters {
             load_seconds: load.as_secs_f64(),
             cache,
             model,
+            memory,
         }
     }
 }

@@ -1,0 +1,107 @@
+//! The memory governor: samples memory on an interval and sheds load under pressure.
+//!
+//! Above `memory.high_watermark` (used fraction of system memory) it clears the result
+//! cache, then unloads idle models, least recently used first, until usage is under
+//! `memory.low_watermark` or nothing idle is left. It records peaks as it goes. GPU
+//! memory (NVML) joins with CUDA support.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_core::{Cache, MemoryConfig};
+use serde::Serialize;
+
+use crate::memory::{MemoryProbe, MemorySample};
+use crate::models::ModelManager;
+
+/// What the governor has seen and done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct MemoryStats {
+    /// Samples taken.
+    pub samples: u64,
+    /// Highest resident memory of this process, bytes.
+    pub peak_rss_bytes: u64,
+    /// Highest system memory in use, bytes.
+    pub peak_system_used_bytes: u64,
+    /// Samples above the high watermark.
+    pub pressure_events: u64,
+    /// Times the result cache was cleared under pressure.
+    pub cache_clears: u64,
+    /// Models unloaded under pressure.
+    pub models_unloaded: u64,
+    /// The latest sample's used fraction of system memory.
+    pub used_fraction: f64,
+}
+
+#[derive(Default)]
+struct Shared {
+    stats: Mutex<MemoryStats>,
+    models_unloaded: AtomicU64,
+}
+
+/// A running governor; stops when dropped.
+pub struct MemoryGovernor {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MemoryGovernor {
+    /// Starts sampling on the current tokio runtime.
+    pub fn start(config: MemoryConfig, cache: Arc<dyn Cache>, models: Arc<ModelManager>) -> Self {
+        let shared = Arc::new(Shared::default());
+        let state = shared.clone();
+        let task = tokio::spawn(async move {
+            let mut probe = MemoryProbe::default();
+            let mut ticks = tokio::time::interval(Duration::from_millis(config.sample_interval_ms));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let sample = probe.sample();
+                let pressured = state.record(&sample, config.high_watermark);
+                if !pressured {
+                    continue;
+                }
+                tracing::warn!(
+                    "memory {:.0}% used, above the high watermark {:.0}%: clearing the result cache",
+                    sample.used_fraction() * 100.0,
+                    config.high_watermark * 100.0
+                );
+                cache.invalidate_all();
+                state.stats.lock().unwrap_or_else(|p| p.into_inner()).cache_clears += 1;
+                while probe.sample().used_fraction() > config.low_watermark && models.unload_lru_idle().await
+                {
+                    state.models_unloaded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        MemoryGovernor { shared, task }
+    }
+
+    /// What it has seen and done so far.
+    pub fn stats(&self) -> MemoryStats {
+        let mut stats = *self.shared.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.models_unloaded = self.shared.models_unloaded.load(Ordering::Relaxed);
+        stats
+    }
+}
+
+impl Shared {
+    /// Records a sample; returns whether it is above the high watermark.
+    fn record(&self, sample: &MemorySample, high: f64) -> bool {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.samples += 1;
+        stats.peak_rss_bytes = stats.peak_rss_bytes.max(sample.process_rss);
+        stats.peak_system_used_bytes = stats.peak_system_used_bytes.max(sample.system.used);
+        stats.used_fraction = sample.used_fraction();
+        let pressured = sample.system.total > 0 && sample.used_fraction() > high;
+        stats.pressure_events += u64::from(pressured);
+        pressured
+    }
+}
+
+impl Drop for MemoryGovernor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
