@@ -499,6 +499,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dropped_caller_cancels_its_queued_item() {
+        let policy = BatchPolicy { max_wait: Duration::from_millis(200), ..BatchPolicy::default() };
+        let w = worker(policy).await;
+        // The caller gives up after 20 ms, while its item waits for company.
+        let (inputs, len) = item(vec![13]); // would panic the model if it ever ran
+        assert!(tokio::time::timeout(Duration::from_millis(20), w.submit(inputs, len)).await.is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(w.batch_stats().batches, 0, "the abandoned item never reached the model");
+        let (inputs, len) = item(vec![1]);
+        assert!(w.submit(inputs, len).await.is_ok());
+    }
+
+    #[tokio::test]
     async fn a_panicking_load_is_an_error_not_a_crash() {
         let err = ModelWorker::start(
             Arc::new(FaultyProvider),
