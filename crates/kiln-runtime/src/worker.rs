@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_core::{Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Provider, Result, WhenFull};
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::collate::{collate, split};
 
@@ -54,7 +54,8 @@ pub struct BatchPolicy {
     pub max_batch_size: usize,
     /// Longest the oldest item waits for company.
     pub max_wait: Duration,
-    /// Queue capacity, in messages.
+    /// Items (and whole batches) waiting or running at most; the bound covers the
+    /// channel, the worker's pending pool and the batch being run.
     pub queue_capacity: usize,
     /// Wait for room, or refuse at once, when the queue is full.
     pub when_full: WhenFull,
@@ -76,11 +77,13 @@ struct Item {
     length: usize,
     enqueued: Instant,
     reply: oneshot::Sender<Result<ItemOutput>>,
+    /// Its place under `queue_capacity`, given back when the item is dropped.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 enum Message {
     Item(Item),
-    Whole { inputs: Inputs, reply: oneshot::Sender<Result<RunOutput>> },
+    Whole { inputs: Inputs, reply: oneshot::Sender<Result<RunOutput>>, _slot: OwnedSemaphorePermit },
 }
 
 /// Batch counters the worker keeps.
@@ -103,6 +106,7 @@ impl BatchStats {
 /// A handle to a model running on its own thread.
 pub struct ModelWorker {
     queue: Option<flume::Sender<Message>>,
+    slots: Arc<Semaphore>,
     thread: Option<JoinHandle<()>>,
     info: ModelInfo,
     policy: BatchPolicy,
@@ -127,7 +131,10 @@ struct Serve {
 impl ModelWorker {
     /// Starts the thread, loads the model there, and returns once it is ready.
     pub async fn start(provider: Arc<dyn Provider>, spec: ModelSpec, policy: BatchPolicy) -> Result<Self> {
-        let (queue, inbox) = flume::bounded::<Message>(policy.queue_capacity.max(1));
+        // Unbounded channel: the bound is the slots, which also count what the worker
+        // has already taken out of the channel.
+        let (queue, inbox) = flume::unbounded::<Message>();
+        let slots = Arc::new(Semaphore::new(policy.queue_capacity.max(1)));
         let (ready, is_ready) = oneshot::channel::<Result<ModelInfo>>();
         let runtime = tokio::runtime::Handle::current();
         let stats = Arc::new(Mutex::new(BatchStats::default()));
@@ -157,7 +164,7 @@ impl ModelWorker {
             .map_err(|e| Error::io("starting a thread for", "the model worker", e))?;
         let info =
             is_ready.await.map_err(|_| Error::Shutdown("the model worker exited while loading".into()))??;
-        Ok(ModelWorker { queue: Some(queue), thread: Some(thread), info, policy, stats })
+        Ok(ModelWorker { queue: Some(queue), slots, thread: Some(thread), info, policy, stats })
     }
 
     /// The loaded model's description.
@@ -165,9 +172,9 @@ impl ModelWorker {
         &self.info
     }
 
-    /// Messages waiting in the queue.
+    /// Items waiting or running.
     pub fn queue_depth(&self) -> usize {
-        self.queue.as_ref().map_or(0, |q| q.len())
+        self.policy.queue_capacity.max(1) - self.slots.available_permits()
     }
 
     /// Batch counters so far.
@@ -175,25 +182,31 @@ impl ModelWorker {
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    async fn send(&self, message: Message) -> Result<()> {
-        let queue =
-            self.queue.as_ref().ok_or_else(|| Error::Shutdown("the model worker is stopped".into()))?;
+    /// A place under `queue_capacity`: waited for, or refused at once, per the policy.
+    async fn slot(&self) -> Result<OwnedSemaphorePermit> {
         let stopped = || Error::Shutdown("the model worker has stopped".into());
         match self.policy.when_full {
-            WhenFull::Wait => queue.send_async(message).await.map_err(|_| stopped()),
-            WhenFull::Reject => queue.try_send(message).map_err(|e| match e {
-                flume::TrySendError::Full(_) => {
+            WhenFull::Wait => self.slots.clone().acquire_owned().await.map_err(|_| stopped()),
+            WhenFull::Reject => self.slots.clone().try_acquire_owned().map_err(|e| match e {
+                tokio::sync::TryAcquireError::NoPermits => {
                     Error::Overloaded { model: self.info.name.clone(), capacity: self.policy.queue_capacity }
                 }
-                flume::TrySendError::Disconnected(_) => stopped(),
+                tokio::sync::TryAcquireError::Closed => stopped(),
             }),
         }
+    }
+
+    fn send(&self, message: Message) -> Result<()> {
+        let queue =
+            self.queue.as_ref().ok_or_else(|| Error::Shutdown("the model worker is stopped".into()))?;
+        queue.send(message).map_err(|_| Error::Shutdown("the model worker has stopped".into()))
     }
 
     /// Runs one whole batch, as given, on the worker thread.
     pub async fn run(&self, inputs: Inputs) -> Result<RunOutput> {
         let (reply, answer) = oneshot::channel();
-        self.send(Message::Whole { inputs, reply }).await?;
+        let slot = self.slot().await?;
+        self.send(Message::Whole { inputs, reply, _slot: slot })?;
         answer.await.map_err(|_| Error::Shutdown("the model worker stopped before answering".into()))?
     }
 
@@ -201,7 +214,14 @@ impl ModelWorker {
     /// other callers' items; returns its own row of the outputs.
     pub async fn submit(&self, inputs: Inputs, length: usize) -> Result<ItemOutput> {
         let (reply, answer) = oneshot::channel();
-        self.send(Message::Item(Item { inputs, length, enqueued: Instant::now(), reply })).await?;
+        let slot = self.slot().await?;
+        self.send(Message::Item(Item {
+            inputs,
+            length,
+            enqueued: Instant::now(),
+            reply,
+            _slot: Some(slot),
+        }))?;
         answer.await.map_err(|_| Error::Shutdown("the model worker stopped before answering".into()))?
     }
 
@@ -264,7 +284,7 @@ impl Serve {
     fn accept(&self, message: Message, pending: &mut Vec<Item>) {
         match message {
             Message::Item(item) => pending.push(item),
-            Message::Whole { inputs, reply } => {
+            Message::Whole { inputs, reply, _slot } => {
                 if reply.is_closed() {
                     return;
                 }
@@ -480,7 +500,7 @@ mod tests {
             .map(|i| {
                 let w = w.clone();
                 tokio::spawn(async move {
-                    let (inputs, len) = item(vec![i]);
+                    let (inputs, len) = item(vec![100 + i]); // clear of the fault-injecting id 13
                     w.submit(inputs, len).await
                 })
             })
@@ -493,7 +513,7 @@ mod tests {
                 Err(e) => panic!("unexpected {e}"),
             }
         }
-        assert!(overloaded > 0, "some callers met the full queue");
+        assert_eq!(overloaded, 19, "one item holds the only slot; every other caller meets the full queue");
         let (inputs, len) = item(vec![1]);
         assert!(w.submit(inputs, len).await.is_ok(), "recovered once the queue drained");
     }
@@ -532,6 +552,7 @@ mod tests {
             length,
             enqueued: Instant::now(),
             reply: oneshot::channel().0,
+            _slot: None,
         };
         let mut pending: Vec<Item> = [50, 3, 48, 4, 51, 5].into_iter().map(mk).collect();
         let batch = take_batch(&mut pending, 3);
