@@ -1,12 +1,11 @@
 //! Every kind of bad input ends with exit code 1, one `error:` line naming what was
 //! wrong and what is accepted, no panic, and no output file.
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
+use support::root;
 
 /// Runs `kiln run examples/embed.toml` with an input of `content` and extra args;
 /// returns stderr after checking the failure is clean.

@@ -1,12 +1,11 @@
 //! `kiln bench` drives the real model and writes the figures it prints as JSON, with a
 //! baseline from `--compare` measured in the same run.
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::process::Command;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
+use support::root;
 
 #[test]
 fn bench_writes_the_documented_json_keys_with_a_baseline() {

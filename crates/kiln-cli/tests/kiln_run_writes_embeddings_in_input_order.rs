@@ -1,32 +1,11 @@
 //! `kiln run` writes one JSON line per input text, in input order, equal to
 //! sentence-transformers' embeddings (cosine ≥ 0.9999), for both input formats.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
+use std::path::Path;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(root()).output().unwrap()
-}
-
-fn reference() -> (Vec<String>, Vec<Vec<f32>>) {
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/minilm_reference.json")).unwrap())
-            .unwrap();
-    (
-        serde_json::from_value(json["texts"].clone()).unwrap(),
-        serde_json::from_value(json["embeddings"].clone()).unwrap(),
-    )
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
-    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
-}
+use support::{cosine, kiln, reference};
 
 fn rows(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()

@@ -1,0 +1,33 @@
+//! Helpers shared by the CLI's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root: the CLI runs from there, as the README's commands do.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Runs the real `kiln` binary from the workspace root.
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(root()).output().unwrap()
+}
+
+/// The sentence-transformers reference: texts and their embeddings.
+pub fn reference() -> (Vec<String>, Vec<Vec<f32>>) {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/minilm_reference.json")).unwrap())
+            .unwrap();
+    (
+        serde_json::from_value(json["texts"].clone()).unwrap(),
+        serde_json::from_value(json["embeddings"].clone()).unwrap(),
+    )
+}
+
+/// Cosine similarity.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
