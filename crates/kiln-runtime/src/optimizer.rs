@@ -385,10 +385,8 @@ pub enum TaskOutput {
     Outputs(Outputs),
 }
 
-/// Turns model outputs into one vector per text: token vectors (`[batch, sequence,
-/// hidden]`) are pooled under `mask` (`[batch, sequence]`, row-major); an output that is
-/// already one vector per text (`[batch, hidden]`) is used as is, normalised if
-/// configured.
+/// One vector per text from the model's outputs: `last_hidden_state`, or the only
+/// output there is, pooled by the text pipeline under `mask`.
 fn embeddings(text: &TextPipeline, outputs: &Outputs, mask: &[i64]) -> Result<Vec<Vec<f32>>> {
     let tensor = match outputs.get(LAST_HIDDEN_STATE) {
         Some(t) => t,
@@ -396,18 +394,5 @@ fn embeddings(text: &TextPipeline, outputs: &Outputs, mask: &[i64]) -> Result<Ve
             Error::InvalidInput("the model returned no outputs; an embedding model must return one".into())
         })?,
     };
-    let values = tensor.to_vec::<f32>()?;
-    let settings = text.settings();
-    match *tensor.shape() {
-        [batch, sequence, hidden] if batch * sequence == mask.len() => {
-            Ok(kiln_text::pool(&values, mask, batch, sequence, hidden, settings))
-        }
-        [batch, hidden] => Ok(kiln_text::pool(&values, &vec![1; batch], batch, 1, hidden, settings)),
-        ref shape => Err(Error::InvalidInput(format!(
-            "model output: expected f32 [batch, sequence, hidden] matching the attention mask ({} tokens) \
-             or [batch, hidden], got {:?}",
-            mask.len(),
-            shape
-        ))),
-    }
+    text.pool(tensor, mask)
 }

@@ -225,21 +225,24 @@ impl TextPipeline {
         Ok(Encoded { inputs, batch, sequence, lengths, mask })
     }
 
-    /// Pools token vectors (`f32 [batch, sequence, hidden]`) into one vector per text,
-    /// then normalises if the settings say so.
-    pub fn pool(&self, hidden: &Tensor, encoded: &Encoded) -> Result<Vec<Vec<f32>>> {
-        let shape = hidden.shape();
-        if shape.len() != 3 || shape[0] != encoded.batch || shape[1] != encoded.sequence {
-            return Err(Error::InvalidInput(format!(
-                "token vectors: expected f32 [{}, {}, hidden], got {} {:?}",
-                encoded.batch,
-                encoded.sequence,
-                hidden.dtype(),
+    /// One vector per text from a model output: token vectors (f32 `[batch, sequence,
+    /// hidden]`) are pooled under `mask` (`[batch, sequence]`, row-major, 1 = real
+    /// token); an output that is already one vector per text (`[batch, hidden]`) is used
+    /// as is. Either way the result is normalised if the settings say so.
+    pub fn pool(&self, output: &Tensor, mask: &[i64]) -> Result<Vec<Vec<f32>>> {
+        let values = output.to_vec::<f32>()?;
+        match *output.shape() {
+            [batch, sequence, hidden] if batch * sequence == mask.len() => {
+                Ok(pool(&values, mask, batch, sequence, hidden, &self.settings))
+            }
+            [batch, hidden] => Ok(pool(&values, &vec![1; batch], batch, 1, hidden, &self.settings)),
+            ref shape => Err(Error::InvalidInput(format!(
+                "model output: expected f32 [batch, sequence, hidden] matching the attention mask ({} tokens) \
+                 or [batch, hidden], got {:?}",
+                mask.len(),
                 shape
-            )));
+            ))),
         }
-        let values = hidden.to_vec::<f32>()?;
-        Ok(pool(&values, &encoded.mask, shape[0], shape[1], shape[2], &self.settings))
     }
 }
 
@@ -328,6 +331,21 @@ mod tests {
         assert!((norm - 1.0).abs() < 1e-6);
         let zeros = pool(&[0.0; 4], &[0, 0], 1, 2, 2, &settings(Pooling::Mean, true));
         assert_eq!(zeros, vec![vec![0.0, 0.0]]);
+    }
+
+    #[test]
+    fn pipeline_pools_token_vectors_and_passes_pooled_outputs_through() {
+        let tokenizer = Tokenizer::new(tokenizers::models::wordpiece::WordPiece::default());
+        let text = TextPipeline::new(tokenizer, settings(Pooling::Mean, false)).unwrap();
+        let tokens = Tensor::from_vec(vec![2, 3, 2], VALUES.to_vec()).unwrap();
+        assert_eq!(text.pool(&tokens, &MASK).unwrap(), vec![vec![3.0, 4.0], vec![5.0, 5.0]]);
+        let pooled = Tensor::from_vec(vec![2, 2], vec![1f32, 2., 3., 4.]).unwrap();
+        assert_eq!(text.pool(&pooled, &MASK).unwrap(), vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
+        let err = text.pool(&tokens, &MASK[..4]).unwrap_err().to_string();
+        assert!(
+            err.contains("matching the attention mask (4 tokens) or [batch, hidden], got [2, 3, 2]"),
+            "{err}"
+        );
     }
 
     #[test]
