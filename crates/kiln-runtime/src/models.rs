@@ -180,9 +180,7 @@ impl ModelManager {
             entries.remove(i)
         };
         tracing::info!("unloading idle model {}", entry.key);
-        if let Ok(worker) = Arc::try_unwrap(entry.worker) {
-            worker.shutdown().await;
-        }
+        ModelWorker::release(entry.worker).await;
         true
     }
 
@@ -195,9 +193,7 @@ impl ModelManager {
                 None => return false,
             }
         };
-        if let Ok(worker) = Arc::try_unwrap(entry.worker) {
-            worker.shutdown().await;
-        }
+        ModelWorker::release(entry.worker).await;
         true
     }
 

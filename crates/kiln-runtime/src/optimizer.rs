@@ -358,9 +358,7 @@ impl Optimizer {
         drop(trackers);
         drop(self.governor);
         self.models.clear();
-        if let Ok(worker) = Arc::try_unwrap(self.worker) {
-            worker.shutdown().await;
-        }
+        ModelWorker::release(self.worker).await;
         Ok(stats)
     }
 }

@@ -225,6 +225,14 @@ impl ModelWorker {
         answer.await.map_err(|_| Error::Shutdown("the model worker stopped before answering".into()))?
     }
 
+    /// Lets go of a shared worker: if this was the last handle, shuts it down and waits
+    /// for its thread; otherwise the last holder's drop ends it later.
+    pub async fn release(worker: Arc<ModelWorker>) {
+        if let Ok(worker) = Arc::try_unwrap(worker) {
+            worker.shutdown().await;
+        }
+    }
+
     /// Stops taking work, lets queued work finish, and waits for the thread to end.
     pub async fn shutdown(mut self) {
         self.queue.take();
