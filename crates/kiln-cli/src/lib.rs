@@ -167,7 +167,7 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
     let report = bench::run_once(config, &options, Vec::new()).await?;
     bench::print("kiln", &report);
     let ratio = baseline.as_ref().map(|b| report.throughput_rps / b.throughput_rps.max(1e-9));
-    if let (Some(ratio), Some(_)) = (ratio, &baseline) {
+    if let Some(ratio) = ratio {
         println!("throughput ratio kiln / baseline ({}): {ratio:.2}", args.compare.join(", "));
     }
     if let Some(path) = &args.json {

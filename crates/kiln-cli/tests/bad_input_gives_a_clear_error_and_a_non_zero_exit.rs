@@ -5,7 +5,7 @@ mod support;
 
 use std::process::Command;
 
-use support::root;
+use support::{kiln, root};
 
 /// Runs `kiln run examples/embed.toml` with an input of `content` and extra args;
 /// returns stderr after checking the failure is clean.
@@ -81,11 +81,7 @@ fn invalid_config_values_name_key_value_and_expectation() {
 
 #[test]
 fn missing_config_file() {
-    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["run", "nope.toml", "-i", "x", "-o", "y"])
-        .current_dir(root())
-        .output()
-        .unwrap();
+    let run = kiln(&["run", "nope.toml", "-i", "x", "-o", "y"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(1));
     assert!(stderr.contains("reading config nope.toml: no such file"), "{stderr}");

@@ -3,31 +3,30 @@
 
 mod support;
 
-use std::process::Command;
-
-use support::root;
+use support::kiln;
 
 #[test]
 fn bench_writes_the_documented_json_keys_with_a_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "bench",
-            "examples/embed.toml",
-            "--requests",
-            "40",
-            "--concurrency",
-            "8",
-            "--unique-ratio",
-            "0.5",
-        ])
-        .args(["--words", "3-8", "--compare", "batching.enabled=false", "--set", "batching.max_wait_ms=20"])
-        .arg("--json")
-        .arg(&json)
-        .current_dir(root())
-        .output()
-        .unwrap();
+    let run = kiln(&[
+        "bench",
+        "examples/embed.toml",
+        "--requests",
+        "40",
+        "--concurrency",
+        "8",
+        "--unique-ratio",
+        "0.5",
+        "--words",
+        "3-8",
+        "--compare",
+        "batching.enabled=false",
+        "--set",
+        "batching.max_wait_ms=20",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(stdout.contains("throughput ratio kiln / baseline (batching.enabled=false)"), "{stdout}");
@@ -51,11 +50,7 @@ fn bench_writes_the_documented_json_keys_with_a_baseline() {
 
 #[test]
 fn bench_refuses_bad_arguments_clearly() {
-    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["bench", "examples/embed.toml", "--requests", "5", "--unique-ratio", "1.5"])
-        .current_dir(root())
-        .output()
-        .unwrap();
+    let run = kiln(&["bench", "examples/embed.toml", "--requests", "5", "--unique-ratio", "1.5"]);
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--unique-ratio must be in (0, 1], got 1.5"));
 }
