@@ -19,11 +19,15 @@ pub use kiln_core::*;
 pub use kiln_runtime as runtime;
 pub use kiln_runtime::{Optimizer, Stats};
 pub use kiln_text as text;
+pub use kiln_trackers as trackers;
 
 // A crate that only registers plugins is dropped by the linker unless something names
 // it; these lines keep each enabled provider's registration in the binary.
 #[cfg(feature = "candle")]
 use kiln_provider_candle as _;
+
+/// Kinds of the trackers built into kiln (custom ones register the same way).
+pub const BUILTIN_TRACKERS: &[&str] = kiln_trackers::KINDS;
 
 /// Names of the providers whose cargo features are on in this build.
 pub const ENABLED_PROVIDERS: &[&str] = &[

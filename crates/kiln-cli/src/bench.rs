@@ -29,6 +29,8 @@ pub struct BenchOptions {
     pub words: (usize, usize),
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Where the measured run's profile and trace go.
+    pub profiler: crate::ProfilerOutputs,
 }
 
 /// The figures of one run.
@@ -190,6 +192,7 @@ pub async fn run_once(
     let after = optimizer.stats();
     let optimizer =
         Arc::try_unwrap(optimizer).map_err(|_| anyhow::anyhow!("bench callers still hold the optimizer"))?;
+    crate::write_profiler_outputs(&optimizer, &options.profiler)?;
     optimizer.shutdown().await?;
 
     let p = latency.percentiles();

@@ -5,7 +5,7 @@ pub mod bench;
 pub mod input;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -78,6 +78,47 @@ pub struct RunArgs {
     /// How to read the input.
     #[arg(long, value_enum, default_value_t = InputFormat::Auto)]
     pub format: InputFormat,
+    /// Profiler outputs.
+    #[command(flatten)]
+    pub profiler: ProfilerOutputs,
+}
+
+/// `--profile` and `--trace`: the profiler's report and Chrome trace.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProfilerOutputs {
+    /// Write the profiler's report (spans: count, total, mean, p50/p95/p99, max; peak
+    /// RSS and GPU memory; mean CPU%) as JSON to this file. Turns the profiler on.
+    #[arg(long, value_name = "FILE.json")]
+    pub profile: Option<PathBuf>,
+    /// Write a Chrome trace (every span, and resource samples as counters) to this
+    /// file; open it in https://ui.perfetto.dev or chrome://tracing. Turns tracing on.
+    #[arg(long, value_name = "FILE.json")]
+    pub trace: Option<PathBuf>,
+}
+
+impl ProfilerOutputs {
+    /// Turns on in `config` what the requested outputs need.
+    pub fn apply(&self, config: &mut KilnConfig) {
+        if self.profile.is_some() || self.trace.is_some() {
+            config.profiler.enabled = true;
+        }
+        if self.trace.is_some() {
+            config.profiler.trace = true;
+        }
+    }
+}
+
+/// Writes the outputs `outputs` asks for from the optimizer's profiler.
+pub fn write_profiler_outputs(optimizer: &Optimizer, outputs: &ProfilerOutputs) -> Result<()> {
+    if let Some(path) = &outputs.profile {
+        optimizer.write_profile(path)?;
+        eprintln!("kiln: profile written to {}", path.display());
+    }
+    if let Some(path) = &outputs.trace {
+        optimizer.write_trace(path)?;
+        eprintln!("kiln: trace written to {} (open in https://ui.perfetto.dev)", path.display());
+    }
+    Ok(())
 }
 
 /// An error and its causes on one line, each cause once: kiln's messages often
@@ -121,6 +162,9 @@ pub struct BenchArgs {
     /// Write the figures as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Profiler outputs of the measured run (not the baseline).
+    #[command(flatten)]
+    pub profiler: ProfilerOutputs,
 }
 
 /// Runs a parsed command line.
@@ -153,14 +197,18 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
         unique_ratio: args.unique_ratio,
         words: args.words,
         progress: true,
+        profiler: args.profiler.clone(),
     };
-    let config = args.source.load()?;
+    let mut config = args.source.load()?;
+    args.profiler.apply(&mut config);
     let baseline = if args.compare.is_empty() {
         None
     } else {
         let sets: Vec<String> = args.source.sets.iter().chain(&args.compare).cloned().collect();
         let config = KilnConfig::load(args.source.config.as_deref(), &sets)?;
-        let report = bench::run_once(config, &options, args.compare.clone()).await?;
+        let baseline_options =
+            bench::BenchOptions { profiler: ProfilerOutputs::default(), ..options.clone() };
+        let report = bench::run_once(config, &baseline_options, args.compare.clone()).await?;
         bench::print("baseline", &report);
         Some(report)
     };
@@ -183,9 +231,10 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
 }
 
 async fn run_task(args: RunArgs) -> Result<()> {
-    let config = args.source.load()?;
+    let mut config = args.source.load()?;
+    args.profiler.apply(&mut config);
     match config.task {
-        Task::Embed => embed_file(config, &args.input, &args.output, args.format).await,
+        Task::Embed => embed_file(config, &args, &args.profiler).await,
     }
 }
 
@@ -199,8 +248,9 @@ struct EmbeddingRow<'a> {
 /// Texts per call to the optimizer, so a large input does not sit in memory as vectors.
 const CHUNK: usize = 1024;
 
-async fn embed_file(config: KilnConfig, input: &Path, output: &Path, format: InputFormat) -> Result<()> {
-    let records = read_texts(input, format)?;
+async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutputs) -> Result<()> {
+    let (input, output) = (args.input.as_path(), args.output.as_path());
+    let records = read_texts(input, args.format)?;
     let optimizer = Optimizer::from_config(config).await?;
     let started = Instant::now();
     let mut partial = output.as_os_str().to_owned();
@@ -227,8 +277,10 @@ async fn embed_file(config: KilnConfig, input: &Path, output: &Path, format: Inp
         let _ = std::fs::remove_file(&partial);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let written = write_profiler_outputs(&optimizer, outputs);
     let stats = optimizer.shutdown().await?;
     result?;
+    written?;
     let info = &stats.model;
     eprintln!(
         "kiln: embedded {} texts in {:.2} s ({:.1} texts/s) with {} on {} ({}); model loaded in {:.2} s",

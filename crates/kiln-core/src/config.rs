@@ -49,6 +49,10 @@ pub struct KilnConfig {
     pub scheduler: SchedulerConfig,
     /// The result cache.
     pub cache: CacheConfig,
+    /// Spans and resource sampling.
+    pub profiler: ProfilerConfig,
+    /// How often metrics go to the trackers, and where their files go.
+    pub tracking: TrackingConfig,
     /// Where metrics go; several at once.
     pub trackers: Vec<TrackerConfig>,
 }
@@ -65,6 +69,8 @@ impl Default for KilnConfig {
             memory: MemoryConfig::default(),
             scheduler: SchedulerConfig::default(),
             cache: CacheConfig::default(),
+            profiler: ProfilerConfig::default(),
+            tracking: TrackingConfig::default(),
             trackers: Vec::new(),
         }
     }
@@ -281,6 +287,46 @@ impl Default for CacheConfig {
     }
 }
 
+/// `[profiler]`: timed spans around every stage and a background resource sampler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfilerConfig {
+    /// Record spans and samples (cheap enough to leave on).
+    pub enabled: bool,
+    /// Milliseconds between resource samples (RSS, system memory, CPU%, GPUs).
+    pub sample_interval_ms: u64,
+    /// Keep every span and sample for a Chrome trace (`kiln run --trace` turns it on).
+    pub trace: bool,
+    /// Trace events kept at most; later ones are counted as dropped.
+    pub max_trace_events: usize,
+}
+
+impl Default for ProfilerConfig {
+    fn default() -> Self {
+        ProfilerConfig { enabled: true, sample_interval_ms: 500, trace: false, max_trace_events: 1_000_000 }
+    }
+}
+
+/// `[tracking]`: the interval of metrics sent to the trackers and their common folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// Milliseconds between metric steps.
+    pub interval_ms: u64,
+    /// Folder that relative tracker paths (`path`, `logdir`, `dir`) are resolved
+    /// against; relative itself to the working directory.
+    pub dir: PathBuf,
+    /// Name of the run (default: `kiln-` and the start time, UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_name: Option<String>,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig { interval_ms: 5000, dir: "runs".into(), run_name: None }
+    }
+}
+
 /// `[[trackers]]`: one tracker by kind, with its own keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrackerConfig {
@@ -377,6 +423,17 @@ impl KilnConfig {
         if let Some(n) = self.text.max_length {
             check_range(&mut issues, "text.max_length", n, 1, 65_536);
         }
+        let p = &self.profiler;
+        check_range(&mut issues, "profiler.sample_interval_ms", p.sample_interval_ms as usize, 10, 3_600_000);
+        check_range(&mut issues, "profiler.max_trace_events", p.max_trace_events, 1, 100_000_000);
+        check_range(&mut issues, "tracking.interval_ms", self.tracking.interval_ms as usize, 10, 86_400_000);
+        if self.tracking.run_name.as_ref().is_some_and(|n| !valid_run_name(n)) {
+            issues.push(ConfigIssue::new(
+                "tracking.run_name",
+                format!("{:?}", self.tracking.run_name.as_deref().unwrap_or_default()),
+                "a name of letters, digits, '-', '_' and '.', not starting with '.'",
+            ));
+        }
         for (i, t) in self.trackers.iter().enumerate() {
             if t.kind.trim().is_empty() {
                 issues.push(ConfigIssue::new(
@@ -394,6 +451,13 @@ impl KilnConfig {
         toml::to_string_pretty(self)
             .map_err(|e| Error::InvalidInput(format!("config cannot be written as TOML: {e}")))
     }
+}
+
+/// Run names become folder names; keep them portable.
+fn valid_run_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn check_range(issues: &mut Vec<ConfigIssue>, key: &str, value: usize, min: usize, max: usize) {
@@ -425,6 +489,8 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         "memory",
         "scheduler",
         "cache",
+        "profiler",
+        "tracking",
         "trackers",
     ];
     if let Ok(top) = figment.data() {
@@ -448,6 +514,8 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         memory: section(figment, "memory", &mut issues).unwrap_or_default(),
         scheduler: section(figment, "scheduler", &mut issues).unwrap_or_default(),
         cache: section(figment, "cache", &mut issues).unwrap_or_default(),
+        profiler: section(figment, "profiler", &mut issues).unwrap_or_default(),
+        tracking: section(figment, "tracking", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),
     };
     if issues.is_empty() {

@@ -23,17 +23,20 @@ pub use async_trait::async_trait;
 pub use cache::{Cache, CacheKey, CacheStats, NoCache};
 pub use config::{
     BatchingConfig, CacheConfig, KilnConfig, MemoryConfig, ModelConfig, ModelsConfig, Pooling,
-    ProviderConfig, SchedulerConfig, Task, TextConfig, TrackerConfig, WhenFull,
+    ProfilerConfig, ProviderConfig, SchedulerConfig, Task, TextConfig, TrackerConfig, TrackingConfig,
+    WhenFull,
 };
 pub use device::{Device, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result};
-pub use profiler::{NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
+pub use profiler::{GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{
     Capabilities, Model, ModelInfo, ModelSpec, Provider, ProviderRegistration, build_provider, providers,
 };
 pub use registry::{Registration, Registry};
 pub use tensor::{DType, Dim, Element, Inputs, NamedTensors, Outputs, Tensor, TensorSpec};
-pub use tracker::{Metrics, Tracker, TrackerRegistration, build_trackers, trackers};
+pub use tracker::{
+    Metrics, Tracker, TrackerRegistration, TrackerSetup, build_trackers, trackers, utc_datetime,
+};
 
 #[doc(hidden)]
 pub mod __private {

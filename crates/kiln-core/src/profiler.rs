@@ -49,6 +49,12 @@ pub trait Profiler: Send + Sync + 'static {
     fn report(&self) -> ProfileReport {
         ProfileReport::default()
     }
+
+    /// Writes the spans and samples kept so far as Chrome trace-event JSON (loads in
+    /// Perfetto and chrome://tracing). `Ok(false)`: this profiler keeps no trace.
+    fn write_trace(&self, _out: &mut dyn std::io::Write) -> crate::Result<bool> {
+        Ok(false)
+    }
 }
 
 impl dyn Profiler {
@@ -101,13 +107,98 @@ pub struct SpanStats {
 
 /// What a profiler reports.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ProfileReport {
+    /// Seconds covered, from the profiler's start to the report.
+    pub duration_s: f64,
     /// Statistics per span name.
     pub spans: BTreeMap<String, SpanStats>,
+    /// Resource samples taken.
+    pub samples: u64,
     /// Highest process resident memory seen, in bytes.
     pub peak_rss_bytes: Option<u64>,
-    /// Highest GPU memory in use seen, in bytes.
-    pub peak_gpu_memory_bytes: Option<u64>,
-    /// Mean process CPU use, in percent of one core.
+    /// Highest system memory in use seen, in bytes.
+    pub peak_system_memory_used_bytes: Option<u64>,
+    /// System memory, in bytes.
+    pub system_memory_total_bytes: Option<u64>,
+    /// Mean process CPU use, in percent of one core (200 = two cores busy).
     pub mean_cpu_percent: Option<f64>,
+    /// Highest GPU memory in use seen, in bytes, summed over GPUs.
+    pub peak_gpu_memory_bytes: Option<u64>,
+    /// Per NVIDIA GPU; empty without a driver.
+    pub gpus: Vec<GpuReport>,
+    /// Trace events not kept because `profiler.max_trace_events` was reached.
+    pub trace_events_dropped: u64,
+}
+
+/// What the sampler saw of one GPU.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuReport {
+    /// NVML index.
+    pub index: u32,
+    /// Product name.
+    pub name: String,
+    /// Memory on the device, in bytes.
+    pub memory_total_bytes: u64,
+    /// Highest memory in use seen (by all processes), in bytes.
+    pub peak_memory_used_bytes: u64,
+    /// Mean utilisation, percent.
+    pub mean_utilization_percent: Option<f64>,
+    /// Highest temperature, degrees Celsius.
+    pub max_temperature_c: Option<u32>,
+    /// Mean power draw, watts.
+    pub mean_power_w: Option<f64>,
+    /// Samples taken of this GPU.
+    pub samples: u64,
+}
+
+impl ProfileReport {
+    /// The report as a Markdown table per span plus a line of resource peaks, as the
+    /// stdout and TensorBoard trackers show it.
+    pub fn to_markdown(&self) -> String {
+        use std::fmt::Write;
+        let mut out =
+            String::from("| span | count | total ms | mean ms | p50 ms | p95 ms | p99 ms | max ms |\n");
+        out.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+        for (name, s) in &self.spans {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                s.count, s.total_ms, s.mean_ms, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms
+            );
+        }
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let _ = write!(out, "\n{:.1} s, {} samples", self.duration_s, self.samples);
+        if let Some(b) = self.peak_rss_bytes {
+            let _ = write!(out, "; peak RSS {:.1} MiB", mib(b));
+        }
+        if let Some(c) = self.mean_cpu_percent {
+            let _ = write!(out, "; mean CPU {c:.0}%");
+        }
+        if let Some(b) = self.peak_gpu_memory_bytes {
+            let _ = write!(out, "; peak GPU memory {:.1} MiB", mib(b));
+        }
+        for g in &self.gpus {
+            let _ = write!(
+                out,
+                "\n\nGPU {} ({}): peak {:.0} of {:.0} MiB",
+                g.index,
+                g.name,
+                mib(g.peak_memory_used_bytes),
+                mib(g.memory_total_bytes)
+            );
+            if let Some(u) = g.mean_utilization_percent {
+                let _ = write!(out, ", mean utilisation {u:.0}%");
+            }
+            if let Some(t) = g.max_temperature_c {
+                let _ = write!(out, ", max {t} °C");
+            }
+            if let Some(p) = g.mean_power_w {
+                let _ = write!(out, ", mean {p:.0} W");
+            }
+        }
+        out.push('\n');
+        out
+    }
 }

@@ -13,9 +13,14 @@
 //! of them, and one failing member does not stop the others.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::TrackerConfig;
-use crate::error::Result;
+use serde::de::DeserializeOwned;
+
+use crate::config::{TrackerConfig, TrackingConfig};
+use crate::error::{ConfigIssue, Error, Result};
+use crate::profiler::ProfileReport;
 use crate::registry::{Registration, Registry};
 
 /// Named scalar metrics at one step.
@@ -54,6 +59,10 @@ pub trait Tracker: Send + 'static {
     fn log_summary(&mut self, _summary: &Metrics) -> Result<()> {
         Ok(())
     }
+    /// The profiler's report (spans, peaks, samples), once at the end when profiling is on.
+    fn log_profile(&mut self, _report: &ProfileReport) -> Result<()> {
+        Ok(())
+    }
     /// Writes out anything buffered.
     fn flush(&mut self) -> Result<()> {
         Ok(())
@@ -74,6 +83,9 @@ impl<T: Tracker + ?Sized> Tracker for Box<T> {
     fn log_summary(&mut self, summary: &Metrics) -> Result<()> {
         (**self).log_summary(summary)
     }
+    fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
+        (**self).log_profile(report)
+    }
     fn flush(&mut self) -> Result<()> {
         (**self).flush()
     }
@@ -91,6 +103,9 @@ impl<T: Tracker> Tracker for Option<T> {
     }
     fn log_summary(&mut self, summary: &Metrics) -> Result<()> {
         self.as_mut().map_or(Ok(()), |t| t.log_summary(summary))
+    }
+    fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
+        self.as_mut().map_or(Ok(()), |t| t.log_profile(report))
     }
     fn flush(&mut self) -> Result<()> {
         self.as_mut().map_or(Ok(()), |t| t.flush())
@@ -122,6 +137,9 @@ impl<T: Tracker> Tracker for Vec<T> {
     fn log_summary(&mut self, summary: &Metrics) -> Result<()> {
         fan_out(self, |t| t.log_summary(summary))
     }
+    fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
+        fan_out(self, |t| t.log_profile(report))
+    }
     fn flush(&mut self) -> Result<()> {
         fan_out(self, |t| t.flush())
     }
@@ -137,8 +155,10 @@ pub struct TrackerRegistration {
     pub kind: &'static str,
     /// One line for listings.
     pub description: &'static str,
-    /// Builds the tracker from its config entry.
-    pub build: fn(&TrackerConfig) -> Result<Box<dyn Tracker>>,
+    /// Builds the tracker from its config entry. Builders read options only and
+    /// touch no files: I/O happens on first write, where a failure is the runtime's
+    /// warning, not a failed start.
+    pub build: fn(&TrackerSetup) -> Result<Box<dyn Tracker>>,
 }
 
 impl TrackerRegistration {
@@ -146,7 +166,7 @@ impl TrackerRegistration {
     pub const fn new(
         kind: &'static str,
         description: &'static str,
-        build: fn(&TrackerConfig) -> Result<Box<dyn Tracker>>,
+        build: fn(&TrackerSetup) -> Result<Box<dyn Tracker>>,
     ) -> Self {
         TrackerRegistration { kind, description, build }
     }
@@ -169,28 +189,95 @@ pub fn trackers() -> Result<Registry<TrackerRegistration>> {
     Registry::collect(inventory::iter::<TrackerRegistration>)
 }
 
-/// Builds the trackers a config lists, as one fan-out tracker.
-pub fn build_trackers(configs: &[TrackerConfig]) -> Result<Vec<Box<dyn Tracker>>> {
+/// What a tracker's constructor gets: its `[[trackers]]` entry, where it sits in the
+/// list, the run's name and the folder relative paths resolve against.
+#[derive(Debug, Clone)]
+pub struct TrackerSetup {
+    /// Position in the `[[trackers]]` list, for error messages.
+    pub index: usize,
+    /// The entry: kind and the tracker's own keys.
+    pub config: TrackerConfig,
+    /// `tracking.dir`.
+    pub dir: PathBuf,
+    /// `tracking.run_name`, or `kiln-YYYYMMDD-HHMMSS` (UTC) of the start.
+    pub run_name: String,
+}
+
+impl TrackerSetup {
+    /// The entry's keys (other than `kind`) as the tracker's own options type; use
+    /// `#[serde(deny_unknown_fields)]` so a misspelt key is an error naming the entry.
+    pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(serde_json::Value::Object(self.config.options.clone())).map_err(|e| {
+            Error::Config(vec![ConfigIssue::new(
+                format!("trackers[{}]", self.index),
+                e.to_string(),
+                format!("the keys tracker `{}` accepts (see docs/config.md)", self.config.kind),
+            )])
+        })
+    }
+
+    /// `path` if absolute, else `path` inside `tracking.dir`.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+        self.dir.join(path)
+    }
+}
+
+/// Builds the trackers a config lists, as one fan-out tracker. An unknown kind is an
+/// error listing the known ones.
+pub fn build_trackers(configs: &[TrackerConfig], tracking: &TrackingConfig) -> Result<Vec<Box<dyn Tracker>>> {
     let registry = trackers()?;
-    configs.iter().map(|c| (registry.get(&c.kind)?.build)(c)).collect()
+    let run_name = tracking.run_name.clone().unwrap_or_else(|| {
+        let (y, mo, d, h, mi, s) = utc_datetime(SystemTime::now());
+        format!("kiln-{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
+    });
+    configs
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let setup = TrackerSetup {
+                index,
+                config: c.clone(),
+                dir: tracking.dir.clone(),
+                run_name: run_name.clone(),
+            };
+            (registry.get(&c.kind)?.build)(&setup)
+        })
+        .collect()
+}
+
+/// `(year, month, day, hour, minute, second)` of a time, in UTC.
+pub fn utc_datetime(time: SystemTime) -> (i64, u32, u32, u32, u32, u32) {
+    let secs = time.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to civil date (Howard Hinnant's algorithm), proleptic Gregorian.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day, (rem / 3600) as u32, (rem % 3600 / 60) as u32, (rem % 60) as u32)
 }
 
 /// Registers a tracker kind: one line in the crate that defines it.
 ///
 /// ```
-/// use kiln_core::{Result, Tracker, TrackerConfig};
+/// use kiln_core::{Result, Tracker, TrackerConfig, TrackerSetup, TrackingConfig};
 ///
 /// struct Quiet;
 /// impl Tracker for Quiet {}
 ///
-/// fn build(_config: &TrackerConfig) -> Result<Box<dyn Tracker>> {
+/// fn build(_setup: &TrackerSetup) -> Result<Box<dyn Tracker>> {
 ///     Ok(Box::new(Quiet))
 /// }
 ///
 /// kiln_core::register_tracker!("quiet", "logs nothing", build);
 ///
 /// let config = TrackerConfig { kind: "quiet".into(), options: Default::default() };
-/// let trackers = kiln_core::build_trackers(&[config])?;
+/// let trackers = kiln_core::build_trackers(&[config], &TrackingConfig::default())?;
 /// assert_eq!(trackers.len(), 1);
 /// # Ok::<(), kiln_core::Error>(())
 /// ```
@@ -233,6 +320,14 @@ mod tests {
         let mut set: Vec<Box<dyn Tracker>> = vec![Box::new(Count::default()), Box::new(None::<Count>)];
         set.log_metrics(0, &Metrics::new()).unwrap();
         set.finish().unwrap();
+    }
+
+    #[test]
+    fn utc_dates_of_known_instants() {
+        let at = |s: u64| utc_datetime(UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(0), (1970, 1, 1, 0, 0, 0));
+        assert_eq!(at(951_782_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(at(1_795_305_601), (2026, 11, 22, 0, 0, 1));
     }
 
     #[test]

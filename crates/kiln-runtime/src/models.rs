@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kiln_core::{DType, Device, Error, ModelSpec, ModelsConfig, Provider, Result};
+use kiln_core::{DType, Device, Error, ModelSpec, ModelsConfig, NoopProfiler, Profiler, Provider, Result};
 use serde::Serialize;
 
 use crate::memory::MemoryProbe;
@@ -66,6 +66,7 @@ pub struct ModelManager {
     probe: Mutex<MemoryProbe>,
     /// One load at a time, so each admission sees the memory the previous one took.
     loading: tokio::sync::Mutex<()>,
+    profiler: Arc<dyn Profiler>,
 }
 
 impl ModelManager {
@@ -76,7 +77,14 @@ impl ModelManager {
             entries: Mutex::new(Vec::new()),
             probe: Mutex::new(MemoryProbe::default()),
             loading: tokio::sync::Mutex::new(()),
+            profiler: Arc::new(NoopProfiler),
         }
+    }
+
+    /// Workers started from now on record their spans into `profiler`.
+    pub fn with_profiler(mut self, profiler: Arc<dyn Profiler>) -> Self {
+        self.profiler = profiler;
+        self
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
@@ -154,7 +162,8 @@ impl ModelManager {
                 _ => break,
             }
         }
-        let worker = Arc::new(ModelWorker::start(provider, spec, policy).await?);
+        let worker =
+            Arc::new(ModelWorker::start_profiled(provider, spec, policy, self.profiler.clone()).await?);
         self.entries().push(Entry {
             key,
             worker: worker.clone(),

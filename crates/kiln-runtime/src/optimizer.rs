@@ -1,20 +1,24 @@
 //! The [`Optimizer`]: builds the stack a config names and serves requests through it.
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use kiln_core::{
     Cache, CacheKey, Error, Inputs, KilnConfig, Metrics, ModelInfo, ModelSpec, NamedTensors, NoCache,
-    NoopProfiler, Outputs, Profiler, Provider, Result, Task, Tensor, Tracker, build_provider, build_trackers,
+    NoopProfiler, Outputs, ProfileReport, Profiler, Provider, Result, Task, Tensor, build_provider,
+    build_trackers,
 };
 use kiln_text::TextPipeline;
-use tokio::sync::Mutex;
 
 use crate::cache::{MokaCache, cache_key};
 use crate::governor::MemoryGovernor;
+use crate::memory::MemoryProbe;
 use crate::models::ModelManager;
+use crate::profiler::SamplingProfiler;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Parts, Stage, Stats};
+use crate::tracking::{TrackerFailures, TrackerHub};
 use crate::worker::{BatchPolicy, ModelWorker};
 
 /// Name of the token-vector output text models are expected to produce.
@@ -42,17 +46,18 @@ pub struct Optimizer {
     config: KilnConfig,
     provider: Arc<dyn Provider>,
     models: Arc<ModelManager>,
-    governor: Option<MemoryGovernor>,
+    governor: Option<Arc<MemoryGovernor>>,
     policy: BatchPolicy,
     worker: Arc<ModelWorker>,
     text: Option<Arc<TextPipeline>>,
     /// Model identity and text settings: the prefix of every cache key.
     identity: String,
     cache: Arc<dyn Cache>,
-    scheduler: Scheduler,
+    scheduler: Arc<Scheduler>,
     profiler: Arc<dyn Profiler>,
-    trackers: Mutex<Vec<Box<dyn Tracker>>>,
-    counters: Counters,
+    trackers: Option<TrackerHub>,
+    tracker_failures: TrackerFailures,
+    counters: Arc<Counters>,
     started: Instant,
     load_time: Duration,
 }
@@ -64,9 +69,14 @@ impl Optimizer {
         config.validate()?;
         let started = Instant::now();
         let provider = build_provider(&config.provider)?;
-        let mut trackers = build_trackers(&config.trackers)?;
+        // Built before the model loads, so a tracker's config error fails fast.
+        let trackers = build_trackers(&config.trackers, &config.tracking)?;
         let spec = ModelSpec::new(&config.model.path, config.model.device, config.model.dtype);
-        let profiler: Arc<dyn Profiler> = Arc::new(NoopProfiler);
+        let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
+            SamplingProfiler::start(config.profiler.clone())
+        } else {
+            Arc::new(NoopProfiler)
+        };
         let b = &config.batching;
         let policy = BatchPolicy {
             max_batch_size: b.max_batch_size,
@@ -74,11 +84,8 @@ impl Optimizer {
             queue_capacity: b.queue_capacity,
             when_full: b.when_full,
         };
-        let models = Arc::new(ModelManager::new(config.models.clone()));
-        let worker = {
-            let _span = profiler.span("load_model");
-            models.load(provider.clone(), spec.clone(), policy.clone()).await?
-        };
+        let models = Arc::new(ModelManager::new(config.models.clone()).with_profiler(profiler.clone()));
+        let worker = models.load(provider.clone(), spec.clone(), policy.clone()).await?;
         let load_time = started.elapsed();
         let text = match config.task {
             Task::Embed => Some(Arc::new(TextPipeline::from_model_dir(
@@ -93,16 +100,37 @@ impl Optimizer {
         } else {
             Arc::new(NoCache::default())
         };
-        let scheduler = Scheduler::new(&config.scheduler);
+        let scheduler = Arc::new(Scheduler::new(&config.scheduler));
         let governor = config
             .memory
             .enabled
-            .then(|| MemoryGovernor::start(config.memory.clone(), cache.clone(), models.clone()));
-        let config_json = serde_json::to_value(&config).unwrap_or_default();
-        // A tracker never fails a run: its error is a warning.
-        if let Err(e) = trackers.log_config(&config_json) {
-            tracing::warn!("tracker failed to log the config: {e}");
-        }
+            .then(|| Arc::new(MemoryGovernor::start(config.memory.clone(), cache.clone(), models.clone())));
+        let counters = Arc::new(Counters::default());
+        let mut tracker_failures = TrackerFailures::default();
+        let trackers = if trackers.is_empty() {
+            None
+        } else {
+            let source = StatsSource {
+                counters: counters.clone(),
+                scheduler: scheduler.clone(),
+                cache: cache.clone(),
+                worker: Arc::downgrade(&worker),
+                model: worker.info().clone(),
+                governor: governor.as_ref().map(Arc::downgrade),
+                started,
+                load_time,
+                failures: tracker_failures.clone(),
+            };
+            let kinds = config.trackers.iter().map(|t| t.kind.clone());
+            let hub = TrackerHub::start(
+                kinds.zip(trackers).collect(),
+                serde_json::to_value(&config).unwrap_or_default(),
+                Duration::from_millis(config.tracking.interval_ms),
+                Box::new(IntervalMetrics::new(source)).into_fn(),
+            )?;
+            tracker_failures = hub.failures();
+            Some(hub)
+        };
         Ok(Optimizer {
             config,
             provider,
@@ -115,8 +143,9 @@ impl Optimizer {
             cache,
             scheduler,
             profiler,
-            trackers: Mutex::new(trackers),
-            counters: Counters::default(),
+            trackers,
+            tracker_failures,
+            counters,
             started,
             load_time,
         })
@@ -149,9 +178,45 @@ impl Optimizer {
         self.worker.info()
     }
 
-    /// The profiler; `optimizer.profiler().span("my_stage")` times your own code too.
+    /// The profiler; `optimizer.profiler().span("my_stage")` times your own code too:
+    ///
+    /// ```no_run
+    /// # fn demo(optimizer: &kiln_runtime::Optimizer) {
+    /// let _span = optimizer.profiler().span("image_processing");
+    /// // ... recorded until `_span` drops
+    /// # }
+    /// ```
     pub fn profiler(&self) -> &dyn Profiler {
         &*self.profiler
+    }
+
+    /// The profiler's report so far; `None` when `profiler.enabled` is off.
+    pub fn profile_report(&self) -> Option<ProfileReport> {
+        self.config.profiler.enabled.then(|| self.profiler.report())
+    }
+
+    /// Writes the profiler's report as JSON to `path` (through a temporary file, so a
+    /// reader never sees half of it). `Ok(false)` when profiling is off.
+    pub fn write_profile(&self, path: &Path) -> Result<bool> {
+        let Some(report) = self.profile_report() else { return Ok(false) };
+        write_atomically(path, |out| {
+            serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::other)
+        })?;
+        Ok(true)
+    }
+
+    /// Writes the Chrome trace (Perfetto, chrome://tracing) to `path`. `Ok(false)`
+    /// when no trace is kept (`profiler.trace` off).
+    pub fn write_trace(&self, path: &Path) -> Result<bool> {
+        if !(self.config.profiler.enabled && self.config.profiler.trace) {
+            return Ok(false);
+        }
+        let mut kept = false;
+        write_atomically(path, |out| {
+            kept = self.profiler.write_trace(out).map_err(std::io::Error::other)?;
+            Ok(())
+        })?;
+        Ok(kept)
     }
 
     /// Embeds texts: one vector per text, in order. An empty text is embedded (as
@@ -159,6 +224,7 @@ impl Optimizer {
     /// are truncated to it. With batching on, the texts join those of concurrent
     /// callers in shared batches; repeated texts are answered from the cache.
     pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let _span = self.profiler.span("request");
         let started = Instant::now();
         Counters::add(&self.counters.requests, 1);
         // A retry runs the whole call again; texts that made it the first time are
@@ -183,6 +249,7 @@ impl Optimizer {
         })?;
         let mut out: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         let mut misses: Vec<(usize, CacheKey)> = Vec::new();
+        let lookup = self.profiler.span("cache_lookup");
         for (i, t) in texts.iter().enumerate() {
             let key = cache_key(&[self.identity.as_bytes(), t.as_bytes()]);
             match self.cache.get(&key).and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok()))
@@ -191,6 +258,7 @@ impl Optimizer {
                 None => misses.push((i, key)),
             }
         }
+        drop(lookup);
         if !misses.is_empty() {
             // Longest first, as sentence-transformers does, so chunks and tokenizer calls
             // hold texts of similar length.
@@ -263,6 +331,7 @@ impl Optimizer {
 
     /// Runs raw tensors through the model as one batch, validated against what it expects.
     pub async fn infer(&self, inputs: Inputs) -> Result<Outputs> {
+        let _span = self.profiler.span("request");
         let started = Instant::now();
         Counters::add(&self.counters.requests, 1);
         self.model_info().validate(&inputs).inspect_err(|e| self.counters.error(e))?;
@@ -312,10 +381,9 @@ impl Optimizer {
     }
 
     async fn run_model(&self, inputs: Inputs) -> Result<Outputs> {
-        let queued = Instant::now();
+        // The worker thread records `model_run` itself.
         let run = self.worker.run(inputs).await?;
         self.counters.time(Stage::Inference, run.elapsed);
-        self.profiler.record("inference", queued, run.elapsed);
         Ok(run.outputs)
     }
 
@@ -336,31 +404,169 @@ impl Optimizer {
             batches: self.worker.batch_stats(),
             queue_depth: self.worker.queue_depth(),
             model: self.model_info().clone(),
-            memory: self.governor.as_ref().map(MemoryGovernor::stats),
+            memory: self.governor.as_deref().map(MemoryGovernor::stats),
+            tracker_failures: self.tracker_failures.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
 
-    /// Logs the summary to the trackers, stops the model worker and returns final stats.
-    pub async fn shutdown(self) -> Result<Stats> {
-        let stats = self.stats();
-        let summary = Metrics::from([
-            ("requests".to_string(), stats.requests as f64),
-            ("texts".to_string(), stats.texts as f64),
-            ("errors".to_string(), stats.errors.values().sum::<u64>() as f64),
-            ("inference_seconds".to_string(), stats.inference_seconds),
-            ("mean_batch_size".to_string(), stats.mean_batch_size),
-            ("cache_hit_rate".to_string(), stats.cache.hit_rate()),
-        ]);
-        let mut trackers = self.trackers.lock().await;
-        if let Err(e) = trackers.log_summary(&summary).and_then(|_| trackers.finish()) {
-            tracing::warn!("tracker failed at shutdown: {e}");
+    /// Logs a last metrics step, the summary and the profiler report to the trackers,
+    /// finishes them, stops the model worker and returns the final stats.
+    pub async fn shutdown(mut self) -> Result<Stats> {
+        if let Some(hub) = self.trackers.take() {
+            let summary = summary_metrics(&self.stats());
+            hub.finish(summary, self.profile_report()).await;
         }
-        drop(trackers);
+        let stats = self.stats();
         drop(self.governor);
         self.models.clear();
         ModelWorker::release(self.worker).await;
         Ok(stats)
     }
+}
+
+/// Writes a file through `FILE.partial` and a rename, so readers see all or nothing.
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let result = (|| {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
+        write(&mut out)?;
+        std::io::Write::flush(&mut out)?;
+        drop(out);
+        std::fs::rename(&partial, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        Error::io("writing", path, e)
+    })
+}
+
+/// Everything [`Stats`] is made of, held by the tracker thread without keeping the
+/// model alive (the worker and governor are weak).
+struct StatsSource {
+    counters: Arc<Counters>,
+    scheduler: Arc<Scheduler>,
+    cache: Arc<dyn Cache>,
+    worker: Weak<ModelWorker>,
+    model: ModelInfo,
+    governor: Option<Weak<MemoryGovernor>>,
+    started: Instant,
+    load_time: Duration,
+    failures: TrackerFailures,
+}
+
+impl StatsSource {
+    fn snapshot(&self) -> Stats {
+        let worker = self.worker.upgrade();
+        self.counters.snapshot(Parts {
+            retries: self.scheduler.retries(),
+            timeouts: self.scheduler.timeouts(),
+            started: self.started,
+            load: self.load_time,
+            cache: self.cache.stats(),
+            batches: worker.as_ref().map(|w| w.batch_stats()).unwrap_or_default(),
+            queue_depth: worker.as_ref().map_or(0, |w| w.queue_depth()),
+            model: self.model.clone(),
+            memory: self.governor.as_ref().and_then(Weak::upgrade).map(|g| g.stats()),
+            tracker_failures: self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        })
+    }
+}
+
+/// The metrics of each tracker step: rates over the interval since the last step,
+/// latency percentiles of the requests finished in it, and levels now.
+struct IntervalMetrics {
+    source: StatsSource,
+    probe: MemoryProbe,
+    last: Option<(Instant, Stats)>,
+}
+
+impl IntervalMetrics {
+    fn new(source: StatsSource) -> Self {
+        IntervalMetrics { source, probe: MemoryProbe::default(), last: None }
+    }
+
+    fn into_fn(mut self: Box<Self>) -> crate::tracking::MetricsSource {
+        Box::new(move || self.step())
+    }
+
+    fn step(&mut self) -> Metrics {
+        let now = Instant::now();
+        let stats = self.source.snapshot();
+        let window = self.source.counters.window_latency.take_percentiles();
+        let (since, before) = match &self.last {
+            Some((at, s)) => (*at, Some(s)),
+            None => (self.source.started, None),
+        };
+        let secs = now.duration_since(since).as_secs_f64().max(1e-9);
+        let delta = |f: fn(&Stats) -> u64| (f(&stats) - before.map_or(0, f)) as f64;
+        let items = |s: &Stats| s.batch_sizes.iter().map(|(size, n)| *size as u64 * n).sum::<u64>();
+        let errors = |s: &Stats| s.errors.values().sum::<u64>();
+        let memory = self.probe.sample();
+        let mut m = Metrics::new();
+        let mut put = |k: &str, v: f64| {
+            m.insert(k.to_string(), v);
+        };
+        put("throughput_rps", delta(|s| s.requests) / secs);
+        put("texts_per_s", delta(|s| s.texts) / secs);
+        if window.count > 0 {
+            put("latency_p50_ms", window.p50);
+            put("latency_p95_ms", window.p95);
+            put("latency_p99_ms", window.p99);
+        }
+        let batches = delta(|s| s.batches);
+        if batches > 0.0 {
+            put("mean_batch_size", delta(items) / batches);
+        }
+        put("cache_hit_rate", stats.cache.hit_rate());
+        put("queue_depth", stats.queue_depth as f64);
+        put("rss_mib", memory.process_rss as f64 / (1u64 << 20) as f64);
+        put("system_memory_used_fraction", memory.used_fraction());
+        put("errors", delta(errors));
+        put("errors_total", errors(&stats) as f64);
+        self.last = Some((now, stats));
+        m
+    }
+}
+
+/// The figures logged once at the end.
+fn summary_metrics(stats: &Stats) -> Metrics {
+    let errors = stats.errors.values().sum::<u64>();
+    let uptime = stats.uptime_seconds.max(1e-9);
+    let mut m = Metrics::from([
+        ("requests".to_string(), stats.requests as f64),
+        ("texts".to_string(), stats.texts as f64),
+        ("errors".to_string(), errors as f64),
+        ("retries".to_string(), stats.retries as f64),
+        ("timeouts".to_string(), stats.timeouts as f64),
+        ("uptime_s".to_string(), stats.uptime_seconds),
+        ("load_s".to_string(), stats.load_seconds),
+        ("throughput_rps".to_string(), stats.requests as f64 / uptime),
+        ("texts_per_s".to_string(), stats.texts as f64 / uptime),
+        ("latency_p50_ms".to_string(), stats.latency_ms.p50),
+        ("latency_p95_ms".to_string(), stats.latency_ms.p95),
+        ("latency_p99_ms".to_string(), stats.latency_ms.p99),
+        ("latency_max_ms".to_string(), stats.latency_ms.max),
+        ("queue_wait_p50_ms".to_string(), stats.queue_wait_ms.p50),
+        ("queue_wait_p99_ms".to_string(), stats.queue_wait_ms.p99),
+        ("batches".to_string(), stats.batches as f64),
+        ("mean_batch_size".to_string(), stats.mean_batch_size),
+        ("cache_hit_rate".to_string(), stats.cache.hit_rate()),
+        ("tokenize_s".to_string(), stats.tokenize_seconds),
+        ("inference_s".to_string(), stats.inference_seconds),
+        ("pooling_s".to_string(), stats.pooling_seconds),
+    ]);
+    if let Some(memory) = &stats.memory {
+        m.insert("peak_rss_mib".into(), memory.peak_rss_bytes as f64 / (1u64 << 20) as f64);
+    }
+    m
 }
 
 /// One task of [`Optimizer::run_batch`].

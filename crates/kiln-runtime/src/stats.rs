@@ -53,6 +53,8 @@ pub struct Stats {
     pub model: ModelInfo,
     /// Memory peaks and pressure handling (when the governor runs).
     pub memory: Option<MemoryStats>,
+    /// Failed tracker calls by tracker kind (a tracker never fails inference).
+    pub tracker_failures: BTreeMap<String, u64>,
 }
 
 /// Percentiles of a latency distribution, in milliseconds.
@@ -90,7 +92,18 @@ impl LatencyHistogram {
 
     /// The percentiles so far.
     pub fn percentiles(&self) -> Percentiles {
-        let h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Self::of(&self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The percentiles so far, and starts over (for per-interval figures).
+    pub fn take_percentiles(&self) -> Percentiles {
+        let mut h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let p = Self::of(&h);
+        h.reset();
+        p
+    }
+
+    fn of(h: &Histogram<u64>) -> Percentiles {
         if h.is_empty() {
             return Percentiles::default();
         }
@@ -115,6 +128,8 @@ pub(crate) struct Counters {
     pooling_ns: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     latency: LatencyHistogram,
+    /// Latencies since the trackers' last step.
+    pub window_latency: LatencyHistogram,
     queue_wait: LatencyHistogram,
 }
 
@@ -129,6 +144,7 @@ pub(crate) struct Parts {
     pub queue_depth: usize,
     pub model: ModelInfo,
     pub memory: Option<MemoryStats>,
+    pub tracker_failures: BTreeMap<String, u64>,
 }
 
 pub(crate) enum Stage {
@@ -153,6 +169,7 @@ impl Counters {
 
     pub fn latency(&self, d: Duration) {
         self.latency.record(d);
+        self.window_latency.record(d);
     }
 
     pub fn queue_wait(&self, d: Duration) {
@@ -164,7 +181,18 @@ impl Counters {
     }
 
     pub fn snapshot(&self, parts: Parts) -> Stats {
-        let Parts { retries, timeouts, started, load, cache, batches, queue_depth, model, memory } = parts;
+        let Parts {
+            retries,
+            timeouts,
+            started,
+            load,
+            cache,
+            batches,
+            queue_depth,
+            model,
+            memory,
+            tracker_failures,
+        } = parts;
         let secs = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
         Stats {
             requests: self.requests.load(Ordering::Relaxed),
@@ -192,6 +220,7 @@ impl Counters {
             cache,
             model,
             memory,
+            tracker_failures,
         }
     }
 }

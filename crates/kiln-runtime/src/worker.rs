@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kiln_core::{Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Provider, Result, WhenFull};
+use kiln_core::{
+    Error, Inputs, Model, ModelInfo, ModelSpec, NoopProfiler, Outputs, Profiler, Provider, Result, WhenFull,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::collate::{collate, split};
@@ -126,11 +128,23 @@ struct Serve {
     provider: String,
     policy: BatchPolicy,
     stats: Arc<Mutex<BatchStats>>,
+    profiler: Arc<dyn Profiler>,
 }
 
 impl ModelWorker {
     /// Starts the thread, loads the model there, and returns once it is ready.
     pub async fn start(provider: Arc<dyn Provider>, spec: ModelSpec, policy: BatchPolicy) -> Result<Self> {
+        Self::start_profiled(provider, spec, policy, Arc::new(NoopProfiler)).await
+    }
+
+    /// [`start`](Self::start), recording spans on the worker thread: `load_model`,
+    /// `batch_run` (collate, model, split) and each item's `queue_wait`.
+    pub async fn start_profiled(
+        provider: Arc<dyn Provider>,
+        spec: ModelSpec,
+        policy: BatchPolicy,
+        profiler: Arc<dyn Profiler>,
+    ) -> Result<Self> {
         // Unbounded channel: the bound is the slots, which also count what the worker
         // has already taken out of the channel.
         let (queue, inbox) = flume::unbounded::<Message>();
@@ -143,6 +157,7 @@ impl ModelWorker {
             .name(format!("kiln-model-{}", provider.name()))
             .spawn(move || {
                 let provider_name = provider.name().to_string();
+                let load_span = profiler.span("load_model");
                 let loaded = catch_unwind(AssertUnwindSafe(|| runtime.block_on(provider.load(&spec))))
                     .unwrap_or_else(|p| {
                         Err(Error::backend(
@@ -150,11 +165,18 @@ impl ModelWorker {
                             format!("panicked while loading: {}", panic_message(p)),
                         ))
                     });
+                drop(load_span);
                 match loaded {
                     Ok(model) => {
                         let _ = ready.send(Ok(model.info().clone()));
-                        Serve { model, provider: provider_name, policy: thread_policy, stats: thread_stats }
-                            .run(inbox);
+                        Serve {
+                            model,
+                            provider: provider_name,
+                            policy: thread_policy,
+                            stats: thread_stats,
+                            profiler,
+                        }
+                        .run(inbox);
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -304,6 +326,7 @@ impl Serve {
     }
 
     fn run_model(&self, inputs: &Inputs, rows: usize) -> Result<(Outputs, Duration)> {
+        let _span = self.profiler.span("model_run");
         let start = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| self.model.run(inputs))).unwrap_or_else(|p| {
             Err(Error::backend(&self.provider, format!("panicked while running: {}", panic_message(p))))
@@ -317,6 +340,14 @@ impl Serve {
 
     fn run_items(&self, items: Vec<Item>) {
         let started = Instant::now();
+        for item in &items {
+            self.profiler.record(
+                "queue_wait",
+                item.enqueued,
+                started.saturating_duration_since(item.enqueued),
+            );
+        }
+        let _span = self.profiler.span("batch_run");
         // Collation and splitting are guarded like the model: nothing an item carries
         // may take the worker down.
         let result = catch_unwind(AssertUnwindSafe(|| {
