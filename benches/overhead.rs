@@ -5,6 +5,9 @@
 //!   once beforehand. Target: kiln within 3% of direct.
 //! - `cache_hit`: `Optimizer::embed` of one text that is in the cache. Target: median
 //!   ≤ 20 µs.
+//! - The profiler's cost (on by default): `embed_32` against `embed_32_unprofiled`
+//!   (`profiler.enabled = false`), `cache_hit` against `cache_hit_unprofiled`, and
+//!   `span`, one span recorded into a `SamplingProfiler`. Target: ≤ 1% at batch 32.
 //!
 //! ```text
 //! scripts/setup && cargo bench --bench overhead
@@ -15,8 +18,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group};
+use kiln::runtime::SamplingProfiler;
 use kiln::text::TextPipeline;
-use kiln::{DType, Device, KilnConfig, ModelSpec, Optimizer, Provider, TextConfig};
+use kiln::{DType, Device, KilnConfig, ModelSpec, Optimizer, Profiler, ProfilerConfig, Provider, TextConfig};
 
 fn minilm() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(kiln::config::DEFAULT_MODEL_DIR);
@@ -39,6 +43,10 @@ fn overhead(c: &mut Criterion) {
     let texts = texts();
     let sets = vec![format!("model.path={:?}", dir.display().to_string()), "cache.enabled=false".to_string()];
     let optimizer = runtime.block_on(Optimizer::from_config(KilnConfig::load(None, &sets).unwrap())).unwrap();
+    let unprofiled_sets: Vec<String> =
+        sets.iter().cloned().chain(["profiler.enabled=false".to_string()]).collect();
+    let unprofiled =
+        runtime.block_on(Optimizer::from_config(KilnConfig::load(None, &unprofiled_sets).unwrap())).unwrap();
 
     let provider = kiln_provider_candle::CandleProvider;
     let model = runtime.block_on(provider.load(&ModelSpec::new(&dir, Device::Cpu, DType::F32))).unwrap();
@@ -49,7 +57,17 @@ fn overhead(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("direct_32", |b| b.iter(|| model.run(&inputs).unwrap()));
     group.bench_function("embed_32", |b| b.iter(|| runtime.block_on(optimizer.embed(&texts)).unwrap()));
+    group.bench_function("embed_32_unprofiled", |b| {
+        b.iter(|| runtime.block_on(unprofiled.embed(&texts)).unwrap())
+    });
     group.finish();
+    let spans_per_call: u64 = optimizer.profiler().report().spans.values().map(|s| s.count).sum::<u64>()
+        / optimizer.profiler().report().spans["request"].count.max(1);
+    println!("spans recorded per embed_32 call: {spans_per_call}");
+
+    let profiler = SamplingProfiler::start(ProfilerConfig::default());
+    let profiler: &dyn Profiler = &*profiler;
+    c.bench_function("span", |b| b.iter(|| drop(profiler.span("stage"))));
 
     let cached = Arc::new(
         runtime
@@ -61,6 +79,22 @@ fn overhead(c: &mut Criterion) {
     let one = vec!["a text that is in the cache".to_string()];
     runtime.block_on(cached.embed(&one)).unwrap();
     c.bench_function("cache_hit", |b| b.iter(|| runtime.block_on(cached.embed(&one)).unwrap()));
+    let cached_unprofiled = runtime
+        .block_on(Optimizer::from_config(
+            KilnConfig::load(
+                None,
+                &[
+                    format!("model.path={:?}", dir.display().to_string()),
+                    "profiler.enabled=false".to_string(),
+                ],
+            )
+            .unwrap(),
+        ))
+        .unwrap();
+    runtime.block_on(cached_unprofiled.embed(&one)).unwrap();
+    c.bench_function("cache_hit_unprofiled", |b| {
+        b.iter(|| runtime.block_on(cached_unprofiled.embed(&one)).unwrap())
+    });
 }
 
 /// Medians from criterion's own estimates, as ratios.
@@ -82,6 +116,24 @@ fn report() {
     }
     if let Some(hit) = median_ns("cache_hit") {
         println!("cache hit median: {:.2} us (target <= 20 us)", hit / 1000.0);
+    }
+    if let (Some(on), Some(off)) = (median_ns("overhead/embed_32"), median_ns("overhead/embed_32_unprofiled"))
+    {
+        println!(
+            "embed_32 profiled / unprofiled median: {:.4} ({:+.2}%; target <= 1%)",
+            on / off,
+            (on / off - 1.0) * 100.0
+        );
+    }
+    if let (Some(on), Some(off)) = (median_ns("cache_hit"), median_ns("cache_hit_unprofiled")) {
+        println!(
+            "cache_hit profiled / unprofiled median: {:.4} ({:+.2}%)",
+            on / off,
+            (on / off - 1.0) * 100.0
+        );
+    }
+    if let Some(span) = median_ns("span") {
+        println!("one span: {span:.1} ns");
     }
 }
 

@@ -521,6 +521,8 @@ impl IntervalMetrics {
             put("latency_p95_ms", window.p95);
             put("latency_p99_ms", window.p99);
         }
+        // Rows through the model, as they finish: steady even while one large call runs.
+        put("rows_per_s", delta(items) / secs);
         let batches = delta(|s| s.batches);
         if batches > 0.0 {
             put("mean_batch_size", delta(items) / batches);

@@ -53,8 +53,8 @@ pub(crate) fn build(setup: &TrackerSetup) -> Result<Box<dyn Tracker>> {
 pub(crate) fn step_line(run: &str, step: u64, m: &Metrics) -> String {
     let get = |k: &str| m.get(k).copied();
     let mut parts = vec![format!("[{run}] step {step}")];
-    if let (Some(r), Some(t)) = (get("throughput_rps"), get("texts_per_s")) {
-        parts.push(format!("{r:.1} req/s {t:.1} texts/s"));
+    if let (Some(r), Some(t)) = (get("throughput_rps"), get("rows_per_s")) {
+        parts.push(format!("{r:.1} req/s {t:.1} rows/s"));
     }
     if let (Some(p50), Some(p99)) = (get("latency_p50_ms"), get("latency_p99_ms")) {
         parts.push(format!("p50 {p50:.2} ms p99 {p99:.2} ms"));
@@ -77,6 +77,7 @@ pub(crate) fn step_line(run: &str, step: u64, m: &Metrics) -> String {
     let known = [
         "throughput_rps",
         "texts_per_s",
+        "rows_per_s",
         "latency_p50_ms",
         "latency_p95_ms",
         "latency_p99_ms",
@@ -128,7 +129,7 @@ mod tests {
     fn the_step_line_has_the_operator_figures() {
         let m = Metrics::from([
             ("throughput_rps".into(), 812.0),
-            ("texts_per_s".into(), 3248.25),
+            ("rows_per_s".into(), 3248.25),
             ("latency_p50_ms".into(), 3.1),
             ("latency_p99_ms".into(), 9.8),
             ("cache_hit_rate".into(), 0.61),
@@ -137,7 +138,7 @@ mod tests {
         let line = step_line("run", 3, &m);
         assert_eq!(
             line,
-            "[run] step 3 | 812.0 req/s 3248.2 texts/s | p50 3.10 ms p99 9.80 ms | cache 61% | my_metric 2\n"
+            "[run] step 3 | 812.0 req/s 3248.2 rows/s | p50 3.10 ms p99 9.80 ms | cache 61% | my_metric 2\n"
         );
         let table = summary_table("s", &Metrics::from([("requests".into(), 42.0), ("p".into(), 0.5)]));
         assert!(table.contains("requests              42") && table.contains("0.5000"), "{table}");

@@ -31,3 +31,31 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (n(a) * n(b))
 }
+
+/// Runs one of tests/readers/*.py with the Python that `scripts/setup readers` made
+/// (real TensorBoard and wandb from PyPI) and parses what it prints.
+pub fn read_with(script: &str, arg: &Path) -> serde_json::Value {
+    let python = std::env::var("TRACKER_READERS_PYTHON").unwrap_or_else(|_| {
+        panic!("TRACKER_READERS_PYTHON is not set: run `scripts/setup readers` and `. .kiln/env` (scripts/test does)")
+    });
+    let out = Command::new(&python).arg(root().join("tests/readers").join(script)).arg(arg).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script} {} failed: {}",
+        arg.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The events of a JSON Lines tracker file; every line must parse.
+pub fn jsonl_events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("a line of {} is not JSON ({e}): {l}", path.display()))
+        })
+        .collect()
+}

@@ -1,0 +1,62 @@
+"""Writes a small BERT folder for runs on the device machine, where the 87 MiB MiniLM
+does not fit the 64 MiB carried with a command: MiniLM's first N layers, weights in
+float16, the same tokenizer and pooling files. Not MiniLM's embeddings — a real model
+of the same shape family, for profiling and plumbing checks only.
+
+Usage: make_small_model.py MINILM_DIR OUT_DIR [LAYERS]   (needs numpy)
+"""
+import json
+import pathlib
+import shutil
+import struct
+import sys
+
+import numpy as np
+
+src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+layers = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+
+with open(src / "model.safetensors", "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+    data = f.read()
+
+tensors = {}
+for name, meta in header.items():
+    if name == "__metadata__":
+        continue
+    if name.startswith("encoder.layer.") and int(name.split(".")[2]) >= layers:
+        continue
+    start, end = meta["data_offsets"]
+    dtype = {"F32": np.float32, "I64": np.int64}[meta["dtype"]]
+    array = np.frombuffer(data[start:end], dtype=dtype).reshape(meta["shape"])
+    tensors[name] = array.astype(np.float16) if dtype == np.float32 else array
+
+new_header, blobs, offset = {}, [], 0
+for name, array in tensors.items():
+    blob = array.tobytes()
+    new_header[name] = {
+        "dtype": {np.float16: "F16", np.int64: "I64"}[array.dtype.type],
+        "shape": list(array.shape),
+        "data_offsets": [offset, offset + len(blob)],
+    }
+    blobs.append(blob)
+    offset += len(blob)
+encoded = json.dumps(new_header).encode()
+encoded += b" " * (-len(encoded) % 8)
+
+out.mkdir(parents=True, exist_ok=True)
+with open(out / "model.safetensors", "wb") as f:
+    f.write(struct.pack("<Q", len(encoded)))
+    f.write(encoded)
+    for blob in blobs:
+        f.write(blob)
+config = json.loads((src / "config.json").read_text())
+config["num_hidden_layers"] = layers
+(out / "config.json").write_text(json.dumps(config, indent=2))
+for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+             "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"]:
+    if (src / name).exists():
+        shutil.copy(src / name, out / name)
+shutil.copytree(src / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
+print(f"{out}: {layers} layers, {offset / 2**20:.1f} MiB of weights")
