@@ -67,6 +67,11 @@ pub trait Tracker: Send + 'static {
     fn flush(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Called a few times a second between events; a buffering tracker flushes here
+    /// when its own flush interval has passed, so writes never wait for the next step.
+    fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Ends the run; flushes by default.
     fn finish(&mut self) -> Result<()> {
         self.flush()
@@ -89,6 +94,9 @@ impl<T: Tracker + ?Sized> Tracker for Box<T> {
     fn flush(&mut self) -> Result<()> {
         (**self).flush()
     }
+    fn tick(&mut self) -> Result<()> {
+        (**self).tick()
+    }
     fn finish(&mut self) -> Result<()> {
         (**self).finish()
     }
@@ -109,6 +117,9 @@ impl<T: Tracker> Tracker for Option<T> {
     }
     fn flush(&mut self) -> Result<()> {
         self.as_mut().map_or(Ok(()), |t| t.flush())
+    }
+    fn tick(&mut self) -> Result<()> {
+        self.as_mut().map_or(Ok(()), |t| t.tick())
     }
     fn finish(&mut self) -> Result<()> {
         self.as_mut().map_or(Ok(()), |t| t.finish())
@@ -142,6 +153,9 @@ impl<T: Tracker> Tracker for Vec<T> {
     }
     fn flush(&mut self) -> Result<()> {
         fan_out(self, |t| t.flush())
+    }
+    fn tick(&mut self) -> Result<()> {
+        fan_out(self, |t| t.tick())
     }
     fn finish(&mut self) -> Result<()> {
         fan_out(self, |t| t.finish())

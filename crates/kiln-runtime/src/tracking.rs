@@ -10,9 +10,12 @@ use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_core::{Metrics, ProfileReport, Result, Tracker};
+
+/// How often trackers get [`Tracker::tick`] between steps.
+const TICK: Duration = Duration::from_millis(250);
 
 /// Produces the metrics of the next step (called on the hub's thread).
 pub type MetricsSource = Box<dyn FnMut() -> Metrics + Send>;
@@ -61,7 +64,8 @@ impl Guarded {
 }
 
 impl TrackerHub {
-    /// Starts the thread: logs `config` once, then a metrics step every `interval`.
+    /// Starts the thread: logs `config` once, then a metrics step every `interval`, and
+    /// calls every tracker's `tick` at least every 250 ms.
     /// `kinds` names each tracker (for warnings and failure counts).
     pub fn start(
         trackers: Vec<(String, Box<dyn Tracker>)>,
@@ -96,9 +100,24 @@ impl TrackerHub {
                         g.call("log metrics", |t| t.log_metrics(step, &m));
                     }
                 };
+                let mut next_step = Instant::now() + interval;
                 loop {
-                    match inbox.recv_timeout(interval) {
-                        Err(flume::RecvTimeoutError::Timeout) => log_step(&mut guarded, &mut metrics),
+                    // Wake at each step and at least every TICK, so trackers can flush
+                    // on their own interval between steps.
+                    let wake = next_step.min(Instant::now() + TICK);
+                    match inbox.recv_deadline(wake) {
+                        Err(flume::RecvTimeoutError::Timeout) => {
+                            if Instant::now() >= next_step {
+                                log_step(&mut guarded, &mut metrics);
+                                next_step += interval;
+                                if next_step < Instant::now() {
+                                    next_step = Instant::now() + interval; // fell behind: skip, don't burst
+                                }
+                            }
+                            for g in &mut guarded {
+                                g.call("flush", |t| t.tick());
+                            }
+                        }
                         Ok(Command::Finish { summary, profile, done }) => {
                             // A last step, so even a run shorter than the interval has one.
                             log_step(&mut guarded, &mut metrics);

@@ -70,6 +70,10 @@ impl Tracker for JsonlTracker {
         self.event("profile", "profile", json!(report), None)
     }
 
+    fn tick(&mut self) -> Result<()> {
+        if self.clock.due() { self.flush() } else { Ok(()) }
+    }
+
     fn flush(&mut self) -> Result<()> {
         self.clock.reset();
         self.file.commit()
@@ -114,6 +118,28 @@ mod tests {
         assert_eq!(events, ["config", "metrics", "metrics", "end"]);
         assert_eq!(lines[2]["step"], 2);
         assert_eq!(lines[2]["metrics"]["x"], 2.5);
+    }
+
+    #[test]
+    fn tick_flushes_once_the_interval_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let setup = TrackerSetup {
+            index: 0,
+            config: kiln_core::TrackerConfig {
+                kind: "jsonl".into(),
+                options: serde_json::from_value(json!({"flush_interval_s": 0.2})).unwrap(),
+            },
+            dir: dir.path().into(),
+            run_name: "r".into(),
+        };
+        let mut t = build(&setup).unwrap();
+        t.log_metrics(1, &Metrics::new()).unwrap();
+        t.tick().unwrap();
+        let path = dir.path().join("r.jsonl");
+        assert!(!path.exists(), "not due yet");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        t.tick().unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
     }
 
     #[test]

@@ -127,6 +127,10 @@ impl Tracker for TensorBoardTracker {
         self.write(self.last_step, vec![text("profile", &report.to_markdown())])
     }
 
+    fn tick(&mut self) -> Result<()> {
+        if self.clock.due() { self.flush() } else { Ok(()) }
+    }
+
     fn flush(&mut self) -> Result<()> {
         self.clock.reset();
         self.file.commit()

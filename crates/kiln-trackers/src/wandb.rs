@@ -236,6 +236,10 @@ impl Tracker for WandbTracker {
         self.after_write()
     }
 
+    fn tick(&mut self) -> Result<()> {
+        if self.clock.due() { self.flush() } else { Ok(()) }
+    }
+
     fn flush(&mut self) -> Result<()> {
         self.clock.reset();
         self.log.commit()
