@@ -56,10 +56,9 @@ pub struct Optimizer {
     scheduler: Arc<Scheduler>,
     profiler: Arc<dyn Profiler>,
     trackers: Option<TrackerHub>,
-    tracker_failures: TrackerFailures,
     counters: Arc<Counters>,
-    started: Instant,
-    load_time: Duration,
+    /// What `stats()` reads; the tracker thread holds a clone.
+    stats: StatsSource,
 }
 
 impl Optimizer {
@@ -106,30 +105,28 @@ impl Optimizer {
             .enabled
             .then(|| Arc::new(MemoryGovernor::start(config.memory.clone(), cache.clone(), models.clone())));
         let counters = Arc::new(Counters::default());
-        let mut tracker_failures = TrackerFailures::default();
+        let stats = StatsSource {
+            counters: counters.clone(),
+            scheduler: scheduler.clone(),
+            cache: cache.clone(),
+            worker: Arc::downgrade(&worker),
+            model: worker.info().clone(),
+            governor: governor.as_ref().map(Arc::downgrade),
+            started,
+            load_time,
+            failures: TrackerFailures::default(),
+        };
         let trackers = if trackers.is_empty() {
             None
         } else {
-            let source = StatsSource {
-                counters: counters.clone(),
-                scheduler: scheduler.clone(),
-                cache: cache.clone(),
-                worker: Arc::downgrade(&worker),
-                model: worker.info().clone(),
-                governor: governor.as_ref().map(Arc::downgrade),
-                started,
-                load_time,
-                failures: tracker_failures.clone(),
-            };
             let kinds = config.trackers.iter().map(|t| t.kind.clone());
-            let hub = TrackerHub::start(
+            Some(TrackerHub::start(
                 kinds.zip(trackers).collect(),
                 serde_json::to_value(&config).unwrap_or_default(),
                 Duration::from_millis(config.tracking.interval_ms),
-                Box::new(IntervalMetrics::new(source)).into_fn(),
-            )?;
-            tracker_failures = hub.failures();
-            Some(hub)
+                Box::new(IntervalMetrics::new(stats.clone())).into_fn(),
+                stats.failures.clone(),
+            )?)
         };
         Ok(Optimizer {
             config,
@@ -144,10 +141,8 @@ impl Optimizer {
             scheduler,
             profiler,
             trackers,
-            tracker_failures,
             counters,
-            started,
-            load_time,
+            stats,
         })
     }
 
@@ -395,18 +390,7 @@ impl Optimizer {
 
     /// What the optimizer has done so far.
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot(Parts {
-            retries: self.scheduler.retries(),
-            timeouts: self.scheduler.timeouts(),
-            started: self.started,
-            load: self.load_time,
-            cache: self.cache.stats(),
-            batches: self.worker.batch_stats(),
-            queue_depth: self.worker.queue_depth(),
-            model: self.model_info().clone(),
-            memory: self.governor.as_deref().map(MemoryGovernor::stats),
-            tracker_failures: self.tracker_failures.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        })
+        self.stats.snapshot()
     }
 
     /// Logs a last metrics step, the summary and the profiler report to the trackers,
@@ -448,8 +432,9 @@ fn write_atomically(
     })
 }
 
-/// Everything [`Stats`] is made of, held by the tracker thread without keeping the
-/// model alive (the worker and governor are weak).
+/// Everything [`Stats`] is made of. The tracker thread holds a clone; the worker and
+/// governor are weak so that it never keeps a model alive.
+#[derive(Clone)]
 struct StatsSource {
     counters: Arc<Counters>,
     scheduler: Arc<Scheduler>,

@@ -66,14 +66,15 @@ impl Guarded {
 impl TrackerHub {
     /// Starts the thread: logs `config` once, then a metrics step every `interval`, and
     /// calls every tracker's `tick` at least every 250 ms.
-    /// `kinds` names each tracker (for warnings and failure counts).
+    /// Each tracker comes with its kind, which names it in warnings and in `failures`,
+    /// where its failed calls are counted.
     pub fn start(
         trackers: Vec<(String, Box<dyn Tracker>)>,
         config: serde_json::Value,
         interval: Duration,
         mut metrics: MetricsSource,
+        failures: TrackerFailures,
     ) -> Result<Self> {
-        let failures = TrackerFailures::default();
         let mut guarded: Vec<Guarded> = trackers
             .into_iter()
             .enumerate()
@@ -210,6 +211,7 @@ mod tests {
             serde_json::json!({}),
             Duration::from_millis(10),
             Box::new(Metrics::new),
+            TrackerFailures::default(),
         )
         .unwrap();
         // Panics print backtraces, which can be slow: wait for steps, not for a time.

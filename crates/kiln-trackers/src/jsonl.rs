@@ -89,20 +89,24 @@ impl Tracker for JsonlTracker {
 mod tests {
     use super::*;
 
+    fn setup(dir: &std::path::Path, index: usize, options: Value) -> TrackerSetup {
+        TrackerSetup {
+            index,
+            config: kiln_core::TrackerConfig {
+                kind: "jsonl".into(),
+                options: serde_json::from_value(options).unwrap(),
+            },
+            dir: dir.into(),
+            run_name: "r".into(),
+        }
+    }
+
     #[test]
     fn writes_one_object_per_line_and_only_on_flush() {
         let dir = tempfile::tempdir().unwrap();
-        let setup = TrackerSetup {
-            index: 0,
-            config: kiln_core::TrackerConfig {
-                kind: "jsonl".into(),
-                options: serde_json::from_value(json!({"flush_interval_s": 3600})).unwrap(),
-            },
-            dir: dir.path().into(),
-            run_name: "r1".into(),
-        };
+        let setup = setup(dir.path(), 0, json!({"flush_interval_s": 3600}));
         let mut t = build(&setup).unwrap();
-        let path = dir.path().join("r1.jsonl");
+        let path = dir.path().join("r.jsonl");
         t.log_config(&json!({"a": 1})).unwrap();
         t.log_metrics(1, &Metrics::from([("x".into(), 1.5)])).unwrap();
         assert!(!path.exists(), "nothing is written before a flush");
@@ -123,15 +127,7 @@ mod tests {
     #[test]
     fn tick_flushes_once_the_interval_has_passed() {
         let dir = tempfile::tempdir().unwrap();
-        let setup = TrackerSetup {
-            index: 0,
-            config: kiln_core::TrackerConfig {
-                kind: "jsonl".into(),
-                options: serde_json::from_value(json!({"flush_interval_s": 0.2})).unwrap(),
-            },
-            dir: dir.path().into(),
-            run_name: "r".into(),
-        };
+        let setup = setup(dir.path(), 0, json!({"flush_interval_s": 0.2}));
         let mut t = build(&setup).unwrap();
         t.log_metrics(1, &Metrics::new()).unwrap();
         t.tick().unwrap();
@@ -144,15 +140,7 @@ mod tests {
 
     #[test]
     fn a_misspelt_key_names_the_entry() {
-        let setup = TrackerSetup {
-            index: 3,
-            config: kiln_core::TrackerConfig {
-                kind: "jsonl".into(),
-                options: serde_json::from_value(json!({"pth": "x"})).unwrap(),
-            },
-            dir: ".".into(),
-            run_name: "r".into(),
-        };
+        let setup = setup(std::path::Path::new("."), 3, json!({"pth": "x"}));
         let e = build(&setup).err().unwrap().to_string();
         assert!(e.contains("trackers[3]") && e.contains("pth") && e.contains("path"), "{e}");
     }
