@@ -39,6 +39,9 @@ pub enum Command {
     },
     /// Generate load on the configured model and report throughput and latency.
     Bench(BenchArgs),
+    /// Run only the image pipeline (the config's `[preprocess]` section; no model) and
+    /// write the batch as a NumPy `.npy`.
+    Preprocess(PreprocessArgs),
     /// List the providers in this build and what they support.
     Providers {
         /// Print JSON instead of a table.
@@ -137,6 +140,26 @@ pub fn describe(error: &anyhow::Error) -> String {
     text
 }
 
+/// `kiln preprocess` arguments.
+#[derive(Debug, Args)]
+pub struct PreprocessArgs {
+    /// A config; only its `[preprocess]` section is read.
+    pub config: PathBuf,
+    /// Image files, or folders of them (not recursive).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// The `.npy` to write: N×3×H×W (CHW) or N×H×W×3 (HWC), one row per image that
+    /// could be read, in order.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Override a key: `--set preprocess.width=320` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Run the batch this many times and report the best images/s (benchmarking).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+}
+
 /// `kiln bench` arguments.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -178,6 +201,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Providers { json } => providers(json),
+        Command::Preprocess(args) => preprocess(args),
         Command::Bench(args) => bench_command(args).await,
     }
 }
@@ -292,6 +316,49 @@ async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutput
         info.dtype,
         stats.load_seconds
     );
+    Ok(())
+}
+
+fn preprocess(args: PreprocessArgs) -> Result<()> {
+    use kiln::vision::{ImageInput, ImagePipeline, expand_paths, write_npy};
+    let mut config = kiln::PreprocessConfig::load(Some(&args.config), &args.sets)?;
+    // Repeats measure the pipeline, not the cache.
+    if args.repeat > 1 {
+        config.cache_bytes = 0;
+    }
+    let paths = expand_paths(&args.images)?;
+    let inputs: Vec<ImageInput> = paths.iter().map(ImageInput::path).collect();
+    let pipeline = ImagePipeline::new(&config)?;
+    let mut best = f64::INFINITY;
+    let mut batch = None;
+    for _ in 0..args.repeat.max(1) {
+        let started = Instant::now();
+        batch = Some(pipeline.process(&inputs)?);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    let batch = batch.expect("ran at least once");
+    let failed: Vec<String> =
+        batch.rows.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+    for e in &failed {
+        eprintln!("kiln: skipped {e}");
+    }
+    let done = inputs.len() - failed.len();
+    if done > 0 {
+        write_npy(&args.out, &batch.tensor)?;
+    }
+    eprintln!(
+        "kiln: preprocessed {done} of {} images in {:.3} s ({:.1} images/s{}); {:?} {} written to {}",
+        inputs.len(),
+        best,
+        done as f64 / best.max(1e-9),
+        if args.repeat > 1 { format!(", best of {}", args.repeat) } else { String::new() },
+        batch.tensor.shape(),
+        batch.tensor.dtype(),
+        if done > 0 { args.out.display().to_string() } else { "nothing".into() }
+    );
+    if !failed.is_empty() {
+        anyhow::bail!("{} of {} images could not be read (listed above)", failed.len(), inputs.len());
+    }
     Ok(())
 }
 

@@ -39,6 +39,8 @@ pub struct KilnConfig {
     pub model: ModelConfig,
     /// Text pre- and post-processing.
     pub text: TextConfig,
+    /// Image pre-processing.
+    pub preprocess: PreprocessConfig,
     /// Batching of requests.
     pub batching: BatchingConfig,
     /// Limits on loaded models.
@@ -64,6 +66,7 @@ impl Default for KilnConfig {
             provider: ProviderConfig::default(),
             model: ModelConfig::default(),
             text: TextConfig::default(),
+            preprocess: PreprocessConfig::default(),
             batching: BatchingConfig::default(),
             models: ModelsConfig::default(),
             memory: MemoryConfig::default(),
@@ -171,6 +174,165 @@ pub struct TextConfig {
     /// L2-normalise embeddings (default: whether `modules.json` has a Normalize step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub normalize: Option<bool>,
+}
+
+/// `[preprocess]`: how images become model input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreprocessConfig {
+    /// How the image is fitted to `width` × `height`.
+    pub mode: ResizeMode,
+    /// Output width in pixels.
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// `shortest_edge` mode: the shorter side is resized to this before the centre
+    /// crop (default: the larger of `width` and `height`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shortest_edge: Option<u32>,
+    /// Resampling filter.
+    pub filter: ResizeFilter,
+    /// RGB of the letterbox padding, also what transparent pixels are composited on.
+    pub pad_color: [u8; 3],
+    /// Pixel values (0..=255) are multiplied by this, then `(v - mean) / std`.
+    pub scale: f32,
+    /// Per-channel mean (R, G, B), after `scale`.
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation (R, G, B), after `scale`.
+    pub std: [f32; 3],
+    /// Memory layout of one image.
+    pub layout: Layout,
+    /// Element type: f32, f16 (normalised) or u8 (the resized pixels, not normalised).
+    pub dtype: DType,
+    /// Largest image accepted, in pixels, checked from the header before decoding.
+    pub max_pixels: u64,
+    /// Largest encoded file accepted, in bytes, checked before reading.
+    pub max_bytes: u64,
+    /// Threads of the pre-processing pool; 0: one per core.
+    pub threads: usize,
+    /// Bytes of pre-processed images kept by content hash; 0: no cache.
+    pub cache_bytes: u64,
+    /// Decode JPEGs at 1/2, 1/4 or 1/8 scale (in the DCT domain) when the decoded image
+    /// stays at least twice the resized size; much faster for large photos, within
+    /// 1/255 mean absolute difference of a full decode (docs/vision.md).
+    pub fast_jpeg: bool,
+}
+
+impl Default for PreprocessConfig {
+    fn default() -> Self {
+        PreprocessConfig {
+            mode: ResizeMode::Letterbox,
+            width: 224,
+            height: 224,
+            shortest_edge: None,
+            filter: ResizeFilter::Lanczos3,
+            pad_color: [0, 0, 0],
+            scale: 1.0 / 255.0,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            layout: Layout::Chw,
+            dtype: DType::F32,
+            max_pixels: 64_000_000,
+            max_bytes: 64 << 20,
+            threads: 0,
+            cache_bytes: 64 << 20,
+            fast_jpeg: true,
+        }
+    }
+}
+
+/// How an image is fitted to the output size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Keep the aspect ratio: the limiting side fills the output, the other is
+    /// `floor(target × short / long)`, centred at `floor((target − side) / 2)` on the
+    /// pad colour.
+    Letterbox,
+    /// Stretch to the output size.
+    Resize,
+    /// Resize the shorter side to `shortest_edge`, then crop the centre.
+    ShortestEdge,
+}
+
+/// Resampling filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeFilter {
+    /// Lanczos with a = 3 (PIL's `LANCZOS`).
+    Lanczos3,
+    /// Bilinear (PIL's `BILINEAR`).
+    Bilinear,
+    /// Bicubic (PIL's `BICUBIC`).
+    Bicubic,
+    /// Nearest neighbour.
+    Nearest,
+}
+
+/// Layout of one image in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Channels, height, width (PyTorch, ONNX vision models).
+    Chw,
+    /// Height, width, channels (TensorFlow).
+    Hwc,
+}
+
+impl PreprocessConfig {
+    /// Loads only the `[preprocess]` section from the layers (file, `KILN_PREPROCESS__*`,
+    /// `--set preprocess.*`), so a config whose model is absent still serves.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self> {
+        let figment = KilnConfig::figment(file, sets)?;
+        let config: PreprocessConfig =
+            figment.extract_inner("preprocess").map_err(|e| Error::Config(config_issues(e, "preprocess")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Range checks; every problem is reported.
+    pub fn validate(&self) -> Result<()> {
+        let mut issues = Vec::new();
+        self.check(&mut issues);
+        if issues.is_empty() { Ok(()) } else { Err(Error::Config(issues)) }
+    }
+
+    fn check(&self, issues: &mut Vec<ConfigIssue>) {
+        check_range(issues, "preprocess.width", self.width as usize, 1, 16_384);
+        check_range(issues, "preprocess.height", self.height as usize, 1, 16_384);
+        if let Some(edge) = self.shortest_edge {
+            check_range(issues, "preprocess.shortest_edge", edge as usize, 1, 16_384);
+        }
+        if !matches!(self.dtype, DType::F32 | DType::F16 | DType::U8) {
+            issues.push(ConfigIssue::new(
+                "preprocess.dtype",
+                format!("\"{}\"", self.dtype),
+                "one of f32, f16, u8",
+            ));
+        }
+        if !(self.scale.is_finite() && self.scale != 0.0) {
+            issues.push(ConfigIssue::new(
+                "preprocess.scale",
+                self.scale.to_string(),
+                "a finite, non-zero number",
+            ));
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s != 0.0)) || self.mean.iter().any(|m| !m.is_finite())
+        {
+            issues.push(ConfigIssue::new(
+                "preprocess.std",
+                format!("mean {:?}, std {:?}", self.mean, self.std),
+                "finite means and finite, non-zero standard deviations",
+            ));
+        }
+        if self.max_pixels == 0 {
+            issues.push(ConfigIssue::new("preprocess.max_pixels", "0", "at least 1"));
+        }
+        if self.max_bytes == 0 {
+            issues.push(ConfigIssue::new("preprocess.max_bytes", "0", "at least 1"));
+        }
+        check_range(issues, "preprocess.threads", self.threads, 0, 1024);
+    }
 }
 
 /// `[batching]`: how requests are grouped into model batches.
@@ -423,6 +585,7 @@ impl KilnConfig {
         if let Some(n) = self.text.max_length {
             check_range(&mut issues, "text.max_length", n, 1, 65_536);
         }
+        self.preprocess.check(&mut issues);
         let p = &self.profiler;
         check_range(&mut issues, "profiler.sample_interval_ms", p.sample_interval_ms as usize, 10, 3_600_000);
         check_range(&mut issues, "profiler.max_trace_events", p.max_trace_events, 1, 100_000_000);
@@ -484,6 +647,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         "provider",
         "model",
         "text",
+        "preprocess",
         "batching",
         "models",
         "memory",
@@ -509,6 +673,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         provider: section(figment, "provider", &mut issues).unwrap_or_default(),
         model: section(figment, "model", &mut issues).unwrap_or_default(),
         text: section(figment, "text", &mut issues).unwrap_or_default(),
+        preprocess: section(figment, "preprocess", &mut issues).unwrap_or_default(),
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
         models: section(figment, "models", &mut issues).unwrap_or_default(),
         memory: section(figment, "memory", &mut issues).unwrap_or_default(),

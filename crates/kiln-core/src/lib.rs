@@ -22,9 +22,9 @@ pub mod tracker;
 pub use async_trait::async_trait;
 pub use cache::{Cache, CacheKey, CacheStats, NoCache};
 pub use config::{
-    BatchingConfig, CacheConfig, KilnConfig, MemoryConfig, ModelConfig, ModelsConfig, Pooling,
-    ProfilerConfig, ProviderConfig, SchedulerConfig, Task, TextConfig, TrackerConfig, TrackingConfig,
-    WhenFull,
+    BatchingConfig, CacheConfig, KilnConfig, Layout, MemoryConfig, ModelConfig, ModelsConfig, Pooling,
+    PreprocessConfig, ProfilerConfig, ProviderConfig, ResizeFilter, ResizeMode, SchedulerConfig, Task,
+    TextConfig, TrackerConfig, TrackingConfig, WhenFull,
 };
 pub use device::{Device, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result};

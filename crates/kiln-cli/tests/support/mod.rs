@@ -33,18 +33,19 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Runs one of tests/readers/*.py with the Python that `scripts/setup readers` made
-/// (real TensorBoard and wandb from PyPI) and parses what it prints.
+/// (real TensorBoard, wandb and PIL from PyPI) and parses what it prints.
 pub fn read_with(script: &str, arg: &Path) -> serde_json::Value {
+    python(script, &[arg.as_os_str()])
+}
+
+/// [`read_with`] with any arguments.
+pub fn python(script: &str, args: &[&std::ffi::OsStr]) -> serde_json::Value {
     let python = std::env::var("TRACKER_READERS_PYTHON").unwrap_or_else(|_| {
         panic!("TRACKER_READERS_PYTHON is not set: run `scripts/setup readers` and `. .kiln/env` (scripts/test does)")
     });
-    let out = Command::new(&python).arg(root().join("tests/readers").join(script)).arg(arg).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{script} {} failed: {}",
-        arg.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out =
+        Command::new(&python).arg(root().join("tests/readers").join(script)).args(args).output().unwrap();
+    assert!(out.status.success(), "{script} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
