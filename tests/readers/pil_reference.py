@@ -1,8 +1,8 @@
 """The PIL + numpy way of pre-processing images, as a reference for kiln's pipeline.
 
   pil_reference.py make DIR       writes test images into DIR (JPEG and PNG, several
-                                  sizes and aspect ratios, gray, RGBA, an EXIF-rotated
-                                  JPEG, one smaller than the output) and prints their
+                                  sizes and aspect ratios, gray, RGBA, CMYK, an
+                                  EXIF-rotated JPEG, one smaller than the output) and prints their
                                   paths as JSON
   pil_reference.py make-bad DIR   writes files that must be refused: truncated.jpg,
                                   empty.jpg, notes.jpg (text), bomb.png (a valid header
@@ -74,6 +74,7 @@ def make(d):
     rgba.putalpha(Image.fromarray(alpha))
     save("rgba.png", rgba)
     save("small.png", Image.fromarray(photo(30, 50, 7)))
+    save("cmyk.jpg", Image.fromarray(photo(200, 300, 11)).convert("CMYK"), quality=92)
     rotated = Image.fromarray(photo(600, 900, 8))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
