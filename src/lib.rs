@@ -26,6 +26,8 @@ pub use kiln_vision as vision;
 // it; these lines keep each enabled provider's registration in the binary.
 #[cfg(feature = "candle")]
 use kiln_provider_candle as _;
+#[cfg(feature = "ort")]
+use kiln_provider_ort as _;
 
 /// Kinds of the trackers built into kiln (custom ones register the same way).
 pub const BUILTIN_TRACKERS: &[&str] = kiln_trackers::KINDS;
@@ -34,4 +36,6 @@ pub const BUILTIN_TRACKERS: &[&str] = kiln_trackers::KINDS;
 pub const ENABLED_PROVIDERS: &[&str] = &[
     #[cfg(feature = "candle")]
     "candle",
+    #[cfg(feature = "ort")]
+    "ort",
 ];

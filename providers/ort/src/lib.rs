@@ -1,0 +1,382 @@
+//! kiln's ONNX Runtime provider (`ort`): any `.onnx` model, with libonnxruntime loaded at
+//! run time from `ORT_DYLIB_PATH` (`scripts/setup ort` installs it from PyPI's
+//! `onnxruntime` and writes the variable into `.kiln/env`).
+//!
+//! A model's inputs and outputs are read from the session — names, element types and
+//! shapes with their symbolic dimensions — into [`ModelInfo`], so every request is
+//! checked against them before it reaches ONNX Runtime, with an error naming the input,
+//! what is expected and what came.
+//!
+//! `[provider.options]`:
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `optimization_level` | `"all"` | `disable`, `basic`, `extended`, `all` graph optimisations |
+//! | `intra_threads` | `0` | threads inside an operator; 0: ONNX Runtime's choice |
+//! | `inter_threads` | `0` | threads across operators; 0: ONNX Runtime's choice |
+//! | `execution_providers` | `["cpu"]` | in order of preference: `cuda`, `cpu`; `cuda` needs a library built with it |
+//! | `memory_pattern` | `true` | pre-plan memory for repeated shapes |
+//! | `cpu_arena` | `true` | the CPU arena allocator |
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use kiln_core::{
+    Capabilities, DType, Device, DeviceKind, Dim, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
+    Provider, ProviderConfig, Result, Tensor, TensorSpec, async_trait,
+};
+use ort::ep::ExecutionProvider;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, TensorElementType, ValueType};
+use serde::Deserialize;
+
+/// The name configs use: `[provider] name = "ort"`.
+pub const NAME: &str = "ort";
+
+/// The variable naming libonnxruntime.
+pub const DYLIB_VAR: &str = "ORT_DYLIB_PATH";
+
+/// Graph optimisation level.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizationLevel {
+    /// None.
+    Disable,
+    /// Constant folding, redundant node elimination.
+    Basic,
+    /// Plus complex fusions.
+    Extended,
+    /// Everything, layout optimisations included.
+    #[default]
+    All,
+}
+
+/// `[provider.options]` of the ort provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrtOptions {
+    /// Graph optimisations.
+    pub optimization_level: OptimizationLevel,
+    /// Threads inside an operator (0: ONNX Runtime's choice).
+    pub intra_threads: usize,
+    /// Threads across operators (0: ONNX Runtime's choice).
+    pub inter_threads: usize,
+    /// Execution providers in order of preference: `cuda`, `cpu`.
+    pub execution_providers: Vec<String>,
+    /// Pre-planned memory for repeated shapes.
+    pub memory_pattern: bool,
+    /// The CPU arena allocator.
+    pub cpu_arena: bool,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            optimization_level: OptimizationLevel::All,
+            intra_threads: 0,
+            inter_threads: 0,
+            execution_providers: vec!["cpu".into()],
+            memory_pattern: true,
+            cpu_arena: true,
+        }
+    }
+}
+
+/// The ONNX Runtime provider.
+#[derive(Debug)]
+pub struct OrtProvider {
+    options: OrtOptions,
+}
+
+fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
+    let options: OrtOptions = config.options()?;
+    for ep in &options.execution_providers {
+        if !matches!(ep.as_str(), "cpu" | "cuda") {
+            return Err(Error::Config(vec![kiln_core::ConfigIssue::new(
+                "provider.options.execution_providers",
+                format!("{ep:?}"),
+                "a list of \"cuda\", \"cpu\"",
+            )]));
+        }
+    }
+    Ok(Arc::new(OrtProvider { options }))
+}
+
+fn backend(e: impl std::fmt::Display) -> Error {
+    Error::backend(NAME, e.to_string())
+}
+
+/// The process-wide ONNX Runtime environment, loaded once from `ORT_DYLIB_PATH`.
+fn environment() -> Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = std::env::var_os(DYLIB_VAR).map(PathBuf::from).ok_or_else(|| {
+            format!(
+                "{DYLIB_VAR} is not set: point it at libonnxruntime.so (`scripts/setup ort` installs onnxruntime==1.31.1 \
+                 from PyPI and writes {DYLIB_VAR} into .kiln/env; then `. .kiln/env`)"
+            )
+        })?;
+        if !path.is_file() {
+            return Err(format!("{DYLIB_VAR}={} is not a file; it must name libonnxruntime.so", path.display()));
+        }
+        let loaded = std::panic::catch_unwind(|| {
+            ort::init_from(&path).map_err(|e| e.to_string())?.with_name("kiln").build().map_err(|e| e.to_string())
+        });
+        match loaded {
+            Ok(Ok(env)) => Ok(env),
+            Ok(Err(e)) => Err(format!(
+                "{DYLIB_VAR}={}: cannot load ONNX Runtime: {e} (kiln expects ONNX Runtime 1.24 or newer; \
+                 `scripts/setup ort` installs 1.31.1)",
+                path.display()
+            )),
+            Err(_) => Err(format!(
+                "{DYLIB_VAR}={}: loading ONNX Runtime panicked; is it libonnxruntime.so of version 1.24 or newer?",
+                path.display()
+            )),
+        }
+    })
+    .as_ref()
+    .map_err(|e| Error::Unsupported(e.clone()))
+}
+
+/// `model.onnx` in a folder, or the file itself.
+fn model_file(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        let file = path.join("model.onnx");
+        if file.is_file() {
+            return Ok(file);
+        }
+        return Err(Error::model_load(path, "no model.onnx in this folder"));
+    }
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    Err(Error::model_load(path, "no such file or folder"))
+}
+
+fn kiln_dtype(ty: TensorElementType) -> Option<DType> {
+    Some(match ty {
+        TensorElementType::Float32 => DType::F32,
+        TensorElementType::Float16 => DType::F16,
+        TensorElementType::Bfloat16 => DType::BF16,
+        TensorElementType::Int64 => DType::I64,
+        TensorElementType::Int32 => DType::I32,
+        TensorElementType::Uint8 => DType::U8,
+        _ => return None,
+    })
+}
+
+/// A session input or output as a [`TensorSpec`]: fixed dims as numbers, dynamic ones
+/// by their symbol (or `dim_i` when the graph gives none).
+fn tensor_spec(name: &str, ty: &ValueType) -> Result<TensorSpec> {
+    let ValueType::Tensor { ty, shape, dimension_symbols } = ty else {
+        return Err(Error::Unsupported(format!("`{name}` is not a tensor ({ty}); kiln passes tensors only")));
+    };
+    let dtype = kiln_dtype(*ty).ok_or_else(|| {
+        Error::Unsupported(format!("`{name}` has element type {ty:?}, which kiln does not pass"))
+    })?;
+    let dims = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            if d >= 0 {
+                Dim::Fixed(d as usize)
+            } else {
+                let symbol = dimension_symbols.get(i).filter(|s| !s.is_empty()).cloned();
+                Dim::Dynamic(symbol.unwrap_or_else(|| format!("dim_{i}")))
+            }
+        })
+        .collect();
+    Ok(TensorSpec::new(name, dtype, dims))
+}
+
+/// A loaded ONNX model. `Session::run` needs `&mut`; the model's worker thread is its
+/// only caller, so the lock is never contended.
+struct OrtModel {
+    info: ModelInfo,
+    session: Mutex<Session>,
+}
+
+impl OrtProvider {
+    fn session(&self, file: &Path, device: Device) -> Result<Session> {
+        let env = environment()?;
+        let o = &self.options;
+        let level = match o.optimization_level {
+            OptimizationLevel::Disable => GraphOptimizationLevel::Disable,
+            OptimizationLevel::Basic => GraphOptimizationLevel::Level1,
+            OptimizationLevel::Extended => GraphOptimizationLevel::Level2,
+            OptimizationLevel::All => GraphOptimizationLevel::Level3,
+        };
+        let mut eps = Vec::new();
+        let wants_cuda =
+            matches!(device, Device::Cuda(_)) || o.execution_providers.iter().any(|e| e == "cuda");
+        if wants_cuda {
+            let available = ort::ep::CUDA::is_available().unwrap_or(false);
+            if !available {
+                let cpu_allowed = o.execution_providers.iter().any(|e| e == "cpu") && device == Device::Cpu;
+                if !cpu_allowed {
+                    return Err(Error::Unsupported(format!(
+                        "the CUDA execution provider is not in the library {DYLIB_VAR} names (PyPI's onnxruntime is \
+                         CPU-only; onnxruntime-gpu has CUDA); use device = \"cpu\" or such a library"
+                    )));
+                }
+                tracing::warn!("CUDA execution provider unavailable in this ONNX Runtime; running on cpu");
+            } else {
+                let id = if let Device::Cuda(n) = device { n as i32 } else { 0 };
+                eps.push(ort::ep::CUDA::default().with_device_id(id).build());
+            }
+        }
+        eps.push(ort::ep::CPU::default().with_arena_allocator(o.cpu_arena).build());
+        let mut builder = Session::builder(env)
+            .map_err(backend)?
+            .with_optimization_level(level)
+            .map_err(backend)?
+            .with_memory_pattern(o.memory_pattern)
+            .map_err(backend)?
+            .with_execution_providers(eps)
+            .map_err(backend)?;
+        if o.intra_threads > 0 {
+            builder = builder.with_intra_threads(o.intra_threads).map_err(backend)?;
+        }
+        if o.inter_threads > 0 {
+            builder = builder.with_inter_threads(o.inter_threads).map_err(backend)?;
+        }
+        builder.commit_from_file(file).map_err(|e| Error::model_load(file, e.to_string()))
+    }
+}
+
+#[async_trait]
+impl Provider for OrtProvider {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut devices = vec![DeviceKind::Cpu];
+        if environment().is_ok() && ort::ep::CUDA::is_available().unwrap_or(false) {
+            devices.push(DeviceKind::Cuda);
+        }
+        Capabilities {
+            devices,
+            dtypes: vec![DType::F32, DType::F16],
+            quantization: Vec::new(),
+            formats: vec!["ONNX (.onnx file, or a folder with model.onnx)".into()],
+            max_batch_size: None,
+        }
+    }
+
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+        if !matches!(spec.device, Device::Cpu | Device::Cuda(_)) {
+            return Err(Error::Unsupported(format!(
+                "provider `ort` runs on cpu or cuda:N, not {}",
+                spec.device
+            )));
+        }
+        let file = model_file(&spec.path)?;
+        let session = self.session(&file, spec.device)?;
+        let inputs =
+            session.inputs().iter().map(|o| tensor_spec(o.name(), o.dtype())).collect::<Result<Vec<_>>>()?;
+        let outputs =
+            session.outputs().iter().map(|o| tensor_spec(o.name(), o.dtype())).collect::<Result<Vec<_>>>()?;
+        // A graph runs at its own precision; the config must say which.
+        let graph_dtype = outputs.iter().map(|o| o.dtype).find(|d| d.is_float()).unwrap_or(DType::F32);
+        if spec.dtype != graph_dtype {
+            return Err(Error::Unsupported(format!(
+                "{} computes in {graph_dtype}; set model.dtype = \"{graph_dtype}\" (ONNX Runtime runs a graph at the \
+                 precision it was exported in)",
+                file.display()
+            )));
+        }
+        let name = spec.path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        let mut info = ModelInfo::new(name, NAME, spec.device, graph_dtype);
+        info.inputs = inputs;
+        info.outputs = outputs;
+        info.weight_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
+        info.max_sequence_length = max_positions(file.parent().unwrap_or(Path::new(".")));
+        Ok(Arc::new(OrtModel { info, session: Mutex::new(session) }))
+    }
+
+    fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
+        // Weights as stored, plus ONNX Runtime's planning and arena overhead.
+        let file = model_file(&spec.path)?;
+        Ok(std::fs::metadata(&file).ok().map(|m| m.len() + m.len() / 5))
+    }
+}
+
+/// `max_position_embeddings` from a config.json beside the model (text models).
+fn max_positions(dir: &Path) -> Option<usize> {
+    let text = std::fs::read(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    config.get("max_position_embeddings")?.as_u64().map(|n| n as usize)
+}
+
+fn to_value(name: &str, t: &Tensor) -> Result<DynValue> {
+    let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+    let value = match t.dtype() {
+        DType::F32 => ort::value::Tensor::from_array((shape, t.to_vec::<f32>()?)).map(|v| v.into_dyn()),
+        DType::F16 => ort::value::Tensor::from_array((shape, t.to_vec::<half::f16>()?)).map(|v| v.into_dyn()),
+        DType::I64 => ort::value::Tensor::from_array((shape, t.to_vec::<i64>()?)).map(|v| v.into_dyn()),
+        DType::I32 => ort::value::Tensor::from_array((shape, t.to_vec::<i32>()?)).map(|v| v.into_dyn()),
+        DType::U8 => ort::value::Tensor::from_array((shape, t.to_vec::<u8>()?)).map(|v| v.into_dyn()),
+        other => {
+            return Err(Error::Unsupported(format!(
+                "input `{name}`: kiln cannot pass {other} to ONNX Runtime"
+            )));
+        }
+    };
+    value.map_err(backend)
+}
+
+fn from_value(name: &str, value: &DynValue) -> Result<Tensor> {
+    let ty = value.dtype();
+    let ValueType::Tensor { ty, .. } = ty else {
+        return Err(Error::backend(NAME, format!("output `{name}` is not a tensor")));
+    };
+    macro_rules! extract {
+        ($t:ty) => {{
+            let (shape, data) = value.try_extract_tensor::<$t>().map_err(backend)?;
+            Tensor::from_vec(shape.iter().map(|&d| d as usize).collect(), data.to_vec())
+        }};
+    }
+    match ty {
+        TensorElementType::Float32 => extract!(f32),
+        TensorElementType::Float16 => extract!(half::f16),
+        TensorElementType::Int64 => extract!(i64),
+        TensorElementType::Int32 => extract!(i32),
+        TensorElementType::Uint8 => extract!(u8),
+        other => Err(Error::backend(
+            NAME,
+            format!("output `{name}` has element type {other:?}, which kiln does not read"),
+        )),
+    }
+}
+
+impl Model for OrtModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        self.info.validate(inputs)?;
+        let values = self
+            .info
+            .inputs
+            .iter()
+            .map(|spec| Ok((spec.name.clone(), to_value(&spec.name, inputs.require(&spec.name)?)?)))
+            .collect::<Result<Vec<(String, DynValue)>>>()?;
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session.run(values).map_err(backend)?;
+        let mut out = Outputs::new();
+        for spec in &self.info.outputs {
+            out.insert(spec.name.clone(), from_value(&spec.name, &outputs[spec.name.as_str()])?);
+        }
+        Ok(out)
+    }
+}
+
+kiln_core::register_provider!(
+    NAME,
+    "ONNX Runtime: .onnx models (cpu; cuda with a CUDA build of the library)",
+    build
+);

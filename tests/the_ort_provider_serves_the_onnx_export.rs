@@ -1,0 +1,92 @@
+//! The ONNX Runtime provider (feature `ort`): the ONNX export of all-MiniLM-L6-v2 that
+//! `scripts/setup ort` makes gives the candle provider's embeddings for every fixture
+//! text, and requests are checked against the inputs the session declares.
+#![cfg(feature = "ort")]
+
+mod support;
+
+use kiln::{DType, Error, Inputs, Optimizer, Tensor};
+use support::{cosine, minilm_config, reference, root};
+
+fn onnx_dir() -> String {
+    let dir = root().join(".kiln/models/all-MiniLM-L6-v2-onnx");
+    assert!(dir.join("model.onnx").is_file(), "{} is missing: run `scripts/setup ort`", dir.display());
+    assert!(
+        std::env::var_os("ORT_DYLIB_PATH").is_some(),
+        "ORT_DYLIB_PATH is not set: run `scripts/setup ort` and `. .kiln/env` (scripts/test does)"
+    );
+    dir.display().to_string()
+}
+
+fn ort_config(sets: &[&str]) -> kiln::KilnConfig {
+    let path = format!("model.path={:?}", onnx_dir());
+    let mut all = vec!["provider.name=\"ort\"", path.as_str()];
+    all.extend(sets);
+    minilm_config(&all)
+}
+
+#[tokio::test]
+async fn every_fixture_text_matches_candle_with_cosine_at_least_0_9999() {
+    let reference = reference();
+    let ort = Optimizer::from_config(ort_config(&[])).await.unwrap();
+    let candle = Optimizer::from_config(minilm_config(&[])).await.unwrap();
+    let a = ort.embed(&reference.texts).await.unwrap();
+    let b = candle.embed(&reference.texts).await.unwrap();
+    for ((text, x), y) in reference.texts.iter().zip(&a).zip(&b) {
+        let c = cosine(x, y);
+        assert!(c >= 0.9999, "ort vs candle: cosine {c:.6} for {text:?}");
+    }
+    for ((text, x), r) in reference.texts.iter().zip(&a).zip(&reference.embeddings) {
+        assert!(cosine(x, r) >= 0.9999, "ort vs sentence-transformers for {text:?}");
+    }
+    let info = ort.model_info();
+    assert_eq!(info.provider, "ort");
+    let names: Vec<&str> = info.inputs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["input_ids", "attention_mask", "token_type_ids"]);
+    assert_eq!(info.max_sequence_length, Some(512), "read from config.json beside model.onnx");
+    ort.shutdown().await.unwrap();
+    candle.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_fit_the_session_names_the_input() {
+    let ort = Optimizer::from_config(ort_config(&[])).await.unwrap();
+    let ids = |dtype: DType, shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        match dtype {
+            DType::F32 => Tensor::from_vec(shape, vec![1.0f32; n]).unwrap(),
+            _ => Tensor::from_vec(shape, vec![1i64; n]).unwrap(),
+        }
+    };
+    let good = |t: Tensor| {
+        let shape = t.shape().to_vec();
+        Inputs::new()
+            .with("input_ids", t)
+            .with("attention_mask", ids(DType::I64, shape.clone()))
+            .with("token_type_ids", ids(DType::I64, shape))
+    };
+    let ok = ort.infer(good(ids(DType::I64, vec![2, 5]))).await.unwrap();
+    assert_eq!(ok.get("last_hidden_state").unwrap().shape(), [2, 5, 384]);
+
+    let e = ort.infer(good(ids(DType::F32, vec![2, 5]))).await.unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidInput(_))
+            && e.to_string().contains("input_ids")
+            && e.to_string().contains("i64"),
+        "{e}"
+    );
+    let e = ort.infer(good(ids(DType::I64, vec![10]))).await.unwrap_err();
+    assert!(e.to_string().contains("input_ids"), "rank: {e}");
+    let missing = Inputs::new().with("input_ids", ids(DType::I64, vec![1, 3]));
+    let e = ort.infer(missing).await.unwrap_err();
+    assert!(e.to_string().contains("attention_mask"), "{e}");
+    // And the session still serves.
+    assert!(ort.infer(good(ids(DType::I64, vec![1, 3]))).await.is_ok());
+    ort.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dtype_the_graph_does_not_compute_in_is_refused() {
+    let e = Optimizer::from_config(ort_config(&["model.dtype=\"f16\""])).await.err().unwrap().to_string();
+    assert!(e.contains("f32") && e.contains("model.dtype"), "{e}");
+}
