@@ -8,6 +8,9 @@
                                   empty.jpg, notes.jpg (text), bomb.png (a valid header
                                   claiming 50000x50000), image.ppm (a format kiln does
                                   not read); prints their paths as JSON
+  pil_reference.py text-lines DIR N
+                                  renders N lines of text (Pillow's built-in font) upright
+                                  and N turned 180 degrees; prints {path: degrees} as JSON
   pil_reference.py compare OURS.npy FILES...
                                   letterboxes FILES to 224x224 with PIL (LANCZOS, black
                                   padding, alpha composited on it, EXIF orientation
@@ -109,6 +112,26 @@ def make_bad(d):
     json.dump(files, sys.stdout)
 
 
+def text_lines(d, n):
+    from PIL import ImageDraw, ImageFont
+
+    words = ("kiln fires clay into stone while the glaze melts over every pot in the "
+             "studio at nine hundred degrees for six long hours before cooling").split()
+    r = np.random.default_rng(12)
+    out = {}
+    for i in range(int(n)):
+        text = " ".join(r.choice(words, size=int(r.integers(2, 5))))
+        font = ImageFont.load_default(size=int(r.integers(24, 34)))
+        left, top, right, bottom = font.getbbox(text)
+        im = Image.new("RGB", (right - left + 16, bottom - top + 16), (255, 255, 255))
+        ImageDraw.Draw(im).text((8 - left, 8 - top), text, fill=(0, 0, 0), font=font)
+        for degrees in (0, 180):
+            path = f"{d}/line_{i:03}_{degrees}.png"
+            im.rotate(degrees).save(path)
+            out[path] = degrees
+    json.dump(out, sys.stdout)
+
+
 def compare(ours_path, files):
     ours = np.load(ours_path)
     assert ours.shape == (len(files), 3, T, T), (ours.shape, len(files))
@@ -130,5 +153,6 @@ def bench(files):
 
 
 if __name__ == "__main__":
-    {"make": lambda: make(sys.argv[2]), "make-bad": lambda: make_bad(sys.argv[2]), "compare": lambda: compare(sys.argv[2], sys.argv[3:]),
+    {"make": lambda: make(sys.argv[2]), "make-bad": lambda: make_bad(sys.argv[2]),
+     "text-lines": lambda: text_lines(sys.argv[2], sys.argv[3]), "compare": lambda: compare(sys.argv[2], sys.argv[3:]),
      "bench": lambda: bench(sys.argv[2:])}[sys.argv[1]]()

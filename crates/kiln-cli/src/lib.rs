@@ -72,10 +72,12 @@ pub struct RunArgs {
     /// Config source options.
     #[command(flatten)]
     pub source: ConfigSource,
-    /// Input file: one text per line, or JSON Lines {"id", "text"}.
+    /// Input: for `embed`, one text per line or JSON Lines {"id", "text"}; for
+    /// `classify`, a folder of images, an image, or a text file listing image paths.
     #[arg(long, short)]
     pub input: PathBuf,
-    /// Output file: JSON Lines {"id", "embedding"} in input order.
+    /// Output file: JSON Lines in input order — {"id", "embedding"} (embed) or
+    /// {"id", "path", "top_k": [{"label", "index", "score"}]} (classify).
     #[arg(long, short)]
     pub output: PathBuf,
     /// How to read the input.
@@ -259,7 +261,92 @@ async fn run_task(args: RunArgs) -> Result<()> {
     args.profiler.apply(&mut config);
     match config.task {
         Task::Embed => embed_file(config, &args, &args.profiler).await,
+        Task::Classify => classify_files(config, &args).await,
     }
+}
+
+/// The images `kiln run` classifies: a folder's images, one image, or a text file
+/// listing image paths (one per line, relative to the list's folder).
+fn image_list(input: &std::path::Path) -> Result<Vec<PathBuf>> {
+    use kiln::vision::{IMAGE_EXTENSIONS, expand_paths};
+    let is_image = input
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)));
+    if input.is_dir() || is_image {
+        return Ok(expand_paths(&[input.to_path_buf()])?);
+    }
+    let text = std::fs::read_to_string(input)
+        .with_context(|| format!("reading the image list {}", input.display()))?;
+    let base = input.parent().unwrap_or(std::path::Path::new("."));
+    let paths: Vec<PathBuf> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| base.join(l)).collect();
+    if paths.is_empty() {
+        anyhow::bail!("the image list {} names no images", input.display());
+    }
+    Ok(paths)
+}
+
+/// Images per call to the optimizer.
+const IMAGE_CHUNK: usize = 256;
+
+async fn classify_files(config: KilnConfig, args: &RunArgs) -> Result<()> {
+    use kiln::vision::ImageInput;
+    let paths = image_list(&args.input)?;
+    let optimizer = Optimizer::from_config(config).await?;
+    let started = Instant::now();
+    let mut partial = args.output.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let mut failed = 0usize;
+    let result = async {
+        let file = std::fs::File::create(&partial)
+            .with_context(|| format!("creating output {}", partial.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        for (chunk_index, chunk) in paths.chunks(IMAGE_CHUNK).enumerate() {
+            let inputs: Vec<ImageInput> = chunk.iter().map(ImageInput::path).collect();
+            let results = optimizer.classify(&inputs).await?;
+            for (i, (path, result)) in chunk.iter().zip(results).enumerate() {
+                let id = chunk_index * IMAGE_CHUNK + i;
+                let row = match result {
+                    Ok(c) => serde_json::json!({"id": id, "path": path, "top_k": c.top_k}),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("kiln: {e}");
+                        serde_json::json!({"id": id, "path": path, "error": e.to_string()})
+                    }
+                };
+                serde_json::to_writer(&mut out, &row)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        out.flush().with_context(|| format!("writing output {}", partial.display()))?;
+        std::fs::rename(&partial, &args.output)
+            .with_context(|| format!("writing output {}", args.output.display()))
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let written = write_profiler_outputs(&optimizer, &args.profiler);
+    let stats = optimizer.shutdown().await?;
+    result?;
+    written?;
+    eprintln!(
+        "kiln: classified {} of {} images in {:.2} s ({:.1} images/s) with {} on {}; model loaded in {:.2} s",
+        paths.len() - failed,
+        paths.len(),
+        elapsed,
+        (paths.len() - failed) as f64 / elapsed.max(1e-9),
+        stats.model.provider,
+        stats.model.device,
+        stats.load_seconds
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be read (their rows carry the error)", paths.len());
+    }
+    Ok(())
 }
 
 /// One output line of the embed task.

@@ -41,6 +41,8 @@ pub struct KilnConfig {
     pub text: TextConfig,
     /// Image pre-processing.
     pub preprocess: PreprocessConfig,
+    /// The classify task's labels and top-k.
+    pub classify: ClassifyConfig,
     /// Batching of requests.
     pub batching: BatchingConfig,
     /// Limits on loaded models.
@@ -67,6 +69,7 @@ impl Default for KilnConfig {
             model: ModelConfig::default(),
             text: TextConfig::default(),
             preprocess: PreprocessConfig::default(),
+            classify: ClassifyConfig::default(),
             batching: BatchingConfig::default(),
             models: ModelsConfig::default(),
             memory: MemoryConfig::default(),
@@ -85,6 +88,8 @@ impl Default for KilnConfig {
 pub enum Task {
     /// Texts in, one embedding vector per text out.
     Embed,
+    /// Images in, the top-k labels with their probabilities out.
+    Classify,
 }
 
 /// `[provider]`: the backend by registered name, plus options it reads itself.
@@ -176,6 +181,25 @@ pub struct TextConfig {
     pub normalize: Option<bool>,
 }
 
+/// `[classify]`: how the classify task reads a model's scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifyConfig {
+    /// A text file with one label per line, in class order (default: class numbers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
+    /// How many of the best classes to report.
+    pub top_k: usize,
+    /// Apply softmax to the model's output (off when the model outputs probabilities).
+    pub softmax: bool,
+}
+
+impl Default for ClassifyConfig {
+    fn default() -> Self {
+        ClassifyConfig { labels: None, top_k: 5, softmax: true }
+    }
+}
+
 /// `[preprocess]`: how images become model input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -192,6 +216,9 @@ pub struct PreprocessConfig {
     pub shortest_edge: Option<u32>,
     /// Resampling filter.
     pub filter: ResizeFilter,
+    /// Where a letterboxed image sits: `center` (the seed's) or `start` (top-left, as
+    /// PaddleOCR's classifier pads).
+    pub align: Align,
     /// RGB of the letterbox padding, also what transparent pixels are composited on.
     pub pad_color: [u8; 3],
     /// Pixel values (0..=255) are multiplied by this, then `(v - mean) / std`.
@@ -226,6 +253,7 @@ impl Default for PreprocessConfig {
             height: 224,
             shortest_edge: None,
             filter: ResizeFilter::Lanczos3,
+            align: Align::Center,
             pad_color: [0, 0, 0],
             scale: 1.0 / 255.0,
             mean: [0.485, 0.456, 0.406],
@@ -253,6 +281,16 @@ pub enum ResizeMode {
     Resize,
     /// Resize the shorter side to `shortest_edge`, then crop the centre.
     ShortestEdge,
+}
+
+/// Placement of a letterboxed image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Align {
+    /// Centred: offsets `floor((target − side) / 2)`.
+    Center,
+    /// Top-left, padding right and below.
+    Start,
 }
 
 /// Resampling filter.
@@ -526,6 +564,9 @@ impl KilnConfig {
         if let Some(dir) = file_dir(figment, "model.path") {
             config.model.path = dir.join(&config.model.path);
         }
+        if let (Some(dir), Some(labels)) = (file_dir(figment, "classify.labels"), &config.classify.labels) {
+            config.classify.labels = Some(dir.join(labels));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -586,6 +627,7 @@ impl KilnConfig {
             check_range(&mut issues, "text.max_length", n, 1, 65_536);
         }
         self.preprocess.check(&mut issues);
+        check_range(&mut issues, "classify.top_k", self.classify.top_k, 1, 1_000_000);
         let p = &self.profiler;
         check_range(&mut issues, "profiler.sample_interval_ms", p.sample_interval_ms as usize, 10, 3_600_000);
         check_range(&mut issues, "profiler.max_trace_events", p.max_trace_events, 1, 100_000_000);
@@ -648,6 +690,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         "model",
         "text",
         "preprocess",
+        "classify",
         "batching",
         "models",
         "memory",
@@ -674,6 +717,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         model: section(figment, "model", &mut issues).unwrap_or_default(),
         text: section(figment, "text", &mut issues).unwrap_or_default(),
         preprocess: section(figment, "preprocess", &mut issues).unwrap_or_default(),
+        classify: section(figment, "classify", &mut issues).unwrap_or_default(),
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
         models: section(figment, "models", &mut issues).unwrap_or_default(),
         memory: section(figment, "memory", &mut issues).unwrap_or_default(),

@@ -23,7 +23,7 @@ pub use cache::{MokaCache, cache_key};
 pub use governor::{MemoryGovernor, MemoryStats};
 pub use memory::{MemoryProbe, MemorySample, process_rss};
 pub use models::{LoadedModel, ModelKey, ModelManager};
-pub use optimizer::{LAST_HIDDEN_STATE, Optimizer, TaskInput, TaskOutput};
+pub use optimizer::{Classification, LAST_HIDDEN_STATE, Optimizer, Scored, TaskInput, TaskOutput};
 pub use profiler::SamplingProfiler;
 pub use scheduler::Scheduler;
 pub use stats::{LatencyHistogram, Percentiles, Stats};

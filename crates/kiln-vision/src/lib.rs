@@ -753,6 +753,29 @@ mod tests {
     }
 
     #[test]
+    fn every_accepted_format_decodes_to_the_same_pixels() {
+        let p =
+            pipeline(|c| (c.width, c.height, c.dtype, c.filter) = (6, 4, DType::U8, ResizeFilter::Nearest));
+        let source = image::RgbImage::from_fn(6, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 200]));
+        let expected =
+            p.process_one(&ImageInput::bytes("png", png(DynamicImage::ImageRgb8(source.clone())))).unwrap();
+        for format in [ImageFormat::Bmp, ImageFormat::Gif, ImageFormat::Tiff, ImageFormat::WebP] {
+            let mut bytes = Vec::new();
+            let image = if format == ImageFormat::Gif {
+                DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(source.clone()).into_rgba8())
+            } else {
+                DynamicImage::ImageRgb8(source.clone())
+            };
+            image.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+            let t = p.process_one(&ImageInput::bytes(format!("{format:?}"), bytes)).unwrap();
+            // GIF quantises to a palette; the others are lossless here.
+            let tolerance = if format == ImageFormat::Gif { 16 } else { 0 };
+            let worst = t.bytes().iter().zip(expected.bytes()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(worst <= tolerance, "{format:?}: off by {worst}");
+        }
+    }
+
+    #[test]
     fn the_cache_answers_a_repeated_image() {
         let p = ImagePipeline::new(&PreprocessConfig { threads: 1, ..Default::default() }).unwrap();
         let img = png(DynamicImage::ImageRgb8(image::RgbImage::from_fn(30, 20, |x, y| {
