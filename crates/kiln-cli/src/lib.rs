@@ -42,6 +42,12 @@ pub enum Command {
     /// Run only the image pipeline (the config's `[preprocess]` section; no model) and
     /// write the batch as a NumPy `.npy`.
     Preprocess(PreprocessArgs),
+    /// List this machine's devices: the CPU and each NVIDIA GPU (NVML).
+    Devices {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the providers in this build and what they support.
     Providers {
         /// Print JSON instead of a table.
@@ -204,6 +210,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Providers { json } => providers(json),
         Command::Preprocess(args) => preprocess(args),
+        Command::Devices { json } => devices(json),
         Command::Bench(args) => bench_command(args).await,
     }
 }
@@ -445,6 +452,52 @@ fn preprocess(args: PreprocessArgs) -> Result<()> {
     );
     if !failed.is_empty() {
         anyhow::bail!("{} of {} images could not be read (listed above)", failed.len(), inputs.len());
+    }
+    Ok(())
+}
+
+fn devices(json: bool) -> Result<()> {
+    let report = kiln::runtime::discover_devices();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let c = &report.cpu;
+    println!("{:<8} {:<28} {:>22}  details", "device", "name", "memory used / total");
+    println!(
+        "{:<8} {:<28} {:>9.1} / {:>6.1} GiB  {} threads{}",
+        c.device.to_string(),
+        c.name,
+        gib(c.memory.used),
+        gib(c.memory.total),
+        c.threads,
+        c.cores.map(|n| format!(", {n} cores")).unwrap_or_default()
+    );
+    for g in &report.gpus {
+        let mut details = Vec::new();
+        if let Some(u) = g.utilization_percent {
+            details.push(format!("{u}% busy"));
+        }
+        if let Some(t) = g.temperature_c {
+            details.push(format!("{t} °C"));
+        }
+        if let Some(p) = g.power_w {
+            details.push(format!("{p:.0} W"));
+        }
+        println!(
+            "{:<8} {:<28} {:>9.1} / {:>6.1} GiB  {}",
+            g.device.to_string(),
+            g.name,
+            gib(g.memory.used),
+            gib(g.memory.total),
+            details.join(", ")
+        );
+    }
+    match (&report.driver_version, &report.cuda_version, &report.no_gpu_reason) {
+        (Some(d), Some(c), _) => println!("NVIDIA driver {d}, CUDA {c}"),
+        (_, _, Some(reason)) => println!("{reason}"),
+        _ => {}
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod collate;
+pub mod devices;
 pub mod governor;
 pub mod memory;
 pub mod models;
@@ -20,6 +21,7 @@ pub mod tracking;
 pub mod worker;
 
 pub use cache::{MokaCache, cache_key};
+pub use devices::{CpuDevice, DeviceReport, GpuDevice, discover as discover_devices};
 pub use governor::{MemoryGovernor, MemoryStats};
 pub use memory::{MemoryProbe, MemorySample, process_rss};
 pub use models::{LoadedModel, ModelKey, ModelManager};

@@ -21,9 +21,6 @@ use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use serde_json::json;
 use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, RefreshKind, System};
 
-/// Where the NVML library is looked for, in order.
-const NVML_LIBRARIES: &[&str] = &["libnvidia-ml.so.1", "libnvidia-ml.so"];
-
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 thread_local! {
     /// A small per-thread number for trace events (OS thread ids are not portable).
@@ -452,15 +449,7 @@ impl Resources {
 
     fn sample_gpus(&mut self, sample: &mut Sample) {
         let nvml = self.nvml.get_or_insert_with(|| {
-            let mut last = None;
-            for lib in NVML_LIBRARIES {
-                match Nvml::builder().lib_path(std::ffi::OsStr::new(lib)).init() {
-                    Ok(nvml) => return Some(nvml),
-                    Err(e) => last = Some(e),
-                }
-            }
-            tracing::debug!("no NVIDIA GPU figures: {}", last.map(|e| e.to_string()).unwrap_or_default());
-            None
+            crate::devices::open_nvml().inspect_err(|e| tracing::debug!("no NVIDIA GPU figures: {e}")).ok()
         });
         let Some(nvml) = nvml.as_ref() else { return };
         let count = nvml.device_count().unwrap_or(0);
