@@ -61,8 +61,9 @@ fn overhead(c: &mut Criterion) {
         b.iter(|| runtime.block_on(unprofiled.embed(&texts)).unwrap())
     });
     group.finish();
-    let spans_per_call: u64 = optimizer.profiler().report().spans.values().map(|s| s.count).sum::<u64>()
-        / optimizer.profiler().report().spans["request"].count.max(1);
+    let report = optimizer.profiler().report();
+    let spans_per_call =
+        report.spans.values().map(|s| s.count).sum::<u64>() / report.spans["request"].count.max(1);
     println!("spans recorded per embed_32 call: {spans_per_call}");
 
     let profiler = SamplingProfiler::start(ProfilerConfig::default());

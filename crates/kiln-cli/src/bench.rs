@@ -216,13 +216,8 @@ pub async fn run_once(
 
 /// Mean texts per model run between two snapshots.
 fn mean_batch_size(before: &Stats, after: &Stats) -> f64 {
-    let (mut runs, mut items) = (0u64, 0u64);
-    for (&size, &count) in &after.batch_sizes {
-        let delta = count - before.batch_sizes.get(&size).copied().unwrap_or(0);
-        runs += delta;
-        items += delta * size as u64;
-    }
-    if runs == 0 { 0.0 } else { items as f64 / runs as f64 }
+    let runs = after.batches - before.batches;
+    if runs == 0 { 0.0 } else { (after.rows() - before.rows()) as f64 / runs as f64 }
 }
 
 /// Prints a report as a few lines.

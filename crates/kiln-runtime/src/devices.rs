@@ -78,6 +78,26 @@ pub struct GpuDevice {
     pub power_w: Option<f64>,
 }
 
+/// Every GPU NVML sees, read now (a GPU whose memory cannot be read is left out).
+pub fn read_gpus(nvml: &Nvml) -> Vec<GpuDevice> {
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|index| {
+            let d = nvml.device_by_index(index).ok()?;
+            let m = d.memory_info().ok()?;
+            Some(GpuDevice {
+                device: Device::Cuda(index as usize),
+                name: d.name().unwrap_or_else(|_| format!("GPU {index}")),
+                uuid: d.uuid().ok(),
+                memory: MemoryInfo { total: m.total, used: m.used, free: m.free },
+                utilization_percent: d.utilization_rates().ok().map(|u| u.gpu),
+                temperature_c: d.temperature(TemperatureSensor::Gpu).ok(),
+                power_w: d.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
+            })
+        })
+        .collect()
+}
+
 /// Reads the CPU and, through NVML, every NVIDIA GPU.
 pub fn discover() -> DeviceReport {
     let kind = RefreshKind::nothing()
@@ -113,22 +133,7 @@ pub fn discover() -> DeviceReport {
             };
         }
     };
-    let count = nvml.device_count().unwrap_or(0);
-    let gpus = (0..count)
-        .filter_map(|index| {
-            let d = nvml.device_by_index(index).ok()?;
-            let m = d.memory_info().ok()?;
-            Some(GpuDevice {
-                device: Device::Cuda(index as usize),
-                name: d.name().unwrap_or_else(|_| format!("GPU {index}")),
-                uuid: d.uuid().ok(),
-                memory: MemoryInfo { total: m.total, used: m.used, free: m.free },
-                utilization_percent: d.utilization_rates().ok().map(|u| u.gpu),
-                temperature_c: d.temperature(TemperatureSensor::Gpu).ok(),
-                power_w: d.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
-            })
-        })
-        .collect::<Vec<_>>();
+    let gpus = read_gpus(&nvml);
     let cuda_version = nvml.sys_cuda_driver_version().ok().map(|v| {
         format!(
             "{}.{}",

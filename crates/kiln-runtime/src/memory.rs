@@ -13,6 +13,9 @@ pub struct MemorySample {
     pub system: MemoryInfo,
     /// This process's resident set size.
     pub process_rss: u64,
+    /// This process's CPU use since the previous reading, percent of one core; only from
+    /// a probe made [`with_cpu`](MemoryProbe::with_cpu), and not on its first reading.
+    pub process_cpu_percent: Option<f64>,
 }
 
 impl MemorySample {
@@ -28,6 +31,8 @@ impl MemorySample {
 pub struct MemoryProbe {
     system: Option<System>,
     pid: Option<Pid>,
+    cpu: bool,
+    readings: u64,
 }
 
 impl Default for MemoryProbe {
@@ -36,12 +41,17 @@ impl Default for MemoryProbe {
         let system = System::new_with_specifics(kind)
             .inspect_err(|e| tracing::warn!("cannot read system memory ({e}); memory checks are off"))
             .ok();
-        MemoryProbe { system, pid: sysinfo::get_current_pid().ok() }
+        MemoryProbe { system, pid: sysinfo::get_current_pid().ok(), cpu: false, readings: 0 }
     }
 }
 
 impl MemoryProbe {
-    /// System and process memory now.
+    /// A probe that also reads the process's CPU use (the profiler's sampler).
+    pub fn with_cpu() -> Self {
+        MemoryProbe { cpu: true, ..MemoryProbe::default() }
+    }
+
+    /// System and process memory now (and CPU use, for a probe [`with_cpu`](Self::with_cpu)).
     pub fn sample(&mut self) -> MemorySample {
         let Some(system) = self.system.as_mut() else {
             return MemorySample::default();
@@ -49,15 +59,24 @@ impl MemoryProbe {
         system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
         let total = system.total_memory();
         let free = system.available_memory();
-        let process_rss = self.pid.map_or(0, |pid| {
-            system.refresh_processes_specifics(
-                ProcessesToUpdate::Some(&[pid]),
-                true,
-                ProcessRefreshKind::nothing().with_memory(),
-            );
-            system.process(pid).map_or(0, |p| p.memory())
-        });
-        MemorySample { system: MemoryInfo { total, used: total.saturating_sub(free), free }, process_rss }
+        let mut sample = MemorySample {
+            system: MemoryInfo { total, used: total.saturating_sub(free), free },
+            ..MemorySample::default()
+        };
+        if let Some(pid) = self.pid {
+            let kind = ProcessRefreshKind::nothing().with_memory();
+            let kind = if self.cpu { kind.with_cpu() } else { kind };
+            system.refresh_processes_specifics(ProcessesToUpdate::Some(&[pid]), true, kind);
+            if let Some(p) = system.process(pid) {
+                sample.process_rss = p.memory();
+                // The first reading has no interval to measure CPU time over.
+                if self.cpu && self.readings > 0 {
+                    sample.process_cpu_percent = Some(f64::from(p.cpu_usage()));
+                }
+            }
+        }
+        self.readings += 1;
+        sample
     }
 
     /// Bytes available for new allocations on `device`, when known.

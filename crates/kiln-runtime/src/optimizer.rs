@@ -226,17 +226,30 @@ impl Optimizer {
     /// are truncated to it. With batching on, the texts join those of concurrent
     /// callers in shared batches; repeated texts are answered from the cache.
     pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        // A retry runs the whole call again; texts that made it the first time are
+        // cache hits by then (when the cache is on).
+        let vectors = self.request(Ok(()), || self.embed_inner(texts)).await?;
+        Counters::add(&self.counters.texts, texts.len() as u64);
+        Ok(vectors)
+    }
+
+    /// What every public call gets: a `request` span, the request count, the
+    /// scheduler (slot, deadline, retries) unless `check` already failed, and its
+    /// latency or error kind in the stats.
+    async fn request<T, F, Fut>(&self, check: Result<()>, attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let _span = self.profiler.span("request");
         let started = Instant::now();
         Counters::add(&self.counters.requests, 1);
-        // A retry runs the whole call again; texts that made it the first time are
-        // cache hits by then (when the cache is on).
-        let result = self.scheduler.call(|| self.embed_inner(texts)).await;
+        let result = match check {
+            Ok(()) => self.scheduler.call(attempt).await,
+            Err(e) => Err(e),
+        };
         match &result {
-            Ok(_) => {
-                Counters::add(&self.counters.texts, texts.len() as u64);
-                self.counters.latency(started.elapsed());
-            }
+            Ok(_) => self.counters.latency(started.elapsed()),
             Err(e) => self.counters.error(e),
         }
         result
@@ -336,15 +349,7 @@ impl Optimizer {
     /// turned into the `classify.top_k` best labels. One result per image, in order: an
     /// image that cannot be read fails alone, with an error naming it.
     pub async fn classify(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {
-        let _span = self.profiler.span("request");
-        let started = Instant::now();
-        Counters::add(&self.counters.requests, 1);
-        let result = self.scheduler.call(|| self.classify_inner(images)).await;
-        match &result {
-            Ok(_) => self.counters.latency(started.elapsed()),
-            Err(e) => self.counters.error(e),
-        }
-        result
+        self.request(Ok(()), || self.classify_inner(images)).await
     }
 
     async fn classify_inner(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {
@@ -399,16 +404,8 @@ impl Optimizer {
 
     /// Runs raw tensors through the model as one batch, validated against what it expects.
     pub async fn infer(&self, inputs: Inputs) -> Result<Outputs> {
-        let _span = self.profiler.span("request");
-        let started = Instant::now();
-        Counters::add(&self.counters.requests, 1);
-        self.model_info().validate(&inputs).inspect_err(|e| self.counters.error(e))?;
-        let result = self.scheduler.call(|| self.run_model(inputs.clone())).await;
-        match &result {
-            Ok(_) => self.counters.latency(started.elapsed()),
-            Err(e) => self.counters.error(e),
-        }
-        result
+        // Checked before taking a slot: a bad request never waits.
+        self.request(self.model_info().validate(&inputs), || self.run_model(inputs.clone())).await
     }
 
     /// Runs a list of tasks concurrently under the same limits; one result per task, in
@@ -565,7 +562,6 @@ impl IntervalMetrics {
         };
         let secs = now.duration_since(since).as_secs_f64().max(1e-9);
         let delta = |f: fn(&Stats) -> u64| (f(&stats) - before.map_or(0, f)) as f64;
-        let items = |s: &Stats| s.batch_sizes.iter().map(|(size, n)| *size as u64 * n).sum::<u64>();
         let errors = |s: &Stats| s.errors.values().sum::<u64>();
         let memory = self.probe.sample();
         let mut m = Metrics::new();
@@ -580,10 +576,10 @@ impl IntervalMetrics {
             put("latency_p99_ms", window.p99);
         }
         // Rows through the model, as they finish: steady even while one large call runs.
-        put("rows_per_s", delta(items) / secs);
+        put("rows_per_s", delta(Stats::rows) / secs);
         let batches = delta(|s| s.batches);
         if batches > 0.0 {
-            put("mean_batch_size", delta(items) / batches);
+            put("mean_batch_size", delta(Stats::rows) / batches);
         }
         put("cache_hit_rate", stats.cache.hit_rate());
         put("queue_depth", stats.queue_depth as f64);

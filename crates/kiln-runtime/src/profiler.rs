@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use kiln_core::{Error, GpuReport, ProfileReport, Profiler, ProfilerConfig, Result, SpanStats};
 use nvml_wrapper::Nvml;
-use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
 use serde_json::json;
-use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, RefreshKind, System};
+
+use crate::devices::{GpuDevice, read_gpus};
+use crate::memory::MemoryProbe;
 
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 thread_local! {
@@ -266,10 +267,10 @@ impl Profiler for SamplingProfiler {
             }
             for g in &s.gpus {
                 let mut args = serde_json::Map::new();
-                args.insert("memory_used_mib".into(), json!(mib(g.memory_used)));
+                args.insert("memory_used_mib".into(), json!(mib(g.memory.used)));
                 for (key, value) in [
-                    ("utilization_percent", g.utilization.map(f64::from)),
-                    ("temperature_c", g.temperature.map(f64::from)),
+                    ("utilization_percent", g.utilization_percent.map(f64::from)),
+                    ("temperature_c", g.temperature_c.map(f64::from)),
                     ("power_w", g.power_w),
                 ] {
                     if let Some(v) = value {
@@ -278,7 +279,7 @@ impl Profiler for SamplingProfiler {
                 }
                 event(
                     out,
-                    json!({"name": format!("gpu{}", g.index), "ph": "C", "ts": ts, "pid": pid, "args": args}),
+                    json!({"name": format!("gpu{}", gpu_index(g)), "ph": "C", "ts": ts, "pid": pid, "args": args}),
                 )
                 .map_err(io)?;
             }
@@ -330,8 +331,7 @@ fn assign_lanes(events: &[Event]) -> Vec<u64> {
 
 /// Resource figures: the probes, the aggregates, and (when tracing) every sample.
 struct Resources {
-    system: Option<System>,
-    pid: Option<Pid>,
+    probe: MemoryProbe,
     nvml: Option<Option<Nvml>>, // None: not tried yet; Some(None): no driver
     samples: u64,
     peak_rss: u64,
@@ -350,15 +350,7 @@ struct Sample {
     rss: u64,
     system_used: u64,
     cpu: Option<f64>,
-    gpus: Vec<GpuSample>,
-}
-
-struct GpuSample {
-    index: u32,
-    memory_used: u64,
-    utilization: Option<u32>,
-    temperature: Option<u32>,
-    power_w: Option<f64>,
+    gpus: Vec<GpuDevice>,
 }
 
 #[derive(Default)]
@@ -391,14 +383,8 @@ impl GpuAgg {
 
 impl Resources {
     fn new(keep_trace: bool) -> Self {
-        let kind = RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram());
         Resources {
-            system: System::new_with_specifics(kind)
-                .inspect_err(|e| {
-                    tracing::warn!("cannot read system figures ({e}); the profiler samples none")
-                })
-                .ok(),
-            pid: sysinfo::get_current_pid().ok(),
+            probe: MemoryProbe::with_cpu(),
             nvml: None,
             samples: 0,
             peak_rss: 0,
@@ -414,26 +400,15 @@ impl Resources {
     }
 
     fn sample(&mut self, at_ns: u64, max_trace: usize) {
-        let mut sample = Sample { at_ns, rss: 0, system_used: 0, cpu: None, gpus: Vec::new() };
-        if let Some(system) = self.system.as_mut() {
-            system.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
-            self.system_total = system.total_memory();
-            sample.system_used = self.system_total.saturating_sub(system.available_memory());
-            if let Some(pid) = self.pid {
-                system.refresh_processes_specifics(
-                    ProcessesToUpdate::Some(&[pid]),
-                    true,
-                    ProcessRefreshKind::nothing().with_memory().with_cpu(),
-                );
-                if let Some(p) = system.process(pid) {
-                    sample.rss = p.memory();
-                    // The first reading has no interval to measure CPU time over.
-                    if self.samples > 0 {
-                        sample.cpu = Some(f64::from(p.cpu_usage()));
-                    }
-                }
-            }
-        }
+        let memory = self.probe.sample();
+        self.system_total = memory.system.total;
+        let mut sample = Sample {
+            at_ns,
+            rss: memory.process_rss,
+            system_used: memory.system.used,
+            cpu: memory.process_cpu_percent,
+            gpus: Vec::new(),
+        };
         self.sample_gpus(&mut sample);
         self.samples += 1;
         self.peak_rss = self.peak_rss.max(sample.rss);
@@ -452,42 +427,41 @@ impl Resources {
             crate::devices::open_nvml().inspect_err(|e| tracing::debug!("no NVIDIA GPU figures: {e}")).ok()
         });
         let Some(nvml) = nvml.as_ref() else { return };
-        let count = nvml.device_count().unwrap_or(0);
         let mut used_total = 0;
-        for index in 0..count {
-            let Ok(device) = nvml.device_by_index(index) else { continue };
-            let Ok(memory) = device.memory_info() else { continue };
-            let g = GpuSample {
-                index,
-                memory_used: memory.used,
-                utilization: device.utilization_rates().ok().map(|u| u.gpu),
-                temperature: device.temperature(TemperatureSensor::Gpu).ok(),
-                power_w: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
-            };
+        for g in read_gpus(nvml) {
+            let index = gpu_index(&g);
             if self.gpus.iter().all(|a| a.index != index) {
                 self.gpus.push(GpuAgg {
                     index,
-                    name: device.name().unwrap_or_else(|_| format!("GPU {index}")),
-                    memory_total: memory.total,
+                    name: g.name.clone(),
+                    memory_total: g.memory.total,
                     ..GpuAgg::default()
                 });
             }
             let agg = self.gpus.iter_mut().find(|a| a.index == index).expect("added above");
             agg.samples += 1;
-            agg.peak_used = agg.peak_used.max(g.memory_used);
-            if let Some(u) = g.utilization {
+            agg.peak_used = agg.peak_used.max(g.memory.used);
+            if let Some(u) = g.utilization_percent {
                 agg.utilization = (agg.utilization.0 + f64::from(u), agg.utilization.1 + 1);
             }
-            if let Some(t) = g.temperature {
+            if let Some(t) = g.temperature_c {
                 agg.max_temperature = Some(agg.max_temperature.map_or(t, |m| m.max(t)));
             }
             if let Some(p) = g.power_w {
                 agg.power = (agg.power.0 + p, agg.power.1 + 1);
             }
-            used_total += g.memory_used;
+            used_total += g.memory.used;
             sample.gpus.push(g);
         }
         self.peak_gpu_used = self.peak_gpu_used.max(used_total);
+    }
+}
+
+/// The NVML index of a GPU [`read_gpus`] returned (`cuda:N`).
+fn gpu_index(g: &GpuDevice) -> u32 {
+    match g.device {
+        kiln_core::Device::Cuda(n) => n as u32,
+        _ => 0,
     }
 }
 

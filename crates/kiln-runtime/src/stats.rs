@@ -57,6 +57,13 @@ pub struct Stats {
     pub tracker_failures: BTreeMap<String, u64>,
 }
 
+impl Stats {
+    /// Rows (texts, images) run through the model so far.
+    pub fn rows(&self) -> u64 {
+        crate::worker::rows(&self.batch_sizes)
+    }
+}
+
 /// Percentiles of a latency distribution, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Percentiles {

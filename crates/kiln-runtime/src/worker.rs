@@ -100,9 +100,13 @@ pub struct BatchStats {
 impl BatchStats {
     /// Mean items per run.
     pub fn mean_batch_size(&self) -> f64 {
-        let items: u64 = self.batch_sizes.iter().map(|(size, n)| *size as u64 * n).sum();
-        if self.batches == 0 { 0.0 } else { items as f64 / self.batches as f64 }
+        if self.batches == 0 { 0.0 } else { rows(&self.batch_sizes) as f64 / self.batches as f64 }
     }
+}
+
+/// Rows (items) run through the model, from a histogram of runs by batch size.
+pub fn rows(batch_sizes: &BTreeMap<usize, u64>) -> u64 {
+    batch_sizes.iter().map(|(size, n)| *size as u64 * n).sum()
 }
 
 /// A handle to a model running on its own thread.
