@@ -49,7 +49,7 @@ impl JsonlTracker {
             serde_json::to_vec(&line).map_err(|e| kiln_core::Error::InvalidInput(e.to_string()))?;
         bytes.push(b'\n');
         self.file.push(&bytes);
-        if self.clock.due() { self.flush() } else { Ok(()) }
+        self.tick()
     }
 }
 

@@ -49,6 +49,12 @@ pub(crate) fn unix_time() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// This machine's name, as trackers record it.
+pub(crate) fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_string()).filter(|h| !h.is_empty())
+}
+
 /// Decides when a buffered tracker flushes.
 pub(crate) struct FlushClock {
     interval: Duration,

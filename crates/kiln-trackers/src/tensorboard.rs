@@ -13,7 +13,7 @@ use kiln_core::{Metrics, ProfileReport, Result, Tracker, TrackerSetup};
 use serde::Deserialize;
 
 use crate::proto::Message;
-use crate::{FlushClock, RecordFile, unix_time};
+use crate::{FlushClock, RecordFile, hostname, unix_time};
 
 const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 
@@ -78,11 +78,7 @@ fn text(tag: &str, markdown: &str) -> Message {
 impl TensorBoardTracker {
     /// A tracker writing into `run_dir` (created on first flush).
     pub(crate) fn new(run_dir: PathBuf, clock: FlushClock) -> Self {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .ok()
-            .filter(|h| !h.is_empty() && !h.contains('/'))
-            .unwrap_or_else(|| "localhost".into());
+        let host = hostname().filter(|h| !h.contains('/')).unwrap_or_else(|| "localhost".into());
         let name = format!("events.out.tfevents.{}.{host}.{}.kiln", unix_time() as u64, std::process::id());
         let mut file = RecordFile::new(run_dir.join(name));
         file.push(&record(&event(0).string(3, "brain.Event:2").0));
@@ -92,7 +88,7 @@ impl TensorBoardTracker {
     fn write(&mut self, step: u64, values: Vec<Message>) -> Result<()> {
         let summary = values.into_iter().fold(Message::new(), |s, v| s.message(1, v));
         self.file.push(&record(&event(step).message(5, summary).0));
-        if self.clock.due() { self.flush() } else { Ok(()) }
+        self.tick()
     }
 }
 

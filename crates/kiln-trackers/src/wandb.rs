@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::proto::Message;
-use crate::{FlushClock, RecordFile, run_id, unix_time};
+use crate::{FlushClock, RecordFile, hostname, run_id, unix_time};
 
 const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 const BLOCK: usize = 32 * 1024;
@@ -166,9 +166,7 @@ impl WandbTracker {
                 config_record = config_record.message(1, Message::new().string(1, k).string(16, &json(v)));
             }
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_default();
+        let host = hostname().unwrap_or_default();
         let mut run = Message::new().string(1, &self.id.clone());
         if let Some(entity) = self.entity.clone() {
             run = run.string(2, &entity);
@@ -181,10 +179,6 @@ impl WandbTracker {
         self.record(17, run);
     }
 
-    fn after_write(&mut self) -> Result<()> {
-        if self.clock.due() { self.flush() } else { Ok(()) }
-    }
-
     fn runtime(&self) -> f64 {
         self.started.1.elapsed().as_secs_f64()
     }
@@ -193,7 +187,7 @@ impl WandbTracker {
 impl Tracker for WandbTracker {
     fn log_config(&mut self, config: &Value) -> Result<()> {
         self.write_run(Some(config));
-        self.after_write()
+        self.tick()
     }
 
     fn log_metrics(&mut self, step: u64, metrics: &Metrics) -> Result<()> {
@@ -214,7 +208,7 @@ impl Tracker for WandbTracker {
         // W&B keeps a run's summary as the latest value of each key, updated per row.
         self.record(3, summary);
         self.record(2, history);
-        self.after_write()
+        self.tick()
     }
 
     fn log_summary(&mut self, summary: &Metrics) -> Result<()> {
@@ -225,7 +219,7 @@ impl Tracker for WandbTracker {
             self.summary.insert(k.clone(), Value::from(*v));
         }
         self.record(3, update);
-        self.after_write()
+        self.tick()
     }
 
     fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
@@ -233,7 +227,7 @@ impl Tracker for WandbTracker {
         let value = serde_json::to_value(report).unwrap_or(Value::Null);
         self.summary.insert("profile".into(), value.clone());
         self.record(3, Message::new().message(1, item("profile", &value)));
-        self.after_write()
+        self.tick()
     }
 
     fn tick(&mut self) -> Result<()> {
