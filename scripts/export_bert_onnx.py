@@ -15,12 +15,14 @@ Usage: export_bert_onnx.py MODEL_DIR OUT_DIR     (needs onnx and numpy)
 import json
 import pathlib
 import shutil
-import struct
 import sys
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import safetensors_np  # noqa: E402
 
 src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 config = json.loads((src / "config.json").read_text())
@@ -30,24 +32,10 @@ eps = config.get("layer_norm_eps", 1e-12)
 if config.get("hidden_act", "gelu") != "gelu":
     sys.exit(f"hidden_act {config['hidden_act']!r} is not supported (only exact gelu)")
 
-with open(src / "model.safetensors", "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-    data = f.read()
-weights = {}
-for name, meta in header.items():
-    if name == "__metadata__":
-        continue
-    start, end = meta["data_offsets"]
-    dtype = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64}[meta["dtype"]]
-    if dtype is None:
-        raw = np.frombuffer(data[start:end], dtype=np.uint16).astype(np.uint32) << 16
-        array = raw.view(np.float32)
-    else:
-        array = np.frombuffer(data[start:end], dtype=dtype)
-    weights[name.removeprefix("bert.")] = array.reshape(meta["shape"]).astype(
-        np.float32 if dtype != np.int64 else np.int64
-    )
+weights = {
+    name.removeprefix("bert."): array if array.dtype == np.int64 else array.astype(np.float32)
+    for name, array in safetensors_np.load(src / "model.safetensors").items()
+}
 
 nodes, inits = [], []
 counter = [0]

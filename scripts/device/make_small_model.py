@@ -13,24 +13,17 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import safetensors_np  # noqa: E402
+
 src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 layers = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 
-with open(src / "model.safetensors", "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-    data = f.read()
-
-tensors = {}
-for name, meta in header.items():
-    if name == "__metadata__":
-        continue
-    if name.startswith("encoder.layer.") and int(name.split(".")[2]) >= layers:
-        continue
-    start, end = meta["data_offsets"]
-    dtype = {"F32": np.float32, "I64": np.int64}[meta["dtype"]]
-    array = np.frombuffer(data[start:end], dtype=dtype).reshape(meta["shape"])
-    tensors[name] = array.astype(np.float16) if dtype == np.float32 else array
+tensors = {
+    name: array if array.dtype == np.int64 else array.astype(np.float16)
+    for name, array in safetensors_np.load(src / "model.safetensors").items()
+    if not (name.startswith("encoder.layer.") and int(name.split(".")[2]) >= layers)
+}
 
 new_header, blobs, offset = {}, [], 0
 for name, array in tensors.items():

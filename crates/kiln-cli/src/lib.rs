@@ -275,12 +275,8 @@ async fn run_task(args: RunArgs) -> Result<()> {
 /// The images `kiln run` classifies: a folder's images, one image, or a text file
 /// listing image paths (one per line, relative to the list's folder).
 fn image_list(input: &std::path::Path) -> Result<Vec<PathBuf>> {
-    use kiln::vision::{IMAGE_EXTENSIONS, expand_paths};
-    let is_image = input
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)));
-    if input.is_dir() || is_image {
+    use kiln::vision::{expand_paths, has_image_extension};
+    if input.is_dir() || has_image_extension(input) {
         return Ok(expand_paths(&[input.to_path_buf()])?);
     }
     let text = std::fs::read_to_string(input)
@@ -294,6 +290,30 @@ fn image_list(input: &std::path::Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// Writes `output` through `FILE.partial`: only a complete output takes the requested
+/// name, and a failed one leaves nothing behind.
+async fn write_output(
+    output: &std::path::Path,
+    write: impl AsyncFnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let mut partial = output.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let result = async {
+        let file = std::fs::File::create(&partial)
+            .with_context(|| format!("creating output {}", partial.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        write(&mut out).await?;
+        out.flush().with_context(|| format!("writing output {}", partial.display()))?;
+        std::fs::rename(&partial, output).with_context(|| format!("writing output {}", output.display()))
+    }
+    .await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
 /// Images per call to the optimizer.
 const IMAGE_CHUNK: usize = 256;
 
@@ -302,14 +322,8 @@ async fn classify_files(config: KilnConfig, args: &RunArgs) -> Result<()> {
     let paths = image_list(&args.input)?;
     let optimizer = Optimizer::from_config(config).await?;
     let started = Instant::now();
-    let mut partial = args.output.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
     let mut failed = 0usize;
-    let result = async {
-        let file = std::fs::File::create(&partial)
-            .with_context(|| format!("creating output {}", partial.display()))?;
-        let mut out = std::io::BufWriter::new(file);
+    let result = write_output(&args.output, async |out| {
         for (chunk_index, chunk) in paths.chunks(IMAGE_CHUNK).enumerate() {
             let inputs: Vec<ImageInput> = chunk.iter().map(ImageInput::path).collect();
             let results = optimizer.classify(&inputs).await?;
@@ -323,18 +337,13 @@ async fn classify_files(config: KilnConfig, args: &RunArgs) -> Result<()> {
                         serde_json::json!({"id": id, "path": path, "error": e.to_string()})
                     }
                 };
-                serde_json::to_writer(&mut out, &row)?;
+                serde_json::to_writer(&mut *out, &row)?;
                 out.write_all(b"\n")?;
             }
         }
-        out.flush().with_context(|| format!("writing output {}", partial.display()))?;
-        std::fs::rename(&partial, &args.output)
-            .with_context(|| format!("writing output {}", args.output.display()))
-    }
+        Ok(())
+    })
     .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
     let elapsed = started.elapsed().as_secs_f64();
     let written = write_profiler_outputs(&optimizer, &args.profiler);
     let stats = optimizer.shutdown().await?;
@@ -371,29 +380,18 @@ async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutput
     let records = read_texts(input, args.format)?;
     let optimizer = Optimizer::from_config(config).await?;
     let started = Instant::now();
-    let mut partial = output.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let result = async {
-        let file = std::fs::File::create(&partial)
-            .with_context(|| format!("creating output {}", partial.display()))?;
-        let mut out = std::io::BufWriter::new(file);
+    let result = write_output(output, async |out| {
         for chunk in records.chunks(CHUNK) {
             let texts: Vec<String> = chunk.iter().map(|r| r.text.clone()).collect();
             let vectors = optimizer.embed(&texts).await?;
             for (record, embedding) in chunk.iter().zip(vectors) {
-                serde_json::to_writer(&mut out, &EmbeddingRow { id: &record.id, embedding: &embedding })?;
+                serde_json::to_writer(&mut *out, &EmbeddingRow { id: &record.id, embedding: &embedding })?;
                 out.write_all(b"\n")?;
             }
         }
-        out.flush().with_context(|| format!("writing output {}", partial.display()))?;
-        // Only a complete output takes the requested name.
-        std::fs::rename(&partial, output).with_context(|| format!("writing output {}", output.display()))
-    }
+        Ok(())
+    })
     .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
     let elapsed = started.elapsed().as_secs_f64();
     let written = write_profiler_outputs(&optimizer, outputs);
     let stats = optimizer.shutdown().await?;
@@ -463,17 +461,19 @@ fn devices(json: bool) -> Result<()> {
         return Ok(());
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let row = |device: &kiln::Device, name: &str, memory: &kiln::MemoryInfo, details: String| {
+        println!(
+            "{:<8} {:<28} {:>9.1} / {:>6.1} GiB  {details}",
+            device.to_string(),
+            name,
+            gib(memory.used),
+            gib(memory.total)
+        );
+    };
     let c = &report.cpu;
     println!("{:<8} {:<28} {:>22}  details", "device", "name", "memory used / total");
-    println!(
-        "{:<8} {:<28} {:>9.1} / {:>6.1} GiB  {} threads{}",
-        c.device.to_string(),
-        c.name,
-        gib(c.memory.used),
-        gib(c.memory.total),
-        c.threads,
-        c.cores.map(|n| format!(", {n} cores")).unwrap_or_default()
-    );
+    let cores = c.cores.map(|n| format!(", {n} cores")).unwrap_or_default();
+    row(&c.device, &c.name, &c.memory, format!("{} threads{cores}", c.threads));
     for g in &report.gpus {
         let mut details = Vec::new();
         if let Some(u) = g.utilization_percent {
@@ -485,14 +485,7 @@ fn devices(json: bool) -> Result<()> {
         if let Some(p) = g.power_w {
             details.push(format!("{p:.0} W"));
         }
-        println!(
-            "{:<8} {:<28} {:>9.1} / {:>6.1} GiB  {}",
-            g.device.to_string(),
-            g.name,
-            gib(g.memory.used),
-            gib(g.memory.total),
-            details.join(", ")
-        );
+        row(&g.device, &g.name, &g.memory, details.join(", "));
     }
     match (&report.driver_version, &report.cuda_version, &report.no_gpu_reason) {
         (Some(d), Some(c), _) => println!("NVIDIA driver {d}, CUDA {c}"),

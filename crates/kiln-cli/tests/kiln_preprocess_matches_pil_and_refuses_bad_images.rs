@@ -96,26 +96,23 @@ fn it_reads_only_the_preprocess_section() {
     let files = paths(&python("pil_reference.py", &[OsStr::new("make"), dir.path().as_os_str()]));
     std::fs::copy(&files[2], &image).unwrap();
     let out = dir.path().join("x.npy");
-    let run = kiln(&[
-        "preprocess",
-        config.to_str().unwrap(),
-        image.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let preprocess = |extra: &[&str]| {
+        let mut args = vec![
+            "preprocess",
+            config.to_str().unwrap(),
+            image.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        kiln(&args)
+    };
+    let run = preprocess(&[]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let bytes = std::fs::read(&out).unwrap();
     let header = String::from_utf8_lossy(&bytes[..128]);
     assert!(header.contains("'|u1'") && header.contains("(1, 16, 32, 3)"), "{header}");
-    let run = kiln(&[
-        "preprocess",
-        config.to_str().unwrap(),
-        image.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--set",
-        "preprocess.dtype=\"i64\"",
-    ]);
+    let run = preprocess(&["--set", "preprocess.dtype=\"i64\""]);
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("preprocess.dtype"));
 }

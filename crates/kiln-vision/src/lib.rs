@@ -148,7 +148,7 @@ pub struct ImagePipeline {
 enum Lut {
     F32(Box<[[[u8; 4]; 256]; 3]>),
     F16(Box<[[[u8; 2]; 256]; 3]>),
-    U8,
+    U8(Box<[[[u8; 1]; 256]; 3]>),
 }
 
 impl ImagePipeline {
@@ -168,7 +168,7 @@ impl ImagePipeline {
             DType::F16 => Lut::F16(Box::new(std::array::from_fn(|c| {
                 std::array::from_fn(|v| half::f16::from_f32(value(c, v)).to_le_bytes())
             }))),
-            _ => Lut::U8,
+            _ => Lut::U8(Box::new(std::array::from_fn(|_| std::array::from_fn(|v| [v as u8])))),
         };
         let cache = (config.cache_bytes > 0).then(|| {
             moka::sync::Cache::builder()
@@ -437,11 +437,7 @@ impl ImagePipeline {
         match &self.lut {
             Lut::F32(lut) => write_image(row, lut, pad, &placed, w, h, self.config.layout),
             Lut::F16(lut) => write_image(row, lut, pad, &placed, w, h, self.config.layout),
-            Lut::U8 => {
-                let identity: [[[u8; 1]; 256]; 3] =
-                    std::array::from_fn(|_| std::array::from_fn(|v| [v as u8]));
-                write_image(row, &identity, pad, &placed, w, h, self.config.layout)
-            }
+            Lut::U8(lut) => write_image(row, lut, pad, &placed, w, h, self.config.layout),
         }
         Ok(())
     }
@@ -588,7 +584,8 @@ pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn has_image_extension(path: &Path) -> bool {
+/// Whether `path` ends in one of [`IMAGE_EXTENSIONS`] (any case).
+pub fn has_image_extension(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
