@@ -28,6 +28,8 @@ pub use kiln_vision as vision;
 use kiln_provider_candle as _;
 #[cfg(feature = "ort")]
 use kiln_provider_ort as _;
+#[cfg(feature = "tch")]
+use kiln_provider_tch as _;
 
 /// Kinds of the trackers built into kiln (custom ones register the same way).
 pub const BUILTIN_TRACKERS: &[&str] = kiln_trackers::KINDS;
@@ -38,4 +40,6 @@ pub const ENABLED_PROVIDERS: &[&str] = &[
     "candle",
     #[cfg(feature = "ort")]
     "ort",
+    #[cfg(feature = "tch")]
+    "tch",
 ];

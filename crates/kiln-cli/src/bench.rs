@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub unique_ratio: f64,
     /// Words per generated text, inclusive range.
     pub words: (usize, usize),
+    /// Texts to send instead of generated ones, in order, cycling.
+    pub texts: Option<Vec<String>>,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
     /// Where the measured run's profile and trace go.
@@ -126,6 +128,16 @@ fn workload(requests: usize, unique_ratio: f64, words: (usize, usize)) -> (Vec<S
     (texts, order)
 }
 
+/// The non-empty lines of a `--texts` file.
+pub fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--texts {}", path.display()))?;
+    let texts: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+    if texts.is_empty() {
+        bail!("--texts {}: no non-empty lines; expected one text per line", path.display());
+    }
+    Ok(texts)
+}
+
 /// Runs the load against one config.
 pub async fn run_once(
     config: KilnConfig,
@@ -147,7 +159,10 @@ pub async fn run_once(
         (0..options.concurrency.min(32)).map(|i| format!("warm-up text number {i}")).collect();
     optimizer.embed(&warm).await.context("warm-up")?;
 
-    let (texts, order) = workload(options.requests, options.unique_ratio, options.words);
+    let (texts, order) = match &options.texts {
+        Some(texts) => (texts.clone(), (0..options.requests).map(|i| i % texts.len()).collect()),
+        None => workload(options.requests, options.unique_ratio, options.words),
+    };
     let (texts, order) = (Arc::new(texts), Arc::new(order));
     let before = optimizer.stats();
     let next = Arc::new(AtomicUsize::new(0));

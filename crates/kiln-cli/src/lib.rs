@@ -186,6 +186,11 @@ pub struct BenchArgs {
     /// Words per generated text, MIN-MAX.
     #[arg(long, default_value = "4-64", value_parser = parse_words)]
     pub words: (usize, usize),
+    /// Send the texts of this file (one per line) instead of generated ones, in order,
+    /// cycling when `--requests` is more than its lines; `--unique-ratio` and `--words`
+    /// do not apply. For a baseline outside kiln on exactly the same texts.
+    #[arg(long, value_name = "FILE")]
+    pub texts: Option<PathBuf>,
     /// Also run a baseline with these overrides first (repeatable), and report
     /// config / baseline throughput: `--compare batching.enabled=false`.
     #[arg(long, value_name = "SECTION.KEY=VALUE")]
@@ -229,6 +234,10 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
         concurrency: args.concurrency,
         unique_ratio: args.unique_ratio,
         words: args.words,
+        texts: match &args.texts {
+            Some(path) => Some(bench::read_texts(path)?),
+            None => None,
+        },
         progress: true,
         profiler: args.profiler.clone(),
     };

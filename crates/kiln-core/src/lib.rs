@@ -30,7 +30,8 @@ pub use device::{Device, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result};
 pub use profiler::{GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{
-    Capabilities, Model, ModelInfo, ModelSpec, Provider, ProviderRegistration, build_provider, providers,
+    Capabilities, Model, ModelInfo, ModelSpec, Provider, ProviderRegistration, build_provider,
+    max_position_embeddings, providers,
 };
 pub use registry::{Registration, Registry};
 pub use tensor::{DType, Dim, Element, Inputs, NamedTensors, Outputs, Tensor, TensorSpec};

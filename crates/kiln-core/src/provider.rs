@@ -172,6 +172,14 @@ impl ModelInfo {
     }
 }
 
+/// `max_position_embeddings` from the `config.json` in `dir` (Hugging Face text models),
+/// for providers whose model file does not say how long a sequence may be.
+pub fn max_position_embeddings(dir: &std::path::Path) -> Option<usize> {
+    let text = std::fs::read(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    config.get("max_position_embeddings")?.as_u64().map(|n| n as usize)
+}
+
 /// What a provider supports in this build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Capabilities {

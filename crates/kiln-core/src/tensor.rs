@@ -165,6 +165,17 @@ impl Tensor {
         Ok(bytemuck::allocation::pod_collect_to_vec::<u8, T>(&self.data))
     }
 
+    /// The elements as f32: f32 copied, f16 and bf16 widened (exactly). Other dtypes
+    /// are an error naming the dtype, since integers are not model outputs to pool.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        match self.dtype {
+            DType::F32 => self.to_vec::<f32>(),
+            DType::F16 => Ok(self.to_vec::<half::f16>()?.into_iter().map(f32::from).collect()),
+            DType::BF16 => Ok(self.to_vec::<half::bf16>()?.into_iter().map(f32::from).collect()),
+            other => Err(Error::InvalidInput(format!("tensor holds {other}; expected f32, f16 or bf16"))),
+        }
+    }
+
     /// Borrows the elements as `T` without copying, when the buffer happens to be aligned.
     pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
         if T::DTYPE != self.dtype {

@@ -3,13 +3,15 @@
 //! Above `memory.high_watermark` (used fraction of system memory) it clears the result
 //! cache, then unloads idle models, least recently used first, until usage is under
 //! `memory.low_watermark` or nothing idle is left. It records peaks as it goes. GPU
-//! memory (NVML) joins with CUDA support.
+//! memory (NVML, every GPU of the machine) counts the same way: a GPU above the high
+//! watermark is pressure, and idle models are unloaded until every figure is under the
+//! low one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kiln_core::{Cache, MemoryConfig};
+use kiln_core::{Cache, MemoryConfig, MemoryInfo};
 use serde::Serialize;
 
 use crate::memory::{MemoryProbe, MemorySample};
@@ -32,6 +34,10 @@ pub struct MemoryStats {
     pub models_unloaded: u64,
     /// The latest sample's used fraction of system memory.
     pub used_fraction: f64,
+    /// Highest memory in use on any NVIDIA GPU, bytes (0 without one).
+    pub peak_gpu_used_bytes: u64,
+    /// The latest sample's highest used fraction over the GPUs (0 without one).
+    pub gpu_used_fraction: f64,
 }
 
 #[derive(Default)]
@@ -58,19 +64,23 @@ impl MemoryGovernor {
             loop {
                 ticks.tick().await;
                 let sample = probe.sample();
-                let pressured = state.record(&sample, config.high_watermark);
+                let gpus = probe.gpus();
+                let pressured = state.record(&sample, &gpus, config.high_watermark);
                 if !pressured {
                     continue;
                 }
                 tracing::warn!(
-                    "memory {:.0}% used, above the high watermark {:.0}%: clearing the result cache",
+                    "memory {:.0}% used (system) / {:.0}% (fullest GPU), above the high watermark {:.0}%: \
+                     clearing the result cache",
                     sample.used_fraction() * 100.0,
+                    gpu_fraction(&gpus) * 100.0,
                     config.high_watermark * 100.0
                 );
                 cache.invalidate_all();
                 state.stats.lock().unwrap_or_else(|p| p.into_inner()).cache_clears += 1;
-                while probe.sample().used_fraction() > config.low_watermark && models.unload_lru_idle().await
-                {
+                let fullest =
+                    |probe: &mut MemoryProbe| probe.sample().used_fraction().max(gpu_fraction(&probe.gpus()));
+                while fullest(&mut probe) > config.low_watermark && models.unload_lru_idle().await {
                     state.models_unloaded.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -86,15 +96,24 @@ impl MemoryGovernor {
     }
 }
 
+/// The highest used fraction over the GPUs; 0 without any.
+fn gpu_fraction(gpus: &[(usize, MemoryInfo)]) -> f64 {
+    gpus.iter().filter(|(_, m)| m.total > 0).map(|(_, m)| m.used as f64 / m.total as f64).fold(0.0, f64::max)
+}
+
 impl Shared {
     /// Records a sample; returns whether it is above the high watermark.
-    fn record(&self, sample: &MemorySample, high: f64) -> bool {
+    fn record(&self, sample: &MemorySample, gpus: &[(usize, MemoryInfo)], high: f64) -> bool {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.samples += 1;
         stats.peak_rss_bytes = stats.peak_rss_bytes.max(sample.process_rss);
         stats.peak_system_used_bytes = stats.peak_system_used_bytes.max(sample.system.used);
         stats.used_fraction = sample.used_fraction();
-        let pressured = sample.system.total > 0 && sample.used_fraction() > high;
+        stats.gpu_used_fraction = gpu_fraction(gpus);
+        stats.peak_gpu_used_bytes =
+            gpus.iter().map(|(_, m)| m.used).fold(stats.peak_gpu_used_bytes, u64::max);
+        let pressured =
+            (sample.system.total > 0 && sample.used_fraction() > high) || stats.gpu_used_fraction > high;
         stats.pressure_events += u64::from(pressured);
         pressured
     }

@@ -33,6 +33,8 @@ pub struct MemoryProbe {
     pid: Option<Pid>,
     cpu: bool,
     readings: u64,
+    /// NVML, opened on the first GPU question; `Err` (no driver) is kept, not retried.
+    nvml: Option<std::result::Result<nvml_wrapper::Nvml, String>>,
 }
 
 impl Default for MemoryProbe {
@@ -41,7 +43,7 @@ impl Default for MemoryProbe {
         let system = System::new_with_specifics(kind)
             .inspect_err(|e| tracing::warn!("cannot read system memory ({e}); memory checks are off"))
             .ok();
-        MemoryProbe { system, pid: sysinfo::get_current_pid().ok(), cpu: false, readings: 0 }
+        MemoryProbe { system, pid: sysinfo::get_current_pid().ok(), cpu: false, readings: 0, nvml: None }
     }
 }
 
@@ -79,10 +81,32 @@ impl MemoryProbe {
         sample
     }
 
-    /// Bytes available for new allocations on `device`, when known.
+    /// Memory of every NVIDIA GPU (NVML), by NVML index; empty without a driver.
+    pub fn gpus(&mut self) -> Vec<(usize, MemoryInfo)> {
+        let Some(nvml) = self.nvml.get_or_insert_with(crate::devices::open_nvml).as_ref().ok() else {
+            return Vec::new();
+        };
+        let count = nvml.device_count().unwrap_or(0);
+        (0..count)
+            .filter_map(|i| {
+                let m = nvml.device_by_index(i).ok()?.memory_info().ok()?;
+                Some((i as usize, MemoryInfo { total: m.total, used: m.used, free: m.free }))
+            })
+            .collect()
+    }
+
+    /// Bytes available for new allocations on `device`, when known: the system's free
+    /// memory for the CPU, NVML's free memory of GPU `N` for `cuda:N` (NVML's index;
+    /// the same as CUDA's ordinal unless `CUDA_VISIBLE_DEVICES` reorders them). No
+    /// driver, no figure: the load goes unchecked.
     pub fn available(&mut self, device: Device) -> Option<u64> {
         match device {
             Device::Cpu if self.system.is_some() => Some(self.sample().system.free),
+            Device::Cuda(n) => {
+                let nvml = self.nvml.get_or_insert_with(crate::devices::open_nvml).as_ref().ok()?;
+                let gpu = nvml.device_by_index(n as u32).ok()?;
+                gpu.memory_info().ok().map(|m| m.free)
+            }
             _ => None,
         }
     }

@@ -693,7 +693,7 @@ impl Classifier {
         let (_, scores) = outputs.iter().next().ok_or_else(|| {
             Error::InvalidInput("the model returned no outputs; a classifier must return scores".into())
         })?;
-        let mut values = scores.to_vec::<f32>()?;
+        let mut values = scores.to_f32_vec()?;
         if self.softmax {
             let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = values

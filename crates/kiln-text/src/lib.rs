@@ -230,14 +230,14 @@ impl TextPipeline {
     /// token); an output that is already one vector per text (`[batch, hidden]`) is used
     /// as is. Either way the result is normalised if the settings say so.
     pub fn pool(&self, output: &Tensor, mask: &[i64]) -> Result<Vec<Vec<f32>>> {
-        let values = output.to_vec::<f32>()?;
+        let values = output.to_f32_vec()?;
         match *output.shape() {
             [batch, sequence, hidden] if batch * sequence == mask.len() => {
                 Ok(pool(&values, mask, batch, sequence, hidden, &self.settings))
             }
             [batch, hidden] => Ok(pool(&values, &vec![1; batch], batch, 1, hidden, &self.settings)),
             ref shape => Err(Error::InvalidInput(format!(
-                "model output: expected f32 [batch, sequence, hidden] matching the attention mask ({} tokens) \
+                "model output: expected float [batch, sequence, hidden] matching the attention mask ({} tokens) \
                  or [batch, hidden], got {:?}",
                 mask.len(),
                 shape

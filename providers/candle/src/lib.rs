@@ -1,10 +1,13 @@
 //! kiln provider for [candle](https://github.com/huggingface/candle): BERT-family
-//! encoders from Hugging Face folders (`config.json` + `model.safetensors`), on CPU.
+//! encoders from Hugging Face folders (`config.json` + `model.safetensors`), on CPU, and
+//! on NVIDIA GPUs (`cuda:N`) with the crate's `cuda` feature (`kiln`'s `candle-cuda`).
 //!
 //! Registered as `candle`. The model takes the `input_ids`, `attention_mask` and
 //! `token_type_ids` that `kiln-text` produces and returns `last_hidden_state`
-//! (f32 `[batch, sequence, hidden]`, whatever the compute precision), so pooling and
-//! normalisation happen in f32 in kiln's text pipeline, the same for every provider.
+//! (`[batch, sequence, hidden]`: f16 for f16 models — half the bytes to copy off a GPU —
+//! and f32 otherwise), and pooling and normalisation happen in f32 in kiln's text
+//! pipeline, the same for every provider. Weights are converted to the model's dtype
+//! at load; LayerNorm and softmax run in f32 inside candle's kernels.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,11 +48,38 @@ fn backend(e: candle_core::Error) -> Error {
 fn candle_device(device: Device) -> Result<CDevice> {
     match device {
         Device::Cpu => Ok(CDevice::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => CDevice::new_cuda(n).map_err(|e| {
+            Error::Unsupported(format!(
+                "provider `candle` cannot open cuda:{n}: {}",
+                first_line(&e.to_string())
+            ))
+        }),
+        #[cfg(feature = "cuda")]
+        other => Err(Error::Unsupported(format!("provider `candle` runs on cpu or cuda:N, not {other}"))),
+        #[cfg(not(feature = "cuda"))]
         other => Err(Error::Unsupported(format!(
             "provider `candle` in this build runs on cpu only, not {other}; CUDA support comes with the \
              `candle-cuda` feature"
         ))),
     }
+}
+
+/// candle's CUDA errors carry a backtrace after the first line.
+#[cfg(feature = "cuda")]
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// Whether this build can run on a GPU here: built with `cuda` and cuda:0 opens.
+fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| CDevice::new_cuda(0).is_ok())
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 fn candle_dtype(dtype: DType) -> Result<CDType> {
@@ -142,10 +172,14 @@ impl Provider for CandleProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
+        let mut caps = Capabilities {
             formats: vec!["Hugging Face BERT folder (config.json + model.safetensors)".into()],
             ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
+        };
+        if cuda_available() {
+            caps.devices.push(kiln_core::DeviceKind::Cuda);
         }
+        caps
     }
 
     /// Weights at the model's dtype, from the safetensors headers, plus 10% for
@@ -220,7 +254,7 @@ impl Provider for CandleProvider {
             .collect();
         info.outputs = vec![TensorSpec::new(
             LAST_HIDDEN_STATE,
-            DType::F32,
+            output_dtype(spec.dtype),
             vec![
                 Dim::Dynamic("batch".into()),
                 Dim::Dynamic("sequence".into()),
@@ -245,7 +279,7 @@ impl Provider for CandleProvider {
             ))
         };
         let probe = model.run(&inputs).map_err(|e| unsupported(e.to_string()))?;
-        let values = probe.require(LAST_HIDDEN_STATE)?.to_vec::<f32>()?;
+        let values = probe.require(LAST_HIDDEN_STATE)?.to_f32_vec()?;
         if !values.iter().all(|v| v.is_finite()) {
             return Err(unsupported("the probe batch produced non-finite values".into()));
         }
@@ -344,17 +378,37 @@ impl Model for BertEncoder {
         let types = self.tensor(inputs, "token_type_ids")?;
         let hidden = self.model.forward(&ids, &types, &mask).map_err(backend)?;
         let shape = hidden.dims().to_vec();
-        let values = hidden
-            .to_dtype(CDType::F32)
-            .and_then(|h| h.to_device(&CDevice::Cpu))
-            .and_then(|h| h.flatten_all())
-            .and_then(|h| h.to_vec1::<f32>())
-            .map_err(backend)?;
-        Ok(Outputs::new().with(LAST_HIDDEN_STATE, Tensor::from_vec(shape, values)?))
+        let host = |h: CTensor| h.to_device(&CDevice::Cpu).and_then(|h| h.flatten_all());
+        let tensor = if self.info.dtype == DType::F16 {
+            let values = host(hidden).and_then(|h| h.to_vec1::<half::f16>()).map_err(backend)?;
+            Tensor::from_vec(shape, values)?
+        } else {
+            let values = hidden
+                .to_dtype(CDType::F32)
+                .and_then(host)
+                .and_then(|h| h.to_vec1::<f32>())
+                .map_err(backend)?;
+            Tensor::from_vec(shape, values)?
+        };
+        Ok(Outputs::new().with(LAST_HIDDEN_STATE, tensor))
     }
 }
 
-kiln_core::register_provider!(NAME, "candle: BERT-family encoders from Hugging Face folders (cpu)", build);
+/// What `last_hidden_state` leaves the model as: f16 stays f16 (half the bytes off a
+/// GPU); bf16 widens to f32 on the device.
+fn output_dtype(dtype: DType) -> DType {
+    if dtype == DType::F16 { DType::F16 } else { DType::F32 }
+}
+
+kiln_core::register_provider!(
+    NAME,
+    if cfg!(feature = "cuda") {
+        "candle: BERT-family encoders from Hugging Face folders (cpu, cuda:N)"
+    } else {
+        "candle: BERT-family encoders from Hugging Face folders (cpu)"
+    },
+    build
+);
 
 #[cfg(test)]
 mod tests {
@@ -386,8 +440,11 @@ mod tests {
 
     #[test]
     fn unsupported_device_and_dtype_say_what_is_accepted() {
-        let err = load(&ModelSpec::new(".", Device::Cuda(0), DType::F32)).err().unwrap().to_string();
-        assert!(err.contains("runs on cpu only, not cuda:0"), "{err}");
+        #[cfg(not(feature = "cuda"))]
+        {
+            let err = load(&ModelSpec::new(".", Device::Cuda(0), DType::F32)).err().unwrap().to_string();
+            assert!(err.contains("runs on cpu only, not cuda:0"), "{err}");
+        }
         let err = load(&ModelSpec::new(".", Device::Cpu, DType::I64)).err().unwrap().to_string();
         assert!(err.contains("f32, f16 or bf16, not i64"), "{err}");
     }

@@ -293,7 +293,8 @@ impl Provider for OrtProvider {
         info.inputs = inputs;
         info.outputs = outputs;
         info.weight_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
-        info.max_sequence_length = max_positions(file.parent().unwrap_or(Path::new(".")));
+        info.max_sequence_length =
+            kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
         Ok(Arc::new(OrtModel { info, session: Mutex::new(session) }))
     }
 
@@ -302,13 +303,6 @@ impl Provider for OrtProvider {
         let file = model_file(&spec.path)?;
         Ok(std::fs::metadata(&file).ok().map(|m| m.len() + m.len() / 5))
     }
-}
-
-/// `max_position_embeddings` from a config.json beside the model (text models).
-fn max_positions(dir: &Path) -> Option<usize> {
-    let text = std::fs::read(dir.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    config.get("max_position_embeddings")?.as_u64().map(|n| n as usize)
 }
 
 fn to_value(name: &str, t: &Tensor) -> Result<DynValue> {

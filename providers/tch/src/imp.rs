@@ -1,0 +1,412 @@
+//! The provider itself; compiled with the `libtorch` feature (see the crate docs).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use kiln_core::{
+    Capabilities, DType, Device, DeviceKind, Dim, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
+    Provider, ProviderConfig, Result, Tensor, TensorSpec, async_trait,
+};
+use serde::Deserialize;
+use tch::{IValue, Kind};
+
+use crate::{EXPECTED_TORCH, NAME};
+
+use crate::version;
+
+/// `[provider.options]` of the tch provider.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TchOptions {
+    /// libtorch's intra-op CPU threads (0: its own choice).
+    pub threads: usize,
+}
+
+/// The libtorch provider.
+#[derive(Debug)]
+pub struct TchProvider;
+
+fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
+    let options: TchOptions = config.options()?;
+    libtorch()?;
+    if options.threads > 0 {
+        tch::set_num_threads(options.threads as i32);
+    }
+    Ok(Arc::new(TchProvider))
+}
+
+fn backend(e: impl std::fmt::Display) -> Error {
+    Error::backend(NAME, e.to_string())
+}
+
+/// The libtorch this process runs with.
+#[derive(Debug)]
+struct LibTorch {
+    /// The folder `libtorch_cpu.so` was mapped from.
+    lib_dir: Option<PathBuf>,
+    /// Its version, when the folder says.
+    version: Option<String>,
+}
+
+/// The running libtorch, checked once against [`EXPECTED_TORCH`].
+fn libtorch() -> Result<&'static LibTorch> {
+    static LIB: OnceLock<std::result::Result<LibTorch, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let lib_dir = mapped_library_dir("libtorch_cpu.so");
+        let version = lib_dir.as_deref().and_then(version::torch_version);
+        if let Some(found) = &version
+            && !version::same_release(found, EXPECTED_TORCH)
+        {
+            return Err(format!(
+                "the libtorch in {} is PyTorch {found}; this kiln was built with tch for PyTorch {EXPECTED_TORCH} \
+                 (`scripts/setup tch` installs it; LD_LIBRARY_PATH must name its torch/lib first)",
+                lib_dir.as_deref().unwrap_or(Path::new("?")).display()
+            ));
+        }
+        Ok(LibTorch { lib_dir, version })
+    })
+    .as_ref()
+    .map_err(|e| Error::Unsupported(e.clone()))
+}
+
+/// The folder a shared library of this process was mapped from, by `/proc/self/maps`.
+fn mapped_library_dir(file: &str) -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let path = Path::new(line.split_whitespace().nth(5)?);
+        (path.file_name()? == file).then(|| path.parent().map(Path::to_path_buf))?
+    })
+}
+
+/// Whether libtorch can use CUDA, loading `libtorch_cuda.so` on first call; the error
+/// says why not.
+fn cuda() -> std::result::Result<i64, String> {
+    static CUDA: OnceLock<std::result::Result<i64, String>> = OnceLock::new();
+    CUDA.get_or_init(|| {
+        let lib = libtorch().map_err(|e| e.to_string())?;
+        let dir = lib.lib_dir.clone().ok_or("libtorch_cpu.so is not mapped into this process")?;
+        let file = dir.join("libtorch_cuda.so");
+        if !file.is_file() {
+            return Err(format!("{} has no libtorch_cuda.so (a CPU-only libtorch)", dir.display()));
+        }
+        load_global(&file)?;
+        let count = tch::Cuda::device_count();
+        if count == 0 || !tch::Cuda::is_available() {
+            return Err(format!(
+                "libtorch_cuda loaded from {} but libtorch sees no CUDA device (driver or GPU missing)",
+                dir.display()
+            ));
+        }
+        Ok(count)
+    })
+    .clone()
+}
+
+/// `dlopen`s a library with its symbols global, for good: CUDA registers itself with
+/// libtorch from the library's static constructors.
+fn load_global(file: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(file.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated path; the handle is never closed, so nothing it
+    // registers outlives the library.
+    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    if handle.is_null() {
+        // SAFETY: dlerror returns NULL or a NUL-terminated string owned by libc.
+        let reason = unsafe {
+            let e = libc::dlerror();
+            if e.is_null() {
+                "unknown".into()
+            } else {
+                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
+            }
+        };
+        return Err(format!("cannot load {}: {reason}", file.display()));
+    }
+    Ok(())
+}
+
+fn tch_device(device: Device) -> Result<tch::Device> {
+    match device {
+        Device::Cpu => Ok(tch::Device::Cpu),
+        Device::Cuda(n) => {
+            let count = cuda().map_err(|why| Error::Unsupported(format!("cuda:{n} requested, but {why}")))?;
+            if n as i64 >= count {
+                return Err(Error::Unsupported(format!(
+                    "cuda:{n} requested, but libtorch sees {count} CUDA device(s): cuda:0..cuda:{}",
+                    count - 1
+                )));
+            }
+            Ok(tch::Device::Cuda(n))
+        }
+        other => Err(Error::Unsupported(format!("provider `tch` runs on cpu or cuda:N, not {other}"))),
+    }
+}
+
+fn kind(dtype: DType) -> Option<Kind> {
+    Some(match dtype {
+        DType::F32 => Kind::Float,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::I64 => Kind::Int64,
+        DType::I32 => Kind::Int,
+        DType::U8 => Kind::Uint8,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Option<DType> {
+    Some(match kind {
+        Kind::Float => DType::F32,
+        Kind::Half => DType::F16,
+        Kind::BFloat16 => DType::BF16,
+        Kind::Int64 => DType::I64,
+        Kind::Int => DType::I32,
+        Kind::Uint8 => DType::U8,
+        _ => return None,
+    })
+}
+
+/// `signature.json`: what `forward` takes and returns.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Signature {
+    inputs: Vec<SignatureTensor>,
+    outputs: Vec<SignatureTensor>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignatureTensor {
+    name: String,
+    dtype: String,
+    shape: Vec<Dim>,
+}
+
+impl SignatureTensor {
+    fn spec(&self, file: &Path, model_dtype: DType) -> Result<TensorSpec> {
+        let dtype = if self.dtype == "model" {
+            model_dtype
+        } else {
+            self.dtype.parse::<DType>().map_err(|_| {
+                Error::model_load(
+                    file,
+                    format!(
+                        "`{}` has dtype {:?}; expected one of f32, f16, bf16, i64, i32, u8, model",
+                        self.name, self.dtype
+                    ),
+                )
+            })?
+        };
+        Ok(TensorSpec::new(&self.name, dtype, self.shape.clone()))
+    }
+}
+
+/// `model.pt` and its `signature.json`, from a folder or the `.pt` file.
+fn model_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (dir, file) = if path.is_dir() {
+        (path.to_path_buf(), path.join("model.pt"))
+    } else {
+        (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
+    };
+    if !file.is_file() {
+        let why = if path.is_dir() { "no model.pt in this folder" } else { "no such file or folder" };
+        return Err(Error::model_load(path, why));
+    }
+    let signature = dir.join("signature.json");
+    if !signature.is_file() {
+        return Err(Error::model_load(
+            &signature,
+            "missing: TorchScript does not record forward's tensors, so kiln needs them listed \
+             ({\"inputs\": [{\"name\", \"dtype\", \"shape\"}..], \"outputs\": [..]}; see kiln-provider-tch's docs; \
+             scripts/trace_bert_torchscript.py writes one)",
+        ));
+    }
+    Ok((file, signature))
+}
+
+/// A loaded TorchScript module. `forward` is thread-safe in libtorch, but `CModule` is
+/// not `Sync` in tch; the model's worker thread is its only caller, so the lock is
+/// never contended.
+struct TchModel {
+    info: ModelInfo,
+    module: Mutex<tch::CModule>,
+    device: tch::Device,
+}
+
+#[async_trait]
+impl Provider for TchProvider {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut devices = vec![DeviceKind::Cpu];
+        if cuda().is_ok() {
+            devices.push(DeviceKind::Cuda);
+        }
+        let lib = libtorch().ok();
+        let version = lib.and_then(|l| l.version.clone()).unwrap_or_else(|| "unknown version".into());
+        Capabilities {
+            devices,
+            dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            quantization: Vec::new(),
+            formats: vec![format!(
+                "TorchScript (.pt file, or a folder with model.pt) + signature.json; libtorch {version}"
+            )],
+            max_batch_size: None,
+        }
+    }
+
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+        let device = tch_device(spec.device)?;
+        let (file, signature_file) = model_files(&spec.path)?;
+        let text = std::fs::read(&signature_file).map_err(|e| Error::io("read", &signature_file, e))?;
+        let signature: Signature = serde_json::from_slice(&text)
+            .map_err(|e| Error::model_load(&signature_file, format!("not a kiln signature: {e}")))?;
+        if signature.inputs.is_empty() || signature.outputs.is_empty() {
+            return Err(Error::model_load(&signature_file, "lists no inputs or no outputs; it needs both"));
+        }
+        let model_kind = kind(spec.dtype).filter(|_| spec.dtype.is_float()).ok_or_else(|| {
+            Error::Unsupported(format!("model.dtype {} is not one of f32, f16, bf16", spec.dtype))
+        })?;
+        let mut module = tch::CModule::load_on_device(&file, device)
+            .map_err(|e| Error::model_load(&file, format!("libtorch cannot load it as TorchScript: {e}")))?;
+        module.to(device, model_kind, false);
+        module.set_eval();
+
+        let name = spec.path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        let mut info = ModelInfo::new(name, NAME, spec.device, spec.dtype);
+        info.inputs =
+            signature.inputs.iter().map(|t| t.spec(&signature_file, spec.dtype)).collect::<Result<_>>()?;
+        // bf16 leaves the device as f32 (see `from_tch`).
+        let out_dtype = if spec.dtype == DType::BF16 { DType::F32 } else { spec.dtype };
+        info.outputs =
+            signature.outputs.iter().map(|t| t.spec(&signature_file, out_dtype)).collect::<Result<_>>()?;
+        info.weight_bytes = Some(
+            module
+                .named_parameters()
+                .map_err(backend)?
+                .iter()
+                .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                .sum(),
+        );
+        info.max_sequence_length =
+            kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
+        Ok(Arc::new(TchModel { info, module: Mutex::new(module), device }))
+    }
+
+    fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
+        // The file holds the weights (at the dtype they were saved in) and the code;
+        // converting to a narrower dtype only shrinks them.
+        let (file, _) = model_files(&spec.path)?;
+        Ok(std::fs::metadata(&file).ok().map(|m| m.len() + m.len() / 5))
+    }
+}
+
+fn to_tch(t: &Tensor, device: tch::Device) -> Result<tch::Tensor> {
+    let kind =
+        kind(t.dtype()).ok_or_else(|| Error::Unsupported(format!("kiln cannot pass {}", t.dtype())))?;
+    let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+    let host = tch::Tensor::f_from_data_size(t.bytes(), &shape, kind).map_err(backend)?;
+    if device == tch::Device::Cpu { Ok(host) } else { host.f_to_device(device).map_err(backend) }
+}
+
+fn from_tch(name: &str, t: &tch::Tensor) -> Result<Tensor> {
+    let t = if t.kind() == Kind::BFloat16 {
+        t.f_to_kind(Kind::Float).map_err(backend)?
+    } else {
+        t.shallow_clone()
+    };
+    let t = t.f_to_device(tch::Device::Cpu).map_err(backend)?.f_contiguous().map_err(backend)?;
+    let dtype = dtype_of(t.kind()).ok_or_else(|| {
+        Error::backend(
+            NAME,
+            format!("output `{name}` has element type {:?}, which kiln does not read", t.kind()),
+        )
+    })?;
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * dtype.size()];
+    t.f_copy_data_u8(&mut bytes, numel).map_err(backend)?;
+    Tensor::from_bytes(dtype, shape, bytes)
+}
+
+impl TchModel {
+    /// `forward`'s result as named tensors: one tensor, a tuple or list in output
+    /// order, or a dict keyed by output name.
+    fn outputs(&self, result: IValue) -> Result<Outputs> {
+        let names: Vec<&str> = self.info.outputs.iter().map(|o| o.name.as_str()).collect();
+        let mut out = Outputs::new();
+        let unexpected = |what: &str| {
+            Error::backend(
+                NAME,
+                format!("forward returned {what}; kiln reads tensors, tuples, lists and dicts of tensors"),
+            )
+        };
+        let tensor = |v: &IValue, name: &str| match v {
+            IValue::Tensor(t) => from_tch(name, t),
+            other => Err(unexpected(&format!("{other:?} for `{name}`"))),
+        };
+        match result {
+            IValue::Tensor(t) => {
+                out.insert(names[0].to_string(), from_tch(names[0], &t)?);
+            }
+            IValue::Tuple(items) | IValue::GenericList(items) => {
+                if items.len() != names.len() {
+                    return Err(Error::backend(
+                        NAME,
+                        format!(
+                            "forward returned {} values; signature.json lists {} outputs",
+                            items.len(),
+                            names.len()
+                        ),
+                    ));
+                }
+                for (v, name) in items.iter().zip(&names) {
+                    out.insert(name.to_string(), tensor(v, name)?);
+                }
+            }
+            IValue::GenericDict(pairs) => {
+                for name in &names {
+                    let v = pairs
+                        .iter()
+                        .find(|(k, _)| matches!(k, IValue::String(s) if s == name))
+                        .map(|(_, v)| v)
+                        .ok_or_else(|| {
+                            Error::backend(NAME, format!("forward's dict has no output `{name}`"))
+                        })?;
+                    out.insert(name.to_string(), tensor(v, name)?);
+                }
+            }
+            other => return Err(unexpected(&format!("{other:?}"))),
+        }
+        Ok(out)
+    }
+}
+
+impl Model for TchModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        self.info.validate(inputs)?;
+        let args = self
+            .info
+            .inputs
+            .iter()
+            .map(|spec| to_tch(inputs.require(&spec.name)?, self.device).map(IValue::Tensor))
+            .collect::<Result<Vec<_>>>()?;
+        let _no_grad = tch::no_grad_guard();
+        let module = self.module.lock().unwrap_or_else(|p| p.into_inner());
+        let result = module.forward_is(&args).map_err(backend)?;
+        drop(module);
+        self.outputs(result)
+    }
+}
+
+kiln_core::register_provider!(
+    NAME,
+    "libtorch: TorchScript modules (cpu; cuda:N with a CUDA libtorch)",
+    build
+);

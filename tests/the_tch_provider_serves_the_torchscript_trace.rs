@@ -1,0 +1,150 @@
+//! The libtorch provider (feature `tch`): the TorchScript trace of all-MiniLM-L6-v2 that
+//! `scripts/setup tch` makes with torch 2.11 gives the candle provider's embeddings for
+//! every fixture text, at f32 and at reduced precision; requests are checked against
+//! signature.json; what it cannot do is refused with the reason, and serving goes on.
+#![cfg(feature = "tch")]
+
+mod support;
+
+use kiln::{DType, Error, Inputs, Optimizer, Tensor};
+use support::{cosine, minilm_config, reference, root};
+
+fn traced_dir() -> std::path::PathBuf {
+    let dir = root().join(".kiln/models/all-MiniLM-L6-v2-tch");
+    assert!(dir.join("model.pt").is_file(), "{} is missing: run `scripts/setup tch`", dir.display());
+    dir
+}
+
+fn tch_config(sets: &[&str]) -> kiln::KilnConfig {
+    let path = format!("model.path={:?}", traced_dir().display().to_string());
+    let mut all = vec!["provider.name=\"tch\"", path.as_str()];
+    all.extend(sets);
+    minilm_config(&all)
+}
+
+/// The lowest cosine between the tch provider at `dtype` and candle at f32, over every
+/// fixture text, and the text it was lowest for.
+async fn worst_against_candle(dtype: &str) -> (f64, String) {
+    let reference = reference();
+    let set = format!("model.dtype=\"{dtype}\"");
+    let tch = Optimizer::from_config(tch_config(&[&set])).await.unwrap();
+    let candle = Optimizer::from_config(minilm_config(&[])).await.unwrap();
+    let a = tch.embed(&reference.texts).await.unwrap();
+    let b = candle.embed(&reference.texts).await.unwrap();
+    tch.shutdown().await.unwrap();
+    candle.shutdown().await.unwrap();
+    let worst = reference
+        .texts
+        .iter()
+        .zip(a.iter().zip(&b))
+        .map(|(text, (x, y))| (cosine(x, y), text.clone()))
+        .min_by(|p, q| p.0.total_cmp(&q.0))
+        .unwrap();
+    println!("tch {dtype} vs candle f32: lowest cosine {:.6} over {} texts", worst.0, reference.texts.len());
+    worst
+}
+
+#[tokio::test]
+async fn every_fixture_text_matches_candle_with_cosine_at_least_0_9999() {
+    let reference = reference();
+    let tch = Optimizer::from_config(tch_config(&[])).await.unwrap();
+    let a = tch.embed(&reference.texts).await.unwrap();
+    for ((text, x), r) in reference.texts.iter().zip(&a).zip(&reference.embeddings) {
+        let c = cosine(x, r);
+        assert!(c >= 0.9999, "tch vs sentence-transformers: cosine {c:.6} for {text:?}");
+    }
+    let info = tch.model_info();
+    assert_eq!(info.provider, "tch");
+    let names: Vec<&str> = info.inputs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["input_ids", "attention_mask", "token_type_ids"]);
+    assert_eq!(info.max_sequence_length, Some(512), "read from config.json beside model.pt");
+    assert_eq!(info.weight_bytes, Some(22_565_376 * 4), "MiniLM's parameters (no pooler) at f32");
+    tch.shutdown().await.unwrap();
+
+    let (worst, text) = worst_against_candle("f32").await;
+    assert!(worst >= 0.9999, "tch vs candle at f32: cosine {worst:.6} for {text:?}");
+}
+
+#[tokio::test]
+async fn f16_and_bf16_stay_close_to_f32() {
+    let (worst, text) = worst_against_candle("f16").await;
+    assert!(worst >= 0.999, "f16 vs candle f32: cosine {worst:.6} for {text:?}");
+    let (worst, text) = worst_against_candle("bf16").await;
+    assert!(worst >= 0.999, "bf16 vs candle f32: cosine {worst:.6} for {text:?}");
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_fit_the_signature_names_the_input() {
+    let tch = Optimizer::from_config(tch_config(&[])).await.unwrap();
+    let tensor = |dtype: DType, shape: Vec<usize>| {
+        let n = shape.iter().product::<usize>();
+        match dtype {
+            DType::F32 => Tensor::from_vec(shape, vec![1.0f32; n]).unwrap(),
+            _ => Tensor::from_vec(shape, vec![1i64; n]).unwrap(),
+        }
+    };
+    let with_ids = |ids: Tensor| {
+        let shape = ids.shape().to_vec();
+        Inputs::new()
+            .with("input_ids", ids)
+            .with("attention_mask", tensor(DType::I64, shape.clone()))
+            .with("token_type_ids", tensor(DType::I64, shape))
+    };
+    let ok = tch.infer(with_ids(tensor(DType::I64, vec![2, 5]))).await.unwrap();
+    assert_eq!(ok.get("last_hidden_state").unwrap().shape(), [2, 5, 384]);
+    assert_eq!(ok.get("last_hidden_state").unwrap().dtype(), DType::F32);
+
+    let e = tch.infer(with_ids(tensor(DType::F32, vec![2, 5]))).await.unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidInput(_))
+            && e.to_string().contains("input_ids")
+            && e.to_string().contains("i64"),
+        "{e}"
+    );
+    let e = tch.infer(with_ids(tensor(DType::I64, vec![10]))).await.unwrap_err();
+    assert!(e.to_string().contains("input_ids") && e.to_string().contains("[batch, sequence]"), "rank: {e}");
+    let e = tch.infer(Inputs::new().with("input_ids", tensor(DType::I64, vec![1, 3]))).await.unwrap_err();
+    assert!(e.to_string().contains("attention_mask"), "{e}");
+    let extra = with_ids(tensor(DType::I64, vec![1, 3])).with("pixel_values", tensor(DType::F32, vec![1, 3]));
+    let e = tch.infer(extra).await.unwrap_err();
+    assert!(e.to_string().contains("no input `pixel_values`"), "{e}");
+    // An id past the vocabulary passes the signature and fails inside libtorch: a
+    // backend error for that request, not a crash.
+    let ids = Tensor::from_vec(vec![1, 2], vec![101i64, 10_000_000]).unwrap();
+    let e = tch.infer(with_ids(ids)).await.unwrap_err();
+    assert!(e.to_string().contains("tch"), "{e}");
+    // And the model still serves.
+    assert!(tch.infer(with_ids(tensor(DType::I64, vec![1, 3]))).await.is_ok());
+    tch.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn what_the_provider_cannot_load_is_refused_with_the_reason() {
+    // No signature.json beside the module.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(traced_dir().join("model.pt"), dir.path().join("model.pt")).unwrap();
+    for name in ["config.json", "tokenizer.json"] {
+        std::fs::copy(traced_dir().join(name), dir.path().join(name)).unwrap();
+    }
+    let set = format!("model.path={:?}", dir.path().display().to_string());
+    let e = Optimizer::from_config(tch_config(&[&set])).await.err().unwrap().to_string();
+    assert!(e.contains("signature.json") && e.contains("missing"), "{e}");
+
+    // A file that is not TorchScript.
+    std::fs::write(dir.path().join("model.pt"), b"not a zip archive").unwrap();
+    std::fs::copy(traced_dir().join("signature.json"), dir.path().join("signature.json")).unwrap();
+    let e = Optimizer::from_config(tch_config(&[&set])).await.err().unwrap().to_string();
+    assert!(e.contains("model.pt") && e.contains("TorchScript"), "{e}");
+
+    // A GPU on a machine without one (or a CPU-only libtorch) names what is missing.
+    let has_gpu = std::path::Path::new("/proc/driver/nvidia/version").exists();
+    if !has_gpu {
+        let e =
+            Optimizer::from_config(tch_config(&["model.device=\"cuda:0\""])).await.err().unwrap().to_string();
+        assert!(e.contains("cuda:0 requested") && e.contains("libtorch"), "{e}");
+    }
+    // The provider still loads models afterwards.
+    let tch = Optimizer::from_config(tch_config(&[])).await.unwrap();
+    assert_eq!(tch.embed(&["still serving".to_string()]).await.unwrap()[0].len(), 384);
+    tch.shutdown().await.unwrap();
+}
