@@ -27,7 +27,9 @@ async fn stages_and_user_spans_are_in_the_report() {
     assert_eq!(count("load_model"), 1);
     assert!(count("batch_run") >= 1 && count("model_run") >= count("batch_run") && count("pool") >= 1);
     let s = &report.spans["request"];
-    assert!(s.p50_ms <= s.p99_ms && s.p99_ms <= s.max_ms && s.max_ms <= s.total_ms, "{s:?}");
+    // Percentiles and max come from a histogram of 3 significant digits (values are
+    // rounded up to their bucket by up to 0.1%); the total is exact.
+    assert!(s.p50_ms <= s.p99_ms && s.p99_ms <= s.max_ms && s.max_ms <= s.total_ms * 1.001, "{s:?}");
     assert!(report.peak_rss_bytes.unwrap() > 50 << 20);
 
     let dir = tempfile::tempdir().unwrap();

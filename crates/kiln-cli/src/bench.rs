@@ -56,6 +56,19 @@ pub struct BenchReport {
     pub seconds: f64,
     /// Overrides this run used on top of the config (empty for the config itself).
     pub overrides: Vec<String>,
+    /// Each replica's share of the load (`model.gpu_ids`; one entry otherwise).
+    pub replicas: Vec<ReplicaShare>,
+}
+
+/// What one replica ran during the load.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaShare {
+    /// Its device.
+    pub device: String,
+    /// Model runs.
+    pub batches: u64,
+    /// Texts.
+    pub rows: u64,
 }
 
 /// Latency percentiles in milliseconds.
@@ -226,6 +239,19 @@ pub async fn run_once(
         errors_by_kind,
         seconds,
         overrides,
+        replicas: after
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let was = before.replicas.get(i);
+                ReplicaShare {
+                    device: r.device.to_string(),
+                    batches: r.batches - was.map_or(0, |w| w.batches),
+                    rows: r.rows - was.map_or(0, |w| w.rows),
+                }
+            })
+            .collect(),
     })
 }
 
@@ -255,6 +281,14 @@ pub fn print(label: &str, r: &BenchReport) {
         r.latency_ms.max,
         width = label.len()
     );
+    if r.replicas.len() > 1 {
+        let shares: Vec<String> = r
+            .replicas
+            .iter()
+            .map(|x| format!("{} {} texts in {} runs", x.device, x.rows, x.batches))
+            .collect();
+        println!("{:width$}  replicas: {}", "", shares.join("; "), width = label.len());
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use figment::{Figment, Metadata, Profile, Provider as FigmentProvider};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::device::Device;
+use crate::device::{Device, DeviceChoice};
 use crate::error::{ConfigIssue, Error, Result};
 use crate::tensor::DType;
 
@@ -127,11 +127,15 @@ impl ProviderConfig {
 pub struct ModelConfig {
     /// Model file or folder.
     pub path: PathBuf,
-    /// Where it runs.
-    pub device: Device,
+    /// Where it runs: `cpu`, `cuda:N`, `metal:N` or `auto`.
+    pub device: DeviceChoice,
     /// Its precision: f32, f16 or bf16.
     #[serde(deserialize_with = "float_dtype")]
     pub dtype: DType,
+    /// One replica per listed GPU (`cuda:N` ordinals; a GPU may be listed twice for two
+    /// replicas on it); requests go to the replica with the shortest queue. Empty (the
+    /// default): one model on `device`. Needs `device` to be `auto` or `cuda:N`.
+    pub gpu_ids: Vec<usize>,
 }
 
 fn float_dtype<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<DType, D::Error> {
@@ -148,7 +152,12 @@ pub const DEFAULT_MODEL_DIR: &str = ".kiln/models/all-MiniLM-L6-v2";
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { path: DEFAULT_MODEL_DIR.into(), device: Device::Cpu, dtype: DType::F32 }
+        ModelConfig {
+            path: DEFAULT_MODEL_DIR.into(),
+            device: DeviceChoice::Fixed(Device::Cpu),
+            dtype: DType::F32,
+            gpu_ids: Vec::new(),
+        }
     }
 }
 
@@ -591,6 +600,22 @@ impl KilnConfig {
         if self.model.path.as_os_str().is_empty() {
             issues.push(ConfigIssue::new("model.path", "\"\"", "a model file or folder"));
         }
+        if !self.model.gpu_ids.is_empty()
+            && !matches!(self.model.device, DeviceChoice::Auto | DeviceChoice::Fixed(Device::Cuda(_)))
+        {
+            issues.push(ConfigIssue::new(
+                "model.device",
+                format!("\"{}\" with model.gpu_ids = {:?}", self.model.device, self.model.gpu_ids),
+                "\"auto\" or \"cuda:N\" when gpu_ids lists GPUs for replicas",
+            ));
+        }
+        if self.model.gpu_ids.len() > 64 {
+            issues.push(ConfigIssue::new(
+                "model.gpu_ids",
+                format!("{} entries", self.model.gpu_ids.len()),
+                "at most 64 replicas",
+            ));
+        }
         check_range(&mut issues, "batching.max_batch_size", self.batching.max_batch_size, 1, 4096);
         check_range(&mut issues, "batching.max_wait_ms", self.batching.max_wait_ms as usize, 0, 10_000);
         check_range(&mut issues, "batching.queue_capacity", self.batching.queue_capacity, 1, 1 << 20);
@@ -881,7 +906,11 @@ mod tests {
         let c = KilnConfig::default();
         assert_eq!(c.provider.name, "candle");
         assert_eq!(c.model.path, PathBuf::from(DEFAULT_MODEL_DIR));
-        assert_eq!((c.model.device, c.model.dtype, c.task), (Device::Cpu, DType::F32, Task::Embed));
+        assert_eq!(
+            (c.model.device, c.model.dtype, c.task),
+            (DeviceChoice::Fixed(Device::Cpu), DType::F32, Task::Embed)
+        );
+        assert!(c.model.gpu_ids.is_empty());
         c.validate().unwrap();
     }
 
@@ -892,7 +921,7 @@ mod tests {
             let c = load_in(jail, file, &[]).map_err(jail_err)?;
             assert_eq!(
                 (c.model.dtype, c.model.device, c.batching.max_batch_size),
-                (DType::F16, Device::Cuda(1), 8)
+                (DType::F16, DeviceChoice::Fixed(Device::Cuda(1)), 8)
             );
 
             jail.set_env("KILN_MODEL__DTYPE", "bf16");
@@ -959,8 +988,29 @@ mod tests {
                 err.contains("`batching.max_batch_size`: found 5000"),
                 "range problems come with type problems: {err}"
             );
-            assert!(err.contains("`model.device`: found string \"gpu0\", expected `cpu`, `cuda:N`"), "{err}");
+            assert!(
+                err.contains("`model.device`: found string \"gpu0\", expected `auto`, `cpu`, `cuda:N`"),
+                "{err}"
+            );
             assert!(err.contains("environment variable KILN_MODEL__DEVICE"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn device_auto_and_gpu_replicas() {
+        Jail::expect_with(|jail| {
+            let c =
+                load_in(jail, "[model]\ndevice = \"auto\"\ngpu_ids = [0, 1, 1]\n", &[]).map_err(jail_err)?;
+            assert_eq!((c.model.device, c.model.gpu_ids.clone()), (DeviceChoice::Auto, vec![0, 1, 1]));
+            assert_eq!(c.model.device.to_string(), "auto");
+            let err = load_in(jail, "[model]\ngpu_ids = [0]\n", &[]).unwrap_err().to_string();
+            assert!(
+                err.contains(
+                    "`model.device`: found \"cpu\" with model.gpu_ids = [0], expected \"auto\" or \"cuda:N\""
+                ),
+                "{err}"
+            );
             Ok(())
         });
     }

@@ -74,6 +74,76 @@ impl<'de> Deserialize<'de> for Device {
     }
 }
 
+/// `model.device` as configured: a device, or `auto` — the GPU with the most free
+/// memory when the provider can run on CUDA and NVML sees a GPU, else the CPU. kiln
+/// resolves it to a [`Device`] before loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// Chosen at start.
+    Auto,
+    /// This device.
+    Fixed(Device),
+}
+
+impl Default for DeviceChoice {
+    fn default() -> Self {
+        DeviceChoice::Fixed(Device::Cpu)
+    }
+}
+
+impl DeviceChoice {
+    /// The device, if fixed.
+    pub fn fixed(self) -> Option<Device> {
+        match self {
+            DeviceChoice::Auto => None,
+            DeviceChoice::Fixed(d) => Some(d),
+        }
+    }
+}
+
+impl PartialEq<Device> for DeviceChoice {
+    fn eq(&self, other: &Device) -> bool {
+        self.fixed() == Some(*other)
+    }
+}
+
+impl From<Device> for DeviceChoice {
+    fn from(d: Device) -> Self {
+        DeviceChoice::Fixed(d)
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.fixed() {
+            None => f.write_str("auto"),
+            Some(d) => d.fmt(f),
+        }
+    }
+}
+
+/// `auto` or a device, for messages.
+pub const DEVICE_CHOICE_SYNTAX: &str =
+    "`auto`, `cpu`, `cuda:N` or `metal:N` (N a device ordinal, e.g. cuda:0)";
+
+impl Serialize for DeviceChoice {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "auto" {
+            return Ok(DeviceChoice::Auto);
+        }
+        s.parse::<Device>().map(DeviceChoice::from).map_err(|_| {
+            serde::de::Error::invalid_value(serde::de::Unexpected::Str(&s), &DEVICE_CHOICE_SYNTAX)
+        })
+    }
+}
+
 /// A family of devices, as a provider advertises what it supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -26,7 +26,7 @@ pub use config::{
     PreprocessConfig, ProfilerConfig, ProviderConfig, ResizeFilter, ResizeMode, SchedulerConfig, Task,
     TextConfig, TrackerConfig, TrackingConfig, WhenFull,
 };
-pub use device::{Device, DeviceInfo, DeviceKind, MemoryInfo};
+pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result};
 pub use profiler::{GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{

@@ -27,11 +27,17 @@ pub struct ModelKey {
     pub device: Device,
     /// Its precision.
     pub dtype: DType,
+    /// Which copy, when one model is loaded more than once (replicas on one GPU).
+    pub replica: usize,
 }
 
 impl std::fmt::Display for ModelKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}, {} on {})", self.path.display(), self.provider, self.dtype, self.device)
+        write!(f, "{} ({}, {} on {}", self.path.display(), self.provider, self.dtype, self.device)?;
+        if self.replica > 0 {
+            write!(f, ", replica {}", self.replica)?;
+        }
+        f.write_str(")")
     }
 }
 
@@ -105,11 +111,25 @@ impl ModelManager {
         spec: ModelSpec,
         policy: BatchPolicy,
     ) -> Result<Arc<ModelWorker>> {
+        self.load_replica(provider, spec, policy, 0).await
+    }
+
+    /// Copy number `replica` of the model `spec` names (0 is what [`load`](Self::load)
+    /// gives): the loaded one, or a new load if it is admitted. Distinct numbers are
+    /// distinct models, so one GPU can hold two replicas.
+    pub async fn load_replica(
+        &self,
+        provider: Arc<dyn Provider>,
+        spec: ModelSpec,
+        policy: BatchPolicy,
+        replica: usize,
+    ) -> Result<Arc<ModelWorker>> {
         let key = ModelKey {
             provider: provider.name().to_string(),
             path: spec.path.clone(),
             device: spec.device,
             dtype: spec.dtype,
+            replica,
         };
         if let Some(worker) = self.find(&key) {
             return Ok(worker);

@@ -5,7 +5,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Cache, CacheKey, Error, Inputs, KilnConfig, Metrics, ModelInfo, ModelSpec, NamedTensors, NoCache,
+    Cache, CacheKey, Device, Error, Inputs, KilnConfig, Metrics, ModelInfo, ModelSpec, NamedTensors, NoCache,
     NoopProfiler, Outputs, ProfileReport, Profiler, Provider, Result, Task, Tensor, build_provider,
     build_trackers,
 };
@@ -17,6 +17,7 @@ use crate::governor::MemoryGovernor;
 use crate::memory::MemoryProbe;
 use crate::models::ModelManager;
 use crate::profiler::SamplingProfiler;
+use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Parts, Stage, Stats};
 use crate::tracking::{TrackerFailures, TrackerHub};
@@ -49,7 +50,8 @@ pub struct Optimizer {
     models: Arc<ModelManager>,
     governor: Option<Arc<MemoryGovernor>>,
     policy: BatchPolicy,
-    worker: Arc<ModelWorker>,
+    /// The model's workers: one, or one per `model.gpu_ids` entry.
+    replicas: Replicas,
     text: Option<Arc<TextPipeline>>,
     vision: Option<Arc<Classifier>>,
     /// Model identity and text settings: the prefix of every cache key.
@@ -72,7 +74,8 @@ impl Optimizer {
         let provider = build_provider(&config.provider)?;
         // Built before the model loads, so a tracker's config error fails fast.
         let trackers = build_trackers(&config.trackers, &config.tracking)?;
-        let spec = ModelSpec::new(&config.model.path, config.model.device, config.model.dtype);
+        let devices = resolve_devices(&config, provider.as_ref());
+        let spec = ModelSpec::new(&config.model.path, devices[0], config.model.dtype);
         let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
             SamplingProfiler::start(config.profiler.clone())
         } else {
@@ -86,7 +89,13 @@ impl Optimizer {
             when_full: b.when_full,
         };
         let models = Arc::new(ModelManager::new(config.models.clone()).with_profiler(profiler.clone()));
-        let worker = models.load(provider.clone(), spec.clone(), policy.clone()).await?;
+        let mut workers = Vec::with_capacity(devices.len());
+        for (replica, device) in devices.iter().enumerate() {
+            let spec = ModelSpec { device: *device, ..spec.clone() };
+            workers.push(models.load_replica(provider.clone(), spec, policy.clone(), replica).await?);
+        }
+        let replicas = Replicas::new(workers)?;
+        let worker = replicas.first().clone();
         let load_time = started.elapsed();
         let (text, vision) = match config.task {
             Task::Embed => (
@@ -115,7 +124,7 @@ impl Optimizer {
             counters: counters.clone(),
             scheduler: scheduler.clone(),
             cache: cache.clone(),
-            worker: Arc::downgrade(&worker),
+            workers: replicas.downgrade(),
             model: worker.info().clone(),
             governor: governor.as_ref().map(Arc::downgrade),
             started,
@@ -140,7 +149,7 @@ impl Optimizer {
             models,
             governor,
             policy,
-            worker,
+            replicas,
             text,
             vision,
             identity,
@@ -177,7 +186,7 @@ impl Optimizer {
 
     /// The loaded model's description.
     pub fn model_info(&self) -> &ModelInfo {
-        self.worker.info()
+        self.replicas.first().info()
     }
 
     /// The profiler; `optimizer.profiler().span("my_stage")` times your own code too:
@@ -306,7 +315,8 @@ impl Optimizer {
         let encoded = self.tokenize(text, texts).await?;
         let rows = encoded.rows()?;
         let outputs = futures_util::future::join_all(
-            rows.into_iter().map(|(inputs, len)| self.worker.submit(self.model_inputs(&inputs), len)),
+            rows.into_iter()
+                .map(|(inputs, len)| self.replicas.pick().submit(self.model_inputs(&inputs), len)),
         )
         .await;
         let mut items = Vec::with_capacity(outputs.len());
@@ -378,7 +388,7 @@ impl Optimizer {
             async move {
                 let inputs = Inputs::new().with(name, Tensor::from_bytes(dtype, shape, bytes)?);
                 if self.config.batching.enabled {
-                    let out = self.worker.submit(inputs, 1).await?;
+                    let out = self.replicas.pick().submit(inputs, 1).await?;
                     self.counters.queue_wait(out.queue_wait);
                     Ok::<Outputs, Error>(out.outputs)
                 } else {
@@ -447,7 +457,7 @@ impl Optimizer {
 
     async fn run_model(&self, inputs: Inputs) -> Result<Outputs> {
         // The worker thread records `model_run` itself.
-        let run = self.worker.run(inputs).await?;
+        let run = self.replicas.pick().run(inputs).await?;
         self.counters.time(Stage::Inference, run.elapsed);
         Ok(run.outputs)
     }
@@ -473,9 +483,29 @@ impl Optimizer {
         let stats = self.stats();
         drop(self.governor);
         self.models.clear();
-        ModelWorker::release(self.worker).await;
+        self.replicas.release().await;
         Ok(stats)
     }
+}
+
+/// The devices the model's replicas go on: `model.gpu_ids` as `cuda:N` each, else
+/// `model.device`, with `auto` resolved to the GPU with the most free memory (NVML)
+/// when the provider runs on CUDA in this build, else the CPU.
+fn resolve_devices(config: &KilnConfig, provider: &dyn Provider) -> Vec<Device> {
+    if !config.model.gpu_ids.is_empty() {
+        return config.model.gpu_ids.iter().map(|&n| Device::Cuda(n)).collect();
+    }
+    if let Some(device) = config.model.device.fixed() {
+        return vec![device];
+    }
+    let chosen = if provider.capabilities().devices.contains(&kiln_core::DeviceKind::Cuda) {
+        MemoryProbe::default().gpus().into_iter().max_by_key(|(_, m)| m.free).map(|(n, _)| Device::Cuda(n))
+    } else {
+        None
+    };
+    let device = chosen.unwrap_or(Device::Cpu);
+    tracing::info!("model.device = \"auto\": {device}");
+    vec![device]
 }
 
 /// Writes a file through `FILE.partial` and a rename, so readers see all or nothing.
@@ -509,7 +539,7 @@ struct StatsSource {
     counters: Arc<Counters>,
     scheduler: Arc<Scheduler>,
     cache: Arc<dyn Cache>,
-    worker: Weak<ModelWorker>,
+    workers: Vec<Weak<ModelWorker>>,
     model: ModelInfo,
     governor: Option<Weak<MemoryGovernor>>,
     started: Instant,
@@ -519,15 +549,16 @@ struct StatsSource {
 
 impl StatsSource {
     fn snapshot(&self) -> Stats {
-        let worker = self.worker.upgrade();
+        let (batches, replicas, queue_depth) = crate::replicas::combined(&self.workers);
         self.counters.snapshot(Parts {
             retries: self.scheduler.retries(),
             timeouts: self.scheduler.timeouts(),
             started: self.started,
             load: self.load_time,
             cache: self.cache.stats(),
-            batches: worker.as_ref().map(|w| w.batch_stats()).unwrap_or_default(),
-            queue_depth: worker.as_ref().map_or(0, |w| w.queue_depth()),
+            batches,
+            queue_depth,
+            replicas,
             model: self.model.clone(),
             memory: self.governor.as_ref().and_then(Weak::upgrade).map(|g| g.stats()),
             tracker_failures: self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone(),

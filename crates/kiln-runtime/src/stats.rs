@@ -55,6 +55,8 @@ pub struct Stats {
     pub memory: Option<MemoryStats>,
     /// Failed tracker calls by tracker kind (a tracker never fails inference).
     pub tracker_failures: BTreeMap<String, u64>,
+    /// Each replica's share of the work (one entry without `model.gpu_ids`).
+    pub replicas: Vec<crate::replicas::ReplicaStats>,
 }
 
 impl Stats {
@@ -152,6 +154,7 @@ pub(crate) struct Parts {
     pub model: ModelInfo,
     pub memory: Option<MemoryStats>,
     pub tracker_failures: BTreeMap<String, u64>,
+    pub replicas: Vec<crate::replicas::ReplicaStats>,
 }
 
 pub(crate) enum Stage {
@@ -199,6 +202,7 @@ impl Counters {
             model,
             memory,
             tracker_failures,
+            replicas,
         } = parts;
         let secs = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e9;
         Stats {
@@ -228,6 +232,7 @@ impl Counters {
             model,
             memory,
             tracker_failures,
+            replicas,
         }
     }
 }
