@@ -124,3 +124,26 @@ impl Drop for MemoryGovernor {
         self.task.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(total: u64, used: u64) -> MemoryInfo {
+        MemoryInfo { total, used, free: total - used }
+    }
+
+    #[test]
+    fn a_full_gpu_is_pressure_and_its_peak_is_kept() {
+        let shared = Shared::default();
+        let sample = MemorySample { system: memory(100, 10), process_rss: 5, ..MemorySample::default() };
+        let calm = [(0, memory(80, 8)), (1, memory(80, 40))];
+        assert!(!shared.record(&sample, &calm, 0.9), "system 10%, GPUs 10% and 50%");
+        let full = [(0, memory(80, 8)), (1, memory(80, 76))];
+        assert!(shared.record(&sample, &full, 0.9), "GPU 1 at 95% is above 90%");
+        assert!(shared.record(&sample, &[], 0.05), "system 10% is above 5% with no GPU at all");
+        let stats = *shared.stats.lock().unwrap();
+        assert_eq!((stats.samples, stats.pressure_events, stats.peak_gpu_used_bytes), (3, 2, 76));
+        assert_eq!(stats.gpu_used_fraction, 0.0, "the last sample had no GPU");
+    }
+}
