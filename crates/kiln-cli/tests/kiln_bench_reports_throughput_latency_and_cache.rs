@@ -54,3 +54,39 @@ fn bench_refuses_bad_arguments_clearly() {
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--unique-ratio must be in (0, 1], got 1.5"));
 }
+
+#[test]
+fn bench_sends_the_lines_of_a_texts_file_and_refuses_an_empty_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts = dir.path().join("texts.txt");
+    std::fs::write(&texts, "first text\n\nsecond text\nthird text\n").unwrap();
+    let json = dir.path().join("bench.json");
+    let run = kiln(&[
+        "bench",
+        "examples/embed.toml",
+        "--texts",
+        texts.to_str().unwrap(),
+        "--requests",
+        "9",
+        "--concurrency",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!((report["requests"].as_u64(), report["errors"].as_u64()), (Some(9), Some(0)));
+    // 3 distinct texts cycled over 9 calls: each call is a cache hit or a model row (a
+    // text in flight twice at once misses twice), and every text reaches the model once.
+    let hits = (report["cache_hit_rate"].as_f64().unwrap() * 9.0).round() as u64;
+    let replicas = report["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 1, "{report}");
+    let rows = replicas[0]["rows"].as_u64().unwrap();
+    assert!(hits + rows == 9 && rows >= 3, "{report}");
+
+    std::fs::write(&texts, "\n  \n").unwrap();
+    let run = kiln(&["bench", "examples/embed.toml", "--texts", texts.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no non-empty lines; expected one text per line"), "{stderr}");
+}
