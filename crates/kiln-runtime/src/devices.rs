@@ -78,18 +78,33 @@ pub struct GpuDevice {
     pub power_w: Option<f64>,
 }
 
+/// The memory of one NVML device.
+fn memory_of(d: &nvml_wrapper::Device) -> Option<MemoryInfo> {
+    let m = d.memory_info().ok()?;
+    Some(MemoryInfo { total: m.total, used: m.used, free: m.free })
+}
+
+/// The memory of every GPU NVML sees, by NVML index (a GPU whose memory cannot be read
+/// is left out): what admission, `auto` and the governor need, without the rest of
+/// [`read_gpus`].
+pub fn gpu_memory(nvml: &Nvml) -> Vec<(usize, MemoryInfo)> {
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|index| Some((index as usize, memory_of(&nvml.device_by_index(index).ok()?)?)))
+        .collect()
+}
+
 /// Every GPU NVML sees, read now (a GPU whose memory cannot be read is left out).
 pub fn read_gpus(nvml: &Nvml) -> Vec<GpuDevice> {
     let count = nvml.device_count().unwrap_or(0);
     (0..count)
         .filter_map(|index| {
             let d = nvml.device_by_index(index).ok()?;
-            let m = d.memory_info().ok()?;
             Some(GpuDevice {
                 device: Device::Cuda(index as usize),
                 name: d.name().unwrap_or_else(|_| format!("GPU {index}")),
                 uuid: d.uuid().ok(),
-                memory: MemoryInfo { total: m.total, used: m.used, free: m.free },
+                memory: memory_of(&d)?,
                 utilization_percent: d.utilization_rates().ok().map(|u| u.gpu),
                 temperature_c: d.temperature(TemperatureSensor::Gpu).ok(),
                 power_w: d.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),

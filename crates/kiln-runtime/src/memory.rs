@@ -81,18 +81,19 @@ impl MemoryProbe {
         sample
     }
 
+    /// NVML, opened on first use and kept; `None` without a driver (not retried).
+    pub fn nvml(&mut self) -> Option<&nvml_wrapper::Nvml> {
+        self.nvml
+            .get_or_insert_with(|| {
+                crate::devices::open_nvml().inspect_err(|e| tracing::debug!("no NVIDIA GPU figures: {e}"))
+            })
+            .as_ref()
+            .ok()
+    }
+
     /// Memory of every NVIDIA GPU (NVML), by NVML index; empty without a driver.
     pub fn gpus(&mut self) -> Vec<(usize, MemoryInfo)> {
-        let Some(nvml) = self.nvml.get_or_insert_with(crate::devices::open_nvml).as_ref().ok() else {
-            return Vec::new();
-        };
-        let count = nvml.device_count().unwrap_or(0);
-        (0..count)
-            .filter_map(|i| {
-                let m = nvml.device_by_index(i).ok()?.memory_info().ok()?;
-                Some((i as usize, MemoryInfo { total: m.total, used: m.used, free: m.free }))
-            })
-            .collect()
+        self.nvml().map(crate::devices::gpu_memory).unwrap_or_default()
     }
 
     /// Bytes available for new allocations on `device`, when known: the system's free
@@ -102,11 +103,7 @@ impl MemoryProbe {
     pub fn available(&mut self, device: Device) -> Option<u64> {
         match device {
             Device::Cpu if self.system.is_some() => Some(self.sample().system.free),
-            Device::Cuda(n) => {
-                let nvml = self.nvml.get_or_insert_with(crate::devices::open_nvml).as_ref().ok()?;
-                let gpu = nvml.device_by_index(n as u32).ok()?;
-                gpu.memory_info().ok().map(|m| m.free)
-            }
+            Device::Cuda(n) => self.gpus().into_iter().find(|&(i, _)| i == n).map(|(_, m)| m.free),
             _ => None,
         }
     }

@@ -499,7 +499,9 @@ fn resolve_devices(config: &KilnConfig, provider: &dyn Provider) -> Vec<Device> 
         return vec![device];
     }
     let chosen = if provider.capabilities().devices.contains(&kiln_core::DeviceKind::Cuda) {
-        MemoryProbe::default().gpus().into_iter().max_by_key(|(_, m)| m.free).map(|(n, _)| Device::Cuda(n))
+        let gpus =
+            crate::devices::open_nvml().map(|nvml| crate::devices::gpu_memory(&nvml)).unwrap_or_default();
+        gpus.into_iter().max_by_key(|(_, m)| m.free).map(|(n, _)| Device::Cuda(n))
     } else {
         None
     };

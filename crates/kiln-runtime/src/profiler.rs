@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use kiln_core::{Error, GpuReport, ProfileReport, Profiler, ProfilerConfig, Result, SpanStats};
-use nvml_wrapper::Nvml;
 use serde_json::json;
 
 use crate::devices::{GpuDevice, read_gpus};
@@ -331,8 +330,8 @@ fn assign_lanes(events: &[Event]) -> Vec<u64> {
 
 /// Resource figures: the probes, the aggregates, and (when tracing) every sample.
 struct Resources {
+    /// System, process and (through its NVML handle) GPU figures.
     probe: MemoryProbe,
-    nvml: Option<Option<Nvml>>, // None: not tried yet; Some(None): no driver
     samples: u64,
     peak_rss: u64,
     peak_system_used: u64,
@@ -385,7 +384,6 @@ impl Resources {
     fn new(keep_trace: bool) -> Self {
         Resources {
             probe: MemoryProbe::with_cpu(),
-            nvml: None,
             samples: 0,
             peak_rss: 0,
             peak_system_used: 0,
@@ -423,10 +421,7 @@ impl Resources {
     }
 
     fn sample_gpus(&mut self, sample: &mut Sample) {
-        let nvml = self.nvml.get_or_insert_with(|| {
-            crate::devices::open_nvml().inspect_err(|e| tracing::debug!("no NVIDIA GPU figures: {e}")).ok()
-        });
-        let Some(nvml) = nvml.as_ref() else { return };
+        let Some(nvml) = self.probe.nvml() else { return };
         let mut used_total = 0;
         for g in read_gpus(nvml) {
             let index = gpu_index(&g);
