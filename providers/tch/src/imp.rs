@@ -102,26 +102,16 @@ fn cuda() -> std::result::Result<i64, String> {
     .clone()
 }
 
-/// `dlopen`s a library with its symbols global, for good: CUDA registers itself with
+/// Loads a library with its symbols global, for good: CUDA registers itself with
 /// libtorch from the library's static constructors.
 fn load_global(file: &Path) -> std::result::Result<(), String> {
-    use std::os::unix::ffi::OsStrExt;
-    let name = std::ffi::CString::new(file.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: a NUL-terminated path; the handle is never closed, so nothing it
-    // registers outlives the library.
-    let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    if handle.is_null() {
-        // SAFETY: dlerror returns NULL or a NUL-terminated string owned by libc.
-        let reason = unsafe {
-            let e = libc::dlerror();
-            if e.is_null() {
-                "unknown".into()
-            } else {
-                std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
-            }
-        };
-        return Err(format!("cannot load {}: {reason}", file.display()));
-    }
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    // SAFETY: loading runs the library's initialisers, which is the point; it is
+    // libtorch's own CUDA half, from the folder of the libtorch already loaded.
+    let library = unsafe { Library::open(Some(file), RTLD_NOW | RTLD_GLOBAL) }
+        .map_err(|e| format!("cannot load {}: {e}", file.display()))?;
+    // Never unloaded: what it registers lives as long as the process.
+    std::mem::forget(library);
     Ok(())
 }
 
@@ -142,28 +132,22 @@ fn tch_device(device: Device) -> Result<tch::Device> {
     }
 }
 
+/// kiln's dtypes and libtorch's kinds, both ways.
+const KINDS: [(DType, Kind); 6] = [
+    (DType::F32, Kind::Float),
+    (DType::F16, Kind::Half),
+    (DType::BF16, Kind::BFloat16),
+    (DType::I64, Kind::Int64),
+    (DType::I32, Kind::Int),
+    (DType::U8, Kind::Uint8),
+];
+
 fn kind(dtype: DType) -> Option<Kind> {
-    Some(match dtype {
-        DType::F32 => Kind::Float,
-        DType::F16 => Kind::Half,
-        DType::BF16 => Kind::BFloat16,
-        DType::I64 => Kind::Int64,
-        DType::I32 => Kind::Int,
-        DType::U8 => Kind::Uint8,
-        _ => return None,
-    })
+    KINDS.iter().find(|(d, _)| *d == dtype).map(|&(_, k)| k)
 }
 
 fn dtype_of(kind: Kind) -> Option<DType> {
-    Some(match kind {
-        Kind::Float => DType::F32,
-        Kind::Half => DType::F16,
-        Kind::BFloat16 => DType::BF16,
-        Kind::Int64 => DType::I64,
-        Kind::Int => DType::I32,
-        Kind::Uint8 => DType::U8,
-        _ => return None,
-    })
+    KINDS.iter().find(|(_, k)| *k == kind).map(|&(d, _)| d)
 }
 
 /// `signature.json`: what `forward` takes and returns.
