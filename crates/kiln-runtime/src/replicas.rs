@@ -3,7 +3,6 @@
 //! shortest, so a busy or slower GPU gets fewer items. Ties rotate, so an idle set of
 //! replicas is filled evenly.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -82,7 +81,7 @@ impl Replicas {
 
 /// Batch counters of all replicas together, per-replica figures, and their queue depth.
 pub(crate) fn combined(workers: &[Weak<ModelWorker>]) -> (BatchStats, Vec<ReplicaStats>, usize) {
-    let mut total = BatchStats { batches: 0, batch_sizes: BTreeMap::new() };
+    let mut total = BatchStats::default();
     let mut each = Vec::new();
     let mut depth = 0;
     for worker in workers.iter().filter_map(Weak::upgrade) {

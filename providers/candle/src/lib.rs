@@ -379,7 +379,7 @@ impl Model for BertEncoder {
         let hidden = self.model.forward(&ids, &types, &mask).map_err(backend)?;
         let shape = hidden.dims().to_vec();
         let host = |h: CTensor| h.to_device(&CDevice::Cpu).and_then(|h| h.flatten_all());
-        let tensor = if self.info.dtype == DType::F16 {
+        let tensor = if output_dtype(self.info.dtype) == DType::F16 {
             let values = host(hidden).and_then(|h| h.to_vec1::<half::f16>()).map_err(backend)?;
             Tensor::from_vec(shape, values)?
         } else {
