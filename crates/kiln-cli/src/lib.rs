@@ -299,28 +299,16 @@ fn image_list(input: &std::path::Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Writes `output` through `FILE.partial`: only a complete output takes the requested
-/// name, and a failed one leaves nothing behind.
+/// Writes `output` through a [`PartialFile`](kiln::runtime::PartialFile): only a
+/// complete output takes the requested name, and a failed one leaves nothing behind.
 async fn write_output(
     output: &std::path::Path,
     write: impl AsyncFnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
 ) -> Result<()> {
-    let mut partial = output.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let result = async {
-        let file = std::fs::File::create(&partial)
-            .with_context(|| format!("creating output {}", partial.display()))?;
-        let mut out = std::io::BufWriter::new(file);
-        write(&mut out).await?;
-        out.flush().with_context(|| format!("writing output {}", partial.display()))?;
-        std::fs::rename(&partial, output).with_context(|| format!("writing output {}", output.display()))
-    }
-    .await;
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    result
+    let mut file = kiln::runtime::PartialFile::create(output)
+        .with_context(|| format!("creating output {}.partial", output.display()))?;
+    write(file.writer()).await?;
+    file.commit().with_context(|| format!("writing output {}", output.display()))
 }
 
 /// Images per call to the optimizer.

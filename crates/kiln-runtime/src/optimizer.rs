@@ -16,6 +16,7 @@ use crate::cache::{MokaCache, cache_key};
 use crate::governor::MemoryGovernor;
 use crate::memory::MemoryProbe;
 use crate::models::ModelManager;
+use crate::partial_file::PartialFile;
 use crate::profiler::SamplingProfiler;
 use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
@@ -510,28 +511,21 @@ fn resolve_devices(config: &KilnConfig, provider: &dyn Provider) -> Vec<Device> 
     vec![device]
 }
 
-/// Writes a file through `FILE.partial` and a rename, so readers see all or nothing.
+/// Writes a file through a [`PartialFile`], creating its folder, so readers see all or
+/// nothing.
 fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<()> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
     let result = (|| {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
-        write(&mut out)?;
-        std::io::Write::flush(&mut out)?;
-        drop(out);
-        std::fs::rename(&partial, path)
+        let mut file = PartialFile::create(path)?;
+        write(file.writer())?;
+        file.commit()
     })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&partial);
-        Error::io("writing", path, e)
-    })
+    result.map_err(|e| Error::io("writing", path, e))
 }
 
 /// Everything [`Stats`] is made of. The tracker thread holds a clone; the worker and
