@@ -5,8 +5,8 @@
 
 mod support;
 
-use kiln::{DType, Error, Inputs, Optimizer, Tensor};
-use support::{cosine, minilm_config, reference, root};
+use kiln::{DType, Error, Inputs, Optimizer};
+use support::{bert_inputs, cosine, minilm_config, ones, reference, root};
 
 fn onnx_dir() -> String {
     let dir = root().join(".kiln/models/all-MiniLM-L6-v2-onnx");
@@ -51,37 +51,23 @@ async fn every_fixture_text_matches_candle_with_cosine_at_least_0_9999() {
 #[tokio::test]
 async fn a_request_that_does_not_fit_the_session_names_the_input() {
     let ort = Optimizer::from_config(ort_config(&[])).await.unwrap();
-    let ids = |dtype: DType, shape: Vec<usize>| {
-        let n = shape.iter().product::<usize>();
-        match dtype {
-            DType::F32 => Tensor::from_vec(shape, vec![1.0f32; n]).unwrap(),
-            _ => Tensor::from_vec(shape, vec![1i64; n]).unwrap(),
-        }
-    };
-    let good = |t: Tensor| {
-        let shape = t.shape().to_vec();
-        Inputs::new()
-            .with("input_ids", t)
-            .with("attention_mask", ids(DType::I64, shape.clone()))
-            .with("token_type_ids", ids(DType::I64, shape))
-    };
-    let ok = ort.infer(good(ids(DType::I64, vec![2, 5]))).await.unwrap();
+    let ok = ort.infer(bert_inputs(ones(DType::I64, vec![2, 5]))).await.unwrap();
     assert_eq!(ok.get("last_hidden_state").unwrap().shape(), [2, 5, 384]);
 
-    let e = ort.infer(good(ids(DType::F32, vec![2, 5]))).await.unwrap_err();
+    let e = ort.infer(bert_inputs(ones(DType::F32, vec![2, 5]))).await.unwrap_err();
     assert!(
         matches!(e, Error::InvalidInput(_))
             && e.to_string().contains("input_ids")
             && e.to_string().contains("i64"),
         "{e}"
     );
-    let e = ort.infer(good(ids(DType::I64, vec![10]))).await.unwrap_err();
+    let e = ort.infer(bert_inputs(ones(DType::I64, vec![10]))).await.unwrap_err();
     assert!(e.to_string().contains("input_ids"), "rank: {e}");
-    let missing = Inputs::new().with("input_ids", ids(DType::I64, vec![1, 3]));
+    let missing = Inputs::new().with("input_ids", ones(DType::I64, vec![1, 3]));
     let e = ort.infer(missing).await.unwrap_err();
     assert!(e.to_string().contains("attention_mask"), "{e}");
     // And the session still serves.
-    assert!(ort.infer(good(ids(DType::I64, vec![1, 3]))).await.is_ok());
+    assert!(ort.infer(bert_inputs(ones(DType::I64, vec![1, 3]))).await.is_ok());
     ort.shutdown().await.unwrap();
 }
 

@@ -7,7 +7,7 @@
 mod support;
 
 use kiln::{DType, Error, Inputs, Optimizer, Tensor};
-use support::{cosine, minilm_config, reference, root};
+use support::{bert_inputs, cosine, minilm_config, ones, reference, root};
 
 fn traced_dir() -> std::path::PathBuf {
     let dir = root().join(".kiln/models/all-MiniLM-L6-v2-tch");
@@ -76,45 +76,31 @@ async fn f16_and_bf16_stay_close_to_f32() {
 #[tokio::test]
 async fn a_request_that_does_not_fit_the_signature_names_the_input() {
     let tch = Optimizer::from_config(tch_config(&[])).await.unwrap();
-    let tensor = |dtype: DType, shape: Vec<usize>| {
-        let n = shape.iter().product::<usize>();
-        match dtype {
-            DType::F32 => Tensor::from_vec(shape, vec![1.0f32; n]).unwrap(),
-            _ => Tensor::from_vec(shape, vec![1i64; n]).unwrap(),
-        }
-    };
-    let with_ids = |ids: Tensor| {
-        let shape = ids.shape().to_vec();
-        Inputs::new()
-            .with("input_ids", ids)
-            .with("attention_mask", tensor(DType::I64, shape.clone()))
-            .with("token_type_ids", tensor(DType::I64, shape))
-    };
-    let ok = tch.infer(with_ids(tensor(DType::I64, vec![2, 5]))).await.unwrap();
+    let ok = tch.infer(bert_inputs(ones(DType::I64, vec![2, 5]))).await.unwrap();
     assert_eq!(ok.get("last_hidden_state").unwrap().shape(), [2, 5, 384]);
     assert_eq!(ok.get("last_hidden_state").unwrap().dtype(), DType::F32);
 
-    let e = tch.infer(with_ids(tensor(DType::F32, vec![2, 5]))).await.unwrap_err();
+    let e = tch.infer(bert_inputs(ones(DType::F32, vec![2, 5]))).await.unwrap_err();
     assert!(
         matches!(e, Error::InvalidInput(_))
             && e.to_string().contains("input_ids")
             && e.to_string().contains("i64"),
         "{e}"
     );
-    let e = tch.infer(with_ids(tensor(DType::I64, vec![10]))).await.unwrap_err();
+    let e = tch.infer(bert_inputs(ones(DType::I64, vec![10]))).await.unwrap_err();
     assert!(e.to_string().contains("input_ids") && e.to_string().contains("[batch, sequence]"), "rank: {e}");
-    let e = tch.infer(Inputs::new().with("input_ids", tensor(DType::I64, vec![1, 3]))).await.unwrap_err();
+    let e = tch.infer(Inputs::new().with("input_ids", ones(DType::I64, vec![1, 3]))).await.unwrap_err();
     assert!(e.to_string().contains("attention_mask"), "{e}");
-    let extra = with_ids(tensor(DType::I64, vec![1, 3])).with("pixel_values", tensor(DType::F32, vec![1, 3]));
+    let extra = bert_inputs(ones(DType::I64, vec![1, 3])).with("pixel_values", ones(DType::F32, vec![1, 3]));
     let e = tch.infer(extra).await.unwrap_err();
     assert!(e.to_string().contains("no input `pixel_values`"), "{e}");
     // An id past the vocabulary passes the signature and fails inside libtorch: a
     // backend error for that request, not a crash.
     let ids = Tensor::from_vec(vec![1, 2], vec![101i64, 10_000_000]).unwrap();
-    let e = tch.infer(with_ids(ids)).await.unwrap_err();
+    let e = tch.infer(bert_inputs(ids)).await.unwrap_err();
     assert!(e.to_string().contains("tch"), "{e}");
     // And the model still serves.
-    assert!(tch.infer(with_ids(tensor(DType::I64, vec![1, 3]))).await.is_ok());
+    assert!(tch.infer(bert_inputs(ones(DType::I64, vec![1, 3]))).await.is_ok());
     tch.shutdown().await.unwrap();
 }
 

@@ -47,3 +47,21 @@ pub fn reference() -> Reference {
     let embeddings = serde_json::from_value(json["embeddings"].clone()).unwrap();
     Reference { texts, embeddings }
 }
+
+/// A tensor of ones: f32 for `DType::F32`, i64 for anything else.
+pub fn ones(dtype: kiln::DType, shape: Vec<usize>) -> kiln::Tensor {
+    let n = shape.iter().product::<usize>();
+    match dtype {
+        kiln::DType::F32 => kiln::Tensor::from_vec(shape, vec![1.0f32; n]).unwrap(),
+        _ => kiln::Tensor::from_vec(shape, vec![1i64; n]).unwrap(),
+    }
+}
+
+/// A BERT request around `ids`: attention mask and token types of ones, its shape.
+pub fn bert_inputs(ids: kiln::Tensor) -> kiln::Inputs {
+    let shape = ids.shape().to_vec();
+    kiln::Inputs::new()
+        .with("input_ids", ids)
+        .with("attention_mask", ones(kiln::DType::I64, shape.clone()))
+        .with("token_type_ids", ones(kiln::DType::I64, shape))
+}
