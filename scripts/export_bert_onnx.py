@@ -14,7 +14,6 @@ Usage: export_bert_onnx.py MODEL_DIR OUT_DIR     (needs onnx and numpy)
 """
 import json
 import pathlib
-import shutil
 import sys
 
 import numpy as np
@@ -22,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import model_folder  # noqa: E402
 import safetensors_np  # noqa: E402
 
 src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -124,10 +124,5 @@ model.ir_version = 8
 onnx.checker.check_model(model)
 out.mkdir(parents=True, exist_ok=True)
 onnx.save(model, out / "model.onnx")
-for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-             "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"]:
-    if (src / name).exists():
-        shutil.copy(src / name, out / name)
-if (src / "1_Pooling").is_dir():
-    shutil.copytree(src / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
+model_folder.copy_serving_files(src, out)
 print(f"{out / 'model.onnx'}: {config['num_hidden_layers']} layers, hidden {hidden}, {len(nodes)} nodes")

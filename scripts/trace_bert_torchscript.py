@@ -22,7 +22,6 @@ Usage: trace_bert_torchscript.py MODEL_DIR OUT_DIR [--dtype f32|f16]
 import argparse
 import json
 import pathlib
-import shutil
 import sys
 
 import numpy as np
@@ -31,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import model_folder  # noqa: E402
 import safetensors_np  # noqa: E402
 
 
@@ -135,13 +135,7 @@ def main():
         "outputs": [{"name": "last_hidden_state", "dtype": "model", "shape": ["batch", "sequence", hidden]}],
     }
     (args.out_dir / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
-    for name in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                 "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"]:
-        if (args.model_dir / name).is_file():
-            shutil.copy(args.model_dir / name, args.out_dir / name)
-    pooling = args.model_dir / "1_Pooling"
-    if pooling.is_dir():
-        shutil.copytree(pooling, args.out_dir / "1_Pooling", dirs_exist_ok=True)
+    model_folder.copy_serving_files(args.model_dir, args.out_dir)
     print(f"traced {args.model_dir} -> {args.out_dir / 'model.pt'} ({args.dtype}; trace vs module {diff:.2e})")
 
 

@@ -7,13 +7,13 @@ Usage: make_small_model.py MINILM_DIR OUT_DIR [LAYERS]   (needs numpy)
 """
 import json
 import pathlib
-import shutil
 import struct
 import sys
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import model_folder  # noqa: E402
 import safetensors_np  # noqa: E402
 
 src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
@@ -47,9 +47,5 @@ with open(out / "model.safetensors", "wb") as f:
 config = json.loads((src / "config.json").read_text())
 config["num_hidden_layers"] = layers
 (out / "config.json").write_text(json.dumps(config, indent=2))
-for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-             "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"]:
-    if (src / name).exists():
-        shutil.copy(src / name, out / name)
-shutil.copytree(src / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
+model_folder.copy_serving_files(src, out, skip=["config.json"])
 print(f"{out}: {layers} layers, {offset / 2**20:.1f} MiB of weights")
