@@ -39,8 +39,38 @@ async fn concurrent_callers_share_batches_and_get_their_own_embeddings() {
         "max_batch_size holds: {:?}",
         stats.batch_sizes
     );
-    assert_eq!(stats.queue_wait_ms.count, 64);
+    // Copies of a text that arrive while it is computed join that run (single-flight,
+    // even with the cache off); every other text went through the queue once.
+    assert_eq!(stats.queue_wait_ms.count + stats.coalesced, 64, "{stats:?}");
+    assert_eq!(stats.rows(), stats.queue_wait_ms.count);
     assert_eq!(stats.latency_ms.count, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_one_uncached_text_share_one_model_run() {
+    let optimizer =
+        Arc::new(Optimizer::from_config(minilm_config(&["batching.max_wait_ms=50"])).await.unwrap());
+    let texts = ["alpha text", "beta text", "gamma text", "delta text"];
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            let optimizer = optimizer.clone();
+            let text = texts[i % texts.len()].to_string();
+            tokio::spawn(async move { (i, optimizer.embed(&[text]).await.unwrap().remove(0)) })
+        })
+        .collect();
+    let mut answers: Vec<Vec<Vec<f32>>> = vec![Vec::new(); texts.len()];
+    for call in calls {
+        let (i, vector) = call.await.unwrap();
+        answers[i % texts.len()].push(vector);
+    }
+    for copies in &answers {
+        assert_eq!(copies.len(), 16);
+        assert!(copies.iter().all(|v| v == &copies[0]), "every copy gets the same vector");
+    }
+    let stats = optimizer.stats();
+    assert_eq!(stats.rows(), 4, "each distinct text ran once: {stats:?}");
+    assert_eq!(stats.cache.hits + stats.coalesced, 60, "the other 60 were hits or joined a run: {stats:?}");
+    assert_eq!(stats.cache.misses, 4);
 }
 
 #[tokio::test]

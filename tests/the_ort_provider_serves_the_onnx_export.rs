@@ -52,7 +52,13 @@ async fn every_fixture_text_matches_candle_with_cosine_at_least_0_9999() {
 async fn a_request_that_does_not_fit_the_session_names_the_input() {
     let ort = Optimizer::from_config(ort_config(&[])).await.unwrap();
     let ok = ort.infer(bert_inputs(ones(DType::I64, vec![2, 5]))).await.unwrap();
-    assert_eq!(ok.get("last_hidden_state").unwrap().shape(), [2, 5, 384]);
+    // Loaded for the embed task, the model pools and normalises inside its run: only
+    // [batch, hidden] comes back, each row of unit length.
+    let embedding = ok.get("sentence_embedding").unwrap();
+    assert_eq!((embedding.shape(), embedding.dtype()), ([2, 384].as_slice(), DType::F32));
+    for row in embedding.to_vec::<f32>().unwrap().chunks(384) {
+        assert!((row.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4);
+    }
 
     let e = ort.infer(bert_inputs(ones(DType::F32, vec![2, 5]))).await.unwrap_err();
     assert!(

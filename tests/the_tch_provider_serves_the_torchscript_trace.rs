@@ -77,8 +77,13 @@ async fn f16_and_bf16_stay_close_to_f32() {
 async fn a_request_that_does_not_fit_the_signature_names_the_input() {
     let tch = Optimizer::from_config(tch_config(&[])).await.unwrap();
     let ok = tch.infer(bert_inputs(ones(DType::I64, vec![2, 5]))).await.unwrap();
-    assert_eq!(ok.get("last_hidden_state").unwrap().shape(), [2, 5, 384]);
-    assert_eq!(ok.get("last_hidden_state").unwrap().dtype(), DType::F32);
+    // Loaded for the embed task, the model pools and normalises inside its run: only
+    // [batch, hidden] comes back, each row of unit length.
+    let embedding = ok.get("sentence_embedding").unwrap();
+    assert_eq!((embedding.shape(), embedding.dtype()), ([2, 384].as_slice(), DType::F32));
+    for row in embedding.to_vec::<f32>().unwrap().chunks(384) {
+        assert!((row.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-4);
+    }
 
     let e = tch.infer(bert_inputs(ones(DType::F32, vec![2, 5]))).await.unwrap_err();
     assert!(
@@ -127,7 +132,7 @@ async fn what_the_provider_cannot_load_is_refused_with_the_reason() {
     if !has_gpu {
         let e =
             Optimizer::from_config(tch_config(&["model.device=\"cuda:0\""])).await.err().unwrap().to_string();
-        assert!(e.contains("cuda:0 requested") && e.contains("libtorch"), "{e}");
+        assert!(e.contains("not cuda:0") && e.contains("CUDA: ") && e.contains("libtorch"), "{e}");
     }
     // The provider still loads models afterwards.
     let tch = Optimizer::from_config(tch_config(&[])).await.unwrap();

@@ -9,6 +9,16 @@
                                     sentence-transformers encode, model.half() on cuda,
                                     batch 256, max_seq_length 128, best of RUNS after a
                                     warm-up; prints each kiln bench JSON's ratio to it
+  helpers.py ceiling MODEL TEXTS RUNS OUT_JSON [TORCHSCRIPT_DIR] [BENCH_JSON..]
+                                    the model-only ceiling: the texts tokenized beforehand
+                                    into batches of 256 (128 tokens at most) already on
+                                    the GPU, then the folder's model in PyTorch eager
+                                    (f16) + mean pooling + L2 normalisation on the GPU,
+                                    best of RUNS passes; the same for kiln's TorchScript
+                                    trace in TORCHSCRIPT_DIR (its own f32 -> f16 cast, as
+                                    the tch provider loads it), to tell TorchScript from
+                                    eager; prints each kiln bench JSON's ratio to the
+                                    ceiling
 """
 import json
 import random
@@ -66,5 +76,74 @@ def eager(model_dir, texts_file, runs, out_json, *benches):
     json.dump({"st_texts_per_s": st, "st_runs_s": times}, open(out_json, "w"))
 
 
+def _timed_passes(run, batches, runs):
+    import torch
+    for ids, mask in batches[:2]:
+        run(ids, mask)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(int(runs)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for ids, mask in batches:
+            run(ids, mask)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ceiling(model_dir, texts_file, runs, out_json, torchscript_dir="", *benches):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    texts = [line.rstrip("\n") for line in open(texts_file)]
+    st = SentenceTransformer(model_dir, device="cuda").half()
+    tokenizer = st.tokenizer
+    batches = []
+    for start in range(0, len(texts), 256):
+        enc = tokenizer(texts[start:start + 256], padding=True, truncation=True, max_length=128,
+                        return_tensors="pt")
+        batches.append((enc["input_ids"].cuda(), enc["attention_mask"].cuda()))
+    tokens = sum(int(m.sum()) for _, m in batches)
+    bert = st[0].auto_model.eval()
+
+    def pool(hidden, mask):
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        v = (hidden * m).sum(1).float() / m.sum(1).float().clamp(min=1e-9)
+        return torch.nn.functional.normalize(v, dim=1)
+
+    def eager(ids, mask):
+        with torch.inference_mode():
+            return pool(bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+    result = {"texts": len(texts), "tokens": tokens, "batches": len(batches)}
+    times = _timed_passes(eager, batches, runs)
+    result["eager_texts_per_s"] = len(texts) / min(times)
+    result["eager_runs_s"] = times
+    print(f"ceiling, eager f16 ({bert.config._attn_implementation} attention): {len(texts)} texts in "
+          f"{len(batches)} batches of <= 256, {tokens} tokens: {result['eager_texts_per_s']:.0f} texts/s "
+          f"({min(times) / len(batches) * 1000:.2f} ms a batch; passes {[round(t, 3) for t in times]})")
+    if torchscript_dir:
+        module = torch.jit.load(f"{torchscript_dir}/model.pt", map_location="cuda").half().eval()
+
+        def traced(ids, mask):
+            with torch.no_grad():
+                return pool(module(ids, mask, torch.zeros_like(ids)), mask)
+
+        for profiling in (True, False):
+            torch._C._jit_set_profiling_executor(profiling)
+            times = _timed_passes(traced, batches, runs)
+            key = "torchscript_texts_per_s" + ("" if profiling else "_no_profiling")
+            result[key] = len(texts) / min(times)
+            print(f"TorchScript trace, profiling executor {'on' if profiling else 'off'}: {result[key]:.0f} texts/s "
+                  f"({min(times) / len(batches) * 1000:.2f} ms a batch)")
+        torch._C._jit_set_profiling_executor(True)
+    ceiling_rate = result["eager_texts_per_s"]
+    for path in benches:
+        k = json.load(open(path))
+        print(f"{path}: {k['throughput_rps']:.0f} texts/s, mean batch {k['mean_batch_size']:.1f}, errors "
+              f"{k['errors']}; ratio to the model-only ceiling {k['throughput_rps'] / ceiling_rate:.3f}")
+    json.dump(result, open(out_json, "w"), indent=1)
+
+
 if __name__ == "__main__":
-    {"texts": texts, "cosines": cosines, "eager": eager}[sys.argv[1]](*sys.argv[2:])
+    {"texts": texts, "cosines": cosines, "eager": eager, "ceiling": ceiling}[sys.argv[1]](*sys.argv[2:])

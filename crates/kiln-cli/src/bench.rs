@@ -48,8 +48,12 @@ pub struct BenchReport {
     pub latency_ms: Latency,
     /// Mean texts per model run during the load.
     pub mean_batch_size: f64,
-    /// Cache hits over lookups during the load.
+    /// Share of the texts answered without a model run of their own, during the load:
+    /// cache hits plus texts that joined a concurrent run of the same text
+    /// (single-flight), over all texts looked up.
     pub cache_hit_rate: f64,
+    /// Of those, the share that joined a concurrent run (single-flight).
+    pub coalesced_rate: f64,
     /// Failed calls by error kind.
     pub errors_by_kind: BTreeMap<String, u64>,
     /// Wall time of the load, seconds.
@@ -232,9 +236,15 @@ pub async fn run_once(
         latency_ms: Latency { p50: p.p50, p95: p.p95, p99: p.p99, max: p.max },
         mean_batch_size: mean_batch_size(&before, &after),
         cache_hit_rate: {
-            let hits = after.cache.hits - before.cache.hits;
-            let lookups = hits + after.cache.misses - before.cache.misses;
-            if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 }
+            let (hits, joined) = (after.cache.hits - before.cache.hits, after.coalesced - before.coalesced);
+            let texts = hits + joined + after.cache.misses - before.cache.misses;
+            if texts == 0 { 0.0 } else { (hits + joined) as f64 / texts as f64 }
+        },
+        coalesced_rate: {
+            let joined = after.coalesced - before.coalesced;
+            let texts =
+                joined + after.cache.hits - before.cache.hits + after.cache.misses - before.cache.misses;
+            if texts == 0 { 0.0 } else { joined as f64 / texts as f64 }
         },
         errors_by_kind,
         seconds,
@@ -264,13 +274,15 @@ fn mean_batch_size(before: &Stats, after: &Stats) -> f64 {
 /// Prints a report as a few lines.
 pub fn print(label: &str, r: &BenchReport) {
     println!(
-        "{label}: {} requests, {} errors in {:.2} s: {:.1} req/s; mean batch {:.1}; cache hit rate {:.1}%",
+        "{label}: {} requests, {} errors in {:.2} s: {:.1} req/s; mean batch {:.1}; cache hit rate {:.1}% \
+         ({:.1}% joined a concurrent run of the same text)",
         r.requests,
         r.errors,
         r.seconds,
         r.throughput_rps,
         r.mean_batch_size,
-        r.cache_hit_rate * 100.0
+        r.cache_hit_rate * 100.0,
+        r.coalesced_rate * 100.0
     );
     println!(
         "{:width$}  latency ms: p50 {:.3}, p95 {:.3}, p99 {:.3}, max {:.3}",

@@ -369,26 +369,51 @@ struct EmbeddingRow<'a> {
     embedding: &'a [f32],
 }
 
-/// Texts per call to the optimizer, so a large input does not sit in memory as vectors.
-const CHUNK: usize = 1024;
+/// Calls to the optimizer in flight at once while embedding a file: enough that the
+/// next batch is always queued while one runs, few enough that no call waits behind
+/// many others (each call has its own `scheduler.timeout_ms` deadline).
+const CALLS_IN_FLIGHT: usize = 4;
+
+/// A progress bar on stderr when it is a terminal (indicatif draws nothing otherwise).
+fn progress_bar(total: usize, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total as u64);
+    let template = format!("{{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
 
 async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutputs) -> Result<()> {
+    use futures_util::StreamExt;
     let (input, output) = (args.input.as_path(), args.output.as_path());
     let records = read_texts(input, args.format)?;
+    // A file is a job, not a request: it goes in calls of one batch each, so the
+    // request deadline bounds each call, never the whole file.
+    let chunk = config.batching.max_batch_size.max(1);
     let optimizer = Optimizer::from_config(config).await?;
     let started = Instant::now();
+    let bar = progress_bar(records.len(), "texts");
     let result = write_output(output, async |out| {
-        for chunk in records.chunks(CHUNK) {
-            let texts: Vec<String> = chunk.iter().map(|r| r.text.clone()).collect();
-            let vectors = optimizer.embed(&texts).await?;
-            for (record, embedding) in chunk.iter().zip(vectors) {
-                serde_json::to_writer(&mut *out, &EmbeddingRow { id: &record.id, embedding: &embedding })?;
+        let optimizer = &optimizer;
+        let mut calls = futures_util::stream::iter(records.chunks(chunk))
+            .map(|chunk| async move {
+                let texts: Vec<String> = chunk.iter().map(|r| r.text.clone()).collect();
+                optimizer.embed(&texts).await.map(|vectors| (chunk, vectors))
+            })
+            .buffered(CALLS_IN_FLIGHT);
+        while let Some(call) = calls.next().await {
+            let (chunk, vectors) = call?;
+            for (record, embedding) in chunk.iter().zip(&vectors) {
+                serde_json::to_writer(&mut *out, &EmbeddingRow { id: &record.id, embedding })?;
                 out.write_all(b"\n")?;
             }
+            bar.inc(chunk.len() as u64);
         }
         Ok(())
     })
     .await;
+    bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
     let written = write_profiler_outputs(&optimizer, outputs);
     let stats = optimizer.shutdown().await?;

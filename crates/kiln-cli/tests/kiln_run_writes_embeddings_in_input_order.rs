@@ -89,3 +89,45 @@ fn config_prints_the_merged_config_and_providers_lists_candle() {
     assert_eq!(candle["capabilities"]["devices"], serde_json::json!(["cpu"]));
     assert_eq!(candle["capabilities"]["dtypes"], serde_json::json!(["f32", "f16", "bf16"]));
 }
+
+/// A file is a job, not a request: the deadline bounds each call `kiln run` makes, so a
+/// file that takes far longer than `scheduler.timeout_ms` in all still completes, in
+/// order, and stderr (not a terminal here) gets no progress bar.
+#[test]
+fn a_file_longer_than_the_request_deadline_completes_in_order() {
+    let words = ["kiln", "batches", "texts", "on", "two", "cores", "and", "the", "deadline", "holds"];
+    let texts: Vec<String> = (0..400)
+        .map(|i| {
+            let t = (0..20 + i % 21).map(|j| words[(i * 7 + j * 3) % words.len()]).collect::<Vec<_>>();
+            format!("{} {i}", t.join(" "))
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("texts.txt");
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(&input, texts.join("\n") + "\n").unwrap();
+    // 400 texts of 20-40 words one at a time take over ten seconds on two cores; each
+    // call (one text, four in flight) takes a small fraction of the 3 s deadline, even
+    // with other tests loading the machine.
+    let run = kiln(&[
+        "run",
+        "examples/embed.toml",
+        "-i",
+        input.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+        "--set",
+        "scheduler.timeout_ms=3000",
+        "--set",
+        "batching.max_batch_size=1",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(!stderr.contains("eta"), "no progress bar when stderr is not a terminal: {stderr}");
+    let rows = rows(&output);
+    assert_eq!(rows.len(), texts.len());
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["id"], i, "input order kept");
+        assert_eq!(row["embedding"].as_array().map(Vec::len), Some(384));
+    }
+}

@@ -116,9 +116,16 @@ fn every_tracker_profile_and_trace_read_back_with_the_real_readers() {
 
     // The profile: every stage, with counts that add up.
     let report: Value = serde_json::from_slice(&std::fs::read(&profile).unwrap()).unwrap();
-    for stage in
-        ["request", "cache_lookup", "tokenize", "queue_wait", "batch_run", "model_run", "pool", "load_model"]
-    {
+    for stage in [
+        "request",
+        "cache_lookup",
+        "tokenize",
+        "queue_wait",
+        "batch_run",
+        "model_run",
+        "collate",
+        "load_model",
+    ] {
         assert!(report["spans"][stage]["count"].as_u64().unwrap() >= 1, "no `{stage}` span: {report}");
     }
     assert_eq!(report["spans"]["queue_wait"]["count"], 600, "one queue wait per text");

@@ -162,7 +162,7 @@ impl Default for ModelConfig {
 }
 
 /// Pooling of token vectors into one text vector.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pooling {
     /// The first token's vector.
@@ -188,6 +188,8 @@ pub struct TextConfig {
     /// L2-normalise embeddings (default: whether `modules.json` has a Normalize step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub normalize: Option<bool>,
+    /// Threads of the tokenizer pool (0: one per CPU core).
+    pub tokenizer_threads: usize,
 }
 
 /// `[classify]`: how the classify task reads a model's scores.
@@ -391,6 +393,10 @@ pub struct BatchingConfig {
     pub enabled: bool,
     /// Most texts in one model run.
     pub max_batch_size: usize,
+    /// Most padded tokens in one model run (texts × the longest text's tokens); 0: no
+    /// limit. With a large `max_batch_size`, short texts fill big batches and long ones
+    /// smaller batches of about the same cost.
+    pub max_batch_tokens: usize,
     /// How long the oldest waiting text may wait for others to fill its batch.
     pub max_wait_ms: u64,
     /// Texts that may wait in a model's queue.
@@ -404,6 +410,7 @@ impl Default for BatchingConfig {
         BatchingConfig {
             enabled: true,
             max_batch_size: 32,
+            max_batch_tokens: 0,
             max_wait_ms: 5,
             queue_capacity: 4096,
             when_full: WhenFull::Wait,
@@ -617,6 +624,8 @@ impl KilnConfig {
             ));
         }
         check_range(&mut issues, "batching.max_batch_size", self.batching.max_batch_size, 1, 4096);
+        check_range(&mut issues, "batching.max_batch_tokens", self.batching.max_batch_tokens, 0, 1 << 24);
+        check_range(&mut issues, "text.tokenizer_threads", self.text.tokenizer_threads, 0, 1024);
         check_range(&mut issues, "batching.max_wait_ms", self.batching.max_wait_ms as usize, 0, 10_000);
         check_range(&mut issues, "batching.queue_capacity", self.batching.queue_capacity, 1, 1 << 20);
         let m = &self.memory;

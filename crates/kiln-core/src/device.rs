@@ -157,6 +157,16 @@ pub enum DeviceKind {
     Metal,
 }
 
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda:N",
+            DeviceKind::Metal => "metal:N",
+        })
+    }
+}
+
 /// Memory figures of a device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MemoryInfo {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ProviderConfig;
 use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
+use crate::pooling::EmbeddingHead;
 use crate::registry::{Registration, Registry};
 use crate::tensor::{DType, Inputs, Outputs, TensorSpec};
 
@@ -100,12 +101,24 @@ pub struct ModelSpec {
     pub device: Device,
     /// Weight and compute precision.
     pub dtype: DType,
+    /// For text embedding models: the pooling (and normalisation) the runtime wants
+    /// applied inside the model run, so only `[batch, hidden]` leaves the device. A
+    /// provider that applies it says so in [`ModelInfo::head`]; one that does not keeps
+    /// returning token vectors, and the runtime pools them. See [`crate::pooling`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<EmbeddingHead>,
 }
 
 impl ModelSpec {
-    /// A spec from its parts.
+    /// A spec from its parts, with no embedding head.
     pub fn new(path: impl Into<PathBuf>, device: Device, dtype: DType) -> Self {
-        ModelSpec { path: path.into(), device, dtype }
+        ModelSpec { path: path.into(), device, dtype, head: None }
+    }
+
+    /// The same spec asking for an embedding head.
+    pub fn with_head(mut self, head: EmbeddingHead) -> Self {
+        self.head = Some(head);
+        self
     }
 }
 
@@ -130,6 +143,11 @@ pub struct ModelInfo {
     pub max_batch_size: Option<usize>,
     /// Longest sequence it accepts (position embeddings), for text models.
     pub max_sequence_length: Option<usize>,
+    /// The embedding head the model applies inside its run (the one
+    /// [`ModelSpec::head`] asked for): its output is then [`SENTENCE_EMBEDDING`](crate::SENTENCE_EMBEDDING),
+    /// f32 `[batch, hidden]`. `None`: it returns token vectors for the runtime to pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<EmbeddingHead>,
 }
 
 impl ModelInfo {
@@ -145,6 +163,7 @@ impl ModelInfo {
             weight_bytes: None,
             max_batch_size: None,
             max_sequence_length: None,
+            head: None,
         }
     }
 
@@ -193,9 +212,35 @@ pub struct Capabilities {
     pub formats: Vec<String>,
     /// Largest batch, if the backend limits it.
     pub max_batch_size: Option<usize>,
+    /// Why something the provider can do elsewhere is missing here ("CUDA: this build
+    /// has no `candle-cuda` feature"); quoted when a load is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Capabilities {
+    /// Whether a model may be loaded on `device` at `dtype`, checked before any loading:
+    /// the error names what the provider accepts.
+    pub fn check(&self, provider: &str, device: Device, dtype: DType) -> Result<()> {
+        if !self.devices.contains(&device.kind()) {
+            let accepted: Vec<String> = self.devices.iter().map(|d| d.to_string()).collect();
+            let why =
+                if self.notes.is_empty() { String::new() } else { format!(" ({})", self.notes.join("; ")) };
+            return Err(Error::Unsupported(format!(
+                "provider `{provider}` in this build runs on {}, not {device}{why}",
+                accepted.join(", ")
+            )));
+        }
+        if !self.dtypes.contains(&dtype) {
+            let accepted: Vec<String> = self.dtypes.iter().map(|d| d.to_string()).collect();
+            return Err(Error::Unsupported(format!(
+                "provider `{provider}` runs models in {}, not {dtype}",
+                accepted.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// CPU only, the given dtypes, nothing else declared.
     pub fn cpu_only(dtypes: Vec<DType>) -> Self {
         Capabilities {
@@ -204,6 +249,7 @@ impl Capabilities {
             quantization: Vec::new(),
             formats: Vec::new(),
             max_batch_size: None,
+            notes: Vec::new(),
         }
     }
 }

@@ -4,13 +4,16 @@
 //! worker thread ([`worker`]) that batches the requests of concurrent callers
 //! ([`collate`] pads them into one batch and splits the outputs back). Repeated inputs
 //! are answered from the result cache ([`cache`]); the [`scheduler`] bounds concurrency,
-//! enforces deadlines and retries retryable failures; tokenization and pooling run on
-//! blocking tasks; [`Stats`] counts it all. None of it names a backend.
+//! enforces deadlines and retries retryable failures; concurrent requests for the same
+//! uncached text share one run ([`inflight`]); texts are tokenized by a pool of threads
+//! ([`tokenize`]) into unpadded rows, and models pool them into embeddings on their own
+//! device where the provider can; [`Stats`] counts it all. None of it names a backend.
 
 pub mod cache;
 pub mod collate;
 pub mod devices;
 pub mod governor;
+pub mod inflight;
 pub mod memory;
 pub mod models;
 pub mod optimizer;
@@ -19,6 +22,7 @@ pub mod profiler;
 pub mod replicas;
 pub mod scheduler;
 pub mod stats;
+pub mod tokenize;
 pub mod tracking;
 pub mod worker;
 
@@ -33,5 +37,6 @@ pub use profiler::SamplingProfiler;
 pub use replicas::{ReplicaStats, Replicas};
 pub use scheduler::Scheduler;
 pub use stats::{LatencyHistogram, Percentiles, Stats};
+pub use tokenize::TokenizerPool;
 pub use tracking::{MetricsSource, TrackerFailures, TrackerHub};
 pub use worker::{BatchPolicy, BatchStats, ItemOutput, ModelWorker, RunOutput};

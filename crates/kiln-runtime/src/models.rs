@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kiln_core::{DType, Device, Error, ModelSpec, ModelsConfig, NoopProfiler, Profiler, Provider, Result};
+use kiln_core::{
+    DType, Device, EmbeddingHead, Error, ModelSpec, ModelsConfig, NoopProfiler, Profiler, Provider, Result,
+};
 use serde::Serialize;
 
 use crate::memory::MemoryProbe;
@@ -29,6 +31,10 @@ pub struct ModelKey {
     pub dtype: DType,
     /// Which copy, when one model is loaded more than once (replicas on one GPU).
     pub replica: usize,
+    /// The embedding head asked of the provider (a model with a head returns other
+    /// outputs than the same weights without).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub head: Option<EmbeddingHead>,
 }
 
 impl std::fmt::Display for ModelKey {
@@ -130,6 +136,7 @@ impl ModelManager {
             device: spec.device,
             dtype: spec.dtype,
             replica,
+            head: spec.head,
         };
         if let Some(worker) = self.find(&key) {
             return Ok(worker);
@@ -138,6 +145,8 @@ impl ModelManager {
         if let Some(worker) = self.find(&key) {
             return Ok(worker);
         }
+        // What the provider says it cannot do is refused before anything is read.
+        provider.capabilities().check(provider.name(), spec.device, spec.dtype)?;
         let required = provider.estimate_memory(&spec)?.unwrap_or(0);
         let refuse = |available: u64| Error::OutOfMemory {
             what: format!("model {key}"),

@@ -6,14 +6,16 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{
     Cache, CacheKey, Device, Error, Inputs, KilnConfig, Metrics, ModelInfo, ModelSpec, NamedTensors, NoCache,
-    NoopProfiler, Outputs, ProfileReport, Profiler, Provider, Result, Task, Tensor, build_provider,
-    build_trackers,
+    NoopProfiler, Outputs, ProfileReport, Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor,
+    build_provider, build_trackers,
 };
-use kiln_text::TextPipeline;
+use kiln_text::{TextPipeline, TokenRow};
 use kiln_vision::{ImageInput, ImagePipeline};
 
 use crate::cache::{MokaCache, cache_key};
+use crate::collate::collate;
 use crate::governor::MemoryGovernor;
+use crate::inflight::{Claim, InFlight, Leader, follow};
 use crate::memory::MemoryProbe;
 use crate::models::ModelManager;
 use crate::partial_file::PartialFile;
@@ -21,6 +23,7 @@ use crate::profiler::SamplingProfiler;
 use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Parts, Stage, Stats};
+use crate::tokenize::TokenizerPool;
 use crate::tracking::{TrackerFailures, TrackerHub};
 use crate::worker::{BatchPolicy, ModelWorker};
 
@@ -53,8 +56,10 @@ pub struct Optimizer {
     policy: BatchPolicy,
     /// The model's workers: one, or one per `model.gpu_ids` entry.
     replicas: Replicas,
-    text: Option<Arc<TextPipeline>>,
+    text: Option<TextPath>,
     vision: Option<Arc<Classifier>>,
+    /// Texts being embedded now, so that concurrent copies share one run.
+    inflight: Arc<InFlight>,
     /// Model identity and text settings: the prefix of every cache key.
     identity: String,
     cache: Arc<dyn Cache>,
@@ -76,7 +81,11 @@ impl Optimizer {
         // Built before the model loads, so a tracker's config error fails fast.
         let trackers = build_trackers(&config.trackers, &config.tracking)?;
         let devices = resolve_devices(&config, provider.as_ref());
-        let spec = ModelSpec::new(&config.model.path, devices[0], config.model.dtype);
+        let mut spec = ModelSpec::new(&config.model.path, devices[0], config.model.dtype);
+        if config.task == Task::Embed {
+            // Known before loading, so the provider can pool on its device.
+            spec = spec.with_head(kiln_text::embedding_head(&config.model.path, &config.text)?);
+        }
         let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
             SamplingProfiler::start(config.profiler.clone())
         } else {
@@ -85,6 +94,7 @@ impl Optimizer {
         let b = &config.batching;
         let policy = BatchPolicy {
             max_batch_size: b.max_batch_size,
+            max_batch_tokens: b.max_batch_tokens,
             max_wait: Duration::from_millis(b.max_wait_ms),
             queue_capacity: b.queue_capacity,
             when_full: b.when_full,
@@ -99,17 +109,27 @@ impl Optimizer {
         let worker = replicas.first().clone();
         let load_time = started.elapsed();
         let (text, vision) = match config.task {
-            Task::Embed => (
-                Some(Arc::new(TextPipeline::from_model_dir(
+            Task::Embed => {
+                let pipeline = Arc::new(TextPipeline::from_model_dir(
                     &config.model.path,
                     &config.text,
                     worker.info().max_sequence_length,
-                )?)),
-                None,
-            ),
+                )?);
+                let tokenizers =
+                    Arc::new(TokenizerPool::start(pipeline.clone(), config.text.tokenizer_threads)?);
+                let pooled = worker.info().head.is_some() && worker.info().head == spec.head;
+                if !pooled {
+                    tracing::info!(
+                        "provider `{}` returns token vectors: kiln pools them on the host",
+                        provider.name()
+                    );
+                }
+                (Some(TextPath { pipeline, tokenizers, pooled }), None)
+            }
             Task::Classify => (None, Some(Arc::new(Classifier::new(&config, worker.info())?))),
         };
-        let identity = format!("{}|{:?}|{:?}", provider.name(), spec, text.as_ref().map(|t| t.settings()));
+        let identity =
+            format!("{}|{:?}|{:?}", provider.name(), spec, text.as_ref().map(|t| t.pipeline.settings()));
         let cache: Arc<dyn Cache> = if config.cache.enabled {
             Arc::new(MokaCache::new(&config.cache))
         } else {
@@ -153,6 +173,7 @@ impl Optimizer {
             replicas,
             text,
             vision,
+            inflight: Arc::new(InFlight::default()),
             identity,
             cache,
             scheduler,
@@ -273,85 +294,111 @@ impl Optimizer {
             ))
         })?;
         let mut out: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
-        let mut misses: Vec<(usize, CacheKey)> = Vec::new();
-        let lookup = self.profiler.span("cache_lookup");
-        for (i, t) in texts.iter().enumerate() {
-            let key = cache_key(&[self.identity.as_bytes(), t.as_bytes()]);
-            match self.cache.get(&key).and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok()))
-            {
-                Some(vector) => out[i] = Some(vector),
-                None => misses.push((i, key)),
+        let mut todo: Vec<usize> = (0..texts.len()).collect();
+        // A pass leaves only texts whose leader (another call) gave up; they go again.
+        while !todo.is_empty() {
+            let mut leaders: Vec<(usize, CacheKey, Leader)> = Vec::new();
+            let mut followers = Vec::new();
+            let lookup = self.profiler.span("cache_lookup");
+            for &i in &todo {
+                let key = cache_key(&[self.identity.as_bytes(), texts[i].as_bytes()]);
+                match self.inflight.claim(key) {
+                    Claim::Lead(leader) => match self.cached(&key) {
+                        // Dropping the claim: nothing to compute.
+                        Some(vector) => out[i] = Some(vector),
+                        None => leaders.push((i, key, leader)),
+                    },
+                    Claim::Follow(running) => followers.push((i, running)),
+                }
             }
-        }
-        drop(lookup);
-        if !misses.is_empty() {
-            // Longest first, as sentence-transformers does, so chunks and tokenizer calls
-            // hold texts of similar length.
-            misses.sort_by_key(|&(i, _)| std::cmp::Reverse(texts[i].len()));
-            let batch = self.config.batching.max_batch_size;
-            for chunk in misses.chunks(batch * 8) {
-                let chunk_texts: Vec<String> = chunk.iter().map(|&(i, _)| texts[i].clone()).collect();
-                let vectors = if self.config.batching.enabled {
-                    self.embed_shared(text, chunk_texts).await?
-                } else {
-                    let mut vectors = Vec::with_capacity(chunk_texts.len());
-                    for own in chunk_texts.chunks(batch) {
-                        vectors.extend(self.embed_alone(text, own.to_vec()).await?);
-                    }
-                    vectors
-                };
-                for (&(i, key), vector) in chunk.iter().zip(vectors) {
+            drop(lookup);
+            if !leaders.is_empty() {
+                // Longest first, as sentence-transformers does, so that runs of a call
+                // that goes alone hold texts of similar length.
+                leaders.sort_by_key(|&(i, _, _)| std::cmp::Reverse(texts[i].len()));
+                let own: Vec<String> = leaders.iter().map(|&(i, _, _)| texts[i].clone()).collect();
+                let vectors = self.embed_texts(text, own).await?;
+                for ((i, key, leader), vector) in leaders.into_iter().zip(vectors) {
                     let entry = NamedTensors::new()
                         .with(EMBEDDING, Tensor::from_vec(vec![vector.len()], vector.clone())?);
                     self.cache.insert(key, Arc::new(entry));
-                    out[i] = Some(vector);
+                    let shared = Arc::new(vector);
+                    leader.publish(shared.clone());
+                    out[i] = Some(Arc::unwrap_or_clone(shared));
+                }
+            }
+            todo.clear();
+            for (i, running) in followers {
+                match follow(running).await {
+                    Some(vector) => {
+                        Counters::add(&self.counters.coalesced, 1);
+                        out[i] = Some(vector.to_vec());
+                    }
+                    None => todo.push(i),
                 }
             }
         }
-        Ok(out.into_iter().map(|v| v.expect("every text was answered from the cache or the model")).collect())
+        Ok(out
+            .into_iter()
+            .map(|v| v.expect("every text was answered by the cache, a run or a leader"))
+            .collect())
     }
 
-    /// Each text becomes an item of the worker's queue, batched with other callers'.
-    async fn embed_shared(&self, text: &Arc<TextPipeline>, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
-        let encoded = self.tokenize(text, texts).await?;
-        let rows = encoded.rows()?;
-        let outputs = futures_util::future::join_all(
-            rows.into_iter()
-                .map(|(inputs, len)| self.replicas.pick().submit(self.model_inputs(&inputs), len)),
-        )
-        .await;
-        let mut items = Vec::with_capacity(outputs.len());
-        for (out, &len) in outputs.into_iter().zip(&encoded.lengths) {
+    fn cached(&self, key: &CacheKey) -> Option<Vec<f32>> {
+        self.cache.get(key).and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok()))
+    }
+
+    /// Embeddings of texts nobody has computed: tokenized by the pool, then batched with
+    /// other callers' texts (or, with batching off, run as this call's own batches).
+    async fn embed_texts(&self, text: &TextPath, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
+        let started = Instant::now();
+        let rows = text.tokenizers.encode(texts).await?;
+        self.timed(Stage::Tokenize, "tokenize", started);
+        if self.config.batching.enabled {
+            self.embed_shared(text, rows).await
+        } else {
+            let mut vectors = Vec::with_capacity(rows.len());
+            for own in rows.chunks(self.config.batching.max_batch_size) {
+                vectors.extend(self.embed_alone(text, own).await?);
+            }
+            Ok(vectors)
+        }
+    }
+
+    /// Each row becomes an item of a worker's queue, batched with other callers'.
+    async fn embed_shared(&self, text: &TextPath, rows: Vec<TokenRow>) -> Result<Vec<Vec<f32>>> {
+        let submits = rows.iter().map(|row| async move {
+            let inputs = self.model_inputs(row.inputs()?);
+            self.replicas.pick().submit(inputs, row.len()).await
+        });
+        let outputs = futures_util::future::join_all(submits).await;
+        let started = Instant::now();
+        let mut vectors = Vec::with_capacity(outputs.len());
+        for (out, row) in outputs.into_iter().zip(&rows) {
             let out = out?;
             self.counters.queue_wait(out.queue_wait);
             self.counters.time(Stage::Inference, out.run_time.div_f64(out.batch_size as f64));
-            items.push((out.outputs, len));
+            let mut one = embeddings(text, &out.outputs, &[row.len()], row.len())?;
+            vectors.push(one.pop().ok_or_else(|| Error::backend("kiln", "the model returned no rows"))?);
         }
-        let pipeline = text.clone();
-        let started = Instant::now();
-        let vectors = tokio::task::spawn_blocking(move || {
-            items
-                .iter()
-                .map(|(outputs, len)| Ok(embeddings(&pipeline, outputs, &vec![1; *len])?.remove(0)))
-                .collect()
-        })
-        .await
-        .map_err(|e| Error::Shutdown(format!("pooling task failed: {e}")))?;
-        self.timed(Stage::Pooling, "pool", started);
-        vectors
+        if !text.pooled {
+            self.timed(Stage::Pooling, "pool", started);
+        }
+        Ok(vectors)
     }
 
-    /// The caller's texts run as one batch of their own.
-    async fn embed_alone(&self, text: &Arc<TextPipeline>, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
-        let encoded = self.tokenize(text, texts).await?;
-        let inputs = self.model_inputs(&encoded.inputs);
-        let run = self.run_model(inputs).await?;
-        let pipeline = text.clone();
+    /// The caller's rows run as one batch of their own, collated here.
+    async fn embed_alone(&self, text: &TextPath, rows: &[TokenRow]) -> Result<Vec<Vec<f32>>> {
+        let items =
+            rows.iter().map(|r| r.inputs().map(|i| self.model_inputs(i))).collect::<Result<Vec<_>>>()?;
+        let (batch, padded) = collate(&items.iter().collect::<Vec<_>>())?;
+        let run = self.run_model(batch).await?;
         let started = Instant::now();
-        let vectors = tokio::task::spawn_blocking(move || embeddings(&pipeline, &run, &encoded.mask))
-            .await
-            .map_err(|e| Error::Shutdown(format!("pooling task failed: {e}")))??;
-        self.timed(Stage::Pooling, "pool", started);
+        let lengths: Vec<usize> = rows.iter().map(TokenRow::len).collect();
+        let vectors = embeddings(text, &run, &lengths, padded)?;
+        if !text.pooled {
+            self.timed(Stage::Pooling, "pool", started);
+        }
         Ok(vectors)
     }
 
@@ -431,21 +478,11 @@ impl Optimizer {
         .await
     }
 
-    async fn tokenize(&self, text: &Arc<TextPipeline>, texts: Vec<String>) -> Result<kiln_text::Encoded> {
-        let started = Instant::now();
-        let pipeline = text.clone();
-        let encoded = tokio::task::spawn_blocking(move || pipeline.encode(&texts))
-            .await
-            .map_err(|e| Error::Shutdown(format!("tokenization task failed: {e}")))??;
-        self.timed(Stage::Tokenize, "tokenize", started);
-        Ok(encoded)
-    }
-
     /// The pipeline's tensors the model declares (some exports take no token_type_ids).
-    fn model_inputs(&self, all: &Inputs) -> Inputs {
+    fn model_inputs(&self, all: Inputs) -> Inputs {
         let declared = &self.model_info().inputs;
         if declared.is_empty() {
-            return all.clone();
+            return all;
         }
         let mut inputs = Inputs::new();
         for (name, tensor) in all.iter() {
@@ -771,14 +808,32 @@ pub enum TaskOutput {
     Outputs(Outputs),
 }
 
-/// One vector per text from the model's outputs: `last_hidden_state`, or the only
-/// output there is, pooled by the text pipeline under `mask`.
-fn embeddings(text: &TextPipeline, outputs: &Outputs, mask: &[i64]) -> Result<Vec<Vec<f32>>> {
+/// The embed task's parts: the text pipeline, its tokenizer pool, and whether the
+/// model applies the embedding head itself.
+struct TextPath {
+    pipeline: Arc<TextPipeline>,
+    tokenizers: Arc<TokenizerPool>,
+    /// The model returns [`SENTENCE_EMBEDDING`] with the pipeline's head applied.
+    pooled: bool,
+}
+
+/// One vector per text from the model's outputs for texts of `lengths` tokens, padded
+/// to `padded`: [`SENTENCE_EMBEDDING`] when the model pooled on its device; otherwise
+/// `last_hidden_state` (or the only output there is), pooled here on the host.
+fn embeddings(text: &TextPath, outputs: &Outputs, lengths: &[usize], padded: usize) -> Result<Vec<Vec<f32>>> {
+    if text.pooled {
+        let tensor = outputs.require(SENTENCE_EMBEDDING)?;
+        let values = tensor.to_f32_vec()?;
+        let hidden = values.len() / lengths.len().max(1);
+        return Ok(values.chunks_exact(hidden.max(1)).map(<[f32]>::to_vec).collect());
+    }
     let tensor = match outputs.get(LAST_HIDDEN_STATE) {
         Some(t) => t,
         None => outputs.iter().next().map(|(_, t)| t).ok_or_else(|| {
             Error::InvalidInput("the model returned no outputs; an embedding model must return one".into())
         })?,
     };
-    text.pool(tensor, mask)
+    let mask: Vec<i64> =
+        lengths.iter().flat_map(|&len| (0..padded).map(move |s| i64::from(s < len))).collect();
+    text.pipeline.pool(tensor, &mask)
 }

@@ -19,6 +19,9 @@ pub struct Stats {
     pub requests: u64,
     /// Texts embedded (cache hits included).
     pub texts: u64,
+    /// Texts answered by joining a concurrent request's run for the same text
+    /// (single-flight) instead of a model run of their own.
+    pub coalesced: u64,
     /// Model runs (batches).
     pub batches: u64,
     /// Model runs by number of items in them.
@@ -132,6 +135,7 @@ impl LatencyHistogram {
 pub(crate) struct Counters {
     pub requests: AtomicU64,
     pub texts: AtomicU64,
+    pub coalesced: AtomicU64,
     tokenize_ns: AtomicU64,
     inference_ns: AtomicU64,
     pooling_ns: AtomicU64,
@@ -208,6 +212,7 @@ impl Counters {
         Stats {
             requests: self.requests.load(Ordering::Relaxed),
             texts: self.texts.load(Ordering::Relaxed),
+            coalesced: self.coalesced.load(Ordering::Relaxed),
             batches: batches.batches,
             mean_batch_size: batches.mean_batch_size(),
             batch_sizes: batches.batch_sizes,

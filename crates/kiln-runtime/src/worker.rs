@@ -1,18 +1,24 @@
-//! One model on one dedicated thread, with its batching queue.
+//! One model on dedicated threads, with its batching queue.
 //!
-//! The thread loads the model (so a slow load never blocks the async runtime) and then
-//! serves two kinds of work from one bounded queue:
+//! # Design
 //!
-//! - **items**: one request's tensors (batch dim 1). The worker groups items from many
-//!   callers: it waits until `max_batch_size` items are queued or the oldest has waited
-//!   `max_wait`, then runs the oldest item together with the waiting items closest to
-//!   it in length (so short texts are not padded to a long one's length), and answers
-//!   each caller with its own row.
-//! - **whole batches**, run as given (`infer`, and embedding with batching off).
+//! Two threads serve a model, so that the device never waits for kiln:
 //!
-//! Every run is timed where it happens. A panic inside a backend is caught and becomes
-//! that batch's error; if a shared batch fails, its items are retried one by one so
-//! only the item that causes the failure gets it. The worker keeps serving.
+//! - the **batcher** takes requests from one bounded queue and forms batches. Items
+//!   (one request's tensors, batch dim 1) from many callers are grouped: it waits until
+//!   `max_batch_size` items are queued or the oldest has waited `max_wait`, then takes
+//!   the oldest item together with the waiting items closest to it in length (so short
+//!   texts are not padded to a long one's length), as many as `max_batch_size`, the
+//!   model's own [`ModelInfo::max_batch_size`] and `max_batch_tokens` (padded tokens)
+//!   allow, and collates them — the one place a batch is padded.
+//! - the **model thread** loads the model and runs what the batcher hands it through a
+//!   one-slot channel: while batch N runs, batch N+1 is formed and collated.
+//!
+//! Whole batches (`infer`, embedding with batching off) pass through the same two
+//! threads, in order, and run as given. Every run is timed where it happens. A panic
+//! inside a backend is caught and becomes that batch's error; if a shared batch fails,
+//! its items are retried one by one so only the item that causes the failure gets it.
+//! Both threads keep serving.
 
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -32,7 +38,7 @@ use crate::collate::{collate, split};
 pub struct RunOutput {
     /// The model's outputs.
     pub outputs: Outputs,
-    /// Time spent in `Model::run`, measured on the worker thread.
+    /// Time spent in `Model::run`, measured on the model thread.
     pub elapsed: Duration,
 }
 
@@ -52,12 +58,15 @@ pub struct ItemOutput {
 /// How the worker groups items.
 #[derive(Debug, Clone)]
 pub struct BatchPolicy {
-    /// Most items in one run.
+    /// Most items in one run (further capped by the model's own `max_batch_size`).
     pub max_batch_size: usize,
+    /// Most padded tokens (items × the longest item's length) in one run; 0: no limit.
+    /// A single item longer than this still runs, alone.
+    pub max_batch_tokens: usize,
     /// Longest the oldest item waits for company.
     pub max_wait: Duration,
     /// Items (and whole batches) waiting or running at most; the bound covers the
-    /// channel, the worker's pending pool and the batch being run.
+    /// channel, the batcher's pending pool, the batch formed next and the one running.
     pub queue_capacity: usize,
     /// Wait for room, or refuse at once, when the queue is full.
     pub when_full: WhenFull,
@@ -67,6 +76,7 @@ impl Default for BatchPolicy {
     fn default() -> Self {
         BatchPolicy {
             max_batch_size: 32,
+            max_batch_tokens: 0,
             max_wait: Duration::from_millis(5),
             queue_capacity: 4096,
             when_full: WhenFull::Wait,
@@ -85,6 +95,14 @@ struct Item {
 
 enum Message {
     Item(Item),
+    Whole { inputs: Inputs, reply: oneshot::Sender<Result<RunOutput>>, _slot: OwnedSemaphorePermit },
+}
+
+/// What the batcher hands the model thread.
+enum Job {
+    /// Items and their collated batch (or why collation failed).
+    Batch { items: Vec<Item>, collated: Result<(Inputs, usize)> },
+    /// A whole batch, as given.
     Whole { inputs: Inputs, reply: oneshot::Sender<Result<RunOutput>>, _slot: OwnedSemaphorePermit },
 }
 
@@ -109,11 +127,11 @@ pub fn rows(batch_sizes: &BTreeMap<usize, u64>) -> u64 {
     batch_sizes.iter().map(|(size, n)| *size as u64 * n).sum()
 }
 
-/// A handle to a model running on its own thread.
+/// A handle to a model running on its own threads.
 pub struct ModelWorker {
     queue: Option<flume::Sender<Message>>,
     slots: Arc<Semaphore>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     info: ModelInfo,
     policy: BatchPolicy,
     stats: Arc<Mutex<BatchStats>>,
@@ -127,39 +145,46 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".to_string())
 }
 
-struct Serve {
-    model: Arc<dyn Model>,
-    provider: String,
-    policy: BatchPolicy,
-    stats: Arc<Mutex<BatchStats>>,
-    profiler: Arc<dyn Profiler>,
+/// The batch limits in force: the policy's, capped by the model's.
+fn effective_policy(policy: &BatchPolicy, info: &ModelInfo) -> BatchPolicy {
+    let mut policy = policy.clone();
+    if let Some(model_max) = info.max_batch_size.filter(|&m| m > 0) {
+        policy.max_batch_size = policy.max_batch_size.min(model_max);
+    }
+    policy.max_batch_size = policy.max_batch_size.max(1);
+    policy
 }
 
 impl ModelWorker {
-    /// Starts the thread, loads the model there, and returns once it is ready.
+    /// Starts the threads, loads the model, and returns once it is ready.
     pub async fn start(provider: Arc<dyn Provider>, spec: ModelSpec, policy: BatchPolicy) -> Result<Self> {
         Self::start_profiled(provider, spec, policy, Arc::new(NoopProfiler)).await
     }
 
-    /// [`start`](Self::start), recording spans on the worker thread: `load_model`,
-    /// `batch_run` (collate, model, split) and each item's `queue_wait`.
+    /// [`start`](Self::start), recording spans: `load_model`, `collate` (on the batcher),
+    /// `batch_run` (model and split) and each item's `queue_wait`.
     pub async fn start_profiled(
         provider: Arc<dyn Provider>,
         spec: ModelSpec,
         policy: BatchPolicy,
         profiler: Arc<dyn Profiler>,
     ) -> Result<Self> {
-        // Unbounded channel: the bound is the slots, which also count what the worker
-        // has already taken out of the channel.
+        // Unbounded channel: the bound is the slots, which also count what the threads
+        // have already taken out of the channel.
         let (queue, inbox) = flume::unbounded::<Message>();
         let slots = Arc::new(Semaphore::new(policy.queue_capacity.max(1)));
         let (ready, is_ready) = oneshot::channel::<Result<ModelInfo>>();
+        // One slot: one batch formed and waiting while one runs.
+        let (jobs, job_inbox) = flume::bounded::<Job>(1);
         let runtime = tokio::runtime::Handle::current();
         let stats = Arc::new(Mutex::new(BatchStats::default()));
-        let (thread_stats, thread_policy) = (stats.clone(), policy.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("kiln-model-{}", provider.name()))
+        let thread_stats = stats.clone();
+        let model_profiler = profiler.clone();
+        let name = provider.name().to_string();
+        let model_thread = std::thread::Builder::new()
+            .name(format!("kiln-model-{name}"))
             .spawn(move || {
+                let profiler = model_profiler;
                 let provider_name = provider.name().to_string();
                 let load_span = profiler.span("load_model");
                 let loaded = catch_unwind(AssertUnwindSafe(|| runtime.block_on(provider.load(&spec))))
@@ -173,14 +198,8 @@ impl ModelWorker {
                 match loaded {
                     Ok(model) => {
                         let _ = ready.send(Ok(model.info().clone()));
-                        Serve {
-                            model,
-                            provider: provider_name,
-                            policy: thread_policy,
-                            stats: thread_stats,
-                            profiler,
-                        }
-                        .run(inbox);
+                        Runner { model, provider: provider_name, stats: thread_stats, profiler }
+                            .serve(job_inbox);
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -188,14 +207,35 @@ impl ModelWorker {
                 }
             })
             .map_err(|e| Error::io("starting a thread for", "the model worker", e))?;
-        let info =
-            is_ready.await.map_err(|_| Error::Shutdown("the model worker exited while loading".into()))??;
-        Ok(ModelWorker { queue: Some(queue), slots, thread: Some(thread), info, policy, stats })
+        let info = match is_ready.await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::Shutdown("the model worker exited while loading".into())),
+        };
+        let policy = effective_policy(&policy, &info);
+        let batcher = Batcher { policy: policy.clone(), profiler };
+        let batcher_thread = std::thread::Builder::new()
+            .name(format!("kiln-batch-{name}"))
+            .spawn(move || batcher.serve(inbox, jobs))
+            .map_err(|e| Error::io("starting a thread for", "the batcher", e))?;
+        Ok(ModelWorker {
+            queue: Some(queue),
+            slots,
+            threads: vec![batcher_thread, model_thread],
+            info,
+            policy,
+            stats,
+        })
     }
 
     /// The loaded model's description.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The batch limits in force (the configured policy capped by the model's limits).
+    pub fn policy(&self) -> &BatchPolicy {
+        &self.policy
     }
 
     /// Items waiting or running.
@@ -228,7 +268,7 @@ impl ModelWorker {
         queue.send(message).map_err(|_| Error::Shutdown("the model worker has stopped".into()))
     }
 
-    /// Runs one whole batch, as given, on the worker thread.
+    /// Runs one whole batch, as given, on the model thread.
     pub async fn run(&self, inputs: Inputs) -> Result<RunOutput> {
         let (reply, answer) = oneshot::channel();
         let slot = self.slot().await?;
@@ -252,38 +292,52 @@ impl ModelWorker {
     }
 
     /// Lets go of a shared worker: if this was the last handle, shuts it down and waits
-    /// for its thread; otherwise the last holder's drop ends it later.
+    /// for its threads; otherwise the last holder's drop ends it later.
     pub async fn release(worker: Arc<ModelWorker>) {
         if let Ok(worker) = Arc::try_unwrap(worker) {
             worker.shutdown().await;
         }
     }
 
-    /// Stops taking work, lets queued work finish, and waits for the thread to end.
+    /// Stops taking work, lets queued work finish, and waits for the threads to end.
     pub async fn shutdown(mut self) {
         self.queue.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }
 
 impl Drop for ModelWorker {
     fn drop(&mut self) {
-        // Closing the queue ends the thread once queued work is done; not joined here,
+        // Closing the queue ends the threads once queued work is done; not joined here,
         // since drop may run on an async worker thread.
         self.queue.take();
     }
 }
 
-impl Serve {
-    fn run(self, inbox: flume::Receiver<Message>) {
+/// The batcher thread: forms and collates batches.
+struct Batcher {
+    policy: BatchPolicy,
+    profiler: Arc<dyn Profiler>,
+}
+
+impl Batcher {
+    fn serve(self, inbox: flume::Receiver<Message>, jobs: flume::Sender<Job>) {
         let mut pending: Vec<Item> = Vec::new();
         loop {
             if pending.is_empty() {
                 match inbox.recv() {
-                    Ok(message) => self.accept(message, &mut pending),
-                    Err(_) => return, // queue closed and drained
+                    Ok(message) => {
+                        if !self.accept(message, &mut pending, &jobs) {
+                            return;
+                        }
+                    }
+                    Err(_) => return, // queue closed and drained; dropping `jobs` ends the model thread
                 }
                 continue;
             }
@@ -295,7 +349,11 @@ impl Serve {
                     break;
                 }
                 match inbox.recv_timeout(deadline - now) {
-                    Ok(message) => self.accept(message, &mut pending),
+                    Ok(message) => {
+                        if !self.accept(message, &mut pending, &jobs) {
+                            return;
+                        }
+                    }
                     Err(_) => break, // timed out, or closed: run what is pending
                 }
             }
@@ -303,28 +361,88 @@ impl Serve {
             let window = self.policy.max_batch_size * 4;
             while pending.len() < window {
                 match inbox.try_recv() {
-                    Ok(message) => self.accept(message, &mut pending),
+                    Ok(message) => {
+                        if !self.accept(message, &mut pending, &jobs) {
+                            return;
+                        }
+                    }
                     Err(_) => break,
                 }
             }
             pending.retain(|item| !item.reply.is_closed()); // callers that gave up
-            if !pending.is_empty() {
-                let batch = take_batch(&mut pending, self.policy.max_batch_size);
-                self.run_items(batch);
+            if pending.is_empty() {
+                continue;
+            }
+            let items = take_batch(&mut pending, self.policy.max_batch_size, self.policy.max_batch_tokens);
+            let collated = {
+                let _span = self.profiler.span("collate");
+                // Guarded like the model: nothing an item carries may take the thread down.
+                catch_unwind(AssertUnwindSafe(|| {
+                    let inputs: Vec<&Inputs> = items.iter().map(|i| &i.inputs).collect();
+                    collate(&inputs)
+                }))
+                .unwrap_or_else(|p| {
+                    Err(Error::backend("kiln", format!("panicked while batching: {}", panic_message(p))))
+                })
+            };
+            if jobs.send(Job::Batch { items, collated }).is_err() {
+                return; // the model thread is gone
             }
         }
     }
 
-    fn accept(&self, message: Message, pending: &mut Vec<Item>) {
+    /// Adds an item to the pool, or passes a whole batch on; false when the model
+    /// thread is gone.
+    fn accept(&self, message: Message, pending: &mut Vec<Item>, jobs: &flume::Sender<Job>) -> bool {
         match message {
-            Message::Item(item) => pending.push(item),
+            Message::Item(item) => {
+                pending.push(item);
+                true
+            }
             Message::Whole { inputs, reply, _slot } => {
                 if reply.is_closed() {
-                    return;
+                    return true;
                 }
-                let rows = inputs.iter().next().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(1);
-                let result = self.run_model(&inputs, rows);
-                let _ = reply.send(result.map(|(outputs, elapsed)| RunOutput { outputs, elapsed }));
+                jobs.send(Job::Whole { inputs, reply, _slot }).is_ok()
+            }
+        }
+    }
+}
+
+/// The model thread: runs batches and answers their callers.
+struct Runner {
+    model: Arc<dyn Model>,
+    provider: String,
+    stats: Arc<Mutex<BatchStats>>,
+    profiler: Arc<dyn Profiler>,
+}
+
+impl Runner {
+    fn serve(self, jobs: flume::Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Whole { inputs, reply, _slot } => {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let rows =
+                        inputs.iter().next().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(1);
+                    let result = self.run_model(&inputs, rows);
+                    let _ = reply.send(result.map(|(outputs, elapsed)| RunOutput { outputs, elapsed }));
+                }
+                Job::Batch { mut items, collated } => {
+                    // Callers that gave up while the batch waited are not run.
+                    if items.iter().any(|i| i.reply.is_closed()) {
+                        items.retain(|i| !i.reply.is_closed());
+                        if !items.is_empty() {
+                            let inputs: Vec<&Inputs> = items.iter().map(|i| &i.inputs).collect();
+                            let collated = collate(&inputs);
+                            self.run_items(items, collated);
+                        }
+                        continue;
+                    }
+                    self.run_items(items, collated);
+                }
             }
         }
     }
@@ -342,7 +460,7 @@ impl Serve {
         result.map(|outputs| (outputs, elapsed))
     }
 
-    fn run_items(&self, items: Vec<Item>) {
+    fn run_items(&self, items: Vec<Item>, collated: Result<(Inputs, usize)>) {
         let started = Instant::now();
         for item in &items {
             self.profiler.record(
@@ -351,19 +469,17 @@ impl Serve {
                 started.saturating_duration_since(item.enqueued),
             );
         }
-        let _span = self.profiler.span("batch_run");
-        // Collation and splitting are guarded like the model: nothing an item carries
-        // may take the worker down.
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            let inputs: Vec<&Inputs> = items.iter().map(|i| &i.inputs).collect();
-            let (batch, padded) = collate(&inputs)?;
+        let span = self.profiler.span("batch_run");
+        let result = collated.and_then(|(batch, padded)| {
             let (outputs, elapsed) = self.run_model(&batch, items.len())?;
             let lengths: Vec<usize> = items.iter().map(|i| i.length).collect();
-            Ok((split(&outputs, &lengths, padded, self.model.info())?, elapsed))
-        }))
-        .unwrap_or_else(|p| {
-            Err(Error::backend("kiln", format!("panicked while batching: {}", panic_message(p))))
+            catch_unwind(AssertUnwindSafe(|| split(&outputs, &lengths, padded, self.model.info())))
+                .unwrap_or_else(|p| {
+                    Err(Error::backend("kiln", format!("panicked while splitting: {}", panic_message(p))))
+                })
+                .map(|rows| (rows, elapsed))
         });
+        drop(span);
         match result {
             Ok((rows, run_time)) => {
                 let batch_size = items.len();
@@ -379,17 +495,24 @@ impl Serve {
             // A shared batch failed: run each item alone, so only the culprit fails.
             Err(_) => {
                 for item in items {
-                    self.run_items(vec![item]);
+                    let collated = collate(&[&item.inputs]);
+                    self.run_items(vec![item], collated);
                 }
             }
         }
     }
 }
 
-/// Takes the oldest item and the `max - 1` others closest to it in length, keeping
-/// the rest in arrival order.
-fn take_batch(pending: &mut Vec<Item>, max: usize) -> Vec<Item> {
-    if pending.len() <= max {
+/// Takes the oldest item and the others closest to it in length — at most `max` items
+/// and, when `max_tokens` > 0, at most `max_tokens` padded tokens (items × the longest
+/// length) — keeping the rest in arrival order. The oldest item always goes, even
+/// alone over the token budget.
+fn take_batch(pending: &mut Vec<Item>, max: usize, max_tokens: usize) -> Vec<Item> {
+    let within_tokens =
+        |count: usize, longest: usize| max_tokens == 0 || count * longest.max(1) <= max_tokens;
+    if pending.len() <= max
+        && within_tokens(pending.len(), pending.iter().map(|i| i.length).max().unwrap_or(0))
+    {
         return std::mem::take(pending);
     }
     let anchor = pending[0].length;
@@ -397,11 +520,23 @@ fn take_batch(pending: &mut Vec<Item>, max: usize) -> Vec<Item> {
     order.sort_by_key(|&i| (pending[i].length.abs_diff(anchor), i));
     let mut chosen = vec![false; pending.len()];
     chosen[0] = true;
-    for &i in order.iter().take(max - 1) {
+    let (mut count, mut longest) = (1, anchor);
+    for &i in &order {
+        if count == max {
+            break;
+        }
+        let with = longest.max(pending[i].length);
+        if !within_tokens(count + 1, with) {
+            // Items further out are no shorter than this one's distance allows; a
+            // shorter one may still fit, so keep looking.
+            continue;
+        }
         chosen[i] = true;
+        count += 1;
+        longest = with;
     }
-    let mut batch = Vec::with_capacity(max);
-    let mut rest = Vec::with_capacity(pending.len() - max);
+    let mut batch = Vec::with_capacity(count);
+    let mut rest = Vec::with_capacity(pending.len() - count);
     for (item, take) in std::mem::take(pending).into_iter().zip(chosen) {
         if take { batch.push(item) } else { rest.push(item) }
     }
@@ -449,6 +584,10 @@ mod tests {
             }
             let seq = || vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())];
             let mut info = ModelInfo::new("faulty", "faulty", spec.device, spec.dtype);
+            // A model that declares a batch limit of its own.
+            if spec.path.as_os_str() == "max2" {
+                info.max_batch_size = Some(2);
+            }
             info.inputs = vec![TensorSpec::new("input_ids", DType::I64, seq())];
             info.outputs = vec![
                 TensorSpec::new("echo", DType::F32, seq()),
@@ -537,6 +676,7 @@ mod tests {
             queue_capacity: 1,
             when_full: WhenFull::Reject,
             max_batch_size: 64,
+            max_batch_tokens: 0,
         };
         let w = worker(policy).await;
         let calls: Vec<_> = (0..20)
@@ -598,8 +738,62 @@ mod tests {
             _slot: None,
         };
         let mut pending: Vec<Item> = [50, 3, 48, 4, 51, 5].into_iter().map(mk).collect();
-        let batch = take_batch(&mut pending, 3);
+        let batch = take_batch(&mut pending, 3, 0);
         assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![50, 48, 51]);
         assert_eq!(pending.iter().map(|i| i.length).collect::<Vec<_>>(), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn the_token_budget_bounds_padded_tokens_but_the_oldest_always_runs() {
+        let mk = |length| Item {
+            inputs: Inputs::new(),
+            length,
+            enqueued: Instant::now(),
+            reply: oneshot::channel().0,
+            _slot: None,
+        };
+        // 100 tokens: 50 + 48 pads to 2 × 50; a third (51) would make 153.
+        let mut pending: Vec<Item> = [50, 3, 48, 4, 51, 5].into_iter().map(mk).collect();
+        let batch = take_batch(&mut pending, 8, 100);
+        assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![50, 48]);
+        // Short texts fill a batch the long ones could not.
+        let batch = take_batch(&mut pending, 8, 100);
+        assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let batch = take_batch(&mut pending, 8, 100);
+        assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![51]);
+        // One item over the budget still runs, alone.
+        let mut pending: Vec<Item> = [500, 2].into_iter().map(mk).collect();
+        assert_eq!(take_batch(&mut pending, 8, 100).len(), 1);
+        assert_eq!(pending.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_model_that_declares_a_batch_limit_never_gets_more() {
+        let policy = BatchPolicy { max_wait: Duration::from_millis(50), ..BatchPolicy::default() };
+        let w = Arc::new(
+            ModelWorker::start(
+                Arc::new(FaultyProvider),
+                ModelSpec::new("max2", Device::Cpu, DType::F32),
+                policy,
+            )
+            .await
+            .unwrap(),
+        );
+        assert_eq!(w.policy().max_batch_size, 2);
+        let calls: Vec<_> = (0..12i64)
+            .map(|i| {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    let (inputs, len) = item(vec![100 + i]);
+                    w.submit(inputs, len).await.unwrap().batch_size
+                })
+            })
+            .collect();
+        for call in calls {
+            assert!(call.await.unwrap() <= 2);
+        }
+        let stats = w.batch_stats();
+        assert_eq!(rows(&stats.batch_sizes), 12, "{stats:?}");
+        assert!(stats.batch_sizes.keys().all(|&size| size <= 2), "{stats:?}");
     }
 }

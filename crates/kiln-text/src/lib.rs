@@ -1,5 +1,5 @@
-//! kiln's text pipeline: texts to padded token batches, and token vectors back to one
-//! embedding per text — the way sentence-transformers does it for the same model folder.
+//! kiln's text pipeline: texts to token rows (unpadded, for the batcher) or padded
+//! batches, and token vectors back to one embedding per text — the way sentence-transformers does it for the same model folder.
 //!
 //! A [`TextPipeline`] reads a Hugging Face / sentence-transformers folder:
 //! `tokenizer.json` (required), `sentence_bert_config.json` (`max_seq_length`),
@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_core::{Error, NamedTensors, Pooling, Result, Tensor, TextConfig};
+use kiln_core::{EmbeddingHead, Error, NamedTensors, Pooling, Result, Tensor, TextConfig, pool_tokens};
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams, TruncationStrategy};
 
@@ -43,29 +43,6 @@ pub struct Encoded {
     pub lengths: Vec<usize>,
     /// The attention mask, row-major, for pooling.
     pub mask: Vec<i64>,
-}
-
-impl Encoded {
-    /// Each text's inputs without padding — tensors `[1, length]` — with its length,
-    /// for batching with other callers' texts.
-    pub fn rows(&self) -> Result<Vec<(NamedTensors, usize)>> {
-        let columns: Vec<(&str, Vec<i64>)> =
-            self.inputs.iter().map(|(name, t)| Ok((name, t.to_vec::<i64>()?))).collect::<Result<_>>()?;
-        self.lengths
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| {
-                let mut row = NamedTensors::new();
-                for (name, values) in &columns {
-                    row.insert(
-                        *name,
-                        Tensor::from_vec(vec![1, len], values[i * self.sequence..][..len].to_vec())?,
-                    );
-                }
-                Ok((row, len))
-            })
-            .collect()
-    }
 }
 
 /// Tokenizer plus pooling and normalisation rules of one model folder.
@@ -144,6 +121,55 @@ fn folder_pooling(dir: &Path) -> Result<(Option<Pooling>, bool)> {
     Ok((chosen.first().copied(), normalize))
 }
 
+impl TextSettings {
+    /// The pooling and normalisation these settings ask for.
+    pub fn head(&self) -> EmbeddingHead {
+        EmbeddingHead { pooling: self.pooling, normalize: self.normalize }
+    }
+}
+
+/// The embedding head a model folder asks for — pooling from its pooling module's
+/// config (mean when none), normalisation when `modules.json` lists a Normalize step —
+/// with `overrides` winning. Known before the model loads, so the provider can apply it
+/// inside the model run.
+pub fn embedding_head(dir: &Path, overrides: &TextConfig) -> Result<EmbeddingHead> {
+    let (pooling, normalize) = folder_pooling(dir)?;
+    Ok(EmbeddingHead {
+        pooling: overrides.pooling.or(pooling).unwrap_or(Pooling::Mean),
+        normalize: overrides.normalize.unwrap_or(normalize),
+    })
+}
+
+/// One tokenized text, unpadded: what the batcher collates with other texts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// Word-piece ids, special tokens included.
+    pub ids: Vec<i64>,
+    /// Segment ids, one per id.
+    pub type_ids: Vec<i64>,
+}
+
+impl TokenRow {
+    /// Tokens in the row.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether it has no tokens (never, for a BERT tokenizer: [CLS] and [SEP] are added).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The row as model inputs `[1, len]`: ids, an all-ones attention mask, type ids.
+    pub fn inputs(&self) -> Result<NamedTensors> {
+        let len = self.ids.len();
+        Ok(NamedTensors::new()
+            .with(INPUT_IDS, Tensor::from_vec(vec![1, len], self.ids.clone())?)
+            .with(ATTENTION_MASK, Tensor::from_vec(vec![1, len], vec![1i64; len])?)
+            .with(TOKEN_TYPE_IDS, Tensor::from_vec(vec![1, len], self.type_ids.clone())?))
+    }
+}
+
 impl TextPipeline {
     /// Reads the folder's tokenizer and settings; `overrides` win over the folder;
     /// `model_max` (the model's position embeddings) caps the length.
@@ -166,12 +192,8 @@ impl TextPipeline {
                 "text.max_length {max_length} exceeds what the model accepts ({model_max} positions)"
             )));
         }
-        let (pooling, normalize) = folder_pooling(dir)?;
-        let settings = TextSettings {
-            max_length,
-            pooling: overrides.pooling.or(pooling).unwrap_or(Pooling::Mean),
-            normalize: overrides.normalize.unwrap_or(normalize),
-        };
+        let head = embedding_head(dir, overrides)?;
+        let settings = TextSettings { max_length, pooling: head.pooling, normalize: head.normalize };
         Self::new(tokenizer, settings)
     }
 
@@ -196,6 +218,25 @@ impl TextPipeline {
     /// The settings in force.
     pub fn settings(&self) -> &TextSettings {
         &self.settings
+    }
+
+    /// Tokenizes texts one by one, each truncated to `max_length` and left unpadded:
+    /// the batcher pads once, to the longest text of the batch it forms.
+    pub fn encode_rows<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<TokenRow>> {
+        texts
+            .iter()
+            .map(|text| {
+                // One text: BatchLongest padding pads it to its own length, i.e. not at all.
+                let e = self
+                    .tokenizer
+                    .encode(text.as_ref(), true)
+                    .map_err(|e| Error::InvalidInput(format!("tokenization failed: {e}")))?;
+                Ok(TokenRow {
+                    ids: e.get_ids().iter().map(|&v| i64::from(v)).collect(),
+                    type_ids: e.get_type_ids().iter().map(|&v| i64::from(v)).collect(),
+                })
+            })
+            .collect()
     }
 
     /// Tokenizes a batch, padded to its longest text.
@@ -246,7 +287,8 @@ impl TextPipeline {
     }
 }
 
-/// Pools `[batch, sequence, hidden]` row-major values under a `[batch, sequence]` mask.
+/// Pools `[batch, sequence, hidden]` row-major values under a `[batch, sequence]` mask:
+/// [`kiln_core::pool_tokens`], one `Vec` per text.
 pub fn pool(
     values: &[f32],
     mask: &[i64],
@@ -255,46 +297,9 @@ pub fn pool(
     hidden: usize,
     settings: &TextSettings,
 ) -> Vec<Vec<f32>> {
-    (0..batch)
-        .map(|b| {
-            let rows = || {
-                (0..sequence)
-                    .filter(move |&s| mask[b * sequence + s] != 0)
-                    .map(move |s| &values[(b * sequence + s) * hidden..][..hidden])
-            };
-            let count = rows().count() as f32;
-            let mut v = match settings.pooling {
-                Pooling::Cls => values[b * sequence * hidden..][..hidden].to_vec(),
-                Pooling::Mean | Pooling::MeanSqrtLen => {
-                    let mut sum = vec![0f32; hidden];
-                    for row in rows() {
-                        sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
-                    }
-                    // sentence-transformers clamps the count at 1e-9 so an all-padding row gives zeros.
-                    let div = if settings.pooling == Pooling::Mean {
-                        count.max(1e-9)
-                    } else {
-                        count.max(1e-9).sqrt()
-                    };
-                    sum.iter_mut().for_each(|s| *s /= div);
-                    sum
-                }
-                Pooling::Max => {
-                    let mut max = vec![f32::NEG_INFINITY; hidden];
-                    for row in rows() {
-                        max.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
-                    }
-                    max.iter_mut().filter(|m| m.is_infinite()).for_each(|m| *m = 0.0);
-                    max
-                }
-            };
-            if settings.normalize {
-                // torch.nn.functional.normalize: divide by max(norm, 1e-12).
-                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                v.iter_mut().for_each(|x| *x /= norm);
-            }
-            v
-        })
+    pool_tokens(values, mask, batch, sequence, hidden, settings.head())
+        .chunks_exact(hidden.max(1))
+        .map(<[f32]>::to_vec)
         .collect()
 }
 
@@ -311,29 +316,6 @@ mod tests {
     const MASK: [i64; 6] = [1, 1, 1, 1, 1, 0];
 
     #[test]
-    fn mean_pooling_ignores_padding() {
-        let out = pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Mean, false));
-        assert_eq!(out, vec![vec![3.0, 4.0], vec![5.0, 5.0]]);
-    }
-
-    #[test]
-    fn cls_max_and_sqrt_len_pooling() {
-        assert_eq!(pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Cls, false))[1], vec![10.0, 0.0]);
-        assert_eq!(pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Max, false))[1], vec![10.0, 10.0]);
-        let s = pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::MeanSqrtLen, false));
-        assert!((s[1][0] - 10.0 / 2f32.sqrt()).abs() < 1e-6);
-    }
-
-    #[test]
-    fn normalisation_gives_unit_vectors_and_survives_zeros() {
-        let out = pool(&VALUES, &MASK, 2, 3, 2, &settings(Pooling::Mean, true));
-        let norm = (out[0][0].powi(2) + out[0][1].powi(2)).sqrt();
-        assert!((norm - 1.0).abs() < 1e-6);
-        let zeros = pool(&[0.0; 4], &[0, 0], 1, 2, 2, &settings(Pooling::Mean, true));
-        assert_eq!(zeros, vec![vec![0.0, 0.0]]);
-    }
-
-    #[test]
     fn pipeline_pools_token_vectors_and_passes_pooled_outputs_through() {
         let tokenizer = Tokenizer::new(tokenizers::models::wordpiece::WordPiece::default());
         let text = TextPipeline::new(tokenizer, settings(Pooling::Mean, false)).unwrap();
@@ -346,20 +328,6 @@ mod tests {
             err.contains("matching the attention mask (4 tokens) or [batch, hidden], got [2, 3, 2]"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn rows_drop_the_padding_of_each_text() {
-        let shape = vec![2, 3];
-        let inputs = NamedTensors::new()
-            .with(INPUT_IDS, Tensor::from_vec(shape.clone(), vec![101i64, 7, 102, 101, 102, 0]).unwrap())
-            .with(ATTENTION_MASK, Tensor::from_vec(shape, vec![1i64, 1, 1, 1, 1, 0]).unwrap());
-        let encoded =
-            Encoded { inputs, batch: 2, sequence: 3, lengths: vec![3, 2], mask: vec![1, 1, 1, 1, 1, 0] };
-        let rows = encoded.rows().unwrap();
-        assert_eq!(rows[1].1, 2);
-        assert_eq!(rows[1].0.require(INPUT_IDS).unwrap().to_vec::<i64>().unwrap(), vec![101, 102]);
-        assert_eq!(rows[0].0.require(ATTENTION_MASK).unwrap().shape(), &[1, 3]);
     }
 
     #[test]

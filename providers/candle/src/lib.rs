@@ -3,11 +3,12 @@
 //! on NVIDIA GPUs (`cuda:N`) with the crate's `cuda` feature (`kiln`'s `candle-cuda`).
 //!
 //! Registered as `candle`. The model takes the `input_ids`, `attention_mask` and
-//! `token_type_ids` that `kiln-text` produces and returns `last_hidden_state`
-//! (`[batch, sequence, hidden]`: f16 for f16 models — half the bytes to copy off a GPU —
-//! and f32 otherwise), and pooling and normalisation happen in f32 in kiln's text
-//! pipeline, the same for every provider. Weights are converted to the model's dtype
-//! at load; LayerNorm and softmax run in f32 inside candle's kernels.
+//! `token_type_ids` that `kiln-text` produces. Asked for an embedding head
+//! ([`ModelSpec::head`]), it pools and normalises on its device, in f32, and returns
+//! `sentence_embedding` (`[batch, hidden]`): only that leaves a GPU. Without one it
+//! returns `last_hidden_state` (`[batch, sequence, hidden]`: f16 for f16 models and f32
+//! otherwise). Weights are converted to the model's dtype at load; LayerNorm and
+//! softmax run in f32 inside candle's kernels.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
 use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 use candle_transformers::models::bert::{BertEncoder as CandleBertEncoder, Config as BertConfig};
 use kiln_core::{
-    Capabilities, DType, Device, Dim, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Provider,
-    ProviderConfig, Result, Tensor, TensorSpec, async_trait,
+    Capabilities, DType, Device, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
+    Pooling, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec, async_trait,
 };
 use serde::Deserialize;
 
@@ -178,6 +179,10 @@ impl Provider for CandleProvider {
         };
         if cuda_available() {
             caps.devices.push(kiln_core::DeviceKind::Cuda);
+        } else if cfg!(feature = "cuda") {
+            caps.notes.push("CUDA: cuda:0 does not open here (no GPU or driver)".into());
+        } else {
+            caps.notes.push("CUDA support comes with the `candle-cuda` feature".into());
         }
         caps
     }
@@ -252,17 +257,25 @@ impl Provider for CandleProvider {
             .into_iter()
             .map(|n| TensorSpec::new(n, DType::I64, token_dims()))
             .collect();
-        info.outputs = vec![TensorSpec::new(
-            LAST_HIDDEN_STATE,
-            output_dtype(spec.dtype),
-            vec![
-                Dim::Dynamic("batch".into()),
-                Dim::Dynamic("sequence".into()),
-                Dim::Fixed(config.hidden_size),
-            ],
-        )];
+        info.outputs = vec![match spec.head {
+            Some(_) => TensorSpec::new(
+                SENTENCE_EMBEDDING,
+                DType::F32,
+                vec![Dim::Dynamic("batch".into()), Dim::Fixed(config.hidden_size)],
+            ),
+            None => TensorSpec::new(
+                LAST_HIDDEN_STATE,
+                output_dtype(spec.dtype),
+                vec![
+                    Dim::Dynamic("batch".into()),
+                    Dim::Dynamic("sequence".into()),
+                    Dim::Fixed(config.hidden_size),
+                ],
+            ),
+        }];
         info.weight_bytes = Some(weight_bytes);
         info.max_sequence_length = Some(config.max_position_embeddings);
+        info.head = spec.head;
         let model = BertEncoder { model, device, info };
 
         // Run a padded batch once, so a precision this build of candle cannot compute on
@@ -279,7 +292,7 @@ impl Provider for CandleProvider {
             ))
         };
         let probe = model.run(&inputs).map_err(|e| unsupported(e.to_string()))?;
-        let values = probe.require(LAST_HIDDEN_STATE)?.to_f32_vec()?;
+        let values = probe.require(&model.info.outputs[0].name)?.to_f32_vec()?;
         if !values.iter().all(|v| v.is_finite()) {
             return Err(unsupported("the probe batch produced non-finite values".into()));
         }
@@ -377,6 +390,15 @@ impl Model for BertEncoder {
         let mask = self.tensor(inputs, "attention_mask")?;
         let types = self.tensor(inputs, "token_type_ids")?;
         let hidden = self.model.forward(&ids, &types, &mask).map_err(backend)?;
+        if let Some(head) = self.info.head {
+            let pooled = pool(&hidden, &mask, head).map_err(backend)?;
+            let shape = pooled.dims().to_vec();
+            let values = pooled
+                .to_device(&CDevice::Cpu)
+                .and_then(|p| p.flatten_all()?.to_vec1::<f32>())
+                .map_err(backend)?;
+            return Ok(Outputs::new().with(SENTENCE_EMBEDDING, Tensor::from_vec(shape, values)?));
+        }
         let shape = hidden.dims().to_vec();
         let host = |h: CTensor| h.to_device(&CDevice::Cpu).and_then(|h| h.flatten_all());
         let tensor = if output_dtype(self.info.dtype) == DType::F16 {
@@ -392,6 +414,36 @@ impl Model for BertEncoder {
         };
         Ok(Outputs::new().with(LAST_HIDDEN_STATE, tensor))
     }
+}
+
+/// The embedding head on the device, in f32: `[batch, sequence, hidden]` token vectors
+/// and the `[batch, sequence]` attention mask to `[batch, hidden]`, with the arithmetic
+/// of [`kiln_core::pool_tokens`].
+fn pool(hidden: &CTensor, mask: &CTensor, head: EmbeddingHead) -> candle_core::Result<CTensor> {
+    let hidden = hidden.to_dtype(CDType::F32)?;
+    let mask = mask.to_dtype(CDType::F32)?.unsqueeze(2)?; // [batch, sequence, 1]
+    let pooled = match head.pooling {
+        Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        Pooling::Mean | Pooling::MeanSqrtLen => {
+            let sum = hidden.broadcast_mul(&mask)?.sum(1)?;
+            let count = mask.sum(1)?.clamp(1e-9f32, f32::MAX)?;
+            let count = if head.pooling == Pooling::Mean { count } else { count.sqrt()? };
+            sum.broadcast_div(&count)?
+        }
+        Pooling::Max => {
+            // Padding gets the lowest value, so it never wins; a text of no real tokens
+            // gets zeros, as on the host.
+            let lowest = ((mask.ones_like()? - &mask)? * f64::from(f32::MIN))?;
+            let max = hidden.broadcast_add(&lowest)?.max(1)?;
+            let any = mask.max(1)?; // [batch, 1]: 1 if the text has a real token
+            max.broadcast_mul(&any)?
+        }
+    };
+    if !head.normalize {
+        return Ok(pooled);
+    }
+    let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+    pooled.broadcast_div(&norm)
 }
 
 /// What `last_hidden_state` leaves the model as: f16 stays f16 (half the bytes off a

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_core::{
-    Capabilities, DType, Device, DeviceKind, Dim, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
-    Provider, ProviderConfig, Result, Tensor, TensorSpec, async_trait,
+    Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
+    Outputs, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec, async_trait,
 };
 use ort::ep::ExecutionProvider;
 use ort::session::Session;
@@ -196,6 +196,9 @@ fn tensor_spec(name: &str, ty: &ValueType) -> Result<TensorSpec> {
 struct OrtModel {
     info: ModelInfo,
     session: Mutex<Session>,
+    /// With an embedding head: the graph's token output, pooled under the attention
+    /// mask before anything else is copied.
+    head: Option<(EmbeddingHead, String)>,
 }
 
 impl OrtProvider {
@@ -258,11 +261,16 @@ impl Provider for OrtProvider {
             devices.push(DeviceKind::Cuda);
         }
         Capabilities {
-            devices,
+            devices: devices.clone(),
             dtypes: vec![DType::F32, DType::F16],
             quantization: Vec::new(),
             formats: vec!["ONNX (.onnx file, or a folder with model.onnx)".into()],
             max_batch_size: None,
+            notes: if devices.contains(&DeviceKind::Cuda) {
+                Vec::new()
+            } else {
+                vec!["CUDA: the ONNX Runtime loaded has no usable CUDA execution provider (PyPI's is CPU-only)".into()]
+            },
         }
     }
 
@@ -295,7 +303,21 @@ impl Provider for OrtProvider {
         info.weight_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
-        Ok(Arc::new(OrtModel { info, session: Mutex::new(session) }))
+        // The head applies to a graph that takes an attention mask and whose first
+        // float output is token vectors [batch, sequence, hidden]; other graphs keep
+        // their outputs. ONNX Runtime's outputs are host memory here (CPU), so pooling
+        // inside `run` reads them in place instead of copying them out whole.
+        let head = spec.head.and_then(|head| {
+            info.inputs.iter().find(|i| i.name == "attention_mask")?;
+            let tokens = info.outputs.iter().find(|o| o.dtype.is_float()).filter(|o| o.shape.len() == 3)?;
+            Some((head, tokens.name.clone(), tokens.shape[0].clone(), tokens.shape[2].clone()))
+        });
+        let head = head.map(|(head, name, batch, hidden)| {
+            info.outputs = vec![TensorSpec::new(SENTENCE_EMBEDDING, DType::F32, vec![batch, hidden])];
+            info.head = Some(head);
+            (head, name)
+        });
+        Ok(Arc::new(OrtModel { info, session: Mutex::new(session), head }))
     }
 
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
@@ -361,12 +383,46 @@ impl Model for OrtModel {
             .collect::<Result<Vec<(String, DynValue)>>>()?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session.run(values).map_err(backend)?;
+        if let Some((head, name)) = &self.head {
+            let mask = inputs.require("attention_mask")?.to_vec::<i64>()?;
+            let value = &outputs[name.as_str()];
+            let pooled = match value.try_extract_tensor::<f32>() {
+                Ok((shape, data)) => pool(shape, data, &mask, *head),
+                Err(_) => {
+                    let (shape, data) = value.try_extract_tensor::<half::f16>().map_err(backend)?;
+                    let data: Vec<f32> = data.iter().map(|v| v.to_f32()).collect();
+                    pool(shape, &data, &mask, *head)
+                }
+            }?;
+            return Ok(Outputs::new().with(SENTENCE_EMBEDDING, pooled));
+        }
         let mut out = Outputs::new();
         for spec in &self.info.outputs {
             out.insert(spec.name.clone(), from_value(&spec.name, &outputs[spec.name.as_str()])?);
         }
         Ok(out)
     }
+}
+
+/// Token vectors `[batch, sequence, hidden]` pooled under the mask into `[batch, hidden]`.
+fn pool(shape: &ort::value::Shape, data: &[f32], mask: &[i64], head: EmbeddingHead) -> Result<Tensor> {
+    let &[batch, sequence, hidden] = &shape[..] else {
+        return Err(Error::backend(
+            NAME,
+            format!("token output has shape {shape:?}; expected [batch, sequence, hidden]"),
+        ));
+    };
+    let (batch, sequence, hidden) = (batch as usize, sequence as usize, hidden as usize);
+    if mask.len() != batch * sequence {
+        return Err(Error::backend(
+            NAME,
+            format!(
+                "token output [{batch}, {sequence}, {hidden}] does not match the attention mask ({} values)",
+                mask.len()
+            ),
+        ));
+    }
+    Tensor::from_vec(vec![batch, hidden], kiln_core::pool_tokens(data, mask, batch, sequence, hidden, head))
 }
 
 kiln_core::register_provider!(

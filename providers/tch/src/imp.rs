@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_core::{
-    Capabilities, DType, Device, DeviceKind, Dim, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
-    Provider, ProviderConfig, Result, Tensor, TensorSpec, async_trait,
+    Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
+    Outputs, Pooling, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec, async_trait,
 };
 use serde::Deserialize;
 use tch::{IValue, Kind};
@@ -20,6 +20,12 @@ use crate::version;
 pub struct TchOptions {
     /// libtorch's intra-op CPU threads (0: its own choice).
     pub threads: usize,
+    /// TorchScript's profiling executor (libtorch's default: on). It re-profiles and
+    /// re-optimises the graph for input shapes it has not seen, which costs runs
+    /// when every batch has another sequence length.
+    pub jit_profiling: Option<bool>,
+    /// TorchScript's graph optimisations (libtorch's default: on).
+    pub jit_optimize: Option<bool>,
 }
 
 /// The libtorch provider.
@@ -31,6 +37,12 @@ fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
     libtorch()?;
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
+    }
+    if let Some(on) = options.jit_profiling {
+        tch::jit::f_set_profiling_mode(on).map_err(backend)?;
+    }
+    if let Some(on) = options.jit_optimize {
+        tch::jit::set_graph_executor_optimize(on);
     }
     Ok(Arc::new(TchProvider))
 }
@@ -215,6 +227,9 @@ struct TchModel {
     info: ModelInfo,
     module: Mutex<tch::CModule>,
     device: tch::Device,
+    /// With an embedding head: forward's token output and the attention mask input,
+    /// by position.
+    head: Option<(EmbeddingHead, usize)>,
 }
 
 #[async_trait]
@@ -225,8 +240,10 @@ impl Provider for TchProvider {
 
     fn capabilities(&self) -> Capabilities {
         let mut devices = vec![DeviceKind::Cpu];
-        if cuda().is_ok() {
-            devices.push(DeviceKind::Cuda);
+        let mut notes = Vec::new();
+        match cuda() {
+            Ok(_) => devices.push(DeviceKind::Cuda),
+            Err(why) => notes.push(format!("CUDA: {why}")),
         }
         let lib = libtorch().ok();
         let version = lib.and_then(|l| l.version.clone()).unwrap_or_else(|| "unknown version".into());
@@ -238,6 +255,7 @@ impl Provider for TchProvider {
                 "TorchScript (.pt file, or a folder with model.pt) + signature.json; libtorch {version}"
             )],
             max_batch_size: None,
+            notes,
         }
     }
 
@@ -276,7 +294,20 @@ impl Provider for TchProvider {
         );
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
-        Ok(Arc::new(TchModel { info, module: Mutex::new(module), device }))
+        // The head applies to a signature whose first output is token vectors
+        // [batch, sequence, hidden] and that takes an attention mask; other modules
+        // keep their outputs and the runtime pools.
+        let head = spec.head.and_then(|head| {
+            let tokens = info.outputs.first().filter(|o| o.shape.len() == 3 && o.dtype.is_float())?;
+            let mask = info.inputs.iter().position(|i| i.name == "attention_mask")?;
+            Some((head, mask, tokens.shape[0].clone(), tokens.shape[2].clone()))
+        });
+        let head = head.map(|(head, mask, batch, hidden)| {
+            info.outputs = vec![TensorSpec::new(SENTENCE_EMBEDDING, DType::F32, vec![batch, hidden])];
+            info.head = Some(head);
+            (head, mask)
+        });
+        Ok(Arc::new(TchModel { info, module: Mutex::new(module), device, head }))
     }
 
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
@@ -385,8 +416,54 @@ impl Model for TchModel {
         let module = self.module.lock().unwrap_or_else(|p| p.into_inner());
         let result = module.forward_is(&args).map_err(backend)?;
         drop(module);
+        if let Some((head, mask)) = self.head {
+            let tokens = match &result {
+                IValue::Tensor(t) => t.shallow_clone(),
+                IValue::Tuple(items) | IValue::GenericList(items) => match items.first() {
+                    Some(IValue::Tensor(t)) => t.shallow_clone(),
+                    _ => return Err(backend("forward's first output is not a tensor")),
+                },
+                _ => return Err(backend("forward returned no tensor to pool")),
+            };
+            let IValue::Tensor(mask) = &args[mask] else { unreachable!("inputs are tensors") };
+            let pooled = pool(&tokens, mask, head).map_err(backend)?;
+            return Ok(Outputs::new().with(SENTENCE_EMBEDDING, from_tch(SENTENCE_EMBEDDING, &pooled)?));
+        }
         self.outputs(result)
     }
+}
+
+/// The embedding head on the model's device, in f32: token vectors `[batch, sequence,
+/// hidden]` and the mask `[batch, sequence]` to `[batch, hidden]`, with the arithmetic
+/// of [`kiln_core::pool_tokens`]. Only the result is copied to the host.
+fn pool(
+    tokens: &tch::Tensor,
+    mask: &tch::Tensor,
+    head: EmbeddingHead,
+) -> std::result::Result<tch::Tensor, tch::TchError> {
+    let hidden = tokens.f_to_kind(Kind::Float)?;
+    let mask = mask.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?; // [batch, sequence, 1]
+    let pooled = match head.pooling {
+        Pooling::Cls => hidden.f_select(1, 0)?,
+        Pooling::Mean | Pooling::MeanSqrtLen => {
+            let sum = hidden.f_mul(&mask)?.f_sum_dim_intlist(1, false, Kind::Float)?;
+            let count = mask.f_sum_dim_intlist(1, false, Kind::Float)?.f_clamp_min(1e-9)?;
+            let count = if head.pooling == Pooling::Mean { count } else { count.f_sqrt()? };
+            sum.f_div(&count)?
+        }
+        Pooling::Max => {
+            let padding = mask.f_eq(0.0)?;
+            let max = hidden.f_masked_fill(&padding, f64::from(f32::MIN))?.f_amax(1, false)?;
+            // A text of no real tokens gets zeros, as on the host.
+            max.f_mul(&mask.f_amax(1, false)?)?
+        }
+    };
+    if !head.normalize {
+        return Ok(pooled);
+    }
+    let norm =
+        pooled.f_mul(&pooled)?.f_sum_dim_intlist(1, true, Kind::Float)?.f_sqrt()?.f_clamp_min(1e-12)?;
+    pooled.f_div(&norm)
 }
 
 kiln_core::register_provider!(
