@@ -37,21 +37,23 @@ $helpers cosines "$work" tch_cpu_f32 "${tags[@]}" | tee "$out/cosines.txt"
 
 bench() { # BIN CONFIG MODEL JSON EXTRA_ARGS...
     local bin="$1" config="$2" model="$3" json="$4"; shift 4
-    "$bin" bench "$config" --texts "$work/long.txt" --requests 32768 --concurrency 1024 \
+    "$bin" bench "$config" --texts "$work/long.txt" --concurrency 1024 \
         --set "model.path=\"$model\"" --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
         --set batching.max_batch_size=256 --set batching.max_wait_ms=2 --set batching.queue_capacity=8192 \
         --set text.max_length=128 --set cache.enabled=false --json "$out/$json" "$@" 2>> "$out/bench.log" \
         | tee -a "$out/bench.txt"
 }
-tch() { bench "$kiln" examples/embed-tch.toml "$work/minilm-tch" "$@"; }
+tch() { local json="$1"; shift; bench "$kiln" examples/embed-tch.toml "$work/minilm-tch" "$json" --requests "${REQUESTS:-32768}" "$@"; }
 tch tch_f16.json
 tch tch_f16_profiled.json --profile "$out/profile_tch.json"
 tch tch_f16_noprofiling.json --set provider.options.jit_profiling=false
-tch tch_f16_replicas.json --set 'model.gpu_ids=[0, 0]'
+# Four times as long: first runs of each new batch shape cost tens of ms (see
+# docs/benchmarks.md); a longer run shows what is left once they are paid.
+REQUESTS=131072 tch tch_f16_long.json --profile "$out/profile_tch_long.json"
 jsons=("$out"/tch_f16*.json)
 if [ -x "$work/kiln-cuda" ]; then
-    bench "$work/kiln-cuda" examples/embed.toml .device/minilm-f16 candle_f16.json
-    bench "$work/kiln-cuda" examples/embed.toml .device/minilm-f16 candle_f16_profiled.json \
+    bench "$work/kiln-cuda" examples/embed.toml .device/minilm-f16 candle_f16.json --requests 32768
+    bench "$work/kiln-cuda" examples/embed.toml .device/minilm-f16 candle_f16_profiled.json --requests 32768 \
         --profile "$out/profile_candle.json"
     jsons+=("$out"/candle_f16*.json)
 fi
