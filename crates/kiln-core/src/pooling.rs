@@ -29,6 +29,20 @@ pub struct EmbeddingHead {
     pub normalize: bool,
 }
 
+/// Where a provider applies an [`EmbeddingHead`] inside its run, as
+/// [`ModelInfo::declare_head`](crate::ModelInfo::declare_head) found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadSite {
+    /// The head to apply.
+    pub head: EmbeddingHead,
+    /// Position of the token-vector output among the model's own outputs.
+    pub tokens: usize,
+    /// Its name.
+    pub tokens_name: String,
+    /// Position of the `attention_mask` input among the model's inputs.
+    pub mask: usize,
+}
+
 /// Pools `[batch, sequence, hidden]` row-major values under a `[batch, sequence]` mask
 /// (non-zero = real token) into `[batch, hidden]`, row-major.
 ///

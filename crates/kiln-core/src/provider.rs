@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ProviderConfig;
 use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
-use crate::pooling::EmbeddingHead;
+use crate::pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING};
 use crate::registry::{Registration, Registry};
 use crate::tensor::{DType, Inputs, Outputs, TensorSpec};
 
@@ -144,7 +144,7 @@ pub struct ModelInfo {
     /// Longest sequence it accepts (position embeddings), for text models.
     pub max_sequence_length: Option<usize>,
     /// The embedding head the model applies inside its run (the one
-    /// [`ModelSpec::head`] asked for): its output is then [`SENTENCE_EMBEDDING`](crate::SENTENCE_EMBEDDING),
+    /// [`ModelSpec::head`] asked for): its output is then [`SENTENCE_EMBEDDING`],
     /// f32 `[batch, hidden]`. `None`: it returns token vectors for the runtime to pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<EmbeddingHead>,
@@ -165,6 +165,25 @@ impl ModelInfo {
             max_sequence_length: None,
             head: None,
         }
+    }
+
+    /// For a provider that pools inside its run: when `head` is asked for, the model
+    /// takes an `attention_mask` input and its first float output is token vectors
+    /// `[batch, sequence, hidden]`, declares the head — the outputs become
+    /// [`SENTENCE_EMBEDDING`], f32 `[batch, hidden]`, and [`ModelInfo::head`] is set —
+    /// and says where it applies. Otherwise changes nothing: the model keeps its
+    /// outputs and the runtime pools on the host.
+    pub fn declare_head(&mut self, head: Option<EmbeddingHead>) -> Option<HeadSite> {
+        let head = head?;
+        let mask = self.inputs.iter().position(|i| i.name == "attention_mask")?;
+        let tokens = self.outputs.iter().position(|o| o.dtype.is_float())?;
+        let spec = &self.outputs[tokens];
+        let [batch, _, hidden] = spec.shape.as_slice() else { return None };
+        let embedding = TensorSpec::new(SENTENCE_EMBEDDING, DType::F32, vec![batch.clone(), hidden.clone()]);
+        let site = HeadSite { head, tokens, tokens_name: spec.name.clone(), mask };
+        self.outputs = vec![embedding];
+        self.head = Some(head);
+        Some(site)
     }
 
     /// Checks a request against [`ModelInfo::inputs`]: every listed input present with
@@ -360,6 +379,41 @@ mod tests {
     fn provider_and_model_are_object_safe() {
         let _provider: Arc<dyn Provider> = Arc::new(Nothing);
         let _model: Option<Arc<dyn Model>> = None;
+    }
+
+    #[test]
+    fn a_head_is_declared_only_on_token_vectors_with_a_mask() {
+        use crate::config::Pooling;
+        let head = EmbeddingHead { pooling: Pooling::Mean, normalize: true };
+        let seq = |n: &str| Dim::Dynamic(n.into());
+        let mut info = ModelInfo::new("bert", "test", Device::Cpu, DType::F32);
+        info.inputs = vec![
+            TensorSpec::new("input_ids", DType::I64, vec![seq("batch"), seq("sequence")]),
+            TensorSpec::new("attention_mask", DType::I64, vec![seq("batch"), seq("sequence")]),
+        ];
+        info.outputs = vec![
+            TensorSpec::new("lengths", DType::I64, vec![seq("batch")]),
+            TensorSpec::new("hidden", DType::F16, vec![seq("batch"), seq("sequence"), Dim::Fixed(8)]),
+        ];
+        let mut no_mask = info.clone();
+        no_mask.inputs.truncate(1);
+        assert_eq!(no_mask.declare_head(Some(head)), None);
+        assert_eq!(no_mask.head, None);
+        assert_eq!(info.clone().declare_head(None), None);
+
+        let site = info.declare_head(Some(head)).unwrap();
+        assert_eq!((site.tokens, site.tokens_name.as_str(), site.mask), (1, "hidden", 1));
+        assert_eq!(info.head, Some(head));
+        assert_eq!(
+            info.outputs,
+            vec![TensorSpec::new(SENTENCE_EMBEDDING, DType::F32, vec![seq("batch"), Dim::Fixed(8)])]
+        );
+
+        let mut pooled = ModelInfo::new("pooled", "test", Device::Cpu, DType::F32);
+        pooled.inputs =
+            vec![TensorSpec::new("attention_mask", DType::I64, vec![seq("batch"), seq("sequence")])];
+        pooled.outputs = vec![TensorSpec::new("vector", DType::F32, vec![seq("batch"), Dim::Fixed(8)])];
+        assert_eq!(pooled.declare_head(Some(head)), None, "already one vector per text");
     }
 
     #[test]

@@ -257,25 +257,20 @@ impl Provider for CandleProvider {
             .into_iter()
             .map(|n| TensorSpec::new(n, DType::I64, token_dims()))
             .collect();
-        info.outputs = vec![match spec.head {
-            Some(_) => TensorSpec::new(
-                SENTENCE_EMBEDDING,
-                DType::F32,
-                vec![Dim::Dynamic("batch".into()), Dim::Fixed(config.hidden_size)],
-            ),
-            None => TensorSpec::new(
-                LAST_HIDDEN_STATE,
-                output_dtype(spec.dtype),
-                vec![
-                    Dim::Dynamic("batch".into()),
-                    Dim::Dynamic("sequence".into()),
-                    Dim::Fixed(config.hidden_size),
-                ],
-            ),
-        }];
+        info.outputs = vec![TensorSpec::new(
+            LAST_HIDDEN_STATE,
+            output_dtype(spec.dtype),
+            vec![
+                Dim::Dynamic("batch".into()),
+                Dim::Dynamic("sequence".into()),
+                Dim::Fixed(config.hidden_size),
+            ],
+        )];
+        // Always applicable here: the model takes the attention mask and its output is
+        // token vectors.
+        info.declare_head(spec.head);
         info.weight_bytes = Some(weight_bytes);
         info.max_sequence_length = Some(config.max_position_embeddings);
-        info.head = spec.head;
         let model = BertEncoder { model, device, info };
 
         // Run a padded batch once, so a precision this build of candle cannot compute on

@@ -22,8 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_core::{
-    Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
-    Outputs, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec, async_trait,
+    Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, HeadSite, Inputs, Model, ModelInfo,
+    ModelSpec, Outputs, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
+    async_trait,
 };
 use ort::ep::ExecutionProvider;
 use ort::session::Session;
@@ -196,9 +197,9 @@ fn tensor_spec(name: &str, ty: &ValueType) -> Result<TensorSpec> {
 struct OrtModel {
     info: ModelInfo,
     session: Mutex<Session>,
-    /// With an embedding head: the graph's token output, pooled under the attention
-    /// mask before anything else is copied.
-    head: Option<(EmbeddingHead, String)>,
+    /// With an embedding head: where it applies (the graph's token output, pooled under
+    /// the attention mask before anything else is copied).
+    head: Option<HeadSite>,
 }
 
 impl OrtProvider {
@@ -303,20 +304,9 @@ impl Provider for OrtProvider {
         info.weight_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
-        // The head applies to a graph that takes an attention mask and whose first
-        // float output is token vectors [batch, sequence, hidden]; other graphs keep
-        // their outputs. ONNX Runtime's outputs are host memory here (CPU), so pooling
-        // inside `run` reads them in place instead of copying them out whole.
-        let head = spec.head.and_then(|head| {
-            info.inputs.iter().find(|i| i.name == "attention_mask")?;
-            let tokens = info.outputs.iter().find(|o| o.dtype.is_float()).filter(|o| o.shape.len() == 3)?;
-            Some((head, tokens.name.clone(), tokens.shape[0].clone(), tokens.shape[2].clone()))
-        });
-        let head = head.map(|(head, name, batch, hidden)| {
-            info.outputs = vec![TensorSpec::new(SENTENCE_EMBEDDING, DType::F32, vec![batch, hidden])];
-            info.head = Some(head);
-            (head, name)
-        });
+        // ONNX Runtime's outputs are host memory here (CPU), so pooling inside `run`
+        // reads them in place instead of copying them out whole.
+        let head = info.declare_head(spec.head);
         Ok(Arc::new(OrtModel { info, session: Mutex::new(session), head }))
     }
 
@@ -383,15 +373,15 @@ impl Model for OrtModel {
             .collect::<Result<Vec<(String, DynValue)>>>()?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session.run(values).map_err(backend)?;
-        if let Some((head, name)) = &self.head {
+        if let Some(site) = &self.head {
             let mask = inputs.require("attention_mask")?.to_vec::<i64>()?;
-            let value = &outputs[name.as_str()];
+            let value = &outputs[site.tokens_name.as_str()];
             let pooled = match value.try_extract_tensor::<f32>() {
-                Ok((shape, data)) => pool(shape, data, &mask, *head),
+                Ok((shape, data)) => pool(shape, data, &mask, site.head),
                 Err(_) => {
                     let (shape, data) = value.try_extract_tensor::<half::f16>().map_err(backend)?;
                     let data: Vec<f32> = data.iter().map(|v| v.to_f32()).collect();
-                    pool(shape, &data, &mask, *head)
+                    pool(shape, &data, &mask, site.head)
                 }
             }?;
             return Ok(Outputs::new().with(SENTENCE_EMBEDDING, pooled));

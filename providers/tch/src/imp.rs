@@ -4,8 +4,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_core::{
-    Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
-    Outputs, Pooling, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec, async_trait,
+    Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, HeadSite, Inputs, Model, ModelInfo,
+    ModelSpec, Outputs, Pooling, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
+    async_trait,
 };
 use serde::Deserialize;
 use tch::{IValue, Kind};
@@ -227,9 +228,9 @@ struct TchModel {
     info: ModelInfo,
     module: Mutex<tch::CModule>,
     device: tch::Device,
-    /// With an embedding head: forward's token output and the attention mask input,
-    /// by position.
-    head: Option<(EmbeddingHead, usize)>,
+    /// With an embedding head: where it applies (forward's token output and the
+    /// attention mask input, by position).
+    head: Option<HeadSite>,
 }
 
 #[async_trait]
@@ -294,19 +295,7 @@ impl Provider for TchProvider {
         );
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
-        // The head applies to a signature whose first output is token vectors
-        // [batch, sequence, hidden] and that takes an attention mask; other modules
-        // keep their outputs and the runtime pools.
-        let head = spec.head.and_then(|head| {
-            let tokens = info.outputs.first().filter(|o| o.shape.len() == 3 && o.dtype.is_float())?;
-            let mask = info.inputs.iter().position(|i| i.name == "attention_mask")?;
-            Some((head, mask, tokens.shape[0].clone(), tokens.shape[2].clone()))
-        });
-        let head = head.map(|(head, mask, batch, hidden)| {
-            info.outputs = vec![TensorSpec::new(SENTENCE_EMBEDDING, DType::F32, vec![batch, hidden])];
-            info.head = Some(head);
-            (head, mask)
-        });
+        let head = info.declare_head(spec.head);
         Ok(Arc::new(TchModel { info, module: Mutex::new(module), device, head }))
     }
 
@@ -416,17 +405,22 @@ impl Model for TchModel {
         let module = self.module.lock().unwrap_or_else(|p| p.into_inner());
         let result = module.forward_is(&args).map_err(backend)?;
         drop(module);
-        if let Some((head, mask)) = self.head {
+        if let Some(site) = &self.head {
             let tokens = match &result {
-                IValue::Tensor(t) => t.shallow_clone(),
-                IValue::Tuple(items) | IValue::GenericList(items) => match items.first() {
+                IValue::Tensor(t) if site.tokens == 0 => t.shallow_clone(),
+                IValue::Tuple(items) | IValue::GenericList(items) => match items.get(site.tokens) {
                     Some(IValue::Tensor(t)) => t.shallow_clone(),
-                    _ => return Err(backend("forward's first output is not a tensor")),
+                    _ => {
+                        return Err(backend(format!(
+                            "forward's output `{}` is not a tensor",
+                            site.tokens_name
+                        )));
+                    }
                 },
-                _ => return Err(backend("forward returned no tensor to pool")),
+                _ => return Err(backend(format!("forward returned no `{}` to pool", site.tokens_name))),
             };
-            let IValue::Tensor(mask) = &args[mask] else { unreachable!("inputs are tensors") };
-            let pooled = pool(&tokens, mask, head).map_err(backend)?;
+            let IValue::Tensor(mask) = &args[site.mask] else { unreachable!("inputs are tensors") };
+            let pooled = pool(&tokens, mask, site.head).map_err(backend)?;
             return Ok(Outputs::new().with(SENTENCE_EMBEDDING, from_tch(SENTENCE_EMBEDDING, &pooled)?));
         }
         self.outputs(result)
