@@ -187,7 +187,7 @@ pub async fn run_once(
     let ok = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(LatencyHistogram::default());
     let bar = if options.progress {
-        indicatif::ProgressBar::new(options.requests as u64)
+        crate::progress_bar(options.requests, "requests")
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -229,23 +229,18 @@ pub async fn run_once(
 
     let p = latency.percentiles();
     let errors_by_kind = errors.lock().unwrap().clone();
+    // Every text is a cache hit, a miss, or joined a concurrent run (which looks nothing up).
+    let (hits, joined) = (after.cache.hits - before.cache.hits, after.coalesced - before.coalesced);
+    let texts = hits + joined + after.cache.misses - before.cache.misses;
+    let share = |n: u64| if texts == 0 { 0.0 } else { n as f64 / texts as f64 };
     Ok(BenchReport {
         requests: options.requests as u64,
         errors: errors_by_kind.values().sum(),
         throughput_rps: ok.load(Ordering::Relaxed) as f64 / seconds,
         latency_ms: Latency { p50: p.p50, p95: p.p95, p99: p.p99, max: p.max },
         mean_batch_size: mean_batch_size(&before, &after),
-        cache_hit_rate: {
-            let (hits, joined) = (after.cache.hits - before.cache.hits, after.coalesced - before.coalesced);
-            let texts = hits + joined + after.cache.misses - before.cache.misses;
-            if texts == 0 { 0.0 } else { (hits + joined) as f64 / texts as f64 }
-        },
-        coalesced_rate: {
-            let joined = after.coalesced - before.coalesced;
-            let texts =
-                joined + after.cache.hits - before.cache.hits + after.cache.misses - before.cache.misses;
-            if texts == 0 { 0.0 } else { joined as f64 / texts as f64 }
-        },
+        cache_hit_rate: share(hits + joined),
+        coalesced_rate: share(joined),
         errors_by_kind,
         seconds,
         overrides,

@@ -73,10 +73,9 @@ impl Leader {
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        let mut keys = self.owner.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if keys.get(&self.key).is_some_and(|r| r.same_channel(&self.value.subscribe())) {
-            keys.remove(&self.key);
-        }
+        // The key is this leader's for as long as it lives: a claim only registers a
+        // key nobody holds, and only its leader's drop removes it.
+        self.owner.keys.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
     }
 }
 

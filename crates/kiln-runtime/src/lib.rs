@@ -9,6 +9,7 @@
 //! ([`tokenize`]) into unpadded rows, and models pool them into embeddings on their own
 //! device where the provider can; [`Stats`] counts it all. None of it names a backend.
 
+pub mod batcher;
 pub mod cache;
 pub mod collate;
 pub mod devices;

@@ -110,13 +110,12 @@ impl Optimizer {
         let load_time = started.elapsed();
         let (text, vision) = match config.task {
             Task::Embed => {
-                let pipeline = Arc::new(TextPipeline::from_model_dir(
+                let pipeline = TextPipeline::from_model_dir(
                     &config.model.path,
                     &config.text,
                     worker.info().max_sequence_length,
-                )?);
-                let tokenizers =
-                    Arc::new(TokenizerPool::start(pipeline.clone(), config.text.tokenizer_threads)?);
+                )?;
+                let tokenizers = TokenizerPool::start(&pipeline, config.text.tokenizer_threads)?;
                 let pooled = worker.info().head.is_some() && worker.info().head == spec.head;
                 if !pooled {
                     tracing::info!(
@@ -811,8 +810,8 @@ pub enum TaskOutput {
 /// The embed task's parts: the text pipeline, its tokenizer pool, and whether the
 /// model applies the embedding head itself.
 struct TextPath {
-    pipeline: Arc<TextPipeline>,
-    tokenizers: Arc<TokenizerPool>,
+    pipeline: TextPipeline,
+    tokenizers: TokenizerPool,
     /// The model returns [`SENTENCE_EMBEDDING`] with the pipeline's head applied.
     pooled: bool,
 }

@@ -11,7 +11,6 @@
 //! unpadded: the batcher pads once, to the longest row of the batch it forms.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kiln_core::{Error, Result};
@@ -34,8 +33,10 @@ pub struct TokenizerPool {
 }
 
 impl TokenizerPool {
-    /// Starts `threads` threads (0: one per available core) over `pipeline`.
-    pub fn start(pipeline: Arc<TextPipeline>, threads: usize) -> Result<Self> {
+    /// Starts `threads` threads (0: one per available core), each with its own copy of
+    /// `pipeline`: shared, the tokenizer's internal caches are contended by every
+    /// thread at once.
+    pub fn start(pipeline: &TextPipeline, threads: usize) -> Result<Self> {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         } else {
@@ -44,9 +45,7 @@ impl TokenizerPool {
         let (jobs, inbox) = flume::bounded::<Job>(threads * 4);
         let handles = (0..threads)
             .map(|i| {
-                // A tokenizer of its own per thread: shared, the tokenizer's internal
-                // caches are contended by every thread at once.
-                let (pipeline, inbox) = (TextPipeline::clone(&pipeline), inbox.clone());
+                let (pipeline, inbox) = (pipeline.clone(), inbox.clone());
                 std::thread::Builder::new()
                     .name(format!("kiln-tokenize-{i}"))
                     .spawn(move || {

@@ -1,5 +1,6 @@
 //! kiln's text pipeline: texts to token rows (unpadded, for the batcher) or padded
-//! batches, and token vectors back to one embedding per text — the way sentence-transformers does it for the same model folder.
+//! batches, and token vectors back to one embedding per text — the way
+//! sentence-transformers does it for the same model folder.
 //!
 //! A [`TextPipeline`] reads a Hugging Face / sentence-transformers folder:
 //! `tokenizer.json` (required), `sentence_bert_config.json` (`max_seq_length`),
