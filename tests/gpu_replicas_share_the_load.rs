@@ -63,7 +63,13 @@ fn build(_: &ProviderConfig) -> Result<Arc<dyn Provider>> {
 kiln::register_provider!("pretend-gpu", "test double: claims CUDA devices, runs nothing", build);
 
 fn config(sets: &[&str]) -> kiln::KilnConfig {
-    let mut all = vec!["provider.name=\"pretend-gpu\"", "cache.enabled=false", "batching.max_wait_ms=2"];
+    // Rows as sent (no bucket rows, the GPU default), so the rows the model ran are the texts.
+    let mut all = vec![
+        "provider.name=\"pretend-gpu\"",
+        "cache.enabled=false",
+        "batching.max_wait_ms=2",
+        "batching.batch_multiple=1",
+    ];
     all.extend(sets);
     support::minilm_config(&all)
 }

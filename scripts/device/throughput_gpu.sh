@@ -4,9 +4,10 @@
 # --features tch), optionally kiln-cuda.xz (--features candle-cuda), and minilm-f16/
 # (see docs/benchmarks.md for how both are made).
 #
-#   bash scripts/device/throughput_gpu.sh      # figures and logs under $OUT
+#   bash scripts/device/throughput_gpu.sh      # figures on stdout, logs in $OUT/results.tar.xz
 #
 # 1. traces the carried MiniLM with scripts/trace_bert_torchscript.py;
+#    then `helpers.py shapes`: what each new batch size costs the trace;
 # 2. agreement: the fixture texts at cpu f32 and cuda:0 f32 / f16 (pooling on the GPU);
 # 3. the ceiling (scripts/device/helpers.py ceiling): eager PyTorch f16 forward + mean
 #    pooling + L2 on pre-tokenized batches of 256 of the same 8192 texts, and kiln's
@@ -17,9 +18,17 @@
 bins=(kiln-tch)
 [ -f .device/kiln-cuda.xz ] && bins+=(kiln-cuda)
 . scripts/device/common.sh /tmp/kiln-throughput "${bins[@]}"
+# At most 8 files come back from the machine: everything goes in one archive, made
+# also when a step fails.
+returned="$out"
+out="$work/out"
+mkdir -p "$out"
+trap 'tar -cJf "$returned/results.tar.xz" -C "$work" out' EXIT
 kiln="$work/kiln-tch"
 python3 scripts/trace_bert_torchscript.py .device/minilm-f16 "$work/minilm-tch" > "$out/trace.txt"
 $helpers texts "$work" 8192
+# What a new batch shape costs TorchScript on the GPU, per executor mode.
+$helpers shapes "$work/minilm-tch" "$out/shapes.json" | tee "$out/shapes.txt"
 
 run() { # BIN CONFIG MODEL TAG DEVICE DTYPE
     "$1" run "$2" --input "$work/fixture.txt" --output "$work/$4.jsonl" \
@@ -47,8 +56,11 @@ tch() { local json="$1"; shift; bench "$kiln" examples/embed-tch.toml "$work/min
 tch tch_f16.json
 tch tch_f16_profiled.json --profile "$out/profile_tch.json"
 tch tch_f16_noprofiling.json --set provider.options.jit_profiling=false
-# Four times as long: first runs of each new batch shape cost tens of ms (see
-# docs/benchmarks.md); a longer run shows what is left once they are paid.
+# Every batch at its own shape, no warm-up: as before shape buckets.
+tch tch_f16_unbucketed.json --set batching.batch_multiple=1 --set batching.sequence_multiple=1 \
+    --set batching.warmup=false
+tch tch_f16_nooptimize.json --set provider.options.jit_optimize=false
+# Four times as long: steady state.
 REQUESTS=131072 tch tch_f16_long.json --profile "$out/profile_tch_long.json"
 jsons=("$out"/tch_f16*.json)
 if [ -x "$work/kiln-cuda" ]; then

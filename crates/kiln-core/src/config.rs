@@ -403,6 +403,38 @@ pub struct BatchingConfig {
     pub queue_capacity: usize,
     /// What a caller meets when the queue is full.
     pub when_full: WhenFull,
+    /// Batch rows rounded up to a multiple of this (rows of zeros, never past
+    /// `max_batch_size` or `max_batch_tokens`), so that the model meets a few shapes
+    /// again and again. Default: 32 on GPUs, where a backend sets up its kernels per
+    /// shape, and 1 (no rows added) on the CPU, where added rows are only work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_multiple: Option<usize>,
+    /// Padded sequence lengths rounded up to a multiple of this (never past the model's
+    /// positions). Default: 16 on GPUs, 1 (the longest text of the batch) on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence_multiple: Option<usize>,
+    /// Run every batch shape these multiples produce once at load, largest first, so
+    /// that the first requests do not pay for the backend's set-up and a batch too big
+    /// for the device fails at start. Default: on for GPUs, off on the CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<bool>,
+}
+
+impl BatchingConfig {
+    /// `batch_multiple` in force on `device`.
+    pub fn batch_multiple_on(&self, device: Device) -> usize {
+        self.batch_multiple.unwrap_or(if device.is_gpu() { 32 } else { 1 })
+    }
+
+    /// `sequence_multiple` in force on `device`.
+    pub fn sequence_multiple_on(&self, device: Device) -> usize {
+        self.sequence_multiple.unwrap_or(if device.is_gpu() { 16 } else { 1 })
+    }
+
+    /// Whether the model is warmed up on `device`.
+    pub fn warmup_on(&self, device: Device) -> bool {
+        self.warmup.unwrap_or(device.is_gpu())
+    }
 }
 
 impl Default for BatchingConfig {
@@ -414,6 +446,9 @@ impl Default for BatchingConfig {
             max_wait_ms: 5,
             queue_capacity: 4096,
             when_full: WhenFull::Wait,
+            batch_multiple: None,
+            sequence_multiple: None,
+            warmup: None,
         }
     }
 }
@@ -628,6 +663,12 @@ impl KilnConfig {
         check_range(&mut issues, "text.tokenizer_threads", self.text.tokenizer_threads, 0, 1024);
         check_range(&mut issues, "batching.max_wait_ms", self.batching.max_wait_ms as usize, 0, 10_000);
         check_range(&mut issues, "batching.queue_capacity", self.batching.queue_capacity, 1, 1 << 20);
+        if let Some(m) = self.batching.batch_multiple {
+            check_range(&mut issues, "batching.batch_multiple", m, 1, 4096);
+        }
+        if let Some(m) = self.batching.sequence_multiple {
+            check_range(&mut issues, "batching.sequence_multiple", m, 1, 4096);
+        }
         let m = &self.memory;
         check_range(&mut issues, "memory.sample_interval_ms", m.sample_interval_ms as usize, 10, 3_600_000);
         for (key, value) in
@@ -990,6 +1031,21 @@ mod tests {
                 "{err}"
             );
             assert!(err.contains("`text.max_length`: found 0, expected an integer in 1..=65536"), "{err}");
+            let err = load_in(jail, "", &["batching.batch_multiple=0", "batching.sequence_multiple=5000"])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`batching.batch_multiple`: found 0, expected an integer in 1..=4096"),
+                "{err}"
+            );
+            assert!(err.contains("`batching.sequence_multiple`: found 5000"), "{err}");
+            let b = load_in(jail, "", &[]).unwrap().batching;
+            assert_eq!((b.batch_multiple_on(Device::Cpu), b.sequence_multiple_on(Device::Cpu)), (1, 1));
+            assert_eq!(
+                (b.batch_multiple_on(Device::Cuda(0)), b.sequence_multiple_on(Device::Cuda(0))),
+                (32, 16)
+            );
+            assert!(!b.warmup_on(Device::Cpu) && b.warmup_on(Device::Cuda(0)));
 
             jail.set_env("KILN_MODEL__DEVICE", "gpu0");
             let err = load_in(jail, "", &["batching.max_batch_size=5000"]).unwrap_err().to_string();

@@ -29,6 +29,11 @@ impl Device {
             Device::Metal(_) => DeviceKind::Metal,
         }
     }
+
+    /// Whether it is a GPU (CUDA or Metal).
+    pub fn is_gpu(&self) -> bool {
+        !matches!(self, Device::Cpu)
+    }
 }
 
 /// What is accepted where a device is written.

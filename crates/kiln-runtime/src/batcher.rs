@@ -18,7 +18,7 @@ use std::time::Instant;
 use kiln_core::{Error, Inputs, Profiler, Result};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::collate::collate;
+use crate::collate::{Batch, Buckets, collate};
 use crate::worker::{BatchPolicy, ItemOutput, RunOutput, panic_message};
 
 pub(crate) struct Item {
@@ -32,20 +32,30 @@ pub(crate) struct Item {
 
 pub(crate) enum Message {
     Item(Item),
-    Whole { inputs: Inputs, reply: oneshot::Sender<Result<RunOutput>>, _slot: OwnedSemaphorePermit },
+    Whole(Whole),
+}
+
+/// A whole batch, run as given; a warm-up run is neither counted nor timed as a
+/// `model_run`.
+pub(crate) struct Whole {
+    pub inputs: Inputs,
+    pub reply: oneshot::Sender<Result<RunOutput>>,
+    pub warmup: bool,
+    pub _slot: OwnedSemaphorePermit,
 }
 
 /// What the batcher hands the model thread.
 pub(crate) enum Job {
     /// Items and their collated batch (or why collation failed).
-    Batch { items: Vec<Item>, collated: Result<(Inputs, usize)> },
+    Batch { items: Vec<Item>, collated: Result<Batch> },
     /// A whole batch, as given.
-    Whole { inputs: Inputs, reply: oneshot::Sender<Result<RunOutput>>, _slot: OwnedSemaphorePermit },
+    Whole(Whole),
 }
 
 /// The batcher thread: forms and collates batches.
 pub(crate) struct Batcher {
     pub policy: BatchPolicy,
+    pub buckets: Buckets,
     pub profiler: Arc<dyn Profiler>,
 }
 
@@ -102,7 +112,7 @@ impl Batcher {
                 // Guarded like the model: nothing an item carries may take the thread down.
                 catch_unwind(AssertUnwindSafe(|| {
                     let inputs: Vec<&Inputs> = items.iter().map(|i| &i.inputs).collect();
-                    collate(&inputs)
+                    collate(&inputs, &self.buckets)
                 }))
                 .unwrap_or_else(|p| {
                     Err(Error::backend("kiln", format!("panicked while batching: {}", panic_message(p))))
@@ -122,11 +132,11 @@ impl Batcher {
                 pending.push(item);
                 true
             }
-            Message::Whole { inputs, reply, _slot } => {
-                if reply.is_closed() {
+            Message::Whole(whole) => {
+                if whole.reply.is_closed() {
                     return true;
                 }
-                jobs.send(Job::Whole { inputs, reply, _slot }).is_ok()
+                jobs.send(Job::Whole(whole)).is_ok()
             }
         }
     }

@@ -98,6 +98,8 @@ impl Optimizer {
             max_wait: Duration::from_millis(b.max_wait_ms),
             queue_capacity: b.queue_capacity,
             when_full: b.when_full,
+            batch_multiple: b.batch_multiple_on(devices[0]),
+            sequence_multiple: b.sequence_multiple_on(devices[0]),
         };
         let models = Arc::new(ModelManager::new(config.models.clone()).with_profiler(profiler.clone()));
         let mut workers = Vec::with_capacity(devices.len());
@@ -107,7 +109,6 @@ impl Optimizer {
         }
         let replicas = Replicas::new(workers)?;
         let worker = replicas.first().clone();
-        let load_time = started.elapsed();
         let (text, vision) = match config.task {
             Task::Embed => {
                 let pipeline = TextPipeline::from_model_dir(
@@ -127,6 +128,23 @@ impl Optimizer {
             }
             Task::Classify => (None, Some(Arc::new(Classifier::new(&config, worker.info())?))),
         };
+        if config.batching.warmup_on(devices[0]) {
+            // The longest text the pipeline lets through bounds the sequences.
+            let max_sequence = text.as_ref().map(|t| t.pipeline.settings().max_length);
+            for replica in replicas.iter() {
+                let warm = replica.warm_up(max_sequence).await?;
+                match &warm.skipped {
+                    Some(why) => tracing::info!("no warm-up on {}: {why}", replica.info().device),
+                    None => tracing::info!(
+                        "warmed up {} batch shapes on {} in {:.2} s",
+                        warm.shapes.len(),
+                        replica.info().device,
+                        warm.elapsed.as_secs_f64()
+                    ),
+                }
+            }
+        }
+        let load_time = started.elapsed();
         let identity =
             format!("{}|{:?}|{:?}", provider.name(), spec, text.as_ref().map(|t| t.pipeline.settings()));
         let cache: Arc<dyn Cache> = if config.cache.enabled {
@@ -377,7 +395,7 @@ impl Optimizer {
             let out = out?;
             self.counters.queue_wait(out.queue_wait);
             self.counters.time(Stage::Inference, out.run_time.div_f64(out.batch_size as f64));
-            let mut one = embeddings(text, &out.outputs, &[row.len()], row.len())?;
+            let mut one = embeddings(text, &out.outputs, &[row.len()], row.len(), 1)?;
             vectors.push(one.pop().ok_or_else(|| Error::backend("kiln", "the model returned no rows"))?);
         }
         if !text.pooled {
@@ -390,11 +408,11 @@ impl Optimizer {
     async fn embed_alone(&self, text: &TextPath, rows: &[TokenRow]) -> Result<Vec<Vec<f32>>> {
         let items =
             rows.iter().map(|r| r.inputs().map(|i| self.model_inputs(i))).collect::<Result<Vec<_>>>()?;
-        let (batch, padded) = collate(&items.iter().collect::<Vec<_>>())?;
-        let run = self.run_model(batch).await?;
+        let batch = collate(&items.iter().collect::<Vec<_>>(), &self.replicas.first().buckets())?;
+        let run = self.run_model(batch.inputs).await?;
         let started = Instant::now();
         let lengths: Vec<usize> = rows.iter().map(TokenRow::len).collect();
-        let vectors = embeddings(text, &run, &lengths, padded)?;
+        let vectors = embeddings(text, &run, &lengths, batch.sequence, batch.rows)?;
         if !text.pooled {
             self.timed(Stage::Pooling, "pool", started);
         }
@@ -819,20 +837,36 @@ struct TextPath {
 /// One vector per text from the model's outputs for texts of `lengths` tokens, padded
 /// to `padded`: [`SENTENCE_EMBEDDING`] when the model pooled on its device; otherwise
 /// `last_hidden_state` (or the only output there is), pooled here on the host.
-fn embeddings(text: &TextPath, outputs: &Outputs, lengths: &[usize], padded: usize) -> Result<Vec<Vec<f32>>> {
-    if text.pooled {
+fn embeddings(
+    text: &TextPath,
+    outputs: &Outputs,
+    lengths: &[usize],
+    padded: usize,
+    rows: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut vectors = if text.pooled {
         let tensor = outputs.require(SENTENCE_EMBEDDING)?;
         let values = tensor.to_f32_vec()?;
-        let hidden = values.len() / lengths.len().max(1);
-        return Ok(values.chunks_exact(hidden.max(1)).map(<[f32]>::to_vec).collect());
-    }
-    let tensor = match outputs.get(LAST_HIDDEN_STATE) {
-        Some(t) => t,
-        None => outputs.iter().next().map(|(_, t)| t).ok_or_else(|| {
-            Error::InvalidInput("the model returned no outputs; an embedding model must return one".into())
-        })?,
+        let hidden = values.len() / rows.max(1);
+        values.chunks_exact(hidden.max(1)).map(<[f32]>::to_vec).collect()
+    } else {
+        let tensor = match outputs.get(LAST_HIDDEN_STATE) {
+            Some(t) => t,
+            None => outputs.iter().next().map(|(_, t)| t).ok_or_else(|| {
+                Error::InvalidInput(
+                    "the model returned no outputs; an embedding model must return one".into(),
+                )
+            })?,
+        };
+        // A bucket's added rows are all padding.
+        let mask: Vec<i64> = (0..rows)
+            .flat_map(|r| {
+                let len = lengths.get(r).copied().unwrap_or(0);
+                (0..padded).map(move |s| i64::from(s < len))
+            })
+            .collect();
+        text.pipeline.pool(tensor, &mask)?
     };
-    let mask: Vec<i64> =
-        lengths.iter().flat_map(|&len| (0..padded).map(move |s| i64::from(s < len))).collect();
-    text.pipeline.pool(tensor, &mask)
+    vectors.truncate(lengths.len());
+    Ok(vectors)
 }

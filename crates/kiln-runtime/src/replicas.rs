@@ -56,6 +56,11 @@ impl Replicas {
         &self.workers[0]
     }
 
+    /// Every replica, the first first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ModelWorker>> {
+        self.workers.iter()
+    }
+
     /// How many there are.
     pub fn len(&self) -> usize {
         self.workers.len()

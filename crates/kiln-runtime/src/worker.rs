@@ -21,12 +21,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Error, Inputs, Model, ModelInfo, ModelSpec, NoopProfiler, Outputs, Profiler, Provider, Result, WhenFull,
+    Dim, Error, Inputs, Model, ModelInfo, ModelSpec, NoopProfiler, Outputs, Profiler, Provider, Result,
+    WhenFull,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::batcher::{Batcher, Item, Job, Message};
-use crate::collate::{collate, split};
+use crate::batcher::{Batcher, Item, Job, Message, Whole};
+use crate::collate::{Batch, Buckets, collate, split};
 
 /// What a whole-batch run returns: the outputs and how long the model itself took.
 #[derive(Debug)]
@@ -50,6 +51,17 @@ pub struct ItemOutput {
     pub run_time: Duration,
 }
 
+/// What [`ModelWorker::warm_up`] did.
+#[derive(Debug, Clone)]
+pub struct WarmUp {
+    /// The (rows, sequence) shapes run, largest first; sequence 0 without a sequence dim.
+    pub shapes: Vec<(usize, usize)>,
+    /// Time it took.
+    pub elapsed: Duration,
+    /// Why nothing ran, if so.
+    pub skipped: Option<String>,
+}
+
 /// How the worker groups items.
 #[derive(Debug, Clone)]
 pub struct BatchPolicy {
@@ -65,6 +77,26 @@ pub struct BatchPolicy {
     pub queue_capacity: usize,
     /// Wait for room, or refuse at once, when the queue is full.
     pub when_full: WhenFull,
+    /// Batch rows rounded up to a multiple of this with rows of zeros, within the
+    /// limits above (see [`Buckets`]); 1: no rows added.
+    pub batch_multiple: usize,
+    /// Padded sequence lengths rounded up to a multiple of this, within the model's
+    /// positions; 1: padded to the longest item. Only for models with a sequence dim.
+    pub sequence_multiple: usize,
+}
+
+impl BatchPolicy {
+    /// How collation rounds batches of this model up.
+    pub fn buckets(&self, info: &ModelInfo) -> Buckets {
+        let has_sequence = info.inputs.iter().any(|s| matches!(s.shape.get(1), Some(Dim::Dynamic(_))));
+        Buckets {
+            batch_multiple: self.batch_multiple.max(1),
+            sequence_multiple: if has_sequence { self.sequence_multiple.max(1) } else { 1 },
+            max_rows: self.max_batch_size.max(1),
+            max_tokens: self.max_batch_tokens,
+            max_sequence: info.max_sequence_length,
+        }
+    }
 }
 
 impl Default for BatchPolicy {
@@ -75,6 +107,8 @@ impl Default for BatchPolicy {
             max_wait: Duration::from_millis(5),
             queue_capacity: 4096,
             when_full: WhenFull::Wait,
+            batch_multiple: 1,
+            sequence_multiple: 1,
         }
     }
 }
@@ -153,6 +187,7 @@ impl ModelWorker {
         let stats = Arc::new(Mutex::new(BatchStats::default()));
         let thread_stats = stats.clone();
         let model_profiler = profiler.clone();
+        let thread_policy = policy.clone();
         let name = provider.name().to_string();
         let model_thread = std::thread::Builder::new()
             .name(format!("kiln-model-{name}"))
@@ -171,7 +206,8 @@ impl ModelWorker {
                 match loaded {
                     Ok(model) => {
                         let _ = ready.send(Ok(model.info().clone()));
-                        Runner { model, provider: provider_name, stats: thread_stats, profiler }
+                        let buckets = effective_policy(&thread_policy, model.info()).buckets(model.info());
+                        Runner { model, provider: provider_name, buckets, stats: thread_stats, profiler }
                             .serve(job_inbox);
                     }
                     Err(e) => {
@@ -186,7 +222,7 @@ impl ModelWorker {
             Err(_) => return Err(Error::Shutdown("the model worker exited while loading".into())),
         };
         let policy = effective_policy(&policy, &info);
-        let batcher = Batcher { policy: policy.clone(), profiler };
+        let batcher = Batcher { policy: policy.clone(), buckets: policy.buckets(&info), profiler };
         let batcher_thread = std::thread::Builder::new()
             .name(format!("kiln-batch-{name}"))
             .spawn(move || batcher.serve(inbox, jobs))
@@ -243,10 +279,115 @@ impl ModelWorker {
 
     /// Runs one whole batch, as given, on the model thread.
     pub async fn run(&self, inputs: Inputs) -> Result<RunOutput> {
+        self.run_whole(inputs, false).await
+    }
+
+    async fn run_whole(&self, inputs: Inputs, warmup: bool) -> Result<RunOutput> {
         let (reply, answer) = oneshot::channel();
         let slot = self.slot().await?;
-        self.send(Message::Whole { inputs, reply, _slot: slot })?;
+        self.send(Message::Whole(Whole { inputs, reply, warmup, _slot: slot }))?;
         answer.await.map_err(|_| Error::Shutdown("the model worker stopped before answering".into()))?
+    }
+
+    /// How collation rounds this model's batches up.
+    pub fn buckets(&self) -> Buckets {
+        self.policy.buckets(&self.info)
+    }
+
+    /// Runs every batch shape the [`buckets`](Self::buckets) can produce — rows up to
+    /// `max_batch_size`, sequences up to `max_sequence` — three times each, largest
+    /// first, with inputs of zeros: a GPU backend sets up its kernels per shape on the
+    /// first runs (and libtorch's profiling executor optimises on the second), which
+    /// would otherwise land on the first requests. The largest batch going first also
+    /// shows at once whether it fits in the device's memory: an error here names the
+    /// shape and the settings that bound it.
+    ///
+    /// Inputs need their shapes known: dim 0 the batch, dim 1 a sequence (given
+    /// `max_sequence`) or fixed, the others fixed; otherwise nothing runs and the
+    /// answer says why.
+    pub async fn warm_up(&self, max_sequence: Option<usize>) -> Result<WarmUp> {
+        let started = Instant::now();
+        let shapes = match self.warmup_shapes(max_sequence) {
+            Ok(shapes) => shapes,
+            Err(why) => {
+                return Ok(WarmUp { shapes: Vec::new(), elapsed: Duration::ZERO, skipped: Some(why) });
+            }
+        };
+        for &(rows, sequence) in &shapes {
+            let inputs = self.zero_inputs(rows, sequence)?;
+            for _ in 0..3 {
+                self.run_whole(inputs.clone(), true).await.map_err(|e| {
+                    let limits = if sequence > 0 {
+                        "batching.max_batch_size, batching.max_batch_tokens or text.max_length"
+                    } else {
+                        "batching.max_batch_size"
+                    };
+                    Error::backend(
+                        "kiln",
+                        format!(
+                            "warming up {} with a batch of {rows}{}: {e} (a smaller {limits} bounds the batches; \
+                             batching.warmup = false skips the warm-up)",
+                            self.info.name,
+                            if sequence > 0 { format!(" x {sequence} tokens") } else { String::new() },
+                        ),
+                    )
+                })?;
+            }
+        }
+        Ok(WarmUp { shapes, elapsed: started.elapsed(), skipped: None })
+    }
+
+    /// (rows, sequence) of every bucket, largest first; sequence 0 for models without one.
+    fn warmup_shapes(&self, max_sequence: Option<usize>) -> std::result::Result<Vec<(usize, usize)>, String> {
+        let buckets = self.buckets();
+        if self.info.inputs.is_empty() {
+            return Err("the model does not declare its inputs".into());
+        }
+        let has_sequence = self.info.inputs.iter().any(|s| matches!(s.shape.get(1), Some(Dim::Dynamic(_))));
+        let sequences: Vec<usize> = if has_sequence {
+            let max = max_sequence.or(self.info.max_sequence_length).ok_or(
+                "its sequence dim has no known maximum (no max_sequence_length, no text.max_length)",
+            )?;
+            let mut lengths: Vec<usize> = (1..=max).map(|len| buckets.sequence(len)).collect();
+            lengths.dedup();
+            lengths
+        } else {
+            vec![0]
+        };
+        let mut shapes = Vec::new();
+        for &sequence in sequences.iter().rev() {
+            let mut rows: Vec<usize> =
+                (1..=self.policy.max_batch_size).map(|n| buckets.rows(n, sequence.max(1))).collect();
+            // Batches over the token budget never form (a lone long item aside).
+            rows.retain(|&r| buckets.max_tokens == 0 || r * sequence.max(1) <= buckets.max_tokens || r == 1);
+            rows.dedup();
+            shapes.extend(rows.into_iter().rev().map(|r| (r, sequence)));
+        }
+        Ok(shapes)
+    }
+
+    /// Inputs of zeros (token id 0 is padding, mask 0, type 0: valid for every text model).
+    fn zero_inputs(&self, rows: usize, sequence: usize) -> Result<Inputs> {
+        let mut inputs = Inputs::new();
+        for spec in &self.info.inputs {
+            let shape = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(i, dim)| match (i, dim) {
+                    (0, _) => Ok(rows),
+                    (_, Dim::Fixed(n)) => Ok(*n),
+                    (1, Dim::Dynamic(_)) => Ok(sequence),
+                    (_, Dim::Dynamic(name)) => Err(Error::Unsupported(format!(
+                        "warm-up: input `{}` has a dynamic dim `{name}` kiln cannot size",
+                        spec.name
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let bytes = shape.iter().product::<usize>() * spec.dtype.size();
+            inputs.insert(&spec.name, kiln_core::Tensor::from_bytes(spec.dtype, shape, vec![0; bytes])?);
+        }
+        Ok(inputs)
     }
 
     /// Queues one item (tensors with batch dim 1, dim 1 of `length`) to be batched with
@@ -297,6 +438,9 @@ impl Drop for ModelWorker {
 struct Runner {
     model: Arc<dyn Model>,
     provider: String,
+    /// Only for re-collating a batch some of whose callers gave up; the batcher
+    /// collates the rest.
+    buckets: Buckets,
     stats: Arc<Mutex<BatchStats>>,
     profiler: Arc<dyn Profiler>,
 }
@@ -305,14 +449,22 @@ impl Runner {
     fn serve(self, jobs: flume::Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
             match job {
-                Job::Whole { inputs, reply, _slot } => {
-                    if reply.is_closed() {
+                Job::Whole(whole) => {
+                    if whole.reply.is_closed() {
                         continue;
                     }
-                    let rows =
-                        inputs.iter().next().and_then(|(_, t)| t.shape().first().copied()).unwrap_or(1);
-                    let result = self.run_model(&inputs, rows);
-                    let _ = reply.send(result.map(|(outputs, elapsed)| RunOutput { outputs, elapsed }));
+                    let result = if whole.warmup {
+                        self.warm(&whole.inputs)
+                    } else {
+                        let rows = whole
+                            .inputs
+                            .iter()
+                            .next()
+                            .and_then(|(_, t)| t.shape().first().copied())
+                            .unwrap_or(1);
+                        self.run_model(&whole.inputs, rows)
+                    };
+                    let _ = whole.reply.send(result.map(|(outputs, elapsed)| RunOutput { outputs, elapsed }));
                 }
                 Job::Batch { mut items, collated } => {
                     // Callers that gave up while the batch waited are not run.
@@ -320,7 +472,7 @@ impl Runner {
                         items.retain(|i| !i.reply.is_closed());
                         if !items.is_empty() {
                             let inputs: Vec<&Inputs> = items.iter().map(|i| &i.inputs).collect();
-                            let collated = collate(&inputs);
+                            let collated = collate(&inputs, &self.buckets);
                             self.run_items(items, collated);
                         }
                         continue;
@@ -329,6 +481,17 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// A warm-up run: timed as `warmup`, not counted among the model's batches.
+    fn warm(&self, inputs: &Inputs) -> Result<(Outputs, Duration)> {
+        let _span = self.profiler.span("warmup");
+        let start = Instant::now();
+        catch_unwind(AssertUnwindSafe(|| self.model.run(inputs)))
+            .unwrap_or_else(|p| {
+                Err(Error::backend(&self.provider, format!("panicked while running: {}", panic_message(p))))
+            })
+            .map(|outputs| (outputs, start.elapsed()))
     }
 
     fn run_model(&self, inputs: &Inputs, rows: usize) -> Result<(Outputs, Duration)> {
@@ -344,7 +507,7 @@ impl Runner {
         result.map(|outputs| (outputs, elapsed))
     }
 
-    fn run_items(&self, items: Vec<Item>, collated: Result<(Inputs, usize)>) {
+    fn run_items(&self, items: Vec<Item>, collated: Result<Batch>) {
         let started = Instant::now();
         for item in &items {
             self.profiler.record(
@@ -354,14 +517,16 @@ impl Runner {
             );
         }
         let span = self.profiler.span("batch_run");
-        let result = collated.and_then(|(batch, padded)| {
-            let (outputs, elapsed) = self.run_model(&batch, items.len())?;
+        let result = collated.and_then(|batch| {
+            let (outputs, elapsed) = self.run_model(&batch.inputs, items.len())?;
             let lengths: Vec<usize> = items.iter().map(|i| i.length).collect();
-            catch_unwind(AssertUnwindSafe(|| split(&outputs, &lengths, padded, self.model.info())))
-                .unwrap_or_else(|p| {
-                    Err(Error::backend("kiln", format!("panicked while splitting: {}", panic_message(p))))
-                })
-                .map(|rows| (rows, elapsed))
+            catch_unwind(AssertUnwindSafe(|| {
+                split(&outputs, &lengths, batch.sequence, batch.rows, self.model.info())
+            }))
+            .unwrap_or_else(|p| {
+                Err(Error::backend("kiln", format!("panicked while splitting: {}", panic_message(p))))
+            })
+            .map(|rows| (rows, elapsed))
         });
         drop(span);
         match result {
@@ -379,7 +544,7 @@ impl Runner {
             // A shared batch failed: run each item alone, so only the culprit fails.
             Err(_) => {
                 for item in items {
-                    let collated = collate(&[&item.inputs]);
+                    let collated = collate(&[&item.inputs], &self.buckets);
                     self.run_items(vec![item], collated);
                 }
             }
@@ -519,7 +684,7 @@ mod tests {
             queue_capacity: 1,
             when_full: WhenFull::Reject,
             max_batch_size: 64,
-            max_batch_tokens: 0,
+            ..BatchPolicy::default()
         };
         let w = worker(policy).await;
         let calls: Vec<_> = (0..20)
@@ -599,5 +764,105 @@ mod tests {
         let stats = w.batch_stats();
         assert_eq!(rows(&stats.batch_sizes), 12, "{stats:?}");
         assert!(stats.batch_sizes.keys().all(|&size| size <= 2), "{stats:?}");
+    }
+
+    /// Records the shape of every run; fault injection: fails like a device out of
+    /// memory above a number of tokens.
+    struct ShapeRecorder {
+        info: ModelInfo,
+        seen: Arc<Mutex<Vec<(usize, usize)>>>,
+        max_tokens: usize,
+    }
+    impl Model for ShapeRecorder {
+        fn info(&self) -> &ModelInfo {
+            &self.info
+        }
+        fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+            let ids = inputs.require("input_ids")?;
+            let (rows, sequence) = (ids.shape()[0], ids.shape()[1]);
+            if rows * sequence > self.max_tokens {
+                return Err(Error::backend("recorder", "fault injected: out of memory"));
+            }
+            self.seen.lock().unwrap().push((rows, sequence));
+            Ok(Outputs::new().with("score", Tensor::from_vec(vec![rows], vec![1f32; rows])?))
+        }
+    }
+    struct RecorderProvider(Arc<Mutex<Vec<(usize, usize)>>>, usize);
+    #[async_trait]
+    impl Provider for RecorderProvider {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::cpu_only(vec![DType::F32])
+        }
+        async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+            let mut info = ModelInfo::new("recorder", "recorder", spec.device, spec.dtype);
+            info.inputs = vec![TensorSpec::new(
+                "input_ids",
+                DType::I64,
+                vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())],
+            )];
+            info.outputs = vec![TensorSpec::new("score", DType::F32, vec![Dim::Dynamic("batch".into())])];
+            info.max_sequence_length = Some(20);
+            Ok(Arc::new(ShapeRecorder { info, seen: self.0.clone(), max_tokens: self.1 }))
+        }
+    }
+
+    async fn recorder(max_tokens: usize) -> (ModelWorker, Arc<Mutex<Vec<(usize, usize)>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            batch_multiple: 4,
+            sequence_multiple: 8,
+            max_wait: Duration::from_millis(1),
+            ..BatchPolicy::default()
+        };
+        let provider = Arc::new(RecorderProvider(seen.clone(), max_tokens));
+        let w =
+            ModelWorker::start(provider, ModelSpec::new("m", Device::Cpu, DType::F32), policy).await.unwrap();
+        (w, seen)
+    }
+
+    #[tokio::test]
+    async fn warm_up_runs_every_bucket_largest_first_and_batches_use_the_buckets() {
+        let (w, seen) = recorder(usize::MAX).await;
+        let warm = w.warm_up(None).await.unwrap();
+        // Sequences 8, 16 and 20 (the model's 20 positions cap the third bucket), rows 4 and 8.
+        let shapes = vec![(8, 20), (4, 20), (8, 16), (4, 16), (8, 8), (4, 8)];
+        assert_eq!(warm.shapes, shapes);
+        let runs: Vec<_> = shapes.iter().flat_map(|&s| [s; 3]).collect();
+        assert_eq!(*seen.lock().unwrap(), runs, "each shape three times, in order");
+        assert_eq!(w.batch_stats().batches, 0, "warm-up runs are not the model's batches");
+        // text.max_length bounds the sequences warmed up.
+        seen.lock().unwrap().clear();
+        assert_eq!(w.warm_up(Some(5)).await.unwrap().shapes, vec![(8, 8), (4, 8)]);
+
+        seen.lock().unwrap().clear();
+        let (inputs, len) = item(vec![1, 2, 3]);
+        let out = w.submit(inputs, len).await.unwrap();
+        assert_eq!(out.outputs.require("score").unwrap().shape(), &[1], "the item gets its own row");
+        assert_eq!(*seen.lock().unwrap(), vec![(4, 8)], "one item runs as a bucket of 4 x 8");
+        assert_eq!(w.batch_stats().batch_sizes.get(&1), Some(&1), "counted by items, not added rows");
+    }
+
+    #[tokio::test]
+    async fn a_warm_up_that_does_not_fit_names_the_shape_and_the_settings() {
+        let (w, _) = recorder(100).await;
+        let err = w.warm_up(None).await.unwrap_err().to_string();
+        assert!(err.contains("a batch of 8 x 20 tokens"), "{err}");
+        assert!(err.contains("fault injected: out of memory"), "{err}");
+        assert!(err.contains("batching.max_batch_size"), "{err}");
+        // The worker still serves what fits.
+        let (inputs, len) = item(vec![1, 2]);
+        assert!(w.submit(inputs, len).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_model_without_known_shapes_is_not_warmed_up() {
+        let w = worker(BatchPolicy::default()).await;
+        let warm = w.warm_up(None).await.unwrap();
+        assert!(warm.shapes.is_empty());
+        assert!(warm.skipped.unwrap().contains("no known maximum"));
     }
 }
