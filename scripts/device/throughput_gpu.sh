@@ -7,7 +7,7 @@
 #   bash scripts/device/throughput_gpu.sh      # figures on stdout, logs in $OUT/results.tar.xz
 #
 # 1. traces the carried MiniLM with scripts/trace_bert_torchscript.py;
-#    then `helpers.py shapes`: what each new batch size costs the trace;
+#    with SHAPES=1, `helpers.py shapes`: what each new batch size costs the trace;
 # 2. agreement: the fixture texts at cpu f32 and cuda:0 f32 / f16 (pooling on the GPU);
 # 3. the ceiling (scripts/device/helpers.py ceiling): eager PyTorch f16 forward + mean
 #    pooling + L2 on pre-tokenized batches of 256 of the same 8192 texts, and kiln's
@@ -27,8 +27,10 @@ trap 'tar -cJf "$returned/results.tar.xz" -C "$work" out' EXIT
 kiln="$work/kiln-tch"
 python3 scripts/trace_bert_torchscript.py .device/minilm-f16 "$work/minilm-tch" > "$out/trace.txt"
 $helpers texts "$work" 8192
-# What a new batch shape costs TorchScript on the GPU, per executor mode.
-$helpers shapes "$work/minilm-tch" "$out/shapes.json" | tee "$out/shapes.txt"
+# What a new batch shape costs TorchScript on the GPU, per executor mode (SHAPES=1).
+if [ -n "${SHAPES:-}" ]; then
+    $helpers shapes "$work/minilm-tch" "$out/shapes.json" | tee "$out/shapes.txt"
+fi
 
 run() { # BIN CONFIG MODEL TAG DEVICE DTYPE
     "$1" run "$2" --input "$work/fixture.txt" --output "$work/$4.jsonl" \

@@ -1,0 +1,65 @@
+//! The tokenizer pool's fast rows (ASCII fast paths in BERT's normaliser and
+//! pre-tokenizer, long texts cut after `max_length` words) give exactly the ids of the
+//! folder's unchanged tokenizer: MiniLM's real tokenizer.json, texts in many scripts and
+//! the characters each shortcut has to get right.
+
+mod support;
+
+use kiln::TextConfig;
+use kiln::text::TextPipeline;
+
+fn texts() -> Vec<String> {
+    let mut texts = support::reference().texts;
+    let words =
+        ["Model", "inference,", "BATCH", "latency.", "(cache)", "token-vector", "$5", "a+b=c", "x^2|y~z"];
+    let long: Vec<&str> = (0..700).map(|i| words[i % words.len()]).collect();
+    texts.extend(
+        [
+            "",
+            "   ",
+            "Hello, World! It's 9:30 a.m. -- \"quoted\" [brackets] {braces} <angle> `tick` ~tilde~ @at #hash %pct &amp;",
+            "tabs\tand\nline\r\nbreaks\u{b}vertical\u{c}feed carriage\rreturn",
+            "nul\u{0}inside\u{1}controls\u{7f}del",
+            "next\u{85}line joins, no\u{a0}break space splits",
+            "[CLS] special [SEP] tokens [PAD] in [MASK] text [UNK]",
+            "Café naïve RÉSUMÉ Ångström e\u{301}t\u{e9}",
+            "Grüße aus Köln – „Anführungszeichen“ und Gedankenstriche…",
+            "中文文本，没有空格。日本語のテキスト",
+            "مرحبا بالعالم، هذا نص عربي.",
+            "emoji 🙂👍🏽 family 👨‍👩‍👧 flags 🇩🇪",
+            "ALL CAPS SHOUTING WITH PUNCTUATION!!!",
+        ]
+        .map(String::from),
+    );
+    texts.push(long.join(" "));
+    texts.push(long.join("\t"));
+    // The first words are removed entirely (control characters), so the prefix of
+    // max_length words does not fill the row: the whole text must decide.
+    let mut hollow: Vec<String> = (0..300).map(|_| "\u{1}\u{2}".to_string()).collect();
+    hollow.extend(long.iter().map(|w| w.to_string()));
+    texts.push(hollow.join(" "));
+    texts.push(format!("{} Ünïcödé at the end", long[..200].join(" ")));
+    texts
+}
+
+#[test]
+fn fast_rows_are_the_reference_tokenizers_ids() {
+    for max_length in [8, 128, 256] {
+        let config = TextConfig { max_length: Some(max_length), ..TextConfig::default() };
+        let pipeline = TextPipeline::from_model_dir(&support::minilm_dir(), &config, Some(512)).unwrap();
+        let texts = texts();
+        let rows = pipeline.encode_rows(&texts).unwrap();
+        assert_eq!(rows.len(), texts.len());
+        for (i, (text, row)) in texts.iter().zip(&rows).enumerate() {
+            let reference = pipeline.encode(&[text]).unwrap();
+            let ids = reference.inputs.get("input_ids").unwrap().to_vec::<i64>().unwrap();
+            let types = reference.inputs.get("token_type_ids").unwrap().to_vec::<i64>().unwrap();
+            let start: String = text.chars().take(60).collect();
+            assert_eq!(row.ids, ids, "text {i} at max_length {max_length}: {start:?}");
+            assert_eq!(row.type_ids, types, "text {i} at max_length {max_length}");
+            assert!(row.ids.len() <= max_length);
+        }
+        // The long texts reach the limit; the reference agrees on where they stop.
+        assert_eq!(rows[rows.len() - 3].ids.len(), max_length);
+    }
+}
