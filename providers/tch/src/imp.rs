@@ -312,7 +312,14 @@ fn to_tch(t: &Tensor, device: tch::Device) -> Result<tch::Tensor> {
         kind(t.dtype()).ok_or_else(|| Error::Unsupported(format!("kiln cannot pass {}", t.dtype())))?;
     let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
     let host = tch::Tensor::f_from_data_size(t.bytes(), &shape, kind).map_err(backend)?;
-    if device == tch::Device::Cpu { Ok(host) } else { host.f_to_device(device).map_err(backend) }
+    if device == tch::Device::Cpu {
+        return Ok(host);
+    }
+    // From page-locked memory (libtorch's host allocator keeps and reuses the pages, and
+    // holds them until the copy is done) the copy does not block: the forward's kernels
+    // queue behind it while the host goes on launching them.
+    let pinned = host.f_pin_memory(device).map_err(backend)?;
+    pinned.f_to_device_(device, kind, true, false).map_err(backend)
 }
 
 fn from_tch(name: &str, t: &tch::Tensor) -> Result<Tensor> {
