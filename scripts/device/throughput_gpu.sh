@@ -62,6 +62,8 @@ tch tch_f16_noprofiling.json --set provider.options.jit_profiling=false
 tch tch_f16_unbucketed.json --set batching.batch_multiple=1 --set batching.sequence_multiple=1 \
     --set batching.warmup=false
 tch tch_f16_nooptimize.json --set provider.options.jit_optimize=false
+# Two replicas of the model on the one GPU: two batches on the device at a time.
+tch tch_f16_replicas.json --set 'model.gpu_ids=[0, 0]'
 # Four times as long: steady state.
 REQUESTS=131072 tch tch_f16_long.json --profile "$out/profile_tch_long.json"
 jsons=("$out"/tch_f16*.json)
