@@ -1,7 +1,7 @@
 //! Embed a few texts with kiln as a library: the README's example.
 //!
 //! ```text
-//! scripts/setup && cargo run --release --example embed
+//! scripts/setup && . .kiln/env && cargo run --release --example embed
 //! ```
 
 use kiln::{KilnConfig, Optimizer};
