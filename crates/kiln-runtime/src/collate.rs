@@ -127,6 +127,11 @@ fn stack(name: &str, tensors: &[&Tensor], padded: usize, rows: usize) -> Result<
     Tensor::from_bytes(dtype, shape, data)
 }
 
+/// Whether any input has a sequence dim (a dynamic dim 1).
+pub(crate) fn has_sequence_dim(info: &ModelInfo) -> bool {
+    !sequence_dims(info).is_empty()
+}
+
 /// The names of dims that vary with an input's sequence length (dim 1 of the inputs).
 fn sequence_dims(info: &ModelInfo) -> Vec<&str> {
     info.inputs

@@ -30,7 +30,7 @@ use kiln_core::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::batcher::{Batcher, Item, Job, Message, Whole};
-use crate::collate::{Batch, Buckets, collate, split};
+use crate::collate::{Batch, Buckets, collate, has_sequence_dim, split};
 
 /// What a whole-batch run returns: the outputs and how long the model itself took.
 #[derive(Debug)]
@@ -91,10 +91,9 @@ pub struct BatchPolicy {
 impl BatchPolicy {
     /// How collation rounds batches of this model up.
     pub fn buckets(&self, info: &ModelInfo) -> Buckets {
-        let has_sequence = info.inputs.iter().any(|s| matches!(s.shape.get(1), Some(Dim::Dynamic(_))));
         Buckets {
             batch_multiple: self.batch_multiple.max(1),
-            sequence_multiple: if has_sequence { self.sequence_multiple.max(1) } else { 1 },
+            sequence_multiple: if has_sequence_dim(info) { self.sequence_multiple.max(1) } else { 1 },
             max_rows: self.max_batch_size.max(1),
             max_tokens: self.max_batch_tokens,
             max_sequence: info.max_sequence_length,
@@ -367,8 +366,7 @@ impl ModelWorker {
         if self.info.inputs.is_empty() {
             return Err("the model does not declare its inputs".into());
         }
-        let has_sequence = self.info.inputs.iter().any(|s| matches!(s.shape.get(1), Some(Dim::Dynamic(_))));
-        let sequences: Vec<usize> = if has_sequence {
+        let sequences: Vec<usize> = if has_sequence_dim(&self.info) {
             let max = max_sequence.or(self.info.max_sequence_length).ok_or(
                 "its sequence dim has no known maximum (no max_sequence_length, no text.max_length)",
             )?;
@@ -512,22 +510,22 @@ impl Runner {
 
     /// A warm-up run: timed as `warmup`, not counted among the model's batches.
     fn warm(&self, inputs: &Inputs) -> Result<(Outputs, Duration)> {
-        let _span = self.profiler.span("warmup");
-        let start = Instant::now();
-        catch_unwind(AssertUnwindSafe(|| self.model.run(inputs)))
-            .unwrap_or_else(|p| {
-                Err(Error::backend(&self.provider, format!("panicked while running: {}", panic_message(p))))
-            })
-            .map(|outputs| (outputs, start.elapsed()))
+        let (result, elapsed) = self.guarded_run("warmup", inputs);
+        result.map(|outputs| (outputs, elapsed))
     }
 
-    fn run_model(&self, inputs: &Inputs, rows: usize) -> Result<(Outputs, Duration)> {
-        let _span = self.profiler.span("model_run");
+    /// `Model::run` under a span, timed, a panic turned into the run's error.
+    fn guarded_run(&self, span: &'static str, inputs: &Inputs) -> (Result<Outputs>, Duration) {
+        let _span = self.profiler.span(span);
         let start = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| self.model.run(inputs))).unwrap_or_else(|p| {
             Err(Error::backend(&self.provider, format!("panicked while running: {}", panic_message(p))))
         });
-        let elapsed = start.elapsed();
+        (result, start.elapsed())
+    }
+
+    fn run_model(&self, inputs: &Inputs, rows: usize) -> Result<(Outputs, Duration)> {
+        let (result, elapsed) = self.guarded_run("model_run", inputs);
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.batches += 1;
         *stats.batch_sizes.entry(rows).or_default() += 1;
