@@ -25,6 +25,7 @@ pub mod scheduler;
 pub mod stats;
 pub mod tokenize;
 pub mod tracking;
+pub mod warmup;
 pub mod worker;
 
 pub use cache::{MokaCache, cache_key};
@@ -40,4 +41,5 @@ pub use scheduler::Scheduler;
 pub use stats::{LatencyHistogram, Percentiles, Stats};
 pub use tokenize::TokenizerPool;
 pub use tracking::{MetricsSource, TrackerFailures, TrackerHub};
+pub use warmup::WarmUp;
 pub use worker::{BatchPolicy, BatchStats, ItemOutput, ModelWorker, RunOutput};
