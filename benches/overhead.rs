@@ -49,7 +49,7 @@ fn overhead(c: &mut Criterion) {
     let unprofiled =
         runtime.block_on(Optimizer::from_config(KilnConfig::load(None, &unprofiled_sets).unwrap())).unwrap();
 
-    let provider = kiln_provider_candle::CandleProvider;
+    let provider = kiln_provider_candle::CandleProvider::default();
     // The model as kiln loads it for embedding: pooling and normalisation in its run.
     let head = kiln::text::embedding_head(&dir, &TextConfig::default()).unwrap();
     let spec = ModelSpec::new(&dir, Device::Cpu, DType::F32).with_head(head);

@@ -59,6 +59,7 @@ fn jsonl_input_keeps_its_ids_and_order() {
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let rows = rows(&output);
+    assert_eq!(rows.len(), texts.len());
     for (i, (row, want)) in rows.iter().zip(&expected).enumerate() {
         assert_eq!(row["id"], format!("doc-{}", texts.len() - i));
         let got: Vec<f32> = serde_json::from_value(row["embedding"].clone()).unwrap();

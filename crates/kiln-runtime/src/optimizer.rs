@@ -281,6 +281,20 @@ impl Optimizer {
         Ok(vectors)
     }
 
+    /// Tokens each text becomes (special tokens included, after truncation to the
+    /// model's maximum), from the tokenizer pool, without running the model: what a
+    /// caller that orders texts by length (as `kiln run` does, to pad less) sorts by.
+    pub async fn token_lengths(&self, texts: &[String]) -> Result<Vec<usize>> {
+        let text = self.text.as_ref().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "token_lengths needs task = \"embed\"; this optimizer runs {:?}",
+                self.config.task
+            ))
+        })?;
+        let rows = text.tokenizers.encode(texts.to_vec()).await?;
+        Ok(rows.iter().map(|r| r.len()).collect())
+    }
+
     /// What every public call gets: a `request` span, the request count, the
     /// scheduler (slot, deadline, retries) unless `check` already failed, and its
     /// latency or error kind in the stats.

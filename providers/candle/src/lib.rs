@@ -22,24 +22,39 @@ use kiln_core::{
 };
 use serde::Deserialize;
 
+mod cpu;
+
 /// The registered name.
 pub const NAME: &str = "candle";
 
 /// Name of the output this provider's models produce.
 pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
 
-/// Options under `[provider.options]` for candle. None yet; unknown keys are rejected.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CandleOptions {}
+/// Options under `[provider.options]` for candle; unknown keys are rejected.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CandleOptions {
+    /// f32 models on the CPU run kiln's packed BERT kernels (`cpu.rs`: no padding
+    /// computed, fused passes); `false` runs candle-transformers' graph there too, as
+    /// on GPUs and for f16/bf16 (to compare, or for a model the kernels do not take).
+    pub cpu_kernels: bool,
+}
+
+impl Default for CandleOptions {
+    fn default() -> Self {
+        CandleOptions { cpu_kernels: true }
+    }
+}
 
 /// The candle provider.
 #[derive(Debug, Default)]
-pub struct CandleProvider;
+pub struct CandleProvider {
+    options: CandleOptions,
+}
 
 fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
-    let _options: CandleOptions = config.options()?;
-    Ok(Arc::new(CandleProvider))
+    let options: CandleOptions = config.options()?;
+    Ok(Arc::new(CandleProvider { options }))
 }
 
 fn backend(e: candle_core::Error) -> Error {
@@ -246,8 +261,16 @@ impl Provider for CandleProvider {
         // while they are loaded, and candle copies what it converts.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device) }
             .map_err(|e| Error::model_load_with(dir, "cannot read weights", e))?;
-        let model = Bert::load(vb, &config, dtype)
-            .map_err(|e| Error::model_load_with(dir, "weights do not match a BERT model", e))?;
+        let mismatch = |e| Error::model_load_with(dir, "weights do not match a BERT model", e);
+        let packed = self.options.cpu_kernels
+            && spec.device == Device::Cpu
+            && spec.dtype == DType::F32
+            && cpu::unsupported(&config).is_none();
+        let model = if packed {
+            Graph::Cpu(cpu::CpuBert::load(&vb, &config).map_err(mismatch)?)
+        } else {
+            Graph::Candle(Bert::load(vb, &config, dtype).map_err(mismatch)?)
+        };
 
         let name =
             dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
@@ -360,9 +383,17 @@ impl Bert {
     }
 }
 
+/// Which implementation runs the model.
+enum Graph {
+    /// candle-transformers' encoder (GPUs, f16/bf16, `cpu_kernels = false`).
+    Candle(Bert),
+    /// kiln's packed kernels (f32 on the CPU).
+    Cpu(cpu::CpuBert),
+}
+
 /// A BERT encoder loaded by candle.
 struct BertEncoder {
-    model: Bert,
+    model: Graph,
     device: CDevice,
     info: ModelInfo,
 }
@@ -374,6 +405,36 @@ impl BertEncoder {
     }
 }
 
+impl BertEncoder {
+    fn run_packed(&self, model: &cpu::CpuBert, inputs: &Inputs) -> Result<Outputs> {
+        let ids = inputs.require("input_ids")?;
+        let &[batch, sequence] = ids.shape() else {
+            return Err(Error::InvalidInput(format!(
+                "input_ids has shape {:?}; expected [batch, sequence]",
+                ids.shape()
+            )));
+        };
+        let [ids, mask, types] = ["input_ids", "attention_mask", "token_type_ids"].map(|name| {
+            let t = inputs.require(name)?;
+            if t.shape() != [batch, sequence] {
+                return Err(Error::InvalidInput(format!(
+                    "{name} has shape {:?}; input_ids has [{batch}, {sequence}]",
+                    t.shape()
+                )));
+            }
+            t.to_vec::<i64>()
+        });
+        let packed = model.forward(&ids?, &types?, &mask?, batch, sequence)?;
+        let hidden = packed.width();
+        Ok(match self.info.head {
+            Some(head) => Outputs::new()
+                .with(SENTENCE_EMBEDDING, Tensor::from_vec(vec![batch, hidden], packed.pooled(head))?),
+            None => Outputs::new()
+                .with(LAST_HIDDEN_STATE, Tensor::from_vec(vec![batch, sequence, hidden], packed.unpacked())?),
+        })
+    }
+}
+
 impl Model for BertEncoder {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -381,10 +442,14 @@ impl Model for BertEncoder {
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
         self.info.validate(inputs)?;
+        let model = match &self.model {
+            Graph::Candle(model) => model,
+            Graph::Cpu(model) => return self.run_packed(model, inputs),
+        };
         let ids = self.tensor(inputs, "input_ids")?;
         let mask = self.tensor(inputs, "attention_mask")?;
         let types = self.tensor(inputs, "token_type_ids")?;
-        let hidden = self.model.forward(&ids, &types, &mask).map_err(backend)?;
+        let hidden = model.forward(&ids, &types, &mask).map_err(backend)?;
         if let Some(head) = self.info.head {
             let pooled = pool(&hidden, &mask, head).map_err(backend)?;
             let shape = pooled.dims().to_vec();
@@ -462,7 +527,10 @@ mod tests {
     use super::*;
 
     fn load(spec: &ModelSpec) -> Result<Arc<dyn Model>> {
-        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(CandleProvider.load(spec))
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(CandleProvider::default().load(spec))
     }
 
     #[test]
@@ -494,6 +562,62 @@ mod tests {
         }
         let err = load(&ModelSpec::new(".", Device::Cpu, DType::I64)).err().unwrap().to_string();
         assert!(err.contains("f32, f16 or bf16, not i64"), "{err}");
+    }
+
+    /// The packed CPU kernels against candle-transformers' graph on the same weights:
+    /// token outputs at every real position (rows right-padded, left-padded and with a
+    /// hole), zeros at padded ones, and every pooling on right-padded rows.
+    #[test]
+    fn packed_cpu_kernels_match_candles_graph() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/all-MiniLM-L6-v2");
+        assert!(dir.join("model.safetensors").is_file(), "{} is missing: run scripts/setup", dir.display());
+        let provider = |cpu_kernels| CandleProvider { options: CandleOptions { cpu_kernels } };
+        let run = |cpu_kernels: bool, spec: &ModelSpec, inputs: &Inputs| {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let model = runtime.block_on(provider(cpu_kernels).load(spec)).unwrap();
+            let outputs = model.run(inputs).unwrap();
+            let name = if spec.head.is_some() { SENTENCE_EMBEDDING } else { LAST_HIDDEN_STATE };
+            outputs.require(name).unwrap().to_f32_vec().unwrap()
+        };
+        let (batch, sequence, hidden) = (4, 7, 384);
+        let ids: Vec<i64> = (0..batch * sequence).map(|i| 1000 + (i as i64 * 7919) % 20000).collect();
+        #[rustfmt::skip]
+        let mask: Vec<i64> = vec![
+            1, 1, 1, 1, 1, 1, 1,
+            1, 1, 1, 0, 0, 0, 0,
+            0, 0, 1, 1, 1, 1, 1,
+            1, 1, 0, 1, 1, 0, 0,
+        ];
+        let inputs = |mask: &[i64]| {
+            Inputs::new()
+                .with("input_ids", Tensor::from_vec(vec![batch, sequence], ids.clone()).unwrap())
+                .with("attention_mask", Tensor::from_vec(vec![batch, sequence], mask.to_vec()).unwrap())
+                .with(
+                    "token_type_ids",
+                    Tensor::from_vec(vec![batch, sequence], vec![0i64; ids.len()]).unwrap(),
+                )
+        };
+        let spec = ModelSpec::new(&dir, Device::Cpu, DType::F32);
+        let (packed, graph) = (run(true, &spec, &inputs(&mask)), run(false, &spec, &inputs(&mask)));
+        for (place, (p, g)) in packed.chunks(hidden).zip(graph.chunks(hidden)).enumerate() {
+            if mask[place] == 0 {
+                assert!(p.iter().all(|&v| v == 0.0), "padded position {place} is not zeros");
+                continue;
+            }
+            let worst = p.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-4, "position {place}: largest difference {worst}");
+        }
+
+        let right: Vec<i64> =
+            (0..batch * sequence).map(|i| i64::from(i % sequence < 2 + i / sequence)).collect();
+        for pooling in [Pooling::Mean, Pooling::MeanSqrtLen, Pooling::Cls, Pooling::Max] {
+            for normalize in [true, false] {
+                let spec = spec.clone().with_head(EmbeddingHead { pooling, normalize });
+                let (p, g) = (run(true, &spec, &inputs(&right)), run(false, &spec, &inputs(&right)));
+                let worst = p.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 2e-4, "{pooling:?}, normalize {normalize}: largest difference {worst}");
+            }
+        }
     }
 
     fn tempfile_dir() -> PathBuf {
