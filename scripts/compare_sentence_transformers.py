@@ -5,8 +5,8 @@ its embeddings are to sentence-transformers' (cosine, worst and mean).
 
     scripts/setup compare ort && . .kiln/env
     cargo build --release -p kiln-cli --features ort
-    .kiln/compare/bin/python scripts/compare_sentence_transformers.py \\
-        examples/embed.toml examples/embed-ort.toml examples/embed-int8.toml
+    .kiln/compare/bin/python scripts/compare_sentence_transformers.py examples/embed.toml \\
+        examples/embed-ort.toml examples/embed-int8.toml examples/embed-ort-int8.toml
 
 `scripts/setup compare` makes the venv (.kiln/compare: sentence-transformers over the
 torch that `scripts/setup tch` caches). Each CONFIG is a kiln config for the embed task
@@ -95,7 +95,7 @@ def run_kiln(config: str, binary: pathlib.Path, inp: pathlib.Path, out: pathlib.
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"kiln failed on {config}:\n{run.stderr}")
-    m = re.search(r"embedded (\d+) texts in ([\d.]+) s .*with (\w+) on (\S+) \((\w+)\)", run.stderr)
+    m = re.search(r"embedded (\d+) texts in ([\d.]+) s .*with (\w+) on (\S+) \(([^)]+)\)", run.stderr)
     if not m:
         sys.exit(f"kiln's summary line is missing from:\n{run.stderr}")
     rows = [json.loads(line)["embedding"] for line in out.read_text().splitlines()]
@@ -148,16 +148,16 @@ def main() -> int:
     words = [len(t.split()) for t in data]
     tokens = [len(ids) for ids in model.tokenizer(data, truncation=True, max_length=model.max_seq_length)["input_ids"]]
     st = statistics.median(st_runs)
-    print(f"{len(data)} texts of {min(words)}-{max(words)} words ({statistics.mean(tokens):.0f} tokens on average "
+    print(f"{len(data)} texts of 5-200 words ({statistics.mean(words):.0f} spaced words, {statistics.mean(tokens):.0f} tokens on average "
           f"after truncation to {model.max_seq_length}), batch {args.batch}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; medians of {args.rounds} alternated runs")
-    print(f"{'':44} {'texts/s':>8} {'ratio':>6}  cosine to sentence-transformers (worst / mean)")
-    print(f"{'sentence-transformers (cpu, f32)':44} {st:8.1f} {1.0:6.2f}")
+    print(f"{'':50} {'texts/s':>8} {'ratio':>6}  cosine to sentence-transformers (worst / mean)")
+    print(f"{'sentence-transformers (cpu, f32)':50} {st:8.1f} {1.0:6.2f}")
     for config in args.configs:
         tps = statistics.median(kiln_runs[config])
         worst, mean = closeness[config]
         name = f"kiln {pathlib.Path(config).name} ({labels[config]})"
-        print(f"{name:44} {tps:8.1f} {tps / st:6.2f}  {worst:.6f} / {mean:.6f}")
+        print(f"{name:50} {tps:8.1f} {tps / st:6.2f}  {worst:.6f} / {mean:.6f}")
     return 0
 
 

@@ -82,32 +82,40 @@ emb = node("Add", [
 h = layer_norm(emb, "embeddings.LayerNorm")
 
 # Additive mask [batch, 1, 1, sequence]: 0 where attended, float32 min where padded.
-mask = node("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+# Unsqueeze, Cast, Sub, Mul in this order is the shape ONNX Runtime's attention fusion
+# recognises (that of PyTorch's BertModel export).
+mask = node("Unsqueeze", [node("Unsqueeze", ["attention_mask", init("axis_1", np.array([1], np.int64))]),
+                          init("axis_2", np.array([2], np.int64))])
+mask = node("Cast", [mask], to=TensorProto.FLOAT)
 mask = node("Mul", [node("Sub", [init("one_f32", np.array(1.0, np.float32)), mask]),
                     init("min_f32", np.array(np.finfo(np.float32).min, np.float32))])
-mask = node("Unsqueeze", [mask, init("axes_1_2", np.array([1, 2], np.int64))])
 
 split_shape = init("split_heads", np.array([0, 0, heads, head_dim], np.int64))
 merge_shape = init("merge_heads", np.array([0, 0, hidden], np.int64))
-scale = init("inv_sqrt_head_dim", np.array(1.0 / np.sqrt(head_dim), np.float32))
+sqrt_head_dim = init("sqrt_head_dim", np.array(np.sqrt(head_dim), np.float32))
 half = init("half", np.array(0.5, np.float32))
-inv_sqrt2 = init("inv_sqrt2", np.array(1.0 / np.sqrt(2.0), np.float32))
+sqrt2 = init("sqrt2", np.array(np.sqrt(2.0), np.float32))
 
 for i in range(config["num_hidden_layers"]):
     p = f"encoder.layer.{i}"
 
-    def heads_of(x):
-        return node("Transpose", [node("Reshape", [x, split_shape])], perm=[0, 2, 1, 3])
+    def heads_of(x, perm=(0, 2, 1, 3)):
+        return node("Transpose", [node("Reshape", [x, split_shape])], perm=list(perm))
 
+    # As PyTorch exports BertSelfAttention (what the attention fusion matches): K goes
+    # straight to [batch, heads, head_dim, sequence].
     q = heads_of(linear(h, f"{p}.attention.self.query"))
-    k = heads_of(linear(h, f"{p}.attention.self.key"))
+    k = heads_of(linear(h, f"{p}.attention.self.key"), perm=(0, 2, 3, 1))
     v = heads_of(linear(h, f"{p}.attention.self.value"))
-    scores = node("Mul", [node("MatMul", [q, node("Transpose", [k], perm=[0, 1, 3, 2])]), scale])
+    # Div rather than Mul by the inverse: the fusion tells the scale from the mask's Mul
+    # by op type.
+    scores = node("Div", [node("MatMul", [q, k]), sqrt_head_dim])
     probs = node("Softmax", [node("Add", [scores, mask])], axis=-1)
     context = node("Reshape", [node("Transpose", [node("MatMul", [probs, v])], perm=[0, 2, 1, 3]), merge_shape])
     h1 = layer_norm(node("Add", [linear(context, f"{p}.attention.output.dense"), h]), f"{p}.attention.output.LayerNorm")
     x = linear(h1, f"{p}.intermediate.dense")
-    gelu = node("Mul", [node("Mul", [x, half]), node("Add", [node("Erf", [node("Mul", [x, inv_sqrt2])]), "one_f32"])])
+    # x/2 (1 + erf(x / sqrt 2)), with Div as the GELU fusion expects.
+    gelu = node("Mul", [node("Mul", [x, half]), node("Add", [node("Erf", [node("Div", [x, sqrt2])]), "one_f32"])])
     h = layer_norm(node("Add", [linear(gelu, f"{p}.output.dense"), h1]), f"{p}.output.LayerNorm")
 
 nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"], name="output"))

@@ -68,3 +68,33 @@ async fn f16_and_bf16_on_cpu_are_close_to_f32() {
         optimizer.shutdown().await.unwrap();
     }
 }
+
+/// `model.quantization = "int8"` on candle (per-channel int8 weights, per-token
+/// activations): every fixture text within cosine 0.99 of sentence-transformers' f32,
+/// batched with its neighbours or alone alike (per-token scales: a text's result does
+/// not depend on the rest of its batch).
+#[tokio::test]
+async fn int8_on_cpu_stays_within_cosine_0_99_whatever_the_batch() {
+    let reference = reference();
+    let mut results = Vec::new();
+    for batch in ["32", "1"] {
+        let sets = ["model.quantization=\"int8\"", &format!("batching.max_batch_size={batch}")];
+        let optimizer = Optimizer::from_config(minilm_config(&sets)).await.unwrap();
+        let ours = optimizer.embed(&reference.texts).await.unwrap();
+        let cosines: Vec<f64> = ours.iter().zip(&reference.embeddings).map(|(a, b)| cosine(a, b)).collect();
+        for (text, c) in reference.texts.iter().zip(&cosines) {
+            assert!(*c >= 0.99, "int8, batch {batch}: cosine {c:.6} for {text:?}");
+        }
+        let worst = cosines.iter().copied().fold(1.0, f64::min);
+        let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+        eprintln!(
+            "int8 on cpu, batch {batch}: cosine against sentence-transformers f32 worst {worst:.6}, mean {mean:.6}"
+        );
+        assert!(worst < 0.999_99, "the int8 layers ran (worst cosine {worst})");
+        results.push(ours);
+        optimizer.shutdown().await.unwrap();
+    }
+    for (a, b) in results[0].iter().zip(&results[1]) {
+        assert!(cosine(a, b) > 0.999_99, "a text's int8 embedding does not depend on its batch");
+    }
+}

@@ -470,18 +470,22 @@ async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutput
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
     let written = write_profiler_outputs(&optimizer, outputs);
+    let quantization = optimizer.config().model.quantization;
     let stats = optimizer.shutdown().await?;
     result?;
     written?;
     let info = &stats.model;
+    let precision = match quantization {
+        kiln::Quantization::None => info.dtype.to_string(),
+        q => format!("{}, {q}", info.dtype),
+    };
     eprintln!(
-        "kiln: embedded {} texts in {:.2} s ({:.1} texts/s) with {} on {} ({}); model loaded in {:.2} s",
+        "kiln: embedded {} texts in {:.2} s ({:.1} texts/s) with {} on {} ({precision}); model loaded in {:.2} s",
         records.len(),
         elapsed,
         records.len() as f64 / elapsed.max(1e-9),
         info.provider,
         info.device,
-        info.dtype,
         stats.load_seconds
     );
     Ok(())
@@ -592,14 +596,16 @@ fn providers(json: bool) -> Result<()> {
             .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
             .unwrap_or_default()
     };
-    println!("{:<10} {:<14} {:<16} description", "provider", "devices", "dtypes");
+    println!("{:<10} {:<14} {:<16} {:<13} description", "provider", "devices", "dtypes", "quantization");
     for row in &rows {
         let caps = &row["capabilities"];
+        let quantization = ["none".to_string(), list(&caps["quantization"])].join(", ");
         println!(
-            "{:<10} {:<14} {:<16} {}",
+            "{:<10} {:<14} {:<16} {:<13} {}",
             row["name"].as_str().unwrap_or_default(),
             list(&caps["devices"]),
             list(&caps["dtypes"]),
+            quantization.trim_end_matches(", "),
             row["error"].as_str().map_or_else(
                 || row["description"].as_str().unwrap_or_default().to_string(),
                 |e| format!("unavailable: {e}")

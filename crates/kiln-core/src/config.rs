@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{Device, DeviceChoice};
 use crate::error::{ConfigIssue, Error, Result};
+use crate::provider::Quantization;
 use crate::tensor::DType;
 
 /// Prefix of environment variables read as config.
@@ -132,6 +133,9 @@ pub struct ModelConfig {
     /// Its precision: f32, f16 or bf16.
     #[serde(deserialize_with = "float_dtype")]
     pub dtype: DType,
+    /// Weight quantization: `none` or `int8` (providers that take it list it in
+    /// `kiln providers`).
+    pub quantization: Quantization,
     /// One replica per listed GPU (`cuda:N` ordinals; a GPU may be listed twice for two
     /// replicas on it); requests go to the replica with the shortest queue. Empty (the
     /// default): one model on `device`. Needs `device` to be `auto` or `cuda:N`.
@@ -156,6 +160,7 @@ impl Default for ModelConfig {
             path: DEFAULT_MODEL_DIR.into(),
             device: DeviceChoice::Fixed(Device::Cpu),
             dtype: DType::F32,
+            quantization: Quantization::None,
             gpu_ids: Vec::new(),
         }
     }

@@ -32,7 +32,7 @@ pub use error::{BoxError, ConfigIssue, Error, Result};
 pub use pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING, pool_tokens};
 pub use profiler::{GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{
-    Capabilities, Model, ModelInfo, ModelSpec, Provider, ProviderRegistration, build_provider,
+    Capabilities, Model, ModelInfo, ModelSpec, Provider, ProviderRegistration, Quantization, build_provider,
     max_position_embeddings, providers,
 };
 pub use registry::{Registration, Registry};

@@ -107,12 +107,45 @@ pub struct ModelSpec {
     /// returning token vectors, and the runtime pools them. See [`crate::pooling`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<EmbeddingHead>,
+    /// Weight quantization, a precision choice beside `dtype` (`model.quantization`).
+    #[serde(default)]
+    pub quantization: Quantization,
+}
+
+/// How a model's weights are quantized: `model.quantization`. A choice of precision
+/// like `dtype` (which stays the precision of what is not quantized): providers list
+/// what they take in [`Capabilities::quantization`], and a load asks for one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantization {
+    /// Weights at `dtype`.
+    #[default]
+    None,
+    /// 8-bit integer weights (per output channel) with activations quantized at run
+    /// time; what that means in detail is the provider's (ort: ONNX Runtime's dynamic
+    /// quantization, the model's `model_int8.onnx`).
+    Int8,
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Quantization::None => "none",
+            Quantization::Int8 => "int8",
+        })
+    }
 }
 
 impl ModelSpec {
     /// A spec from its parts, with no embedding head.
     pub fn new(path: impl Into<PathBuf>, device: Device, dtype: DType) -> Self {
-        ModelSpec { path: path.into(), device, dtype, head: None }
+        ModelSpec { path: path.into(), device, dtype, head: None, quantization: Quantization::None }
+    }
+
+    /// The same spec with quantized weights.
+    pub fn with_quantization(mut self, quantization: Quantization) -> Self {
+        self.quantization = quantization;
+        self
     }
 
     /// The same spec asking for an embedding head.
@@ -225,8 +258,8 @@ pub struct Capabilities {
     pub devices: Vec<DeviceKind>,
     /// Precisions it accepts for models.
     pub dtypes: Vec<DType>,
-    /// Quantization schemes it accepts (empty: none).
-    pub quantization: Vec<String>,
+    /// Quantization schemes it loads besides unquantized weights (empty: none).
+    pub quantization: Vec<Quantization>,
     /// Model formats it loads, in words ("HF BERT folder (safetensors)").
     pub formats: Vec<String>,
     /// Largest batch, if the backend limits it.
@@ -258,6 +291,22 @@ impl Capabilities {
             )));
         }
         Ok(())
+    }
+
+    /// Whether the provider loads weights quantized as `quantization`; the error names
+    /// what it takes.
+    pub fn check_quantization(&self, provider: &str, quantization: Quantization) -> Result<()> {
+        if quantization == Quantization::None || self.quantization.contains(&quantization) {
+            return Ok(());
+        }
+        let accepted: Vec<String> = std::iter::once(Quantization::None)
+            .chain(self.quantization.iter().copied())
+            .map(|q| q.to_string())
+            .collect();
+        Err(Error::Unsupported(format!(
+            "provider `{provider}` loads model.quantization {}, not {quantization}",
+            accepted.join(", ")
+        )))
     }
 
     /// CPU only, the given dtypes, nothing else declared.
@@ -373,6 +422,22 @@ mod tests {
         async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
             Err(Error::model_load(&spec.path, "nothing loads"))
         }
+    }
+
+    #[test]
+    fn a_quantization_the_provider_does_not_list_is_refused_naming_what_it_takes() {
+        let caps = Capabilities::cpu_only(vec![DType::F32]);
+        caps.check_quantization("nothing", Quantization::None).unwrap();
+        let e = caps.check_quantization("nothing", Quantization::Int8).unwrap_err().to_string();
+        assert!(e.contains("provider `nothing` loads model.quantization none, not int8"), "{e}");
+        let caps = Capabilities { quantization: vec![Quantization::Int8], ..caps };
+        caps.check_quantization("nothing", Quantization::Int8).unwrap();
+
+        let config = crate::KilnConfig::load(None, &["model.quantization=\"int8\"".into()]).unwrap();
+        assert_eq!(config.model.quantization, Quantization::Int8);
+        let e =
+            crate::KilnConfig::load(None, &["model.quantization=\"int4\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("model.quantization") && e.contains("int4") && e.contains("int8"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_core::{
-    DType, Device, EmbeddingHead, Error, ModelSpec, ModelsConfig, NoopProfiler, Profiler, Provider, Result,
+    DType, Device, EmbeddingHead, Error, ModelSpec, ModelsConfig, NoopProfiler, Profiler, Provider,
+    Quantization, Result,
 };
 use serde::Serialize;
 
@@ -29,6 +30,8 @@ pub struct ModelKey {
     pub device: Device,
     /// Its precision.
     pub dtype: DType,
+    /// Its weight quantization.
+    pub quantization: Quantization,
     /// Which copy, when one model is loaded more than once (replicas on one GPU).
     pub replica: usize,
     /// The embedding head asked of the provider (a model with a head returns other
@@ -135,6 +138,7 @@ impl ModelManager {
             path: spec.path.clone(),
             device: spec.device,
             dtype: spec.dtype,
+            quantization: spec.quantization,
             replica,
             head: spec.head,
         };
@@ -146,7 +150,9 @@ impl ModelManager {
             return Ok(worker);
         }
         // What the provider says it cannot do is refused before anything is read.
-        provider.capabilities().check(provider.name(), spec.device, spec.dtype)?;
+        let capabilities = provider.capabilities();
+        capabilities.check(provider.name(), spec.device, spec.dtype)?;
+        capabilities.check_quantization(provider.name(), spec.quantization)?;
         let required = provider.estimate_memory(&spec)?.unwrap_or(0);
         let refuse = |available: u64| Error::OutOfMemory {
             what: format!("model {key}"),

@@ -81,7 +81,8 @@ impl Optimizer {
         // Built before the model loads, so a tracker's config error fails fast.
         let trackers = build_trackers(&config.trackers, &config.tracking)?;
         let devices = resolve_devices(&config, provider.as_ref());
-        let mut spec = ModelSpec::new(&config.model.path, devices[0], config.model.dtype);
+        let mut spec = ModelSpec::new(&config.model.path, devices[0], config.model.dtype)
+            .with_quantization(config.model.quantization);
         if config.task == Task::Embed {
             // Known before loading, so the provider can pool on its device.
             spec = spec.with_head(kiln_text::embedding_head(&config.model.path, &config.text)?);

@@ -61,12 +61,34 @@ struct Norm {
     beta: Vec<f32>,
 }
 
+/// A linear layer in f32, or quantized to int8 (`model.quantization = "int8"`).
+enum Linear {
+    F32(Dense),
+    Int8(int8::QDense),
+}
+
+impl Linear {
+    fn new(dense: Dense, quantize: bool) -> Self {
+        if quantize && let Some(q) = int8::QDense::quantize(&dense) {
+            return Linear::Int8(q);
+        }
+        Linear::F32(dense)
+    }
+
+    fn forward(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
+        match self {
+            Linear::F32(dense) => linear(x, tokens, dense, out),
+            Linear::Int8(q) => q.forward(x, tokens, out),
+        }
+    }
+}
+
 struct Layer {
-    qkv: Dense,
-    attention_out: Dense,
+    qkv: Linear,
+    attention_out: Linear,
     attention_norm: Norm,
-    up: Dense,
-    down: Dense,
+    up: Linear,
+    down: Linear,
     output_norm: Norm,
 }
 
@@ -119,11 +141,14 @@ fn norm(vb: &VarBuilder, hidden: usize) -> candle_core::Result<Norm> {
 impl CpuBert {
     /// Reads the weights from `vb` (an f32 CPU var builder at the model's root: bare
     /// names, or `bert.`-prefixed as task heads save them).
-    pub(crate) fn load(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
-        Self::load_at(vb, config).or_else(|first| Self::load_at(&vb.pp("bert"), config).map_err(|_| first))
+    /// With `int8`, every encoder linear layer whose outputs are a multiple of 16 is
+    /// quantized (see `int8.rs`); embeddings, LayerNorms and attention stay f32.
+    pub(crate) fn load(vb: &VarBuilder, config: &BertConfig, int8: bool) -> candle_core::Result<Self> {
+        Self::load_at(vb, config, int8)
+            .or_else(|first| Self::load_at(&vb.pp("bert"), config, int8).map_err(|_| first))
     }
 
-    fn load_at(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+    fn load_at(vb: &VarBuilder, config: &BertConfig, int8: bool) -> candle_core::Result<Self> {
         let h = config.hidden_size;
         let e = vb.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
@@ -131,11 +156,11 @@ impl CpuBert {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let ff = config.intermediate_size;
                 Ok(Layer {
-                    qkv: qkv(&l.pp("attention.self"), h)?,
-                    attention_out: dense(&l.pp("attention.output.dense"), h, h)?,
+                    qkv: Linear::new(qkv(&l.pp("attention.self"), h)?, int8),
+                    attention_out: Linear::new(dense(&l.pp("attention.output.dense"), h, h)?, int8),
                     attention_norm: norm(&l.pp("attention.output.LayerNorm"), h)?,
-                    up: dense(&l.pp("intermediate.dense"), h, ff)?,
-                    down: dense(&l.pp("output.dense"), ff, h)?,
+                    up: Linear::new(dense(&l.pp("intermediate.dense"), h, ff)?, int8),
+                    down: Linear::new(dense(&l.pp("output.dense"), ff, h)?, int8),
                     output_norm: norm(&l.pp("output.LayerNorm"), h)?,
                 })
             })
@@ -209,13 +234,13 @@ impl CpuBert {
         let mut up = Vec::new();
         let mut down = Vec::new();
         for layer in &self.layers {
-            linear(&x, tokens, &layer.qkv, &mut qkv);
+            layer.qkv.forward(&x, tokens, &mut qkv);
             attention(&qkv, &rows, h, self.heads, &mut context);
-            linear(&context, tokens, &layer.attention_out, &mut attended);
+            layer.attention_out.forward(&context, tokens, &mut attended);
             add_norm_rows(&mut attended, &x, &layer.attention_norm, self.eps);
-            linear(&attended, tokens, &layer.up, &mut up);
+            layer.up.forward(&attended, tokens, &mut up);
             up.par_chunks_mut(1 << 14).for_each(gelu);
-            linear(&up, tokens, &layer.down, &mut down);
+            layer.down.forward(&up, tokens, &mut down);
             add_norm_rows(&mut down, &attended, &layer.output_norm, self.eps);
             std::mem::swap(&mut x, &mut down);
         }
@@ -440,17 +465,17 @@ fn add_norm_rows(x: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
 /// Runs `$generic` compiled for AVX-512 or AVX2+FMA when the CPU has them, else for
 /// the baseline.
 macro_rules! dispatch {
-    ($(#[$doc:meta])* fn $name:ident => $generic:ident ($($arg:ident : $ty:ty),*)) => {
+    ($(#[$doc:meta])* fn $name:ident => $generic:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                fn avx512($($arg: $ty),*) {
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx512f") {
@@ -495,6 +520,22 @@ fn sum(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// The smallest and largest value, with independent lanes (see [`sum`]).
+#[inline(always)]
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let tail =
+        chunks.remainder().iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    for c in chunks {
+        for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
+            *l = if v < *l { v } else { *l };
+            *h = if v > *h { v } else { *h };
+        }
+    }
+    (lo.iter().fold(tail.0, |m, &v| m.min(v)), hi.iter().fold(tail.1, |m, &v| m.max(v)))
 }
 
 #[inline(always)]
@@ -589,6 +630,9 @@ fn add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32]
         *v = (*v - mean) * inv * g + b;
     }
 }
+
+// After `dispatch!`, which it uses.
+mod int8;
 
 #[cfg(test)]
 mod tests {

@@ -18,7 +18,8 @@ use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 use candle_transformers::models::bert::{BertEncoder as CandleBertEncoder, Config as BertConfig};
 use kiln_core::{
     Capabilities, DType, Device, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
-    Pooling, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec, async_trait,
+    Pooling, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
+    async_trait,
 };
 use serde::Deserialize;
 
@@ -144,7 +145,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Bytes the weights take at `dtype`, from the safetensors headers (no tensor is read).
-pub fn weight_bytes(files: &[PathBuf], dtype: DType) -> Result<u64> {
+/// With `int8`, the encoder's matrices count one byte an element (the embeddings stay
+/// at `dtype`).
+pub fn weight_bytes(files: &[PathBuf], dtype: DType, int8: bool) -> Result<u64> {
     use std::io::Read;
     let mut total = 0u64;
     for file in files {
@@ -175,7 +178,16 @@ pub fn weight_bytes(files: &[PathBuf], dtype: DType) -> Result<u64> {
                 _ => 1,
             };
             let is_float = matches!(entry["dtype"].as_str(), Some("F64" | "F32" | "F16" | "BF16"));
-            total += elements * if is_float { dtype.size() as u64 } else { stored };
+            let matrix = entry["shape"].as_array().is_some_and(|d| d.len() == 2);
+            let quantized = int8 && matrix && name.contains("encoder.") && name.ends_with(".weight");
+            total += elements
+                * if quantized {
+                    1
+                } else if is_float {
+                    dtype.size() as u64
+                } else {
+                    stored
+                };
         }
     }
     Ok(total)
@@ -190,8 +202,10 @@ impl Provider for CandleProvider {
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities {
             formats: vec!["Hugging Face BERT folder (config.json + model.safetensors)".into()],
+            quantization: vec![Quantization::Int8],
             ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
         };
+        caps.notes.push("int8: on the CPU at f32 (per-channel weights, per-token activations)".into());
         if cuda_available() {
             caps.devices.push(kiln_core::DeviceKind::Cuda);
         } else if cfg!(feature = "cuda") {
@@ -213,7 +227,7 @@ impl Provider for CandleProvider {
         let Ok(files) = weight_files(&spec.path) else {
             return Ok(None);
         };
-        let bytes = weight_bytes(&files, spec.dtype)?;
+        let bytes = weight_bytes(&files, spec.dtype, spec.quantization == Quantization::Int8)?;
         Ok(Some(bytes + bytes / 10))
     }
 
@@ -255,19 +269,28 @@ impl Provider for CandleProvider {
         let config: BertConfig = serde_json::from_slice(&config_text)
             .map_err(|e| Error::model_load_with(&config_path, "not a BERT config", e))?;
         let files = weight_files(dir)?;
-        let weight_bytes = weight_bytes(&files, spec.dtype)?;
+        let weight_bytes = weight_bytes(&files, spec.dtype, spec.quantization == Quantization::Int8)?;
 
         // SAFETY: the files are memory-mapped read-only; kiln does not modify model files
         // while they are loaded, and candle copies what it converts.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device) }
             .map_err(|e| Error::model_load_with(dir, "cannot read weights", e))?;
         let mismatch = |e| Error::model_load_with(dir, "weights do not match a BERT model", e);
+        let int8 = spec.quantization == Quantization::Int8;
         let packed = self.options.cpu_kernels
             && spec.device == Device::Cpu
             && spec.dtype == DType::F32
             && cpu::unsupported(&config).is_none();
+        if int8 && !packed {
+            let why = cpu::unsupported(&config).unwrap_or("provider.options.cpu_kernels = false");
+            return Err(Error::Unsupported(format!(
+                "provider `candle` runs int8 (model.quantization) with its CPU kernels only: device cpu, dtype f32, \
+                 cpu_kernels on, a BERT with exact gelu; not {} {} ({why})",
+                spec.device, spec.dtype
+            )));
+        }
         let model = if packed {
-            Graph::Cpu(cpu::CpuBert::load(&vb, &config).map_err(mismatch)?)
+            Graph::Cpu(cpu::CpuBert::load(&vb, &config, int8).map_err(mismatch)?)
         } else {
             Graph::Candle(Bert::load(vb, &config, dtype).map_err(mismatch)?)
         };
@@ -618,6 +641,45 @@ mod tests {
                 assert!(worst < 2e-4, "{pooling:?}, normalize {normalize}: largest difference {worst}");
             }
         }
+    }
+
+    /// int8 (`model.quantization`): the packed kernels with quantized layers, pooled
+    /// vectors within cosine 0.995 of f32 on padded rows of unequal length, and a
+    /// refusal naming the conditions off the CPU kernels.
+    #[test]
+    fn int8_runs_quantized_layers_close_to_f32() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/all-MiniLM-L6-v2");
+        assert!(dir.join("model.safetensors").is_file(), "{} is missing: run scripts/setup", dir.display());
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let head = EmbeddingHead { pooling: Pooling::Mean, normalize: true };
+        let spec = ModelSpec::new(&dir, Device::Cpu, DType::F32).with_head(head);
+        let int8_spec = spec.clone().with_quantization(Quantization::Int8);
+        let provider = CandleProvider::default();
+        let f32_model = runtime.block_on(provider.load(&spec)).unwrap();
+        let int8_model = runtime.block_on(provider.load(&int8_spec)).unwrap();
+        let (batch, sequence) = (3, 40);
+        let ids: Vec<i64> = (0..batch * sequence).map(|i| 2000 + (i as i64 * 7919) % 20000).collect();
+        let mask: Vec<i64> =
+            (0..batch * sequence).map(|i| i64::from(i % sequence < 5 + 17 * (i / sequence))).collect();
+        let inputs = Inputs::new()
+            .with("input_ids", Tensor::from_vec(vec![batch, sequence], ids).unwrap())
+            .with("attention_mask", Tensor::from_vec(vec![batch, sequence], mask).unwrap())
+            .with(
+                "token_type_ids",
+                Tensor::from_vec(vec![batch, sequence], vec![0i64; batch * sequence]).unwrap(),
+            );
+        let run = |m: &Arc<dyn Model>| {
+            m.run(&inputs).unwrap().require(SENTENCE_EMBEDDING).unwrap().to_f32_vec().unwrap()
+        };
+        let (a, b) = (run(&f32_model), run(&int8_model));
+        for (row, (x, y)) in a.chunks(384).zip(b.chunks(384)).enumerate() {
+            let cosine: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            assert!((0.995..0.999_999).contains(&cosine), "row {row}: cosine {cosine} between f32 and int8");
+        }
+
+        let bf16 = ModelSpec::new(&dir, Device::Cpu, DType::BF16).with_quantization(Quantization::Int8);
+        let e = runtime.block_on(provider.load(&bf16)).err().unwrap().to_string();
+        assert!(e.contains("int8") && e.contains("dtype f32") && e.contains("not cpu bf16"), "{e}");
     }
 
     fn tempfile_dir() -> PathBuf {

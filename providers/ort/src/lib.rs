@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_core::{
     Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, HeadSite, Inputs, Model, ModelInfo,
-    ModelSpec, Outputs, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
-    async_trait,
+    ModelSpec, Outputs, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor,
+    TensorSpec, async_trait,
 };
 use ort::ep::ExecutionProvider;
 use ort::session::Session;
@@ -141,19 +141,41 @@ fn environment() -> Result<&'static ort::environment::Environment> {
     .map_err(|e| Error::Unsupported(e.clone()))
 }
 
-/// `model.onnx` in a folder, or the file itself.
-fn model_file(path: &Path) -> Result<PathBuf> {
+/// The graph to load: `model.onnx` in a folder, or the file itself; with
+/// `quantization = "int8"`, `model_int8.onnx` in the folder, or `NAME_int8.onnx` beside
+/// `NAME.onnx` (a file whose name already ends in `_int8.onnx` is taken as it is).
+fn model_file(path: &Path, quantization: Quantization) -> Result<PathBuf> {
+    let int8 = quantization == Quantization::Int8;
+    let how = "scripts/setup ort writes one for MiniLM (scripts/optimize_onnx.py); for another model, \
+               onnxruntime.quantization.quantize_dynamic makes one";
     if path.is_dir() {
-        let file = path.join("model.onnx");
+        let name = if int8 { "model_int8.onnx" } else { "model.onnx" };
+        let file = path.join(name);
         if file.is_file() {
             return Ok(file);
         }
-        return Err(Error::model_load(path, "no model.onnx in this folder"));
+        let why = if int8 {
+            format!("no {name} in this folder (model.quantization = \"int8\"); {how}")
+        } else {
+            format!("no {name} in this folder")
+        };
+        return Err(Error::model_load(path, why));
     }
-    if path.is_file() {
+    if !path.is_file() {
+        return Err(Error::model_load(path, "no such file or folder"));
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if !int8 || stem.ends_with("_int8") {
         return Ok(path.to_path_buf());
     }
-    Err(Error::model_load(path, "no such file or folder"))
+    let file = path.with_file_name(format!("{stem}_int8.onnx"));
+    if file.is_file() {
+        return Ok(file);
+    }
+    Err(Error::model_load(
+        path,
+        format!("no {} beside it (model.quantization = \"int8\"); {how}", file.display()),
+    ))
 }
 
 fn kiln_dtype(ty: TensorElementType) -> Option<DType> {
@@ -264,8 +286,8 @@ impl Provider for OrtProvider {
         Capabilities {
             devices: devices.clone(),
             dtypes: vec![DType::F32, DType::F16],
-            quantization: Vec::new(),
-            formats: vec!["ONNX (.onnx file, or a folder with model.onnx)".into()],
+            quantization: vec![Quantization::Int8],
+            formats: vec!["ONNX (.onnx file, or a folder with model.onnx; int8: model_int8.onnx)".into()],
             max_batch_size: None,
             notes: if devices.contains(&DeviceKind::Cuda) {
                 Vec::new()
@@ -282,7 +304,7 @@ impl Provider for OrtProvider {
                 spec.device
             )));
         }
-        let file = model_file(&spec.path)?;
+        let file = model_file(&spec.path, spec.quantization)?;
         let session = self.session(&file, spec.device)?;
         let inputs =
             session.inputs().iter().map(|o| tensor_spec(o.name(), o.dtype())).collect::<Result<Vec<_>>>()?;
@@ -312,7 +334,7 @@ impl Provider for OrtProvider {
 
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
         // Weights as stored, plus ONNX Runtime's planning and arena overhead.
-        let file = model_file(&spec.path)?;
+        let file = model_file(&spec.path, spec.quantization)?;
         Ok(std::fs::metadata(&file).ok().map(|m| m.len() + m.len() / 5))
     }
 }
@@ -420,3 +442,30 @@ kiln_core::register_provider!(
     "ONNX Runtime: .onnx models (cpu; cuda with a CUDA build of the library)",
     build
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_picks_the_quantized_graph_beside_the_f32_one_and_says_how_to_make_it() {
+        let dir = std::env::temp_dir().join(format!("kiln-ort-model-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"").unwrap();
+        assert_eq!(model_file(&dir, Quantization::None).unwrap(), dir.join("model.onnx"));
+        let e = model_file(&dir, Quantization::Int8).unwrap_err().to_string();
+        assert!(e.contains("no model_int8.onnx in this folder") && e.contains("quantize_dynamic"), "{e}");
+        let e = model_file(&dir.join("model.onnx"), Quantization::Int8).unwrap_err().to_string();
+        assert!(e.contains("model_int8.onnx beside it"), "{e}");
+
+        std::fs::write(dir.join("model_int8.onnx"), b"").unwrap();
+        assert_eq!(model_file(&dir, Quantization::Int8).unwrap(), dir.join("model_int8.onnx"));
+        assert_eq!(
+            model_file(&dir.join("model.onnx"), Quantization::Int8).unwrap(),
+            dir.join("model_int8.onnx")
+        );
+        let named = dir.join("model_int8.onnx");
+        assert_eq!(model_file(&named, Quantization::Int8).unwrap(), named);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
