@@ -77,35 +77,47 @@ impl QDense {
     pub(crate) fn forward(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
         let (k, kp, n) = (self.inputs, self.padded, self.outputs);
         debug_assert_eq!(x.len(), tokens * k);
-        let mut quantized = vec![0u8; tokens * kp];
-        let mut row_scales = vec![(0f32, 0f32); tokens];
-        quantized.par_chunks_mut(kp).zip(x.par_chunks(k)).zip(row_scales.par_iter_mut()).for_each(
-            |((q, x), scale)| {
-                *scale = quantize_row(x, &mut q[..k]);
-            },
-        );
-        out.clear();
-        out.resize(tokens * n, 0.0);
-        let vnni = has_vnni();
-        out.par_chunks_mut(ROWS * n)
-            .zip(quantized.par_chunks(ROWS * kp))
-            .zip(row_scales.par_chunks(ROWS))
-            .for_each(|((out, q), a)| {
-                let rows = a.len();
-                for first in (0..n / BLOCK).step_by(BLOCKS) {
-                    let blocks = BLOCKS.min(n / BLOCK - first);
-                    let tile = Tile { layer: self, q, a, rows, first, blocks };
-                    #[cfg(target_arch = "x86_64")]
-                    if vnni {
-                        // SAFETY: the CPU has AVX-512 F/BW and VNNI (`has_vnni`).
-                        unsafe { vnni::tile(&tile, out) };
-                        continue;
+        // The caller's buffers are reused across layers and batches, and every element
+        // is written before it is read: grown (or shrunk), never cleared.
+        QUANTIZED.with_borrow_mut(|(quantized, row_scales)| {
+            quantized.resize(tokens * kp, 0);
+            row_scales.resize(tokens, (0.0, 0.0));
+            quantized.par_chunks_mut(kp).zip(x.par_chunks(k)).zip(row_scales.par_iter_mut()).for_each(
+                |((q, x), scale)| {
+                    *scale = quantize_row(x, &mut q[..k]);
+                },
+            );
+            out.truncate(tokens * n);
+            out.resize(tokens * n, 0.0);
+            let vnni = has_vnni();
+            out.par_chunks_mut(ROWS * n)
+                .zip(quantized.par_chunks(ROWS * kp))
+                .zip(row_scales.par_chunks(ROWS))
+                .for_each(|((out, q), a)| {
+                    let rows = a.len();
+                    for first in (0..n / BLOCK).step_by(BLOCKS) {
+                        let blocks = BLOCKS.min(n / BLOCK - first);
+                        let tile = Tile { layer: self, q, a, rows, first, blocks };
+                        #[cfg(target_arch = "x86_64")]
+                        if vnni {
+                            // SAFETY: the CPU has AVX-512 F/BW and VNNI (`has_vnni`).
+                            unsafe { vnni::tile(&tile, out) };
+                            continue;
+                        }
+                        let _ = vnni;
+                        tile.plain(out);
                     }
-                    let _ = vnni;
-                    tile.plain(out);
-                }
-            });
+                });
+        });
     }
+}
+
+/// Quantized rows and each row's (scale, lo).
+type Rows = (Vec<u8>, Vec<(f32, f32)>);
+
+thread_local! {
+    /// The calling thread's quantized rows, kept between calls.
+    static QUANTIZED: std::cell::RefCell<Rows> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Rows `q` (quantized; `a` their (scale, lo)) times column blocks
