@@ -7,7 +7,7 @@
 mod support;
 
 use kiln::Optimizer;
-use support::{cosine, minilm_config, reference};
+use support::{cosine, cosines_to, minilm_config, reference};
 
 #[tokio::test]
 async fn every_fixture_text_matches_with_cosine_at_least_0_9999() {
@@ -81,12 +81,10 @@ async fn int8_on_cpu_stays_within_cosine_0_99_whatever_the_batch() {
         let sets = ["model.quantization=\"int8\"", &format!("batching.max_batch_size={batch}")];
         let optimizer = Optimizer::from_config(minilm_config(&sets)).await.unwrap();
         let ours = optimizer.embed(&reference.texts).await.unwrap();
-        let cosines: Vec<f64> = ours.iter().zip(&reference.embeddings).map(|(a, b)| cosine(a, b)).collect();
+        let (cosines, worst, mean) = cosines_to(&ours, &reference);
         for (text, c) in reference.texts.iter().zip(&cosines) {
             assert!(*c >= 0.99, "int8, batch {batch}: cosine {c:.6} for {text:?}");
         }
-        let worst = cosines.iter().copied().fold(1.0, f64::min);
-        let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
         eprintln!(
             "int8 on cpu, batch {batch}: cosine against sentence-transformers f32 worst {worst:.6}, mean {mean:.6}"
         );

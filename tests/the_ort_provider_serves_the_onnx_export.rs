@@ -6,7 +6,7 @@
 mod support;
 
 use kiln::{DType, Error, Inputs, Optimizer};
-use support::{bert_inputs, cosine, minilm_config, ones, reference, root};
+use support::{bert_inputs, cosine, cosines_to, minilm_config, ones, reference, root};
 
 fn onnx_dir() -> String {
     let dir = root().join(".kiln/models/all-MiniLM-L6-v2-onnx");
@@ -94,12 +94,10 @@ async fn int8_embeddings_stay_within_cosine_0_98_of_sentence_transformers() {
     let reference = reference();
     let int8 = Optimizer::from_config(ort_config(&["model.quantization=\"int8\""])).await.unwrap();
     let vectors = int8.embed(&reference.texts).await.unwrap();
-    let cosines: Vec<f64> = vectors.iter().zip(&reference.embeddings).map(|(x, r)| cosine(x, r)).collect();
+    let (cosines, worst, mean) = cosines_to(&vectors, &reference);
     for (text, c) in reference.texts.iter().zip(&cosines) {
         assert!(*c >= 0.98, "int8 vs sentence-transformers: cosine {c:.6} for {text:?}");
     }
-    let worst = cosines.iter().copied().fold(1.0f64, f64::min);
-    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
     eprintln!("ort int8 against sentence-transformers f32: worst cosine {worst:.6}, mean {mean:.6}");
     assert!(worst < 0.9999, "the int8 graph ran (cosines equal to f32's: {worst})");
     int8.shutdown().await.unwrap();

@@ -34,6 +34,14 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// Cosine of each vector of `ours` to the reference's, with the worst and the mean.
+pub fn cosines_to(ours: &[Vec<f32>], reference: &Reference) -> (Vec<f64>, f64, f64) {
+    let cosines: Vec<f64> = ours.iter().zip(&reference.embeddings).map(|(a, b)| cosine(a, b)).collect();
+    let worst = cosines.iter().copied().fold(1.0, f64::min);
+    let mean = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
+    (cosines, worst, mean)
+}
+
 /// The sentence-transformers reference: texts and their embeddings.
 pub struct Reference {
     pub texts: Vec<String>,
