@@ -603,6 +603,18 @@ impl KilnConfig {
                 let e = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
                 return Err(Error::io("reading config", file, e));
             }
+            // Parsed once here, so a syntax error is one issue naming the file rather than
+            // the same error from every section figment extracts.
+            let text = std::fs::read_to_string(file).map_err(|e| Error::io("reading config", file, e))?;
+            if let Err(e) = toml::from_str::<toml::Table>(&text) {
+                let mut issue = ConfigIssue::new(
+                    "(config)",
+                    format!("TOML that does not parse: {}", e.to_string().trim_end()),
+                    "valid TOML (see docs/config.md)",
+                );
+                issue.origin = Some(file.display().to_string());
+                return Err(Error::Config(vec![issue]));
+            }
             figment = figment.merge(Toml::file_exact(file));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_IGNORED));
@@ -780,7 +792,10 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         "tracking",
         "trackers",
     ];
-    if let Ok(top) = figment.data() {
+    // A source that does not parse (a TOML syntax error) fails every section alike:
+    // report it once, not once per section.
+    let top = figment.data().map_err(|e| Error::Config(config_issues(e, "")))?;
+    {
         for (key, value) in top.get(&Profile::Default).into_iter().flatten() {
             if !known.contains(&key.as_str()) {
                 let mut issue =
@@ -967,6 +982,21 @@ mod tests {
         );
         assert!(c.model.gpu_ids.is_empty());
         c.validate().unwrap();
+    }
+
+    /// A file that is not TOML is one error, with the parse error and the file — not
+    /// one per config section (issue 17: it was printed 14 times).
+    #[test]
+    fn a_file_that_does_not_parse_is_reported_once() {
+        Jail::expect_with(|jail| {
+            let Err(Error::Config(issues)) = load_in(jail, "[model\npath = \"x\"\n", &[]) else {
+                panic!("a malformed file must be a config error");
+            };
+            assert_eq!(issues.len(), 1, "{issues:?}");
+            let text = issues[0].to_string();
+            assert!(text.contains("line 1") && text.contains("kiln.toml"), "{text}");
+            Ok(())
+        });
     }
 
     #[test]
