@@ -331,9 +331,12 @@ mod tests {
 
     #[test]
     fn tracker_is_object_safe_and_boxes_fan_out() {
-        let mut set: Vec<Box<dyn Tracker>> = vec![Box::new(Count::default()), Box::new(None::<Count>)];
+        let count = Count::default();
+        let mut set: Vec<Box<dyn Tracker>> = vec![Box::new(count.clone()), Box::new(None::<Count>)];
         set.log_metrics(0, &Metrics::new()).unwrap();
+        set.log_metrics(1, &Metrics::new()).unwrap();
         set.finish().unwrap();
+        assert_eq!(count.0.load(Ordering::Relaxed), 2, "every step reached the boxed member");
     }
 
     #[test]
