@@ -184,7 +184,13 @@ async fn a_deadline_fires_and_the_next_request_is_served() {
     .unwrap();
     let err = optimizer.embed(&["slow".to_string()]).await.unwrap_err();
     assert!(matches!(err, Error::Timeout { after_ms: 100 }), "{err}");
-    tokio::time::sleep(Duration::from_millis(500)).await; // the slow run finishes
+    // The slow run goes on after its caller gave up; wait (polling, with a deadline)
+    // until it has finished, so the next request is not queued behind it.
+    let started = std::time::Instant::now();
+    while optimizer.stats().batches < 1 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the slow run never finished");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(optimizer.embed(&["fast".to_string()]).await.unwrap()[0].len(), 32);
     let stats = optimizer.stats();
     assert_eq!((stats.timeouts, stats.errors.get("timeout")), (1, Some(&1)));
