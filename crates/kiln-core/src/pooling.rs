@@ -68,31 +68,47 @@ pub fn pool_tokens(
         let rows = (0..sequence)
             .filter(|&s| mask[b * sequence + s] != 0)
             .map(|s| &values[(b * sequence + s) * hidden..][..hidden]);
-        match head.pooling {
-            Pooling::Cls => v.copy_from_slice(&values[b * sequence * hidden..][..hidden]),
-            Pooling::Mean | Pooling::MeanSqrtLen => {
-                let mut count = 0f32;
-                for row in rows {
-                    v.iter_mut().zip(row).for_each(|(s, x)| *s += x);
-                    count += 1.0;
-                }
-                let div =
-                    if head.pooling == Pooling::Mean { count.max(1e-9) } else { count.max(1e-9).sqrt() };
-                v.iter_mut().for_each(|s| *s /= div);
-            }
-            Pooling::Max => {
-                v.fill(f32::NEG_INFINITY);
-                for row in rows {
-                    v.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
-                }
-                v.iter_mut().filter(|m| m.is_infinite()).for_each(|m| *m = 0.0);
-            }
-        }
-        if head.normalize {
-            normalize(v);
-        }
+        pool_rows(rows, Some(&values[b * sequence * hidden..][..hidden]), head, v);
     }
     out
+}
+
+/// Pools one text into `out`: `rows` are its real tokens' vectors, `first` the vector
+/// at position 0 (CLS pooling takes it; `None` gives zeros). The arithmetic of
+/// [`pool_tokens`], for callers that hold real tokens without padding.
+pub fn pool_rows<'a>(
+    rows: impl Iterator<Item = &'a [f32]>,
+    first: Option<&[f32]>,
+    head: EmbeddingHead,
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    match head.pooling {
+        Pooling::Cls => {
+            if let Some(first) = first {
+                out.copy_from_slice(first);
+            }
+        }
+        Pooling::Mean | Pooling::MeanSqrtLen => {
+            let mut count = 0f32;
+            for row in rows {
+                out.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                count += 1.0;
+            }
+            let div = if head.pooling == Pooling::Mean { count.max(1e-9) } else { count.max(1e-9).sqrt() };
+            out.iter_mut().for_each(|s| *s /= div);
+        }
+        Pooling::Max => {
+            out.fill(f32::NEG_INFINITY);
+            for row in rows {
+                out.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
+            }
+            out.iter_mut().filter(|m| m.is_infinite()).for_each(|m| *m = 0.0);
+        }
+    }
+    if head.normalize {
+        normalize(out);
+    }
 }
 
 /// L2-normalises `v` in place, dividing by max(norm, 1e-12).

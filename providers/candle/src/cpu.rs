@@ -31,7 +31,7 @@
 
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config as BertConfig, HiddenAct, PositionEmbeddingType};
-use kiln_core::{EmbeddingHead, Error, Pooling, Result};
+use kiln_core::{EmbeddingHead, Error, Result, pool_rows};
 use rayon::prelude::*;
 
 /// Why the CPU path does not take a config (the provider then runs candle's graph).
@@ -274,45 +274,16 @@ impl Packed {
         out
     }
 
-    /// The embedding head: `[batch, hidden]`, with the arithmetic of
-    /// [`kiln_core::pool_tokens`]; a text with no real token pools to zeros, and CLS
-    /// pooling of a text whose first position is padding too.
+    /// The embedding head: `[batch, hidden]`, by [`kiln_core::pool_rows`] over each
+    /// text's real tokens; CLS pooling of a text whose first position is padding gives
+    /// zeros (it has no CLS token here).
     pub(crate) fn pooled(&self, head: EmbeddingHead) -> Vec<f32> {
         let w = self.width;
         let mut out = vec![0f32; self.batch * w];
         for (b, (row, &(start, len))) in out.chunks_exact_mut(w).zip(&self.rows).enumerate() {
             let tokens = &self.hidden[start * w..(start + len) * w];
-            match head.pooling {
-                Pooling::Cls => {
-                    if len > 0 && self.places[start] == b * self.sequence {
-                        row.copy_from_slice(&tokens[..w]);
-                    }
-                }
-                Pooling::Mean | Pooling::MeanSqrtLen => {
-                    for token in tokens.chunks_exact(w) {
-                        for (r, t) in row.iter_mut().zip(token) {
-                            *r += t;
-                        }
-                    }
-                    let count = (len as f32).max(1e-9);
-                    let count = if head.pooling == Pooling::Mean { count } else { count.sqrt() };
-                    row.iter_mut().for_each(|r| *r /= count);
-                }
-                Pooling::Max => {
-                    if len > 0 {
-                        row.fill(f32::MIN);
-                        for token in tokens.chunks_exact(w) {
-                            for (r, &t) in row.iter_mut().zip(token) {
-                                *r = r.max(t);
-                            }
-                        }
-                    }
-                }
-            }
-            if head.normalize {
-                let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                row.iter_mut().for_each(|v| *v /= norm);
-            }
+            let first = (len > 0 && self.places[start] == b * self.sequence).then(|| &tokens[..w]);
+            pool_rows(tokens.chunks_exact(w), first, head, row);
         }
         out
     }
