@@ -269,27 +269,30 @@ impl Provider for CandleProvider {
         let config: BertConfig = serde_json::from_slice(&config_text)
             .map_err(|e| Error::model_load_with(&config_path, "not a BERT config", e))?;
         let files = weight_files(dir)?;
-        let weight_bytes = weight_bytes(&files, spec.dtype, spec.quantization == Quantization::Int8)?;
+        let int8 = spec.quantization == Quantization::Int8;
+        let weight_bytes = weight_bytes(&files, spec.dtype, int8)?;
 
         // SAFETY: the files are memory-mapped read-only; kiln does not modify model files
         // while they are loaded, and candle copies what it converts.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device) }
             .map_err(|e| Error::model_load_with(dir, "cannot read weights", e))?;
         let mismatch = |e| Error::model_load_with(dir, "weights do not match a BERT model", e);
-        let int8 = spec.quantization == Quantization::Int8;
-        let packed = self.options.cpu_kernels
-            && spec.device == Device::Cpu
-            && spec.dtype == DType::F32
-            && cpu::unsupported(&config).is_none();
-        if int8 && !packed {
-            let why = cpu::unsupported(&config).unwrap_or("provider.options.cpu_kernels = false");
+        // Why the packed CPU kernels do not take this load, if they do not.
+        let not_packed = if spec.device != Device::Cpu || spec.dtype != DType::F32 {
+            Some("they run f32 on the cpu")
+        } else if !self.options.cpu_kernels {
+            Some("provider.options.cpu_kernels = false")
+        } else {
+            cpu::unsupported(&config)
+        };
+        if let (true, Some(why)) = (int8, not_packed) {
             return Err(Error::Unsupported(format!(
                 "provider `candle` runs int8 (model.quantization) with its CPU kernels only: device cpu, dtype f32, \
                  cpu_kernels on, a BERT with exact gelu; not {} {} ({why})",
                 spec.device, spec.dtype
             )));
         }
-        let model = if packed {
+        let model = if not_packed.is_none() {
             Graph::Cpu(cpu::CpuBert::load(&vb, &config, int8).map_err(mismatch)?)
         } else {
             Graph::Candle(Bert::load(vb, &config, dtype).map_err(mismatch)?)
@@ -426,9 +429,7 @@ impl BertEncoder {
         let t = inputs.require(name)?;
         CTensor::from_vec(t.to_vec::<i64>()?, t.shape(), &self.device).map_err(backend)
     }
-}
 
-impl BertEncoder {
     fn run_packed(&self, model: &cpu::CpuBert, inputs: &Inputs) -> Result<Outputs> {
         let ids = inputs.require("input_ids")?;
         let &[batch, sequence] = ids.shape() else {
@@ -587,13 +588,27 @@ mod tests {
         assert!(err.contains("f32, f16 or bf16, not i64"), "{err}");
     }
 
+    fn minilm_dir() -> PathBuf {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/all-MiniLM-L6-v2");
+        assert!(dir.join("model.safetensors").is_file(), "{} is missing: run scripts/setup", dir.display());
+        dir
+    }
+
+    /// BERT inputs of `[batch, sequence]` with token types 0.
+    fn bert_inputs(batch: usize, sequence: usize, ids: &[i64], mask: &[i64]) -> Inputs {
+        let tensor = |values: Vec<i64>| Tensor::from_vec(vec![batch, sequence], values).unwrap();
+        Inputs::new()
+            .with("input_ids", tensor(ids.to_vec()))
+            .with("attention_mask", tensor(mask.to_vec()))
+            .with("token_type_ids", tensor(vec![0; batch * sequence]))
+    }
+
     /// The packed CPU kernels against candle-transformers' graph on the same weights:
     /// token outputs at every real position (rows right-padded, left-padded and with a
     /// hole), zeros at padded ones, and every pooling on right-padded rows.
     #[test]
     fn packed_cpu_kernels_match_candles_graph() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/all-MiniLM-L6-v2");
-        assert!(dir.join("model.safetensors").is_file(), "{} is missing: run scripts/setup", dir.display());
+        let dir = minilm_dir();
         let provider = |cpu_kernels| CandleProvider { options: CandleOptions { cpu_kernels } };
         let run = |cpu_kernels: bool, spec: &ModelSpec, inputs: &Inputs| {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
@@ -611,15 +626,7 @@ mod tests {
             0, 0, 1, 1, 1, 1, 1,
             1, 1, 0, 1, 1, 0, 0,
         ];
-        let inputs = |mask: &[i64]| {
-            Inputs::new()
-                .with("input_ids", Tensor::from_vec(vec![batch, sequence], ids.clone()).unwrap())
-                .with("attention_mask", Tensor::from_vec(vec![batch, sequence], mask.to_vec()).unwrap())
-                .with(
-                    "token_type_ids",
-                    Tensor::from_vec(vec![batch, sequence], vec![0i64; ids.len()]).unwrap(),
-                )
-        };
+        let inputs = |mask: &[i64]| bert_inputs(batch, sequence, &ids, mask);
         let spec = ModelSpec::new(&dir, Device::Cpu, DType::F32);
         let (packed, graph) = (run(true, &spec, &inputs(&mask)), run(false, &spec, &inputs(&mask)));
         for (place, (p, g)) in packed.chunks(hidden).zip(graph.chunks(hidden)).enumerate() {
@@ -648,8 +655,7 @@ mod tests {
     /// refusal naming the conditions off the CPU kernels.
     #[test]
     fn int8_runs_quantized_layers_close_to_f32() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/all-MiniLM-L6-v2");
-        assert!(dir.join("model.safetensors").is_file(), "{} is missing: run scripts/setup", dir.display());
+        let dir = minilm_dir();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let head = EmbeddingHead { pooling: Pooling::Mean, normalize: true };
         let spec = ModelSpec::new(&dir, Device::Cpu, DType::F32).with_head(head);
@@ -661,13 +667,7 @@ mod tests {
         let ids: Vec<i64> = (0..batch * sequence).map(|i| 2000 + (i as i64 * 7919) % 20000).collect();
         let mask: Vec<i64> =
             (0..batch * sequence).map(|i| i64::from(i % sequence < 5 + 17 * (i / sequence))).collect();
-        let inputs = Inputs::new()
-            .with("input_ids", Tensor::from_vec(vec![batch, sequence], ids).unwrap())
-            .with("attention_mask", Tensor::from_vec(vec![batch, sequence], mask).unwrap())
-            .with(
-                "token_type_ids",
-                Tensor::from_vec(vec![batch, sequence], vec![0i64; batch * sequence]).unwrap(),
-            );
+        let inputs = bert_inputs(batch, sequence, &ids, &mask);
         let run = |m: &Arc<dyn Model>| {
             m.run(&inputs).unwrap().require(SENTENCE_EMBEDDING).unwrap().to_f32_vec().unwrap()
         };
