@@ -393,7 +393,7 @@ async fn length_sorted(
     window: Range<usize>,
 ) -> Result<Vec<usize>> {
     let texts: Vec<String> = records[window.clone()].iter().map(|r| r.text.clone()).collect();
-    let lengths = optimizer.token_lengths(&texts).await?;
+    let lengths = optimizer.token_lengths(texts).await?;
     let start = window.start;
     let mut order: Vec<usize> = window.collect();
     order.sort_by_key(|&i| std::cmp::Reverse(lengths[i - start]));

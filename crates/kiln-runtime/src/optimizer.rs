@@ -285,15 +285,19 @@ impl Optimizer {
     /// Tokens each text becomes (special tokens included, after truncation to the
     /// model's maximum), from the tokenizer pool, without running the model: what a
     /// caller that orders texts by length (as `kiln run` does, to pad less) sorts by.
-    pub async fn token_lengths(&self, texts: &[String]) -> Result<Vec<usize>> {
-        let text = self.text.as_ref().ok_or_else(|| {
+    pub async fn token_lengths(&self, texts: Vec<String>) -> Result<Vec<usize>> {
+        let rows = self.text_path("token_lengths")?.tokenizers.encode(texts).await?;
+        Ok(rows.iter().map(|r| r.len()).collect())
+    }
+
+    /// The text path, which only the embed task has; `what` names the call refused.
+    fn text_path(&self, what: &str) -> Result<&TextPath> {
+        self.text.as_ref().ok_or_else(|| {
             Error::Unsupported(format!(
-                "token_lengths needs task = \"embed\"; this optimizer runs {:?}",
+                "{what} needs task = \"embed\"; this optimizer runs {:?}",
                 self.config.task
             ))
-        })?;
-        let rows = text.tokenizers.encode(texts.to_vec()).await?;
-        Ok(rows.iter().map(|r| r.len()).collect())
+        })
     }
 
     /// What every public call gets: a `request` span, the request count, the
@@ -319,12 +323,7 @@ impl Optimizer {
     }
 
     async fn embed_inner(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        let text = self.text.as_ref().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "embed needs task = \"embed\"; this optimizer runs {:?}",
-                self.config.task
-            ))
-        })?;
+        let text = self.text_path("embed")?;
         let mut out: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         let mut todo: Vec<usize> = (0..texts.len()).collect();
         // A pass leaves only texts whose leader (another call) gave up; they go again.
