@@ -73,3 +73,19 @@ pub fn bert_inputs(ids: kiln::Tensor) -> kiln::Inputs {
         .with("attention_mask", ones(kiln::DType::I64, shape.clone()))
         .with("token_type_ids", ones(kiln::DType::I64, shape))
 }
+
+/// Polls `check` every 10 ms until it returns `Ok`, for at most `within`; `Err` carries
+/// what is still missing, which the failure reports. Tests wait for a condition this
+/// way, never for a fixed time.
+pub async fn eventually<T>(within: std::time::Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(missing) => {
+                assert!(started.elapsed() < within, "still not the case after {within:?}: {missing}")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
