@@ -167,7 +167,7 @@ fn quantize_row_generic(x: &[f32], q: &mut [u8]) -> (f32, f32) {
     // Adding 1.5·2²³ rounds to the nearest integer and leaves it (0..=255) in the low
     // mantissa byte: no float-to-int conversion, which the compiler would not vectorise.
     const ROUND: f32 = 12_582_912.0;
-    let (lo, hi) = super::min_max(x);
+    let (lo, hi) = super::kernels::min_max(x);
     let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
     let inv = 1.0 / scale;
     for (q, v) in q.iter_mut().zip(x) {

@@ -1,0 +1,241 @@
+//! The vector kernels of the packed CPU path: exp, erf-GELU, softmax and LayerNorm,
+//! written so the compiler vectorises them, and `dispatch!`, which builds each for
+//! AVX-512, AVX2+FMA and the baseline and picks one at run time.
+
+/// Runs `$generic` compiled for AVX-512 or AVX2+FMA when the CPU has them, else for
+/// the baseline.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident => $generic:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+dispatch!(
+    /// Exact GELU in place: `x/2 (1 + erf(x/√2))`.
+    pub(super) fn gelu => gelu_generic(x: &mut [f32])
+);
+dispatch!(
+    /// Softmax of one row in place.
+    pub(super) fn softmax => softmax_generic(x: &mut [f32])
+);
+dispatch!(
+    /// One row of `LayerNorm(x + residual)`, into `x`.
+    pub(super) fn add_norm => add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32)
+);
+
+const LANES: usize = 16;
+
+/// Sum with independent lanes, which the compiler keeps in vector registers (a plain
+/// float sum is a serial chain it may not reorder).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The smallest and largest value, with independent lanes (see [`sum`]).
+#[inline(always)]
+pub(super) fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let tail =
+        chunks.remainder().iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    for c in chunks {
+        for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
+            *l = if v < *l { v } else { *l };
+            *h = if v > *h { v } else { *h };
+        }
+    }
+    (lo.iter().fold(tail.0, |m, &v| m.min(v)), hi.iter().fold(tail.1, |m, &v| m.max(v)))
+}
+
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// `e^x` for x in [-87, 88] (clamped), relative error ≈ 2e-7: `x = n ln2 + r`,
+/// `e^r` by its Taylor series to r⁷ (|r| ≤ ln2/2), `2^n` built in the exponent bits.
+/// n is rounded by adding 1.5·2²³, which leaves it in the low mantissa bits: unlike
+/// `as i32` (saturating, NaN-checked), that stays in vector registers.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    let n = t.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n.wrapping_add(127) << 23)
+}
+
+/// erf by Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7 in exact arithmetic, < 1e-6 in f32.
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let p = 1.061_405_4;
+    let p = p * t - 1.453_152_1;
+    let p = p * t + 1.421_413_8;
+    let p = p * t - 0.284_496_74;
+    let p = p * t + 0.254_829_6;
+    let y = 1.0 - p * t * exp(-a * a);
+    y.copysign(x)
+}
+
+#[inline(always)]
+fn gelu_generic(x: &mut [f32]) {
+    for v in x {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+#[inline(always)]
+fn softmax_generic(x: &mut [f32]) {
+    let m = max(x);
+    for v in x.iter_mut() {
+        *v = exp(*v - m);
+    }
+    let inv = 1.0 / sum(x);
+    for v in x {
+        *v *= inv;
+    }
+}
+
+#[inline(always)]
+fn add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    for (v, r) in x.iter_mut().zip(residual) {
+        *v += r;
+    }
+    let n = x.len() as f32;
+    let mean = sum(x) / n;
+    let mut sq = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+    for c in chunks {
+        for (a, v) in sq.iter_mut().zip(c) {
+            *a += (v - mean) * (v - mean);
+        }
+    }
+    let var = (sq.iter().sum::<f32>() + tail) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, g), b) in x.iter_mut().zip(gamma).zip(beta) {
+        *v = (*v - mean) * inv * g + b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_erf_are_accurate_over_their_range() {
+        let mut worst_exp = 0f64;
+        let mut worst_erf = 0f64;
+        for i in -80_000..=80_000 {
+            let x = i as f32 * 1e-3;
+            let e = f64::from(x).exp();
+            worst_exp = worst_exp.max(((f64::from(exp(x)) - e) / e).abs());
+            let x = i as f32 * 1e-4;
+            worst_erf = worst_erf.max((f64::from(erf(x)) - erf_reference(f64::from(x))).abs());
+        }
+        assert!(worst_exp < 5e-7, "exp: relative error {worst_exp:e}");
+        assert!(worst_erf < 1e-6, "erf: error {worst_erf:e}");
+    }
+
+    /// erf by its Taylor series (x small) or continued fraction, in f64.
+    fn erf_reference(x: f64) -> f64 {
+        let a = x.abs();
+        let y = if a < 3.0 {
+            let (mut term, mut total, mut n) = (a, a, 0.0);
+            while term.abs() > 1e-17 {
+                n += 1.0;
+                term *= -a * a / n;
+                total += term / (2.0 * n + 1.0);
+            }
+            total * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            let mut f = 0.0;
+            for k in (1..60).rev() {
+                f = f64::from(k) / 2.0 / (a + f);
+            }
+            1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f)
+        };
+        y.copysign(x)
+    }
+
+    #[test]
+    fn softmax_and_layer_norm_match_their_definitions() {
+        let mut x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.7).sin() * 5.0).collect();
+        let expected: Vec<f64> = {
+            let m = x.iter().fold(f64::MIN, |m, &v| m.max(f64::from(v)));
+            let e: Vec<f64> = x.iter().map(|&v| (f64::from(v) - m).exp()).collect();
+            let s: f64 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        softmax(&mut x);
+        for (a, b) in x.iter().zip(&expected) {
+            assert!((f64::from(*a) - b).abs() < 1e-7, "{a} vs {b}");
+        }
+
+        let mut x: Vec<f32> = (0..35).map(|i| i as f32 * 0.3 - 2.0).collect();
+        let r: Vec<f32> = (0..35).map(|i| (i as f32).cos()).collect();
+        let g: Vec<f32> = (0..35).map(|i| 1.0 + i as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..35).map(|i| i as f32 * -0.02).collect();
+        let v: Vec<f64> = x.iter().zip(&r).map(|(a, b)| f64::from(a + b)).collect();
+        let mean = v.iter().sum::<f64>() / 35.0;
+        let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / 35.0;
+        add_norm(&mut x, &r, &g, &b, 1e-12);
+        for i in 0..35 {
+            let want = (v[i] - mean) / var.sqrt() * f64::from(g[i]) + f64::from(b[i]);
+            assert!((f64::from(x[i]) - want).abs() < 1e-5, "{i}: {} vs {want}", x[i]);
+        }
+    }
+}
