@@ -13,7 +13,8 @@
 #    pooling + L2 on pre-tokenized batches of 256 of the same 8192 texts, and kiln's
 #    TorchScript trace run the same way from Python;
 # 4. `kiln bench`, tch f16 on cuda:0, 1024 concurrent single-text callers, cache off,
-#    the texts cycled to 32 768 requests: as configured below, profiled, and variants;
+#    the texts cycled to 32 768 requests: as configured below, profiled, without
+#    overlapped batches, and (VARIANTS=1) executor and batching variants;
 #    candle on CUDA the same way when kiln-cuda.xz was carried.
 bins=(kiln-tch)
 [ -f .device/kiln-cuda.xz ] && bins+=(kiln-cuda)
@@ -57,13 +58,17 @@ bench() { # BIN CONFIG MODEL JSON EXTRA_ARGS...
 tch() { local json="$1"; shift; bench "$kiln" examples/embed-tch.toml "$work/minilm-tch" "$json" --requests "${REQUESTS:-32768}" "$@"; }
 tch tch_f16.json
 tch tch_f16_profiled.json --profile "$out/profile_tch.json"
-tch tch_f16_noprofiling.json --set provider.options.jit_profiling=false
-# Every batch at its own shape, no warm-up: as before shape buckets.
-tch tch_f16_unbucketed.json --set batching.batch_multiple=1 --set batching.sequence_multiple=1 \
-    --set batching.warmup=false
-tch tch_f16_nooptimize.json --set provider.options.jit_optimize=false
-# Two replicas of the model on the one GPU: two batches on the device at a time.
-tch tch_f16_replicas.json --set 'model.gpu_ids=[0, 0]'
+# Each batch waited for on the model thread, as before batches overlapped.
+tch tch_f16_nooverlap.json --set provider.options.overlap_batches=false
+if [ -n "${VARIANTS:-}" ]; then
+    tch tch_f16_noprofiling.json --set provider.options.jit_profiling=false
+    # Every batch at its own shape, no warm-up: as before shape buckets.
+    tch tch_f16_unbucketed.json --set batching.batch_multiple=1 --set batching.sequence_multiple=1 \
+        --set batching.warmup=false
+    tch tch_f16_nooptimize.json --set provider.options.jit_optimize=false
+    # Two replicas of the model on the one GPU.
+    tch tch_f16_replicas.json --set 'model.gpu_ids=[0, 0]'
+fi
 # Four times as long: steady state.
 REQUESTS=131072 tch tch_f16_long.json --profile "$out/profile_tch_long.json"
 jsons=("$out"/tch_f16*.json)

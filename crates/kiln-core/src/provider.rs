@@ -90,6 +90,57 @@ pub trait Model: Send + Sync + 'static {
 
     /// Runs one batch. Blocking: the runtime calls it from its own worker thread.
     fn run(&self, inputs: &Inputs) -> Result<Outputs>;
+
+    /// Starts one batch and returns before its outputs are ready, where the backend
+    /// can: a GPU provider queues the batch's copies and kernels and returns a
+    /// [`Pending`] that waits for the result. The runtime waits on it from another
+    /// thread and meanwhile starts the next batch, so the device never idles between
+    /// batches while the host copies a result back and launches the next one's work.
+    ///
+    /// Errors the inputs cause should come from here, not from [`Pending::wait`]: a
+    /// shared batch that fails is retried item by item so only the culprit fails.
+    /// The default runs the batch ([`run`](Self::run)) and returns its outputs ready.
+    fn start(&self, inputs: &Inputs) -> Result<Pending> {
+        self.run(inputs).map(Pending::ready)
+    }
+}
+
+/// A batch [`Model::start`]ed: its outputs, now or once the device is done.
+pub struct Pending(PendingState);
+
+enum PendingState {
+    Ready(Outputs),
+    Later(Box<dyn FnOnce() -> Result<Outputs> + Send>),
+}
+
+impl Pending {
+    /// Outputs that are already there.
+    pub fn ready(outputs: Outputs) -> Self {
+        Pending(PendingState::Ready(outputs))
+    }
+
+    /// Outputs that `wait` will produce, blocking until the device has them. It runs
+    /// on another thread than the one that started the batch.
+    pub fn later(wait: impl FnOnce() -> Result<Outputs> + Send + 'static) -> Self {
+        Pending(PendingState::Later(Box::new(wait)))
+    }
+
+    /// Blocks until the outputs are there.
+    pub fn wait(self) -> Result<Outputs> {
+        match self.0 {
+            PendingState::Ready(outputs) => Ok(outputs),
+            PendingState::Later(wait) => wait(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            PendingState::Ready(_) => "Pending(ready)",
+            PendingState::Later(_) => "Pending(on the device)",
+        })
+    }
 }
 
 /// What to load: where from, on which device, at which precision.

@@ -7,9 +7,12 @@
 //! waited `max_wait`; then the oldest goes with the waiting items closest to it in
 //! length (so short texts are not padded to a long one's length), as many as
 //! `max_batch_size` and `max_batch_tokens` allow, and they are collated — the one
-//! place a batch is padded. The batch goes to the model thread through a one-slot
-//! channel, so it is formed while the previous batch runs. Whole batches pass through
-//! in order.
+//! place a batch is padded. A batch closes only when the model thread says it is ready
+//! for one ([`Message::Ready`], through the same queue): while the model is busy, the
+//! batch that is due keeps gathering the items that arrive (up to `max_batch_size`),
+//! rather than being frozen and waiting in a slot — under load, batches are fuller
+//! and items wait less. It goes to the model thread through a one-slot channel. Whole
+//! batches pass through in order.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -33,6 +36,8 @@ pub(crate) struct Item {
 pub(crate) enum Message {
     Item(Item),
     Whole(Whole),
+    /// From the model thread: nothing is waiting for it; it is ready for a batch.
+    Ready,
 }
 
 /// A whole batch, run as given; a warm-up run is neither counted nor timed as a
@@ -61,12 +66,12 @@ pub(crate) struct Batcher {
 
 impl Batcher {
     pub fn serve(self, inbox: flume::Receiver<Message>, jobs: flume::Sender<Job>) {
-        let mut pending: Vec<Item> = Vec::new();
+        let mut state = State { pending: Vec::new(), model_ready: false };
         loop {
-            if pending.is_empty() {
+            if state.pending.is_empty() {
                 match inbox.recv() {
                     Ok(message) => {
-                        if !self.accept(message, &mut pending, &jobs) {
+                        if !self.accept(message, &mut state, &jobs) {
                             return;
                         }
                     }
@@ -74,39 +79,54 @@ impl Batcher {
                 }
                 continue;
             }
-            // Wait for a full batch or for the oldest item's deadline.
-            let deadline = pending[0].enqueued + self.policy.max_wait;
-            while pending.len() < self.policy.max_batch_size {
-                let now = Instant::now();
-                if now >= deadline {
+            // Gather until the batch is due — full, or the oldest item's deadline has
+            // passed — and the model thread is ready for it.
+            let deadline = state.pending[0].enqueued + self.policy.max_wait;
+            loop {
+                let due = state.pending.len() >= self.policy.max_batch_size || Instant::now() >= deadline;
+                if due && state.model_ready {
                     break;
                 }
-                match inbox.recv_timeout(deadline - now) {
-                    Ok(message) => {
-                        if !self.accept(message, &mut pending, &jobs) {
+                let received = if due {
+                    inbox.recv().ok()
+                } else {
+                    match inbox.recv_deadline(deadline) {
+                        Ok(message) => Some(message),
+                        Err(flume::RecvTimeoutError::Timeout) => continue,
+                        Err(flume::RecvTimeoutError::Disconnected) => None,
+                    }
+                };
+                match received {
+                    Some(message) => {
+                        if !self.accept(message, &mut state, &jobs) {
                             return;
                         }
                     }
-                    Err(_) => break, // timed out, or closed: run what is pending
+                    // Closed and drained: no word will come from the model thread.
+                    None => state.model_ready = true,
                 }
             }
             // Whatever else is already queued joins the pool the batch is chosen from.
-            let window = self.policy.max_batch_size * 4;
-            while pending.len() < window {
+            while state.pending.len() < self.policy.max_batch_size * 4 {
                 match inbox.try_recv() {
                     Ok(message) => {
-                        if !self.accept(message, &mut pending, &jobs) {
+                        if !self.accept(message, &mut state, &jobs) {
                             return;
                         }
                     }
                     Err(_) => break,
                 }
             }
-            pending.retain(|item| !item.reply.is_closed()); // callers that gave up
-            if pending.is_empty() {
+            state.pending.retain(|item| !item.reply.is_closed()); // callers that gave up
+            if state.pending.is_empty() {
                 continue;
             }
-            let items = take_batch(&mut pending, self.policy.max_batch_size, self.policy.max_batch_tokens);
+            let items = take_batch(
+                &mut state.pending,
+                self.policy.max_batch_size * 4,
+                self.policy.max_batch_size,
+                self.policy.max_batch_tokens,
+            );
             let collated = {
                 let _span = self.profiler.span("collate");
                 // Guarded like the model: nothing an item carries may take the thread down.
@@ -118,6 +138,7 @@ impl Batcher {
                     Err(Error::backend("kiln", format!("panicked while batching: {}", panic_message(p))))
                 })
             };
+            state.model_ready = false;
             if jobs.send(Job::Batch { items, collated }).is_err() {
                 return; // the model thread is gone
             }
@@ -126,27 +147,40 @@ impl Batcher {
 
     /// Adds an item to the pool, or passes a whole batch on; false when the model
     /// thread is gone.
-    fn accept(&self, message: Message, pending: &mut Vec<Item>, jobs: &flume::Sender<Job>) -> bool {
+    fn accept(&self, message: Message, state: &mut State, jobs: &flume::Sender<Job>) -> bool {
         match message {
             Message::Item(item) => {
-                pending.push(item);
+                state.pending.push(item);
                 true
             }
             Message::Whole(whole) => {
                 if whole.reply.is_closed() {
                     return true;
                 }
+                state.model_ready = false;
                 jobs.send(Job::Whole(whole)).is_ok()
+            }
+            Message::Ready => {
+                state.model_ready = true;
+                true
             }
         }
     }
 }
 
-/// Takes the oldest item and the others closest to it in length — at most `max` items
-/// and, when `max_tokens` > 0, at most `max_tokens` padded tokens (items × the longest
-/// length) — keeping the rest in arrival order. The oldest item always goes, even
-/// alone over the token budget.
-fn take_batch(pending: &mut Vec<Item>, max: usize, max_tokens: usize) -> Vec<Item> {
+/// What the batcher holds between messages.
+struct State {
+    /// Items not yet in a batch, oldest first.
+    pending: Vec<Item>,
+    /// The model thread said it is ready, and nothing was sent to it since.
+    model_ready: bool,
+}
+
+/// Takes the oldest item and the others closest to it in length among the oldest
+/// `window` — at most `max` items and, when `max_tokens` > 0, at most `max_tokens`
+/// padded tokens (items × the longest length) — keeping the rest in arrival order. The
+/// oldest item always goes, even alone over the token budget.
+fn take_batch(pending: &mut Vec<Item>, window: usize, max: usize, max_tokens: usize) -> Vec<Item> {
     let within_tokens =
         |count: usize, longest: usize| max_tokens == 0 || count * longest.max(1) <= max_tokens;
     if pending.len() <= max
@@ -155,7 +189,7 @@ fn take_batch(pending: &mut Vec<Item>, max: usize, max_tokens: usize) -> Vec<Ite
         return std::mem::take(pending);
     }
     let anchor = pending[0].length;
-    let mut order: Vec<usize> = (1..pending.len()).collect();
+    let mut order: Vec<usize> = (1..pending.len().min(window.max(max))).collect();
     order.sort_by_key(|&i| (pending[i].length.abs_diff(anchor), i));
     let mut chosen = vec![false; pending.len()];
     chosen[0] = true;
@@ -204,7 +238,7 @@ mod tests {
     #[test]
     fn a_batch_is_the_oldest_item_and_its_nearest_lengths() {
         let mut pending = waiting(&[50, 3, 48, 4, 51, 5]);
-        let batch = take_batch(&mut pending, 3, 0);
+        let batch = take_batch(&mut pending, 12, 3, 0);
         assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![50, 48, 51]);
         assert_eq!(pending.iter().map(|i| i.length).collect::<Vec<_>>(), vec![3, 4, 5]);
     }
@@ -213,16 +247,16 @@ mod tests {
     fn the_token_budget_bounds_padded_tokens_but_the_oldest_always_runs() {
         // 100 tokens: 50 + 48 pads to 2 × 50; a third (51) would make 153.
         let mut pending = waiting(&[50, 3, 48, 4, 51, 5]);
-        let batch = take_batch(&mut pending, 8, 100);
+        let batch = take_batch(&mut pending, 32, 8, 100);
         assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![50, 48]);
         // Short texts fill a batch the long ones could not.
-        let batch = take_batch(&mut pending, 8, 100);
+        let batch = take_batch(&mut pending, 32, 8, 100);
         assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![3, 4, 5]);
-        let batch = take_batch(&mut pending, 8, 100);
+        let batch = take_batch(&mut pending, 32, 8, 100);
         assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![51]);
         // One item over the budget still runs, alone.
         let mut pending = waiting(&[500, 2]);
-        assert_eq!(take_batch(&mut pending, 8, 100).len(), 1);
+        assert_eq!(take_batch(&mut pending, 32, 8, 100).len(), 1);
         assert_eq!(pending.len(), 1);
     }
 }

@@ -6,7 +6,12 @@
 //! [batcher](crate::batcher) forms and collates the next batch from one bounded queue,
 //! the **model thread** loads the model and runs what the batcher hands it through a
 //! one-slot channel — while batch N runs, batch N+1 is formed — and the **responder**
-//! splits batch N-1's outputs and answers its callers. The batch limits are the
+//! waits for batch N-1's outputs, splits them and answers its callers. The model thread
+//! *starts* a batch ([`Model::start`]): a GPU provider returns once the batch's work is
+//! queued on the device, so batch N+1's copies and kernels are queued while batch N
+//! still runs and the device does not idle between batches (at most three batches are
+//! between the model thread and the callers: one started, one handed over, one being
+//! answered). The batch limits are the
 //! configured policy capped by the model's own [`ModelInfo::max_batch_size`]. Batches
 //! are rounded up to the policy's [`Buckets`], and [`ModelWorker::warm_up`]
 //! (`warmup.rs`) runs each bucket.
@@ -15,7 +20,8 @@
 //! threads, in order, and run as given. Every run is timed where it happens. A panic
 //! inside a backend is caught and becomes that batch's error; if a shared batch fails,
 //! its items are retried one by one so only the item that causes the failure gets it.
-//! Both threads keep serving.
+//! A batch whose outputs fail on the device (in [`Pending::wait`]) is retried the same
+//! way, by the responder. Both threads keep serving.
 
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -24,7 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Error, Inputs, Model, ModelInfo, ModelSpec, NoopProfiler, Outputs, Profiler, Provider, Result, WhenFull,
+    Error, Inputs, Model, ModelInfo, ModelSpec, NoopProfiler, Outputs, Pending, Profiler, Provider, Result,
+    WhenFull,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -49,7 +56,8 @@ pub struct ItemOutput {
     pub queue_wait: Duration,
     /// Items in the batch it ran in.
     pub batch_size: usize,
-    /// Time the batch spent in `Model::run`.
+    /// Time from the start of its batch's run to its outputs being on the host
+    /// (`Model::start` and the wait for what it started).
     pub run_time: Duration,
 }
 
@@ -170,6 +178,9 @@ impl ModelWorker {
         // Unbounded channel: the bound is the slots, which also count what the threads
         // have already taken out of the channel.
         let (queue, inbox) = flume::unbounded::<Message>();
+        // The model thread tells the batcher it is ready through the same queue; a weak
+        // handle, so closing the queue still ends the batcher.
+        let ready_signal = queue.downgrade();
         let slots = Arc::new(Semaphore::new(policy.queue_capacity.max(1)));
         let (ready, is_ready) = oneshot::channel::<Result<ModelInfo>>();
         // One slot: one batch formed and waiting while one runs.
@@ -200,19 +211,22 @@ impl ModelWorker {
                         let buckets = effective_policy(&thread_policy, model.info()).buckets(model.info());
                         // Splitting outputs and waking 256 callers took the model thread
                         // ~0.7 ms a batch, with the GPU idle: a thread of its own does it.
-                        let (answers, answer_inbox) = flume::unbounded::<Answer>();
-                        let (info, responder_profiler) = (model.info().clone(), profiler.clone());
-                        let responder = std::thread::Builder::new()
-                            .name(format!("kiln-reply-{provider_name}"))
-                            .spawn(move || respond(answer_inbox, info, responder_profiler));
+                        // One slot: a started batch waits there while the one before it
+                        // is answered, which bounds the batches queued on the device.
+                        let (answers, answer_inbox) = flume::bounded::<Answer>(1);
                         let runner = Runner {
+                            ready: ready_signal,
                             model,
-                            provider: provider_name,
+                            provider: provider_name.clone(),
                             answers,
                             buckets,
                             stats: thread_stats,
                             profiler,
                         };
+                        let responder = runner.responder();
+                        let responder = std::thread::Builder::new()
+                            .name(format!("kiln-reply-{provider_name}"))
+                            .spawn(move || responder.serve(answer_inbox));
                         // Without a responder thread the model thread answers itself.
                         runner.serve(job_inbox);
                         if let Ok(responder) = responder {
@@ -352,6 +366,8 @@ impl Drop for ModelWorker {
 
 /// The model thread: runs batches and answers their callers.
 struct Runner {
+    /// The batcher's queue, for [`Message::Ready`].
+    ready: flume::WeakSender<Message>,
     model: Arc<dyn Model>,
     provider: String,
     /// To the responder thread.
@@ -365,7 +381,13 @@ struct Runner {
 
 impl Runner {
     fn serve(self, jobs: flume::Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
+        loop {
+            if jobs.is_empty()
+                && let Some(queue) = self.ready.upgrade()
+            {
+                let _ = queue.send(Message::Ready);
+            }
+            let Ok(job) = jobs.recv() else { break };
             match job {
                 Job::Whole(whole) => {
                     if whole.reply.is_closed() {
@@ -411,17 +433,29 @@ impl Runner {
     fn guarded_run(&self, span: &'static str, inputs: &Inputs) -> (Result<Outputs>, Duration) {
         let _span = self.profiler.span(span);
         let start = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| self.model.run(inputs))).unwrap_or_else(|p| {
-            Err(Error::backend(&self.provider, format!("panicked while running: {}", panic_message(p))))
-        });
+        let result = guarded(&self.provider, "running", || self.model.run(inputs));
         (result, start.elapsed())
+    }
+
+    /// What the responder thread does, for this thread to do itself.
+    fn responder(&self) -> Responder {
+        Responder {
+            model: self.model.clone(),
+            provider: self.provider.clone(),
+            buckets: self.buckets,
+            profiler: self.profiler.clone(),
+        }
+    }
+
+    fn count_batch(&self, rows: usize) {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.batches += 1;
+        *stats.batch_sizes.entry(rows).or_default() += 1;
     }
 
     fn run_model(&self, inputs: &Inputs, rows: usize) -> Result<(Outputs, Duration)> {
         let (result, elapsed) = self.guarded_run("model_run", inputs);
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        stats.batches += 1;
-        *stats.batch_sizes.entry(rows).or_default() += 1;
+        self.count_batch(rows);
         result.map(|outputs| (outputs, elapsed))
     }
 
@@ -429,17 +463,20 @@ impl Runner {
         let started = Instant::now();
         let span = self.profiler.span("batch_run");
         let result = collated.and_then(|batch| {
-            self.run_model(&batch.inputs, items.len()).map(|(outputs, took)| (batch, outputs, took))
+            let span = self.profiler.span("model_run");
+            let pending = guarded(&self.provider, "running", || self.model.start(&batch.inputs));
+            drop(span);
+            self.count_batch(items.len());
+            pending.map(|pending| (batch, pending))
         });
         drop(span);
         match result {
-            // The answers go out from the responder thread, so the model thread is free
-            // for the next batch at once.
-            Ok((batch, outputs, run_time)) => {
-                let answer =
-                    Answer { items, outputs, sequence: batch.sequence, rows: batch.rows, started, run_time };
+            // The responder waits for the outputs and answers, so the model thread is
+            // free for the next batch at once.
+            Ok((batch, pending)) => {
+                let answer = Answer { items, pending, sequence: batch.sequence, rows: batch.rows, started };
                 if let Err(flume::SendError(answer)) = self.answers.send(answer) {
-                    answer.deliver(self.model.info(), &*self.profiler);
+                    self.responder().answer(answer); // no responder thread
                 }
             }
             // Alone, an item's error is its own.
@@ -457,28 +494,82 @@ impl Runner {
     }
 }
 
-/// A batch's outputs on their way back to its callers.
+/// `f`, with a panic turned into the provider's error.
+fn guarded<T>(provider: &str, doing: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(Error::backend(provider, format!("panicked while {doing}: {}", panic_message(p))))
+    })
+}
+
+/// A started batch on its way back to its callers.
 struct Answer {
     items: Vec<Item>,
-    outputs: Outputs,
+    pending: Pending,
     sequence: usize,
     rows: usize,
     /// When the batch's run started.
     started: Instant,
-    run_time: Duration,
 }
 
-impl Answer {
-    /// Splits the outputs into each item's rows and answers every caller (span `split`).
-    /// Outputs that cannot be split are the model's error for every item.
-    fn deliver(self, info: &ModelInfo, profiler: &dyn Profiler) {
-        let Answer { items, outputs, sequence, rows, started, run_time } = self;
-        let span = profiler.span("split");
+/// The responder thread: waits for each started batch's outputs and answers its callers.
+struct Responder {
+    model: Arc<dyn Model>,
+    provider: String,
+    /// For re-running the items of a batch that failed on the device, one by one.
+    buckets: Buckets,
+    profiler: Arc<dyn Profiler>,
+}
+
+impl Responder {
+    fn serve(self, answers: flume::Receiver<Answer>) {
+        while let Ok(answer) = answers.recv() {
+            self.answer(answer);
+        }
+    }
+
+    /// Waits for the outputs (span `device_wait`) and answers every caller; a shared
+    /// batch whose outputs failed is run again item by item, so only the culprit fails.
+    fn answer(&self, answer: Answer) {
+        let Answer { items, pending, sequence, rows, started } = answer;
+        let span = self.profiler.span("device_wait");
+        let outputs = guarded(&self.provider, "waiting for a batch", || pending.wait());
+        drop(span);
+        match outputs {
+            Ok(outputs) => self.deliver(items, &outputs, (sequence, rows), started),
+            Err(e) if items.len() == 1 => {
+                let _ = items.into_iter().next().map(|item| item.reply.send(Err(e)));
+            }
+            Err(_) => {
+                for item in items {
+                    let started = Instant::now();
+                    let ran = collate(&[&item.inputs], &self.buckets).and_then(|batch| {
+                        let _span = self.profiler.span("model_run");
+                        let outputs = guarded(&self.provider, "running", || self.model.run(&batch.inputs))?;
+                        Ok((batch, outputs))
+                    });
+                    match ran {
+                        Ok((batch, outputs)) => {
+                            self.deliver(vec![item], &outputs, (batch.sequence, batch.rows), started)
+                        }
+                        Err(e) => {
+                            let _ = item.reply.send(Err(e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Splits a batch's outputs (of `shape`: padded sequence, rows) into each item's
+    /// rows and answers every caller (span `split`). Outputs that cannot be split are
+    /// the model's error for every item.
+    fn deliver(&self, items: Vec<Item>, outputs: &Outputs, shape: (usize, usize), started: Instant) {
+        let run_time = started.elapsed();
+        let span = self.profiler.span("split");
         let lengths: Vec<usize> = items.iter().map(|i| i.length).collect();
-        let split = catch_unwind(AssertUnwindSafe(|| split(&outputs, &lengths, sequence, rows, info)))
-            .unwrap_or_else(|p| {
-                Err(Error::backend("kiln", format!("panicked while splitting: {}", panic_message(p))))
-            });
+        let (sequence, rows) = shape;
+        let info = self.model.info();
+        let split = guarded("kiln", "splitting", || split(outputs, &lengths, sequence, rows, info));
         drop(span);
         let batch_size = items.len();
         match split {
@@ -495,13 +586,6 @@ impl Answer {
                 }
             }
         }
-    }
-}
-
-/// The responder thread: answers the callers of each batch the model thread ran.
-fn respond(answers: flume::Receiver<Answer>, info: ModelInfo, profiler: Arc<dyn Profiler>) {
-    while let Ok(answer) = answers.recv() {
-        answer.deliver(&info, &*profiler);
     }
 }
 
@@ -530,6 +614,64 @@ mod tests {
                 .with("batch", Tensor::from_vec(vec![batch], vec![batch as f32; batch])?))
         }
     }
+    /// Fault injection for started batches: `start` returns before the batch's work
+    /// is done, like a GPU provider's. The first batch's outputs come only once a
+    /// second batch was started (the worker must not wait for one batch before
+    /// starting the next), and a batch with id 13 fails while it is waited for.
+    struct OnDevice {
+        model: Arc<Faulty>,
+        started: Arc<std::sync::atomic::AtomicUsize>,
+    }
+    impl Model for OnDevice {
+        fn info(&self) -> &ModelInfo {
+            self.model.info()
+        }
+        fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+            self.model.run(inputs)
+        }
+        fn start(&self, inputs: &Inputs) -> Result<Pending> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let number = self.started.fetch_add(1, SeqCst) + 1;
+            let (model, started, inputs) = (self.model.clone(), self.started.clone(), inputs.clone());
+            Ok(Pending::later(move || {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while number == 1 && started.load(SeqCst) < 2 {
+                    if Instant::now() > deadline {
+                        return Err(Error::backend("on-device", "batch 2 never started while batch 1 ran"));
+                    }
+                    std::thread::yield_now();
+                }
+                model.run(&inputs)
+            }))
+        }
+    }
+
+    /// Holds its first run until the test opens [`GATE`]: a model busy for as long as
+    /// the test needs.
+    struct Gated {
+        model: Faulty,
+        runs: std::sync::atomic::AtomicUsize,
+    }
+    static GATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    /// Set once the first run is held at the gate.
+    static HELD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    impl Model for Gated {
+        fn info(&self) -> &ModelInfo {
+            self.model.info()
+        }
+        fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.runs.fetch_add(1, SeqCst) == 0 && !GATE.load(SeqCst) {
+                self.runs.store(0, SeqCst);
+                HELD.store(true, SeqCst);
+                assert!(Instant::now() < deadline, "the test never opened the gate");
+                std::thread::yield_now();
+            }
+            self.model.run(inputs)
+        }
+    }
+
     struct FaultyProvider;
     #[async_trait]
     impl Provider for FaultyProvider {
@@ -554,6 +696,12 @@ mod tests {
                 TensorSpec::new("echo", DType::F32, seq()),
                 TensorSpec::new("batch", DType::F32, vec![Dim::Dynamic("batch".into())]),
             ];
+            if spec.path.as_os_str() == "gate" {
+                return Ok(Arc::new(Gated { model: Faulty(info), runs: Default::default() }));
+            }
+            if spec.path.as_os_str() == "device" {
+                return Ok(Arc::new(OnDevice { model: Arc::new(Faulty(info)), started: Arc::default() }));
+            }
             Ok(Arc::new(Faulty(info)))
         }
     }
@@ -627,6 +775,100 @@ mod tests {
         assert!(err.contains("panicked while running: fault injected: id 13"), "{err}");
         let (inputs, len) = item(vec![4]);
         assert!(w.submit(inputs, len).await.is_ok(), "still serving");
+    }
+
+    #[tokio::test]
+    async fn the_next_batch_starts_while_one_is_on_the_device_and_a_failed_wait_fails_only_its_culprit() {
+        let policy = BatchPolicy { max_wait: Duration::from_millis(50), ..BatchPolicy::default() };
+        let w = Arc::new(
+            ModelWorker::start(
+                Arc::new(FaultyProvider),
+                ModelSpec::new("device", Device::Cpu, DType::F32),
+                policy,
+            )
+            .await
+            .unwrap(),
+        );
+        let submit = |ids: Vec<i64>| {
+            let w = w.clone();
+            tokio::spawn(async move {
+                let (inputs, len) = item(ids);
+                w.submit(inputs, len).await
+            })
+        };
+        let first = submit(vec![1]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.batch_stats().batches < 1 {
+            assert!(Instant::now() < deadline, "batch 1 never started");
+            tokio::task::yield_now().await;
+        }
+        let rest: Vec<_> = [vec![2, 3], vec![13], vec![4]].into_iter().map(submit).collect();
+        let first = first.await.unwrap();
+        assert!(first.is_ok(), "{first:?}");
+        let mut results = Vec::new();
+        for call in rest {
+            results.push(call.await.unwrap());
+        }
+        assert_eq!(
+            results[0].as_ref().unwrap().outputs.require("echo").unwrap().to_vec::<f32>().unwrap(),
+            [2.0, 3.0]
+        );
+        assert!(results[2].is_ok(), "{:?}", results[2]);
+        let err = results[1].as_ref().unwrap_err().to_string();
+        assert!(err.contains("fault injected: id 13"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_due_batch_keeps_gathering_while_the_model_is_busy() {
+        // Every item is due at once; the batches still wait for the model.
+        let policy = BatchPolicy { max_wait: Duration::ZERO, max_batch_size: 64, ..BatchPolicy::default() };
+        let w = Arc::new(
+            ModelWorker::start(
+                Arc::new(FaultyProvider),
+                ModelSpec::new("gate", Device::Cpu, DType::F32),
+                policy,
+            )
+            .await
+            .unwrap(),
+        );
+        let submit = |i: i64| {
+            let w = w.clone();
+            tokio::spawn(async move {
+                let (inputs, len) = item(vec![100 + i]);
+                w.submit(inputs, len).await.map(|out| out.batch_size)
+            })
+        };
+        let first = submit(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let wait_for = |n: usize| {
+            let w = w.clone();
+            async move {
+                while w.queue_depth() < n {
+                    assert!(Instant::now() < deadline, "{} of {n} items queued", w.queue_depth());
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        while !HELD.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "batch 1 never started");
+            tokio::task::yield_now().await;
+        }
+        // One at a time, each one due before the next comes, while batch 1 runs.
+        let mut rest = Vec::new();
+        for i in 1..=20 {
+            rest.push(submit(i));
+            wait_for(1 + i as usize).await;
+        }
+        GATE.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        for call in rest {
+            assert_eq!(
+                call.await.unwrap().unwrap(),
+                20,
+                "the 20 items that came during batch 1 share batch 2"
+            );
+        }
+        assert_eq!(w.batch_stats().batches, 2);
     }
 
     #[tokio::test]

@@ -5,20 +5,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_core::{
     Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, HeadSite, Inputs, Model, ModelInfo,
-    ModelSpec, Outputs, Pooling, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
-    async_trait,
+    ModelSpec, Outputs, Pending, Pooling, Provider, ProviderConfig, Result, SENTENCE_EMBEDDING, Tensor,
+    TensorSpec, async_trait,
 };
 use serde::Deserialize;
 use tch::{IValue, Kind};
 
 use crate::{EXPECTED_TORCH, NAME};
 
-use crate::version;
+use crate::{events, version};
 
 /// `[provider.options]` of the tch provider.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TchOptions {
+    /// On a GPU, return from starting a batch once its work is queued, so the next
+    /// batch's copies and kernels queue behind it (see `Model::start`); off, each batch
+    /// is waited for on the model thread.
+    pub overlap_batches: bool,
     /// libtorch's intra-op CPU threads (0: its own choice).
     pub threads: usize,
     /// TorchScript's profiling executor (libtorch's default: on). It re-profiles and
@@ -29,9 +33,17 @@ pub struct TchOptions {
     pub jit_optimize: Option<bool>,
 }
 
+impl Default for TchOptions {
+    fn default() -> Self {
+        TchOptions { overlap_batches: true, threads: 0, jit_profiling: None, jit_optimize: None }
+    }
+}
+
 /// The libtorch provider.
 #[derive(Debug)]
-pub struct TchProvider;
+pub struct TchProvider {
+    overlap_batches: bool,
+}
 
 fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
     let options: TchOptions = config.options()?;
@@ -45,7 +57,7 @@ fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
     if let Some(on) = options.jit_optimize {
         tch::jit::set_graph_executor_optimize(on);
     }
-    Ok(Arc::new(TchProvider))
+    Ok(Arc::new(TchProvider { overlap_batches: options.overlap_batches }))
 }
 
 fn backend(e: impl std::fmt::Display) -> Error {
@@ -231,6 +243,8 @@ struct TchModel {
     /// With an embedding head: where it applies (forward's token output and the
     /// attention mask input, by position).
     head: Option<HeadSite>,
+    /// `provider.options.overlap_batches`.
+    overlap: bool,
 }
 
 #[async_trait]
@@ -296,7 +310,13 @@ impl Provider for TchProvider {
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
         let head = info.declare_head(spec.head);
-        Ok(Arc::new(TchModel { info, module: Mutex::new(module), device, head }))
+        Ok(Arc::new(TchModel {
+            info,
+            module: Mutex::new(module),
+            device,
+            head,
+            overlap: self.overlap_batches,
+        }))
     }
 
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
@@ -322,13 +342,17 @@ fn to_tch(t: &Tensor, device: tch::Device) -> Result<tch::Tensor> {
     pinned.f_to_device_(device, kind, true, false).map_err(backend)
 }
 
-fn from_tch(name: &str, t: &tch::Tensor) -> Result<Tensor> {
-    let t = if t.kind() == Kind::BFloat16 {
-        t.f_to_kind(Kind::Float).map_err(backend)?
-    } else {
-        t.shallow_clone()
-    };
-    let t = t.f_to_device(tch::Device::Cpu).map_err(backend)?.f_contiguous().map_err(backend)?;
+/// An output on its way to the host: bf16 widened to f32 on the device (kiln reads
+/// no bf16 from libtorch), copied without blocking into page-locked memory when
+/// `non_blocking` (the copy is then ready once the stream reaches it).
+fn to_host(t: &tch::Tensor, non_blocking: bool) -> Result<tch::Tensor> {
+    let kind = if t.kind() == Kind::BFloat16 { Kind::Float } else { t.kind() };
+    t.f_to_device_(tch::Device::Cpu, kind, non_blocking, false).map_err(backend)
+}
+
+/// A host tensor as kiln's.
+fn from_host(name: &str, t: &tch::Tensor) -> Result<Tensor> {
+    let t = t.f_contiguous().map_err(backend)?;
     let dtype = dtype_of(t.kind()).ok_or_else(|| {
         Error::backend(
             NAME,
@@ -342,12 +366,14 @@ fn from_tch(name: &str, t: &tch::Tensor) -> Result<Tensor> {
     Tensor::from_bytes(dtype, shape, bytes)
 }
 
+/// Named outputs, still on the device.
+type DeviceOutputs = Vec<(String, tch::Tensor)>;
+
 impl TchModel {
     /// `forward`'s result as named tensors: one tensor, a tuple or list in output
     /// order, or a dict keyed by output name.
-    fn outputs(&self, result: IValue) -> Result<Outputs> {
+    fn outputs(&self, result: IValue) -> Result<DeviceOutputs> {
         let names: Vec<&str> = self.info.outputs.iter().map(|o| o.name.as_str()).collect();
-        let mut out = Outputs::new();
         let unexpected = |what: &str| {
             Error::backend(
                 NAME,
@@ -355,13 +381,11 @@ impl TchModel {
             )
         };
         let tensor = |v: &IValue, name: &str| match v {
-            IValue::Tensor(t) => from_tch(name, t),
+            IValue::Tensor(t) => Ok((name.to_string(), t.shallow_clone())),
             other => Err(unexpected(&format!("{other:?} for `{name}`"))),
         };
         match result {
-            IValue::Tensor(t) => {
-                out.insert(names[0].to_string(), from_tch(names[0], &t)?);
-            }
+            IValue::Tensor(t) => Ok(vec![(names[0].to_string(), t)]),
             IValue::Tuple(items) | IValue::GenericList(items) => {
                 if items.len() != names.len() {
                     return Err(Error::backend(
@@ -373,12 +397,11 @@ impl TchModel {
                         ),
                     ));
                 }
-                for (v, name) in items.iter().zip(&names) {
-                    out.insert(name.to_string(), tensor(v, name)?);
-                }
+                items.iter().zip(&names).map(|(v, name)| tensor(v, name)).collect()
             }
-            IValue::GenericDict(pairs) => {
-                for name in &names {
+            IValue::GenericDict(pairs) => names
+                .iter()
+                .map(|name| {
                     let v = pairs
                         .iter()
                         .find(|(k, _)| matches!(k, IValue::String(s) if s == name))
@@ -386,21 +409,16 @@ impl TchModel {
                         .ok_or_else(|| {
                             Error::backend(NAME, format!("forward's dict has no output `{name}`"))
                         })?;
-                    out.insert(name.to_string(), tensor(v, name)?);
-                }
-            }
-            other => return Err(unexpected(&format!("{other:?}"))),
+                    tensor(v, name)
+                })
+                .collect(),
+            other => Err(unexpected(&format!("{other:?}"))),
         }
-        Ok(out)
-    }
-}
-
-impl Model for TchModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
     }
 
-    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+    /// Queues the batch's work on the device: `forward` (and the embedding head) on
+    /// inputs copied there. Returns the outputs as device tensors.
+    fn forward(&self, inputs: &Inputs) -> Result<DeviceOutputs> {
         self.info.validate(inputs)?;
         let args = self
             .info
@@ -412,25 +430,61 @@ impl Model for TchModel {
         let module = self.module.lock().unwrap_or_else(|p| p.into_inner());
         let result = module.forward_is(&args).map_err(backend)?;
         drop(module);
-        if let Some(site) = &self.head {
-            let tokens = match &result {
-                IValue::Tensor(t) if site.tokens == 0 => t.shallow_clone(),
-                IValue::Tuple(items) | IValue::GenericList(items) => match items.get(site.tokens) {
-                    Some(IValue::Tensor(t)) => t.shallow_clone(),
-                    _ => {
-                        return Err(backend(format!(
-                            "forward's output `{}` is not a tensor",
-                            site.tokens_name
-                        )));
-                    }
-                },
-                _ => return Err(backend(format!("forward returned no `{}` to pool", site.tokens_name))),
-            };
-            let IValue::Tensor(mask) = &args[site.mask] else { unreachable!("inputs are tensors") };
-            let pooled = pool(&tokens, mask, site.head).map_err(backend)?;
-            return Ok(Outputs::new().with(SENTENCE_EMBEDDING, from_tch(SENTENCE_EMBEDDING, &pooled)?));
+        let Some(site) = &self.head else { return self.outputs(result) };
+        let tokens = match &result {
+            IValue::Tensor(t) if site.tokens == 0 => t.shallow_clone(),
+            IValue::Tuple(items) | IValue::GenericList(items) => match items.get(site.tokens) {
+                Some(IValue::Tensor(t)) => t.shallow_clone(),
+                _ => return Err(backend(format!("forward's output `{}` is not a tensor", site.tokens_name))),
+            },
+            _ => return Err(backend(format!("forward returned no `{}` to pool", site.tokens_name))),
+        };
+        let IValue::Tensor(mask) = &args[site.mask] else { unreachable!("inputs are tensors") };
+        let pooled = pool(&tokens, mask, site.head).map_err(backend)?;
+        Ok(vec![(SENTENCE_EMBEDDING.to_string(), pooled)])
+    }
+}
+
+fn read_outputs(host: &[(String, tch::Tensor)]) -> Result<Outputs> {
+    let mut out = Outputs::new();
+    for (name, t) in host {
+        out.insert(name.clone(), from_host(name, t)?);
+    }
+    Ok(out)
+}
+
+impl Model for TchModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        let host = self
+            .forward(inputs)?
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), to_host(t, false)?)))
+            .collect::<Result<Vec<_>>>()?;
+        read_outputs(&host)
+    }
+
+    /// On a GPU: the batch's work and its result's copy to page-locked host memory are
+    /// queued, and an event after them is what the responder waits for — so the next
+    /// batch's copies and kernels queue behind this one while it runs.
+    fn start(&self, inputs: &Inputs) -> Result<Pending> {
+        let tch::Device::Cuda(device) = self.device else { return self.run(inputs).map(Pending::ready) };
+        if !self.overlap || events::available().is_err() {
+            return self.run(inputs).map(Pending::ready);
         }
-        self.outputs(result)
+        let host = self
+            .forward(inputs)?
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), to_host(t, true)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let done = events::Event::record(device).map_err(backend)?;
+        Ok(Pending::later(move || {
+            done.wait().map_err(backend)?;
+            read_outputs(&host)
+        }))
     }
 }
 

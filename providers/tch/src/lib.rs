@@ -32,6 +32,9 @@
 //! | key | default | meaning |
 //! |---|---|---|
 //! | `threads` | `0` | libtorch's intra-op CPU threads; 0: its own choice (the physical cores) |
+//! | `overlap_batches` | `true` | on a GPU, a batch is started (its copies, kernels and the result's copy to page-locked memory queued) and waited for on kiln's responder thread, through a CUDA event, so the next batch queues behind it; `false`: each batch is waited for on the model thread |
+//! | `jit_profiling` | libtorch's (on) | TorchScript's profiling executor |
+//! | `jit_optimize` | libtorch's (on) | TorchScript's graph optimisations |
 //!
 //! ## libtorch at run time
 //!
@@ -49,6 +52,8 @@
 //! it on), so `cargo build --workspace` and `cargo clippy --workspace` work on
 //! machines without libtorch.
 
+#[cfg(feature = "libtorch")]
+mod events;
 #[cfg(feature = "libtorch")]
 mod version;
 
