@@ -24,6 +24,8 @@ use kiln_core::{
 use serde::Deserialize;
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 
 /// The registered name.
 pub const NAME: &str = "candle";
@@ -39,11 +41,14 @@ pub struct CandleOptions {
     /// computed, fused passes); `false` runs candle-transformers' graph there too, as
     /// on GPUs and for f16/bf16 (to compare, or for a model the kernels do not take).
     pub cpu_kernels: bool,
+    /// Models on a GPU run kiln's CUDA kernels between cuBLAS's matrix products
+    /// (`cuda.rs`, `kernels/bert.cu`); `false` runs candle-transformers' graph there.
+    pub cuda_kernels: bool,
 }
 
 impl Default for CandleOptions {
     fn default() -> Self {
-        CandleOptions { cpu_kernels: true }
+        CandleOptions { cpu_kernels: true, cuda_kernels: true }
     }
 }
 
@@ -295,6 +300,16 @@ impl Provider for CandleProvider {
         let model = if not_packed.is_none() {
             Graph::Cpu(cpu::CpuBert::load(&vb, &config, int8).map_err(mismatch)?)
         } else {
+            #[cfg(feature = "cuda")]
+            if spec.device != Device::Cpu
+                && self.options.cuda_kernels
+                && cuda::CudaBert::unsupported(&config).is_none()
+            {
+                Graph::Cuda(cuda::CudaBert::load(&vb, &config).map_err(mismatch)?)
+            } else {
+                Graph::Candle(Bert::load(vb, &config, dtype).map_err(mismatch)?)
+            }
+            #[cfg(not(feature = "cuda"))]
             Graph::Candle(Bert::load(vb, &config, dtype).map_err(mismatch)?)
         };
 
@@ -415,6 +430,9 @@ enum Graph {
     Candle(Bert),
     /// kiln's packed kernels (f32 on the CPU).
     Cpu(cpu::CpuBert),
+    /// kiln's CUDA kernels between cuBLAS's products (GPUs, `cuda_kernels`).
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaBert),
 }
 
 /// A BERT encoder loaded by candle.
@@ -459,6 +477,46 @@ impl BertEncoder {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl BertEncoder {
+    fn run_cuda(&self, model: &cuda::CudaBert, inputs: &Inputs) -> Result<Outputs> {
+        let host = |name: &str| inputs.require(name).and_then(|t| t.to_vec::<i64>());
+        let (ids, types) = (host("input_ids")?, host("token_type_ids")?);
+        let shape = inputs.require("input_ids")?.shape().to_vec();
+        let &[batch, sequence] = shape.as_slice() else {
+            return Err(Error::InvalidInput(format!(
+                "input_ids has shape {shape:?}; expected [batch, sequence]"
+            )));
+        };
+        model.check(&ids, &types, sequence)?;
+        let on_device = |values: Vec<i64>| CTensor::from_vec(values, (batch, sequence), &self.device);
+        let mask = self.tensor(inputs, "attention_mask")?.to_dtype(CDType::F32).map_err(backend)?;
+        let (ids, types) = (on_device(ids).map_err(backend)?, on_device(types).map_err(backend)?);
+        let hidden = model.forward(&ids, &types, &mask).map_err(backend)?;
+        let to_host = |t: &CTensor| t.to_device(&CDevice::Cpu).and_then(|t| t.flatten_all());
+        if let Some(head) = self.info.head {
+            let pooled = cuda::pool(&hidden, &mask, head).map_err(backend)?;
+            let values = to_host(&pooled).and_then(|t| t.to_vec1::<f32>()).map_err(backend)?;
+            return Ok(
+                Outputs::new().with(SENTENCE_EMBEDDING, Tensor::from_vec(pooled.dims().to_vec(), values)?)
+            );
+        }
+        let width = hidden.dim(1).map_err(backend)?;
+        let shape = vec![batch, sequence, width];
+        let tensor = if output_dtype(self.info.dtype) == DType::F16 {
+            Tensor::from_vec(
+                shape,
+                to_host(&hidden).and_then(|t| t.to_vec1::<half::f16>()).map_err(backend)?,
+            )?
+        } else {
+            let values =
+                hidden.to_dtype(CDType::F32).and_then(|t| to_host(&t)).and_then(|t| t.to_vec1::<f32>());
+            Tensor::from_vec(shape, values.map_err(backend)?)?
+        };
+        Ok(Outputs::new().with(LAST_HIDDEN_STATE, tensor))
+    }
+}
+
 impl Model for BertEncoder {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -469,6 +527,8 @@ impl Model for BertEncoder {
         let model = match &self.model {
             Graph::Candle(model) => model,
             Graph::Cpu(model) => return self.run_packed(model, inputs),
+            #[cfg(feature = "cuda")]
+            Graph::Cuda(model) => return self.run_cuda(model, inputs),
         };
         let ids = self.tensor(inputs, "input_ids")?;
         let mask = self.tensor(inputs, "attention_mask")?;
@@ -609,7 +669,8 @@ mod tests {
     #[test]
     fn packed_cpu_kernels_match_candles_graph() {
         let dir = minilm_dir();
-        let provider = |cpu_kernels| CandleProvider { options: CandleOptions { cpu_kernels } };
+        let provider =
+            |cpu_kernels| CandleProvider { options: CandleOptions { cpu_kernels, ..Default::default() } };
         let run = |cpu_kernels: bool, spec: &ModelSpec, inputs: &Inputs| {
             let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
             let model = runtime.block_on(provider(cpu_kernels).load(spec)).unwrap();

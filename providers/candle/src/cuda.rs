@@ -1,0 +1,439 @@
+//! BERT on NVIDIA GPUs with kiln's own kernels between cuBLAS's matrix products.
+//!
+//! Profiled with Nsight Compute on an H200 (`scripts/device/candle_kernels.sh`),
+//! candle-transformers' graph spent 47 ms on a batch of 256 × 128 tokens of MiniLM in
+//! f16, 31 ms of it in candle's broadcast adds and divides (a bias over rows, the mask
+//! over heads, a five-pass softmax) and 2 ms in the matrix products. Here every step
+//! between two products is one kernel (`kernels/bert.cu`, compiled to PTX by nvcc at
+//! build time): embeddings + LayerNorm, QKV bias + head split (+ the 1/√d scale),
+//! masked softmax, head merge, bias + residual + LayerNorm, bias + GELU, and the
+//! embedding head. Q, K and V are one product. The products stay candle's (cuBLAS).
+//!
+//! Each kernel is launched through a [`CustomOp1`] whose output candle allocates and
+//! owns; all work runs on the device's one stream, in order.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, DType as CDType, Layout, Shape, Storage, Tensor as CTensor, bail,
+};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::Config as BertConfig;
+use kiln_core::{EmbeddingHead, Error, Pooling, Result};
+
+/// The kernels, as PTX for the build's `CUDA_COMPUTE_CAP` (the driver compiles it for
+/// the GPU it runs on).
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bert.ptx"));
+const MODULE: &str = "kiln_bert";
+
+/// A dense layer: weight `[outputs, inputs]` as stored, and its bias.
+struct Dense {
+    weight: CTensor,
+    bias: CTensor,
+}
+
+struct Norm {
+    gamma: CTensor,
+    beta: CTensor,
+}
+
+struct Layer {
+    /// Q, K and V as one layer of `3 * hidden` outputs (rows q | k | v).
+    qkv: Dense,
+    attention_out: Dense,
+    attention_norm: Norm,
+    up: Dense,
+    down: Dense,
+    output_norm: Norm,
+}
+
+/// BERT weights on a GPU, at the model's dtype.
+pub(crate) struct CudaBert {
+    hidden: usize,
+    heads: usize,
+    eps: f32,
+    vocab: usize,
+    positions: usize,
+    types: usize,
+    word: CTensor,
+    position: CTensor,
+    token_type: CTensor,
+    embedding_norm: Norm,
+    layers: Vec<Layer>,
+}
+
+fn dense(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Dense> {
+    Ok(Dense { weight: vb.get((outputs, inputs), "weight")?, bias: vb.get(outputs, "bias")? })
+}
+
+fn norm(vb: &VarBuilder, hidden: usize) -> candle_core::Result<Norm> {
+    Ok(Norm { gamma: vb.get(hidden, "weight")?, beta: vb.get(hidden, "bias")? })
+}
+
+impl CudaBert {
+    /// Why kiln's CUDA kernels cannot run this BERT, if they cannot: beyond what the
+    /// CPU kernels need (`cpu::unsupported`), they take eight columns at a time.
+    pub(crate) fn unsupported(config: &BertConfig) -> Option<&'static str> {
+        let head_dim = config.hidden_size / config.num_attention_heads.max(1);
+        if config.hidden_size % 8 != 0 || config.intermediate_size % 8 != 0 || head_dim % 8 != 0 {
+            return Some("hidden, head and feed-forward sizes must be multiples of 8");
+        }
+        crate::cpu::unsupported(config)
+    }
+
+    /// Reads the weights from `vb` (a var builder on the GPU at the model's dtype, at
+    /// the model's root: bare names, or `bert.`-prefixed as task heads save them).
+    pub(crate) fn load(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        Self::load_at(vb, config).or_else(|first| Self::load_at(&vb.pp("bert"), config).map_err(|_| first))
+    }
+
+    fn load_at(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+        let h = config.hidden_size;
+        let e = vb.pp("embeddings");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("encoder.layer.{i}"));
+                let ff = config.intermediate_size;
+                let attention = l.pp("attention.self");
+                let [q, k, v] = ["query", "key", "value"].map(|n| dense(&attention.pp(n), h, h));
+                let (q, k, v) = (q?, k?, v?);
+                Ok(Layer {
+                    qkv: Dense {
+                        weight: CTensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
+                        bias: CTensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
+                    },
+                    attention_out: dense(&l.pp("attention.output.dense"), h, h)?,
+                    attention_norm: norm(&l.pp("attention.output.LayerNorm"), h)?,
+                    up: dense(&l.pp("intermediate.dense"), h, ff)?,
+                    down: dense(&l.pp("output.dense"), ff, h)?,
+                    output_norm: norm(&l.pp("output.LayerNorm"), h)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(CudaBert {
+            hidden: h,
+            heads: config.num_attention_heads,
+            eps: config.layer_norm_eps as f32,
+            vocab: config.vocab_size,
+            positions: config.max_position_embeddings,
+            types: config.type_vocab_size,
+            word: e.pp("word_embeddings").get((config.vocab_size, h), "weight")?,
+            position: e.pp("position_embeddings").get((config.max_position_embeddings, h), "weight")?,
+            token_type: e.pp("token_type_embeddings").get((config.type_vocab_size, h), "weight")?,
+            embedding_norm: norm(&e.pp("LayerNorm"), h)?,
+            layers,
+        })
+    }
+
+    /// Checks a batch's ids against the model before they reach the GPU, where an out
+    /// of range index would read other memory.
+    pub(crate) fn check(&self, ids: &[i64], types: &[i64], sequence: usize) -> Result<()> {
+        if sequence > self.positions {
+            return Err(Error::InvalidInput(format!(
+                "a sequence of {sequence} tokens is longer than the model's {} positions",
+                self.positions
+            )));
+        }
+        let out_of =
+            |values: &[i64], limit: usize| values.iter().find(|&&v| v < 0 || v as usize >= limit).copied();
+        if let Some(id) = out_of(ids, self.vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {id} is outside the vocabulary (0..{})",
+                self.vocab
+            )));
+        }
+        if let Some(t) = out_of(types, self.types) {
+            return Err(Error::InvalidInput(format!("token type {t} is outside 0..{}", self.types)));
+        }
+        Ok(())
+    }
+
+    /// The encoder: ids and token types `[batch, sequence]` (i64) and the attention
+    /// mask as f32 `[batch, sequence]`, to token vectors `[batch * sequence, hidden]`.
+    pub(crate) fn forward(
+        &self,
+        ids: &CTensor,
+        types: &CTensor,
+        mask: &CTensor,
+    ) -> candle_core::Result<CTensor> {
+        let (batch, sequence) = ids.dims2()?;
+        let (h, heads) = (self.hidden, self.heads);
+        let head_dim = h / heads;
+        let tokens = batch * sequence;
+        let dtype = self.word.dtype();
+        let rows = |count: usize| LaunchConfig {
+            grid_dim: (count as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Eight columns a thread across a block, four token rows a block on the grid's
+        // y dimension.
+        let columns = |count: usize| LaunchConfig {
+            grid_dim: ((count / 8).div_ceil(128) as u32, tokens.div_ceil(4).min(65535) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut x = Launch {
+            kernel: "embed",
+            others: &[
+                types,
+                &self.word,
+                &self.position,
+                &self.token_type,
+                &self.embedding_norm.gamma,
+                &self.embedding_norm.beta,
+            ],
+            out: (Shape::from((tokens, h)), dtype),
+            scalars: &[
+                Arg::I32(sequence as i32),
+                Arg::I32(h as i32),
+                Arg::I32(self.vocab as i32),
+                Arg::I32(self.types as i32),
+                Arg::F32(self.eps),
+            ],
+            config: rows(tokens),
+        }
+        .run(ids)?;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let attention_rows = batch * heads * sequence;
+        for layer in &self.layers {
+            let qkv = x.matmul(&layer.qkv.weight.t()?)?;
+            let split = Launch {
+                kernel: "split_heads",
+                others: &[&layer.qkv.bias],
+                out: (Shape::from((3, batch, heads, sequence, head_dim)), dtype),
+                scalars: &[
+                    Arg::I32(batch as i32),
+                    Arg::I32(sequence as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(head_dim as i32),
+                    Arg::F32(scale),
+                ],
+                config: columns(3 * h),
+            }
+            .run(&qkv)?;
+            let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
+            let scores = q.matmul(&k.t()?)?;
+            let probabilities = Launch {
+                kernel: "masked_softmax",
+                others: &[mask],
+                out: (scores.shape().clone(), dtype),
+                scalars: &[
+                    Arg::I64(attention_rows as i64),
+                    Arg::I32(heads as i32),
+                    Arg::I32(sequence as i32),
+                ],
+                config: LaunchConfig {
+                    grid_dim: (attention_rows.div_ceil(4) as u32, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            }
+            .run(&scores)?;
+            let context = probabilities.matmul(&v)?;
+            let merged = Launch {
+                kernel: "merge_heads",
+                others: &[],
+                out: (Shape::from((tokens, h)), dtype),
+                scalars: &[
+                    Arg::I32(tokens as i32),
+                    Arg::I32(sequence as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(head_dim as i32),
+                ],
+                config: columns(h),
+            }
+            .run(&context)?;
+            x = bias_residual_norm(
+                &merged.matmul(&layer.attention_out.weight.t()?)?,
+                &layer.attention_out.bias,
+                &x,
+                &layer.attention_norm,
+                self.eps,
+            )?;
+            let up = x.matmul(&layer.up.weight.t()?)?;
+            let width = up.dim(1)?;
+            let up = Launch {
+                kernel: "bias_gelu",
+                others: &[&layer.up.bias],
+                out: (up.shape().clone(), dtype),
+                scalars: &[Arg::I32(tokens as i32), Arg::I32(width as i32)],
+                config: columns(width),
+            }
+            .run(&up)?;
+            x = bias_residual_norm(
+                &up.matmul(&layer.down.weight.t()?)?,
+                &layer.down.bias,
+                &x,
+                &layer.output_norm,
+                self.eps,
+            )?;
+        }
+        Ok(x)
+    }
+}
+
+/// `LayerNorm(x + bias + residual)`, rows of `[tokens, hidden]`.
+fn bias_residual_norm(
+    x: &CTensor,
+    bias: &CTensor,
+    residual: &CTensor,
+    norm: &Norm,
+    eps: f32,
+) -> candle_core::Result<CTensor> {
+    let (tokens, cols) = x.dims2()?;
+    Launch {
+        kernel: "bias_residual_norm",
+        others: &[bias, residual, &norm.gamma, &norm.beta],
+        out: (x.shape().clone(), x.dtype()),
+        scalars: &[Arg::I32(cols as i32), Arg::F32(eps)],
+        config: LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+    }
+    .run(x)
+}
+
+/// The embedding head on the GPU: token vectors `[batch * sequence, hidden]` and the
+/// f32 mask `[batch, sequence]` to f32 `[batch, hidden]`, with the arithmetic of
+/// [`kiln_core::pool_tokens`].
+pub(crate) fn pool(hidden: &CTensor, mask: &CTensor, head: EmbeddingHead) -> candle_core::Result<CTensor> {
+    let (batch, sequence) = mask.dims2()?;
+    let width = hidden.dim(1)?;
+    let pooling = match head.pooling {
+        Pooling::Cls => 0,
+        Pooling::Mean => 1,
+        Pooling::MeanSqrtLen => 2,
+        Pooling::Max => 3,
+    };
+    Launch {
+        kernel: "pool",
+        others: &[mask],
+        out: (Shape::from((batch, width)), CDType::F32),
+        scalars: &[
+            Arg::I32(sequence as i32),
+            Arg::I32(width as i32),
+            Arg::I32(pooling),
+            Arg::I32(i32::from(head.normalize)),
+        ],
+        config: LaunchConfig { grid_dim: (batch as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+    }
+    .run(hidden)
+}
+
+/// A scalar kernel argument.
+enum Arg {
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// One kernel launch: `KERNEL_<dtype of the first input>(first, others.., out,
+/// scalars..)`, every tensor contiguous, the output a new tensor of `out`.
+struct Launch<'a> {
+    kernel: &'static str,
+    others: &'a [&'a CTensor],
+    out: (Shape, CDType),
+    scalars: &'a [Arg],
+    config: LaunchConfig,
+}
+
+impl Launch<'_> {
+    fn run(&self, first: &CTensor) -> candle_core::Result<CTensor> {
+        first.apply_op1_no_bwd(self)
+    }
+}
+
+/// The device address of a contiguous tensor's first element.
+fn address(storage: &CudaStorage, layout: &Layout, stream: &CudaStream) -> candle_core::Result<u64> {
+    fn at<T>(slice: &CudaSlice<T>, offset: usize, stream: &CudaStream) -> u64 {
+        // The guard records the read for candle's event tracking; one stream orders it.
+        let (ptr, _read) = slice.device_ptr(stream);
+        ptr + (offset * std::mem::size_of::<T>()) as u64
+    }
+    if !layout.is_contiguous() {
+        bail!(
+            "a kiln kernel's input is not contiguous (shape {:?}, stride {:?})",
+            layout.dims(),
+            layout.stride()
+        );
+    }
+    let offset = layout.start_offset();
+    Ok(match &storage.slice {
+        CudaStorageSlice::F16(s) => at(s, offset, stream),
+        CudaStorageSlice::BF16(s) => at(s, offset, stream),
+        CudaStorageSlice::F32(s) => at(s, offset, stream),
+        CudaStorageSlice::I64(s) => at(s, offset, stream),
+        _ => bail!("a kiln kernel got a tensor of {:?}", storage.dtype()),
+    })
+}
+
+fn suffix(dtype: CDType) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        CDType::F16 => "f16",
+        CDType::BF16 => "bf16",
+        CDType::F32 => "f32",
+        other => bail!("kiln's CUDA kernels run f16, bf16 and f32, not {other:?}"),
+    })
+}
+
+impl CustomOp1 for Launch<'_> {
+    fn name(&self) -> &'static str {
+        self.kernel
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("{} is one of kiln's CUDA kernels; it has no CPU version", self.kernel)
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let device = storage.device();
+        let stream = device.cuda_stream();
+        // Named after the model's dtype, the first floating input's (the embedding
+        // kernel's first inputs are ids).
+        let model_dtype = std::iter::once(storage.dtype())
+            .chain(self.others.iter().map(|t| t.dtype()))
+            .find(|d| d.is_float())
+            .unwrap_or(storage.dtype());
+        let name = format!("{}_{}", self.kernel, suffix(model_dtype)?);
+        let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut addresses = vec![address(storage, layout, &stream)?];
+        for other in self.others {
+            let (other_storage, other_layout) = other.storage_and_layout();
+            let Storage::Cuda(other_storage) = &*other_storage else {
+                bail!("{name}: an input is not on the GPU");
+            };
+            addresses.push(address(other_storage, other_layout, &stream)?);
+        }
+        let (shape, dtype) = &self.out;
+        let count = shape.elem_count();
+        // SAFETY: every element is written by the kernel before anything reads it.
+        let slice = unsafe {
+            match dtype {
+                CDType::F16 => CudaStorageSlice::F16(device.alloc::<half::f16>(count)?),
+                CDType::BF16 => CudaStorageSlice::BF16(device.alloc::<half::bf16>(count)?),
+                CDType::F32 => CudaStorageSlice::F32(device.alloc::<f32>(count)?),
+                other => bail!("{name}: no output of {other:?}"),
+            }
+        };
+        let out = CudaStorage { slice, device: device.clone() };
+        addresses.push(address(&out, &Layout::contiguous(shape.clone()), &stream)?);
+        let mut builder = func.builder();
+        for address in &addresses {
+            builder.arg(address);
+        }
+        for scalar in self.scalars {
+            match scalar {
+                Arg::I32(v) => builder.arg(v),
+                Arg::I64(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
+            };
+        }
+        // SAFETY: the arguments match the kernel's parameters (kernels/bert.cu), and
+        // every address stays allocated until the stream has run the kernel: candle
+        // frees device memory in stream order.
+        unsafe { builder.launch(self.config) }.w()?;
+        Ok((out, shape.clone()))
+    }
+}

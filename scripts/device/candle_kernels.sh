@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# candle on CUDA with kiln's kernels (providers/candle/kernels/bert.cu), in one call.
+# Carried in .device/: kiln-cuda.xz (release kiln, --features candle-cuda), minilm-f16/.
+#
+#   bash scripts/device/candle_kernels.sh      # figures on stdout, files under $OUT
+#
+# 1. agreement: the fixture texts on cuda:0 at f32 / f16 / bf16 against cpu f32;
+# 2. every kernel of one batch of 256 texts of 128 tokens, timed by Nsight Compute
+#    (`ncu`, the kernel's duration only; clocks left as they are);
+# 3. `kiln bench` as scripts/device/throughput_gpu.sh runs it (1024 callers, batch
+#    256, f16, cache off, 32 768 requests) against the model-only ceiling (helpers.py
+#    ceiling) in the same call.
+# GRAPH=1 adds candle-transformers' graph (`provider.options.cuda_kernels = false`) to
+# each step. Every kiln command has a time limit: a CUDA fault must not hang the call.
+. scripts/device/common.sh /tmp/kiln-candle-kernels kiln-cuda
+kiln="$work/kiln-cuda"
+model=.device/minilm-f16
+graph="${GRAPH:-}"
+python3 scripts/device/helpers.py texts "$work" 8192
+head -256 "$work/long.txt" > "$work/batch.txt"
+set_model=(--set "model.path=\"$model\"")
+
+run() { # TAG DEVICE DTYPE EXTRA..
+    local tag="$1" device="$2" dtype="$3"; shift 3
+    timeout 120 "$kiln" run examples/embed.toml --input "$work/fixture.txt" --output "$work/$tag.jsonl" \
+        "${set_model[@]}" --set "model.device=\"$device\"" --set "model.dtype=\"$dtype\"" \
+        --set batching.warmup=false "$@" 2>> "$out/runs.log"
+}
+run cpu_f32 cpu f32
+tags=()
+for dtype in f32 f16 bf16; do
+    run "kiln_$dtype" cuda:0 "$dtype" && tags+=("kiln_$dtype")
+    if [ -n "$graph" ]; then
+        run "candle_$dtype" cuda:0 "$dtype" --set provider.options.cuda_kernels=false && tags+=("candle_$dtype")
+    fi
+done
+[ ${#tags[@]} -gt 0 ] && python3 scripts/device/helpers.py cosines "$work" cpu_f32 "${tags[@]}" | tee "$out/cosines.txt"
+tail -3 "$out/runs.log"
+
+kernels() { # TAG EXTRA..
+    local tag="$1"; shift
+    timeout 180 ncu --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
+        "$kiln" run examples/embed.toml --input "$work/batch.txt" --output "$work/ncu_$tag.jsonl" \
+        "${set_model[@]}" --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
+        --set batching.max_batch_size=256 --set batching.warmup=false --set text.max_length=128 "$@" \
+        > "$out/kernels_$tag.csv" 2>> "$out/ncu.log" || { tail -5 "$out/ncu.log"; return 0; }
+    python3 - "$out/kernels_$tag.csv" "$tag" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
+        if r.get("Metric Name") == "gpu__time_duration.sum"]
+by = collections.defaultdict(lambda: [0, 0.0])
+for r in rows:
+    name = r["Kernel Name"].split("(")[0][:50]
+    by[name][0] += 1
+    by[name][1] += float(r["Metric Value"].replace(",", "")) / 1e6
+print(f"{sys.argv[2]}: {len(rows)} kernels, {sum(v[1] for v in by.values()):.2f} ms (the load's probe batch and one of 256 x 128)")
+for name, (n, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
+    print(f"  {ms:8.3f} ms {n:4d}x  {name}")
+PY
+}
+kernels kiln
+[ -n "$graph" ] && kernels candle --set provider.options.cuda_kernels=false
+
+bench() { # JSON EXTRA..
+    local json="$1"; shift
+    timeout 150 "$kiln" bench examples/embed.toml --texts "$work/long.txt" --concurrency 1024 --requests 32768 \
+        "${set_model[@]}" --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
+        --set batching.max_batch_size=256 --set batching.max_wait_ms=2 --set batching.queue_capacity=8192 \
+        --set text.max_length=128 --set cache.enabled=false --json "$out/$json" "$@" 2>> "$out/bench.log" \
+        | tee -a "$out/bench.txt"
+}
+bench candle_kiln_kernels.json || true
+bench candle_kiln_kernels_profiled.json --profile "$out/profile_candle_kiln.json" || true
+[ -n "$graph" ] && bench candle_graph.json --set provider.options.cuda_kernels=false
+python3 scripts/device/helpers.py ceiling "$model" "$work/long.txt" 5 "$out/ceiling.json" "" \
+    "$out"/candle_*.json | tee "$out/ceiling.txt"
+python3 - "$out/profile_candle_kiln.json" <<'PY'
+import json, sys
+spans = json.load(open(sys.argv[1]))["spans"]
+print(", ".join(f"{k} p50 {v['p50_ms']:.2f} ms x{v['count']}" for k, v in sorted(spans.items())
+                if k in ("model_run", "device_wait", "collate", "tokenize", "queue_wait", "request")))
+PY
