@@ -18,11 +18,14 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType as CDType, Layout, Shape, Storage, Tensor as CTensor, bail,
+    CpuStorage, CudaStorage, CustomOp1, DType as CDType, Device as CDevice, Layout, Shape, Storage,
+    Tensor as CTensor, bail,
 };
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
-use kiln_core::{EmbeddingHead, Error, Pooling, Result};
+use kiln_core::{DType, EmbeddingHead, Error, Inputs, Outputs, Pooling, Result, SENTENCE_EMBEDDING, Tensor};
+
+use crate::{BertEncoder, LAST_HIDDEN_STATE, backend, output_dtype};
 
 /// The kernels, as PTX for the build's `CUDA_COMPUTE_CAP` (the driver compiles it for
 /// the GPU it runs on).
@@ -435,5 +438,46 @@ impl CustomOp1 for Launch<'_> {
         // frees device memory in stream order.
         unsafe { builder.launch(self.config) }.w()?;
         Ok((out, shape.clone()))
+    }
+}
+
+impl BertEncoder {
+    /// A batch through [`CudaBert`]: ids checked on the host, the encoder and the
+    /// embedding head on the GPU, only the result copied back.
+    pub(crate) fn run_cuda(&self, model: &CudaBert, inputs: &Inputs) -> Result<Outputs> {
+        let host = |name: &str| inputs.require(name).and_then(|t| t.to_vec::<i64>());
+        let (ids, types) = (host("input_ids")?, host("token_type_ids")?);
+        let shape = inputs.require("input_ids")?.shape().to_vec();
+        let &[batch, sequence] = shape.as_slice() else {
+            return Err(Error::InvalidInput(format!(
+                "input_ids has shape {shape:?}; expected [batch, sequence]"
+            )));
+        };
+        model.check(&ids, &types, sequence)?;
+        let on_device = |values: Vec<i64>| CTensor::from_vec(values, (batch, sequence), &self.device);
+        let mask = self.tensor(inputs, "attention_mask")?.to_dtype(CDType::F32).map_err(backend)?;
+        let (ids, types) = (on_device(ids).map_err(backend)?, on_device(types).map_err(backend)?);
+        let hidden = model.forward(&ids, &types, &mask).map_err(backend)?;
+        let to_host = |t: &CTensor| t.to_device(&CDevice::Cpu).and_then(|t| t.flatten_all());
+        if let Some(head) = self.info.head {
+            let pooled = pool(&hidden, &mask, head).map_err(backend)?;
+            let values = to_host(&pooled).and_then(|t| t.to_vec1::<f32>()).map_err(backend)?;
+            return Ok(
+                Outputs::new().with(SENTENCE_EMBEDDING, Tensor::from_vec(pooled.dims().to_vec(), values)?)
+            );
+        }
+        let width = hidden.dim(1).map_err(backend)?;
+        let shape = vec![batch, sequence, width];
+        let tensor = if output_dtype(self.info.dtype) == DType::F16 {
+            Tensor::from_vec(
+                shape,
+                to_host(&hidden).and_then(|t| t.to_vec1::<half::f16>()).map_err(backend)?,
+            )?
+        } else {
+            let values =
+                hidden.to_dtype(CDType::F32).and_then(|t| to_host(&t)).and_then(|t| t.to_vec1::<f32>());
+            Tensor::from_vec(shape, values.map_err(backend)?)?
+        };
+        Ok(Outputs::new().with(LAST_HIDDEN_STATE, tensor))
     }
 }

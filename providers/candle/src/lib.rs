@@ -7,8 +7,15 @@
 //! ([`ModelSpec::head`]), it pools and normalises on its device, in f32, and returns
 //! `sentence_embedding` (`[batch, hidden]`): only that leaves a GPU. Without one it
 //! returns `last_hidden_state` (`[batch, sequence, hidden]`: f16 for f16 models and f32
-//! otherwise). Weights are converted to the model's dtype at load; LayerNorm and
-//! softmax run in f32 inside candle's kernels.
+//! otherwise). Weights are converted to the model's dtype at load.
+//!
+//! Which code runs the encoder: f32 on the CPU, kiln's packed kernels (`cpu.rs`: no
+//! padding computed; int8 with `model.quantization`); on a GPU, kiln's CUDA kernels
+//! between cuBLAS's matrix products (`cuda.rs`, `kernels/bert.cu`, compiled to PTX by
+//! nvcc at build time with the `cuda` feature); otherwise (f16/bf16 on the CPU, a BERT
+//! the kernels do not take, or `provider.options.cpu_kernels` / `cuda_kernels` off)
+//! candle-transformers' graph. LayerNorm, softmax and pooling compute in f32 in all
+//! three.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -477,46 +484,6 @@ impl BertEncoder {
     }
 }
 
-#[cfg(feature = "cuda")]
-impl BertEncoder {
-    fn run_cuda(&self, model: &cuda::CudaBert, inputs: &Inputs) -> Result<Outputs> {
-        let host = |name: &str| inputs.require(name).and_then(|t| t.to_vec::<i64>());
-        let (ids, types) = (host("input_ids")?, host("token_type_ids")?);
-        let shape = inputs.require("input_ids")?.shape().to_vec();
-        let &[batch, sequence] = shape.as_slice() else {
-            return Err(Error::InvalidInput(format!(
-                "input_ids has shape {shape:?}; expected [batch, sequence]"
-            )));
-        };
-        model.check(&ids, &types, sequence)?;
-        let on_device = |values: Vec<i64>| CTensor::from_vec(values, (batch, sequence), &self.device);
-        let mask = self.tensor(inputs, "attention_mask")?.to_dtype(CDType::F32).map_err(backend)?;
-        let (ids, types) = (on_device(ids).map_err(backend)?, on_device(types).map_err(backend)?);
-        let hidden = model.forward(&ids, &types, &mask).map_err(backend)?;
-        let to_host = |t: &CTensor| t.to_device(&CDevice::Cpu).and_then(|t| t.flatten_all());
-        if let Some(head) = self.info.head {
-            let pooled = cuda::pool(&hidden, &mask, head).map_err(backend)?;
-            let values = to_host(&pooled).and_then(|t| t.to_vec1::<f32>()).map_err(backend)?;
-            return Ok(
-                Outputs::new().with(SENTENCE_EMBEDDING, Tensor::from_vec(pooled.dims().to_vec(), values)?)
-            );
-        }
-        let width = hidden.dim(1).map_err(backend)?;
-        let shape = vec![batch, sequence, width];
-        let tensor = if output_dtype(self.info.dtype) == DType::F16 {
-            Tensor::from_vec(
-                shape,
-                to_host(&hidden).and_then(|t| t.to_vec1::<half::f16>()).map_err(backend)?,
-            )?
-        } else {
-            let values =
-                hidden.to_dtype(CDType::F32).and_then(|t| to_host(&t)).and_then(|t| t.to_vec1::<f32>());
-            Tensor::from_vec(shape, values.map_err(backend)?)?
-        };
-        Ok(Outputs::new().with(LAST_HIDDEN_STATE, tensor))
-    }
-}
-
 impl Model for BertEncoder {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -607,145 +574,4 @@ kiln_core::register_provider!(
 );
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(spec: &ModelSpec) -> Result<Arc<dyn Model>> {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(CandleProvider::default().load(spec))
-    }
-
-    #[test]
-    fn registers_itself_under_its_name() {
-        assert!(kiln_core::providers().unwrap().names().contains(&NAME));
-    }
-
-    #[test]
-    fn missing_folder_config_and_weights_are_clear_errors() {
-        let err = load(&ModelSpec::new("/no/such/model", Device::Cpu, DType::F32)).err().unwrap().to_string();
-        assert!(err.contains("/no/such/model: no such folder"), "{err}");
-
-        let dir = tempfile_dir();
-        let err = load(&ModelSpec::new(&dir, Device::Cpu, DType::F32)).err().unwrap().to_string();
-        assert!(err.contains("no config.json; expected a Hugging Face BERT folder"), "{err}");
-
-        std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
-        let err = load(&ModelSpec::new(&dir, Device::Cpu, DType::F32)).err().unwrap().to_string();
-        assert!(err.contains("model_type `gpt2`; provider `candle` loads model_type `bert`"), "{err}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn unsupported_device_and_dtype_say_what_is_accepted() {
-        #[cfg(not(feature = "cuda"))]
-        {
-            let err = load(&ModelSpec::new(".", Device::Cuda(0), DType::F32)).err().unwrap().to_string();
-            assert!(err.contains("runs on cpu only, not cuda:0"), "{err}");
-        }
-        let err = load(&ModelSpec::new(".", Device::Cpu, DType::I64)).err().unwrap().to_string();
-        assert!(err.contains("f32, f16 or bf16, not i64"), "{err}");
-    }
-
-    fn minilm_dir() -> PathBuf {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/all-MiniLM-L6-v2");
-        assert!(dir.join("model.safetensors").is_file(), "{} is missing: run scripts/setup", dir.display());
-        dir
-    }
-
-    /// BERT inputs of `[batch, sequence]` with token types 0.
-    fn bert_inputs(batch: usize, sequence: usize, ids: &[i64], mask: &[i64]) -> Inputs {
-        let tensor = |values: Vec<i64>| Tensor::from_vec(vec![batch, sequence], values).unwrap();
-        Inputs::new()
-            .with("input_ids", tensor(ids.to_vec()))
-            .with("attention_mask", tensor(mask.to_vec()))
-            .with("token_type_ids", tensor(vec![0; batch * sequence]))
-    }
-
-    /// The packed CPU kernels against candle-transformers' graph on the same weights:
-    /// token outputs at every real position (rows right-padded, left-padded and with a
-    /// hole), zeros at padded ones, and every pooling on right-padded rows.
-    #[test]
-    fn packed_cpu_kernels_match_candles_graph() {
-        let dir = minilm_dir();
-        let provider =
-            |cpu_kernels| CandleProvider { options: CandleOptions { cpu_kernels, ..Default::default() } };
-        let run = |cpu_kernels: bool, spec: &ModelSpec, inputs: &Inputs| {
-            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let model = runtime.block_on(provider(cpu_kernels).load(spec)).unwrap();
-            let outputs = model.run(inputs).unwrap();
-            let name = if spec.head.is_some() { SENTENCE_EMBEDDING } else { LAST_HIDDEN_STATE };
-            outputs.require(name).unwrap().to_f32_vec().unwrap()
-        };
-        let (batch, sequence, hidden) = (4, 7, 384);
-        let ids: Vec<i64> = (0..batch * sequence).map(|i| 1000 + (i as i64 * 7919) % 20000).collect();
-        #[rustfmt::skip]
-        let mask: Vec<i64> = vec![
-            1, 1, 1, 1, 1, 1, 1,
-            1, 1, 1, 0, 0, 0, 0,
-            0, 0, 1, 1, 1, 1, 1,
-            1, 1, 0, 1, 1, 0, 0,
-        ];
-        let inputs = |mask: &[i64]| bert_inputs(batch, sequence, &ids, mask);
-        let spec = ModelSpec::new(&dir, Device::Cpu, DType::F32);
-        let (packed, graph) = (run(true, &spec, &inputs(&mask)), run(false, &spec, &inputs(&mask)));
-        for (place, (p, g)) in packed.chunks(hidden).zip(graph.chunks(hidden)).enumerate() {
-            if mask[place] == 0 {
-                assert!(p.iter().all(|&v| v == 0.0), "padded position {place} is not zeros");
-                continue;
-            }
-            let worst = p.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst < 2e-4, "position {place}: largest difference {worst}");
-        }
-
-        let right: Vec<i64> =
-            (0..batch * sequence).map(|i| i64::from(i % sequence < 2 + i / sequence)).collect();
-        for pooling in [Pooling::Mean, Pooling::MeanSqrtLen, Pooling::Cls, Pooling::Max] {
-            for normalize in [true, false] {
-                let spec = spec.clone().with_head(EmbeddingHead { pooling, normalize });
-                let (p, g) = (run(true, &spec, &inputs(&right)), run(false, &spec, &inputs(&right)));
-                let worst = p.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(worst < 2e-4, "{pooling:?}, normalize {normalize}: largest difference {worst}");
-            }
-        }
-    }
-
-    /// int8 (`model.quantization`): the packed kernels with quantized layers, pooled
-    /// vectors within cosine 0.995 of f32 on padded rows of unequal length, and a
-    /// refusal naming the conditions off the CPU kernels.
-    #[test]
-    fn int8_runs_quantized_layers_close_to_f32() {
-        let dir = minilm_dir();
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let head = EmbeddingHead { pooling: Pooling::Mean, normalize: true };
-        let spec = ModelSpec::new(&dir, Device::Cpu, DType::F32).with_head(head);
-        let int8_spec = spec.clone().with_quantization(Quantization::Int8);
-        let provider = CandleProvider::default();
-        let f32_model = runtime.block_on(provider.load(&spec)).unwrap();
-        let int8_model = runtime.block_on(provider.load(&int8_spec)).unwrap();
-        let (batch, sequence) = (3, 40);
-        let ids: Vec<i64> = (0..batch * sequence).map(|i| 2000 + (i as i64 * 7919) % 20000).collect();
-        let mask: Vec<i64> =
-            (0..batch * sequence).map(|i| i64::from(i % sequence < 5 + 17 * (i / sequence))).collect();
-        let inputs = bert_inputs(batch, sequence, &ids, &mask);
-        let run = |m: &Arc<dyn Model>| {
-            m.run(&inputs).unwrap().require(SENTENCE_EMBEDDING).unwrap().to_f32_vec().unwrap()
-        };
-        let (a, b) = (run(&f32_model), run(&int8_model));
-        for (row, (x, y)) in a.chunks(384).zip(b.chunks(384)).enumerate() {
-            let cosine: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
-            assert!((0.995..0.999_999).contains(&cosine), "row {row}: cosine {cosine} between f32 and int8");
-        }
-
-        let bf16 = ModelSpec::new(&dir, Device::Cpu, DType::BF16).with_quantization(Quantization::Int8);
-        let e = runtime.block_on(provider.load(&bf16)).err().unwrap().to_string();
-        assert!(e.contains("int8") && e.contains("dtype f32") && e.contains("not cpu bf16"), "{e}");
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("kiln-candle-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-}
+mod tests;
