@@ -198,6 +198,17 @@ async fn a_deadline_fires_and_the_next_request_is_served() {
 }
 
 #[tokio::test]
+async fn a_call_over_the_input_limit_is_refused_and_the_next_is_served() {
+    let optimizer = Optimizer::from_config(config("{}", &["scheduler.max_inputs_per_call=3"])).await.unwrap();
+    let four: Vec<String> = (0..4).map(|i| format!("text {i}")).collect();
+    let err = optimizer.embed(&four).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    assert!(err.to_string().contains("a call of 4 texts is over scheduler.max_inputs_per_call (3)"), "{err}");
+    assert_eq!(optimizer.stats().batches, 0, "the refused call ran nothing");
+    assert_eq!(optimizer.embed(&four[..3]).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
 async fn in_run_batch_one_failure_does_not_fail_the_others() {
     let optimizer = Optimizer::from_config(config("{}", &[])).await.unwrap();
     let wrong = Inputs::new().with("pixels", Tensor::from_vec(vec![1, 3], vec![0f32; 3]).unwrap());

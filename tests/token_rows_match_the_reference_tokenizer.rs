@@ -39,6 +39,10 @@ fn texts() -> Vec<String> {
     hollow.extend(long.iter().map(|w| w.to_string()));
     texts.push(hollow.join(" "));
     texts.push(format!("{} Ünïcödé at the end", long[..200].join(" ")));
+    // No word breaks: only the character cut (text.max_chars) bounds these. Past
+    // 128 × 256 characters, so the cut applies at every max_length below.
+    texts.push("中文".repeat(17_000));
+    texts.push("a".repeat(40_000));
     texts
 }
 
@@ -60,6 +64,26 @@ fn fast_rows_are_the_reference_tokenizers_ids() {
             assert!(row.ids.len() <= max_length);
         }
         // The long texts reach the limit; the reference agrees on where they stop.
-        assert_eq!(rows[rows.len() - 3].ids.len(), max_length);
+        assert_eq!(rows[rows.len() - 5].ids.len(), max_length);
+        assert_eq!(rows[rows.len() - 2].ids.len(), max_length);
     }
+}
+
+#[test]
+fn a_text_is_cut_to_max_chars_before_tokenizing() {
+    // Only a run of whitespace (or of words over 100 characters) that fills the first
+    // max_chars characters can show the cut: the words after it are never read.
+    let text = format!("first{}after the run", " ".repeat(3_000));
+    let rows = |max_chars| {
+        let config = TextConfig { max_length: Some(16), max_chars, ..TextConfig::default() };
+        let pipeline = TextPipeline::from_model_dir(&support::minilm_dir(), &config, Some(512)).unwrap();
+        pipeline.encode_rows(&[text.as_str()]).unwrap().remove(0).ids
+    };
+    let whole = rows(Some(0));
+    assert_eq!(whole.len(), 6, "[CLS] first after the run [SEP]: {whole:?}");
+    let cut = rows(Some(1_000));
+    assert_eq!(cut.len(), 3, "[CLS] first [SEP]: {cut:?}");
+    assert_eq!(cut[..2], whole[..2]);
+    // The default (128 characters per token of max_length: 2048 here) cuts it too.
+    assert_eq!(rows(None), cut);
 }

@@ -195,6 +195,10 @@ pub struct TextConfig {
     pub normalize: Option<bool>,
     /// Threads of the tokenizer pool (0: one per CPU core).
     pub tokenizer_threads: usize,
+    /// Characters of a text that are tokenized at most; the rest is never read
+    /// (default: 128 × `max_length`; 0: no cut). See docs/config.md.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_chars: Option<usize>,
 }
 
 /// `[classify]`: how the classify task reads a model's scores.
@@ -517,11 +521,20 @@ pub struct SchedulerConfig {
     pub retries: usize,
     /// First backoff delay; it doubles per retry, with random jitter.
     pub backoff_ms: u64,
+    /// Inputs (texts, images) one call may carry; a larger call is refused before any
+    /// work, so one call cannot hold unbounded memory.
+    pub max_inputs_per_call: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_concurrent: 1024, timeout_ms: 30_000, retries: 2, backoff_ms: 10 }
+        SchedulerConfig {
+            max_concurrent: 1024,
+            timeout_ms: 30_000,
+            retries: 2,
+            backoff_ms: 10,
+            max_inputs_per_call: 65_536,
+        }
     }
 }
 
@@ -705,6 +718,13 @@ impl KilnConfig {
         check_range(&mut issues, "models.max_loaded", self.models.max_loaded, 1, 1024);
         check_range(&mut issues, "scheduler.max_concurrent", self.scheduler.max_concurrent, 1, 1 << 20);
         check_range(&mut issues, "scheduler.timeout_ms", self.scheduler.timeout_ms as usize, 0, 3_600_000);
+        check_range(
+            &mut issues,
+            "scheduler.max_inputs_per_call",
+            self.scheduler.max_inputs_per_call,
+            1,
+            1 << 24,
+        );
         check_range(&mut issues, "scheduler.retries", self.scheduler.retries, 0, 100);
         check_range(&mut issues, "scheduler.backoff_ms", self.scheduler.backoff_ms as usize, 0, 60_000);
         check_range(&mut issues, "cache.ttl_s", self.cache.ttl_s as usize, 1, 365 * 24 * 3600);
@@ -717,6 +737,9 @@ impl KilnConfig {
         }
         if let Some(n) = self.text.max_length {
             check_range(&mut issues, "text.max_length", n, 1, 65_536);
+        }
+        if let Some(n) = self.text.max_chars {
+            check_range(&mut issues, "text.max_chars", n, 0, 1 << 30);
         }
         self.preprocess.check(&mut issues);
         check_range(&mut issues, "classify.top_k", self.classify.top_k, 1, 1_000_000);

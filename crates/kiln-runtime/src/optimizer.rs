@@ -277,7 +277,8 @@ impl Optimizer {
     pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         // A retry runs the whole call again; texts that made it the first time are
         // cache hits by then (when the cache is on).
-        let vectors = self.request(Ok(()), || self.embed_inner(texts)).await?;
+        let vectors =
+            self.request(self.check_call_size(texts.len(), "texts"), || self.embed_inner(texts)).await?;
         Counters::add(&self.counters.texts, texts.len() as u64);
         Ok(vectors)
     }
@@ -438,7 +439,20 @@ impl Optimizer {
     /// turned into the `classify.top_k` best labels. One result per image, in order: an
     /// image that cannot be read fails alone, with an error naming it.
     pub async fn classify(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {
-        self.request(Ok(()), || self.classify_inner(images)).await
+        self.request(self.check_call_size(images.len(), "images"), || self.classify_inner(images)).await
+    }
+
+    /// A call of `count` inputs within `scheduler.max_inputs_per_call`, or the error
+    /// that says how to split it.
+    fn check_call_size(&self, count: usize, what: &str) -> Result<()> {
+        let limit = self.config.scheduler.max_inputs_per_call;
+        if count > limit {
+            return Err(Error::InvalidInput(format!(
+                "a call of {count} {what} is over scheduler.max_inputs_per_call ({limit}); \
+                 split it into calls of at most {limit} (kiln run does)"
+            )));
+        }
+        Ok(())
     }
 
     async fn classify_inner(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {

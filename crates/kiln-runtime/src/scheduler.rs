@@ -85,7 +85,13 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn config(retries: usize, timeout_ms: u64) -> SchedulerConfig {
-        SchedulerConfig { max_concurrent: 4, timeout_ms, retries, backoff_ms: 1 }
+        SchedulerConfig {
+            max_concurrent: 4,
+            timeout_ms,
+            retries,
+            backoff_ms: 1,
+            ..SchedulerConfig::default()
+        }
     }
 
     /// Fault injection: fails `failures` times with an error of the given retryability.

@@ -16,6 +16,9 @@
 //!   keeps as word breaks). Every word gives at least one token, so the prefix fills
 //!   the row; when it does not (words of removed characters only), the whole text is
 //!   tokenized. A 2 MB text now costs what its first `max_length` words cost.
+//! - Before all that, a text is cut to its first `max_chars` characters
+//!   (`text.max_chars`, by default 128 per token of `max_length`): a text without
+//!   word breaks (CJK, one endless word) is not bounded by the word cut.
 
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
@@ -101,11 +104,13 @@ pub(crate) struct RowTokenizer {
     /// Words kept before tokenizing: set where words never merge across whitespace.
     prefix_words: Option<usize>,
     max_length: usize,
+    /// Characters read at most (0: all).
+    max_chars: usize,
 }
 
 impl RowTokenizer {
     /// From the pipeline's tokenizer, truncation set to `max_length`.
-    pub fn new(tokenizer: &Tokenizer, max_length: usize) -> TkResult<Self> {
+    pub fn new(tokenizer: &Tokenizer, max_length: usize, max_chars: usize) -> TkResult<Self> {
         let mut inner: Inner = TokenizerImpl::new(tokenizer.get_model().clone());
         inner.with_normalizer(tokenizer.get_normalizer().cloned().map(|n| match n {
             NormalizerWrapper::BertNormalizer(bert) => RowNormalizer::Bert(bert),
@@ -127,11 +132,12 @@ impl RowTokenizer {
         let normalizer_keeps_breaks =
             matches!(tokenizer.get_normalizer(), None | Some(NormalizerWrapper::BertNormalizer(_)));
         let prefix_words = (bert_words && normalizer_keeps_breaks && !spaced_tokens).then_some(max_length);
-        Ok(RowTokenizer { inner, prefix_words, max_length })
+        Ok(RowTokenizer { inner, prefix_words, max_length, max_chars })
     }
 
     /// The text's encoding, special tokens added, truncated to `max_length`.
     pub fn encode(&self, text: &str) -> TkResult<Encoding> {
+        let text = char_prefix(text, self.max_chars);
         let Some(words) = self.prefix_words else {
             return self.inner.encode_fast(text, true);
         };
@@ -143,6 +149,15 @@ impl RowTokenizer {
         }
         Ok(encoding)
     }
+}
+
+/// The text's first `chars` characters (all of it when `chars` is 0).
+fn char_prefix(text: &str, chars: usize) -> &str {
+    // A character takes at least one byte: a text of no more bytes is whole.
+    if chars == 0 || text.len() <= chars {
+        return text;
+    }
+    text.char_indices().nth(chars).map_or(text, |(end, _)| &text[..end])
 }
 
 /// The text up to the end of its `words`-th word, words being separated by spaces,
