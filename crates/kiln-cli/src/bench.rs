@@ -145,10 +145,13 @@ fn workload(requests: usize, unique_ratio: f64, words: (usize, usize)) -> (Vec<S
     (texts, order)
 }
 
-/// The non-empty lines of a `--texts` file.
+/// The non-blank lines of a `--texts` file, read as `kiln run` reads a text file (UTF-8
+/// checked by line, BOM and CRLF handled); blank lines are left out, since a load of
+/// empty requests measures nothing, where `kiln run` embeds them to keep line numbers.
 pub fn read_texts(path: &std::path::Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--texts {}", path.display()))?;
-    let texts: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+    let records = crate::input::read_texts(path, crate::input::InputFormat::Lines)
+        .with_context(|| format!("--texts {}", path.display()))?;
+    let texts: Vec<String> = records.into_iter().map(|r| r.text).filter(|t| !t.trim().is_empty()).collect();
     if texts.is_empty() {
         bail!("--texts {}: no non-empty lines; expected one text per line", path.display());
     }

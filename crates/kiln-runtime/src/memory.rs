@@ -1,7 +1,6 @@
-//! Memory figures from the operating system (sysinfo).
-//!
-//! GPU memory (NVML) joins with CUDA support; until then a GPU device reports no
-//! figures and loads on it are not checked.
+//! Memory figures from the operating system (sysinfo) and, for NVIDIA GPUs, from NVML
+//! (opened on the first GPU question; without a driver a GPU reports no figures and
+//! the reason is logged once at debug level).
 
 use kiln_core::{Device, MemoryInfo};
 use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, RefreshKind, System};

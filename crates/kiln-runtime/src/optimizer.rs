@@ -467,8 +467,8 @@ impl Optimizer {
         let pipeline = classifier.clone();
         let batch = tokio::task::spawn_blocking(move || pipeline.pipeline.process(&owned))
             .await
-            .map_err(|e| Error::Shutdown(format!("pre-processing task failed: {e}")))??;
-        self.timed(Stage::Tokenize, "preprocess", started);
+            .map_err(|e| Error::backend("kiln", format!("the pre-processing task failed: {e}")))??;
+        self.timed(Stage::Preprocess, "preprocess", started);
         let rows = batch.tensor.shape().first().copied().unwrap_or(0);
         let row_shape: Vec<usize> =
             std::iter::once(1).chain(batch.tensor.shape()[1..].iter().copied()).collect();
@@ -501,7 +501,7 @@ impl Optimizer {
                 Err(e) => Err(e),
             });
         }
-        Counters::add(&self.counters.texts, results.iter().filter(|r| r.is_ok()).count() as u64);
+        Counters::add(&self.counters.images, results.iter().filter(|r| r.is_ok()).count() as u64);
         Ok(results)
     }
 
@@ -708,6 +708,7 @@ fn summary_metrics(stats: &Stats) -> Metrics {
     let mut m = Metrics::from([
         ("requests".to_string(), stats.requests as f64),
         ("texts".to_string(), stats.texts as f64),
+        ("images".to_string(), stats.images as f64),
         ("errors".to_string(), errors as f64),
         ("retries".to_string(), stats.retries as f64),
         ("timeouts".to_string(), stats.timeouts as f64),
@@ -725,6 +726,7 @@ fn summary_metrics(stats: &Stats) -> Metrics {
         ("mean_batch_size".to_string(), stats.mean_batch_size),
         ("cache_hit_rate".to_string(), stats.cache.hit_rate()),
         ("tokenize_s".to_string(), stats.tokenize_seconds),
+        ("preprocess_s".to_string(), stats.preprocess_seconds),
         ("inference_s".to_string(), stats.inference_seconds),
         ("pooling_s".to_string(), stats.pooling_seconds),
     ]);

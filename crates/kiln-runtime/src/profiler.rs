@@ -1,7 +1,8 @@
 //! [`SamplingProfiler`]: span statistics, a background resource sampler, a JSON report
 //! and a Chrome trace.
 //!
-//! Recording a span costs one uncontended lock and a histogram increment (about 50 ns),
+//! Recording a span costs one uncontended lock and a histogram increment (80–190 ns
+//! in the criterion bench, by machine; docs/benchmarks.md),
 //! so the optimizer leaves spans on around every stage. The trace (every span and
 //! sample, for Perfetto) is kept only when asked for, up to `profiler.max_trace_events`.
 //! The sampler is a thread of its own: sysinfo for memory and CPU, NVML for NVIDIA

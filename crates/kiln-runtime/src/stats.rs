@@ -19,6 +19,8 @@ pub struct Stats {
     pub requests: u64,
     /// Texts embedded (cache hits included).
     pub texts: u64,
+    /// Images classified (those that could be read).
+    pub images: u64,
     /// Texts answered by joining a concurrent request's run for the same text
     /// (single-flight) instead of a model run of their own.
     pub coalesced: u64,
@@ -42,6 +44,8 @@ pub struct Stats {
     pub queue_wait_ms: Percentiles,
     /// Time in tokenization, seconds.
     pub tokenize_seconds: f64,
+    /// Time in image pre-processing (decode, resize, normalise), seconds.
+    pub preprocess_seconds: f64,
     /// Time inside the model, measured on its worker thread, seconds.
     pub inference_seconds: f64,
     /// Time in pooling and normalisation, seconds.
@@ -135,8 +139,10 @@ impl LatencyHistogram {
 pub(crate) struct Counters {
     pub requests: AtomicU64,
     pub texts: AtomicU64,
+    pub images: AtomicU64,
     pub coalesced: AtomicU64,
     tokenize_ns: AtomicU64,
+    preprocess_ns: AtomicU64,
     inference_ns: AtomicU64,
     pooling_ns: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -163,6 +169,7 @@ pub(crate) struct Parts {
 
 pub(crate) enum Stage {
     Tokenize,
+    Preprocess,
     Inference,
     Pooling,
 }
@@ -175,6 +182,7 @@ impl Counters {
     pub fn time(&self, stage: Stage, elapsed: Duration) {
         let counter = match stage {
             Stage::Tokenize => &self.tokenize_ns,
+            Stage::Preprocess => &self.preprocess_ns,
             Stage::Inference => &self.inference_ns,
             Stage::Pooling => &self.pooling_ns,
         };
@@ -212,6 +220,7 @@ impl Counters {
         Stats {
             requests: self.requests.load(Ordering::Relaxed),
             texts: self.texts.load(Ordering::Relaxed),
+            images: self.images.load(Ordering::Relaxed),
             coalesced: self.coalesced.load(Ordering::Relaxed),
             batches: batches.batches,
             mean_batch_size: batches.mean_batch_size(),
@@ -229,6 +238,7 @@ impl Counters {
             latency_ms: self.latency.percentiles(),
             queue_wait_ms: self.queue_wait.percentiles(),
             tokenize_seconds: secs(&self.tokenize_ns),
+            preprocess_seconds: secs(&self.preprocess_ns),
             inference_seconds: secs(&self.inference_ns),
             pooling_seconds: secs(&self.pooling_ns),
             uptime_seconds: started.elapsed().as_secs_f64(),

@@ -45,8 +45,10 @@ struct Guarded {
 
 impl Guarded {
     fn call(&mut self, what: &str, f: impl FnOnce(&mut dyn Tracker) -> Result<()>) {
-        let result = catch_unwind(AssertUnwindSafe(|| f(&mut *self.tracker)))
-            .unwrap_or_else(|_| Err(kiln_core::Error::Unsupported("the tracker panicked".into())));
+        let result = catch_unwind(AssertUnwindSafe(|| f(&mut *self.tracker))).unwrap_or_else(|p| {
+            let why = crate::worker::panic_message(p);
+            Err(kiln_core::Error::backend(&self.kind, format!("the tracker panicked: {why}")))
+        });
         if let Err(e) = result {
             *self.failures.lock().unwrap_or_else(|p| p.into_inner()).entry(self.kind.clone()).or_default() +=
                 1;
