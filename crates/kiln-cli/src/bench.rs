@@ -62,6 +62,48 @@ pub struct BenchReport {
     pub overrides: Vec<String>,
     /// Each replica's share of the load (`model.gpu_ids`; one entry otherwise).
     pub replicas: Vec<ReplicaShare>,
+    /// Answers that were not their text's: every answer is compared with the first
+    /// answer for the same text (its first dimensions, within 1e-4); a mix-up of
+    /// requests shows here. Counted among the errors too (kind `mismatch`).
+    pub mismatches: u64,
+    /// This process's resident memory after the warm-up, before the load, bytes.
+    pub rss_before_bytes: u64,
+    /// … and after the load, before shutdown: a leak shows as the difference.
+    pub rss_after_bytes: u64,
+}
+
+/// Dimensions of an answer kept to check later answers for the same text: enough to
+/// tell two texts' embeddings apart, little enough (32 bytes a distinct text) not to
+/// weigh on the memory the bench also measures.
+const CHECKED_DIMS: usize = 8;
+
+/// The first answer seen for each text, and how many later ones differed from it.
+struct AnswerCheck {
+    first: Vec<std::sync::OnceLock<[f32; CHECKED_DIMS]>>,
+    mismatches: AtomicU64,
+}
+
+impl AnswerCheck {
+    fn new(texts: usize) -> Self {
+        AnswerCheck {
+            first: (0..texts).map(|_| std::sync::OnceLock::new()).collect(),
+            mismatches: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether `vector` agrees with the first answer for text `index`.
+    fn agrees(&self, index: usize, vector: &[f32]) -> bool {
+        let mut head = [0f32; CHECKED_DIMS];
+        for (h, v) in head.iter_mut().zip(vector) {
+            *h = *v;
+        }
+        let first = self.first[index].get_or_init(|| head);
+        let same = first.iter().zip(&head).all(|(a, b)| (a - b).abs() <= 1e-4);
+        if !same {
+            self.mismatches.fetch_add(1, Ordering::Relaxed);
+        }
+        same
+    }
 }
 
 /// What one replica ran during the load.
@@ -184,6 +226,8 @@ pub async fn run_once(
         None => workload(options.requests, options.unique_ratio, options.words),
     };
     let (texts, order) = (Arc::new(texts), Arc::new(order));
+    let check = Arc::new(AnswerCheck::new(texts.len()));
+    let rss_before_bytes = kiln::runtime::process_rss();
     let before = optimizer.stats();
     let next = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
@@ -197,8 +241,8 @@ pub async fn run_once(
     let started = Instant::now();
     let callers: Vec<_> = (0..options.concurrency)
         .map(|_| {
-            let (optimizer, texts, order, next) =
-                (optimizer.clone(), texts.clone(), order.clone(), next.clone());
+            let (optimizer, texts, order, next, check) =
+                (optimizer.clone(), texts.clone(), order.clone(), next.clone(), check.clone());
             let (errors, ok, latency, bar) = (errors.clone(), ok.clone(), latency.clone(), bar.clone());
             tokio::spawn(async move {
                 loop {
@@ -208,6 +252,9 @@ pub async fn run_once(
                     }
                     let t0 = Instant::now();
                     match optimizer.embed(std::slice::from_ref(&texts[order[i]])).await {
+                        Ok(vectors) if !check.agrees(order[i], &vectors[0]) => {
+                            *errors.lock().unwrap().entry("mismatch".to_string()).or_default() += 1
+                        }
                         Ok(_) => {
                             latency.record(t0.elapsed());
                             ok.fetch_add(1, Ordering::Relaxed);
@@ -225,6 +272,7 @@ pub async fn run_once(
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let after = optimizer.stats();
+    let rss_after_bytes = kiln::runtime::process_rss();
     let optimizer =
         Arc::try_unwrap(optimizer).map_err(|_| anyhow::anyhow!("bench callers still hold the optimizer"))?;
     crate::write_profiler_outputs(&optimizer, &options.profiler)?;
@@ -260,6 +308,9 @@ pub async fn run_once(
                 }
             })
             .collect(),
+        mismatches: check.mismatches.load(Ordering::Relaxed),
+        rss_before_bytes,
+        rss_after_bytes,
     })
 }
 
@@ -299,11 +350,32 @@ pub fn print(label: &str, r: &BenchReport) {
             .collect();
         println!("{:width$}  replicas: {}", "", shares.join("; "), width = label.len());
     }
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    println!(
+        "{:width$}  answers checked: {} not their text's; RSS {:.1} MiB before the load, {:.1} MiB after",
+        "",
+        r.mismatches,
+        mib(r.rss_before_bytes),
+        mib(r.rss_after_bytes),
+        width = label.len()
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_that_is_not_its_texts_is_counted() {
+        let check = AnswerCheck::new(2);
+        let a = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+        let b = [0.9f32, 0.1, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+        assert!(check.agrees(0, &a), "the first answer for a text is the reference");
+        assert!(check.agrees(1, &b));
+        assert!(check.agrees(0, &a.map(|v| v + 1e-6)), "rounding is not a mix-up");
+        assert!(!check.agrees(0, &b), "text 1's answer given for text 0");
+        assert_eq!(check.mismatches.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn the_workload_repeats_texts_per_the_unique_ratio() {

@@ -34,6 +34,9 @@ fn bench_writes_the_documented_json_keys_with_a_baseline() {
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(report["requests"], 40);
     assert_eq!(report["errors"], 0);
+    assert_eq!(report["mismatches"], 0, "every answer is its own text's");
+    let rss = |k: &str| report[k].as_u64().unwrap();
+    assert!(rss("rss_before_bytes") > 1 << 20 && rss("rss_after_bytes") > 1 << 20, "{report}");
     assert!(report["throughput_rps"].as_f64().unwrap() > 0.0);
     for p in ["p50", "p95", "p99", "max"] {
         assert!(report["latency_ms"][p].as_f64().is_some(), "latency_ms.{p}");
