@@ -34,7 +34,9 @@ pub struct TrackerHub {
     failures: TrackerFailures,
 }
 
-/// One tracker with its failure accounting.
+/// One tracker with its failure accounting. It is a [`Tracker`] whose calls never
+/// fail, so the hub drives all of them as one `Vec<Guarded>` through kiln-core's fan-out
+/// (`impl Tracker for Vec<T>`): one fan-out, not a loop per event here.
 struct Guarded {
     kind: String,
     index: usize,
@@ -65,6 +67,37 @@ impl Guarded {
     }
 }
 
+impl Tracker for Guarded {
+    fn log_config(&mut self, config: &serde_json::Value) -> Result<()> {
+        self.call("log the config", |t| t.log_config(config));
+        Ok(())
+    }
+    fn log_metrics(&mut self, step: u64, metrics: &Metrics) -> Result<()> {
+        self.call("log metrics", |t| t.log_metrics(step, metrics));
+        Ok(())
+    }
+    fn log_summary(&mut self, summary: &Metrics) -> Result<()> {
+        self.call("log the summary", |t| t.log_summary(summary));
+        Ok(())
+    }
+    fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
+        self.call("log the profile", |t| t.log_profile(report));
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.call("flush", |t| t.flush());
+        Ok(())
+    }
+    fn tick(&mut self) -> Result<()> {
+        self.call("flush", |t| t.tick());
+        Ok(())
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.call("finish", |t| t.finish());
+        Ok(())
+    }
+}
+
 impl TrackerHub {
     /// Starts the thread: logs `config` once, then a metrics step every `interval`, and
     /// calls every tracker's `tick` at least every 250 ms.
@@ -92,16 +125,12 @@ impl TrackerHub {
         let thread = std::thread::Builder::new()
             .name("kiln-trackers".into())
             .spawn(move || {
-                for g in &mut guarded {
-                    g.call("log the config", |t| t.log_config(&config));
-                }
+                // Guarded calls never fail: the results below are always Ok.
+                let _ = guarded.log_config(&config);
                 let mut step = 0u64;
                 let mut log_step = |guarded: &mut Vec<Guarded>, metrics: &mut MetricsSource| {
                     step += 1;
-                    let m = metrics();
-                    for g in guarded.iter_mut() {
-                        g.call("log metrics", |t| t.log_metrics(step, &m));
-                    }
+                    let _ = guarded.log_metrics(step, &metrics());
                 };
                 let mut next_step = Instant::now() + interval;
                 loop {
@@ -117,28 +146,22 @@ impl TrackerHub {
                                     next_step = Instant::now() + interval; // fell behind: skip, don't burst
                                 }
                             }
-                            for g in &mut guarded {
-                                g.call("flush", |t| t.tick());
-                            }
+                            let _ = guarded.tick();
                         }
                         Ok(Command::Finish { summary, profile, done }) => {
                             // A last step, so even a run shorter than the interval has one.
                             log_step(&mut guarded, &mut metrics);
-                            for g in &mut guarded {
-                                g.call("log the summary", |t| t.log_summary(&summary));
-                                if let Some(p) = &profile {
-                                    g.call("log the profile", |t| t.log_profile(p));
-                                }
-                                g.call("finish", |t| t.finish());
+                            let _ = guarded.log_summary(&summary);
+                            if let Some(p) = &profile {
+                                let _ = guarded.log_profile(p);
                             }
+                            let _ = guarded.finish();
                             let _ = done.send(());
                             return;
                         }
                         Err(flume::RecvTimeoutError::Disconnected) => {
                             // Dropped without finish: still leave files complete.
-                            for g in &mut guarded {
-                                g.call("finish", |t| t.finish());
-                            }
+                            let _ = guarded.finish();
                             return;
                         }
                     }
