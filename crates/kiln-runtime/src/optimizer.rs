@@ -1,31 +1,38 @@
 //! The [`Optimizer`]: builds the stack a config names and serves requests through it.
 
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Cache, CacheKey, Device, Error, Inputs, KilnConfig, Metrics, ModelInfo, ModelSpec, NamedTensors, NoCache,
+    Cache, CacheKey, Device, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, NamedTensors, NoCache,
     NoopProfiler, Outputs, ProfileReport, Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor,
     build_provider, build_trackers,
 };
 use kiln_text::{TextPipeline, TokenRow};
-use kiln_vision::{ImageInput, ImagePipeline};
+use kiln_vision::ImageInput;
 
 use crate::cache::{MokaCache, cache_key};
 use crate::collate::collate;
 use crate::governor::MemoryGovernor;
 use crate::inflight::{Claim, InFlight, Leader, follow};
-use crate::memory::MemoryProbe;
 use crate::models::ModelManager;
 use crate::partial_file::PartialFile;
 use crate::profiler::SamplingProfiler;
 use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
-use crate::stats::{Counters, Parts, Stage, Stats};
+use crate::stats::{Counters, Stage, Stats};
 use crate::tokenize::TokenizerPool;
 use crate::tracking::{TrackerFailures, TrackerHub};
 use crate::worker::{BatchPolicy, ModelWorker};
+
+mod classify;
+mod embed;
+mod metrics;
+
+use classify::Classifier;
+pub use classify::{Classification, Scored};
+use metrics::{IntervalMetrics, StatsSource, summary_metrics};
 
 /// Name of the token-vector output text models are expected to produce.
 pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
@@ -323,117 +330,6 @@ impl Optimizer {
         result
     }
 
-    async fn embed_inner(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        let text = self.text_path("embed")?;
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
-        let mut todo: Vec<usize> = (0..texts.len()).collect();
-        // A pass leaves only texts whose leader (another call) gave up; they go again.
-        while !todo.is_empty() {
-            let mut leaders: Vec<(usize, CacheKey, Leader)> = Vec::new();
-            let mut followers = Vec::new();
-            let lookup = self.profiler.span("cache_lookup");
-            for &i in &todo {
-                let key = cache_key(&[self.identity.as_bytes(), texts[i].as_bytes()]);
-                match self.inflight.claim(key) {
-                    Claim::Lead(leader) => match self.cached(&key) {
-                        // Dropping the claim: nothing to compute.
-                        Some(vector) => out[i] = Some(vector),
-                        None => leaders.push((i, key, leader)),
-                    },
-                    Claim::Follow(running) => followers.push((i, running)),
-                }
-            }
-            drop(lookup);
-            if !leaders.is_empty() {
-                // Longest first, as sentence-transformers does, so that runs of a call
-                // that goes alone hold texts of similar length.
-                leaders.sort_by_key(|&(i, _, _)| std::cmp::Reverse(texts[i].len()));
-                let own: Vec<String> = leaders.iter().map(|&(i, _, _)| texts[i].clone()).collect();
-                let vectors = self.embed_texts(text, own).await?;
-                for ((i, key, leader), vector) in leaders.into_iter().zip(vectors) {
-                    let entry = NamedTensors::new()
-                        .with(EMBEDDING, Tensor::from_vec(vec![vector.len()], vector.clone())?);
-                    self.cache.insert(key, Arc::new(entry));
-                    let shared = Arc::new(vector);
-                    leader.publish(shared.clone());
-                    out[i] = Some(Arc::unwrap_or_clone(shared));
-                }
-            }
-            todo.clear();
-            for (i, running) in followers {
-                match follow(running).await {
-                    Some(vector) => {
-                        Counters::add(&self.counters.coalesced, 1);
-                        out[i] = Some(vector.to_vec());
-                    }
-                    None => todo.push(i),
-                }
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|v| v.expect("every text was answered by the cache, a run or a leader"))
-            .collect())
-    }
-
-    fn cached(&self, key: &CacheKey) -> Option<Vec<f32>> {
-        self.cache.get(key).and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok()))
-    }
-
-    /// Embeddings of texts nobody has computed: tokenized by the pool, then batched with
-    /// other callers' texts (or, with batching off, run as this call's own batches).
-    async fn embed_texts(&self, text: &TextPath, texts: Vec<String>) -> Result<Vec<Vec<f32>>> {
-        let started = Instant::now();
-        let rows = text.tokenizers.encode(texts).await?;
-        self.timed(Stage::Tokenize, "tokenize", started);
-        if self.config.batching.enabled {
-            self.embed_shared(text, rows).await
-        } else {
-            let mut vectors = Vec::with_capacity(rows.len());
-            for own in rows.chunks(self.config.batching.max_batch_size) {
-                vectors.extend(self.embed_alone(text, own).await?);
-            }
-            Ok(vectors)
-        }
-    }
-
-    /// Each row becomes an item of a worker's queue, batched with other callers'.
-    async fn embed_shared(&self, text: &TextPath, rows: Vec<TokenRow>) -> Result<Vec<Vec<f32>>> {
-        let submits = rows.iter().map(|row| async move {
-            let inputs = self.model_inputs(row.inputs()?);
-            self.replicas.pick().submit(inputs, row.len()).await
-        });
-        let outputs = futures_util::future::join_all(submits).await;
-        let started = Instant::now();
-        let mut vectors = Vec::with_capacity(outputs.len());
-        for (out, row) in outputs.into_iter().zip(&rows) {
-            let out = out?;
-            self.counters.queue_wait(out.queue_wait);
-            self.counters.time(Stage::Inference, out.run_time.div_f64(out.batch_size as f64));
-            let mut one = embeddings(text, &out.outputs, &[row.len()], row.len(), 1)?;
-            vectors.push(one.pop().ok_or_else(|| Error::backend("kiln", "the model returned no rows"))?);
-        }
-        if !text.pooled {
-            self.timed(Stage::Pooling, "pool", started);
-        }
-        Ok(vectors)
-    }
-
-    /// The caller's rows run as one batch of their own, collated here.
-    async fn embed_alone(&self, text: &TextPath, rows: &[TokenRow]) -> Result<Vec<Vec<f32>>> {
-        let items =
-            rows.iter().map(|r| r.inputs().map(|i| self.model_inputs(i))).collect::<Result<Vec<_>>>()?;
-        let batch = collate(&items.iter().collect::<Vec<_>>(), &self.replicas.first().buckets())?;
-        let run = self.run_model(batch.inputs).await?;
-        let started = Instant::now();
-        let lengths: Vec<usize> = rows.iter().map(TokenRow::len).collect();
-        let vectors = embeddings(text, &run, &lengths, batch.sequence, batch.rows)?;
-        if !text.pooled {
-            self.timed(Stage::Pooling, "pool", started);
-        }
-        Ok(vectors)
-    }
-
     /// Classifies images (task `classify`): each is pre-processed per `[preprocess]`,
     /// run through the model — batched with other callers' images — and its scores
     /// turned into the `classify.top_k` best labels. One result per image, in order: an
@@ -608,231 +504,6 @@ fn write_atomically(
         file.commit()
     })();
     result.map_err(|e| Error::io("writing", path, e))
-}
-
-/// Everything [`Stats`] is made of. The tracker thread holds a clone; the worker and
-/// governor are weak so that it never keeps a model alive.
-#[derive(Clone)]
-struct StatsSource {
-    counters: Arc<Counters>,
-    scheduler: Arc<Scheduler>,
-    cache: Arc<dyn Cache>,
-    workers: Vec<Weak<ModelWorker>>,
-    model: ModelInfo,
-    governor: Option<Weak<MemoryGovernor>>,
-    started: Instant,
-    load_time: Duration,
-    failures: TrackerFailures,
-}
-
-impl StatsSource {
-    fn snapshot(&self) -> Stats {
-        let (batches, replicas, queue_depth) = crate::replicas::combined(&self.workers);
-        self.counters.snapshot(Parts {
-            retries: self.scheduler.retries(),
-            timeouts: self.scheduler.timeouts(),
-            started: self.started,
-            load: self.load_time,
-            cache: self.cache.stats(),
-            batches,
-            queue_depth,
-            replicas,
-            model: self.model.clone(),
-            memory: self.governor.as_ref().and_then(Weak::upgrade).map(|g| g.stats()),
-            tracker_failures: self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        })
-    }
-}
-
-/// The metrics of each tracker step: rates over the interval since the last step,
-/// latency percentiles of the requests finished in it, and levels now.
-struct IntervalMetrics {
-    source: StatsSource,
-    probe: MemoryProbe,
-    last: Option<(Instant, Stats)>,
-}
-
-impl IntervalMetrics {
-    fn new(source: StatsSource) -> Self {
-        IntervalMetrics { source, probe: MemoryProbe::default(), last: None }
-    }
-
-    fn into_fn(mut self: Box<Self>) -> crate::tracking::MetricsSource {
-        Box::new(move || self.step())
-    }
-
-    fn step(&mut self) -> Metrics {
-        let now = Instant::now();
-        let stats = self.source.snapshot();
-        let window = self.source.counters.window_latency.take_percentiles();
-        let (since, before) = match &self.last {
-            Some((at, s)) => (*at, Some(s)),
-            None => (self.source.started, None),
-        };
-        let secs = now.duration_since(since).as_secs_f64().max(1e-9);
-        let delta = |f: fn(&Stats) -> u64| (f(&stats) - before.map_or(0, f)) as f64;
-        let errors = |s: &Stats| s.errors.values().sum::<u64>();
-        let memory = self.probe.sample();
-        let mut m = Metrics::new();
-        let mut put = |k: &str, v: f64| {
-            m.insert(k.to_string(), v);
-        };
-        put("throughput_rps", delta(|s| s.requests) / secs);
-        put("texts_per_s", delta(|s| s.texts) / secs);
-        if window.count > 0 {
-            put("latency_p50_ms", window.p50);
-            put("latency_p95_ms", window.p95);
-            put("latency_p99_ms", window.p99);
-        }
-        // Rows through the model, as they finish: steady even while one large call runs.
-        put("rows_per_s", delta(Stats::rows) / secs);
-        let batches = delta(|s| s.batches);
-        if batches > 0.0 {
-            put("mean_batch_size", delta(Stats::rows) / batches);
-        }
-        put("cache_hit_rate", stats.cache.hit_rate());
-        put("queue_depth", stats.queue_depth as f64);
-        put("rss_mib", memory.process_rss as f64 / (1u64 << 20) as f64);
-        put("system_memory_used_fraction", memory.used_fraction());
-        put("errors", delta(errors));
-        put("errors_total", errors(&stats) as f64);
-        self.last = Some((now, stats));
-        m
-    }
-}
-
-/// The figures logged once at the end.
-fn summary_metrics(stats: &Stats) -> Metrics {
-    let errors = stats.errors.values().sum::<u64>();
-    let uptime = stats.uptime_seconds.max(1e-9);
-    let mut m = Metrics::from([
-        ("requests".to_string(), stats.requests as f64),
-        ("texts".to_string(), stats.texts as f64),
-        ("images".to_string(), stats.images as f64),
-        ("errors".to_string(), errors as f64),
-        ("retries".to_string(), stats.retries as f64),
-        ("timeouts".to_string(), stats.timeouts as f64),
-        ("uptime_s".to_string(), stats.uptime_seconds),
-        ("load_s".to_string(), stats.load_seconds),
-        ("throughput_rps".to_string(), stats.requests as f64 / uptime),
-        ("texts_per_s".to_string(), stats.texts as f64 / uptime),
-        ("latency_p50_ms".to_string(), stats.latency_ms.p50),
-        ("latency_p95_ms".to_string(), stats.latency_ms.p95),
-        ("latency_p99_ms".to_string(), stats.latency_ms.p99),
-        ("latency_max_ms".to_string(), stats.latency_ms.max),
-        ("queue_wait_p50_ms".to_string(), stats.queue_wait_ms.p50),
-        ("queue_wait_p99_ms".to_string(), stats.queue_wait_ms.p99),
-        ("batches".to_string(), stats.batches as f64),
-        ("mean_batch_size".to_string(), stats.mean_batch_size),
-        ("cache_hit_rate".to_string(), stats.cache.hit_rate()),
-        ("tokenize_s".to_string(), stats.tokenize_seconds),
-        ("preprocess_s".to_string(), stats.preprocess_seconds),
-        ("inference_s".to_string(), stats.inference_seconds),
-        ("pooling_s".to_string(), stats.pooling_seconds),
-    ]);
-    if let Some(memory) = &stats.memory {
-        m.insert("peak_rss_mib".into(), memory.peak_rss_bytes as f64 / (1u64 << 20) as f64);
-    }
-    m
-}
-
-/// One class and its score.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Scored {
-    /// The label (from `classify.labels`, else the class number).
-    pub label: String,
-    /// Class index in the model's output.
-    pub index: usize,
-    /// Probability (after softmax) or the model's own score.
-    pub score: f32,
-}
-
-/// The best classes of one image, best first.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Classification {
-    /// Up to `classify.top_k` classes.
-    pub top_k: Vec<Scored>,
-}
-
-/// The classify task's parts: the image pipeline, the model's image input, the labels.
-struct Classifier {
-    pipeline: ImagePipeline,
-    input: String,
-    labels: Option<Vec<String>>,
-    softmax: bool,
-}
-
-impl Classifier {
-    fn new(config: &KilnConfig, info: &ModelInfo) -> Result<Self> {
-        let pipeline = ImagePipeline::new(&config.preprocess)?;
-        let input = match info.inputs.as_slice() {
-            [one] => one.name.clone(),
-            [] => "input".to_string(),
-            many => {
-                return Err(Error::Unsupported(format!(
-                    "classify feeds one image tensor; {} takes {}: {}",
-                    info.name,
-                    many.len(),
-                    many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
-                )));
-            }
-        };
-        let labels = match &config.classify.labels {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading labels", path, e))?;
-                let labels: Vec<String> =
-                    text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
-                let classes = info.outputs.first().and_then(|o| match o.shape.last() {
-                    Some(kiln_core::Dim::Fixed(n)) => Some(*n),
-                    _ => None,
-                });
-                if let Some(n) = classes.filter(|&n| n != labels.len()) {
-                    return Err(Error::Config(vec![kiln_core::ConfigIssue::new(
-                        "classify.labels",
-                        format!("{} ({} labels)", path.display(), labels.len()),
-                        format!("one label per class: the model has {n}"),
-                    )]));
-                }
-                Some(labels)
-            }
-        };
-        Ok(Classifier { pipeline, input, labels, softmax: config.classify.softmax })
-    }
-
-    fn top_k(&self, outputs: &Outputs, k: usize) -> Result<Classification> {
-        let (_, scores) = outputs.iter().next().ok_or_else(|| {
-            Error::InvalidInput("the model returned no outputs; a classifier must return scores".into())
-        })?;
-        let mut values = scores.to_f32_vec()?;
-        if self.softmax {
-            let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = values
-                .iter_mut()
-                .map(|v| {
-                    *v = (*v - max).exp();
-                    *v
-                })
-                .sum();
-            values.iter_mut().for_each(|v| *v /= sum);
-        }
-        let mut order: Vec<usize> = (0..values.len()).collect();
-        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
-        let top_k = order
-            .into_iter()
-            .take(k)
-            .map(|index| Scored {
-                label: self
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(index).cloned())
-                    .unwrap_or_else(|| index.to_string()),
-                index,
-                score: values[index],
-            })
-            .collect();
-        Ok(Classification { top_k })
-    }
 }
 
 /// One task of [`Optimizer::run_batch`].
