@@ -33,6 +33,16 @@ pub(crate) struct Item {
     pub _slot: Option<OwnedSemaphorePermit>,
 }
 
+impl Item {
+    /// Answers the caller, its queue slot given back first: a caller that submits
+    /// again as soon as it has its answer finds the slot free.
+    pub fn answer(self, result: Result<ItemOutput>) {
+        let Item { reply, _slot, .. } = self;
+        drop(_slot);
+        let _ = reply.send(result);
+    }
+}
+
 pub(crate) enum Message {
     Item(Item),
     Whole(Whole),

@@ -404,7 +404,10 @@ impl Runner {
                             .unwrap_or(1);
                         self.run_model(&whole.inputs, rows)
                     };
-                    let _ = whole.reply.send(result.map(|(outputs, elapsed)| RunOutput { outputs, elapsed }));
+                    // The slot goes back before the answer, as for items.
+                    let Whole { reply, _slot, .. } = whole;
+                    drop(_slot);
+                    let _ = reply.send(result.map(|(outputs, elapsed)| RunOutput { outputs, elapsed }));
                 }
                 Job::Batch { mut items, collated } => {
                     // Callers that gave up while the batch waited are not run.
@@ -481,7 +484,9 @@ impl Runner {
             }
             // Alone, an item's error is its own.
             Err(e) if items.len() == 1 => {
-                let _ = items.into_iter().next().map(|item| item.reply.send(Err(e)));
+                if let Some(item) = items.into_iter().next() {
+                    item.answer(Err(e));
+                }
             }
             // A shared batch failed: run each item alone, so only the culprit fails.
             Err(_) => {
@@ -537,7 +542,9 @@ impl Responder {
         match outputs {
             Ok(outputs) => self.deliver(items, &outputs, (sequence, rows), started),
             Err(e) if items.len() == 1 => {
-                let _ = items.into_iter().next().map(|item| item.reply.send(Err(e)));
+                if let Some(item) = items.into_iter().next() {
+                    item.answer(Err(e));
+                }
             }
             Err(_) => {
                 for item in items {
@@ -552,7 +559,7 @@ impl Responder {
                             self.deliver(vec![item], &outputs, (batch.sequence, batch.rows), started)
                         }
                         Err(e) => {
-                            let _ = item.reply.send(Err(e));
+                            item.answer(Err(e));
                         }
                     }
                 }
@@ -576,13 +583,13 @@ impl Responder {
             Ok(per_item) => {
                 for (item, outputs) in items.into_iter().zip(per_item) {
                     let queue_wait = started.saturating_duration_since(item.enqueued);
-                    let _ = item.reply.send(Ok(ItemOutput { outputs, queue_wait, batch_size, run_time }));
+                    item.answer(Ok(ItemOutput { outputs, queue_wait, batch_size, run_time }));
                 }
             }
             Err(e) => {
                 let message = e.to_string();
                 for item in items {
-                    let _ = item.reply.send(Err(Error::backend("kiln", message.clone())));
+                    item.answer(Err(Error::backend("kiln", message.clone())));
                 }
             }
         }

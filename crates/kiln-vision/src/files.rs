@@ -1,0 +1,68 @@
+//! Image files in, `.npy` out: folders expanded to their images, and the batch written
+//! as NumPy reads it.
+
+use std::path::{Path, PathBuf};
+
+use kiln_core::{DType, Error, Result, Tensor};
+
+use crate::IMAGE_EXTENSIONS;
+
+/// The image files of `paths`: files as given, folders expanded to the files in them
+/// with an image extension (sorted, not recursive). A folder with none is an error.
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            out.push(path.clone());
+            continue;
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io("listing", path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && has_image_extension(p))
+            .collect();
+        if found.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "folder {} holds no images (looked for files ending in .{})",
+                path.display(),
+                IMAGE_EXTENSIONS.join(", .")
+            )));
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+/// Whether `path` ends in one of [`IMAGE_EXTENSIONS`] (any case).
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+/// Writes `tensor` as a NumPy `.npy` file (format 1.0, C order).
+pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
+    let descr = match tensor.dtype() {
+        DType::F32 => "<f4",
+        DType::F16 => "<f2",
+        DType::U8 => "|u1",
+        DType::I64 => "<i8",
+        DType::I32 => "<i4",
+        other => return Err(Error::Unsupported(format!("no .npy type for {other}"))),
+    };
+    let shape: Vec<String> = tensor.shape().iter().map(|d| d.to_string()).collect();
+    let shape = if shape.len() == 1 { format!("({},)", shape[0]) } else { format!("({})", shape.join(", ")) };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple
+    // of 64 and ended by a newline.
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + tensor.bytes().len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(tensor.bytes());
+    std::fs::write(path, out).map_err(|e| Error::io("writing", path, e))
+}
