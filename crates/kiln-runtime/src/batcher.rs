@@ -67,6 +67,9 @@ pub(crate) enum Job {
     Whole(Whole),
 }
 
+/// How often a batcher waiting for a busy model thread checks that it is still there.
+const MODEL_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The batcher thread: forms and collates batches.
 pub(crate) struct Batcher {
     pub policy: BatchPolicy,
@@ -97,14 +100,14 @@ impl Batcher {
                 if due && state.model_ready {
                     break;
                 }
-                let received = if due {
-                    inbox.recv().ok()
-                } else {
-                    match inbox.recv_deadline(deadline) {
-                        Ok(message) => Some(message),
-                        Err(flume::RecvTimeoutError::Timeout) => continue,
-                        Err(flume::RecvTimeoutError::Disconnected) => None,
-                    }
+                // Due and waiting for the model: look now and then whether the model
+                // thread is still there, so its callers hear of it rather than time out.
+                let until = if due { Instant::now() + MODEL_CHECK } else { deadline };
+                let received = match inbox.recv_deadline(until) {
+                    Ok(message) => Some(message),
+                    Err(flume::RecvTimeoutError::Timeout) if due && jobs.is_disconnected() => return,
+                    Err(flume::RecvTimeoutError::Timeout) => continue,
+                    Err(flume::RecvTimeoutError::Disconnected) => None,
                 };
                 match received {
                     Some(message) => {
