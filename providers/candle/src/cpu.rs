@@ -121,17 +121,15 @@ fn dense(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<
 }
 
 /// Q, K and V as one layer of `3 * hidden` outputs: columns `[q | k | v]`.
-fn qkv(vb: &VarBuilder, hidden: usize) -> candle_core::Result<Dense> {
-    let parts = ["query", "key", "value"].map(|n| dense(&vb.pp(n), hidden, hidden));
-    let [q, k, v] = parts;
-    let (q, k, v) = (q?, k?, v?);
+fn qkv(q: Dense, k: Dense, v: Dense) -> Dense {
+    let hidden = q.inputs;
     let mut weight_t = Vec::with_capacity(hidden * 3 * hidden);
     for row in 0..hidden {
         for part in [&q, &k, &v] {
             weight_t.extend_from_slice(&part.weight_t[row * hidden..(row + 1) * hidden]);
         }
     }
-    Ok(Dense { weight_t, bias: [q.bias, k.bias, v.bias].concat(), inputs: hidden, outputs: 3 * hidden })
+    Dense { weight_t, bias: [q.bias, k.bias, v.bias].concat(), inputs: hidden, outputs: 3 * hidden }
 }
 
 fn norm(vb: &VarBuilder, hidden: usize) -> candle_core::Result<Norm> {
@@ -144,27 +142,23 @@ impl CpuBert {
     /// With `int8`, every encoder linear layer whose outputs are a multiple of 16 is
     /// quantized (see `int8.rs`); embeddings, LayerNorms and attention stay f32.
     pub(crate) fn load(vb: &VarBuilder, config: &BertConfig, int8: bool) -> candle_core::Result<Self> {
-        Self::load_at(vb, config, int8)
-            .or_else(|first| Self::load_at(&vb.pp("bert"), config, int8).map_err(|_| first))
+        crate::weights::at_bert_root(vb, |vb| Self::load_at(vb, config, int8))
     }
 
     fn load_at(vb: &VarBuilder, config: &BertConfig, int8: bool) -> candle_core::Result<Self> {
         let h = config.hidden_size;
         let e = vb.pp("embeddings");
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let l = vb.pp(format!("encoder.layer.{i}"));
-                let ff = config.intermediate_size;
-                Ok(Layer {
-                    qkv: Linear::new(qkv(&l.pp("attention.self"), h)?, int8),
-                    attention_out: Linear::new(dense(&l.pp("attention.output.dense"), h, h)?, int8),
-                    attention_norm: norm(&l.pp("attention.output.LayerNorm"), h)?,
-                    up: Linear::new(dense(&l.pp("intermediate.dense"), h, ff)?, int8),
-                    down: Linear::new(dense(&l.pp("output.dense"), ff, h)?, int8),
-                    output_norm: norm(&l.pp("output.LayerNorm"), h)?,
-                })
+        let layers = crate::weights::encoder_layers(vb, config, dense, norm)?
+            .into_iter()
+            .map(|l| Layer {
+                qkv: Linear::new(qkv(l.query, l.key, l.value), int8),
+                attention_out: Linear::new(l.attention_out, int8),
+                attention_norm: l.attention_norm,
+                up: Linear::new(l.up, int8),
+                down: Linear::new(l.down, int8),
+                output_norm: l.output_norm,
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect();
         Ok(CpuBert {
             hidden: h,
             heads: config.num_attention_heads,

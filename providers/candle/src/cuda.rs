@@ -90,29 +90,26 @@ impl CudaBert {
     /// Reads the weights from `vb` (a var builder on the GPU at the model's dtype, at
     /// the model's root: bare names, or `bert.`-prefixed as task heads save them).
     pub(crate) fn load(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
-        Self::load_at(vb, config).or_else(|first| Self::load_at(&vb.pp("bert"), config).map_err(|_| first))
+        crate::weights::at_bert_root(vb, |vb| Self::load_at(vb, config))
     }
 
     fn load_at(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
         let h = config.hidden_size;
         let e = vb.pp("embeddings");
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let l = vb.pp(format!("encoder.layer.{i}"));
-                let ff = config.intermediate_size;
-                let attention = l.pp("attention.self");
-                let [q, k, v] = ["query", "key", "value"].map(|n| dense(&attention.pp(n), h, h));
-                let (q, k, v) = (q?, k?, v?);
+        let layers = crate::weights::encoder_layers(vb, config, dense, norm)?
+            .into_iter()
+            .map(|l| {
+                let (q, k, v) = (l.query, l.key, l.value);
                 Ok(Layer {
                     qkv: Dense {
                         weight: CTensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
                         bias: CTensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
                     },
-                    attention_out: dense(&l.pp("attention.output.dense"), h, h)?,
-                    attention_norm: norm(&l.pp("attention.output.LayerNorm"), h)?,
-                    up: dense(&l.pp("intermediate.dense"), h, ff)?,
-                    down: dense(&l.pp("output.dense"), ff, h)?,
-                    output_norm: norm(&l.pp("output.LayerNorm"), h)?,
+                    attention_out: l.attention_out,
+                    attention_norm: l.attention_norm,
+                    up: l.up,
+                    down: l.down,
+                    output_norm: l.output_norm,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -167,18 +164,9 @@ impl CudaBert {
         let head_dim = h / heads;
         let tokens = batch * sequence;
         let dtype = self.word.dtype();
-        let rows = |count: usize| LaunchConfig {
-            grid_dim: (count as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // Eight columns a thread across a block, four token rows a block on the grid's
         // y dimension.
-        let columns = |count: usize| LaunchConfig {
-            grid_dim: ((count / 8).div_ceil(128) as u32, tokens.div_ceil(4).min(65535) as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let columns = |count: usize| blocks((count / 8).div_ceil(THREADS), tokens.div_ceil(4).min(65535));
         let mut x = Launch {
             kernel: "embed",
             others: &[
@@ -197,7 +185,7 @@ impl CudaBert {
                 Arg::I32(self.types as i32),
                 Arg::F32(self.eps),
             ],
-            config: rows(tokens),
+            config: blocks(tokens, 1),
         }
         .run(ids)?;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -229,11 +217,8 @@ impl CudaBert {
                     Arg::I32(heads as i32),
                     Arg::I32(sequence as i32),
                 ],
-                config: LaunchConfig {
-                    grid_dim: (attention_rows.div_ceil(4) as u32, 1, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                },
+                // One warp a row: four rows a block.
+                config: blocks(attention_rows.div_ceil(THREADS / 32), 1),
             }
             .run(&scores)?;
             let context = probabilities.matmul(&v)?;
@@ -293,7 +278,7 @@ fn bias_residual_norm(
         others: &[bias, residual, &norm.gamma, &norm.beta],
         out: (x.shape().clone(), x.dtype()),
         scalars: &[Arg::I32(cols as i32), Arg::F32(eps)],
-        config: LaunchConfig { grid_dim: (tokens as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+        config: blocks(tokens, 1),
     }
     .run(x)
 }
@@ -320,9 +305,17 @@ pub(crate) fn pool(hidden: &CTensor, mask: &CTensor, head: EmbeddingHead) -> can
             Arg::I32(pooling),
             Arg::I32(i32::from(head.normalize)),
         ],
-        config: LaunchConfig { grid_dim: (batch as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+        config: blocks(batch, 1),
     }
     .run(hidden)
+}
+
+/// Threads in a block, for every kernel.
+const THREADS: usize = 128;
+
+/// A launch of `x` × `y` blocks of [`THREADS`] threads.
+fn blocks(x: usize, y: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// A scalar kernel argument.

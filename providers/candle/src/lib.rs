@@ -33,6 +33,7 @@ use serde::Deserialize;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod weights;
 
 /// The registered name.
 pub const NAME: &str = "candle";
@@ -402,9 +403,7 @@ impl Bert {
             };
             Ok((embeddings, CandleBertEncoder::load(vb.pp("encoder"), config)?))
         };
-        // Checkpoints saved from BertModel have bare names; those from task heads prefix `bert.`.
-        let (embeddings, encoder) =
-            load_at(vb.clone()).or_else(|first| load_at(vb.pp("bert")).map_err(|_| first))?;
+        let (embeddings, encoder) = weights::at_bert_root(&vb, |vb| load_at(vb.clone()))?;
         Ok(Bert { embeddings, encoder, dtype })
     }
 

@@ -366,13 +366,13 @@ fn from_host(name: &str, t: &tch::Tensor) -> Result<Tensor> {
     Tensor::from_bytes(dtype, shape, bytes)
 }
 
-/// Named outputs, still on the device.
-type DeviceOutputs = Vec<(String, tch::Tensor)>;
+/// Named outputs: on the device, or copies on their way to the host.
+type NamedOutputs = Vec<(String, tch::Tensor)>;
 
 impl TchModel {
     /// `forward`'s result as named tensors: one tensor, a tuple or list in output
     /// order, or a dict keyed by output name.
-    fn outputs(&self, result: IValue) -> Result<DeviceOutputs> {
+    fn outputs(&self, result: IValue) -> Result<NamedOutputs> {
         let names: Vec<&str> = self.info.outputs.iter().map(|o| o.name.as_str()).collect();
         let unexpected = |what: &str| {
             Error::backend(
@@ -418,7 +418,7 @@ impl TchModel {
 
     /// Queues the batch's work on the device: `forward` (and the embedding head) on
     /// inputs copied there. Returns the outputs as device tensors.
-    fn forward(&self, inputs: &Inputs) -> Result<DeviceOutputs> {
+    fn forward(&self, inputs: &Inputs) -> Result<NamedOutputs> {
         self.info.validate(inputs)?;
         let args = self
             .info
@@ -445,6 +445,13 @@ impl TchModel {
     }
 }
 
+impl TchModel {
+    /// The batch's outputs on their way to the host (see [`to_host`]).
+    fn forward_to_host(&self, inputs: &Inputs, non_blocking: bool) -> Result<NamedOutputs> {
+        self.forward(inputs)?.iter().map(|(name, t)| Ok((name.clone(), to_host(t, non_blocking)?))).collect()
+    }
+}
+
 fn read_outputs(host: &[(String, tch::Tensor)]) -> Result<Outputs> {
     let mut out = Outputs::new();
     for (name, t) in host {
@@ -459,12 +466,7 @@ impl Model for TchModel {
     }
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-        let host = self
-            .forward(inputs)?
-            .iter()
-            .map(|(name, t)| Ok((name.clone(), to_host(t, false)?)))
-            .collect::<Result<Vec<_>>>()?;
-        read_outputs(&host)
+        read_outputs(&self.forward_to_host(inputs, false)?)
     }
 
     /// On a GPU: the batch's work and its result's copy to page-locked host memory are
@@ -475,11 +477,7 @@ impl Model for TchModel {
         if !self.overlap || events::available().is_err() {
             return self.run(inputs).map(Pending::ready);
         }
-        let host = self
-            .forward(inputs)?
-            .iter()
-            .map(|(name, t)| Ok((name.clone(), to_host(t, true)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let host = self.forward_to_host(inputs, true)?;
         let done = events::Event::record(device).map_err(backend)?;
         Ok(Pending::later(move || {
             done.wait().map_err(backend)?;
