@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use anyhow::{Context, Result};
+pub use kiln::text::input::TextRecord;
+use kiln::text::input::{TextFormat, parse_texts};
 
 /// How an input file is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -16,79 +17,24 @@ pub enum InputFormat {
     Jsonl,
 }
 
-/// A text and the id its output line carries.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TextRecord {
-    /// From the input, or the 0-based line number.
-    pub id: Value,
-    /// The text.
-    pub text: String,
-}
-
 /// Reads every text of `path`. Errors name the file and the 1-based line.
 pub fn read_texts(path: &Path, format: InputFormat) -> Result<Vec<TextRecord>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading input {}", path.display()))?;
     let format = match format {
+        InputFormat::Jsonl => TextFormat::Jsonl,
+        InputFormat::Lines => TextFormat::Lines,
         InputFormat::Auto => match path.extension().and_then(|e| e.to_str()) {
-            Some("jsonl" | "ndjson") => InputFormat::Jsonl,
-            _ => InputFormat::Lines,
+            Some("jsonl" | "ndjson") => TextFormat::Jsonl,
+            _ => TextFormat::Lines,
         },
-        other => other,
     };
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
-    if lines.last().is_some_and(|l| l.is_empty()) {
-        lines.pop(); // a final newline ends the last line; it does not start an empty one
-    }
-    let mut records = Vec::with_capacity(lines.len());
-    for (index, raw) in lines.into_iter().enumerate() {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let line = std::str::from_utf8(raw).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: line {} is not valid UTF-8 (invalid byte at column {}); kiln reads UTF-8 text",
-                path.display(),
-                index + 1,
-                e.valid_up_to() + 1
-            )
-        })?;
-        match format {
-            InputFormat::Jsonl => {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                records.push(
-                    parse_jsonl_line(line, index)
-                        .map_err(|e| anyhow::anyhow!("{}: line {}: {e}", path.display(), index + 1))?,
-                );
-            }
-            _ => records.push(TextRecord { id: Value::from(index), text: line.to_string() }),
-        }
-    }
-    if records.is_empty() {
-        bail!(
-            "{}: the input has no texts; expected one text per line, or JSON Lines with a \"text\" field",
-            path.display()
-        );
-    }
-    Ok(records)
-}
-
-fn parse_jsonl_line(line: &str, index: usize) -> std::result::Result<TextRecord, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON ({e})"))?;
-    let Value::Object(mut object) = value else {
-        return Err(r#"expected a JSON object like {"id": 1, "text": "..."}"#.to_string());
-    };
-    let text = match object.remove("text") {
-        Some(Value::String(text)) => text,
-        Some(other) => return Err(format!("\"text\" must be a string, found {other}")),
-        None => return Err(r#"no "text" field; expected {"id": ..., "text": "..."}"#.to_string()),
-    };
-    let id = object.remove("id").unwrap_or_else(|| Value::from(index));
-    Ok(TextRecord { id, text })
+    parse_texts(&bytes, &path.display().to_string(), format).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn read(content: &[u8], name: &str, format: InputFormat) -> Result<Vec<TextRecord>> {

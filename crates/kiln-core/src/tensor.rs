@@ -121,7 +121,12 @@ impl Tensor {
 
     /// A tensor from raw little-endian bytes; the byte count must match dtype and shape.
     pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
-        let expected = shape.iter().product::<usize>() * dtype.size();
+        // A shape from a request or a model file may be absurd: its size must not wrap.
+        let Some(expected) = shape.iter().try_fold(dtype.size(), |n, &d| n.checked_mul(d)) else {
+            return Err(Error::InvalidInput(format!(
+                "tensor of dtype {dtype} and shape {shape:?} would be larger than memory can address"
+            )));
+        };
         if data.len() != expected {
             return Err(Error::InvalidInput(format!(
                 "tensor of dtype {dtype} and shape {shape:?} needs {expected} bytes, got {}",

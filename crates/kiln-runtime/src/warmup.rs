@@ -109,7 +109,13 @@ impl ModelWorker {
                     ))),
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let bytes = shape.iter().product::<usize>() * spec.dtype.size();
+            let bytes =
+                shape.iter().try_fold(spec.dtype.size(), |n, &d| n.checked_mul(d)).ok_or_else(|| {
+                    Error::Unsupported(format!(
+                        "warm-up: input `{}` of shape {shape:?} is too large",
+                        spec.name
+                    ))
+                })?;
             inputs.insert(&spec.name, Tensor::from_bytes(spec.dtype, shape, vec![0; bytes])?);
         }
         Ok(inputs)

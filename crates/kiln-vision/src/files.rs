@@ -41,7 +41,8 @@ pub fn has_image_extension(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
-/// Writes `tensor` as a NumPy `.npy` file (format 1.0, C order).
+/// Writes `tensor` as a NumPy `.npy` file (C order; format 1.0, or 2.0 when the header
+/// needs more than 64 KiB).
 pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
     let descr = match tensor.dtype() {
         DType::F32 => "<f4",
@@ -54,14 +55,22 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
     let shape: Vec<String> = tensor.shape().iter().map(|d| d.to_string()).collect();
     let shape = if shape.len() == 1 { format!("({},)", shape[0]) } else { format!("({})", shape.join(", ")) };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-    // Magic (6) + version (2) + length (2) + header, padded with spaces to a multiple
-    // of 64 and ended by a newline.
-    let total = 10 + header.len() + 1;
+    // Magic (6) + version (2) + header length + header, padded with spaces to a multiple
+    // of 64 and ended by a newline. Version 1.0 has a 2-byte length; a header that does
+    // not fit (a tensor of thousands of dims) takes version 2.0's 4 bytes, as NumPy does.
+    let fits_v1 = 10 + header.len() + 64 <= usize::from(u16::MAX);
+    let prefix = if fits_v1 { 10 } else { 12 };
+    let total = prefix + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + tensor.bytes().len());
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    let mut out = Vec::with_capacity(prefix + header.len() + tensor.bytes().len());
+    if fits_v1 {
+        out.extend_from_slice(b"\x93NUMPY\x01\x00");
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    } else {
+        out.extend_from_slice(b"\x93NUMPY\x02\x00");
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    }
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(tensor.bytes());
     std::fs::write(path, out).map_err(|e| Error::io("writing", path, e))

@@ -136,6 +136,10 @@ impl KilnConfig {
         if let (Some(dir), Some(labels)) = (file_dir(figment, "classify.labels"), &config.classify.labels) {
             config.classify.labels = Some(dir.join(labels));
         }
+        // Absolute, so the config `kiln config` prints means the same saved anywhere
+        // (a relative path in a file is read relative to that file).
+        config.model.path = absolute(&config.model.path);
+        config.classify.labels = config.classify.labels.as_deref().map(absolute);
         config.validate()?;
         Ok(config)
     }
@@ -345,6 +349,12 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
 }
 
 /// The folder of the config file that set `key`, if a file set it and the value is relative.
+/// `path` made absolute against the working directory, lexically (nothing is read, so a
+/// missing path is still reported by whoever opens it).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 fn file_dir(figment: &Figment, key: &str) -> Option<PathBuf> {
     let value = figment.find_value(key).ok()?;
     if Path::new(value.as_str()?).is_absolute() {
