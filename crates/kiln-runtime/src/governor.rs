@@ -9,13 +9,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use kiln_core::{Cache, MemoryConfig, MemoryInfo};
+use kiln_core::{Cache, MemoryConfig};
 use serde::Serialize;
 
-use crate::memory::{MemoryProbe, MemorySample};
 use crate::models::ModelManager;
+use crate::monitor::{Reading, ResourceMonitor, Subscription};
 
 /// What the governor has seen and done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -50,42 +49,50 @@ struct Shared {
 pub struct MemoryGovernor {
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    _subscription: Subscription,
 }
 
 impl MemoryGovernor {
-    /// Starts sampling on the current tokio runtime.
-    pub fn start(config: MemoryConfig, cache: Arc<dyn Cache>, models: Arc<ModelManager>) -> Self {
+    /// Starts governing on the current tokio runtime: every reading the monitor's
+    /// thread takes is checked against the watermarks (the monitor's interval is the
+    /// governor's).
+    pub fn start(
+        config: MemoryConfig,
+        monitor: Arc<ResourceMonitor>,
+        cache: Arc<dyn Cache>,
+        models: Arc<ModelManager>,
+    ) -> Self {
         let shared = Arc::new(Shared::default());
         let state = shared.clone();
+        // The monitor's thread only posts the reading; shedding load awaits model
+        // unloads, which belongs on the runtime.
+        let (post, mut readings) = tokio::sync::watch::channel::<Option<Arc<Reading>>>(None);
+        let subscription = monitor.subscribe(move |reading| {
+            post.send_replace(Some(reading.clone()));
+        });
         let task = tokio::spawn(async move {
-            let mut probe = MemoryProbe::default();
-            let mut ticks = tokio::time::interval(Duration::from_millis(config.sample_interval_ms));
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let sample = probe.sample();
-                let gpus = probe.gpus();
-                let pressured = state.record(&sample, &gpus, config.high_watermark);
-                if !pressured {
+            while readings.changed().await.is_ok() {
+                let Some(reading) = readings.borrow_and_update().clone() else { continue };
+                if !state.record(&reading, config.high_watermark) {
                     continue;
                 }
                 tracing::warn!(
                     "memory {:.0}% used (system) / {:.0}% (fullest GPU), above the high watermark {:.0}%: \
                      clearing the result cache",
-                    sample.used_fraction() * 100.0,
-                    gpu_fraction(&gpus) * 100.0,
+                    reading.memory.used_fraction() * 100.0,
+                    reading.gpu_used_fraction() * 100.0,
                     config.high_watermark * 100.0
                 );
                 cache.invalidate_all();
                 state.stats.lock().unwrap_or_else(|p| p.into_inner()).cache_clears += 1;
-                let fullest =
-                    |probe: &mut MemoryProbe| probe.sample().used_fraction().max(gpu_fraction(&probe.gpus()));
-                while fullest(&mut probe) > config.low_watermark && models.unload_lru_idle().await {
+                while monitor.sample_now().fullest_fraction() > config.low_watermark
+                    && models.unload_lru_idle().await
+                {
                     state.models_unloaded.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
-        MemoryGovernor { shared, task }
+        MemoryGovernor { shared, task, _subscription: subscription }
     }
 
     /// What it has seen and done so far.
@@ -96,22 +103,18 @@ impl MemoryGovernor {
     }
 }
 
-/// The highest used fraction over the GPUs; 0 without any.
-fn gpu_fraction(gpus: &[(usize, MemoryInfo)]) -> f64 {
-    gpus.iter().filter(|(_, m)| m.total > 0).map(|(_, m)| m.used as f64 / m.total as f64).fold(0.0, f64::max)
-}
-
 impl Shared {
     /// Records a sample; returns whether it is above the high watermark.
-    fn record(&self, sample: &MemorySample, gpus: &[(usize, MemoryInfo)], high: f64) -> bool {
+    fn record(&self, reading: &Reading, high: f64) -> bool {
+        let sample = &reading.memory;
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         stats.samples += 1;
         stats.peak_rss_bytes = stats.peak_rss_bytes.max(sample.process_rss);
         stats.peak_system_used_bytes = stats.peak_system_used_bytes.max(sample.system.used);
         stats.used_fraction = sample.used_fraction();
-        stats.gpu_used_fraction = gpu_fraction(gpus);
+        stats.gpu_used_fraction = reading.gpu_used_fraction();
         stats.peak_gpu_used_bytes =
-            gpus.iter().map(|(_, m)| m.used).fold(stats.peak_gpu_used_bytes, u64::max);
+            reading.gpus.iter().map(|g| g.memory.used).fold(stats.peak_gpu_used_bytes, u64::max);
         let pressured =
             (sample.system.total > 0 && sample.used_fraction() > high) || stats.gpu_used_fraction > high;
         stats.pressure_events += u64::from(pressured);
@@ -129,19 +132,42 @@ impl Drop for MemoryGovernor {
 mod tests {
     use super::*;
 
+    use std::time::Instant;
+
+    use kiln_core::{Device, MemoryInfo};
+
+    use crate::devices::GpuDevice;
+    use crate::memory::MemorySample;
+
     fn memory(total: u64, used: u64) -> MemoryInfo {
         MemoryInfo { total, used, free: total - used }
+    }
+
+    fn reading(gpus: &[(usize, MemoryInfo)]) -> Reading {
+        let memory = MemorySample { system: memory(100, 10), process_rss: 5, ..MemorySample::default() };
+        let gpus = gpus
+            .iter()
+            .map(|&(n, memory)| GpuDevice {
+                device: Device::Cuda(n),
+                name: format!("GPU {n}"),
+                uuid: None,
+                memory,
+                utilization_percent: None,
+                temperature_c: None,
+                power_w: None,
+            })
+            .collect();
+        Reading { at: Instant::now(), memory, gpus }
     }
 
     #[test]
     fn a_full_gpu_is_pressure_and_its_peak_is_kept() {
         let shared = Shared::default();
-        let sample = MemorySample { system: memory(100, 10), process_rss: 5, ..MemorySample::default() };
-        let calm = [(0, memory(80, 8)), (1, memory(80, 40))];
-        assert!(!shared.record(&sample, &calm, 0.9), "system 10%, GPUs 10% and 50%");
-        let full = [(0, memory(80, 8)), (1, memory(80, 76))];
-        assert!(shared.record(&sample, &full, 0.9), "GPU 1 at 95% is above 90%");
-        assert!(shared.record(&sample, &[], 0.05), "system 10% is above 5% with no GPU at all");
+        let calm = reading(&[(0, memory(80, 8)), (1, memory(80, 40))]);
+        assert!(!shared.record(&calm, 0.9), "system 10%, GPUs 10% and 50%");
+        let full = reading(&[(0, memory(80, 8)), (1, memory(80, 76))]);
+        assert!(shared.record(&full, 0.9), "GPU 1 at 95% is above 90%");
+        assert!(shared.record(&reading(&[]), 0.05), "system 10% is above 5% with no GPU at all");
         let stats = *shared.stats.lock().unwrap();
         assert_eq!((stats.samples, stats.pressure_events, stats.peak_gpu_used_bytes), (3, 2, 76));
         assert_eq!(stats.gpu_used_fraction, 0.0, "the last sample had no GPU");

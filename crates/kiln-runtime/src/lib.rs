@@ -17,6 +17,7 @@ pub mod governor;
 pub mod inflight;
 pub mod memory;
 pub mod models;
+pub mod monitor;
 pub mod optimizer;
 pub mod partial_file;
 pub mod profiler;
@@ -33,6 +34,7 @@ pub use devices::{CpuDevice, DeviceReport, GpuDevice, discover as discover_devic
 pub use governor::{MemoryGovernor, MemoryStats};
 pub use memory::{MemoryProbe, MemorySample, process_rss};
 pub use models::{LoadedModel, ModelKey, ModelManager};
+pub use monitor::{Reading, ResourceMonitor, Subscription};
 pub use optimizer::{Classification, LAST_HIDDEN_STATE, Optimizer, Scored, TaskInput, TaskOutput};
 pub use partial_file::PartialFile;
 pub use profiler::SamplingProfiler;

@@ -1,8 +1,10 @@
-//! Memory figures from the operating system (sysinfo) and, for NVIDIA GPUs, from NVML
-//! (opened on the first GPU question; without a driver a GPU reports no figures and
-//! the reason is logged once at debug level).
+//! The handles behind the resource monitor: system and process figures from the
+//! operating system (sysinfo) and, for NVIDIA GPUs, NVML (opened on the first GPU
+//! question; without a driver a GPU reports no figures and the reason is logged once
+//! at debug level). The runtime reads them through its one
+//! [`ResourceMonitor`](crate::monitor::ResourceMonitor).
 
-use kiln_core::{Device, MemoryInfo};
+use kiln_core::MemoryInfo;
 use sysinfo::{MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessesToUpdate, RefreshKind, System};
 
 /// A point-in-time reading of system and process memory, in bytes.
@@ -88,23 +90,6 @@ impl MemoryProbe {
             })
             .as_ref()
             .ok()
-    }
-
-    /// Memory of every NVIDIA GPU (NVML), by NVML index; empty without a driver.
-    pub fn gpus(&mut self) -> Vec<(usize, MemoryInfo)> {
-        self.nvml().map(crate::devices::gpu_memory).unwrap_or_default()
-    }
-
-    /// Bytes available for new allocations on `device`, when known: the system's free
-    /// memory for the CPU, NVML's free memory of GPU `N` for `cuda:N` (NVML's index;
-    /// the same as CUDA's ordinal unless `CUDA_VISIBLE_DEVICES` reorders them). No
-    /// driver, no figure: the load goes unchecked.
-    pub fn available(&mut self, device: Device) -> Option<u64> {
-        match device {
-            Device::Cpu if self.system.is_some() => Some(self.sample().system.free),
-            Device::Cuda(n) => self.gpus().into_iter().find(|&(i, _)| i == n).map(|(_, m)| m.free),
-            _ => None,
-        }
     }
 }
 

@@ -16,7 +16,7 @@ use kiln_core::{
 };
 use serde::Serialize;
 
-use crate::memory::MemoryProbe;
+use crate::monitor::ResourceMonitor;
 use crate::worker::{BatchPolicy, ModelWorker};
 
 /// What identifies a loaded model.
@@ -78,7 +78,8 @@ impl Entry {
 pub struct ModelManager {
     limits: ModelsConfig,
     entries: Mutex<Vec<Entry>>,
-    probe: Mutex<MemoryProbe>,
+    /// Memory figures for admission.
+    monitor: Arc<ResourceMonitor>,
     /// One load at a time, so each admission sees the memory the previous one took.
     loading: tokio::sync::Mutex<()>,
     profiler: Arc<dyn Profiler>,
@@ -90,10 +91,17 @@ impl ModelManager {
         ModelManager {
             limits,
             entries: Mutex::new(Vec::new()),
-            probe: Mutex::new(MemoryProbe::default()),
+            monitor: ResourceMonitor::on_demand(),
             loading: tokio::sync::Mutex::new(()),
             profiler: Arc::new(NoopProfiler),
         }
+    }
+
+    /// Admission reads memory through `monitor` (the optimizer's one monitor) instead
+    /// of an on-demand monitor of its own.
+    pub fn with_monitor(mut self, monitor: Arc<ResourceMonitor>) -> Self {
+        self.monitor = monitor;
+        self
     }
 
     /// Workers started from now on record their spans into `profiler`.
@@ -187,7 +195,7 @@ impl ModelManager {
         }
         // Room on the device: unload idle models while the estimate does not fit.
         loop {
-            let available = self.probe.lock().unwrap_or_else(|p| p.into_inner()).available(spec.device);
+            let available = self.monitor.sample_now().available(spec.device);
             match available {
                 Some(available) if required > available => {
                     if !self.unload_lru_idle().await {

@@ -17,6 +17,7 @@ use crate::collate::collate;
 use crate::governor::MemoryGovernor;
 use crate::inflight::{Claim, InFlight, Leader, follow};
 use crate::models::ModelManager;
+use crate::monitor::ResourceMonitor;
 use crate::partial_file::PartialFile;
 use crate::profiler::SamplingProfiler;
 use crate::replicas::Replicas;
@@ -87,7 +88,8 @@ impl Optimizer {
         let provider = build_provider(&config.provider)?;
         // Built before the model loads, so a tracker's config error fails fast.
         let trackers = build_trackers(&config.trackers, &config.tracking)?;
-        let devices = resolve_devices(&config, provider.as_ref());
+        let monitor = start_monitor(&config);
+        let devices = resolve_devices(&config, provider.as_ref(), &monitor);
         let mut spec = ModelSpec::new(&config.model.path, devices[0], config.model.dtype)
             .with_quantization(config.model.quantization);
         if config.task == Task::Embed {
@@ -95,7 +97,7 @@ impl Optimizer {
             spec = spec.with_head(kiln_text::embedding_head(&config.model.path, &config.text)?);
         }
         let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
-            SamplingProfiler::start(config.profiler.clone())
+            SamplingProfiler::with_monitor(config.profiler.clone(), monitor.clone())
         } else {
             Arc::new(NoopProfiler)
         };
@@ -109,7 +111,11 @@ impl Optimizer {
             batch_multiple: b.batch_multiple_on(devices[0]),
             sequence_multiple: b.sequence_multiple_on(devices[0]),
         };
-        let models = Arc::new(ModelManager::new(config.models.clone()).with_profiler(profiler.clone()));
+        let models = Arc::new(
+            ModelManager::new(config.models.clone())
+                .with_profiler(profiler.clone())
+                .with_monitor(monitor.clone()),
+        );
         let mut workers = Vec::with_capacity(devices.len());
         for (replica, device) in devices.iter().enumerate() {
             let spec = ModelSpec { device: *device, ..spec.clone() };
@@ -161,10 +167,14 @@ impl Optimizer {
             Arc::new(NoCache::default())
         };
         let scheduler = Arc::new(Scheduler::new(&config.scheduler));
-        let governor = config
-            .memory
-            .enabled
-            .then(|| Arc::new(MemoryGovernor::start(config.memory.clone(), cache.clone(), models.clone())));
+        let governor = config.memory.enabled.then(|| {
+            Arc::new(MemoryGovernor::start(
+                config.memory.clone(),
+                monitor.clone(),
+                cache.clone(),
+                models.clone(),
+            ))
+        });
         let counters = Arc::new(Counters::default());
         let stats = StatsSource {
             counters: counters.clone(),
@@ -185,7 +195,7 @@ impl Optimizer {
                 kinds.zip(trackers).collect(),
                 serde_json::to_value(&config).unwrap_or_default(),
                 Duration::from_millis(config.tracking.interval_ms),
-                Box::new(IntervalMetrics::new(stats.clone())).into_fn(),
+                Box::new(IntervalMetrics::new(stats.clone(), monitor.clone())).into_fn(),
                 stats.failures.clone(),
             )?)
         };
@@ -467,10 +477,25 @@ impl Optimizer {
     }
 }
 
+/// The runtime's one resource monitor, sampling at the shortest interval a reader of
+/// periodic samples asks for (`memory.sample_interval_ms` for the governor,
+/// `profiler.sample_interval_ms` for the profiler); with neither on, readings are taken
+/// only when needed (admission, `auto`, tracker steps).
+fn start_monitor(config: &KilnConfig) -> Arc<ResourceMonitor> {
+    let intervals = [
+        config.memory.enabled.then_some(config.memory.sample_interval_ms),
+        config.profiler.enabled.then_some(config.profiler.sample_interval_ms),
+    ];
+    match intervals.into_iter().flatten().min() {
+        Some(ms) => ResourceMonitor::start(Duration::from_millis(ms)),
+        None => ResourceMonitor::on_demand(),
+    }
+}
+
 /// The devices the model's replicas go on: `model.gpu_ids` as `cuda:N` each, else
 /// `model.device`, with `auto` resolved to the GPU with the most free memory (NVML)
 /// when the provider runs on CUDA in this build, else the CPU.
-fn resolve_devices(config: &KilnConfig, provider: &dyn Provider) -> Vec<Device> {
+fn resolve_devices(config: &KilnConfig, provider: &dyn Provider, monitor: &ResourceMonitor) -> Vec<Device> {
     if !config.model.gpu_ids.is_empty() {
         return config.model.gpu_ids.iter().map(|&n| Device::Cuda(n)).collect();
     }
@@ -478,8 +503,7 @@ fn resolve_devices(config: &KilnConfig, provider: &dyn Provider) -> Vec<Device> 
         return vec![device];
     }
     let chosen = if provider.capabilities().devices.contains(&kiln_core::DeviceKind::Cuda) {
-        let gpus =
-            crate::devices::open_nvml().map(|nvml| crate::devices::gpu_memory(&nvml)).unwrap_or_default();
+        let gpus = monitor.latest().unwrap_or_else(|| monitor.sample_now()).gpu_memory();
         gpus.into_iter().max_by_key(|(_, m)| m.free).map(|(n, _)| Device::Cuda(n))
     } else {
         None

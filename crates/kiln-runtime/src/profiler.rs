@@ -1,26 +1,26 @@
-//! [`SamplingProfiler`]: span statistics, a background resource sampler, a JSON report
+//! [`SamplingProfiler`]: span statistics, resource figures from the monitor, a JSON report
 //! and a Chrome trace.
 //!
 //! Recording a span costs one uncontended lock and a histogram increment (80–190 ns
 //! in the criterion bench, by machine; docs/benchmarks.md),
 //! so the optimizer leaves spans on around every stage. The trace (every span and
 //! sample, for Perfetto) is kept only when asked for, up to `profiler.max_trace_events`.
-//! The sampler is a thread of its own: sysinfo for memory and CPU, NVML for NVIDIA
-//! GPUs, loaded at run time, so a machine without a driver just has no GPU figures.
+//! Resource figures come from a [`ResourceMonitor`] (sysinfo for memory and CPU, NVML
+//! for NVIDIA GPUs, loaded at run time, so a machine without a driver just has no GPU
+//! figures): the optimizer's one monitor, or one of its own when started alone.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use kiln_core::{Error, GpuReport, ProfileReport, Profiler, ProfilerConfig, Result, SpanStats};
 use serde_json::json;
 
-use crate::devices::{GpuDevice, read_gpus};
-use crate::memory::MemoryProbe;
+use crate::devices::GpuDevice;
+use crate::monitor::{Reading, ResourceMonitor, Subscription};
 
 static NEXT_THREAD: AtomicU64 = AtomicU64::new(1);
 thread_local! {
@@ -50,7 +50,8 @@ pub struct SamplingProfiler {
     config: ProfilerConfig,
     spans: Mutex<Spans>,
     resources: Mutex<Resources>,
-    sampler: Mutex<Option<(flume::Sender<()>, JoinHandle<()>)>>,
+    monitor: Arc<ResourceMonitor>,
+    subscription: Mutex<Option<Subscription>>,
 }
 
 #[derive(Default)]
@@ -76,45 +77,45 @@ struct Event {
 }
 
 impl SamplingProfiler {
-    /// Creates the profiler and starts its sampler thread, which takes a first sample
-    /// at once and then one every `sample_interval_ms` until the profiler is dropped
-    /// or [`stop`](Self::stop)ped.
+    /// Creates the profiler with a resource monitor of its own, sampling every
+    /// `sample_interval_ms` (a first reading at once) until the profiler is dropped or
+    /// [`stop`](Self::stop)ped.
     pub fn start(config: ProfilerConfig) -> Arc<Self> {
+        let monitor = ResourceMonitor::start(Duration::from_millis(config.sample_interval_ms));
+        Self::with_monitor(config, monitor)
+    }
+
+    /// Creates the profiler on a shared monitor: it aggregates every reading the
+    /// monitor's thread takes, at the monitor's interval.
+    pub fn with_monitor(config: ProfilerConfig, monitor: Arc<ResourceMonitor>) -> Arc<Self> {
         let profiler = Arc::new(SamplingProfiler {
             epoch: Instant::now(),
             resources: Mutex::new(Resources::new(config.trace)),
             config,
             spans: Mutex::new(Spans::default()),
-            sampler: Mutex::new(None),
+            monitor: monitor.clone(),
+            subscription: Mutex::new(None),
         });
-        let (stop, stopped) = flume::bounded::<()>(1);
+        // The reading before this one may be a tick old; the run starts now.
+        profiler.record_reading(&monitor.sample_now());
         let weak: Weak<SamplingProfiler> = Arc::downgrade(&profiler);
-        let interval = Duration::from_millis(profiler.config.sample_interval_ms.max(1));
-        let thread = std::thread::Builder::new().name("kiln-profiler".into()).spawn(move || {
-            loop {
-                match weak.upgrade() {
-                    Some(p) => p.sample(),
-                    None => return,
-                }
-                match stopped.recv_timeout(interval) {
-                    Err(flume::RecvTimeoutError::Timeout) => continue,
-                    _ => return, // stopped, or the profiler is gone
-                }
+        let subscription = monitor.subscribe(move |reading| {
+            if let Some(p) = weak.upgrade() {
+                p.record_reading(reading);
             }
         });
-        match thread {
-            Ok(thread) => *lock(&profiler.sampler) = Some((stop, thread)),
-            Err(e) => tracing::warn!("cannot start the profiler's sampler thread ({e}); no resource samples"),
-        }
+        *lock(&profiler.subscription) = Some(subscription);
         profiler
     }
 
-    /// Stops the sampler thread; spans still record. Idempotent.
+    /// Stops taking resource readings; spans still record. Idempotent.
     pub fn stop(&self) {
-        if let Some((stop, thread)) = lock(&self.sampler).take() {
-            drop(stop);
-            let _ = thread.join();
-        }
+        lock(&self.subscription).take();
+    }
+
+    fn record_reading(&self, reading: &Reading) {
+        let at_ns = reading.at.saturating_duration_since(self.epoch).as_nanos() as u64;
+        lock(&self.resources).record(reading, at_ns, self.config.max_trace_events);
     }
 
     fn span_stats(&self) -> (std::collections::BTreeMap<String, SpanStats>, u64) {
@@ -138,15 +139,6 @@ impl SamplingProfiler {
             })
             .collect();
         (stats, spans.dropped)
-    }
-}
-
-impl Drop for SamplingProfiler {
-    fn drop(&mut self) {
-        // The sampler holds only a weak reference; dropping the sender wakes it to exit.
-        if let Some((stop, _thread)) = lock(&self.sampler).take() {
-            drop(stop);
-        }
     }
 }
 
@@ -179,13 +171,9 @@ impl Profiler for SamplingProfiler {
         }
     }
 
-    fn sample(&self) {
-        let at_ns = self.epoch.elapsed().as_nanos() as u64;
-        lock(&self.resources).sample(at_ns, self.config.max_trace_events);
-    }
-
     fn report(&self) -> ProfileReport {
-        self.sample(); // the state at the end counts too, however short the run
+        // The state at the end counts too, however short the run.
+        self.record_reading(&self.monitor.sample_now());
         let (spans, dropped) = self.span_stats();
         let r = lock(&self.resources);
         let gpus: Vec<GpuReport> = r.gpus.iter().map(GpuAgg::report).collect();
@@ -329,10 +317,8 @@ fn assign_lanes(events: &[Event]) -> Vec<u64> {
     tids
 }
 
-/// Resource figures: the probes, the aggregates, and (when tracing) every sample.
+/// Resource figures: the aggregates, and (when tracing) every sample.
 struct Resources {
-    /// System, process and (through its NVML handle) GPU figures.
-    probe: MemoryProbe,
     samples: u64,
     peak_rss: u64,
     peak_system_used: u64,
@@ -384,7 +370,6 @@ impl GpuAgg {
 impl Resources {
     fn new(keep_trace: bool) -> Self {
         Resources {
-            probe: MemoryProbe::with_cpu(),
             samples: 0,
             peak_rss: 0,
             peak_system_used: 0,
@@ -398,17 +383,17 @@ impl Resources {
         }
     }
 
-    fn sample(&mut self, at_ns: u64, max_trace: usize) {
-        let memory = self.probe.sample();
+    fn record(&mut self, reading: &Reading, at_ns: u64, max_trace: usize) {
+        let memory = &reading.memory;
         self.system_total = memory.system.total;
-        let mut sample = Sample {
+        let sample = Sample {
             at_ns,
             rss: memory.process_rss,
             system_used: memory.system.used,
             cpu: memory.process_cpu_percent,
-            gpus: Vec::new(),
+            gpus: reading.gpus.clone(),
         };
-        self.sample_gpus(&mut sample);
+        self.record_gpus(&sample.gpus);
         self.samples += 1;
         self.peak_rss = self.peak_rss.max(sample.rss);
         self.peak_system_used = self.peak_system_used.max(sample.system_used);
@@ -421,11 +406,10 @@ impl Resources {
         }
     }
 
-    fn sample_gpus(&mut self, sample: &mut Sample) {
-        let Some(nvml) = self.probe.nvml() else { return };
+    fn record_gpus(&mut self, gpus: &[GpuDevice]) {
         let mut used_total = 0;
-        for g in read_gpus(nvml) {
-            let index = gpu_index(&g);
+        for g in gpus {
+            let index = gpu_index(g);
             if self.gpus.iter().all(|a| a.index != index) {
                 self.gpus.push(GpuAgg {
                     index,
@@ -447,13 +431,12 @@ impl Resources {
                 agg.power = (agg.power.0 + p, agg.power.1 + 1);
             }
             used_total += g.memory.used;
-            sample.gpus.push(g);
         }
         self.peak_gpu_used = self.peak_gpu_used.max(used_total);
     }
 }
 
-/// The NVML index of a GPU [`read_gpus`] returned (`cuda:N`).
+/// The NVML index of a GPU reading (`cuda:N`).
 fn gpu_index(g: &GpuDevice) -> u32 {
     match g.device {
         kiln_core::Device::Cuda(n) => n as u32,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use kiln_core::{Cache, Metrics, ModelInfo};
 
 use crate::governor::MemoryGovernor;
-use crate::memory::MemoryProbe;
+use crate::monitor::ResourceMonitor;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Parts, Stats};
 use crate::tracking::TrackerFailures;
@@ -51,13 +51,13 @@ impl StatsSource {
 /// latency percentiles of the requests finished in it, and levels now.
 pub(super) struct IntervalMetrics {
     source: StatsSource,
-    probe: MemoryProbe,
+    monitor: Arc<ResourceMonitor>,
     last: Option<(Instant, Stats)>,
 }
 
 impl IntervalMetrics {
-    pub(super) fn new(source: StatsSource) -> Self {
-        IntervalMetrics { source, probe: MemoryProbe::default(), last: None }
+    pub(super) fn new(source: StatsSource, monitor: Arc<ResourceMonitor>) -> Self {
+        IntervalMetrics { source, monitor, last: None }
     }
 
     pub(super) fn into_fn(mut self: Box<Self>) -> crate::tracking::MetricsSource {
@@ -75,7 +75,12 @@ impl IntervalMetrics {
         let secs = now.duration_since(since).as_secs_f64().max(1e-9);
         let delta = |f: fn(&Stats) -> u64| (f(&stats) - before.map_or(0, f)) as f64;
         let errors = |s: &Stats| s.errors.values().sum::<u64>();
-        let memory = self.probe.sample();
+        // The monitor's latest reading, unless it has no thread to keep one current.
+        let reading = match self.monitor.interval() {
+            Some(_) => self.monitor.latest().unwrap_or_else(|| self.monitor.sample_now()),
+            None => self.monitor.sample_now(),
+        };
+        let memory = &reading.memory;
         let mut m = Metrics::new();
         let mut put = |k: &str, v: f64| {
             m.insert(k.to_string(), v);
