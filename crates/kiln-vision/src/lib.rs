@@ -284,6 +284,22 @@ impl ImagePipeline {
     /// A large JPEG may come back decoded at a reduced scale (`fast_jpeg`); the
     /// result's `source` is always the full upright size.
     pub fn decode(&self, bytes: &[u8], name: &str) -> Result<Decoded> {
+        // A decoder that panics on corrupt data (fuzzing found zune-jpeg 0.5.15 indexing
+        // out of bounds in its IDCT) fails this image, not the caller's thread.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_unguarded(bytes, name)))
+            .unwrap_or_else(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                Err(Error::InvalidInput(format!(
+                    "image {name}: the decoder failed on corrupt data ({why}); the image is skipped"
+                )))
+            })
+    }
+
+    fn decode_unguarded(&self, bytes: &[u8], name: &str) -> Result<Decoded> {
         let bad = |what: String| Error::InvalidInput(format!("image {name}: {what}"));
         if bytes.is_empty() {
             return Err(bad("the file is empty (0 bytes)".into()));
