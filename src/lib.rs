@@ -26,6 +26,8 @@ pub use kiln_vision as vision;
 // it; these lines keep each enabled provider's registration in the binary.
 #[cfg(feature = "candle")]
 use kiln_provider_candle as _;
+#[cfg(feature = "mlx")]
+use kiln_provider_mlx as _;
 #[cfg(feature = "ort")]
 use kiln_provider_ort as _;
 #[cfg(feature = "tch")]
@@ -42,4 +44,6 @@ pub const ENABLED_PROVIDERS: &[&str] = &[
     "ort",
     #[cfg(feature = "tch")]
     "tch",
+    #[cfg(feature = "mlx")]
+    "mlx",
 ];

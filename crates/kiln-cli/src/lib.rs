@@ -387,12 +387,12 @@ fn providers(json: bool) -> Result<()> {
             .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
             .unwrap_or_default()
     };
-    println!("{:<10} {:<14} {:<16} {:<13} description", "provider", "devices", "dtypes", "quantization");
+    println!("{:<10} {:<14} {:<16} {:<17} description", "provider", "devices", "dtypes", "quantization");
     for row in &rows {
         let caps = &row["capabilities"];
         let quantization = ["none".to_string(), list(&caps["quantization"])].join(", ");
         println!(
-            "{:<10} {:<14} {:<16} {:<13} {}",
+            "{:<10} {:<14} {:<16} {:<17} {}",
             row["name"].as_str().unwrap_or_default(),
             list(&caps["devices"]),
             list(&caps["dtypes"]),

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod hf;
 pub mod pooling;
 pub mod profiler;
 pub mod provider;

@@ -172,10 +172,12 @@ pub enum Quantization {
     /// Weights at `dtype`.
     #[default]
     None,
-    /// 8-bit integer weights (per output channel) with activations quantized at run
-    /// time; what that means in detail is the provider's (ort: ONNX Runtime's dynamic
-    /// quantization, the model's `model_int8.onnx`).
+    /// 8-bit integer weights; what that means in detail is the provider's (candle:
+    /// per output channel with activations quantized at run time; ort: ONNX Runtime's
+    /// dynamic quantization, the model's `model_int8.onnx`; mlx: groupwise affine).
     Int8,
+    /// 4-bit integer weights (mlx: groupwise affine, a scale and a bias per group).
+    Int4,
 }
 
 impl std::fmt::Display for Quantization {
@@ -183,6 +185,7 @@ impl std::fmt::Display for Quantization {
         f.write_str(match self {
             Quantization::None => "none",
             Quantization::Int8 => "int8",
+            Quantization::Int4 => "int4",
         })
     }
 }
@@ -487,8 +490,8 @@ mod tests {
         let config = crate::KilnConfig::load(None, &["model.quantization=\"int8\"".into()]).unwrap();
         assert_eq!(config.model.quantization, Quantization::Int8);
         let e =
-            crate::KilnConfig::load(None, &["model.quantization=\"int4\"".into()]).unwrap_err().to_string();
-        assert!(e.contains("model.quantization") && e.contains("int4") && e.contains("int8"), "{e}");
+            crate::KilnConfig::load(None, &["model.quantization=\"int3\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("model.quantization") && e.contains("int3") && e.contains("int8, int4"), "{e}");
     }
 
     #[test]

@@ -17,12 +17,12 @@
 //! candle-transformers' graph. LayerNorm, softmax and pooling compute in f32 in all
 //! three.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
 use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 use candle_transformers::models::bert::{BertEncoder as CandleBertEncoder, Config as BertConfig};
+use kiln_core::hf::{weight_bytes, weight_files};
 use kiln_core::{
     Capabilities, DType, Device, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
     Pooling, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
@@ -128,84 +128,6 @@ struct ModelType {
     model_type: Option<String>,
 }
 
-/// The safetensors files of a folder: one `model.safetensors`, or the shards an
-/// index names.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        #[derive(Deserialize)]
-        struct Index {
-            weight_map: std::collections::BTreeMap<String, String>,
-        }
-        let text = std::fs::read(&index).map_err(|e| Error::io("reading", &index, e))?;
-        let parsed: Index =
-            serde_json::from_slice(&text).map_err(|e| Error::model_load_with(&index, "invalid index", e))?;
-        let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let hint = if dir.join("pytorch_model.bin").is_file() {
-        "; pytorch_model.bin is not read: convert it to safetensors"
-    } else {
-        ""
-    };
-    Err(Error::model_load(dir, format!("no model.safetensors (or model.safetensors.index.json){hint}")))
-}
-
-/// Bytes the weights take at `dtype`, from the safetensors headers (no tensor is read).
-/// With `int8`, the encoder's matrices count one byte an element (the embeddings stay
-/// at `dtype`).
-pub fn weight_bytes(files: &[PathBuf], dtype: DType, int8: bool) -> Result<u64> {
-    use std::io::Read;
-    let mut total = 0u64;
-    for file in files {
-        let mut f = std::fs::File::open(file).map_err(|e| Error::io("opening", file, e))?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).map_err(|e| Error::io("reading", file, e))?;
-        let len = u64::from_le_bytes(len);
-        if len > 100 << 20 {
-            return Err(Error::model_load(file, "not a safetensors file (header too large)"));
-        }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header).map_err(|e| Error::io("reading", file, e))?;
-        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| Error::model_load_with(file, "not a safetensors file", e))?;
-        for (name, entry) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let elements: u64 = entry["shape"]
-                .as_array()
-                .map(|dims| dims.iter().filter_map(|d| d.as_u64()).product())
-                .unwrap_or(0);
-            // Float weights are converted to the model dtype; integer buffers keep their size.
-            let stored = match entry["dtype"].as_str() {
-                Some("F64" | "I64" | "U64") => 8,
-                Some("F32" | "I32" | "U32") => 4,
-                Some("F16" | "BF16" | "I16" | "U16") => 2,
-                _ => 1,
-            };
-            let is_float = matches!(entry["dtype"].as_str(), Some("F64" | "F32" | "F16" | "BF16"));
-            let matrix = entry["shape"].as_array().is_some_and(|d| d.len() == 2);
-            let quantized = int8 && matrix && name.contains("encoder.") && name.ends_with(".weight");
-            total += elements
-                * if quantized {
-                    1
-                } else if is_float {
-                    dtype.size() as u64
-                } else {
-                    stored
-                };
-        }
-    }
-    Ok(total)
-}
-
 #[async_trait]
 impl Provider for CandleProvider {
     fn name(&self) -> &str {
@@ -240,7 +162,8 @@ impl Provider for CandleProvider {
         let Ok(files) = weight_files(&spec.path) else {
             return Ok(None);
         };
-        let bytes = weight_bytes(&files, spec.dtype, spec.quantization == Quantization::Int8)?;
+        let bytes =
+            weight_bytes(&files, spec.dtype, (spec.quantization == Quantization::Int8).then_some(1.0))?;
         Ok(Some(bytes + bytes / 10))
     }
 
@@ -283,7 +206,7 @@ impl Provider for CandleProvider {
             .map_err(|e| Error::model_load_with(&config_path, "not a BERT config", e))?;
         let files = weight_files(dir)?;
         let int8 = spec.quantization == Quantization::Int8;
-        let weight_bytes = weight_bytes(&files, spec.dtype, int8)?;
+        let weight_bytes = weight_bytes(&files, spec.dtype, int8.then_some(1.0))?;
 
         // SAFETY: the files are memory-mapped read-only; kiln does not modify model files
         // while they are loaded, and candle copies what it converts.

@@ -1,4 +1,6 @@
 //! The provider's tests: loading errors, the packed CPU kernels and int8 against candle's graph.
+use std::path::{Path, PathBuf};
+
 use super::*;
 
 fn load(spec: &ModelSpec) -> Result<Arc<dyn Model>> {

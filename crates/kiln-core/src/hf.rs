@@ -1,0 +1,84 @@
+//! Hugging Face model folders: which safetensors files hold the weights, and how many
+//! bytes they take at a given precision — read from the headers, before any loading,
+//! for memory admission. Shared by the providers that read these folders.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{DType, Error, Result};
+
+/// The safetensors files of a folder: one `model.safetensors`, or the shards an
+/// index names.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let text = std::fs::read(&index).map_err(|e| Error::io("reading", &index, e))?;
+        let parsed: Index =
+            serde_json::from_slice(&text).map_err(|e| Error::model_load_with(&index, "invalid index", e))?;
+        let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let hint = if dir.join("pytorch_model.bin").is_file() {
+        "; pytorch_model.bin is not read: convert it to safetensors"
+    } else {
+        ""
+    };
+    Err(Error::model_load(dir, format!("no model.safetensors (or model.safetensors.index.json){hint}")))
+}
+
+/// Bytes the weights take at `dtype`, from the safetensors headers (no tensor is read).
+/// With `quantized` (bytes an element, scales included), the encoder's matrices count
+/// that much an element; the embeddings stay at `dtype`.
+pub fn weight_bytes(files: &[PathBuf], dtype: DType, quantized: Option<f64>) -> Result<u64> {
+    use std::io::Read;
+    let mut total = 0u64;
+    for file in files {
+        let mut f = std::fs::File::open(file).map_err(|e| Error::io("opening", file, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| Error::io("reading", file, e))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            return Err(Error::model_load(file, "not a safetensors file (header too large)"));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header).map_err(|e| Error::io("reading", file, e))?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| Error::model_load_with(file, "not a safetensors file", e))?;
+        for (name, entry) in header {
+            if name == "__metadata__" {
+                continue;
+            }
+            let elements: u64 = entry["shape"]
+                .as_array()
+                .map(|dims| dims.iter().filter_map(|d| d.as_u64()).product())
+                .unwrap_or(0);
+            // Float weights are converted to the model dtype; integer buffers keep their size.
+            let stored = match entry["dtype"].as_str() {
+                Some("F64" | "I64" | "U64") => 8,
+                Some("F32" | "I32" | "U32") => 4,
+                Some("F16" | "BF16" | "I16" | "U16") => 2,
+                _ => 1,
+            };
+            let is_float = matches!(entry["dtype"].as_str(), Some("F64" | "F32" | "F16" | "BF16"));
+            let matrix = entry["shape"].as_array().is_some_and(|d| d.len() == 2);
+            let per_element = match quantized {
+                Some(bytes) if matrix && name.contains("encoder.") && name.ends_with(".weight") => bytes,
+                _ if is_float => dtype.size() as f64,
+                _ => stored as f64,
+            };
+            total += (elements as f64 * per_element).ceil() as u64;
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,316 @@
+// kiln's binding to MLX: a small C interface over MLX's C++ API, only what kiln's
+// models use. Written for kiln (not generated); compiled by build.rs against the
+// headers and libmlx of the `mlx-cpu` / `mlx-cuda-13` / `mlx` wheels.
+//
+// Conventions: arrays are opaque heap handles the caller frees; a function that can
+// fail returns NULL (or nonzero) and leaves the message in kiln_mlx_last_error(), per
+// thread. Every op runs on the calling thread's device (kiln_mlx_set_device).
+
+#include <mlx/mlx.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+
+namespace mx = mlx::core;
+
+struct kiln_mlx_array {
+  mx::array a;
+};
+
+struct kiln_mlx_weights {
+  std::unordered_map<std::string, mx::array> arrays;
+};
+
+namespace {
+
+thread_local std::string last_error;
+thread_local mx::Device current_device = mx::Device(mx::Device::cpu, 0);
+
+template <class F>
+kiln_mlx_array* wrap(F&& f) {
+  try {
+    return new kiln_mlx_array{f()};
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown MLX error";
+  }
+  return nullptr;
+}
+
+template <class F>
+int status(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown MLX error";
+  }
+  return 1;
+}
+
+// kiln's dtype codes, shared with src/ffi.rs.
+mx::Dtype dtype_of(int code) {
+  switch (code) {
+    case 0: return mx::float32;
+    case 1: return mx::float16;
+    case 2: return mx::bfloat16;
+    case 3: return mx::int64;
+    case 4: return mx::int32;
+    case 5: return mx::uint8;
+    case 6: return mx::uint32;
+    case 7: return mx::bool_;
+  }
+  throw std::invalid_argument("kiln_mlx: unknown dtype code " + std::to_string(code));
+}
+
+int code_of(mx::Dtype d) {
+  if (d == mx::float32) return 0;
+  if (d == mx::float16) return 1;
+  if (d == mx::bfloat16) return 2;
+  if (d == mx::int64) return 3;
+  if (d == mx::int32) return 4;
+  if (d == mx::uint8) return 5;
+  if (d == mx::uint32) return 6;
+  if (d == mx::bool_) return 7;
+  return -1;
+}
+
+mx::Shape shape_of(const int* shape, int ndim) { return mx::Shape(shape, shape + ndim); }
+
+}  // namespace
+
+extern "C" {
+
+const char* kiln_mlx_last_error() { return last_error.c_str(); }
+
+const char* kiln_mlx_version() { return mx::version(); }
+
+#ifdef KILN_MLX_OPENBLAS
+extern "C" char* openblas_get_config(void);
+#endif
+
+// The BLAS linked ahead of MLX's own, or "" (MLX's: the reference BLAS on Linux CPU
+// wheels, Accelerate on macOS).
+const char* kiln_mlx_blas() {
+#ifdef KILN_MLX_OPENBLAS
+  return openblas_get_config();
+#else
+  return "";
+#endif
+}
+
+void kiln_mlx_free(kiln_mlx_array* a) { delete a; }
+
+int kiln_mlx_gpu_count() {
+  try {
+    if (!mx::is_available(mx::Device(mx::Device::gpu, 0))) return 0;
+    return static_cast<int>(mx::device_count(mx::Device::gpu));
+  } catch (...) {
+    return 0;
+  }
+}
+
+// kind 0: cpu, 1: gpu (Metal on Apple, CUDA elsewhere).
+int kiln_mlx_set_device(int kind, int index) {
+  return status([&] {
+    mx::Device d(kind == 0 ? mx::Device::cpu : mx::Device::gpu, index);
+    if (!mx::is_available(d)) {
+      throw std::invalid_argument(kind == 0 ? "the MLX CPU device is not available"
+                                            : "this MLX build has no GPU device (or none is present)");
+    }
+    current_device = d;
+  });
+}
+
+kiln_mlx_array* kiln_mlx_from_data(const void* data, int dtype, const int* shape, int ndim) {
+  return wrap([&] {
+    auto t = dtype_of(dtype);
+    auto s = shape_of(shape, ndim);
+    size_t n = 1;
+    for (auto d : s) n *= static_cast<size_t>(d);
+    // MLX gets a copy: the caller's buffer may go away before evaluation.
+    void* copy = std::malloc(n * t.size() + 1);
+    if (copy == nullptr) throw std::bad_alloc();
+    std::memcpy(copy, data, n * t.size());
+    return mx::array(copy, s, t, [](void* p) { std::free(p); });
+  });
+}
+
+kiln_mlx_array* kiln_mlx_scalar(float value, int dtype) {
+  return wrap([&] { return mx::array(value, dtype_of(dtype)); });
+}
+
+int kiln_mlx_ndim(const kiln_mlx_array* a) { return static_cast<int>(a->a.ndim()); }
+int kiln_mlx_dim(const kiln_mlx_array* a, int axis) { return a->a.shape(axis); }
+int kiln_mlx_dtype(const kiln_mlx_array* a) { return code_of(a->a.dtype()); }
+
+// Evaluates `a` as a row-contiguous array of `dtype` and copies it into `out`, which
+// must hold `bytes` bytes (the element count times the dtype's size).
+int kiln_mlx_to_host(const kiln_mlx_array* a, int dtype, void* out, size_t bytes) {
+  return status([&] {
+    auto t = dtype_of(dtype);
+    auto c = mx::contiguous(mx::astype(a->a, t, current_device), false, current_device);
+    mx::eval(c);
+    if (c.nbytes() != bytes) {
+      throw std::invalid_argument("kiln_mlx_to_host: the array has " + std::to_string(c.nbytes()) +
+                                  " bytes, the buffer " + std::to_string(bytes));
+    }
+    std::memcpy(out, c.data<uint8_t>(), bytes);
+  });
+}
+
+int kiln_mlx_eval(kiln_mlx_array* const* arrays, size_t n) {
+  return status([&] {
+    std::vector<mx::array> all;
+    for (size_t i = 0; i < n; i++) all.push_back(arrays[i]->a);
+    mx::eval(all);
+  });
+}
+
+kiln_mlx_array* kiln_mlx_astype(const kiln_mlx_array* a, int dtype) {
+  return wrap([&] { return mx::astype(a->a, dtype_of(dtype), current_device); });
+}
+
+// 0 add, 1 subtract, 2 multiply, 3 divide, 4 maximum
+kiln_mlx_array* kiln_mlx_binary(int op, const kiln_mlx_array* a, const kiln_mlx_array* b) {
+  return wrap([&] {
+    switch (op) {
+      case 0: return mx::add(a->a, b->a, current_device);
+      case 1: return mx::subtract(a->a, b->a, current_device);
+      case 2: return mx::multiply(a->a, b->a, current_device);
+      case 3: return mx::divide(a->a, b->a, current_device);
+      case 4: return mx::maximum(a->a, b->a, current_device);
+    }
+    throw std::invalid_argument("kiln_mlx_binary: unknown op " + std::to_string(op));
+  });
+}
+
+// 0 erf, 1 sqrt, 2 rsqrt, 3 square, 4 tanh
+kiln_mlx_array* kiln_mlx_unary(int op, const kiln_mlx_array* a) {
+  return wrap([&] {
+    switch (op) {
+      case 0: return mx::erf(a->a, current_device);
+      case 1: return mx::sqrt(a->a, current_device);
+      case 2: return mx::rsqrt(a->a, current_device);
+      case 3: return mx::square(a->a, current_device);
+      case 4: return mx::tanh(a->a, current_device);
+    }
+    throw std::invalid_argument("kiln_mlx_unary: unknown op " + std::to_string(op));
+  });
+}
+
+// c + a @ b, in one kernel where MLX has one.
+kiln_mlx_array* kiln_mlx_addmm(const kiln_mlx_array* c, const kiln_mlx_array* a, const kiln_mlx_array* b) {
+  return wrap([&] { return mx::addmm(c->a, a->a, b->a, 1.0f, 1.0f, current_device); });
+}
+
+kiln_mlx_array* kiln_mlx_transpose(const kiln_mlx_array* a, const int* axes, int n) {
+  return wrap([&] { return mx::transpose(a->a, std::vector<int>(axes, axes + n), current_device); });
+}
+
+kiln_mlx_array* kiln_mlx_reshape(const kiln_mlx_array* a, const int* shape, int n) {
+  return wrap([&] { return mx::reshape(a->a, shape_of(shape, n), current_device); });
+}
+
+kiln_mlx_array* kiln_mlx_take(const kiln_mlx_array* a, const kiln_mlx_array* indices, int axis) {
+  return wrap([&] { return mx::take(a->a, indices->a, axis, current_device); });
+}
+
+kiln_mlx_array* kiln_mlx_slice(const kiln_mlx_array* a, const int* start, const int* stop, int n) {
+  return wrap([&] {
+    return mx::slice(a->a, mx::Shape(start, start + n), mx::Shape(stop, stop + n), current_device);
+  });
+}
+
+// 0 sum, 1 max, 2 mean
+kiln_mlx_array* kiln_mlx_reduce(int op, const kiln_mlx_array* a, int axis, int keepdims) {
+  return wrap([&] {
+    switch (op) {
+      case 0: return mx::sum(a->a, axis, keepdims != 0, current_device);
+      case 1: return mx::max(a->a, axis, keepdims != 0, current_device);
+      case 2: return mx::mean(a->a, axis, keepdims != 0, current_device);
+    }
+    throw std::invalid_argument("kiln_mlx_reduce: unknown op " + std::to_string(op));
+  });
+}
+
+kiln_mlx_array* kiln_mlx_where(const kiln_mlx_array* c, const kiln_mlx_array* x, const kiln_mlx_array* y) {
+  return wrap([&] { return mx::where(c->a, x->a, y->a, current_device); });
+}
+
+kiln_mlx_array* kiln_mlx_layer_norm(const kiln_mlx_array* x, const kiln_mlx_array* w, const kiln_mlx_array* b,
+                                    float eps) {
+  return wrap([&] { return mx::fast::layer_norm(x->a, w->a, b->a, eps, current_device); });
+}
+
+// queries, keys, values: [batch, heads, sequence, head_dim]; mask (nullable): additive,
+// broadcastable to [batch, heads, sequence, sequence].
+kiln_mlx_array* kiln_mlx_attention(const kiln_mlx_array* q, const kiln_mlx_array* k, const kiln_mlx_array* v,
+                                   float scale, const kiln_mlx_array* mask) {
+  return wrap([&] {
+    if (mask == nullptr) return mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, "", {}, {}, false, current_device);
+    return mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, "array", mask->a, {}, false, current_device);
+  });
+}
+
+// Groupwise affine quantization of `w` along its last axis: out[0] the packed weights,
+// out[1] the scales, out[2] the biases.
+int kiln_mlx_quantize(const kiln_mlx_array* w, int group_size, int bits, kiln_mlx_array** out) {
+  return status([&] {
+    auto q = mx::quantize(w->a, group_size, bits, "affine", std::nullopt, current_device);
+    if (q.size() != 3) throw std::runtime_error("mx::quantize returned " + std::to_string(q.size()) + " arrays");
+    for (int i = 0; i < 3; i++) out[i] = new kiln_mlx_array{q[i]};
+  });
+}
+
+// x @ dequantize(w)^T
+kiln_mlx_array* kiln_mlx_quantized_matmul(const kiln_mlx_array* x, const kiln_mlx_array* w,
+                                          const kiln_mlx_array* scales, const kiln_mlx_array* biases,
+                                          int group_size, int bits) {
+  return wrap([&] {
+    return mx::quantized_matmul(x->a, w->a, scales->a, biases->a, true, group_size, bits, "affine",
+                                current_device);
+  });
+}
+
+kiln_mlx_weights* kiln_mlx_load_safetensors(const char* path) {
+  try {
+    auto loaded = mx::load_safetensors(std::string(path), mx::StreamOrDevice(mx::Device(mx::Device::cpu, 0)));
+    auto* w = new kiln_mlx_weights{};
+    for (auto& [name, array] : loaded.first) {
+      w->arrays.emplace(name, array);
+    }
+    return w;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown MLX error";
+  }
+  return nullptr;
+}
+
+// The named array (NULL if absent, without an error).
+kiln_mlx_array* kiln_mlx_weights_get(const kiln_mlx_weights* w, const char* name) {
+  auto it = w->arrays.find(name);
+  if (it == w->arrays.end()) return nullptr;
+  return new kiln_mlx_array{it->second};
+}
+
+void kiln_mlx_weights_free(kiln_mlx_weights* w) { delete w; }
+
+// MLX's allocator: bytes in live arrays, the peak since the last reset, and the
+// buffer cache it keeps for reuse.
+void kiln_mlx_memory(size_t* active, size_t* peak, size_t* cache) {
+  *active = mx::get_active_memory();
+  *peak = mx::get_peak_memory();
+  *cache = mx::get_cache_memory();
+}
+
+void kiln_mlx_clear_cache() { mx::clear_cache(); }
+
+}  // extern "C"

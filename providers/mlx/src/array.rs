@@ -1,0 +1,394 @@
+//! Safe MLX arrays over kiln's binding: each [`Array`] owns one handle; every op is
+//! lazy (MLX builds a graph) until [`eval`] or [`Array::to_host`].
+
+use std::ffi::{CStr, CString, c_int};
+use std::ptr::NonNull;
+
+use kiln_core::{DType, Error, Result};
+
+use crate::NAME;
+use crate::ffi;
+
+/// The shim's message for the last failure on this thread.
+fn last_error() -> String {
+    // SAFETY: the shim returns a pointer to its thread-local string, valid until the
+    // next failing call on this thread; it is copied at once.
+    unsafe { CStr::from_ptr(ffi::kiln_mlx_last_error()) }.to_string_lossy().into_owned()
+}
+
+fn backend(what: &str) -> Error {
+    Error::backend(NAME, format!("{what}: {}", last_error()))
+}
+
+/// An MLX array.
+pub struct Array(NonNull<ffi::RawArray>);
+
+// SAFETY: an MLX array is a reference-counted handle (shared_ptr) to an immutable
+// graph node; MLX evaluates from any thread. kiln uses each model from one thread at
+// a time anyway.
+unsafe impl Send for Array {}
+unsafe impl Sync for Array {}
+
+impl Drop for Array {
+    fn drop(&mut self) {
+        // SAFETY: the handle is ours and freed once.
+        unsafe { ffi::kiln_mlx_free(self.0.as_ptr()) }
+    }
+}
+
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Array({:?}, dtype code {})", self.shape(), self.dtype_code())
+    }
+}
+
+/// Takes ownership of a handle the shim returned; NULL is the shim's error.
+fn own(raw: *mut ffi::RawArray, what: &str) -> Result<Array> {
+    NonNull::new(raw).map(Array).ok_or_else(|| backend(what))
+}
+
+fn check(status: c_int, what: &str) -> Result<()> {
+    if status == 0 { Ok(()) } else { Err(backend(what)) }
+}
+
+fn dims(shape: &[usize]) -> Result<Vec<c_int>> {
+    shape
+        .iter()
+        .map(|&d| {
+            c_int::try_from(d).map_err(|_| Error::InvalidInput(format!("dimension {d} is too large for MLX")))
+        })
+        .collect()
+}
+
+/// kiln's dtype as the shim's code.
+pub fn code(dtype: DType) -> c_int {
+    match dtype {
+        DType::F32 => ffi::F32,
+        DType::F16 => ffi::F16,
+        DType::BF16 => ffi::BF16,
+        DType::I64 => ffi::I64,
+        DType::I32 => ffi::I32,
+        _ => ffi::U8,
+    }
+}
+
+/// Binary ops of the shim.
+#[derive(Clone, Copy)]
+enum Binary {
+    Add = 0,
+    Multiply = 2,
+    Divide = 3,
+    Maximum = 4,
+}
+
+/// Unary ops of the shim.
+#[derive(Clone, Copy)]
+enum Unary {
+    Erf = 0,
+    Sqrt = 1,
+}
+
+/// Reductions of the shim.
+#[derive(Clone, Copy)]
+enum Reduce {
+    Sum = 0,
+    Max = 1,
+}
+
+impl Array {
+    /// An array holding a copy of `data` (little-endian elements of `dtype`).
+    pub fn from_bytes(data: &[u8], dtype: DType, shape: &[usize]) -> Result<Array> {
+        let elements: usize = shape.iter().product();
+        if elements * dtype.size() != data.len() {
+            return Err(Error::InvalidInput(format!(
+                "{} bytes for an MLX array of {dtype} {shape:?}",
+                data.len()
+            )));
+        }
+        let dims = dims(shape)?;
+        // SAFETY: `data` holds exactly the elements `dims` and `dtype` describe; the
+        // shim copies them before returning.
+        own(
+            unsafe {
+                ffi::kiln_mlx_from_data(data.as_ptr().cast(), code(dtype), dims.as_ptr(), dims.len() as c_int)
+            },
+            "creating an array",
+        )
+    }
+
+    /// A 0-d array.
+    pub fn scalar(value: f32, dtype: DType) -> Result<Array> {
+        // SAFETY: plain values.
+        own(unsafe { ffi::kiln_mlx_scalar(value, code(dtype)) }, "creating a scalar")
+    }
+
+    fn raw(&self) -> *const ffi::RawArray {
+        self.0.as_ptr()
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> Vec<usize> {
+        // SAFETY: a live handle; axes within ndim.
+        unsafe {
+            (0..ffi::kiln_mlx_ndim(self.raw()))
+                .map(|axis| ffi::kiln_mlx_dim(self.raw(), axis) as usize)
+                .collect()
+        }
+    }
+
+    fn dtype_code(&self) -> c_int {
+        // SAFETY: a live handle.
+        unsafe { ffi::kiln_mlx_dtype(self.raw()) }
+    }
+
+    /// Evaluates and copies out as f32, row-major.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let n: usize = self.shape().iter().product();
+        let mut out = vec![0f32; n];
+        // SAFETY: `out` holds `n` f32s, which the shim checks against the array.
+        check(
+            unsafe { ffi::kiln_mlx_to_host(self.raw(), ffi::F32, out.as_mut_ptr().cast(), n * 4) },
+            "evaluating",
+        )?;
+        Ok(out)
+    }
+
+    /// This array at `dtype`.
+    pub fn astype(&self, dtype: DType) -> Result<Array> {
+        // SAFETY: a live handle.
+        own(unsafe { ffi::kiln_mlx_astype(self.raw(), code(dtype)) }, "astype")
+    }
+
+    fn binary(&self, op: Binary, other: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_binary(op as c_int, self.raw(), other.raw()) }, "an elementwise op")
+    }
+
+    fn unary(&self, op: Unary) -> Result<Array> {
+        // SAFETY: a live handle.
+        own(unsafe { ffi::kiln_mlx_unary(op as c_int, self.raw()) }, "an elementwise op")
+    }
+
+    /// `self + other`, broadcasting.
+    pub fn add(&self, other: &Array) -> Result<Array> {
+        self.binary(Binary::Add, other)
+    }
+
+    /// `self * other`, broadcasting.
+    pub fn mul(&self, other: &Array) -> Result<Array> {
+        self.binary(Binary::Multiply, other)
+    }
+
+    /// `self / other`, broadcasting.
+    pub fn div(&self, other: &Array) -> Result<Array> {
+        self.binary(Binary::Divide, other)
+    }
+
+    /// Elementwise maximum, broadcasting.
+    pub fn maximum(&self, other: &Array) -> Result<Array> {
+        self.binary(Binary::Maximum, other)
+    }
+
+    /// The error function.
+    pub fn erf(&self) -> Result<Array> {
+        self.unary(Unary::Erf)
+    }
+
+    /// Square root.
+    pub fn sqrt(&self) -> Result<Array> {
+        self.unary(Unary::Sqrt)
+    }
+
+    /// `bias + self @ weight`.
+    pub fn addmm(&self, weight: &Array, bias: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_addmm(bias.raw(), self.raw(), weight.raw()) }, "addmm")
+    }
+
+    /// Axes permuted.
+    pub fn transpose(&self, axes: &[i32]) -> Result<Array> {
+        // SAFETY: `axes` is valid for its length.
+        own(unsafe { ffi::kiln_mlx_transpose(self.raw(), axes.as_ptr(), axes.len() as c_int) }, "transpose")
+    }
+
+    /// The same elements in another shape (`-1`: inferred).
+    pub fn reshape(&self, shape: &[i32]) -> Result<Array> {
+        // SAFETY: `shape` is valid for its length.
+        own(unsafe { ffi::kiln_mlx_reshape(self.raw(), shape.as_ptr(), shape.len() as c_int) }, "reshape")
+    }
+
+    /// Rows of `self` (along `axis`) picked by `indices`: an embedding lookup.
+    pub fn take(&self, indices: &Array, axis: i32) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_take(self.raw(), indices.raw(), axis) }, "take")
+    }
+
+    /// `self[start..stop]` on every axis.
+    pub fn slice(&self, start: &[i32], stop: &[i32]) -> Result<Array> {
+        assert_eq!(start.len(), stop.len());
+        // SAFETY: both slices have the same length.
+        own(
+            unsafe { ffi::kiln_mlx_slice(self.raw(), start.as_ptr(), stop.as_ptr(), start.len() as c_int) },
+            "slice",
+        )
+    }
+
+    fn reduce(&self, op: Reduce, axis: i32, keepdims: bool) -> Result<Array> {
+        // SAFETY: a live handle.
+        own(
+            unsafe { ffi::kiln_mlx_reduce(op as c_int, self.raw(), axis, c_int::from(keepdims)) },
+            "a reduction",
+        )
+    }
+
+    /// Sum along `axis`.
+    pub fn sum(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        self.reduce(Reduce::Sum, axis, keepdims)
+    }
+
+    /// Maximum along `axis`.
+    pub fn max(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        self.reduce(Reduce::Max, axis, keepdims)
+    }
+
+    /// `x` where `self` is true, else `y`.
+    pub fn select(&self, x: &Array, y: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_where(self.raw(), x.raw(), y.raw()) }, "where")
+    }
+
+    /// LayerNorm over the last axis (MLX's fused kernel).
+    pub fn layer_norm(&self, weight: &Array, bias: &Array, eps: f32) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_layer_norm(self.raw(), weight.raw(), bias.raw(), eps) }, "layer_norm")
+    }
+
+    /// Scaled dot-product attention (MLX's fused kernel) of `self` as the queries;
+    /// `[batch, heads, sequence, head_dim]` each, `mask` additive.
+    pub fn attention(&self, keys: &Array, values: &Array, scale: f32, mask: Option<&Array>) -> Result<Array> {
+        let mask = mask.map_or(std::ptr::null(), Array::raw);
+        // SAFETY: live handles; a null mask means none.
+        own(
+            unsafe { ffi::kiln_mlx_attention(self.raw(), keys.raw(), values.raw(), scale, mask) },
+            "attention",
+        )
+    }
+
+    /// Groupwise affine quantization along the last axis: (packed, scales, biases).
+    pub fn quantize(&self, group_size: usize, bits: usize) -> Result<(Array, Array, Array)> {
+        let mut out = [std::ptr::null_mut(); 3];
+        // SAFETY: `out` has room for the three handles the shim writes on success.
+        check(
+            unsafe {
+                ffi::kiln_mlx_quantize(self.raw(), group_size as c_int, bits as c_int, out.as_mut_ptr())
+            },
+            "quantize",
+        )?;
+        let [w, s, b] = out;
+        Ok((own(w, "quantize")?, own(s, "quantize")?, own(b, "quantize")?))
+    }
+
+    /// `self @ dequantize(w, scales, biases)^T`.
+    pub fn quantized_matmul(
+        &self,
+        w: &Array,
+        scales: &Array,
+        biases: &Array,
+        group_size: usize,
+        bits: usize,
+    ) -> Result<Array> {
+        // SAFETY: live handles.
+        own(
+            unsafe {
+                ffi::kiln_mlx_quantized_matmul(
+                    self.raw(),
+                    w.raw(),
+                    scales.raw(),
+                    biases.raw(),
+                    group_size as c_int,
+                    bits as c_int,
+                )
+            },
+            "quantized_matmul",
+        )
+    }
+}
+
+/// Evaluates arrays together (one pass over their shared graph).
+pub fn eval(arrays: &[&Array]) -> Result<()> {
+    let raw: Vec<*mut ffi::RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
+    // SAFETY: live handles for the duration of the call.
+    check(unsafe { ffi::kiln_mlx_eval(raw.as_ptr(), raw.len()) }, "evaluating")
+}
+
+/// Where this thread's MLX ops run from now on: the CPU, or GPU `index`.
+pub fn set_device(gpu: Option<usize>) -> Result<()> {
+    let (kind, index) = gpu.map_or((0, 0), |i| (1, i as c_int));
+    // SAFETY: plain values.
+    let status = unsafe { ffi::kiln_mlx_set_device(kind, index) };
+    if status == 0 { Ok(()) } else { Err(Error::Unsupported(format!("provider `mlx`: {}", last_error()))) }
+}
+
+/// GPUs MLX can use in this process (0 for the CPU-only build).
+pub fn gpu_count() -> usize {
+    // SAFETY: no arguments.
+    unsafe { ffi::kiln_mlx_gpu_count() }.max(0) as usize
+}
+
+/// The MLX library's version.
+pub fn version() -> String {
+    // SAFETY: a static string in libmlx.
+    unsafe { CStr::from_ptr(ffi::kiln_mlx_version()) }.to_string_lossy().into_owned()
+}
+
+/// The BLAS linked ahead of MLX's own (OpenBLAS's configuration string), if any.
+pub fn blas() -> Option<String> {
+    // SAFETY: a static string (OpenBLAS's, or the shim's empty one).
+    let s = unsafe { CStr::from_ptr(ffi::kiln_mlx_blas()) }.to_string_lossy().trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// MLX's allocator figures: (active, peak, cache) bytes.
+pub fn memory() -> (u64, u64, u64) {
+    let (mut active, mut peak, mut cache) = (0usize, 0usize, 0usize);
+    // SAFETY: three valid out-pointers.
+    unsafe { ffi::kiln_mlx_memory(&mut active, &mut peak, &mut cache) };
+    (active as u64, peak as u64, cache as u64)
+}
+
+/// Frees the buffers MLX keeps cached for reuse.
+pub fn clear_cache() {
+    // SAFETY: no arguments.
+    unsafe { ffi::kiln_mlx_clear_cache() }
+}
+
+/// The arrays of a safetensors file, loaded lazily by MLX.
+pub struct Weights(NonNull<ffi::RawWeights>);
+
+// SAFETY: read-only after loading; see `Array`.
+unsafe impl Send for Weights {}
+
+impl Drop for Weights {
+    fn drop(&mut self) {
+        // SAFETY: ours, freed once.
+        unsafe { ffi::kiln_mlx_weights_free(self.0.as_ptr()) }
+    }
+}
+
+impl Weights {
+    /// Opens `path`.
+    pub fn load(path: &std::path::Path) -> Result<Weights> {
+        let c = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::model_load(path, "a path with a NUL byte"))?;
+        // SAFETY: a valid C string.
+        let raw = unsafe { ffi::kiln_mlx_load_safetensors(c.as_ptr()) };
+        NonNull::new(raw).map(Weights).ok_or_else(|| Error::model_load(path, last_error()))
+    }
+
+    /// The tensor called `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<Array> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: a valid C string; NULL means absent.
+        NonNull::new(unsafe { ffi::kiln_mlx_weights_get(self.0.as_ptr(), c.as_ptr()) }).map(Array)
+    }
+}

@@ -1,0 +1,92 @@
+//! The C interface of `shim/kiln_mlx.cpp` (kiln's binding to MLX). Only `array.rs`
+//! calls these; it owns every handle they return.
+
+use std::ffi::{c_char, c_int, c_void};
+
+/// An MLX array (heap handle; freed with [`kiln_mlx_free`]).
+#[repr(C)]
+pub struct RawArray {
+    _opaque: [u8; 0],
+}
+
+/// The arrays of a safetensors file.
+#[repr(C)]
+pub struct RawWeights {
+    _opaque: [u8; 0],
+}
+
+/// kiln's dtype codes in the shim.
+pub const F32: c_int = 0;
+pub const F16: c_int = 1;
+pub const BF16: c_int = 2;
+pub const I64: c_int = 3;
+pub const I32: c_int = 4;
+pub const U8: c_int = 5;
+
+unsafe extern "C" {
+    pub fn kiln_mlx_last_error() -> *const c_char;
+    pub fn kiln_mlx_version() -> *const c_char;
+    pub fn kiln_mlx_blas() -> *const c_char;
+    pub fn kiln_mlx_free(a: *mut RawArray);
+    pub fn kiln_mlx_gpu_count() -> c_int;
+    pub fn kiln_mlx_set_device(kind: c_int, index: c_int) -> c_int;
+    pub fn kiln_mlx_from_data(
+        data: *const c_void,
+        dtype: c_int,
+        shape: *const c_int,
+        ndim: c_int,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_scalar(value: f32, dtype: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_ndim(a: *const RawArray) -> c_int;
+    pub fn kiln_mlx_dim(a: *const RawArray, axis: c_int) -> c_int;
+    pub fn kiln_mlx_dtype(a: *const RawArray) -> c_int;
+    pub fn kiln_mlx_to_host(a: *const RawArray, dtype: c_int, out: *mut c_void, bytes: usize) -> c_int;
+    pub fn kiln_mlx_eval(arrays: *const *mut RawArray, n: usize) -> c_int;
+    pub fn kiln_mlx_astype(a: *const RawArray, dtype: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_binary(op: c_int, a: *const RawArray, b: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_unary(op: c_int, a: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_addmm(c: *const RawArray, a: *const RawArray, b: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_transpose(a: *const RawArray, axes: *const c_int, n: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_reshape(a: *const RawArray, shape: *const c_int, n: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_take(a: *const RawArray, indices: *const RawArray, axis: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_slice(
+        a: *const RawArray,
+        start: *const c_int,
+        stop: *const c_int,
+        n: c_int,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_reduce(op: c_int, a: *const RawArray, axis: c_int, keepdims: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_where(c: *const RawArray, x: *const RawArray, y: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_layer_norm(
+        x: *const RawArray,
+        w: *const RawArray,
+        b: *const RawArray,
+        eps: f32,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_attention(
+        q: *const RawArray,
+        k: *const RawArray,
+        v: *const RawArray,
+        scale: f32,
+        mask: *const RawArray,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_quantize(
+        w: *const RawArray,
+        group_size: c_int,
+        bits: c_int,
+        out: *mut *mut RawArray,
+    ) -> c_int;
+    pub fn kiln_mlx_quantized_matmul(
+        x: *const RawArray,
+        w: *const RawArray,
+        scales: *const RawArray,
+        biases: *const RawArray,
+        group_size: c_int,
+        bits: c_int,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_load_safetensors(path: *const c_char) -> *mut RawWeights;
+    pub fn kiln_mlx_weights_get(w: *const RawWeights, name: *const c_char) -> *mut RawArray;
+    pub fn kiln_mlx_weights_free(w: *mut RawWeights);
+    pub fn kiln_mlx_memory(active: *mut usize, peak: *mut usize, cache: *mut usize);
+    pub fn kiln_mlx_clear_cache();
+}

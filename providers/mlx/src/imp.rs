@@ -1,0 +1,301 @@
+//! The provider itself; compiled with the `libmlx` feature (see the crate docs).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kiln_core::hf::{weight_bytes, weight_files};
+use kiln_core::{
+    Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
+    Outputs, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
+    async_trait,
+};
+use serde::Deserialize;
+
+use crate::NAME;
+use crate::array;
+use crate::bert::{Bert, BertConfig, Quant};
+
+/// The name of the token-vector output (no embedding head asked for).
+pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+
+/// `[provider.options]` of the MLX provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MlxOptions {
+    /// Elements sharing one scale and bias in a quantized row: 32, 64 or 128.
+    pub group_size: usize,
+    /// Return MLX's cached buffers to the system after each load.
+    pub clear_cache_after_load: bool,
+}
+
+impl Default for MlxOptions {
+    fn default() -> Self {
+        MlxOptions { group_size: 64, clear_cache_after_load: true }
+    }
+}
+
+/// The MLX provider.
+#[derive(Debug)]
+pub struct MlxProvider {
+    options: MlxOptions,
+}
+
+fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
+    let options: MlxOptions = config.options()?;
+    if ![32, 64, 128].contains(&options.group_size) {
+        return Err(Error::Config(vec![kiln_core::ConfigIssue::new(
+            "provider.options.group_size",
+            options.group_size.to_string(),
+            "32, 64 or 128",
+        )]));
+    }
+    Ok(Arc::new(MlxProvider { options }))
+}
+
+kiln_core::register_provider!(
+    NAME,
+    "BERT encoders on MLX (cpu; cuda:N with mlx-cuda; metal:N on macOS)",
+    build
+);
+
+/// The GPU kind MLX's GPU is on this platform.
+fn gpu_kind() -> DeviceKind {
+    if cfg!(target_os = "macos") { DeviceKind::Metal } else { DeviceKind::Cuda }
+}
+
+/// MLX's device for a kiln device: `None` for the CPU, the GPU index otherwise.
+fn mlx_device(device: Device) -> Result<Option<usize>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda(n) | Device::Metal(n) if device.kind() == gpu_kind() => {
+            let count = array::gpu_count();
+            if n >= count {
+                let why = if count == 0 {
+                    format!(
+                        "the MLX library loaded ({}) has no GPU device; on NVIDIA put mlx-cuda-13's libmlx.so first \
+                         on LD_LIBRARY_PATH",
+                        array::version()
+                    )
+                } else {
+                    format!("MLX sees {count} GPU(s)")
+                };
+                return Err(Error::Unsupported(format!("provider `mlx` cannot use {device}: {why}")));
+            }
+            Ok(Some(n))
+        }
+        other => Err(Error::Unsupported(format!(
+            "provider `mlx` runs on cpu or {}:N here, not {other}",
+            gpu_kind()
+        ))),
+    }
+}
+
+fn quant(spec: &ModelSpec, group_size: usize) -> Option<Quant> {
+    match spec.quantization {
+        Quantization::Int8 => Some(Quant { bits: 8, group_size }),
+        Quantization::Int4 => Some(Quant { bits: 4, group_size }),
+        _ => None,
+    }
+}
+
+/// Bytes an element of a quantized matrix takes: the packed bits plus a scale and a
+/// bias (model dtype) per group.
+fn quantized_bytes(q: Quant, dtype: DType) -> f64 {
+    q.bits as f64 / 8.0 + 2.0 * dtype.size() as f64 / q.group_size as f64
+}
+
+fn read_config(dir: &Path) -> Result<BertConfig> {
+    let path = dir.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::model_load(
+                dir,
+                "no config.json; expected a Hugging Face BERT folder (config.json + model.safetensors)",
+            )
+        } else {
+            Error::io("reading", &path, e)
+        }
+    })?;
+    let config: BertConfig =
+        serde_json::from_slice(&text).map_err(|e| Error::model_load_with(&path, "not a BERT config", e))?;
+    match config.model_type.as_deref() {
+        Some("bert") | None => {}
+        Some(other) => {
+            return Err(Error::Unsupported(format!(
+                "{}: model_type `{other}`; provider `mlx` loads model_type `bert`",
+                path.display()
+            )));
+        }
+    }
+    if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_python") {
+        return Err(Error::Unsupported(format!(
+            "{}: hidden_act `{}`; provider `mlx` runs BERTs with exact gelu",
+            path.display(),
+            config.hidden_act
+        )));
+    }
+    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+        return Err(Error::model_load(&path, "hidden_size is not a multiple of num_attention_heads"));
+    }
+    Ok(config)
+}
+
+#[async_trait]
+impl Provider for MlxProvider {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities {
+            formats: vec!["Hugging Face BERT folder (config.json + model.safetensors)".into()],
+            quantization: vec![Quantization::Int8, Quantization::Int4],
+            ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
+        };
+        let blas = array::blas().map_or_else(|| "MLX's own BLAS".to_string(), |b| format!("BLAS {b}"));
+        caps.notes.push(format!(
+            "MLX {}, {blas}; int8/int4: MLX's groupwise affine quantization (group size {})",
+            array::version(),
+            self.options.group_size
+        ));
+        if array::gpu_count() > 0 {
+            caps.devices.push(gpu_kind());
+        } else {
+            caps.notes.push(format!("{}: the MLX library loaded has no GPU device", gpu_kind()));
+        }
+        caps
+    }
+
+    /// Weights at the model's dtype (quantized matrices at their packed size), from
+    /// the safetensors headers, plus 10% for activations.
+    fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
+        if !spec.path.join("config.json").is_file() {
+            return Ok(None);
+        }
+        let Ok(files) = weight_files(&spec.path) else { return Ok(None) };
+        let per_element = quant(spec, self.options.group_size).map(|q| quantized_bytes(q, spec.dtype));
+        let bytes = weight_bytes(&files, spec.dtype, per_element)?;
+        Ok(Some(bytes + bytes / 10))
+    }
+
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+        let dir = &spec.path;
+        let gpu = mlx_device(spec.device)?;
+        if !matches!(spec.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Unsupported(format!(
+                "provider `mlx` runs models in f32, f16 or bf16, not {}",
+                spec.dtype
+            )));
+        }
+        if !dir.is_dir() {
+            return Err(Error::model_load(
+                dir,
+                if dir.exists() { "not a folder; mlx loads Hugging Face folders" } else { "no such folder" },
+            ));
+        }
+        let config = read_config(dir)?;
+        let files = weight_files(dir)?;
+        let [file] = files.as_slice() else {
+            return Err(Error::Unsupported(format!(
+                "{}: sharded checkpoints ({} files) are not read by provider `mlx` yet",
+                dir.display(),
+                files.len()
+            )));
+        };
+        let quant = quant(spec, self.options.group_size);
+        let weight_bytes = weight_bytes(&files, spec.dtype, quant.map(|q| quantized_bytes(q, spec.dtype)))?;
+        array::set_device(gpu)?;
+        let bert = Bert::load(file, &config, spec.dtype, quant)?;
+        if self.options.clear_cache_after_load {
+            array::clear_cache();
+        }
+        let name =
+            dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let token_dims = || vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())];
+        let mut info = ModelInfo::new(name, NAME, spec.device, spec.dtype);
+        info.inputs = ["input_ids", "attention_mask", "token_type_ids"]
+            .into_iter()
+            .map(|n| TensorSpec::new(n, DType::I64, token_dims()))
+            .collect();
+        info.outputs = vec![TensorSpec::new(
+            LAST_HIDDEN_STATE,
+            DType::F32,
+            vec![
+                Dim::Dynamic("batch".into()),
+                Dim::Dynamic("sequence".into()),
+                Dim::Fixed(config.hidden_size),
+            ],
+        )];
+        info.declare_head(spec.head);
+        info.weight_bytes = Some(weight_bytes);
+        info.max_sequence_length = Some(config.max_position_embeddings);
+        let model = MlxBert { bert: Mutex::new(bert), gpu, head: info.head, info };
+        // A padded batch once, so a precision MLX cannot compute on this device is
+        // refused now, with its reason, not as NaN embeddings later.
+        let probe = Inputs::new()
+            .with("input_ids", Tensor::from_vec(vec![2, 3], vec![101i64, 7592, 102, 101, 102, 0])?)
+            .with("attention_mask", Tensor::from_vec(vec![2, 3], vec![1i64, 1, 1, 1, 1, 0])?)
+            .with("token_type_ids", Tensor::from_vec(vec![2, 3], vec![0i64; 6])?);
+        let out = model.run(&probe).map_err(|e| {
+            Error::Unsupported(format!("provider `mlx` cannot run {} on {}: {e}", spec.dtype, spec.device))
+        })?;
+        if !out.require(&model.info.outputs[0].name)?.to_f32_vec()?.iter().all(|v| v.is_finite()) {
+            return Err(Error::Unsupported(format!(
+                "provider `mlx` cannot run {} on {}: the probe batch produced non-finite values",
+                spec.dtype, spec.device
+            )));
+        }
+        Ok(Arc::new(model))
+    }
+}
+
+/// A loaded BERT on MLX.
+struct MlxBert {
+    /// MLX arrays are used from the model thread; the lock only satisfies `Sync`.
+    bert: Mutex<Bert>,
+    gpu: Option<usize>,
+    head: Option<EmbeddingHead>,
+    info: ModelInfo,
+}
+
+impl Model for MlxBert {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        self.info.validate(inputs)?;
+        let ids = inputs.require("input_ids")?;
+        let [batch, sequence] = ids.shape() else {
+            return Err(Error::InvalidInput("input_ids must be [batch, sequence]".into()));
+        };
+        let (batch, sequence) = (*batch, *sequence);
+        let values = |name: &str| -> Result<Vec<i64>> { inputs.require(name)?.to_vec::<i64>() };
+        // The thread running a model may not be the one that loaded it.
+        array::set_device(self.gpu)?;
+        let bert = self.bert.lock().unwrap_or_else(|p| p.into_inner());
+        let out = bert.forward(
+            &values("input_ids")?,
+            &values("token_type_ids")?,
+            &values("attention_mask")?,
+            batch,
+            sequence,
+            self.head,
+        )?;
+        let name = &self.info.outputs[0].name;
+        let tensor = if self.head.is_some() {
+            let hidden = out.len() / batch.max(1);
+            Tensor::from_vec(vec![batch, hidden], out)?
+        } else {
+            let hidden = out.len() / (batch * sequence).max(1);
+            Tensor::from_vec(vec![batch, sequence, hidden], out)?
+        };
+        debug_assert!(self.head.is_none() || name == SENTENCE_EMBEDDING);
+        Ok(Outputs::new().with(name, tensor))
+    }
+}
+
+/// MLX's allocator now: (active, peak, cache) bytes; for admission and the profiler.
+pub fn mlx_memory() -> (u64, u64, u64) {
+    array::memory()
+}

@@ -1,0 +1,42 @@
+//! kiln's MLX provider (`mlx`): BERT-family encoders from Hugging Face folders
+//! (`config.json` + `model.safetensors`, the folders the candle provider reads) on
+//! [MLX](https://github.com/ml-explore/mlx).
+//!
+//! The encoder is written against MLX's API through kiln's own small binding
+//! (`shim/kiln_mlx.cpp`, a C interface over MLX's C++ API, compiled against the headers
+//! the MLX wheels ship): each batch builds a lazy graph — MLX's fused LayerNorm and
+//! scaled-dot-product attention inside — and evaluates it once; pooling and
+//! normalisation run on the device in f32, so only `[batch, hidden]` comes back.
+//!
+//! Devices are MLX's: `cpu`, and the GPU as `cuda:N` (the `mlx-cuda-13` library on
+//! NVIDIA) or `metal:N` (MLX on macOS; untested here). One build serves both CPU and
+//! CUDA: which `libmlx` the loader finds decides. Precisions f32, f16, bf16.
+//! `model.quantization = "int8"` or `"int4"` quantizes the encoder's matrices with
+//! MLX's groupwise affine scheme (`provider.options.group_size`, default 64) at load.
+//!
+//! `[provider.options]`:
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `group_size` | `64` | elements sharing one scale and bias in quantized rows: 32, 64 or 128 |
+//! | `clear_cache_after_load` | `true` | return MLX's cached buffers (the load's temporaries) to the system after each load |
+//!
+//! ## Features
+//!
+//! The crate is empty unless its `libmlx` feature is on (`kiln`'s `mlx` feature turns
+//! it on): building it needs MLX's headers and library (`MLX_DIR`, written by
+//! `scripts/setup mlx`).
+
+#[cfg(feature = "libmlx")]
+mod array;
+#[cfg(feature = "libmlx")]
+mod bert;
+#[cfg(feature = "libmlx")]
+mod ffi;
+#[cfg(feature = "libmlx")]
+mod imp;
+#[cfg(feature = "libmlx")]
+pub use imp::*;
+
+/// The name configs use: `[provider] name = "mlx"`.
+pub const NAME: &str = "mlx";
