@@ -190,7 +190,7 @@ kiln_mlx_array* kiln_mlx_binary(int op, const kiln_mlx_array* a, const kiln_mlx_
   });
 }
 
-// 0 erf, 1 sqrt, 2 rsqrt, 3 square, 4 tanh
+// 1 sqrt, 2 rsqrt, 3 square, 4 tanh (0: erf)
 kiln_mlx_array* kiln_mlx_unary(int op, const kiln_mlx_array* a) {
   return wrap([&] {
     switch (op) {
@@ -217,8 +217,18 @@ kiln_mlx_array* kiln_mlx_reshape(const kiln_mlx_array* a, const int* shape, int 
   return wrap([&] { return mx::reshape(a->a, shape_of(shape, n), current_device); });
 }
 
-kiln_mlx_array* kiln_mlx_take(const kiln_mlx_array* a, const kiln_mlx_array* indices, int axis) {
-  return wrap([&] { return mx::take(a->a, indices->a, axis, current_device); });
+// Rows of an embedding table [vocab, width] picked by flat ids: `take` moved as 8-byte
+// words when a row allows it (MLX's gather costs per element; a quarter of the
+// elements for f16 rows, half for f32).
+kiln_mlx_array* kiln_mlx_embedding(const kiln_mlx_array* table, const kiln_mlx_array* ids) {
+  return wrap([&] {
+    const auto& t = table->a;
+    if (t.ndim() == 2 && (t.shape(1) * t.itemsize()) % 8 == 0) {
+      auto words = mx::view(t, mx::uint64, current_device);
+      return mx::view(mx::take(words, ids->a, 0, current_device), t.dtype(), current_device);
+    }
+    return mx::take(t, ids->a, 0, current_device);
+  });
 }
 
 kiln_mlx_array* kiln_mlx_slice(const kiln_mlx_array* a, const int* start, const int* stop, int n) {
@@ -241,6 +251,35 @@ kiln_mlx_array* kiln_mlx_reduce(int op, const kiln_mlx_array* a, int axis, int k
 
 kiln_mlx_array* kiln_mlx_where(const kiln_mlx_array* c, const kiln_mlx_array* x, const kiln_mlx_array* y) {
   return wrap([&] { return mx::where(c->a, x->a, y->a, current_device); });
+}
+
+// BERT's exact GELU, x/2 (1 + erf(x/sqrt 2)), compiled by MLX into one kernel (five
+// separate elementwise passes otherwise). Constants take x's dtype, so f16 stays f16.
+kiln_mlx_array* kiln_mlx_gelu(const kiln_mlx_array* x) {
+  static auto gelu = mx::compile([](const std::vector<mx::array>& in) {
+    const auto& x = in[0];
+    auto half = mx::array(0.5f, x.dtype());
+    auto one = mx::array(1.0f, x.dtype());
+    auto scale = mx::array(0.70710678118654752f, x.dtype());
+    return std::vector<mx::array>{
+        mx::multiply(mx::multiply(x, half, current_device),
+                     mx::add(one, mx::erf(mx::multiply(x, scale, current_device), current_device), current_device),
+                     current_device)};
+  });
+  return wrap([&] {
+    // On the CPU, MLX compiles by running the system's C++ compiler at run time, which a
+    // machine may lack or reject; the five passes are cheap there anyway.
+    if (current_device.type == mx::Device::cpu) {
+      const auto& v = x->a;
+      auto half = mx::array(0.5f, v.dtype());
+      auto one = mx::array(1.0f, v.dtype());
+      auto scale = mx::array(0.70710678118654752f, v.dtype());
+      return mx::multiply(mx::multiply(v, half, current_device),
+                          mx::add(one, mx::erf(mx::multiply(v, scale, current_device), current_device), current_device),
+                          current_device);
+    }
+    return gelu({x->a})[0];
+  });
 }
 
 kiln_mlx_array* kiln_mlx_layer_norm(const kiln_mlx_array* x, const kiln_mlx_array* w, const kiln_mlx_array* b,

@@ -84,7 +84,6 @@ enum Binary {
 /// Unary ops of the shim.
 #[derive(Clone, Copy)]
 enum Unary {
-    Erf = 0,
     Sqrt = 1,
 }
 
@@ -189,11 +188,6 @@ impl Array {
         self.binary(Binary::Maximum, other)
     }
 
-    /// The error function.
-    pub fn erf(&self) -> Result<Array> {
-        self.unary(Unary::Erf)
-    }
-
     /// Square root.
     pub fn sqrt(&self) -> Result<Array> {
         self.unary(Unary::Sqrt)
@@ -217,10 +211,10 @@ impl Array {
         own(unsafe { ffi::kiln_mlx_reshape(self.raw(), shape.as_ptr(), shape.len() as c_int) }, "reshape")
     }
 
-    /// Rows of `self` (along `axis`) picked by `indices`: an embedding lookup.
-    pub fn take(&self, indices: &Array, axis: i32) -> Result<Array> {
+    /// Rows of this `[vocab, width]` table picked by flat `ids`: `[ids, width]`.
+    pub fn embedding(&self, ids: &Array) -> Result<Array> {
         // SAFETY: live handles.
-        own(unsafe { ffi::kiln_mlx_take(self.raw(), indices.raw(), axis) }, "take")
+        own(unsafe { ffi::kiln_mlx_embedding(self.raw(), ids.raw()) }, "embedding")
     }
 
     /// `self[start..stop]` on every axis.
@@ -255,6 +249,12 @@ impl Array {
     pub fn select(&self, x: &Array, y: &Array) -> Result<Array> {
         // SAFETY: live handles.
         own(unsafe { ffi::kiln_mlx_where(self.raw(), x.raw(), y.raw()) }, "where")
+    }
+
+    /// BERT's exact GELU, compiled by MLX into one kernel.
+    pub fn gelu(&self) -> Result<Array> {
+        // SAFETY: a live handle.
+        own(unsafe { ffi::kiln_mlx_gelu(self.raw()) }, "gelu")
     }
 
     /// LayerNorm over the last axis (MLX's fused kernel).

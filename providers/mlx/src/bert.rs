@@ -206,40 +206,47 @@ impl Bert {
         Ok(bert)
     }
 
-    /// Token vectors `[batch, sequence, hidden]` at the model's dtype, lazily.
+    /// Token vectors `[batch, sequence, hidden]` at the model's dtype, lazily. `ids`
+    /// and `types` are flat (`[batch * sequence]`); `types` is `None` when every type id
+    /// is 0 (single texts), which adds row 0 instead of gathering it per token.
     fn encode(
         &self,
         ids: &Array,
-        types: &Array,
+        types: Option<&Array>,
         mask: &Array,
         batch: usize,
         sequence: usize,
     ) -> Result<Array> {
         let (b, s, h) = (batch as i32, sequence as i32, self.hidden as i32);
         let positions = self.position.slice(&[0, 0], &[s, h])?;
-        let x = self.word.take(ids, 0)?.add(&self.token_type.take(types, 0)?)?.add(&positions)?;
-        let mut x = x.layer_norm(&self.embedding_norm.weight, &self.embedding_norm.bias, self.eps)?;
+        let words = self.word.embedding(ids)?.reshape(&[b, s, h])?;
+        let x = match types {
+            Some(types) => words.add(&self.token_type.embedding(types)?.reshape(&[b, s, h])?)?,
+            None => words.add(&self.token_type.slice(&[0, 0], &[1, h])?)?,
+        }
+        .add(&positions)?;
+        // Activations stay [tokens, hidden] between attentions, so every dense layer is
+        // one large product (on CUDA, a 3-d input ran as 256 small batched ones).
+        let mut x = x
+            .layer_norm(&self.embedding_norm.weight, &self.embedding_norm.bias, self.eps)?
+            .reshape(&[b * s, h])?;
         let heads = self.heads as i32;
         let head_dim = h / heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let split = |t: Array| t.reshape(&[b, s, heads, head_dim])?.transpose(&[0, 2, 1, 3]);
-        let half = Array::scalar(0.5, self.dtype)?;
-        let one = Array::scalar(1.0, self.dtype)?;
-        let inv_sqrt2 = Array::scalar(std::f32::consts::FRAC_1_SQRT_2, self.dtype)?;
         for l in &self.layers {
             let q = split(l.query.forward(&x)?)?;
             let k = split(l.key.forward(&x)?)?;
             let v = split(l.value.forward(&x)?)?;
             let context =
-                q.attention(&k, &v, scale, Some(mask))?.transpose(&[0, 2, 1, 3])?.reshape(&[b, s, h])?;
+                q.attention(&k, &v, scale, Some(mask))?.transpose(&[0, 2, 1, 3])?.reshape(&[b * s, h])?;
             let attended = l.attention_out.forward(&context)?.add(&x)?;
             x = attended.layer_norm(&l.attention_norm.weight, &l.attention_norm.bias, self.eps)?;
-            // Exact GELU, as BERT's "gelu": x/2 (1 + erf(x/√2)).
-            let up = l.up.forward(&x)?;
-            let gelu = up.mul(&half)?.mul(&up.mul(&inv_sqrt2)?.erf()?.add(&one)?)?;
+            let gelu = l.up.forward(&x)?.gelu()?;
             let out = l.down.forward(&gelu)?.add(&x)?;
             x = out.layer_norm(&l.output_norm.weight, &l.output_norm.bias, self.eps)?;
         }
+        let x = x.reshape(&[b, s, h])?;
         Ok(x)
     }
 
@@ -265,20 +272,24 @@ impl Bert {
                 .collect::<Result<Vec<_>>>()
                 .map(|v| v.concat())
         };
-        let shape = [batch, sequence];
-        let ids = Array::from_bytes(&to_i32(ids, "input_ids")?, DType::I32, &shape)?;
-        let types = Array::from_bytes(&to_i32(types, "token_type_ids")?, DType::I32, &shape)?;
-        // Additive mask [batch, 1, 1, sequence]: 0 for real tokens, the dtype's most
-        // negative finite value for padding (finite, so a masked score is never NaN).
-        let lowest = match self.dtype {
-            DType::F16 => -65504.0,
-            _ => f32::MIN,
+        let flat = [batch * sequence];
+        let ids = Array::from_bytes(&to_i32(ids, "input_ids")?, DType::I32, &flat)?;
+        let types = match types.iter().all(|&t| t == 0) {
+            true => None,
+            false => Some(Array::from_bytes(&to_i32(types, "token_type_ids")?, DType::I32, &flat)?),
+        };
+        // Additive mask [batch, 1, 1, sequence], made at the model's dtype on the host: 0
+        // for real tokens, the dtype's most negative finite value for padding (finite,
+        // so a masked score is never NaN).
+        let (zero, lowest): (&[u8], &[u8]) = match self.dtype {
+            DType::F16 => (&[0, 0], &[0xFF, 0xFB]),
+            DType::BF16 => (&[0, 0], &[0x7F, 0xFF]),
+            _ => (&[0, 0, 0, 0], &[0xFF, 0xFF, 0x7F, 0xFF]),
         };
         let additive: Vec<u8> =
-            mask.iter().flat_map(|&m| if m != 0 { 0f32 } else { lowest }.to_le_bytes()).collect();
-        let additive =
-            Array::from_bytes(&additive, DType::F32, &[batch, 1, 1, sequence])?.astype(self.dtype)?;
-        let tokens = self.encode(&ids, &types, &additive, batch, sequence)?.astype(DType::F32)?;
+            mask.iter().flat_map(|&m| if m != 0 { zero } else { lowest }).copied().collect();
+        let additive = Array::from_bytes(&additive, self.dtype, &[batch, 1, 1, sequence])?;
+        let tokens = self.encode(&ids, types.as_ref(), &additive, batch, sequence)?.astype(DType::F32)?;
         let Some(head) = head else { return tokens.to_f32() };
         let keep: Vec<u8> = mask.iter().flat_map(|&m| f32::from(u8::from(m != 0)).to_le_bytes()).collect();
         let keep = Array::from_bytes(&keep, DType::F32, &[batch, sequence, 1])?;

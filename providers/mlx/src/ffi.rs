@@ -48,7 +48,7 @@ unsafe extern "C" {
     pub fn kiln_mlx_addmm(c: *const RawArray, a: *const RawArray, b: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_transpose(a: *const RawArray, axes: *const c_int, n: c_int) -> *mut RawArray;
     pub fn kiln_mlx_reshape(a: *const RawArray, shape: *const c_int, n: c_int) -> *mut RawArray;
-    pub fn kiln_mlx_take(a: *const RawArray, indices: *const RawArray, axis: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_embedding(table: *const RawArray, ids: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_slice(
         a: *const RawArray,
         start: *const c_int,
@@ -57,6 +57,7 @@ unsafe extern "C" {
     ) -> *mut RawArray;
     pub fn kiln_mlx_reduce(op: c_int, a: *const RawArray, axis: c_int, keepdims: c_int) -> *mut RawArray;
     pub fn kiln_mlx_where(c: *const RawArray, x: *const RawArray, y: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_gelu(x: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_layer_norm(
         x: *const RawArray,
         w: *const RawArray,

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Issue 14's GPU run: the MLX provider on the GPU machine, with mlx-cuda-13's libmlx.
+# The files travel in two calls (a call carries at most 64 MiB; libmlx of mlx-cuda-13
+# is 146 MB, 73 MB as xz) and wait in ~/kiln-mlx between them:
+#
+#   call 1, .device/: libmlx-part-aa, kiln-mlx.xz, blas.tar.xz    STAGE=1 bash scripts/device/mlx_gpu.sh
+#   call 2, .device/: libmlx-part-ab, cccl.tar.xz, minilm-f16/     bash scripts/device/mlx_gpu.sh
+#
+# made here (docs/benchmarks.md): libmlx-cuda.tar.xz = mlx/lib + mlx_cuda_13.libs of the
+# mlx-cuda-13==0.32.4 wheel, split -b 56000000; cccl.tar.xz = its mlx/include/cccl (the
+# CUDA C++ headers MLX's run-time kernel compiler includes, found beside libmlx);
+# kiln-mlx.xz = release kiln built with --features mlx (stripped); blas.tar.xz = the
+# OpenBLAS + libgfortran it links.
+#
+# Call 2: agreement (the fixture texts at cpu f32 and cuda:0 f32 / f16 / bf16, same
+# binary, same libmlx), then `kiln bench` with mlx f16 on cuda:0 exactly as
+# throughput_gpu.sh runs the other providers, and the model-only ceiling in the same call.
+set -euo pipefail
+stash="$HOME/kiln-mlx"
+mkdir -p "$stash"
+if [ -n "${STAGE:-}" ]; then
+    cp .device/libmlx-part-aa .device/kiln-mlx.xz .device/blas.tar.xz "$stash/"
+    ls -la "$stash"
+    exit 0
+fi
+for part in libmlx-part-ab cccl.tar.xz; do
+    [ -f ".device/$part" ] && cp ".device/$part" "$stash/"
+done
+. scripts/device/common.sh /tmp/kiln-mlx
+returned="$out"
+out="$work/out"
+mkdir -p "$out"
+trap 'tar -cJf "$returned/results.tar.xz" -C "$work" out' EXIT
+cat "$stash"/libmlx-part-* | tar -xJf - -C "$work"
+tar -xJf "$stash/blas.tar.xz" -C "$work"
+tar -xJf "$stash/cccl.tar.xz" -C "$work"
+xz -dc "$stash/kiln-mlx.xz" > "$work/kiln" && chmod +x "$work/kiln"
+# libmlx's rpath looks for the CUDA libraries in ../../nvidia: the machine's torch has them.
+ln -sfn "$site/nvidia" "$work/nvidia"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"   # MLX compiles kernels with NVRTC
+export LD_LIBRARY_PATH="$work/mlx/lib:$work/blas:$LD_LIBRARY_PATH"
+kiln="$work/kiln"
+"$kiln" providers | tee "$out/providers.txt"
+$helpers texts "$work" 8192
+if [ -n "${KERNELS:-}" ]; then
+    # Where a batch of 256 x 128 tokens spends its GPU time (ncu, durations only, clocks
+    # as found), and the bench with cuDNN's attention instead of MLX's own.
+    head -n 256 "$work/long.txt" > "$work/batch.txt"
+    timeout 300 ncu --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
+        "$kiln" run examples/embed-mlx.toml --input "$work/batch.txt" --output "$work/ncu.jsonl" \
+        --set 'model.path=".device/minilm-f16"' --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
+        --set batching.max_batch_size=256 --set batching.warmup=false --set text.max_length=128 \
+        > "$out/kernels.csv" 2>> "$out/ncu.log" || tail -5 "$out/ncu.log"
+    python3 - "$out/kernels.csv" <<'PY'
+import csv, sys, collections
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
+        if r.get("Metric Name") == "gpu__time_duration.sum"]
+by = collections.defaultdict(lambda: [0, 0.0])
+for r in rows:
+    name = r["Kernel Name"].split("(")[0][:60]
+    by[name][0] += 1
+    by[name][1] += float(r["Metric Value"].replace(",", "")) / 1e6
+print(f"{len(rows)} kernels, {sum(v[1] for v in by.values()):.2f} ms (the load's probe batch and one of 256 x 128)")
+for name, (n, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:16]:
+    print(f"  {ms:8.3f} ms {n:4d}x  {name}")
+PY
+fi
+run() { # TAG DEVICE DTYPE
+    timeout 600 "$kiln" run examples/embed-mlx.toml --input "$work/fixture.txt" --output "$work/$1.jsonl" \
+        --set 'model.path=".device/minilm-f16"' --set "model.device=\"$2\"" --set "model.dtype=\"$3\"" \
+        2>> "$out/runs.log" || echo "$1: failed (runs.log)"
+}
+run mlx_cpu_f32 cpu f32
+run mlx_cuda_f32 cuda:0 f32
+run mlx_cuda_f16 cuda:0 f16
+run mlx_cuda_bf16 cuda:0 bf16
+tail -n 20 "$out/runs.log"
+$helpers cosines "$work" mlx_cpu_f32 mlx_cuda_f32 mlx_cuda_f16 mlx_cuda_bf16 | tee "$out/cosines.txt"
+bench() { # JSON EXTRA_ARGS...
+    local json="$1"; shift
+    timeout 600 "$kiln" bench examples/embed-mlx.toml --texts "$work/long.txt" --concurrency 1024 \
+        --set 'model.path=".device/minilm-f16"' --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
+        --set batching.max_batch_size=256 --set batching.max_wait_ms=2 --set batching.queue_capacity=8192 \
+        --set text.max_length=128 --set cache.enabled=false --json "$out/$json" "$@" 2>> "$out/bench.log" \
+        | tee -a "$out/bench.txt"
+}
+bench mlx_f16.json --requests 32768
+bench mlx_f16_profiled.json --requests 32768 --profile "$out/profile_mlx.json"
+if [ -n "${KERNELS:-}" ]; then
+    MLX_CUDA_USE_CUDNN_SDPA=1 bench mlx_f16_cudnn_sdpa.json --requests 32768
+fi
+$helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "" "$out"/mlx_f16*.json \
+    | tee "$out/ceiling.txt"
+python3 - "$out"/profile_mlx.json <<'PY'
+import json, sys
+spans = json.load(open(sys.argv[1]))["spans"]
+print(", ".join(f"{k} p50 {v['p50_ms']:.2f} ms x{v['count']}" for k, v in sorted(spans.items())
+                if k in ("model_run", "batch_run", "collate", "tokenize", "queue_wait", "request")))
+PY
