@@ -392,3 +392,53 @@ impl Weights {
         NonNull::new(unsafe { ffi::kiln_mlx_weights_get(self.0.as_ptr(), c.as_ptr()) }).map(Array)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(values: &[f32], shape: &[usize]) -> Array {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Array::from_bytes(&bytes, DType::F32, shape).unwrap()
+    }
+
+    #[test]
+    fn ops_compute_what_they_say() {
+        set_device(None).unwrap();
+        let x = f32s(&[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        let w = f32s(&[1.0, 0.0, 0.0, 2.0], &[2, 2]);
+        let b = f32s(&[10.0, 20.0], &[2]);
+        // bias + x @ w
+        assert_eq!(x.addmm(&w, &b).unwrap().to_f32().unwrap(), [11.0, 24.0, 13.0, 28.0]);
+        assert_eq!(x.sum(1, false).unwrap().to_f32().unwrap(), [3.0, 7.0]);
+        assert_eq!(x.transpose(&[1, 0]).unwrap().to_f32().unwrap(), [1.0, 3.0, 2.0, 4.0]);
+        let table = f32s(&[0.0, 1.0, 10.0, 11.0, 20.0, 21.0], &[3, 2]);
+        let ids = Array::from_bytes(
+            &[2i32, 0, 2].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(),
+            DType::I32,
+            &[3],
+        )
+        .unwrap();
+        assert_eq!(table.embedding(&ids).unwrap().to_f32().unwrap(), [20.0, 21.0, 0.0, 1.0, 20.0, 21.0]);
+        let g = f32s(&[0.0, 1.0], &[2]).gelu().unwrap().to_f32().unwrap();
+        assert!((g[1] - 0.841_344_7).abs() < 1e-5, "{g:?}");
+    }
+
+    #[test]
+    fn mlx_errors_come_back_as_errors_naming_the_op() {
+        set_device(None).unwrap();
+        let x = f32s(&[1.0, 2.0, 3.0], &[1, 3]);
+        let w = f32s(&[1.0, 2.0], &[2, 1]);
+        let b = f32s(&[0.0], &[1]);
+        // Shapes that do not multiply: MLX throws; the binding returns the message.
+        let err = x.addmm(&w, &b).and_then(|y| y.to_f32()).unwrap_err().to_string();
+        assert!(err.contains("mlx") && err.contains("addmm"), "{err}");
+        let err = Array::from_bytes(&[0u8; 5], DType::F32, &[2]).unwrap_err().to_string();
+        assert!(err.contains("5 bytes"), "{err}");
+        // A group size that does not divide the rows.
+        let err = f32s(&[0.0; 48], &[1, 48]).quantize(32, 8).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("quantize"), "{err}");
+        // The process and MLX keep working after each failure.
+        assert_eq!(x.sum(1, false).unwrap().to_f32().unwrap(), [6.0]);
+    }
+}
