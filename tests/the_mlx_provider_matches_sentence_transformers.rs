@@ -78,3 +78,35 @@ async fn what_mlx_cannot_do_is_refused_with_the_reason() {
     let err = Optimizer::from_config(mlx_config(&["model.device=\"cuda:7\""])).await.err().unwrap();
     assert!(err.to_string().contains("cuda:7"), "{err}");
 }
+
+#[tokio::test]
+async fn mlx_allocator_figures_reach_the_governor_which_releases_its_cache_under_pressure() {
+    // Watermarks under any real machine's usage: every sample is pressure.
+    let optimizer = Optimizer::from_config(mlx_config(&[
+        "memory.high_watermark=0.001",
+        "memory.low_watermark=0.0005",
+        "memory.sample_interval_ms=20",
+    ]))
+    .await
+    .unwrap();
+    let texts: Vec<String> = reference().texts;
+    optimizer.embed(&texts).await.unwrap();
+    let memory = support::eventually(std::time::Duration::from_secs(10), || {
+        let memory = optimizer.stats().memory.expect("the governor runs by default");
+        if memory.allocator_active_bytes > 0 && memory.allocator_released_bytes > 0 {
+            Ok(memory)
+        } else {
+            Err(format!("MLX's allocator not seen or nothing released: {memory:?}"))
+        }
+    })
+    .await;
+    // MiniLM's weights stay live at f32 (~91 MB); the batch's buffers were cached, then released.
+    assert!(memory.allocator_active_bytes > 80 << 20, "{memory:?}");
+    assert!(memory.allocator_peak_bytes >= memory.allocator_active_bytes, "{memory:?}");
+    // The provider's own view agrees: after a release, nothing is cached.
+    let provider =
+        kiln::build_provider(&kiln::ProviderConfig { name: "mlx".into(), ..Default::default() }).unwrap();
+    provider.release_cached_memory();
+    assert_eq!(provider.allocator_memory().unwrap().cached, 0);
+    assert_eq!(optimizer.embed(&["still serving".to_string()]).await.unwrap()[0].len(), 384);
+}

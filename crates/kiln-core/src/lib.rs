@@ -33,8 +33,8 @@ pub use error::{BoxError, ConfigIssue, Error, Result};
 pub use pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING, pool_rows, pool_tokens};
 pub use profiler::{GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{
-    Capabilities, Model, ModelInfo, ModelSpec, Pending, Provider, ProviderRegistration, Quantization,
-    build_provider, max_position_embeddings, providers,
+    AllocatorMemory, Capabilities, Model, ModelInfo, ModelSpec, Pending, Provider, ProviderRegistration,
+    Quantization, build_provider, max_position_embeddings, providers,
 };
 pub use registry::{Registration, Registry};
 pub use tensor::{DType, Dim, Element, Inputs, NamedTensors, Outputs, Tensor, TensorSpec};

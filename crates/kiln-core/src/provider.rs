@@ -79,6 +79,31 @@ pub trait Provider: Send + Sync + 'static {
     fn estimate_memory(&self, _spec: &ModelSpec) -> Result<Option<u64>> {
         Ok(None)
     }
+
+    /// What the backend's own allocator holds now, for backends that keep one (MLX
+    /// reports its active, peak and cached bytes); `None` for the rest. The runtime's
+    /// memory governor reads it with each of its samples (`stats().memory`).
+    fn allocator_memory(&self) -> Option<AllocatorMemory> {
+        None
+    }
+
+    /// Returns the buffers the backend's allocator keeps cached for reuse to the system;
+    /// the memory governor calls it under memory pressure, before it unloads idle
+    /// models. Returns the bytes released. The default has nothing to release.
+    fn release_cached_memory(&self) -> u64 {
+        0
+    }
+}
+
+/// A backend allocator's own figures, in bytes ([`Provider::allocator_memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocatorMemory {
+    /// In live tensors.
+    pub active: u64,
+    /// The highest `active` seen.
+    pub peak: u64,
+    /// Freed buffers kept for reuse; [`Provider::release_cached_memory`] returns them.
+    pub cached: u64,
 }
 
 /// A loaded model: runs one batch at a time, blocking.

@@ -5,12 +5,14 @@
 //! `memory.low_watermark` or nothing idle is left. It records peaks as it goes. GPU
 //! memory (NVML, every GPU of the machine) counts the same way: a GPU above the high
 //! watermark is pressure, and idle models are unloaded until every figure is under the
-//! low one.
+//! low one. Backends with an allocator of their own (MLX) report it through
+//! [`Provider::allocator_memory`]; under pressure the governor first asks them to give
+//! their cached buffers back ([`Provider::release_cached_memory`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kiln_core::{Cache, MemoryConfig};
+use kiln_core::{Cache, MemoryConfig, Provider};
 use serde::Serialize;
 
 use crate::models::ModelManager;
@@ -37,6 +39,15 @@ pub struct MemoryStats {
     pub peak_gpu_used_bytes: u64,
     /// The latest sample's highest used fraction over the GPUs (0 without one).
     pub gpu_used_fraction: f64,
+    /// Backends' own allocators (MLX), summed: bytes in live tensors at the latest
+    /// sample, the highest seen, and cached for reuse at the latest sample.
+    pub allocator_active_bytes: u64,
+    /// See `allocator_active_bytes`.
+    pub allocator_peak_bytes: u64,
+    /// See `allocator_active_bytes`.
+    pub allocator_cached_bytes: u64,
+    /// Bytes the backends' allocators gave back under pressure.
+    pub allocator_released_bytes: u64,
 }
 
 #[derive(Default)]
@@ -61,6 +72,7 @@ impl MemoryGovernor {
         monitor: Arc<ResourceMonitor>,
         cache: Arc<dyn Cache>,
         models: Arc<ModelManager>,
+        providers: Vec<Arc<dyn Provider>>,
     ) -> Self {
         let shared = Arc::new(Shared::default());
         let state = shared.clone();
@@ -73,6 +85,7 @@ impl MemoryGovernor {
         let task = tokio::spawn(async move {
             while readings.changed().await.is_ok() {
                 let Some(reading) = readings.borrow_and_update().clone() else { continue };
+                state.record_allocators(&providers);
                 if !state.record(&reading, config.high_watermark) {
                     continue;
                 }
@@ -84,7 +97,12 @@ impl MemoryGovernor {
                     config.high_watermark * 100.0
                 );
                 cache.invalidate_all();
-                state.stats.lock().unwrap_or_else(|p| p.into_inner()).cache_clears += 1;
+                let released: u64 = providers.iter().map(|p| p.release_cached_memory()).sum();
+                {
+                    let mut stats = state.stats.lock().unwrap_or_else(|p| p.into_inner());
+                    stats.cache_clears += 1;
+                    stats.allocator_released_bytes += released;
+                }
                 while monitor.sample_now().fullest_fraction() > config.low_watermark
                     && models.unload_lru_idle().await
                 {
@@ -104,6 +122,18 @@ impl MemoryGovernor {
 }
 
 impl Shared {
+    /// Records what the backends' own allocators hold now.
+    fn record_allocators(&self, providers: &[Arc<dyn Provider>]) {
+        let figures: Vec<_> = providers.iter().filter_map(|p| p.allocator_memory()).collect();
+        if figures.is_empty() {
+            return;
+        }
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.allocator_active_bytes = figures.iter().map(|m| m.active).sum();
+        stats.allocator_cached_bytes = figures.iter().map(|m| m.cached).sum();
+        stats.allocator_peak_bytes = stats.allocator_peak_bytes.max(figures.iter().map(|m| m.peak).sum());
+    }
+
     /// Records a sample; returns whether it is above the high watermark.
     fn record(&self, reading: &Reading, high: f64) -> bool {
         let sample = &reading.memory;

@@ -193,11 +193,19 @@ impl ModelManager {
                 });
             }
         }
-        // Room on the device: unload idle models while the estimate does not fit.
+        // Room on the device: the backend's cached buffers go back first (once), then
+        // idle models are unloaded while the estimate does not fit.
+        let mut released = false;
         loop {
             let available = self.monitor.sample_now().available(spec.device);
             match available {
                 Some(available) if required > available => {
+                    if !released {
+                        released = true;
+                        if provider.release_cached_memory() > 0 {
+                            continue;
+                        }
+                    }
                     if !self.unload_lru_idle().await {
                         return Err(refuse(available));
                     }

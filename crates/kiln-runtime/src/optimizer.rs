@@ -173,6 +173,7 @@ impl Optimizer {
                 monitor.clone(),
                 cache.clone(),
                 models.clone(),
+                vec![provider.clone()],
             ))
         });
         let counters = Arc::new(Counters::default());

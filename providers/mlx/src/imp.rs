@@ -178,6 +178,20 @@ impl Provider for MlxProvider {
         Ok(Some(bytes + bytes / 10))
     }
 
+    /// MLX's allocator (active, peak and cached bytes; one allocator per process).
+    fn allocator_memory(&self) -> Option<kiln_core::AllocatorMemory> {
+        let (active, peak, cached) = array::memory();
+        Some(kiln_core::AllocatorMemory { active, peak, cached })
+    }
+
+    /// MLX's `clear_cache`: the buffers it keeps for reuse go back to the system.
+    fn release_cached_memory(&self) -> u64 {
+        let (_, _, cached) = array::memory();
+        array::clear_cache();
+        let (_, _, left) = array::memory();
+        cached.saturating_sub(left)
+    }
+
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
         let dir = &spec.path;
         let gpu = mlx_device(spec.device)?;
@@ -293,9 +307,4 @@ impl Model for MlxBert {
         debug_assert!(self.head.is_none() || name == SENTENCE_EMBEDDING);
         Ok(Outputs::new().with(name, tensor))
     }
-}
-
-/// MLX's allocator now: (active, peak, cache) bytes; for admission and the profiler.
-pub fn mlx_memory() -> (u64, u64, u64) {
-    array::memory()
 }

@@ -102,6 +102,11 @@ impl IntervalMetrics {
         put("queue_depth", stats.queue_depth as f64);
         put("rss_mib", memory.process_rss as f64 / (1u64 << 20) as f64);
         put("system_memory_used_fraction", memory.used_fraction());
+        // A backend with an allocator of its own (MLX), as the governor last read it.
+        if let Some(m) = stats.memory.as_ref().filter(|m| m.allocator_active_bytes > 0) {
+            put("allocator_active_mib", m.allocator_active_bytes as f64 / (1u64 << 20) as f64);
+            put("allocator_cached_mib", m.allocator_cached_bytes as f64 / (1u64 << 20) as f64);
+        }
         put("errors", delta(errors));
         put("errors_total", errors(&stats) as f64);
         self.last = Some((now, stats));
