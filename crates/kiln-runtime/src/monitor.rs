@@ -88,24 +88,27 @@ impl ResourceMonitor {
     /// A monitor with no sampling thread: readings only when asked for
     /// ([`sample_now`](Self::sample_now)); subscribers are never called.
     pub fn on_demand() -> Arc<Self> {
-        Arc::new(ResourceMonitor {
+        Arc::new(Self::with_interval(None))
+    }
+
+    fn with_interval(interval: Option<Duration>) -> Self {
+        ResourceMonitor {
             shared: Arc::new(Shared {
                 probe: Mutex::new(MemoryProbe::with_cpu()),
                 latest: Mutex::new(None),
                 listeners: Mutex::new(Vec::new()),
                 next_listener: AtomicU64::new(0),
             }),
-            interval: None,
+            interval,
             thread: Mutex::new(None),
-        })
+        }
     }
 
     /// A monitor whose thread takes a reading at once and then every `interval`,
     /// handing each to the subscribers.
     pub fn start(interval: Duration) -> Arc<Self> {
-        let mut monitor = ResourceMonitor::on_demand();
         let interval = interval.max(Duration::from_millis(1));
-        Arc::get_mut(&mut monitor).expect("not shared yet").interval = Some(interval);
+        let monitor = Arc::new(Self::with_interval(Some(interval)));
         let (stop, stopped) = flume::bounded::<()>(1);
         let weak: Weak<Shared> = Arc::downgrade(&monitor.shared);
         let thread = std::thread::Builder::new().name("kiln-monitor".into()).spawn(move || {
@@ -210,32 +213,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    /// A subscriber that counts its readings on a channel, so the test waits on
+    /// events rather than polling.
+    fn counting(monitor: &ResourceMonitor) -> (Subscription, flume::Receiver<()>) {
+        let (tx, rx) = flume::unbounded();
+        let subscription = monitor.subscribe(move |r| {
+            assert!(r.memory.system.total > 0 && r.memory.process_rss > 0, "{r:?}");
+            let _ = tx.send(());
+        });
+        (subscription, rx)
+    }
+
+    fn receive(rx: &flume::Receiver<()>, n: usize, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
+        for i in 0..n {
+            rx.recv_deadline(deadline)
+                .unwrap_or_else(|_| panic!("{what}: {i} of {n} readings before the deadline"));
         }
     }
 
     #[test]
     fn subscribers_get_every_tick_until_they_unsubscribe() {
         let monitor = ResourceMonitor::start(Duration::from_millis(10));
-        let seen = Arc::new(AtomicU64::new(0));
-        let counter = seen.clone();
-        let subscription = monitor.subscribe(move |r| {
-            assert!(r.memory.system.total > 0 && r.memory.process_rss > 0, "{r:?}");
-            counter.fetch_add(1, Ordering::Relaxed);
-        });
-        wait_for("three readings", || seen.load(Ordering::Relaxed) >= 3);
-        drop(subscription);
-        // A tick that was already delivering may still land; after it, none.
-        let settled = seen.load(Ordering::Relaxed) + 1;
-        let latest = monitor.latest().expect("the thread keeps its readings");
-        wait_for("two more ticks", || {
-            monitor.latest().is_some_and(|r| r.at > latest.at + Duration::from_millis(15))
-        });
-        assert!(seen.load(Ordering::Relaxed) <= settled, "a dropped subscription still got readings");
+        let (first, first_rx) = counting(&monitor);
+        receive(&first_rx, 3, "first subscriber");
+        drop(first);
+        while first_rx.try_recv().is_ok() {}
+        // Two readings of a subscriber added after the drop: at least one whole tick
+        // ran after it. A tick already delivering at the drop may still land one.
+        let (_second, second_rx) = counting(&monitor);
+        receive(&second_rx, 2, "second subscriber");
+        assert!(first_rx.len() <= 1, "a dropped subscription got {} more readings", first_rx.len());
+        assert!(monitor.latest().is_some(), "the thread keeps its readings");
     }
 
     #[test]
