@@ -29,7 +29,7 @@ pub use config::{
     TextConfig, TrackerConfig, TrackingConfig, WhenFull,
 };
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
-pub use error::{BoxError, ConfigIssue, Error, Result};
+pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};
 pub use pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING, pool_rows, pool_tokens};
 pub use profiler::{GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{

@@ -24,11 +24,7 @@ fn save(target: &Target, input: &[u8]) -> PathBuf {
 
 fn run(target: &Target, input: &[u8]) -> Result<(), String> {
     catch_unwind(AssertUnwindSafe(|| (target.run)(input))).map_err(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
+        let message = kiln_core::panic_message(&*panic);
         format!("{}: {message}\n  input saved as {}", target.name, save(target, input).display())
     })
 }

@@ -22,7 +22,7 @@ use kiln_core::{Error, Inputs, Profiler, Result};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use crate::collate::{Batch, Buckets, collate};
-use crate::worker::{BatchPolicy, ItemOutput, RunOutput, panic_message};
+use crate::worker::{BatchPolicy, ItemOutput, RunOutput};
 
 pub(crate) struct Item {
     pub inputs: Inputs,
@@ -148,7 +148,10 @@ impl Batcher {
                     collate(&inputs, &self.buckets)
                 }))
                 .unwrap_or_else(|p| {
-                    Err(Error::backend("kiln", format!("panicked while batching: {}", panic_message(p))))
+                    Err(Error::backend(
+                        "kiln",
+                        format!("panicked while batching: {}", kiln_core::panic_message(&*p)),
+                    ))
                 })
             };
             state.model_ready = false;

@@ -48,7 +48,7 @@ struct Guarded {
 impl Guarded {
     fn call(&mut self, what: &str, f: impl FnOnce(&mut dyn Tracker) -> Result<()>) {
         let result = catch_unwind(AssertUnwindSafe(|| f(&mut *self.tracker))).unwrap_or_else(|p| {
-            let why = crate::worker::panic_message(p);
+            let why = kiln_core::panic_message(&*p);
             Err(kiln_core::Error::backend(&self.kind, format!("the tracker panicked: {why}")))
         });
         if let Err(e) = result {

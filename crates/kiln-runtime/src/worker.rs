@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{
     Error, Inputs, Model, ModelInfo, ModelSpec, NoopProfiler, Outputs, Pending, Profiler, Provider, Result,
-    WhenFull,
+    WhenFull, panic_message,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -143,14 +143,6 @@ pub struct ModelWorker {
     profiler: Arc<dyn Profiler>,
 }
 
-pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
 /// The batch limits in force: the policy's, capped by the model's.
 fn effective_policy(policy: &BatchPolicy, info: &ModelInfo) -> BatchPolicy {
     let mut policy = policy.clone();
@@ -201,7 +193,7 @@ impl ModelWorker {
                     .unwrap_or_else(|p| {
                         Err(Error::backend(
                             &provider_name,
-                            format!("panicked while loading: {}", panic_message(p)),
+                            format!("panicked while loading: {}", panic_message(&*p)),
                         ))
                     });
                 drop(load_span);
@@ -502,7 +494,7 @@ impl Runner {
 /// `f`, with a panic turned into the provider's error.
 fn guarded<T>(provider: &str, doing: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        Err(Error::backend(provider, format!("panicked while {doing}: {}", panic_message(p))))
+        Err(Error::backend(provider, format!("panicked while {doing}: {}", panic_message(&*p))))
     })
 }
 

@@ -288,13 +288,9 @@ impl ImagePipeline {
         // out of bounds in its IDCT) fails this image, not the caller's thread.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode_unguarded(bytes, name)))
             .unwrap_or_else(|panic| {
-                let why = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("no message");
                 Err(Error::InvalidInput(format!(
-                    "image {name}: the decoder failed on corrupt data ({why}); the image is skipped"
+                    "image {name}: the decoder failed on corrupt data ({}); the image is skipped",
+                    kiln_core::panic_message(&*panic)
                 )))
             })
     }
