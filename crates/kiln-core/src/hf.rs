@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::{DType, Error, Result};
 
@@ -81,4 +82,33 @@ pub fn weight_bytes(files: &[PathBuf], dtype: DType, quantized: Option<f64>) -> 
         }
     }
     Ok(total)
+}
+
+/// The folder's `config.json` as a BERT config of the caller's type `T`: the file must
+/// exist (else an error naming the folder layout), parse as JSON, say `model_type`
+/// `bert` or nothing (else `Unsupported`, naming `provider`), and fit `T`.
+pub fn bert_config<T: DeserializeOwned>(dir: &Path, provider: &str) -> Result<T> {
+    let path = dir.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::model_load(
+                dir,
+                "no config.json; expected a Hugging Face BERT folder (config.json + model.safetensors)",
+            )
+        } else {
+            Error::io("reading", &path, e)
+        }
+    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::model_load_with(&path, "invalid JSON", e))?;
+    match value.get("model_type").and_then(serde_json::Value::as_str) {
+        Some("bert") | None => {}
+        Some(other) => {
+            return Err(Error::Unsupported(format!(
+                "{}: model_type `{other}`; provider `{provider}` loads model_type `bert`",
+                path.display()
+            )));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| Error::model_load_with(&path, "not a BERT config", e))
 }

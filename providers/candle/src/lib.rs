@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
 use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 use candle_transformers::models::bert::{BertEncoder as CandleBertEncoder, Config as BertConfig};
-use kiln_core::hf::{weight_bytes, weight_files};
+use kiln_core::hf::{bert_config, weight_bytes, weight_files};
 use kiln_core::{
     Capabilities, DType, Device, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
     Pooling, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
@@ -123,11 +123,6 @@ fn candle_dtype(dtype: DType) -> Result<CDType> {
     }
 }
 
-#[derive(Deserialize)]
-struct ModelType {
-    model_type: Option<String>,
-}
-
 #[async_trait]
 impl Provider for CandleProvider {
     fn name(&self) -> &str {
@@ -180,30 +175,7 @@ impl Provider for CandleProvider {
                 "not a folder; candle loads Hugging Face folders (config.json + model.safetensors)",
             ));
         }
-        let config_path = dir.join("config.json");
-        let config_text = std::fs::read(&config_path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::model_load(
-                    dir,
-                    "no config.json; expected a Hugging Face BERT folder (config.json + model.safetensors)",
-                )
-            } else {
-                Error::io("reading", &config_path, e)
-            }
-        })?;
-        let model_type: ModelType = serde_json::from_slice(&config_text)
-            .map_err(|e| Error::model_load_with(&config_path, "invalid JSON", e))?;
-        match model_type.model_type.as_deref() {
-            Some("bert") | None => {}
-            Some(other) => {
-                return Err(Error::Unsupported(format!(
-                    "{}: model_type `{other}`; provider `candle` loads model_type `bert`",
-                    config_path.display()
-                )));
-            }
-        }
-        let config: BertConfig = serde_json::from_slice(&config_text)
-            .map_err(|e| Error::model_load_with(&config_path, "not a BERT config", e))?;
+        let config: BertConfig = bert_config(dir, NAME)?;
         let files = weight_files(dir)?;
         let int8 = spec.quantization == Quantization::Int8;
         let weight_bytes = weight_bytes(&files, spec.dtype, int8.then_some(1.0))?;

@@ -81,12 +81,6 @@ enum Binary {
     Maximum = 4,
 }
 
-/// Unary ops of the shim.
-#[derive(Clone, Copy)]
-enum Unary {
-    Sqrt = 1,
-}
-
 /// Reductions of the shim.
 #[derive(Clone, Copy)]
 enum Reduce {
@@ -163,11 +157,6 @@ impl Array {
         own(unsafe { ffi::kiln_mlx_binary(op as c_int, self.raw(), other.raw()) }, "an elementwise op")
     }
 
-    fn unary(&self, op: Unary) -> Result<Array> {
-        // SAFETY: a live handle.
-        own(unsafe { ffi::kiln_mlx_unary(op as c_int, self.raw()) }, "an elementwise op")
-    }
-
     /// `self + other`, broadcasting.
     pub fn add(&self, other: &Array) -> Result<Array> {
         self.binary(Binary::Add, other)
@@ -190,7 +179,8 @@ impl Array {
 
     /// Square root.
     pub fn sqrt(&self) -> Result<Array> {
-        self.unary(Unary::Sqrt)
+        // SAFETY: a live handle.
+        own(unsafe { ffi::kiln_mlx_sqrt(self.raw()) }, "sqrt")
     }
 
     /// `bias + self @ weight`.

@@ -24,8 +24,6 @@ pub struct BertConfig {
     pub type_vocab_size: usize,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
-    #[serde(default)]
-    pub model_type: Option<String>,
 }
 
 fn default_act() -> String {

@@ -1,9 +1,9 @@
 //! The provider itself; compiled with the `libmlx` feature (see the crate docs).
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use kiln_core::hf::{weight_bytes, weight_files};
+use kiln_core::hf::{bert_config, weight_bytes, weight_files};
 use kiln_core::{
     Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
     Outputs, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
@@ -106,27 +106,7 @@ fn quantized_bytes(q: Quant, dtype: DType) -> f64 {
 
 fn read_config(dir: &Path) -> Result<BertConfig> {
     let path = dir.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::model_load(
-                dir,
-                "no config.json; expected a Hugging Face BERT folder (config.json + model.safetensors)",
-            )
-        } else {
-            Error::io("reading", &path, e)
-        }
-    })?;
-    let config: BertConfig =
-        serde_json::from_slice(&text).map_err(|e| Error::model_load_with(&path, "not a BERT config", e))?;
-    match config.model_type.as_deref() {
-        Some("bert") | None => {}
-        Some(other) => {
-            return Err(Error::Unsupported(format!(
-                "{}: model_type `{other}`; provider `mlx` loads model_type `bert`",
-                path.display()
-            )));
-        }
-    }
+    let config: BertConfig = bert_config(dir, NAME)?;
     if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_python") {
         return Err(Error::Unsupported(format!(
             "{}: hidden_act `{}`; provider `mlx` runs BERTs with exact gelu",
@@ -243,7 +223,7 @@ impl Provider for MlxProvider {
         info.declare_head(spec.head);
         info.weight_bytes = Some(weight_bytes);
         info.max_sequence_length = Some(config.max_position_embeddings);
-        let model = MlxBert { bert: Mutex::new(bert), gpu, head: info.head, info };
+        let model = MlxBert { bert, gpu, head: info.head, info };
         // A padded batch once, so a precision MLX cannot compute on this device is
         // refused now, with its reason, not as NaN embeddings later.
         let probe = Inputs::new()
@@ -265,8 +245,8 @@ impl Provider for MlxProvider {
 
 /// A loaded BERT on MLX.
 struct MlxBert {
-    /// MLX arrays are used from the model thread; the lock only satisfies `Sync`.
-    bert: Mutex<Bert>,
+    /// Run from the model's one worker thread; MLX arrays are `Sync` handles.
+    bert: Bert,
     gpu: Option<usize>,
     head: Option<EmbeddingHead>,
     info: ModelInfo,
@@ -287,8 +267,7 @@ impl Model for MlxBert {
         let values = |name: &str| -> Result<Vec<i64>> { inputs.require(name)?.to_vec::<i64>() };
         // The thread running a model may not be the one that loaded it.
         array::set_device(self.gpu)?;
-        let bert = self.bert.lock().unwrap_or_else(|p| p.into_inner());
-        let out = bert.forward(
+        let out = self.bert.forward(
             &values("input_ids")?,
             &values("token_type_ids")?,
             &values("attention_mask")?,
