@@ -44,19 +44,7 @@ kernels() { # TAG EXTRA..
         "${set_model[@]}" --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
         --set batching.max_batch_size=256 --set batching.warmup=false --set text.max_length=128 "$@" \
         > "$out/kernels_$tag.csv" 2>> "$out/ncu.log" || { tail -5 "$out/ncu.log"; return 0; }
-    python3 - "$out/kernels_$tag.csv" "$tag" <<'PY'
-import csv, sys, collections
-rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
-        if r.get("Metric Name") == "gpu__time_duration.sum"]
-by = collections.defaultdict(lambda: [0, 0.0])
-for r in rows:
-    name = r["Kernel Name"].split("(")[0][:50]
-    by[name][0] += 1
-    by[name][1] += float(r["Metric Value"].replace(",", "")) / 1e6
-print(f"{sys.argv[2]}: {len(rows)} kernels, {sum(v[1] for v in by.values()):.2f} ms (the load's probe batch and one of 256 x 128)")
-for name, (n, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:12]:
-    print(f"  {ms:8.3f} ms {n:4d}x  {name}")
-PY
+    python3 scripts/device/helpers.py kernels "$out/kernels_$tag.csv" "$tag" 12
 }
 kernels kiln
 [ -n "$graph" ] && kernels candle --set provider.options.cuda_kernels=false
@@ -74,9 +62,4 @@ bench candle_kiln_kernels_profiled.json --profile "$out/profile_candle_kiln.json
 [ -n "$graph" ] && bench candle_graph.json --set provider.options.cuda_kernels=false
 python3 scripts/device/helpers.py ceiling "$model" "$work/long.txt" 5 "$out/ceiling.json" "" \
     "$out"/candle_*.json | tee "$out/ceiling.txt"
-python3 - "$out/profile_candle_kiln.json" <<'PY'
-import json, sys
-spans = json.load(open(sys.argv[1]))["spans"]
-print(", ".join(f"{k} p50 {v['p50_ms']:.2f} ms x{v['count']}" for k, v in sorted(spans.items())
-                if k in ("model_run", "device_wait", "collate", "tokenize", "queue_wait", "request")))
-PY
+python3 scripts/device/helpers.py spans "$out/profile_candle_kiln.json"

@@ -201,6 +201,34 @@ def shapes(torchscript_dir, out_json):
     json.dump(result, open(out_json, "w"))
 
 
+SPANS = ("model_run", "batch_run", "device_wait", "collate", "tokenize", "queue_wait", "request")
+
+
+def spans(*profiles):
+    """One line per profiler report: the request path's spans, p50 and count."""
+    for path in profiles:
+        found = json.load(open(path))["spans"]
+        print(path.rsplit("/", 1)[-1], ", ".join(f"{k} p50 {v['p50_ms']:.2f} ms x{v['count']}"
+                                                 for k, v in sorted(found.items()) if k in SPANS))
+
+
+def kernels(csv_path, label, top="16"):
+    """Per-kernel GPU time from `ncu --metrics gpu__time_duration.sum --csv`, largest first."""
+    import collections
+    import csv
+    rows = [r for r in csv.DictReader(line for line in open(csv_path) if line.startswith('"'))
+            if r.get("Metric Name") == "gpu__time_duration.sum"]
+    by = collections.defaultdict(lambda: [0, 0.0])
+    for r in rows:
+        name = r["Kernel Name"].split("(")[0][:60]
+        by[name][0] += 1
+        by[name][1] += float(r["Metric Value"].replace(",", "")) / 1e6
+    print(f"{label}: {len(rows)} kernels, {sum(v[1] for v in by.values()):.2f} ms "
+          "(the load's probe batch and one of 256 x 128)")
+    for name, (n, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:int(top)]:
+        print(f"  {ms:8.3f} ms {n:4d}x  {name}")
+
+
 if __name__ == "__main__":
     {"texts": texts, "cosines": cosines, "eager": eager, "ceiling": ceiling, "shapes": shapes,
-     "shape_costs": shape_costs}[sys.argv[1]](*sys.argv[2:])
+     "shape_costs": shape_costs, "spans": spans, "kernels": kernels}[sys.argv[1]](*sys.argv[2:])

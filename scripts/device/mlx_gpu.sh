@@ -51,19 +51,7 @@ if [ -n "${KERNELS:-}" ]; then
         --set 'model.path=".device/minilm-f16"' --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
         --set batching.max_batch_size=256 --set batching.warmup=false --set text.max_length=128 \
         > "$out/kernels.csv" 2>> "$out/ncu.log" || tail -5 "$out/ncu.log"
-    python3 - "$out/kernels.csv" <<'PY'
-import csv, sys, collections
-rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
-        if r.get("Metric Name") == "gpu__time_duration.sum"]
-by = collections.defaultdict(lambda: [0, 0.0])
-for r in rows:
-    name = r["Kernel Name"].split("(")[0][:60]
-    by[name][0] += 1
-    by[name][1] += float(r["Metric Value"].replace(",", "")) / 1e6
-print(f"{len(rows)} kernels, {sum(v[1] for v in by.values()):.2f} ms (the load's probe batch and one of 256 x 128)")
-for name, (n, ms) in sorted(by.items(), key=lambda kv: -kv[1][1])[:16]:
-    print(f"  {ms:8.3f} ms {n:4d}x  {name}")
-PY
+    $helpers kernels "$out/kernels.csv" mlx
 fi
 run() { # TAG DEVICE DTYPE
     timeout 600 "$kiln" run examples/embed-mlx.toml --input "$work/fixture.txt" --output "$work/$1.jsonl" \
@@ -91,9 +79,4 @@ if [ -n "${KERNELS:-}" ]; then
 fi
 $helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "" "$out"/mlx_f16*.json \
     | tee "$out/ceiling.txt"
-python3 - "$out"/profile_mlx.json <<'PY'
-import json, sys
-spans = json.load(open(sys.argv[1]))["spans"]
-print(", ".join(f"{k} p50 {v['p50_ms']:.2f} ms x{v['count']}" for k, v in sorted(spans.items())
-                if k in ("model_run", "batch_run", "collate", "tokenize", "queue_wait", "request")))
-PY
+$helpers spans "$out"/profile_mlx.json

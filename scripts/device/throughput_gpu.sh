@@ -80,10 +80,4 @@ if [ -x "$work/kiln-cuda" ]; then
 fi
 $helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "$work/minilm-tch" "${jsons[@]}" \
     | tee "$out/ceiling.txt"
-python3 - "$out"/profile_*.json <<'PY'
-import json, sys
-for path in sys.argv[1:]:
-    spans = json.load(open(path))["spans"]
-    print(path.rsplit("/", 1)[-1], ", ".join(f"{k} p50 {v['p50_ms']:.2f} ms x{v['count']}" for k, v in sorted(spans.items())
-                                        if k in ("model_run", "batch_run", "collate", "tokenize", "queue_wait", "request")))
-PY
+$helpers spans "$out"/profile_*.json
