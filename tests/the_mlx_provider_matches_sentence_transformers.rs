@@ -80,9 +80,11 @@ async fn what_mlx_cannot_do_is_refused_with_the_reason() {
 }
 
 #[tokio::test]
-async fn mlx_allocator_figures_reach_the_governor_which_releases_its_cache_under_pressure() {
+async fn mlx_allocator_figures_reach_the_governor_and_the_profiler_and_its_cache_is_released_under_pressure()
+{
     // Watermarks under any real machine's usage: every sample is pressure.
     let optimizer = Optimizer::from_config(mlx_config(&[
+        "profiler.enabled=true",
         "memory.high_watermark=0.001",
         "memory.low_watermark=0.0005",
         "memory.sample_interval_ms=20",
@@ -109,4 +111,14 @@ async fn mlx_allocator_figures_reach_the_governor_which_releases_its_cache_under
     provider.release_cached_memory();
     assert_eq!(provider.allocator_memory().unwrap().cached, 0);
     assert_eq!(optimizer.embed(&["still serving".to_string()]).await.unwrap()[0].len(), 384);
+    // The profiler's report carries the same allocator, by name, in JSON and Markdown.
+    let report = optimizer.profile_report().expect("profiler on");
+    let allocator = report.allocator.clone().expect("MLX keeps an allocator of its own");
+    assert_eq!(allocator.provider, "mlx");
+    assert!(
+        allocator.peak_bytes >= allocator.active_bytes && allocator.active_bytes > 80 << 20,
+        "{allocator:?}"
+    );
+    assert!(allocator.released_bytes >= memory.allocator_released_bytes, "{allocator:?} {memory:?}");
+    assert!(report.to_markdown().contains("mlx allocator: peak"), "{}", report.to_markdown());
 }

@@ -31,7 +31,7 @@ pub use config::{
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};
 pub use pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING, pool_rows, pool_tokens};
-pub use profiler::{GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
+pub use profiler::{AllocatorReport, GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{
     AllocatorMemory, Capabilities, Model, ModelInfo, ModelSpec, Pending, Provider, ProviderRegistration,
     Quantization, build_provider, max_position_embeddings, providers,

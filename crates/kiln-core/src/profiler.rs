@@ -129,6 +129,28 @@ pub struct ProfileReport {
     pub gpus: Vec<GpuReport>,
     /// Trace events not kept because `profiler.max_trace_events` was reached.
     pub trace_events_dropped: u64,
+    /// The backend's own allocator, for providers that keep one (MLX); `None` for the
+    /// others, whose device memory the GPU figures above already show.
+    pub allocator: Option<AllocatorReport>,
+}
+
+/// What a backend's own allocator held ([`Provider::allocator_memory`](crate::Provider::allocator_memory)),
+/// read when the report is made.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AllocatorReport {
+    /// The provider's registered name.
+    pub provider: String,
+    /// Bytes in live tensors at the report.
+    pub active_bytes: u64,
+    /// The allocator's own high-water mark of live tensors (not sampled: MLX counts
+    /// every allocation, from the process's start).
+    pub peak_bytes: u64,
+    /// Freed buffers the allocator keeps for reuse, at the report.
+    pub cached_bytes: u64,
+    /// Bytes the allocator gave back when the memory governor asked (0 with the
+    /// governor off).
+    pub released_bytes: u64,
 }
 
 /// What the sampler saw of one GPU.
@@ -178,6 +200,17 @@ impl ProfileReport {
         }
         if let Some(b) = self.peak_gpu_memory_bytes {
             let _ = write!(out, "; peak GPU memory {:.1} MiB", mib(b));
+        }
+        if let Some(a) = &self.allocator {
+            let _ = write!(
+                out,
+                "\n\n{} allocator: peak {:.1} MiB, active {:.1} MiB, cached {:.1} MiB, released {:.1} MiB",
+                a.provider,
+                mib(a.peak_bytes),
+                mib(a.active_bytes),
+                mib(a.cached_bytes),
+                mib(a.released_bytes)
+            );
         }
         for g in &self.gpus {
             let _ = write!(

@@ -1,13 +1,12 @@
 //! The [`Optimizer`]: builds the stack a config names and serves requests through it.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
     Cache, CacheKey, Device, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, NamedTensors, NoCache,
-    NoopProfiler, Outputs, ProfileReport, Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor,
-    build_provider, build_trackers,
+    NoopProfiler, Outputs, Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor, build_provider,
+    build_trackers,
 };
 use kiln_text::{TextPipeline, TokenRow};
 use kiln_vision::ImageInput;
@@ -18,7 +17,6 @@ use crate::governor::MemoryGovernor;
 use crate::inflight::{Claim, InFlight, Leader, follow};
 use crate::models::ModelManager;
 use crate::monitor::ResourceMonitor;
-use crate::partial_file::PartialFile;
 use crate::profiler::SamplingProfiler;
 use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
@@ -30,6 +28,7 @@ use crate::worker::{BatchPolicy, ModelWorker};
 mod classify;
 mod embed;
 mod metrics;
+mod profile;
 
 use classify::Classifier;
 pub use classify::{Classification, Scored};
@@ -259,35 +258,6 @@ impl Optimizer {
         &*self.profiler
     }
 
-    /// The profiler's report so far; `None` when `profiler.enabled` is off.
-    pub fn profile_report(&self) -> Option<ProfileReport> {
-        self.config.profiler.enabled.then(|| self.profiler.report())
-    }
-
-    /// Writes the profiler's report as JSON to `path` (through a temporary file, so a
-    /// reader never sees half of it). `Ok(false)` when profiling is off.
-    pub fn write_profile(&self, path: &Path) -> Result<bool> {
-        let Some(report) = self.profile_report() else { return Ok(false) };
-        write_atomically(path, |out| {
-            serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::other)
-        })?;
-        Ok(true)
-    }
-
-    /// Writes the Chrome trace (Perfetto, chrome://tracing) to `path`. `Ok(false)`
-    /// when no trace is kept (`profiler.trace` off).
-    pub fn write_trace(&self, path: &Path) -> Result<bool> {
-        if !(self.config.profiler.enabled && self.config.profiler.trace) {
-            return Ok(false);
-        }
-        let mut kept = false;
-        write_atomically(path, |out| {
-            kept = self.profiler.write_trace(out).map_err(std::io::Error::other)?;
-            Ok(())
-        })?;
-        Ok(kept)
-    }
-
     /// Embeds texts: one vector per text, in order. An empty text is embedded (as
     /// sentence-transformers does), not dropped; texts longer than the model's maximum
     /// are truncated to it. With batching on, the texts join those of concurrent
@@ -512,23 +482,6 @@ fn resolve_devices(config: &KilnConfig, provider: &dyn Provider, monitor: &Resou
     let device = chosen.unwrap_or(Device::Cpu);
     tracing::info!("model.device = \"auto\": {device}");
     vec![device]
-}
-
-/// Writes a file through a [`PartialFile`], creating its folder, so readers see all or
-/// nothing.
-fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
-) -> Result<()> {
-    let result = (|| {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut file = PartialFile::create(path)?;
-        write(file.writer())?;
-        file.commit()
-    })();
-    result.map_err(|e| Error::io("writing", path, e))
 }
 
 /// One task of [`Optimizer::run_batch`].

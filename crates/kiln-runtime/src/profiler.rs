@@ -188,6 +188,7 @@ impl Profiler for SamplingProfiler {
             peak_gpu_memory_bytes: (!gpus.is_empty()).then_some(r.peak_gpu_used),
             gpus,
             trace_events_dropped: dropped,
+            allocator: None,
         }
     }
 
