@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <string>
 
 namespace mx = mlx::core;
@@ -176,21 +177,83 @@ kiln_mlx_array* kiln_mlx_astype(const kiln_mlx_array* a, int dtype) {
   return wrap([&] { return mx::astype(a->a, dtype_of(dtype), current_device); });
 }
 
-// 0 add, 2 multiply, 3 divide, 4 maximum
+// 0 add, 1 subtract, 2 multiply, 3 divide, 4 maximum, 5 minimum
 kiln_mlx_array* kiln_mlx_binary(int op, const kiln_mlx_array* a, const kiln_mlx_array* b) {
   return wrap([&] {
     switch (op) {
       case 0: return mx::add(a->a, b->a, current_device);
+      case 1: return mx::subtract(a->a, b->a, current_device);
       case 2: return mx::multiply(a->a, b->a, current_device);
       case 3: return mx::divide(a->a, b->a, current_device);
       case 4: return mx::maximum(a->a, b->a, current_device);
+      case 5: return mx::minimum(a->a, b->a, current_device);
     }
     throw std::invalid_argument("kiln_mlx_binary: unknown op " + std::to_string(op));
   });
 }
 
-kiln_mlx_array* kiln_mlx_sqrt(const kiln_mlx_array* a) {
-  return wrap([&] { return mx::sqrt(a->a, current_device); });
+// 0 sqrt, 1 sigmoid, 2 exp, 3 tanh, 4 erf, 5 negative
+kiln_mlx_array* kiln_mlx_unary(int op, const kiln_mlx_array* a) {
+  return wrap([&] {
+    switch (op) {
+      case 0: return mx::sqrt(a->a, current_device);
+      case 1: return mx::sigmoid(a->a, current_device);
+      case 2: return mx::exp(a->a, current_device);
+      case 3: return mx::tanh(a->a, current_device);
+      case 4: return mx::erf(a->a, current_device);
+      case 5: return mx::negative(a->a, current_device);
+    }
+    throw std::invalid_argument("kiln_mlx_unary: unknown op " + std::to_string(op));
+  });
+}
+
+kiln_mlx_array* kiln_mlx_matmul(const kiln_mlx_array* a, const kiln_mlx_array* b) {
+  return wrap([&] { return mx::matmul(a->a, b->a, current_device); });
+}
+
+// A 2-D convolution: x [N, H, W, C_in], w [C_out, kH, kW, C_in / groups] (MLX's layout);
+// the padding before (top, left) and after (bottom, right) may differ, as ONNX allows.
+kiln_mlx_array* kiln_mlx_conv2d(const kiln_mlx_array* x, const kiln_mlx_array* w, const int* stride,
+                                const int* pad_lo, const int* pad_hi, const int* dilation, int groups) {
+  return wrap([&] {
+    return mx::conv_general(x->a, w->a, {stride[0], stride[1]}, {pad_lo[0], pad_lo[1]}, {pad_hi[0], pad_hi[1]},
+                            {dilation[0], dilation[1]}, {1, 1}, groups, false, current_device);
+  });
+}
+
+// Max pooling of x [N, C, H, W] over kernel windows at the given strides, after padding
+// with -inf (before: top, left; after: bottom, right): a strided view of the windows,
+// reduced.
+kiln_mlx_array* kiln_mlx_max_pool2d(const kiln_mlx_array* x, const int* kernel, const int* stride,
+                                    const int* pad_lo, const int* pad_hi) {
+  return wrap([&] {
+    auto p = x->a;
+    if (p.ndim() != 4) throw std::invalid_argument("max pooling takes [N, C, H, W]");
+    if (pad_lo[0] || pad_lo[1] || pad_hi[0] || pad_hi[1]) {
+      auto low = mx::array(-std::numeric_limits<float>::infinity(), p.dtype());
+      p = mx::pad(p, {2, 3}, {pad_lo[0], pad_lo[1]}, {pad_hi[0], pad_hi[1]}, low, "constant", current_device);
+    }
+    p = mx::contiguous(p, false, current_device);
+    int64_t n = p.shape(0), c = p.shape(1), h = p.shape(2), w = p.shape(3);
+    if (h < kernel[0] || w < kernel[1]) throw std::invalid_argument("max pooling: the kernel is larger than the input");
+    int ho = static_cast<int>((h - kernel[0]) / stride[0] + 1);
+    int wo = static_cast<int>((w - kernel[1]) / stride[1] + 1);
+    auto windows = mx::as_strided(p, {static_cast<int>(n), static_cast<int>(c), ho, wo, kernel[0], kernel[1]},
+                                  {c * h * w, h * w, stride[0] * w, stride[1], w, 1}, 0, current_device);
+    return mx::max(windows, std::vector<int>{4, 5}, false, current_device);
+  });
+}
+
+kiln_mlx_array* kiln_mlx_softmax(const kiln_mlx_array* a, int axis) {
+  return wrap([&] { return mx::softmax(a->a, axis, true, current_device); });
+}
+
+kiln_mlx_array* kiln_mlx_concat(kiln_mlx_array* const* arrays, size_t n, int axis) {
+  return wrap([&] {
+    std::vector<mx::array> all;
+    for (size_t i = 0; i < n; i++) all.push_back(arrays[i]->a);
+    return mx::concatenate(all, axis, current_device);
+  });
 }
 
 kiln_mlx_array* kiln_mlx_addmm(const kiln_mlx_array* c, const kiln_mlx_array* a, const kiln_mlx_array* b) {
@@ -225,12 +288,13 @@ kiln_mlx_array* kiln_mlx_slice(const kiln_mlx_array* a, const int* start, const 
   });
 }
 
-// 0 sum, 1 max
+// 0 sum, 1 max, 2 mean
 kiln_mlx_array* kiln_mlx_reduce(int op, const kiln_mlx_array* a, int axis, int keepdims) {
   return wrap([&] {
     switch (op) {
       case 0: return mx::sum(a->a, axis, keepdims != 0, current_device);
       case 1: return mx::max(a->a, axis, keepdims != 0, current_device);
+      case 2: return mx::mean(a->a, axis, keepdims != 0, current_device);
     }
     throw std::invalid_argument("kiln_mlx_reduce: unknown op " + std::to_string(op));
   });

@@ -76,9 +76,28 @@ pub fn code(dtype: DType) -> c_int {
 #[derive(Clone, Copy)]
 enum Binary {
     Add = 0,
+    Subtract = 1,
     Multiply = 2,
     Divide = 3,
     Maximum = 4,
+    Minimum = 5,
+}
+
+/// Elementwise functions of the shim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unary {
+    /// Square root.
+    Sqrt = 0,
+    /// `1 / (1 + e^-x)`.
+    Sigmoid = 1,
+    /// `e^x`.
+    Exp = 2,
+    /// Hyperbolic tangent.
+    Tanh = 3,
+    /// The error function.
+    Erf = 4,
+    /// `-x`.
+    Negative = 5,
 }
 
 /// Reductions of the shim.
@@ -86,6 +105,7 @@ enum Binary {
 enum Reduce {
     Sum = 0,
     Max = 1,
+    Mean = 2,
 }
 
 impl Array {
@@ -134,6 +154,18 @@ impl Array {
         unsafe { ffi::kiln_mlx_dtype(self.raw()) }
     }
 
+    /// The element type (f32 for codes kiln does not name).
+    pub fn dtype(&self) -> DType {
+        match self.dtype_code() {
+            ffi::F16 => DType::F16,
+            ffi::BF16 => DType::BF16,
+            ffi::I64 => DType::I64,
+            ffi::I32 => DType::I32,
+            ffi::U8 => DType::U8,
+            _ => DType::F32,
+        }
+    }
+
     /// Evaluates and copies out as f32, row-major.
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let n: usize = self.shape().iter().product();
@@ -177,10 +209,89 @@ impl Array {
         self.binary(Binary::Maximum, other)
     }
 
+    /// `self - other`, broadcasting.
+    pub fn sub(&self, other: &Array) -> Result<Array> {
+        self.binary(Binary::Subtract, other)
+    }
+
+    /// Elementwise minimum, broadcasting.
+    pub fn minimum(&self, other: &Array) -> Result<Array> {
+        self.binary(Binary::Minimum, other)
+    }
+
+    /// An elementwise function.
+    pub fn unary(&self, op: Unary) -> Result<Array> {
+        // SAFETY: a live handle.
+        own(unsafe { ffi::kiln_mlx_unary(op as c_int, self.raw()) }, "an elementwise function")
+    }
+
     /// Square root.
     pub fn sqrt(&self) -> Result<Array> {
+        self.unary(Unary::Sqrt)
+    }
+
+    /// `self @ other`, batched over leading axes.
+    pub fn matmul(&self, other: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_matmul(self.raw(), other.raw()) }, "matmul")
+    }
+
+    /// 2-D convolution of this `[N, H, W, C_in]` array with `weight`
+    /// `[C_out, kH, kW, C_in / groups]`; `[height, width]` pairs, padding before and after.
+    pub fn conv2d(
+        &self,
+        weight: &Array,
+        stride: [i32; 2],
+        pads: [[i32; 2]; 2],
+        dilation: [i32; 2],
+        groups: i32,
+    ) -> Result<Array> {
+        // SAFETY: live handles; every pointer is to two ints.
+        own(
+            unsafe {
+                ffi::kiln_mlx_conv2d(
+                    self.raw(),
+                    weight.raw(),
+                    stride.as_ptr(),
+                    pads[0].as_ptr(),
+                    pads[1].as_ptr(),
+                    dilation.as_ptr(),
+                    groups,
+                )
+            },
+            "conv2d",
+        )
+    }
+
+    /// Max pooling of this `[N, C, H, W]` array; `[height, width]` pairs, padding (with
+    /// -inf) before and after.
+    pub fn max_pool2d(&self, kernel: [i32; 2], stride: [i32; 2], pads: [[i32; 2]; 2]) -> Result<Array> {
+        // SAFETY: a live handle; every pointer is to two ints.
+        own(
+            unsafe {
+                ffi::kiln_mlx_max_pool2d(
+                    self.raw(),
+                    kernel.as_ptr(),
+                    stride.as_ptr(),
+                    pads[0].as_ptr(),
+                    pads[1].as_ptr(),
+                )
+            },
+            "max_pool2d",
+        )
+    }
+
+    /// Softmax along `axis`, accumulated in f32.
+    pub fn softmax(&self, axis: i32) -> Result<Array> {
         // SAFETY: a live handle.
-        own(unsafe { ffi::kiln_mlx_sqrt(self.raw()) }, "sqrt")
+        own(unsafe { ffi::kiln_mlx_softmax(self.raw(), axis) }, "softmax")
+    }
+
+    /// The arrays joined along `axis`.
+    pub fn concat(arrays: &[&Array], axis: i32) -> Result<Array> {
+        let raw: Vec<*mut ffi::RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
+        // SAFETY: live handles, `raw.len()` of them.
+        own(unsafe { ffi::kiln_mlx_concat(raw.as_ptr(), raw.len(), axis) }, "concatenate")
     }
 
     /// `bias + self @ weight`.
@@ -233,6 +344,11 @@ impl Array {
     /// Maximum along `axis`.
     pub fn max(&self, axis: i32, keepdims: bool) -> Result<Array> {
         self.reduce(Reduce::Max, axis, keepdims)
+    }
+
+    /// Mean along `axis`.
+    pub fn mean(&self, axis: i32, keepdims: bool) -> Result<Array> {
+        self.reduce(Reduce::Mean, axis, keepdims)
     }
 
     /// `x` where `self` is true, else `y`.

@@ -44,7 +44,26 @@ unsafe extern "C" {
     pub fn kiln_mlx_eval(arrays: *const *mut RawArray, n: usize) -> c_int;
     pub fn kiln_mlx_astype(a: *const RawArray, dtype: c_int) -> *mut RawArray;
     pub fn kiln_mlx_binary(op: c_int, a: *const RawArray, b: *const RawArray) -> *mut RawArray;
-    pub fn kiln_mlx_sqrt(a: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_unary(op: c_int, a: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_matmul(a: *const RawArray, b: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_conv2d(
+        x: *const RawArray,
+        w: *const RawArray,
+        stride: *const c_int,
+        pad_lo: *const c_int,
+        pad_hi: *const c_int,
+        dilation: *const c_int,
+        groups: c_int,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_max_pool2d(
+        x: *const RawArray,
+        kernel: *const c_int,
+        stride: *const c_int,
+        pad_lo: *const c_int,
+        pad_hi: *const c_int,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_softmax(a: *const RawArray, axis: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_concat(arrays: *const *mut RawArray, n: usize, axis: c_int) -> *mut RawArray;
     pub fn kiln_mlx_addmm(c: *const RawArray, a: *const RawArray, b: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_transpose(a: *const RawArray, axes: *const c_int, n: c_int) -> *mut RawArray;
     pub fn kiln_mlx_reshape(a: *const RawArray, shape: *const c_int, n: c_int) -> *mut RawArray;

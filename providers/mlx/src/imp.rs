@@ -14,6 +14,8 @@ use serde::Deserialize;
 use crate::NAME;
 use crate::array;
 use crate::bert::{Bert, BertConfig, Quant};
+use crate::graph::Graph;
+use crate::onnx;
 
 /// The name of the token-vector output (no embedding head asked for).
 pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
@@ -128,7 +130,10 @@ impl Provider for MlxProvider {
 
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities {
-            formats: vec!["Hugging Face BERT folder (config.json + model.safetensors)".into()],
+            formats: vec![
+                "Hugging Face BERT folder (config.json + model.safetensors)".into(),
+                format!("ONNX graph (.onnx) of the operators {}", crate::graph::OPS.join(", ")),
+            ],
             quantization: vec![Quantization::Int8, Quantization::Int4],
             ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
         };
@@ -149,6 +154,11 @@ impl Provider for MlxProvider {
     /// Weights at the model's dtype (quantized matrices at their packed size), from
     /// the safetensors headers, plus 10% for activations.
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
+        if is_onnx(&spec.path) {
+            // Weights at the model's dtype (the file holds f32), plus 10%.
+            let bytes = std::fs::metadata(&spec.path).map_or(0, |m| m.len()) * spec.dtype.size() as u64 / 4;
+            return Ok(Some(bytes + bytes / 10));
+        }
         if !spec.path.join("config.json").is_file() {
             return Ok(None);
         }
@@ -181,10 +191,17 @@ impl Provider for MlxProvider {
                 spec.dtype
             )));
         }
+        if is_onnx(dir) {
+            return load_graph(spec, gpu);
+        }
         if !dir.is_dir() {
             return Err(Error::model_load(
                 dir,
-                if dir.exists() { "not a folder; mlx loads Hugging Face folders" } else { "no such folder" },
+                if dir.exists() {
+                    "not a folder or an .onnx file; mlx loads Hugging Face folders and ONNX graphs"
+                } else {
+                    "no such folder"
+                },
             ));
         }
         let config = read_config(dir)?;
@@ -285,5 +302,101 @@ impl Model for MlxBert {
         };
         debug_assert!(self.head.is_none() || name == SENTENCE_EMBEDDING);
         Ok(Outputs::new().with(name, tensor))
+    }
+}
+
+fn is_onnx(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+}
+
+/// kiln's dtype for an ONNX element type of a graph input or output.
+fn onnx_dtype(elem: i32) -> Option<DType> {
+    match elem {
+        onnx::FLOAT | onnx::FLOAT16 | onnx::DOUBLE => Some(DType::F32),
+        onnx::INT64 => Some(DType::I64),
+        onnx::INT32 => Some(DType::I32),
+        _ => None,
+    }
+}
+
+fn graph_spec(v: &onnx::ValueInfo, path: &Path) -> Result<TensorSpec> {
+    let dtype = onnx_dtype(v.elem_type).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{}: `{}` has ONNX element type {}; provider `mlx` passes float, int32 and int64 tensors",
+            path.display(),
+            v.name,
+            v.elem_type
+        ))
+    })?;
+    let dims = v
+        .dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| d.map_or_else(|| Dim::Dynamic(format!("dim_{i}")), |d| Dim::Fixed(d as usize)))
+        .collect();
+    Ok(TensorSpec::new(&v.name, dtype, dims))
+}
+
+/// An ONNX graph compiled to MLX ([`Graph`]).
+fn load_graph(spec: &ModelSpec, gpu: Option<usize>) -> Result<Arc<dyn Model>> {
+    let path = &spec.path;
+    if spec.quantization != Quantization::None {
+        return Err(Error::Unsupported(format!(
+            "provider `mlx` quantizes BERT folders; ONNX graphs run at f32, f16 or bf16 (model.quantization = \"{}\")",
+            spec.quantization
+        )));
+    }
+    let model = onnx::load(path)?;
+    array::set_device(gpu)?;
+    let graph = Graph::compile(&model, spec.dtype).map_err(|why| Error::model_load(path, why))?;
+    let name =
+        path.file_stem().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let mut info = ModelInfo::new(name, NAME, spec.device, spec.dtype);
+    info.inputs = model.inputs.iter().map(|v| graph_spec(v, path)).collect::<Result<_>>()?;
+    info.outputs = model
+        .outputs
+        .iter()
+        .map(|v| graph_spec(v, path).map(|s| TensorSpec { dtype: DType::F32, ..s }))
+        .collect::<Result<_>>()?;
+    if spec.head.is_some() && info.declare_head(spec.head).is_some() {
+        return Err(Error::Unsupported(format!(
+            "{}: provider `mlx` pools embeddings for BERT folders; an ONNX graph runs as it is (tasks classify and \
+             infer)",
+            path.display()
+        )));
+    }
+    info.weight_bytes = std::fs::metadata(path).ok().map(|m| m.len());
+    array::clear_cache();
+    Ok(Arc::new(MlxGraph { graph, gpu, info }))
+}
+
+/// A loaded ONNX graph on MLX.
+struct MlxGraph {
+    graph: Graph,
+    gpu: Option<usize>,
+    info: ModelInfo,
+}
+
+impl Model for MlxGraph {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        self.info.validate(inputs)?;
+        array::set_device(self.gpu)?;
+        let arrays = self
+            .graph
+            .input_names()
+            .map(|name| {
+                let t = inputs.require(name)?;
+                array::Array::from_bytes(t.bytes(), t.dtype(), t.shape())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = Outputs::new();
+        for (spec, (shape, values)) in self.info.outputs.iter().zip(self.graph.run(arrays)?) {
+            out = out.with(&spec.name, Tensor::from_vec(shape, values)?);
+        }
+        Ok(out)
     }
 }

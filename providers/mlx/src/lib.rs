@@ -34,7 +34,11 @@ mod bert;
 #[cfg(feature = "libmlx")]
 mod ffi;
 #[cfg(feature = "libmlx")]
+mod graph;
+#[cfg(feature = "libmlx")]
 mod imp;
+#[cfg(feature = "libmlx")]
+mod onnx;
 #[cfg(feature = "libmlx")]
 pub use imp::*;
 
