@@ -509,4 +509,6 @@ fn host_op(op: &Op) -> bool {
 }
 
 mod ops;
+#[cfg(test)]
+mod tests;
 use ops::run_step;
