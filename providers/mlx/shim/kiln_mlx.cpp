@@ -6,12 +6,15 @@
 // fail returns NULL (or nonzero) and leaves the message in kiln_mlx_last_error(), per
 // thread. Every op runs on the calling thread's device (kiln_mlx_set_device).
 
+#include <mlx/backend/cpu/encoder.h>
 #include <mlx/mlx.h>
+#include <mlx/primitives.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <optional>
 #include <string>
 
 namespace mx = mlx::core;
@@ -211,12 +214,95 @@ kiln_mlx_array* kiln_mlx_matmul(const kiln_mlx_array* a, const kiln_mlx_array* b
   return wrap([&] { return mx::matmul(a->a, b->a, current_device); });
 }
 
+// A depthwise convolution (one input channel per group, one output per channel) on the
+// CPU, as an MLX primitive of kiln's: MLX's CPU backend runs grouped convolutions with
+// its naive reference loops, and composing it from slices and elementwise ops costs a
+// pass over memory per kernel tap (~10x this loop on MobileNets). Inputs: the padded
+// input [N, H, W, C] and the taps [kH, kW, C], both f32 and row-contiguous.
+class DepthwiseConv2d : public mx::UnaryPrimitive {
+ public:
+  DepthwiseConv2d(mx::Stream stream, int sy, int sx, int dy, int dx)
+      : mx::UnaryPrimitive(stream), sy_(sy), sx_(sx), dy_(dy), dx_(dx) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    const auto& x = inputs[0];
+    const auto& w = inputs[1];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_output_array(out);
+    int n = out.shape(0), oh = out.shape(1), ow = out.shape(2), c = out.shape(3);
+    int h = x.shape(1), wd = x.shape(2), kh = w.shape(0), kw = w.shape(1);
+    encoder.dispatch([xp = x.data<float>(), wp = w.data<float>(), op = out.data<float>(), n, oh, ow, c, h, wd, kh, kw,
+                      sy = sy_, sx = sx_, dy = dy_, dx = dx_]() {
+      for (int b = 0; b < n; b++) {
+        for (int y = 0; y < oh; y++) {
+          for (int x0 = 0; x0 < ow; x0++) {
+            float* o = op + ((static_cast<size_t>(b) * oh + y) * ow + x0) * c;
+            for (int k = 0; k < c; k++) o[k] = 0.0f;
+            for (int ty = 0; ty < kh; ty++) {
+              const float* row = xp + (static_cast<size_t>(b) * h + y * sy + ty * dy) * wd * c;
+              for (int tx = 0; tx < kw; tx++) {
+                const float* in = row + static_cast<size_t>(x0 * sx + tx * dx) * c;
+                const float* tap = wp + (static_cast<size_t>(ty) * kw + tx) * c;
+                for (int k = 0; k < c; k++) o[k] += in[k] * tap[k];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("kiln's depthwise convolution runs on the CPU only");
+  }
+
+  const char* name() const override { return "KilnDepthwiseConv2d"; }
+
+ private:
+  int sy_, sx_, dy_, dx_;
+};
+
+static mx::array depthwise_conv2d(const mx::array& x, const mx::array& w, const int* stride, const int* pad_lo,
+                                  const int* pad_hi, const int* dilation) {
+  auto p = mx::astype(x, mx::float32, current_device);
+  if (pad_lo[0] || pad_lo[1] || pad_hi[0] || pad_hi[1]) {
+    p = mx::pad(p, {1, 2}, {pad_lo[0], pad_lo[1]}, {pad_hi[0], pad_hi[1]}, mx::array(0.0f), "constant",
+                current_device);
+  }
+  p = mx::contiguous(p, false, current_device);
+  int n = p.shape(0), h = p.shape(1), wd = p.shape(2), c = p.shape(3);
+  int kh = w.shape(1), kw = w.shape(2);
+  int oh = (h - (kh - 1) * dilation[0] - 1) / stride[0] + 1;
+  int ow = (wd - (kw - 1) * dilation[1] - 1) / stride[1] + 1;
+  if (oh <= 0 || ow <= 0) throw std::invalid_argument("conv2d: the kernel is larger than the padded input");
+  // [C, kH, kW, 1] -> [kH, kW, C]: one row of channel weights per tap.
+  auto taps = mx::contiguous(
+      mx::transpose(mx::reshape(mx::astype(w, mx::float32, current_device), {c, kh, kw}, current_device), {1, 2, 0},
+                    current_device),
+      false, current_device);
+  auto stream = mx::to_stream(current_device);
+  auto out = mx::array({n, oh, ow, c}, mx::float32,
+                       std::make_shared<DepthwiseConv2d>(stream, stride[0], stride[1], dilation[0], dilation[1]),
+                       {p, taps});
+  return mx::astype(out, x.dtype(), current_device);
+}
+
 // A 2-D convolution: x [N, H, W, C_in], w [C_out, kH, kW, C_in / groups] (MLX's layout);
 // the padding before (top, left) and after (bottom, right) may differ, as ONNX allows.
 kiln_mlx_array* kiln_mlx_conv2d(const kiln_mlx_array* x, const kiln_mlx_array* w, const int* stride,
                                 const int* pad_lo, const int* pad_hi, const int* dilation, int groups) {
   return wrap([&] {
-    return mx::conv_general(x->a, w->a, {stride[0], stride[1]}, {pad_lo[0], pad_lo[1]}, {pad_hi[0], pad_hi[1]},
+    const auto& in = x->a;
+    const auto& wt = w->a;
+    bool depthwise = groups > 1 && in.ndim() == 4 && wt.ndim() == 4 && wt.shape(3) == 1 && wt.shape(0) == groups &&
+                     in.shape(3) == groups;
+    if (depthwise && current_device.type == mx::Device::cpu) {
+      return depthwise_conv2d(in, wt, stride, pad_lo, pad_hi, dilation);
+    }
+    return mx::conv_general(in, wt, {stride[0], stride[1]}, {pad_lo[0], pad_lo[1]}, {pad_hi[0], pad_hi[1]},
                             {dilation[0], dilation[1]}, {1, 1}, groups, false, current_device);
   });
 }

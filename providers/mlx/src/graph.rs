@@ -233,7 +233,12 @@ impl Graph {
             inputs.push((i.name.clone(), slots));
             slots += 1;
         }
-        let mut steps = Vec::new();
+        // How many nodes (and graph outputs) read each value.
+        let mut readers: HashMap<&str, usize> = HashMap::new();
+        for name in model.nodes.iter().flat_map(|n| &n.inputs).chain(model.outputs.iter().map(|o| &o.name)) {
+            *readers.entry(name.as_str()).or_default() += 1;
+        }
+        let mut steps: Vec<Step> = Vec::new();
         for node in &model.nodes {
             let at = |why: String| format!("node `{}` ({}): {why}", node.name, node.op);
             if !(node.domain.is_empty() || node.domain == "ai.onnx") || !OPS.contains(&node.op.as_str()) {
@@ -287,10 +292,31 @@ impl Graph {
                 }
                 continue;
             }
+            // A batch norm of a convolution's output that nothing else reads becomes
+            // the convolution's weights and bias: two passes over the activations fewer.
+            if let (Op::Affine { scale, shift }, Some(In::Slot(s))) = (&op, step_inputs.first())
+                && readers.get(node.inputs[0].as_str()) == Some(&1)
+                && let Some(prev) = steps.last_mut().filter(|p| p.output == *s)
+                && let Op::Conv { weight, bias, .. } = &mut prev.op
+            {
+                fold_affine(weight, bias, scale, shift).map_err(|e| at(e.to_string()))?;
+                names.insert(output.clone(), In::Slot(*s));
+                continue;
+            }
             names.insert(output.clone(), In::Slot(slots));
             steps.push(Step { op, name: node.name.clone(), inputs: step_inputs, output: slots });
             slots += 1;
         }
+        // Folded weights are computed now, not on the first batch.
+        let prepared: Vec<&Array> = steps
+            .iter()
+            .filter_map(|s| match &s.op {
+                Op::Conv { weight, bias, .. } => Some(std::iter::once(weight).chain(bias.as_ref())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        crate::array::eval(&prepared).map_err(|e| e.to_string())?;
         // Float constants that steps read go to the device once.
         for step in &mut steps {
             for input in &mut step.inputs {
@@ -491,6 +517,19 @@ impl Graph {
             })
             .collect()
     }
+}
+
+/// `weight` `[O, kH, kW, I]` and `bias` `[O]` of a convolution followed by `y * scale +
+/// shift` (`[O, 1, 1]` each) in one.
+fn fold_affine(weight: &mut Array, bias: &mut Option<Array>, scale: &Array, shift: &Array) -> Result<()> {
+    let o = scale.shape()[0] as i32;
+    *weight = weight.mul(&scale.reshape(&[o, 1, 1, 1])?)?;
+    let shift = shift.reshape(&[o])?;
+    *bias = Some(match bias.take() {
+        Some(b) => b.mul(&scale.reshape(&[o])?)?.add(&shift)?,
+        None => shift,
+    });
+    Ok(())
 }
 
 /// Ops that run on host values when every input is one (shape arithmetic).

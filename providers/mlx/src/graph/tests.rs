@@ -188,3 +188,42 @@ fn ceil_mode_max_pooling_keeps_the_partial_window() {
     assert_eq!(shape, [1, 1, 1, 1]);
     close(&y, &[5.0]);
 }
+
+#[test]
+fn depthwise_convolution_with_stride_and_dilation_matches_a_naive_loop() {
+    let (c, h, w) = (3, 7, 6);
+    let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+    let k: Vec<f32> = (0..c * 9).map(|i| ((i * 5 % 13) as f32 - 6.0) / 8.0).collect();
+    let attrs = vec![
+        ("group", Attribute::Int(c as i64)),
+        ("pads", Attribute::Ints(vec![2, 1, 2, 1])),
+        ("strides", Attribute::Ints(vec![2, 1])),
+        ("dilations", Attribute::Ints(vec![2, 1])),
+    ];
+    let (shape, y) = run(
+        13,
+        node("Conv", &["x", "k"], attrs),
+        &tensor(&[1, c, h, w], x.clone()),
+        vec![("k", tensor(&[c, 1, 3, 3], k.clone()))],
+    );
+    // Height: (7 + 4 - 5) / 2 + 1 = 4; width: (6 + 2 - 3) + 1 = 6.
+    assert_eq!(shape, [1, c, 4, 6]);
+    let mut expected = vec![0f32; c * 4 * 6];
+    for ch in 0..c {
+        for oy in 0..4 {
+            for ox in 0..6 {
+                let mut acc = 0.0;
+                for dy in 0..3 {
+                    for dx in 0..3 {
+                        let (iy, ix) = ((oy * 2 + dy * 2) as isize - 2, (ox + dx) as isize - 1);
+                        if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                            acc += x[(ch * h + iy as usize) * w + ix as usize] * k[(ch * 3 + dy) * 3 + dx];
+                        }
+                    }
+                }
+                expected[(ch * 4 + oy) * 6 + ox] = acc;
+            }
+        }
+    }
+    close(&y, &expected);
+}
