@@ -19,6 +19,13 @@
                                     the tch provider loads it), to tell TorchScript from
                                     eager; prints each kiln bench JSON's ratio to the
                                     ceiling
+  helpers.py scores BASE.jsonl OTHER.jsonl..
+                                    classify outputs (kiln run): per OTHER, the largest
+                                    score difference to BASE over images with the same
+                                    path, and how many top-1 labels agree
+  helpers.py model_rate PROFILE.json IMAGES
+                                    images/s of the model's own runs (the profiler's
+                                    model_run spans) next to the whole run's
   helpers.py shapes TORCHSCRIPT_DIR OUT_JSON
                                     what a new input shape costs: kiln's TorchScript trace
                                     (f16, cuda) and the same for eager PyTorch, run on
@@ -212,6 +219,31 @@ def spans(*profiles):
                                                  for k, v in sorted(found.items()) if k in SPANS))
 
 
+def _classified(path):
+    rows = [json.loads(line) for line in open(path)]
+    return {r["path"]: {t["label"]: t["score"] for t in r["top_k"]} for r in rows if "top_k" in r}
+
+
+def scores(base, *others):
+    ref = _classified(base)
+    for other in others:
+        got = _classified(other)
+        common = ref.keys() & got.keys()
+        gap = max((abs(got[p][l] - ref[p][l]) for p in common for l in ref[p]), default=float("nan"))
+        top = lambda s: max(s, key=s.get)
+        agree = sum(top(got[p]) == top(ref[p]) for p in common)
+        print(f"{other}: {len(common)} images, largest score difference {gap:.2e}, top-1 agrees {agree}/{len(common)}")
+
+
+def model_rate(profile, images):
+    p = json.load(open(profile))
+    run_s = p["spans"]["model_run"]["total_ms"] / 1000
+    whole_s = p["spans"]["request"]["total_ms"] / 1000 if "request" in p["spans"] else p["duration_s"]
+    n = int(images)
+    print(f"{profile}: {n / whole_s:.0f} images/s overall, {n / run_s:.0f} images/s in model_run "
+          f"({p['spans']['model_run']['count']} batches, {run_s:.2f} s)")
+
+
 def kernels(csv_path, label, top="16"):
     """Per-kernel GPU time from `ncu --metrics gpu__time_duration.sum --csv`, largest first."""
     import collections
@@ -231,4 +263,5 @@ def kernels(csv_path, label, top="16"):
 
 if __name__ == "__main__":
     {"texts": texts, "cosines": cosines, "eager": eager, "ceiling": ceiling, "shapes": shapes,
-     "shape_costs": shape_costs, "spans": spans, "kernels": kernels}[sys.argv[1]](*sys.argv[2:])
+     "shape_costs": shape_costs, "spans": spans, "kernels": kernels,
+     "scores": scores, "model_rate": model_rate}[sys.argv[1]](*sys.argv[2:])

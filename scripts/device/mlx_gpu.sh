@@ -6,11 +6,15 @@
 #   call 1, .device/: libmlx-part-aa, kiln-mlx.xz, blas.tar.xz    STAGE=1 bash scripts/device/mlx_gpu.sh
 #   call 2, .device/: libmlx-part-ab, cccl.tar.xz, minilm-f16/     bash scripts/device/mlx_gpu.sh
 #
+# (blas.tar.xz may travel in either call: whichever has room.)
+#
 # made here (docs/benchmarks.md): libmlx-cuda.tar.xz = mlx/lib + mlx_cuda_13.libs of the
 # mlx-cuda-13==0.32.4 wheel, split -b 56000000; cccl.tar.xz = its mlx/include/cccl (the
 # CUDA C++ headers MLX's run-time kernel compiler includes, found beside libmlx);
 # kiln-mlx.xz = release kiln built with --features mlx (stripped); blas.tar.xz = the
 # OpenBLAS + libgfortran it links.
+#
+# CLASSIFY=1 on call 2 runs the image classifier instead (see below).
 #
 # Call 2: agreement (the fixture texts at cpu f32 and cuda:0 f32 / f16 / bf16, same
 # binary, same libmlx), then `kiln bench` with mlx f16 on cuda:0 exactly as
@@ -19,11 +23,13 @@ set -euo pipefail
 stash="$HOME/kiln-mlx"
 mkdir -p "$stash"
 if [ -n "${STAGE:-}" ]; then
-    cp .device/libmlx-part-aa .device/kiln-mlx.xz .device/blas.tar.xz "$stash/"
+    for part in libmlx-part-aa kiln-mlx.xz blas.tar.xz; do
+        [ -f ".device/$part" ] && cp ".device/$part" "$stash/"
+    done
     ls -la "$stash"
     exit 0
 fi
-for part in libmlx-part-ab cccl.tar.xz; do
+for part in libmlx-part-ab cccl.tar.xz blas.tar.xz; do
     [ -f ".device/$part" ] && cp ".device/$part" "$stash/"
 done
 . scripts/device/common.sh /tmp/kiln-mlx
@@ -41,6 +47,33 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"   # MLX compiles kernels with N
 export LD_LIBRARY_PATH="$work/mlx/lib:$work/blas:$LD_LIBRARY_PATH"
 kiln="$work/kiln"
 "$kiln" providers | tee "$out/providers.txt"
+if [ -n "${CLASSIFY:-}" ]; then
+    # The PP-OCR classifier's ONNX file on MLX (cpu; cuda:0 f32 / f16) against ONNX Runtime
+    # on the CPU (the machine's onnxruntime wheel, same binary), over 2000 rendered text
+    # lines; model_run-only rates from each run's profile. Call 2 also carries
+    # .device/ppocr-cls/ (model.onnx, labels.txt).
+    ort_lib="$(ls "$site"/onnxruntime/capi/libonnxruntime.so.* | head -1)"
+    mkdir -p "$work/lines"
+    python3 tests/readers/pil_reference.py text-lines "$work/lines" 1000 > "$work/truth.json"
+    cls() { # TAG CONFIG DEVICE DTYPE [K=V..]
+        local tag="$1" config="$2" device="$3" dtype="$4" sets=()
+        shift 4
+        for s in "$@"; do sets+=(--set "$s"); done
+        ORT_DYLIB_PATH="$ort_lib" timeout 300 "$kiln" run "$config" --input "$work/lines" \
+            --output "$work/$tag.jsonl" --profile "$out/profile_$tag.json" \
+            --set 'model.path=".device/ppocr-cls/model.onnx"' --set 'classify.labels=".device/ppocr-cls/labels.txt"' \
+            --set "model.device=\"$device\"" --set "model.dtype=\"$dtype\"" "${sets[@]}" 2>&1 \
+            | tail -n 1 | tee -a "$out/classify.txt" || true
+        $helpers model_rate "$out/profile_$tag.json" 2000 | tee -a "$out/classify.txt" || true
+    }
+    cls ort_cpu examples/classify.toml cpu f32
+    cls mlx_cpu examples/classify-mlx.toml cpu f32
+    cls mlx_cuda_f32 examples/classify-mlx.toml cuda:0 f32
+    cls mlx_cuda_f16 examples/classify-mlx.toml cuda:0 f16
+    cls mlx_cuda_f16_b256 examples/classify-mlx.toml cuda:0 f16 batching.max_batch_size=256
+    $helpers scores "$work/ort_cpu.jsonl" "$work"/mlx_*.jsonl | tee -a "$out/classify.txt" || true
+    exit 0
+fi
 $helpers texts "$work" 8192
 if [ -n "${KERNELS:-}" ]; then
     # Where a batch of 256 x 128 tokens spends its GPU time (ncu, durations only, clocks

@@ -29,18 +29,24 @@ impl ModelWorker {
     /// shape and the settings that bound it.
     ///
     /// Inputs need their shapes known: dim 0 the batch, dim 1 a sequence (given
-    /// `max_sequence`) or fixed, the others fixed; otherwise nothing runs and the
-    /// answer says why.
-    pub async fn warm_up(&self, max_sequence: Option<usize>) -> Result<WarmUp> {
+    /// `max_sequence`) or fixed, the others fixed or given by `item` (one item's shape
+    /// without the batch dim, as the image pipeline makes it); otherwise nothing runs and
+    /// the answer says why.
+    pub async fn warm_up(&self, max_sequence: Option<usize>, item: Option<&[usize]>) -> Result<WarmUp> {
         let started = Instant::now();
+        let skipped =
+            |why: String| Ok(WarmUp { shapes: Vec::new(), elapsed: Duration::ZERO, skipped: Some(why) });
         let shapes = match self.warmup_shapes(max_sequence) {
             Ok(shapes) => shapes,
-            Err(why) => {
-                return Ok(WarmUp { shapes: Vec::new(), elapsed: Duration::ZERO, skipped: Some(why) });
-            }
+            Err(why) => return skipped(why),
         };
+        if let Some(&(_, sequence)) = shapes.first()
+            && let Err(why) = self.zero_inputs(1, sequence, item)
+        {
+            return skipped(why.to_string());
+        }
         for &(rows, sequence) in &shapes {
-            let inputs = self.zero_inputs(rows, sequence)?;
+            let inputs = self.zero_inputs(rows, sequence, item)?;
             for _ in 0..3 {
                 self.run_whole(inputs.clone(), true).await.map_err(|e| {
                     let limits = if sequence > 0 {
@@ -92,7 +98,7 @@ impl ModelWorker {
     }
 
     /// Inputs of zeros (token id 0 is padding, mask 0, type 0: valid for every text model).
-    fn zero_inputs(&self, rows: usize, sequence: usize) -> Result<Inputs> {
+    fn zero_inputs(&self, rows: usize, sequence: usize, item: Option<&[usize]>) -> Result<Inputs> {
         let mut inputs = Inputs::new();
         for spec in &self.info().inputs {
             let shape = spec
@@ -102,7 +108,10 @@ impl ModelWorker {
                 .map(|(i, dim)| match (i, dim) {
                     (0, _) => Ok(rows),
                     (_, Dim::Fixed(n)) => Ok(*n),
-                    (1, Dim::Dynamic(_)) => Ok(sequence),
+                    (i, Dim::Dynamic(_)) if item.is_some_and(|s| s.len() + 1 == spec.shape.len()) => {
+                        Ok(item.expect("checked")[i - 1])
+                    }
+                    (1, Dim::Dynamic(_)) if sequence > 0 => Ok(sequence),
                     (_, Dim::Dynamic(name)) => Err(Error::Unsupported(format!(
                         "warm-up: input `{}` has a dynamic dim `{name}` kiln cannot size",
                         spec.name

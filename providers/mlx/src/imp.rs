@@ -56,7 +56,7 @@ fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
 
 kiln_core::register_provider!(
     NAME,
-    "BERT encoders on MLX (cpu; cuda:N with mlx-cuda; metal:N on macOS)",
+    "BERT encoders and ONNX graphs on MLX (cpu; cuda:N with mlx-cuda; metal:N on macOS)",
     build
 );
 

@@ -1,6 +1,14 @@
 //! kiln's MLX provider (`mlx`): BERT-family encoders from Hugging Face folders
-//! (`config.json` + `model.safetensors`, the folders the candle provider reads) on
-//! [MLX](https://github.com/ml-explore/mlx).
+//! (`config.json` + `model.safetensors`, the folders the candle provider reads) and ONNX
+//! graphs (`.onnx`) on [MLX](https://github.com/ml-explore/mlx).
+//!
+//! An ONNX file is read by kiln's own decoder of the protobuf format (`onnx.rs`) and
+//! compiled once into steps over MLX arrays (`graph.rs`): constants folded, weights on
+//! the device at the model's dtype, batch norms folded into the convolutions before
+//! them, shape arithmetic (`Shape` → `Slice` → `Concat` → `Reshape`) on the host. Each
+//! batch is one lazy MLX graph, evaluated once. Operators outside `graph::OPS` are
+//! refused at load by name. Depthwise convolutions run, on MLX's CPU stream, as a
+//! primitive of kiln's (MLX's CPU backend runs grouped convolutions with naive loops).
 //!
 //! The encoder is written against MLX's API through kiln's own small binding
 //! (`shim/kiln_mlx.cpp`, a C interface over MLX's C++ API, compiled against the headers

@@ -409,7 +409,7 @@ async fn recorder(max_tokens: usize) -> (ModelWorker, Arc<Mutex<Vec<(usize, usiz
 #[tokio::test]
 async fn warm_up_runs_every_bucket_largest_first_and_batches_use_the_buckets() {
     let (w, seen) = recorder(usize::MAX).await;
-    let warm = w.warm_up(None).await.unwrap();
+    let warm = w.warm_up(None, None).await.unwrap();
     // Sequences 8, 16 and 20 (the model's 20 positions cap the third bucket), rows 4 and 8.
     let shapes = vec![(8, 20), (4, 20), (8, 16), (4, 16), (8, 8), (4, 8)];
     assert_eq!(warm.shapes, shapes);
@@ -418,7 +418,7 @@ async fn warm_up_runs_every_bucket_largest_first_and_batches_use_the_buckets() {
     assert_eq!(w.batch_stats().batches, 0, "warm-up runs are not the model's batches");
     // text.max_length bounds the sequences warmed up.
     seen.lock().unwrap().clear();
-    assert_eq!(w.warm_up(Some(5)).await.unwrap().shapes, vec![(8, 8), (4, 8)]);
+    assert_eq!(w.warm_up(Some(5), None).await.unwrap().shapes, vec![(8, 8), (4, 8)]);
 
     seen.lock().unwrap().clear();
     let (inputs, len) = item(vec![1, 2, 3]);
@@ -431,7 +431,7 @@ async fn warm_up_runs_every_bucket_largest_first_and_batches_use_the_buckets() {
 #[tokio::test]
 async fn a_warm_up_that_does_not_fit_names_the_shape_and_the_settings() {
     let (w, _) = recorder(100).await;
-    let err = w.warm_up(None).await.unwrap_err().to_string();
+    let err = w.warm_up(None, None).await.unwrap_err().to_string();
     assert!(err.contains("a batch of 8 x 20 tokens"), "{err}");
     assert!(err.contains("fault injected: out of memory"), "{err}");
     assert!(err.contains("batching.max_batch_size"), "{err}");
@@ -443,7 +443,57 @@ async fn a_warm_up_that_does_not_fit_names_the_shape_and_the_settings() {
 #[tokio::test]
 async fn a_model_without_known_shapes_is_not_warmed_up() {
     let w = worker(BatchPolicy::default()).await;
-    let warm = w.warm_up(None).await.unwrap();
+    let warm = w.warm_up(None, None).await.unwrap();
     assert!(warm.shapes.is_empty());
     assert!(warm.skipped.unwrap().contains("no known maximum"));
+}
+
+/// An image model whose height and width are dynamic (as exported ONNX vision models
+/// often are): records the shapes it runs.
+struct ImageShapes(ModelInfo, Arc<Mutex<Vec<Vec<usize>>>>);
+impl Model for ImageShapes {
+    fn info(&self) -> &ModelInfo {
+        &self.0
+    }
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        let x = inputs.require("x")?;
+        self.1.lock().unwrap().push(x.shape().to_vec());
+        Ok(Outputs::new().with("y", Tensor::from_vec(vec![x.shape()[0]], vec![0f32; x.shape()[0]])?))
+    }
+}
+struct ImageProvider(Arc<Mutex<Vec<Vec<usize>>>>);
+#[async_trait]
+impl Provider for ImageProvider {
+    fn name(&self) -> &str {
+        "images"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::cpu_only(vec![DType::F32])
+    }
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
+        let mut info = ModelInfo::new("images", "images", spec.device, spec.dtype);
+        let dims = ["batch", "", "h", "w"]
+            .map(|d| if d.is_empty() { Dim::Fixed(3) } else { Dim::Dynamic(d.into()) });
+        info.inputs = vec![TensorSpec::new("x", DType::F32, dims.to_vec())];
+        info.outputs = vec![TensorSpec::new("y", DType::F32, vec![Dim::Dynamic("batch".into())])];
+        Ok(Arc::new(ImageShapes(info, self.0.clone())))
+    }
+}
+
+#[tokio::test]
+async fn an_image_model_warms_up_at_the_pipeline_s_size_and_is_skipped_without_it() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let policy =
+        BatchPolicy { max_batch_size: 2, max_wait: Duration::from_millis(1), ..BatchPolicy::default() };
+    let provider = Arc::new(ImageProvider(seen.clone()));
+    let w = ModelWorker::start(provider, ModelSpec::new("m", Device::Cpu, DType::F32), policy).await.unwrap();
+    // Without the image size the dynamic height and width cannot be sized: skipped, not failed.
+    let warm = w.warm_up(None, None).await.unwrap();
+    assert!(warm.skipped.as_deref().is_some_and(|s| s.contains("dynamic dim `h`")), "{warm:?}");
+    assert!(seen.lock().unwrap().is_empty());
+    let warm = w.warm_up(None, Some(&[3, 48, 192])).await.unwrap();
+    assert!(warm.skipped.is_none(), "{warm:?}");
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty() && seen.iter().all(|s| s[1..] == [3, 48, 192]), "{seen:?}");
+    assert_eq!(seen[0][0], 2, "the largest batch first");
 }
