@@ -2,6 +2,7 @@
 //! library holds the logic so tests can call it.
 
 pub mod bench;
+mod generate;
 pub mod input;
 mod run;
 

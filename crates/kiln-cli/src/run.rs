@@ -18,6 +18,7 @@ pub(crate) async fn run_task(args: RunArgs) -> Result<()> {
     match config.task {
         Task::Embed => embed_file(config, &args, &args.profiler).await,
         Task::Classify => classify_files(config, &args).await,
+        Task::Generate => crate::generate::generate_file(config, &args).await,
     }
 }
 
@@ -41,7 +42,7 @@ fn image_list(input: &std::path::Path) -> Result<Vec<PathBuf>> {
 
 /// Writes `output` through a [`PartialFile`](kiln::runtime::PartialFile): only a
 /// complete output takes the requested name, and a failed one leaves nothing behind.
-async fn write_output(
+pub(crate) async fn write_output(
     output: &std::path::Path,
     write: impl AsyncFnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
 ) -> Result<()> {

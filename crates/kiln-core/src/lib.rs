@@ -1,7 +1,8 @@
 //! kiln's core: the four traits every part of kiln is built on, the plain types they
 //! exchange, the config, the errors and the plugin registries.
 //!
-//! - [`Provider`] / [`Model`]: a backend and the models it loads.
+//! - [`Provider`] / [`Model`]: a backend and the models it loads ([`Generator`]: the
+//!   ones that generate, a step at a time).
 //! - [`Cache`]: results by content hash.
 //! - [`Profiler`]: timed spans and resource samples.
 //! - [`Tracker`]: where metrics go.
@@ -13,6 +14,7 @@ pub mod cache;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod hf;
 pub mod pooling;
 pub mod profiler;
@@ -24,12 +26,13 @@ pub mod tracker;
 pub use async_trait::async_trait;
 pub use cache::{Cache, CacheKey, CacheStats, NoCache};
 pub use config::{
-    BatchingConfig, CacheConfig, KilnConfig, Layout, MemoryConfig, ModelConfig, ModelsConfig, Pooling,
-    PreprocessConfig, ProfilerConfig, ProviderConfig, ResizeFilter, ResizeMode, SchedulerConfig, Task,
-    TextConfig, TrackerConfig, TrackingConfig, WhenFull,
+    BatchingConfig, CacheConfig, GenerateConfig, KilnConfig, Layout, MemoryConfig, ModelConfig, ModelsConfig,
+    Pooling, PreprocessConfig, ProfilerConfig, ProviderConfig, ResizeFilter, ResizeMode, SchedulerConfig,
+    Task, TextConfig, TrackerConfig, TrackingConfig, WhenFull,
 };
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};
+pub use generate::{Generator, GeneratorInfo, SequenceCache, StepItem, TokenizerSource};
 pub use pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING, pool_rows, pool_tokens};
 pub use profiler::{AllocatorReport, GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{

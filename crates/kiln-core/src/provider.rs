@@ -87,6 +87,16 @@ pub trait Provider: Send + Sync + 'static {
         None
     }
 
+    /// Loads a model that generates (`task = "generate"`), see [`crate::generate`]. The
+    /// default: this provider does not generate.
+    async fn load_generator(&self, spec: &ModelSpec) -> Result<Arc<dyn crate::Generator>> {
+        Err(crate::Error::Unsupported(format!(
+            "provider `{}` does not generate (task = \"generate\"); {} is not loaded",
+            self.name(),
+            spec.path.display()
+        )))
+    }
+
     /// Returns the buffers the backend's allocator keeps cached for reuse to the system;
     /// the memory governor calls it under memory pressure, before it unloads idle
     /// models. Returns the bytes released. The default has nothing to release.

@@ -13,6 +13,7 @@ pub mod batcher;
 pub mod cache;
 pub mod collate;
 pub mod devices;
+pub mod generate;
 pub mod governor;
 pub mod inflight;
 pub mod memory;
@@ -31,6 +32,7 @@ pub mod worker;
 
 pub use cache::{MokaCache, cache_key};
 pub use devices::{CpuDevice, DeviceReport, GpuDevice, discover as discover_devices};
+pub use generate::{Event, FinishReason, Generated, Generation, GenerationStats, Prompt, TokenStream};
 pub use governor::{MemoryGovernor, MemoryStats};
 pub use memory::{MemoryProbe, MemorySample, process_rss};
 pub use models::{LoadedModel, ModelKey, ModelManager};

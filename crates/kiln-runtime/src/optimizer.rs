@@ -83,6 +83,9 @@ impl Optimizer {
     /// prepares the pipeline of the config's task.
     pub async fn from_config(config: KilnConfig) -> Result<Self> {
         config.validate()?;
+        if config.task == Task::Generate {
+            return Err(generate_elsewhere());
+        }
         let started = Instant::now();
         let provider = build_provider(&config.provider)?;
         // Built before the model loads, so a tracker's config error fails fast.
@@ -140,6 +143,7 @@ impl Optimizer {
                 (Some(TextPath { pipeline, tokenizers, pooled }), None)
             }
             Task::Classify => (None, Some(Arc::new(Classifier::new(&config, worker.info())?))),
+            Task::Generate => return Err(generate_elsewhere()),
         };
         if config.batching.warmup_on(devices[0]) {
             // The longest text the pipeline lets through bounds the sequences.
@@ -484,6 +488,14 @@ fn resolve_devices(config: &KilnConfig, provider: &dyn Provider, monitor: &Resou
     let device = chosen.unwrap_or(Device::Cpu);
     tracing::info!("model.device = \"auto\": {device}");
     vec![device]
+}
+
+/// Generation has its own front: a step loop over sequences, not batches of items.
+fn generate_elsewhere() -> Error {
+    Error::Unsupported(
+        "task = \"generate\" runs through kiln_runtime::Generation (as `kiln run` does), not the Optimizer"
+            .into(),
+    )
 }
 
 /// One task of [`Optimizer::run_batch`].

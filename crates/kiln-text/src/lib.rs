@@ -13,6 +13,8 @@ use kiln_core::{EmbeddingHead, Error, NamedTensors, Pooling, Result, Tensor, Tex
 use serde::Deserialize;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams, TruncationStrategy};
 
+pub mod chat;
+pub mod gguf;
 pub mod input;
 mod rows;
 use rows::RowTokenizer;

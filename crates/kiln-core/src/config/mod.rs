@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::device::{Device, DeviceChoice};
 use crate::error::{ConfigIssue, Error, Result};
 
+mod generate;
 mod sections;
+pub use generate::GenerateConfig;
 pub use sections::*;
 
 /// Prefix of environment variables read as config.
@@ -45,6 +47,8 @@ pub struct KilnConfig {
     pub preprocess: PreprocessConfig,
     /// The classify task's labels and top-k.
     pub classify: ClassifyConfig,
+    /// The generate task's decoding settings.
+    pub generate: GenerateConfig,
     /// Batching of requests.
     pub batching: BatchingConfig,
     /// Limits on loaded models.
@@ -72,6 +76,7 @@ impl Default for KilnConfig {
             text: TextConfig::default(),
             preprocess: PreprocessConfig::default(),
             classify: ClassifyConfig::default(),
+            generate: GenerateConfig::default(),
             batching: BatchingConfig::default(),
             models: ModelsConfig::default(),
             memory: MemoryConfig::default(),
@@ -92,6 +97,8 @@ pub enum Task {
     Embed,
     /// Images in, the top-k labels with their probabilities out.
     Classify,
+    /// Prompts (or chat messages) in, generated text out, token by token.
+    Generate,
 }
 
 impl KilnConfig {
@@ -146,7 +153,7 @@ impl KilnConfig {
 
     /// Range checks serde cannot express; every problem is reported.
     pub fn validate(&self) -> Result<()> {
-        let mut issues = Vec::new();
+        let mut issues = self.generate.issues();
         if !self.model.dtype.is_float() {
             issues.push(ConfigIssue::new(
                 "model.dtype",
@@ -298,6 +305,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         "text",
         "preprocess",
         "classify",
+        "generate",
         "batching",
         "models",
         "memory",
@@ -328,6 +336,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         text: section(figment, "text", &mut issues).unwrap_or_default(),
         preprocess: section(figment, "preprocess", &mut issues).unwrap_or_default(),
         classify: section(figment, "classify", &mut issues).unwrap_or_default(),
+        generate: section(figment, "generate", &mut issues).unwrap_or_default(),
         batching: section(figment, "batching", &mut issues).unwrap_or_default(),
         models: section(figment, "models", &mut issues).unwrap_or_default(),
         memory: section(figment, "memory", &mut issues).unwrap_or_default(),

@@ -1,0 +1,81 @@
+//! `[generate]`: the generate task's decoding settings.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigIssue;
+
+/// `[generate]`: how the generate task decodes. Greedy (`temperature = 0`, the default)
+/// is deterministic; sampling repeats for the same `seed`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateConfig {
+    /// Tokens generated at most per prompt.
+    pub max_new_tokens: usize,
+    /// 0: greedy (the most likely token); above 0: sampling at this temperature.
+    pub temperature: f32,
+    /// Sampling: only the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Sampling: only the most likely tokens whose probabilities sum to `top_p` (1: all).
+    pub top_p: f32,
+    /// Above 1: tokens already in the sequence become less likely (logits above 0
+    /// divided by it, below 0 multiplied, as llama.cpp and Hugging Face do).
+    pub repetition_penalty: f32,
+    /// Sampling seed; a request's sequence samples from its own generator seeded with it.
+    pub seed: u64,
+    /// Generation stops before any of these strings (not included in the text).
+    pub stop: Vec<String>,
+    /// Render `messages` and plain prompts with the model's chat template (a prompt
+    /// becomes one user message); off: prompts go to the model as they are.
+    pub chat_template: bool,
+    /// Bytes all running sequences' KV caches may take together (MiB); a sequence
+    /// waits until its whole context (prompt + `max_new_tokens`) fits. 0: no bound but
+    /// `batching.max_batch_size` sequences.
+    pub kv_cache_mb: u64,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            chat_template: true,
+            kv_cache_mb: 1024,
+        }
+    }
+}
+
+impl GenerateConfig {
+    /// What is out of range, by key.
+    pub fn issues(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        if self.max_new_tokens == 0 {
+            issues.push(ConfigIssue::new("generate.max_new_tokens", "0", "1 or more"));
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            issues.push(ConfigIssue::new(
+                "generate.temperature",
+                self.temperature.to_string(),
+                "0 (greedy) or more",
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            issues.push(ConfigIssue::new("generate.top_p", self.top_p.to_string(), "above 0, at most 1"));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            issues.push(ConfigIssue::new(
+                "generate.repetition_penalty",
+                self.repetition_penalty.to_string(),
+                "above 0 (1: off)",
+            ));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            issues.push(ConfigIssue::new("generate.stop", "\"\"", "non-empty strings"));
+        }
+        issues
+    }
+}

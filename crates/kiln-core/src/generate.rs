@@ -1,0 +1,177 @@
+//! The provider contract for autoregressive generation (`task = "generate"`).
+//!
+//! A provider that generates returns a [`Generator`] from
+//! [`Provider::load_generator`](crate::Provider::load_generator). The runtime owns
+//! everything around it — the tokenizer, sampling, stop conditions, streaming and the
+//! continuous batching of many sequences — and asks the generator for one thing: a
+//! **step**. A step takes a batch of sequences, each with its own KV cache
+//! ([`SequenceCache`]) and its new tokens (a whole prompt when it joins, one sampled
+//! token afterwards), appends them to the caches, and returns each sequence's logits for
+//! its next token. Sequences join and leave the batch between steps; a sequence's cache
+//! is dropped when it leaves, which frees its memory at once.
+//!
+//! Why a step over sequences with their own caches, not a `generate(prompt)` call: the
+//! runtime can then run prefill of new sequences and decode of running ones together,
+//! bound the batch by `batching.max_batch_size` and by the caches' memory, and cancel
+//! one stream without disturbing the others — what continuous batching needs — while a
+//! provider only writes its model's forward pass.
+//!
+//! ```
+//! use kiln_core::{Device, Generator, GeneratorInfo, Result, SequenceCache, StepItem, TokenizerSource};
+//!
+//! /// Predicts "the token after the last one": logits peak at (last + 1) % vocab.
+//! struct Counter(GeneratorInfo);
+//! struct Seen(Vec<u32>);
+//! impl SequenceCache for Seen {
+//!     fn len(&self) -> usize { self.0.len() }
+//!     fn bytes(&self) -> u64 { 4 * self.0.len() as u64 }
+//!     fn as_any_mut(&mut self) -> &mut dyn std::any::Any { self }
+//! }
+//! impl Generator for Counter {
+//!     fn info(&self) -> &GeneratorInfo { &self.0 }
+//!     fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> { Ok(Box::new(Seen(Vec::new()))) }
+//!     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+//!         let vocab = self.0.vocab_size;
+//!         Ok(batch.iter_mut().map(|item| {
+//!             let seen = item.cache.as_any_mut().downcast_mut::<Seen>().expect("our cache");
+//!             seen.0.extend_from_slice(item.tokens);
+//!             let mut logits = vec![0.0; vocab];
+//!             logits[(*seen.0.last().unwrap() as usize + 1) % vocab] = 1.0;
+//!             logits
+//!         }).collect())
+//!     }
+//! }
+//! let g = Counter(GeneratorInfo::new("counter", "demo", Device::Cpu, 8, 64, TokenizerSource::None));
+//! let mut cache = g.new_sequence()?;
+//! let logits = g.step(&mut [StepItem { tokens: &[3, 4], cache: cache.as_mut() }])?;
+//! assert_eq!(logits[0].iter().position(|&l| l == 1.0), Some(5));
+//! assert_eq!(cache.len(), 2);
+//! # Ok::<(), kiln_core::Error>(())
+//! ```
+
+use std::any::Any;
+use std::path::PathBuf;
+
+use crate::{Device, Result};
+
+/// A model that generates, one step at a time over a batch of sequences.
+pub trait Generator: Send + Sync + 'static {
+    /// What it is and how to talk to it.
+    fn info(&self) -> &GeneratorInfo;
+
+    /// An empty KV cache for a new sequence.
+    fn new_sequence(&self) -> Result<Box<dyn SequenceCache>>;
+
+    /// Appends each item's `tokens` to its cache and returns, per item in order, the
+    /// logits (`vocab_size` values) for the token after its last one. Items may mix a
+    /// whole prompt (prefill) and single tokens (decode). On an error no cache may be
+    /// left half-updated in a way that breaks the next step; the runtime fails the
+    /// step's sequences and drops their caches.
+    fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>>;
+}
+
+/// A sequence's KV cache. The generator that made it downcasts it back in `step`.
+pub trait SequenceCache: Send + 'static {
+    /// Tokens it holds.
+    fn len(&self) -> usize;
+
+    /// Whether it holds none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes it holds (counted against the runtime's KV-cache budget).
+    fn bytes(&self) -> u64;
+
+    /// For the generator's downcast.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// One sequence of a step.
+pub struct StepItem<'a> {
+    /// Its new tokens: the prompt when it joins, then one token per step.
+    pub tokens: &'a [u32],
+    /// Its cache, which the step extends.
+    pub cache: &'a mut dyn SequenceCache,
+}
+
+/// What a generator is and how to talk to it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct GeneratorInfo {
+    /// Model name (file stem).
+    pub name: String,
+    /// The provider that loaded it.
+    pub provider: String,
+    /// Where it runs.
+    pub device: Device,
+    /// Tokens a sequence may hold (prompt and generated).
+    pub context_length: usize,
+    /// Logits per step and item.
+    pub vocab_size: usize,
+    /// Where the tokenizer comes from.
+    pub tokenizer: TokenizerSource,
+    /// Tokens that end a sequence (end of text, end of turn).
+    pub eos_token_ids: Vec<u32>,
+    /// The beginning-of-sequence token, prepended to prompts when `add_bos` is set.
+    pub bos_token_id: Option<u32>,
+    /// Whether prompts start with `bos_token_id`.
+    pub add_bos: bool,
+    /// The model's chat template (Jinja, as Hugging Face and GGUF files carry it).
+    pub chat_template: Option<String>,
+    /// Bytes one token takes in a sequence's cache (all layers, keys and values).
+    pub kv_bytes_per_token: u64,
+    /// Bytes of the weights as loaded.
+    pub weight_bytes: Option<u64>,
+    /// Precision notes for people: e.g. `q8_0 (re-quantized from q4_1)`.
+    pub quantization: String,
+}
+
+impl GeneratorInfo {
+    /// Info with the required parts; the rest empty.
+    pub fn new(
+        name: impl Into<String>,
+        provider: impl Into<String>,
+        device: Device,
+        vocab_size: usize,
+        context_length: usize,
+        tokenizer: TokenizerSource,
+    ) -> Self {
+        GeneratorInfo {
+            name: name.into(),
+            provider: provider.into(),
+            device,
+            context_length,
+            vocab_size,
+            tokenizer,
+            eos_token_ids: Vec::new(),
+            bos_token_id: None,
+            add_bos: false,
+            chat_template: None,
+            kv_bytes_per_token: 0,
+            weight_bytes: None,
+            quantization: String::new(),
+        }
+    }
+}
+
+/// Where a generator's tokenizer comes from.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum TokenizerSource {
+    /// A byte-level BPE described by a GGUF file's `tokenizer.ggml.*` metadata.
+    GgufBpe {
+        /// `tokenizer.ggml.pre`: the pre-tokenizer's name (`smollm`, `gpt2`, ...).
+        pre: String,
+        /// Token strings by id.
+        tokens: Vec<String>,
+        /// Merge rules, `"a b"`, highest priority first.
+        merges: Vec<String>,
+        /// `tokenizer.ggml.token_type` by id (3: control, 4: user-defined).
+        token_types: Vec<i32>,
+    },
+    /// A Hugging Face `tokenizer.json`.
+    File(PathBuf),
+    /// None: the caller passes token ids (tests, custom providers).
+    None,
+}

@@ -1,0 +1,332 @@
+//! The generation thread: admission, one step over every running sequence, sampling,
+//! streaming, and the counters behind [`GenerationStats`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use kiln_core::{Error, GenerateConfig, Generator, SequenceCache, StepItem};
+use kiln_text::gguf::IncrementalDecoder;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use super::sampler::Sampler;
+use super::{Event, FinishReason, Generated};
+
+/// A request waiting for a slot.
+pub(super) struct Job {
+    pub(super) tokens: Vec<u32>,
+    pub(super) settings: GenerateConfig,
+    pub(super) events: flume::Sender<Event>,
+    pub(super) submitted: Instant,
+    /// KV-cache bytes its whole context takes.
+    pub(super) reserve: u64,
+}
+
+pub(super) struct Limits {
+    pub(super) max_sequences: usize,
+    /// 0: unbounded.
+    pub(super) kv_budget: u64,
+}
+
+/// A sequence in the running batch.
+struct Running {
+    job: Job,
+    cache: Box<dyn SequenceCache>,
+    /// Prompt and generated tokens (for the repetition penalty).
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    /// What the next step feeds: the prompt first, then the last sampled token.
+    feed: Vec<u32>,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    text: String,
+    /// Bytes of `text` already sent.
+    sent: usize,
+    first_token: Option<Instant>,
+    last_token: Instant,
+}
+
+/// What generation has done so far (`Generation::stats`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GenerationStats {
+    /// Requests accepted.
+    pub requests: u64,
+    /// Requests refused because the queue was full.
+    pub rejected: u64,
+    /// Sequences that ended normally.
+    pub completed: u64,
+    /// Sequences whose stream was dropped before the end.
+    pub cancelled: u64,
+    /// Sequences that failed.
+    pub failed: u64,
+    /// Prompt tokens prefilled.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Steps run.
+    pub steps: u64,
+    /// Sequences per step, on average (batch occupancy).
+    pub mean_sequences_per_step: f64,
+    /// Most sequences in one step.
+    pub max_sequences_per_step: u64,
+    /// Sequences running now.
+    pub running: u64,
+    /// Requests waiting for a slot now.
+    pub waiting: u64,
+    /// Bytes the running sequences' KV caches hold now.
+    pub kv_cache_bytes: u64,
+    /// Most KV-cache bytes held at once.
+    pub peak_kv_cache_bytes: u64,
+    /// Time to first token, milliseconds: p50, p99.
+    pub ttft_ms: [f64; 2],
+    /// Between a sequence's tokens, milliseconds: p50, p99, max.
+    pub inter_token_ms: [f64; 3],
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    requests: AtomicU64,
+    rejected: AtomicU64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    stats: GenerationStats,
+    sequences_in_steps: u64,
+    ttft: Option<Histogram<u64>>,
+    itl: Option<Histogram<u64>>,
+}
+
+fn micros(h: &Option<Histogram<u64>>, q: f64) -> f64 {
+    h.as_ref().filter(|h| !h.is_empty()).map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+}
+
+fn record(h: &mut Option<Histogram<u64>>, d: std::time::Duration) {
+    let h = h.get_or_insert_with(|| Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"));
+    let _ = h.record((d.as_micros() as u64).max(1));
+}
+
+impl Counters {
+    pub(super) fn submitted(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(super) fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    pub(super) fn snapshot(&self) -> GenerationStats {
+        self.with(|s| {
+            let mut stats = s.stats.clone();
+            stats.requests = self.requests.load(Ordering::Relaxed);
+            stats.rejected = self.rejected.load(Ordering::Relaxed);
+            stats.mean_sequences_per_step =
+                if stats.steps > 0 { s.sequences_in_steps as f64 / stats.steps as f64 } else { 0.0 };
+            stats.ttft_ms = [micros(&s.ttft, 0.5), micros(&s.ttft, 0.99)];
+            stats.inter_token_ms = [micros(&s.itl, 0.5), micros(&s.itl, 0.99), micros(&s.itl, 1.0)];
+            stats
+        })
+    }
+}
+
+/// The engine loop; returns when the queue is closed and nothing runs.
+pub(super) fn run(
+    generator: Arc<dyn Generator>,
+    tokenizer: Arc<Tokenizer>,
+    queue: flume::Receiver<Job>,
+    limits: Limits,
+    counters: Arc<Counters>,
+) {
+    let eos = generator.info().eos_token_ids.clone();
+    let context = generator.info().context_length;
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut running: Vec<Running> = Vec::new();
+    let mut reserved = 0u64;
+    loop {
+        // Block only when there is nothing to do.
+        if running.is_empty() && waiting.is_empty() {
+            match queue.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
+            }
+        }
+        waiting.extend(queue.try_iter());
+        // Cancelled before starting: nothing to free but the slot in the queue.
+        waiting.retain(|j| {
+            let alive = !j.events.is_disconnected();
+            if !alive {
+                counters.with(|s| s.stats.cancelled += 1);
+            }
+            alive
+        });
+        while running.len() < limits.max_sequences
+            && let Some(job) = waiting.front()
+            && (limits.kv_budget == 0 || reserved + job.reserve <= limits.kv_budget || running.is_empty())
+        {
+            let job = waiting.pop_front().expect("front exists");
+            match generator.new_sequence() {
+                Ok(cache) => {
+                    reserved += job.reserve;
+                    running.push(Running {
+                        history: job.tokens.clone(),
+                        feed: job.tokens.clone(),
+                        sampler: Sampler::new(&job.settings),
+                        job,
+                        cache,
+                        generated: Vec::new(),
+                        decoder: IncrementalDecoder::new(),
+                        text: String::new(),
+                        sent: 0,
+                        first_token: None,
+                        last_token: Instant::now(),
+                    });
+                }
+                Err(e) => {
+                    counters.with(|s| s.stats.failed += 1);
+                    let _ = job.events.send(Event::Failed(e));
+                }
+            }
+        }
+        // Streams dropped since the last step leave now, freeing their caches.
+        running.retain(|r| {
+            let alive = !r.job.events.is_disconnected();
+            if !alive {
+                reserved -= r.job.reserve;
+                counters.with(|s| s.stats.cancelled += 1);
+            }
+            alive
+        });
+        counters.with(|s| {
+            s.stats.waiting = waiting.len() as u64;
+            s.stats.running = running.len() as u64;
+        });
+        if running.is_empty() {
+            continue;
+        }
+        let prefill: u64 =
+            running.iter().filter(|r| r.generated.is_empty()).map(|r| r.feed.len() as u64).sum();
+        let result = {
+            let mut items: Vec<StepItem<'_>> =
+                running.iter_mut().map(|r| StepItem { tokens: &r.feed, cache: r.cache.as_mut() }).collect();
+            generator.step(&mut items)
+        };
+        let logits = match result {
+            Ok(l) if l.len() == running.len() => l,
+            Ok(l) => {
+                let e = Error::backend(
+                    "kiln",
+                    format!("{} logits rows for {} sequences", l.len(), running.len()),
+                );
+                fail_all(&mut running, &mut reserved, &counters, e);
+                continue;
+            }
+            Err(e) => {
+                fail_all(&mut running, &mut reserved, &counters, e);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        counters.with(|s| {
+            s.stats.steps += 1;
+            s.sequences_in_steps += running.len() as u64;
+            s.stats.max_sequences_per_step = s.stats.max_sequences_per_step.max(running.len() as u64);
+            s.stats.prompt_tokens += prefill;
+            s.stats.generated_tokens += running.len() as u64;
+            s.stats.kv_cache_bytes = running.iter().map(|r| r.cache.bytes()).sum();
+            s.stats.peak_kv_cache_bytes = s.stats.peak_kv_cache_bytes.max(s.stats.kv_cache_bytes);
+        });
+        let mut finished = Vec::new();
+        for (i, (r, mut logits)) in running.iter_mut().zip(logits).enumerate() {
+            let token = r.sampler.next(&mut logits, &r.history);
+            match r.first_token {
+                None => {
+                    r.first_token = Some(now);
+                    counters.with(|s| record(&mut s.ttft, now - r.job.submitted));
+                }
+                Some(_) => counters.with(|s| record(&mut s.itl, now - r.last_token)),
+            }
+            r.last_token = now;
+            if eos.contains(&token) {
+                finished.push((i, FinishReason::Stop));
+                continue;
+            }
+            r.generated.push(token);
+            r.history.push(token);
+            r.feed = vec![token];
+            let piece = match r.decoder.push(&tokenizer, token) {
+                Ok(p) => p.unwrap_or_default(),
+                Err(e) => {
+                    let _ = r.job.events.send(Event::Failed(e));
+                    finished.push((i, FinishReason::Stop));
+                    continue;
+                }
+            };
+            r.text.push_str(&piece);
+            if let Some(at) = r.job.settings.stop.iter().filter_map(|s| r.text.find(s.as_str())).min() {
+                r.text.truncate(at);
+                finished.push((i, FinishReason::StopString));
+                continue;
+            }
+            // Text that may be the start of a stop string waits until it is known not to be.
+            let hold = r
+                .job
+                .settings
+                .stop
+                .iter()
+                .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+                .filter(|p| r.text.ends_with(p))
+                .map(str::len)
+                .max()
+                .unwrap_or(0);
+            let until = r.text.len() - hold;
+            if until > r.sent {
+                let _ =
+                    r.job.events.send(Event::Token { id: token, text: r.text[r.sent..until].to_string() });
+                r.sent = until;
+            } else {
+                let _ = r.job.events.send(Event::Token { id: token, text: String::new() });
+            }
+            if r.generated.len() >= r.job.settings.max_new_tokens {
+                finished.push((i, FinishReason::Length));
+            } else if r.history.len() >= context {
+                finished.push((i, FinishReason::Context));
+            }
+        }
+        for &(i, reason) in finished.iter().rev() {
+            let r = running.swap_remove(i);
+            reserved -= r.job.reserve;
+            // Text held back while it could have been a stop string's start.
+            if r.text.len() > r.sent {
+                let id = r.generated.last().copied().unwrap_or_default();
+                let _ = r.job.events.send(Event::Token { id, text: r.text[r.sent..].to_string() });
+            }
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+            let done = Generated {
+                prompt_tokens: r.job.tokens.len(),
+                tokens: r.generated,
+                finish_reason: reason,
+                time_to_first_token_ms: r.first_token.map_or(0.0, |t| ms(t - r.job.submitted)),
+                elapsed_ms: ms(now - r.job.submitted),
+                text: r.text,
+            };
+            counters.with(|s| s.stats.completed += 1);
+            let _ = r.job.events.send(Event::Done(done));
+        }
+    }
+}
+
+/// A step failed: every sequence in it fails with the error (the others are not
+/// affected, since they were all in it); their caches are dropped.
+fn fail_all(running: &mut Vec<Running>, reserved: &mut u64, counters: &Counters, e: Error) {
+    tracing::warn!("a generation step of {} sequences failed: {e}", running.len());
+    for r in running.drain(..) {
+        *reserved -= r.job.reserve;
+        counters.with(|s| s.stats.failed += 1);
+        let _ = r.job.events.send(Event::Failed(e.for_request()));
+    }
+}

@@ -1,0 +1,297 @@
+//! [`Generation`]: the generate task — prompts in, text out token by token, many
+//! sequences sharing each step (continuous batching).
+//!
+//! One thread owns the provider's [`Generator`] and loops: it takes new requests
+//! between steps (up to `batching.max_batch_size` sequences, and only while every
+//! admitted sequence's whole context fits `generate.kv_cache_mb`), runs one step over
+//! all of them — a new sequence's whole prompt (prefill) next to one token of each
+//! running one (decode) — samples each sequence's next token, and sends it to that
+//! sequence's stream. A sequence leaves when it ends (end-of-turn token,
+//! `max_new_tokens`, a stop string, the context) or when its stream is dropped; its KV
+//! cache is freed then, and a waiting request can take its place at the next step.
+
+mod engine;
+mod sampler;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_core::{
+    Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, Result, build_provider,
+};
+use kiln_text::chat::{Message, render_chat};
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+pub use engine::GenerationStats;
+use engine::{Counters, Job};
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Text: one user message with the chat template on (`generate.chat_template`), or
+    /// the model's input as it is with it off.
+    Text(String),
+    /// Chat messages, rendered with the model's chat template.
+    Messages(Vec<Message>),
+    /// Token ids, as they are (no template, no BOS added).
+    Tokens(Vec<u32>),
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn (an end-of-sequence token).
+    Stop,
+    /// `max_new_tokens` were generated.
+    Length,
+    /// A `generate.stop` string came (it is not in the text).
+    StopString,
+    /// The model's context is full.
+    Context,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generated {
+    /// The generated text (without the prompt, end tokens or stop strings).
+    pub text: String,
+    /// Generated token ids (the end-of-sequence token excluded).
+    pub tokens: Vec<u32>,
+    /// Tokens of the prompt as the model saw it.
+    pub prompt_tokens: usize,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// From the request to its first token, milliseconds.
+    pub time_to_first_token_ms: f64,
+    /// From the request to its end, milliseconds.
+    pub elapsed_ms: f64,
+}
+
+/// What a stream yields.
+#[derive(Debug)]
+pub enum Event {
+    /// A new piece of text (whole UTF-8 characters; a token that ends inside a
+    /// character waits for the next) and the id of the token that completed it.
+    Token {
+        /// The token id.
+        id: u32,
+        /// Text it completes (may be empty while a stop string is being matched).
+        text: String,
+    },
+    /// The end, with everything.
+    Done(Generated),
+    /// The sequence failed; the others go on.
+    Failed(Error),
+}
+
+/// One request's tokens as they are made. Dropping it cancels the request: its slot
+/// and KV cache are freed before the next step.
+pub struct TokenStream {
+    events: flume::Receiver<Event>,
+}
+
+impl TokenStream {
+    /// The next event; `None` after `Done` or `Failed`.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv_async().await.ok()
+    }
+
+    /// Waits for the end; the text pieces are dropped.
+    pub async fn finish(mut self) -> Result<Generated> {
+        while let Some(event) = self.next().await {
+            match event {
+                Event::Token { .. } => {}
+                Event::Done(g) => return Ok(g),
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Err(Error::Shutdown("the generation engine stopped".into()))
+    }
+}
+
+/// The generate task's front: tokenizer, chat template, and the engine thread.
+pub struct Generation {
+    jobs: Option<flume::Sender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    tokenizer: Arc<Tokenizer>,
+    info: GeneratorInfo,
+    config: GenerateConfig,
+    counters: Arc<Counters>,
+    load_time: Duration,
+}
+
+impl Generation {
+    /// Builds the provider the config names and loads the model as a generator.
+    pub async fn from_config(config: KilnConfig) -> Result<Self> {
+        config.validate()?;
+        let started = Instant::now();
+        let provider = build_provider(&config.provider)?;
+        let spec = ModelSpec::new(
+            &config.model.path,
+            config.model.device.fixed().unwrap_or(kiln_core::Device::Cpu),
+            config.model.dtype,
+        )
+        .with_quantization(config.model.quantization);
+        let generator = provider.load_generator(&spec).await?;
+        let mut generation = Self::start(generator, &config)?;
+        generation.load_time = started.elapsed();
+        Ok(generation)
+    }
+
+    /// Starts the engine on a loaded generator (a custom provider's, or a test's).
+    pub fn start(generator: Arc<dyn Generator>, config: &KilnConfig) -> Result<Self> {
+        config.validate()?;
+        let info = generator.info().clone();
+        let tokenizer = Arc::new(kiln_text::gguf::generation_tokenizer(&info.tokenizer)?);
+        let counters = Arc::new(Counters::default());
+        let (jobs, queue) = flume::bounded::<Job>(config.batching.queue_capacity.max(1));
+        let limits = engine::Limits {
+            max_sequences: config.batching.max_batch_size.max(1),
+            kv_budget: config.generate.kv_cache_mb.saturating_mul(1 << 20),
+        };
+        let engine_counters = counters.clone();
+        let engine_tokenizer = tokenizer.clone();
+        let thread = std::thread::Builder::new()
+            .name("kiln-generate".into())
+            .spawn(move || engine::run(generator, engine_tokenizer, queue, limits, engine_counters))
+            .map_err(|e| Error::backend("kiln", format!("starting the generation thread: {e}")))?;
+        Ok(Generation {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            tokenizer,
+            info,
+            config: config.generate.clone(),
+            counters,
+            load_time: Duration::ZERO,
+        })
+    }
+
+    /// The model's description.
+    pub fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// How long loading took.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// The token ids the model sees for `prompt` (template applied, BOS added as the
+    /// model asks).
+    pub fn prompt_tokens(&self, prompt: &Prompt, chat_template: bool) -> Result<Vec<u32>> {
+        let text = match prompt {
+            Prompt::Tokens(ids) => return Ok(ids.clone()),
+            Prompt::Text(t) if !chat_template => t.clone(),
+            Prompt::Text(t) => self.chat(&[Message { role: "user".into(), content: t.clone() }])?,
+            Prompt::Messages(m) => self.chat(m)?,
+        };
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::InvalidInput(format!("tokenizing the prompt: {e}")))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if let (true, Some(bos)) = (self.info.add_bos, self.info.bos_token_id) {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    fn chat(&self, messages: &[Message]) -> Result<String> {
+        let template = self.info.chat_template.as_deref().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{} has no chat template; send a plain prompt with generate.chat_template = false",
+                self.info.name
+            ))
+        })?;
+        let token = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default();
+        render_chat(
+            template,
+            messages,
+            &token(self.info.bos_token_id),
+            &token(self.info.eos_token_ids.first().copied()),
+        )
+    }
+
+    /// Streams the tokens of `prompt` with the config's `[generate]` settings.
+    pub fn stream(&self, prompt: Prompt) -> Result<TokenStream> {
+        self.stream_with(prompt, self.config.clone())
+    }
+
+    /// Streams the tokens of `prompt` with `settings` (a request's own temperature,
+    /// seed, ...).
+    pub fn stream_with(&self, prompt: Prompt, settings: GenerateConfig) -> Result<TokenStream> {
+        if let Some(issue) = settings.issues().into_iter().next() {
+            return Err(Error::Config(vec![issue]));
+        }
+        let tokens = self.prompt_tokens(&prompt, settings.chat_template)?;
+        let context = self.info.context_length;
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("an empty prompt (no tokens); send some text".into()));
+        }
+        if tokens.len() >= context {
+            return Err(Error::InvalidInput(format!(
+                "a prompt of {} tokens leaves no room in {}'s context of {context} tokens; shorten it",
+                tokens.len(),
+                self.info.name
+            )));
+        }
+        let need =
+            (tokens.len() + settings.max_new_tokens).min(context) as u64 * self.info.kv_bytes_per_token;
+        let budget = self.config.kv_cache_mb.saturating_mul(1 << 20);
+        if budget > 0 && need > budget {
+            return Err(Error::InvalidInput(format!(
+                "this request needs {:.1} MiB of KV cache ({} prompt + {} new tokens), more than generate.kv_cache_mb = {}",
+                need as f64 / (1 << 20) as f64,
+                tokens.len(),
+                settings.max_new_tokens,
+                self.config.kv_cache_mb
+            )));
+        }
+        let (events, receiver) = flume::unbounded();
+        let job = Job { tokens, settings, events, submitted: Instant::now(), reserve: need };
+        let jobs = self.jobs.as_ref().ok_or_else(|| Error::Shutdown("generation is shutting down".into()))?;
+        self.counters.submitted();
+        jobs.try_send(job).map_err(|e| match e {
+            flume::TrySendError::Full(_) => {
+                self.counters.rejected();
+                Error::Overloaded { model: self.info.name.clone(), capacity: jobs.capacity().unwrap_or(0) }
+            }
+            flume::TrySendError::Disconnected(_) => Error::Shutdown("the generation engine stopped".into()),
+        })?;
+        Ok(TokenStream { events: receiver })
+    }
+
+    /// Generates the whole text of `prompt`.
+    pub async fn generate(&self, prompt: Prompt) -> Result<Generated> {
+        self.stream(prompt)?.finish().await
+    }
+
+    /// Counters, gauges and latency percentiles so far.
+    pub fn stats(&self) -> GenerationStats {
+        self.counters.snapshot()
+    }
+
+    /// Stops taking requests, lets running ones finish, and stops the engine.
+    pub async fn shutdown(mut self) -> GenerationStats {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.counters.snapshot()
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // Closing the queue ends the engine once running sequences finish.
+        self.jobs.take();
+    }
+}

@@ -1,0 +1,120 @@
+//! `task = "generate"` with the real SmolLM2-135M-Instruct GGUF on candle (CPU): chat
+//! prompts get the answers llama.cpp gives with the same file and template at
+//! temperature 0; greedy repeats, a seeded sampled run repeats; sequences batched
+//! together get exactly the tokens they get alone; a dropped stream frees its slot and
+//! KV cache; a prompt beyond the context is refused by rule; a bad setting names itself.
+#![cfg(feature = "candle")]
+
+mod support;
+
+use std::time::Duration;
+
+use kiln::runtime::{Event, FinishReason, Generation, Prompt};
+
+fn gguf() -> String {
+    let path = support::root().join(".kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `scripts/setup generate` (scripts/test does)",
+        path.display()
+    );
+    path.display().to_string()
+}
+
+fn config(sets: &[&str]) -> kiln::KilnConfig {
+    let mut all = vec!["task=\"generate\"".to_string(), format!("model.path={:?}", gguf())];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    kiln::KilnConfig::load(None, &all).expect("valid test config")
+}
+
+fn ask(q: &str) -> Prompt {
+    Prompt::Text(q.to_string())
+}
+
+#[tokio::test]
+async fn chat_prompts_get_llama_cpp_s_answers_and_repeat() {
+    let g = Generation::from_config(config(&["generate.max_new_tokens=24"])).await.unwrap();
+    assert!(g.info().quantization.starts_with("q8_0"), "{}", g.info().quantization);
+    let germany = g.generate(ask("What is the capital of Germany?")).await.unwrap();
+    assert_eq!(germany.text, "The capital of Germany is Berlin.");
+    assert_eq!(germany.finish_reason, FinishReason::Stop);
+    let japan = g.generate(ask("What is the capital of Japan?")).await.unwrap();
+    assert!(japan.text.contains("Tokyo"), "{}", japan.text);
+    // Greedy is deterministic.
+    assert_eq!(g.generate(ask("What is the capital of Germany?")).await.unwrap().tokens, germany.tokens);
+    let stats = g.shutdown().await;
+    assert_eq!((stats.completed, stats.failed, stats.cancelled), (3, 0, 0), "{stats:?}");
+    assert!(stats.ttft_ms[0] > 0.0 && stats.inter_token_ms[0] > 0.0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn batched_sequences_get_what_they_get_alone_and_seeded_sampling_repeats() {
+    let prompts = ["Name three colours.", "What is 2 + 2?", "Say hello in French.", "Count to five."];
+    let g = Generation::from_config(config(&["generate.max_new_tokens=20", "batching.max_batch_size=4"]))
+        .await
+        .unwrap();
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(g.generate(ask(p)).await.unwrap().tokens);
+    }
+    // Together: submitted at once, they share steps (prefill and decode in one batch).
+    let streams: Vec<_> = prompts.iter().map(|p| g.stream(ask(p)).unwrap()).collect();
+    let mut together = Vec::new();
+    for s in streams {
+        together.push(s.finish().await.unwrap().tokens);
+    }
+    assert_eq!(together, alone, "a sequence's tokens do not depend on its batch");
+    let stats = g.stats();
+    assert!(stats.max_sequences_per_step >= 2, "{stats:?}");
+
+    let sampled = |seed: u64| {
+        let settings = kiln::GenerateConfig {
+            temperature: 0.9,
+            top_k: 40,
+            seed,
+            max_new_tokens: 16,
+            ..Default::default()
+        };
+        let stream = g.stream_with(ask("Tell me a story."), settings).unwrap();
+        async move { stream.finish().await.unwrap().tokens }
+    };
+    let (a, b, c) = (sampled(11).await, sampled(11).await, sampled(12).await);
+    assert_eq!(a, b, "the same seed repeats");
+    assert_ne!(a, c, "another seed differs");
+}
+
+#[tokio::test]
+async fn a_dropped_stream_frees_its_cache_and_bad_requests_are_refused_by_rule() {
+    let g = Generation::from_config(config(&["generate.max_new_tokens=200"])).await.unwrap();
+    let mut stream = g.stream(ask("Write a long story about a dragon.")).unwrap();
+    // Two tokens in, the caller goes away.
+    let mut seen = 0;
+    while seen < 2 {
+        if let Some(Event::Token { .. }) = stream.next().await {
+            seen += 1;
+        }
+    }
+    assert!(g.stats().kv_cache_bytes > 0);
+    drop(stream);
+    let stats = support::eventually(Duration::from_secs(20), || {
+        let s = g.stats();
+        if s.cancelled == 1 && s.running == 0 { Ok(s) } else { Err(format!("{s:?}")) }
+    })
+    .await;
+    assert!(stats.generated_tokens < 200, "stopped early: {stats:?}");
+    // The engine serves on.
+    assert!(g.generate(ask("What is the capital of Germany?")).await.unwrap().text.contains("Berlin"));
+
+    // Beyond the context (8192 tokens): refused before any work, by rule.
+    let long = "word ".repeat(9000);
+    let err = g.stream(Prompt::Text(long)).err().expect("refused");
+    assert!(err.to_string().contains("context of 8192 tokens"), "{err}");
+    let err = g.stream(Prompt::Text(String::new())).err();
+    assert!(err.is_none(), "an empty user message still has the template's tokens");
+    let bad = kiln::GenerateConfig { top_p: 0.0, ..Default::default() };
+    let err = g.stream_with(ask("hi"), bad).err().expect("refused");
+    assert!(err.to_string().contains("generate.top_p"), "{err}");
+    let err =
+        kiln::runtime::Optimizer::from_config(config(&[])).await.err().expect("not the optimizer's task");
+    assert!(err.to_string().contains("kiln_runtime::Generation"), "{err}");
+}
