@@ -33,8 +33,16 @@ fn ask(q: &str) -> Prompt {
 
 #[tokio::test]
 async fn chat_prompts_get_llama_cpp_s_answers_and_repeat() {
-    let g = Generation::from_config(config(&["generate.max_new_tokens=24"])).await.unwrap();
-    assert!(g.info().quantization.starts_with("q8_0"), "{}", g.info().quantization);
+    // kiln's int8 kernel (the default with AVX-512 VNNI) and candle's Q8_0 alike.
+    for (weights, expected) in [("int8", "int8, kiln's kernel"), ("q8_0", "q8_0")] {
+        let set = format!("provider.options.requantize={weights:?}");
+        chat_prompts_on(config(&["generate.max_new_tokens=24", &set]), expected).await;
+    }
+}
+
+async fn chat_prompts_on(config: kiln::KilnConfig, weights: &str) {
+    let g = Generation::from_config(config).await.unwrap();
+    assert!(g.info().quantization.starts_with(weights), "{}", g.info().quantization);
     let germany = g.generate(ask("What is the capital of Germany?")).await.unwrap();
     assert_eq!(germany.text, "The capital of Germany is Berlin.");
     assert_eq!(germany.finish_reason, FinishReason::Stop);

@@ -49,11 +49,11 @@ pub(crate) fn unsupported(config: &BertConfig) -> Option<&'static str> {
 }
 
 /// A linear layer: `y = x W^T + b`, with `W^T` stored `[inputs, outputs]` row-major.
-struct Dense {
-    weight_t: Vec<f32>,
-    bias: Vec<f32>,
-    inputs: usize,
-    outputs: usize,
+pub(crate) struct Dense {
+    pub(crate) weight_t: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) inputs: usize,
+    pub(crate) outputs: usize,
 }
 
 struct Norm {
@@ -441,6 +441,6 @@ fn add_norm_rows(x: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
 // `kernels` first: its `dispatch!` macro is used by `int8`.
 #[macro_use]
 mod kernels;
-mod int8;
+pub(crate) mod int8;
 
 use kernels::{add_norm, gelu, softmax};

@@ -53,15 +53,16 @@ pub struct CandleOptions {
     /// Models on a GPU run kiln's CUDA kernels between cuBLAS's matrix products
     /// (`cuda.rs`, `kernels/bert.cu`); `false` runs candle-transformers' graph there.
     pub cuda_kernels: bool,
-    /// Generation (GGUF models): re-quantize the weights at load — `"q8_0"` (the
-    /// default: candle's CPU kernels for Q8_0 are several times faster than for the
-    /// 4-bit formats) or `"none"` to run them as the file has them.
+    /// Generation (GGUF models): what the weight matrices become at load — `"auto"`
+    /// (the default: `"int8"` where the CPU has AVX-512 VNNI, else `"q8_0"`), `"int8"`
+    /// (kiln's kernel), `"q8_0"`, `"q4_0"`, `"q4_k"`, `"f16"`, `"f32"` (candle's), or
+    /// `"none"` (as the file has them; candle's 4-bit kernels are the slowest).
     pub requantize: String,
 }
 
 impl Default for CandleOptions {
     fn default() -> Self {
-        CandleOptions { cpu_kernels: true, cuda_kernels: true, requantize: "q8_0".into() }
+        CandleOptions { cpu_kernels: true, cuda_kernels: true, requantize: "auto".into() }
     }
 }
 
@@ -77,20 +78,23 @@ fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
     Ok(Arc::new(CandleProvider { options }))
 }
 
-/// `provider.options.requantize` as candle's type.
-fn requantize(options: &CandleOptions) -> Result<Option<candle_core::quantized::GgmlDType>> {
+/// `provider.options.requantize` as what the llama loader takes.
+fn requantize(options: &CandleOptions) -> Result<llama::Weights> {
     use candle_core::quantized::GgmlDType;
+    use llama::Weights;
     match options.requantize.as_str() {
-        "none" => Ok(None),
-        "q8_0" => Ok(Some(GgmlDType::Q8_0)),
-        "q4_0" => Ok(Some(GgmlDType::Q4_0)),
-        "q4k" | "q4_k" => Ok(Some(GgmlDType::Q4K)),
-        "f32" => Ok(Some(GgmlDType::F32)),
-        "f16" => Ok(Some(GgmlDType::F16)),
+        "auto" if cpu::int8::QDense::fast() => Ok(Weights::Int8),
+        "auto" | "q8_0" => Ok(Weights::Ggml(GgmlDType::Q8_0)),
+        "int8" => Ok(Weights::Int8),
+        "none" => Ok(Weights::File),
+        "q4_0" => Ok(Weights::Ggml(GgmlDType::Q4_0)),
+        "q4k" | "q4_k" => Ok(Weights::Ggml(GgmlDType::Q4K)),
+        "f32" => Ok(Weights::Ggml(GgmlDType::F32)),
+        "f16" => Ok(Weights::Ggml(GgmlDType::F16)),
         other => Err(Error::Config(vec![kiln_core::ConfigIssue::new(
             "provider.options.requantize",
             other,
-            "\"q8_0\", \"q4_0\", \"q4_k\", \"f16\", \"f32\" or \"none\"",
+            "\"auto\", \"int8\", \"q8_0\", \"q4_0\", \"q4_k\", \"f16\", \"f32\" or \"none\"",
         )])),
     }
 }

@@ -4,8 +4,12 @@
 //! (each quantized weight read once per step, whatever the batch), attention runs per
 //! sequence over its own cache.
 //!
-//! `provider.options.requantize = "q8_0"` re-quantizes the weights at load: candle's
-//! CPU kernels for Q4_1 are several times slower than its Q8_0 ones.
+//! `provider.options.requantize` picks what the matrices become at load: `"int8"` (the
+//! default where the CPU has AVX-512 VNNI) runs them through kiln's own int8 kernel
+//! (`cpu/int8.rs`: per-channel weights, per-row activations, weights read once per tile
+//! of 6 rows, columns split across the cores when there are few rows); `"q8_0"` and the
+//! other GGML types through candle's quantized matmul (a dot product per row and column:
+//! a batch of rows costs each row's price); `"none"` as the file has them.
 
 use std::fs::File;
 use std::path::Path;
@@ -13,6 +17,8 @@ use std::path::Path;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use kiln_core::{Error, GeneratorInfo, Result, SequenceCache, StepItem, TokenizerSource};
+
+use crate::cpu::int8::QDense;
 
 fn candle(e: candle_core::Error) -> Error {
     Error::backend("candle", e.to_string())
@@ -37,14 +43,58 @@ impl SequenceCache for LlamaCache {
     }
 }
 
+/// What the weight matrices become at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// As the file has them.
+    File,
+    /// Re-quantized to this GGML type (candle's kernels).
+    Ggml(GgmlDType),
+    /// kiln's int8 kernel.
+    Int8,
+}
+
+/// A weight matrix and the kernel that multiplies by it.
+enum Linear {
+    Candle(QMatMul),
+    Int8(QDense),
+}
+
+impl Linear {
+    fn new(t: QTensor, weights: Weights) -> candle_core::Result<Linear> {
+        if weights == Weights::Int8
+            && let [n, k] = t.shape().dims()[..]
+        {
+            // GGUF rows are output channels: W is [n, k].
+            let w = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(q) = QDense::from_output_rows(&w, vec![0.0; n], k, n) {
+                return Ok(Linear::Int8(q));
+            }
+        }
+        QMatMul::from_qtensor(t).map(Linear::Candle)
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Candle(m) => m.forward(x),
+            Linear::Int8(q) => {
+                let (rows, _) = x.dims2()?;
+                let mut out = Vec::new();
+                q.forward(&x.flatten_all()?.to_vec1::<f32>()?, rows, &mut out);
+                Tensor::from_vec(out, (rows, q.outputs()), x.device())
+            }
+        }
+    }
+}
+
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    w1: QMatMul,
-    w2: QMatMul,
-    w3: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
     attn_norm: Tensor,
     ffn_norm: Tensor,
 }
@@ -54,7 +104,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     heads: usize,
@@ -92,7 +142,11 @@ impl Meta<'_> {
 
 impl Llama {
     /// Reads `path` (GGUF, `general.architecture = "llama"`).
-    pub fn load(path: &Path, requantize: Option<GgmlDType>) -> Result<Llama> {
+    pub fn load(path: &Path, weights: Weights) -> Result<Llama> {
+        let requantize = match weights {
+            Weights::Ggml(t) => Some(t),
+            _ => None,
+        };
         let device = Device::Cpu;
         let mut file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let content = gguf_file::Content::read(&mut file)
@@ -151,7 +205,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
             let mut q = |n: &str| {
-                load(&format!("blk.{i}.{n}.weight")).and_then(|t| QMatMul::from_qtensor(t).map_err(candle))
+                load(&format!("blk.{i}.{n}.weight")).and_then(|t| Linear::new(t, weights).map_err(candle))
             };
             layers.push(Layer {
                 wq: q("attn_q")?,
@@ -166,11 +220,14 @@ impl Llama {
             });
         }
         let norm = dense(load("output_norm.weight")?)?;
-        let output = QMatMul::from_qtensor(output).map_err(candle)?;
+        let output = Linear::new(output, weights).map_err(candle)?;
         let from = quantization.map_or_else(|| "f32".to_string(), |q| format!("{q:?}").to_lowercase());
-        let quantization = match requantize {
-            Some(to) => format!("{} (re-quantized at load from {from})", format!("{to:?}").to_lowercase()),
-            None => from,
+        let quantization = match weights {
+            Weights::Ggml(to) => {
+                format!("{} (re-quantized at load from {from})", format!("{to:?}").to_lowercase())
+            }
+            Weights::Int8 => format!("int8, kiln's kernel (re-quantized at load from {from})"),
+            Weights::File => from,
         };
         // Rotary tables for every position the context allows.
         let inv: Vec<f32> =

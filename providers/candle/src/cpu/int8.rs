@@ -44,33 +44,63 @@ impl QDense {
     /// Quantizes `dense`; `None` when its outputs are not a multiple of 16.
     pub(crate) fn quantize(dense: &Dense) -> Option<Self> {
         let (k, n) = (dense.inputs, dense.outputs);
-        if !n.is_multiple_of(BLOCK) {
+        let mut rows = vec![0f32; k * n];
+        for (kk, row) in dense.weight_t.chunks(n).enumerate() {
+            for (col, &v) in row.iter().enumerate() {
+                rows[col * k + kk] = v;
+            }
+        }
+        Self::from_output_rows(&rows, dense.bias.clone(), k, n)
+    }
+
+    /// Quantizes `W` given as `n` output rows of `k` inputs (`[n, k]` row-major, as GGUF
+    /// and PyTorch store it); `None` when `n` is not a multiple of 16. Each output row is
+    /// read contiguously (a big matrix quantizes in a fraction of a second).
+    pub(crate) fn from_output_rows(w: &[f32], bias: Vec<f32>, k: usize, n: usize) -> Option<Self> {
+        if !n.is_multiple_of(BLOCK) || w.len() != k * n || bias.len() != n {
             return None;
         }
         let padded = k.div_ceil(4) * 4;
-        let w = |kk: usize, col: usize| dense.weight_t[kk * n + col];
-        let scales: Vec<f32> = (0..n)
-            .map(|col| {
-                let max = (0..k).map(|kk| w(kk, col).abs()).fold(0f32, f32::max);
+        let scales: Vec<f32> = w
+            .par_chunks(k)
+            .map(|row| {
+                let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
                 if max > 0.0 { max / 127.0 } else { 1.0 }
             })
             .collect();
-        let q = |kk: usize, col: usize| -> i8 {
-            if kk >= k { 0 } else { (w(kk, col) / scales[col]).round().clamp(-127.0, 127.0) as i8 }
-        };
-        let mut packed = Vec::with_capacity(padded * n);
-        for block in 0..n / BLOCK {
+        // Each output row quantized, padded to a multiple of 4 inputs.
+        let mut q = vec![0i8; n * padded];
+        q.par_chunks_mut(padded).zip(w.par_chunks(k)).zip(&scales).for_each(|((q, row), s)| {
+            for (q, v) in q.iter_mut().zip(row) {
+                *q = (v / s).round().clamp(-127.0, 127.0) as i8;
+            }
+        });
+        let weight_sums: Vec<f32> = q
+            .chunks(padded)
+            .zip(&scales)
+            .map(|(q, s)| s * q.iter().map(|&v| f32::from(v)).sum::<f32>())
+            .collect();
+        // Per block of 16 columns, per group of 4 inputs: 16 x 4 bytes.
+        let mut packed = vec![0i8; padded * n];
+        packed.par_chunks_mut(padded * BLOCK).enumerate().for_each(|(block, out)| {
             for group in 0..padded / 4 {
                 for c in 0..BLOCK {
-                    for j in 0..4 {
-                        packed.push(q(group * 4 + j, block * BLOCK + c));
-                    }
+                    let src = (block * BLOCK + c) * padded + group * 4;
+                    out[group * 64 + c * 4..group * 64 + c * 4 + 4].copy_from_slice(&q[src..src + 4]);
                 }
             }
-        }
-        let weight_sums =
-            (0..n).map(|col| scales[col] * (0..k).map(|kk| f32::from(q(kk, col))).sum::<f32>()).collect();
-        Some(QDense { packed, scales, weight_sums, bias: dense.bias.clone(), inputs: k, padded, outputs: n })
+        });
+        Some(QDense { packed, scales, weight_sums, bias, inputs: k, padded, outputs: n })
+    }
+
+    /// Output columns.
+    pub(crate) fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// Whether this CPU runs the VNNI kernel (the plain path is for correctness only).
+    pub(crate) fn fast() -> bool {
+        has_vnni()
     }
 
     /// `out = x W^T + b` for `tokens` rows of `x`.
@@ -90,22 +120,59 @@ impl QDense {
             out.truncate(tokens * n);
             out.resize(tokens * n, 0.0);
             let vnni = has_vnni();
+            let blocks = n / BLOCK;
+            // Few rows (decoding a handful of sequences): the threads split the columns
+            // instead, each into its own buffer, so one row still uses every core.
+            let threads = rayon::current_num_threads();
+            if tokens.div_ceil(ROWS) < threads && blocks >= 2 * threads {
+                let per = blocks.div_ceil(threads * 4).max(1);
+                let parts: Vec<(usize, Vec<f32>)> = (0..blocks)
+                    .step_by(per)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .map(|first| {
+                        let width = per.min(blocks - first) * BLOCK;
+                        let mut part = vec![0f32; tokens * width];
+                        for ((part, q), a) in part
+                            .chunks_mut(ROWS * width)
+                            .zip(quantized.chunks(ROWS * kp))
+                            .zip(row_scales.chunks(ROWS))
+                        {
+                            let end = first + width / BLOCK;
+                            for tile_first in (first..end).step_by(BLOCKS) {
+                                let tile = Tile {
+                                    layer: self,
+                                    q,
+                                    a,
+                                    rows: a.len(),
+                                    first: tile_first,
+                                    blocks: BLOCKS.min(end - tile_first),
+                                    stride: width,
+                                    col0: first * BLOCK,
+                                };
+                                tile.run(vnni, part);
+                            }
+                        }
+                        (first, part)
+                    })
+                    .collect();
+                for (first, part) in parts {
+                    let width = part.len() / tokens;
+                    for (row, src) in out.chunks_mut(n).zip(part.chunks(width)) {
+                        row[first * BLOCK..first * BLOCK + width].copy_from_slice(src);
+                    }
+                }
+                return;
+            }
             out.par_chunks_mut(ROWS * n)
                 .zip(quantized.par_chunks(ROWS * kp))
                 .zip(row_scales.par_chunks(ROWS))
                 .for_each(|((out, q), a)| {
                     let rows = a.len();
-                    for first in (0..n / BLOCK).step_by(BLOCKS) {
+                    for first in (0..blocks).step_by(BLOCKS) {
                         let blocks = BLOCKS.min(n / BLOCK - first);
-                        let tile = Tile { layer: self, q, a, rows, first, blocks };
-                        #[cfg(target_arch = "x86_64")]
-                        if vnni {
-                            // SAFETY: the CPU has AVX-512 F/BW and VNNI (`has_vnni`).
-                            unsafe { vnni::tile(&tile, out) };
-                            continue;
-                        }
-                        let _ = vnni;
-                        tile.plain(out);
+                        let tile = Tile { layer: self, q, a, rows, first, blocks, stride: n, col0: 0 };
+                        tile.run(vnni, out);
                     }
                 });
         });
@@ -121,7 +188,7 @@ thread_local! {
 }
 
 /// Rows `q` (quantized; `a` their (scale, lo)) times column blocks
-/// `first..first+blocks`.
+/// `first..first+blocks`, written at `out[row * stride + column - col0]`.
 struct Tile<'a> {
     layer: &'a QDense,
     q: &'a [u8],
@@ -129,12 +196,29 @@ struct Tile<'a> {
     rows: usize,
     first: usize,
     blocks: usize,
+    stride: usize,
+    col0: usize,
 }
 
 impl Tile<'_> {
+    fn run(&self, vnni: bool, out: &mut [f32]) {
+        debug_assert!(self.col0 <= self.first * BLOCK);
+        debug_assert!(
+            out.len() >= (self.rows - 1) * self.stride + (self.first + self.blocks) * BLOCK - self.col0
+        );
+        #[cfg(target_arch = "x86_64")]
+        if vnni {
+            // SAFETY: the CPU has AVX-512 F/BW and VNNI (`has_vnni`).
+            unsafe { vnni::tile(self, out) };
+            return;
+        }
+        let _ = vnni;
+        self.plain(out);
+    }
+
     fn plain(&self, out: &mut [f32]) {
         let l = self.layer;
-        let (kp, n) = (l.padded, l.outputs);
+        let kp = l.padded;
         for r in 0..self.rows {
             let x = &self.q[r * kp..(r + 1) * kp];
             for block in self.first..self.first + self.blocks {
@@ -148,7 +232,7 @@ impl Tile<'_> {
                     }
                     let col = block * BLOCK + c;
                     let (scale, lo) = self.a[r];
-                    out[r * n + col] =
+                    out[r * self.stride + col - self.col0] =
                         acc as f32 * (scale * l.scales[col]) + lo * l.weight_sums[col] + l.bias[col];
                 }
             }
@@ -222,10 +306,12 @@ mod vnni {
     fn kernel<const R: usize, const B: usize>(t: &Tile, out: &mut [f32]) {
         let l = t.layer;
         let (kp, n) = (l.padded, l.outputs);
-        debug_assert!(t.q.len() >= R * kp && out.len() >= R * n && t.first + B <= n / BLOCK);
+        debug_assert!(t.q.len() >= R * kp && t.first + B <= n / BLOCK);
+        debug_assert!(out.len() >= (R - 1) * t.stride + (t.first + B) * BLOCK - t.col0);
         let mut acc = [[_mm512_setzero_si512(); B]; R];
         // SAFETY: every pointer stays inside its buffer: weights `(first + B) * kp * 16`
-        // bytes, activations `R * kp`, outputs `R * n` (checked above).
+        // bytes, activations `R * kp`, outputs up to row R - 1's column `(first + B) * 16`
+        // (checked above).
         unsafe {
             let w = l.packed.as_ptr().add(t.first * kp * BLOCK);
             let x = t.q.as_ptr();
@@ -253,7 +339,7 @@ mod vnni {
                         _mm512_loadu_ps(l.bias.as_ptr().add(col)),
                     );
                     let y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*v), scale, base);
-                    _mm512_storeu_ps(out.as_mut_ptr().add(r * n + col), y);
+                    _mm512_storeu_ps(out.as_mut_ptr().add(r * t.stride + col - t.col0), y);
                 }
             }
         }
@@ -274,7 +360,8 @@ mod tests {
     /// row and column counts that exercise every tile shape, VNNI and plain alike.
     #[test]
     fn int8_layers_match_f32_within_quantization_error() {
-        for (k, n, tokens) in [(384, 1152, 13), (30, 64, 7), (8, 16, 1)] {
+        // (64, 512, 3): few rows, so the threads split the columns (on 2 or more threads).
+        for (k, n, tokens) in [(384, 1152, 13), (30, 64, 7), (8, 16, 1), (64, 512, 3), (64, 512, 1)] {
             let dense = layer(k, n);
             let q = QDense::quantize(&dense).unwrap();
             let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 31 % 97) as f32 / 48.0 - 1.0) * 3.0).collect();
@@ -302,8 +389,17 @@ mod tests {
             for (out, (qrows, arows)) in
                 plain.chunks_mut(ROWS * n).zip(quantized.chunks(ROWS * q.padded).zip(a.chunks(ROWS)))
             {
-                Tile { layer: &q, q: qrows, a: arows, rows: arows.len(), first: 0, blocks: n / BLOCK }
-                    .plain(out);
+                Tile {
+                    layer: &q,
+                    q: qrows,
+                    a: arows,
+                    rows: arows.len(),
+                    first: 0,
+                    blocks: n / BLOCK,
+                    stride: n,
+                    col0: 0,
+                }
+                .plain(out);
             }
             let differ = plain.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(differ <= 1e-3 * scale, "k {k}, n {n}: kernel and plain differ by {differ}");
