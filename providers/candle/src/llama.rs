@@ -1,8 +1,10 @@
 //! A llama-architecture decoder from a GGUF file (quantized weights), kiln's
-//! [`Generator`]: every sequence has its own KV cache, and a step runs a ragged batch —
-//! all sequences' new tokens are the rows of one matrix for the projections and the MLP
-//! (each quantized weight read once per step, whatever the batch), attention runs per
-//! sequence over its own cache.
+//! [`Generator`](kiln_core::Generator): every sequence has its own KV cache, and a step
+//! runs a ragged batch — all sequences' new tokens are the rows of one matrix for the
+//! projections and the MLP (each weight tile read once per 6 rows, whatever the batch),
+//! attention runs per sequence, in parallel, over its own cache. Everything but the
+//! matrix products is plain loops over f32 buffers: candle's small-tensor ops cost more
+//! than the arithmetic at this size (each of its matmuls even reads `/proc/cpuinfo`).
 //!
 //! `provider.options.requantize` picks what the matrices become at load: `"int8"` (the
 //! default where the CPU has AVX-512 VNNI) runs them through kiln's own int8 kernel
@@ -15,8 +17,9 @@ use std::fs::File;
 use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use kiln_core::{Error, GeneratorInfo, Result, SequenceCache, StepItem, TokenizerSource};
+use rayon::prelude::*;
 
 use crate::cpu::int8::QDense;
 
@@ -26,7 +29,8 @@ fn candle(e: candle_core::Error) -> Error {
 
 /// A sequence's keys and values, per layer: `[kv_heads, tokens, head_dim]` each.
 pub struct LlamaCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Per layer, keys and values token after token: `[tokens][kv_heads][head_dim]`.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
     bytes_per_token: u64,
 }
@@ -74,16 +78,16 @@ impl Linear {
         QMatMul::from_qtensor(t).map(Linear::Candle)
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `rows` rows of `x` times W^T.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) -> candle_core::Result<()> {
         match self {
-            Linear::Candle(m) => m.forward(x),
-            Linear::Int8(q) => {
-                let (rows, _) = x.dims2()?;
-                let mut out = Vec::new();
-                q.forward(&x.flatten_all()?.to_vec1::<f32>()?, rows, &mut out);
-                Tensor::from_vec(out, (rows, q.outputs()), x.device())
+            Linear::Candle(m) => {
+                let t = m.forward(&Tensor::from_slice(x, (rows, x.len() / rows.max(1)), &Device::Cpu)?)?;
+                *out = t.flatten_all()?.to_vec1::<f32>()?;
             }
+            Linear::Int8(q) => q.forward(x, rows, out),
         }
+        Ok(())
     }
 }
 
@@ -95,18 +99,21 @@ struct Layer {
     w1: Linear,
     w2: Linear,
     w3: Linear,
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
 }
 
 /// The loaded decoder.
 pub struct Llama {
-    embed: Tensor,
+    /// `[vocab][width]`.
+    embed: Vec<f32>,
+    width: usize,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     output: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    /// `[position][head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -195,7 +202,9 @@ impl Llama {
                 _ => Ok(t),
             }
         };
-        let dense = |t: QTensor| t.dequantize(&Device::Cpu).map_err(candle);
+        let dense = |t: QTensor| {
+            t.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(candle)
+        };
         let embed = dense(load("token_embd.weight")?)?;
         let output = match content.tensor_infos.contains_key("output.weight") {
             true => load("output.weight")?,
@@ -230,16 +239,16 @@ impl Llama {
             Weights::File => from,
         };
         // Rotary tables for every position the context allows.
-        let inv: Vec<f32> =
-            (0..head_dim).step_by(2).map(|i| 1.0 / rope_base.powf(i as f32 / head_dim as f32)).collect();
-        let positions = Tensor::arange(0, context as u32, &device)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .map_err(candle)?;
-        let angles = positions
-            .reshape((context, 1))
-            .and_then(|p| p.matmul(&Tensor::new(inv.as_slice(), &device)?.reshape((1, inv.len()))?))
-            .map_err(candle)?;
-        let (cos, sin) = (angles.cos().map_err(candle)?, angles.sin().map_err(candle)?);
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(context * half);
+        let mut sin = Vec::with_capacity(context * half);
+        for pos in 0..context {
+            for i in 0..half {
+                let angle = pos as f32 / rope_base.powf((2 * i) as f32 / head_dim as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
 
         let tokens = meta.strings("tokenizer.ggml.tokens")?;
         let tokenizer = match meta.string("tokenizer.ggml.model").as_deref() {
@@ -288,12 +297,12 @@ impl Llama {
         info.kv_bytes_per_token = (2 * blocks * kv_heads * head_dim * 4) as u64;
         info.weight_bytes = std::fs::metadata(path).ok().map(|m| m.len());
         info.quantization = quantization;
-        Ok(Llama { embed, layers, norm, output, cos, sin, heads, kv_heads, head_dim, eps, info })
+        Ok(Llama { embed, width, layers, norm, output, cos, sin, heads, kv_heads, head_dim, eps, info })
     }
 
     pub fn new_cache(&self) -> LlamaCache {
         LlamaCache {
-            layers: vec![None; self.layers.len()],
+            layers: vec![(Vec::new(), Vec::new()); self.layers.len()],
             len: 0,
             bytes_per_token: self.info.kv_bytes_per_token,
         }
@@ -337,62 +346,139 @@ impl Llama {
         Ok(logits)
     }
 
-    /// `spans`: per sequence (first row, rows, position of its first new token).
+    /// `spans`: per sequence (first row, rows, position of its first new token). The
+    /// activations are plain `[rows][width]` buffers: the projections and the MLP go
+    /// through [`Linear`] for all rows at once; attention runs per sequence (in parallel)
+    /// over its own cache, with no tensor per head.
     fn forward(
         &self,
         ids: &[u32],
         spans: &[(usize, usize, usize)],
         caches: &mut [&mut LlamaCache],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let device = Device::Cpu;
-        let mut x = self.embed.index_select(&Tensor::new(ids, &device)?, 0)?;
-        let (hd, nh, nkv) = (self.head_dim, self.heads, self.kv_heads);
-        let group = nh / nkv;
+        let (d, hd, nh, nkv) = (self.width, self.head_dim, self.heads, self.kv_heads);
+        let rows = ids.len();
+        let mut x: Vec<f32> = Vec::with_capacity(rows * d);
+        for &id in ids {
+            x.extend_from_slice(&self.embed[id as usize * d..(id as usize + 1) * d]);
+        }
+        let (mut h, mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut attn, mut o, mut gate, mut up) =
+            (vec![0f32; rows * nh * hd], Vec::new(), Vec::new(), Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
-            let (q, k, v) = (layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?);
-            let mut outs = Vec::with_capacity(spans.len());
+            rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
+            layer.wq.forward(&h, rows, &mut q)?;
+            layer.wk.forward(&h, rows, &mut k)?;
+            layer.wv.forward(&h, rows, &mut v)?;
             for (s, &(row, t, pos)) in spans.iter().enumerate() {
-                let heads = |m: &Tensor, n: usize| {
-                    m.narrow(0, row, t)?.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()
-                };
-                let (cos, sin) = (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?);
-                let qi = candle_nn::rotary_emb::rope_i(&heads(&q, nh)?, &cos, &sin)?;
-                let ki = candle_nn::rotary_emb::rope_i(&heads(&k, nkv)?, &cos, &sin)?.squeeze(0)?;
-                let vi = heads(&v, nkv)?.squeeze(0)?;
-                let (ks, vs) = match caches[s].layers[l].take() {
-                    Some((kc, vc)) => (Tensor::cat(&[&kc, &ki], 1)?, Tensor::cat(&[&vc, &vi], 1)?),
-                    None => (ki, vi),
-                };
-                let total = ks.dim(1)?;
-                // Queries grouped by the KV head they share: [kv_heads, group * t, head_dim].
-                let qg = qi.squeeze(0)?.reshape((nkv, group * t, hd))?;
-                let mut att = (qg.matmul(&ks.t()?)? / (hd as f64).sqrt())?;
-                if t > 1 {
-                    // Row r is query position r % t: it sees keys up to pos + r % t.
-                    let mask: Vec<f32> = (0..group * t)
-                        .flat_map(|r| {
-                            (0..total).map(move |j| if j > pos + r % t { f32::NEG_INFINITY } else { 0.0 })
-                        })
-                        .collect();
-                    att = att.broadcast_add(&Tensor::from_vec(mask, (1, group * t, total), &device)?)?;
+                for r in 0..t {
+                    self.rope(&mut q[(row + r) * nh * hd..(row + r + 1) * nh * hd], pos + r);
+                    self.rope(&mut k[(row + r) * nkv * hd..(row + r + 1) * nkv * hd], pos + r);
                 }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let y = att.matmul(&vs)?.reshape((nh, t, hd))?.transpose(0, 1)?.reshape((t, nh * hd))?;
-                outs.push(y);
-                caches[s].layers[l] = Some((ks, vs));
+                let (kc, vc) = &mut caches[s].layers[l];
+                kc.extend_from_slice(&k[row * nkv * hd..(row + t) * nkv * hd]);
+                vc.extend_from_slice(&v[row * nkv * hd..(row + t) * nkv * hd]);
             }
-            let attn = Tensor::cat(&outs, 0)?;
-            x = (x + layer.wo.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.eps)?;
-            let gate = candle_nn::ops::silu(&layer.w1.forward(&h)?)?;
-            x = (x + layer.w2.forward(&(gate * layer.w3.forward(&h)?)?)?)?;
+            // Each sequence's rows of `attn` are its own: split them off and fill in parallel.
+            let mut parts: Vec<(&mut [f32], usize, usize, usize, &LlamaCache)> =
+                Vec::with_capacity(spans.len());
+            let mut rest = attn.as_mut_slice();
+            for (s, &(_, t, pos)) in spans.iter().enumerate() {
+                let (mine, tail) = rest.split_at_mut(t * nh * hd);
+                parts.push((mine, spans[s].0, t, pos, &*caches[s]));
+                rest = tail;
+            }
+            parts.into_par_iter().for_each(|(out, row, t, pos, cache)| {
+                let (kc, vc) = &cache.layers[l];
+                attend(&q[row * nh * hd..(row + t) * nh * hd], kc, vc, pos, t, nh, nkv, hd, out);
+            });
+            layer.wo.forward(&attn, rows, &mut o)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            rms_norm(&x, &layer.ffn_norm, self.eps, &mut h);
+            layer.w1.forward(&h, rows, &mut gate)?;
+            layer.w3.forward(&h, rows, &mut up)?;
+            gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+            layer.w2.forward(&gate, rows, &mut o)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
         // Only each sequence's last position is sampled from.
-        let last: Vec<u32> = spans.iter().map(|&(row, t, _)| (row + t - 1) as u32).collect();
-        let x = x.index_select(&Tensor::new(last.as_slice(), &device)?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
-        let logits = self.output.forward(&x)?;
-        (0..spans.len()).map(|i| logits.i(i)?.to_dtype(DType::F32)?.to_vec1::<f32>()).collect()
+        let mut last = Vec::with_capacity(spans.len() * d);
+        for &(row, t, _) in spans {
+            last.extend_from_slice(&x[(row + t - 1) * d..(row + t) * d]);
+        }
+        rms_norm(&last.clone(), &self.norm, self.eps, &mut last);
+        let mut logits = Vec::new();
+        self.output.forward(&last, spans.len(), &mut logits)?;
+        let vocab = logits.len() / spans.len().max(1);
+        Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Rotates each head's pairs `(2i, 2i + 1)` of one row by position `pos` (GGUF's
+    /// llama layout).
+    fn rope(&self, row: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        for head in row.chunks_mut(self.head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+/// `y = x / rms(x) * w` per row of `x`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut Vec<f32>) {
+    y.clear();
+    for row in x.chunks(w.len()) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        y.extend(row.iter().zip(w).map(|(v, w)| v * inv * w));
+    }
+}
+
+/// Causal attention of one sequence's `t` new query rows (positions `pos..pos + t`)
+/// over its cache (`pos + t` tokens), grouped-query: head `h` reads KV head
+/// `h / (nh / nkv)`. Writes `[t][nh][hd]` into `out`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pos: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = Vec::with_capacity(pos + t);
+    for r in 0..t {
+        let seen = pos + r + 1;
+        for h in 0..nh {
+            let kv = h / group;
+            let qh = &q[(r * nh + h) * hd..(r * nh + h + 1) * hd];
+            scores.clear();
+            scores.extend((0..seen).map(|j| {
+                let kj = &kc[(j * nkv + kv) * hd..(j * nkv + kv + 1) * hd];
+                qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+            }));
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut sum = 0.0;
+            scores.iter_mut().for_each(|s| {
+                *s = (*s - max).exp();
+                sum += *s;
+            });
+            let oh = &mut out[(r * nh + h) * hd..(r * nh + h + 1) * hd];
+            oh.fill(0.0);
+            for (j, p) in scores.iter().enumerate() {
+                let vj = &vc[(j * nkv + kv) * hd..(j * nkv + kv + 1) * hd];
+                let p = p / sum;
+                oh.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
+            }
+        }
     }
 }

@@ -93,11 +93,6 @@ impl QDense {
         Some(QDense { packed, scales, weight_sums, bias, inputs: k, padded, outputs: n })
     }
 
-    /// Output columns.
-    pub(crate) fn outputs(&self) -> usize {
-        self.outputs
-    }
-
     /// Whether this CPU runs the VNNI kernel (the plain path is for correctness only).
     pub(crate) fn fast() -> bool {
         has_vnni()
