@@ -84,7 +84,7 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
         }
         rows.push(match row {
             Ok(g) => serde_json::json!({
-                "id": id, "text": g.text, "tokens": g.tokens.len(), "prompt_tokens": g.prompt_tokens,
+                "id": id, "text": g.text, "tokens": g.tokens.len(), "token_ids": g.tokens, "prompt_tokens": g.prompt_tokens,
                 "finish_reason": g.finish_reason, "ttft_ms": g.time_to_first_token_ms, "elapsed_ms": g.elapsed_ms,
             }),
             Err(e) => {
