@@ -124,3 +124,127 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
     }
     Ok(())
 }
+
+/// `kiln bench` for `task = "generate"`: one stream, then `concurrency` streams at once
+/// (each a fresh engine, so each phase's latency figures are its own), over `requests`
+/// prompts per phase — `--texts FILE` lines, or "Write a long story about …" prompts that
+/// run to `generate.max_new_tokens`.
+pub(crate) async fn bench_generate(
+    config: KilnConfig,
+    requests: usize,
+    concurrency: usize,
+    texts: Option<Vec<String>>,
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    const TOPICS: [&str; 16] = [
+        "a dragon",
+        "the sea",
+        "a robot",
+        "a city at night",
+        "a lost key",
+        "winter",
+        "a baker",
+        "the moon",
+        "a train",
+        "a garden",
+        "an old map",
+        "a storm",
+        "a violin",
+        "a lighthouse",
+        "a fox",
+        "a desert",
+    ];
+    let prompts: Vec<String> = match texts {
+        Some(t) if !t.is_empty() => t,
+        Some(_) => bail!("--texts holds no prompts"),
+        None => TOPICS.iter().map(|t| format!("Write a long story about {t}.")).collect(),
+    };
+    let one = bench_phase(&config, prompts.clone(), requests.clamp(1, 4), 1).await?;
+    print_phase("1 stream", &one);
+    let many = bench_phase(&config, prompts, requests.max(concurrency), concurrency.max(1)).await?;
+    print_phase(&format!("{concurrency} streams"), &many);
+    let ratio =
+        many["tokens_per_s"].as_f64().unwrap_or(0.0) / one["tokens_per_s"].as_f64().unwrap_or(1.0).max(1e-9);
+    println!("aggregate tokens/s, {concurrency} streams / 1 stream: {ratio:.2}");
+    if let Some(path) = json {
+        let value = serde_json::json!({"single_stream": one, "concurrent": many, "concurrency": concurrency, "ratio": ratio});
+        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn bench_phase(
+    config: &KilnConfig,
+    prompts: Vec<String>,
+    requests: usize,
+    concurrency: usize,
+) -> Result<serde_json::Value> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let generation = Arc::new(Generation::from_config(config.clone()).await?);
+    let next = Arc::new(AtomicUsize::new(0));
+    let prompts = Arc::new(prompts);
+    let started = std::time::Instant::now();
+    let mut callers = Vec::new();
+    for _ in 0..concurrency {
+        let (generation, next, prompts) = (generation.clone(), next.clone(), prompts.clone());
+        callers.push(tokio::spawn(async move {
+            let (mut tokens, mut errors, mut per_stream) = (0usize, 0usize, Vec::new());
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= requests {
+                    break;
+                }
+                let prompt = Prompt::Text(prompts[i % prompts.len()].clone());
+                match generation.stream(prompt) {
+                    Ok(stream) => match stream.finish().await {
+                        Ok(g) => {
+                            tokens += g.tokens.len();
+                            per_stream.push(g.tokens.len() as f64 / (g.elapsed_ms / 1000.0).max(1e-9));
+                        }
+                        Err(_) => errors += 1,
+                    },
+                    Err(_) => errors += 1,
+                }
+            }
+            (tokens, errors, per_stream)
+        }));
+    }
+    let (mut tokens, mut errors, mut per_stream) = (0, 0, Vec::new());
+    for caller in callers {
+        let (t, e, p) = caller.await?;
+        tokens += t;
+        errors += e;
+        per_stream.extend(p);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let quantization = generation.info().quantization.clone();
+    let stats = Arc::into_inner(generation).expect("callers are done").shutdown().await;
+    Ok(serde_json::json!({
+        "requests": requests, "errors": errors, "generated_tokens": tokens, "seconds": seconds,
+        "tokens_per_s": tokens as f64 / seconds.max(1e-9),
+        "per_stream_tokens_per_s": per_stream.iter().sum::<f64>() / per_stream.len().max(1) as f64,
+        "ttft_ms": {"p50": stats.ttft_ms[0], "p99": stats.ttft_ms[1]},
+        "inter_token_ms": {"p50": stats.inter_token_ms[0], "p99": stats.inter_token_ms[1], "max": stats.inter_token_ms[2]},
+        "mean_sequences_per_step": stats.mean_sequences_per_step, "weights": quantization,
+    }))
+}
+
+fn print_phase(label: &str, r: &serde_json::Value) {
+    println!(
+        "{label}: {} prompts, {} tokens in {:.2} s: {:.1} tokens/s ({:.1} per stream), {:.1} sequences per step; \
+         TTFT p50 {:.0} ms p99 {:.0} ms; inter-token p50 {:.1} ms p99 {:.1} ms; {} errors",
+        r["requests"],
+        r["generated_tokens"],
+        r["seconds"].as_f64().unwrap_or(0.0),
+        r["tokens_per_s"].as_f64().unwrap_or(0.0),
+        r["per_stream_tokens_per_s"].as_f64().unwrap_or(0.0),
+        r["mean_sequences_per_step"].as_f64().unwrap_or(0.0),
+        r["ttft_ms"]["p50"].as_f64().unwrap_or(0.0),
+        r["ttft_ms"]["p99"].as_f64().unwrap_or(0.0),
+        r["inter_token_ms"]["p50"].as_f64().unwrap_or(0.0),
+        r["inter_token_ms"]["p99"].as_f64().unwrap_or(0.0),
+        r["errors"]
+    );
+}

@@ -244,6 +244,17 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
     };
     let mut config = args.source.load()?;
     args.profiler.apply(&mut config);
+    if config.task == kiln::Task::Generate {
+        // Prompts, not texts to embed: one stream against `--concurrency` streams.
+        return generate::bench_generate(
+            config,
+            args.requests,
+            args.concurrency,
+            options.texts,
+            args.json.as_deref(),
+        )
+        .await;
+    }
     let baseline = if args.compare.is_empty() {
         None
     } else {

@@ -1,0 +1,81 @@
+//! `task = "generate"` from the command line (examples/generate.toml, the real SmolLM2
+//! GGUF): `kiln run` answers a JSON Lines file of prompts and chat messages in input
+//! order; `kiln bench` measures one stream against several and writes the figures; a
+//! malformed prompt record is refused naming the line.
+
+mod support;
+
+use support::kiln;
+
+#[test]
+fn kiln_run_answers_prompts_and_messages_in_input_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("answers.jsonl");
+    let run = kiln(&[
+        "run",
+        "examples/generate.toml",
+        "--input",
+        "examples/data/prompts.jsonl",
+        "--output",
+        out.to_str().unwrap(),
+        "--set",
+        "generate.max_new_tokens=16",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("generated") && stderr.contains("tokens/s"), "{stderr}");
+    let rows = support::jsonl_events(&out);
+    let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["germany", "japan", "haiku"]);
+    assert_eq!(rows[0]["text"], "The capital of Germany is Berlin.");
+    assert!(rows[1]["text"].as_str().unwrap().contains("Tokyo"), "{}", rows[1]);
+    for r in &rows {
+        let n = r["tokens"].as_u64().unwrap();
+        assert!((1..=16).contains(&n) && r["token_ids"].as_array().unwrap().len() as u64 == n, "{r}");
+        assert!(["stop", "length"].contains(&r["finish_reason"].as_str().unwrap()), "{r}");
+    }
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": 1, \"prompt\": \"hi\"}\n{\"id\": 2, \"prompt\": 7}\n").unwrap();
+    let run = kiln(&[
+        "run",
+        "examples/generate.toml",
+        "--input",
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("bad.jsonl:2") && !stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn kiln_bench_compares_one_stream_with_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let run = kiln(&[
+        "bench",
+        "examples/generate.toml",
+        "--requests",
+        "4",
+        "--concurrency",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+        "--set",
+        "generate.max_new_tokens=8",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("4 streams / 1 stream"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let many = &report["concurrent"];
+    assert_eq!(many["errors"], 0, "{report}");
+    assert!(many["generated_tokens"].as_u64().unwrap() > 0, "{report}");
+    assert!(many["mean_sequences_per_step"].as_f64().unwrap() > 1.0, "four streams share steps: {report}");
+    assert!(
+        report["ratio"].as_f64().unwrap() > 0.0 && many["ttft_ms"]["p50"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+}
