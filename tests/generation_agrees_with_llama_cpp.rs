@@ -25,21 +25,7 @@ async fn agree_on(weights: &str, exact: bool) {
         &std::fs::read_to_string(support::root().join("tests/fixtures/smollm2_llama_cpp.json")).unwrap(),
     )
     .unwrap();
-    let gguf = support::root().join(".kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        gguf.is_file(),
-        "{} is missing: run `scripts/setup generate` (scripts/test does)",
-        gguf.display()
-    );
-    let config = kiln::KilnConfig::load(
-        None,
-        &[
-            "task=\"generate\"".into(),
-            format!("model.path={:?}", gguf.display().to_string()),
-            format!("provider.options.requantize={weights:?}"),
-        ],
-    )
-    .unwrap();
+    let config = support::smollm_config(&[&format!("provider.options.requantize={weights:?}")]);
     let g = Generation::from_config(config).await.unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()

@@ -11,20 +11,8 @@ use std::time::Duration;
 
 use kiln::runtime::{Event, FinishReason, Generation, Prompt};
 
-fn gguf() -> String {
-    let path = support::root().join(".kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `scripts/setup generate` (scripts/test does)",
-        path.display()
-    );
-    path.display().to_string()
-}
-
 fn config(sets: &[&str]) -> kiln::KilnConfig {
-    let mut all = vec!["task=\"generate\"".to_string(), format!("model.path={:?}", gguf())];
-    all.extend(sets.iter().map(|s| s.to_string()));
-    kiln::KilnConfig::load(None, &all).expect("valid test config")
+    support::smollm_config(sets)
 }
 
 fn ask(q: &str) -> Prompt {

@@ -19,6 +19,28 @@ pub fn minilm_dir() -> PathBuf {
     dir
 }
 
+/// SmolLM2-135M-Instruct's GGUF file `scripts/setup generate` fetches; tests fail, never
+/// skip, without it.
+pub fn smollm_gguf() -> PathBuf {
+    let path = root().join(".kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `scripts/setup generate` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A generate-task config for SmolLM2 on candle, CPU, with `sets` applied.
+pub fn smollm_config(sets: &[&str]) -> kiln::KilnConfig {
+    let mut all = vec![
+        "task=\"generate\"".to_string(),
+        format!("model.path={:?}", smollm_gguf().display().to_string()),
+    ];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    kiln::KilnConfig::load(None, &all).expect("valid test config")
+}
+
 /// A config for MiniLM on candle, CPU, with `sets` applied as `--set` flags would be.
 pub fn minilm_config(sets: &[&str]) -> kiln::KilnConfig {
     let mut all = vec![format!("model.path={:?}", minilm_dir().display().to_string())];

@@ -103,6 +103,13 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
         Ok(())
     })
     .await?;
+    if let (Some(path), Some(report)) = (&args.profiler.profile, generation.profile_report()) {
+        crate::run::write_output(path, async |out| Ok(serde_json::to_writer_pretty(&mut *out, &report)?))
+            .await?;
+    }
+    if args.profiler.trace.is_some() {
+        eprintln!("kiln: --trace is not written for task = \"generate\" yet (--profile is)");
+    }
     let info = generation.info().clone();
     let load = generation.load_time().as_secs_f64();
     let stats = generation.shutdown().await;

@@ -1,6 +1,6 @@
 //! `task = "generate"` from the command line (examples/generate.toml, the real SmolLM2
 //! GGUF): `kiln run` answers a JSON Lines file of prompts and chat messages in input
-//! order; `kiln bench` measures one stream against several and writes the figures; a
+//! order (with the profiler's spans per step and request); `kiln bench` measures one stream against several and writes the figures; a
 //! malformed prompt record is refused naming the line.
 
 mod support;
@@ -20,9 +20,17 @@ fn kiln_run_answers_prompts_and_messages_in_input_order() {
         out.to_str().unwrap(),
         "--set",
         "generate.max_new_tokens=16",
+        "--profile",
+        dir.path().join("profile.json").to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
+    // The profile: one span per step, one per request, and the load.
+    let profile: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("profile.json")).unwrap()).unwrap();
+    let count = |span: &str| profile["spans"][span]["count"].as_u64().unwrap_or(0);
+    assert_eq!((count("generate_request"), count("load_model")), (3, 1), "{profile}");
+    assert!(count("generate_step") >= 8 && count("generate_sample") == count("generate_step"), "{profile}");
     assert!(stderr.contains("generated") && stderr.contains("tokens/s"), "{stderr}");
     let rows = support::jsonl_events(&out);
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use kiln_core::{Error, GenerateConfig, Generator, SequenceCache, StepItem};
+use kiln_core::{Error, GenerateConfig, Generator, Profiler, SequenceCache, StepItem};
 use kiln_text::gguf::IncrementalDecoder;
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -141,6 +141,7 @@ pub(super) fn run(
     queue: flume::Receiver<Job>,
     limits: Limits,
     counters: Arc<Counters>,
+    profiler: Arc<dyn Profiler>,
 ) {
     let eos = generator.info().eos_token_ids.clone();
     let context = generator.info().context_length;
@@ -210,6 +211,7 @@ pub(super) fn run(
         }
         let prefill: u64 =
             running.iter().filter(|r| r.generated.is_empty()).map(|r| r.feed.len() as u64).sum();
+        let step_started = Instant::now();
         let result = {
             let mut items: Vec<StepItem<'_>> =
                 running.iter_mut().map(|r| StepItem { tokens: &r.feed, cache: r.cache.as_mut() }).collect();
@@ -231,6 +233,7 @@ pub(super) fn run(
             }
         };
         let now = Instant::now();
+        profiler.record("generate_step", step_started, now - step_started);
         counters.with(|s| {
             s.stats.steps += 1;
             s.sequences_in_steps += running.len() as u64;
@@ -297,6 +300,7 @@ pub(super) fn run(
                 finished.push((i, FinishReason::Context));
             }
         }
+        profiler.record("generate_sample", now, now.elapsed());
         for &(i, reason) in finished.iter().rev() {
             let r = running.swap_remove(i);
             reserved -= r.job.reserve;
@@ -315,6 +319,7 @@ pub(super) fn run(
                 text: r.text,
             };
             counters.with(|s| s.stats.completed += 1);
+            profiler.record("generate_request", r.job.submitted, now - r.job.submitted);
             let _ = r.job.events.send(Event::Done(done));
         }
     }

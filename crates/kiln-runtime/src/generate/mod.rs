@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, Result, build_provider,
+    Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, NoopProfiler, ProfileReport,
+    Profiler, Result, build_provider,
 };
 use kiln_text::chat::{Message, render_chat};
 use serde::Serialize;
@@ -120,6 +121,8 @@ pub struct Generation {
     config: GenerateConfig,
     counters: Arc<Counters>,
     load_time: Duration,
+    profiler: Arc<dyn Profiler>,
+    profiling: bool,
 }
 
 impl Generation {
@@ -137,6 +140,7 @@ impl Generation {
         let generator = provider.load_generator(&spec).await?;
         let mut generation = Self::start(generator, &config)?;
         generation.load_time = started.elapsed();
+        generation.profiler.record("load_model", started, generation.load_time);
         Ok(generation)
     }
 
@@ -151,11 +155,19 @@ impl Generation {
             max_sequences: config.batching.max_batch_size.max(1),
             kv_budget: config.generate.kv_cache_mb.saturating_mul(1 << 20),
         };
+        let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
+            crate::SamplingProfiler::start(config.profiler.clone())
+        } else {
+            Arc::new(NoopProfiler)
+        };
+        let engine_profiler = profiler.clone();
         let engine_counters = counters.clone();
         let engine_tokenizer = tokenizer.clone();
         let thread = std::thread::Builder::new()
             .name("kiln-generate".into())
-            .spawn(move || engine::run(generator, engine_tokenizer, queue, limits, engine_counters))
+            .spawn(move || {
+                engine::run(generator, engine_tokenizer, queue, limits, engine_counters, engine_profiler)
+            })
             .map_err(|e| Error::backend("kiln", format!("starting the generation thread: {e}")))?;
         Ok(Generation {
             jobs: Some(jobs),
@@ -165,6 +177,8 @@ impl Generation {
             config: config.generate.clone(),
             counters,
             load_time: Duration::ZERO,
+            profiler,
+            profiling: config.profiler.enabled,
         })
     }
 
@@ -272,6 +286,13 @@ impl Generation {
     /// Generates the whole text of `prompt`.
     pub async fn generate(&self, prompt: Prompt) -> Result<Generated> {
         self.stream(prompt)?.finish().await
+    }
+
+    /// The profiler's report so far (spans `load_model`, `generate_step` — one per step,
+    /// prefill and decode together — `generate_sample` and `generate_request`, from
+    /// submission to the last token; resource peaks); `None` with `profiler.enabled` off.
+    pub fn profile_report(&self) -> Option<ProfileReport> {
+        self.profiling.then(|| self.profiler.report())
     }
 
     /// Counters, gauges and latency percentiles so far.
