@@ -1,6 +1,7 @@
 //! `task = "generate"` from the command line (examples/generate.toml, the real SmolLM2
 //! GGUF): `kiln run` answers a JSON Lines file of prompts and chat messages in input
-//! order (with the profiler's spans per step and request); `kiln bench` measures one stream against several and writes the figures; a
+//! order (with the profiler's spans per step and request, and the trackers' metrics and
+//! summary); `kiln bench` measures one stream against several and writes the figures; a
 //! malformed prompt record is refused naming the line.
 
 mod support;
@@ -56,6 +57,45 @@ fn kiln_run_answers_prompts_and_messages_in_input_order() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("bad.jsonl:2") && !stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn the_jsonl_tracker_gets_generation_metrics_and_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(support::root().join("examples/generate.toml")).unwrap();
+    let gguf = support::root().join(".kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let config = example
+        .replace("../.kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", gguf.to_str().unwrap())
+        + &format!(
+            "\n[tracking]\ndir = {:?}\n\n[[trackers]]\nkind = \"jsonl\"\n",
+            dir.path().display().to_string()
+        );
+    let file = dir.path().join("generate.toml");
+    std::fs::write(&file, config).unwrap();
+    let out = dir.path().join("answers.jsonl");
+    let run = kiln(&[
+        "run",
+        file.to_str().unwrap(),
+        "--input",
+        "examples/data/prompts.jsonl",
+        "--output",
+        out.to_str().unwrap(),
+        "--set",
+        "generate.max_new_tokens=8",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let log = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl") && p != &out)
+        .expect("the jsonl tracker's file");
+    let events = support::jsonl_events(&log);
+    let summary = events.iter().find(|e| e["event"] == "summary").unwrap_or_else(|| panic!("{events:?}"));
+    let text = summary.to_string();
+    assert!(text.contains("generate/generated_tokens") && text.contains("generate/ttft_p50_ms"), "{text}");
+    let step = events.iter().find(|e| e["event"] == "metrics").unwrap_or_else(|| panic!("{events:?}"));
+    assert!(step["metrics"]["generate/requests"].as_f64().unwrap() >= 3.0, "{step}");
+    assert_eq!(events.last().unwrap()["event"], "end", "{events:?}");
 }
 
 #[test]

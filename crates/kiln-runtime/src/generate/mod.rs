@@ -123,6 +123,7 @@ pub struct Generation {
     load_time: Duration,
     profiler: Arc<dyn Profiler>,
     profiling: bool,
+    trackers: Option<crate::TrackerHub>,
 }
 
 impl Generation {
@@ -141,6 +142,18 @@ impl Generation {
         let mut generation = Self::start(generator, &config)?;
         generation.load_time = started.elapsed();
         generation.profiler.record("load_model", started, generation.load_time);
+        let trackers = kiln_core::build_trackers(&config.trackers, &config.tracking)?;
+        if !trackers.is_empty() {
+            let kinds = config.trackers.iter().map(|t| t.kind.clone());
+            let counters = generation.counters.clone();
+            generation.trackers = Some(crate::TrackerHub::start(
+                kinds.zip(trackers).collect(),
+                serde_json::to_value(&config).unwrap_or_default(),
+                Duration::from_millis(config.tracking.interval_ms),
+                Box::new(move || metrics(&counters.snapshot())),
+                crate::TrackerFailures::default(),
+            )?);
+        }
         Ok(generation)
     }
 
@@ -179,6 +192,7 @@ impl Generation {
             load_time: Duration::ZERO,
             profiler,
             profiling: config.profiler.enabled,
+            trackers: None,
         })
     }
 
@@ -300,14 +314,42 @@ impl Generation {
         self.counters.snapshot()
     }
 
-    /// Stops taking requests, lets running ones finish, and stops the engine.
+    /// Stops taking requests, lets running ones finish, stops the engine, and gives the
+    /// trackers the summary and the profile.
     pub async fn shutdown(mut self) -> GenerationStats {
         self.jobs.take();
         if let Some(thread) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        self.counters.snapshot()
+        let stats = self.counters.snapshot();
+        if let Some(hub) = self.trackers.take() {
+            hub.finish(metrics(&stats), self.profile_report()).await;
+        }
+        stats
     }
+}
+
+/// What the trackers get each step and at the end (`generate/...` keys).
+fn metrics(s: &GenerationStats) -> kiln_core::Metrics {
+    [
+        ("generate/requests", s.requests as f64),
+        ("generate/completed", s.completed as f64),
+        ("generate/cancelled", s.cancelled as f64),
+        ("generate/failed", s.failed as f64),
+        ("generate/prompt_tokens", s.prompt_tokens as f64),
+        ("generate/generated_tokens", s.generated_tokens as f64),
+        ("generate/running", s.running as f64),
+        ("generate/waiting", s.waiting as f64),
+        ("generate/sequences_per_step", s.mean_sequences_per_step),
+        ("generate/kv_cache_mb", s.kv_cache_bytes as f64 / (1 << 20) as f64),
+        ("generate/ttft_p50_ms", s.ttft_ms[0]),
+        ("generate/ttft_p99_ms", s.ttft_ms[1]),
+        ("generate/inter_token_p50_ms", s.inter_token_ms[0]),
+        ("generate/inter_token_p99_ms", s.inter_token_ms[1]),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 impl Drop for Generation {
