@@ -79,15 +79,12 @@ struct Ctx {
 enum In {
     /// Computed by an earlier step (or a graph input).
     Slot(usize),
-    /// A constant, with its device copy when it is a float tensor.
-    Const(Arc<Const>),
+    /// A constant on the host (shape arithmetic, and until compiling ends).
+    Const(Arc<HostTensor>),
+    /// A float constant on the device, at the model's dtype.
+    Device(Arc<Array>),
     /// An omitted optional input.
     None,
-}
-
-struct Const {
-    host: HostTensor,
-    device: Option<Array>,
 }
 
 /// An operator with its attributes read and its weights prepared.
@@ -213,18 +210,12 @@ fn device_const(t: &HostTensor, dtype: DType) -> Result<Array> {
 impl Graph {
     /// Compiles `model` to run at `dtype` (f32, f16 or bf16).
     pub fn compile(model: &OnnxModel, dtype: DType) -> std::result::Result<Graph, String> {
-        let mut consts: HashMap<String, Arc<Const>> = HashMap::new();
         let mut names: HashMap<String, In> = HashMap::new();
-        let add_const = |consts: &mut HashMap<String, Arc<Const>>,
-                         names: &mut HashMap<String, In>,
-                         name: &str,
-                         t: HostTensor| {
-            let c = Arc::new(Const { host: t, device: None });
-            consts.insert(name.to_string(), c.clone());
-            names.insert(name.to_string(), In::Const(c));
+        let add_const = |names: &mut HashMap<String, In>, name: &str, t: HostTensor| {
+            names.insert(name.to_string(), In::Const(Arc::new(t)));
         };
         for (name, t) in &model.constants {
-            add_const(&mut consts, &mut names, name, t.clone());
+            add_const(&mut names, name, t.clone());
         }
         let mut slots = 0;
         let mut inputs = Vec::new();
@@ -259,7 +250,7 @@ impl Graph {
                 let Some(Attribute::Tensor(t)) = node.attributes.get("value") else {
                     return Err(at("a Constant without a tensor `value`".into()));
                 };
-                add_const(&mut consts, &mut names, output, t.clone());
+                add_const(&mut names, output, t.clone());
                 continue;
             }
             let step_inputs: Vec<In> = node
@@ -287,7 +278,7 @@ impl Graph {
                 let step = Step { op, name: node.name.clone(), inputs: step_inputs, output: 0 };
                 let folded = run_step(&step, &[], Ctx { dtype }).map_err(|e| at(e.to_string()))?;
                 match folded {
-                    Value::Host(t) => add_const(&mut consts, &mut names, output, t),
+                    Value::Host(t) => add_const(&mut names, output, t),
                     Value::Device(_) => return Err(at("folding constants gave a device array".into())),
                 }
                 continue;
@@ -317,16 +308,27 @@ impl Graph {
             .flatten()
             .collect();
         crate::array::eval(&prepared).map_err(|e| e.to_string())?;
-        // Float constants that steps read go to the device once.
+        // Float constants that steps read go to the device once each, however many
+        // steps read them; convolutions, batch norms and clips hold what they need already.
+        let mut on_device: HashMap<*const HostTensor, Arc<Array>> = HashMap::new();
         for step in &mut steps {
+            if matches!(step.op, Op::Conv { .. } | Op::Affine { .. } | Op::Clip { .. }) {
+                step.inputs.truncate(1);
+            }
             for input in &mut step.inputs {
                 if let In::Const(c) = input
-                    && c.device.is_none()
-                    && matches!(c.host.data, HostData::F32(_))
+                    && matches!(c.data, HostData::F32(_))
                     && !host_op(&step.op)
                 {
-                    let device = device_const(&c.host, dtype).map_err(|e| e.to_string())?;
-                    *input = In::Const(Arc::new(Const { host: c.host.clone(), device: Some(device) }));
+                    let device = match on_device.get(&Arc::as_ptr(c)) {
+                        Some(d) => d.clone(),
+                        None => {
+                            let d = Arc::new(device_const(c, dtype).map_err(|e| e.to_string())?);
+                            on_device.insert(Arc::as_ptr(c), d.clone());
+                            d
+                        }
+                    };
+                    *input = In::Device(device);
                 }
             }
         }
@@ -344,7 +346,7 @@ impl Graph {
     fn op(node: &Node, opset: i64, inputs: &[In], dtype: DType) -> std::result::Result<Op, String> {
         let const_input = |i: usize| -> Option<HostTensor> {
             match inputs.get(i) {
-                Some(In::Const(c)) => Some(c.host.clone()),
+                Some(In::Const(c)) => Some((**c).clone()),
                 _ => None,
             }
         };
@@ -396,8 +398,10 @@ impl Graph {
                 let weight = dev(&HostTensor { shape: vec![o, kh, kw, i], data: HostData::F32(ohwi) })?;
                 let bias = match inputs.get(2) {
                     None | Some(In::None) => None,
-                    Some(In::Const(c)) => Some(dev(&c.host)?),
-                    Some(In::Slot(_)) => return Err("a Conv bias computed at run time is not run".into()),
+                    Some(In::Const(c)) => Some(dev(c)?),
+                    Some(In::Slot(_) | In::Device(_)) => {
+                        return Err("a Conv bias computed at run time is not run".into());
+                    }
                 };
                 let auto_pad = match node.attributes.get("auto_pad") {
                     Some(Attribute::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),

@@ -44,7 +44,8 @@ fn arg<'a>(input: &'a In, values: &'a [Option<Value>]) -> Result<Arg<'a>> {
             Some(Value::Device(a)) => Arg::Device(a),
             None => return Err(invalid("an input that was not computed")),
         },
-        In::Const(c) => c.device.as_ref().map_or(Arg::Host(&c.host), Arg::Device),
+        In::Const(c) => Arg::Host(c),
+        In::Device(a) => Arg::Device(a),
         In::None => Arg::None,
     })
 }
