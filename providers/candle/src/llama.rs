@@ -383,9 +383,9 @@ impl Llama {
             let mut parts: Vec<(&mut [f32], usize, usize, usize, &LlamaCache)> =
                 Vec::with_capacity(spans.len());
             let mut rest = attn.as_mut_slice();
-            for (s, &(_, t, pos)) in spans.iter().enumerate() {
+            for (&(row, t, pos), cache) in spans.iter().zip(caches.iter()) {
                 let (mine, tail) = rest.split_at_mut(t * nh * hd);
-                parts.push((mine, spans[s].0, t, pos, &*caches[s]));
+                parts.push((mine, row, t, pos, &**cache));
                 rest = tail;
             }
             parts.into_par_iter().for_each(|(out, row, t, pos, cache)| {
@@ -406,9 +406,9 @@ impl Llama {
         for &(row, t, _) in spans {
             last.extend_from_slice(&x[(row + t - 1) * d..(row + t) * d]);
         }
-        rms_norm(&last.clone(), &self.norm, self.eps, &mut last);
+        rms_norm(&last, &self.norm, self.eps, &mut h);
         let mut logits = Vec::new();
-        self.output.forward(&last, spans.len(), &mut logits)?;
+        self.output.forward(&h, spans.len(), &mut logits)?;
         let vocab = logits.len() / spans.len().max(1);
         Ok(logits.chunks(vocab).map(<[f32]>::to_vec).collect())
     }

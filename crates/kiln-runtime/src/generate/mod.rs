@@ -132,6 +132,9 @@ impl Generation {
         config.validate()?;
         let started = Instant::now();
         let provider = build_provider(&config.provider)?;
+        // Built before the model loads, so a tracker's config error fails fast (as the
+        // optimizer does).
+        let trackers = kiln_core::build_trackers(&config.trackers, &config.tracking)?;
         let spec = ModelSpec::new(
             &config.model.path,
             config.model.device.fixed().unwrap_or(kiln_core::Device::Cpu),
@@ -142,7 +145,6 @@ impl Generation {
         let mut generation = Self::start(generator, &config)?;
         generation.load_time = started.elapsed();
         generation.profiler.record("load_model", started, generation.load_time);
-        let trackers = kiln_core::build_trackers(&config.trackers, &config.tracking)?;
         if !trackers.is_empty() {
             let kinds = config.trackers.iter().map(|t| t.kind.clone());
             let counters = generation.counters.clone();
