@@ -2,7 +2,9 @@
 //! prompts get the answers llama.cpp gives with the same file and template at
 //! temperature 0; greedy repeats, a seeded sampled run repeats; sequences batched
 //! together get exactly the tokens they get alone; a dropped stream frees its slot and
-//! KV cache; a prompt beyond the context is refused by rule; a bad setting names itself.
+//! KV cache; a prompt beyond the context is refused by rule; a bad setting names itself;
+//! a load that does not fit memory is refused, and under memory pressure nothing joins a
+//! running batch.
 #![cfg(feature = "candle")]
 
 mod support;
@@ -113,4 +115,32 @@ async fn a_dropped_stream_frees_its_cache_and_bad_requests_are_refused_by_rule()
     let err =
         kiln::runtime::Optimizer::from_config(config(&[])).await.err().expect("not the optimizer's task");
     assert!(err.to_string().contains("kiln_runtime::Generation"), "{err}");
+}
+
+#[tokio::test]
+async fn memory_admission_refuses_what_does_not_fit_and_pressure_stops_batching() {
+    // 100 MB cannot hold the weights and the default 1 GiB KV-cache budget.
+    let err = Generation::from_config(config(&["models.max_bytes=100000000"])).await.err().expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("generate.kv_cache_mb = 1024 MiB") && text.contains("MiB of weights"), "{text}");
+    assert!(matches!(err, kiln::Error::OutOfMemory { .. }), "{err:?}");
+
+    // Always "under pressure" (any machine uses more than 1% of its memory): requests
+    // still all complete, one at a time, and the holds are counted.
+    let g = Generation::from_config(config(&[
+        "memory.high_watermark=0.01",
+        "memory.low_watermark=0.005",
+        "batching.max_batch_size=4",
+        "generate.max_new_tokens=6",
+    ]))
+    .await
+    .unwrap();
+    let streams: Vec<_> =
+        ["Say hi.", "Say bye.", "Name a fruit."].iter().map(|p| g.stream(ask(p)).unwrap()).collect();
+    for s in streams {
+        s.finish().await.unwrap();
+    }
+    let stats = g.shutdown().await;
+    assert_eq!((stats.completed, stats.max_sequences_per_step), (3, 1), "{stats:?}");
+    assert!(stats.pressure_holds > 0, "{stats:?}");
 }

@@ -1,12 +1,13 @@
-//! `kiln run` for `task = "generate"`: every prompt of the input submitted at once (the
-//! engine batches them step by step), answers written in input order; a single prompt
-//! on a terminal streams its text as it comes.
+//! `kiln run` for `task = "generate"`: the input's prompts submitted as the engine's
+//! queue (`batching.queue_capacity`) takes them (the engine batches them step by step),
+//! answers written in input order; a single prompt on a terminal streams its text as it
+//! comes.
 
 use std::io::{IsTerminal, Write};
 
 use anyhow::{Context, Result, bail};
 use kiln::KilnConfig;
-use kiln::runtime::{Event, Generation, Prompt};
+use kiln::runtime::{Event, Generated, Generation, Prompt};
 use kiln::text::chat::Message;
 use serde::Deserialize;
 
@@ -56,33 +57,31 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<(serde_json::Value, Prompt
 
 pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<()> {
     let prompts = read_prompts(&args.input)?;
+    // The engine's queue holds `queue_capacity` requests; more are submitted as earlier
+    // ones finish, so a long file never meets "overloaded".
+    let window = config.batching.queue_capacity.max(1);
     let generation = Generation::from_config(config).await?;
     let started = std::time::Instant::now();
     let live = prompts.len() == 1 && std::io::stdout().is_terminal();
-    // Submitted together; the engine admits them as slots and KV-cache budget allow.
-    let streams: Vec<_> = prompts.iter().map(|(_, p)| generation.stream(p.clone())).collect();
+    let mut results: Vec<Option<kiln::Result<Generated>>> = prompts.iter().map(|_| None).collect();
+    let mut pending = std::collections::VecDeque::new();
+    for (i, (_, prompt)) in prompts.iter().enumerate() {
+        if pending.len() >= window {
+            let (j, task): (usize, tokio::task::JoinHandle<_>) = pending.pop_front().expect("window is full");
+            results[j] = Some(task.await?);
+        }
+        match generation.stream(prompt.clone()) {
+            Ok(stream) => pending.push_back((i, tokio::spawn(collect(stream, live)))),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    for (j, task) in pending {
+        results[j] = Some(task.await?);
+    }
     let mut failed = 0;
     let mut rows = Vec::with_capacity(prompts.len());
-    for ((id, _), stream) in prompts.iter().zip(streams) {
-        let row = match stream {
-            Err(e) => Err(e),
-            Ok(mut stream) => loop {
-                match stream.next().await {
-                    Some(Event::Token { text, .. }) if live => {
-                        print!("{text}");
-                        std::io::stdout().flush().ok();
-                    }
-                    Some(Event::Token { .. }) => {}
-                    Some(Event::Done(g)) => break Ok(g),
-                    Some(Event::Failed(e)) => break Err(e),
-                    None => break Err(kiln::Error::Shutdown("the generation engine stopped".into())),
-                }
-            },
-        };
-        if live {
-            println!();
-        }
-        rows.push(match row {
+    for ((id, _), row) in prompts.iter().zip(results) {
+        rows.push(match row.expect("every prompt has a result") {
             Ok(g) => serde_json::json!({
                 "id": id, "text": g.text, "tokens": g.tokens.len(), "token_ids": g.tokens, "prompt_tokens": g.prompt_tokens,
                 "finish_reason": g.finish_reason, "ttft_ms": g.time_to_first_token_ms, "elapsed_ms": g.elapsed_ms,
@@ -103,12 +102,13 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
         Ok(())
     })
     .await?;
-    if let (Some(path), Some(report)) = (&args.profiler.profile, generation.profile_report()) {
-        crate::run::write_output(path, async |out| Ok(serde_json::to_writer_pretty(&mut *out, &report)?))
-            .await?;
+    if let Some(path) = &args.profiler.profile {
+        generation.write_profile(path)?;
+        eprintln!("kiln: profile written to {}", path.display());
     }
-    if args.profiler.trace.is_some() {
-        eprintln!("kiln: --trace is not written for task = \"generate\" yet (--profile is)");
+    if let Some(path) = &args.profiler.trace {
+        generation.write_trace(path)?;
+        eprintln!("kiln: trace written to {} (open in https://ui.perfetto.dev)", path.display());
     }
     let info = generation.info().clone();
     let load = generation.load_time().as_secs_f64();
@@ -130,6 +130,26 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
         bail!("{failed} of {} prompts failed (their rows carry the error)", prompts.len());
     }
     Ok(())
+}
+
+/// Reads a stream to its end, printing its text as it comes when `live`.
+async fn collect(mut stream: kiln::runtime::TokenStream, live: bool) -> kiln::Result<Generated> {
+    let result = loop {
+        match stream.next().await {
+            Some(Event::Token { text, .. }) if live => {
+                print!("{text}");
+                std::io::stdout().flush().ok();
+            }
+            Some(Event::Token { .. }) => {}
+            Some(Event::Done(g)) => break Ok(g),
+            Some(Event::Failed(e)) => break Err(e),
+            None => break Err(kiln::Error::Shutdown("the generation engine stopped".into())),
+        }
+    };
+    if live {
+        println!();
+    }
+    result
 }
 
 /// `kiln bench` for `task = "generate"`: one stream, then `concurrency` streams at once

@@ -1,7 +1,7 @@
 //! `task = "generate"` from the command line (examples/generate.toml, the real SmolLM2
 //! GGUF): `kiln run` answers a JSON Lines file of prompts and chat messages in input
-//! order (with the profiler's spans per step and request, and the trackers' metrics and
-//! summary); `kiln bench` measures one stream against several and writes the figures; a
+//! order, however small the queue (with the profiler's spans per step and request, the
+//! Chrome trace, and the trackers' metrics and summary); `kiln bench` measures one stream against several and writes the figures; a
 //! malformed prompt record is refused naming the line.
 
 mod support;
@@ -21,8 +21,13 @@ fn kiln_run_answers_prompts_and_messages_in_input_order() {
         out.to_str().unwrap(),
         "--set",
         "generate.max_new_tokens=16",
+        // A queue of one: the prompts go in as earlier ones finish, none is refused.
+        "--set",
+        "batching.queue_capacity=1",
         "--profile",
         dir.path().join("profile.json").to_str().unwrap(),
+        "--trace",
+        dir.path().join("trace.json").to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
@@ -33,6 +38,11 @@ fn kiln_run_answers_prompts_and_messages_in_input_order() {
     assert_eq!((count("generate_request"), count("load_model")), (3, 1), "{profile}");
     assert!(count("generate_step") >= 8 && count("generate_sample") == count("generate_step"), "{profile}");
     assert!(stderr.contains("generated") && stderr.contains("tokens/s"), "{stderr}");
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().or(trace.as_array()).expect("trace events");
+    let steps = events.iter().filter(|e| e["name"] == "generate_step").count() as u64;
+    assert_eq!(steps, count("generate_step"), "one trace event per step");
     let rows = support::jsonl_events(&out);
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["germany", "japan", "haiku"]);

@@ -29,6 +29,7 @@ mod classify;
 mod embed;
 mod metrics;
 mod profile;
+pub(crate) use profile::write_atomically;
 
 use classify::Classifier;
 pub use classify::{Classification, Scored};
@@ -458,7 +459,7 @@ impl Optimizer {
 /// periodic samples asks for (`memory.sample_interval_ms` for the governor,
 /// `profiler.sample_interval_ms` for the profiler); with neither on, readings are taken
 /// only when needed (admission, `auto`, tracker steps).
-fn start_monitor(config: &KilnConfig) -> Arc<ResourceMonitor> {
+pub(crate) fn start_monitor(config: &KilnConfig) -> Arc<ResourceMonitor> {
     let intervals = [
         config.memory.enabled.then_some(config.memory.sample_interval_ms),
         config.profiler.enabled.then_some(config.profiler.sample_interval_ms),

@@ -193,8 +193,13 @@ impl Provider for CandleProvider {
     }
 
     /// Weights at the model's dtype, from the safetensors headers, plus 10% for
-    /// activations and buffers. Only headers are read.
+    /// activations and buffers. Only headers are read. A GGUF file (generation): its
+    /// tensors as `provider.options.requantize` turns
+    /// them, from the header (`llama::estimate_bytes`).
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
+        if spec.path.is_file() && spec.path.extension().is_some_and(|e| e == "gguf") {
+            return Ok(llama::estimate_bytes(&spec.path, requantize(&self.options)?));
+        }
         // An incomplete folder gets no estimate: load() reports what is wrong with it,
         // checking in the order a user would fix things.
         if !spec.path.join("config.json").is_file() {

@@ -147,6 +147,46 @@ impl Meta<'_> {
     }
 }
 
+/// Bytes a model loaded from `path` with `weights` holds, from the GGUF header alone
+/// (tensor shapes and types): the embedding table as f32 (it is read per token), each
+/// matrix in the form `weights` gives it (the tied output projection a second time),
+/// the rotary tables, plus 10% for a step's activations. `None`: not a readable GGUF
+/// file (loading says why).
+pub fn estimate_bytes(path: &Path, weights: Weights) -> Option<u64> {
+    let mut file = File::open(path).ok()?;
+    let content = gguf_file::Content::read(&mut file).ok()?;
+    let elements = |name: &str| content.tensor_infos.get(name).map(|t| t.shape.elem_count() as u64);
+    let in_memory = |name: &str| -> u64 {
+        let Some(info) = content.tensor_infos.get(name) else { return 0 };
+        let n = info.shape.elem_count() as u64;
+        let as_file = |t: GgmlDType| n * t.type_size() as u64 / t.block_size() as u64;
+        let matrix = info.shape.dims().len() == 2;
+        match weights {
+            _ if !matrix => n * 4,
+            Weights::Int8 => n + 12 * info.shape.dims()[0] as u64,
+            Weights::Ggml(to) if !matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16) => as_file(to),
+            _ => as_file(info.ggml_dtype),
+        }
+    };
+    let mut bytes = elements("token_embd.weight")? * 4;
+    let output = if content.tensor_infos.contains_key("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    bytes += in_memory(output);
+    bytes += content
+        .tensor_infos
+        .keys()
+        .filter(|n| n.starts_with("blk.") || *n == "output_norm.weight")
+        .map(|n| in_memory(n))
+        .sum::<u64>();
+    let meta = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok()).unwrap_or(0) as u64;
+    let (width, heads) = (meta("llama.embedding_length"), meta("llama.attention.head_count").max(1));
+    bytes += meta("llama.context_length") * (width / heads) * 4;
+    Some(bytes + bytes / 10)
+}
+
 impl Llama {
     /// Reads `path` (GGUF, `general.architecture = "llama"`).
     pub fn load(path: &Path, weights: Weights) -> Result<Llama> {

@@ -2,7 +2,7 @@
 //! streaming, and the counters behind [`GenerationStats`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -29,6 +29,8 @@ pub(super) struct Limits {
     pub(super) max_sequences: usize,
     /// 0: unbounded.
     pub(super) kv_budget: u64,
+    /// Set while memory is above the high watermark: nothing joins a running batch.
+    pub(super) pressure: Option<Arc<AtomicBool>>,
 }
 
 /// A sequence in the running batch.
@@ -80,6 +82,9 @@ pub struct GenerationStats {
     pub kv_cache_bytes: u64,
     /// Most KV-cache bytes held at once.
     pub peak_kv_cache_bytes: u64,
+    /// Steps at which a waiting request was held back because memory was above
+    /// `memory.high_watermark` (nothing joins a running batch then).
+    pub pressure_holds: u64,
     /// Time to first token, milliseconds: p50, p99.
     pub ttft_ms: [f64; 2],
     /// Between a sequence's tokens, milliseconds: p50, p99, max.
@@ -165,7 +170,12 @@ pub(super) fn run(
             }
             alive
         });
+        let pressure = limits.pressure.as_ref().is_some_and(|p| p.load(Ordering::Relaxed));
+        if pressure && !running.is_empty() && running.len() < limits.max_sequences && !waiting.is_empty() {
+            counters.with(|s| s.stats.pressure_holds += 1);
+        }
         while running.len() < limits.max_sequences
+            && (!pressure || running.is_empty())
             && let Some(job) = waiting.front()
             && (limits.kv_budget == 0 || reserved + job.reserve <= limits.kv_budget || running.is_empty())
         {

@@ -9,11 +9,18 @@
 //! sequence's stream. A sequence leaves when it ends (end-of-turn token,
 //! `max_new_tokens`, a stop string, the context) or when its stream is dropped; its KV
 //! cache is freed then, and a waiting request can take its place at the next step.
+//!
+//! Memory: loading is admitted only when the weights (the provider's estimate) plus
+//! `generate.kv_cache_mb` fit what the device has free and `models.max_bytes`. While
+//! memory is above `memory.high_watermark` (until it is back under the low one) no
+//! new sequence joins a running batch: the running ones finish, one waiting request at
+//! a time runs, and `stats().pressure_holds` counts the steps that held one back.
 
 mod engine;
 mod sampler;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_core::{
@@ -26,6 +33,8 @@ use tokenizers::Tokenizer;
 
 pub use engine::GenerationStats;
 use engine::{Counters, Job};
+
+use crate::monitor::{ResourceMonitor, Subscription};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -124,6 +133,10 @@ pub struct Generation {
     profiler: Arc<dyn Profiler>,
     profiling: bool,
     trackers: Option<crate::TrackerHub>,
+    /// The memory readings behind admission, the pressure flag and the profiler.
+    _monitor: Arc<ResourceMonitor>,
+    _pressure: Option<Subscription>,
+    trace: bool,
 }
 
 impl Generation {
@@ -141,8 +154,10 @@ impl Generation {
             config.model.dtype,
         )
         .with_quantization(config.model.quantization);
+        let monitor = crate::optimizer::start_monitor(&config);
+        admit(&config, &spec, provider.estimate_memory(&spec)?.unwrap_or(0), &monitor)?;
         let generator = provider.load_generator(&spec).await?;
-        let mut generation = Self::start(generator, &config)?;
+        let mut generation = Self::start_on(generator, &config, monitor)?;
         generation.load_time = started.elapsed();
         generation.profiler.record("load_model", started, generation.load_time);
         if !trackers.is_empty() {
@@ -161,17 +176,42 @@ impl Generation {
 
     /// Starts the engine on a loaded generator (a custom provider's, or a test's).
     pub fn start(generator: Arc<dyn Generator>, config: &KilnConfig) -> Result<Self> {
+        Self::start_on(generator, config, crate::optimizer::start_monitor(config))
+    }
+
+    fn start_on(
+        generator: Arc<dyn Generator>,
+        config: &KilnConfig,
+        monitor: Arc<ResourceMonitor>,
+    ) -> Result<Self> {
         config.validate()?;
         let info = generator.info().clone();
         let tokenizer = Arc::new(kiln_text::gguf::generation_tokenizer(&info.tokenizer)?);
         let counters = Arc::new(Counters::default());
         let (jobs, queue) = flume::bounded::<Job>(config.batching.queue_capacity.max(1));
+        let high = config.memory.high_watermark;
+        let pressure = config.memory.enabled.then(|| {
+            let reading = monitor.latest().unwrap_or_else(|| monitor.sample_now());
+            Arc::new(AtomicBool::new(reading.fullest_fraction() > high))
+        });
+        let subscription = pressure.clone().map(|flag| {
+            let low = config.memory.low_watermark;
+            monitor.subscribe(move |reading| {
+                let used = reading.fullest_fraction();
+                if used > high {
+                    flag.store(true, Ordering::Relaxed);
+                } else if used < low {
+                    flag.store(false, Ordering::Relaxed);
+                }
+            })
+        });
         let limits = engine::Limits {
             max_sequences: config.batching.max_batch_size.max(1),
             kv_budget: config.generate.kv_cache_mb.saturating_mul(1 << 20),
+            pressure,
         };
         let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
-            crate::SamplingProfiler::start(config.profiler.clone())
+            crate::SamplingProfiler::with_monitor(config.profiler.clone(), monitor.clone())
         } else {
             Arc::new(NoopProfiler)
         };
@@ -195,6 +235,9 @@ impl Generation {
             profiler,
             profiling: config.profiler.enabled,
             trackers: None,
+            _monitor: monitor,
+            _pressure: subscription,
+            trace: config.profiler.enabled && config.profiler.trace,
         })
     }
 
@@ -311,6 +354,30 @@ impl Generation {
         self.profiling.then(|| self.profiler.report())
     }
 
+    /// Writes the profiler's report as JSON to `path` (all or nothing). `Ok(false)` when
+    /// profiling is off.
+    pub fn write_profile(&self, path: &std::path::Path) -> Result<bool> {
+        let Some(report) = self.profile_report() else { return Ok(false) };
+        crate::optimizer::write_atomically(path, |out| {
+            serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::other)
+        })?;
+        Ok(true)
+    }
+
+    /// Writes the Chrome trace (Perfetto, chrome://tracing) of the spans so far to
+    /// `path`. `Ok(false)` when no trace is kept (`profiler.trace` off).
+    pub fn write_trace(&self, path: &std::path::Path) -> Result<bool> {
+        if !self.trace {
+            return Ok(false);
+        }
+        let mut kept = false;
+        crate::optimizer::write_atomically(path, |out| {
+            kept = self.profiler.write_trace(out).map_err(std::io::Error::other)?;
+            Ok(())
+        })?;
+        Ok(kept)
+    }
+
     /// Counters, gauges and latency percentiles so far.
     pub fn stats(&self) -> GenerationStats {
         self.counters.snapshot()
@@ -331,6 +398,32 @@ impl Generation {
     }
 }
 
+/// Refuses a load whose weights (`weights`, the provider's estimate) and KV-cache
+/// budget do not fit `models.max_bytes` or what `spec.device` has free.
+fn admit(config: &KilnConfig, spec: &ModelSpec, weights: u64, monitor: &ResourceMonitor) -> Result<()> {
+    let kv = config.generate.kv_cache_mb.saturating_mul(1 << 20);
+    let required = weights.saturating_add(kv);
+    let refuse = |available| Error::OutOfMemory {
+        what: format!(
+            "model {} ({} MiB of weights + generate.kv_cache_mb = {} MiB of KV cache)",
+            spec.path.display(),
+            weights >> 20,
+            config.generate.kv_cache_mb
+        ),
+        required,
+        available,
+        device: spec.device,
+    };
+    let limit = config.models.max_bytes;
+    if limit > 0 && required > limit {
+        return Err(refuse(limit));
+    }
+    match monitor.sample_now().available(spec.device) {
+        Some(available) if required > available => Err(refuse(available)),
+        _ => Ok(()),
+    }
+}
+
 /// What the trackers get each step and at the end (`generate/...` keys).
 fn metrics(s: &GenerationStats) -> kiln_core::Metrics {
     [
@@ -344,6 +437,7 @@ fn metrics(s: &GenerationStats) -> kiln_core::Metrics {
         ("generate/waiting", s.waiting as f64),
         ("generate/sequences_per_step", s.mean_sequences_per_step),
         ("generate/kv_cache_mb", s.kv_cache_bytes as f64 / (1 << 20) as f64),
+        ("generate/pressure_holds", s.pressure_holds as f64),
         ("generate/ttft_p50_ms", s.ttft_ms[0]),
         ("generate/ttft_p99_ms", s.ttft_ms[1]),
         ("generate/inter_token_p50_ms", s.inter_token_ms[0]),

@@ -53,7 +53,7 @@ impl Optimizer {
 
 /// Writes a file through a [`PartialFile`], creating its folder, so readers see all or
 /// nothing.
-fn write_atomically(
+pub(crate) fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<()> {
