@@ -18,7 +18,8 @@ use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{Device, Module, Tensor};
-use kiln_core::{Error, GeneratorInfo, Result, SequenceCache, StepItem, TokenizerSource};
+use kiln_core::gguf::{GgmlType, Gguf};
+use kiln_core::{Error, GeneratorInfo, Result, SequenceCache, StepItem};
 use rayon::prelude::*;
 
 use crate::cpu::int8::QDense;
@@ -122,68 +123,36 @@ pub struct Llama {
 }
 
 /// Metadata helpers over a GGUF header.
-struct Meta<'a>(&'a gguf_file::Content, &'a Path);
-
-impl Meta<'_> {
-    fn get(&self, key: &str) -> Result<&gguf_file::Value> {
-        self.0
-            .metadata
-            .get(key)
-            .ok_or_else(|| Error::model_load(self.1, format!("no `{key}` in the GGUF metadata")))
-    }
-    fn u32(&self, key: &str) -> Result<u32> {
-        self.get(key)?.to_u32().map_err(|e| Error::model_load(self.1, format!("`{key}`: {e}")))
-    }
-    fn string(&self, key: &str) -> Option<String> {
-        self.0.metadata.get(key).and_then(|v| v.to_string().ok()).cloned()
-    }
-    fn strings(&self, key: &str) -> Result<Vec<String>> {
-        let values =
-            self.get(key)?.to_vec().map_err(|e| Error::model_load(self.1, format!("`{key}`: {e}")))?;
-        values
-            .iter()
-            .map(|v| v.to_string().cloned().map_err(|e| Error::model_load(self.1, format!("`{key}`: {e}"))))
-            .collect()
-    }
-}
-
 /// Bytes a model loaded from `path` with `weights` holds, from the GGUF header alone
 /// (tensor shapes and types): the embedding table as f32 (it is read per token), each
 /// matrix in the form `weights` gives it (the tied output projection a second time),
 /// the rotary tables, plus 10% for a step's activations. `None`: not a readable GGUF
 /// file (loading says why).
 pub fn estimate_bytes(path: &Path, weights: Weights) -> Option<u64> {
-    let mut file = File::open(path).ok()?;
-    let content = gguf_file::Content::read(&mut file).ok()?;
-    let elements = |name: &str| content.tensor_infos.get(name).map(|t| t.shape.elem_count() as u64);
+    let gguf = Gguf::open(path).ok()?;
     let in_memory = |name: &str| -> u64 {
-        let Some(info) = content.tensor_infos.get(name) else { return 0 };
-        let n = info.shape.elem_count() as u64;
-        let as_file = |t: GgmlDType| n * t.type_size() as u64 / t.block_size() as u64;
-        let matrix = info.shape.dims().len() == 2;
-        match weights {
-            _ if !matrix => n * 4,
-            Weights::Int8 => n + 12 * info.shape.dims()[0] as u64,
-            Weights::Ggml(to) if !matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16) => as_file(to),
-            _ => as_file(info.ggml_dtype),
+        let Some(info) = gguf.tensors.get(name) else { return 0 };
+        let n = info.elements() as u64;
+        let dense = matches!(info.kind, GgmlType::F32 | GgmlType::F16);
+        match (weights, &info.dims[..]) {
+            (_, [_]) => n * 4,
+            (Weights::Int8, [_, rows]) => n + 12 * *rows as u64,
+            (Weights::Ggml(to), _) if !dense => n * to.type_size() as u64 / to.block_size() as u64,
+            _ => info.bytes().unwrap_or(n as usize * 4) as u64,
         }
     };
-    let mut bytes = elements("token_embd.weight")? * 4;
-    let output = if content.tensor_infos.contains_key("output.weight") {
-        "output.weight"
-    } else {
-        "token_embd.weight"
-    };
+    let mut bytes = gguf.tensors.get("token_embd.weight")?.elements() as u64 * 4;
+    let output =
+        if gguf.tensors.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
     bytes += in_memory(output);
-    bytes += content
-        .tensor_infos
+    bytes += gguf
+        .tensors
         .keys()
         .filter(|n| n.starts_with("blk.") || *n == "output_norm.weight")
         .map(|n| in_memory(n))
         .sum::<u64>();
-    let meta = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok()).unwrap_or(0) as u64;
-    let (width, heads) = (meta("llama.embedding_length"), meta("llama.attention.head_count").max(1));
-    bytes += meta("llama.context_length") * (width / heads) * 4;
+    let shape = gguf.llama().ok()?;
+    bytes += (shape.context * shape.width / shape.heads * 4) as u64;
     Some(bytes + bytes / 10)
 }
 
@@ -195,31 +164,12 @@ impl Llama {
             _ => None,
         };
         let device = Device::Cpu;
+        let gguf = kiln_core::gguf::Gguf::open(path)?;
+        let kiln_core::gguf::LlamaShape { heads, kv_heads, width, blocks, context, eps, rope_base } =
+            gguf.llama()?;
         let mut file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| Error::model_load(path, format!("not a readable GGUF file: {e}")))?;
-        let meta = Meta(&content, path);
-        let arch = meta.string("general.architecture").unwrap_or_default();
-        if arch != "llama" {
-            return Err(Error::Unsupported(format!(
-                "{}: architecture `{arch}`; provider `candle` generates with llama-architecture GGUF models",
-                path.display()
-            )));
-        }
-        let heads = meta.u32("llama.attention.head_count")? as usize;
-        let kv_heads = meta.u32("llama.attention.head_count_kv")? as usize;
-        let width = meta.u32("llama.embedding_length")? as usize;
-        let blocks = meta.u32("llama.block_count")? as usize;
-        let context = meta.u32("llama.context_length")? as usize;
-        let eps = meta.get("llama.attention.layer_norm_rms_epsilon")?.to_f32().unwrap_or(1e-5);
-        let rope_base =
-            meta.0.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0);
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !width.is_multiple_of(heads) {
-            return Err(Error::model_load(
-                path,
-                format!("{heads} heads, {kv_heads} KV heads, width {width}"),
-            ));
-        }
         let head_dim = width / heads;
         let mut quantization = None;
         let mut load = |name: &str| -> Result<QTensor> {
@@ -290,52 +240,7 @@ impl Llama {
             }
         }
 
-        let tokens = meta.strings("tokenizer.ggml.tokens")?;
-        let tokenizer = match meta.string("tokenizer.ggml.model").as_deref() {
-            Some("gpt2") => TokenizerSource::GgufBpe {
-                pre: meta.string("tokenizer.ggml.pre").unwrap_or_else(|| "default".into()),
-                tokens: tokens.clone(),
-                merges: meta.strings("tokenizer.ggml.merges")?,
-                token_types: match meta
-                    .get("tokenizer.ggml.token_type")
-                    .and_then(|v| v.to_vec().map_err(candle))
-                {
-                    Ok(v) => v.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
-                    Err(_) => vec![1; tokens.len()],
-                },
-            },
-            other => {
-                let beside = path.with_file_name("tokenizer.json");
-                if !beside.is_file() {
-                    return Err(Error::Unsupported(format!(
-                        "{}: tokenizer model `{}` in the GGUF metadata; kiln reads byte-level BPE (`gpt2`) from \
-                         GGUF, or a tokenizer.json beside the model",
-                        path.display(),
-                        other.unwrap_or("none")
-                    )));
-                }
-                TokenizerSource::File(beside)
-            }
-        };
-        let name =
-            path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
-        let mut info =
-            GeneratorInfo::new(name, "candle", kiln_core::Device::Cpu, tokens.len(), context, tokenizer);
-        let id = |key: &str| meta.0.metadata.get(key).and_then(|v| v.to_u32().ok());
-        info.bos_token_id = id("tokenizer.ggml.bos_token_id");
-        info.eos_token_ids = id("tokenizer.ggml.eos_token_id").into_iter().collect();
-        if let Some(eot) = id("tokenizer.ggml.eot_token_id").filter(|e| !info.eos_token_ids.contains(e)) {
-            info.eos_token_ids.push(eot);
-        }
-        info.add_bos = meta
-            .0
-            .metadata
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
-        info.chat_template = meta.string("tokenizer.chat_template");
-        info.kv_bytes_per_token = (2 * blocks * kv_heads * head_dim * 4) as u64;
-        info.weight_bytes = std::fs::metadata(path).ok().map(|m| m.len());
+        let mut info = gguf.generator_info("candle", kiln_core::Device::Cpu, 4)?;
         info.quantization = quantization;
         Ok(Llama { embed, width, layers, norm, output, cos, sin, heads, kv_heads, head_dim, eps, info })
     }

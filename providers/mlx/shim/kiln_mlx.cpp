@@ -434,6 +434,44 @@ kiln_mlx_array* kiln_mlx_attention(const kiln_mlx_array* q, const kiln_mlx_array
   });
 }
 
+// Causal attention where the queries are the last rows of the keys' sequence (MLX's
+// "causal" mode aligns the query block to the end of the keys).
+kiln_mlx_array* kiln_mlx_causal_attention(const kiln_mlx_array* q, const kiln_mlx_array* k, const kiln_mlx_array* v,
+                                          float scale) {
+  return wrap([&] {
+    return mx::fast::scaled_dot_product_attention(q->a, k->a, v->a, scale, "causal", {}, {}, false, current_device);
+  });
+}
+
+// RMS norm over the last axis (MLX's fused kernel).
+kiln_mlx_array* kiln_mlx_rms_norm(const kiln_mlx_array* x, const kiln_mlx_array* w, float eps) {
+  return wrap([&] { return mx::fast::rms_norm(x->a, w->a, eps, current_device); });
+}
+
+// Rotary position embedding of x [..., tokens, dims] from position `offset`; traditional:
+// the rotated pairs are adjacent elements (2i, 2i + 1), as GGUF's llama layout has them.
+kiln_mlx_array* kiln_mlx_rope(const kiln_mlx_array* x, int dims, int traditional, float base, int offset) {
+  return wrap([&] { return mx::fast::rope(x->a, dims, traditional != 0, base, 1.0f, offset, std::nullopt, current_device); });
+}
+
+// `src` with the box [start, stop) replaced by `update` (in place when MLX can donate
+// `src`'s buffer).
+kiln_mlx_array* kiln_mlx_slice_update(const kiln_mlx_array* src, const kiln_mlx_array* update, const int* start,
+                                      const int* stop, int n) {
+  return wrap([&] {
+    return mx::slice_update(src->a, update->a, mx::Shape(start, start + n), mx::Shape(stop, stop + n), current_device);
+  });
+}
+
+kiln_mlx_array* kiln_mlx_zeros(const int* shape, int ndim, int dtype) {
+  return wrap([&] { return mx::zeros(shape_of(shape, ndim), dtype_of(dtype), current_device); });
+}
+
+// The same bytes as another dtype of the same width (packed weights as uint32).
+kiln_mlx_array* kiln_mlx_view(const kiln_mlx_array* a, int dtype) {
+  return wrap([&] { return mx::view(a->a, dtype_of(dtype), current_device); });
+}
+
 // Groupwise affine quantization of `w` along its last axis: out[0] the packed weights,
 // out[1] the scales, out[2] the biases.
 int kiln_mlx_quantize(const kiln_mlx_array* w, int group_size, int bits, kiln_mlx_array** out) {

@@ -9,6 +9,8 @@ use kiln_core::{DType, Error, Result};
 use crate::NAME;
 use crate::ffi;
 
+mod decoder;
+
 /// The shim's message for the last failure on this thread.
 fn last_error() -> String {
     // SAFETY: the shim returns a pointer to its thread-local string, valid until the

@@ -22,6 +22,7 @@ pub const BF16: c_int = 2;
 pub const I64: c_int = 3;
 pub const I32: c_int = 4;
 pub const U8: c_int = 5;
+pub const U32: c_int = 6;
 
 unsafe extern "C" {
     pub fn kiln_mlx_last_error() -> *const c_char;
@@ -90,6 +91,29 @@ unsafe extern "C" {
         scale: f32,
         mask: *const RawArray,
     ) -> *mut RawArray;
+    pub fn kiln_mlx_causal_attention(
+        q: *const RawArray,
+        k: *const RawArray,
+        v: *const RawArray,
+        scale: f32,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_rms_norm(x: *const RawArray, w: *const RawArray, eps: f32) -> *mut RawArray;
+    pub fn kiln_mlx_rope(
+        x: *const RawArray,
+        dims: c_int,
+        traditional: c_int,
+        base: f32,
+        offset: c_int,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_slice_update(
+        src: *const RawArray,
+        update: *const RawArray,
+        start: *const c_int,
+        stop: *const c_int,
+        n: c_int,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_zeros(shape: *const c_int, ndim: c_int, dtype: c_int) -> *mut RawArray;
+    pub fn kiln_mlx_view(a: *const RawArray, dtype: c_int) -> *mut RawArray;
     pub fn kiln_mlx_quantize(
         w: *const RawArray,
         group_size: c_int,

@@ -1,6 +1,7 @@
 //! kiln's MLX provider (`mlx`): BERT-family encoders from Hugging Face folders
 //! (`config.json` + `model.safetensors`, the folders the candle provider reads) and ONNX
-//! graphs (`.onnx`) on [MLX](https://github.com/ml-explore/mlx).
+//! graphs (`.onnx`) on [MLX](https://github.com/ml-explore/mlx), and text generation
+//! from llama-architecture GGUF files (`llama.rs`).
 //!
 //! An ONNX file is read by kiln's own decoder of the protobuf format (`onnx.rs`) and
 //! compiled once into steps over MLX arrays (`graph.rs`): constants folded, weights on
@@ -28,6 +29,7 @@
 //! |---|---|---|
 //! | `group_size` | `64` | elements sharing one scale and bias in quantized rows: 32, 64 or 128 |
 //! | `clear_cache_after_load` | `true` | return MLX's cached buffers (the load's temporaries) to the system after each load |
+//! | `gguf_matrices` | `"auto"` | generation from GGUF: `"quantized"` (MLX quantized matmul over the file's blocks), `"dense"` (dequantized at load), `"auto"`: quantized on a GPU, dense on the CPU |
 //!
 //! ## Features
 //!
@@ -45,6 +47,8 @@ mod ffi;
 mod graph;
 #[cfg(feature = "libmlx")]
 mod imp;
+#[cfg(feature = "libmlx")]
+mod llama;
 #[cfg(feature = "libmlx")]
 mod onnx;
 #[cfg(feature = "libmlx")]

@@ -1,0 +1,92 @@
+//! `task = "generate"` on the MLX provider (CPU here), the real SmolLM2 GGUF. The
+//! matrices hold exactly the file's weights — dequantized (the CPU default), or the
+//! Q4_1 blocks re-packed for MLX's 4-bit quantized matmul (what a GPU runs) — so the
+//! logits of every step equal candle's with the same weights dequantized to f32
+//! (`requantize = "f32"`) within float rounding, through a long prefill and decode
+//! steps that grow the KV cache past its first 256-token buffer; the chat answers are
+//! llama.cpp's; sequences batched together get their tokens alone.
+#![cfg(all(feature = "mlx", feature = "candle"))]
+
+mod support;
+
+use kiln::runtime::{Generation, Prompt};
+
+fn mlx(sets: &[&str]) -> kiln::KilnConfig {
+    let mut all = vec!["provider.name=\"mlx\""];
+    all.extend_from_slice(sets);
+    support::smollm_config(&all)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+}
+
+async fn load(config: kiln::KilnConfig) -> std::sync::Arc<dyn kiln::Generator> {
+    let provider = kiln::build_provider(&config.provider).unwrap();
+    let spec = kiln::ModelSpec::new(&config.model.path, kiln::Device::Cpu, kiln::DType::F32);
+    provider.load_generator(&spec).await.unwrap()
+}
+
+/// Feeds `prompt` and then `decode` greedy tokens to both, comparing each step's logits.
+fn same_logits(ours: &dyn kiln::Generator, reference: &dyn kiln::Generator, prompt: Vec<u32>, decode: usize) {
+    let (mut a, mut b) = (ours.new_sequence().unwrap(), reference.new_sequence().unwrap());
+    let mut feed = prompt;
+    let mut fed = 0;
+    for step in 0..=decode {
+        let x = ours.step(&mut [kiln::StepItem { tokens: &feed, cache: a.as_mut() }]).unwrap().remove(0);
+        let y = reference.step(&mut [kiln::StepItem { tokens: &feed, cache: b.as_mut() }]).unwrap().remove(0);
+        fed += feed.len();
+        let worst = x.iter().zip(&y).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let scale = y.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        assert!(worst <= 2e-3 * scale.max(1.0), "step {step}: logits differ by {worst} (largest {scale})");
+        assert_eq!(argmax(&x), argmax(&y), "step {step}");
+        feed = vec![argmax(&y)];
+    }
+    assert_eq!(a.len(), fed);
+    assert_eq!(a.bytes(), fed as u64 * ours.info().kv_bytes_per_token);
+}
+
+#[tokio::test]
+async fn mlx_logits_equal_candle_s_with_the_same_weights_step_after_step() {
+    let reference = load(support::smollm_config(&["provider.options.requantize=\"f32\""])).await;
+    let dense = load(mlx(&[])).await;
+    let quantization = &dense.info().quantization;
+    assert!(quantization.starts_with("q4_1 dequantized to f32"), "{quantization}");
+    assert_eq!(dense.info().kv_bytes_per_token, reference.info().kv_bytes_per_token);
+    // 250 prompt tokens, then 12 decode steps: the cache's buffer grows at 256.
+    let prompt: Vec<u32> = (0..250u32).map(|i| 100 + (i * 37) % 5000).collect();
+    same_logits(dense.as_ref(), reference.as_ref(), prompt.clone(), 12);
+    drop(dense);
+    // The file's blocks re-packed for MLX's quantized matmul (what a GPU runs; a scalar
+    // loop on the CPU, so a short run).
+    let quantized = load(mlx(&["provider.options.gguf_matrices=\"quantized\""])).await;
+    assert!(
+        quantized.info().quantization.starts_with("q4_1 as in the file"),
+        "{}",
+        quantized.info().quantization
+    );
+    same_logits(quantized.as_ref(), reference.as_ref(), prompt[..6].to_vec(), 2);
+}
+
+#[tokio::test]
+async fn mlx_answers_as_llama_cpp_does_and_batches_without_changing_tokens() {
+    let g = Generation::from_config(mlx(&["generate.max_new_tokens=20", "batching.max_batch_size=4"]))
+        .await
+        .unwrap();
+    let ask = |q: &str| Prompt::Text(q.to_string());
+    let germany = g.generate(ask("What is the capital of Germany?")).await.unwrap();
+    assert_eq!(germany.text, "The capital of Germany is Berlin.");
+    let prompts = ["Name three colours.", "What is 2 + 2?", "What is the capital of Japan?"];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(g.generate(ask(p)).await.unwrap().tokens);
+    }
+    let streams: Vec<_> = prompts.iter().map(|p| g.stream(ask(p)).unwrap()).collect();
+    let mut together = Vec::new();
+    for s in streams {
+        together.push(s.finish().await.unwrap().tokens);
+    }
+    assert_eq!(together, alone, "a sequence's tokens do not depend on its batch");
+    let stats = g.shutdown().await;
+    assert!(stats.max_sequences_per_step >= 2 && stats.failed == 0, "{stats:?}");
+}
