@@ -137,3 +137,25 @@ fn kiln_bench_compares_one_stream_with_several() {
         "{report}"
     );
 }
+
+#[cfg(feature = "mlx")]
+#[test]
+fn kiln_run_generates_on_mlx_with_its_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("answers.jsonl");
+    let run = kiln(&[
+        "run",
+        "examples/generate-mlx.toml",
+        "--input",
+        "examples/data/prompts.jsonl",
+        "--output",
+        out.to_str().unwrap(),
+        "--set",
+        "generate.max_new_tokens=12",
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("with mlx (q4_1 dequantized to f32"), "{stderr}");
+    let rows = support::jsonl_events(&out);
+    assert_eq!(rows[0]["text"], "The capital of Germany is Berlin.", "{rows:?}");
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Issue 15's GPU run: generation on MLX (cuda:0, mlx-cuda-13's libmlx) with the SmolLM2
+# GGUF, against Hugging Face transformers' `generate` on the same file and GPU (the
+# Python baseline), in one call. The files travel in three calls (at most 64 MiB each)
+# and wait in ~/kiln-mlx between them; every call copies what .device/ holds there:
+#
+#   call 1, .device/: libmlx-part-aa, kiln-mlx.xz, cccl.tar.xz, cutlass.tar.xz, gguf-*.whl   STAGE=1 bash scripts/device/generate_gpu.sh
+#   call 2, .device/: libmlx-part-ab, blas.tar.xz, smollm2.gguf.part-aa     STAGE=1 bash scripts/device/generate_gpu.sh
+#   call 3, .device/: smollm2.gguf.part-ab, smollm2.gguf.part-ac           bash scripts/device/generate_gpu.sh
+#
+# made here: the libmlx parts, cccl.tar.xz and blas.tar.xz as scripts/device/mlx_gpu.sh
+# says; cutlass.tar.xz = the wheel's mlx/include/cute and mlx/include/cutlass (MLX's
+# run-time compiler includes them for its quantized matmuls); kiln-mlx.xz = release kiln with --features mlx, stripped; the GGUF file (from
+# `scripts/setup generate`) split -b 42000000 into smollm2.gguf.part-*; gguf-*.whl =
+# `pip download gguf==0.19.0 --no-deps` (transformers reads GGUF files with it).
+#
+# Measured: the example's answers at f32 and f16; `kiln bench` (1 stream, then 16 and 64
+# streams, 128 new tokens each) at f16 and f32; a 16-prompt `kiln run` with the profile,
+# for the share of wall time in the generator's steps; transformers at batch 1, 16, 64.
+set -euo pipefail
+stash="$HOME/kiln-mlx"
+mkdir -p "$stash"
+for f in .device/*; do
+    if [ -f "$f" ]; then cp "$f" "$stash/"; fi
+done
+if [ -n "${STAGE:-}" ]; then
+    ls -la "$stash"
+    exit 0
+fi
+. scripts/device/common.sh /tmp/kiln-gen
+returned="$out"
+out="$work/out"
+mkdir -p "$out"
+trap 'tar -cJf "$returned/results.tar.xz" -C "$work" out' EXIT
+cat "$stash"/libmlx-part-* | tar -xJf - -C "$work"
+tar -xJf "$stash/blas.tar.xz" -C "$work"
+tar -xJf "$stash/cccl.tar.xz" -C "$work"
+tar -xJf "$stash/cutlass.tar.xz" -C "$work"
+xz -dc "$stash/kiln-mlx.xz" > "$work/kiln" && chmod +x "$work/kiln"
+ln -sfn "$site/nvidia" "$work/nvidia"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export LD_LIBRARY_PATH="$work/mlx/lib:$work/blas:$LD_LIBRARY_PATH"
+mkdir -p "$work/model"
+gguf="$work/model/SmolLM2-135M-Instruct.Q4_1.gguf"
+cat "$stash"/smollm2.gguf.part-* > "$gguf"
+echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c
+kiln="$work/kiln"
+"$kiln" providers | tee "$out/providers.txt"
+on_gpu=(--set "model.path=\"$gguf\"" --set 'model.device="cuda:0"')
+for dtype in f32 f16; do
+    timeout 300 "$kiln" run examples/generate-mlx.toml --input examples/data/prompts.jsonl \
+        --output "$out/answers_$dtype.jsonl" "${on_gpu[@]}" --set "model.dtype=\"$dtype\"" \
+        --set generate.max_new_tokens=48 2>&1 | tail -n 2 | tee -a "$out/answers.txt" || true
+done
+bench() { # TAG DTYPE STREAMS
+    timeout 300 "$kiln" bench examples/generate-mlx.toml "${on_gpu[@]}" --set "model.dtype=\"$2\"" \
+        --requests "$3" --concurrency "$3" --set "batching.max_batch_size=$3" --set generate.max_new_tokens=128 \
+        --set generate.kv_cache_mb=4096 --json "$out/$1.json" 2>> "$out/bench.log" | tee -a "$out/bench.txt" || true
+}
+bench mlx_f16_16 f16 16
+bench mlx_f16_64 f16 64
+bench mlx_f32_16 f32 16
+python3 - "$work/stories.jsonl" <<'PY'
+import json, sys
+topics = ["a dragon", "the sea", "a robot", "a city at night", "a lost key", "winter", "a baker", "the moon",
+          "a train", "a garden", "an old map", "a storm", "a violin", "a lighthouse", "a fox", "a desert"]
+with open(sys.argv[1], "w") as f:
+    for i, t in enumerate(topics):
+        f.write(json.dumps({"id": i, "prompt": f"Write a long story about {t}."}) + "\n")
+PY
+timeout 300 "$kiln" run examples/generate-mlx.toml --input "$work/stories.jsonl" --output "$out/stories.jsonl" \
+    "${on_gpu[@]}" --set 'model.dtype="f16"' --set generate.max_new_tokens=128 \
+    --profile "$out/profile_f16_16.json" 2>&1 | tail -n 1 | tee -a "$out/bench.txt" || true
+python3 - "$out/profile_f16_16.json" <<'PY' | tee -a "$out/bench.txt" || true
+import json, sys
+p = json.load(open(sys.argv[1]))
+s = p["spans"]
+step, sample = s["generate_step"], s["generate_sample"]
+print(f"profile: {p['duration_s']:.2f} s; generate_step {step['count']} x, {step['total_ms'] / 1000:.2f} s "
+      f"(p50 {step['p50_ms']:.2f} ms); generate_sample {sample['total_ms'] / 1000:.2f} s")
+PY
+timeout 300 "$kiln" bench examples/generate.toml --set "model.path=\"$gguf\"" --requests 16 --concurrency 16 \
+    --set generate.max_new_tokens=128 --json "$out/candle_cpu_16.json" 2>> "$out/bench.log" \
+    | tee -a "$out/bench.txt" || true
+python3 -m pip install --no-deps --target "$work/py" "$stash"/gguf-*.whl -q 2>> "$out/hf.log" || true
+PYTHONPATH="$work/py" timeout 600 python3 scripts/device/hf_generate.py "$gguf" cuda:0 float16 128 1 16 64 \
+    > "$out/hf_f16.json" 2>> "$out/hf.log" || true
+grep -E "transformers|Error|error" "$out/hf.log" | tail -n 8
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$out/gpu.txt"
