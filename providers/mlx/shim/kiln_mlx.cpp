@@ -463,6 +463,25 @@ kiln_mlx_array* kiln_mlx_slice_update(const kiln_mlx_array* src, const kiln_mlx_
   });
 }
 
+// Rotary embedding of x [batch, heads, 1, dims] with one position per batch row.
+kiln_mlx_array* kiln_mlx_rope_at(const kiln_mlx_array* x, int dims, int traditional, float base,
+                                 const kiln_mlx_array* offsets) {
+  return wrap([&] {
+    return mx::fast::rope(x->a, dims, traditional != 0, base, 1.0f, offsets->a, std::nullopt, current_device);
+  });
+}
+
+// `a` with, for each i, the slice at (rows[i], :, cols[i], :) of a 4-d array replaced by
+// updates[i] (updates: [n, 1, d1, 1, d3]).
+kiln_mlx_array* kiln_mlx_scatter_rows(const kiln_mlx_array* a, const kiln_mlx_array* rows,
+                                      const kiln_mlx_array* cols, const kiln_mlx_array* updates) {
+  return wrap([&] { return mx::scatter(a->a, {rows->a, cols->a}, updates->a, {0, 2}, current_device); });
+}
+
+kiln_mlx_array* kiln_mlx_take(const kiln_mlx_array* a, const kiln_mlx_array* ids, int axis) {
+  return wrap([&] { return mx::take(a->a, ids->a, axis, current_device); });
+}
+
 kiln_mlx_array* kiln_mlx_zeros(const int* shape, int ndim, int dtype) {
   return wrap([&] { return mx::zeros(shape_of(shape, ndim), dtype_of(dtype), current_device); });
 }

@@ -112,6 +112,20 @@ unsafe extern "C" {
         stop: *const c_int,
         n: c_int,
     ) -> *mut RawArray;
+    pub fn kiln_mlx_rope_at(
+        x: *const RawArray,
+        dims: c_int,
+        traditional: c_int,
+        base: f32,
+        offsets: *const RawArray,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_scatter_rows(
+        a: *const RawArray,
+        rows: *const RawArray,
+        cols: *const RawArray,
+        updates: *const RawArray,
+    ) -> *mut RawArray;
+    pub fn kiln_mlx_take(a: *const RawArray, ids: *const RawArray, axis: c_int) -> *mut RawArray;
     pub fn kiln_mlx_zeros(shape: *const c_int, ndim: c_int, dtype: c_int) -> *mut RawArray;
     pub fn kiln_mlx_view(a: *const RawArray, dtype: c_int) -> *mut RawArray;
     pub fn kiln_mlx_quantize(

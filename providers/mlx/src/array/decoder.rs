@@ -62,4 +62,33 @@ impl Array {
             "slice_update",
         )
     }
+
+    /// Rotary embedding of `[batch, heads, 1, dims]`, batch row `i` at position
+    /// `offsets[i]` (an int32 vector).
+    pub fn rope_at(&self, dims: usize, base: f32, offsets: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_rope_at(self.raw(), dims as c_int, 1, base, offsets.raw()) }, "rope")
+    }
+
+    /// `self` (4-d) with the slice at `(rows[i], :, cols[i], :)` replaced by `updates[i]`
+    /// (`[n, 1, d1, 1, d3]`).
+    pub fn scatter_rows(&self, rows: &Array, cols: &Array, updates: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(
+            unsafe { ffi::kiln_mlx_scatter_rows(self.raw(), rows.raw(), cols.raw(), updates.raw()) },
+            "scatter",
+        )
+    }
+
+    /// The entries of `self` at `ids` along `axis`.
+    pub fn take(&self, ids: &Array, axis: i32) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_take(self.raw(), ids.raw(), axis) }, "take")
+    }
+
+    /// An int32 vector.
+    pub fn from_i32(values: &[i32]) -> Result<Array> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Array::from_bytes(&bytes, DType::I32, &[values.len()])
+    }
 }
