@@ -5,6 +5,7 @@ pub mod bench;
 mod generate;
 pub mod input;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,6 +50,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the config's model over HTTP: OpenAI's /v1/embeddings, TEI's /embed and
+    /// /info, /health, Prometheus' /metrics.
+    Serve(serve::ServeArgs),
     /// List the providers in this build and what they support.
     Providers {
         /// Print JSON instead of a table.
@@ -218,6 +222,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Preprocess(args) => preprocess(args),
         Command::Devices { json } => devices(json),
         Command::Bench(args) => bench_command(args).await,
+        Command::Serve(args) => serve::serve(args).await,
     }
 }
 

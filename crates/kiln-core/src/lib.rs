@@ -29,7 +29,7 @@ pub use cache::{Cache, CacheKey, CacheStats, NoCache};
 pub use config::{
     BatchingConfig, CacheConfig, GenerateConfig, KilnConfig, Layout, MemoryConfig, ModelConfig, ModelsConfig,
     Pooling, PreprocessConfig, ProfilerConfig, ProviderConfig, ResizeFilter, ResizeMode, SchedulerConfig,
-    Task, TextConfig, TrackerConfig, TrackingConfig, WhenFull,
+    ServerConfig, Task, TextConfig, TrackerConfig, TrackingConfig, WhenFull,
 };
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};

@@ -22,8 +22,10 @@ use crate::error::{ConfigIssue, Error, Result};
 
 mod generate;
 mod sections;
+mod server;
 pub use generate::GenerateConfig;
 pub use sections::*;
+pub use server::ServerConfig;
 
 /// Prefix of environment variables read as config.
 pub const ENV_PREFIX: &str = "KILN_";
@@ -65,6 +67,8 @@ pub struct KilnConfig {
     pub tracking: TrackingConfig,
     /// Where metrics go; several at once.
     pub trackers: Vec<TrackerConfig>,
+    /// `kiln serve`'s address and request limits.
+    pub server: ServerConfig,
 }
 
 impl Default for KilnConfig {
@@ -85,6 +89,7 @@ impl Default for KilnConfig {
             profiler: ProfilerConfig::default(),
             tracking: TrackingConfig::default(),
             trackers: Vec::new(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -154,6 +159,7 @@ impl KilnConfig {
     /// Range checks serde cannot express; every problem is reported.
     pub fn validate(&self) -> Result<()> {
         let mut issues = self.generate.issues();
+        issues.extend(self.server.issues());
         if !self.model.dtype.is_float() {
             issues.push(ConfigIssue::new(
                 "model.dtype",
@@ -314,6 +320,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         "profiler",
         "tracking",
         "trackers",
+        "server",
     ];
     // A source that does not parse (a TOML syntax error) fails every section alike:
     // report it once, not once per section.
@@ -345,6 +352,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         profiler: section(figment, "profiler", &mut issues).unwrap_or_default(),
         tracking: section(figment, "tracking", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),
+        server: section(figment, "server", &mut issues).unwrap_or_default(),
     };
     if issues.is_empty() {
         return Ok(config);

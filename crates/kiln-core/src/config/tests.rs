@@ -185,3 +185,13 @@ fn printed_config_loads_back_to_the_same_config() {
         Ok(())
     });
 }
+
+#[test]
+fn server_limits_are_checked_by_key() {
+    let err = KilnConfig::load(None, &["server.max_inputs=0".into(), "server.api_keys=[\"\"]".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("server.max_inputs") && err.contains("server.api_keys"), "{err}");
+    let ok = KilnConfig::load(None, &["server.port=0".into(), "server.api_keys=[\"k1\"]".into()]).unwrap();
+    assert_eq!((ok.server.port, ok.server.api_keys.as_slice()), (0, ["k1".to_string()].as_slice()));
+}

@@ -1,0 +1,79 @@
+//! `kiln serve`: binds the port, then loads the model (`/health` answers 503 until it
+//! is ready), serves until SIGTERM or Ctrl-C, drains requests in flight, and shuts the
+//! optimizer down (trackers flushed, profile written when asked).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use kiln::{KilnConfig, Optimizer, Task};
+
+use crate::{ConfigSource, ProfilerOutputs};
+
+/// `kiln serve` arguments.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config source options.
+    #[command(flatten)]
+    pub source: ConfigSource,
+    /// Address to bind (default `server.host`, 127.0.0.1).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port (default `server.port`, 8080; 0: any free one).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Profiler outputs, written at shutdown.
+    #[command(flatten)]
+    pub profiler: ProfilerOutputs,
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
+    let mut config: KilnConfig = args.source.load()?;
+    if let Some(host) = args.host {
+        config.server.host = host;
+    }
+    if let Some(port) = args.port {
+        config.server.port = port;
+    }
+    args.profiler.apply(&mut config);
+    if config.task != Task::Embed {
+        bail!("kiln serve serves task = \"embed\" so far (this config's task is {:?})", config.task);
+    }
+    let head = kiln::text::embedding_head(&config.model.path, &config.text)?;
+    let address = format!("{}:{}", config.server.host, config.server.port);
+    let listener =
+        tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
+    let bound = listener.local_addr()?;
+    let state = kiln_serve::State::new(config.clone(), head);
+    let router = kiln_serve::router(state.clone());
+    eprintln!(
+        "kiln: listening on http://{bound} (POST /v1/embeddings, POST /embed, GET /info, GET /health, GET /metrics); \
+         loading {}",
+        state.model_name()
+    );
+    let mut server = tokio::spawn(kiln_serve::serve(listener, router, kiln_serve::termination()));
+    let optimizer = tokio::select! {
+        loaded = Optimizer::from_config(config) => Arc::new(loaded?),
+        stopped = &mut server => {
+            stopped.context("the server task")?.context("serving")?;
+            eprintln!("kiln: stopped before the model had loaded");
+            return Ok(());
+        }
+    };
+    state.ready(optimizer.clone());
+    eprintln!(
+        "kiln: serving {} ({} on {}) at http://{bound}",
+        state.model_name(),
+        optimizer.model_info().provider,
+        optimizer.model_info().device
+    );
+    server.await.context("the server task")?.context("serving")?;
+    eprintln!("kiln: stopped accepting; requests in flight finished");
+    drop(state);
+    let optimizer =
+        Arc::try_unwrap(optimizer).map_err(|_| anyhow::anyhow!("the optimizer is still shared"))?;
+    crate::write_profiler_outputs(&optimizer, &args.profiler)?;
+    let stats = optimizer.shutdown().await?;
+    eprintln!("kiln: shut down after {} requests ({} texts)", stats.requests, stats.texts);
+    Ok(())
+}

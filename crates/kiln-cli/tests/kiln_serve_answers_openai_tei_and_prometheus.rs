@@ -1,0 +1,166 @@
+//! `kiln serve` on a loopback port (the default config: MiniLM on candle, CPU), called
+//! the way users call it (tests/readers/serve_clients.py, `scripts/setup serve`): the
+//! real `openai` package gets the embeddings `kiln run` writes (cosine ≥ 0.9999), as
+//! floats and as base64, and truncated with `dimensions` (re-normalised); TEI's `/embed`
+//! and `/info` answer; `/metrics` parses with prometheus_client's parser and counts the
+//! requests; bad requests get 422 / 413 / 404 with a JSON error naming the problem, a
+//! call without the API key 401 (health and metrics stay open);
+//! SIGTERM drains and shuts down cleanly.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{cosine, kiln, root};
+
+/// Runs the clients' script with the Python of `scripts/setup serve`.
+fn clients(base: &str, model: &str, texts: &[String]) -> serde_json::Value {
+    let python = std::env::var("SERVE_CLIENTS_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "SERVE_CLIENTS_PYTHON is not set: run `scripts/setup serve` and `. .kiln/env` (scripts/test does)"
+        )
+    });
+    let out = Command::new(python)
+        .arg(root().join("tests/readers/serve_clients.py"))
+        .args([base, model, &serde_json::to_string(texts).unwrap(), "test-key"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "serve_clients.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn vectors(v: &serde_json::Value) -> Vec<Vec<f32>> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// The server process, killed if the test fails before it stops it.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
+    let (texts, _) = support::reference();
+    let texts: Vec<String> = texts.into_iter().take(6).collect();
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--set",
+                "server.max_inputs=64",
+                "--set",
+                "server.api_keys=[\"test-key\"]",
+            ])
+            .current_dir(root())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let server = &mut server.0;
+    // The first line names the address; the rest of stderr is kept for the end.
+    let (lines, stderr) = std::sync::mpsc::channel();
+    let pipe = server.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = stderr.recv_timeout(Duration::from_secs(60)).expect("kiln serve printed nothing");
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    let got = clients(&base, "all-MiniLM-L6-v2", &texts);
+
+    // What `kiln run` writes for the same texts.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("texts.txt");
+    std::fs::write(&input, texts.join("\n") + "\n").unwrap();
+    let output = dir.path().join("out.jsonl");
+    let run = kiln(&["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let expected: Vec<Vec<f32>> = support::jsonl_events(&output)
+        .iter()
+        .map(|row| serde_json::from_value(row["embedding"].clone()).unwrap())
+        .collect();
+    for (name, got) in
+        [("float", &got["openai_float"]), ("base64", &got["openai_base64"]), ("tei", &got["tei"]["vectors"])]
+    {
+        let got = vectors(got);
+        assert_eq!(got.len(), texts.len(), "{name}");
+        for (a, b) in got.iter().zip(&expected) {
+            assert!(cosine(a, b) >= 0.9999, "{name}: cosine {}", cosine(a, b));
+        }
+    }
+    let raw: Vec<f32> = serde_json::from_value(got["raw_base64_first"].clone()).unwrap();
+    assert_eq!(raw, vectors(&got["openai_float"])[0], "base64 holds the same little-endian f32s");
+    for (short, full) in vectors(&got["openai_dims"]).iter().zip(&expected) {
+        assert_eq!(short.len(), 64);
+        let norm: f32 = short.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "re-normalised: {norm}");
+        assert!(cosine(short, &full[..64]) > 0.9999);
+    }
+    assert!(got["openai_usage"].as_u64().unwrap() > texts.len() as u64, "{}", got["openai_usage"]);
+    assert_eq!(got["wrong_model"]["status"], 404, "{}", got["wrong_model"]);
+    assert!(got["wrong_model"]["message"].as_str().unwrap().contains("serves `all-MiniLM-L6-v2`"));
+    assert_eq!(got["info"]["body"]["model_id"], "all-MiniLM-L6-v2");
+    assert_eq!(got["info"]["body"]["model_type"]["embedding"]["pooling"], "mean");
+
+    // Prometheus: what the clients sent, counted.
+    let metrics = &got["metrics"];
+    let sample = |family: &str, name: &str| {
+        metrics[family]["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == name)
+            .map(|s| s[2].as_f64().unwrap())
+    };
+    assert!(sample("kiln_texts", "kiln_texts_total").unwrap() >= (4 * texts.len()) as f64, "{metrics}");
+    assert_eq!(metrics["kiln_request_latency_seconds"]["type"], "summary");
+    assert_eq!(metrics["kiln_batch_size"]["type"], "histogram");
+    assert!(sample("kiln_batch_size", "kiln_batch_size_count").unwrap() >= 1.0);
+
+    let bad = &got["bad"];
+    let error = |k: &str| {
+        (bad[k]["status"].as_u64().unwrap(), bad[k]["body"]["error"]["message"].as_str().unwrap().to_string())
+    };
+    let (status, message) = error("wrong_type");
+    assert!(status == 422 && message.contains("`normalize`") && message.contains("boolean"), "{message}");
+    let (status, message) = error("too_many");
+    assert!(status == 413 && message.contains("10000 inputs") && message.contains("at most 64"), "{message}");
+    let (status, message) = error("too_large");
+    assert!(status == 413 && message.contains("server.max_body_bytes"), "{message}");
+    assert_eq!(error("not_json").0, 422);
+    let (status, message) = error("no_route");
+    assert!(status == 404 && message.contains("POST /v1/embeddings"), "{message}");
+    let (status, message) = error("no_key");
+    assert!(status == 401 && message.contains("server.api_keys"), "{message}");
+
+    // SIGTERM: stop accepting, drain, shut down with the summary line.
+    let pid = server.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kiln serve did not stop within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = stderr.iter().collect();
+    assert!(status.success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("shut down after")), "{rest:?}");
+}

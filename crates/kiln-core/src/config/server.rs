@@ -1,0 +1,62 @@
+//! `[server]`: `kiln serve`'s address and request limits.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigIssue;
+
+/// `[server]`: where `kiln serve` listens and what it accepts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to bind (`127.0.0.1`: this machine only; `0.0.0.0`: every interface).
+    pub host: String,
+    /// Port (0: any free one, printed at start).
+    pub port: u16,
+    /// Largest request body, bytes; larger is refused with 413.
+    pub max_body_bytes: usize,
+    /// Most inputs (texts) in one request; more is refused with 413.
+    pub max_inputs: usize,
+    /// When not empty, every route but `/health` and `/metrics` needs
+    /// `Authorization: Bearer <one of these>` (401 otherwise).
+    pub api_keys: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 2 << 20,
+            max_inputs: 512,
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// What is out of range, by key.
+    pub fn issues(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        if self.max_body_bytes < 1024 {
+            issues.push(ConfigIssue::new(
+                "server.max_body_bytes",
+                self.max_body_bytes.to_string(),
+                "1024 or more",
+            ));
+        }
+        if self.max_inputs == 0 {
+            issues.push(ConfigIssue::new("server.max_inputs", "0", "1 or more"));
+        }
+        if self.host.trim().is_empty() {
+            issues.push(ConfigIssue::new(
+                "server.host",
+                "\"\"",
+                "an address such as \"127.0.0.1\" or \"0.0.0.0\"",
+            ));
+        }
+        if self.api_keys.iter().any(|k| k.trim().is_empty()) {
+            issues.push(ConfigIssue::new("server.api_keys", "\"\"", "non-empty keys"));
+        }
+        issues
+    }
+}

@@ -1,0 +1,114 @@
+//! `kiln serve`: the HTTP routes people already call, over one [`Optimizer`].
+//!
+//! | route | API |
+//! |---|---|
+//! | `POST /v1/embeddings` | OpenAI embeddings: `input` (a string or a list), `model`, `encoding_format` (`float`, `base64`), `dimensions` (truncated, then re-normalised), `user` (ignored); usage counts tokens |
+//! | `POST /embed` | Hugging Face TEI: `inputs`, `normalize`, `truncate`, `dimensions` |
+//! | `GET /info` | TEI's model description |
+//! | `GET /health` | 200 once the model is loaded and warmed, 503 before |
+//! | `GET /metrics` | Prometheus text from [`Optimizer::stats`] |
+//!
+//! The port opens before the model loads, so an orchestrator's readiness probe sees
+//! 503 until it can serve. Errors are JSON, `{"error": {"message", "type"}}`: 413 for a
+//! body over `server.max_body_bytes` or more inputs than `server.max_inputs`, 422 for
+//! malformed JSON or a wrong field (named), 429 with `Retry-After` when the queue is
+//! full, 504 past the deadline, 401 without one of `server.api_keys` (when set; health
+//! and metrics stay open). [`serve`] stops on the future it is given: no new
+//! connections, in-flight requests finish.
+
+mod error;
+mod metrics;
+mod routes;
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::routing::{get, post};
+use kiln::{EmbeddingHead, KilnConfig, Optimizer};
+
+pub use error::ApiError;
+
+/// What the handlers share.
+pub struct State {
+    optimizer: OnceLock<Arc<Optimizer>>,
+    config: KilnConfig,
+    head: EmbeddingHead,
+    name: String,
+}
+
+impl State {
+    /// A state for `config`'s model; [`State::ready`] hands it the loaded optimizer.
+    /// `head` is the embedding head the text pipeline applies (its normalisation is
+    /// what `normalize` and `dimensions` build on).
+    pub fn new(config: KilnConfig, head: EmbeddingHead) -> Arc<State> {
+        let name = config
+            .model
+            .path
+            .file_name()
+            .map_or_else(|| config.model.path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        Arc::new(State { optimizer: OnceLock::new(), config, head, name })
+    }
+
+    /// The model is loaded: routes answer from now on.
+    pub fn ready(&self, optimizer: Arc<Optimizer>) {
+        let _ = self.optimizer.set(optimizer);
+    }
+
+    /// The optimizer, once loaded.
+    pub fn optimizer(&self) -> Option<&Arc<Optimizer>> {
+        self.optimizer.get()
+    }
+
+    /// The name clients pass as `model` (the model folder's name).
+    pub fn model_name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Every route over `state`.
+pub fn router(state: Arc<State>) -> Router {
+    let limit = state.config.server.max_body_bytes;
+    Router::new()
+        .route("/v1/embeddings", post(routes::openai_embeddings))
+        .route("/embed", post(routes::tei_embed))
+        .route("/info", get(routes::tei_info))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(metrics::prometheus))
+        .fallback(routes::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes; then stops accepting and
+/// waits for the requests in flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn termination() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,160 @@
+//! `GET /metrics`: Prometheus' text format, written from [`kiln::Stats`] (no second
+//! bookkeeping): counters, gauges, latency summaries (quantiles 0.5, 0.95, 0.99) and
+//! the batch-size histogram.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::extract::State as Shared;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use crate::State;
+
+/// Appends one metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+fn one(value: f64) -> Vec<(String, f64)> {
+    vec![(String::new(), value)]
+}
+
+/// A latency summary from kiln's percentiles (milliseconds in, seconds out).
+fn summary(out: &mut String, name: &str, help: &str, p: &kiln::runtime::Percentiles) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+    for (q, v) in [("0.5", p.p50), ("0.95", p.p95), ("0.99", p.p99)] {
+        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {}", v / 1000.0);
+    }
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", p.mean * p.count as f64 / 1000.0, p.count);
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The text of every metric.
+pub fn render(stats: &kiln::Stats, model: &str) -> String {
+    let mut out = String::new();
+    let s = stats;
+    let info = format!(
+        "{{model=\"{}\",provider=\"{}\",device=\"{}\",dtype=\"{}\"}}",
+        escape(model),
+        escape(&s.model.provider),
+        s.model.device,
+        s.model.dtype
+    );
+    family(&mut out, "kiln_model_info", "gauge", "The model served (labels).", &[(info, 1.0)]);
+    family(&mut out, "kiln_requests_total", "counter", "Requests accepted.", &one(s.requests as f64));
+    family(&mut out, "kiln_texts_total", "counter", "Texts embedded.", &one(s.texts as f64));
+    family(&mut out, "kiln_images_total", "counter", "Images classified.", &one(s.images as f64));
+    family(&mut out, "kiln_batches_total", "counter", "Batches run by the model.", &one(s.batches as f64));
+    let errors: Vec<(String, f64)> =
+        s.errors.iter().map(|(kind, n)| (format!("{{kind=\"{}\"}}", escape(kind)), *n as f64)).collect();
+    family(&mut out, "kiln_errors_total", "counter", "Failed requests by kind.", &errors);
+    family(&mut out, "kiln_retries_total", "counter", "Retried batches.", &one(s.retries as f64));
+    family(
+        &mut out,
+        "kiln_timeouts_total",
+        "counter",
+        "Requests past their deadline.",
+        &one(s.timeouts as f64),
+    );
+    family(&mut out, "kiln_queue_depth", "gauge", "Requests waiting or running.", &one(s.queue_depth as f64));
+    summary(&mut out, "kiln_request_latency_seconds", "From submission to answer.", &s.latency_ms);
+    summary(&mut out, "kiln_queue_wait_seconds", "From submission to the batch's start.", &s.queue_wait_ms);
+    let _ = writeln!(out, "# HELP kiln_batch_size Items per batch.\n# TYPE kiln_batch_size histogram");
+    let (mut seen, mut sum) = (0u64, 0f64);
+    for (size, n) in &s.batch_sizes {
+        seen += n;
+        sum += (*size as u64 * n) as f64;
+        let _ = writeln!(out, "kiln_batch_size_bucket{{le=\"{size}\"}} {seen}");
+    }
+    let _ = writeln!(
+        out,
+        "kiln_batch_size_bucket{{le=\"+Inf\"}} {seen}\nkiln_batch_size_sum {sum}\nkiln_batch_size_count {seen}"
+    );
+    for (name, help, v) in [
+        ("kiln_tokenize_seconds_total", "Time tokenizing.", s.tokenize_seconds),
+        ("kiln_preprocess_seconds_total", "Time pre-processing images.", s.preprocess_seconds),
+        ("kiln_inference_seconds_total", "Time in the model.", s.inference_seconds),
+        ("kiln_pooling_seconds_total", "Time pooling on the host.", s.pooling_seconds),
+    ] {
+        family(&mut out, name, "counter", help, &one(v));
+    }
+    family(&mut out, "kiln_cache_hits_total", "counter", "Result cache hits.", &one(s.cache.hits as f64));
+    family(
+        &mut out,
+        "kiln_cache_misses_total",
+        "counter",
+        "Result cache misses.",
+        &one(s.cache.misses as f64),
+    );
+    family(
+        &mut out,
+        "kiln_cache_entries",
+        "gauge",
+        "Entries in the result cache.",
+        &one(s.cache.entries as f64),
+    );
+    family(&mut out, "kiln_cache_bytes", "gauge", "Bytes in the result cache.", &one(s.cache.bytes as f64));
+    family(
+        &mut out,
+        "kiln_coalesced_total",
+        "counter",
+        "Texts answered by a concurrent run.",
+        &one(s.coalesced as f64),
+    );
+    family(&mut out, "kiln_uptime_seconds", "gauge", "Since the optimizer started.", &one(s.uptime_seconds));
+    family(
+        &mut out,
+        "kiln_model_load_seconds",
+        "gauge",
+        "Loading and warming the model.",
+        &one(s.load_seconds),
+    );
+    if let Some(m) = &s.memory {
+        family(
+            &mut out,
+            "kiln_peak_rss_bytes",
+            "gauge",
+            "Highest resident memory.",
+            &one(m.peak_rss_bytes as f64),
+        );
+        family(&mut out, "kiln_memory_used_ratio", "gauge", "System memory in use.", &one(m.used_fraction));
+        family(
+            &mut out,
+            "kiln_gpu_memory_used_ratio",
+            "gauge",
+            "Fullest GPU's memory in use.",
+            &one(m.gpu_used_fraction),
+        );
+        family(
+            &mut out,
+            "kiln_peak_gpu_used_bytes",
+            "gauge",
+            "Highest GPU memory in use.",
+            &one(m.peak_gpu_used_bytes as f64),
+        );
+        family(
+            &mut out,
+            "kiln_memory_pressure_total",
+            "counter",
+            "Samples above the high watermark.",
+            &one(m.pressure_events as f64),
+        );
+    }
+    out
+}
+
+/// `GET /metrics`.
+pub(crate) async fn prometheus(Shared(state): Shared<Arc<State>>) -> Response {
+    let text = match state.optimizer() {
+        Some(o) => render(&o.stats(), state.model_name()),
+        None => "# the model is loading\n".to_string(),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}

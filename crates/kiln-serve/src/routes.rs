@@ -1,0 +1,250 @@
+//! The OpenAI and TEI embedding routes, `/info` and `/health`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State as Shared;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::{ApiError, State};
+
+/// The body, or 413 past `server.max_body_bytes` (axum's limit), as a JSON error.
+type Raw = Result<Bytes, BytesRejection>;
+
+/// A JSON body: malformed JSON or a wrong field is a 422 naming the field and what it
+/// expected.
+fn body<T: DeserializeOwned>(raw: Raw, limit: usize) -> Result<T, ApiError> {
+    let bytes = raw.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::too_large(format!("the request body is over {limit} bytes (server.max_body_bytes)"))
+        }
+        _ => ApiError::invalid(format!("the request body: {e}")),
+    })?;
+    let mut json = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut json).map_err(|e| match e.path().to_string().as_str() {
+        "." => ApiError::invalid(format!("the request body: {}", e.inner())),
+        path => ApiError::invalid(format!("the request body's `{path}`: {}", e.inner())),
+    })
+}
+
+/// One string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Texts {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Texts {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Texts::One(t) => vec![t],
+            Texts::Many(v) => v,
+        }
+    }
+}
+
+/// The optimizer, the caller's key checked.
+fn ready<'a>(state: &'a State, headers: &HeaderMap) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
+    let keys = &state.config.server.api_keys;
+    if !keys.is_empty() {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| keys.iter().any(|k| k == g)) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "missing or unknown API key: send `Authorization: Bearer <key>` with one of server.api_keys",
+            ));
+        }
+    }
+    state.optimizer().ok_or_else(ApiError::loading)
+}
+
+/// Embeds `texts`, checking the count; `dimensions` keeps the first ones and
+/// normalises again when the pipeline normalises or `normalize` asks.
+async fn embed(
+    state: &State,
+    optimizer: &kiln::Optimizer,
+    texts: Vec<String>,
+    dimensions: Option<usize>,
+    normalize: bool,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    let limit = state.config.server.max_inputs;
+    if texts.is_empty() {
+        return Err(ApiError::invalid("no input: send a string or a non-empty list of strings"));
+    }
+    if texts.len() > limit {
+        return Err(ApiError::too_large(format!(
+            "{} inputs in one request; this server takes at most {limit} (server.max_inputs)",
+            texts.len()
+        )));
+    }
+    let mut vectors = optimizer.embed(&texts).await?;
+    let width = vectors.first().map_or(0, Vec::len);
+    if let Some(d) = dimensions
+        && (d == 0 || d > width)
+    {
+        return Err(ApiError::invalid(format!("dimensions = {d}; this model gives 1 to {width}")));
+    }
+    for v in &mut vectors {
+        if let Some(d) = dimensions {
+            v.truncate(d);
+        }
+        if normalize && (dimensions.is_some() || !state.head.normalize) {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+    Ok(vectors)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenAiRequest {
+    input: Texts,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// `POST /v1/embeddings`.
+pub(crate) async fn openai_embeddings(
+    Shared(state): Shared<Arc<State>>,
+    headers: HeaderMap,
+    raw: Raw,
+) -> Result<Response, ApiError> {
+    let optimizer = ready(&state, &headers)?;
+    let request: OpenAiRequest = body(raw, state.config.server.max_body_bytes)?;
+    if let Some(model) = request.model.as_deref().filter(|m| *m != state.model_name()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{model}` is not served here; this server serves `{}`", state.model_name()),
+        ));
+    }
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "encoding_format `{other}`; accepted: \"float\", \"base64\""
+            )));
+        }
+    };
+    let texts = request.input.into_vec();
+    let tokens: usize = optimizer.token_lengths(texts.clone()).await?.iter().sum();
+    let vectors = embed(&state, optimizer, texts, request.dimensions, true).await?;
+    let data: Vec<serde_json::Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(v)
+            };
+            serde_json::json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": state.model_name(),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TeiRequest {
+    inputs: Texts,
+    #[serde(default = "yes")]
+    normalize: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    truncate: bool,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    truncation_direction: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    prompt_name: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /embed` (TEI): a list of vectors.
+pub(crate) async fn tei_embed(
+    Shared(state): Shared<Arc<State>>,
+    headers: HeaderMap,
+    raw: Raw,
+) -> Result<Response, ApiError> {
+    let optimizer = ready(&state, &headers)?;
+    let request: TeiRequest = body(raw, state.config.server.max_body_bytes)?;
+    if !request.normalize && state.head.normalize {
+        return Err(ApiError::invalid(
+            "normalize = false: this server's pipeline normalises (the model's Normalize module or text.normalize); \
+             serve it with --set text.normalize=false for raw vectors",
+        ));
+    }
+    let vectors =
+        embed(&state, optimizer, request.inputs.into_vec(), request.dimensions, request.normalize).await?;
+    Ok(Json(vectors).into_response())
+}
+
+/// `GET /info` (TEI's shape).
+pub(crate) async fn tei_info(Shared(state): Shared<Arc<State>>) -> Result<Response, ApiError> {
+    let optimizer = state.optimizer().ok_or_else(ApiError::loading)?;
+    let info = optimizer.model_info();
+    Ok(Json(serde_json::json!({
+        "model_id": state.model_name(),
+        "model_dtype": info.dtype.to_string(),
+        "model_type": {"embedding": {"pooling": format!("{:?}", state.head.pooling).to_lowercase()}},
+        "max_input_length": state.config.text.max_length.or(info.max_sequence_length),
+        "max_client_batch_size": state.config.server.max_inputs,
+        "max_batch_tokens": state.config.batching.max_batch_tokens,
+        "max_concurrent_requests": state.config.batching.queue_capacity,
+        "provider": info.provider,
+        "device": info.device.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+    }))
+    .into_response())
+}
+
+/// `GET /health`: 200 once the model serves, 503 before.
+pub(crate) async fn health(Shared(state): Shared<Arc<State>>) -> Response {
+    match state.optimizer() {
+        Some(_) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        None => ApiError::loading().into_response(),
+    }
+}
+
+/// Anything else: 404 naming the routes.
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; kiln serves POST /v1/embeddings, POST /embed, GET /info, GET /health, GET /metrics",
+    )
+}

@@ -1,0 +1,108 @@
+"""Calls a running `kiln serve` the way its users do, and prints what came back as JSON.
+
+    serve_clients.py BASE_URL MODEL TEXTS_JSON API_KEY
+
+- waits (deadline 180 s) for GET /health to answer 200;
+- the real `openai` package: embeddings as floats, as base64, and with `dimensions`;
+  a wrong model name (its error);
+- plain HTTP for TEI: POST /embed, GET /info;
+- GET /metrics parsed by prometheus_client's own text parser;
+- bad requests: a wrong field type, too many inputs, a body over the limit, an unknown
+  route, no API key: status and JSON error body of each.
+"""
+import base64
+import json
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+
+KEY = {}
+
+
+def call(url, body=None, raw=None, key=True):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {KEY['key']}"
+    req = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def main():
+    base, model, texts, KEY["key"] = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    deadline = time.monotonic() + 180
+    waited = []
+    while True:
+        try:
+            status, _, _ = call(base + "/health", key=False)
+        except OSError as e:
+            status = str(e)
+        waited.append(status)
+        if status == 200:
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"/health never answered 200: {waited[-5:]}")
+        time.sleep(0.2)
+    client = openai.OpenAI(base_url=base + "/v1", api_key=KEY["key"], max_retries=0)
+    out = {"health_before_ready": [s for s in waited if s != 200][:3]}
+    floats = client.embeddings.create(model=model, input=texts)
+    out["openai_float"] = [d.embedding for d in floats.data]
+    out["openai_usage"] = floats.usage.prompt_tokens
+    out["openai_model"] = floats.model
+    # The client asks for base64 unless told otherwise and decodes it itself; ask for
+    # it explicitly through the raw response too, to check the bytes.
+    b64 = client.embeddings.create(model=model, input=texts, encoding_format="base64")
+
+    def floats_of(e):
+        # Asked for base64 explicitly, the client hands the string back as it came.
+        if isinstance(e, str):
+            blob = base64.b64decode(e)
+            return list(struct.unpack(f"<{len(blob) // 4}f", blob))
+        return e
+
+    out["openai_base64"] = [floats_of(d.embedding) for d in b64.data]
+    status, _, body = call(base + "/v1/embeddings", {"model": model, "input": texts, "encoding_format": "base64"})
+    raw = json.loads(body)["data"][0]["embedding"]
+    blob = base64.b64decode(raw)
+    out["raw_base64_first"] = list(struct.unpack(f"<{len(blob) // 4}f", blob))
+    dims = client.embeddings.create(model=model, input=texts[:2], dimensions=64)
+    out["openai_dims"] = [d.embedding for d in dims.data]
+    try:
+        client.embeddings.create(model="text-embedding-3-small", input="hi")
+        out["wrong_model"] = "accepted"
+    except openai.NotFoundError as e:
+        out["wrong_model"] = {"status": e.status_code, "message": str(e)}
+    status, _, body = call(base + "/embed", {"inputs": texts})
+    out["tei"] = {"status": status, "vectors": json.loads(body)}
+    status, _, body = call(base + "/info")
+    out["info"] = {"status": status, "body": json.loads(body)}
+    status, headers, body = call(base + "/metrics", key=False)
+    families = {}
+    for family in text_string_to_metric_families(body):
+        families[family.name] = {"type": family.type,
+                                 "samples": [[s.name, s.labels, s.value] for s in family.samples]}
+    out["metrics"] = families
+    bad = {}
+    bad["wrong_type"] = call(base + "/embed", {"inputs": "hi", "normalize": 3})
+    bad["too_many"] = call(base + "/embed", {"inputs": ["x"] * 10000})
+    bad["too_large"] = call(base + "/embed", raw=json.dumps({"inputs": "a" * 3_000_000}).encode())
+    bad["not_json"] = call(base + "/v1/embeddings", raw=b"{not json")
+    bad["no_route"] = call(base + "/v2/nothing")
+    bad["no_key"] = call(base + "/embed", {"inputs": "hi"}, key=False)
+    out["bad"] = {k: {"status": s, "retry_after": h.get("Retry-After"), "body": json.loads(b)}
+                  for k, (s, h, b) in bad.items()}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
