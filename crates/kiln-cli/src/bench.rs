@@ -33,6 +33,8 @@ pub struct BenchOptions {
     pub progress: bool,
     /// Where the measured run's profile and trace go.
     pub profiler: crate::ProfilerOutputs,
+    /// Send the calls over HTTP to an in-process `kiln serve` of the same config.
+    pub http: bool,
 }
 
 /// The figures of one run.
@@ -215,11 +217,19 @@ pub async fn run_once(
     if options.words.0 == 0 || options.words.0 > options.words.1 {
         bail!("--words must be MIN-MAX with 1 <= MIN <= MAX, got {}-{}", options.words.0, options.words.1);
     }
+    let server_config = config.clone();
+    let room = config.batching.queue_capacity;
     let optimizer = Arc::new(Optimizer::from_config(config).await?);
-    // Warm-up on texts outside the workload: first-call costs are not measured.
+    // Warm-up on texts outside the workload (as many as the queue takes): first-call
+    // costs are not measured.
     let warm: Vec<String> =
-        (0..options.concurrency.min(32)).map(|i| format!("warm-up text number {i}")).collect();
+        (0..options.concurrency.min(32).min(room)).map(|i| format!("warm-up text number {i}")).collect();
     optimizer.embed(&warm).await.context("warm-up")?;
+    let server = match options.http {
+        true => Some(crate::http_load::Server::start(server_config, optimizer.clone()).await?),
+        false => None,
+    };
+    let target = server.as_ref().map(|s| (s.addr, s.model.clone()));
 
     let (texts, order) = match &options.texts {
         Some(texts) => (texts.clone(), (0..options.requests).map(|i| i % texts.len()).collect()),
@@ -244,33 +254,54 @@ pub async fn run_once(
             let (optimizer, texts, order, next, check) =
                 (optimizer.clone(), texts.clone(), order.clone(), next.clone(), check.clone());
             let (errors, ok, latency, bar) = (errors.clone(), ok.clone(), latency.clone(), bar.clone());
+            let target = target.clone();
             tokio::spawn(async move {
+                let mut connection = match &target {
+                    Some((addr, _)) => Some(crate::http_load::Connection::open(*addr).await?),
+                    None => None,
+                };
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= order.len() {
                         break;
                     }
                     let t0 = Instant::now();
-                    match optimizer.embed(std::slice::from_ref(&texts[order[i]])).await {
-                        Ok(vectors) if !check.agrees(order[i], &vectors[0]) => {
+                    let text = &texts[order[i]];
+                    let answer = match (&mut connection, &target) {
+                        (Some(c), Some((_, model))) => match c.embed(model, text).await? {
+                            crate::http_load::Answer::Vector(v) => Ok(v),
+                            crate::http_load::Answer::Refused(status) => Err(format!("http_{status}")),
+                        },
+                        _ => optimizer
+                            .embed(std::slice::from_ref(text))
+                            .await
+                            .map(|mut v| v.swap_remove(0))
+                            .map_err(|e| e.kind().to_string()),
+                    };
+                    match answer {
+                        Ok(vector) if !check.agrees(order[i], &vector) => {
                             *errors.lock().unwrap().entry("mismatch".to_string()).or_default() += 1
                         }
                         Ok(_) => {
                             latency.record(t0.elapsed());
                             ok.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(e) => *errors.lock().unwrap().entry(e.kind().to_string()).or_default() += 1,
+                        Err(kind) => *errors.lock().unwrap().entry(kind).or_default() += 1,
                     }
                     bar.inc(1);
                 }
+                anyhow::Ok(())
             })
         })
         .collect();
     for caller in callers {
-        caller.await.context("a load-generating task failed")?;
+        caller.await.context("a load-generating task failed")??;
     }
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    if let Some(server) = server {
+        server.stop().await?;
+    }
     let after = optimizer.stats();
     let rss_after_bytes = kiln::runtime::process_rss();
     let optimizer =

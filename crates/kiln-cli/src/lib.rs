@@ -3,6 +3,7 @@
 
 pub mod bench;
 mod generate;
+mod http_load;
 pub mod input;
 mod run;
 mod serve;
@@ -206,6 +207,12 @@ pub struct BenchArgs {
     /// Profiler outputs of the measured run (not the baseline).
     #[command(flatten)]
     pub profiler: ProfilerOutputs,
+    /// After the in-process run, send the same calls over HTTP (one keep-alive
+    /// connection per caller) to `kiln serve`'s `/v1/embeddings` on a loopback port,
+    /// over a fresh optimizer of the same config, and report the HTTP / in-process
+    /// throughput ratio.
+    #[arg(long)]
+    pub http: bool,
 }
 
 /// Runs a parsed command line.
@@ -246,6 +253,7 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
         },
         progress: true,
         profiler: args.profiler.clone(),
+        http: false,
     };
     let mut config = args.source.load()?;
     args.profiler.apply(&mut config);
@@ -271,17 +279,34 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
         bench::print("baseline", &report);
         Some(report)
     };
+    let http_config = args.http.then(|| config.clone());
     let report = bench::run_once(config, &options, Vec::new()).await?;
     bench::print("kiln", &report);
     let ratio = baseline.as_ref().map(|b| report.throughput_rps / b.throughput_rps.max(1e-9));
     if let Some(ratio) = ratio {
         println!("throughput ratio kiln / baseline ({}): {ratio:.2}", args.compare.join(", "));
     }
+    let http = match http_config {
+        Some(config) => {
+            let http_options =
+                bench::BenchOptions { profiler: ProfilerOutputs::default(), http: true, ..options.clone() };
+            let over_http = bench::run_once(config, &http_options, Vec::new()).await?;
+            bench::print("kiln serve (HTTP)", &over_http);
+            let ratio = over_http.throughput_rps / report.throughput_rps.max(1e-9);
+            println!("throughput ratio HTTP / in-process: {ratio:.2}");
+            Some((over_http, ratio))
+        }
+        None => None,
+    };
     if let Some(path) = &args.json {
         let mut value = serde_json::to_value(&report)?;
         if let Some(b) = &baseline {
             value["baseline"] = serde_json::to_value(b)?;
             value["throughput_ratio"] = serde_json::json!(ratio);
+        }
+        if let Some((h, ratio)) = &http {
+            value["http"] = serde_json::to_value(h)?;
+            value["http_ratio"] = serde_json::json!(ratio);
         }
         std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;

@@ -164,3 +164,35 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     assert!(status.success(), "{rest:?}");
     assert!(rest.iter().any(|l| l.contains("shut down after")), "{rest:?}");
 }
+
+/// `kiln bench --http`: the same calls in-process and over HTTP; past the queue's
+/// capacity (rejecting, not waiting) HTTP callers get only 429s and the server goes on
+/// answering the rest.
+#[test]
+fn over_capacity_http_callers_get_429s_and_the_rest_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let run = kiln(&[
+        "bench",
+        "--requests",
+        "200",
+        "--concurrency",
+        "32",
+        "--http",
+        "--set",
+        "batching.queue_capacity=4",
+        "--set",
+        "batching.when_full=\"reject\"",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{}{stdout}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("throughput ratio HTTP / in-process"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let http = &report["http"];
+    let kinds: Vec<&String> = http["errors_by_kind"].as_object().unwrap().keys().collect();
+    assert_eq!(kinds, ["http_429"], "{http}");
+    assert!(http["errors"].as_u64().unwrap() > 0 && http["throughput_rps"].as_f64().unwrap() > 0.0, "{http}");
+    assert_eq!(http["mismatches"], 0, "{http}");
+}
