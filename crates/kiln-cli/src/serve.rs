@@ -36,10 +36,16 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         config.server.port = port;
     }
     args.profiler.apply(&mut config);
-    if config.task != Task::Embed {
-        bail!("kiln serve serves task = \"embed\" so far (this config's task is {:?})", config.task);
+    let head = match config.task {
+        Task::Embed => kiln::text::embedding_head(&config.model.path, &config.text)?,
+        Task::Generate => kiln::EmbeddingHead { pooling: kiln::Pooling::Mean, normalize: false },
+        other => bail!(
+            "kiln serve serves task = \"embed\" and \"generate\" so far (this config's task is {other:?})"
+        ),
+    };
+    if config.task == Task::Generate {
+        return generate(config, head, args.profiler).await;
     }
-    let head = kiln::text::embedding_head(&config.model.path, &config.text)?;
     let address = format!("{}:{}", config.server.host, config.server.port);
     let listener =
         tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
@@ -75,5 +81,48 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     crate::write_profiler_outputs(&optimizer, &args.profiler)?;
     let stats = optimizer.shutdown().await?;
     eprintln!("kiln: shut down after {} requests ({} texts)", stats.requests, stats.texts);
+    Ok(())
+}
+
+/// `kiln serve` for a `task = "generate"` config: OpenAI's completion routes.
+async fn generate(config: KilnConfig, head: kiln::EmbeddingHead, profiler: ProfilerOutputs) -> Result<()> {
+    let address = format!("{}:{}", config.server.host, config.server.port);
+    let listener =
+        tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
+    let bound = listener.local_addr()?;
+    let state = kiln_serve::State::new(config.clone(), head);
+    let router = kiln_serve::router(state.clone());
+    eprintln!(
+        "kiln: listening on http://{bound} (POST /v1/chat/completions, POST /v1/completions, GET /info, GET /health, \
+         GET /metrics); loading {}",
+        state.model_name()
+    );
+    let mut server = tokio::spawn(kiln_serve::serve(listener, router, kiln_serve::termination()));
+    let generation = tokio::select! {
+        loaded = kiln::runtime::Generation::from_config(config) => Arc::new(loaded?),
+        stopped = &mut server => {
+            stopped.context("the server task")?.context("serving")?;
+            eprintln!("kiln: stopped before the model had loaded");
+            return Ok(());
+        }
+    };
+    state.ready_generation(generation.clone());
+    eprintln!("kiln: serving {} ({}) at http://{bound}", state.model_name(), generation.info().quantization);
+    server.await.context("the server task")?.context("serving")?;
+    eprintln!("kiln: stopped accepting; requests in flight finished");
+    drop(state);
+    let generation =
+        Arc::try_unwrap(generation).map_err(|_| anyhow::anyhow!("the generation engine is still shared"))?;
+    if let Some(path) = &profiler.profile {
+        generation.write_profile(path)?;
+    }
+    if let Some(path) = &profiler.trace {
+        generation.write_trace(path)?;
+    }
+    let stats = generation.shutdown().await;
+    eprintln!(
+        "kiln: shut down after {} requests ({} tokens generated)",
+        stats.requests, stats.generated_tokens
+    );
     Ok(())
 }

@@ -4,8 +4,9 @@
 //! floats and as base64, and truncated with `dimensions` (re-normalised); TEI's `/embed`
 //! and `/info` answer; `/metrics` parses with prometheus_client's parser and counts the
 //! requests; bad requests get 422 / 413 / 404 with a JSON error naming the problem, a
-//! call without the API key 401 (health and metrics stay open);
-//! SIGTERM drains and shuts down cleanly.
+//! call without the API key 401 (health and metrics stay open); SIGTERM drains and
+//! shuts down cleanly. With a generate config the `openai` package chats, streams and
+//! completes.
 
 mod support;
 
@@ -15,20 +16,63 @@ use std::time::{Duration, Instant};
 
 use support::{cosine, kiln, root};
 
-/// Runs the clients' script with the Python of `scripts/setup serve`.
-fn clients(base: &str, model: &str, texts: &[String]) -> serde_json::Value {
+/// Runs one of the clients' scripts with the Python of `scripts/setup serve`.
+fn clients(script: &str, args: &[&str]) -> serde_json::Value {
     let python = std::env::var("SERVE_CLIENTS_PYTHON").unwrap_or_else(|_| {
         panic!(
             "SERVE_CLIENTS_PYTHON is not set: run `scripts/setup serve` and `. .kiln/env` (scripts/test does)"
         )
     });
-    let out = Command::new(python)
-        .arg(root().join("tests/readers/serve_clients.py"))
-        .args([base, model, &serde_json::to_string(texts).unwrap(), "test-key"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "serve_clients.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        Command::new(python).arg(root().join("tests/readers").join(script)).args(args).output().unwrap();
+    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Starts `kiln serve ARGS` on a free loopback port: the process, its address, and
+/// its stderr lines after the first.
+fn start(args: &[&str]) -> (Server, String, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .current_dir(root())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, stderr) = std::sync::mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let server = Server(child);
+    let first = stderr.recv_timeout(Duration::from_secs(60)).expect("kiln serve printed nothing");
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {first:?}"))
+        .to_string();
+    (server, base, stderr)
+}
+
+/// SIGTERM: the server stops accepting, drains, and exits cleanly with its summary line.
+fn stop(mut server: Server, stderr: std::sync::mpsc::Receiver<String>) {
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kiln serve did not stop within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rest: Vec<String> = stderr.iter().collect();
+    assert!(status.success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("shut down after")), "{rest:?}");
 }
 
 fn vectors(v: &serde_json::Value) -> Vec<Vec<f32>> {
@@ -49,40 +93,10 @@ impl Drop for Server {
 fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     let (texts, _) = support::reference();
     let texts: Vec<String> = texts.into_iter().take(6).collect();
-    let mut server = Server(
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args([
-                "serve",
-                "--port",
-                "0",
-                "--set",
-                "server.max_inputs=64",
-                "--set",
-                "server.api_keys=[\"test-key\"]",
-            ])
-            .current_dir(root())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let server = &mut server.0;
-    // The first line names the address; the rest of stderr is kept for the end.
-    let (lines, stderr) = std::sync::mpsc::channel();
-    let pipe = server.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = stderr.recv_timeout(Duration::from_secs(60)).expect("kiln serve printed nothing");
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_string();
-    let got = clients(&base, "all-MiniLM-L6-v2", &texts);
+    let (server, base, stderr) =
+        start(&["--set", "server.max_inputs=64", "--set", "server.api_keys=[\"test-key\"]"]);
+    let texts_json = serde_json::to_string(&texts).unwrap();
+    let got = clients("serve_clients.py", &[&base, "all-MiniLM-L6-v2", &texts_json, "test-key"]);
 
     // What `kiln run` writes for the same texts.
     let dir = tempfile::tempdir().unwrap();
@@ -149,20 +163,29 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     let (status, message) = error("no_key");
     assert!(status == 401 && message.contains("server.api_keys"), "{message}");
 
-    // SIGTERM: stop accepting, drain, shut down with the summary line.
-    let pid = server.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = server.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "kiln serve did not stop within 60 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let rest: Vec<String> = stderr.iter().collect();
-    assert!(status.success(), "{rest:?}");
-    assert!(rest.iter().any(|l| l.contains("shut down after")), "{rest:?}");
+    stop(server, stderr);
+}
+
+/// A generate config (examples/generate.toml, SmolLM2 on candle): the real `openai`
+/// package's chat completion gets llama.cpp's answer, streamed as the same text piece by
+/// piece over server-sent events; a plain completion stops at `max_tokens`; the
+/// embeddings route is refused by name; the metrics count the tokens.
+#[test]
+fn the_openai_client_chats_and_streams_with_a_generate_config() {
+    let (server, base, stderr) = start(&["examples/generate.toml"]);
+    let got = clients("chat_clients.py", &[&base, "SmolLM2-135M-Instruct.Q4_1.gguf"]);
+    assert_eq!(got["chat"]["content"], "The capital of Germany is Berlin.", "{got}");
+    assert_eq!(got["chat"]["finish"], "stop");
+    let pieces: Vec<String> = serde_json::from_value(got["stream"]["pieces"].clone()).unwrap();
+    assert!(pieces.len() > 3, "streamed piece by piece: {pieces:?}");
+    assert_eq!(pieces.concat(), "The capital of Germany is Berlin.");
+    assert_eq!(got["stream"]["finishes"], serde_json::json!(["stop"]));
+    assert_eq!(got["completion"]["finish"], "length", "{got}");
+    assert!(!got["completion"]["text"].as_str().unwrap().is_empty());
+    assert_eq!(got["embeddings"]["status"], 404, "{got}");
+    let tokens = got["metrics"]["kiln_generate_tokens"][0][1].as_f64().unwrap();
+    assert!(tokens >= 14.0, "{}", got["metrics"]);
+    stop(server, stderr);
 }
 
 /// `kiln bench --http`: the same calls in-process and over HTTP; past the queue's

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `POST /v1/embeddings` | OpenAI embeddings: `input` (a string or a list), `model`, `encoding_format` (`float`, `base64`), `dimensions` (truncated, then re-normalised), `user` (ignored); usage counts tokens |
 //! | `POST /embed` | Hugging Face TEI: `inputs`, `normalize`, `truncate`, `dimensions` |
+//! | `POST /v1/chat/completions`, `POST /v1/completions` | OpenAI, for a `task = "generate"` config: `messages` / `prompt`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events) |
 //! | `GET /info` | TEI's model description |
 //! | `GET /health` | 200 once the model is loaded and warmed, 503 before |
 //! | `GET /metrics` | Prometheus text from [`Optimizer::stats`] |
@@ -16,6 +17,7 @@
 //! and metrics stay open). [`serve`] stops on the future it is given: no new
 //! connections, in-flight requests finish.
 
+mod chat;
 mod error;
 mod metrics;
 mod routes;
@@ -25,6 +27,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::routing::{get, post};
+use kiln::runtime::Generation;
 use kiln::{EmbeddingHead, KilnConfig, Optimizer};
 
 pub use error::ApiError;
@@ -32,6 +35,7 @@ pub use error::ApiError;
 /// What the handlers share.
 pub struct State {
     optimizer: OnceLock<Arc<Optimizer>>,
+    generation: OnceLock<Arc<Generation>>,
     config: KilnConfig,
     head: EmbeddingHead,
     name: String,
@@ -47,12 +51,22 @@ impl State {
             .path
             .file_name()
             .map_or_else(|| config.model.path.display().to_string(), |n| n.to_string_lossy().into_owned());
-        Arc::new(State { optimizer: OnceLock::new(), config, head, name })
+        Arc::new(State { optimizer: OnceLock::new(), generation: OnceLock::new(), config, head, name })
     }
 
     /// The model is loaded: routes answer from now on.
     pub fn ready(&self, optimizer: Arc<Optimizer>) {
         let _ = self.optimizer.set(optimizer);
+    }
+
+    /// A generate-task model is loaded: the completion routes answer from now on.
+    pub fn ready_generation(&self, generation: Arc<Generation>) {
+        let _ = self.generation.set(generation);
+    }
+
+    /// The generation engine, once loaded.
+    pub fn generation(&self) -> Option<&Arc<Generation>> {
+        self.generation.get()
     }
 
     /// The optimizer, once loaded.
@@ -72,6 +86,8 @@ pub fn router(state: Arc<State>) -> Router {
     Router::new()
         .route("/v1/embeddings", post(routes::openai_embeddings))
         .route("/embed", post(routes::tei_embed))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
         .route("/info", get(routes::tei_info))
         .route("/health", get(routes::health))
         .route("/metrics", get(metrics::prometheus))

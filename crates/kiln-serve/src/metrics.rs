@@ -150,11 +150,48 @@ pub fn render(stats: &kiln::Stats, model: &str) -> String {
     out
 }
 
+/// The text of every metric of a generate-task server.
+pub fn render_generation(s: &kiln::runtime::GenerationStats, model: &str) -> String {
+    let mut out = String::new();
+    let info = format!("{{model=\"{}\"}}", escape(model));
+    family(&mut out, "kiln_model_info", "gauge", "The model served (labels).", &[(info, 1.0)]);
+    for (name, help, v) in [
+        ("kiln_generate_requests_total", "Generation requests accepted.", s.requests),
+        ("kiln_generate_rejected_total", "Requests refused with a full queue.", s.rejected),
+        ("kiln_generate_completed_total", "Sequences that ended normally.", s.completed),
+        ("kiln_generate_cancelled_total", "Sequences whose caller went away.", s.cancelled),
+        ("kiln_generate_failed_total", "Sequences that failed.", s.failed),
+        ("kiln_generate_prompt_tokens_total", "Prompt tokens prefilled.", s.prompt_tokens),
+        ("kiln_generate_tokens_total", "Tokens generated.", s.generated_tokens),
+        ("kiln_generate_steps_total", "Generator steps.", s.steps),
+    ] {
+        family(&mut out, name, "counter", help, &one(v as f64));
+    }
+    for (name, help, v) in [
+        ("kiln_generate_running", "Sequences running now.", s.running as f64),
+        ("kiln_generate_waiting", "Requests waiting for a slot.", s.waiting as f64),
+        ("kiln_generate_sequences_per_step", "Mean sequences per step.", s.mean_sequences_per_step),
+        ("kiln_generate_kv_cache_bytes", "KV-cache bytes held now.", s.kv_cache_bytes as f64),
+        ("kiln_generate_ttft_p50_seconds", "Time to first token, median.", s.ttft_ms[0] / 1000.0),
+        ("kiln_generate_ttft_p99_seconds", "Time to first token, 99th percentile.", s.ttft_ms[1] / 1000.0),
+        ("kiln_generate_inter_token_p50_seconds", "Between tokens, median.", s.inter_token_ms[0] / 1000.0),
+        (
+            "kiln_generate_inter_token_p99_seconds",
+            "Between tokens, 99th percentile.",
+            s.inter_token_ms[1] / 1000.0,
+        ),
+    ] {
+        family(&mut out, name, "gauge", help, &one(v));
+    }
+    out
+}
+
 /// `GET /metrics`.
 pub(crate) async fn prometheus(Shared(state): Shared<Arc<State>>) -> Response {
-    let text = match state.optimizer() {
-        Some(o) => render(&o.stats(), state.model_name()),
-        None => "# the model is loading\n".to_string(),
+    let text = match (state.optimizer(), state.generation()) {
+        (Some(o), _) => render(&o.stats(), state.model_name()),
+        (None, Some(g)) => render_generation(&g.stats(), state.model_name()),
+        (None, None) => "# the model is loading\n".to_string(),
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -15,11 +15,11 @@ use serde::de::DeserializeOwned;
 use crate::{ApiError, State};
 
 /// The body, or 413 past `server.max_body_bytes` (axum's limit), as a JSON error.
-type Raw = Result<Bytes, BytesRejection>;
+pub(crate) type Raw = Result<Bytes, BytesRejection>;
 
 /// A JSON body: malformed JSON or a wrong field is a 422 naming the field and what it
 /// expected.
-fn body<T: DeserializeOwned>(raw: Raw, limit: usize) -> Result<T, ApiError> {
+pub(crate) fn body<T: DeserializeOwned>(raw: Raw, limit: usize) -> Result<T, ApiError> {
     let bytes = raw.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::too_large(format!("the request body is over {limit} bytes (server.max_body_bytes)"))
@@ -52,6 +52,19 @@ impl Texts {
 
 /// The optimizer, the caller's key checked.
 fn ready<'a>(state: &'a State, headers: &HeaderMap) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
+    authorize(state, headers)?;
+    state.optimizer().ok_or_else(|| match state.generation() {
+        Some(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this server generates (task = \"generate\"); embeddings need a task = \"embed\" config",
+        ),
+        None => ApiError::loading(),
+    })
+}
+
+/// Checks the caller's API key when `server.api_keys` is set.
+pub(crate) fn authorize(state: &State, headers: &HeaderMap) -> Result<(), ApiError> {
     let keys = &state.config.server.api_keys;
     if !keys.is_empty() {
         let given = headers
@@ -66,7 +79,7 @@ fn ready<'a>(state: &'a State, headers: &HeaderMap) -> Result<&'a Arc<kiln::Opti
             ));
         }
     }
-    state.optimizer().ok_or_else(ApiError::loading)
+    Ok(())
 }
 
 /// Embeds `texts`, checking the count; `dimensions` keeps the first ones and
@@ -215,6 +228,19 @@ pub(crate) async fn tei_embed(
 
 /// `GET /info` (TEI's shape).
 pub(crate) async fn tei_info(Shared(state): Shared<Arc<State>>) -> Result<Response, ApiError> {
+    if let Some(g) = state.generation() {
+        let info = g.info();
+        return Ok(Json(serde_json::json!({
+            "model_id": state.model_name(),
+            "model_type": {"generation": {}},
+            "max_input_length": info.context_length,
+            "provider": info.provider,
+            "device": info.device.to_string(),
+            "quantization": info.quantization,
+            "version": env!("CARGO_PKG_VERSION"),
+        }))
+        .into_response());
+    }
     let optimizer = state.optimizer().ok_or_else(ApiError::loading)?;
     let info = optimizer.model_info();
     Ok(Json(serde_json::json!({
@@ -234,9 +260,9 @@ pub(crate) async fn tei_info(Shared(state): Shared<Arc<State>>) -> Result<Respon
 
 /// `GET /health`: 200 once the model serves, 503 before.
 pub(crate) async fn health(Shared(state): Shared<Arc<State>>) -> Response {
-    match state.optimizer() {
-        Some(_) => Json(serde_json::json!({"status": "ok"})).into_response(),
-        None => ApiError::loading().into_response(),
+    match state.optimizer().is_some() || state.generation().is_some() {
+        true => Json(serde_json::json!({"status": "ok"})).into_response(),
+        false => ApiError::loading().into_response(),
     }
 }
 
@@ -245,6 +271,7 @@ pub(crate) async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; kiln serves POST /v1/embeddings, POST /embed, GET /info, GET /health, GET /metrics",
+        "no such route; kiln serves POST /v1/embeddings, POST /embed, POST /v1/chat/completions, POST /v1/completions, \
+         GET /info, GET /health, GET /metrics",
     )
 }
