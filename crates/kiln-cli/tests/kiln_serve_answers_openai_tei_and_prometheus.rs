@@ -219,3 +219,38 @@ fn over_capacity_http_callers_get_429s_and_the_rest_are_served() {
     assert!(http["errors"].as_u64().unwrap() > 0 && http["throughput_rps"].as_f64().unwrap() > 0.0, "{http}");
     assert_eq!(http["mismatches"], 0, "{http}");
 }
+
+/// The Open Inference Protocol v2 through the real `tritonclient[http]`: health,
+/// readiness, the model's tensors as `ModelInfo` lists them, and an infer of BERT token
+/// ids whose sentence embedding is `kiln run`'s for the same text; a wrong datatype and
+/// an unknown model are refused with the reason.
+#[test]
+fn tritonclient_infers_the_model_s_own_tensors() {
+    let (server, base, stderr) = start(&[]);
+    let host = base.trim_start_matches("http://").to_string();
+    let got = clients("oip_clients.py", &[&host, "all-MiniLM-L6-v2"]);
+    assert_eq!(
+        (&got["live"], &got["ready"], &got["model_ready"]),
+        (&true.into(), &true.into(), &true.into())
+    );
+    let names: Vec<&str> =
+        got["metadata"]["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["input_ids", "attention_mask", "token_type_ids"], "{}", got["metadata"]);
+    let embedding: Vec<Vec<f32>> =
+        serde_json::from_value(got["outputs"]["sentence_embedding"].clone()).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("text.txt");
+    std::fs::write(&input, "hello world\n").unwrap();
+    let output = dir.path().join("out.jsonl");
+    let run = kiln(&["run", "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let expected: Vec<f32> =
+        serde_json::from_value(support::jsonl_events(&output)[0]["embedding"].clone()).unwrap();
+    assert!(cosine(&embedding[0], &expected) >= 0.9999, "cosine {}", cosine(&embedding[0], &expected));
+
+    let message = got["bad"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("input_ids") && message.contains("i64"), "{}", got["bad"]);
+    assert!(got["unknown"]["message"].as_str().unwrap_or_default().contains("serves `all-MiniLM-L6-v2`"));
+    stop(server, stderr);
+}

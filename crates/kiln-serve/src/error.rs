@@ -29,6 +29,11 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message)
     }
 
+    /// The status and the message.
+    pub fn parts(self) -> (StatusCode, String) {
+        (self.status, self.message)
+    }
+
     /// 503: the model is still loading.
     pub fn loading() -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the model is loading; retry shortly")

@@ -8,6 +8,7 @@
 //! | `GET /info` | TEI's model description |
 //! | `GET /health` | 200 once the model is loaded and warmed, 503 before |
 //! | `GET /metrics` | Prometheus text from [`Optimizer::stats`] |
+//! | `GET /v2/health/live`, `/v2/health/ready`, `/v2/models/{name}`, `/v2/models/{name}/ready`, `POST /v2/models/{name}/infer` | Open Inference Protocol v2 (KServe, Triton; `tritonclient[http]`): the model's own tensors as JSON |
 //!
 //! The port opens before the model loads, so an orchestrator's readiness probe sees
 //! 503 until it can serve. Errors are JSON, `{"error": {"message", "type"}}`: 413 for a
@@ -20,6 +21,7 @@
 mod chat;
 mod error;
 mod metrics;
+mod oip;
 mod routes;
 
 use std::future::Future;
@@ -91,6 +93,12 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/info", get(routes::tei_info))
         .route("/health", get(routes::health))
         .route("/metrics", get(metrics::prometheus))
+        .route("/v2", get(oip::server))
+        .route("/v2/health/live", get(oip::live))
+        .route("/v2/health/ready", get(oip::ready))
+        .route("/v2/models/{name}", get(oip::metadata))
+        .route("/v2/models/{name}/ready", get(oip::model_ready))
+        .route("/v2/models/{name}/infer", post(oip::infer))
         .fallback(routes::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
