@@ -7,6 +7,7 @@
   a wrong model name (its error);
 - plain HTTP for TEI: POST /embed, GET /info;
 - GET /metrics parsed by prometheus_client's own text parser;
+- CORS preflights from an allowed origin and another one;
 - bad requests: a wrong field type, too many inputs, a body over the limit, an unknown
   route, no API key: status and JSON error body of each.
 """
@@ -92,6 +93,15 @@ def main():
         families[family.name] = {"type": family.type,
                                  "samples": [[s.name, s.labels, s.value] for s in family.samples]}
     out["metrics"] = families
+    # A browser's preflight from an allowed origin and from another one.
+    cors = {}
+    for origin in ["https://app.example", "https://elsewhere.example"]:
+        req = urllib.request.Request(base + "/v1/embeddings", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            cors[origin] = {"status": r.status, "allow": r.headers.get("Access-Control-Allow-Origin")}
+    out["cors"] = cors
     bad = {}
     bad["wrong_type"] = call(base + "/embed", {"inputs": "hi", "normalize": 3})
     bad["too_many"] = call(base + "/embed", {"inputs": ["x"] * 10000})

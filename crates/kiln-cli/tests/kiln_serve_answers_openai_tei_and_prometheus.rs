@@ -4,7 +4,8 @@
 //! floats and as base64, and truncated with `dimensions` (re-normalised); TEI's `/embed`
 //! and `/info` answer; `/metrics` parses with prometheus_client's parser and counts the
 //! requests; bad requests get 422 / 413 / 404 with a JSON error naming the problem, a
-//! call without the API key 401 (health and metrics stay open); SIGTERM drains and
+//! call without the API key 401 (health and metrics stay open); CORS allows the
+//! configured origin only; SIGTERM drains and
 //! shuts down cleanly. With a generate config the `openai` package chats, streams and
 //! completes.
 
@@ -93,8 +94,14 @@ impl Drop for Server {
 fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     let (texts, _) = support::reference();
     let texts: Vec<String> = texts.into_iter().take(6).collect();
-    let (server, base, stderr) =
-        start(&["--set", "server.max_inputs=64", "--set", "server.api_keys=[\"test-key\"]"]);
+    let (server, base, stderr) = start(&[
+        "--set",
+        "server.max_inputs=64",
+        "--set",
+        "server.api_keys=[\"test-key\"]",
+        "--set",
+        "server.cors_origins=[\"https://app.example\"]",
+    ]);
     let texts_json = serde_json::to_string(&texts).unwrap();
     let got = clients("serve_clients.py", &[&base, "all-MiniLM-L6-v2", &texts_json, "test-key"]);
 
@@ -146,6 +153,10 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     assert_eq!(metrics["kiln_request_latency_seconds"]["type"], "summary");
     assert_eq!(metrics["kiln_batch_size"]["type"], "histogram");
     assert!(sample("kiln_batch_size", "kiln_batch_size_count").unwrap() >= 1.0);
+
+    // CORS: the configured origin is allowed, another gets no allow header.
+    assert_eq!(got["cors"]["https://app.example"]["allow"], "https://app.example", "{}", got["cors"]);
+    assert!(got["cors"]["https://elsewhere.example"]["allow"].is_null(), "{}", got["cors"]);
 
     let bad = &got["bad"];
     let error = |k: &str| {

@@ -15,8 +15,9 @@
 //! body over `server.max_body_bytes` or more inputs than `server.max_inputs`, 422 for
 //! malformed JSON or a wrong field (named), 429 with `Retry-After` when the queue is
 //! full, 504 past the deadline, 401 without one of `server.api_keys` (when set; health
-//! and metrics stay open). [`serve`] stops on the future it is given: no new
-//! connections, in-flight requests finish.
+//! and metrics stay open). CORS is off unless `server.cors_origins` names origins.
+//! [`serve`] stops on the future it is given: no new connections, in-flight requests
+//! finish.
 
 mod chat;
 mod error;
@@ -85,7 +86,8 @@ impl State {
 /// Every route over `state`.
 pub fn router(state: Arc<State>) -> Router {
     let limit = state.config.server.max_body_bytes;
-    Router::new()
+    let cors = cors(&state.config.server.cors_origins);
+    let router = Router::new()
         .route("/v1/embeddings", post(routes::openai_embeddings))
         .route("/embed", post(routes::tei_embed))
         .route("/v1/chat/completions", post(chat::chat_completions))
@@ -101,7 +103,31 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/v2/models/{name}/infer", post(oip::infer))
         .fallback(routes::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// The CORS layer `server.cors_origins` asks for (none when empty).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
+    )
 }
 
 /// Serves `router` on `listener` until `shutdown` completes; then stops accepting and

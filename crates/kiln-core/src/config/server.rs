@@ -19,6 +19,9 @@ pub struct ServerConfig {
     /// When not empty, every route but `/health` and `/metrics` needs
     /// `Authorization: Bearer <one of these>` (401 otherwise).
     pub api_keys: Vec<String>,
+    /// Browser origins allowed to call (CORS), e.g. `["https://app.example"]`; `["*"]`:
+    /// any. Empty (the default): no CORS headers, browsers on other origins are refused.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -29,6 +32,7 @@ impl Default for ServerConfig {
             max_body_bytes: 2 << 20,
             max_inputs: 512,
             api_keys: Vec::new(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -52,6 +56,15 @@ impl ServerConfig {
                 "server.host",
                 "\"\"",
                 "an address such as \"127.0.0.1\" or \"0.0.0.0\"",
+            ));
+        }
+        if let Some(bad) = self.cors_origins.iter().find(|o| {
+            *o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/')
+        }) {
+            issues.push(ConfigIssue::new(
+                "server.cors_origins",
+                format!("{bad:?}"),
+                "\"*\" or origins such as \"https://app.example\" (scheme and host, no path)",
             ));
         }
         if self.api_keys.iter().any(|k| k.trim().is_empty()) {

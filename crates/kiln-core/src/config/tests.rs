@@ -192,6 +192,9 @@ fn server_limits_are_checked_by_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("server.max_inputs") && err.contains("server.api_keys"), "{err}");
+    let err =
+        KilnConfig::load(None, &["server.cors_origins=[\"app.example/\"]".into()]).unwrap_err().to_string();
+    assert!(err.contains("server.cors_origins") && err.contains("scheme and host"), "{err}");
     let ok = KilnConfig::load(None, &["server.port=0".into(), "server.api_keys=[\"k1\"]".into()]).unwrap();
     assert_eq!((ok.server.port, ok.server.api_keys.as_slice()), (0, ["k1".to_string()].as_slice()));
 }
