@@ -51,16 +51,8 @@ async fn batched_sequences_get_what_they_get_alone_and_seeded_sampling_repeats()
     let g = Generation::from_config(config(&["generate.max_new_tokens=20", "batching.max_batch_size=4"]))
         .await
         .unwrap();
-    let mut alone = Vec::new();
-    for p in prompts {
-        alone.push(g.generate(ask(p)).await.unwrap().tokens);
-    }
     // Together: submitted at once, they share steps (prefill and decode in one batch).
-    let streams: Vec<_> = prompts.iter().map(|p| g.stream(ask(p)).unwrap()).collect();
-    let mut together = Vec::new();
-    for s in streams {
-        together.push(s.finish().await.unwrap().tokens);
-    }
+    let (alone, together) = support::alone_and_together(&g, &prompts).await;
     assert_eq!(together, alone, "a sequence's tokens do not depend on its batch");
     let stats = g.stats();
     assert!(stats.max_sequences_per_step >= 2, "{stats:?}");

@@ -77,15 +77,7 @@ async fn mlx_answers_as_llama_cpp_does_and_batches_without_changing_tokens() {
     let germany = g.generate(ask("What is the capital of Germany?")).await.unwrap();
     assert_eq!(germany.text, "The capital of Germany is Berlin.");
     let prompts = ["Name three colours.", "What is 2 + 2?", "What is the capital of Japan?"];
-    let mut alone = Vec::new();
-    for p in prompts {
-        alone.push(g.generate(ask(p)).await.unwrap().tokens);
-    }
-    let streams: Vec<_> = prompts.iter().map(|p| g.stream(ask(p)).unwrap()).collect();
-    let mut together = Vec::new();
-    for s in streams {
-        together.push(s.finish().await.unwrap().tokens);
-    }
+    let (alone, together) = support::alone_and_together(&g, &prompts).await;
     assert_eq!(together, alone, "a sequence's tokens do not depend on its batch");
     let stats = g.shutdown().await;
     assert!(stats.max_sequences_per_step >= 2 && stats.failed == 0, "{stats:?}");

@@ -33,19 +33,11 @@ returned="$out"
 out="$work/out"
 mkdir -p "$out"
 trap 'tar -cJf "$returned/results.tar.xz" -C "$work" out' EXIT
-cat "$stash"/libmlx-part-* | tar -xJf - -C "$work"
-tar -xJf "$stash/blas.tar.xz" -C "$work"
-tar -xJf "$stash/cccl.tar.xz" -C "$work"
-tar -xJf "$stash/cutlass.tar.xz" -C "$work"
-xz -dc "$stash/kiln-mlx.xz" > "$work/kiln" && chmod +x "$work/kiln"
-ln -sfn "$site/nvidia" "$work/nvidia"
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
-export LD_LIBRARY_PATH="$work/mlx/lib:$work/blas:$LD_LIBRARY_PATH"
+. scripts/device/mlx_common.sh
 mkdir -p "$work/model"
 gguf="$work/model/SmolLM2-135M-Instruct.Q4_1.gguf"
 cat "$stash"/smollm2.gguf.part-* > "$gguf"
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c
-kiln="$work/kiln"
 "$kiln" providers | tee "$out/providers.txt"
 on_gpu=(--set "model.path=\"$gguf\"" --set 'model.device="cuda:0"')
 for dtype in ${DTYPES:-f32 f16}; do

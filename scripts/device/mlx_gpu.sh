@@ -37,15 +37,7 @@ returned="$out"
 out="$work/out"
 mkdir -p "$out"
 trap 'tar -cJf "$returned/results.tar.xz" -C "$work" out' EXIT
-cat "$stash"/libmlx-part-* | tar -xJf - -C "$work"
-tar -xJf "$stash/blas.tar.xz" -C "$work"
-tar -xJf "$stash/cccl.tar.xz" -C "$work"
-xz -dc "$stash/kiln-mlx.xz" > "$work/kiln" && chmod +x "$work/kiln"
-# libmlx's rpath looks for the CUDA libraries in ../../nvidia: the machine's torch has them.
-ln -sfn "$site/nvidia" "$work/nvidia"
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"   # MLX compiles kernels with NVRTC
-export LD_LIBRARY_PATH="$work/mlx/lib:$work/blas:$LD_LIBRARY_PATH"
-kiln="$work/kiln"
+. scripts/device/mlx_common.sh
 "$kiln" providers | tee "$out/providers.txt"
 if [ -n "${CLASSIFY:-}" ]; then
     # The PP-OCR classifier's ONNX file on MLX (cpu; cuda:0 f32 / f16) against ONNX Runtime

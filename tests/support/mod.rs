@@ -111,3 +111,22 @@ pub async fn eventually<T>(within: std::time::Duration, mut check: impl FnMut() 
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Each prompt's greedy tokens generated alone, one after another, then all submitted
+/// at once (sharing steps): what batching must not change.
+pub async fn alone_and_together(
+    g: &kiln::runtime::Generation,
+    prompts: &[&str],
+) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let ask = |q: &str| kiln::runtime::Prompt::Text(q.to_string());
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(g.generate(ask(p)).await.unwrap().tokens);
+    }
+    let streams: Vec<_> = prompts.iter().map(|p| g.stream(ask(p)).unwrap()).collect();
+    let mut together = Vec::new();
+    for s in streams {
+        together.push(s.finish().await.unwrap().tokens);
+    }
+    (alone, together)
+}

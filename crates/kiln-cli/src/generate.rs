@@ -102,14 +102,7 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
         Ok(())
     })
     .await?;
-    if let Some(path) = &args.profiler.profile {
-        generation.write_profile(path)?;
-        eprintln!("kiln: profile written to {}", path.display());
-    }
-    if let Some(path) = &args.profiler.trace {
-        generation.write_trace(path)?;
-        eprintln!("kiln: trace written to {} (open in https://ui.perfetto.dev)", path.display());
-    }
+    crate::write_generation_outputs(&generation, &args.profiler)?;
     let info = generation.info().clone();
     let load = generation.load_time().as_secs_f64();
     let stats = generation.shutdown().await;

@@ -127,12 +127,28 @@ impl ProfilerOutputs {
 
 /// Writes the outputs `outputs` asks for from the optimizer's profiler.
 pub fn write_profiler_outputs(optimizer: &Optimizer, outputs: &ProfilerOutputs) -> Result<()> {
+    write_outputs(outputs, |p| optimizer.write_profile(p), |p| optimizer.write_trace(p))
+}
+
+/// Writes the outputs `outputs` asks for from the generation engine's profiler.
+pub fn write_generation_outputs(
+    generation: &kiln::runtime::Generation,
+    outputs: &ProfilerOutputs,
+) -> Result<()> {
+    write_outputs(outputs, |p| generation.write_profile(p), |p| generation.write_trace(p))
+}
+
+fn write_outputs(
+    outputs: &ProfilerOutputs,
+    profile: impl Fn(&std::path::Path) -> kiln::Result<bool>,
+    trace: impl Fn(&std::path::Path) -> kiln::Result<bool>,
+) -> Result<()> {
     if let Some(path) = &outputs.profile {
-        optimizer.write_profile(path)?;
+        profile(path)?;
         eprintln!("kiln: profile written to {}", path.display());
     }
     if let Some(path) = &outputs.trace {
-        optimizer.write_trace(path)?;
+        trace(path)?;
         eprintln!("kiln: trace written to {} (open in https://ui.perfetto.dev)", path.display());
     }
     Ok(())

@@ -43,9 +43,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             "kiln serve serves task = \"embed\" and \"generate\" so far (this config's task is {other:?})"
         ),
     };
-    if config.task == Task::Generate {
-        return generate(config, head, args.profiler).await;
-    }
+    let routes = match config.task {
+        Task::Generate => "POST /v1/chat/completions, POST /v1/completions",
+        _ => "POST /v1/embeddings, POST /embed, /v2 (Open Inference Protocol)",
+    };
     let address = format!("{}:{}", config.server.host, config.server.port);
     let listener =
         tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
@@ -53,76 +54,64 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let state = kiln_serve::State::new(config.clone(), head);
     let router = kiln_serve::router(state.clone());
     eprintln!(
-        "kiln: listening on http://{bound} (POST /v1/embeddings, POST /embed, GET /info, GET /health, GET /metrics); \
-         loading {}",
+        "kiln: listening on http://{bound} ({routes}, GET /info, GET /health, GET /metrics); loading {}",
         state.model_name()
     );
     let mut server = tokio::spawn(kiln_serve::serve(listener, router, kiln_serve::termination()));
-    let optimizer = tokio::select! {
-        loaded = Optimizer::from_config(config) => Arc::new(loaded?),
+    let load = async {
+        Ok::<_, kiln::Error>(match config.task {
+            Task::Generate => {
+                Loaded::Generate(Arc::new(kiln::runtime::Generation::from_config(config).await?))
+            }
+            _ => Loaded::Embed(Arc::new(Optimizer::from_config(config).await?)),
+        })
+    };
+    let loaded = tokio::select! {
+        loaded = load => loaded?,
         stopped = &mut server => {
             stopped.context("the server task")?.context("serving")?;
             eprintln!("kiln: stopped before the model had loaded");
             return Ok(());
         }
     };
-    state.ready(optimizer.clone());
-    eprintln!(
-        "kiln: serving {} ({} on {}) at http://{bound}",
-        state.model_name(),
-        optimizer.model_info().provider,
-        optimizer.model_info().device
-    );
+    let what = match &loaded {
+        Loaded::Embed(optimizer) => {
+            state.ready(optimizer.clone());
+            format!("{} on {}", optimizer.model_info().provider, optimizer.model_info().device)
+        }
+        Loaded::Generate(generation) => {
+            state.ready_generation(generation.clone());
+            generation.info().quantization.clone()
+        }
+    };
+    eprintln!("kiln: serving {} ({what}) at http://{bound}", state.model_name());
     server.await.context("the server task")?.context("serving")?;
     eprintln!("kiln: stopped accepting; requests in flight finished");
+    // The router's handles went with the server task; this is the last one.
     drop(state);
-    let optimizer =
-        Arc::try_unwrap(optimizer).map_err(|_| anyhow::anyhow!("the optimizer is still shared"))?;
-    crate::write_profiler_outputs(&optimizer, &args.profiler)?;
-    let stats = optimizer.shutdown().await?;
-    eprintln!("kiln: shut down after {} requests ({} texts)", stats.requests, stats.texts);
+    let shared = || anyhow::anyhow!("the model is still shared after the server stopped");
+    match loaded {
+        Loaded::Embed(optimizer) => {
+            let optimizer = Arc::try_unwrap(optimizer).map_err(|_| shared())?;
+            crate::write_profiler_outputs(&optimizer, &args.profiler)?;
+            let stats = optimizer.shutdown().await?;
+            eprintln!("kiln: shut down after {} requests ({} texts)", stats.requests, stats.texts);
+        }
+        Loaded::Generate(generation) => {
+            let generation = Arc::try_unwrap(generation).map_err(|_| shared())?;
+            crate::write_generation_outputs(&generation, &args.profiler)?;
+            let stats = generation.shutdown().await;
+            eprintln!(
+                "kiln: shut down after {} requests ({} tokens generated)",
+                stats.requests, stats.generated_tokens
+            );
+        }
+    }
     Ok(())
 }
 
-/// `kiln serve` for a `task = "generate"` config: OpenAI's completion routes.
-async fn generate(config: KilnConfig, head: kiln::EmbeddingHead, profiler: ProfilerOutputs) -> Result<()> {
-    let address = format!("{}:{}", config.server.host, config.server.port);
-    let listener =
-        tokio::net::TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
-    let bound = listener.local_addr()?;
-    let state = kiln_serve::State::new(config.clone(), head);
-    let router = kiln_serve::router(state.clone());
-    eprintln!(
-        "kiln: listening on http://{bound} (POST /v1/chat/completions, POST /v1/completions, GET /info, GET /health, \
-         GET /metrics); loading {}",
-        state.model_name()
-    );
-    let mut server = tokio::spawn(kiln_serve::serve(listener, router, kiln_serve::termination()));
-    let generation = tokio::select! {
-        loaded = kiln::runtime::Generation::from_config(config) => Arc::new(loaded?),
-        stopped = &mut server => {
-            stopped.context("the server task")?.context("serving")?;
-            eprintln!("kiln: stopped before the model had loaded");
-            return Ok(());
-        }
-    };
-    state.ready_generation(generation.clone());
-    eprintln!("kiln: serving {} ({}) at http://{bound}", state.model_name(), generation.info().quantization);
-    server.await.context("the server task")?.context("serving")?;
-    eprintln!("kiln: stopped accepting; requests in flight finished");
-    drop(state);
-    let generation =
-        Arc::try_unwrap(generation).map_err(|_| anyhow::anyhow!("the generation engine is still shared"))?;
-    if let Some(path) = &profiler.profile {
-        generation.write_profile(path)?;
-    }
-    if let Some(path) = &profiler.trace {
-        generation.write_trace(path)?;
-    }
-    let stats = generation.shutdown().await;
-    eprintln!(
-        "kiln: shut down after {} requests ({} tokens generated)",
-        stats.requests, stats.generated_tokens
-    );
-    Ok(())
+/// What a server serves.
+enum Loaded {
+    Embed(Arc<Optimizer>),
+    Generate(Arc<kiln::runtime::Generation>),
 }

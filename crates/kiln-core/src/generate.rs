@@ -52,7 +52,7 @@
 use std::any::Any;
 use std::path::PathBuf;
 
-use crate::{Device, Result};
+use crate::{Device, Error, Result};
 
 /// A model that generates, one step at a time over a batch of sequences.
 pub trait Generator: Send + Sync + 'static {
@@ -128,6 +128,29 @@ pub struct GeneratorInfo {
 }
 
 impl GeneratorInfo {
+    /// Checks one step item against the model: some tokens, all inside the vocabulary,
+    /// and room for them after the `held` tokens its cache has. What a generator's `step`
+    /// checks before it touches any cache.
+    pub fn check_step(&self, tokens: &[u32], held: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("a step item without tokens".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        if held + tokens.len() > self.context_length {
+            return Err(Error::InvalidInput(format!(
+                "{} tokens would exceed the context of {}",
+                held + tokens.len(),
+                self.context_length
+            )));
+        }
+        Ok(())
+    }
+
     /// Info with the required parts; the rest empty.
     pub fn new(
         name: impl Into<String>,

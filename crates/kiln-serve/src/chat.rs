@@ -97,13 +97,7 @@ async fn complete(state: Arc<State>, headers: HeaderMap, raw: Raw, chat: bool) -
         None => ApiError::loading(),
     })?;
     let request: Request = body(raw, state.config.server.max_body_bytes)?;
-    if let Some(model) = request.model.as_deref().filter(|m| *m != state.model_name()) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("model `{model}` is not served here; this server serves `{}`", state.model_name()),
-        ));
-    }
+    state.check_model(request.model.as_deref())?;
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("`n`: kiln makes one choice per request; send n = 1 or leave it out"));
     }

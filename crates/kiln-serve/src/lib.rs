@@ -77,6 +77,19 @@ impl State {
         self.optimizer.get()
     }
 
+    /// Refuses (404) a request for a model this server does not serve, naming the one it
+    /// does; `None` (no `model` given) is this one.
+    pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
+        match requested.filter(|m| *m != self.name) {
+            None => Ok(()),
+            Some(model) => Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("model `{model}` is not served here; this server serves `{}`", self.name),
+            )),
+        }
+    }
+
     /// The name clients pass as `model` (the model folder's name).
     pub fn model_name(&self) -> &str {
         &self.name

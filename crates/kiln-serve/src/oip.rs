@@ -62,13 +62,7 @@ fn optimizer<'a>(
     name: &str,
 ) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
     authorize(state, headers)?;
-    if name != state.model_name() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no model `{name}`; this server serves `{}`", state.model_name()),
-        ));
-    }
+    state.check_model(Some(name))?;
     state.optimizer().ok_or_else(|| match state.generation() {
         Some(_) => ApiError::invalid("the Open Inference Protocol routes serve task = \"embed\" configs"),
         None => ApiError::loading(),

@@ -143,13 +143,7 @@ pub(crate) async fn openai_embeddings(
 ) -> Result<Response, ApiError> {
     let optimizer = ready(&state, &headers)?;
     let request: OpenAiRequest = body(raw, state.config.server.max_body_bytes)?;
-    if let Some(model) = request.model.as_deref().filter(|m| *m != state.model_name()) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("model `{model}` is not served here; this server serves `{}`", state.model_name()),
-        ));
-    }
+    state.check_model(request.model.as_deref())?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

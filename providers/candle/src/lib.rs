@@ -99,21 +99,6 @@ fn requantize(options: &CandleOptions) -> Result<llama::Weights> {
     }
 }
 
-/// A GGUF decoder as kiln's [`kiln_core::Generator`].
-struct CandleGenerator(llama::Llama);
-
-impl kiln_core::Generator for CandleGenerator {
-    fn info(&self) -> &kiln_core::GeneratorInfo {
-        &self.0.info
-    }
-    fn new_sequence(&self) -> Result<Box<dyn kiln_core::SequenceCache>> {
-        Ok(Box::new(self.0.new_cache()))
-    }
-    fn step(&self, batch: &mut [kiln_core::StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.0.step(batch)
-    }
-}
-
 fn backend(e: candle_core::Error) -> Error {
     Error::backend(NAME, e)
 }
@@ -231,7 +216,7 @@ impl Provider for CandleProvider {
                 },
             ));
         }
-        Ok(Arc::new(CandleGenerator(llama::Llama::load(&spec.path, requantize(&self.options)?)?)))
+        Ok(Arc::new(llama::Llama::load(&spec.path, requantize(&self.options)?)?))
     }
 
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {

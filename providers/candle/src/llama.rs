@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{Device, Module, Tensor};
 use kiln_core::gguf::{GgmlType, Gguf};
-use kiln_core::{Error, GeneratorInfo, Result, SequenceCache, StepItem};
+use kiln_core::{Error, Generator, GeneratorInfo, Result, SequenceCache, StepItem};
 use rayon::prelude::*;
 
 use crate::cpu::int8::QDense;
@@ -244,42 +244,33 @@ impl Llama {
         info.quantization = quantization;
         Ok(Llama { embed, width, layers, norm, output, cos, sin, heads, kv_heads, head_dim, eps, info })
     }
+}
 
-    pub fn new_cache(&self) -> LlamaCache {
-        LlamaCache {
+impl Generator for Llama {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
+        Ok(Box::new(LlamaCache {
             layers: vec![(Vec::new(), Vec::new()); self.layers.len()],
             len: 0,
             bytes_per_token: self.info.kv_bytes_per_token,
-        }
+        }))
     }
 
     /// One ragged step; see the module docs.
-    pub fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
         let mut caches: Vec<&mut LlamaCache> = Vec::with_capacity(batch.len());
         let mut ids = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
         for item in batch.iter_mut() {
-            if item.tokens.is_empty() {
-                return Err(Error::InvalidInput("a step item without tokens".into()));
-            }
-            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-                return Err(Error::InvalidInput(format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    self.info.vocab_size
-                )));
-            }
             let cache = item
                 .cache
                 .as_any_mut()
                 .downcast_mut::<LlamaCache>()
                 .ok_or_else(|| Error::InvalidInput("a sequence cache from another generator".into()))?;
-            if cache.len + item.tokens.len() > self.info.context_length {
-                return Err(Error::InvalidInput(format!(
-                    "{} tokens would exceed the context of {}",
-                    cache.len + item.tokens.len(),
-                    self.info.context_length
-                )));
-            }
+            self.info.check_step(item.tokens, cache.len)?;
             spans.push((ids.len(), item.tokens.len(), cache.len));
             ids.extend_from_slice(item.tokens);
             caches.push(cache);
@@ -290,7 +281,9 @@ impl Llama {
         }
         Ok(logits)
     }
+}
 
+impl Llama {
     /// `spans`: per sequence (first row, rows, position of its first new token). The
     /// activations are plain `[rows][width]` buffers: the projections and the MLP go
     /// through [`Linear`] for all rows at once; attention runs per sequence (in parallel)

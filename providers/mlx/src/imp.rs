@@ -227,7 +227,7 @@ impl Provider for MlxProvider {
         if self.options.clear_cache_after_load {
             array::clear_cache();
         }
-        Ok(Arc::new(MlxGenerator(llama)))
+        Ok(Arc::new(llama))
     }
 
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
@@ -451,19 +451,4 @@ impl Model for MlxGraph {
 
 fn is_gguf(path: &Path) -> bool {
     path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-}
-
-/// A GGUF decoder as kiln's [`kiln_core::Generator`].
-struct MlxGenerator(crate::llama::Llama);
-
-impl kiln_core::Generator for MlxGenerator {
-    fn info(&self) -> &kiln_core::GeneratorInfo {
-        &self.0.info
-    }
-    fn new_sequence(&self) -> Result<Box<dyn kiln_core::SequenceCache>> {
-        Ok(Box::new(self.0.new_cache()))
-    }
-    fn step(&self, batch: &mut [kiln_core::StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.0.step(batch)
-    }
 }

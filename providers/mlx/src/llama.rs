@@ -22,7 +22,7 @@ use std::path::Path;
 
 use half::f16;
 use kiln_core::gguf::{GgmlType, Gguf, LlamaShape};
-use kiln_core::{DType, Device, Error, GeneratorInfo, Result, StepItem};
+use kiln_core::{DType, Device, Error, Generator, GeneratorInfo, Result, SequenceCache, StepItem};
 
 use crate::array::{self, Array, Unary};
 
@@ -280,49 +280,40 @@ impl Llama {
             info,
         })
     }
+}
+
+impl Generator for Llama {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
 
     /// An empty cache (a slot in the shared buffers).
-    pub fn new_cache(&self) -> MlxCache {
+    fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
         let mut pool = kv::lock(&self.pool);
         let (slot, epoch) = (pool.acquire(), pool.epoch);
-        MlxCache {
+        Ok(Box::new(MlxCache {
             slot,
             len: 0,
             bytes_per_token: self.info.kv_bytes_per_token,
             pool: self.pool.clone(),
             epoch,
-        }
+        }))
     }
 
     /// One ragged step: see the module docs.
-    pub fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
         array::set_device(self.device)?;
         let mut caches: Vec<&mut MlxCache> = Vec::with_capacity(batch.len());
         let mut ids: Vec<i32> = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
         for item in batch.iter_mut() {
-            if item.tokens.is_empty() {
-                return Err(Error::InvalidInput("a step item without tokens".into()));
-            }
-            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-                return Err(Error::InvalidInput(format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    self.info.vocab_size
-                )));
-            }
             let cache = item
                 .cache
                 .as_any_mut()
                 .downcast_mut::<MlxCache>()
                 .filter(|c| std::sync::Arc::ptr_eq(&c.pool, &self.pool))
                 .ok_or_else(|| Error::InvalidInput("a sequence cache from another generator".into()))?;
-            if cache.len + item.tokens.len() > self.info.context_length {
-                return Err(Error::InvalidInput(format!(
-                    "{} tokens would exceed the context of {}",
-                    cache.len + item.tokens.len(),
-                    self.info.context_length
-                )));
-            }
+            self.info.check_step(item.tokens, cache.len)?;
             spans.push(Span { row: ids.len(), tokens: item.tokens.len(), pos: cache.len, slot: cache.slot });
             ids.extend(item.tokens.iter().map(|&t| t as i32));
             caches.push(cache);
@@ -360,7 +351,9 @@ impl Llama {
         let vocab = values.len() / spans.len().max(1);
         Ok(values.chunks(vocab).map(<[f32]>::to_vec).collect())
     }
+}
 
+impl Llama {
     /// The lazy graph of a step; `kv` (per layer, the shared key and value buffers)
     /// gets the new keys and values. Prompts (several tokens) attend one by one;
     /// single tokens all at once, over their slots, with a length mask per row.
