@@ -24,6 +24,8 @@ pub use kiln_vision as vision;
 
 // A crate that only registers plugins is dropped by the linker unless something names
 // it; these lines keep each enabled provider's registration in the binary.
+#[cfg(feature = "redis")]
+use kiln_cache_redis as _;
 #[cfg(feature = "candle")]
 use kiln_provider_candle as _;
 #[cfg(feature = "mlx")]

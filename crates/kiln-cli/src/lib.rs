@@ -461,5 +461,14 @@ fn providers(json: bool) -> Result<()> {
             )
         );
     }
+    // The other plugin kinds a config can choose in this binary.
+    println!();
+    for c in kiln::caches()?.iter() {
+        println!("cache.kind = {:<14} {}", format!("{:?}", c.kind), c.description);
+    }
+    for p in kiln::runtime::profilers()?.iter() {
+        println!("profiler.kind = {:<11} {}", format!("{:?}", p.kind), p.description);
+    }
+    println!("trackers: {}", kiln::trackers()?.names().join(", "));
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use kiln::{KilnConfig, Optimizer, Task};
 
@@ -38,14 +38,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     args.profiler.apply(&mut config);
     let head = match config.task {
         Task::Embed => kiln::text::embedding_head(&config.model.path, &config.text)?,
-        Task::Generate => kiln::EmbeddingHead { pooling: kiln::Pooling::Mean, normalize: false },
-        other => bail!(
-            "kiln serve serves task = \"embed\" and \"generate\" so far (this config's task is {other:?})"
-        ),
+        // No text head: `normalize` and `dimensions` belong to the embedding routes.
+        Task::Generate | Task::Classify => {
+            kiln::EmbeddingHead { pooling: kiln::Pooling::Mean, normalize: false }
+        }
     };
     let routes = match config.task {
         Task::Generate => "POST /v1/chat/completions, POST /v1/completions",
-        _ => "POST /v1/embeddings, POST /embed, /v2 (Open Inference Protocol)",
+        Task::Classify => "POST /classify, /v2 (Open Inference Protocol)",
+        Task::Embed => "POST /v1/embeddings, POST /embed, /v2 (Open Inference Protocol)",
     };
     let address = format!("{}:{}", config.server.host, config.server.port);
     let listener =

@@ -71,3 +71,69 @@ fn an_unreadable_image_gets_an_error_row_and_the_others_are_classified() {
     assert!(rows[1]["error"].as_str().unwrap().contains("broken.png"), "{}", rows[1]);
     assert!(rows.iter().enumerate().all(|(i, r)| i == 1 || r["top_k"].is_array()));
 }
+
+/// `kiln serve examples/classify.toml`: `POST /classify` gives each image `kiln run`'s
+/// classes and scores, for base64 JSON and for an image sent as the body; an unreadable
+/// image gets its own error while the others are answered; `/info` describes a
+/// classifier and the embedding routes answer 404 naming `/classify`.
+#[test]
+fn kiln_serve_classifies_as_kiln_run_does() {
+    use base64::Engine;
+    use support::serve::{call, call_raw, start, stop, wait_ready};
+
+    let dir = tempfile::tempdir().unwrap();
+    python("pil_reference.py", &[OsStr::new("text-lines"), dir.path().as_os_str(), OsStr::new("3")]);
+    let out = dir.path().join("expected.jsonl");
+    let run = kiln(&[
+        "run",
+        "examples/classify.toml",
+        "--input",
+        dir.path().to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let expected = support::jsonl_events(&out);
+    assert_eq!(expected.len(), 6);
+    let files: Vec<Vec<u8>> =
+        expected.iter().map(|r| std::fs::read(r["path"].as_str().unwrap()).unwrap()).collect();
+
+    let (server, base, stderr) = start(&["examples/classify.toml"]);
+    wait_ready(&base);
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let mut images: Vec<String> = files.iter().map(|f| b64(f)).collect();
+    images.insert(2, b64(b"\x89PNG\r\n\x1a\nnot really"));
+    let (status, body) = call(&base, "POST", "/classify", Some(&serde_json::json!({ "images": images })));
+    assert_eq!(status, 200, "{body}");
+    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut predictions = got["predictions"].as_array().unwrap().clone();
+    assert_eq!(predictions.len(), 7, "{got}");
+    let broken = predictions.remove(2);
+    assert!(broken["error"]["message"].as_str().unwrap().contains("images[2]"), "{broken}");
+    let same = |p: &serde_json::Value, row: &serde_json::Value| {
+        let (a, b) = (p["top_k"].as_array().unwrap(), row["top_k"].as_array().unwrap());
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                x["label"] == y["label"]
+                    && (x["score"].as_f64().unwrap() - y["score"].as_f64().unwrap()).abs() < 1e-5
+            })
+    };
+    for (p, row) in predictions.iter().zip(&expected) {
+        assert!(same(p, row), "serve {p} against run {row}");
+    }
+
+    // One image as the body, the way `curl --data-binary @line.png` sends it.
+    let (status, body) = call_raw(&base, "POST", "/classify", "image/png", &files[0]);
+    assert_eq!(status, 200, "{body}");
+    let got: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(same(&got["predictions"][0], &expected[0]), "{got}");
+
+    let (status, body) = call(&base, "GET", "/info", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("\"classifier\""), "{body}");
+    let (status, body) = call(&base, "POST", "/v1/embeddings", Some(&serde_json::json!({"input": "hi"})));
+    assert!(status == 404 && body.contains("POST /classify"), "{status} {body}");
+    let (status, body) = call(&base, "POST", "/classify", Some(&serde_json::json!({"images": ["%%%"]})));
+    assert!(status == 422 && body.contains("images[0]") && body.contains("base64"), "{status} {body}");
+    stop(server, stderr);
+}

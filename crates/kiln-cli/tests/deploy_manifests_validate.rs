@@ -21,7 +21,13 @@ fn the_kubernetes_manifests_validate_and_probe_kiln_s_routes() {
         Command::new(python).args(["-m", "kubernetes_validate", "--strict"]).arg(&manifest).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    for kind in ["deployment/kiln", "service/kiln", "horizontalpodautoscaler/kiln"] {
+    for kind in [
+        "deployment/kiln",
+        "service/kiln",
+        "horizontalpodautoscaler/kiln",
+        "deployment/kiln-redis",
+        "service/kiln-redis",
+    ] {
         assert!(text.contains(&format!("passed for resource {kind}")), "{kind}: {text}");
     }
     let yaml = std::fs::read_to_string(&manifest).unwrap();

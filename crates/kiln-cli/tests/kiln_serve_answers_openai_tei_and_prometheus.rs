@@ -11,10 +11,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::serve::{call, metric, start, stop, wait_ready};
 use support::{cosine, kiln, root};
 
 /// Runs one of the clients' scripts with the Python of `scripts/setup serve`.
@@ -30,68 +30,8 @@ fn clients(script: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Starts `kiln serve ARGS` on a free loopback port: the process, its address, and
-/// its stderr lines after the first.
-fn start(args: &[&str]) -> (Server, String, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["serve", "--port", "0"])
-        .args(args)
-        .current_dir(root())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines, stderr) = std::sync::mpsc::channel();
-    let pipe = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let server = Server(child);
-    let first = stderr.recv_timeout(Duration::from_secs(60)).expect("kiln serve printed nothing");
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {first:?}"))
-        .to_string();
-    (server, base, stderr)
-}
-
-/// SIGTERM: the server stops accepting, drains, and exits cleanly with its summary line.
-fn stop(mut server: Server, stderr: std::sync::mpsc::Receiver<String>) {
-    let pid = server.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    // Its stderr closes when it exits: read to the end, within a deadline.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut rest = Vec::new();
-    loop {
-        match stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => rest.push(line),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                panic!("kiln serve did not stop within 60 s of SIGTERM: {rest:?}")
-            }
-        }
-    }
-    let status = server.0.wait().unwrap();
-    assert!(status.success(), "{rest:?}");
-    assert!(rest.iter().any(|l| l.contains("shut down after")), "{rest:?}");
-}
-
 fn vectors(v: &serde_json::Value) -> Vec<Vec<f32>> {
     serde_json::from_value(v.clone()).unwrap()
-}
-
-/// The server process, killed if the test fails before it stops it.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -154,7 +94,16 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
             .map(|s| s[2].as_f64().unwrap())
     };
     assert!(sample("kiln_texts", "kiln_texts_total").unwrap() >= (4 * texts.len()) as f64, "{metrics}");
-    assert_eq!(metrics["kiln_request_latency_seconds"]["type"], "summary");
+    assert_eq!(metrics["kiln_request_latency_seconds"]["type"], "histogram");
+    let requests = sample("kiln_request_latency_seconds", "kiln_request_latency_seconds_count").unwrap();
+    let under_30s = metrics["kiln_request_latency_seconds"]["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s[1]["le"] == "30.0" || s[1]["le"] == "30")
+        .map(|s| s[2].as_f64().unwrap());
+    assert!(requests >= 4.0 && under_30s == Some(requests), "{}", metrics["kiln_request_latency_seconds"]);
+    assert_eq!(metrics["kiln_inference_item_seconds"]["type"], "histogram");
     assert_eq!(metrics["kiln_batch_size"]["type"], "histogram");
     assert!(sample("kiln_batch_size", "kiln_batch_size_count").unwrap() >= 1.0);
 
@@ -238,7 +187,7 @@ fn over_capacity_http_callers_get_429s_and_the_rest_are_served() {
 /// The Open Inference Protocol v2 through the real `tritonclient[http]`: health,
 /// readiness, the model's tensors as `ModelInfo` lists them, and an infer of BERT token
 /// ids whose sentence embedding is `kiln run`'s for the same text; a wrong datatype and
-/// an unknown model are refused with the reason.
+/// an unknown model are refused with the reason. TEI's `truncate: false` is honoured.
 #[test]
 fn tritonclient_infers_the_model_s_own_tensors() {
     let (server, base, stderr) = start(&[]);
@@ -267,5 +216,85 @@ fn tritonclient_infers_the_model_s_own_tensors() {
     let message = got["bad"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("input_ids") && message.contains("i64"), "{}", got["bad"]);
     assert!(got["unknown"]["message"].as_str().unwrap_or_default().contains("serves `all-MiniLM-L6-v2`"));
+
+    // TEI's `truncate: false` refuses a text longer than the model takes, naming it;
+    // unset, `server.auto_truncate` (on) cuts it as every other kiln path does.
+    let long = "word ".repeat(600);
+    let (status, body) = call(
+        &base,
+        "POST",
+        "/embed",
+        Some(&serde_json::json!({"inputs": ["short", long], "truncate": false})),
+    );
+    assert!(status == 413 && body.contains("inputs[1]") && body.contains("256 tokens"), "{status} {body}");
+    let (status, body) = call(&base, "POST", "/embed", Some(&serde_json::json!({"inputs": ["short", long]})));
+    assert_eq!(status, 200, "{body}");
+    let exactly = "word ".repeat(254); // 254 words and [CLS], [SEP]: the model's 256, nothing cut
+    let (status, body) =
+        call(&base, "POST", "/embed", Some(&serde_json::json!({"inputs": [exactly], "truncate": false})));
+    assert_eq!(status, 200, "{body}");
     stop(server, stderr);
+}
+
+fn embed(base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
+    let (status, body) = call(
+        base,
+        "POST",
+        "/v1/embeddings",
+        Some(&serde_json::json!({"input": texts, "model": "all-MiniLM-L6-v2"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
+        .collect()
+}
+
+/// Two replicas on one real `redis-server` (Debian's, `scripts/setup serve`): a text one
+/// replica embedded is a cache hit on the other, which runs no model for it; with Redis
+/// killed mid-run every request still succeeds, from each replica's own tier, and
+/// `/metrics` shows the failed calls and the shared tier down.
+#[test]
+fn replicas_share_results_through_redis_and_outlive_it() {
+    let mut redis = kiln_cache_redis::testing::RedisServer::start()
+        .unwrap_or_else(|why| panic!("this test needs redis-server: {why}"));
+    let url = format!("cache.url=\"{}\"", redis.url());
+    let args = ["--set", "cache.kind=\"redis\"", "--set", &url, "--set", "cache.retry_ms=200"];
+    let (a, base_a, stderr_a) = start(&args);
+    let (b, base_b, stderr_b) = start(&args);
+    wait_ready(&base_a);
+    wait_ready(&base_b);
+
+    let from_a = embed(&base_a, &["shared between replicas"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&base_a, "kiln_cache_remote_writes_total") < 1.0 {
+        assert!(Instant::now() < deadline, "replica a never wrote its result to redis");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let batches_before = metric(&base_b, "kiln_batches_total");
+    let from_b = embed(&base_b, &["shared between replicas"]);
+    assert_eq!(from_a, from_b, "b serves a's stored result bit for bit");
+    assert_eq!(metric(&base_b, "kiln_cache_remote_hits_total"), 1.0);
+    assert_eq!(metric(&base_b, "kiln_batches_total"), batches_before, "b ran no model for it");
+    assert_eq!(metric(&base_b, "kiln_cache_remote_up"), 1.0);
+
+    redis.kill();
+    for i in 0..10 {
+        for base in [&base_a, &base_b] {
+            let text = format!("after the outage {i}");
+            let got = embed(base, &[&text, "shared between replicas"]);
+            assert_eq!(got.len(), 2);
+        }
+    }
+    for base in [&base_a, &base_b] {
+        assert!(metric(base, "kiln_cache_remote_errors_total") >= 1.0);
+        assert_eq!(metric(base, "kiln_cache_remote_up"), 0.0);
+        let (_, text) = call(base, "GET", "/metrics", None);
+        assert!(!text.contains("kiln_errors_total{"), "no request failed:\n{text}");
+    }
+    stop(a, stderr_a);
+    stop(b, stderr_b);
 }

@@ -11,13 +11,22 @@
 //!
 //! [`NoCache`] is the implementation used when caching is off: every lookup misses,
 //! and the misses are still counted, so statistics stay honest.
+//!
+//! Caches are plugins like providers and trackers: a crate registers a kind with
+//! [`register_cache!`](crate::register_cache) and `[cache] kind = "..."` chooses it
+//! ([`build_cache`]). The runtime registers `"memory"` (moka, in the process); the
+//! `kiln-cache-redis` crate registers `"redis"`, shared by every replica.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::config::CacheConfig;
+use crate::error::{ConfigIssue, Error, Result};
+use crate::registry::{Registration, Registry};
 use crate::tensor::NamedTensors;
 
 /// A content hash identifying a result: model identity plus input.
@@ -47,6 +56,21 @@ pub struct CacheStats {
     pub entries: u64,
     /// Bytes held now.
     pub bytes: u64,
+    /// Of the hits, those a shared tier (Redis) answered; 0 for a cache without one.
+    #[serde(default)]
+    pub remote_hits: u64,
+    /// Entries written to the shared tier.
+    #[serde(default)]
+    pub remote_writes: u64,
+    /// Calls to the shared tier that failed; each was answered from the process instead.
+    #[serde(default)]
+    pub remote_errors: u64,
+    /// Entries not written to the shared tier (it was down, or its queue was full).
+    #[serde(default)]
+    pub remote_skipped_writes: u64,
+    /// Whether the shared tier answered its last call; `None` for a cache without one.
+    #[serde(default)]
+    pub remote_up: Option<bool>,
 }
 
 impl CacheStats {
@@ -72,6 +96,12 @@ impl CacheStats {
 pub trait Cache: Send + Sync + 'static {
     /// The entry for `key`, if held (and not expired).
     fn get(&self, key: &CacheKey) -> Option<Arc<NamedTensors>>;
+    /// The entries for several keys, in order: what a request's texts look up at once.
+    /// A cache with a remote tier answers them in one round trip; the default asks
+    /// [`get`](Self::get) for each.
+    fn get_many(&self, keys: &[CacheKey]) -> Vec<Option<Arc<NamedTensors>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
     /// Stores `value` under `key`; the cache may drop it at once to respect capacity.
     fn insert(&self, key: CacheKey, value: Arc<NamedTensors>);
     /// Drops every entry (memory pressure, model reload).
@@ -96,6 +126,103 @@ impl Cache for NoCache {
     fn stats(&self) -> CacheStats {
         CacheStats { misses: self.misses.load(Ordering::Relaxed), ..CacheStats::default() }
     }
+}
+
+/// A cache's entry in the registry: a kind name and a constructor.
+#[derive(Debug)]
+pub struct CacheRegistration {
+    /// Name used in configs (`cache.kind`).
+    pub kind: &'static str,
+    /// One line for listings.
+    pub description: &'static str,
+    /// Builds the cache when a config chooses it.
+    pub build: fn(&CacheSetup) -> Result<Arc<dyn Cache>>,
+}
+
+impl CacheRegistration {
+    /// Const constructor, used by [`register_cache!`](crate::register_cache).
+    pub const fn new(
+        kind: &'static str,
+        description: &'static str,
+        build: fn(&CacheSetup) -> Result<Arc<dyn Cache>>,
+    ) -> Self {
+        CacheRegistration { kind, description, build }
+    }
+}
+
+impl Registration for CacheRegistration {
+    const KIND: &'static str = "cache";
+    fn name(&self) -> &'static str {
+        self.kind
+    }
+    fn description(&self) -> &'static str {
+        self.description
+    }
+}
+
+inventory::collect!(CacheRegistration);
+
+/// What a cache's constructor gets: the `[cache]` section.
+#[derive(Debug, Clone)]
+pub struct CacheSetup {
+    /// The common keys (`ttl_s`, `max_bytes`) and the kind's own (`options`).
+    pub config: CacheConfig,
+}
+
+impl CacheSetup {
+    /// The kind's own keys as its options type; use `#[serde(deny_unknown_fields)]` so a
+    /// misspelt key is an error naming `cache`.
+    pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(serde_json::Value::Object(self.config.options.clone())).map_err(|e| {
+            Error::Config(vec![ConfigIssue::new(
+                "cache",
+                e.to_string(),
+                format!("the keys cache kind `{}` accepts (see docs/config.md)", self.config.kind),
+            )])
+        })
+    }
+}
+
+/// Every cache kind linked into this binary.
+pub fn caches() -> Result<Registry<CacheRegistration>> {
+    Registry::collect(inventory::iter::<CacheRegistration>)
+}
+
+/// The cache `config` chooses: [`NoCache`] when `cache.enabled` is off, else the
+/// registered `cache.kind` (an unknown kind is an error listing the known ones).
+pub fn build_cache(config: &CacheConfig) -> Result<Arc<dyn Cache>> {
+    if !config.enabled {
+        return Ok(Arc::new(NoCache::default()));
+    }
+    (caches()?.get(&config.kind)?.build)(&CacheSetup { config: config.clone() })
+}
+
+/// Registers a cache kind: one line in the crate that defines it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use kiln_core::{Cache, CacheConfig, CacheSetup, NoCache, Result};
+///
+/// fn build(_setup: &CacheSetup) -> Result<Arc<dyn Cache>> {
+///     Ok(Arc::new(NoCache::default()))
+/// }
+///
+/// kiln_core::register_cache!("nothing", "keeps nothing", build);
+///
+/// let config = CacheConfig { kind: "nothing".into(), ..CacheConfig::default() };
+/// assert_eq!(kiln_core::build_cache(&config)?.stats().entries, 0);
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+///
+/// A crate that only registers plugins must be linked (`use kiln_cache_x as _;`) for its
+/// registration to be seen.
+#[macro_export]
+macro_rules! register_cache {
+    ($kind:expr, $description:expr, $build:expr $(,)?) => {
+        $crate::__private::inventory::submit! {
+            $crate::CacheRegistration::new($kind, $description, $build)
+        }
+    };
 }
 
 #[cfg(test)]

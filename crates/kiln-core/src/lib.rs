@@ -22,10 +22,11 @@ pub mod profiler;
 pub mod provider;
 pub mod registry;
 pub mod tensor;
+pub mod tensor_bytes;
 pub mod tracker;
 
 pub use async_trait::async_trait;
-pub use cache::{Cache, CacheKey, CacheStats, NoCache};
+pub use cache::{Cache, CacheKey, CacheRegistration, CacheSetup, CacheStats, NoCache, build_cache, caches};
 pub use config::{
     BatchingConfig, CacheConfig, GenerateConfig, KilnConfig, Layout, MemoryConfig, ModelConfig, ModelsConfig,
     Pooling, PreprocessConfig, ProfilerConfig, ProviderConfig, ResizeFilter, ResizeMode, SchedulerConfig,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use kiln_core::{Cache, CacheConfig, CacheKey, CacheStats, NamedTensors};
+use kiln_core::{Cache, CacheConfig, CacheKey, CacheSetup, CacheStats, NamedTensors, Result};
 
 /// A [`Cache`] on `moka`: entries expire after `ttl_s`, and the total of their byte
 /// sizes stays under `max_bytes` (least recently and frequently used go first).
@@ -64,9 +64,22 @@ impl Cache for MokaCache {
             evictions: self.evictions.load(Ordering::Relaxed),
             entries: self.inner.entry_count(),
             bytes: self.inner.weighted_size(),
+            ..CacheStats::default()
         }
     }
 }
+
+/// The `"memory"` kind takes no keys of its own.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoOptions {}
+
+fn build_memory(setup: &CacheSetup) -> Result<Arc<dyn Cache>> {
+    let NoOptions {} = setup.options()?;
+    Ok(Arc::new(MokaCache::new(&setup.config)))
+}
+
+kiln_core::register_cache!("memory", "in the process: TTL and a size bound in bytes (moka)", build_memory);
 
 /// A content key: xxh3-128 over the parts, each length-prefixed so that no two
 /// different part lists hash the same bytes.

@@ -22,6 +22,7 @@ pub mod monitor;
 pub mod optimizer;
 pub mod partial_file;
 pub mod profiler;
+pub mod profilers;
 pub mod replicas;
 pub mod scheduler;
 pub mod stats;
@@ -40,10 +41,16 @@ pub use monitor::{Reading, ResourceMonitor, Subscription};
 pub use optimizer::{Classification, LAST_HIDDEN_STATE, Optimizer, Scored, TaskInput, TaskOutput};
 pub use partial_file::PartialFile;
 pub use profiler::SamplingProfiler;
+pub use profilers::{ProfilerRegistration, ProfilerSetup, build_profiler, profilers};
 pub use replicas::{ReplicaStats, Replicas};
 pub use scheduler::Scheduler;
-pub use stats::{LatencyHistogram, Percentiles, Stats};
+pub use stats::{Buckets, LATENCY_BUCKETS_MS, LatencyHistogram, Percentiles, Stats};
 pub use tokenize::TokenizerPool;
 pub use tracking::{MetricsSource, TrackerFailures, TrackerHub};
 pub use warmup::WarmUp;
 pub use worker::{BatchPolicy, BatchStats, ItemOutput, ModelWorker, RunOutput};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use kiln_core::__private::inventory;
+}

@@ -4,20 +4,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Cache, CacheKey, Device, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, NamedTensors, NoCache,
-    NoopProfiler, Outputs, Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor, build_provider,
+    Cache, CacheKey, Device, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, NamedTensors, Outputs,
+    Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor, build_cache, build_provider,
     build_trackers,
 };
 use kiln_text::{TextPipeline, TokenRow};
 use kiln_vision::ImageInput;
 
-use crate::cache::{MokaCache, cache_key};
+use crate::cache::cache_key;
 use crate::collate::collate;
 use crate::governor::MemoryGovernor;
 use crate::inflight::{Claim, InFlight, Leader, follow};
 use crate::models::ModelManager;
 use crate::monitor::ResourceMonitor;
-use crate::profiler::SamplingProfiler;
+use crate::profilers::build_profiler;
 use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Stage, Stats};
@@ -99,11 +99,9 @@ impl Optimizer {
             // Known before loading, so the provider can pool on its device.
             spec = spec.with_head(kiln_text::embedding_head(&config.model.path, &config.text)?);
         }
-        let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
-            SamplingProfiler::with_monitor(config.profiler.clone(), monitor.clone())
-        } else {
-            Arc::new(NoopProfiler)
-        };
+        let profiler = build_profiler(&config.profiler, &monitor)?;
+        // Before the model loads too: a cache's config error (a Redis URL) fails fast.
+        let cache = build_cache(&config.cache)?;
         let b = &config.batching;
         let policy = BatchPolicy {
             max_batch_size: b.max_batch_size,
@@ -167,11 +165,6 @@ impl Optimizer {
         let load_time = started.elapsed();
         let identity =
             format!("{}|{:?}|{:?}", provider.name(), spec, text.as_ref().map(|t| t.pipeline.settings()));
-        let cache: Arc<dyn Cache> = if config.cache.enabled {
-            Arc::new(MokaCache::new(&config.cache))
-        } else {
-            Arc::new(NoCache::default())
-        };
         let scheduler = Arc::new(Scheduler::new(&config.scheduler));
         let governor = config.memory.enabled.then(|| {
             Arc::new(MemoryGovernor::start(
@@ -253,6 +246,12 @@ impl Optimizer {
         self.replicas.first().info()
     }
 
+    /// The class labels of a classify task, in class order (from `classify.labels`);
+    /// `None` without a labels file (classes are numbers) or for another task.
+    pub fn labels(&self) -> Option<&[String]> {
+        self.vision.as_ref().and_then(|v| v.labels.as_deref())
+    }
+
     /// The profiler; `optimizer.profiler().span("my_stage")` times your own code too:
     ///
     /// ```no_run
@@ -282,8 +281,16 @@ impl Optimizer {
     /// model's maximum), from the tokenizer pool, without running the model: what a
     /// caller that orders texts by length (as `kiln run` does, to pad less) sorts by.
     pub async fn token_lengths(&self, texts: Vec<String>) -> Result<Vec<usize>> {
-        let rows = self.text_path("token_lengths")?.tokenizers.encode(texts).await?;
-        Ok(rows.iter().map(|r| r.len()).collect())
+        Ok(self.token_counts(texts).await?.into_iter().map(|(tokens, _)| tokens).collect())
+    }
+
+    /// Each text's token count, as [`token_lengths`](Self::token_lengths), and whether
+    /// the text was cut to fit the model (`text.max_length` tokens, or `text.max_chars`
+    /// characters): what a server that refuses over-long inputs (TEI's `truncate: false`)
+    /// checks.
+    pub async fn token_counts(&self, texts: Vec<String>) -> Result<Vec<(usize, bool)>> {
+        let rows = self.text_path("token_counts")?.tokenizers.encode(texts).await?;
+        Ok(rows.iter().map(|r| (r.len(), r.truncated)).collect())
     }
 
     /// The text path, which only the embed task has; `what` names the call refused.

@@ -42,6 +42,12 @@ pub struct Stats {
     pub latency_ms: Percentiles,
     /// Time items waited in the queue before their batch ran (batching on).
     pub queue_wait_ms: Percentiles,
+    /// End-to-end latency as cumulative counts at [`LATENCY_BUCKETS_MS`] (Prometheus' histogram).
+    pub latency_buckets: Buckets,
+    /// Queue waits at [`LATENCY_BUCKETS_MS`].
+    pub queue_wait_buckets: Buckets,
+    /// Model time per item (its batch's run time over the batch's size) at [`LATENCY_BUCKETS_MS`].
+    pub inference_buckets: Buckets,
     /// Time in tokenization, seconds.
     pub tokenize_seconds: f64,
     /// Time in image pre-processing (decode, resize, normalise), seconds.
@@ -90,6 +96,27 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+/// Upper bounds (milliseconds) of the latency buckets in [`Stats`]: sub-millisecond
+/// cache hits to half-minute generations.
+pub const LATENCY_BUCKETS_MS: &[f64] = &[
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+];
+
+/// Cumulative counts of a distribution at fixed upper bounds: what a Prometheus
+/// histogram holds, so replicas' latencies can be aggregated (quantiles of summaries
+/// cannot be).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Buckets {
+    /// Upper bounds in milliseconds, ascending; everything is under the implicit `+Inf`.
+    pub le_ms: Vec<f64>,
+    /// Samples at or under each bound.
+    pub cumulative: Vec<u64>,
+    /// All samples.
+    pub count: u64,
+    /// Their sum in milliseconds (to the histogram's 3 significant digits).
+    pub sum_ms: f64,
+}
+
 /// A latency histogram in microseconds, 3 significant digits, up to an hour.
 pub struct LatencyHistogram(Mutex<Histogram<u64>>);
 
@@ -109,6 +136,25 @@ impl LatencyHistogram {
     /// The percentiles so far.
     pub fn percentiles(&self) -> Percentiles {
         Self::of(&self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Cumulative counts at `le_ms` so far.
+    pub fn buckets(&self, le_ms: &[f64]) -> Buckets {
+        let h = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let cumulative = le_ms
+            .iter()
+            .map(|&ms| {
+                let us = (ms * 1000.0) as u64;
+                // Values are recorded clamped to at least 1 us: none lies under that.
+                if us < 1 { 0 } else { h.count_between(1, us) }
+            })
+            .collect();
+        Buckets {
+            le_ms: le_ms.to_vec(),
+            cumulative,
+            count: h.len(),
+            sum_ms: h.mean() * h.len() as f64 / 1000.0,
+        }
     }
 
     /// The percentiles so far, and starts over (for per-interval figures).
@@ -150,6 +196,7 @@ pub(crate) struct Counters {
     /// Latencies since the trackers' last step.
     pub window_latency: LatencyHistogram,
     queue_wait: LatencyHistogram,
+    inference: LatencyHistogram,
 }
 
 /// What the counters do not hold themselves: the figures of the other layers.
@@ -183,7 +230,10 @@ impl Counters {
         let counter = match stage {
             Stage::Tokenize => &self.tokenize_ns,
             Stage::Preprocess => &self.preprocess_ns,
-            Stage::Inference => &self.inference_ns,
+            Stage::Inference => {
+                self.inference.record(elapsed);
+                &self.inference_ns
+            }
             Stage::Pooling => &self.pooling_ns,
         };
         Self::add(counter, elapsed.as_nanos() as u64);
@@ -237,6 +287,9 @@ impl Counters {
             timeouts,
             latency_ms: self.latency.percentiles(),
             queue_wait_ms: self.queue_wait.percentiles(),
+            latency_buckets: self.latency.buckets(LATENCY_BUCKETS_MS),
+            queue_wait_buckets: self.queue_wait.buckets(LATENCY_BUCKETS_MS),
+            inference_buckets: self.inference.buckets(LATENCY_BUCKETS_MS),
             tokenize_seconds: secs(&self.tokenize_ns),
             preprocess_seconds: secs(&self.preprocess_ns),
             inference_seconds: secs(&self.inference_ns),

@@ -3,7 +3,8 @@
 //! | route | API |
 //! |---|---|
 //! | `POST /v1/embeddings` | OpenAI embeddings: `input` (a string or a list), `model`, `encoding_format` (`float`, `base64`), `dimensions` (truncated, then re-normalised), `user` (ignored); usage counts tokens |
-//! | `POST /embed` | Hugging Face TEI: `inputs`, `normalize`, `truncate`, `dimensions` |
+//! | `POST /embed` | Hugging Face TEI: `inputs`, `normalize`, `truncate` (`false`: a text longer than the model takes is refused with 413; unset: `server.auto_truncate`), `dimensions` |
+//! | `POST /classify` | for a `task = "classify"` config: `{"images": [base64, ...]}` or one image as the body; each image's best classes, or its own error |
 //! | `POST /v1/chat/completions`, `POST /v1/completions` | OpenAI, for a `task = "generate"` config: `messages` / `prompt`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream` (server-sent events) |
 //! | `GET /info` | TEI's model description |
 //! | `GET /health` | 200 once the model is loaded and warmed, 503 before |
@@ -20,6 +21,7 @@
 //! finish.
 
 mod chat;
+mod classify;
 mod error;
 mod metrics;
 mod oip;
@@ -103,6 +105,7 @@ pub fn router(state: Arc<State>) -> Router {
     let router = Router::new()
         .route("/v1/embeddings", post(routes::openai_embeddings))
         .route("/embed", post(routes::tei_embed))
+        .route("/classify", post(classify::classify))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/info", get(routes::tei_info))

@@ -1,6 +1,7 @@
 //! `GET /metrics`: Prometheus' text format, written from [`kiln::Stats`] (no second
-//! bookkeeping): counters, gauges, latency summaries (quantiles 0.5, 0.95, 0.99) and
-//! the batch-size histogram.
+//! bookkeeping): counters, gauges, and histograms — request latency, queue wait and
+//! model time per item at kiln's fixed buckets (so replicas aggregate with
+//! `histogram_quantile`), and the batch size.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -23,13 +24,14 @@ fn one(value: f64) -> Vec<(String, f64)> {
     vec![(String::new(), value)]
 }
 
-/// A latency summary from kiln's percentiles (milliseconds in, seconds out).
-fn summary(out: &mut String, name: &str, help: &str, p: &kiln::runtime::Percentiles) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-    for (q, v) in [("0.5", p.p50), ("0.95", p.p95), ("0.99", p.p99)] {
-        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {}", v / 1000.0);
+/// A latency histogram from kiln's buckets (milliseconds in, seconds out).
+fn histogram(out: &mut String, name: &str, help: &str, b: &kiln::runtime::Buckets) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (le, n) in b.le_ms.iter().zip(&b.cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {n}", le / 1000.0);
     }
-    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", p.mean * p.count as f64 / 1000.0, p.count);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", b.count);
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", b.sum_ms / 1000.0, b.count);
 }
 
 fn escape(v: &str) -> String {
@@ -64,8 +66,19 @@ pub fn render(stats: &kiln::Stats, model: &str) -> String {
         &one(s.timeouts as f64),
     );
     family(&mut out, "kiln_queue_depth", "gauge", "Requests waiting or running.", &one(s.queue_depth as f64));
-    summary(&mut out, "kiln_request_latency_seconds", "From submission to answer.", &s.latency_ms);
-    summary(&mut out, "kiln_queue_wait_seconds", "From submission to the batch's start.", &s.queue_wait_ms);
+    histogram(&mut out, "kiln_request_latency_seconds", "From submission to answer.", &s.latency_buckets);
+    histogram(
+        &mut out,
+        "kiln_queue_wait_seconds",
+        "From submission to the batch's start.",
+        &s.queue_wait_buckets,
+    );
+    histogram(
+        &mut out,
+        "kiln_inference_item_seconds",
+        "Model time per item: its batch's run time over the batch's size.",
+        &s.inference_buckets,
+    );
     let _ = writeln!(out, "# HELP kiln_batch_size Items per batch.\n# TYPE kiln_batch_size histogram");
     let (mut seen, mut sum) = (0u64, 0f64);
     for (size, n) in &s.batch_sizes {
@@ -101,6 +114,32 @@ pub fn render(stats: &kiln::Stats, model: &str) -> String {
         &one(s.cache.entries as f64),
     );
     family(&mut out, "kiln_cache_bytes", "gauge", "Bytes in the result cache.", &one(s.cache.bytes as f64));
+    if let Some(up) = s.cache.remote_up {
+        let c = &s.cache;
+        for (name, help, v) in [
+            ("kiln_cache_remote_hits_total", "Hits the shared tier (Redis) answered.", c.remote_hits),
+            ("kiln_cache_remote_writes_total", "Entries written to the shared tier.", c.remote_writes),
+            (
+                "kiln_cache_remote_errors_total",
+                "Failed calls to the shared tier, each answered from this replica instead.",
+                c.remote_errors,
+            ),
+            (
+                "kiln_cache_remote_skipped_writes_total",
+                "Entries not written to the shared tier (down, or its queue full).",
+                c.remote_skipped_writes,
+            ),
+        ] {
+            family(&mut out, name, "counter", help, &one(v as f64));
+        }
+        family(
+            &mut out,
+            "kiln_cache_remote_up",
+            "gauge",
+            "1 while the shared tier answers, 0 while this replica serves from its own tier.",
+            &one(f64::from(u8::from(up))),
+        );
+    }
     family(
         &mut out,
         "kiln_coalesced_total",

@@ -64,7 +64,9 @@ fn optimizer<'a>(
     authorize(state, headers)?;
     state.check_model(Some(name))?;
     state.optimizer().ok_or_else(|| match state.generation() {
-        Some(_) => ApiError::invalid("the Open Inference Protocol routes serve task = \"embed\" configs"),
+        Some(_) => ApiError::invalid(
+            "the Open Inference Protocol routes serve task = \"embed\" and \"classify\" configs",
+        ),
         None => ApiError::loading(),
     })
 }

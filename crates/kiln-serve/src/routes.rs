@@ -12,20 +12,27 @@ use base64::Engine;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use kiln::Task;
+
 use crate::{ApiError, State};
 
 /// The body, or 413 past `server.max_body_bytes` (axum's limit), as a JSON error.
 pub(crate) type Raw = Result<Bytes, BytesRejection>;
 
-/// A JSON body: malformed JSON or a wrong field is a 422 naming the field and what it
-/// expected.
-pub(crate) fn body<T: DeserializeOwned>(raw: Raw, limit: usize) -> Result<T, ApiError> {
-    let bytes = raw.map_err(|e| match e.status() {
+/// The body's bytes, or 413 past `limit` (`server.max_body_bytes`).
+pub(crate) fn bytes(raw: Raw, limit: usize) -> Result<Bytes, ApiError> {
+    raw.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::too_large(format!("the request body is over {limit} bytes (server.max_body_bytes)"))
         }
         _ => ApiError::invalid(format!("the request body: {e}")),
-    })?;
+    })
+}
+
+/// A JSON body: malformed JSON or a wrong field is a 422 naming the field and what it
+/// expected.
+pub(crate) fn body<T: DeserializeOwned>(raw: Raw, limit: usize) -> Result<T, ApiError> {
+    let bytes = bytes(raw, limit)?;
     let mut json = serde_json::Deserializer::from_slice(&bytes);
     serde_path_to_error::deserialize(&mut json).map_err(|e| match e.path().to_string().as_str() {
         "." => ApiError::invalid(format!("the request body: {}", e.inner())),
@@ -50,17 +57,29 @@ impl Texts {
     }
 }
 
-/// The optimizer, the caller's key checked.
-fn ready<'a>(state: &'a State, headers: &HeaderMap) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
+/// The optimizer, the caller's key checked, for a route of `task`: another task's
+/// server answers 404 naming what it serves.
+pub(crate) fn ready_for<'a>(
+    state: &'a State,
+    headers: &HeaderMap,
+    task: Task,
+) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
     authorize(state, headers)?;
-    state.optimizer().ok_or_else(|| match state.generation() {
-        Some(_) => ApiError::new(
+    if state.config.task != task {
+        let serves = match state.config.task {
+            Task::Embed => "embeds (task = \"embed\"): POST /v1/embeddings, POST /embed",
+            Task::Classify => "classifies images (task = \"classify\"): POST /classify",
+            Task::Generate => {
+                "generates (task = \"generate\"): POST /v1/chat/completions, POST /v1/completions"
+            }
+        };
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            "this server generates (task = \"generate\"); embeddings need a task = \"embed\" config",
-        ),
-        None => ApiError::loading(),
-    })
+            format!("this route needs a task = \"{}\" config; this server {serves}", task.as_str()),
+        ));
+    }
+    state.optimizer().ok_or_else(ApiError::loading)
 }
 
 /// Checks the caller's API key when `server.api_keys` is set.
@@ -141,7 +160,7 @@ pub(crate) async fn openai_embeddings(
     headers: HeaderMap,
     raw: Raw,
 ) -> Result<Response, ApiError> {
-    let optimizer = ready(&state, &headers)?;
+    let optimizer = ready_for(&state, &headers, Task::Embed)?;
     let request: OpenAiRequest = body(raw, state.config.server.max_body_bytes)?;
     state.check_model(request.model.as_deref())?;
     let base64 = match request.encoding_format.as_deref() {
@@ -184,9 +203,9 @@ struct TeiRequest {
     inputs: Texts,
     #[serde(default = "yes")]
     normalize: bool,
+    /// `None`: `server.auto_truncate` decides.
     #[serde(default)]
-    #[allow(dead_code)]
-    truncate: bool,
+    truncate: Option<bool>,
     #[serde(default)]
     dimensions: Option<usize>,
     #[serde(default)]
@@ -207,7 +226,7 @@ pub(crate) async fn tei_embed(
     headers: HeaderMap,
     raw: Raw,
 ) -> Result<Response, ApiError> {
-    let optimizer = ready(&state, &headers)?;
+    let optimizer = ready_for(&state, &headers, Task::Embed)?;
     let request: TeiRequest = body(raw, state.config.server.max_body_bytes)?;
     if !request.normalize && state.head.normalize {
         return Err(ApiError::invalid(
@@ -215,8 +234,20 @@ pub(crate) async fn tei_embed(
              serve it with --set text.normalize=false for raw vectors",
         ));
     }
-    let vectors =
-        embed(&state, optimizer, request.inputs.into_vec(), request.dimensions, request.normalize).await?;
+    let texts = request.inputs.into_vec();
+    if !request.truncate.unwrap_or(state.config.server.auto_truncate)
+        && texts.len() <= state.config.server.max_inputs
+    {
+        let counts = optimizer.token_counts(texts.clone()).await?;
+        if let Some(i) = counts.iter().position(|&(_, truncated)| truncated) {
+            let max = counts[i].0;
+            return Err(ApiError::too_large(format!(
+                "inputs[{i}] is longer than the model's {max} tokens and truncate is false; send truncate: true \
+                 to cut it to {max} (server.auto_truncate sets the default)"
+            )));
+        }
+    }
+    let vectors = embed(&state, optimizer, texts, request.dimensions, request.normalize).await?;
     Ok(Json(vectors).into_response())
 }
 
@@ -237,6 +268,27 @@ pub(crate) async fn tei_info(Shared(state): Shared<Arc<State>>) -> Result<Respon
     }
     let optimizer = state.optimizer().ok_or_else(ApiError::loading)?;
     let info = optimizer.model_info();
+    if state.config.task == Task::Classify {
+        // TEI's shape for classifiers: class index → label.
+        let id2label: serde_json::Map<String, serde_json::Value> = optimizer
+            .labels()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, label)| (i.to_string(), label.clone().into()))
+            .collect();
+        return Ok(Json(serde_json::json!({
+            "model_id": state.model_name(),
+            "model_dtype": info.dtype.to_string(),
+            "model_type": {"classifier": {"id2label": id2label}},
+            "top_k": state.config.classify.top_k,
+            "max_client_batch_size": state.config.server.max_inputs,
+            "provider": info.provider,
+            "device": info.device.to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+        }))
+        .into_response());
+    }
     Ok(Json(serde_json::json!({
         "model_id": state.model_name(),
         "model_dtype": info.dtype.to_string(),

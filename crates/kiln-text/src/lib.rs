@@ -173,6 +173,8 @@ pub struct TokenRow {
     pub ids: Vec<i64>,
     /// Segment ids, one per id.
     pub type_ids: Vec<i64>,
+    /// Whether the text was cut to fit `max_length` tokens (or `max_chars` characters).
+    pub truncated: bool,
 }
 
 impl TokenRow {
@@ -256,13 +258,14 @@ impl TextPipeline {
         texts
             .iter()
             .map(|text| {
-                let e = self
+                let (e, truncated) = self
                     .rows
                     .encode(text.as_ref())
                     .map_err(|e| Error::InvalidInput(format!("tokenization failed: {e}")))?;
                 Ok(TokenRow {
                     ids: e.get_ids().iter().map(|&v| i64::from(v)).collect(),
                     type_ids: e.get_type_ids().iter().map(|&v| i64::from(v)).collect(),
+                    truncated,
                 })
             })
             .collect()

@@ -135,19 +135,29 @@ impl RowTokenizer {
         Ok(RowTokenizer { inner, prefix_words, max_length, max_chars })
     }
 
-    /// The text's encoding, special tokens added, truncated to `max_length`.
-    pub fn encode(&self, text: &str) -> TkResult<Encoding> {
-        let text = char_prefix(text, self.max_chars);
+    /// The text's encoding, special tokens added, truncated to `max_length`, and whether
+    /// any of the text was cut: it had tokens past `max_length`, or more than `max_chars`
+    /// characters (counted as cut without reading the rest).
+    pub fn encode(&self, whole: &str) -> TkResult<(Encoding, bool)> {
+        let text = char_prefix(whole, self.max_chars);
+        let chars_cut = text.len() < whole.len();
+        let cut = |e: Encoding| {
+            let truncated = chars_cut || !e.get_overflowing().is_empty();
+            (e, truncated)
+        };
         let Some(words) = self.prefix_words else {
-            return self.inner.encode_fast(text, true);
+            return self.inner.encode_fast(text, true).map(cut);
         };
         let prefix = word_prefix(text, words);
         let encoding = self.inner.encode_fast(prefix, true)?;
         if prefix.len() < text.len() && encoding.len() < self.max_length {
             // The prefix did not fill the row: the rest of the text decides.
-            return self.inner.encode_fast(text, true);
+            return self.inner.encode_fast(text, true).map(cut);
         }
-        Ok(encoding)
+        // A full row with words left unread: each word is at least one more token.
+        let words_left = !text[prefix.len()..].trim().is_empty();
+        let (encoding, truncated) = cut(encoding);
+        Ok((encoding, truncated || words_left))
     }
 }
 

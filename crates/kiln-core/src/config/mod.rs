@@ -106,6 +106,17 @@ pub enum Task {
     Generate,
 }
 
+impl Task {
+    /// The name configs use: `"embed"`, `"classify"`, `"generate"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Embed => "embed",
+            Task::Classify => "classify",
+            Task::Generate => "generate",
+        }
+    }
+}
+
 impl KilnConfig {
     /// The layered sources: defaults, `file` (if any), `KILN_*` variables, `--set` flags.
     pub fn figment(file: Option<&Path>, sets: &[String]) -> Result<Figment> {

@@ -458,40 +458,71 @@ impl Default for SchedulerConfig {
 }
 
 /// `[cache]`: results kept by content hash, so a repeated input skips the model.
+///
+/// `kind` picks the implementation from the cache registry
+/// ([`build_cache`](crate::build_cache)): `"memory"` (in-process, the default) or a
+/// registered one such as `"redis"`; the kind's own keys sit beside the common ones and
+/// are checked by it (a key no kind takes is an error naming it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct CacheConfig {
     /// Keep results.
     pub enabled: bool,
+    /// Registered cache kind.
+    pub kind: String,
     /// Seconds an entry lives.
     pub ttl_s: u64,
-    /// Bytes of results kept at most (entries weighed by size).
+    /// Bytes of results kept at most in the process (entries weighed by size).
     pub max_bytes: u64,
+    /// The kind's own keys (`url` for `"redis"`, ...).
+    #[serde(flatten)]
+    pub options: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { enabled: true, ttl_s: 600, max_bytes: 256 << 20 }
+        CacheConfig {
+            enabled: true,
+            kind: "memory".into(),
+            ttl_s: 600,
+            max_bytes: 256 << 20,
+            options: Default::default(),
+        }
     }
 }
 
 /// `[profiler]`: timed spans around every stage and a background resource sampler.
+///
+/// `kind` picks the implementation from the runtime's profiler registry: `"sampling"`
+/// (the default) or a registered one, whose own keys sit beside the common ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ProfilerConfig {
     /// Record spans and samples (cheap enough to leave on).
     pub enabled: bool,
+    /// Registered profiler kind.
+    pub kind: String,
     /// Milliseconds between resource samples (RSS, system memory, CPU%, GPUs).
     pub sample_interval_ms: u64,
     /// Keep every span and sample for a Chrome trace (`kiln run --trace` turns it on).
     pub trace: bool,
     /// Trace events kept at most; later ones are counted as dropped.
     pub max_trace_events: usize,
+    /// The kind's own keys.
+    #[serde(flatten)]
+    pub options: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for ProfilerConfig {
     fn default() -> Self {
-        ProfilerConfig { enabled: true, sample_interval_ms: 500, trace: false, max_trace_events: 1_000_000 }
+        ProfilerConfig {
+            enabled: true,
+            kind: "sampling".into(),
+            sample_interval_ms: 500,
+            trace: false,
+            max_trace_events: 1_000_000,
+            options: Default::default(),
+        }
     }
 }
 

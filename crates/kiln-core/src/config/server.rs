@@ -22,6 +22,10 @@ pub struct ServerConfig {
     /// Browser origins allowed to call (CORS), e.g. `["https://app.example"]`; `["*"]`:
     /// any. Empty (the default): no CORS headers, browsers on other origins are refused.
     pub cors_origins: Vec<String>,
+    /// What TEI's `POST /embed` does with a text longer than the model takes when the
+    /// request does not say (`truncate`): cut it (`true`, kiln's way everywhere else) or
+    /// refuse the request with 413 naming the input (`false`, TEI's default).
+    pub auto_truncate: bool,
 }
 
 impl Default for ServerConfig {
@@ -33,6 +37,7 @@ impl Default for ServerConfig {
             max_inputs: 512,
             api_keys: Vec::new(),
             cors_origins: Vec::new(),
+            auto_truncate: true,
         }
     }
 }

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, NoopProfiler, ProfileReport,
-    Profiler, Result, build_provider,
+    Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, ProfileReport, Profiler, Result,
+    build_provider,
 };
 use kiln_text::chat::{Message, render_chat};
 use serde::Serialize;
@@ -210,11 +210,7 @@ impl Generation {
             kv_budget: config.generate.kv_cache_mb.saturating_mul(1 << 20),
             pressure,
         };
-        let profiler: Arc<dyn Profiler> = if config.profiler.enabled {
-            crate::SamplingProfiler::with_monitor(config.profiler.clone(), monitor.clone())
-        } else {
-            Arc::new(NoopProfiler)
-        };
+        let profiler = crate::build_profiler(&config.profiler, &monitor)?;
         let engine_profiler = profiler.clone();
         let engine_counters = counters.clone();
         let engine_tokenizer = tokenizer.clone();

@@ -11,18 +11,29 @@ impl Optimizer {
         let mut todo: Vec<usize> = (0..texts.len()).collect();
         // A pass leaves only texts whose leader (another call) gave up; they go again.
         while !todo.is_empty() {
-            let mut leaders: Vec<(usize, CacheKey, Leader)> = Vec::new();
+            let mut claimed: Vec<(usize, CacheKey, Leader)> = Vec::new();
             let mut followers = Vec::new();
             let lookup = self.profiler.span("cache_lookup");
             for &i in &todo {
                 let key = cache_key(&[self.identity.as_bytes(), texts[i].as_bytes()]);
                 match self.inflight.claim(key) {
-                    Claim::Lead(leader) => match self.cached(&key) {
-                        // Dropping the claim: nothing to compute.
-                        Some(vector) => out[i] = Some(vector),
-                        None => leaders.push((i, key, leader)),
-                    },
+                    Claim::Lead(leader) => claimed.push((i, key, leader)),
                     Claim::Follow(running) => followers.push((i, running)),
+                }
+            }
+            // One lookup for the call's texts: one round trip to a shared cache.
+            let keys: Vec<CacheKey> = claimed.iter().map(|&(_, key, _)| key).collect();
+            let mut leaders = Vec::with_capacity(claimed.len());
+            for ((i, key, leader), hit) in claimed.into_iter().zip(self.cache.get_many(&keys)) {
+                match hit.and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok())) {
+                    // Handed to whoever follows this text (the same call's duplicates too),
+                    // so they need no second pass.
+                    Some(vector) => {
+                        let shared = Arc::new(vector);
+                        leader.publish(shared.clone());
+                        out[i] = Some(Arc::unwrap_or_clone(shared));
+                    }
+                    None => leaders.push((i, key, leader)),
                 }
             }
             drop(lookup);
@@ -56,10 +67,6 @@ impl Optimizer {
             .into_iter()
             .map(|v| v.expect("every text was answered by the cache, a run or a leader"))
             .collect())
-    }
-
-    fn cached(&self, key: &CacheKey) -> Option<Vec<f32>> {
-        self.cache.get(key).and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok()))
     }
 
     /// Embeddings of texts nobody has computed: tokenized by the pool, then batched with

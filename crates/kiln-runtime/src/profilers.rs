@@ -1,0 +1,137 @@
+//! The profiler registry: `[profiler] kind = "..."` chooses the [`Profiler`] the
+//! optimizer and generation time their stages with.
+//!
+//! It lives in the runtime rather than beside the trait in `kiln-core` because a
+//! profiler's constructor gets the runtime's [`ResourceMonitor`]: the one sampler of
+//! memory, CPU and GPUs that the memory governor, `stats()` and the profiler share, so
+//! their figures agree and nothing samples twice. `"sampling"` ([`SamplingProfiler`])
+//! is built in; a crate registers another with [`register_profiler!`](crate::register_profiler).
+
+use std::sync::Arc;
+
+use kiln_core::{ConfigIssue, Error, NoopProfiler, Profiler, ProfilerConfig, Registration, Registry, Result};
+use serde::de::DeserializeOwned;
+
+use crate::monitor::ResourceMonitor;
+use crate::profiler::SamplingProfiler;
+
+/// A profiler's entry in the registry: a kind name and a constructor.
+#[derive(Debug)]
+pub struct ProfilerRegistration {
+    /// Name used in configs (`profiler.kind`).
+    pub kind: &'static str,
+    /// One line for listings.
+    pub description: &'static str,
+    /// Builds the profiler when a config chooses it.
+    pub build: fn(&ProfilerSetup) -> Result<Arc<dyn Profiler>>,
+}
+
+impl ProfilerRegistration {
+    /// Const constructor, used by [`register_profiler!`](crate::register_profiler).
+    pub const fn new(
+        kind: &'static str,
+        description: &'static str,
+        build: fn(&ProfilerSetup) -> Result<Arc<dyn Profiler>>,
+    ) -> Self {
+        ProfilerRegistration { kind, description, build }
+    }
+}
+
+impl Registration for ProfilerRegistration {
+    const KIND: &'static str = "profiler";
+    fn name(&self) -> &'static str {
+        self.kind
+    }
+    fn description(&self) -> &'static str {
+        self.description
+    }
+}
+
+kiln_core::__private::inventory::collect!(ProfilerRegistration);
+
+/// What a profiler's constructor gets.
+#[derive(Clone)]
+pub struct ProfilerSetup {
+    /// `[profiler]`: the common keys and the kind's own (`options`).
+    pub config: ProfilerConfig,
+    /// The runtime's resource sampler; subscribe to it rather than sampling again.
+    pub monitor: Arc<ResourceMonitor>,
+}
+
+impl ProfilerSetup {
+    /// The kind's own keys as its options type; use `#[serde(deny_unknown_fields)]` so a
+    /// misspelt key is an error naming `profiler`.
+    pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(serde_json::Value::Object(self.config.options.clone())).map_err(|e| {
+            Error::Config(vec![ConfigIssue::new(
+                "profiler",
+                e.to_string(),
+                format!("the keys profiler kind `{}` accepts (see docs/config.md)", self.config.kind),
+            )])
+        })
+    }
+}
+
+/// Every profiler kind linked into this binary.
+pub fn profilers() -> Result<Registry<ProfilerRegistration>> {
+    Registry::collect(kiln_core::__private::inventory::iter::<ProfilerRegistration>)
+}
+
+/// The profiler `config` chooses: [`NoopProfiler`] when `profiler.enabled` is off, else
+/// the registered `profiler.kind` (an unknown kind is an error listing the known ones).
+pub fn build_profiler(config: &ProfilerConfig, monitor: &Arc<ResourceMonitor>) -> Result<Arc<dyn Profiler>> {
+    if !config.enabled {
+        return Ok(Arc::new(NoopProfiler));
+    }
+    let setup = ProfilerSetup { config: config.clone(), monitor: monitor.clone() };
+    (profilers()?.get(&config.kind)?.build)(&setup)
+}
+
+/// Registers a profiler kind: one line in the crate that defines it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::{Duration, Instant};
+/// use kiln_core::{Profiler, ProfilerConfig, Result};
+/// use kiln_runtime::{ProfilerSetup, ResourceMonitor, build_profiler};
+///
+/// struct Quiet;
+/// impl Profiler for Quiet {
+///     fn record(&self, _name: &str, _start: Instant, _elapsed: Duration) {}
+/// }
+///
+/// fn build(_setup: &ProfilerSetup) -> Result<Arc<dyn Profiler>> {
+///     Ok(Arc::new(Quiet))
+/// }
+///
+/// kiln_runtime::register_profiler!("quiet", "records nothing", build);
+///
+/// let config = ProfilerConfig { kind: "quiet".into(), ..ProfilerConfig::default() };
+/// let profiler = build_profiler(&config, &ResourceMonitor::on_demand())?;
+/// assert!(profiler.report().spans.is_empty());
+/// # Ok::<(), kiln_core::Error>(())
+/// ```
+#[macro_export]
+macro_rules! register_profiler {
+    ($kind:expr, $description:expr, $build:expr $(,)?) => {
+        $crate::__private::inventory::submit! {
+            $crate::ProfilerRegistration::new($kind, $description, $build)
+        }
+    };
+}
+
+/// The `"sampling"` kind takes no keys of its own.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoOptions {}
+
+fn build_sampling(setup: &ProfilerSetup) -> Result<Arc<dyn Profiler>> {
+    let NoOptions {} = setup.options()?;
+    Ok(SamplingProfiler::with_monitor(setup.config.clone(), setup.monitor.clone()))
+}
+
+register_profiler!(
+    "sampling",
+    "span histograms, resource samples (memory, CPU, NVIDIA GPUs) and an optional Chrome trace",
+    build_sampling
+);
