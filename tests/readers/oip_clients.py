@@ -4,8 +4,9 @@
     oip_clients.py HOST:PORT MODEL
 
 Waits (deadline 180 s) for the server to be ready; then liveness, readiness, model
-metadata, an infer of "[CLS] hello world [SEP]" as BERT token ids, and an infer with a
-wrong datatype (its error).
+metadata, an infer of "[CLS] hello world [SEP]" as BERT token ids (JSON tensors, then
+binary tensor data both ways, tritonclient's default), and an infer with a wrong
+datatype (its error).
 """
 import json
 import sys
@@ -40,6 +41,15 @@ def main():
     names = [o["name"] for o in out["metadata"]["outputs"]]
     result = client.infer(model, inputs, outputs=[http.InferRequestedOutput(n, binary_data=False) for n in names])
     out["outputs"] = {n: result.as_numpy(n).tolist() for n in names}
+    # tritonclient's default: the binary tensor data extension, both ways.
+    binary_inputs = []
+    for name, value in [("input_ids", ids), ("attention_mask", np.ones_like(ids)), ("token_type_ids", np.zeros_like(ids))]:
+        i = http.InferInput(name, list(value.shape), "INT64")
+        i.set_data_from_numpy(value)
+        binary_inputs.append(i)
+    result = client.infer(model, binary_inputs, outputs=[http.InferRequestedOutput(n) for n in names])
+    out["binary_outputs"] = {n: result.as_numpy(n).tolist() for n in names}
+    out["extensions"] = client.get_server_metadata()["extensions"]
     bad = http.InferInput("input_ids", [1, 4], "FP32")
     bad.set_data_from_numpy(ids.astype(np.float32), binary_data=False)
     try:

@@ -213,6 +213,10 @@ fn tritonclient_infers_the_model_s_own_tensors() {
         serde_json::from_value(support::jsonl_events(&output)[0]["embedding"].clone()).unwrap();
     assert!(cosine(&embedding[0], &expected) >= 0.9999, "cosine {}", cosine(&embedding[0], &expected));
 
+    // The binary tensor data extension gives the same floats, bit for bit.
+    assert_eq!(got["binary_outputs"], got["outputs"], "binary and JSON tensors differ");
+    assert!(got["extensions"].as_array().unwrap().iter().any(|e| e == "binary_tensor_data"));
+
     let message = got["bad"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("input_ids") && message.contains("i64"), "{}", got["bad"]);
     assert!(got["unknown"]["message"].as_str().unwrap_or_default().contains("serves `all-MiniLM-L6-v2`"));

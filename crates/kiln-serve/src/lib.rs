@@ -9,7 +9,7 @@
 //! | `GET /info` | TEI's model description |
 //! | `GET /health` | 200 once the model is loaded and warmed, 503 before |
 //! | `GET /metrics` | Prometheus text from [`Optimizer::stats`] |
-//! | `GET /v2/health/live`, `/v2/health/ready`, `/v2/models/{name}`, `/v2/models/{name}/ready`, `POST /v2/models/{name}/infer` | Open Inference Protocol v2 (KServe, Triton; `tritonclient[http]`): the model's own tensors as JSON |
+//! | `GET /v2/health/live`, `/v2/health/ready`, `/v2/models/{name}`, `/v2/models/{name}/ready`, `POST /v2/models/{name}/infer` | Open Inference Protocol v2 (KServe, Triton; `tritonclient[http]`): the model's own tensors as JSON or binary tensor data |
 //!
 //! The port opens before the model loads, so an orchestrator's readiness probe sees
 //! 503 until it can serve. Errors are JSON, `{"error": {"message", "type"}}`: 413 for a

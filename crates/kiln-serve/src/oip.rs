@@ -1,20 +1,21 @@
 //! The Open Inference Protocol v2 (KServe, NVIDIA Triton) over HTTP/JSON: health,
 //! server and model metadata, and `infer` on the model's own tensors (its inputs and
 //! outputs as [`kiln::ModelInfo`] lists them, through [`kiln::Optimizer::infer`]), so
-//! `tritonclient[http]` works as it is. Tensors travel as JSON (`data` flat, row-major);
-//! the binary-data extension is not offered. Errors are `{"error": "message"}`, the
-//! protocol's shape.
+//! `tritonclient[http]` works as it is. Tensors travel as JSON (`data` flat, row-major)
+//! or, with Triton's binary tensor data extension (tritonclient's default), as raw
+//! little-endian bytes after the JSON header (`Inference-Header-Content-Length`), in
+//! both directions. Errors are `{"error": "message"}`, the protocol's shape.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State as Shared};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln::{DType, Dim, Inputs, Tensor, TensorSpec};
 use serde::Deserialize;
 
-use crate::routes::{Raw, authorize, body};
+use crate::routes::{Raw, authorize, bytes};
 use crate::{ApiError, State};
 
 /// An OIP answer: the protocol's error shape on failure.
@@ -73,7 +74,9 @@ fn optimizer<'a>(
 
 /// `GET /v2`: server metadata.
 pub(crate) async fn server() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"name": "kiln", "version": env!("CARGO_PKG_VERSION"), "extensions": []}))
+    Json(
+        serde_json::json!({"name": "kiln", "version": env!("CARGO_PKG_VERSION"), "extensions": ["binary_tensor_data"]}),
+    )
 }
 
 /// `GET /v2/health/live`: the process answers.
@@ -117,17 +120,38 @@ pub(crate) async fn metadata(
     }))
 }
 
+/// The binary extension's header: how many leading bytes of the body are JSON.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+#[derive(Deserialize, Default)]
+struct Parameters {
+    /// An input's bytes in the binary part (then it has no `data`).
+    #[serde(default)]
+    binary_data_size: Option<usize>,
+    /// An output asked for as bytes.
+    #[serde(default)]
+    binary_data: Option<bool>,
+    /// Every output as bytes (request-level).
+    #[serde(default)]
+    binary_data_output: Option<bool>,
+}
+
 #[derive(Deserialize)]
 struct InferInput {
     name: String,
     shape: Vec<usize>,
     datatype: String,
-    data: serde_json::Value,
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+    #[serde(default)]
+    parameters: Parameters,
 }
 
 #[derive(Deserialize)]
 struct InferOutput {
     name: String,
+    #[serde(default)]
+    parameters: Parameters,
 }
 
 #[derive(Deserialize)]
@@ -137,6 +161,8 @@ struct InferRequest {
     inputs: Vec<InferInput>,
     #[serde(default)]
     outputs: Option<Vec<InferOutput>>,
+    #[serde(default)]
+    parameters: Parameters,
 }
 
 /// The flat numbers of a JSON `data` (nested lists allowed).
@@ -152,9 +178,37 @@ fn flatten(v: &serde_json::Value, out: &mut Vec<f64>) -> bool {
     }
 }
 
-fn tensor(input: &InferInput) -> Result<Tensor, ApiError> {
+/// The dtype of a protocol datatype name, for the ones kiln takes.
+fn dtype(input: &InferInput) -> Result<DType, ApiError> {
+    Ok(match input.datatype.as_str() {
+        "INT64" => DType::I64,
+        "INT32" => DType::I32,
+        "UINT8" | "BOOL" => DType::U8,
+        "FP32" => DType::F32,
+        "FP16" => DType::F16,
+        other => {
+            return Err(ApiError::invalid(format!(
+                "input `{}`: datatype {other}; accepted: INT64, INT32, UINT8, BOOL, FP32, FP16",
+                input.name
+            )));
+        }
+    })
+}
+
+/// An input from its JSON `data`, or from `binary` (its slice of the binary part).
+fn tensor(input: &InferInput, binary: Option<&[u8]>) -> Result<Tensor, ApiError> {
+    if let Some(bytes) = binary {
+        return Tensor::from_bytes(dtype(input)?, input.shape.clone(), bytes.to_vec())
+            .map_err(|e| ApiError::invalid(format!("input `{}`: {e}", input.name)));
+    }
+    let Some(data) = &input.data else {
+        return Err(ApiError::invalid(format!(
+            "input `{}` has neither `data` nor `parameters.binary_data_size`",
+            input.name
+        )));
+    };
     let mut values = Vec::new();
-    if !flatten(&input.data, &mut values) {
+    if !flatten(data, &mut values) {
         return Err(ApiError::invalid(format!("input `{}`: `data` must be numbers (JSON)", input.name)));
     }
     let shape = input.shape.clone();
@@ -186,28 +240,89 @@ pub(crate) async fn infer(
 
 async fn run(state: &State, headers: &HeaderMap, name: &str, raw: Raw) -> Result<Response, ApiError> {
     let optimizer = optimizer(state, headers, name)?;
-    let request: InferRequest = body(raw, state.config.server.max_body_bytes)?;
+    let raw = bytes(raw, state.config.server.max_body_bytes)?;
+    let json_length = match headers.get(HEADER_LENGTH) {
+        None => raw.len(),
+        Some(v) => {
+            v.to_str().ok().and_then(|v| v.parse().ok()).filter(|&n| n <= raw.len()).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "{HEADER_LENGTH}: {v:?} is not a length within the {}-byte body",
+                    raw.len()
+                ))
+            })?
+        }
+    };
+    let (json, mut binary) = raw.split_at(json_length);
+    let mut json = serde_json::Deserializer::from_slice(json);
+    let request: InferRequest = serde_path_to_error::deserialize(&mut json)
+        .map_err(|e| ApiError::invalid(format!("the request body's `{}`: {}", e.path(), e.inner())))?;
     let mut inputs = Inputs::new();
     for input in &request.inputs {
-        inputs.insert(input.name.clone(), tensor(input)?);
+        let part = match input.parameters.binary_data_size {
+            Some(n) if n > binary.len() => {
+                return Err(ApiError::invalid(format!(
+                    "input `{}`: binary_data_size {n}, but only {} bytes of binary data are left",
+                    input.name,
+                    binary.len()
+                )));
+            }
+            Some(n) => {
+                let (part, rest) = binary.split_at(n);
+                binary = rest;
+                Some(part)
+            }
+            None => None,
+        };
+        inputs.insert(input.name.clone(), tensor(input, part)?);
     }
     let outputs = optimizer.infer(inputs).await?;
-    let wanted: Option<Vec<&str>> =
-        request.outputs.as_ref().map(|o| o.iter().map(|o| o.name.as_str()).collect());
+    let all_binary = request.parameters.binary_data_output.unwrap_or(false);
+    let wanted: Option<Vec<(&str, bool)>> = request.outputs.as_ref().map(|o| {
+        o.iter().map(|o| (o.name.as_str(), o.parameters.binary_data.unwrap_or(all_binary))).collect()
+    });
     let mut answer = Vec::new();
+    let mut tail = Vec::new();
     for (name, t) in outputs.iter() {
-        if wanted.as_ref().is_some_and(|w| !w.contains(&name)) {
-            continue;
-        }
+        let as_binary = match &wanted {
+            Some(w) => match w.iter().find(|(n, _)| *n == name) {
+                Some(&(_, b)) => b,
+                None => continue,
+            },
+            None => all_binary,
+        };
         let data = t.to_f32_vec().map_err(ApiError::from)?;
         let datatype = if t.dtype().is_float() { "FP32" } else { datatype(t.dtype()) };
-        answer
-            .push(serde_json::json!({"name": name, "shape": t.shape(), "datatype": datatype, "data": data}));
+        let mut entry = serde_json::json!({"name": name, "shape": t.shape(), "datatype": datatype});
+        if as_binary {
+            let start = tail.len();
+            if t.dtype().is_float() {
+                tail.extend(data.iter().flat_map(|x| x.to_le_bytes()));
+            } else {
+                tail.extend_from_slice(t.bytes());
+            }
+            entry["parameters"] = serde_json::json!({"binary_data_size": tail.len() - start});
+        } else {
+            entry["data"] = serde_json::json!(data);
+        }
+        answer.push(entry);
     }
     let mut body =
         serde_json::json!({"model_name": state.model_name(), "model_version": "1", "outputs": answer});
     if let Some(id) = request.id {
         body["id"] = serde_json::json!(id);
     }
-    Ok(Json(body).into_response())
+    if tail.is_empty() {
+        return Ok(Json(body).into_response());
+    }
+    let mut bytes = serde_json::to_vec(&body).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let header_length = HeaderValue::from(bytes.len());
+    bytes.extend_from_slice(&tail);
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (HeaderName::from_static(HEADER_LENGTH), header_length),
+        ],
+        bytes,
+    )
+        .into_response())
 }
