@@ -101,6 +101,20 @@ pub(crate) fn authorize(state: &State, headers: &HeaderMap) -> Result<(), ApiErr
     Ok(())
 }
 
+/// Refuses an empty request (422) or one of more than `server.max_inputs` texts (413).
+fn check_inputs(state: &State, count: usize) -> Result<(), ApiError> {
+    let limit = state.config.server.max_inputs;
+    if count == 0 {
+        return Err(ApiError::invalid("no input: send a string or a non-empty list of strings"));
+    }
+    if count > limit {
+        return Err(ApiError::too_large(format!(
+            "{count} inputs in one request; this server takes at most {limit} (server.max_inputs)"
+        )));
+    }
+    Ok(())
+}
+
 /// Embeds `texts`, checking the count; `dimensions` keeps the first ones and
 /// normalises again when the pipeline normalises or `normalize` asks.
 async fn embed(
@@ -110,16 +124,7 @@ async fn embed(
     dimensions: Option<usize>,
     normalize: bool,
 ) -> Result<Vec<Vec<f32>>, ApiError> {
-    let limit = state.config.server.max_inputs;
-    if texts.is_empty() {
-        return Err(ApiError::invalid("no input: send a string or a non-empty list of strings"));
-    }
-    if texts.len() > limit {
-        return Err(ApiError::too_large(format!(
-            "{} inputs in one request; this server takes at most {limit} (server.max_inputs)",
-            texts.len()
-        )));
-    }
+    check_inputs(state, texts.len())?;
     let mut vectors = optimizer.embed(&texts).await?;
     let width = vectors.first().map_or(0, Vec::len);
     if let Some(d) = dimensions
@@ -173,8 +178,14 @@ pub(crate) async fn openai_embeddings(
         }
     };
     let texts = request.input.into_vec();
-    let tokens: usize = optimizer.token_lengths(texts.clone()).await?.iter().sum();
-    let vectors = embed(&state, optimizer, texts, request.dimensions, true).await?;
+    check_inputs(&state, texts.len())?;
+    // The usage count tokenizes the texts a second time (a cache hit never tokenizes):
+    // on the tokenizer pool, alongside the embedding rather than before it.
+    let (tokens, vectors) = tokio::join!(
+        optimizer.token_lengths(texts.clone()),
+        embed(&state, optimizer, texts, request.dimensions, true)
+    );
+    let (tokens, vectors): (usize, _) = (tokens?.iter().sum(), vectors?);
     let data: Vec<serde_json::Value> = vectors
         .into_iter()
         .enumerate()
@@ -235,9 +246,8 @@ pub(crate) async fn tei_embed(
         ));
     }
     let texts = request.inputs.into_vec();
-    if !request.truncate.unwrap_or(state.config.server.auto_truncate)
-        && texts.len() <= state.config.server.max_inputs
-    {
+    check_inputs(&state, texts.len())?;
+    if !request.truncate.unwrap_or(state.config.server.auto_truncate) {
         let counts = optimizer.token_counts(texts.clone()).await?;
         if let Some(i) = counts.iter().position(|&(_, truncated)| truncated) {
             let max = counts[i].0;
