@@ -20,6 +20,7 @@ pub use kiln_runtime as runtime;
 pub use kiln_runtime::{Optimizer, Stats};
 pub use kiln_text as text;
 pub use kiln_trackers as trackers;
+pub use kiln_video as video;
 pub use kiln_vision as vision;
 
 // A crate that only registers plugins is dropped by the linker unless something names

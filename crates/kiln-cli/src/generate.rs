@@ -56,7 +56,7 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<(serde_json::Value, Prompt
 }
 
 pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<()> {
-    let prompts = read_prompts(&args.input)?;
+    let prompts = read_prompts(args.input(kiln::Task::Generate)?)?;
     // The engine's queue holds `queue_capacity` requests; more are submitted as earlier
     // ones finish, so a long file never meets "overloaded".
     let window = config.batching.queue_capacity.max(1);

@@ -7,6 +7,7 @@ mod http_load;
 pub mod input;
 mod run;
 mod serve;
+mod video;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -85,11 +86,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub source: ConfigSource,
     /// Input: for `embed`, one text per line or JSON Lines {"id", "text"}; for
-    /// `classify`, a folder of images, an image, or a text file listing image paths.
+    /// `classify`, a folder of images, an image, or a text file listing image paths;
+    /// for `generate`, prompts; `video` takes none (its config says what to render).
     #[arg(long, short)]
-    pub input: PathBuf,
+    pub input: Option<PathBuf>,
     /// Output file: JSON Lines in input order — {"id", "embedding"} (embed) or
-    /// {"id", "path", "top_k": [{"label", "index", "score"}]} (classify).
+    /// {"id", "path", "top_k": [{"label", "index", "score"}]} (classify); for `video`,
+    /// the video: .gif, .mp4 (with ffmpeg on PATH), .png (one per frame) or .npy.
     #[arg(long, short)]
     pub output: PathBuf,
     /// How to read the input.
@@ -98,6 +101,15 @@ pub struct RunArgs {
     /// Profiler outputs.
     #[command(flatten)]
     pub profiler: ProfilerOutputs,
+}
+
+impl RunArgs {
+    /// `--input`, which every task but `video` reads.
+    pub fn input(&self, task: kiln::Task) -> Result<&std::path::Path> {
+        self.input
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("kiln run needs --input FILE for task = \"{}\"", task.as_str()))
+    }
 }
 
 /// `--profile` and `--trace`: the profiler's report and Chrome trace.
@@ -229,6 +241,14 @@ pub struct BenchArgs {
     /// throughput ratio.
     #[arg(long)]
     pub http: bool,
+    /// For `task = "video"`: timed renders per side, interleaved, after a warm-up each.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// For `task = "video"`: also render with scripts/video_reference.py (one frame at
+    /// a time) under this Python (with onnxruntime and numpy), report kiln / reference
+    /// speed and how far the frames differ.
+    #[arg(long, value_name = "PYTHON")]
+    pub reference: Option<PathBuf>,
 }
 
 /// Runs a parsed command line.
@@ -273,6 +293,9 @@ async fn bench_command(args: BenchArgs) -> Result<()> {
     };
     let mut config = args.source.load()?;
     args.profiler.apply(&mut config);
+    if config.task == kiln::Task::Video {
+        return video::bench(config, args.rounds, args.reference.as_deref(), args.json.as_deref()).await;
+    }
     if config.task == kiln::Task::Generate {
         // Prompts, not texts to embed: one stream against `--concurrency` streams.
         return generate::bench_generate(

@@ -19,6 +19,7 @@ pub(crate) async fn run_task(args: RunArgs) -> Result<()> {
         Task::Embed => embed_file(config, &args, &args.profiler).await,
         Task::Classify => classify_files(config, &args).await,
         Task::Generate => crate::generate::generate_file(config, &args).await,
+        Task::Video => crate::video::render_file(config, &args).await,
     }
 }
 
@@ -57,7 +58,7 @@ const IMAGE_CHUNK: usize = 256;
 
 async fn classify_files(config: KilnConfig, args: &RunArgs) -> Result<()> {
     use kiln::vision::ImageInput;
-    let paths = image_list(&args.input)?;
+    let paths = image_list(args.input(Task::Classify)?)?;
     let optimizer = Optimizer::from_config(config).await?;
     let started = Instant::now();
     let mut failed = 0usize;
@@ -142,7 +143,7 @@ async fn length_sorted(
 
 async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutputs) -> Result<()> {
     use futures_util::StreamExt;
-    let (input, output) = (args.input.as_path(), args.output.as_path());
+    let (input, output) = (args.input(Task::Embed)?, args.output.as_path());
     let records = read_texts(input, args.format)?;
     // A file is a job, not a request: it goes in calls of one batch each, so the
     // request deadline bounds each call, never the whole file.

@@ -42,11 +42,14 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         Task::Generate | Task::Classify => {
             kiln::EmbeddingHead { pooling: kiln::Pooling::Mean, normalize: false }
         }
+        Task::Video => anyhow::bail!(
+            "kiln serve serves task = \"embed\", \"classify\" and \"generate\"; render videos with kiln run"
+        ),
     };
     let routes = match config.task {
         Task::Generate => "POST /v1/chat/completions, POST /v1/completions",
         Task::Classify => "POST /classify, /v2 (Open Inference Protocol)",
-        Task::Embed => "POST /v1/embeddings, POST /embed, /v2 (Open Inference Protocol)",
+        Task::Embed | Task::Video => "POST /v1/embeddings, POST /embed, /v2 (Open Inference Protocol)",
     };
     let address = format!("{}:{}", config.server.host, config.server.port);
     let listener =

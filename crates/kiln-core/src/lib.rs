@@ -30,7 +30,7 @@ pub use cache::{Cache, CacheKey, CacheRegistration, CacheSetup, CacheStats, NoCa
 pub use config::{
     BatchingConfig, CacheConfig, GenerateConfig, KilnConfig, Layout, MemoryConfig, ModelConfig, ModelsConfig,
     Pooling, PreprocessConfig, ProfilerConfig, ProviderConfig, ResizeFilter, ResizeMode, SchedulerConfig,
-    ServerConfig, Task, TextConfig, TrackerConfig, TrackingConfig, WhenFull,
+    ServerConfig, Task, TextConfig, TrackerConfig, TrackingConfig, VideoConfig, WhenFull,
 };
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};

@@ -84,8 +84,8 @@ impl Optimizer {
     /// prepares the pipeline of the config's task.
     pub async fn from_config(config: KilnConfig) -> Result<Self> {
         config.validate()?;
-        if config.task == Task::Generate {
-            return Err(generate_elsewhere());
+        if matches!(config.task, Task::Generate | Task::Video) {
+            return Err(elsewhere(config.task));
         }
         let started = Instant::now();
         let provider = build_provider(&config.provider)?;
@@ -142,7 +142,7 @@ impl Optimizer {
                 (Some(TextPath { pipeline, tokenizers, pooled }), None)
             }
             Task::Classify => (None, Some(Arc::new(Classifier::new(&config, worker.info())?))),
-            Task::Generate => return Err(generate_elsewhere()),
+            Task::Generate | Task::Video => return Err(elsewhere(config.task)),
         };
         if config.batching.warmup_on(devices[0]) {
             // The longest text the pipeline lets through bounds the sequences.
@@ -499,11 +499,13 @@ fn resolve_devices(config: &KilnConfig, provider: &dyn Provider, monitor: &Resou
 }
 
 /// Generation has its own front: a step loop over sequences, not batches of items.
-fn generate_elsewhere() -> Error {
-    Error::Unsupported(
-        "task = \"generate\" runs through kiln_runtime::Generation (as `kiln run` does), not the Optimizer"
-            .into(),
-    )
+/// The tasks with a front of their own.
+fn elsewhere(task: Task) -> Error {
+    let front = if task == Task::Video { "kiln_video::VideoPipeline" } else { "kiln_runtime::Generation" };
+    Error::Unsupported(format!(
+        "task = \"{}\" runs through {front} (as `kiln run` does), not the Optimizer",
+        task.as_str()
+    ))
 }
 
 /// One task of [`Optimizer::run_batch`].

@@ -72,6 +72,7 @@ pub(crate) fn ready_for<'a>(
             Task::Generate => {
                 "generates (task = \"generate\"): POST /v1/chat/completions, POST /v1/completions"
             }
+            Task::Video => "renders videos (task = \"video\")",
         };
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -14,6 +14,7 @@
 //! | `optimization_level` | `"all"` | `disable`, `basic`, `extended`, `all` graph optimisations |
 //! | `intra_threads` | `0` | threads inside an operator; 0: ONNX Runtime's choice |
 //! | `inter_threads` | `0` | threads across operators; 0: ONNX Runtime's choice |
+//! | `allow_spinning` | `true` | intra-op threads spin waiting for work; `false` when models run side by side |
 //! | `execution_providers` | `["cpu"]` | in order of preference: `cuda`, `cpu`; `cuda` needs a library built with it |
 //! | `memory_pattern` | `true` | pre-plan memory for repeated shapes |
 //! | `cpu_arena` | `true` | the CPU arena allocator |
@@ -69,6 +70,10 @@ pub struct OrtOptions {
     pub memory_pattern: bool,
     /// The CPU arena allocator.
     pub cpu_arena: bool,
+    /// Intra-op threads spin while waiting for work (ONNX Runtime's default): fastest
+    /// for one model alone, but two models running at once (the video pipeline's
+    /// stages) then take each other's cores; `false` lets them share.
+    pub allow_spinning: bool,
 }
 
 impl Default for OrtOptions {
@@ -80,6 +85,7 @@ impl Default for OrtOptions {
             execution_providers: vec!["cpu".into()],
             memory_pattern: true,
             cpu_arena: true,
+            allow_spinning: true,
         }
     }
 }
@@ -267,6 +273,9 @@ impl OrtProvider {
         }
         if o.inter_threads > 0 {
             builder = builder.with_inter_threads(o.inter_threads).map_err(backend)?;
+        }
+        if !o.allow_spinning {
+            builder = builder.with_intra_op_spinning(false).map_err(backend)?;
         }
         builder.commit_from_file(file).map_err(|e| Error::model_load(file, e.to_string()))
     }

