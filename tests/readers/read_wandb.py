@@ -1,6 +1,7 @@
 """Reads an offline W&B run file with the wandb package's own reader (DataStore of
 wandb 0.19.11) and prints its records as JSON: the kinds in order, the run (id,
-project, name, config), the history rows and the summary, as `wandb sync` sees them.
+project, name, config), the history rows, the summary and the files to upload, as
+`wandb sync` sees them.
 
 Usage: read_wandb.py RUN_FILE.wandb
 """
@@ -21,7 +22,7 @@ def key(item):
 
 store = datastore.DataStore()
 store.open_for_scan(sys.argv[1])
-out = {"kinds": [], "run": None, "history": [], "summary": {}}
+out = {"kinds": [], "run": None, "history": [], "summary": {}, "files": []}
 while True:
     data = store.scan_data()
     if data is None:
@@ -45,6 +46,8 @@ while True:
     elif kind == "summary":
         for i in record.summary.update:
             out["summary"][key(i)] = json.loads(i.value_json)
+    elif kind == "files":
+        out["files"].extend(f.path for f in record.files.files)
     elif kind == "exit":
         out["exit_code"] = record.exit.exit_code
 json.dump(out, sys.stdout)

@@ -2,15 +2,19 @@
 //! progress bar per stage on a terminal.
 
 use anyhow::{Context, Result};
-use kiln::KilnConfig;
 use kiln::video::{VideoPipeline, write};
+use kiln::{KilnConfig, Tracker as _};
 
 use crate::RunArgs;
 
 pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()> {
     let video_config = config.video.clone();
-    // A name that cannot be written is refused before the minutes of rendering.
+    // A name that cannot be written, or a tracker's bad config, is refused before the
+    // minutes of rendering.
     write::check_path(&args.output)?;
+    let mut trackers = kiln::build_trackers(&config.trackers, &config.tracking)?;
+    warn(trackers.log_config(&serde_json::to_value(&config)?));
+    let profiling = config.profiler.enabled;
     let pipeline = VideoPipeline::from_config(config).await.context("loading the video pipeline")?;
     let bars = indicatif::MultiProgress::new();
     let keyframes = bars.add(crate::progress_bar(video_config.keyframes, "keyframes"));
@@ -27,9 +31,30 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
     keyframes.finish_and_clear();
     midpoints.finish_and_clear();
     let written = write::write(&video, &args.output)?;
+    let report = pipeline.profiler().report();
     if let Some(path) = &args.profiler.profile {
-        let report = serde_json::to_string_pretty(&pipeline.profiler().report())?;
+        let report = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, report).with_context(|| format!("writing the profile {}", path.display()))?;
+    }
+    if !trackers.is_empty() {
+        // Metrics at step 1, the video at step 2 (W&B wants one row per step), then the
+        // summary and profile; a tracker that fails is a warning, never a failed run.
+        let metrics = kiln::video::metrics(&video, &report);
+        warn(trackers.log_metrics(1, &metrics));
+        let gif = write::gif(&video)?;
+        let clip = kiln::Clip {
+            width: video.width as u32,
+            height: video.height as u32,
+            fps: video.fps,
+            frames: video.frames.len(),
+            gif: &gif,
+        };
+        warn(trackers.log_video(2, "video", &clip));
+        warn(trackers.log_summary(&metrics));
+        if profiling {
+            warn(trackers.log_profile(&report));
+        }
+        warn(trackers.finish());
     }
     pipeline.shutdown().await;
     let shown = match written.files.as_slice() {
@@ -48,6 +73,12 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
         video.keyframe_seconds,
     );
     Ok(())
+}
+
+fn warn(result: kiln::Result<()>) {
+    if let Err(e) = result {
+        tracing::warn!("a tracker failed: {e}");
+    }
 }
 
 /// `kiln bench` for `task = "video"`: a warm-up render, then `rounds` renders by kiln,

@@ -122,3 +122,50 @@ fn a_gif_is_written_and_a_name_without_a_format_is_refused_first() {
     assert!(stderr.contains(".gif") && stderr.contains(".mp4") && stderr.contains("terrain.avi"), "{stderr}");
     assert!(started.elapsed().as_secs() < 30, "refused before rendering");
 }
+
+/// The trackers get the video and the stages' figures: TensorBoard's own reader sees the
+/// GIF as an image and the `video/*` scalars; the wandb package's reader sees a history
+/// row with the `video-file` record, the file it names on disk, and a files record for
+/// `wandb sync`; the JSON Lines tracker a `video` event.
+#[test]
+fn the_trackers_see_the_video_in_their_own_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("terrain.gif");
+    let tracking = format!("tracking.dir={:?}", dir.path().to_str().unwrap());
+    let trackers = r#"trackers=[{kind="tensorboard"},{kind="wandb",project="kiln-video-test",mode="offline"},{kind="jsonl"}]"#;
+    let mut args = vec!["run", "examples/video.toml", "--output", out.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend(["--set", &tracking, "--set", "tracking.run_name=\"video-test\"", "--set", trackers]);
+    let run = kiln(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(!stderr.contains("tracker failed"), "{stderr}");
+
+    let tb = support::read_with("read_tensorboard.py", &dir.path().join("tensorboard/video-test"));
+    let image = &tb["images"]["video"][0];
+    assert_eq!(
+        (&image["format"], &image["width"], &image["height"]),
+        (&"GIF89a".into(), &128.into(), &128.into())
+    );
+    assert_eq!(tb["scalars"]["video/frames"][0][1], 9.0, "{}", tb["scalars"]);
+    assert!(tb["scalars"].get("video/midpoint_ms_p50").is_some(), "{}", tb["scalars"]);
+
+    let wandb = std::fs::read_dir(dir.path().join("wandb")).unwrap().next().unwrap().unwrap().path();
+    let id = wandb.file_name().unwrap().to_str().unwrap().rsplit('-').next().unwrap().to_string();
+    let wb = support::read_with("read_wandb.py", &wandb.join(format!("run-{id}.wandb")));
+    let media = wb["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|row| row.get("video").cloned())
+        .expect("a video row");
+    assert_eq!(media["_type"], "video-file", "{media}");
+    let path = media["path"].as_str().unwrap();
+    let gif = std::fs::read(wandb.join("files").join(path)).unwrap();
+    assert!(gif.starts_with(b"GIF89a") && gif.len() as u64 == media["size"].as_u64().unwrap());
+    assert!(wb["files"].as_array().unwrap().iter().any(|f| f == path), "{}", wb["files"]);
+
+    let events = support::jsonl_events(&dir.path().join("video-test.jsonl"));
+    let video = events.iter().find(|e| e["event"] == "video").expect("a video event");
+    assert_eq!(video["video"]["frames"], 9);
+}

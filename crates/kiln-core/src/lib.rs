@@ -44,7 +44,7 @@ pub use provider::{
 pub use registry::{Registration, Registry};
 pub use tensor::{DType, Dim, Element, Inputs, NamedTensors, Outputs, Tensor, TensorSpec};
 pub use tracker::{
-    Metrics, Tracker, TrackerRegistration, TrackerSetup, build_trackers, trackers, utc_datetime,
+    Clip, Metrics, Tracker, TrackerRegistration, TrackerSetup, build_trackers, trackers, utc_datetime,
 };
 
 #[doc(hidden)]

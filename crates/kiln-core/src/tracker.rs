@@ -72,10 +72,31 @@ pub trait Tracker: Send + 'static {
     fn tick(&mut self) -> Result<()> {
         Ok(())
     }
+    /// A video made by the run (the video task), under `tag` at `step`.
+    fn log_video(&mut self, _step: u64, _tag: &str, _clip: &Clip<'_>) -> Result<()> {
+        Ok(())
+    }
+
     /// Ends the run; flushes by default.
     fn finish(&mut self) -> Result<()> {
         self.flush()
     }
+}
+
+/// A short video for [`Tracker::log_video`]: its size and rate, and the frames encoded as
+/// one animated GIF — what TensorBoard's image dashboard and W&B's video panel both play.
+#[derive(Debug, Clone, Copy)]
+pub struct Clip<'a> {
+    /// Frame width, pixels.
+    pub width: u32,
+    /// Frame height, pixels.
+    pub height: u32,
+    /// Frames per second.
+    pub fps: u32,
+    /// Frames in the video.
+    pub frames: usize,
+    /// The animated GIF.
+    pub gif: &'a [u8],
 }
 
 impl<T: Tracker + ?Sized> Tracker for Box<T> {
@@ -90,6 +111,9 @@ impl<T: Tracker + ?Sized> Tracker for Box<T> {
     }
     fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
         (**self).log_profile(report)
+    }
+    fn log_video(&mut self, step: u64, tag: &str, clip: &Clip<'_>) -> Result<()> {
+        (**self).log_video(step, tag, clip)
     }
     fn flush(&mut self) -> Result<()> {
         (**self).flush()
@@ -114,6 +138,9 @@ impl<T: Tracker> Tracker for Option<T> {
     }
     fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
         self.as_mut().map_or(Ok(()), |t| t.log_profile(report))
+    }
+    fn log_video(&mut self, step: u64, tag: &str, clip: &Clip<'_>) -> Result<()> {
+        self.as_mut().map_or(Ok(()), |t| t.log_video(step, tag, clip))
     }
     fn flush(&mut self) -> Result<()> {
         self.as_mut().map_or(Ok(()), |t| t.flush())
@@ -150,6 +177,9 @@ impl<T: Tracker> Tracker for Vec<T> {
     }
     fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
         fan_out(self, |t| t.log_profile(report))
+    }
+    fn log_video(&mut self, step: u64, tag: &str, clip: &Clip<'_>) -> Result<()> {
+        fan_out(self, |t| t.log_video(step, tag, clip))
     }
     fn flush(&mut self) -> Result<()> {
         fan_out(self, |t| t.flush())

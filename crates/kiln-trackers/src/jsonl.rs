@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use kiln_core::{Metrics, ProfileReport, Result, Tracker, TrackerSetup};
+use kiln_core::{Clip, Metrics, ProfileReport, Result, Tracker, TrackerSetup};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -68,6 +68,13 @@ impl Tracker for JsonlTracker {
 
     fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
         self.event("profile", "profile", json!(report), None)
+    }
+
+    /// The video's description (not its bytes: a JSON line is no place for a GIF).
+    fn log_video(&mut self, step: u64, tag: &str, clip: &Clip<'_>) -> Result<()> {
+        let video = json!({"tag": tag, "frames": clip.frames, "width": clip.width, "height": clip.height,
+                           "fps": clip.fps, "gif_bytes": clip.gif.len()});
+        self.event("video", "video", video, Some(step))
     }
 
     fn tick(&mut self) -> Result<()> {

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use kiln_core::{Metrics, ProfileReport, Result, Tracker, TrackerSetup};
+use kiln_core::{Clip, Metrics, ProfileReport, Result, Tracker, TrackerSetup};
 use serde::Deserialize;
 
 /// Which stream the lines go to.
@@ -118,6 +118,18 @@ impl Tracker for StdoutTracker {
 
     fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
         self.write(&format!("[{}] profile\n{}", self.run_name, report.to_markdown()))
+    }
+
+    fn log_video(&mut self, step: u64, tag: &str, clip: &Clip<'_>) -> Result<()> {
+        self.write(&format!(
+            "[{}] step {step} | video {tag}: {} frames {}x{} at {} fps ({} KiB GIF)\n",
+            self.run_name,
+            clip.frames,
+            clip.width,
+            clip.height,
+            clip.fps,
+            clip.gif.len().div_ceil(1024)
+        ))
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use kiln_core::{Metrics, ProfileReport, Result, Tracker, TrackerSetup};
+use kiln_core::{Clip, Metrics, ProfileReport, Result, Tracker, TrackerSetup};
 use serde::Deserialize;
 
 use crate::proto::Message;
@@ -121,6 +121,16 @@ impl Tracker for TensorBoardTracker {
 
     fn log_profile(&mut self, report: &ProfileReport) -> Result<()> {
         self.write(self.last_step, vec![text("profile", &report.to_markdown())])
+    }
+
+    /// An image summary holding the GIF: TensorBoard's image dashboard plays it.
+    fn log_video(&mut self, step: u64, tag: &str, clip: &Clip<'_>) -> Result<()> {
+        let image = Message::new()
+            .int(1, i64::from(clip.height))
+            .int(2, i64::from(clip.width))
+            .int(3, 3 /* RGB */)
+            .bytes(4, clip.gif);
+        self.write(step, vec![Message::new().string(1, tag).message(4, image)])
     }
 
     fn tick(&mut self) -> Result<()> {

@@ -17,7 +17,7 @@
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use kiln_core::{Error, Metrics, ProfileReport, Result, Tracker, TrackerSetup, utc_datetime};
+use kiln_core::{Clip, Error, Metrics, ProfileReport, Result, Tracker, TrackerSetup, utc_datetime};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -208,6 +208,43 @@ impl Tracker for WandbTracker {
         // W&B keeps a run's summary as the latest value of each key, updated per row.
         self.record(3, summary);
         self.record(2, history);
+        self.tick()
+    }
+
+    /// W&B's video media: the GIF under `files/media/videos/`, a history row whose `tag`
+    /// is the `video-file` record pointing at it, and a files record so `wandb sync`
+    /// uploads it.
+    fn log_video(&mut self, step: u64, tag: &str, clip: &Clip<'_>) -> Result<()> {
+        use sha2::Digest;
+        self.write_run(None);
+        let sha256: String = sha2::Sha256::digest(clip.gif).iter().map(|b| format!("{b:02x}")).collect();
+        let safe: String =
+            tag.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+        let path = format!("media/videos/{safe}_{step}_{}.gif", &sha256[..20]);
+        let file = self.run_dir.join("files").join(&path);
+        std::fs::create_dir_all(file.parent().expect("a folder"))
+            .and_then(|_| std::fs::write(&file, clip.gif))
+            .map_err(|e| Error::io("writing", &file, e))?;
+        let media = serde_json::json!({"_type": "video-file", "path": path, "sha256": sha256,
+                                       "size": clip.gif.len(), "width": clip.width, "height": clip.height});
+        let row = [
+            (tag.to_string(), media),
+            ("_step".to_string(), Value::from(step)),
+            ("_runtime".to_string(), Value::from(self.runtime())),
+            ("_timestamp".to_string(), Value::from(unix_time())),
+        ];
+        let mut history = Message::new();
+        let mut summary = Message::new();
+        for (k, v) in &row {
+            history = history.message(1, item(k, v));
+            summary = summary.message(1, item(k, v));
+            self.summary.insert(k.clone(), v.clone());
+        }
+        history = history.message(2, Message::new().int(1, step as i64));
+        self.record(3, summary);
+        self.record(2, history);
+        // FilesRecord { FilesItem { path, policy: NOW } }.
+        self.record(6, Message::new().message(1, Message::new().string(1, &path).int(2, 0)));
         self.tick()
     }
 

@@ -234,6 +234,26 @@ impl VideoPipeline {
     }
 }
 
+/// The figures of a render for the trackers (`video/*`): frames, seconds, frames per
+/// second, and from the profile each stage's time (p50 and total, milliseconds).
+pub fn metrics(video: &Video, profile: &kiln_core::ProfileReport) -> kiln_core::Metrics {
+    let mut m = kiln_core::Metrics::new();
+    m.insert("video/frames".into(), video.frames.len() as f64);
+    m.insert("video/keyframes".into(), video.keyframes.len() as f64);
+    m.insert("video/seconds".into(), video.seconds);
+    m.insert("video/keyframe_seconds".into(), video.keyframe_seconds);
+    m.insert("video/frames_per_s".into(), video.frames.len() as f64 / video.seconds.max(1e-9));
+    for (span, stage) in
+        [("video_keyframe", "keyframe"), ("video_midpoint", "midpoint"), ("model_run", "model_run")]
+    {
+        if let Some(s) = profile.spans.get(span) {
+            m.insert(format!("video/{stage}_ms_p50"), s.p50_ms);
+            m.insert(format!("video/{stage}_ms_total"), s.total_ms);
+        }
+    }
+    m
+}
+
 /// A shared keyframe's error, for the intervals that waited on it.
 fn unshare(e: Arc<Error>) -> Error {
     Arc::try_unwrap(e).unwrap_or_else(|shared| Error::backend("kiln", shared.to_string()))

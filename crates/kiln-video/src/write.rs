@@ -42,20 +42,7 @@ pub fn write(video: &Video, path: &Path) -> Result<Written> {
     let io = |e: std::io::Error| Error::io("writing", path.display().to_string(), e);
     match check_path(path)? {
         "gif" => {
-            let file = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
-            // Speed 10 of 1..=30: NeuQuant's palette per frame in ~10 ms at 128 × 128.
-            let mut encoder = GifEncoder::new_with_speed(file, 10);
-            encoder.set_repeat(Repeat::Infinite).map_err(|e| image_error(path, e))?;
-            let delay = Delay::from_numer_denom_ms(1000, video.fps.max(1));
-            for frame in &video.frames {
-                let rgba = RgbaImage::from_fn(video.width as u32, video.height as u32, |x, y| {
-                    let [r, g, b] = pixel(video, frame, x as usize, y as usize);
-                    image::Rgba([r, g, b, 255])
-                });
-                encoder
-                    .encode_frame(Frame::from_parts(rgba, 0, 0, delay))
-                    .map_err(|e| image_error(path, e))?;
-            }
+            std::fs::write(path, gif(video)?).map_err(io)?;
             Ok(Written { format: "an animated GIF", files: vec![path.to_path_buf()] })
         }
         "png" => {
@@ -77,6 +64,26 @@ pub fn write(video: &Video, path: &Path) -> Result<Written> {
         }
         _ => mp4(video, path),
     }
+}
+
+/// The video as an animated GIF that loops, in memory (for a file, or for the trackers).
+pub fn gif(video: &Video) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    {
+        // Speed 10 of 1..=30: NeuQuant's palette per frame in ~10 ms at 128 × 128.
+        let mut encoder = GifEncoder::new_with_speed(&mut bytes, 10);
+        let fail = |e: image::ImageError| Error::backend("gif", format!("encoding the video as a GIF: {e}"));
+        encoder.set_repeat(Repeat::Infinite).map_err(fail)?;
+        let delay = Delay::from_numer_denom_ms(1000, video.fps.max(1));
+        for frame in &video.frames {
+            let rgba = RgbaImage::from_fn(video.width as u32, video.height as u32, |x, y| {
+                let [r, g, b] = pixel(video, frame, x as usize, y as usize);
+                image::Rgba([r, g, b, 255])
+            });
+            encoder.encode_frame(Frame::from_parts(rgba, 0, 0, delay)).map_err(fail)?;
+        }
+    }
+    Ok(bytes)
 }
 
 /// H.264 through `ffmpeg` (raw RGB frames on its stdin).

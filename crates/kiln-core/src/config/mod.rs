@@ -167,10 +167,11 @@ impl KilnConfig {
         if let (Some(dir), Some(labels)) = (file_dir(figment, "classify.labels"), &config.classify.labels) {
             config.classify.labels = Some(dir.join(labels));
         }
-        if let Some(dir) = file_dir(figment, "video.interpolator") {
-            config.video.interpolator = dir.join(&config.video.interpolator);
-        }
+        // Unset (empty) stays unset: joined to a folder it would name the folder.
         if !config.video.interpolator.as_os_str().is_empty() {
+            if let Some(dir) = file_dir(figment, "video.interpolator") {
+                config.video.interpolator = dir.join(&config.video.interpolator);
+            }
             config.video.interpolator = absolute(&config.video.interpolator);
         }
         // Absolute, so the config `kiln config` prints means the same saved anywhere
