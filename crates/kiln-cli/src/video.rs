@@ -62,12 +62,13 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
         many => format!("{} files, {} ...", many.len(), many[0].display()),
     };
     eprintln!(
-        "kiln: wrote {} frames ({}×{}, {} fps; {} keyframes) to {shown} as {} in {:.2} s (keyframes done at {:.2} s)",
+        "kiln: wrote {} frames ({}×{}, {} fps; {} keyframes, {} from the cache) to {shown} as {} in {:.2} s (keyframes done at {:.2} s)",
         video.frames.len(),
         video.width,
         video.height,
         video.fps,
         video.keyframes.len(),
+        video.cached_keyframes,
         written.format,
         video.seconds,
         video.keyframe_seconds,
@@ -93,6 +94,9 @@ pub(crate) async fn bench(
     json: Option<&std::path::Path>,
 ) -> Result<()> {
     let rounds = rounds.max(1);
+    // Every round computes its keyframes: a cache would measure lookups, not the pipeline.
+    let mut config = config;
+    config.cache.enabled = false;
     let video_config = config.video.clone();
     let (unet, rife) = (config.model.path.clone(), video_config.interpolator.clone());
     let pipeline = VideoPipeline::from_config(config).await.context("loading the video pipeline")?;

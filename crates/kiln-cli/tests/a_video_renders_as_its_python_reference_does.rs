@@ -3,7 +3,8 @@
 //! the Python reference's (scripts/video_reference.py: ONNX Runtime Python, one frame at a
 //! time, the same seeds) within 1e-4 mean abs; a RIFE midpoint of two keyframes equals
 //! the torch module's on the same frames within 1e-3; consecutive frames differ less than
-//! unrelated ones; the GIF is written; a name no format has is refused before rendering.
+//! unrelated ones; the GIF is written; a name no format has is refused before rendering;
+//! with a disk cache a longer video reuses the keyframes; the trackers see the video.
 #![cfg(feature = "ort")]
 
 mod support;
@@ -56,7 +57,7 @@ fn frames_equal_the_python_reference_and_rife_equals_torch() {
     let run = kiln(&args);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
-    assert!(stderr.contains("wrote 9 frames (128×128, 16 fps; 3 keyframes)"), "{stderr}");
+    assert!(stderr.contains("wrote 9 frames (128×128, 16 fps; 3 keyframes, 0 from the cache)"), "{stderr}");
     let ours = frames(&ours);
     assert_eq!(ours.len(), 9);
 
@@ -168,4 +169,40 @@ fn the_trackers_see_the_video_in_their_own_readers() {
     let events = support::jsonl_events(&dir.path().join("video-test.jsonl"));
     let video = events.iter().find(|e| e["event"] == "video").expect("a video event");
     assert_eq!(video["video"]["frames"], 9);
+}
+
+/// `cache.kind = "disk"`: a second run with twice the interpolation takes all three
+/// keyframes from the cache (no denoiser run) and they are the first run's, bit for bit.
+#[test]
+fn a_longer_video_reuses_the_cached_keyframes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!("cache.dir={:?}", dir.path().join("cache").to_str().unwrap());
+    let render = |interpolation: &str, out: &Path| {
+        let set = format!("video.interpolation={interpolation}");
+        let run = kiln(&[
+            "run",
+            "examples/video.toml",
+            "--output",
+            out.to_str().unwrap(),
+            "--set",
+            "video.keyframes=3",
+            "--set",
+            &set,
+            "--set",
+            "cache.kind=\"disk\"",
+            "--set",
+            &cache,
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+        assert!(run.status.success(), "{stderr}");
+        stderr
+    };
+    let (short, long) = (dir.path().join("short.npy"), dir.path().join("long.npy"));
+    assert!(render("2", &short).contains("3 keyframes, 0 from the cache"));
+    assert!(render("4", &long).contains("3 keyframes, 3 from the cache"));
+    let (short, long) = (frames(&short), frames(&long));
+    assert_eq!((short.len(), long.len()), (5, 9));
+    for k in 0..3 {
+        assert_eq!(short[2 * k], long[4 * k], "keyframe {k}");
+    }
 }

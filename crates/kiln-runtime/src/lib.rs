@@ -13,6 +13,7 @@ pub mod batcher;
 pub mod cache;
 pub mod collate;
 pub mod devices;
+pub mod disk_cache;
 pub mod generate;
 pub mod governor;
 pub mod inflight;
@@ -33,6 +34,7 @@ pub mod worker;
 
 pub use cache::{MokaCache, cache_key};
 pub use devices::{CpuDevice, DeviceReport, GpuDevice, discover as discover_devices};
+pub use disk_cache::DiskCache;
 pub use generate::{Event, FinishReason, Generated, Generation, GenerationStats, Prompt, TokenStream};
 pub use governor::{MemoryGovernor, MemoryStats};
 pub use memory::{MemoryProbe, MemorySample, process_rss};

@@ -16,6 +16,11 @@
 //! frames of one video — and of concurrent renders — share runs; and an interval's
 //! midpoints start as soon as its two keyframes are there, so the stages overlap.
 //! [`write`] turns the frames into a GIF, MP4 (with `ffmpeg`), PNGs or a `.npy` array.
+//!
+//! Keyframes go through the configured result cache (`[cache]`), keyed by the denoiser,
+//! the seed, the anchors, the keyframe's place on the path, its conditioning and the
+//! sigma schedule: with `cache.kind = "disk"` (or `"redis"`) a later render of the same
+//! keyframes — a longer interpolation, another output format — runs no denoiser.
 
 pub mod colormap;
 pub mod noise;
@@ -26,11 +31,14 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{Shared, join_all};
+use kiln_core::{Cache, NamedTensors};
 use kiln_core::{
     Device, Error, Inputs, KilnConfig, ModelSpec, Profiler, Result, Task, Tensor, VideoConfig, WhenFull,
     build_provider,
 };
-use kiln_runtime::{BatchPolicy, ModelManager, ModelWorker, Replicas, ResourceMonitor, build_profiler};
+use kiln_runtime::{
+    BatchPolicy, ModelManager, ModelWorker, Replicas, ResourceMonitor, build_profiler, cache_key,
+};
 
 /// A rendered video: RGB frames, planar `[3, height, width]`, values in [0, 1].
 #[derive(Debug, Clone)]
@@ -49,6 +57,8 @@ pub struct Video {
     pub keyframe_seconds: f64,
     /// Seconds for the whole render.
     pub seconds: f64,
+    /// Keyframes the result cache held (no denoiser run for them).
+    pub cached_keyframes: usize,
 }
 
 /// The two stages, loaded: build once, render as often as wanted.
@@ -57,6 +67,9 @@ pub struct VideoPipeline {
     denoiser: Replicas,
     interpolator: Replicas,
     profiler: Arc<dyn Profiler>,
+    cache: Arc<dyn Cache>,
+    /// The denoiser's identity in keyframe cache keys.
+    identity: String,
     height: usize,
     width: usize,
 }
@@ -65,6 +78,8 @@ const NOISY: &str = "noisy";
 const SIGMA: &str = "sigma";
 const DIFFICULTY: &str = "difficulty";
 const DENOISED: &str = "denoised";
+/// The keyframe cache's entry: the denoiser's heights, `[H, W]`.
+const HEIGHTS: &str = "heights";
 
 impl VideoPipeline {
     /// Loads the denoiser (`model.path`) and the interpolator (`video.interpolator`) on
@@ -78,6 +93,13 @@ impl VideoPipeline {
             )));
         }
         let provider = build_provider(&config.provider)?;
+        let cache = kiln_core::build_cache(&config.cache)?;
+        let identity = format!(
+            "kiln-video-keyframe-v1|{}|{}|{:?}",
+            provider.name(),
+            config.model.path.display(),
+            config.model.dtype
+        );
         let monitor = ResourceMonitor::on_demand();
         let profiler = build_profiler(&config.profiler, &monitor)?;
         let models = ModelManager::new(config.models.clone())
@@ -110,7 +132,16 @@ impl VideoPipeline {
         let interpolator = stages.pop().expect("two stages");
         let denoiser = stages.pop().expect("two stages");
         let (height, width) = frame_size(denoiser.first())?;
-        Ok(VideoPipeline { config: config.video, denoiser, interpolator, profiler, height, width })
+        Ok(VideoPipeline {
+            config: config.video,
+            denoiser,
+            interpolator,
+            profiler,
+            cache,
+            identity,
+            height,
+            width,
+        })
     }
 
     /// The profiler the stages' spans went to.
@@ -125,12 +156,13 @@ impl VideoPipeline {
         let c = &self.config;
         let keys = c.keyframes;
         let keyframe_done = std::sync::atomic::AtomicUsize::new(0);
+        let cached = std::sync::atomic::AtomicUsize::new(0);
         let keyframe_end = std::sync::Mutex::new(Duration::ZERO);
         let keyframes: Vec<Shared<_>> = (0..keys)
             .map(|i| {
-                let (done, end) = (&keyframe_done, &keyframe_end);
+                let (done, end, cached) = (&keyframe_done, &keyframe_end, &cached);
                 async move {
-                    let frame = self.keyframe(i).await.map(Arc::new).map_err(Arc::new);
+                    let frame = self.keyframe(i, cached).await.map(Arc::new).map_err(Arc::new);
                     let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     progress("keyframes", n, keys);
                     *end.lock().unwrap_or_else(|p| p.into_inner()) = started.elapsed();
@@ -183,15 +215,42 @@ impl VideoPipeline {
             fps: c.fps,
             keyframe_seconds,
             seconds: started.elapsed().as_secs_f64(),
+            cached_keyframes: cached.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 
-    /// Keyframe `i`: the sampling steps along the path, then the colour map.
-    async fn keyframe(&self, i: usize) -> Result<Vec<f32>> {
+    /// Keyframe `i`: the sampling steps along the path (or the cache's copy of their
+    /// result), then the colour map.
+    async fn keyframe(&self, i: usize, cached: &std::sync::atomic::AtomicUsize) -> Result<Vec<f32>> {
         let c = &self.config;
         let _span = self.profiler.span("video_keyframe");
         let t = if c.keyframes > 1 { i as f64 / (c.keyframes - 1) as f64 } else { 0.0 };
         let difficulty = c.difficulty[0] + (c.difficulty[1] - c.difficulty[0]) * t as f32;
+        let sigmas: Vec<u8> = c.sigmas.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let key = cache_key(&[
+            self.identity.as_bytes(),
+            &c.seed.to_le_bytes(),
+            &(c.anchors as u64).to_le_bytes(),
+            &t.to_bits().to_le_bytes(),
+            &difficulty.to_bits().to_le_bytes(),
+            &sigmas,
+        ]);
+        let stored =
+            self.cache.get(&key).and_then(|hit| hit.get(HEIGHTS).and_then(|h| h.to_vec::<f32>().ok()));
+        if let Some(heights) = stored {
+            cached.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(colormap::colormap(&heights));
+        }
+        let heights = self.sample(t, difficulty).await?;
+        let entry = NamedTensors::new()
+            .with(HEIGHTS, Tensor::from_vec(vec![self.height, self.width], heights.clone())?);
+        self.cache.insert(key, Arc::new(entry));
+        Ok(colormap::colormap(&heights))
+    }
+
+    /// The denoiser's sampling steps at `t` on the path: the keyframe's heights.
+    async fn sample(&self, t: f64, difficulty: f32) -> Result<Vec<f32>> {
+        let c = &self.config;
         let len = self.height * self.width;
         let mut denoised: Option<Vec<f32>> = None;
         for (step, &sigma) in c.sigmas.iter().enumerate() {
@@ -207,7 +266,7 @@ impl VideoPipeline {
             let out = self.denoiser.pick().submit(inputs, 1).await?;
             denoised = Some(out.outputs.require(DENOISED)?.to_vec::<f32>()?);
         }
-        Ok(colormap::colormap(&denoised.expect("one sampling step at least")))
+        Ok(denoised.expect("one sampling step at least"))
     }
 
     /// The interpolator's frame halfway between `a` and `b`.

@@ -148,6 +148,7 @@ mod tests {
             keyframes: vec![0, 2],
             keyframe_seconds: 0.0,
             seconds: 0.0,
+            cached_keyframes: 0,
         }
     }
 
