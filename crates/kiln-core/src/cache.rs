@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CacheConfig;
-use crate::error::{ConfigIssue, Error, Result};
+use crate::error::Result;
 use crate::registry::{Registration, Registry};
 use crate::tensor::NamedTensors;
 
@@ -173,13 +173,11 @@ impl CacheSetup {
     /// The kind's own keys as its options type; use `#[serde(deny_unknown_fields)]` so a
     /// misspelt key is an error naming `cache`.
     pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(serde_json::Value::Object(self.config.options.clone())).map_err(|e| {
-            Error::Config(vec![ConfigIssue::new(
-                "cache",
-                e.to_string(),
-                format!("the keys cache kind `{}` accepts (see docs/config.md)", self.config.kind),
-            )])
-        })
+        crate::registry::plugin_options(
+            &self.config.options,
+            "cache",
+            &format!("cache kind `{}`", self.config.kind),
+        )
     }
 }
 

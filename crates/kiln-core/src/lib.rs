@@ -41,7 +41,7 @@ pub use provider::{
     AllocatorMemory, Capabilities, Model, ModelInfo, ModelSpec, Pending, Provider, ProviderRegistration,
     Quantization, build_provider, max_position_embeddings, providers,
 };
-pub use registry::{Registration, Registry};
+pub use registry::{Registration, Registry, plugin_options};
 pub use tensor::{DType, Dim, Element, Inputs, NamedTensors, Outputs, Tensor, TensorSpec};
 pub use tracker::{
     Clip, Metrics, Tracker, TrackerRegistration, TrackerSetup, build_trackers, trackers, utc_datetime,

@@ -8,7 +8,25 @@
 
 use std::collections::BTreeMap;
 
-use crate::error::{Error, Result};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ConfigIssue, Error, Result};
+
+/// A plugin's own keys as its options type, or a config error at `key` naming the kind:
+/// what every `*Setup::options` of a registry does.
+pub fn plugin_options<T: DeserializeOwned>(
+    options: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    what: &str,
+) -> Result<T> {
+    serde_json::from_value(serde_json::Value::Object(options.clone())).map_err(|e| {
+        Error::Config(vec![ConfigIssue::new(
+            key,
+            e.to_string(),
+            format!("the keys {what} accepts (see docs/config.md)"),
+        )])
+    })
+}
 
 /// A registration that can live in a [`Registry`].
 pub trait Registration: Sync + 'static {

@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::de::DeserializeOwned;
 
 use crate::config::{TrackerConfig, TrackingConfig};
-use crate::error::{ConfigIssue, Error, Result};
+use crate::error::Result;
 use crate::profiler::ProfileReport;
 use crate::registry::{Registration, Registry};
 
@@ -251,13 +251,11 @@ impl TrackerSetup {
     /// The entry's keys (other than `kind`) as the tracker's own options type; use
     /// `#[serde(deny_unknown_fields)]` so a misspelt key is an error naming the entry.
     pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(serde_json::Value::Object(self.config.options.clone())).map_err(|e| {
-            Error::Config(vec![ConfigIssue::new(
-                format!("trackers[{}]", self.index),
-                e.to_string(),
-                format!("the keys tracker `{}` accepts (see docs/config.md)", self.config.kind),
-            )])
-        })
+        crate::registry::plugin_options(
+            &self.config.options,
+            &format!("trackers[{}]", self.index),
+            &format!("tracker `{}`", self.config.kind),
+        )
     }
 
     /// `path` if absolute, else `path` inside `tracking.dir`.

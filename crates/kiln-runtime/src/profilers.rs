@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use kiln_core::{ConfigIssue, Error, NoopProfiler, Profiler, ProfilerConfig, Registration, Registry, Result};
+use kiln_core::{NoopProfiler, Profiler, ProfilerConfig, Registration, Registry, Result};
 use serde::de::DeserializeOwned;
 
 use crate::monitor::ResourceMonitor;
@@ -62,13 +62,11 @@ impl ProfilerSetup {
     /// The kind's own keys as its options type; use `#[serde(deny_unknown_fields)]` so a
     /// misspelt key is an error naming `profiler`.
     pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(serde_json::Value::Object(self.config.options.clone())).map_err(|e| {
-            Error::Config(vec![ConfigIssue::new(
-                "profiler",
-                e.to_string(),
-                format!("the keys profiler kind `{}` accepts (see docs/config.md)", self.config.kind),
-            )])
-        })
+        kiln_core::plugin_options(
+            &self.config.options,
+            "profiler",
+            &format!("profiler kind `{}`", self.config.kind),
+        )
     }
 }
 

@@ -182,18 +182,11 @@ impl WandbTracker {
     fn runtime(&self) -> f64 {
         self.started.1.elapsed().as_secs_f64()
     }
-}
 
-impl Tracker for WandbTracker {
-    fn log_config(&mut self, config: &Value) -> Result<()> {
-        self.write_run(Some(config));
-        self.tick()
-    }
-
-    fn log_metrics(&mut self, step: u64, metrics: &Metrics) -> Result<()> {
-        self.write_run(None);
-        let mut row: Vec<(String, Value)> =
-            metrics.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect();
+    /// A history row at `step` (with W&B's `_step`, `_runtime`, `_timestamp`) and the
+    /// summary update that goes with it: W&B keeps a run's summary as the latest value
+    /// of each key, updated per row.
+    fn history_row(&mut self, step: u64, mut row: Vec<(String, Value)>) {
         row.push(("_step".into(), Value::from(step)));
         row.push(("_runtime".into(), Value::from(self.runtime())));
         row.push(("_timestamp".into(), Value::from(unix_time())));
@@ -205,9 +198,20 @@ impl Tracker for WandbTracker {
             self.summary.insert(k.clone(), v.clone());
         }
         history = history.message(2, Message::new().int(1, step as i64));
-        // W&B keeps a run's summary as the latest value of each key, updated per row.
         self.record(3, summary);
         self.record(2, history);
+    }
+}
+
+impl Tracker for WandbTracker {
+    fn log_config(&mut self, config: &Value) -> Result<()> {
+        self.write_run(Some(config));
+        self.tick()
+    }
+
+    fn log_metrics(&mut self, step: u64, metrics: &Metrics) -> Result<()> {
+        self.write_run(None);
+        self.history_row(step, metrics.iter().map(|(k, v)| (k.clone(), Value::from(*v))).collect());
         self.tick()
     }
 
@@ -227,22 +231,7 @@ impl Tracker for WandbTracker {
             .map_err(|e| Error::io("writing", &file, e))?;
         let media = serde_json::json!({"_type": "video-file", "path": path, "sha256": sha256,
                                        "size": clip.gif.len(), "width": clip.width, "height": clip.height});
-        let row = [
-            (tag.to_string(), media),
-            ("_step".to_string(), Value::from(step)),
-            ("_runtime".to_string(), Value::from(self.runtime())),
-            ("_timestamp".to_string(), Value::from(unix_time())),
-        ];
-        let mut history = Message::new();
-        let mut summary = Message::new();
-        for (k, v) in &row {
-            history = history.message(1, item(k, v));
-            summary = summary.message(1, item(k, v));
-            self.summary.insert(k.clone(), v.clone());
-        }
-        history = history.message(2, Message::new().int(1, step as i64));
-        self.record(3, summary);
-        self.record(2, history);
+        self.history_row(step, vec![(tag.to_string(), media)]);
         // FilesRecord { FilesItem { path, policy: NOW } }.
         self.record(6, Message::new().message(1, Message::new().string(1, &path).int(2, 0)));
         self.tick()
