@@ -73,6 +73,19 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
         video.seconds,
         video.keyframe_seconds,
     );
+    // How smooth it is: neighbours against the two ends (mean absolute difference).
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len() as f64
+    };
+    let steps: Vec<f64> = video.frames.windows(2).map(|w| diff(&w[0], &w[1])).collect();
+    if let (Some(first), Some(last)) = (video.frames.first(), video.frames.last()) {
+        eprintln!(
+            "kiln: neighbouring frames differ by {:.4} mean abs on average ({:.4} at most), the first and last by {:.4}",
+            steps.iter().sum::<f64>() / steps.len().max(1) as f64,
+            steps.iter().copied().fold(0.0, f64::max),
+            diff(first, last)
+        );
+    }
     Ok(())
 }
 

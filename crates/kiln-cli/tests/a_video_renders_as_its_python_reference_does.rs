@@ -110,6 +110,7 @@ fn a_gif_is_written_and_a_name_without_a_format_is_refused_first() {
     let run = kiln(&args);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success() && stderr.contains("as an animated GIF"), "{stderr}");
+    assert!(stderr.contains("neighbouring frames differ by"), "{stderr}");
     let bytes = std::fs::read(&gif).unwrap();
     assert!(bytes.starts_with(b"GIF89a"), "not a GIF");
     // Nine frames: nine image descriptors after the graphic control extensions.
@@ -205,4 +206,36 @@ fn a_longer_video_reuses_the_cached_keyframes() {
     for k in 0..3 {
         assert_eq!(short[2 * k], long[4 * k], "keyframe {k}");
     }
+}
+
+/// Two renders at once on one pipeline: the denoiser's worker runs keyframes of both in
+/// one batch (more items than one render has), and each render gets the frames it gets
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_renders_share_batches_and_keep_their_frames() {
+    let sets: Vec<String> = [
+        "video.keyframes=3",
+        "video.interpolation=2",
+        "video.denoise_workers=1",
+        "video.denoise_batch=4",
+        "cache.enabled=false",
+        "batching.max_wait_ms=200",
+    ]
+    .map(String::from)
+    .to_vec();
+    let config = kiln::KilnConfig::load(Some(&root().join("examples/video.toml")), &sets).unwrap();
+    let pipeline = kiln::video::VideoPipeline::from_config(config).await.unwrap();
+    let alone = pipeline.render(&|_, _, _| {}).await.unwrap();
+    let (a, b) = tokio::join!(pipeline.render(&|_, _, _| {}), pipeline.render(&|_, _, _| {}));
+    for video in [a.unwrap(), b.unwrap()] {
+        assert_eq!(video.frames.len(), alone.frames.len());
+        for (i, (x, y)) in video.frames.iter().zip(&alone.frames).enumerate() {
+            let d = mean_abs(x, y);
+            assert!(d <= 1e-5, "frame {i} differs by {d} from the render alone");
+        }
+    }
+    let (denoiser, _) = pipeline.batch_stats();
+    let largest = denoiser.batch_sizes.keys().max().copied().unwrap_or(0);
+    assert!(largest > 3, "no denoiser batch held keyframes of both renders: {:?}", denoiser.batch_sizes);
+    pipeline.shutdown().await;
 }

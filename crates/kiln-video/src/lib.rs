@@ -144,6 +144,23 @@ impl VideoPipeline {
         })
     }
 
+    /// Model runs of each stage so far, by batch size (all copies together): the
+    /// denoiser's, then the interpolator's.
+    pub fn batch_stats(&self) -> (kiln_runtime::BatchStats, kiln_runtime::BatchStats) {
+        let sum = |stage: &Replicas| {
+            let mut all = kiln_runtime::BatchStats::default();
+            for worker in stage.iter() {
+                let s = worker.batch_stats();
+                all.batches += s.batches;
+                for (size, n) in s.batch_sizes {
+                    *all.batch_sizes.entry(size).or_default() += n;
+                }
+            }
+            all
+        };
+        (sum(&self.denoiser), sum(&self.interpolator))
+    }
+
     /// The profiler the stages' spans went to.
     pub fn profiler(&self) -> &Arc<dyn Profiler> {
         &self.profiler
