@@ -71,6 +71,11 @@ impl Replicas {
         false
     }
 
+    /// Batch counters of all replicas together.
+    pub fn batch_stats(&self) -> BatchStats {
+        combined(&self.downgrade()).0
+    }
+
     /// Weak handles, for stats readers that must not keep models alive.
     pub fn downgrade(&self) -> Vec<Weak<ModelWorker>> {
         self.workers.iter().map(Arc::downgrade).collect()

@@ -147,18 +147,7 @@ impl VideoPipeline {
     /// Model runs of each stage so far, by batch size (all copies together): the
     /// denoiser's, then the interpolator's.
     pub fn batch_stats(&self) -> (kiln_runtime::BatchStats, kiln_runtime::BatchStats) {
-        let sum = |stage: &Replicas| {
-            let mut all = kiln_runtime::BatchStats::default();
-            for worker in stage.iter() {
-                let s = worker.batch_stats();
-                all.batches += s.batches;
-                for (size, n) in s.batch_sizes {
-                    *all.batch_sizes.entry(size).or_default() += n;
-                }
-            }
-            all
-        };
-        (sum(&self.denoiser), sum(&self.interpolator))
+        (self.denoiser.batch_stats(), self.interpolator.batch_stats())
     }
 
     /// The profiler the stages' spans went to.
@@ -302,11 +291,11 @@ impl VideoPipeline {
         mid.to_vec::<f32>()
     }
 
-    /// Stops both workers (in-flight renders finish first).
+    /// Stops both stages' workers and waits for their threads (in-flight renders finish
+    /// first).
     pub async fn shutdown(self) {
-        for worker in self.denoiser.iter().chain(self.interpolator.iter()) {
-            ModelWorker::release(worker.clone()).await;
-        }
+        self.denoiser.release().await;
+        self.interpolator.release().await;
     }
 }
 
