@@ -233,12 +233,7 @@ impl Writer {
 }
 
 fn key_name(prefix: &str, key: &CacheKey) -> String {
-    let mut name = String::with_capacity(prefix.len() + 32);
-    name.push_str(prefix);
-    for b in key.0 {
-        name.push_str(&format!("{b:02x}"));
-    }
-    name
+    format!("{prefix}{}", key.to_hex())
 }
 
 /// The URL with any password replaced, for logs and errors.

@@ -30,7 +30,7 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
         .await?;
     keyframes.finish_and_clear();
     midpoints.finish_and_clear();
-    let written = write::write(&video, &args.output)?;
+    let mut written = write::write(&video, &args.output)?;
     let report = pipeline.profiler().report();
     if let Some(path) = &args.profiler.profile {
         let report = serde_json::to_string_pretty(&report)?;
@@ -41,7 +41,10 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
         // summary and profile; a tracker that fails is a warning, never a failed run.
         let metrics = kiln::video::metrics(&video, &report);
         warn(trackers.log_metrics(1, &metrics));
-        let gif = write::gif(&video)?;
+        let gif = match written.gif.take() {
+            Some(gif) => gif,
+            None => write::gif(&video)?,
+        };
         let clip = kiln::Clip {
             width: video.width as u32,
             height: video.height as u32,
@@ -74,9 +77,7 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
         video.keyframe_seconds,
     );
     // How smooth it is: neighbours against the two ends (mean absolute difference).
-    let diff = |a: &[f32], b: &[f32]| {
-        a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len() as f64
-    };
+    let diff = |a: &[f32], b: &[f32]| kiln::video::mean_abs_difference(a, b);
     let steps: Vec<f64> = video.frames.windows(2).map(|w| diff(&w[0], &w[1])).collect();
     if let (Some(first), Some(last)) = (video.frames.first(), video.frames.last()) {
         eprintln!(
@@ -157,7 +158,7 @@ pub(crate) async fn bench(
             .frames
             .iter()
             .zip(frames.chunks(plane))
-            .map(|(k, r)| k.iter().zip(r).map(|(a, b)| f64::from((a - b).abs())).sum::<f64>() / plane as f64)
+            .map(|(k, r)| kiln::video::mean_abs_difference(k, r))
             .fold(0.0, f64::max);
         let ratio = reference_median / kiln_median;
         eprintln!(

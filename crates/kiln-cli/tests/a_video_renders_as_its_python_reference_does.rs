@@ -44,10 +44,6 @@ fn frames(path: &Path) -> Vec<Vec<f32>> {
     values.chunks(plane).map(<[f32]>::to_vec).collect()
 }
 
-fn mean_abs(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len() as f64
-}
-
 #[test]
 fn frames_equal_the_python_reference_and_rife_equals_torch() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,13 +71,14 @@ fn frames_equal_the_python_reference_and_rife_equals_torch() {
     let reference = frames(&reference);
     assert_eq!(reference.len(), 9);
     for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
-        let d = mean_abs(a, b);
+        let d = kiln::video::mean_abs_difference(a, b);
         assert!(d <= 1e-4, "frame {i}: kiln and the reference differ by {d} mean abs");
     }
 
     // Smooth in time: neighbours are closer than the two ends.
-    let neighbours: Vec<f64> = ours.windows(2).map(|w| mean_abs(&w[0], &w[1])).collect();
-    let ends = mean_abs(&ours[0], &ours[8]);
+    let neighbours: Vec<f64> =
+        ours.windows(2).map(|w| kiln::video::mean_abs_difference(&w[0], &w[1])).collect();
+    let ends = kiln::video::mean_abs_difference(&ours[0], &ours[8]);
     let worst = neighbours.iter().copied().fold(0.0, f64::max);
     assert!(worst < ends, "consecutive frames differ by up to {worst}, the first and last by {ends}");
 
@@ -230,7 +227,7 @@ async fn concurrent_renders_share_batches_and_keep_their_frames() {
     for video in [a.unwrap(), b.unwrap()] {
         assert_eq!(video.frames.len(), alone.frames.len());
         for (i, (x, y)) in video.frames.iter().zip(&alone.frames).enumerate() {
-            let d = mean_abs(x, y);
+            let d = kiln::video::mean_abs_difference(x, y);
             assert!(d <= 1e-5, "frame {i} differs by {d} from the render alone");
         }
     }

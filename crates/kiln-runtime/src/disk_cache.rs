@@ -85,8 +85,7 @@ impl DiskCache {
     }
 
     fn path(&self, key: &CacheKey) -> PathBuf {
-        let hex: String = key.0.iter().map(|b| format!("{b:02x}")).collect();
-        self.dir.join(format!("{hex}.kt"))
+        self.dir.join(format!("{}.kt", key.to_hex()))
     }
 
     fn read(&self, key: &CacheKey) -> Option<Arc<NamedTensors>> {

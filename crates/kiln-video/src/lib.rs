@@ -319,6 +319,12 @@ pub fn metrics(video: &Video, profile: &kiln_core::ProfileReport) -> kiln_core::
     m
 }
 
+/// The mean absolute difference of two frames (or any two equal-length buffers): how far
+/// apart neighbours are, or kiln's frames from a reference's.
+pub fn mean_abs_difference(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len().max(1) as f64
+}
+
 /// A shared keyframe's error, for the intervals that waited on it.
 fn unshare(e: Arc<Error>) -> Error {
     Arc::try_unwrap(e).unwrap_or_else(|shared| Error::backend("kiln", shared.to_string()))

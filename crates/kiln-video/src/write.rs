@@ -20,6 +20,8 @@ pub struct Written {
     pub format: &'static str,
     /// The files written.
     pub files: Vec<PathBuf>,
+    /// The GIF's bytes when the format was GIF, so the trackers need not encode it again.
+    pub gif: Option<Vec<u8>>,
 }
 
 /// The extension `path` names a format by, checked before any rendering: `gif`, `mp4`,
@@ -42,8 +44,9 @@ pub fn write(video: &Video, path: &Path) -> Result<Written> {
     let io = |e: std::io::Error| Error::io("writing", path.display().to_string(), e);
     match check_path(path)? {
         "gif" => {
-            std::fs::write(path, gif(video)?).map_err(io)?;
-            Ok(Written { format: "an animated GIF", files: vec![path.to_path_buf()] })
+            let bytes = gif(video)?;
+            std::fs::write(path, &bytes).map_err(io)?;
+            Ok(Written { format: "an animated GIF", files: vec![path.to_path_buf()], gif: Some(bytes) })
         }
         "png" => {
             let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("frame");
@@ -54,13 +57,17 @@ pub fn write(video: &Video, path: &Path) -> Result<Written> {
                 rgb(video, frame).save(&file).map_err(|e| image_error(&file, e))?;
                 files.push(file);
             }
-            Ok(Written { format: "a PNG sequence", files })
+            Ok(Written { format: "a PNG sequence", files, gif: None })
         }
         "npy" => {
             let data: Vec<f32> = video.frames.iter().flat_map(|f| f.iter().copied()).collect();
             let tensor = Tensor::from_vec(vec![video.frames.len(), 3, video.height, video.width], data)?;
             kiln_vision::write_npy(path, &tensor)?;
-            Ok(Written { format: "a float32 .npy array [frames, 3, H, W]", files: vec![path.to_path_buf()] })
+            Ok(Written {
+                format: "a float32 .npy array [frames, 3, H, W]",
+                files: vec![path.to_path_buf()],
+                gif: None,
+            })
         }
         _ => mp4(video, path),
     }
@@ -112,7 +119,7 @@ fn mp4(video: &Video, path: &Path) -> Result<Written> {
     if !status.success() {
         return Err(Error::backend("ffmpeg", format!("ffmpeg failed ({status}) writing {}", path.display())));
     }
-    Ok(Written { format: "an MP4 (H.264, by ffmpeg)", files: vec![path.to_path_buf()] })
+    Ok(Written { format: "an MP4 (H.264, by ffmpeg)", files: vec![path.to_path_buf()], gif: None })
 }
 
 /// The 8-bit colour of pixel (x, y) of a planar frame.
