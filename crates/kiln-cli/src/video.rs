@@ -148,7 +148,7 @@ pub(crate) async fn bench(
     });
     if reference.is_some() {
         let reference_median = median(reference_rounds.clone());
-        let frames = read_npy_f32(&out)?;
+        let frames = kiln::vision::read_npy(&out)?.to_vec::<f32>()?;
         let plane = 3 * video.height * video.width;
         anyhow::ensure!(
             frames.len() == video.frames.len() * plane,
@@ -224,21 +224,4 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("kiln-video-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
-}
-
-/// A float32 `.npy` file's values (any shape; C order).
-fn read_npy_f32(path: &std::path::Path) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    anyhow::ensure!(
-        bytes.starts_with(b"\x93NUMPY") && bytes.len() > 10,
-        "{} is not a .npy file",
-        path.display()
-    );
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]);
-    anyhow::ensure!(header.contains("'<f4'"), "{} does not hold little-endian float32", path.display());
-    Ok(bytes[10 + header_len..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
 }

@@ -22,26 +22,11 @@ fn video_python() -> String {
         .unwrap_or_else(|_| panic!("VIDEO_PYTHON is not set: run `scripts/setup video` and `. .kiln/env`"))
 }
 
-/// `[frames, 3, H, W]` float32 from a `.npy` file.
+/// `[frames, 3, H, W]` float32 from a `.npy` file, one buffer per frame.
 fn frames(path: &Path) -> Vec<Vec<f32>> {
-    let bytes = std::fs::read(path).unwrap();
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    let header = String::from_utf8_lossy(&bytes[10..10 + header_len]).to_string();
-    let shape: Vec<usize> = header
-        .split("'shape': (")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .unwrap()
-        .split(',')
-        .filter_map(|d| d.trim().parse().ok())
-        .collect();
-    let values: Vec<f32> = bytes[10 + header_len..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let plane = shape[1..].iter().product::<usize>();
-    assert_eq!(values.len(), shape[0] * plane, "{header}");
-    values.chunks(plane).map(<[f32]>::to_vec).collect()
+    let tensor = kiln::vision::read_npy(path).unwrap();
+    let plane = tensor.shape()[1..].iter().product::<usize>();
+    tensor.to_vec::<f32>().unwrap().chunks(plane).map(<[f32]>::to_vec).collect()
 }
 
 #[test]

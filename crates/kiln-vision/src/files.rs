@@ -75,3 +75,48 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
     out.extend_from_slice(tensor.bytes());
     std::fs::write(path, out).map_err(|e| Error::io("writing", path, e))
 }
+
+/// Reads a NumPy `.npy` file of the dtypes [`write_npy`] writes (little-endian, C order,
+/// format 1.0 or 2.0) as a tensor. Anything else — another dtype, Fortran order, a cut
+/// or foreign file — is an error naming the file, never a panic.
+pub fn read_npy(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+    let bad =
+        |what: &str| Error::InvalidInput(format!("{} is not a .npy file kiln reads: {what}", path.display()));
+    let (header_len, start): (Option<usize>, usize) = match bytes.get(..8) {
+        Some(b"\x93NUMPY\x01\x00") => {
+            (bytes.get(8..10).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))), 10)
+        }
+        Some(b"\x93NUMPY\x02\x00") => {
+            (bytes.get(8..12).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize), 12)
+        }
+        _ => return Err(bad("no \\x93NUMPY magic of version 1.0 or 2.0")),
+    };
+    let header = header_len
+        .and_then(|n| bytes.get(start..start.checked_add(n)?))
+        .ok_or_else(|| bad("the header is cut"))?;
+    let header = std::str::from_utf8(header).map_err(|_| bad("the header is not text"))?;
+    let field = |key: &str| header.split(&format!("'{key}':")).nth(1).map(str::trim_start);
+    let dtype = match field("descr").and_then(|v| v.strip_prefix('\'')).and_then(|v| v.split('\'').next()) {
+        Some("<f4") => DType::F32,
+        Some("<f2") => DType::F16,
+        Some("|u1") => DType::U8,
+        Some("<i8") => DType::I64,
+        Some("<i4") => DType::I32,
+        other => return Err(bad(&format!("dtype {other:?}; kiln reads <f4, <f2, |u1, <i8, <i4"))),
+    };
+    if !field("fortran_order").is_some_and(|v| v.starts_with("False")) {
+        return Err(bad("not in C order"));
+    }
+    let dims = field("shape")
+        .and_then(|v| v.strip_prefix('('))
+        .and_then(|v| v.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let shape = dims
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse::<usize>().map_err(|_| bad(&format!("shape dim {d:?}"))))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::from_bytes(dtype, shape, bytes[start + header.len()..].to_vec()).map_err(|e| bad(&e.to_string()))
+}

@@ -38,7 +38,7 @@ use kiln_core::{DType, Error, Layout, PreprocessConfig, ResizeFilter, ResizeMode
 use rayon::prelude::*;
 
 mod files;
-pub use files::{expand_paths, has_image_extension, write_npy};
+pub use files::{expand_paths, has_image_extension, read_npy, write_npy};
 
 /// The formats kiln decodes, for messages.
 pub const ACCEPTED_FORMATS: &str = "JPEG, PNG, WebP, BMP, GIF (first frame), TIFF";

@@ -172,3 +172,28 @@ fn npy_header_is_aligned_and_describes_the_tensor() {
     assert!(header.contains("'descr': '<f4'") && header.contains("'shape': (2, 3)"), "{header}");
     assert_eq!(bytes.len(), 10 + header_len + 24);
 }
+
+#[test]
+fn read_npy_gives_back_what_write_npy_wrote_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.npy");
+    for t in [
+        Tensor::from_vec(vec![2, 3], vec![1.0f32, -2.0, 3.5, 4.0, 5.0, 6.0]).unwrap(),
+        Tensor::from_vec(vec![4], vec![1i64, 2, 3, -4]).unwrap(),
+        Tensor::from_vec(vec![1, 2, 2], vec![0u8, 255, 7, 9]).unwrap(),
+    ] {
+        write_npy(&path, &t).unwrap();
+        assert_eq!(read_npy(&path).unwrap(), t);
+    }
+    let good = std::fs::read(&path).unwrap();
+    for n in 0..good.len() {
+        std::fs::write(&path, &good[..n]).unwrap();
+        let e = read_npy(&path).unwrap_err().to_string();
+        assert!(e.contains("not a .npy file kiln reads"), "{n}: {e}");
+    }
+    let mut fortran = good.clone();
+    let at = fortran.windows(5).position(|w| w == b"False").unwrap();
+    fortran[at..at + 5].copy_from_slice(b"True ");
+    std::fs::write(&path, &fortran).unwrap();
+    assert!(read_npy(&path).unwrap_err().to_string().contains("C order"));
+}
