@@ -4,10 +4,11 @@
 //! The binary is `$REDIS_SERVER_BIN` when set (`scripts/setup serve` unpacks Debian's
 //! package into `.kiln/tools/redis` and sets it), else `redis-server` on `PATH`.
 
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A running `redis-server` that keeps nothing on disk; killed when dropped.
 pub struct RedisServer {
@@ -51,10 +52,11 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again, empty, on the same port, and waits until it accepts connections.
+    /// Starts it again, empty, on the same port, and waits until it says it accepts
+    /// connections (its log line "Ready to accept connections").
     pub fn restart(&mut self) -> Result<(), String> {
         self.kill();
-        let child = Command::new(&self.binary)
+        let mut child = Command::new(&self.binary)
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -65,7 +67,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| {
@@ -75,22 +77,30 @@ impl RedisServer {
                     self.binary.display()
                 )
             })?;
+        // Its log goes to stdout: read to the end on a thread (so the pipe never fills),
+        // the ready line passed on.
+        let (ready, said_ready) = std::sync::mpsc::channel();
+        let log = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(log).lines().map_while(Result::ok) {
+                if line.contains("Ready to accept connections") {
+                    let _ = ready.send(());
+                }
+            }
+        });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(format!("{} exited at start ({status})", self.binary.display()));
+        match said_ready.recv_timeout(Duration::from_secs(10)) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.as_mut().and_then(|c| c.wait().ok());
+                Err(format!("{} exited at start ({status:?})", self.binary.display()))
             }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} did not listen on port {} within 10 s",
-                    self.binary.display(),
-                    self.port
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                "{} did not say it was ready on port {} within 10 s",
+                self.binary.display(),
+                self.port
+            )),
         }
-        Ok(())
     }
 }
 

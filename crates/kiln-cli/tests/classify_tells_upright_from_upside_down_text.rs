@@ -99,7 +99,7 @@ fn kiln_serve_classifies_as_kiln_run_does() {
         expected.iter().map(|r| std::fs::read(r["path"].as_str().unwrap()).unwrap()).collect();
 
     let (server, base, stderr) = start(&["examples/classify.toml"]);
-    wait_ready(&base);
+    wait_ready(&base, &stderr);
     let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let mut images: Vec<String> = files.iter().map(|f| b64(f)).collect();
     images.insert(2, b64(b"\x89PNG\r\n\x1a\nnot really"));

@@ -269,8 +269,8 @@ fn replicas_share_results_through_redis_and_outlive_it() {
     let args = ["--set", "cache.kind=\"redis\"", "--set", &url, "--set", "cache.retry_ms=200"];
     let (a, base_a, stderr_a) = start(&args);
     let (b, base_b, stderr_b) = start(&args);
-    wait_ready(&base_a);
-    wait_ready(&base_b);
+    wait_ready(&base_a, &stderr_a);
+    wait_ready(&base_b, &stderr_b);
 
     let from_a = embed(&base_a, &["shared between replicas"]);
     let deadline = Instant::now() + Duration::from_secs(30);

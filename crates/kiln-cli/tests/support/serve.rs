@@ -106,12 +106,17 @@ pub fn metric(base: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
-/// Waits (120 s at most) until `/health` answers 200: the port opens before the model
-/// has loaded.
-pub fn wait_ready(base: &str) {
+/// Waits (120 s at most) for the line `kiln serve` prints on stderr once its model has
+/// loaded (the port opens before), then checks that `/health` answers 200.
+pub fn wait_ready(base: &str, stderr: &std::sync::mpsc::Receiver<String>) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while call(base, "GET", "/health", None).0 != 200 {
-        assert!(Instant::now() < deadline, "{base} was not ready within 120 s");
-        std::thread::sleep(Duration::from_millis(50));
+    let mut seen = Vec::new();
+    loop {
+        match stderr.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.starts_with("kiln: serving") => break,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!("{base} did not say it was serving within 120 s ({e}): {seen:?}"),
+        }
     }
+    assert_eq!(call(base, "GET", "/health", None).0, 200, "{base} said it was serving: {seen:?}");
 }
