@@ -47,6 +47,7 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
         "server.cors_origins=[\"https://app.example\"]",
     ]);
     let texts_json = serde_json::to_string(&texts).unwrap();
+    wait_ready(&base, &stderr);
     let got = clients("serve_clients.py", &[&base, "all-MiniLM-L6-v2", &texts_json, "test-key"]);
 
     // What `kiln run` writes for the same texts.
@@ -137,6 +138,7 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
 #[test]
 fn the_openai_client_chats_and_streams_with_a_generate_config() {
     let (server, base, stderr) = start(&["examples/generate.toml"]);
+    wait_ready(&base, &stderr);
     let got = clients("chat_clients.py", &[&base, "SmolLM2-135M-Instruct.Q4_1.gguf"]);
     assert_eq!(got["chat"]["content"], "The capital of Germany is Berlin.", "{got}");
     assert_eq!(got["chat"]["finish"], "stop");
@@ -192,6 +194,7 @@ fn over_capacity_http_callers_get_429s_and_the_rest_are_served() {
 fn tritonclient_infers_the_model_s_own_tensors() {
     let (server, base, stderr) = start(&[]);
     let host = base.trim_start_matches("http://").to_string();
+    wait_ready(&base, &stderr);
     let got = clients("oip_clients.py", &[&host, "all-MiniLM-L6-v2"]);
     assert_eq!(
         (&got["live"], &got["ready"], &got["model_ready"]),
