@@ -69,6 +69,14 @@ impl Leader {
     pub fn publish(self, value: Shared) {
         let _ = self.value.send(Some(value));
     }
+
+    /// Publishes `value` and hands it back for the leader's own caller (a copy only when
+    /// a follower still holds it).
+    pub fn publish_and_keep(self, value: Vec<f32>) -> Vec<f32> {
+        let shared = Arc::new(value);
+        self.publish(shared.clone());
+        Arc::unwrap_or_clone(shared)
+    }
 }
 
 impl Drop for Leader {

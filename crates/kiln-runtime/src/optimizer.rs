@@ -498,8 +498,8 @@ fn resolve_devices(config: &KilnConfig, provider: &dyn Provider, monitor: &Resou
     vec![device]
 }
 
-/// Generation has its own front: a step loop over sequences, not batches of items.
-/// The tasks with a front of their own.
+/// The tasks with a front of their own, not batches of items: generation steps over
+/// sequences, the video task runs a pipeline of two models.
 fn elsewhere(task: Task) -> Error {
     let front = if task == Task::Video { "kiln_video::VideoPipeline" } else { "kiln_runtime::Generation" };
     Error::Unsupported(format!(

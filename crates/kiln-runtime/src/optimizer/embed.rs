@@ -28,11 +28,7 @@ impl Optimizer {
                 match hit.and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok())) {
                     // Handed to whoever follows this text (the same call's duplicates too),
                     // so they need no second pass.
-                    Some(vector) => {
-                        let shared = Arc::new(vector);
-                        leader.publish(shared.clone());
-                        out[i] = Some(Arc::unwrap_or_clone(shared));
-                    }
+                    Some(vector) => out[i] = Some(leader.publish_and_keep(vector)),
                     None => leaders.push((i, key, leader)),
                 }
             }
@@ -47,9 +43,7 @@ impl Optimizer {
                     let entry = NamedTensors::new()
                         .with(EMBEDDING, Tensor::from_vec(vec![vector.len()], vector.clone())?);
                     self.cache.insert(key, Arc::new(entry));
-                    let shared = Arc::new(vector);
-                    leader.publish(shared.clone());
-                    out[i] = Some(Arc::unwrap_or_clone(shared));
+                    out[i] = Some(leader.publish_and_keep(vector));
                 }
             }
             todo.clear();
