@@ -441,6 +441,8 @@ fn add_norm_rows(x: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
 // `kernels` first: its `dispatch!` macro is used by `int8`.
 #[macro_use]
 mod kernels;
+pub(crate) mod blocks;
 pub(crate) mod int8;
+mod tiles;
 
 use kernels::{add_norm, gelu, softmax};

@@ -54,9 +54,11 @@ pub struct CandleOptions {
     /// (`cuda.rs`, `kernels/bert.cu`); `false` runs candle-transformers' graph there.
     pub cuda_kernels: bool,
     /// Generation (GGUF models): what the weight matrices become at load — `"auto"`
-    /// (the default: `"int8"` where the CPU has AVX-512 VNNI, else `"q8_0"`), `"int8"`
-    /// (kiln's kernel), `"q8_0"`, `"q4_0"`, `"q4_k"`, `"f16"`, `"f32"` (candle's), or
-    /// `"none"` (as the file has them; candle's 4-bit kernels are the slowest).
+    /// (the default, where the CPU has AVX-512 VNNI: `Q4_1` and `Q8_0` matrices as the
+    /// file has them through kiln's block kernel, other types through kiln's int8 kernel;
+    /// without VNNI `"q8_0"`), `"none"` (as the file has them: kiln's block kernel where
+    /// it takes the type, else candle's), `"int8"` (kiln's per-channel int8 kernel),
+    /// `"q8_0"`, `"q4_0"`, `"q4_k"`, `"f16"`, `"f32"` (candle's).
     pub requantize: String,
 }
 
@@ -83,7 +85,7 @@ fn requantize(options: &CandleOptions) -> Result<llama::Weights> {
     use candle_core::quantized::GgmlDType;
     use llama::Weights;
     match options.requantize.as_str() {
-        "auto" if cpu::int8::QDense::fast() => Ok(Weights::Int8),
+        "auto" if cpu::int8::QDense::fast() => Ok(Weights::Auto),
         "auto" | "q8_0" => Ok(Weights::Ggml(GgmlDType::Q8_0)),
         "int8" => Ok(Weights::Int8),
         "none" => Ok(Weights::File),

@@ -6,12 +6,17 @@
 //! matrix products is plain loops over f32 buffers: candle's small-tensor ops cost more
 //! than the arithmetic at this size (each of its matmuls even reads `/proc/cpuinfo`).
 //!
-//! `provider.options.requantize` picks what the matrices become at load: `"int8"` (the
-//! default where the CPU has AVX-512 VNNI) runs them through kiln's own int8 kernel
-//! (`cpu/int8.rs`: per-channel weights, per-row activations, weights read once per tile
-//! of 6 rows, columns split across the cores when there are few rows); `"q8_0"` and the
-//! other GGML types through candle's quantized matmul (a dot product per row and column:
-//! a batch of rows costs each row's price); `"none"` as the file has them.
+//! `provider.options.requantize` picks what the matrices become at load. By default
+//! (`"auto"`, on a CPU with AVX-512 VNNI) `Q4_1` and `Q8_0` matrices stay exactly as the
+//! file stores them and run through kiln's block kernel (`cpu/blocks.rs`: GGML's own
+//! arithmetic, activations quantized per block of 32 as llama.cpp does — the file's
+//! precision, and fewer bytes per token than int8); other types go to kiln's int8
+//! kernel (`cpu/int8.rs`: per-channel weights, per-row activations). Both read a weight
+//! tile once per tile of rows and split columns across the cores when there are few
+//! rows (`cpu/tiles.rs`). `"int8"` forces the int8 kernel; `"q8_0"` and the other GGML
+//! types re-quantize for candle's quantized matmul (a dot product per row and column: a
+//! batch of rows costs each row's price); `"none"` keeps the file's types (kiln's block
+//! kernel where it takes them, else candle's).
 
 use std::fs::File;
 use std::path::Path;
@@ -22,6 +27,7 @@ use kiln_core::gguf::{GgmlType, Gguf};
 use kiln_core::{Error, Generator, GeneratorInfo, Result, SequenceCache, StepItem};
 use rayon::prelude::*;
 
+use crate::cpu::blocks::{BlockDense, Format};
 use crate::cpu::int8::QDense;
 
 fn candle(e: candle_core::Error) -> Error {
@@ -51,32 +57,64 @@ impl SequenceCache for LlamaCache {
 /// What the weight matrices become at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Weights {
-    /// As the file has them.
+    /// As the file has them: kiln's block kernel for `Q4_1` / `Q8_0` where the CPU has
+    /// AVX-512 VNNI, candle's quantized matmul otherwise.
     File,
+    /// As the file has them where kiln's block kernel takes the type, else kiln's int8
+    /// kernel (needs AVX-512 VNNI).
+    Auto,
     /// Re-quantized to this GGML type (candle's kernels).
     Ggml(GgmlDType),
     /// kiln's int8 kernel.
     Int8,
 }
 
+impl Weights {
+    /// The block kernel's format for a tensor of `kind`, where these weights use it.
+    fn blocks(self, kind: GgmlDType) -> Option<Format> {
+        let format = match kind {
+            GgmlDType::Q4_1 => Format::Q4_1,
+            GgmlDType::Q8_0 => Format::Q8_0,
+            _ => return None,
+        };
+        (matches!(self, Weights::File | Weights::Auto) && QDense::fast()).then_some(format)
+    }
+}
+
 /// A weight matrix and the kernel that multiplies by it.
 enum Linear {
     Candle(QMatMul),
     Int8(QDense),
+    Blocks(BlockDense),
 }
 
 impl Linear {
-    fn new(t: QTensor, weights: Weights) -> candle_core::Result<Linear> {
-        if weights == Weights::Int8
-            && let [n, k] = t.shape().dims()[..]
-        {
-            // GGUF rows are output channels: W is [n, k].
-            let w = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(q) = QDense::from_output_rows(&w, vec![0.0; n], k, n) {
-                return Ok(Linear::Int8(q));
+    /// `t` as `weights` turn it; `kind` is its type in the file. Also says what it became.
+    fn new(t: QTensor, kind: GgmlDType, weights: Weights) -> candle_core::Result<(Linear, String)> {
+        let name = |t: GgmlDType| format!("{t:?}").to_lowercase();
+        let file = name(kind);
+        // GGUF rows are output channels: W is [n, k].
+        if let [n, k] = t.shape().dims()[..] {
+            if let Some(format) = weights.blocks(kind)
+                && let Some(layer) = BlockDense::from_file(format, &t.data()?, k, n)
+            {
+                return Ok((Linear::Blocks(layer), format!("{file} as in the file (kiln's block kernel)")));
+            }
+            if matches!(weights, Weights::Int8 | Weights::Auto) {
+                let w = t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(q) = QDense::from_output_rows(&w, vec![0.0; n], k, n) {
+                    return Ok((
+                        Linear::Int8(q),
+                        format!("int8, kiln's kernel (re-quantized at load from {file})"),
+                    ));
+                }
             }
         }
-        QMatMul::from_qtensor(t).map(Linear::Candle)
+        let label = match t.dtype() {
+            to if to == kind => file,
+            to => format!("{} (re-quantized at load from {file})", name(to)),
+        };
+        Ok((Linear::Candle(QMatMul::from_qtensor(t)?), label))
     }
 
     /// `rows` rows of `x` times W^T.
@@ -87,6 +125,7 @@ impl Linear {
                 *out = t.flatten_all()?.to_vec1::<f32>()?;
             }
             Linear::Int8(q) => q.forward(x, rows, out),
+            Linear::Blocks(q) => q.forward(x, rows, out),
         }
         Ok(())
     }
@@ -134,9 +173,15 @@ pub fn estimate_bytes(path: &Path, weights: Weights) -> Option<u64> {
         let Some(info) = gguf.tensors.get(name) else { return 0 };
         let n = info.elements() as u64;
         let dense = matches!(info.kind, GgmlType::F32 | GgmlType::F16);
+        let blocks = match info.kind {
+            GgmlType::Q4_1 => weights.blocks(GgmlDType::Q4_1),
+            GgmlType::Q8_0 => weights.blocks(GgmlDType::Q8_0),
+            _ => None,
+        };
         match (weights, &info.dims[..]) {
             (_, [_]) => n * 4,
-            (Weights::Int8, [_, rows]) => n + 12 * *rows as u64,
+            (_, [_, _]) if blocks.is_some() => blocks.map_or(0, |f| f.bytes(n as usize)) as u64,
+            (Weights::Int8 | Weights::Auto, [_, rows]) => n + 12 * *rows as u64,
             (Weights::Ggml(to), _) if !dense => n * to.type_size() as u64 / to.block_size() as u64,
             _ => info.bytes().unwrap_or(n as usize * 4) as u64,
         }
@@ -171,30 +216,29 @@ impl Llama {
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| Error::model_load(path, format!("not a readable GGUF file: {e}")))?;
         let head_dim = width / heads;
-        let mut quantization = None;
-        let mut load = |name: &str| -> Result<QTensor> {
+        // Each matrix with its type in the file.
+        let mut load = |name: &str| -> Result<(QTensor, GgmlDType)> {
             let t = content
                 .tensor(&mut file, name, &device)
                 .map_err(|e| Error::model_load(path, format!("`{name}`: {e}")))?;
             let from = t.dtype();
-            if name.starts_with("blk.") && t.shape().dims().len() == 2 {
-                quantization.get_or_insert(from);
-            }
-            match requantize {
+            let t = match requantize {
                 Some(to)
                     if from != to
                         && t.shape().dims().len() == 2
                         && !matches!(from, GgmlDType::F32 | GgmlDType::F16) =>
                 {
                     let dense = t.dequantize(&device).map_err(candle)?;
-                    QTensor::quantize(&dense, to).map_err(candle)
+                    QTensor::quantize(&dense, to).map_err(candle)?
                 }
-                _ => Ok(t),
-            }
+                _ => t,
+            };
+            Ok((t, from))
         };
-        let dense = |t: QTensor| {
+        let dense = |(t, _): (QTensor, GgmlDType)| {
             t.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(candle)
         };
+        let linear = |(t, from): (QTensor, GgmlDType)| Linear::new(t, from, weights).map_err(candle);
         let embed = dense(load("token_embd.weight")?)?;
         let output = match content.tensor_infos.contains_key("output.weight") {
             true => load("output.weight")?,
@@ -202,9 +246,15 @@ impl Llama {
             false => load("token_embd.weight")?,
         };
         let mut layers = Vec::with_capacity(blocks);
+        // What each matrix became, once per kind.
+        let mut labels: Vec<String> = Vec::new();
         for i in 0..blocks {
-            let mut q = |n: &str| {
-                load(&format!("blk.{i}.{n}.weight")).and_then(|t| Linear::new(t, weights).map_err(candle))
+            let mut q = |n: &str| -> Result<Linear> {
+                let (linear, label) = linear(load(&format!("blk.{i}.{n}.weight"))?)?;
+                if !labels.contains(&label) {
+                    labels.push(label);
+                }
+                Ok(linear)
             };
             layers.push(Layer {
                 wq: q("attn_q")?,
@@ -219,15 +269,11 @@ impl Llama {
             });
         }
         let norm = dense(load("output_norm.weight")?)?;
-        let output = Linear::new(output, weights).map_err(candle)?;
-        let from = quantization.map_or_else(|| "f32".to_string(), |q| format!("{q:?}").to_lowercase());
-        let quantization = match weights {
-            Weights::Ggml(to) => {
-                format!("{} (re-quantized at load from {from})", format!("{to:?}").to_lowercase())
-            }
-            Weights::Int8 => format!("int8, kiln's kernel (re-quantized at load from {from})"),
-            Weights::File => from,
-        };
+        let (output, output_label) = linear(output)?;
+        let mut quantization = labels.join(", ");
+        if !labels.contains(&output_label) {
+            quantization = format!("{quantization}; output {output_label}");
+        }
         // Rotary tables for every position the context allows.
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(context * half);

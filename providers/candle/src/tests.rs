@@ -140,3 +140,53 @@ fn tempfile_dir() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// kiln's block kernel on the real GGUF file's matrices (SmolLM2's Q4_1 layers and its
+/// Q8_0 embedding table, the tied output projection) against candle's quantized matmul
+/// on the same blocks, which also quantizes the activations per 32 inputs (`Q8_1` /
+/// `Q8_0`) but rounds a block's sum to f16 before scaling it (GGML scales, then rounds)
+/// and breaks ties away from zero: the two differ by a small fraction of what quantizing
+/// the activations itself costs (both against the dequantized weights in f32).
+#[test]
+fn block_kernel_matches_candles_quantized_matmul_on_the_gguf_file() {
+    use candle_core::quantized::{GgmlDType, QMatMul, gguf_file};
+
+    use crate::cpu::blocks::{BlockDense, Format};
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run scripts/setup generate", path.display());
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    for (name, format) in [
+        ("blk.0.ffn_down.weight", Format::Q4_1),
+        ("blk.7.attn_q.weight", Format::Q4_1),
+        ("token_embd.weight", Format::Q8_0),
+    ] {
+        let t = content.tensor(&mut file, name, &CDevice::Cpu).unwrap();
+        let want_type = if format == Format::Q4_1 { GgmlDType::Q4_1 } else { GgmlDType::Q8_0 };
+        assert_eq!(t.dtype(), want_type, "{name}");
+        let [n, k] = t.shape().dims()[..] else { panic!("{name} is not a matrix") };
+        let layer = BlockDense::from_file(format, &t.data().unwrap(), k, n).unwrap();
+        let rows = 5;
+        let x: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * 1.7).collect();
+        let mut got = Vec::new();
+        layer.forward(&x, rows, &mut got);
+        let xs = CTensor::from_slice(&x, (rows, k), &CDevice::Cpu).unwrap();
+        let exact = t.dequantize(&CDevice::Cpu).unwrap();
+        let exact = xs.matmul(&exact.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let candle = QMatMul::from_qtensor(t).unwrap().forward(&xs).unwrap();
+        let candle = candle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mean =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a - b).abs()).sum::<f32>() / a.len() as f32;
+        let (to_candle, candle_to_f32, to_f32) =
+            (mean(&got, &candle), mean(&candle, &exact), mean(&got, &exact));
+        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+        println!(
+            "{name} ({format:?}, {n}x{k}): mean difference to candle {to_candle:e}; to f32: kiln {to_f32:e}, \
+             candle {candle_to_f32:e} (values up to {scale})"
+        );
+        assert!(to_candle < candle_to_f32 / 4.0, "{name}: kiln and candle differ by {to_candle} on average");
+        assert!(to_f32 < 1e-3 * scale, "{name}: kiln differs from f32 by {to_f32} on average");
+    }
+}

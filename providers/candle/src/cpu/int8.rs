@@ -18,8 +18,7 @@ use rayon::prelude::*;
 
 use super::Dense;
 
-/// Columns per packed block (one 512-bit vector of i32 results).
-const BLOCK: usize = 16;
+use super::tiles::BLOCK;
 /// Rows per kernel call.
 const ROWS: usize = 6;
 /// Column blocks per kernel call.
@@ -112,64 +111,20 @@ impl QDense {
                     *scale = quantize_row(x, &mut q[..k]);
                 },
             );
-            out.truncate(tokens * n);
-            out.resize(tokens * n, 0.0);
             let vnni = has_vnni();
-            let blocks = n / BLOCK;
-            // Few rows (decoding a handful of sequences): the threads split the columns
-            // instead, each into its own buffer, so one row still uses every core.
-            let threads = rayon::current_num_threads();
-            if tokens.div_ceil(ROWS) < threads && blocks >= 2 * threads {
-                let per = blocks.div_ceil(threads * 4).max(1);
-                let parts: Vec<(usize, Vec<f32>)> = (0..blocks)
-                    .step_by(per)
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .map(|first| {
-                        let width = per.min(blocks - first) * BLOCK;
-                        let mut part = vec![0f32; tokens * width];
-                        for ((part, q), a) in part
-                            .chunks_mut(ROWS * width)
-                            .zip(quantized.chunks(ROWS * kp))
-                            .zip(row_scales.chunks(ROWS))
-                        {
-                            let end = first + width / BLOCK;
-                            for tile_first in (first..end).step_by(BLOCKS) {
-                                let tile = Tile {
-                                    layer: self,
-                                    q,
-                                    a,
-                                    rows: a.len(),
-                                    first: tile_first,
-                                    blocks: BLOCKS.min(end - tile_first),
-                                    stride: width,
-                                    col0: first * BLOCK,
-                                };
-                                tile.run(vnni, part);
-                            }
-                        }
-                        (first, part)
-                    })
-                    .collect();
-                for (first, part) in parts {
-                    let width = part.len() / tokens;
-                    for (row, src) in out.chunks_mut(n).zip(part.chunks(width)) {
-                        row[first * BLOCK..first * BLOCK + width].copy_from_slice(src);
-                    }
-                }
-                return;
-            }
-            out.par_chunks_mut(ROWS * n)
-                .zip(quantized.par_chunks(ROWS * kp))
-                .zip(row_scales.par_chunks(ROWS))
-                .for_each(|((out, q), a)| {
-                    let rows = a.len();
-                    for first in (0..blocks).step_by(BLOCKS) {
-                        let blocks = BLOCKS.min(n / BLOCK - first);
-                        let tile = Tile { layer: self, q, a, rows, first, blocks, stride: n, col0: 0 };
-                        tile.run(vnni, out);
-                    }
-                });
+            super::tiles::run(tokens, n, ROWS, BLOCKS, out, |call, out| {
+                let tile = Tile {
+                    layer: self,
+                    q: &quantized[call.row0 * kp..(call.row0 + call.rows) * kp],
+                    a: &row_scales[call.row0..call.row0 + call.rows],
+                    rows: call.rows,
+                    first: call.first,
+                    blocks: call.blocks,
+                    stride: call.stride,
+                    col0: call.col0,
+                };
+                tile.run(vnni, out);
+            });
         });
     }
 }

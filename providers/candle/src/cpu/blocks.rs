@@ -1,0 +1,554 @@
+//! Linear layers over GGML's block-quantized weights exactly as a GGUF file stores them
+//! (`Q4_1`, `Q8_0`): no re-quantization, so a model computes with the file's precision.
+//!
+//! The arithmetic is GGML's own: each row of activations is quantized per block of 32
+//! inputs as the weights' partner type expects (`Q8_1` for `Q4_1`: a scale and the
+//! scaled sum; `Q8_0` for `Q8_0`), scales rounded to f16 as GGML stores them; a block's
+//! product is an exact integer sum times the two scales, plus (for `Q4_1`) the block's
+//! minimum times the activations' scaled sum. So results match llama.cpp's CPU matmul up
+//! to the order of float additions.
+//!
+//! The kernel is AVX-512 VNNI's `vpdpbusd` (unsigned × signed bytes). Weights are
+//! re-laid at load, per block of 16 output columns and per block of 32 inputs, into one
+//! record read front to back: `Q4_1` as four 64-byte vectors whose bytes are the file's
+//! own (low nibble input `i`, high nibble input `i + 16` — the unsigned operand after a
+//! mask and a shift), then the 16 columns' f16 scales and mins; `Q8_0` as eight 64-byte
+//! vectors of signed weights, the f16 scales, and `-128 Σ q` per column (the activations
+//! go in offset by 128 to be the unsigned operand; the correction starts each block's
+//! sum). A CPU without VNNI runs the same arithmetic in plain Rust (slow, for
+//! correctness only).
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::tiles::{BLOCK, Call};
+
+/// Inputs per GGML block.
+const QK: usize = 32;
+/// Rows per kernel call.
+const ROWS: usize = 4;
+
+/// A GGML block type kiln runs as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// Per 32 inputs: f16 scale `d`, f16 min `m`, 32 unsigned nibbles: `w = d q + m`.
+    Q4_1,
+    /// Per 32 inputs: f16 scale `d`, 32 signed bytes: `w = d q`.
+    Q8_0,
+}
+
+impl Format {
+    /// Bytes of one block in the file.
+    fn file_block(self) -> usize {
+        match self {
+            Format::Q4_1 => 20,
+            Format::Q8_0 => 34,
+        }
+    }
+
+    /// Where a record's 16 f16 scales start (after the weight vectors).
+    fn scales_at(self) -> usize {
+        match self {
+            Format::Q4_1 => 256,
+            Format::Q8_0 => 512,
+        }
+    }
+
+    /// Bytes a matrix of `elements` weights takes once re-laid.
+    pub(crate) fn bytes(self, elements: usize) -> usize {
+        elements / (BLOCK * QK) * self.record()
+    }
+
+    /// Bytes of one re-laid record (16 columns × 32 inputs).
+    fn record(self) -> usize {
+        match self {
+            Format::Q4_1 => 256 + 32 + 32,
+            Format::Q8_0 => 512 + 32 + 64,
+        }
+    }
+}
+
+/// A linear layer (no bias) over block-quantized weights.
+pub(crate) struct BlockDense {
+    format: Format,
+    /// `[outputs / 16][inputs / 32]` records (module docs).
+    packed: Vec<u8>,
+    inputs: usize,
+    outputs: usize,
+}
+
+impl BlockDense {
+    /// Re-lays `raw`, a GGUF tensor of `format` with `n` output rows of `k` inputs;
+    /// `None` when `n` is not a multiple of 16, `k` not of 32, or `raw` not that size.
+    pub(crate) fn from_file(format: Format, raw: &[u8], k: usize, n: usize) -> Option<Self> {
+        let nb = k / QK;
+        let fb = format.file_block();
+        if !n.is_multiple_of(BLOCK) || !k.is_multiple_of(QK) || raw.len() != n * nb * fb {
+            return None;
+        }
+        let rec = format.record();
+        let mut packed = vec![0u8; n / BLOCK * nb * rec];
+        packed.par_chunks_mut(nb * rec).enumerate().for_each(|(cb, out)| {
+            for (b, out) in out.chunks_mut(rec).enumerate() {
+                for c in 0..BLOCK {
+                    let src = &raw[((cb * BLOCK + c) * nb + b) * fb..][..fb];
+                    let (d, rest) = src.split_at(2);
+                    out[format.scales_at() + 2 * c..][..2].copy_from_slice(d);
+                    match format {
+                        Format::Q4_1 => {
+                            let (m, qs) = rest.split_at(2);
+                            out[288 + 2 * c..][..2].copy_from_slice(m);
+                            for j in 0..4 {
+                                out[j * 64 + c * 4..][..4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+                            }
+                        }
+                        Format::Q8_0 => {
+                            for g in 0..8 {
+                                out[g * 64 + c * 4..][..4].copy_from_slice(&rest[4 * g..4 * g + 4]);
+                            }
+                            let sum: i32 = rest.iter().map(|&q| i32::from(q as i8)).sum();
+                            out[544 + 4 * c..][..4].copy_from_slice(&(-128 * sum).to_le_bytes());
+                        }
+                    }
+                }
+            }
+        });
+        Some(BlockDense { format, packed, inputs: k, outputs: n })
+    }
+
+    /// `out = x W^T` for `tokens` rows of `x`.
+    pub(crate) fn forward(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
+        let (k, n) = (self.inputs, self.outputs);
+        let nb = k / QK;
+        debug_assert_eq!(x.len(), tokens * k);
+        ACTIVATIONS.with_borrow_mut(|a| {
+            a.q.resize(tokens * k, 0);
+            a.d.resize(tokens * nb, 0.0);
+            a.s.resize(tokens * nb, 0.0);
+            let format = self.format;
+            a.q.par_chunks_mut(k)
+                .zip(x.par_chunks(k))
+                .zip(a.d.par_chunks_mut(nb).zip(a.s.par_chunks_mut(nb)))
+                .for_each(|((q, x), (d, s))| quantize_row(format, x, q, d, s));
+            let vnni = super::int8::QDense::fast();
+            let a = &*a;
+            super::tiles::run(tokens, n, ROWS, 4, out, |call, out| {
+                let tile = Tile { layer: self, a, call };
+                tile.run(vnni, out);
+            });
+        });
+    }
+}
+
+/// A step's quantized activations: per row, `k` bytes (`Q8_1`: signed; `Q8_0`: offset
+/// by 128, unsigned), and per block its scale and (`Q8_1`) scaled sum.
+#[derive(Default)]
+struct Activations {
+    q: Vec<u8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+thread_local! {
+    /// The calling thread's quantized activations, kept between calls.
+    static ACTIVATIONS: std::cell::RefCell<Activations> = std::cell::RefCell::new(Activations::default());
+}
+
+dispatch!(
+    /// One row, as GGML's `quantize_row_q8_1` / `quantize_row_q8_0` do on x86: per block
+    /// `d = max|x| / 127`, `q = round(x / d)` (ties to even); `d` and (`Q8_1`) `d Σ q`
+    /// kept as the f16 values GGML stores.
+    fn quantize_row => quantize_row_generic(format: Format, x: &[f32], q: &mut [u8], d: &mut [f32], s: &mut [f32])
+);
+
+#[inline(always)]
+fn quantize_row_generic(format: Format, x: &[f32], q: &mut [u8], d: &mut [f32], s: &mut [f32]) {
+    // Adding 1.5·2²³ rounds to the nearest integer (ties to even) and leaves it in the
+    // low mantissa bits, two's complement in the low byte: no float-to-int conversion,
+    // which the compiler would not vectorise. `Q8_0`'s offset of 128 rides along.
+    const ROUND: f32 = 12_582_912.0;
+    let offset = match format {
+        Format::Q4_1 => 0,
+        Format::Q8_0 => 128,
+    };
+    let round = ROUND + offset as f32;
+    for (((x, q), d), s) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d).zip(s) {
+        let mut lanes = [0f32; 16];
+        for half in x.chunks_exact(16) {
+            for (m, v) in lanes.iter_mut().zip(half) {
+                *m = if v.abs() > *m { v.abs() } else { *m };
+            }
+        }
+        let max = lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+        let scale = max / 127.0;
+        let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in q.iter_mut().zip(x) {
+            let bits = (v * inv + round).to_bits() as i32;
+            *q = bits as u8;
+            sum += bits - ROUND.to_bits() as i32;
+        }
+        sum -= offset * QK as i32;
+        *d = f16::from_f32(scale).to_f32();
+        *s = f16::from_f32(scale * sum as f32).to_f32();
+    }
+}
+
+/// One kernel call's rows (from `a`) times its column blocks.
+struct Tile<'a> {
+    layer: &'a BlockDense,
+    a: &'a Activations,
+    call: Call,
+}
+
+impl Tile<'_> {
+    fn run(&self, vnni: bool, out: &mut [f32]) {
+        let c = self.call;
+        debug_assert!(c.col0 <= c.first * BLOCK);
+        debug_assert!(out.len() >= (c.rows - 1) * c.stride + (c.first + c.blocks) * BLOCK - c.col0);
+        #[cfg(target_arch = "x86_64")]
+        if vnni {
+            // SAFETY: the CPU has AVX-512 F/BW and VNNI (`QDense::fast`).
+            unsafe { vnni::tile(self, out) };
+            return;
+        }
+        let _ = vnni;
+        self.plain(out);
+    }
+
+    /// The same sums as the kernel, in the same order, one column at a time.
+    fn plain(&self, out: &mut [f32]) {
+        let (l, c) = (self.layer, self.call);
+        let (k, nb, rec) = (l.inputs, l.inputs / QK, l.format.record());
+        let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+        for r in 0..c.rows {
+            let row = c.row0 + r;
+            let x = &self.a.q[row * k..(row + 1) * k];
+            for cb in c.first..c.first + c.blocks {
+                for col in 0..BLOCK {
+                    let mut acc = 0f32;
+                    for b in 0..nb {
+                        let w = &l.packed[(cb * nb + b) * rec..][..rec];
+                        let x = &x[b * QK..(b + 1) * QK];
+                        let (da, sa) = (self.a.d[row * nb + b], self.a.s[row * nb + b]);
+                        match l.format {
+                            Format::Q4_1 => {
+                                let mut sum = 0i32;
+                                for j in 0..4 {
+                                    for i in 0..4 {
+                                        let byte = w[j * 64 + col * 4 + i];
+                                        sum += i32::from(byte & 15) * i32::from(x[4 * j + i] as i8);
+                                        sum += i32::from(byte >> 4) * i32::from(x[16 + 4 * j + i] as i8);
+                                    }
+                                }
+                                let (dw, mw) = (f16_at(w, 256 + 2 * col), f16_at(w, 288 + 2 * col));
+                                acc = (sum as f32).mul_add(dw * da, acc);
+                                acc = mw.mul_add(sa, acc);
+                            }
+                            Format::Q8_0 => {
+                                let corr = i32::from_le_bytes(w[544 + 4 * col..][..4].try_into().unwrap());
+                                let mut sum = corr;
+                                for g in 0..8 {
+                                    for i in 0..4 {
+                                        let wq = i32::from(w[g * 64 + col * 4 + i] as i8);
+                                        sum += wq * i32::from(x[4 * g + i]);
+                                    }
+                                }
+                                acc = (sum as f32).mul_add(f16_at(w, 512 + 2 * col) * da, acc);
+                            }
+                        }
+                    }
+                    out[r * c.stride + cb * BLOCK + col - c.col0] = acc;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Format, QK, Tile};
+
+    /// Dispatches on the tile's rows and column blocks to a kernel with both fixed, so
+    /// its accumulators stay in registers (at most 8 of each kind).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) fn tile(t: &Tile, out: &mut [f32]) {
+        macro_rules! shapes {
+            ($kernel:ident) => {
+                match (t.call.rows, t.call.blocks) {
+                    (1, 1) => $kernel::<1, 1>(t, out),
+                    (1, 2) => $kernel::<1, 2>(t, out),
+                    (1, 3) => $kernel::<1, 3>(t, out),
+                    (1, _) => $kernel::<1, 4>(t, out),
+                    (2, 1) => $kernel::<2, 1>(t, out),
+                    (2, 2) => $kernel::<2, 2>(t, out),
+                    (2, 3) => $kernel::<2, 3>(t, out),
+                    (2, _) => $kernel::<2, 4>(t, out),
+                    (3, 1) => $kernel::<3, 1>(t, out),
+                    (3, _) => $kernel::<3, 2>(t, out),
+                    (_, 1) => $kernel::<4, 1>(t, out),
+                    _ => $kernel::<4, 2>(t, out),
+                }
+            };
+        }
+        // A tile of 3 or 4 rows takes 2 column blocks at a time: split wider calls.
+        if t.call.rows > 2 && t.call.blocks > 2 {
+            let mut call = t.call;
+            while call.blocks > 0 {
+                let part = Tile { call: super::Call { blocks: call.blocks.min(2), ..call }, ..*t };
+                tile(&part, out);
+                call.first += 2;
+                call.blocks = call.blocks.saturating_sub(2);
+            }
+            return;
+        }
+        match t.layer.format {
+            Format::Q4_1 => shapes!(q4_1),
+            Format::Q8_0 => shapes!(q8_0),
+        }
+    }
+
+    /// Stores `acc[r][b]` at row `r`, column block `first + b`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn store<const R: usize, const B: usize>(t: &Tile, acc: &[[__m512; B]; R], out: &mut [f32]) {
+        let c = t.call;
+        for (r, row) in acc.iter().enumerate() {
+            for (b, v) in row.iter().enumerate() {
+                let at = r * c.stride + (c.first + b) * BLOCK - c.col0;
+                debug_assert!(at + BLOCK <= out.len());
+                // SAFETY: `at + 16 <= out.len()` (checked by `Tile::run`).
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(at), *v) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    fn q4_1<const R: usize, const B: usize>(t: &Tile, out: &mut [f32]) {
+        let (l, c) = (t.layer, t.call);
+        let (k, nb, rec) = (l.inputs, l.inputs / QK, l.format.record());
+        assert!(c.row0 + R <= t.a.d.len() / nb && (c.first + B) * nb * rec <= l.packed.len());
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        let nibble = _mm512_set1_epi8(15);
+        // SAFETY: records `first..first + B` of every input block lie in `packed`, rows
+        // `row0..row0 + R` in the activations (asserted above).
+        unsafe {
+            let w0 = l.packed.as_ptr().add(c.first * nb * rec);
+            let x0 = t.a.q.as_ptr().add(c.row0 * k);
+            for b in 0..nb {
+                let mut sums = [[_mm512_setzero_si512(); B]; R];
+                for j in 0..4 {
+                    let mut lo = [_mm512_setzero_si512(); B];
+                    let mut hi = [_mm512_setzero_si512(); B];
+                    for cb in 0..B {
+                        let v = _mm512_loadu_si512(w0.add((cb * nb + b) * rec + j * 64).cast());
+                        lo[cb] = _mm512_and_si512(v, nibble);
+                        hi[cb] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nibble);
+                    }
+                    for (r, sums) in sums.iter_mut().enumerate() {
+                        let x = x0.add(r * k + b * QK + 4 * j);
+                        let xl = _mm512_set1_epi32(x.cast::<i32>().read_unaligned());
+                        let xh = _mm512_set1_epi32(x.add(16).cast::<i32>().read_unaligned());
+                        for cb in 0..B {
+                            sums[cb] = _mm512_dpbusd_epi32(sums[cb], lo[cb], xl);
+                            sums[cb] = _mm512_dpbusd_epi32(sums[cb], hi[cb], xh);
+                        }
+                    }
+                }
+                for cb in 0..B {
+                    let w = w0.add((cb * nb + b) * rec);
+                    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(256).cast()));
+                    let mw = _mm512_cvtph_ps(_mm256_loadu_si256(w.add(288).cast()));
+                    for r in 0..R {
+                        let at = (c.row0 + r) * nb + b;
+                        let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*t.a.d.get_unchecked(at)));
+                        acc[r][cb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][cb]), scale, acc[r][cb]);
+                        acc[r][cb] =
+                            _mm512_fmadd_ps(mw, _mm512_set1_ps(*t.a.s.get_unchecked(at)), acc[r][cb]);
+                    }
+                }
+            }
+        }
+        store(t, &acc, out);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    fn q8_0<const R: usize, const B: usize>(t: &Tile, out: &mut [f32]) {
+        let (l, c) = (t.layer, t.call);
+        let (k, nb, rec) = (l.inputs, l.inputs / QK, l.format.record());
+        assert!(c.row0 + R <= t.a.d.len() / nb && (c.first + B) * nb * rec <= l.packed.len());
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        // SAFETY: as in `q4_1`.
+        unsafe {
+            let w0 = l.packed.as_ptr().add(c.first * nb * rec);
+            let x0 = t.a.q.as_ptr().add(c.row0 * k);
+            for b in 0..nb {
+                let mut sums = [[_mm512_setzero_si512(); B]; R];
+                for cb in 0..B {
+                    let corr = _mm512_loadu_si512(w0.add((cb * nb + b) * rec + 544).cast());
+                    for row in sums.iter_mut() {
+                        row[cb] = corr;
+                    }
+                }
+                for g in 0..8 {
+                    let mut w = [_mm512_setzero_si512(); B];
+                    for (cb, w) in w.iter_mut().enumerate() {
+                        *w = _mm512_loadu_si512(w0.add((cb * nb + b) * rec + g * 64).cast());
+                    }
+                    for (r, sums) in sums.iter_mut().enumerate() {
+                        let x = x0.add(r * k + b * QK + 4 * g);
+                        let xb = _mm512_set1_epi32(x.cast::<i32>().read_unaligned());
+                        for cb in 0..B {
+                            sums[cb] = _mm512_dpbusd_epi32(sums[cb], xb, w[cb]);
+                        }
+                    }
+                }
+                for cb in 0..B {
+                    let dw = _mm512_cvtph_ps(_mm256_loadu_si256(w0.add((cb * nb + b) * rec + 512).cast()));
+                    for r in 0..R {
+                        let at = (c.row0 + r) * nb + b;
+                        let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*t.a.d.get_unchecked(at)));
+                        acc[r][cb] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][cb]), scale, acc[r][cb]);
+                    }
+                }
+            }
+        }
+        store(t, &acc, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GGUF blocks for `n` rows of `k` inputs from a deterministic pattern.
+    fn blocks(format: Format, k: usize, n: usize) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for row in 0..n {
+            for b in 0..k / QK {
+                let d = f16::from_f32(0.01 + (row * 7 + b) as f32 % 13.0 * 0.002);
+                raw.extend_from_slice(&d.to_le_bytes());
+                match format {
+                    Format::Q4_1 => {
+                        let m = f16::from_f32(-0.08 + (row + 3 * b) as f32 % 5.0 * 0.01);
+                        raw.extend_from_slice(&m.to_le_bytes());
+                        raw.extend((0..16).map(|i| ((row * 31 + b * 7 + i * 5) % 256) as u8));
+                    }
+                    Format::Q8_0 => raw.extend((0..32).map(|i| ((row * 29 + b * 11 + i * 37) % 255) as u8)),
+                }
+            }
+        }
+        raw
+    }
+
+    /// The weights as f32, read from the file's layout (GGML's dequantization).
+    fn dequantize(format: Format, raw: &[u8], k: usize, n: usize) -> Vec<f32> {
+        let fb = format.file_block();
+        let mut w = vec![0f32; n * k];
+        for (i, block) in raw.chunks(fb).enumerate() {
+            let (row, b) = (i / (k / QK), i % (k / QK));
+            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let at = row * k + b * QK;
+            match format {
+                Format::Q4_1 => {
+                    let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                    for (i, &byte) in block[4..].iter().enumerate() {
+                        w[at + i] = d * f32::from(byte & 15) + m;
+                        w[at + i + 16] = d * f32::from(byte >> 4) + m;
+                    }
+                }
+                Format::Q8_0 => {
+                    for (i, &q) in block[2..].iter().enumerate() {
+                        w[at + i] = d * f32::from(q as i8);
+                    }
+                }
+            }
+        }
+        w
+    }
+
+    /// Against the dequantized weights in f32: within the activations' 8-bit error; the
+    /// kernel and the plain path agree to rounding, on shapes that exercise every tile
+    /// and both ways of splitting the work.
+    #[test]
+    fn block_layers_match_the_dequantized_weights() {
+        for format in [Format::Q4_1, Format::Q8_0] {
+            for (k, n, tokens) in [(576, 192, 13), (64, 16, 1), (96, 512, 3), (64, 512, 1), (32, 48, 7)] {
+                let raw = blocks(format, k, n);
+                let layer = BlockDense::from_file(format, &raw, k, n).unwrap();
+                let w = dequantize(format, &raw, k, n);
+                let x: Vec<f32> =
+                    (0..tokens * k).map(|i| ((i * 31 % 97) as f32 / 48.0 - 1.0) * 3.0).collect();
+                let want: Vec<f32> = (0..tokens * n)
+                    .map(|i| (0..k).map(|j| x[i / n * k + j] * w[i % n * k + j]).sum())
+                    .collect();
+                let mut got = Vec::new();
+                layer.forward(&x, tokens, &mut got);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(
+                    worst < 0.01 * scale,
+                    "{format:?} k {k} n {n}: worst {worst} against values up to {scale}"
+                );
+
+                let mut a = Activations::default();
+                let nb = k / QK;
+                (a.q, a.d, a.s) = (vec![0; tokens * k], vec![0.0; tokens * nb], vec![0.0; tokens * nb]);
+                for r in 0..tokens {
+                    let (d, s) = (&mut a.d[r * nb..(r + 1) * nb], &mut a.s[r * nb..(r + 1) * nb]);
+                    quantize_row(format, &x[r * k..(r + 1) * k], &mut a.q[r * k..(r + 1) * k], d, s);
+                }
+                let mut plain = vec![0f32; tokens * n];
+                let call = Call { row0: 0, rows: tokens, first: 0, blocks: n / BLOCK, stride: n, col0: 0 };
+                Tile { layer: &layer, a: &a, call }.plain(&mut plain);
+                let differ = plain.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(
+                    differ <= 1e-5 * scale,
+                    "{format:?} k {k} n {n}: kernel and plain differ by {differ}"
+                );
+            }
+        }
+    }
+
+    /// The vectorised quantization against GGML's definition, ties and an all-zero
+    /// block included.
+    #[test]
+    fn activations_quantize_as_ggml_defines() {
+        let mut x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37).collect();
+        x[..32].fill(0.0);
+        x[40] = 127.0 * 0.5 / 63.5; // lands on a tie once scaled
+        for format in [Format::Q4_1, Format::Q8_0] {
+            let (mut q, mut d, mut s) = (vec![0u8; 96], vec![0f32; 3], vec![0f32; 3]);
+            quantize_row(format, &x, &mut q, &mut d, &mut s);
+            for (b, x) in x.chunks(QK).enumerate() {
+                let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+                let want: Vec<i32> = x.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+                let got: Vec<i32> = q[b * QK..(b + 1) * QK]
+                    .iter()
+                    .map(|&q| match format {
+                        Format::Q4_1 => i32::from(q as i8),
+                        Format::Q8_0 => i32::from(q) - 128,
+                    })
+                    .collect();
+                assert_eq!(got, want, "{format:?} block {b}");
+                assert_eq!(d[b], f16::from_f32(max / 127.0).to_f32());
+                let sum: i32 = want.iter().sum();
+                assert_eq!(s[b], f16::from_f32(max / 127.0 * sum as f32).to_f32());
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_the_kernel_cannot_take_are_refused() {
+        let raw = blocks(Format::Q4_1, 64, 16);
+        assert!(BlockDense::from_file(Format::Q4_1, &raw, 64, 16).is_some());
+        assert!(BlockDense::from_file(Format::Q4_1, &raw[1..], 64, 16).is_none());
+        assert!(BlockDense::from_file(Format::Q4_1, &blocks(Format::Q4_1, 64, 8), 64, 8).is_none());
+        assert!(BlockDense::from_file(Format::Q8_0, &raw, 64, 16).is_none());
+    }
+}
