@@ -42,6 +42,10 @@ fn vnni() -> bool {
 async fn chat_prompts_on(config: kiln::KilnConfig, weights: &str) {
     let g = Generation::from_config(config).await.unwrap();
     assert!(g.info().quantization.starts_with(weights), "{}", g.info().quantization);
+    // `generate.warmup` (on by default) stepped throwaway sequences, which left nothing behind.
+    assert!(g.warmup_time().is_some());
+    let before = g.stats();
+    assert_eq!((before.requests, before.kv_cache_bytes), (0, 0), "{before:?}");
     let germany = g.generate(ask("What is the capital of Germany?")).await.unwrap();
     assert_eq!(germany.text, "The capital of Germany is Berlin.");
     assert_eq!(germany.finish_reason, FinishReason::Stop);

@@ -14,6 +14,9 @@
 # `scripts/setup generate`) split -b 42000000 into smollm2.gguf.part-*; gguf-*.whl =
 # `pip download gguf==0.19.0 --no-deps` (transformers reads GGUF files with it).
 #
+# WARMUP_ONLY=1 on call 3: only generate.warmup's effect (16 prompts at once, f16): off
+# and on over an empty MLX kernel cache, then on and off over the filled one (~6 min).
+#
 # Measured: the example's answers at f32 and f16; `kiln bench` (1 stream, then 16 and 64
 # streams, 128 new tokens each, each twice: the first pays MLX's kernel compilation) at
 # f16 and f32 (QUICK=1: f16 only, no candle run; DTYPES=f16: answers at f16 only); a 16-prompt `kiln run` with the profile,
@@ -40,6 +43,50 @@ cat "$stash"/smollm2.gguf.part-* > "$gguf"
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c
 "$kiln" providers | tee "$out/providers.txt"
 on_gpu=(--set "model.path=\"$gguf\"" --set 'model.device="cuda:0"')
+# 16 story prompts, one per line of $work/stories.jsonl.
+stories() {
+    python3 - "$work/stories.jsonl" <<'PY'
+import json, sys
+topics = ["a dragon", "the sea", "a robot", "a city at night", "a lost key", "winter", "a baker", "the moon",
+          "a train", "a garden", "an old map", "a storm", "a violin", "a lighthouse", "a fox", "a desert"]
+with open(sys.argv[1], "w") as f:
+    for i, t in enumerate(topics):
+        f.write(json.dumps({"id": i, "prompt": f"Write a long story about {t}."}) + "\n")
+PY
+}
+if [ -n "${WARMUP_ONLY:-}" ]; then
+    # generate.warmup on a fresh machine: each run gets an empty MLX kernel cache
+    # (MLX_PTX_CACHE_DIR), so the first steps compile every kernel they use. Without the
+    # warm-up that lands in the first requests' time to first token; with it, in the load.
+    stories
+    # Each cold run takes ~165 s on the H200 (MLX's compiler); two fit a call. Then both
+    # again over the first run's now-filled cache, as a restarted server would find it.
+    first="$work/ptx-first"
+    for run in off:fresh on:fresh on:cached off:cached; do
+        warm="${run%%:*}"
+        case "$run" in
+            off:fresh) cache="$first" ;;
+            *:fresh) cache="$work/ptx-$RANDOM" ;;
+            *) cache="$first" ;;
+        esac
+        started=$(date +%s.%N)
+        MLX_PTX_CACHE_DIR="$cache" timeout 250 "$kiln" run examples/generate-mlx.toml --input "$work/stories.jsonl" \
+            --output "$out/warmup_${run/:/_}.jsonl" "${on_gpu[@]}" --set 'model.dtype="f16"' \
+            --set generate.max_new_tokens=64 --set batching.max_batch_size=16 \
+            --set "generate.warmup=$([ "$warm" = on ] && echo true || echo false)" 2> "$out/warmup_${run/:/_}.log" || true
+        ended=$(date +%s.%N)
+        python3 - "$out/warmup_${run/:/_}.jsonl" "$run" "$started" "$ended" "$out/warmup_${run/:/_}.log" <<'PY' | tee -a "$out/warmup.txt"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+ttft = sorted(r["ttft_ms"] for r in rows)
+summary = open(sys.argv[5]).read().strip().splitlines()[-1]
+print(f"warmup {sys.argv[2]}: process {float(sys.argv[4]) - float(sys.argv[3]):.1f} s; {len(rows)} prompts; "
+      f"TTFT min {ttft[0]:.0f} ms, max {ttft[-1]:.0f} ms | {summary[summary.find('prompts in'):]}")
+PY
+    done
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/gpu.txt"
+    exit 0
+fi
 for dtype in ${DTYPES:-f32 f16}; do
     timeout 300 "$kiln" run examples/generate-mlx.toml --input examples/data/prompts.jsonl \
         --output "$out/answers_$dtype.jsonl" "${on_gpu[@]}" --set "model.dtype=\"$dtype\"" \
@@ -59,14 +106,7 @@ bench mlx_f16_64_again f16 64
 if [ -z "${QUICK:-}" ]; then
     bench mlx_f32_16 f32 16
 fi
-python3 - "$work/stories.jsonl" <<'PY'
-import json, sys
-topics = ["a dragon", "the sea", "a robot", "a city at night", "a lost key", "winter", "a baker", "the moon",
-          "a train", "a garden", "an old map", "a storm", "a violin", "a lighthouse", "a fox", "a desert"]
-with open(sys.argv[1], "w") as f:
-    for i, t in enumerate(topics):
-        f.write(json.dumps({"id": i, "prompt": f"Write a long story about {t}."}) + "\n")
-PY
+stories
 timeout 300 "$kiln" run examples/generate-mlx.toml --input "$work/stories.jsonl" --output "$out/stories.jsonl" \
     "${on_gpu[@]}" --set 'model.dtype="f16"' --set generate.max_new_tokens=128 \
     --profile "$out/profile_f16_16.json" 2>&1 | tail -n 1 | tee -a "$out/bench.txt" || true

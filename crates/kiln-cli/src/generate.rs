@@ -105,10 +105,14 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
     crate::write_generation_outputs(&generation, &args.profiler)?;
     let info = generation.info().clone();
     let load = generation.load_time().as_secs_f64();
+    let warmup = match generation.warmup_time() {
+        Some(took) => format!(", warmed up in {:.2} s", took.as_secs_f64()),
+        None => String::new(),
+    };
     let stats = generation.shutdown().await;
     eprintln!(
         "kiln: generated {} tokens for {} of {} prompts in {:.2} s ({:.1} tokens/s; {:.1} sequences per step) with {} \
-         ({}) on {}; model loaded in {load:.2} s",
+         ({}) on {}; model loaded in {load:.2} s{warmup}",
         stats.generated_tokens,
         prompts.len() - failed,
         prompts.len(),
@@ -240,6 +244,8 @@ async fn bench_phase(
     }
     let seconds = started.elapsed().as_secs_f64();
     let quantization = generation.info().quantization.clone();
+    let load_s = generation.load_time().as_secs_f64();
+    let warmup_s = generation.warmup_time().map(|d| d.as_secs_f64());
     let stats = Arc::into_inner(generation).expect("callers are done").shutdown().await;
     Ok(serde_json::json!({
         "requests": requests, "errors": errors, "generated_tokens": tokens, "seconds": seconds,
@@ -248,13 +254,14 @@ async fn bench_phase(
         "ttft_ms": {"p50": stats.ttft_ms[0], "p99": stats.ttft_ms[1]},
         "inter_token_ms": {"p50": stats.inter_token_ms[0], "p99": stats.inter_token_ms[1], "max": stats.inter_token_ms[2]},
         "mean_sequences_per_step": stats.mean_sequences_per_step, "weights": quantization,
+        "load_s": load_s, "warmup_s": warmup_s,
     }))
 }
 
 fn print_phase(label: &str, r: &serde_json::Value) {
     println!(
         "{label}: {} prompts, {} tokens in {:.2} s: {:.1} tokens/s ({:.1} per stream), {:.1} sequences per step; \
-         TTFT p50 {:.0} ms p99 {:.0} ms; inter-token p50 {:.1} ms p99 {:.1} ms; {} errors",
+         TTFT p50 {:.0} ms p99 {:.0} ms; inter-token p50 {:.1} ms p99 {:.1} ms; {} errors; loaded in {:.2} s{}",
         r["requests"],
         r["generated_tokens"],
         r["seconds"].as_f64().unwrap_or(0.0),
@@ -265,6 +272,8 @@ fn print_phase(label: &str, r: &serde_json::Value) {
         r["ttft_ms"]["p99"].as_f64().unwrap_or(0.0),
         r["inter_token_ms"]["p50"].as_f64().unwrap_or(0.0),
         r["inter_token_ms"]["p99"].as_f64().unwrap_or(0.0),
-        r["errors"]
+        r["errors"],
+        r["load_s"].as_f64().unwrap_or(0.0),
+        r["warmup_s"].as_f64().map(|s| format!(", warmed up in {s:.2} s")).unwrap_or_default(),
     );
 }

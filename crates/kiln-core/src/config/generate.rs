@@ -31,6 +31,12 @@ pub struct GenerateConfig {
     /// waits until its whole context (prompt + `max_new_tokens`) fits. 0: no bound but
     /// `batching.max_batch_size` sequences.
     pub kv_cache_mb: u64,
+    /// At load, before the first request: a few steps on throwaway sequences (a prompt
+    /// alone, one token alone, a prompt beside a decoding sequence, and
+    /// `batching.max_batch_size` sequences decoding together), so a backend that
+    /// compiles kernels for each kind of step on first use (MLX on a GPU) does so while
+    /// loading, not in the first requests' latency. Ignored in a request's settings.
+    pub warmup: bool,
 }
 
 impl Default for GenerateConfig {
@@ -45,6 +51,7 @@ impl Default for GenerateConfig {
             stop: Vec::new(),
             chat_template: true,
             kv_cache_mb: 1024,
+            warmup: true,
         }
     }
 }

@@ -345,3 +345,110 @@ fn fail_all(running: &mut Vec<Running>, reserved: &mut u64, counters: &Counters,
         let _ = r.job.events.send(Event::Failed(e.for_request()));
     }
 }
+
+/// `generate.warmup`: steps on throwaway sequences of every kind the engine runs — a
+/// prompt alone, one token alone, a prompt joining a decoding sequence, and
+/// `sequences` sequences decoding together — dropped afterwards (their caches freed).
+/// Returns the steps taken.
+pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core::Result<usize> {
+    let info = generator.info();
+    let vocab = info.vocab_size.max(2) as u32;
+    // Ordinary token ids; the outputs are discarded.
+    let prompt: Vec<u32> =
+        (0..(info.context_length / 4).clamp(1, 8) as u32).map(|i| (i * 7 + 1) % vocab).collect();
+    let next = [prompt[0]];
+    let mut caches: Vec<Box<dyn SequenceCache>> = Vec::new();
+    let mut steps = 0;
+    let mut step = |caches: &mut [Box<dyn SequenceCache>], tokens: &[&[u32]]| -> kiln_core::Result<()> {
+        let mut batch: Vec<StepItem<'_>> = caches
+            .iter_mut()
+            .zip(tokens)
+            .map(|(cache, tokens)| StepItem { tokens, cache: &mut **cache })
+            .collect();
+        generator.step(&mut batch)?;
+        steps += 1;
+        Ok(())
+    };
+    caches.push(generator.new_sequence()?);
+    step(&mut caches, &[&prompt])?;
+    step(&mut caches, &[&next])?;
+    if sequences > 1 {
+        caches.push(generator.new_sequence()?);
+        step(&mut caches, &[&next, &prompt])?;
+        step(&mut caches, &[&next, &next])?;
+    }
+    if sequences > 2 {
+        let joining = sequences - caches.len();
+        let mut all: Vec<&[u32]> = vec![&next; caches.len()];
+        all.extend(std::iter::repeat_n(&prompt[..], joining));
+        caches.extend((0..joining).map(|_| generator.new_sequence()).collect::<kiln_core::Result<Vec<_>>>()?);
+        step(&mut caches, &all)?;
+        step(&mut caches, &vec![&next[..]; sequences])?;
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use kiln_core::{Device, GeneratorInfo, Result, TokenizerSource};
+
+    use super::*;
+
+    /// Records each step's token counts per sequence and checks every sequence's
+    /// positions stay within what it holds.
+    struct Recorder(GeneratorInfo, Mutex<Vec<Vec<usize>>>);
+    struct Held(usize);
+    impl SequenceCache for Held {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn bytes(&self) -> u64 {
+            self.0 as u64
+        }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    }
+    impl Generator for Recorder {
+        fn info(&self) -> &GeneratorInfo {
+            &self.0
+        }
+        fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
+            Ok(Box::new(Held(0)))
+        }
+        fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+            self.1.lock().unwrap().push(batch.iter().map(|item| item.tokens.len()).collect());
+            for item in batch.iter_mut() {
+                self.0.check_step(item.tokens, item.cache.len())?;
+                assert!(item.tokens.iter().all(|&t| (t as usize) < self.0.vocab_size));
+                item.cache.as_any_mut().downcast_mut::<Held>().unwrap().0 += item.tokens.len();
+            }
+            Ok(batch.iter().map(|_| vec![0.0; self.0.vocab_size]).collect())
+        }
+    }
+
+    /// The warm-up runs every kind of step the engine does: a prompt alone, a token
+    /// alone, a prompt joining a decoding sequence, and a full batch decoding.
+    #[test]
+    fn the_warm_up_steps_through_every_kind_of_batch() {
+        let info = GeneratorInfo::new("recorder", "test", Device::Cpu, 50, 64, TokenizerSource::None);
+        for (sequences, want) in [
+            (1, vec![vec![8], vec![1]]),
+            (2, vec![vec![8], vec![1], vec![1, 8], vec![1, 1]]),
+            (4, vec![vec![8], vec![1], vec![1, 8], vec![1, 1], vec![1, 1, 8, 8], vec![1, 1, 1, 1]]),
+        ] {
+            let g = Recorder(info.clone(), Mutex::new(Vec::new()));
+            assert_eq!(warm_up(&g, sequences).unwrap(), want.len());
+            assert_eq!(*g.1.lock().unwrap(), want, "{sequences} sequences");
+        }
+        // A tiny context still warms up, with a shorter prompt.
+        let g = Recorder(
+            GeneratorInfo::new("tiny", "test", Device::Cpu, 50, 8, TokenizerSource::None),
+            Mutex::new(Vec::new()),
+        );
+        warm_up(&g, 2).unwrap();
+        assert_eq!(g.1.lock().unwrap()[0], vec![2]);
+    }
+}

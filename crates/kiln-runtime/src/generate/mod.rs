@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 pub use engine::GenerationStats;
-use engine::{Counters, Job};
+use engine::{Counters, Job, warm_up};
 
 use crate::monitor::{ResourceMonitor, Subscription};
 
@@ -130,6 +130,7 @@ pub struct Generation {
     config: GenerateConfig,
     counters: Arc<Counters>,
     load_time: Duration,
+    warmup_time: Option<Duration>,
     profiler: Arc<dyn Profiler>,
     profiling: bool,
     trackers: Option<crate::TrackerHub>,
@@ -157,9 +158,25 @@ impl Generation {
         let monitor = crate::optimizer::start_monitor(&config);
         admit(&config, &spec, provider.estimate_memory(&spec)?.unwrap_or(0), &monitor)?;
         let generator = provider.load_generator(&spec).await?;
+        let loaded = started.elapsed();
+        let warmed = Instant::now();
+        let warmup = match config.generate.warmup {
+            true => {
+                let (generator, sequences) = (generator.clone(), config.batching.max_batch_size.max(1));
+                tokio::task::spawn_blocking(move || warm_up(&*generator, sequences))
+                    .await
+                    .map_err(|e| Error::backend("kiln", format!("the warm-up thread failed: {e}")))??;
+                Some(warmed.elapsed())
+            }
+            false => None,
+        };
         let mut generation = Self::start_on(generator, &config, monitor)?;
-        generation.load_time = started.elapsed();
-        generation.profiler.record("load_model", started, generation.load_time);
+        generation.load_time = loaded;
+        generation.warmup_time = warmup;
+        generation.profiler.record("load_model", started, loaded);
+        if let Some(took) = warmup {
+            generation.profiler.record("generate_warmup", warmed, took);
+        }
         if !trackers.is_empty() {
             let kinds = config.trackers.iter().map(|t| t.kind.clone());
             let counters = generation.counters.clone();
@@ -228,6 +245,7 @@ impl Generation {
             config: config.generate.clone(),
             counters,
             load_time: Duration::ZERO,
+            warmup_time: None,
             profiler,
             profiling: config.profiler.enabled,
             trackers: None,
@@ -250,6 +268,11 @@ impl Generation {
     /// How long loading took.
     pub fn load_time(&self) -> Duration {
         self.load_time
+    }
+
+    /// How long the warm-up after loading took (`generate.warmup`); `None` without one.
+    pub fn warmup_time(&self) -> Option<Duration> {
+        self.warmup_time
     }
 
     /// The token ids the model sees for `prompt` (template applied, BOS added as the
