@@ -546,7 +546,10 @@ mod tests {
     #[test]
     fn shapes_the_kernel_cannot_take_are_refused() {
         let raw = blocks(Format::Q4_1, 64, 16);
-        assert!(BlockDense::from_file(Format::Q4_1, &raw, 64, 16).is_some());
+        let layer = BlockDense::from_file(Format::Q4_1, &raw, 64, 16).unwrap();
+        let mut out = vec![1.0];
+        layer.forward(&[], 0, &mut out);
+        assert!(out.is_empty(), "no rows, no outputs");
         assert!(BlockDense::from_file(Format::Q4_1, &raw[1..], 64, 16).is_none());
         assert!(BlockDense::from_file(Format::Q4_1, &blocks(Format::Q4_1, 64, 8), 64, 8).is_none());
         assert!(BlockDense::from_file(Format::Q8_0, &raw, 64, 16).is_none());

@@ -39,6 +39,9 @@ pub(crate) fn run(
     out.truncate(rows * n);
     out.resize(rows * n, 0.0);
     let blocks = n / BLOCK;
+    if rows == 0 || blocks == 0 {
+        return;
+    }
     let threads = rayon::current_num_threads();
     if rows.div_ceil(tile_rows) < threads && blocks >= 2 * threads {
         let per = blocks.div_ceil(threads * 4).max(1);
