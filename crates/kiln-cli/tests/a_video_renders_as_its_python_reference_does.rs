@@ -17,6 +17,17 @@ use support::{kiln, root};
 /// A smaller video than the example's, for CI: 3 keyframes, ×4: 9 frames.
 const SMALL: [&str; 4] = ["--set", "video.keyframes=3", "--set", "video.interpolation=4"];
 
+/// `kiln run examples/video.toml` at the small size into `out`, with `extra` arguments;
+/// the run and its stderr.
+fn render_small(out: &Path, extra: &[&str]) -> (std::process::Output, String) {
+    let mut args = vec!["run", "examples/video.toml", "--output", out.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend(extra);
+    let run = kiln(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr).to_string();
+    (run, stderr)
+}
+
 fn video_python() -> String {
     std::env::var("VIDEO_PYTHON")
         .unwrap_or_else(|_| panic!("VIDEO_PYTHON is not set: run `scripts/setup video` and `. .kiln/env`"))
@@ -33,10 +44,7 @@ fn frames(path: &Path) -> Vec<Vec<f32>> {
 fn frames_equal_the_python_reference_and_rife_equals_torch() {
     let dir = tempfile::tempdir().unwrap();
     let ours = dir.path().join("kiln.npy");
-    let mut args = vec!["run", "examples/video.toml", "--output", ours.to_str().unwrap()];
-    args.extend(SMALL);
-    let run = kiln(&args);
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let (run, stderr) = render_small(&ours, &[]);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("wrote 9 frames (128×128, 16 fps; 3 keyframes, 0 from the cache)"), "{stderr}");
     let ours = frames(&ours);
@@ -87,10 +95,7 @@ fn frames_equal_the_python_reference_and_rife_equals_torch() {
 fn a_gif_is_written_and_a_name_without_a_format_is_refused_first() {
     let dir = tempfile::tempdir().unwrap();
     let gif = dir.path().join("terrain.gif");
-    let mut args = vec!["run", "examples/video.toml", "--output", gif.to_str().unwrap()];
-    args.extend(SMALL);
-    let run = kiln(&args);
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let (run, stderr) = render_small(&gif, &[]);
     assert!(run.status.success() && stderr.contains("as an animated GIF"), "{stderr}");
     assert!(stderr.contains("neighbouring frames differ by"), "{stderr}");
     let bytes = std::fs::read(&gif).unwrap();
@@ -117,11 +122,10 @@ fn the_trackers_see_the_video_in_their_own_readers() {
     let out = dir.path().join("terrain.gif");
     let tracking = format!("tracking.dir={:?}", dir.path().to_str().unwrap());
     let trackers = r#"trackers=[{kind="tensorboard"},{kind="wandb",project="kiln-video-test",mode="offline"},{kind="jsonl"}]"#;
-    let mut args = vec!["run", "examples/video.toml", "--output", out.to_str().unwrap()];
-    args.extend(SMALL);
-    args.extend(["--set", &tracking, "--set", "tracking.run_name=\"video-test\"", "--set", trackers]);
-    let run = kiln(&args);
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let (run, stderr) = render_small(
+        &out,
+        &["--set", &tracking, "--set", "tracking.run_name=\"video-test\"", "--set", trackers],
+    );
     assert!(run.status.success(), "{stderr}");
     assert!(!stderr.contains("tracker failed"), "{stderr}");
 
