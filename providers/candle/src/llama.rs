@@ -161,7 +161,6 @@ pub struct Llama {
     pub(crate) info: GeneratorInfo,
 }
 
-/// Metadata helpers over a GGUF header.
 /// Bytes a model loaded from `path` with `weights` holds, from the GGUF header alone
 /// (tensor shapes and types): the embedding table as f32 (it is read per token), each
 /// matrix in the form `weights` gives it (the tied output projection a second time),
@@ -178,11 +177,11 @@ pub fn estimate_bytes(path: &Path, weights: Weights) -> Option<u64> {
             GgmlType::Q8_0 => weights.blocks(GgmlDType::Q8_0),
             _ => None,
         };
-        match (weights, &info.dims[..]) {
-            (_, [_]) => n * 4,
-            (_, [_, _]) if blocks.is_some() => blocks.map_or(0, |f| f.bytes(n as usize)) as u64,
-            (Weights::Int8 | Weights::Auto, [_, rows]) => n + 12 * *rows as u64,
-            (Weights::Ggml(to), _) if !dense => n * to.type_size() as u64 / to.block_size() as u64,
+        match (weights, blocks, &info.dims[..]) {
+            (_, _, [_]) => n * 4,
+            (_, Some(format), [_, _]) => format.bytes(n as usize) as u64,
+            (Weights::Int8 | Weights::Auto, _, [_, rows]) => n + 12 * *rows as u64,
+            (Weights::Ggml(to), _, _) if !dense => n * to.type_size() as u64 / to.block_size() as u64,
             _ => info.bytes().unwrap_or(n as usize * 4) as u64,
         }
     };
