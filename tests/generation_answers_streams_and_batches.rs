@@ -149,3 +149,32 @@ async fn memory_admission_refuses_what_does_not_fit_and_pressure_stops_batching(
     assert_eq!((stats.completed, stats.max_sequences_per_step), (3, 1), "{stats:?}");
     assert!(stats.pressure_holds > 0, "{stats:?}");
 }
+
+/// `generate.stop`: the answer ends before the stop string, which never reaches the
+/// stream — text that might start it is held back until the next token shows it does
+/// not — and once the sequence ends, the gauges show nothing running.
+#[tokio::test]
+async fn a_stop_string_ends_the_answer_and_never_reaches_the_stream() {
+    let g = Generation::from_config(config(&["generate.max_new_tokens=24"])).await.unwrap();
+    // Greedy, the whole answer is "The capital of Germany is Berlin." (tested above).
+    let settings = kiln::GenerateConfig {
+        stop: vec!["Berlin".into(), "Paris".into()],
+        max_new_tokens: 24,
+        ..Default::default()
+    };
+    let mut stream = g.stream_with(ask("What is the capital of Germany?"), settings).unwrap();
+    let mut streamed = String::new();
+    let done = loop {
+        match stream.next().await.expect("the stream ends with Done") {
+            Event::Token { text, .. } => streamed.push_str(&text),
+            Event::Done(done) => break done,
+            Event::Failed(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(done.finish_reason, FinishReason::StopString);
+    assert_eq!(done.text, "The capital of Germany is ");
+    assert_eq!(streamed, done.text, "the stream carries exactly the answer");
+    let stats = g.stats();
+    assert_eq!((stats.running, stats.waiting, stats.kv_cache_bytes), (0, 0, 0), "{stats:?}");
+    g.shutdown().await;
+}

@@ -14,7 +14,74 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use kiln::runtime::{LatencyHistogram, Stats};
 use kiln::{KilnConfig, Optimizer};
+
+use crate::BenchArgs;
 use serde::Serialize;
+
+/// `kiln bench` for the embed and classify tasks: the load, a `--compare` baseline
+/// first and an `--http` run after, when asked for.
+pub(crate) async fn run(config: KilnConfig, args: &BenchArgs) -> Result<()> {
+    let options = BenchOptions {
+        requests: args.requests,
+        concurrency: args.concurrency,
+        unique_ratio: args.unique_ratio,
+        words: args.words,
+        texts: match &args.texts {
+            Some(path) => Some(read_texts(path)?),
+            None => None,
+        },
+        progress: true,
+        profiler: args.profiler.clone(),
+        http: false,
+    };
+    let baseline = if args.compare.is_empty() {
+        None
+    } else {
+        let sets: Vec<String> = args.source.sets.iter().chain(&args.compare).cloned().collect();
+        let config = KilnConfig::load(args.source.config.as_deref(), &sets)?;
+        let baseline_options =
+            BenchOptions { profiler: crate::output::ProfilerOutputs::default(), ..options.clone() };
+        let report = run_once(config, &baseline_options, args.compare.clone()).await?;
+        print("baseline", &report);
+        Some(report)
+    };
+    let http_config = args.http.then(|| config.clone());
+    let report = run_once(config, &options, Vec::new()).await?;
+    print("kiln", &report);
+    let ratio = baseline.as_ref().map(|b| report.throughput_rps / b.throughput_rps.max(1e-9));
+    if let Some(ratio) = ratio {
+        println!("throughput ratio kiln / baseline ({}): {ratio:.2}", args.compare.join(", "));
+    }
+    let http = match http_config {
+        Some(config) => {
+            let http_options = BenchOptions {
+                profiler: crate::output::ProfilerOutputs::default(),
+                http: true,
+                ..options.clone()
+            };
+            let over_http = run_once(config, &http_options, Vec::new()).await?;
+            print("kiln serve (HTTP)", &over_http);
+            let ratio = over_http.throughput_rps / report.throughput_rps.max(1e-9);
+            println!("throughput ratio HTTP / in-process: {ratio:.2}");
+            Some((over_http, ratio))
+        }
+        None => None,
+    };
+    if let Some(path) = &args.json {
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(b) = &baseline {
+            value["baseline"] = serde_json::to_value(b)?;
+            value["throughput_ratio"] = serde_json::json!(ratio);
+        }
+        if let Some((h, ratio)) = &http {
+            value["http"] = serde_json::to_value(h)?;
+            value["http_ratio"] = serde_json::json!(ratio);
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -32,7 +99,7 @@ pub struct BenchOptions {
     /// Show a progress bar (on a terminal).
     pub progress: bool,
     /// Where the measured run's profile and trace go.
-    pub profiler: crate::ProfilerOutputs,
+    pub profiler: crate::output::ProfilerOutputs,
     /// Send the calls over HTTP to an in-process `kiln serve` of the same config.
     pub http: bool,
 }
@@ -244,7 +311,7 @@ pub async fn run_once(
     let ok = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(LatencyHistogram::default());
     let bar = if options.progress {
-        crate::progress_bar(options.requests, "requests")
+        crate::output::progress_bar(options.requests, "requests")
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -306,7 +373,7 @@ pub async fn run_once(
     let rss_after_bytes = kiln::runtime::process_rss();
     let optimizer =
         Arc::try_unwrap(optimizer).map_err(|_| anyhow::anyhow!("bench callers still hold the optimizer"))?;
-    crate::write_profiler_outputs(&optimizer, &options.profiler)?;
+    options.profiler.write(optimizer.reports())?;
     optimizer.shutdown().await?;
 
     let p = latency.percentiles();

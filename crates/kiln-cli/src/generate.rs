@@ -12,6 +12,7 @@ use kiln::text::chat::Message;
 use serde::Deserialize;
 
 use crate::RunArgs;
+use crate::output::{write_output, write_row};
 
 /// One input record: `{"id", "prompt"}` or `{"id", "messages"}` (JSON Lines), or a
 /// plain line (the prompt).
@@ -55,7 +56,7 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<(serde_json::Value, Prompt
     Ok(prompts)
 }
 
-pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<()> {
+pub(crate) async fn run(config: KilnConfig, args: &RunArgs) -> Result<()> {
     let prompts = read_prompts(args.input(kiln::Task::Generate)?)?;
     // The engine's queue holds `queue_capacity` requests; more are submitted as earlier
     // ones finish, so a long file never meets "overloaded".
@@ -94,15 +95,14 @@ pub(crate) async fn generate_file(config: KilnConfig, args: &RunArgs) -> Result<
         });
     }
     let elapsed = started.elapsed().as_secs_f64();
-    crate::run::write_output(&args.output, async |out| {
+    write_output(&args.output, async |out| {
         for row in &rows {
-            serde_json::to_writer(&mut *out, row)?;
-            out.write_all(b"\n")?;
+            write_row(out, row)?;
         }
         Ok(())
     })
     .await?;
-    crate::write_generation_outputs(&generation, &args.profiler)?;
+    args.profiler.write(generation.reports())?;
     let info = generation.info().clone();
     let load = generation.load_time().as_secs_f64();
     let warmup = match generation.warmup_time() {
@@ -153,7 +153,7 @@ async fn collect(mut stream: kiln::runtime::TokenStream, live: bool) -> kiln::Re
 /// (each a fresh engine, so each phase's latency figures are its own), over `requests`
 /// prompts per phase — `--texts FILE` lines, or "Write a long story about …" prompts that
 /// run to `generate.max_new_tokens`.
-pub(crate) async fn bench_generate(
+pub(crate) async fn bench(
     config: KilnConfig,
     requests: usize,
     concurrency: usize,

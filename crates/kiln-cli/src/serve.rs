@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use kiln::{KilnConfig, Optimizer, Task};
 
-use crate::{ConfigSource, ProfilerOutputs};
+use crate::ConfigSource;
+use crate::output::ProfilerOutputs;
 
 /// `kiln serve` arguments.
 #[derive(Debug, Args)]
@@ -97,13 +98,13 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     match loaded {
         Loaded::Embed(optimizer) => {
             let optimizer = Arc::try_unwrap(optimizer).map_err(|_| shared())?;
-            crate::write_profiler_outputs(&optimizer, &args.profiler)?;
+            args.profiler.write(optimizer.reports())?;
             let stats = optimizer.shutdown().await?;
             eprintln!("kiln: shut down after {} requests ({} texts)", stats.requests, stats.texts);
         }
         Loaded::Generate(generation) => {
             let generation = Arc::try_unwrap(generation).map_err(|_| shared())?;
-            crate::write_generation_outputs(&generation, &args.profiler)?;
+            args.profiler.write(generation.reports())?;
             let stats = generation.shutdown().await;
             eprintln!(
                 "kiln: shut down after {} requests ({} tokens generated)",

@@ -2,26 +2,27 @@
 //! progress bar per stage on a terminal.
 
 use anyhow::{Context, Result};
+use kiln::runtime::Parts;
 use kiln::video::{VideoPipeline, write};
 use kiln::{KilnConfig, Tracker as _};
 
 use crate::RunArgs;
+use crate::output::progress_bar;
 
-pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()> {
+pub(crate) async fn run(config: KilnConfig, args: &RunArgs) -> Result<()> {
     let video_config = config.video.clone();
     // A name that cannot be written, or a tracker's bad config, is refused before the
     // minutes of rendering.
     write::check_path(&args.output)?;
-    let mut trackers = kiln::build_trackers(&config.trackers, &config.tracking)?;
-    warn(trackers.log_config(&serde_json::to_value(&config)?));
-    let profiling = config.profiler.enabled;
-    let pipeline = VideoPipeline::from_config(config).await.context("loading the video pipeline")?;
+    let mut parts = Parts::from_config(config)?;
+    let mut trackers: Vec<Box<dyn kiln::Tracker>> =
+        parts.take_trackers().into_iter().map(|(_, tracker)| tracker).collect();
+    warn(trackers.log_config(&serde_json::to_value(&parts.config)?));
+    let pipeline = VideoPipeline::from_parts(parts).await.context("loading the video pipeline")?;
     let bars = indicatif::MultiProgress::new();
-    let keyframes = bars.add(crate::progress_bar(video_config.keyframes, "keyframes"));
-    let midpoints = bars.add(crate::progress_bar(
-        (video_config.keyframes - 1) * (video_config.interpolation - 1),
-        "midpoints",
-    ));
+    let keyframes = bars.add(progress_bar(video_config.keyframes, "keyframes"));
+    let midpoints =
+        bars.add(progress_bar((video_config.keyframes - 1) * (video_config.interpolation - 1), "midpoints"));
     let video = pipeline
         .render(&|stage, done, _total| match stage {
             "keyframes" => keyframes.set_position(done as u64),
@@ -31,15 +32,12 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
     keyframes.finish_and_clear();
     midpoints.finish_and_clear();
     let mut written = write::write(&video, &args.output)?;
-    let report = pipeline.profiler().report();
-    if let Some(path) = &args.profiler.profile {
-        let report = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, report).with_context(|| format!("writing the profile {}", path.display()))?;
-    }
+    let report = pipeline.reports().report();
+    args.profiler.write(pipeline.reports())?;
     if !trackers.is_empty() {
         // Metrics at step 1, the video at step 2 (W&B wants one row per step), then the
         // summary and profile; a tracker that fails is a warning, never a failed run.
-        let metrics = kiln::video::metrics(&video, &report);
+        let metrics = kiln::video::metrics(&video, &pipeline.profiler().report());
         warn(trackers.log_metrics(1, &metrics));
         let gif = match written.gif.take() {
             Some(gif) => gif,
@@ -54,8 +52,8 @@ pub(crate) async fn render_file(config: KilnConfig, args: &RunArgs) -> Result<()
         };
         warn(trackers.log_video(2, "video", &clip));
         warn(trackers.log_summary(&metrics));
-        if profiling {
-            warn(trackers.log_profile(&report));
+        if let Some(report) = &report {
+            warn(trackers.log_profile(report));
         }
         warn(trackers.finish());
     }

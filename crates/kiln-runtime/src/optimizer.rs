@@ -4,9 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Cache, CacheKey, Device, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, NamedTensors, Outputs,
-    Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor, build_cache, build_provider,
-    build_trackers,
+    Cache, CacheKey, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, NamedTensors, Outputs, ProfileReport,
+    Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor,
 };
 use kiln_text::{TextPipeline, TokenRow};
 use kiln_vision::ImageInput;
@@ -16,8 +15,7 @@ use crate::collate::collate;
 use crate::governor::MemoryGovernor;
 use crate::inflight::{Claim, InFlight, Leader, follow};
 use crate::models::ModelManager;
-use crate::monitor::ResourceMonitor;
-use crate::profilers::build_profiler;
+use crate::parts::{Parts, Reports};
 use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Stage, Stats};
@@ -28,8 +26,6 @@ use crate::worker::{BatchPolicy, ModelWorker};
 mod classify;
 mod embed;
 mod metrics;
-mod profile;
-pub(crate) use profile::write_atomically;
 
 use classify::Classifier;
 pub use classify::{Classification, Scored};
@@ -73,6 +69,8 @@ pub struct Optimizer {
     cache: Arc<dyn Cache>,
     scheduler: Arc<Scheduler>,
     profiler: Arc<dyn Profiler>,
+    /// The profiler's outputs.
+    reports: Reports,
     trackers: Option<TrackerHub>,
     counters: Arc<Counters>,
     /// What `stats()` reads; the tracker thread holds a clone.
@@ -81,27 +79,33 @@ pub struct Optimizer {
 
 impl Optimizer {
     /// Builds the provider the config names, loads the model on its own thread, and
-    /// prepares the pipeline of the config's task.
+    /// prepares the pipeline of the config's task: [`Parts::from_config`], then
+    /// [`from_parts`](Self::from_parts).
     pub async fn from_config(config: KilnConfig) -> Result<Self> {
-        config.validate()?;
         if matches!(config.task, Task::Generate | Task::Video) {
             return Err(elsewhere(config.task));
         }
-        let started = Instant::now();
-        let provider = build_provider(&config.provider)?;
-        // Built before the model loads, so a tracker's config error fails fast.
-        let trackers = build_trackers(&config.trackers, &config.tracking)?;
-        let monitor = start_monitor(&config);
-        let devices = resolve_devices(&config, provider.as_ref(), &monitor);
-        let mut spec = ModelSpec::new(&config.model.path, devices[0], config.model.dtype)
-            .with_quantization(config.model.quantization);
+        Self::from_parts(Parts::from_config(config)?).await
+    }
+
+    /// Loads the model of `parts` — one copy per device — on batching workers and
+    /// prepares the pipeline of the config's task.
+    pub async fn from_parts(mut parts: Parts) -> Result<Self> {
+        let config = parts.config.clone();
+        if matches!(config.task, Task::Generate | Task::Video) {
+            return Err(elsewhere(config.task));
+        }
+        let started = parts.started;
+        let (provider, monitor, profiler) =
+            (parts.provider.clone(), parts.monitor.clone(), parts.profiler.clone());
+        let devices = parts.devices.clone();
+        let mut spec = parts.spec();
         if config.task == Task::Embed {
             // Known before loading, so the provider can pool on its device.
             spec = spec.with_head(kiln_text::embedding_head(&config.model.path, &config.text)?);
         }
-        let profiler = build_profiler(&config.profiler, &monitor)?;
-        // Before the model loads too: a cache's config error (a Redis URL) fails fast.
-        let cache = build_cache(&config.cache)?;
+        // Before the model loads: a cache's config error (a Redis URL) fails fast.
+        let cache = parts.cache()?;
         let b = &config.batching;
         let policy = BatchPolicy {
             max_batch_size: b.max_batch_size,
@@ -187,18 +191,11 @@ impl Optimizer {
             load_time,
             failures: TrackerFailures::default(),
         };
-        let trackers = if trackers.is_empty() {
-            None
-        } else {
-            let kinds = config.trackers.iter().map(|t| t.kind.clone());
-            Some(TrackerHub::start(
-                kinds.zip(trackers).collect(),
-                serde_json::to_value(&config).unwrap_or_default(),
-                Duration::from_millis(config.tracking.interval_ms),
-                Box::new(IntervalMetrics::new(stats.clone(), monitor.clone())).into_fn(),
-                stats.failures.clone(),
-            )?)
-        };
+        let trackers = parts.start_trackers(
+            Box::new(IntervalMetrics::new(stats.clone(), monitor.clone())).into_fn(),
+            stats.failures.clone(),
+        )?;
+        let reports = parts.reports().with_governor(governor.as_ref());
         Ok(Optimizer {
             config,
             provider,
@@ -213,6 +210,7 @@ impl Optimizer {
             cache,
             scheduler,
             profiler,
+            reports,
             trackers,
             counters,
             stats,
@@ -442,6 +440,29 @@ impl Optimizer {
         self.profiler.record(name, started, elapsed);
     }
 
+    /// The profiler's outputs (report and trace), as every front writes them.
+    pub fn reports(&self) -> &Reports {
+        &self.reports
+    }
+
+    /// The profiler's report so far; `None` when `profiler.enabled` is off. For a
+    /// backend with an allocator of its own (MLX) it carries that allocator's figures.
+    pub fn profile_report(&self) -> Option<ProfileReport> {
+        self.reports.report()
+    }
+
+    /// Writes the profiler's report as JSON to `path`, whole. `Ok(false)` when
+    /// profiling is off.
+    pub fn write_profile(&self, path: &std::path::Path) -> Result<bool> {
+        self.reports.write_profile(path)
+    }
+
+    /// Writes the Chrome trace (Perfetto, chrome://tracing) to `path`. `Ok(false)`
+    /// when no trace is kept (`profiler.trace` off).
+    pub fn write_trace(&self, path: &std::path::Path) -> Result<bool> {
+        self.reports.write_trace(path)
+    }
+
     /// What the optimizer has done so far.
     pub fn stats(&self) -> Stats {
         self.stats.snapshot()
@@ -460,42 +481,6 @@ impl Optimizer {
         self.replicas.release().await;
         Ok(stats)
     }
-}
-
-/// The runtime's one resource monitor, sampling at the shortest interval a reader of
-/// periodic samples asks for (`memory.sample_interval_ms` for the governor,
-/// `profiler.sample_interval_ms` for the profiler); with neither on, readings are taken
-/// only when needed (admission, `auto`, tracker steps).
-pub(crate) fn start_monitor(config: &KilnConfig) -> Arc<ResourceMonitor> {
-    let intervals = [
-        config.memory.enabled.then_some(config.memory.sample_interval_ms),
-        config.profiler.enabled.then_some(config.profiler.sample_interval_ms),
-    ];
-    match intervals.into_iter().flatten().min() {
-        Some(ms) => ResourceMonitor::start(Duration::from_millis(ms)),
-        None => ResourceMonitor::on_demand(),
-    }
-}
-
-/// The devices the model's replicas go on: `model.gpu_ids` as `cuda:N` each, else
-/// `model.device`, with `auto` resolved to the GPU with the most free memory (NVML)
-/// when the provider runs on CUDA in this build, else the CPU.
-fn resolve_devices(config: &KilnConfig, provider: &dyn Provider, monitor: &ResourceMonitor) -> Vec<Device> {
-    if !config.model.gpu_ids.is_empty() {
-        return config.model.gpu_ids.iter().map(|&n| Device::Cuda(n)).collect();
-    }
-    if let Some(device) = config.model.device.fixed() {
-        return vec![device];
-    }
-    let chosen = if provider.capabilities().devices.contains(&kiln_core::DeviceKind::Cuda) {
-        let gpus = monitor.latest().unwrap_or_else(|| monitor.sample_now()).gpu_memory();
-        gpus.into_iter().max_by_key(|(_, m)| m.free).map(|(n, _)| Device::Cuda(n))
-    } else {
-        None
-    };
-    let device = chosen.unwrap_or(Device::Cpu);
-    tracing::info!("model.device = \"auto\": {device}");
-    vec![device]
 }
 
 /// The tasks with a front of their own, not batches of items: generation steps over

@@ -56,6 +56,23 @@ impl Drop for PartialFile {
     }
 }
 
+/// Writes `path` whole through a [`PartialFile`], creating its folder first: readers
+/// see all of it or nothing. The profiler's report and trace are written this way.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> kiln_core::Result<()> {
+    let result = (|| {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = PartialFile::create(path)?;
+        write(file.writer())?;
+        file.commit()
+    })();
+    result.map_err(|e| kiln_core::Error::io("writing", path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

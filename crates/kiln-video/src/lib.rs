@@ -33,12 +33,9 @@ use futures_util::FutureExt;
 use futures_util::future::{Shared, join_all};
 use kiln_core::{Cache, NamedTensors};
 use kiln_core::{
-    Device, Error, Inputs, KilnConfig, ModelSpec, Profiler, Result, Task, Tensor, VideoConfig, WhenFull,
-    build_provider,
+    Error, Inputs, KilnConfig, ModelSpec, Profiler, Result, Task, Tensor, VideoConfig, WhenFull,
 };
-use kiln_runtime::{
-    BatchPolicy, ModelManager, ModelWorker, Replicas, ResourceMonitor, build_profiler, cache_key,
-};
+use kiln_runtime::{BatchPolicy, ModelManager, ModelWorker, Parts, Replicas, Reports, cache_key};
 
 /// A rendered video: RGB frames, planar `[3, height, width]`, values in [0, 1].
 #[derive(Debug, Clone)]
@@ -67,6 +64,8 @@ pub struct VideoPipeline {
     denoiser: Replicas,
     interpolator: Replicas,
     profiler: Arc<dyn Profiler>,
+    /// The profiler's outputs.
+    reports: Reports,
     cache: Arc<dyn Cache>,
     /// The denoiser's identity in keyframe cache keys.
     identity: String,
@@ -83,29 +82,36 @@ const HEIGHTS: &str = "heights";
 
 impl VideoPipeline {
     /// Loads the denoiser (`model.path`) and the interpolator (`video.interpolator`) on
-    /// `provider.name`, each with a batching worker of its own.
+    /// `provider.name`, each with a batching worker of its own: [`Parts::from_config`],
+    /// then [`from_parts`](Self::from_parts).
     pub async fn from_config(config: KilnConfig) -> Result<Self> {
-        config.validate()?;
+        Self::from_parts(Parts::from_config(config)?).await
+    }
+
+    /// Loads the two models of `parts`' config on its provider and first device. The
+    /// trackers stay in `parts` (the video task logs once, at the end: take them with
+    /// [`Parts::take_trackers`] first).
+    pub async fn from_parts(parts: Parts) -> Result<Self> {
+        let config = &parts.config;
         if config.task != Task::Video {
             return Err(Error::Unsupported(format!(
                 "the video pipeline runs task = \"video\" configs; this one's task is \"{}\"",
                 config.task.as_str()
             )));
         }
-        let provider = build_provider(&config.provider)?;
-        let cache = kiln_core::build_cache(&config.cache)?;
+        let provider = parts.provider.clone();
+        let cache = parts.cache()?;
         let identity = format!(
             "kiln-video-keyframe-v1|{}|{}|{:?}",
             provider.name(),
             config.model.path.display(),
             config.model.dtype
         );
-        let monitor = ResourceMonitor::on_demand();
-        let profiler = build_profiler(&config.profiler, &monitor)?;
+        let profiler = parts.profiler.clone();
         let models = ModelManager::new(config.models.clone())
             .with_profiler(profiler.clone())
-            .with_monitor(monitor.clone());
-        let device = config.model.device.fixed().unwrap_or(Device::Cpu);
+            .with_monitor(parts.monitor.clone());
+        let device = parts.device();
         let policy = |batch: usize| BatchPolicy {
             max_batch_size: batch,
             max_batch_tokens: 0,
@@ -133,9 +139,10 @@ impl VideoPipeline {
         let denoiser = stages.pop().expect("two stages");
         let (height, width) = frame_size(denoiser.first())?;
         Ok(VideoPipeline {
-            config: config.video,
+            config: config.video.clone(),
             denoiser,
             interpolator,
+            reports: parts.reports(),
             profiler,
             cache,
             identity,
@@ -153,6 +160,11 @@ impl VideoPipeline {
     /// The profiler the stages' spans went to.
     pub fn profiler(&self) -> &Arc<dyn Profiler> {
         &self.profiler
+    }
+
+    /// The profiler's outputs: the report and the Chrome trace, as every front writes them.
+    pub fn reports(&self) -> &Reports {
+        &self.reports
     }
 
     /// Renders the configured video. `progress(stage, done, total)` is called as

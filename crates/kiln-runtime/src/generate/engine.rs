@@ -1,5 +1,6 @@
-//! The generation thread: admission, one step over every running sequence, sampling,
-//! streaming, and the counters behind [`GenerationStats`].
+//! The generation thread: the [`Engine`] and its named steps (receive, admit, evict
+//! cancelled, step, emit, finish), the stop-string hold-back, the warm-up, and the
+//! counters behind [`GenerationStats`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,6 +50,24 @@ struct Running {
     sent: usize,
     first_token: Option<Instant>,
     last_token: Instant,
+}
+
+impl Running {
+    fn new(job: Job, cache: Box<dyn SequenceCache>) -> Self {
+        Running {
+            history: job.tokens.clone(),
+            feed: job.tokens.clone(),
+            sampler: Sampler::new(&job.settings),
+            job,
+            cache,
+            generated: Vec::new(),
+            decoder: IncrementalDecoder::new(),
+            text: String::new(),
+            sent: 0,
+            first_token: None,
+            last_token: Instant::now(),
+        }
+    }
 }
 
 /// What generation has done so far (`Generation::stats`).
@@ -139,63 +158,116 @@ impl Counters {
     }
 }
 
-/// The engine loop; returns when the queue is closed and nothing runs.
-pub(super) fn run(
+/// The generation thread's state and its steps. [`run`](Self::run) loops over them:
+/// [`receive`](Self::receive) new requests, [`admit`](Self::admit) what fits,
+/// [`evict_cancelled`](Self::evict_cancelled) sequences whose stream was dropped,
+/// [`step`](Self::step) every running sequence at once, [`emit`](Self::emit) each one's
+/// sampled token and text, and [`finish`](Self::finish) the ones that ended.
+pub(super) struct Engine {
     generator: Arc<dyn Generator>,
     tokenizer: Arc<Tokenizer>,
-    queue: flume::Receiver<Job>,
     limits: Limits,
     counters: Arc<Counters>,
     profiler: Arc<dyn Profiler>,
-) {
-    let eos = generator.info().eos_token_ids.clone();
-    let context = generator.info().context_length;
-    let mut waiting: VecDeque<Job> = VecDeque::new();
-    let mut running: Vec<Running> = Vec::new();
-    let mut reserved = 0u64;
-    loop {
-        // Block only when there is nothing to do.
-        if running.is_empty() && waiting.is_empty() {
+    eos: Vec<u32>,
+    context: usize,
+    /// Requests not yet admitted, oldest first.
+    waiting: VecDeque<Job>,
+    running: Vec<Running>,
+    /// KV-cache bytes the running sequences' whole contexts take.
+    reserved: u64,
+}
+
+impl Engine {
+    pub(super) fn new(
+        generator: Arc<dyn Generator>,
+        tokenizer: Arc<Tokenizer>,
+        limits: Limits,
+        counters: Arc<Counters>,
+        profiler: Arc<dyn Profiler>,
+    ) -> Self {
+        let eos = generator.info().eos_token_ids.clone();
+        let context = generator.info().context_length;
+        Engine {
+            generator,
+            tokenizer,
+            limits,
+            counters,
+            profiler,
+            eos,
+            context,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            reserved: 0,
+        }
+    }
+
+    /// The engine loop; returns when the queue is closed and nothing runs.
+    pub(super) fn run(mut self, queue: flume::Receiver<Job>) {
+        while self.receive(&queue) {
+            self.admit();
+            self.evict_cancelled();
+            self.publish_levels();
+            if self.running.is_empty() {
+                continue;
+            }
+            if let Some((logits, now)) = self.step() {
+                let finished = self.emit(logits, now);
+                self.finish(finished, now);
+            }
+            // Levels as they are after the step, so they do not stay at the last
+            // step's while nothing runs.
+            self.publish_levels();
+        }
+    }
+
+    /// Takes what is queued, blocking only when there is nothing to do; false when the
+    /// queue is closed and nothing is left.
+    fn receive(&mut self, queue: &flume::Receiver<Job>) -> bool {
+        if self.running.is_empty() && self.waiting.is_empty() {
             match queue.recv() {
-                Ok(job) => waiting.push_back(job),
-                Err(_) => return,
+                Ok(job) => self.waiting.push_back(job),
+                Err(_) => return false,
             }
         }
-        waiting.extend(queue.try_iter());
-        // Cancelled before starting: nothing to free but the slot in the queue.
-        waiting.retain(|j| {
+        self.waiting.extend(queue.try_iter());
+        true
+    }
+
+    /// Starts waiting requests, oldest first, while there is a free sequence slot, their
+    /// KV reservation fits `generate.kv_cache_mb` (a lone request always runs) and
+    /// memory is not under pressure (then only an empty batch takes one). Requests whose
+    /// stream is gone are dropped first.
+    fn admit(&mut self) {
+        let counters = &self.counters;
+        self.waiting.retain(|j| {
             let alive = !j.events.is_disconnected();
             if !alive {
                 counters.with(|s| s.stats.cancelled += 1);
             }
             alive
         });
+        let limits = &self.limits;
         let pressure = limits.pressure.as_ref().is_some_and(|p| p.load(Ordering::Relaxed));
-        if pressure && !running.is_empty() && running.len() < limits.max_sequences && !waiting.is_empty() {
+        if pressure
+            && !self.running.is_empty()
+            && self.running.len() < limits.max_sequences
+            && !self.waiting.is_empty()
+        {
             counters.with(|s| s.stats.pressure_holds += 1);
         }
-        while running.len() < limits.max_sequences
-            && (!pressure || running.is_empty())
-            && let Some(job) = waiting.front()
-            && (limits.kv_budget == 0 || reserved + job.reserve <= limits.kv_budget || running.is_empty())
+        while self.running.len() < limits.max_sequences
+            && (!pressure || self.running.is_empty())
+            && let Some(job) = self.waiting.front()
+            && (limits.kv_budget == 0
+                || self.reserved + job.reserve <= limits.kv_budget
+                || self.running.is_empty())
         {
-            let job = waiting.pop_front().expect("front exists");
-            match generator.new_sequence() {
+            let job = self.waiting.pop_front().expect("front exists");
+            match self.generator.new_sequence() {
                 Ok(cache) => {
-                    reserved += job.reserve;
-                    running.push(Running {
-                        history: job.tokens.clone(),
-                        feed: job.tokens.clone(),
-                        sampler: Sampler::new(&job.settings),
-                        job,
-                        cache,
-                        generated: Vec::new(),
-                        decoder: IncrementalDecoder::new(),
-                        text: String::new(),
-                        sent: 0,
-                        first_token: None,
-                        last_token: Instant::now(),
-                    });
+                    self.reserved += job.reserve;
+                    self.running.push(Running::new(job, cache));
                 }
                 Err(e) => {
                     counters.with(|s| s.stats.failed += 1);
@@ -203,75 +275,102 @@ pub(super) fn run(
                 }
             }
         }
-        // Streams dropped since the last step leave now, freeing their caches.
-        running.retain(|r| {
+    }
+
+    /// Sequences whose stream was dropped since the last step leave now, freeing
+    /// their caches.
+    fn evict_cancelled(&mut self) {
+        let (counters, reserved) = (&self.counters, &mut self.reserved);
+        self.running.retain(|r| {
             let alive = !r.job.events.is_disconnected();
             if !alive {
-                reserved -= r.job.reserve;
+                *reserved -= r.job.reserve;
                 counters.with(|s| s.stats.cancelled += 1);
             }
             alive
         });
-        counters.with(|s| {
-            s.stats.waiting = waiting.len() as u64;
-            s.stats.running = running.len() as u64;
+    }
+
+    /// The gauges of [`GenerationStats`]: waiting, running, KV-cache bytes held.
+    fn publish_levels(&self) {
+        let kv: u64 = self.running.iter().map(|r| r.cache.bytes()).sum();
+        self.counters.with(|s| {
+            s.stats.waiting = self.waiting.len() as u64;
+            s.stats.running = self.running.len() as u64;
+            s.stats.kv_cache_bytes = kv;
+            s.stats.peak_kv_cache_bytes = s.stats.peak_kv_cache_bytes.max(kv);
         });
-        if running.is_empty() {
-            continue;
-        }
+    }
+
+    /// One step of the model over every running sequence: a new one's whole prompt, one
+    /// token of each other. Its logits, one row per sequence, and when they came; on a
+    /// failure every sequence in the step fails and `None` is returned.
+    fn step(&mut self) -> Option<(Vec<Vec<f32>>, Instant)> {
         let prefill: u64 =
-            running.iter().filter(|r| r.generated.is_empty()).map(|r| r.feed.len() as u64).sum();
-        let step_started = Instant::now();
+            self.running.iter().filter(|r| r.generated.is_empty()).map(|r| r.feed.len() as u64).sum();
+        let started = Instant::now();
         let result = {
-            let mut items: Vec<StepItem<'_>> =
-                running.iter_mut().map(|r| StepItem { tokens: &r.feed, cache: r.cache.as_mut() }).collect();
-            generator.step(&mut items)
+            let mut items: Vec<StepItem<'_>> = self
+                .running
+                .iter_mut()
+                .map(|r| StepItem { tokens: &r.feed, cache: r.cache.as_mut() })
+                .collect();
+            self.generator.step(&mut items)
         };
         let logits = match result {
-            Ok(l) if l.len() == running.len() => l,
+            Ok(l) if l.len() == self.running.len() => l,
             Ok(l) => {
                 let e = Error::backend(
                     "kiln",
-                    format!("{} logits rows for {} sequences", l.len(), running.len()),
+                    format!("{} logits rows for {} sequences", l.len(), self.running.len()),
                 );
-                fail_all(&mut running, &mut reserved, &counters, e);
-                continue;
+                self.fail_all(e);
+                return None;
             }
             Err(e) => {
-                fail_all(&mut running, &mut reserved, &counters, e);
-                continue;
+                self.fail_all(e);
+                return None;
             }
         };
         let now = Instant::now();
-        profiler.record("generate_step", step_started, now - step_started);
-        counters.with(|s| {
+        self.profiler.record("generate_step", started, now - started);
+        let sequences = self.running.len() as u64;
+        let kv: u64 = self.running.iter().map(|r| r.cache.bytes()).sum();
+        self.counters.with(|s| {
             s.stats.steps += 1;
-            s.sequences_in_steps += running.len() as u64;
-            s.stats.max_sequences_per_step = s.stats.max_sequences_per_step.max(running.len() as u64);
+            s.sequences_in_steps += sequences;
+            s.stats.max_sequences_per_step = s.stats.max_sequences_per_step.max(sequences);
             s.stats.prompt_tokens += prefill;
-            s.stats.generated_tokens += running.len() as u64;
-            s.stats.kv_cache_bytes = running.iter().map(|r| r.cache.bytes()).sum();
-            s.stats.peak_kv_cache_bytes = s.stats.peak_kv_cache_bytes.max(s.stats.kv_cache_bytes);
+            s.stats.generated_tokens += sequences;
+            s.stats.kv_cache_bytes = kv;
+            s.stats.peak_kv_cache_bytes = s.stats.peak_kv_cache_bytes.max(kv);
         });
+        Some((logits, now))
+    }
+
+    /// Samples each sequence's next token from its logits and sends the text it
+    /// completes — all of it but what may still become a stop string. Returns the
+    /// sequences that ended, by index, and why.
+    fn emit(&mut self, logits: Vec<Vec<f32>>, now: Instant) -> Vec<(usize, FinishReason)> {
         let mut finished = Vec::new();
-        for (i, (r, mut logits)) in running.iter_mut().zip(logits).enumerate() {
+        for (i, (r, mut logits)) in self.running.iter_mut().zip(logits).enumerate() {
             let token = r.sampler.next(&mut logits, &r.history);
             match r.first_token {
                 None => {
                     r.first_token = Some(now);
-                    counters.with(|s| record(&mut s.ttft, now - r.job.submitted));
+                    self.counters.with(|s| record(&mut s.ttft, now - r.job.submitted));
                 }
-                Some(_) => counters.with(|s| record(&mut s.itl, now - r.last_token)),
+                Some(_) => self.counters.with(|s| record(&mut s.itl, now - r.last_token)),
             }
             r.last_token = now;
-            if eos.contains(&token) {
+            if self.eos.contains(&token) {
                 finished.push((i, FinishReason::Stop));
                 continue;
             }
             r.generated.push(token);
             r.history.push(token);
             r.feed = vec![token];
-            let piece = match r.decoder.push(&tokenizer, token) {
+            let piece = match r.decoder.push(&self.tokenizer, token) {
                 Ok(p) => p.unwrap_or_default(),
                 Err(e) => {
                     let _ = r.job.events.send(Event::Failed(e));
@@ -280,41 +379,34 @@ pub(super) fn run(
                 }
             };
             r.text.push_str(&piece);
-            if let Some(at) = r.job.settings.stop.iter().filter_map(|s| r.text.find(s.as_str())).min() {
-                r.text.truncate(at);
-                finished.push((i, FinishReason::StopString));
-                continue;
-            }
-            // Text that may be the start of a stop string waits until it is known not to be.
-            let hold = r
-                .job
-                .settings
-                .stop
-                .iter()
-                .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
-                .filter(|p| r.text.ends_with(p))
-                .map(str::len)
-                .max()
-                .unwrap_or(0);
-            let until = r.text.len() - hold;
-            if until > r.sent {
-                let _ =
-                    r.job.events.send(Event::Token { id: token, text: r.text[r.sent..until].to_string() });
-                r.sent = until;
-            } else {
-                let _ = r.job.events.send(Event::Token { id: token, text: String::new() });
-            }
+            let until = match release(&r.text, &r.job.settings.stop) {
+                Release::Stop(at) => {
+                    r.text.truncate(at);
+                    finished.push((i, FinishReason::StopString));
+                    continue;
+                }
+                Release::Until(until) => until,
+            };
+            let text = if until > r.sent { r.text[r.sent..until].to_string() } else { String::new() };
+            r.sent = r.sent.max(until);
+            let _ = r.job.events.send(Event::Token { id: token, text });
             if r.generated.len() >= r.job.settings.max_new_tokens {
                 finished.push((i, FinishReason::Length));
-            } else if r.history.len() >= context {
+            } else if r.history.len() >= self.context {
                 finished.push((i, FinishReason::Context));
             }
         }
-        profiler.record("generate_sample", now, now.elapsed());
+        self.profiler.record("generate_sample", now, now.elapsed());
+        finished
+    }
+
+    /// Ends the `finished` sequences: the text held back is sent, then the whole
+    /// answer; their caches and reservations are freed.
+    fn finish(&mut self, finished: Vec<(usize, FinishReason)>, now: Instant) {
+        // Highest index first, so swap_remove leaves the lower indices in place.
         for &(i, reason) in finished.iter().rev() {
-            let r = running.swap_remove(i);
-            reserved -= r.job.reserve;
-            // Text held back while it could have been a stop string's start.
+            let r = self.running.swap_remove(i);
+            self.reserved -= r.job.reserve;
             if r.text.len() > r.sent {
                 let id = r.generated.last().copied().unwrap_or_default();
                 let _ = r.job.events.send(Event::Token { id, text: r.text[r.sent..].to_string() });
@@ -328,22 +420,50 @@ pub(super) fn run(
                 elapsed_ms: ms(now - r.job.submitted),
                 text: r.text,
             };
-            counters.with(|s| s.stats.completed += 1);
-            profiler.record("generate_request", r.job.submitted, now - r.job.submitted);
+            self.counters.with(|s| s.stats.completed += 1);
+            self.profiler.record("generate_request", r.job.submitted, now - r.job.submitted);
             let _ = r.job.events.send(Event::Done(done));
+        }
+    }
+
+    /// A step failed: every sequence in it fails with the error (the others are not
+    /// affected, since they were all in it); their caches are dropped.
+    fn fail_all(&mut self, e: Error) {
+        tracing::warn!("a generation step of {} sequences failed: {e}", self.running.len());
+        for r in self.running.drain(..) {
+            self.reserved -= r.job.reserve;
+            self.counters.with(|s| s.stats.failed += 1);
+            let _ = r.job.events.send(Event::Failed(e.for_request()));
         }
     }
 }
 
-/// A step failed: every sequence in it fails with the error (the others are not
-/// affected, since they were all in it); their caches are dropped.
-fn fail_all(running: &mut Vec<Running>, reserved: &mut u64, counters: &Counters, e: Error) {
-    tracing::warn!("a generation step of {} sequences failed: {e}", running.len());
-    for r in running.drain(..) {
-        *reserved -= r.job.reserve;
-        counters.with(|s| s.stats.failed += 1);
-        let _ = r.job.events.send(Event::Failed(e.for_request()));
+/// What of a sequence's text may be sent, given its stop strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// A stop string starts at this byte: the text ends there (the stop string is not
+    /// part of it).
+    Stop(usize),
+    /// The text up to this byte may be sent; what follows is the start of a stop string
+    /// and waits until the next tokens show whether it becomes one.
+    Until(usize),
+}
+
+/// The stop-string hold-back: where `text` ends if a stop string has come (the
+/// earliest), else how much of it is safe to send — all but its longest suffix that is
+/// a proper prefix of some stop string (cut at character boundaries).
+pub(super) fn release(text: &str, stops: &[String]) -> Release {
+    if let Some(at) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        return Release::Stop(at);
     }
+    let hold = stops
+        .iter()
+        .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+        .filter(|p| text.ends_with(p))
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    Release::Until(text.len() - hold)
 }
 
 /// `generate.warmup`: steps on throwaway sequences of every kind the engine runs — a
@@ -427,6 +547,47 @@ mod tests {
             }
             Ok(batch.iter().map(|_| vec![0.0; self.0.vocab_size]).collect())
         }
+    }
+
+    fn stops(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn without_stop_strings_all_the_text_goes_out() {
+        assert_eq!(release("Hello, world", &[]), Release::Until(12));
+        assert_eq!(release("", &stops(&["END"])), Release::Until(0));
+    }
+
+    #[test]
+    fn a_stop_string_ends_the_text_where_it_starts() {
+        assert_eq!(release("one two END three", &stops(&["END"])), Release::Stop(8));
+        // The earliest of several, whichever is listed first.
+        assert_eq!(release("a STOP b END", &stops(&["END", "STOP"])), Release::Stop(2));
+        // At the very start, and as the whole text.
+        assert_eq!(release("END", &stops(&["END"])), Release::Stop(0));
+    }
+
+    #[test]
+    fn the_start_of_a_stop_string_is_held_back_until_it_is_known() {
+        // "EN" may become "END": held; "E" alone too.
+        assert_eq!(release("one two EN", &stops(&["END"])), Release::Until(8));
+        assert_eq!(release("one two E", &stops(&["END"])), Release::Until(8));
+        // The longest prefix that matches is held.
+        assert_eq!(release("x ab", &stops(&["abc", "bd"])), Release::Until(2));
+        // A suffix that is no prefix of a stop string is not held.
+        assert_eq!(release("one two NX", &stops(&["END"])), Release::Until(10));
+    }
+
+    #[test]
+    fn the_hold_back_never_cuts_a_character_in_two() {
+        // "→x": the held prefix is "→" (3 bytes), never a part of it.
+        let text = "go →";
+        assert_eq!(release(text, &stops(&["→x"])), Release::Until(3));
+        assert!(text.is_char_boundary(3));
+        // A text ending in a character whose bytes begin a stop string's character is
+        // not held for a partial byte match.
+        assert_eq!(release("é", &stops(&["ê"])), Release::Until(2));
     }
 
     /// The warm-up runs every kind of step the engine does: a prompt alone, a token

@@ -25,16 +25,18 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{
     Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, ProfileReport, Profiler, Result,
-    build_provider,
 };
 use kiln_text::chat::{Message, render_chat};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
 pub use engine::GenerationStats;
-use engine::{Counters, Job, warm_up};
+use engine::{Counters, Engine, Job, warm_up};
 
 use crate::monitor::{ResourceMonitor, Subscription};
+use crate::parts::{Parts, Reports, start_monitor};
+use crate::profilers::build_profiler;
+use crate::tracking::{TrackerFailures, TrackerHub};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -132,32 +134,38 @@ pub struct Generation {
     load_time: Duration,
     warmup_time: Option<Duration>,
     profiler: Arc<dyn Profiler>,
-    profiling: bool,
-    trackers: Option<crate::TrackerHub>,
+    /// The profiler's outputs.
+    reports: Reports,
+    trackers: Option<TrackerHub>,
     /// The memory readings behind admission, the pressure flag and the profiler.
     _monitor: Arc<ResourceMonitor>,
     _pressure: Option<Subscription>,
-    trace: bool,
 }
 
 impl Generation {
-    /// Builds the provider the config names and loads the model as a generator.
+    /// Builds the provider the config names and loads the model as a generator:
+    /// [`Parts::from_config`], then [`from_parts`](Self::from_parts).
     pub async fn from_config(config: KilnConfig) -> Result<Self> {
-        config.validate()?;
-        let started = Instant::now();
-        let provider = build_provider(&config.provider)?;
-        // Built before the model loads, so a tracker's config error fails fast (as the
-        // optimizer does).
-        let trackers = kiln_core::build_trackers(&config.trackers, &config.tracking)?;
-        let spec = ModelSpec::new(
-            &config.model.path,
-            config.model.device.fixed().unwrap_or(kiln_core::Device::Cpu),
-            config.model.dtype,
-        )
-        .with_quantization(config.model.quantization);
-        let monitor = crate::optimizer::start_monitor(&config);
-        admit(&config, &spec, provider.estimate_memory(&spec)?.unwrap_or(0), &monitor)?;
-        let generator = provider.load_generator(&spec).await?;
+        Self::from_parts(Parts::from_config(config)?).await
+    }
+
+    /// Loads the model of `parts` as a generator on its device — admitted only when its
+    /// weights and `generate.kv_cache_mb` fit — warms it up, and starts the engine and
+    /// the trackers. Generation runs one copy of its model: `model.gpu_ids` may list one
+    /// GPU.
+    pub async fn from_parts(mut parts: Parts) -> Result<Self> {
+        let config = parts.config.clone();
+        if parts.devices.len() > 1 {
+            return Err(Error::Unsupported(format!(
+                "generation runs one copy of its model; model.gpu_ids lists {} GPUs ({:?}): list one",
+                parts.devices.len(),
+                config.model.gpu_ids
+            )));
+        }
+        let started = parts.started;
+        let spec = parts.spec();
+        admit(&config, &spec, parts.provider.estimate_memory(&spec)?.unwrap_or(0), &parts.monitor)?;
+        let generator = parts.provider.load_generator(&spec).await?;
         let loaded = started.elapsed();
         let warmed = Instant::now();
         let warmup = match config.generate.warmup {
@@ -170,38 +178,37 @@ impl Generation {
             }
             false => None,
         };
-        let mut generation = Self::start_on(generator, &config, monitor)?;
+        let reports = parts.reports();
+        let mut generation =
+            Self::start_on(generator, &config, parts.monitor.clone(), parts.profiler.clone(), reports)?;
         generation.load_time = loaded;
         generation.warmup_time = warmup;
         generation.profiler.record("load_model", started, loaded);
         if let Some(took) = warmup {
             generation.profiler.record("generate_warmup", warmed, took);
         }
-        if !trackers.is_empty() {
-            let kinds = config.trackers.iter().map(|t| t.kind.clone());
-            let counters = generation.counters.clone();
-            generation.trackers = Some(crate::TrackerHub::start(
-                kinds.zip(trackers).collect(),
-                serde_json::to_value(&config).unwrap_or_default(),
-                Duration::from_millis(config.tracking.interval_ms),
-                Box::new(move || metrics(&counters.snapshot())),
-                crate::TrackerFailures::default(),
-            )?);
-        }
+        let counters = generation.counters.clone();
+        generation.trackers = parts
+            .start_trackers(Box::new(move || metrics(&counters.snapshot())), TrackerFailures::default())?;
         Ok(generation)
     }
 
     /// Starts the engine on a loaded generator (a custom provider's, or a test's).
     pub fn start(generator: Arc<dyn Generator>, config: &KilnConfig) -> Result<Self> {
-        Self::start_on(generator, config, crate::optimizer::start_monitor(config))
+        config.validate()?;
+        let monitor = start_monitor(config);
+        let profiler = build_profiler(&config.profiler, &monitor)?;
+        let reports = Reports::new(profiler.clone(), None, config);
+        Self::start_on(generator, config, monitor, profiler, reports)
     }
 
     fn start_on(
         generator: Arc<dyn Generator>,
         config: &KilnConfig,
         monitor: Arc<ResourceMonitor>,
+        profiler: Arc<dyn Profiler>,
+        reports: Reports,
     ) -> Result<Self> {
-        config.validate()?;
         let info = generator.info().clone();
         let tokenizer = Arc::new(kiln_text::gguf::generation_tokenizer(&info.tokenizer)?);
         let counters = Arc::new(Counters::default());
@@ -227,15 +234,10 @@ impl Generation {
             kv_budget: config.generate.kv_cache_mb.saturating_mul(1 << 20),
             pressure,
         };
-        let profiler = crate::build_profiler(&config.profiler, &monitor)?;
-        let engine_profiler = profiler.clone();
-        let engine_counters = counters.clone();
-        let engine_tokenizer = tokenizer.clone();
+        let engine = Engine::new(generator, tokenizer.clone(), limits, counters.clone(), profiler.clone());
         let thread = std::thread::Builder::new()
             .name("kiln-generate".into())
-            .spawn(move || {
-                engine::run(generator, engine_tokenizer, queue, limits, engine_counters, engine_profiler)
-            })
+            .spawn(move || engine.run(queue))
             .map_err(|e| Error::backend("kiln", format!("starting the generation thread: {e}")))?;
         Ok(Generation {
             jobs: Some(jobs),
@@ -247,11 +249,10 @@ impl Generation {
             load_time: Duration::ZERO,
             warmup_time: None,
             profiler,
-            profiling: config.profiler.enabled,
+            reports,
             trackers: None,
             _monitor: monitor,
             _pressure: subscription,
-            trace: config.profiler.enabled && config.profiler.trace,
         })
     }
 
@@ -366,35 +367,30 @@ impl Generation {
         self.stream(prompt)?.finish().await
     }
 
-    /// The profiler's report so far (spans `load_model`, `generate_step` — one per step,
-    /// prefill and decode together — `generate_sample` and `generate_request`, from
-    /// submission to the last token; resource peaks); `None` with `profiler.enabled` off.
-    pub fn profile_report(&self) -> Option<ProfileReport> {
-        self.profiling.then(|| self.profiler.report())
+    /// The profiler's outputs (report and trace), as every front writes them.
+    pub fn reports(&self) -> &Reports {
+        &self.reports
     }
 
-    /// Writes the profiler's report as JSON to `path` (all or nothing). `Ok(false)` when
+    /// The profiler's report so far (spans `load_model`, `generate_warmup`,
+    /// `generate_step` — one per step, prefill and decode together — `generate_sample`
+    /// and `generate_request`, from submission to the last token; resource peaks; the
+    /// backend allocator's figures for a backend that keeps one); `None` with
+    /// `profiler.enabled` off.
+    pub fn profile_report(&self) -> Option<ProfileReport> {
+        self.reports.report()
+    }
+
+    /// Writes the profiler's report as JSON to `path`, whole. `Ok(false)` when
     /// profiling is off.
     pub fn write_profile(&self, path: &std::path::Path) -> Result<bool> {
-        let Some(report) = self.profile_report() else { return Ok(false) };
-        crate::optimizer::write_atomically(path, |out| {
-            serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::other)
-        })?;
-        Ok(true)
+        self.reports.write_profile(path)
     }
 
     /// Writes the Chrome trace (Perfetto, chrome://tracing) of the spans so far to
     /// `path`. `Ok(false)` when no trace is kept (`profiler.trace` off).
     pub fn write_trace(&self, path: &std::path::Path) -> Result<bool> {
-        if !self.trace {
-            return Ok(false);
-        }
-        let mut kept = false;
-        crate::optimizer::write_atomically(path, |out| {
-            kept = self.profiler.write_trace(out).map_err(std::io::Error::other)?;
-            Ok(())
-        })?;
-        Ok(kept)
+        self.reports.write_trace(path)
     }
 
     /// Counters, gauges and latency percentiles so far.

@@ -1,6 +1,9 @@
 //! The worker's tests: batching, faults, cancellation, started batches, warm-up.
 use super::*;
 use kiln_core::{Capabilities, DType, Device, Dim, Tensor, TensorSpec, async_trait};
+use kiln_core::{Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Pending, Provider, Result, WhenFull};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Fault injection: a model that panics on input id 13 and otherwise returns its
 /// input ids as floats, with the batch size it saw.

@@ -18,54 +18,10 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln_core::{Error, Inputs, Profiler, Result};
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use kiln_core::{Error, Inputs, Profiler};
 
-use crate::collate::{Batch, Buckets, collate};
-use crate::worker::{BatchPolicy, ItemOutput, RunOutput};
-
-pub(crate) struct Item {
-    pub inputs: Inputs,
-    pub length: usize,
-    pub enqueued: Instant,
-    pub reply: oneshot::Sender<Result<ItemOutput>>,
-    /// Its place under `queue_capacity`, given back when the item is dropped.
-    pub _slot: Option<OwnedSemaphorePermit>,
-}
-
-impl Item {
-    /// Answers the caller, its queue slot given back first: a caller that submits
-    /// again as soon as it has its answer finds the slot free.
-    pub fn answer(self, result: Result<ItemOutput>) {
-        let Item { reply, _slot, .. } = self;
-        drop(_slot);
-        let _ = reply.send(result);
-    }
-}
-
-pub(crate) enum Message {
-    Item(Item),
-    Whole(Whole),
-    /// From the model thread: nothing is waiting for it; it is ready for a batch.
-    Ready,
-}
-
-/// A whole batch, run as given; a warm-up run is neither counted nor timed as a
-/// `model_run`.
-pub(crate) struct Whole {
-    pub inputs: Inputs,
-    pub reply: oneshot::Sender<Result<RunOutput>>,
-    pub warmup: bool,
-    pub _slot: OwnedSemaphorePermit,
-}
-
-/// What the batcher hands the model thread.
-pub(crate) enum Job {
-    /// Items and their collated batch (or why collation failed).
-    Batch { items: Vec<Item>, collated: Result<Batch> },
-    /// A whole batch, as given.
-    Whole(Whole),
-}
+use super::queue::{BatchPolicy, Item, Job, Message};
+use crate::collate::{Buckets, collate};
 
 /// How often a batcher waiting for a busy model thread checks that it is still there.
 const MODEL_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
@@ -235,6 +191,9 @@ fn take_batch(pending: &mut Vec<Item>, window: usize, max: usize, max_tokens: us
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::oneshot;
+
+    use super::super::queue::Reply;
     use super::*;
 
     /// Items of these lengths, as waiting in the pool.
@@ -245,8 +204,7 @@ mod tests {
                 inputs: Inputs::new(),
                 length,
                 enqueued: Instant::now(),
-                reply: oneshot::channel().0,
-                _slot: None,
+                reply: Reply::new(oneshot::channel().0, None),
             })
             .collect()
     }

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use kiln_core::{Dim, Error, Inputs, Result, Tensor};
 
+use super::handle::ModelWorker;
 use crate::collate::has_sequence_dim;
-use crate::worker::ModelWorker;
 
 /// What [`ModelWorker::warm_up`] did.
 #[derive(Debug, Clone)]

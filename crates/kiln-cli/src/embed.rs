@@ -1,108 +1,16 @@
-//! `kiln run`: a file of texts embedded, or images classified, into JSON Lines in input
-//! order, in calls of `batching.max_batch_size` with a few in flight.
+//! `kiln run` for `task = "embed"`: a file of texts embedded into JSON Lines in input
+//! order, in calls of `batching.max_batch_size` with a few in flight, each window of
+//! texts ordered by token count first so a batch pads little.
 
-use std::io::Write;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kiln::{KilnConfig, Optimizer, Task};
 
+use crate::RunArgs;
 use crate::input::{TextRecord, read_texts};
-use crate::{ProfilerOutputs, RunArgs, progress_bar, write_profiler_outputs};
-
-pub(crate) async fn run_task(args: RunArgs) -> Result<()> {
-    let mut config = args.source.load()?;
-    args.profiler.apply(&mut config);
-    match config.task {
-        Task::Embed => embed_file(config, &args, &args.profiler).await,
-        Task::Classify => classify_files(config, &args).await,
-        Task::Generate => crate::generate::generate_file(config, &args).await,
-        Task::Video => crate::video::render_file(config, &args).await,
-    }
-}
-
-/// The images `kiln run` classifies: a folder's images, one image, or a text file
-/// listing image paths (one per line, relative to the list's folder).
-fn image_list(input: &std::path::Path) -> Result<Vec<PathBuf>> {
-    use kiln::vision::{expand_paths, has_image_extension};
-    if input.is_dir() || has_image_extension(input) {
-        return Ok(expand_paths(&[input.to_path_buf()])?);
-    }
-    let text = std::fs::read_to_string(input)
-        .with_context(|| format!("reading the image list {}", input.display()))?;
-    let base = input.parent().unwrap_or(std::path::Path::new("."));
-    let paths: Vec<PathBuf> =
-        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| base.join(l)).collect();
-    if paths.is_empty() {
-        anyhow::bail!("the image list {} names no images", input.display());
-    }
-    Ok(paths)
-}
-
-/// Writes `output` through a [`PartialFile`](kiln::runtime::PartialFile): only a
-/// complete output takes the requested name, and a failed one leaves nothing behind.
-pub(crate) async fn write_output(
-    output: &std::path::Path,
-    write: impl AsyncFnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
-) -> Result<()> {
-    let mut file = kiln::runtime::PartialFile::create(output)
-        .with_context(|| format!("creating output {}.partial", output.display()))?;
-    write(file.writer()).await?;
-    file.commit().with_context(|| format!("writing output {}", output.display()))
-}
-
-/// Images per call to the optimizer.
-const IMAGE_CHUNK: usize = 256;
-
-async fn classify_files(config: KilnConfig, args: &RunArgs) -> Result<()> {
-    use kiln::vision::ImageInput;
-    let paths = image_list(args.input(Task::Classify)?)?;
-    let optimizer = Optimizer::from_config(config).await?;
-    let started = Instant::now();
-    let mut failed = 0usize;
-    let result = write_output(&args.output, async |out| {
-        for (chunk_index, chunk) in paths.chunks(IMAGE_CHUNK).enumerate() {
-            let inputs: Vec<ImageInput> = chunk.iter().map(ImageInput::path).collect();
-            let results = optimizer.classify(&inputs).await?;
-            for (i, (path, result)) in chunk.iter().zip(results).enumerate() {
-                let id = chunk_index * IMAGE_CHUNK + i;
-                let row = match result {
-                    Ok(c) => serde_json::json!({"id": id, "path": path, "top_k": c.top_k}),
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("kiln: {e}");
-                        serde_json::json!({"id": id, "path": path, "error": e.to_string()})
-                    }
-                };
-                serde_json::to_writer(&mut *out, &row)?;
-                out.write_all(b"\n")?;
-            }
-        }
-        Ok(())
-    })
-    .await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let written = write_profiler_outputs(&optimizer, &args.profiler);
-    let stats = optimizer.shutdown().await?;
-    result?;
-    written?;
-    eprintln!(
-        "kiln: classified {} of {} images in {:.2} s ({:.1} images/s) with {} on {}; model loaded in {:.2} s",
-        paths.len() - failed,
-        paths.len(),
-        elapsed,
-        (paths.len() - failed) as f64 / elapsed.max(1e-9),
-        stats.model.provider,
-        stats.model.device,
-        stats.load_seconds
-    );
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} images could not be read (their rows carry the error)", paths.len());
-    }
-    Ok(())
-}
+use crate::output::{progress_bar, write_output, write_row};
 
 /// One output line of the embed task.
 #[derive(serde::Serialize)]
@@ -141,7 +49,7 @@ async fn length_sorted(
     Ok(order)
 }
 
-async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutputs) -> Result<()> {
+pub(crate) async fn run(config: KilnConfig, args: &RunArgs) -> Result<()> {
     use futures_util::StreamExt;
     let (input, output) = (args.input(Task::Embed)?, args.output.as_path());
     let records = read_texts(input, args.format)?;
@@ -191,8 +99,7 @@ async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutput
                 }
             }
             for (record, embedding) in records[window.clone()].iter().zip(&by_place) {
-                serde_json::to_writer(&mut *out, &EmbeddingRow { id: &record.id, embedding })?;
-                out.write_all(b"\n")?;
+                write_row(out, &EmbeddingRow { id: &record.id, embedding })?;
             }
         }
         Ok(())
@@ -200,7 +107,7 @@ async fn embed_file(config: KilnConfig, args: &RunArgs, outputs: &ProfilerOutput
     .await;
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
-    let written = write_profiler_outputs(&optimizer, outputs);
+    let written = args.profiler.write(optimizer.reports());
     let quantization = optimizer.config().model.quantization;
     let stats = optimizer.shutdown().await?;
     result?;
