@@ -97,7 +97,6 @@ impl Model for HashingModel {
     }
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-        self.info.validate(inputs)?;
         let ids = inputs.require("input_ids")?;
         let (batch, sequence) = (ids.shape()[0], ids.shape()[1]);
         let mut hidden = Vec::with_capacity(batch * sequence * self.dim);

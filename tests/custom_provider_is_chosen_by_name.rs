@@ -40,5 +40,15 @@ async fn its_options_are_validated_by_the_provider() {
     let config = kiln::KilnConfig::load(Some(&config), &sets).unwrap();
     let err = kiln::Optimizer::from_config(config).await.err().unwrap().to_string();
     assert!(err.contains("`provider.options`: found unknown field `dims`"), "{err}");
-    assert!(err.contains("options that provider `hashing` accepts"), "{err}");
+    assert!(err.contains("the keys provider `hashing` accepts"), "{err}");
+}
+
+/// A fifth provider's first test: the conformance suite every kiln provider passes (no
+/// fixture: hashing embeddings have no reference to agree with).
+#[tokio::test]
+async fn it_passes_the_conformance_suite() {
+    support::minilm_dir();
+    let config = support::root().join("examples/custom_provider.toml");
+    let config = kiln::KilnConfig::load(Some(&config), &[]).unwrap();
+    kiln_conformance::check_embedding_provider(config, None, kiln_conformance::Tolerance::F32).await;
 }

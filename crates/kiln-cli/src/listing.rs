@@ -83,10 +83,10 @@ pub(crate) fn providers(json: bool) -> Result<()> {
     // The other plugin kinds a config can choose in this binary.
     println!();
     for c in kiln::caches()?.iter() {
-        println!("cache.kind = {:<14} {}", format!("{:?}", c.kind), c.description);
+        println!("cache.kind = {:<14} {}", format!("{:?}", c.name), c.description);
     }
     for p in kiln::runtime::profilers()?.iter() {
-        println!("profiler.kind = {:<11} {}", format!("{:?}", p.kind), p.description);
+        println!("profiler.kind = {:<11} {}", format!("{:?}", p.name), p.description);
     }
     println!("trackers: {}", kiln::trackers()?.names().join(", "));
     Ok(())

@@ -30,6 +30,30 @@ fn clients(script: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The status line `kiln serve` answers a POST to `path` that announces `length` bytes
+/// of body and sends none of them (within 10 s).
+fn status_without_body(base: &str, path: &str, length: usize) -> String {
+    use std::io::{Read, Write};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => answer.push(byte[0]),
+            other => {
+                panic!("no status line within 10 s ({other:?}); read {:?}", String::from_utf8_lossy(&answer))
+            }
+        }
+    }
+    String::from_utf8_lossy(&answer).trim_end().to_string()
+}
+
 fn vectors(v: &serde_json::Value) -> Vec<Vec<f32>> {
     serde_json::from_value(v.clone()).unwrap()
 }
@@ -127,6 +151,16 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     assert!(status == 404 && message.contains("POST /v1/embeddings"), "{message}");
     let (status, message) = error("no_key");
     assert!(status == 401 && message.contains("server.api_keys"), "{message}");
+    // Every model route needs the key, /info and the protocol's readiness too; the
+    // probes' routes stay open.
+    let (status, message) = error("info_no_key");
+    assert!(status == 401 && message.contains("server.api_keys"), "{message}");
+    assert_eq!(bad["v2_ready_no_key"]["status"], 401, "{}", bad["v2_ready_no_key"]);
+    assert!(bad["v2_ready_no_key"]["body"]["error"].as_str().unwrap().contains("server.api_keys"));
+    assert_eq!(got["v2_live_no_key"], 200);
+    // The key is checked before the body is read: a client that announces 3 MB and
+    // sends none of it is refused at once, not waited for.
+    assert_eq!(status_without_body(&base, "/embed", 3_000_000), "HTTP/1.1 401 Unauthorized");
 
     stop(server, stderr);
 }

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::CacheConfig;
 use crate::error::Result;
-use crate::registry::{Registration, Registry};
+use crate::registry::Registry;
 use crate::tensor::NamedTensors;
 
 /// A content hash identifying a result: model identity plus input.
@@ -131,39 +131,13 @@ impl Cache for NoCache {
     }
 }
 
-/// A cache's entry in the registry: a kind name and a constructor.
-#[derive(Debug)]
-pub struct CacheRegistration {
-    /// Name used in configs (`cache.kind`).
-    pub kind: &'static str,
-    /// One line for listings.
-    pub description: &'static str,
-    /// Builds the cache when a config chooses it.
-    pub build: fn(&CacheSetup) -> Result<Arc<dyn Cache>>,
-}
-
-impl CacheRegistration {
-    /// Const constructor, used by [`register_cache!`](crate::register_cache).
-    pub const fn new(
-        kind: &'static str,
-        description: &'static str,
-        build: fn(&CacheSetup) -> Result<Arc<dyn Cache>>,
-    ) -> Self {
-        CacheRegistration { kind, description, build }
-    }
-}
-
-impl Registration for CacheRegistration {
-    const KIND: &'static str = "cache";
-    fn name(&self) -> &'static str {
-        self.kind
-    }
-    fn description(&self) -> &'static str {
-        self.description
-    }
-}
-
-inventory::collect!(CacheRegistration);
+crate::plugin_kind!(
+    /// A cache's entry in the registry: `cache.kind` chooses it.
+    CacheRegistration,
+    "cache",
+    CacheSetup,
+    Arc<dyn Cache>
+);
 
 /// What a cache's constructor gets: the `[cache]` section.
 #[derive(Debug, Clone)]

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::{DType, Error, Result};
+use crate::{
+    DType, Dim, Error, Inputs, LAST_HIDDEN_STATE, Model, ModelInfo, ModelSpec, Result, Tensor, TensorSpec,
+};
 
 /// The safetensors files of a folder: one `model.safetensors`, or the shards an
 /// index names.
@@ -111,4 +113,62 @@ pub fn bert_config<T: DeserializeOwned>(dir: &Path, provider: &str) -> Result<T>
         }
     }
     serde_json::from_value(value).map_err(|e| Error::model_load_with(&path, "not a BERT config", e))
+}
+
+/// What a BERT-family encoder from the folder `spec.path` takes and gives, as every
+/// provider that loads these folders describes it: `input_ids`, `attention_mask` and
+/// `token_type_ids` (i64, `[batch, sequence]`) in, [`LAST_HIDDEN_STATE`]
+/// (`[batch, sequence, hidden]` of `output`) out — or the pooled embedding when
+/// `spec.head` is set (the model pools on its device) — with `weight_bytes` and the
+/// longest sequence its positions allow.
+pub fn bert_model_info(
+    spec: &ModelSpec,
+    provider: &str,
+    output: DType,
+    hidden: usize,
+    max_positions: usize,
+    weight_bytes: u64,
+) -> ModelInfo {
+    let dir = &spec.path;
+    let name =
+        dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let token_dims = || vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())];
+    let mut info = ModelInfo::new(name, provider, spec.device, spec.dtype);
+    info.inputs = ["input_ids", "attention_mask", "token_type_ids"]
+        .into_iter()
+        .map(|n| TensorSpec::new(n, DType::I64, token_dims()))
+        .collect();
+    info.outputs = vec![TensorSpec::new(
+        LAST_HIDDEN_STATE,
+        output,
+        vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into()), Dim::Fixed(hidden)],
+    )];
+    // Always applicable: the model takes the attention mask and its output is token vectors.
+    info.declare_head(spec.head);
+    info.weight_bytes = Some(weight_bytes);
+    info.max_sequence_length = Some(max_positions);
+    info
+}
+
+/// Runs a padded batch of two through a just-loaded encoder, so that a precision the
+/// provider cannot compute on the device is refused at load, with its reason — not on
+/// the first request or, worse, as NaN embeddings. The error names `provider`, the
+/// dtype and the device.
+pub fn probe_encoder(model: &dyn Model, provider: &str, spec: &ModelSpec) -> Result<()> {
+    let unsupported = |why: String| {
+        Error::Unsupported(format!(
+            "provider `{provider}` cannot run {} on {}: {why}",
+            spec.dtype, spec.device
+        ))
+    };
+    let inputs = Inputs::new()
+        .with("input_ids", Tensor::from_vec(vec![2, 3], vec![101i64, 7592, 102, 101, 102, 0])?)
+        .with("attention_mask", Tensor::from_vec(vec![2, 3], vec![1i64, 1, 1, 1, 1, 0])?)
+        .with("token_type_ids", Tensor::from_vec(vec![2, 3], vec![0i64; 6])?);
+    let outputs = model.run(&inputs).map_err(|e| unsupported(e.to_string()))?;
+    let first = model.info().outputs.first().map(|o| o.name.as_str()).unwrap_or(LAST_HIDDEN_STATE);
+    if !outputs.require(first)?.to_f32_vec()?.iter().all(|v| v.is_finite()) {
+        return Err(unsupported("the probe batch produced non-finite values".into()));
+    }
+    Ok(())
 }

@@ -35,7 +35,7 @@ pub use config::{
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};
 pub use generate::{Generator, GeneratorInfo, SequenceCache, StepItem, TokenizerSource};
-pub use pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING, pool_rows, pool_tokens};
+pub use pooling::{EmbeddingHead, HeadSite, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, pool_rows, pool_tokens};
 pub use profiler::{AllocatorReport, GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{
     AllocatorMemory, Capabilities, Model, ModelInfo, ModelSpec, Pending, Provider, ProviderRegistration,

@@ -19,6 +19,10 @@ use crate::config::Pooling;
 /// The output a model with an embedding head returns: one f32 vector per text.
 pub const SENTENCE_EMBEDDING: &str = "sentence_embedding";
 
+/// The output a text encoder without a head returns: one vector per token,
+/// `[batch, sequence, hidden]`, which kiln pools on the host.
+pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+
 /// Pooling plus optional L2 normalisation, as sentence-transformers' `Pooling` and
 /// `Normalize` modules do them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use crate::config::ProviderConfig;
 use crate::device::{Device, DeviceKind};
 use crate::error::{Error, Result};
 use crate::pooling::{EmbeddingHead, HeadSite, SENTENCE_EMBEDDING};
-use crate::registry::{Registration, Registry};
+use crate::registry::Registry;
 use crate::tensor::{DType, Inputs, Outputs, TensorSpec};
 
 /// A backend that loads models.
@@ -124,6 +124,11 @@ pub trait Model: Send + Sync + 'static {
     fn info(&self) -> &ModelInfo;
 
     /// Runs one batch. Blocking: the runtime calls it from its own worker thread.
+    ///
+    /// The runtime's worker checks every request against [`ModelInfo::inputs`]
+    /// ([`ModelInfo::validate`]: names, dtypes, ranks, fixed dims) before it reaches
+    /// `run` or [`start`](Self::start), so a model that declares its inputs need not check
+    /// them again; a panic here is contained by the worker and becomes the batch's error.
     fn run(&self, inputs: &Inputs) -> Result<Outputs>;
 
     /// Starts one batch and returns before its outputs are ready, where the backend
@@ -411,39 +416,14 @@ impl Capabilities {
     }
 }
 
-/// A provider's entry in the registry: a name and a constructor, run only when chosen.
-#[derive(Debug)]
-pub struct ProviderRegistration {
-    /// Name used in configs (`provider.name`).
-    pub name: &'static str,
-    /// One line for `kiln providers`.
-    pub description: &'static str,
-    /// Builds the provider from its config section.
-    pub build: fn(&ProviderConfig) -> Result<Arc<dyn Provider>>,
-}
-
-impl ProviderRegistration {
-    /// Const constructor, used by [`register_provider!`](crate::register_provider).
-    pub const fn new(
-        name: &'static str,
-        description: &'static str,
-        build: fn(&ProviderConfig) -> Result<Arc<dyn Provider>>,
-    ) -> Self {
-        ProviderRegistration { name, description, build }
-    }
-}
-
-impl Registration for ProviderRegistration {
-    const KIND: &'static str = "provider";
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn description(&self) -> &'static str {
-        self.description
-    }
-}
-
-inventory::collect!(ProviderRegistration);
+crate::plugin_kind!(
+    /// A provider's entry in the registry: `provider.name` chooses it; `build` gets the
+    /// `[provider]` section.
+    ProviderRegistration,
+    "provider",
+    ProviderConfig,
+    Arc<dyn Provider>
+);
 
 /// Every provider linked into this binary.
 pub fn providers() -> Result<Registry<ProviderRegistration>> {

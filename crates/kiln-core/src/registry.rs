@@ -5,6 +5,11 @@
 //! [`register_tracker!`](crate::register_tracker). [`Registry::collect`] folds what was
 //! submitted into a sorted map once, rejecting duplicate names; a lookup of an unknown
 //! name answers with the names that are known. No central list of backends exists.
+//!
+//! Every plugin kind — provider, tracker, cache, profiler — has the same registration
+//! shape, defined once by [`plugin_kind!`](crate::plugin_kind): a `name` configs choose
+//! it by, a one-line `description`, and `build`, a plain function from the kind's set-up
+//! (what its constructor is given) to the plugin, run only when a config chooses it.
 
 use std::collections::BTreeMap;
 
@@ -36,6 +41,50 @@ pub trait Registration: Sync + 'static {
     fn name(&self) -> &'static str;
     /// A one-line description for listings.
     fn description(&self) -> &'static str;
+}
+
+/// Defines the registration type of one plugin kind: `$registration { name,
+/// description, build: fn(&$setup) -> Result<$built> }`, its const constructor, its
+/// [`Registration`] impl (`KIND = $kind`, for messages) and its `inventory` collection.
+/// The four kinds are declared with it, so they cannot drift apart.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! plugin_kind {
+    ($(#[$doc:meta])* $registration:ident, $kind:literal, $setup:ty, $built:ty) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $registration {
+            /// The name a config chooses it by.
+            pub name: &'static str,
+            /// One line for listings (`kiln providers`).
+            pub description: &'static str,
+            /// Builds it when a config chooses it; registering does no work.
+            pub build: fn(&$setup) -> $crate::Result<$built>,
+        }
+
+        impl $registration {
+            /// Const constructor, used by the kind's `register_*!` macro.
+            pub const fn new(
+                name: &'static str,
+                description: &'static str,
+                build: fn(&$setup) -> $crate::Result<$built>,
+            ) -> Self {
+                $registration { name, description, build }
+            }
+        }
+
+        impl $crate::Registration for $registration {
+            const KIND: &'static str = $kind;
+            fn name(&self) -> &'static str {
+                self.name
+            }
+            fn description(&self) -> &'static str {
+                self.description
+            }
+        }
+
+        $crate::__private::inventory::collect!($registration);
+    };
 }
 
 /// Registrations of one kind, by name.

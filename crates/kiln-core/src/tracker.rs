@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use crate::config::{TrackerConfig, TrackingConfig};
 use crate::error::Result;
 use crate::profiler::ProfileReport;
-use crate::registry::{Registration, Registry};
+use crate::registry::Registry;
 
 /// Named scalar metrics at one step.
 pub type Metrics = BTreeMap<String, f64>;
@@ -192,41 +192,15 @@ impl<T: Tracker> Tracker for Vec<T> {
     }
 }
 
-/// A tracker's entry in the registry: a kind name and a constructor.
-#[derive(Debug)]
-pub struct TrackerRegistration {
-    /// Name used in configs (`[[trackers]] kind = "..."`).
-    pub kind: &'static str,
-    /// One line for listings.
-    pub description: &'static str,
-    /// Builds the tracker from its config entry. Builders read options only and
-    /// touch no files: I/O happens on first write, where a failure is the runtime's
-    /// warning, not a failed start.
-    pub build: fn(&TrackerSetup) -> Result<Box<dyn Tracker>>,
-}
-
-impl TrackerRegistration {
-    /// Const constructor, used by [`register_tracker!`](crate::register_tracker).
-    pub const fn new(
-        kind: &'static str,
-        description: &'static str,
-        build: fn(&TrackerSetup) -> Result<Box<dyn Tracker>>,
-    ) -> Self {
-        TrackerRegistration { kind, description, build }
-    }
-}
-
-impl Registration for TrackerRegistration {
-    const KIND: &'static str = "tracker";
-    fn name(&self) -> &'static str {
-        self.kind
-    }
-    fn description(&self) -> &'static str {
-        self.description
-    }
-}
-
-inventory::collect!(TrackerRegistration);
+crate::plugin_kind!(
+    /// A tracker's entry in the registry: `[[trackers]] kind` chooses it. Builders read
+    /// options only and touch no files: I/O happens on first write, where a failure is
+    /// the runtime's warning, not a failed start.
+    TrackerRegistration,
+    "tracker",
+    TrackerSetup,
+    Box<dyn Tracker>
+);
 
 /// Every tracker kind linked into this binary.
 pub fn trackers() -> Result<Registry<TrackerRegistration>> {

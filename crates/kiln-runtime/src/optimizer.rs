@@ -31,8 +31,7 @@ use classify::Classifier;
 pub use classify::{Classification, Scored};
 use metrics::{IntervalMetrics, StatsSource, summary_metrics};
 
-/// Name of the token-vector output text models are expected to produce.
-pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+pub use kiln_core::LAST_HIDDEN_STATE;
 
 /// Name under which a cached embedding is stored.
 const EMBEDDING: &str = "embedding";
@@ -396,8 +395,8 @@ impl Optimizer {
 
     /// Runs raw tensors through the model as one batch, validated against what it expects.
     pub async fn infer(&self, inputs: Inputs) -> Result<Outputs> {
-        // Checked before taking a slot: a bad request never waits.
-        self.request(self.model_info().validate(&inputs), || self.run_model(inputs.clone())).await
+        // The worker checks the inputs against the model's before they take a place in its queue.
+        self.request(Ok(()), || self.run_model(inputs.clone())).await
     }
 
     /// Runs a list of tasks concurrently under the same limits; one result per task, in

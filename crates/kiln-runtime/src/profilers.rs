@@ -9,45 +9,19 @@
 
 use std::sync::Arc;
 
-use kiln_core::{NoopProfiler, Profiler, ProfilerConfig, Registration, Registry, Result};
+use kiln_core::{NoopProfiler, Profiler, ProfilerConfig, Registry, Result};
 use serde::de::DeserializeOwned;
 
 use crate::monitor::ResourceMonitor;
 use crate::profiler::SamplingProfiler;
 
-/// A profiler's entry in the registry: a kind name and a constructor.
-#[derive(Debug)]
-pub struct ProfilerRegistration {
-    /// Name used in configs (`profiler.kind`).
-    pub kind: &'static str,
-    /// One line for listings.
-    pub description: &'static str,
-    /// Builds the profiler when a config chooses it.
-    pub build: fn(&ProfilerSetup) -> Result<Arc<dyn Profiler>>,
-}
-
-impl ProfilerRegistration {
-    /// Const constructor, used by [`register_profiler!`](crate::register_profiler).
-    pub const fn new(
-        kind: &'static str,
-        description: &'static str,
-        build: fn(&ProfilerSetup) -> Result<Arc<dyn Profiler>>,
-    ) -> Self {
-        ProfilerRegistration { kind, description, build }
-    }
-}
-
-impl Registration for ProfilerRegistration {
-    const KIND: &'static str = "profiler";
-    fn name(&self) -> &'static str {
-        self.kind
-    }
-    fn description(&self) -> &'static str {
-        self.description
-    }
-}
-
-kiln_core::__private::inventory::collect!(ProfilerRegistration);
+kiln_core::plugin_kind!(
+    /// A profiler's entry in the registry: `profiler.kind` chooses it.
+    ProfilerRegistration,
+    "profiler",
+    ProfilerSetup,
+    Arc<dyn Profiler>
+);
 
 /// What a profiler's constructor gets.
 #[derive(Clone)]

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::State as Shared;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::sse::{Event as Sse, Sse as SseResponse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
@@ -18,7 +18,7 @@ use kiln::runtime::{Event, FinishReason, Generated, Prompt, TokenStream};
 use kiln::text::chat::Message;
 use serde::Deserialize;
 
-use crate::routes::{Raw, authorize, body};
+use crate::layers::Body;
 use crate::{ApiError, State};
 
 /// `stop`: one string or several.
@@ -71,23 +71,17 @@ fn now() -> u64 {
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(
     Shared(state): Shared<Arc<State>>,
-    headers: HeaderMap,
-    raw: Raw,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    complete(state, headers, raw, true).await
+    complete(state, body, true).await
 }
 
 /// `POST /v1/completions`: the prompt goes to the model as it is (no chat template).
-pub(crate) async fn completions(
-    Shared(state): Shared<Arc<State>>,
-    headers: HeaderMap,
-    raw: Raw,
-) -> Result<Response, ApiError> {
-    complete(state, headers, raw, false).await
+pub(crate) async fn completions(Shared(state): Shared<Arc<State>>, body: Body) -> Result<Response, ApiError> {
+    complete(state, body, false).await
 }
 
-async fn complete(state: Arc<State>, headers: HeaderMap, raw: Raw, chat: bool) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+async fn complete(state: Arc<State>, body: Body, chat: bool) -> Result<Response, ApiError> {
     let generation = state.generation().ok_or_else(|| match state.optimizer() {
         Some(_) => ApiError::new(
             StatusCode::NOT_FOUND,
@@ -96,7 +90,7 @@ async fn complete(state: Arc<State>, headers: HeaderMap, raw: Raw, chat: bool) -
         ),
         None => ApiError::loading(),
     })?;
-    let request: Request = body(raw, state.config.server.max_body_bytes)?;
+    let request: Request = body.json()?;
     state.check_model(request.model.as_deref())?;
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("`n`: kiln makes one choice per request; send n = 1 or leave it out"));

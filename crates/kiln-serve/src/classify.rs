@@ -20,7 +20,8 @@ use kiln::Task;
 use kiln::vision::ImageInput;
 use serde::Deserialize;
 
-use crate::routes::{Raw, body, bytes, ready_for};
+use crate::layers::Body;
+use crate::routes::ready_for;
 use crate::{ApiError, State};
 
 #[derive(Deserialize)]
@@ -41,15 +42,14 @@ enum Images {
 pub(crate) async fn classify(
     Shared(state): Shared<Arc<State>>,
     headers: HeaderMap,
-    raw: Raw,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let optimizer = ready_for(&state, &headers, Task::Classify)?;
-    let limit = state.config.server.max_body_bytes;
+    let optimizer = ready_for(&state, Task::Classify)?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let images = if content_type.starts_with("image/") || content_type == "application/octet-stream" {
-        vec![ImageInput::Bytes { name: "the request body".into(), bytes: bytes(raw, limit)?.to_vec().into() }]
+        vec![ImageInput::Bytes { name: "the request body".into(), bytes: body.0.to_vec().into() }]
     } else {
-        let request: ClassifyRequest = body(raw, limit)?;
+        let request: ClassifyRequest = body.json()?;
         let encoded = match request.images {
             Images::One(one) => vec![one],
             Images::Many(many) => many,

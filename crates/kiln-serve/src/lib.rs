@@ -15,14 +15,15 @@
 //! 503 until it can serve. Errors are JSON, `{"error": {"message", "type"}}`: 413 for a
 //! body over `server.max_body_bytes` or more inputs than `server.max_inputs`, 422 for
 //! malformed JSON or a wrong field (named), 429 with `Retry-After` when the queue is
-//! full, 504 past the deadline, 401 without one of `server.api_keys` (when set; health
-//! and metrics stay open). CORS is off unless `server.cors_origins` names origins.
+//! full, 504 past the deadline, 401 without one of `server.api_keys` (when set, checked
+//! before the body is read; `/health`, `/metrics` and `/v2/health/live` stay open). CORS is off unless `server.cors_origins` names origins.
 //! [`serve`] stops on the future it is given: no new connections, in-flight requests
 //! finish.
 
 mod chat;
 mod classify;
 mod error;
+mod layers;
 mod metrics;
 mod oip;
 mod routes;
@@ -98,27 +99,32 @@ impl State {
     }
 }
 
-/// Every route over `state`.
+/// Every route over `state`. The model's routes are behind one layer that checks the
+/// API key (when `server.api_keys` is set) before the body is read, and the body limit;
+/// `/health`, `/metrics` and `/v2/health/live` stay open for probes and scrapers.
 pub fn router(state: Arc<State>) -> Router {
     let limit = state.config.server.max_body_bytes;
     let cors = cors(&state.config.server.cors_origins);
-    let router = Router::new()
+    let protected = Router::new()
         .route("/v1/embeddings", post(routes::openai_embeddings))
         .route("/embed", post(routes::tei_embed))
         .route("/classify", post(classify::classify))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/info", get(routes::tei_info))
-        .route("/health", get(routes::health))
-        .route("/metrics", get(metrics::prometheus))
         .route("/v2", get(oip::server))
-        .route("/v2/health/live", get(oip::live))
         .route("/v2/health/ready", get(oip::ready))
         .route("/v2/models/{name}", get(oip::metadata))
         .route("/v2/models/{name}/ready", get(oip::model_ready))
         .route("/v2/models/{name}/infer", post(oip::infer))
-        .fallback(routes::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), layers::require_key));
+    let router = Router::new()
+        .route("/health", get(routes::health))
+        .route("/metrics", get(metrics::prometheus))
+        .route("/v2/health/live", get(oip::live))
+        .merge(protected)
+        .fallback(routes::not_found)
         .with_state(state);
     match cors {
         Some(layer) => router.layer(layer),

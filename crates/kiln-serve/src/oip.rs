@@ -15,11 +15,18 @@ use axum::response::{IntoResponse, Response};
 use kiln::{DType, Dim, Inputs, Tensor, TensorSpec};
 use serde::Deserialize;
 
-use crate::routes::{Raw, authorize, bytes};
+use crate::layers::Body;
 use crate::{ApiError, State};
 
 /// An OIP answer: the protocol's error shape on failure.
 pub(crate) struct Oip(Result<Response, ApiError>);
+
+impl Oip {
+    /// A refusal in the protocol's shape.
+    pub(crate) fn refused(error: ApiError) -> Self {
+        Oip(Err(error))
+    }
+}
 
 impl IntoResponse for Oip {
     fn into_response(self) -> Response {
@@ -57,12 +64,7 @@ fn spec(t: &TensorSpec) -> serde_json::Value {
     serde_json::json!({"name": t.name, "datatype": datatype(t.dtype), "shape": shape})
 }
 
-fn optimizer<'a>(
-    state: &'a State,
-    headers: &HeaderMap,
-    name: &str,
-) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
-    authorize(state, headers)?;
+fn optimizer<'a>(state: &'a State, name: &str) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
     state.check_model(Some(name))?;
     state.optimizer().ok_or_else(|| match state.generation() {
         Some(_) => ApiError::invalid(
@@ -102,12 +104,8 @@ pub(crate) async fn model_ready(Shared(state): Shared<Arc<State>>, Path(name): P
 }
 
 /// `GET /v2/models/{name}`: the model's tensors.
-pub(crate) async fn metadata(
-    Shared(state): Shared<Arc<State>>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Oip {
-    Oip(optimizer(&state, &headers, &name).map(|o| {
+pub(crate) async fn metadata(Shared(state): Shared<Arc<State>>, Path(name): Path<String>) -> Oip {
+    Oip(optimizer(&state, &name).map(|o| {
         let info = o.model_info();
         Json(serde_json::json!({
             "name": state.model_name(),
@@ -233,14 +231,19 @@ pub(crate) async fn infer(
     Shared(state): Shared<Arc<State>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    raw: Raw,
+    body: Result<Body, ApiError>,
 ) -> Oip {
-    Oip(run(&state, &headers, &name, raw).await)
+    Oip(run(&state, &headers, &name, body).await)
 }
 
-async fn run(state: &State, headers: &HeaderMap, name: &str, raw: Raw) -> Result<Response, ApiError> {
-    let optimizer = optimizer(state, headers, name)?;
-    let raw = bytes(raw, state.config.server.max_body_bytes)?;
+async fn run(
+    state: &State,
+    headers: &HeaderMap,
+    name: &str,
+    body: Result<Body, ApiError>,
+) -> Result<Response, ApiError> {
+    let optimizer = optimizer(state, name)?;
+    let raw = body?.0;
     let json_length = match headers.get(HEADER_LENGTH) {
         None => raw.len(),
         Some(v) => {

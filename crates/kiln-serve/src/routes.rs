@@ -3,42 +3,16 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State as Shared;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
 use kiln::Task;
 
+use crate::layers::Body;
 use crate::{ApiError, State};
-
-/// The body, or 413 past `server.max_body_bytes` (axum's limit), as a JSON error.
-pub(crate) type Raw = Result<Bytes, BytesRejection>;
-
-/// The body's bytes, or 413 past `limit` (`server.max_body_bytes`).
-pub(crate) fn bytes(raw: Raw, limit: usize) -> Result<Bytes, ApiError> {
-    raw.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::too_large(format!("the request body is over {limit} bytes (server.max_body_bytes)"))
-        }
-        _ => ApiError::invalid(format!("the request body: {e}")),
-    })
-}
-
-/// A JSON body: malformed JSON or a wrong field is a 422 naming the field and what it
-/// expected.
-pub(crate) fn body<T: DeserializeOwned>(raw: Raw, limit: usize) -> Result<T, ApiError> {
-    let bytes = bytes(raw, limit)?;
-    let mut json = serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(&mut json).map_err(|e| match e.path().to_string().as_str() {
-        "." => ApiError::invalid(format!("the request body: {}", e.inner())),
-        path => ApiError::invalid(format!("the request body's `{path}`: {}", e.inner())),
-    })
-}
 
 /// One string or a list of strings.
 #[derive(Deserialize)]
@@ -57,14 +31,9 @@ impl Texts {
     }
 }
 
-/// The optimizer, the caller's key checked, for a route of `task`: another task's
-/// server answers 404 naming what it serves.
-pub(crate) fn ready_for<'a>(
-    state: &'a State,
-    headers: &HeaderMap,
-    task: Task,
-) -> Result<&'a Arc<kiln::Optimizer>, ApiError> {
-    authorize(state, headers)?;
+/// The optimizer, for a route of `task`: another task's server answers 404 naming what
+/// it serves.
+pub(crate) fn ready_for(state: &State, task: Task) -> Result<&Arc<kiln::Optimizer>, ApiError> {
     if state.config.task != task {
         let serves = match state.config.task {
             Task::Embed => "embeds (task = \"embed\"): POST /v1/embeddings, POST /embed",
@@ -81,25 +50,6 @@ pub(crate) fn ready_for<'a>(
         ));
     }
     state.optimizer().ok_or_else(ApiError::loading)
-}
-
-/// Checks the caller's API key when `server.api_keys` is set.
-pub(crate) fn authorize(state: &State, headers: &HeaderMap) -> Result<(), ApiError> {
-    let keys = &state.config.server.api_keys;
-    if !keys.is_empty() {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| keys.iter().any(|k| k == g)) {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication_error",
-                "missing or unknown API key: send `Authorization: Bearer <key>` with one of server.api_keys",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Refuses an empty request (422) or one of more than `server.max_inputs` texts (413).
@@ -163,11 +113,10 @@ struct OpenAiRequest {
 /// `POST /v1/embeddings`.
 pub(crate) async fn openai_embeddings(
     Shared(state): Shared<Arc<State>>,
-    headers: HeaderMap,
-    raw: Raw,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let optimizer = ready_for(&state, &headers, Task::Embed)?;
-    let request: OpenAiRequest = body(raw, state.config.server.max_body_bytes)?;
+    let optimizer = ready_for(&state, Task::Embed)?;
+    let request: OpenAiRequest = body.json()?;
     state.check_model(request.model.as_deref())?;
     let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -233,13 +182,9 @@ fn yes() -> bool {
 }
 
 /// `POST /embed` (TEI): a list of vectors.
-pub(crate) async fn tei_embed(
-    Shared(state): Shared<Arc<State>>,
-    headers: HeaderMap,
-    raw: Raw,
-) -> Result<Response, ApiError> {
-    let optimizer = ready_for(&state, &headers, Task::Embed)?;
-    let request: TeiRequest = body(raw, state.config.server.max_body_bytes)?;
+pub(crate) async fn tei_embed(Shared(state): Shared<Arc<State>>, body: Body) -> Result<Response, ApiError> {
+    let optimizer = ready_for(&state, Task::Embed)?;
+    let request: TeiRequest = body.json()?;
     if !request.normalize && state.head.normalize {
         return Err(ApiError::invalid(
             "normalize = false: this server's pipeline normalises (the model's Normalize module or text.normalize); \

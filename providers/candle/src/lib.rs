@@ -22,11 +22,10 @@ use std::sync::Arc;
 use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
 use candle_nn::{Embedding, LayerNorm, Module, VarBuilder};
 use candle_transformers::models::bert::{BertEncoder as CandleBertEncoder, Config as BertConfig};
-use kiln_core::hf::{bert_config, weight_bytes, weight_files};
+use kiln_core::hf::{bert_config, bert_model_info, probe_encoder, weight_bytes, weight_files};
 use kiln_core::{
-    Capabilities, DType, Device, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs,
-    Pooling, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
-    async_trait,
+    Capabilities, DType, Device, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec, Outputs, Pooling,
+    Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, async_trait,
 };
 use serde::Deserialize;
 
@@ -40,7 +39,7 @@ mod weights;
 pub const NAME: &str = "candle";
 
 /// Name of the output this provider's models produce.
-pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+pub use kiln_core::LAST_HIDDEN_STATE;
 
 /// Options under `[provider.options]` for candle; unknown keys are rejected.
 #[derive(Debug, Deserialize)]
@@ -275,48 +274,16 @@ impl Provider for CandleProvider {
             Graph::Candle(Bert::load(vb, &config, dtype).map_err(mismatch)?)
         };
 
-        let name =
-            dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let token_dims = || vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())];
-        let mut info = ModelInfo::new(name, NAME, spec.device, spec.dtype);
-        info.inputs = ["input_ids", "attention_mask", "token_type_ids"]
-            .into_iter()
-            .map(|n| TensorSpec::new(n, DType::I64, token_dims()))
-            .collect();
-        info.outputs = vec![TensorSpec::new(
-            LAST_HIDDEN_STATE,
+        let info = bert_model_info(
+            spec,
+            NAME,
             output_dtype(spec.dtype),
-            vec![
-                Dim::Dynamic("batch".into()),
-                Dim::Dynamic("sequence".into()),
-                Dim::Fixed(config.hidden_size),
-            ],
-        )];
-        // Always applicable here: the model takes the attention mask and its output is
-        // token vectors.
-        info.declare_head(spec.head);
-        info.weight_bytes = Some(weight_bytes);
-        info.max_sequence_length = Some(config.max_position_embeddings);
+            config.hidden_size,
+            config.max_position_embeddings,
+            weight_bytes,
+        );
         let model = BertEncoder { model, device, info };
-
-        // Run a padded batch once, so a precision this build of candle cannot compute on
-        // this device is refused now, with its reason, rather than on the first request
-        // or, worse, as NaN embeddings.
-        let inputs = Inputs::new()
-            .with("input_ids", Tensor::from_vec(vec![2, 3], vec![101i64, 7592, 102, 101, 102, 0])?)
-            .with("attention_mask", Tensor::from_vec(vec![2, 3], vec![1i64, 1, 1, 1, 1, 0])?)
-            .with("token_type_ids", Tensor::from_vec(vec![2, 3], vec![0i64; 6])?);
-        let unsupported = |why: String| {
-            Error::Unsupported(format!(
-                "provider `candle` cannot run {} on {}: {why}",
-                spec.dtype, spec.device
-            ))
-        };
-        let probe = model.run(&inputs).map_err(|e| unsupported(e.to_string()))?;
-        let values = probe.require(&model.info.outputs[0].name)?.to_f32_vec()?;
-        if !values.iter().all(|v| v.is_finite()) {
-            return Err(unsupported("the probe batch produced non-finite values".into()));
-        }
+        probe_encoder(&model, NAME, spec)?;
         Ok(Arc::new(model))
     }
 }
@@ -443,7 +410,6 @@ impl Model for BertEncoder {
     }
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-        self.info.validate(inputs)?;
         let model = match &self.model {
             Graph::Candle(model) => model,
             Graph::Cpu(model) => return self.run_packed(model, inputs),

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use kiln_core::hf::{bert_config, weight_bytes, weight_files};
+use kiln_core::hf::{bert_config, bert_model_info, probe_encoder, weight_bytes, weight_files};
 use kiln_core::{
     Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
     Outputs, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
@@ -18,7 +18,7 @@ use crate::graph::Graph;
 use crate::onnx;
 
 /// The name of the token-vector output (no embedding head asked for).
-pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+pub use kiln_core::LAST_HIDDEN_STATE;
 
 /// `[provider.options]` of the MLX provider.
 #[derive(Debug, Clone, Deserialize)]
@@ -207,12 +207,6 @@ impl Provider for MlxProvider {
     /// matmuls (see `llama.rs`).
     async fn load_generator(&self, spec: &ModelSpec) -> Result<Arc<dyn kiln_core::Generator>> {
         let gpu = mlx_device(spec.device)?;
-        if !matches!(spec.dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::Unsupported(format!(
-                "provider `mlx` runs models in f32, f16 or bf16, not {}",
-                spec.dtype
-            )));
-        }
         if !spec.path.is_file() {
             let why =
                 if spec.path.exists() { "not a file; mlx generates from GGUF files" } else { "no such file" };
@@ -233,12 +227,6 @@ impl Provider for MlxProvider {
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
         let dir = &spec.path;
         let gpu = mlx_device(spec.device)?;
-        if !matches!(spec.dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::Unsupported(format!(
-                "provider `mlx` runs models in f32, f16 or bf16, not {}",
-                spec.dtype
-            )));
-        }
         if is_onnx(dir) {
             return load_graph(spec, gpu);
         }
@@ -268,42 +256,16 @@ impl Provider for MlxProvider {
         if self.options.clear_cache_after_load {
             array::clear_cache();
         }
-        let name =
-            dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        let token_dims = || vec![Dim::Dynamic("batch".into()), Dim::Dynamic("sequence".into())];
-        let mut info = ModelInfo::new(name, NAME, spec.device, spec.dtype);
-        info.inputs = ["input_ids", "attention_mask", "token_type_ids"]
-            .into_iter()
-            .map(|n| TensorSpec::new(n, DType::I64, token_dims()))
-            .collect();
-        info.outputs = vec![TensorSpec::new(
-            LAST_HIDDEN_STATE,
+        let info = bert_model_info(
+            spec,
+            NAME,
             DType::F32,
-            vec![
-                Dim::Dynamic("batch".into()),
-                Dim::Dynamic("sequence".into()),
-                Dim::Fixed(config.hidden_size),
-            ],
-        )];
-        info.declare_head(spec.head);
-        info.weight_bytes = Some(weight_bytes);
-        info.max_sequence_length = Some(config.max_position_embeddings);
+            config.hidden_size,
+            config.max_position_embeddings,
+            weight_bytes,
+        );
         let model = MlxBert { bert, gpu, head: info.head, info };
-        // A padded batch once, so a precision MLX cannot compute on this device is
-        // refused now, with its reason, not as NaN embeddings later.
-        let probe = Inputs::new()
-            .with("input_ids", Tensor::from_vec(vec![2, 3], vec![101i64, 7592, 102, 101, 102, 0])?)
-            .with("attention_mask", Tensor::from_vec(vec![2, 3], vec![1i64, 1, 1, 1, 1, 0])?)
-            .with("token_type_ids", Tensor::from_vec(vec![2, 3], vec![0i64; 6])?);
-        let out = model.run(&probe).map_err(|e| {
-            Error::Unsupported(format!("provider `mlx` cannot run {} on {}: {e}", spec.dtype, spec.device))
-        })?;
-        if !out.require(&model.info.outputs[0].name)?.to_f32_vec()?.iter().all(|v| v.is_finite()) {
-            return Err(Error::Unsupported(format!(
-                "provider `mlx` cannot run {} on {}: the probe batch produced non-finite values",
-                spec.dtype, spec.device
-            )));
-        }
+        probe_encoder(&model, NAME, spec)?;
         Ok(Arc::new(model))
     }
 }
@@ -323,7 +285,6 @@ impl Model for MlxBert {
     }
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-        self.info.validate(inputs)?;
         let ids = inputs.require("input_ids")?;
         let [batch, sequence] = ids.shape() else {
             return Err(Error::InvalidInput("input_ids must be [batch, sequence]".into()));
@@ -431,7 +392,6 @@ impl Model for MlxGraph {
     }
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-        self.info.validate(inputs)?;
         array::set_device(self.gpu)?;
         let arrays = self
             .graph

@@ -307,12 +307,6 @@ impl Provider for OrtProvider {
     }
 
     async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>> {
-        if !matches!(spec.device, Device::Cpu | Device::Cuda(_)) {
-            return Err(Error::Unsupported(format!(
-                "provider `ort` runs on cpu or cuda:N, not {}",
-                spec.device
-            )));
-        }
         let file = model_file(&spec.path, spec.quantization)?;
         let session = self.session(&file, spec.device)?;
         let inputs =
@@ -395,7 +389,6 @@ impl Model for OrtModel {
     }
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-        self.info.validate(inputs)?;
         let values = self
             .info
             .inputs

@@ -419,7 +419,6 @@ impl TchModel {
     /// Queues the batch's work on the device: `forward` (and the embedding head) on
     /// inputs copied there. Returns the outputs as device tensors.
     fn forward(&self, inputs: &Inputs) -> Result<NamedOutputs> {
-        self.info.validate(inputs)?;
         let args = self
             .info
             .inputs

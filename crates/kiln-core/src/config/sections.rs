@@ -29,15 +29,14 @@ impl Default for ProviderConfig {
 }
 
 impl ProviderConfig {
-    /// The provider's options as its own type; errors name `provider.options`.
+    /// The provider's options as its own type; errors name `provider.options` and the
+    /// provider.
     pub fn options<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_value(serde_json::Value::Object(self.options.clone())).map_err(|e| {
-            Error::Config(vec![ConfigIssue::new(
-                "provider.options",
-                e.to_string(),
-                format!("options that provider `{}` accepts", self.name),
-            )])
-        })
+        crate::registry::plugin_options(
+            &self.options,
+            "provider.options",
+            &format!("provider `{}`", self.name),
+        )
     }
 }
 

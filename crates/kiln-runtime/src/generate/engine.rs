@@ -211,13 +211,18 @@ impl Engine {
             if self.running.is_empty() {
                 continue;
             }
+            let mut ended = Vec::new();
             if let Some((logits, now)) = self.step() {
                 let finished = self.emit(logits, now);
-                self.finish(finished, now);
+                ended = self.finish(finished, now);
             }
-            // Levels as they are after the step, so they do not stay at the last
-            // step's while nothing runs.
+            // Levels as they are after the step — before the ended sequences hear of it,
+            // so a caller that reads stats() after its answer never sees its own sequence
+            // still running, and the gauges do not stay at the last step's while idle.
             self.publish_levels();
+            for (events, event) in ended {
+                let _ = events.send(event);
+            }
         }
     }
 
@@ -400,16 +405,22 @@ impl Engine {
         finished
     }
 
-    /// Ends the `finished` sequences: the text held back is sent, then the whole
-    /// answer; their caches and reservations are freed.
-    fn finish(&mut self, finished: Vec<(usize, FinishReason)>, now: Instant) {
+    /// Ends the `finished` sequences, freeing their caches and reservations; returns
+    /// what each one's stream gets last, in order: the text held back, then the whole
+    /// answer.
+    fn finish(
+        &mut self,
+        finished: Vec<(usize, FinishReason)>,
+        now: Instant,
+    ) -> Vec<(flume::Sender<Event>, Event)> {
+        let mut last = Vec::with_capacity(finished.len() * 2);
         // Highest index first, so swap_remove leaves the lower indices in place.
         for &(i, reason) in finished.iter().rev() {
             let r = self.running.swap_remove(i);
             self.reserved -= r.job.reserve;
             if r.text.len() > r.sent {
                 let id = r.generated.last().copied().unwrap_or_default();
-                let _ = r.job.events.send(Event::Token { id, text: r.text[r.sent..].to_string() });
+                last.push((r.job.events.clone(), Event::Token { id, text: r.text[r.sent..].to_string() }));
             }
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
             let done = Generated {
@@ -422,8 +433,9 @@ impl Engine {
             };
             self.counters.with(|s| s.stats.completed += 1);
             self.profiler.record("generate_request", r.job.submitted, now - r.job.submitted);
-            let _ = r.job.events.send(Event::Done(done));
+            last.push((r.job.events, Event::Done(done)));
         }
+        last
     }
 
     /// A step failed: every sequence in it fails with the error (the others are not

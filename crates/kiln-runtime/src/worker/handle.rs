@@ -176,6 +176,8 @@ impl ModelWorker {
     }
 
     pub(crate) async fn run_whole(&self, inputs: Inputs, warmup: bool) -> Result<RunOutput> {
+        // Checked here, once for every provider, before taking a slot: a bad request never waits.
+        self.info.validate(&inputs)?;
         let (reply, answer) = oneshot::channel();
         let slot = self.slot().await?;
         self.send(Message::Whole(Whole { inputs, reply: Reply::new(reply, Some(slot)), warmup }))?;
@@ -190,6 +192,8 @@ impl ModelWorker {
     /// Queues one item (tensors with batch dim 1, dim 1 of `length`) to be batched with
     /// other callers' items; returns its own row of the outputs.
     pub async fn submit(&self, inputs: Inputs, length: usize) -> Result<ItemOutput> {
+        // A bad item is refused alone, never joining (and failing) a shared batch.
+        self.info.validate(&inputs)?;
         let (reply, answer) = oneshot::channel();
         let slot = self.slot().await?;
         let enqueued = Instant::now();
