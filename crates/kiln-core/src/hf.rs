@@ -86,6 +86,14 @@ pub fn weight_bytes(files: &[PathBuf], dtype: DType, quantized: Option<f64>) -> 
     Ok(total)
 }
 
+/// `max_position_embeddings` from the `config.json` in `dir` (Hugging Face text models),
+/// for providers whose model file does not say how long a sequence may be.
+pub fn max_position_embeddings(dir: &std::path::Path) -> Option<usize> {
+    let text = std::fs::read(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    config.get("max_position_embeddings")?.as_u64().map(|n| n as usize)
+}
+
 /// The folder's `config.json` as a BERT config of the caller's type `T`: the file must
 /// exist (else an error naming the folder layout), parse as JSON, say `model_type`
 /// `bert` or nothing (else `Unsupported`, naming `provider`), and fit `T`.

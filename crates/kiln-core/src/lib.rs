@@ -17,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod model;
 pub mod pooling;
 pub mod profiler;
 pub mod provider;
@@ -35,11 +36,13 @@ pub use config::{
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};
 pub use generate::{Generator, GeneratorInfo, SequenceCache, StepItem, TokenizerSource};
+pub use hf::max_position_embeddings;
+pub use model::{Model, ModelInfo, Pending};
 pub use pooling::{EmbeddingHead, HeadSite, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, pool_rows, pool_tokens};
 pub use profiler::{AllocatorReport, GpuReport, NoopProfiler, ProfileReport, Profiler, Span, SpanStats};
 pub use provider::{
-    AllocatorMemory, Capabilities, Model, ModelInfo, ModelSpec, Pending, Provider, ProviderRegistration,
-    Quantization, build_provider, max_position_embeddings, providers,
+    AllocatorMemory, Capabilities, ModelSpec, Provider, ProviderRegistration, Quantization, build_provider,
+    providers,
 };
 pub use registry::{Registration, Registry, plugin_options};
 pub use tensor::{DType, Dim, Element, Inputs, NamedTensors, Outputs, Tensor, TensorSpec};

@@ -4,22 +4,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Cache, CacheKey, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, NamedTensors, Outputs, ProfileReport,
-    Profiler, Provider, Result, SENTENCE_EMBEDDING, Task, Tensor,
+    Cache, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, Outputs, ProfileReport, Profiler, Provider,
+    Result, Task,
 };
-use kiln_text::{TextPipeline, TokenRow};
-use kiln_vision::ImageInput;
 
-use crate::cache::cache_key;
-use crate::collate::collate;
 use crate::governor::MemoryGovernor;
-use crate::inflight::{Claim, InFlight, Leader, follow};
+use crate::inflight::InFlight;
 use crate::models::ModelManager;
 use crate::parts::{Parts, Reports};
 use crate::replicas::Replicas;
 use crate::scheduler::Scheduler;
 use crate::stats::{Counters, Stage, Stats};
-use crate::tokenize::TokenizerPool;
 use crate::tracking::{TrackerFailures, TrackerHub};
 use crate::worker::{BatchPolicy, ModelWorker};
 
@@ -29,12 +24,10 @@ mod metrics;
 
 use classify::Classifier;
 pub use classify::{Classification, Scored};
+use embed::TextPath;
 use metrics::{IntervalMetrics, StatsSource, summary_metrics};
 
 pub use kiln_core::LAST_HIDDEN_STATE;
-
-/// Name under which a cached embedding is stored.
-const EMBEDDING: &str = "embedding";
 
 /// kiln's entry point: a provider, a loaded model on its batching worker, the text
 /// pipeline, the result cache, profiler and trackers, composed from a [`KilnConfig`].
@@ -128,22 +121,7 @@ impl Optimizer {
         let replicas = Replicas::new(workers)?;
         let worker = replicas.first().clone();
         let (text, vision) = match config.task {
-            Task::Embed => {
-                let pipeline = TextPipeline::from_model_dir(
-                    &config.model.path,
-                    &config.text,
-                    worker.info().max_sequence_length,
-                )?;
-                let tokenizers = TokenizerPool::start(&pipeline, config.text.tokenizer_threads)?;
-                let pooled = worker.info().head.is_some() && worker.info().head == spec.head;
-                if !pooled {
-                    tracing::info!(
-                        "provider `{}` returns token vectors: kiln pools them on the host",
-                        provider.name()
-                    );
-                }
-                (Some(TextPath { pipeline, tokenizers, pooled }), None)
-            }
+            Task::Embed => (Some(TextPath::new(&config, worker.info(), &spec, provider.name())?), None),
             Task::Classify => (None, Some(Arc::new(Classifier::new(&config, worker.info())?))),
             Task::Generate | Task::Video => return Err(elsewhere(config.task)),
         };
@@ -243,12 +221,6 @@ impl Optimizer {
         self.replicas.first().info()
     }
 
-    /// The class labels of a classify task, in class order (from `classify.labels`);
-    /// `None` without a labels file (classes are numbers) or for another task.
-    pub fn labels(&self) -> Option<&[String]> {
-        self.vision.as_ref().and_then(|v| v.labels.as_deref())
-    }
-
     /// The profiler; `optimizer.profiler().span("my_stage")` times your own code too:
     ///
     /// ```no_run
@@ -259,45 +231,6 @@ impl Optimizer {
     /// ```
     pub fn profiler(&self) -> &dyn Profiler {
         &*self.profiler
-    }
-
-    /// Embeds texts: one vector per text, in order. An empty text is embedded (as
-    /// sentence-transformers does), not dropped; texts longer than the model's maximum
-    /// are truncated to it. With batching on, the texts join those of concurrent
-    /// callers in shared batches; repeated texts are answered from the cache.
-    pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        // A retry runs the whole call again; texts that made it the first time are
-        // cache hits by then (when the cache is on).
-        let vectors =
-            self.request(self.check_call_size(texts.len(), "texts"), || self.embed_inner(texts)).await?;
-        Counters::add(&self.counters.texts, texts.len() as u64);
-        Ok(vectors)
-    }
-
-    /// Tokens each text becomes (special tokens included, after truncation to the
-    /// model's maximum), from the tokenizer pool, without running the model: what a
-    /// caller that orders texts by length (as `kiln run` does, to pad less) sorts by.
-    pub async fn token_lengths(&self, texts: Vec<String>) -> Result<Vec<usize>> {
-        Ok(self.token_counts(texts).await?.into_iter().map(|(tokens, _)| tokens).collect())
-    }
-
-    /// Each text's token count, as [`token_lengths`](Self::token_lengths), and whether
-    /// the text was cut to fit the model (`text.max_length` tokens, or `text.max_chars`
-    /// characters): what a server that refuses over-long inputs (TEI's `truncate: false`)
-    /// checks.
-    pub async fn token_counts(&self, texts: Vec<String>) -> Result<Vec<(usize, bool)>> {
-        let rows = self.text_path("token_counts")?.tokenizers.encode(texts).await?;
-        Ok(rows.iter().map(|r| (r.len(), r.truncated)).collect())
-    }
-
-    /// The text path, which only the embed task has; `what` names the call refused.
-    fn text_path(&self, what: &str) -> Result<&TextPath> {
-        self.text.as_ref().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "{what} needs task = \"embed\"; this optimizer runs {:?}",
-                self.config.task
-            ))
-        })
     }
 
     /// What every public call gets: a `request` span, the request count, the
@@ -322,14 +255,6 @@ impl Optimizer {
         result
     }
 
-    /// Classifies images (task `classify`): each is pre-processed per `[preprocess]`,
-    /// run through the model — batched with other callers' images — and its scores
-    /// turned into the `classify.top_k` best labels. One result per image, in order: an
-    /// image that cannot be read fails alone, with an error naming it.
-    pub async fn classify(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {
-        self.request(self.check_call_size(images.len(), "images"), || self.classify_inner(images)).await
-    }
-
     /// A call of `count` inputs within `scheduler.max_inputs_per_call`, or the error
     /// that says how to split it.
     fn check_call_size(&self, count: usize, what: &str) -> Result<()> {
@@ -341,56 +266,6 @@ impl Optimizer {
             )));
         }
         Ok(())
-    }
-
-    async fn classify_inner(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {
-        let classifier = self.vision.clone().ok_or_else(|| {
-            Error::Unsupported(format!(
-                "classify needs task = \"classify\"; this optimizer runs {:?}",
-                self.config.task
-            ))
-        })?;
-        let started = Instant::now();
-        let owned = images.to_vec();
-        let pipeline = classifier.clone();
-        let batch = tokio::task::spawn_blocking(move || pipeline.pipeline.process(&owned))
-            .await
-            .map_err(|e| Error::backend("kiln", format!("the pre-processing task failed: {e}")))??;
-        self.timed(Stage::Preprocess, "preprocess", started);
-        let rows = batch.tensor.shape().first().copied().unwrap_or(0);
-        let row_shape: Vec<usize> =
-            std::iter::once(1).chain(batch.tensor.shape()[1..].iter().copied()).collect();
-        let row_bytes = batch.tensor.bytes().len() / rows.max(1);
-        let dtype = batch.tensor.dtype();
-        let submits = (0..rows).map(|r| {
-            let bytes = batch.tensor.bytes()[r * row_bytes..(r + 1) * row_bytes].to_vec();
-            let name = classifier.input.clone();
-            let shape = row_shape.clone();
-            async move {
-                let inputs = Inputs::new().with(name, Tensor::from_bytes(dtype, shape, bytes)?);
-                if self.config.batching.enabled {
-                    let out = self.replicas.pick().submit(inputs, 1).await?;
-                    self.counters.queue_wait(out.queue_wait);
-                    Ok::<Outputs, Error>(out.outputs)
-                } else {
-                    self.run_model(inputs).await
-                }
-            }
-        });
-        let outputs = futures_util::future::join_all(submits).await;
-        let mut outputs = outputs.into_iter();
-        let mut results = Vec::with_capacity(images.len());
-        for row in batch.rows {
-            results.push(match row {
-                Ok(_) => outputs
-                    .next()
-                    .expect("one output per row")
-                    .and_then(|out| classifier.top_k(&out, self.config.classify.top_k)),
-                Err(e) => Err(e),
-            });
-        }
-        Counters::add(&self.counters.images, results.iter().filter(|r| r.is_ok()).count() as u64);
-        Ok(results)
     }
 
     /// Runs raw tensors through the model as one batch, validated against what it expects.
@@ -510,50 +385,4 @@ pub enum TaskOutput {
     Embeddings(Vec<Vec<f32>>),
     /// The model's outputs.
     Outputs(Outputs),
-}
-
-/// The embed task's parts: the text pipeline, its tokenizer pool, and whether the
-/// model applies the embedding head itself.
-struct TextPath {
-    pipeline: TextPipeline,
-    tokenizers: TokenizerPool,
-    /// The model returns [`SENTENCE_EMBEDDING`] with the pipeline's head applied.
-    pooled: bool,
-}
-
-/// One vector per text from the model's outputs for texts of `lengths` tokens, padded
-/// to `padded`: [`SENTENCE_EMBEDDING`] when the model pooled on its device; otherwise
-/// `last_hidden_state` (or the only output there is), pooled here on the host.
-fn embeddings(
-    text: &TextPath,
-    outputs: &Outputs,
-    lengths: &[usize],
-    padded: usize,
-    rows: usize,
-) -> Result<Vec<Vec<f32>>> {
-    let mut vectors = if text.pooled {
-        let tensor = outputs.require(SENTENCE_EMBEDDING)?;
-        let values = tensor.to_f32_vec()?;
-        let hidden = values.len() / rows.max(1);
-        values.chunks_exact(hidden.max(1)).map(<[f32]>::to_vec).collect()
-    } else {
-        let tensor = match outputs.get(LAST_HIDDEN_STATE) {
-            Some(t) => t,
-            None => outputs.iter().next().map(|(_, t)| t).ok_or_else(|| {
-                Error::InvalidInput(
-                    "the model returned no outputs; an embedding model must return one".into(),
-                )
-            })?,
-        };
-        // A bucket's added rows are all padding.
-        let mask: Vec<i64> = (0..rows)
-            .flat_map(|r| {
-                let len = lengths.get(r).copied().unwrap_or(0);
-                (0..padded).map(move |s| i64::from(s < len))
-            })
-            .collect();
-        text.pipeline.pool(tensor, &mask)?
-    };
-    vectors.truncate(lengths.len());
-    Ok(vectors)
 }

@@ -1,8 +1,13 @@
 //! The classify task's parts: the image pipeline, the model's image input, the labels,
 //! and the best classes of each image.
 
-use kiln_core::{Error, KilnConfig, ModelInfo, Outputs, Result};
-use kiln_vision::ImagePipeline;
+use std::time::Instant;
+
+use kiln_core::{Error, Inputs, KilnConfig, ModelInfo, Outputs, Result, Tensor};
+use kiln_vision::{ImageInput, ImagePipeline};
+
+use super::Optimizer;
+use crate::stats::{Counters, Stage};
 
 /// One class and its score.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -100,5 +105,71 @@ impl Classifier {
             })
             .collect();
         Ok(Classification { top_k })
+    }
+}
+
+impl Optimizer {
+    /// The class labels of a classify task, in class order (from `classify.labels`);
+    /// `None` without a labels file (classes are numbers) or for another task.
+    pub fn labels(&self) -> Option<&[String]> {
+        self.vision.as_ref().and_then(|v| v.labels.as_deref())
+    }
+
+    /// Classifies images (task `classify`): each is pre-processed per `[preprocess]`,
+    /// run through the model — batched with other callers' images — and its scores
+    /// turned into the `classify.top_k` best labels. One result per image, in order: an
+    /// image that cannot be read fails alone, with an error naming it.
+    pub async fn classify(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {
+        self.request(self.check_call_size(images.len(), "images"), || self.classify_inner(images)).await
+    }
+
+    async fn classify_inner(&self, images: &[ImageInput]) -> Result<Vec<Result<Classification>>> {
+        let classifier = self.vision.clone().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "classify needs task = \"classify\"; this optimizer runs {:?}",
+                self.config.task
+            ))
+        })?;
+        let started = Instant::now();
+        let owned = images.to_vec();
+        let pipeline = classifier.clone();
+        let batch = tokio::task::spawn_blocking(move || pipeline.pipeline.process(&owned))
+            .await
+            .map_err(|e| Error::backend("kiln", format!("the pre-processing task failed: {e}")))??;
+        self.timed(Stage::Preprocess, "preprocess", started);
+        let rows = batch.tensor.shape().first().copied().unwrap_or(0);
+        let row_shape: Vec<usize> =
+            std::iter::once(1).chain(batch.tensor.shape()[1..].iter().copied()).collect();
+        let row_bytes = batch.tensor.bytes().len() / rows.max(1);
+        let dtype = batch.tensor.dtype();
+        let submits = (0..rows).map(|r| {
+            let bytes = batch.tensor.bytes()[r * row_bytes..(r + 1) * row_bytes].to_vec();
+            let name = classifier.input.clone();
+            let shape = row_shape.clone();
+            async move {
+                let inputs = Inputs::new().with(name, Tensor::from_bytes(dtype, shape, bytes)?);
+                if self.config.batching.enabled {
+                    let out = self.replicas.pick().submit(inputs, 1).await?;
+                    self.counters.queue_wait(out.queue_wait);
+                    Ok::<Outputs, Error>(out.outputs)
+                } else {
+                    self.run_model(inputs).await
+                }
+            }
+        });
+        let outputs = futures_util::future::join_all(submits).await;
+        let mut outputs = outputs.into_iter();
+        let mut results = Vec::with_capacity(images.len());
+        for row in batch.rows {
+            results.push(match row {
+                Ok(_) => outputs
+                    .next()
+                    .expect("one output per row")
+                    .and_then(|out| classifier.top_k(&out, self.config.classify.top_k)),
+                Err(e) => Err(e),
+            });
+        }
+        Counters::add(&self.counters.images, results.iter().filter(|r| r.is_ok()).count() as u64);
+        Ok(results)
     }
 }

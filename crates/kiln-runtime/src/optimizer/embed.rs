@@ -1,11 +1,67 @@
-//! The embed task's path: cache lookups, single-flight, tokenization, shared batches or
-//! calls of their own, pooling where the model does not.
+//! The embed task: its text path (the pipeline and its tokenizer pool), the public
+//! calls (`embed`, `token_lengths`, `token_counts`), cache lookups, single-flight,
+//! tokenization, shared batches or calls of their own, pooling where the model does not.
 
-// The optimizer's own imports: this is the optimizer, split by concern.
-use super::*;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_core::{
+    CacheKey, Error, KilnConfig, LAST_HIDDEN_STATE, ModelInfo, ModelSpec, NamedTensors, Outputs, Result,
+    SENTENCE_EMBEDDING, Tensor,
+};
+use kiln_text::{TextPipeline, TokenRow};
+
+use super::Optimizer;
+use crate::cache::cache_key;
+use crate::collate::collate;
+use crate::inflight::{Claim, Leader, follow};
+use crate::stats::{Counters, Stage};
+use crate::tokenize::TokenizerPool;
+
+/// Name under which a cached embedding is stored.
+const EMBEDDING: &str = "embedding";
 
 impl Optimizer {
-    pub(super) async fn embed_inner(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+    /// Embeds texts: one vector per text, in order. An empty text is embedded (as
+    /// sentence-transformers does), not dropped; texts longer than the model's maximum
+    /// are truncated to it. With batching on, the texts join those of concurrent
+    /// callers in shared batches; repeated texts are answered from the cache.
+    pub async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        // A retry runs the whole call again; texts that made it the first time are
+        // cache hits by then (when the cache is on).
+        let vectors =
+            self.request(self.check_call_size(texts.len(), "texts"), || self.embed_inner(texts)).await?;
+        Counters::add(&self.counters.texts, texts.len() as u64);
+        Ok(vectors)
+    }
+
+    /// Tokens each text becomes (special tokens included, after truncation to the
+    /// model's maximum), from the tokenizer pool, without running the model: what a
+    /// caller that orders texts by length (as `kiln run` does, to pad less) sorts by.
+    pub async fn token_lengths(&self, texts: Vec<String>) -> Result<Vec<usize>> {
+        Ok(self.token_counts(texts).await?.into_iter().map(|(tokens, _)| tokens).collect())
+    }
+
+    /// Each text's token count, as [`token_lengths`](Self::token_lengths), and whether
+    /// the text was cut to fit the model (`text.max_length` tokens, or `text.max_chars`
+    /// characters): what a server that refuses over-long inputs (TEI's `truncate: false`)
+    /// checks.
+    pub async fn token_counts(&self, texts: Vec<String>) -> Result<Vec<(usize, bool)>> {
+        let rows = self.text_path("token_counts")?.tokenizers.encode(texts).await?;
+        Ok(rows.iter().map(|r| (r.len(), r.truncated)).collect())
+    }
+
+    /// The text path, which only the embed task has; `what` names the call refused.
+    fn text_path(&self, what: &str) -> Result<&TextPath> {
+        self.text.as_ref().ok_or_else(|| {
+            Error::Unsupported(format!(
+                "{what} needs task = \"embed\"; this optimizer runs {:?}",
+                self.config.task
+            ))
+        })
+    }
+
+    async fn embed_inner(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let text = self.text_path("embed")?;
         let mut out: Vec<Option<Vec<f32>>> = vec![None; texts.len()];
         let mut todo: Vec<usize> = (0..texts.len()).collect();
@@ -116,4 +172,70 @@ impl Optimizer {
         }
         Ok(vectors)
     }
+}
+
+/// The embed task's parts: the text pipeline, its tokenizer pool, and whether the
+/// model applies the embedding head itself.
+pub(super) struct TextPath {
+    pub(super) pipeline: TextPipeline,
+    tokenizers: TokenizerPool,
+    /// The model returns [`SENTENCE_EMBEDDING`] with the pipeline's head applied.
+    pooled: bool,
+}
+
+impl TextPath {
+    /// The pipeline of the model folder `config` names, for the loaded model `info`
+    /// (loaded from `spec`, on `provider`), with its tokenizer pool started.
+    pub(super) fn new(
+        config: &KilnConfig,
+        info: &ModelInfo,
+        spec: &ModelSpec,
+        provider: &str,
+    ) -> Result<Self> {
+        let pipeline =
+            TextPipeline::from_model_dir(&config.model.path, &config.text, info.max_sequence_length)?;
+        let tokenizers = TokenizerPool::start(&pipeline, config.text.tokenizer_threads)?;
+        let pooled = info.head.is_some() && info.head == spec.head;
+        if !pooled {
+            tracing::info!("provider `{provider}` returns token vectors: kiln pools them on the host");
+        }
+        Ok(TextPath { pipeline, tokenizers, pooled })
+    }
+}
+
+/// One vector per text from the model's outputs for texts of `lengths` tokens, padded
+/// to `padded`: [`SENTENCE_EMBEDDING`] when the model pooled on its device; otherwise
+/// `last_hidden_state` (or the only output there is), pooled here on the host.
+fn embeddings(
+    text: &TextPath,
+    outputs: &Outputs,
+    lengths: &[usize],
+    padded: usize,
+    rows: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let mut vectors = if text.pooled {
+        let tensor = outputs.require(SENTENCE_EMBEDDING)?;
+        let values = tensor.to_f32_vec()?;
+        let hidden = values.len() / rows.max(1);
+        values.chunks_exact(hidden.max(1)).map(<[f32]>::to_vec).collect()
+    } else {
+        let tensor = match outputs.get(LAST_HIDDEN_STATE) {
+            Some(t) => t,
+            None => outputs.iter().next().map(|(_, t)| t).ok_or_else(|| {
+                Error::InvalidInput(
+                    "the model returned no outputs; an embedding model must return one".into(),
+                )
+            })?,
+        };
+        // A bucket's added rows are all padding.
+        let mask: Vec<i64> = (0..rows)
+            .flat_map(|r| {
+                let len = lengths.get(r).copied().unwrap_or(0);
+                (0..padded).map(move |s| i64::from(s < len))
+            })
+            .collect();
+        text.pipeline.pool(tensor, &mask)?
+    };
+    vectors.truncate(lengths.len());
+    Ok(vectors)
 }
