@@ -561,6 +561,92 @@ mod tests {
         }
     }
 
+    /// An engine over `generator` with `max_sequences` slots and `kv_budget` bytes, and
+    /// a tokenizer that knows no words (the steps tested here decode nothing).
+    fn engine(generator: &Arc<Recorder>, max_sequences: usize, kv_budget: u64) -> Engine {
+        let tokenizer = Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default());
+        let limits = Limits { max_sequences, kv_budget, pressure: None };
+        Engine::new(
+            generator.clone(),
+            Arc::new(tokenizer),
+            limits,
+            Arc::new(Counters::default()),
+            Arc::new(kiln_core::NoopProfiler),
+        )
+    }
+
+    /// A request of `tokens` prompt tokens reserving `reserve` KV bytes, and its stream.
+    fn job(tokens: usize, reserve: u64) -> (Job, flume::Receiver<Event>) {
+        let (events, stream) = flume::unbounded();
+        let settings = GenerateConfig { max_new_tokens: 2, ..Default::default() };
+        (Job { tokens: vec![1; tokens], settings, events, submitted: Instant::now(), reserve }, stream)
+    }
+
+    fn recorder() -> Arc<Recorder> {
+        let info = GeneratorInfo::new("recorder", "test", Device::Cpu, 50, 64, TokenizerSource::None);
+        Arc::new(Recorder(info, Mutex::new(Vec::new())))
+    }
+
+    #[test]
+    fn admit_fills_the_free_slots_within_the_kv_budget_oldest_first() {
+        let mut e = engine(&recorder(), 3, 100);
+        let streams: Vec<_> = [(4, 40), (4, 40), (4, 40), (4, 10)]
+            .into_iter()
+            .map(|(n, kv)| {
+                let (j, s) = job(n, kv);
+                e.waiting.push_back(j);
+                s
+            })
+            .collect();
+        e.admit();
+        // Two fit the 100-byte budget; the third (40) would not, so nothing after it jumps the queue.
+        assert_eq!((e.running.len(), e.waiting.len(), e.reserved), (2, 2, 80));
+        // A request whose stream is gone leaves the queue without a slot.
+        drop(streams);
+        e.admit();
+        e.evict_cancelled();
+        assert_eq!((e.running.len(), e.waiting.len(), e.reserved), (0, 0, 0));
+        assert_eq!(e.counters.snapshot().cancelled, 4);
+    }
+
+    #[test]
+    fn a_lone_request_runs_even_over_the_budget() {
+        let mut e = engine(&recorder(), 3, 10);
+        let (j, _stream) = job(4, 1000);
+        e.waiting.push_back(j);
+        e.admit();
+        assert_eq!(e.running.len(), 1);
+    }
+
+    #[test]
+    fn step_emit_and_finish_end_a_sequence_at_max_new_tokens_and_free_it() {
+        let generator = recorder();
+        let mut e = engine(&generator, 2, 0);
+        let (j, stream) = job(3, 7);
+        e.waiting.push_back(j);
+        e.admit();
+        let mut ended = Vec::new();
+        for _ in 0..2 {
+            let (logits, now) = e.step().expect("the recorder steps");
+            let finished = e.emit(logits, now);
+            ended = e.finish(finished, now);
+        }
+        // Prompt, then one token: two steps, two new tokens, max_new_tokens reached.
+        assert_eq!(*generator.1.lock().unwrap(), vec![vec![3], vec![1]]);
+        assert!(e.running.is_empty() && e.reserved == 0);
+        e.publish_levels();
+        let stats = e.counters.snapshot();
+        assert_eq!((stats.running, stats.completed, stats.generated_tokens), (0, 1, 2));
+        // The answer goes out only now, after the levels.
+        assert!(stream.try_recv().is_ok_and(|ev| matches!(ev, Event::Token { .. })));
+        let done = ended.into_iter().find_map(|(_, ev)| match ev {
+            Event::Done(g) => Some(g),
+            _ => None,
+        });
+        let done = done.expect("a Done event to send");
+        assert_eq!((done.tokens.len(), done.finish_reason), (2, FinishReason::Length));
+    }
+
     fn stops(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
     }
