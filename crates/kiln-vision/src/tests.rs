@@ -1,5 +1,7 @@
 //! The pipeline's tests: decoding, limits, orientation, fitting, normalisation, files.
 use super::*;
+use image::{DynamicImage, ImageFormat};
+use std::io::Cursor;
 
 fn pipeline(f: impl FnOnce(&mut PreprocessConfig)) -> ImagePipeline {
     let mut c = PreprocessConfig { cache_bytes: 0, threads: 1, ..Default::default() };
