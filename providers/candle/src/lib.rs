@@ -33,6 +33,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod llama;
+pub mod qwen2vl;
 mod weights;
 
 /// The registered name.

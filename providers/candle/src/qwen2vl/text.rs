@@ -1,0 +1,259 @@
+//! The language model: a Qwen2 decoder (RMSNorm, attention with q/k/v biases and
+//! grouped KV heads, SwiGLU) whose rotary positions come three to a token (M-RoPE), with
+//! a KV cache per sequence.
+
+use candle_core::{D, Device, Tensor};
+use kiln_core::{Error, Result};
+
+use super::config::QwenVlConfig;
+use super::rope::mrope_cos_sin;
+use super::vision::rotate;
+use super::weights::{Linear, Weights, rms_norm};
+use crate::backend;
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// One sequence's keys and values, per layer `[kv_heads, tokens, head_dim]`, and the
+/// offset decoding adds to a token's index to get its position.
+pub struct KvCache {
+    keys: Vec<Option<Tensor>>,
+    values: Vec<Option<Tensor>>,
+    tokens: usize,
+    rope_delta: i64,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+
+    /// Whether nothing is held yet.
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
+
+    /// Bytes held (f32 keys and values).
+    pub fn bytes(&self) -> u64 {
+        self.keys.iter().chain(&self.values).flatten().map(|t| (t.elem_count() * 4) as u64).sum()
+    }
+
+    /// Where the next token goes on all three position streams.
+    pub fn next_position(&self) -> i64 {
+        self.tokens as i64 + self.rope_delta
+    }
+
+    pub(super) fn set_rope_delta(&mut self, delta: i64) {
+        self.rope_delta = delta;
+    }
+}
+
+/// The decoder.
+pub struct TextModel {
+    config: QwenVlConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    device: Device,
+}
+
+impl TextModel {
+    /// The decoder's weights from `weights`.
+    pub fn load(weights: &Weights, config: &QwenVlConfig) -> Result<Self> {
+        let p = weights.text_prefix();
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = format!("{p}layers.{i}.");
+                Ok(Layer {
+                    input_norm: weights.get(&format!("{l}input_layernorm.weight"))?,
+                    post_norm: weights.get(&format!("{l}post_attention_layernorm.weight"))?,
+                    q: weights.linear(&format!("{l}self_attn.q_proj"), true)?,
+                    k: weights.linear(&format!("{l}self_attn.k_proj"), true)?,
+                    v: weights.linear(&format!("{l}self_attn.v_proj"), true)?,
+                    o: weights.linear(&format!("{l}self_attn.o_proj"), false)?,
+                    gate: weights.linear(&format!("{l}mlp.gate_proj"), false)?,
+                    up: weights.linear(&format!("{l}mlp.up_proj"), false)?,
+                    down: weights.linear(&format!("{l}mlp.down_proj"), false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed = weights.get(&format!("{p}embed_tokens.weight"))?;
+        // Tied checkpoints write no lm_head; some untied ones are saved tied anyway.
+        let lm_head = if !config.tie_word_embeddings && weights.has("lm_head.weight") {
+            weights.get("lm_head.weight")?
+        } else {
+            embed.clone()
+        };
+        Ok(TextModel {
+            config: config.clone(),
+            embed,
+            layers,
+            norm: weights.get(&format!("{p}norm.weight"))?,
+            lm_head,
+            device: weights.device().clone(),
+        })
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        let n = self.layers.len();
+        KvCache { keys: vec![None; n], values: vec![None; n], tokens: 0, rope_delta: 0 }
+    }
+
+    /// Token embeddings `[tokens, hidden]`, with `images`' rows (one per
+    /// `<|image_pad|>`, in order) in place of the image pad tokens'.
+    pub fn embed(&self, ids: &[u32], images: Option<&Tensor>) -> Result<Tensor> {
+        let vocab = self.config.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let index = Tensor::new(ids, &self.device).map_err(backend)?;
+        let mut x = self.embed.index_select(&index, 0).map_err(backend)?;
+        let pads: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == self.config.image_token_id)
+            .map(|(i, _)| i as u32)
+            .collect();
+        match images {
+            Some(rows) => {
+                let n = rows.dim(0).map_err(backend)?;
+                if n != pads.len() {
+                    return Err(Error::InvalidInput(format!(
+                        "the prompt has {} image tokens and its images give {n}",
+                        pads.len()
+                    )));
+                }
+                if n > 0 {
+                    // Each position takes its own embedding or, for the k-th pad, image row k:
+                    // gathered from both at once, so the image rows come through exactly.
+                    let mut k = 0u32;
+                    let pick: Vec<u32> = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &t)| {
+                            if t == self.config.image_token_id {
+                                k += 1;
+                                ids.len() as u32 + k - 1
+                            } else {
+                                i as u32
+                            }
+                        })
+                        .collect();
+                    let both = Tensor::cat(&[&x, rows], 0).map_err(backend)?;
+                    let pick = Tensor::new(pick.as_slice(), &self.device).map_err(backend)?;
+                    x = both.index_select(&pick, 0).map_err(backend)?;
+                }
+            }
+            None if !pads.is_empty() => {
+                return Err(Error::InvalidInput(format!(
+                    "the prompt has {} image tokens but no images",
+                    pads.len()
+                )));
+            }
+            None => {}
+        }
+        Ok(x)
+    }
+
+    /// Runs `x` (`[tokens, hidden]`, the tokens after those `cache` holds) at
+    /// `positions` (time, height, width per token), appending their keys and values to
+    /// `cache`; returns the logits of the last `keep` tokens, `[keep, vocab]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        positions: &[Vec<i64>; 3],
+        cache: &mut KvCache,
+        keep: usize,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (tokens, _) = x.dims2().map_err(backend)?;
+        let (heads, kv_heads, head_dim) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let (cos, sin) = mrope_cos_sin(positions, head_dim, c.rope_theta, c.mrope_section);
+        let cos = Tensor::from_vec(cos, (tokens, head_dim), &self.device).map_err(backend)?;
+        let sin = Tensor::from_vec(sin, (tokens, head_dim), &self.device).map_err(backend)?;
+        let past = cache.tokens;
+        let mask = causal_mask(tokens, past, &self.device)?;
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let q = layer.q.forward(&h)?.reshape((tokens, heads, head_dim)).map_err(backend)?;
+            let k = layer.k.forward(&h)?.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
+            let v = layer.v.forward(&h)?.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
+            let q = rotate(&q, &cos, &sin)?.transpose(0, 1).map_err(backend)?; // [heads, tokens, d]
+            let k = rotate(&k, &cos, &sin)?.transpose(0, 1).map_err(backend)?;
+            let v = v.transpose(0, 1).map_err(backend)?;
+            let (k, v) = (append(&mut cache.keys[i], k)?, append(&mut cache.values[i], v)?);
+            let attended = attend(&q, &k, &v, &mask, heads / kv_heads, head_dim)?;
+            let attended = attended
+                .transpose(0, 1)
+                .and_then(|a| a.reshape((tokens, heads * head_dim)))
+                .map_err(backend)?;
+            x = (x + layer.o.forward(&attended)?).map_err(backend)?;
+            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            let gate = layer.gate.forward(&h)?.silu().map_err(backend)?;
+            let up = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(gate * up).map_err(backend)?)?).map_err(backend)?;
+        }
+        cache.tokens += tokens;
+        let last = x.narrow(0, tokens - keep.min(tokens), keep.min(tokens)).map_err(backend)?;
+        let last = rms_norm(&last, &self.norm, c.rms_norm_eps)?;
+        last.matmul(&self.lm_head.t().map_err(backend)?).map_err(backend)
+    }
+}
+
+/// `cache` with `new` (`[kv_heads, tokens, d]`) appended along the tokens; the whole.
+fn append(cache: &mut Option<Tensor>, new: Tensor) -> Result<Tensor> {
+    let all = match cache.take() {
+        Some(old) => Tensor::cat(&[&old, &new], 1).map_err(backend)?,
+        None => new.contiguous().map_err(backend)?,
+    };
+    *cache = Some(all.clone());
+    Ok(all)
+}
+
+/// `[tokens, past + tokens]`: 0 where a query may look, −∞ where it may not (a later
+/// token).
+fn causal_mask(tokens: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let total = past + tokens;
+    let values: Vec<f32> = (0..tokens)
+        .flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(values, (tokens, total), device).map_err(backend)
+}
+
+/// Causal attention with `group` query heads per KV head: q `[heads, n, d]`, k and v
+/// `[kv_heads, total, d]` → `[heads, n, d]`.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    group: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (kv_heads, total, d) = k.dims3().map_err(backend)?;
+    let repeat = |t: &Tensor| {
+        t.unsqueeze(1)
+            .and_then(|t| t.expand((kv_heads, group, total, d)))
+            .and_then(|t| t.reshape((kv_heads * group, total, d)))
+    };
+    let (k, v) = (repeat(k).map_err(backend)?, repeat(v).map_err(backend)?);
+    let q = q.contiguous().map_err(backend)?;
+    let scores =
+        (q.matmul(&k.t().map_err(backend)?).map_err(backend)? / (head_dim as f64).sqrt()).map_err(backend)?;
+    let scores = scores.broadcast_add(mask).map_err(backend)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1).map_err(backend)?;
+    probs.matmul(&v).map_err(backend)
+}

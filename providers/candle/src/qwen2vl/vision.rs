@@ -1,0 +1,257 @@
+//! The vision tower: patches in, one vector per merged patch out, in the language
+//! model's width.
+//!
+//! # Design
+//!
+//! The processor gives patch rows in merge-block order. The tower embeds them (the
+//! patch convolution is one matrix product: kernel = stride = one patch), gives each a
+//! 2D rotary position (its row on half the rotary frequencies, its column on the
+//! other), and reorders them — whole merge units at a time — window by window
+//! (`window_size` pixels a side), so that each window's tokens are contiguous. Blocks
+//! then attend within each window, except the `fullatt_block_indexes` blocks, which
+//! attend within each whole image; attention never crosses images. The merger
+//! concatenates each merge unit's patches and projects them; the output goes back to
+//! the processor's order.
+
+use candle_core::{D, Device, IndexOp, Tensor};
+use kiln_core::Result;
+
+use super::config::VisionConfig;
+use super::rope::inverse_frequencies;
+use super::weights::{Linear, Weights, rms_norm};
+use crate::backend;
+
+struct Block {
+    norm1: Tensor,
+    norm2: Tensor,
+    qkv: Linear,
+    proj: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The vision tower of a Qwen2.5-VL checkpoint.
+pub struct VisionTower {
+    config: VisionConfig,
+    /// `[hidden, C·T·P·P]`: the patch convolution as a matrix.
+    patch_embed: Tensor,
+    blocks: Vec<Block>,
+    merger_norm: Tensor,
+    merger_fc1: Linear,
+    merger_fc2: Linear,
+    device: Device,
+}
+
+/// Where the tower's tokens go and which attend to which.
+struct Layout {
+    /// Merge units in window order: `window_index[i]` is the processor-order merge unit
+    /// at window-order place i.
+    window_index: Vec<u32>,
+    /// Patch offsets where each window starts (and the end).
+    windows: Vec<usize>,
+    /// Patch offsets where each image starts (and the end).
+    images: Vec<usize>,
+}
+
+impl VisionTower {
+    /// The tower's weights from `weights`.
+    pub fn load(weights: &Weights, config: &VisionConfig) -> Result<Self> {
+        let p = weights.vision_prefix();
+        let hidden = config.hidden_size;
+        let patch = weights.get(&format!("{p}patch_embed.proj.weight"))?;
+        let patch_embed = weights.patch_matrix(patch, hidden)?;
+        let blocks = (0..config.depth)
+            .map(|i| {
+                let b = format!("{p}blocks.{i}.");
+                Ok(Block {
+                    norm1: weights.get(&format!("{b}norm1.weight"))?,
+                    norm2: weights.get(&format!("{b}norm2.weight"))?,
+                    qkv: weights.linear(&format!("{b}attn.qkv"), true)?,
+                    proj: weights.linear(&format!("{b}attn.proj"), true)?,
+                    gate: weights.linear(&format!("{b}mlp.gate_proj"), true)?,
+                    up: weights.linear(&format!("{b}mlp.up_proj"), true)?,
+                    down: weights.linear(&format!("{b}mlp.down_proj"), true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VisionTower {
+            config: config.clone(),
+            patch_embed,
+            blocks,
+            merger_norm: weights.get(&format!("{p}merger.ln_q.weight"))?,
+            merger_fc1: weights.linear(&format!("{p}merger.mlp.0"), true)?,
+            merger_fc2: weights.linear(&format!("{p}merger.mlp.2"), true)?,
+            device: weights.device().clone(),
+        })
+    }
+
+    /// The images' patch rows (`[Σ t·h·w, C·T·P·P]`, each image's in merge-block order,
+    /// images one after another) and grids → `[Σ t·h·w / merge², out_hidden]`, one row
+    /// per image token in prompt order.
+    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Tensor> {
+        let c = &self.config;
+        let unit = c.spatial_merge_size * c.spatial_merge_size;
+        let heads = c.num_heads;
+        let head_dim = c.hidden_size / heads;
+        let patches = pixels.dim(0).map_err(backend)?;
+        let layout = self.layout(grids);
+        let (cos, sin) = self.rotary(grids, &layout.window_index, head_dim, patches)?;
+        let mut x = pixels.matmul(&self.patch_embed.t().map_err(backend)?).map_err(backend)?;
+        // Window order, whole merge units at a time.
+        let order = Tensor::new(layout.window_index.as_slice(), &self.device).map_err(backend)?;
+        x = x
+            .reshape((patches / unit, unit * c.hidden_size))
+            .and_then(|x| x.index_select(&order, 0))
+            .and_then(|x| x.reshape((patches, c.hidden_size)))
+            .map_err(backend)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let segments =
+                if c.fullatt_block_indexes.contains(&i) { &layout.images } else { &layout.windows };
+            let h = rms_norm(&x, &block.norm1, 1e-6)?;
+            let qkv = block.qkv.forward(&h)?.reshape((patches, 3, heads, head_dim)).map_err(backend)?;
+            let q = rotate(&qkv.i((.., 0)).map_err(backend)?, &cos, &sin)?;
+            let k = rotate(&qkv.i((.., 1)).map_err(backend)?, &cos, &sin)?;
+            let v = qkv.i((.., 2)).map_err(backend)?;
+            let attended = attend_segments(&q, &k, &v, segments, head_dim)?;
+            x = (x + block.proj.forward(&attended)?).map_err(backend)?;
+            let h = rms_norm(&x, &block.norm2, 1e-6)?;
+            let gate = block.gate.forward(&h)?.silu().map_err(backend)?;
+            let up = block.up.forward(&h)?;
+            x = (x + block.down.forward(&(gate * up).map_err(backend)?)?).map_err(backend)?;
+        }
+        let merged = rms_norm(&x, &self.merger_norm, 1e-6)?
+            .reshape((patches / unit, unit * c.hidden_size))
+            .map_err(backend)?;
+        let merged =
+            self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu_erf().map_err(backend)?)?;
+        // Back to the processor's order: out[window_index[i]] = merged[i].
+        let mut inverse = vec![0u32; layout.window_index.len()];
+        for (i, &w) in layout.window_index.iter().enumerate() {
+            inverse[w as usize] = i as u32;
+        }
+        let inverse = Tensor::new(inverse.as_slice(), &self.device).map_err(backend)?;
+        merged.index_select(&inverse, 0).map_err(backend)
+    }
+
+    /// Window order and the attention segments of `grids`' images.
+    fn layout(&self, grids: &[[usize; 3]]) -> Layout {
+        let c = &self.config;
+        let m = c.spatial_merge_size;
+        let unit = m * m;
+        let side = (c.window_size / m / c.patch_size).max(1);
+        let (mut window_index, mut windows, mut images) = (Vec::new(), vec![0usize], vec![0usize]);
+        let mut base = 0u32;
+        for &[t, h, w] in grids {
+            let (gh, gw) = (h / m, w / m);
+            for frame in 0..t {
+                for wr in 0..gh.div_ceil(side) {
+                    for wc in 0..gw.div_ceil(side) {
+                        let mut count = 0;
+                        for r in wr * side..((wr + 1) * side).min(gh) {
+                            for col in wc * side..((wc + 1) * side).min(gw) {
+                                window_index.push(base + (frame * gh * gw + r * gw + col) as u32);
+                                count += 1;
+                            }
+                        }
+                        windows.push(windows.last().copied().unwrap_or(0) + count * unit);
+                    }
+                }
+                images.push(images.last().copied().unwrap_or(0) + gh * gw * unit);
+            }
+            base += (t * gh * gw) as u32;
+        }
+        Layout { window_index, windows, images }
+    }
+
+    /// cos and sin `[patches, head_dim]` in window order: each patch's row position on
+    /// the first quarter of the frequencies, its column on the second, both halves of
+    /// the head repeating them.
+    fn rotary(
+        &self,
+        grids: &[[usize; 3]],
+        window_index: &[u32],
+        head_dim: usize,
+        patches: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let m = self.config.spatial_merge_size;
+        let unit = m * m;
+        let inv = inverse_frequencies(head_dim / 2, 10_000.0);
+        let quarter = inv.len();
+        // (row, column) of every patch in processor (merge-block) order.
+        let mut at = Vec::with_capacity(patches);
+        for &[t, h, w] in grids {
+            for _ in 0..t {
+                for hb in 0..h / m {
+                    for wb in 0..w / m {
+                        for mh in 0..m {
+                            for mw in 0..m {
+                                at.push((hb * m + mh, wb * m + mw));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let (mut cos, mut sin) =
+            (Vec::with_capacity(patches * head_dim), Vec::with_capacity(patches * head_dim));
+        for &u in window_index {
+            for k in 0..unit {
+                let (row, col) = at[u as usize * unit + k];
+                let mut angles = Vec::with_capacity(head_dim);
+                angles.extend(inv.iter().map(|f| row as f32 * f));
+                angles.extend(inv.iter().map(|f| col as f32 * f));
+                debug_assert_eq!(angles.len(), 2 * quarter);
+                for _ in 0..2 {
+                    cos.extend(angles.iter().map(|a| a.cos()));
+                    sin.extend(angles.iter().map(|a| a.sin()));
+                }
+            }
+        }
+        let shape = (patches, head_dim);
+        Ok((
+            Tensor::from_vec(cos, shape, &self.device).map_err(backend)?,
+            Tensor::from_vec(sin, shape, &self.device).map_err(backend)?,
+        ))
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin` for `x` `[tokens, heads, head_dim]` and cos/sin
+/// `[tokens, head_dim]` (the same for every head).
+pub(super) fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1).map_err(backend)? / 2;
+    let (cos, sin) = (cos.unsqueeze(1).map_err(backend)?, sin.unsqueeze(1).map_err(backend)?);
+    let first = x.narrow(D::Minus1, 0, half).map_err(backend)?;
+    let second = x.narrow(D::Minus1, half, half).map_err(backend)?;
+    let rotated = Tensor::cat(&[&second.neg().map_err(backend)?, &first], D::Minus1).map_err(backend)?;
+    (x.broadcast_mul(&cos).map_err(backend)? + rotated.broadcast_mul(&sin).map_err(backend)?).map_err(backend)
+}
+
+/// Softmax attention of q, k, v (`[tokens, heads, head_dim]`) within each segment
+/// `[segments[i], segments[i + 1])`, not across; `[tokens, heads · head_dim]` out.
+fn attend_segments(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[usize],
+    head_dim: usize,
+) -> Result<Tensor> {
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut outs = Vec::with_capacity(segments.len());
+    for pair in segments.windows(2) {
+        let (start, len) = (pair[0], pair[1] - pair[0]);
+        if len == 0 {
+            continue;
+        }
+        let part =
+            |t: &Tensor| t.narrow(0, start, len).and_then(|t| t.transpose(0, 1)).and_then(|t| t.contiguous());
+        let (qs, ks, vs) = (part(q).map_err(backend)?, part(k).map_err(backend)?, part(v).map_err(backend)?);
+        let scores = (qs.matmul(&ks.t().map_err(backend)?).map_err(backend)? * scale).map_err(backend)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores).map_err(backend)?;
+        let out = probs.matmul(&vs).map_err(backend)?.transpose(0, 1).map_err(backend)?;
+        outs.push(out);
+    }
+    let all = Tensor::cat(&outs, 0).map_err(backend)?;
+    let (tokens, heads, d) = all.dims3().map_err(backend)?;
+    all.reshape((tokens, heads * d)).map_err(backend)
+}

@@ -1,0 +1,76 @@
+//! Qwen2.5-VL on candle against transformers on the same checkpoint (the seeded random
+//! one `scripts/setup vlm` makes, in the layout `save_pretrained` writes): a prompt of
+//! two images of different sizes and "Compare these images." — kiln's logits within
+//! 1e-3 (max abs) of transformers' at every prefill position, and the same 32 greedy
+//! tokens. The images go through kiln's own processor.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use kiln_provider_candle::qwen2vl::QwenVl;
+use kiln_vision::{ImageInput, QwenVlProcessor, QwenVlSettings, read_npy};
+
+fn fixture() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/qwen25vl-tiny");
+    assert!(
+        dir.join("prompt.json").is_file(),
+        "{} is missing: run `scripts/setup vlm` (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn two_images_and_a_question_give_transformers_logits_and_greedy_tokens() {
+    let dir = fixture();
+    let prompt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(prompt["input_ids"].clone()).unwrap();
+    let expected_grids: Vec<[usize; 3]> = serde_json::from_value(prompt["image_grid_thw"].clone()).unwrap();
+    let greedy: Vec<u32> = serde_json::from_value(prompt["greedy_tokens"].clone()).unwrap();
+
+    let processor =
+        QwenVlProcessor::new(QwenVlSettings::from_model_dir(&dir.join("model")).unwrap(), 1 << 26, 1 << 26)
+            .unwrap();
+    let (mut pixels, mut grids) = (Vec::new(), Vec::new());
+    for part in prompt["messages"][0]["content"].as_array().unwrap() {
+        if let Some(path) = part.get("path").and_then(|p| p.as_str()) {
+            let image = processor.process(&ImageInput::path(dir.join(path))).unwrap();
+            pixels.extend(image.pixel_values);
+            grids.push(image.grid_thw);
+        }
+    }
+    assert_eq!(grids, expected_grids);
+    let reference_pixels = read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap();
+    assert_eq!(pixels, reference_pixels, "kiln's processor gives transformers' pixel values");
+
+    let model = QwenVl::load(&dir.join("model"), &Device::Cpu).unwrap();
+    let images = model.encode_images(&pixels, &grids).unwrap();
+    let mut cache = model.new_cache();
+    let logits = model.prefill(&ids, Some(&images), &grids, &mut cache, ids.len()).unwrap();
+    let logits = logits.to_vec2::<f32>().unwrap();
+    let reference = read_npy(&dir.join("prompt_logits.npy")).unwrap();
+    let vocab = reference.shape()[1];
+    let reference = reference.to_f32_vec().unwrap();
+    let mut worst = (0f32, 0usize);
+    for (position, row) in logits.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            let d = (v - reference[position * vocab + j]).abs();
+            if d > worst.0 {
+                worst = (d, position);
+            }
+        }
+    }
+    println!("largest logit difference {:.2e} at prompt position {} of {}", worst.0, worst.1, ids.len());
+    assert!(worst.0 <= 1e-3, "logits differ by {:.3e} at position {}", worst.0, worst.1);
+
+    let argmax = |row: &[f32]| {
+        row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+    };
+    let mut tokens = vec![argmax(logits.last().unwrap())];
+    while tokens.len() < greedy.len() {
+        let next = model.decode(*tokens.last().unwrap(), &mut cache).unwrap().to_vec1::<f32>().unwrap();
+        tokens.push(argmax(&next));
+    }
+    assert_eq!(tokens, greedy, "32 greedy tokens");
+}
