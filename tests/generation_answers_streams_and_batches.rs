@@ -178,3 +178,18 @@ async fn a_stop_string_ends_the_answer_and_never_reaches_the_stream() {
     assert_eq!((stats.running, stats.waiting, stats.kv_cache_bytes), (0, 0, 0), "{stats:?}");
     g.shutdown().await;
 }
+
+/// A text model takes no images: a message with an image part is refused, naming the
+/// model, before anything runs.
+#[tokio::test]
+async fn a_text_model_refuses_images() {
+    use kiln::text::chat::{Content, Message, Part};
+    let g = Generation::from_config(config(&["generate.warmup=false"])).await.unwrap();
+    let parts =
+        vec![Part::Image { path: Some("cat.png".into()), url: None }, Part::Text { text: "Hi".into() }];
+    let prompt = Prompt::Messages(vec![Message { role: "user".into(), content: Content::Parts(parts) }]);
+    let e = g.stream(prompt).err().unwrap().to_string();
+    assert!(e.contains("is a text model and takes no images"), "{e}");
+    assert_eq!(g.stats().requests, 0);
+    g.shutdown().await;
+}

@@ -33,8 +33,8 @@ fn same_logits(ours: &dyn kiln::Generator, reference: &dyn kiln::Generator, prom
     let mut feed = prompt;
     let mut fed = 0;
     for step in 0..=decode {
-        let x = ours.step(&mut [kiln::StepItem { tokens: &feed, cache: a.as_mut() }]).unwrap().remove(0);
-        let y = reference.step(&mut [kiln::StepItem { tokens: &feed, cache: b.as_mut() }]).unwrap().remove(0);
+        let x = ours.step(&mut [kiln::StepItem::new(&feed, a.as_mut())]).unwrap().remove(0);
+        let y = reference.step(&mut [kiln::StepItem::new(&feed, b.as_mut())]).unwrap().remove(0);
         fed += feed.len();
         let worst = x.iter().zip(&y).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         let scale = y.iter().map(|v| v.abs()).fold(0f32, f32::max);

@@ -43,7 +43,7 @@
 //! }
 //! let g = Counter(GeneratorInfo::new("counter", "demo", Device::Cpu, 8, 64, TokenizerSource::None));
 //! let mut cache = g.new_sequence()?;
-//! let logits = g.step(&mut [StepItem { tokens: &[3, 4], cache: cache.as_mut() }])?;
+//! let logits = g.step(&mut [StepItem::new(&[3, 4], cache.as_mut())])?;
 //! assert_eq!(logits[0].iter().position(|&l| l == 1.0), Some(5));
 //! assert_eq!(cache.len(), 2);
 //! # Ok::<(), kiln_core::Error>(())
@@ -68,6 +68,14 @@ pub trait Generator: Send + Sync + 'static {
     /// left half-updated in a way that breaks the next step; the runtime fails the
     /// step's sequences and drops their caches.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>>;
+
+    /// For a vision-language model ([`GeneratorInfo::vision`] set): the vision tower over
+    /// processed images, one `[image tokens, hidden]` f32 tensor per image, in order.
+    /// The default: this generator takes no images.
+    fn encode_images(&self, images: &[ImagePatches]) -> Result<Vec<crate::Tensor>> {
+        let _ = images;
+        Err(Error::Unsupported(format!("{} takes no images; it is a text model", self.info().name)))
+    }
 }
 
 /// A sequence's KV cache. The generator that made it downcasts it back in `step`.
@@ -93,6 +101,53 @@ pub struct StepItem<'a> {
     pub tokens: &'a [u32],
     /// Its cache, which the step extends.
     pub cache: &'a mut dyn SequenceCache,
+    /// For a vision-language model, on the prompt's step: its images, in the order of
+    /// their placeholder runs in `tokens` (empty otherwise).
+    pub images: &'a [StepImage<'a>],
+}
+
+impl<'a> StepItem<'a> {
+    /// An item of `tokens` and no images.
+    pub fn new(tokens: &'a [u32], cache: &'a mut dyn SequenceCache) -> Self {
+        StepItem { tokens, cache, images: &[] }
+    }
+}
+
+/// One image of a prompt, as the vision tower encoded it.
+#[derive(Debug, Clone, Copy)]
+pub struct StepImage<'a> {
+    /// `[image tokens, hidden]`, f32: what [`Generator::encode_images`] gave for it.
+    pub embedding: &'a crate::Tensor,
+    /// Its patches in time, height and width (the processor's `grid_thw`).
+    pub grid_thw: [usize; 3],
+}
+
+/// One image as the model's processor made it, for [`Generator::encode_images`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagePatches {
+    /// Patch rows, `[patches, values per patch]`, row-major, in the processor's order.
+    pub values: Vec<f32>,
+    /// Patches in time, height and width.
+    pub grid_thw: [usize; 3],
+}
+
+/// What a vision-language generator needs of the runtime to put images in a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionInfo {
+    /// The processor family that prepares its images (`"qwen2-vl"`).
+    pub processor: String,
+    /// The checkpoint folder, whose `preprocessor_config.json` holds the processor's
+    /// settings.
+    pub dir: PathBuf,
+    /// The placeholder the chat template writes once per image, which the runtime
+    /// repeats once per image token (`<|image_pad|>`).
+    pub image_token: String,
+    /// Its id.
+    pub image_token_id: u32,
+    /// Patches merged per side into one image token.
+    pub merge_size: usize,
+    /// Bytes the vision tower's weights take (for admission).
+    pub weight_bytes: u64,
 }
 
 /// What a generator is and how to talk to it.
@@ -125,6 +180,8 @@ pub struct GeneratorInfo {
     pub weight_bytes: Option<u64>,
     /// Precision notes for people: e.g. `q8_0 (re-quantized from q4_1)`.
     pub quantization: String,
+    /// For a vision-language model: how images go into its prompts. `None`: text only.
+    pub vision: Option<VisionInfo>,
 }
 
 impl GeneratorInfo {
@@ -174,6 +231,7 @@ impl GeneratorInfo {
             kv_bytes_per_token: 0,
             weight_bytes: None,
             quantization: String::new(),
+            vision: None,
         }
     }
 }

@@ -35,7 +35,9 @@ pub use config::{
 };
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};
-pub use generate::{Generator, GeneratorInfo, SequenceCache, StepItem, TokenizerSource};
+pub use generate::{
+    Generator, GeneratorInfo, ImagePatches, SequenceCache, StepImage, StepItem, TokenizerSource, VisionInfo,
+};
 pub use hf::max_position_embeddings;
 pub use model::{Model, ModelInfo, Pending};
 pub use pooling::{EmbeddingHead, HeadSite, LAST_HIDDEN_STATE, SENTENCE_EMBEDDING, pool_rows, pool_tokens};

@@ -36,6 +36,17 @@ mod llama;
 pub mod qwen2vl;
 mod weights;
 
+/// Whether `dir` is a Qwen2.5-VL checkpoint folder (its config.json says so).
+fn qwen2vl_folder(dir: &std::path::Path) -> bool {
+    std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .and_then(|c| {
+            c.get("model_type").and_then(|m| m.as_str()).map(|m| matches!(m, "qwen2_5_vl" | "qwen2_vl"))
+        })
+        .unwrap_or(false)
+}
+
 /// The registered name.
 pub const NAME: &str = "candle";
 
@@ -164,6 +175,7 @@ impl Provider for CandleProvider {
             formats: vec![
                 "Hugging Face BERT folder (config.json + model.safetensors)".into(),
                 "GGUF llama-architecture decoder (task = \"generate\", cpu)".into(),
+                "Qwen2.5-VL checkpoint folder (task = \"generate\" with images, cpu, f32)".into(),
             ],
             quantization: vec![Quantization::Int8],
             ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
@@ -200,7 +212,8 @@ impl Provider for CandleProvider {
         Ok(Some(bytes + bytes / 10))
     }
 
-    /// llama-architecture GGUF files (quantized), on the CPU; see `llama.rs`.
+    /// llama-architecture GGUF files (quantized), on the CPU; see `llama.rs`. Qwen2.5-VL
+    /// checkpoint folders (vision-language, f32), on the CPU; see `qwen2vl/`.
     async fn load_generator(&self, spec: &ModelSpec) -> Result<Arc<dyn kiln_core::Generator>> {
         if spec.device != Device::Cpu {
             return Err(Error::Unsupported(format!(
@@ -208,11 +221,22 @@ impl Provider for CandleProvider {
                 spec.device
             )));
         }
+        if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
+            if spec.quantization != Quantization::None {
+                return Err(Error::Unsupported(format!(
+                    "provider `candle` runs Qwen2.5-VL checkpoints unquantized (f32); model.quantization {} is not \
+                     taken for them",
+                    spec.quantization
+                )));
+            }
+            let bytes = weight_bytes(&weight_files(&spec.path)?, DType::F32, None)?;
+            return Ok(Arc::new(qwen2vl::QwenVlGenerator::load(&spec.path, bytes)?));
+        }
         if !spec.path.is_file() {
             return Err(Error::model_load(
                 &spec.path,
                 if spec.path.exists() {
-                    "not a file; candle generates from GGUF files"
+                    "not a GGUF file nor a Qwen2.5-VL checkpoint folder; candle generates from those"
                 } else {
                     "no such file"
                 },

@@ -37,6 +37,14 @@ pub struct GenerateConfig {
     /// compiles kernels for each kind of step on first use (MLX on a GPU) does so while
     /// loading, not in the first requests' latency. Ignored in a request's settings.
     pub warmup: bool,
+    /// Vision-language models: images one prompt may carry at most.
+    pub max_images: usize,
+    /// Vision-language models: most pixels an image is resized to, overriding the
+    /// checkpoint's `max_pixels` when lower (0: the checkpoint's). Bounds the image tokens.
+    pub max_image_pixels: u64,
+    /// Vision-language models: MiB of encoded images kept, by content, so an image seen
+    /// again skips the vision tower (0: no cache).
+    pub image_cache_mb: u64,
 }
 
 impl Default for GenerateConfig {
@@ -52,6 +60,9 @@ impl Default for GenerateConfig {
             chat_template: true,
             kv_cache_mb: 1024,
             warmup: true,
+            max_images: 8,
+            max_image_pixels: 0,
+            image_cache_mb: 256,
         }
     }
 }
@@ -79,6 +90,9 @@ impl GenerateConfig {
                 self.repetition_penalty.to_string(),
                 "above 0 (1: off)",
             ));
+        }
+        if self.max_images == 0 {
+            issues.push(ConfigIssue::new("generate.max_images", "0", "1 or more"));
         }
         if self.stop.iter().any(String::is_empty) {
             issues.push(ConfigIssue::new("generate.stop", "\"\"", "non-empty strings"));

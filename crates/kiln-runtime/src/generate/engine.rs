@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use kiln_core::{Error, GenerateConfig, Generator, Profiler, SequenceCache, StepItem};
+use kiln_core::{
+    Error, GenerateConfig, Generator, ImagePatches, Profiler, SequenceCache, StepImage, StepItem, Tensor,
+};
 use kiln_text::gguf::IncrementalDecoder;
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -24,7 +26,20 @@ pub(super) struct Job {
     pub(super) submitted: Instant,
     /// KV-cache bytes its whole context takes.
     pub(super) reserve: u64,
+    /// A vision-language prompt's images, processed, in placeholder order.
+    pub(super) images: Vec<JobImage>,
 }
+
+/// One image of a prompt: the processor's patches and their content key.
+pub(super) struct JobImage {
+    pub(super) patches: ImagePatches,
+    /// Hash of the patches (and so of the image and the processor's settings): the
+    /// image cache's key.
+    pub(super) key: u128,
+}
+
+/// An encoded image and its grid, ready for a prompt's step.
+type Encoded = (Arc<Tensor>, [usize; 3]);
 
 pub(super) struct Limits {
     pub(super) max_sequences: usize,
@@ -50,11 +65,14 @@ struct Running {
     sent: usize,
     first_token: Option<Instant>,
     last_token: Instant,
+    /// The prompt's encoded images, until its first step has read them.
+    images: Vec<Encoded>,
 }
 
 impl Running {
-    fn new(job: Job, cache: Box<dyn SequenceCache>) -> Self {
+    fn new(job: Job, cache: Box<dyn SequenceCache>, images: Vec<Encoded>) -> Self {
         Running {
+            images,
             history: job.tokens.clone(),
             feed: job.tokens.clone(),
             sampler: Sampler::new(&job.settings),
@@ -104,6 +122,14 @@ pub struct GenerationStats {
     /// Steps at which a waiting request was held back because memory was above
     /// `memory.high_watermark` (nothing joins a running batch then).
     pub pressure_holds: u64,
+    /// Vision-language models: images in prompts.
+    pub images: u64,
+    /// Of those, answered by the image cache (no vision tower run).
+    pub image_cache_hits: u64,
+    /// Image tokens the vision tower made (cache hits not counted).
+    pub image_tokens: u64,
+    /// Time in the vision tower, milliseconds, all images together.
+    pub image_encode_ms: f64,
     /// Time to first token, milliseconds: p50, p99.
     pub ttft_ms: [f64; 2],
     /// Between a sequence's tokens, milliseconds: p50, p99, max.
@@ -176,6 +202,8 @@ pub(super) struct Engine {
     running: Vec<Running>,
     /// KV-cache bytes the running sequences' whole contexts take.
     reserved: u64,
+    /// Encoded images by content, bounded in bytes (`generate.image_cache_mb`).
+    image_cache: Option<moka::sync::Cache<u128, Arc<Tensor>>>,
 }
 
 impl Engine {
@@ -185,7 +213,14 @@ impl Engine {
         limits: Limits,
         counters: Arc<Counters>,
         profiler: Arc<dyn Profiler>,
+        image_cache_bytes: u64,
     ) -> Self {
+        let image_cache = (image_cache_bytes > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(image_cache_bytes)
+                .weigher(|_: &u128, t: &Arc<Tensor>| t.bytes().len().try_into().unwrap_or(u32::MAX))
+                .build()
+        });
         let eos = generator.info().eos_token_ids.clone();
         let context = generator.info().context_length;
         Engine {
@@ -199,6 +234,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             reserved: 0,
+            image_cache,
         }
     }
 
@@ -261,25 +297,121 @@ impl Engine {
         {
             counters.with(|s| s.stats.pressure_holds += 1);
         }
-        while self.running.len() < limits.max_sequences
-            && (!pressure || self.running.is_empty())
+        let mut admitted = Vec::new();
+        let mut reserving = 0u64;
+        while self.running.len() + admitted.len() < limits.max_sequences
+            && (!pressure || (self.running.is_empty() && admitted.is_empty()))
             && let Some(job) = self.waiting.front()
             && (limits.kv_budget == 0
-                || self.reserved + job.reserve <= limits.kv_budget
-                || self.running.is_empty())
+                || self.reserved + reserving + job.reserve <= limits.kv_budget
+                || (self.running.is_empty() && admitted.is_empty()))
         {
             let job = self.waiting.pop_front().expect("front exists");
-            match self.generator.new_sequence() {
-                Ok(cache) => {
+            reserving += job.reserve;
+            admitted.push(job);
+        }
+        // The admitted prompts' images go through the vision tower together.
+        let images = self.encode_images(&admitted);
+        for (job, images) in admitted.into_iter().zip(images) {
+            let started =
+                images.and_then(|images| self.generator.new_sequence().map(|cache| (cache, images)));
+            match started {
+                Ok((cache, images)) => {
                     self.reserved += job.reserve;
-                    self.running.push(Running::new(job, cache));
+                    self.running.push(Running::new(job, cache, images));
                 }
                 Err(e) => {
-                    counters.with(|s| s.stats.failed += 1);
+                    self.counters.with(|s| s.stats.failed += 1);
                     let _ = job.events.send(Event::Failed(e));
                 }
             }
         }
+    }
+
+    /// Each job's images, encoded: from the image cache where it holds them, the rest
+    /// through the vision tower in one batch (span `generate_image_encode`). If the
+    /// batch fails, each job's images are encoded alone, so only the job whose image
+    /// causes the failure fails.
+    fn encode_images(&self, jobs: &[Job]) -> Vec<kiln_core::Result<Vec<Encoded>>> {
+        let mut found: Vec<Vec<Option<Arc<Tensor>>>> = jobs
+            .iter()
+            .map(|j| j.images.iter().map(|i| self.image_cache.as_ref().and_then(|c| c.get(&i.key))).collect())
+            .collect();
+        let hits = found.iter().flatten().filter(|f| f.is_some()).count() as u64;
+        let total: u64 = jobs.iter().map(|j| j.images.len() as u64).sum();
+        let missing: Vec<(usize, usize)> = found
+            .iter()
+            .enumerate()
+            .flat_map(|(j, images)| {
+                images.iter().enumerate().filter(|(_, f)| f.is_none()).map(move |(i, _)| (j, i))
+            })
+            .collect();
+        let mut failed: Vec<Option<kiln_core::Error>> = jobs.iter().map(|_| None).collect();
+        if !missing.is_empty() {
+            let started = Instant::now();
+            let run = |which: &[(usize, usize)]| {
+                let patches: Vec<ImagePatches> =
+                    which.iter().map(|&(j, i)| jobs[j].images[i].patches.clone()).collect();
+                self.generator.encode_images(&patches).and_then(|out| {
+                    if out.len() == which.len() {
+                        Ok(out)
+                    } else {
+                        Err(kiln_core::Error::backend(
+                            "kiln",
+                            format!("{} encodings for {} images", out.len(), which.len()),
+                        ))
+                    }
+                })
+            };
+            let mut place = |which: &[(usize, usize)], out: Vec<Tensor>| {
+                for (&(j, i), tensor) in which.iter().zip(out) {
+                    let tensor = Arc::new(tensor);
+                    if let Some(cache) = &self.image_cache {
+                        cache.insert(jobs[j].images[i].key, tensor.clone());
+                    }
+                    self.counters.with(|s| {
+                        s.stats.image_tokens += tensor.shape().first().copied().unwrap_or(0) as u64
+                    });
+                    found[j][i] = Some(tensor);
+                }
+            };
+            match run(&missing) {
+                Ok(out) => place(&missing, out),
+                Err(_) if jobs.len() > 1 => {
+                    for (j, failure) in failed.iter_mut().enumerate() {
+                        let alone: Vec<(usize, usize)> =
+                            missing.iter().copied().filter(|&(jj, _)| jj == j).collect();
+                        if alone.is_empty() {
+                            continue;
+                        }
+                        match run(&alone) {
+                            Ok(out) => place(&alone, out),
+                            Err(e) => *failure = Some(e),
+                        }
+                    }
+                }
+                Err(e) => failed[0] = Some(e),
+            }
+            self.profiler.record("generate_image_encode", started, started.elapsed());
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            self.counters.with(|s| s.stats.image_encode_ms += ms);
+        }
+        self.counters.with(|s| {
+            s.stats.images += total;
+            s.stats.image_cache_hits += hits;
+        });
+        jobs.iter()
+            .zip(found)
+            .zip(failed)
+            .map(|((job, images), failed)| match failed {
+                Some(e) => Err(e.for_request()),
+                None => Ok(images
+                    .into_iter()
+                    .zip(&job.images)
+                    .map(|(t, i)| (t.expect("every image found or encoded"), i.patches.grid_thw))
+                    .collect()),
+            })
+            .collect()
     }
 
     /// Sequences whose stream was dropped since the last step leave now, freeing
@@ -314,11 +446,19 @@ impl Engine {
         let prefill: u64 =
             self.running.iter().filter(|r| r.generated.is_empty()).map(|r| r.feed.len() as u64).sum();
         let started = Instant::now();
+        // A prompt's images go with its first step only.
+        let images: Vec<Vec<Encoded>> =
+            self.running.iter_mut().map(|r| std::mem::take(&mut r.images)).collect();
+        let step_images: Vec<Vec<StepImage<'_>>> = images
+            .iter()
+            .map(|list| list.iter().map(|(t, grid)| StepImage { embedding: t, grid_thw: *grid }).collect())
+            .collect();
         let result = {
             let mut items: Vec<StepItem<'_>> = self
                 .running
                 .iter_mut()
-                .map(|r| StepItem { tokens: &r.feed, cache: r.cache.as_mut() })
+                .zip(&step_images)
+                .map(|(r, images)| StepItem { tokens: &r.feed, cache: r.cache.as_mut(), images })
                 .collect();
             self.generator.step(&mut items)
         };
@@ -495,7 +635,7 @@ pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core:
         let mut batch: Vec<StepItem<'_>> = caches
             .iter_mut()
             .zip(tokens)
-            .map(|(cache, tokens)| StepItem { tokens, cache: &mut **cache })
+            .map(|(cache, tokens)| StepItem::new(tokens, &mut **cache))
             .collect();
         generator.step(&mut batch)?;
         steps += 1;
@@ -572,6 +712,7 @@ mod tests {
             limits,
             Arc::new(Counters::default()),
             Arc::new(kiln_core::NoopProfiler),
+            0,
         )
     }
 
@@ -579,7 +720,17 @@ mod tests {
     fn job(tokens: usize, reserve: u64) -> (Job, flume::Receiver<Event>) {
         let (events, stream) = flume::unbounded();
         let settings = GenerateConfig { max_new_tokens: 2, ..Default::default() };
-        (Job { tokens: vec![1; tokens], settings, events, submitted: Instant::now(), reserve }, stream)
+        (
+            Job {
+                tokens: vec![1; tokens],
+                settings,
+                events,
+                submitted: Instant::now(),
+                reserve,
+                images: Vec::new(),
+            },
+            stream,
+        )
     }
 
     fn recorder() -> Arc<Recorder> {

@@ -18,6 +18,7 @@
 
 mod engine;
 mod sampler;
+mod vision;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +32,8 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 pub use engine::GenerationStats;
-use engine::{Counters, Engine, Job, warm_up};
+use engine::{Counters, Engine, Job, JobImage, warm_up};
+use vision::{Vision, image_input};
 
 use crate::monitor::{ResourceMonitor, Subscription};
 use crate::parts::{Parts, Reports, start_monitor};
@@ -125,6 +127,8 @@ impl TokenStream {
 
 /// The generate task's front: tokenizer, chat template, and the engine thread.
 pub struct Generation {
+    /// A vision-language model's image side; `None` for a text model.
+    vision: Option<Vision>,
     jobs: Option<flume::Sender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
     tokenizer: Arc<Tokenizer>,
@@ -234,12 +238,24 @@ impl Generation {
             kv_budget: config.generate.kv_cache_mb.saturating_mul(1 << 20),
             pressure,
         };
-        let engine = Engine::new(generator, tokenizer.clone(), limits, counters.clone(), profiler.clone());
+        let vision = match &info.vision {
+            Some(v) => Some(Vision::new(v, config)?),
+            None => None,
+        };
+        let engine = Engine::new(
+            generator,
+            tokenizer.clone(),
+            limits,
+            counters.clone(),
+            profiler.clone(),
+            config.generate.image_cache_mb.saturating_mul(1 << 20),
+        );
         let thread = std::thread::Builder::new()
             .name("kiln-generate".into())
             .spawn(move || engine.run(queue))
             .map_err(|e| Error::backend("kiln", format!("starting the generation thread: {e}")))?;
         Ok(Generation {
+            vision,
             jobs: Some(jobs),
             thread: Some(thread),
             tokenizer,
@@ -277,13 +293,41 @@ impl Generation {
     }
 
     /// The token ids the model sees for `prompt` (template applied, BOS added as the
-    /// model asks).
+    /// model asks; each image's placeholder repeated once per image token).
     pub fn prompt_tokens(&self, prompt: &Prompt, chat_template: bool) -> Result<Vec<u32>> {
+        Ok(self.prompt_parts(prompt, chat_template)?.0)
+    }
+
+    /// The prompt's tokens and its images, processed. Images are read and processed
+    /// here (each error names its image); the vision tower runs on the engine thread.
+    fn prompt_parts(&self, prompt: &Prompt, chat_template: bool) -> Result<(Vec<u32>, Vec<JobImage>)> {
+        let inputs = match prompt {
+            Prompt::Messages(m) => {
+                m.iter().flat_map(Message::images).map(image_input).collect::<Result<Vec<_>>>()?
+            }
+            _ => Vec::new(),
+        };
+        if !inputs.is_empty() && self.vision.is_none() {
+            return Err(Error::InvalidInput(format!(
+                "{} is a text model and takes no images; send text only, or serve a vision-language model",
+                self.info.name
+            )));
+        }
         let text = match prompt {
-            Prompt::Tokens(ids) => return Ok(ids.clone()),
+            Prompt::Tokens(ids) => return Ok((ids.clone(), Vec::new())),
             Prompt::Text(t) if !chat_template => t.clone(),
-            Prompt::Text(t) => self.chat(&[Message { role: "user".into(), content: t.clone() }])?,
+            Prompt::Text(t) => self.chat(&[Message::text("user", t.clone())])?,
+            Prompt::Messages(_) if !inputs.is_empty() && !chat_template => {
+                return Err(Error::InvalidInput(
+                    "a prompt with images needs the chat template (generate.chat_template = true): it places them"
+                        .into(),
+                ));
+            }
             Prompt::Messages(m) => self.chat(m)?,
+        };
+        let (text, images) = match &self.vision {
+            Some(vision) if !inputs.is_empty() => vision.expand(&text, &inputs)?,
+            _ => (text, Vec::new()),
         };
         let encoding = self
             .tokenizer
@@ -294,7 +338,7 @@ impl Generation {
             ids.push(bos);
         }
         ids.extend_from_slice(encoding.get_ids());
-        Ok(ids)
+        Ok((ids, images))
     }
 
     fn chat(&self, messages: &[Message]) -> Result<String> {
@@ -324,7 +368,7 @@ impl Generation {
         if let Some(issue) = settings.issues().into_iter().next() {
             return Err(Error::Config(vec![issue]));
         }
-        let tokens = self.prompt_tokens(&prompt, settings.chat_template)?;
+        let (tokens, images) = self.prompt_parts(&prompt, settings.chat_template)?;
         let context = self.info.context_length;
         if tokens.is_empty() {
             return Err(Error::InvalidInput("an empty prompt (no tokens); send some text".into()));
@@ -349,7 +393,7 @@ impl Generation {
             )));
         }
         let (events, receiver) = flume::unbounded();
-        let job = Job { tokens, settings, events, submitted: Instant::now(), reserve: need };
+        let job = Job { tokens, settings, events, submitted: Instant::now(), reserve: need, images };
         let jobs = self.jobs.as_ref().ok_or_else(|| Error::Shutdown("generation is shutting down".into()))?;
         self.counters.submitted();
         jobs.try_send(job).map_err(|e| match e {
@@ -453,6 +497,10 @@ fn metrics(s: &GenerationStats) -> kiln_core::Metrics {
         ("generate/sequences_per_step", s.mean_sequences_per_step),
         ("generate/kv_cache_mb", s.kv_cache_bytes as f64 / (1 << 20) as f64),
         ("generate/pressure_holds", s.pressure_holds as f64),
+        ("generate/images", s.images as f64),
+        ("generate/image_cache_hits", s.image_cache_hits as f64),
+        ("generate/image_tokens", s.image_tokens as f64),
+        ("generate/image_encode_ms", s.image_encode_ms),
         ("generate/ttft_p50_ms", s.ttft_ms[0]),
         ("generate/ttft_p99_ms", s.ttft_ms[1]),
         ("generate/inter_token_p50_ms", s.inter_token_ms[0]),

@@ -17,6 +17,7 @@
 //! same weights (`tests/` of this crate).
 
 pub mod config;
+pub mod generator;
 pub mod rope;
 pub mod text;
 pub mod vision;
@@ -28,6 +29,7 @@ use candle_core::{Device, Tensor};
 use kiln_core::{Error, Result};
 
 pub use config::QwenVlConfig;
+pub use generator::QwenVlGenerator;
 pub use text::KvCache;
 
 use crate::backend;
@@ -125,6 +127,17 @@ impl QwenVl {
         let logits = self.text.forward(&x, &index.positions, cache, keep)?;
         cache.set_rope_delta(index.delta);
         Ok(logits)
+    }
+
+    /// More text tokens after what `cache` holds (at the positions that follow): the
+    /// logits after the last, `[vocab]`.
+    pub fn extend(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let at = cache.next_position();
+        let x = self.text.embed(ids, None)?;
+        let stream: Vec<i64> = (0..ids.len() as i64).map(|k| at + k).collect();
+        let positions = [stream.clone(), stream.clone(), stream];
+        let logits = self.text.forward(&x, &positions, cache, 1)?;
+        logits.squeeze(0).map_err(backend)
     }
 
     /// One more token of a sequence whose prompt is in `cache`: its logits, `[vocab]`.

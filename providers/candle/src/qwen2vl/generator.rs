@@ -1,0 +1,187 @@
+//! Qwen2.5-VL as a kiln [`Generator`]: the runtime's steps over sequences, a prompt's
+//! first step with its images' rows, and the vision tower behind `encode_images`.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor as CTensor};
+use kiln_core::{
+    Error, Generator, GeneratorInfo, ImagePatches, Result, SequenceCache, StepItem, Tensor, TokenizerSource,
+    VisionInfo,
+};
+use serde_json::Value;
+
+use super::{KvCache, QwenVl};
+use crate::backend;
+
+/// A loaded Qwen2.5-VL checkpoint that generates.
+pub struct QwenVlGenerator {
+    model: QwenVl,
+    info: GeneratorInfo,
+}
+
+struct Sequence(KvCache);
+
+impl SequenceCache for Sequence {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn bytes(&self) -> u64 {
+        self.0.bytes()
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+impl QwenVlGenerator {
+    /// The checkpoint folder `dir` on the CPU, in f32: its weights, tokenizer, chat
+    /// template and processor settings (read again by the runtime's processor).
+    pub fn load(dir: &Path, weight_bytes: u64) -> Result<Self> {
+        let model = QwenVl::load(dir, &Device::Cpu)?;
+        let c = model.config().clone();
+        let tokenizer = dir.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            return Err(Error::model_load(
+                dir,
+                "no tokenizer.json; a Qwen2.5-VL checkpoint folder carries one",
+            ));
+        }
+        let name =
+            dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let mut info = GeneratorInfo::new(
+            name,
+            crate::NAME,
+            kiln_core::Device::Cpu,
+            c.vocab_size,
+            c.max_position_embeddings,
+            TokenizerSource::File(tokenizer.clone()),
+        );
+        let mut eos = c.eos_token_ids.clone();
+        eos.extend(generation_eos(dir));
+        eos.sort_unstable();
+        eos.dedup();
+        info.eos_token_ids = eos;
+        info.chat_template = chat_template(dir);
+        info.kv_bytes_per_token = (c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim() * 4) as u64;
+        info.weight_bytes = Some(weight_bytes);
+        info.quantization = "none (f32)".into();
+        info.vision = Some(VisionInfo {
+            processor: "qwen2-vl".into(),
+            dir: dir.to_path_buf(),
+            image_token: token_text(&tokenizer, c.image_token_id).unwrap_or_else(|| "<|image_pad|>".into()),
+            image_token_id: c.image_token_id,
+            merge_size: c.vision.spatial_merge_size,
+            weight_bytes: 0,
+        });
+        Ok(QwenVlGenerator { model, info })
+    }
+}
+
+impl Generator for QwenVlGenerator {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
+        Ok(Box::new(Sequence(self.model.new_cache())))
+    }
+
+    fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        for item in batch.iter() {
+            self.info.check_step(item.tokens, item.cache.len())?;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for item in batch.iter_mut() {
+            let cache =
+                &mut item.cache.as_any_mut().downcast_mut::<Sequence>().expect("a Qwen2.5-VL cache").0;
+            let logits = if cache.is_empty() {
+                let grids: Vec<[usize; 3]> = item.images.iter().map(|i| i.grid_thw).collect();
+                let rows = match item.images {
+                    [] => None,
+                    images => Some(image_rows(images.iter().map(|i| i.embedding))?),
+                };
+                self.model
+                    .prefill(item.tokens, rows.as_ref(), &grids, cache, 1)?
+                    .squeeze(0)
+                    .map_err(backend)?
+            } else if let [token] = item.tokens {
+                self.model.decode(*token, cache)?
+            } else {
+                self.model.extend(item.tokens, cache)?
+            };
+            out.push(logits.to_vec1::<f32>().map_err(backend)?);
+        }
+        Ok(out)
+    }
+
+    fn encode_images(&self, images: &[ImagePatches]) -> Result<Vec<Tensor>> {
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        let values: Vec<f32> = images.iter().flat_map(|i| i.values.iter().copied()).collect();
+        let rows = self.model.encode_images(&values, &grids)?;
+        let (_, hidden) = rows.dims2().map_err(backend)?;
+        let unit = self.model.config().vision.spatial_merge_size.pow(2);
+        let mut at = 0;
+        grids
+            .iter()
+            .map(|g| {
+                let n = g.iter().product::<usize>() / unit;
+                let part =
+                    rows.narrow(0, at, n).and_then(|p| p.flatten_all()).and_then(|p| p.to_vec1::<f32>());
+                at += n;
+                Tensor::from_vec(vec![n, hidden], part.map_err(backend)?)
+            })
+            .collect()
+    }
+}
+
+/// The images' rows one after another, as one `[Σ tokens, hidden]` tensor.
+fn image_rows<'a>(images: impl Iterator<Item = &'a Tensor>) -> Result<CTensor> {
+    let (mut values, mut rows, mut hidden) = (Vec::new(), 0, 0);
+    for t in images {
+        let [n, h] = t.shape() else {
+            return Err(Error::InvalidInput(format!(
+                "an image embedding of shape {:?}; expected [tokens, hidden]",
+                t.shape()
+            )));
+        };
+        values.extend(t.to_f32_vec()?);
+        rows += n;
+        hidden = *h;
+    }
+    CTensor::from_vec(values, (rows, hidden), &Device::Cpu).map_err(backend)
+}
+
+/// `eos_token_id` of `generation_config.json`, when the folder has one.
+fn generation_eos(dir: &Path) -> Vec<u32> {
+    let Ok(text) = std::fs::read(dir.join("generation_config.json")) else { return Vec::new() };
+    let Ok(json) = serde_json::from_slice::<Value>(&text) else { return Vec::new() };
+    match json.get("eos_token_id") {
+        Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
+        Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        None => Vec::new(),
+    }
+}
+
+/// The checkpoint's chat template: `chat_template.jinja`, else `chat_template.json`'s,
+/// else `tokenizer_config.json`'s — where transformers' writers put it.
+fn chat_template(dir: &Path) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
+        return Some(text);
+    }
+    ["chat_template.json", "tokenizer_config.json"].iter().find_map(|file| {
+        let json: Value = serde_json::from_slice(&std::fs::read(dir.join(file)).ok()?).ok()?;
+        json.get("chat_template")?.as_str().map(str::to_string)
+    })
+}
+
+/// The text of token `id` in `tokenizer.json`'s added tokens.
+fn token_text(tokenizer: &Path, id: u32) -> Option<String> {
+    let json: Value = serde_json::from_slice(&std::fs::read(tokenizer).ok()?).ok()?;
+    json.get("added_tokens")?
+        .as_array()?
+        .iter()
+        .find(|t| t.get("id").and_then(Value::as_u64) == Some(u64::from(id)))?
+        .get("content")?
+        .as_str()
+        .map(str::to_string)
+}

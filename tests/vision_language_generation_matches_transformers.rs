@@ -1,0 +1,107 @@
+//! `task = "generate"` on a Qwen2.5-VL checkpoint folder (the seeded random one
+//! `scripts/setup vlm` makes) through kiln's whole generation path: chat messages with
+//! two images and a question become transformers' prompt tokens (the checkpoint's chat
+//! template, each image's placeholder repeated once per image token), and greedy
+//! generation gives transformers' 32 tokens. The same images asked about again come
+//! from the image cache; a text model refuses images, and bad images are refused by name
+//! while other requests are served.
+#![cfg(feature = "candle")]
+
+mod support;
+
+use std::path::PathBuf;
+
+use kiln::runtime::{Generation, Prompt};
+use kiln::text::chat::{Content, Message, Part};
+
+fn fixture() -> PathBuf {
+    let dir = support::root().join(".kiln/models/qwen25vl-tiny");
+    assert!(
+        dir.join("prompt.json").is_file(),
+        "{} is missing: run `scripts/setup vlm` (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+fn config(sets: &[&str]) -> kiln::KilnConfig {
+    let path = format!("model.path={:?}", fixture().join("model").display().to_string());
+    let mut all =
+        vec!["task=\"generate\"", path.as_str(), "generate.max_new_tokens=32", "generate.warmup=false"];
+    all.extend(sets);
+    kiln::KilnConfig::load(None, &all.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+}
+
+/// The fixture's prompt: its image paths made absolute.
+fn prompt(reference: &serde_json::Value) -> Prompt {
+    let mut messages: Vec<Message> = serde_json::from_value(reference["messages"].clone()).unwrap();
+    for m in &mut messages {
+        if let Content::Parts(parts) = &mut m.content {
+            for part in parts {
+                if let Part::Image { path: Some(p), .. } = part {
+                    *p = fixture().join(&*p);
+                }
+            }
+        }
+    }
+    Prompt::Messages(messages)
+}
+
+#[tokio::test]
+async fn two_images_and_a_question_give_transformers_tokens_and_the_images_are_cached() {
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("prompt.json")).unwrap()).unwrap();
+    let expected_ids: Vec<u32> = serde_json::from_value(reference["input_ids"].clone()).unwrap();
+    let greedy: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
+    let eos = reference["special_ids"]["<|im_end|>"].as_u64().unwrap() as u32;
+    let expected: Vec<u32> = greedy.iter().copied().take_while(|&t| t != eos).collect();
+
+    let generation = Generation::from_config(config(&[])).await.unwrap();
+    assert!(generation.info().vision.is_some());
+    let prompt = prompt(&reference);
+    assert_eq!(generation.prompt_tokens(&prompt, true).unwrap(), expected_ids, "transformers' prompt tokens");
+    let first = generation.generate(prompt.clone()).await.unwrap();
+    assert_eq!(first.prompt_tokens, expected_ids.len());
+    assert_eq!(first.tokens, expected, "transformers' greedy tokens");
+    let stats = generation.stats();
+    assert_eq!((stats.images, stats.image_cache_hits), (2, 0), "{stats:?}");
+    assert_eq!(stats.image_tokens as usize, expected_ids.iter().filter(|&&t| t == 6).count());
+
+    // Asked again: both images from the cache, no vision tower run, the same answer.
+    let encode_ms = stats.image_encode_ms;
+    let again = generation.generate(prompt).await.unwrap();
+    assert_eq!(again.tokens, first.tokens);
+    let stats = generation.stats();
+    assert_eq!((stats.images, stats.image_cache_hits), (4, 2), "{stats:?}");
+    assert_eq!(stats.image_encode_ms, encode_ms, "no encoding for cached images");
+    generation.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_images_are_refused_by_name_and_the_rest_is_served() {
+    let generation = Generation::from_config(config(&["generate.max_images=2"])).await.unwrap();
+    let image = |path: PathBuf| Part::Image { path: Some(path), url: None };
+    let ask = |parts: Vec<Part>| {
+        let mut parts = parts;
+        parts.push(Part::Text { text: "What is this?".into() });
+        Prompt::Messages(vec![Message { role: "user".into(), content: Content::Parts(parts) }])
+    };
+    let dir = fixture().join("images");
+    let missing = generation.stream(ask(vec![image(dir.join("nope.png"))])).err().unwrap().to_string();
+    assert!(missing.contains("nope.png"), "{missing}");
+    let not_image =
+        generation.stream(ask(vec![image(fixture().join("prompt.json"))])).err().unwrap().to_string();
+    assert!(not_image.contains("prompt.json") && not_image.contains("not an image"), "{not_image}");
+    let three = vec![image(dir.join("tiny.png")), image(dir.join("tiny.png")), image(dir.join("tiny.png"))];
+    let too_many = generation.stream(ask(three)).err().unwrap().to_string();
+    assert!(too_many.contains("3 images") && too_many.contains("generate.max_images = 2"), "{too_many}");
+    let remote = Part::ImageUrl {
+        image_url: kiln::text::chat::ImageUrl { url: "https://example.com/x.png".into(), detail: None },
+    };
+    let refused = generation.stream(ask(vec![remote])).err().unwrap().to_string();
+    assert!(refused.contains("fetches no remote URLs"), "{refused}");
+    // The engine serves on.
+    let ok = generation.generate(ask(vec![image(dir.join("tiny.png"))])).await.unwrap();
+    assert!(!ok.tokens.is_empty() || ok.finish_reason == kiln::runtime::FinishReason::Stop);
+    generation.shutdown().await;
+}
