@@ -8,7 +8,7 @@ use std::io::{IsTerminal, Write};
 use anyhow::{Context, Result, bail};
 use kiln::KilnConfig;
 use kiln::runtime::{Event, Generated, Generation, Prompt};
-use kiln::text::chat::Message;
+use kiln::text::chat::{Content, Message, Part};
 use serde::Deserialize;
 
 use crate::RunArgs;
@@ -45,7 +45,9 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<(serde_json::Value, Prompt
         })?;
         let prompt = match (record.prompt, record.messages) {
             (Some(p), None) => Prompt::Text(p),
-            (None, Some(m)) => Prompt::Messages(m),
+            (None, Some(m)) => {
+                Prompt::Messages(relative_to(m, path.parent().unwrap_or(std::path::Path::new("."))))
+            }
             _ => bail!("{}: give exactly one of \"prompt\" (a string) and \"messages\" (a list)", at()),
         };
         prompts.push((record.id.unwrap_or_else(|| n.into()), prompt));
@@ -54,6 +56,23 @@ fn read_prompts(path: &std::path::Path) -> Result<Vec<(serde_json::Value, Prompt
         bail!("{} holds no prompts", path.display());
     }
     Ok(prompts)
+}
+
+/// `messages` with their image parts' relative paths taken relative to `base` (the
+/// input file's folder), as a user writes them beside the images.
+fn relative_to(mut messages: Vec<Message>, base: &std::path::Path) -> Vec<Message> {
+    for message in &mut messages {
+        if let Content::Parts(parts) = &mut message.content {
+            for part in parts {
+                if let Part::Image { path: Some(path), .. } = part
+                    && path.is_relative()
+                {
+                    *path = base.join(&*path);
+                }
+            }
+        }
+    }
+    messages
 }
 
 pub(crate) async fn run(config: KilnConfig, args: &RunArgs) -> Result<()> {
@@ -85,6 +104,7 @@ pub(crate) async fn run(config: KilnConfig, args: &RunArgs) -> Result<()> {
         rows.push(match row.expect("every prompt has a result") {
             Ok(g) => serde_json::json!({
                 "id": id, "text": g.text, "tokens": g.tokens.len(), "token_ids": g.tokens, "prompt_tokens": g.prompt_tokens,
+                "image_tokens": g.image_tokens,
                 "finish_reason": g.finish_reason, "ttft_ms": g.time_to_first_token_ms, "elapsed_ms": g.elapsed_ms,
             }),
             Err(e) => {

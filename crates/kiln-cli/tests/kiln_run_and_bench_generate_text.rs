@@ -159,3 +159,39 @@ fn kiln_run_generates_on_mlx_with_its_example() {
     let rows = support::jsonl_events(&out);
     assert_eq!(rows[0]["text"], "The capital of Germany is Berlin.", "{rows:?}");
 }
+
+/// examples/vlm.toml on the Qwen2.5-VL fixture (`scripts/setup vlm`): `kiln run` reads
+/// chat messages with image parts (paths relative to the input file), and the first
+/// prompt — the fixture's two images and "Compare these images." — gets transformers'
+/// greedy tokens; each row counts its image tokens.
+#[test]
+fn kiln_run_answers_about_images_with_a_vision_language_model() {
+    let fixture = support::root().join(".kiln/models/qwen25vl-tiny");
+    assert!(fixture.join("prompt.json").is_file(), "run `scripts/setup vlm` (scripts/test does)");
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("prompt.json")).unwrap()).unwrap();
+    let greedy: Vec<u64> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
+    let eos = reference["special_ids"]["<|im_end|>"].as_u64().unwrap();
+    let expected: Vec<u64> = greedy.into_iter().take_while(|&t| t != eos).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("answers.jsonl");
+    let run = kiln(&[
+        "run",
+        "examples/vlm.toml",
+        "--input",
+        "examples/data/vlm.jsonl",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["id"], "compare");
+    let ids: Vec<u64> = serde_json::from_value(rows[0]["token_ids"].clone()).unwrap();
+    assert_eq!(ids, expected, "transformers' greedy tokens");
+    // 12×18 and 20×12 patches, merged 2×2: 54 + 60 image tokens.
+    assert_eq!(rows[0]["image_tokens"], 114);
+    assert_eq!(rows[1]["id"], "one");
+    assert!(rows[1]["image_tokens"].as_u64().unwrap() > 0, "{}", rows[1]);
+}

@@ -28,6 +28,8 @@ pub(super) struct Job {
     pub(super) reserve: u64,
     /// A vision-language prompt's images, processed, in placeholder order.
     pub(super) images: Vec<JobImage>,
+    /// The prompt tokens its images take.
+    pub(super) image_tokens: usize,
 }
 
 /// One image of a prompt: the processor's patches and their content key.
@@ -565,6 +567,7 @@ impl Engine {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
             let done = Generated {
                 prompt_tokens: r.job.tokens.len(),
+                image_tokens: r.job.image_tokens,
                 tokens: r.generated,
                 finish_reason: reason,
                 time_to_first_token_ms: r.first_token.map_or(0.0, |t| ms(t - r.job.submitted)),
@@ -728,6 +731,7 @@ mod tests {
                 submitted: Instant::now(),
                 reserve,
                 images: Vec::new(),
+                image_tokens: 0,
             },
             stream,
         )

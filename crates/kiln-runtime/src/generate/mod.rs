@@ -75,6 +75,8 @@ pub struct Generated {
     pub tokens: Vec<u32>,
     /// Tokens of the prompt as the model saw it.
     pub prompt_tokens: usize,
+    /// Of those, the image tokens (a vision-language prompt's images; 0 otherwise).
+    pub image_tokens: usize,
     /// Why it ended.
     pub finish_reason: FinishReason,
     /// From the request to its first token, milliseconds.
@@ -393,7 +395,10 @@ impl Generation {
             )));
         }
         let (events, receiver) = flume::unbounded();
-        let job = Job { tokens, settings, events, submitted: Instant::now(), reserve: need, images };
+        let image_tokens = images.iter().map(|i| i.patches.grid_thw.iter().product::<usize>()).sum::<usize>()
+            / self.vision.as_ref().map_or(1, Vision::tokens_per_patch_divisor);
+        let job =
+            Job { tokens, settings, events, submitted: Instant::now(), reserve: need, images, image_tokens };
         let jobs = self.jobs.as_ref().ok_or_else(|| Error::Shutdown("generation is shutting down".into()))?;
         self.counters.submitted();
         jobs.try_send(job).map_err(|e| match e {

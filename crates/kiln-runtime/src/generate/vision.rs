@@ -37,6 +37,11 @@ impl Vision {
         Ok(Vision { info: info.clone(), processor, max_images: config.generate.max_images })
     }
 
+    /// Patches per image token: merge².
+    pub(super) fn tokens_per_patch_divisor(&self) -> usize {
+        self.info.merge_size.max(1).pow(2)
+    }
+
     /// `text` (the rendered prompt, one placeholder per image) with each placeholder
     /// repeated once per token of its image, and the images processed.
     pub(super) fn expand(&self, text: &str, inputs: &[ImageInput]) -> Result<(String, Vec<JobImage>)> {
