@@ -184,7 +184,7 @@ async fn the_generation_profile_reports_the_backend_allocator() {
     let generation = Generation::from_config(generate_config(&["profiler.enabled=true"])).await.unwrap();
     let answer = generation.generate(kiln::runtime::Prompt::Tokens(vec![1, 2, 3])).await.unwrap();
     assert!(!answer.tokens.is_empty() || answer.finish_reason == kiln::runtime::FinishReason::Stop);
-    let report = generation.profile_report().expect("profiling is on");
+    let report = generation.reports().report().expect("profiling is on");
     let allocator = report.allocator.expect("the provider keeps an allocator");
     assert_eq!(allocator.provider, "pretend-generator");
     assert_eq!(

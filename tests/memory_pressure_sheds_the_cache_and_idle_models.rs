@@ -88,7 +88,7 @@ async fn one_monitor_thread_feeds_the_governor_the_profiler_and_the_trackers() {
         if memory.samples >= 20 { Ok(memory) } else { Err(format!("{} governor samples", memory.samples)) }
     })
     .await;
-    let profile = optimizer.profile_report().expect("the profiler is on");
+    let profile = optimizer.reports().report().expect("the profiler is on");
     assert!(profile.samples >= memory.samples, "profiler {} vs governor {}", profile.samples, memory.samples);
     assert!(profile.peak_rss_bytes.unwrap_or(0) >= memory.peak_rss_bytes.min(1));
     drop(optimizer);

@@ -112,7 +112,7 @@ async fn mlx_allocator_figures_reach_the_governor_and_the_profiler_and_its_cache
     assert_eq!(provider.allocator_memory().unwrap().cached, 0);
     assert_eq!(optimizer.embed(&["still serving".to_string()]).await.unwrap()[0].len(), 384);
     // The profiler's report carries the same allocator, by name, in JSON and Markdown.
-    let report = optimizer.profile_report().expect("profiler on");
+    let report = optimizer.reports().report().expect("profiler on");
     let allocator = report.allocator.clone().expect("MLX keeps an allocator of its own");
     assert_eq!(allocator.provider, "mlx");
     assert!(

@@ -16,7 +16,7 @@ async fn stages_and_user_spans_are_in_the_report() {
         let _span = optimizer.profiler().span("image_processing");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let report = optimizer.profile_report().expect("on by default");
+    let report = optimizer.reports().report().expect("on by default");
     let count = |name: &str| report.spans.get(name).map_or(0, |s| s.count);
     assert_eq!(count("image_processing"), 1);
     assert!(report.spans["image_processing"].total_ms >= 5.0, "{report:?}");
@@ -37,11 +37,14 @@ async fn stages_and_user_spans_are_in_the_report() {
     assert!(report.allocator.is_none(), "{:?}", report.allocator);
 
     let dir = tempfile::tempdir().unwrap();
-    assert!(optimizer.write_profile(&dir.path().join("p.json")).unwrap());
+    assert!(optimizer.reports().write_profile(&dir.path().join("p.json")).unwrap());
     let written: kiln::ProfileReport =
         serde_json::from_slice(&std::fs::read(dir.path().join("p.json")).unwrap()).unwrap();
     assert_eq!(written.spans["queue_wait"].count, 10);
-    assert!(!optimizer.write_trace(&dir.path().join("t.json")).unwrap(), "no trace unless profiler.trace");
+    assert!(
+        !optimizer.reports().write_trace(&dir.path().join("t.json")).unwrap(),
+        "no trace unless profiler.trace"
+    );
     assert!(!dir.path().join("t.json").exists());
     optimizer.shutdown().await.unwrap();
 }
@@ -52,9 +55,9 @@ async fn turned_off_it_reports_nothing() {
         kiln::Optimizer::from_config(support::minilm_config(&["profiler.enabled=false"])).await.unwrap();
     optimizer.embed(&["a text".to_string()]).await.unwrap();
     let _span = optimizer.profiler().span("still callable");
-    assert!(optimizer.profile_report().is_none());
+    assert!(optimizer.reports().report().is_none());
     let dir = tempfile::tempdir().unwrap();
-    assert!(!optimizer.write_profile(&dir.path().join("p.json")).unwrap());
+    assert!(!optimizer.reports().write_profile(&dir.path().join("p.json")).unwrap());
     drop(_span);
     optimizer.shutdown().await.unwrap();
 }

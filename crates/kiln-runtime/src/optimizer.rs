@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_core::{
-    Cache, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, Outputs, ProfileReport, Profiler, Provider,
-    Result, Task,
+    Cache, Error, Inputs, KilnConfig, ModelInfo, ModelSpec, Outputs, Profiler, Provider, Result, Task,
 };
 
 use crate::governor::MemoryGovernor;
@@ -314,27 +313,11 @@ impl Optimizer {
         self.profiler.record(name, started, elapsed);
     }
 
-    /// The profiler's outputs (report and trace), as every front writes them.
+    /// The profiler's outputs, as every front writes them: `reports().report()` (the
+    /// report so far, with the backend allocator's figures; `None` with
+    /// `profiler.enabled` off), `write_profile(path)` and `write_trace(path)`.
     pub fn reports(&self) -> &Reports {
         &self.reports
-    }
-
-    /// The profiler's report so far; `None` when `profiler.enabled` is off. For a
-    /// backend with an allocator of its own (MLX) it carries that allocator's figures.
-    pub fn profile_report(&self) -> Option<ProfileReport> {
-        self.reports.report()
-    }
-
-    /// Writes the profiler's report as JSON to `path`, whole. `Ok(false)` when
-    /// profiling is off.
-    pub fn write_profile(&self, path: &std::path::Path) -> Result<bool> {
-        self.reports.write_profile(path)
-    }
-
-    /// Writes the Chrome trace (Perfetto, chrome://tracing) to `path`. `Ok(false)`
-    /// when no trace is kept (`profiler.trace` off).
-    pub fn write_trace(&self, path: &std::path::Path) -> Result<bool> {
-        self.reports.write_trace(path)
     }
 
     /// What the optimizer has done so far.
@@ -347,7 +330,7 @@ impl Optimizer {
     pub async fn shutdown(mut self) -> Result<Stats> {
         if let Some(hub) = self.trackers.take() {
             let summary = summary_metrics(&self.stats());
-            hub.finish(summary, self.profile_report()).await;
+            hub.finish(summary, self.reports.report()).await;
         }
         let stats = self.stats();
         drop(self.governor);

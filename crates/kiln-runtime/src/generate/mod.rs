@@ -24,9 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_core::{
-    Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, ProfileReport, Profiler, Result,
-};
+use kiln_core::{Error, GenerateConfig, Generator, GeneratorInfo, KilnConfig, ModelSpec, Profiler, Result};
 use kiln_text::chat::{Message, render_chat};
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -416,30 +414,11 @@ impl Generation {
         self.stream(prompt)?.finish().await
     }
 
-    /// The profiler's outputs (report and trace), as every front writes them.
+    /// The profiler's outputs, as every front writes them: `reports().report()` (the
+    /// report so far, with the backend allocator's figures; `None` with
+    /// `profiler.enabled` off), `write_profile(path)` and `write_trace(path)`.
     pub fn reports(&self) -> &Reports {
         &self.reports
-    }
-
-    /// The profiler's report so far (spans `load_model`, `generate_warmup`,
-    /// `generate_step` — one per step, prefill and decode together — `generate_sample`
-    /// and `generate_request`, from submission to the last token; resource peaks; the
-    /// backend allocator's figures for a backend that keeps one); `None` with
-    /// `profiler.enabled` off.
-    pub fn profile_report(&self) -> Option<ProfileReport> {
-        self.reports.report()
-    }
-
-    /// Writes the profiler's report as JSON to `path`, whole. `Ok(false)` when
-    /// profiling is off.
-    pub fn write_profile(&self, path: &std::path::Path) -> Result<bool> {
-        self.reports.write_profile(path)
-    }
-
-    /// Writes the Chrome trace (Perfetto, chrome://tracing) of the spans so far to
-    /// `path`. `Ok(false)` when no trace is kept (`profiler.trace` off).
-    pub fn write_trace(&self, path: &std::path::Path) -> Result<bool> {
-        self.reports.write_trace(path)
     }
 
     /// Counters, gauges and latency percentiles so far.
@@ -456,7 +435,7 @@ impl Generation {
         }
         let stats = self.counters.snapshot();
         if let Some(hub) = self.trackers.take() {
-            hub.finish(metrics(&stats), self.profile_report()).await;
+            hub.finish(metrics(&stats), self.reports.report()).await;
         }
         stats
     }
