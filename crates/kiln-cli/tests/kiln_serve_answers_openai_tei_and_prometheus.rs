@@ -339,3 +339,41 @@ fn replicas_share_results_through_redis_and_outlive_it() {
     stop(a, stderr_a);
     stop(b, stderr_b);
 }
+
+/// A vision-language config (examples/vlm.toml, the Qwen2.5-VL fixture of `scripts/setup
+/// vlm`): the real `openai` package sends two images as `image_url` data: URLs and gets
+/// the answer transformers gives (its usage counts the image tokens); a remote URL, a
+/// data: URL that is no image and a file outside `server.allowed_media_dir` are refused
+/// by name, a file inside it is read.
+#[test]
+fn the_openai_client_sends_images_to_a_vision_language_model() {
+    let fixture = support::root().join(".kiln/models/qwen25vl-tiny");
+    assert!(fixture.join("prompt.json").is_file(), "run `scripts/setup vlm` (scripts/test does)");
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("prompt.json")).unwrap()).unwrap();
+    let images = fixture.join("images");
+    let media = format!("server.allowed_media_dir={:?}", images.display().to_string());
+    let (server, base, stderr) = start(&["examples/vlm.toml", "--set", &media]);
+    wait_ready(&base, &stderr);
+    let path = |name: &str| images.join(name).display().to_string();
+    let got = clients(
+        "vlm_clients.py",
+        &[&base, "model", &path("landscape.png"), &path("portrait.png"), "square.png"],
+    );
+    let compare = &got["compare"];
+    let prompt_tokens = reference["input_ids"].as_array().unwrap().len() as u64;
+    assert_eq!(compare["usage"][0].as_u64(), Some(prompt_tokens), "{got}");
+    assert!(compare["usage"][1].as_u64().unwrap() > 0, "{got}");
+    let refused = |k: &str| (got[k]["status"].as_u64(), got[k]["message"].as_str().unwrap_or("").to_string());
+    let (status, message) = refused("remote");
+    assert!(status == Some(422) && message.contains("fetches no remote URLs"), "{message}");
+    let (status, message) = refused("not_image");
+    assert!(status == Some(422) && message.contains("not an image"), "{message}");
+    let (status, message) = refused("outside");
+    assert!(
+        status == Some(422) && message.contains("not a file inside server.allowed_media_dir"),
+        "{message}"
+    );
+    assert!(got["inside"]["usage"][0].as_u64().unwrap() > 0, "{got}");
+    stop(server, stderr);
+}

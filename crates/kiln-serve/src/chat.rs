@@ -15,7 +15,7 @@ use axum::response::sse::{Event as Sse, Sse as SseResponse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use kiln::runtime::{Event, FinishReason, Generated, Prompt, TokenStream};
-use kiln::text::chat::Message;
+use kiln::text::chat::{Content, Message, Part};
 use serde::Deserialize;
 
 use crate::layers::Body;
@@ -96,7 +96,7 @@ async fn complete(state: Arc<State>, body: Body, chat: bool) -> Result<Response,
         return Err(ApiError::invalid("`n`: kiln makes one choice per request; send n = 1 or leave it out"));
     }
     let prompt = match (chat, request.messages, request.prompt) {
-        (true, Some(messages), None) => Prompt::Messages(messages),
+        (true, Some(messages), None) => Prompt::Messages(media_paths(messages, &state)?),
         (false, None, Some(prompt)) => Prompt::Text(prompt),
         (true, ..) => {
             return Err(ApiError::invalid("`messages`: a list of {\"role\", \"content\"} is required"));
@@ -122,7 +122,12 @@ async fn complete(state: Arc<State>, body: Body, chat: bool) -> Result<Response,
         Some(Stop::Many(v)) => settings.stop = v,
         None => {}
     }
-    let tokens = generation.stream_with(prompt, settings)?;
+    // Images are read, decoded and resized in stream_with: off the async threads.
+    let engine = generation.clone();
+    let tokens =
+        tokio::task::spawn_blocking(move || engine.stream_with(prompt, settings)).await.map_err(|e| {
+            ApiError::from(kiln::Error::backend("kiln", format!("the request's task failed: {e}")))
+        })??;
     let id = format!("kiln-{}", uuid_ish());
     let model = state.model_name().to_string();
     if request.stream {
@@ -131,6 +136,39 @@ async fn complete(state: Arc<State>, body: Body, chat: bool) -> Result<Response,
     }
     let done = tokens.finish().await?;
     Ok(Json(whole(&done, &id, &model, chat)).into_response())
+}
+
+/// `messages` with each image part's `path` checked against `server.allowed_media_dir`
+/// (and made absolute under it): unset, paths are refused — only `data:` URLs are taken,
+/// so no client makes the server read its files; set, a path must resolve inside it.
+fn media_paths(mut messages: Vec<Message>, state: &State) -> Result<Vec<Message>, ApiError> {
+    for message in &mut messages {
+        let Content::Parts(parts) = &mut message.content else { continue };
+        for part in parts {
+            let Part::Image { path: Some(path), .. } = part else { continue };
+            let Some(root) = &state.config.server.allowed_media_dir else {
+                return Err(ApiError::invalid(format!(
+                    "image path `{}`: this server reads no files for clients (server.allowed_media_dir is not set); \
+                     send the image as a data: URL",
+                    path.display()
+                )));
+            };
+            let inside = root.canonicalize().ok().and_then(|root| {
+                let full = root.join(&*path).canonicalize().ok()?;
+                full.starts_with(&root).then_some(full)
+            });
+            match inside {
+                Some(full) => *path = full,
+                None => {
+                    return Err(ApiError::invalid(format!(
+                        "image path `{}` is not a file inside server.allowed_media_dir",
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(messages)
 }
 
 /// A request id: time and a counter, unique within the process.

@@ -167,6 +167,12 @@ impl KilnConfig {
         if let (Some(dir), Some(labels)) = (file_dir(figment, "classify.labels"), &config.classify.labels) {
             config.classify.labels = Some(dir.join(labels));
         }
+        if let (Some(dir), Some(media)) =
+            (file_dir(figment, "server.allowed_media_dir"), &config.server.allowed_media_dir)
+        {
+            config.server.allowed_media_dir = Some(dir.join(media));
+        }
+        config.server.allowed_media_dir = config.server.allowed_media_dir.as_deref().map(absolute);
         // Unset (empty) stays unset: joined to a folder it would name the folder.
         if !config.video.interpolator.as_os_str().is_empty() {
             if let Some(dir) = file_dir(figment, "video.interpolator") {

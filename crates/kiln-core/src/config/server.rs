@@ -26,6 +26,10 @@ pub struct ServerConfig {
     /// request does not say (`truncate`): cut it (`true`, kiln's way everywhere else) or
     /// refuse the request with 413 naming the input (`false`, TEI's default).
     pub auto_truncate: bool,
+    /// Vision-language models: the one folder (and its subfolders) a chat message's image
+    /// part may name by `path`. Unset (the default): only `data:` URLs are accepted, so
+    /// no client can make the server read its files.
+    pub allowed_media_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +42,7 @@ impl Default for ServerConfig {
             api_keys: Vec::new(),
             cors_origins: Vec::new(),
             auto_truncate: true,
+            allowed_media_dir: None,
         }
     }
 }
