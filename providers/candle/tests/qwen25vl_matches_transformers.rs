@@ -74,3 +74,70 @@ fn two_images_and_a_question_give_transformers_logits_and_greedy_tokens() {
     }
     assert_eq!(tokens, greedy, "32 greedy tokens");
 }
+
+/// As a kiln `Generator`: sequences decoding together (one batch of projections, each
+/// attending over its own cache) give the tokens and logits they give alone.
+#[test]
+fn sequences_decoded_together_match_each_alone() {
+    use kiln_core::{Generator, ImagePatches, StepImage, StepItem};
+    use kiln_provider_candle::qwen2vl::QwenVlGenerator;
+
+    let dir = fixture();
+    let prompt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(prompt["input_ids"].clone()).unwrap();
+    let grids: Vec<[usize; 3]> = serde_json::from_value(prompt["image_grid_thw"].clone()).unwrap();
+    let pixels = read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap();
+    let generator = QwenVlGenerator::load(&dir.join("model"), 0).unwrap();
+    let split = grids[0].iter().product::<usize>() * 1176;
+    let patches = vec![
+        ImagePatches { values: pixels[..split].to_vec(), grid_thw: grids[0] },
+        ImagePatches { values: pixels[split..].to_vec(), grid_thw: grids[1] },
+    ];
+    let encoded = generator.encode_images(&patches).unwrap();
+    let images: Vec<StepImage<'_>> =
+        encoded.iter().zip(&grids).map(|(e, g)| StepImage { embedding: e, grid_thw: *g }).collect();
+    let text: Vec<u32> = ids[..12].to_vec(); // the system turn: no images
+    let argmax = |row: &[f32]| {
+        row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+    };
+
+    // Each alone: the prompt, then 6 greedy tokens.
+    let alone = |tokens: &[u32], with_images: bool| {
+        let mut cache = generator.new_sequence().unwrap();
+        let mut item = StepItem::new(tokens, cache.as_mut());
+        if with_images {
+            item.images = &images;
+        }
+        let mut logits = generator.step(&mut [item]).unwrap().remove(0);
+        let mut all = vec![logits.clone()];
+        for _ in 0..6 {
+            let next = [argmax(&logits)];
+            logits = generator.step(&mut [StepItem::new(&next, cache.as_mut())]).unwrap().remove(0);
+            all.push(logits.clone());
+        }
+        all
+    };
+    let (a_alone, c_alone) = (alone(&ids, true), alone(&text, false));
+
+    // Together: both prompts in one step, then decoding side by side.
+    let (mut a, mut c) = (generator.new_sequence().unwrap(), generator.new_sequence().unwrap());
+    let mut first = StepItem::new(&ids, a.as_mut());
+    first.images = &images;
+    let mut out = generator.step(&mut [first, StepItem::new(&text, c.as_mut())]).unwrap();
+    let (mut a_together, mut c_together) = (vec![out.remove(0)], vec![out.remove(0)]);
+    for _ in 0..6 {
+        let (na, nc) = ([argmax(a_together.last().unwrap())], [argmax(c_together.last().unwrap())]);
+        let mut out =
+            generator.step(&mut [StepItem::new(&na, a.as_mut()), StepItem::new(&nc, c.as_mut())]).unwrap();
+        a_together.push(out.remove(0));
+        c_together.push(out.remove(0));
+    }
+    for (alone, together) in [(&a_alone, &a_together), (&c_alone, &c_together)] {
+        for (x, y) in alone.iter().zip(together.iter()) {
+            assert_eq!(argmax(x), argmax(y));
+            let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "logits differ by {diff}");
+        }
+    }
+}

@@ -90,8 +90,11 @@ impl Generator for QwenVlGenerator {
         for item in batch.iter() {
             self.info.check_step(item.tokens, item.cache.len())?;
         }
-        let mut out = Vec::with_capacity(batch.len());
-        for item in batch.iter_mut() {
+        // Sequences decoding one token go as one batch; prompts (and the rare several
+        // tokens after a prompt) run on their own.
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; batch.len()];
+        let mut decoding: Vec<usize> = Vec::new();
+        for (n, item) in batch.iter_mut().enumerate() {
             let cache =
                 &mut item.cache.as_any_mut().downcast_mut::<Sequence>().expect("a Qwen2.5-VL cache").0;
             let logits = if cache.is_empty() {
@@ -104,14 +107,30 @@ impl Generator for QwenVlGenerator {
                     .prefill(item.tokens, rows.as_ref(), &grids, cache, 1)?
                     .squeeze(0)
                     .map_err(backend)?
-            } else if let [token] = item.tokens {
-                self.model.decode(*token, cache)?
+            } else if item.tokens.len() == 1 {
+                decoding.push(n);
+                continue;
             } else {
                 self.model.extend(item.tokens, cache)?
             };
-            out.push(logits.to_vec1::<f32>().map_err(backend)?);
+            out[n] = Some(logits.to_vec1::<f32>().map_err(backend)?);
         }
-        Ok(out)
+        if !decoding.is_empty() {
+            let tokens: Vec<u32> = decoding.iter().map(|&n| batch[n].tokens[0]).collect();
+            let mut caches: Vec<&mut KvCache> = batch
+                .iter_mut()
+                .enumerate()
+                .filter(|(n, _)| decoding.contains(n))
+                .map(|(_, item)| {
+                    &mut item.cache.as_any_mut().downcast_mut::<Sequence>().expect("a Qwen2.5-VL cache").0
+                })
+                .collect();
+            let logits = self.model.decode_batch(&tokens, &mut caches)?.to_vec2::<f32>().map_err(backend)?;
+            for (&n, row) in decoding.iter().zip(logits) {
+                out[n] = Some(row);
+            }
+        }
+        Ok(out.into_iter().map(|l| l.expect("every item stepped")).collect())
     }
 
     fn encode_images(&self, images: &[ImagePatches]) -> Result<Vec<Tensor>> {

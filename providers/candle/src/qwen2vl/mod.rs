@@ -140,6 +140,19 @@ impl QwenVl {
         logits.squeeze(0).map_err(backend)
     }
 
+    /// One more token for each of several sequences, in one batch: `[batch, vocab]`.
+    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.len() != caches.len() || tokens.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{} tokens for {} sequences",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        let positions: Vec<i64> = caches.iter().map(|c| c.next_position()).collect();
+        self.text.decode_batch(tokens, &positions, caches)
+    }
+
     /// One more token of a sequence whose prompt is in `cache`: its logits, `[vocab]`.
     pub fn decode(&self, token: u32, cache: &mut KvCache) -> Result<Tensor> {
         let at = cache.next_position();

@@ -213,6 +213,65 @@ impl TextModel {
     }
 }
 
+impl TextModel {
+    /// One token for each of several sequences at once: `tokens[b]` at position
+    /// `positions[b]` (the same on all three streams, as after a prompt) appended to
+    /// `caches[b]`. The projections and the MLP run as one batch — the weights are read
+    /// once for all the sequences — and attention runs per sequence over its own cache.
+    /// Returns `[batch, vocab]`.
+    pub fn decode_batch(
+        &self,
+        tokens: &[u32],
+        positions: &[i64],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let batch = tokens.len();
+        let (heads, kv_heads, head_dim) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
+        let streams = [positions.to_vec(), positions.to_vec(), positions.to_vec()];
+        let (cos, sin) = mrope_cos_sin(&streams, head_dim, c.rope_theta, c.mrope_section);
+        let cos = Tensor::from_vec(cos, (batch, head_dim), &self.device).map_err(backend)?;
+        let sin = Tensor::from_vec(sin, (batch, head_dim), &self.device).map_err(backend)?;
+        let mut x = self.embed(tokens, None)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let q = rotate(
+                &layer.q.forward(&h)?.reshape((batch, heads, head_dim)).map_err(backend)?,
+                &cos,
+                &sin,
+            )?;
+            let k = rotate(
+                &layer.k.forward(&h)?.reshape((batch, kv_heads, head_dim)).map_err(backend)?,
+                &cos,
+                &sin,
+            )?;
+            let v = layer.v.forward(&h)?.reshape((batch, kv_heads, head_dim)).map_err(backend)?;
+            let mut outs = Vec::with_capacity(batch);
+            for (b, cache) in caches.iter_mut().enumerate() {
+                let row = |t: &Tensor| t.narrow(0, b, 1).and_then(|t| t.transpose(0, 1)).map_err(backend);
+                let (qb, kb, vb) = (row(&q)?, row(&k)?, row(&v)?);
+                let (kb, vb) = (append(&mut cache.keys[i], kb)?, append(&mut cache.values[i], vb)?);
+                let mask = causal_mask(1, kb.dim(1).map_err(backend)? - 1, &self.device)?;
+                let out = attend(&qb, &kb, &vb, &mask, heads / kv_heads, head_dim)?;
+                outs.push(
+                    out.transpose(0, 1).and_then(|o| o.reshape((1, heads * head_dim))).map_err(backend)?,
+                );
+            }
+            let attended = Tensor::cat(&outs, 0).map_err(backend)?;
+            x = (x + layer.o.forward(&attended)?).map_err(backend)?;
+            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
+            let gate = layer.gate.forward(&h)?.silu().map_err(backend)?;
+            let up = layer.up.forward(&h)?;
+            x = (x + layer.down.forward(&(gate * up).map_err(backend)?)?).map_err(backend)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.tokens += 1;
+        }
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        x.matmul(&self.lm_head.t().map_err(backend)?).map_err(backend)
+    }
+}
+
 /// `cache` with `new` (`[kv_heads, tokens, d]`) appended along the tokens; the whole.
 fn append(cache: &mut Option<Tensor>, new: Tensor) -> Result<Tensor> {
     let all = match cache.take() {
