@@ -172,7 +172,10 @@ async fn collect(mut stream: kiln::runtime::TokenStream, live: bool) -> kiln::Re
 /// `kiln bench` for `task = "generate"`: one stream, then `concurrency` streams at once
 /// (each a fresh engine, so each phase's latency figures are its own), over `requests`
 /// prompts per phase — `--texts FILE` lines, or "Write a long story about …" prompts that
-/// run to `generate.max_new_tokens`.
+/// run to `generate.max_new_tokens`. For a vision-language model each prompt carries one
+/// image (16 photo-like images, generated), and a first phase asks about one image twice
+/// on one engine: the time to first token the second time, from the image cache, against
+/// the first.
 pub(crate) async fn bench(
     config: KilnConfig,
     requests: usize,
@@ -198,11 +201,39 @@ pub(crate) async fn bench(
         "a fox",
         "a desert",
     ];
-    let prompts: Vec<String> = match texts {
-        Some(t) if !t.is_empty() => t,
-        Some(_) => bail!("--texts holds no prompts"),
-        None => TOPICS.iter().map(|t| format!("Write a long story about {t}.")).collect(),
+    let probe = Generation::from_config(config.clone()).await?;
+    let vision = probe.info().vision.is_some();
+    let images = if vision { Some(BenchImages::write(16)?) } else { None };
+    let prompts: Vec<Prompt> = match (texts, &images) {
+        (Some(t), _) if t.is_empty() => bail!("--texts holds no prompts"),
+        (Some(t), None) => t.into_iter().map(Prompt::Text).collect(),
+        (Some(t), Some(images)) => t.iter().enumerate().map(|(i, q)| images.prompt(i, q)).collect(),
+        (None, None) => {
+            TOPICS.iter().map(|t| Prompt::Text(format!("Write a long story about {t}."))).collect()
+        }
+        (None, Some(images)) => (0..16).map(|i| images.prompt(i, "Describe this image in detail.")).collect(),
     };
+    let cache = match &images {
+        Some(_) => {
+            let ttft = |g: &Generated| g.time_to_first_token_ms;
+            let first = probe.generate(prompts[0].clone()).await?;
+            let again = probe.generate(prompts[0].clone()).await?;
+            let ratio = ttft(&again) / ttft(&first).max(1e-9);
+            println!(
+                "image cache: time to first token {:.1} ms the first time, {:.1} ms asked again ({ratio:.2}×); \
+                 {} image tokens",
+                ttft(&first),
+                ttft(&again),
+                first.image_tokens
+            );
+            Some(
+                serde_json::json!({"first_ttft_ms": ttft(&first), "repeat_ttft_ms": ttft(&again), "ratio": ratio,
+                "image_tokens": first.image_tokens}),
+            )
+        }
+        None => None,
+    };
+    probe.shutdown().await;
     let one = bench_phase(&config, prompts.clone(), requests.clamp(1, 4), 1).await?;
     print_phase("1 stream", &one);
     let many = bench_phase(&config, prompts, requests.max(concurrency), concurrency.max(1)).await?;
@@ -211,16 +242,63 @@ pub(crate) async fn bench(
         many["tokens_per_s"].as_f64().unwrap_or(0.0) / one["tokens_per_s"].as_f64().unwrap_or(1.0).max(1e-9);
     println!("aggregate tokens/s, {concurrency} streams / 1 stream: {ratio:.2}");
     if let Some(path) = json {
-        let value = serde_json::json!({"single_stream": one, "concurrent": many, "concurrency": concurrency, "ratio": ratio});
+        let mut value = serde_json::json!({"single_stream": one, "concurrent": many, "concurrency": concurrency, "ratio": ratio});
+        if let Some(cache) = cache {
+            value["image_cache"] = cache;
+        }
         std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    drop(images);
     Ok(())
+}
+
+/// Photo-like PNGs for a vision-language bench, in a folder of their own removed on drop.
+struct BenchImages {
+    dir: std::path::PathBuf,
+    count: usize,
+}
+
+impl BenchImages {
+    /// `count` images of 448×336: gradients and a soft disc, different each.
+    fn write(count: usize) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-images-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for i in 0..count {
+            let image = image::RgbImage::from_fn(448, 336, |x, y| {
+                let (fx, fy, k) = (x as f32 / 448.0, y as f32 / 336.0, i as f32);
+                let disc = ((fx - 0.5).powi(2) + (fy - 0.5).powi(2)).sqrt() < 0.2 + 0.01 * k;
+                let blue = if disc { 200.0 + 3.0 * k } else { 16.0 * k };
+                image::Rgb([
+                    (255.0 * fx) as u8 ^ (16 * (i % 16)) as u8,
+                    (255.0 * fy) as u8,
+                    blue.min(255.0) as u8,
+                ])
+            });
+            let path = dir.join(format!("{i}.png"));
+            image.save(&path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(BenchImages { dir, count })
+    }
+
+    /// A user message of image `i` and `question`.
+    fn prompt(&self, i: usize, question: &str) -> Prompt {
+        let path = self.dir.join(format!("{}.png", i % self.count));
+        let parts =
+            vec![Part::Image { path: Some(path), url: None }, Part::Text { text: question.to_string() }];
+        Prompt::Messages(vec![Message { role: "user".into(), content: Content::Parts(parts) }])
+    }
+}
+
+impl Drop for BenchImages {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 async fn bench_phase(
     config: &KilnConfig,
-    prompts: Vec<String>,
+    prompts: Vec<Prompt>,
     requests: usize,
     concurrency: usize,
 ) -> Result<serde_json::Value> {
@@ -240,7 +318,7 @@ async fn bench_phase(
                 if i >= requests {
                     break;
                 }
-                let prompt = Prompt::Text(prompts[i % prompts.len()].clone());
+                let prompt = prompts[i % prompts.len()].clone();
                 match generation.stream(prompt) {
                     Ok(stream) => match stream.finish().await {
                         Ok(g) => {

@@ -195,3 +195,38 @@ fn kiln_run_answers_about_images_with_a_vision_language_model() {
     assert_eq!(rows[1]["id"], "one");
     assert!(rows[1]["image_tokens"].as_u64().unwrap() > 0, "{}", rows[1]);
 }
+
+/// `kiln bench` on a vision-language config: one image per prompt, the image-cache phase
+/// (the same image asked twice on one engine) and both phases without errors.
+#[test]
+fn kiln_bench_measures_a_vision_language_model_and_its_image_cache() {
+    assert!(
+        support::root().join(".kiln/models/qwen25vl-tiny/prompt.json").is_file(),
+        "run `scripts/setup vlm`"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let run = kiln(&[
+        "bench",
+        "examples/vlm.toml",
+        "--requests",
+        "4",
+        "--concurrency",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
+        "--set",
+        "generate.max_new_tokens=8",
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (report["single_stream"]["errors"].as_u64(), report["concurrent"]["errors"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let cache = &report["image_cache"];
+    assert!(cache["image_tokens"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        cache["first_ttft_ms"].as_f64().unwrap() > 0.0 && cache["repeat_ttft_ms"].as_f64().unwrap() > 0.0
+    );
+}

@@ -73,6 +73,10 @@ fn two_images_and_a_question_give_transformers_logits_and_greedy_tokens() {
         tokens.push(argmax(&next));
     }
     assert_eq!(tokens, greedy, "32 greedy tokens");
+    // A generated image placeholder is an ordinary token when no image comes with it.
+    let pad = model.config().image_token_id;
+    let logits = model.decode(pad, &mut cache).unwrap().to_vec1::<f32>().unwrap();
+    assert!(logits.iter().all(|v| v.is_finite()));
 }
 
 /// As a kiln `Generator`: sequences decoding together (one batch of projections, each

@@ -112,7 +112,8 @@ impl TextModel {
     }
 
     /// Token embeddings `[tokens, hidden]`, with `images`' rows (one per
-    /// `<|image_pad|>`, in order) in place of the image pad tokens'.
+    /// `<|image_pad|>`, in order) in place of the image pad tokens' when given (their
+    /// count must match); without images every id is embedded as it is.
     pub fn embed(&self, ids: &[u32], images: Option<&Tensor>) -> Result<Tensor> {
         let vocab = self.config.vocab_size as u32;
         if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
@@ -156,12 +157,8 @@ impl TextModel {
                     x = both.index_select(&pick, 0).map_err(backend)?;
                 }
             }
-            None if !pads.is_empty() => {
-                return Err(Error::InvalidInput(format!(
-                    "the prompt has {} image tokens but no images",
-                    pads.len()
-                )));
-            }
+            // Without images the pad token is embedded as a token like any other: a model
+            // may generate it, and transformers embeds it so when no pixels come with it.
             None => {}
         }
         Ok(x)
