@@ -105,3 +105,27 @@ async fn bad_images_are_refused_by_name_and_the_rest_is_served() {
     assert!(!ok.tokens.is_empty() || ok.finish_reason == kiln::runtime::FinishReason::Stop);
     generation.shutdown().await;
 }
+
+/// An mlx-community checkpoint (the fixture converted to 4 bits by mlx-vlm's own
+/// converter): loaded from its folder, dequantized at load, it answers the same prompt
+/// with mlx-vlm's greedy tokens on the same file.
+#[tokio::test]
+async fn an_mlx_community_4_bit_checkpoint_gives_mlx_vlm_tokens() {
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("prompt.json")).unwrap()).unwrap();
+    let q4: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("mlx-q4/reference.json")).unwrap()).unwrap();
+    let eos = reference["special_ids"]["<|im_end|>"].as_u64().unwrap() as u32;
+    let greedy: Vec<u32> = serde_json::from_value(q4["greedy_tokens"].clone()).unwrap();
+    let expected: Vec<u32> = greedy.iter().copied().take_while(|&t| t != eos).collect();
+    let path = format!("model.path={:?}", fixture().join("mlx-q4").display().to_string());
+    let generation = Generation::from_config(config(&[path.as_str()])).await.unwrap();
+    assert!(
+        generation.info().quantization.starts_with("4-bit mlx affine"),
+        "{}",
+        generation.info().quantization
+    );
+    let answer = generation.generate(prompt(&reference)).await.unwrap();
+    assert_eq!(answer.tokens, expected, "mlx-vlm's greedy tokens");
+    generation.shutdown().await;
+}

@@ -44,6 +44,22 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// With `quantized` (bytes an element, scales included), the encoder's matrices count
 /// that much an element; the embeddings stay at `dtype`.
 pub fn weight_bytes(files: &[PathBuf], dtype: DType, quantized: Option<f64>) -> Result<u64> {
+    weight_bytes_as(files, dtype, quantized, None)
+}
+
+/// [`weight_bytes`] of an mlx-community checkpoint whose layers of `bits`-bit packed
+/// `u32` weights are dequantized to `dtype` at load: each packed word becomes `32 / bits`
+/// elements of `dtype`.
+pub fn dequantized_weight_bytes(files: &[PathBuf], dtype: DType, bits: usize) -> Result<u64> {
+    weight_bytes_as(files, dtype, None, Some(bits))
+}
+
+fn weight_bytes_as(
+    files: &[PathBuf],
+    dtype: DType,
+    quantized: Option<f64>,
+    unpacked: Option<usize>,
+) -> Result<u64> {
     use std::io::Read;
     let mut total = 0u64;
     for file in files {
@@ -76,6 +92,9 @@ pub fn weight_bytes(files: &[PathBuf], dtype: DType, quantized: Option<f64>) -> 
             let is_float = matches!(entry["dtype"].as_str(), Some("F64" | "F32" | "F16" | "BF16"));
             let matrix = entry["shape"].as_array().is_some_and(|d| d.len() == 2);
             let per_element = match quantized {
+                _ if unpacked.is_some() && entry["dtype"].as_str() == Some("U32") => {
+                    (32 / unpacked.unwrap_or(32).max(1)) as f64 * dtype.size() as f64
+                }
                 Some(bytes) if matrix && name.contains("encoder.") && name.ends_with(".weight") => bytes,
                 _ if is_float => dtype.size() as f64,
                 _ => stored as f64,

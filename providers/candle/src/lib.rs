@@ -47,6 +47,20 @@ fn qwen2vl_folder(dir: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Bytes a Qwen2.5-VL folder's weights take as candle holds them (f32; mlx-community's
+/// packed layers dequantized), from the safetensors headers.
+fn qwen2vl_bytes(dir: &std::path::Path) -> Result<u64> {
+    let files = weight_files(dir)?;
+    let bits = std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .and_then(|c| c.get("quantization")?.get("bits")?.as_u64());
+    match bits {
+        Some(bits) => kiln_core::hf::dequantized_weight_bytes(&files, DType::F32, bits as usize),
+        None => weight_bytes(&files, DType::F32, None),
+    }
+}
+
 /// The registered name.
 pub const NAME: &str = "candle";
 
@@ -199,6 +213,10 @@ impl Provider for CandleProvider {
         if spec.path.is_file() && spec.path.extension().is_some_and(|e| e == "gguf") {
             return Ok(llama::estimate_bytes(&spec.path, requantize(&self.options)?));
         }
+        if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
+            let bytes = qwen2vl_bytes(&spec.path)?;
+            return Ok(Some(bytes + bytes / 10));
+        }
         // An incomplete folder gets no estimate: load() reports what is wrong with it,
         // checking in the order a user would fix things.
         if !spec.path.join("config.json").is_file() {
@@ -229,7 +247,7 @@ impl Provider for CandleProvider {
                     spec.quantization
                 )));
             }
-            let bytes = weight_bytes(&weight_files(&spec.path)?, DType::F32, None)?;
+            let bytes = qwen2vl_bytes(&spec.path)?;
             return Ok(Arc::new(qwen2vl::QwenVlGenerator::load(&spec.path, bytes)?));
         }
         if !spec.path.is_file() {

@@ -145,3 +145,46 @@ fn sequences_decoded_together_match_each_alone() {
         }
     }
 }
+
+/// mlx-community's layout, as mlx-vlm 0.7.10's converter writes it from the fixture
+/// (`scripts/make_vlm_mlx_fixture.py`, run by `scripts/setup vlm`): unquantized (mlx-vlm's
+/// names, the patch kernel channels-last) against transformers, and quantized to 4, 6 and
+/// 8 bits (dequantized at load) against mlx-vlm's own logits and greedy tokens on the
+/// same files and inputs.
+#[test]
+fn mlx_community_checkpoints_give_mlx_vlm_logits_and_greedy_tokens() {
+    let dir = fixture();
+    let prompt: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(prompt["input_ids"].clone()).unwrap();
+    let grids: Vec<[usize; 3]> = serde_json::from_value(prompt["image_grid_thw"].clone()).unwrap();
+    let pixels = read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap();
+    let argmax = |row: &[f32]| {
+        row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+    };
+    for folder in ["mlx-f32", "mlx-q4", "mlx-q6", "mlx-q8"] {
+        let at = dir.join(folder);
+        assert!(at.join("reference.json").is_file(), "{} is missing: run `scripts/setup vlm`", at.display());
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(at.join("reference.json")).unwrap()).unwrap();
+        let greedy: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
+        let model = QwenVl::load(&at, &Device::Cpu).unwrap();
+        let images = model.encode_images(&pixels, &grids).unwrap();
+        let mut cache = model.new_cache();
+        let logits = model
+            .prefill(&ids, Some(&images), &grids, &mut cache, ids.len())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let expected = read_npy(&at.join("prompt_logits.npy")).unwrap().to_f32_vec().unwrap();
+        let worst = logits.iter().flatten().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        println!("{folder}: largest logit difference from mlx-vlm {worst:.2e}");
+        assert!(worst <= 1e-3, "{folder}: logits differ from mlx-vlm's by {worst:.3e}");
+        let mut tokens = vec![argmax(logits.last().unwrap())];
+        while tokens.len() < greedy.len() {
+            let next = model.decode(*tokens.last().unwrap(), &mut cache).unwrap().to_vec1::<f32>().unwrap();
+            tokens.push(argmax(&next));
+        }
+        assert_eq!(tokens, greedy, "{folder}: mlx-vlm's 32 greedy tokens");
+    }
+}

@@ -64,7 +64,12 @@ impl QwenVlGenerator {
         info.chat_template = chat_template(dir);
         info.kv_bytes_per_token = (c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim() * 4) as u64;
         info.weight_bytes = Some(weight_bytes);
-        info.quantization = "none (f32)".into();
+        info.quantization = match quantized_bits(dir) {
+            Some((bits, group)) => {
+                format!("{bits}-bit mlx affine (group {group}), dequantized to f32 at load")
+            }
+            None => "none (f32)".into(),
+        };
         info.vision = Some(VisionInfo {
             processor: "qwen2-vl".into(),
             dir: dir.to_path_buf(),
@@ -168,6 +173,13 @@ fn image_rows<'a>(images: impl Iterator<Item = &'a Tensor>) -> Result<CTensor> {
         hidden = *h;
     }
     CTensor::from_vec(values, (rows, hidden), &Device::Cpu).map_err(backend)
+}
+
+/// mlx-community's `quantization: {bits, group_size}`, when the folder's config has it.
+fn quantized_bits(dir: &Path) -> Option<(u64, u64)> {
+    let json: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
+    let q = json.get("quantization")?;
+    Some((q.get("bits")?.as_u64()?, q.get("group_size")?.as_u64()?))
 }
 
 /// `eos_token_id` of `generation_config.json`, when the folder has one.
