@@ -98,6 +98,9 @@ def main():
     bad["not_json"] = call(base + "/v1/embeddings", raw=b"{not json")
     bad["no_route"] = call(base + "/v2/nothing")
     bad["no_key"] = call(base + "/embed", {"inputs": "hi"}, key=False)
+    bad["over_queue"] = call(base + "/embed", {"inputs": ["x"] * 9})
+    bad["trailing"] = call(base + "/embed", raw=b'{"inputs": "x"}garbage')
+    bad["long_model"] = call(base + "/v1/embeddings", {"model": "m" * 100000, "input": "x"})
     bad["info_no_key"] = call(base + "/info", key=False)
     bad["v2_ready_no_key"] = call(base + "/v2/health/ready", key=False)
     out["v2_live_no_key"] = call(base + "/v2/health/live", key=False)[0]

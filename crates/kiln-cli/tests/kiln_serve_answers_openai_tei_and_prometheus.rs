@@ -66,6 +66,8 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
         "--set",
         "server.max_inputs=64",
         "--set",
+        "batching.queue_capacity=8",
+        "--set",
         "server.api_keys=[\"test-key\"]",
         "--set",
         "server.cors_origins=[\"https://app.example\"]",
@@ -153,6 +155,13 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     assert!(status == 401 && message.contains("server.api_keys"), "{message}");
     // Every model route needs the key, /info and the protocol's readiness too; the
     // probes' routes stay open.
+    // More inputs than the queue holds could never be served: 413 naming both numbers.
+    let (status, message) = error("over_queue");
+    assert!(status == 413 && message.contains("9 inputs") && message.contains("queue holds 8"), "{message}");
+    let (status, message) = error("trailing");
+    assert!(status == 422 && message.contains("bytes after the JSON value"), "{message}");
+    let (status, message) = error("long_model");
+    assert!(status == 404 && message.len() < 300 && message.contains("(100000 bytes)"), "{message}");
     let (status, message) = error("info_no_key");
     assert!(status == 401 && message.contains("server.api_keys"), "{message}");
     assert_eq!(bad["v2_ready_no_key"]["status"], 401, "{}", bad["v2_ready_no_key"]);

@@ -74,16 +74,21 @@ impl Body {
     /// field and what it expected.
     pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         let mut json = serde_json::Deserializer::from_slice(&self.0);
-        serde_path_to_error::deserialize(&mut json).map_err(|e| match e.path().to_string().as_str() {
-            "." => ApiError::invalid(format!("the request body: {}", e.inner())),
-            path => ApiError::invalid(format!("the request body's `{path}`: {}", e.inner())),
-        })
+        let value =
+            serde_path_to_error::deserialize(&mut json).map_err(|e| match e.path().to_string().as_str() {
+                "." => ApiError::invalid(format!("the request body: {}", e.inner())),
+                path => ApiError::invalid(format!("the request body's `{path}`: {}", e.inner())),
+            })?;
+        // One JSON value and nothing after it (whitespace aside).
+        json.end()
+            .map_err(|e| ApiError::invalid(format!("the request body: bytes after the JSON value ({e})")))?;
+        Ok(value)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::same;
+    use super::*;
 
     #[test]
     fn keys_match_only_when_equal() {
@@ -91,5 +96,29 @@ mod tests {
         assert!(!same(b"secret-key", b"secret-kez"));
         assert!(!same(b"secret", b"secret-key"));
         assert!(same(b"", b""));
+    }
+
+    #[test]
+    fn bytes_after_the_json_value_are_refused() {
+        #[derive(serde::Deserialize)]
+        struct Request {
+            #[allow(dead_code)]
+            input: String,
+        }
+        assert!(Body(Bytes::from_static(b"{\"input\": \"x\"}  \n")).json::<Request>().is_ok());
+        let e = Body(Bytes::from_static(b"{\"input\": \"x\"}garbage")).json::<Request>().err().unwrap();
+        let (status, message) = e.parts();
+        assert!(
+            status == StatusCode::UNPROCESSABLE_ENTITY && message.contains("bytes after the JSON value"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn long_names_are_shown_cut() {
+        let long = "m".repeat(1 << 20);
+        let shown = crate::shown(&long);
+        assert!(shown.len() < 100 && shown.ends_with("(1048576 bytes)"), "{shown}");
+        assert_eq!(crate::shown("all-MiniLM-L6-v2"), "all-MiniLM-L6-v2");
     }
 }

@@ -88,7 +88,7 @@ impl State {
             Some(model) => Err(ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
                 "model_not_found",
-                format!("model `{model}` is not served here; this server serves `{}`", self.name),
+                format!("model `{}` is not served here; this server serves `{}`", shown(model), self.name),
             )),
         }
     }
@@ -96,6 +96,16 @@ impl State {
     /// The name clients pass as `model` (the model folder's name).
     pub fn model_name(&self) -> &str {
         &self.name
+    }
+}
+
+/// A client's string as an error message quotes it: at most 64 characters, so a
+/// megabyte of `model` is not echoed back whole.
+pub(crate) fn shown(text: &str) -> String {
+    const MOST: usize = 64;
+    match text.char_indices().nth(MOST) {
+        Some((cut, _)) => format!("{}… ({} bytes)", &text[..cut], text.len()),
+        None => text.to_string(),
     }
 }
 

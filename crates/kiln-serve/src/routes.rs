@@ -63,6 +63,14 @@ fn check_inputs(state: &State, count: usize) -> Result<(), ApiError> {
             "{count} inputs in one request; this server takes at most {limit} (server.max_inputs)"
         )));
     }
+    // More than the queue holds could never be served, however idle the server.
+    let queue = state.config.batching.queue_capacity;
+    if count > queue {
+        return Err(ApiError::too_large(format!(
+            "{count} inputs in one request; the model's queue holds {queue} (batching.queue_capacity): \
+             split the request"
+        )));
+    }
     Ok(())
 }
 

@@ -4,6 +4,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::ConfigIssue;
 
+/// Most stop strings a request may set.
+pub const MAX_STOPS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
 /// `[generate]`: how the generate task decodes. Greedy (`temperature = 0`, the default)
 /// is deterministic; sampling repeats for the same `seed`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +101,16 @@ impl GenerateConfig {
         }
         if self.stop.iter().any(String::is_empty) {
             issues.push(ConfigIssue::new("generate.stop", "\"\"", "non-empty strings"));
+        }
+        // Every token is checked against every stop string: bounded, so one request's
+        // stop strings cannot slow the engine's other streams.
+        if self.stop.len() > MAX_STOPS || self.stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            let longest = self.stop.iter().map(String::len).max().unwrap_or(0);
+            issues.push(ConfigIssue::new(
+                "generate.stop",
+                format!("{} strings, the longest {longest} bytes", self.stop.len()),
+                format!("at most {MAX_STOPS} strings of at most {MAX_STOP_BYTES} bytes each"),
+            ));
         }
         issues
     }

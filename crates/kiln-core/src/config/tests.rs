@@ -198,3 +198,14 @@ fn server_limits_are_checked_by_key() {
     let ok = KilnConfig::load(None, &["server.port=0".into(), "server.api_keys=[\"k1\"]".into()]).unwrap();
     assert_eq!((ok.server.port, ok.server.api_keys.as_slice()), (0, ["k1".to_string()].as_slice()));
 }
+
+#[test]
+fn stop_strings_are_bounded_in_count_and_length() {
+    let ok = crate::GenerateConfig { stop: vec!["END".into(); 16], ..Default::default() };
+    assert!(ok.issues().is_empty());
+    let many = crate::GenerateConfig { stop: vec!["END".into(); 17], ..Default::default() };
+    assert!(many.issues()[0].to_string().contains("at most 16 strings"), "{:?}", many.issues());
+    let long = crate::GenerateConfig { stop: vec!["x".repeat(2_000_000)], ..Default::default() };
+    let issue = long.issues()[0].to_string();
+    assert!(issue.contains("2000000 bytes") && issue.contains("256 bytes"), "{issue}");
+}
