@@ -24,6 +24,10 @@ pub struct Stats {
     /// Texts answered by joining a concurrent request's run for the same text
     /// (single-flight) instead of a model run of their own.
     pub coalesced: u64,
+    /// Cache entries refused because they do not fit the model's output (wrong shape or
+    /// length, non-finite values): each counted a miss and recomputed. A shared cache is
+    /// a trust boundary.
+    pub cache_invalid: u64,
     /// Model runs (batches).
     pub batches: u64,
     /// Model runs by number of items in them.
@@ -187,6 +191,7 @@ pub(crate) struct Counters {
     pub texts: AtomicU64,
     pub images: AtomicU64,
     pub coalesced: AtomicU64,
+    pub cache_invalid: AtomicU64,
     tokenize_ns: AtomicU64,
     preprocess_ns: AtomicU64,
     inference_ns: AtomicU64,
@@ -272,6 +277,7 @@ impl Counters {
             texts: self.texts.load(Ordering::Relaxed),
             images: self.images.load(Ordering::Relaxed),
             coalesced: self.coalesced.load(Ordering::Relaxed),
+            cache_invalid: self.cache_invalid.load(Ordering::Relaxed),
             batches: batches.batches,
             mean_batch_size: batches.mean_batch_size(),
             batch_sizes: batches.batch_sizes,

@@ -81,7 +81,7 @@ impl Optimizer {
             let keys: Vec<CacheKey> = claimed.iter().map(|&(_, key, _)| key).collect();
             let mut leaders = Vec::with_capacity(claimed.len());
             for ((i, key, leader), hit) in claimed.into_iter().zip(self.cache.get_many(&keys)) {
-                match hit.and_then(|hit| hit.get(EMBEDDING).and_then(|v| v.to_vec::<f32>().ok())) {
+                match hit.and_then(|hit| self.valid_entry(&hit)) {
                     // Handed to whoever follows this text (the same call's duplicates too),
                     // so they need no second pass.
                     Some(vector) => out[i] = Some(leader.publish_and_keep(vector)),
@@ -95,6 +95,9 @@ impl Optimizer {
                 leaders.sort_by_key(|&(i, _, _)| std::cmp::Reverse(texts[i].len()));
                 let own: Vec<String> = leaders.iter().map(|&(i, _, _)| texts[i].clone()).collect();
                 let vectors = self.embed_texts(text, own).await?;
+                if let Some(first) = vectors.first() {
+                    let _ = text.width.set(first.len());
+                }
                 for ((i, key, leader), vector) in leaders.into_iter().zip(vectors) {
                     let entry = NamedTensors::new()
                         .with(EMBEDDING, Tensor::from_vec(vec![vector.len()], vector.clone())?);
@@ -117,6 +120,36 @@ impl Optimizer {
             .into_iter()
             .map(|v| v.expect("every text was answered by the cache, a run or a leader"))
             .collect())
+    }
+
+    /// A cached embedding, if it fits this model's: one dimension, the width the model's
+    /// embeddings have, finite values. Anything else — a shared cache holds what any
+    /// client wrote — is a miss, counted (`stats().cache_invalid`) and warned of once.
+    fn valid_entry(&self, hit: &NamedTensors) -> Option<Vec<f32>> {
+        let text = self.text.as_ref()?;
+        let tensor = hit.get(EMBEDDING)?;
+        let vector = tensor.to_vec::<f32>().ok();
+        let width = text.width.get().copied();
+        let fits = |v: &Vec<f32>| {
+            tensor.shape().len() == 1
+                && !v.is_empty()
+                && width.is_none_or(|w| v.len() == w)
+                && v.iter().all(|x| x.is_finite())
+        };
+        match vector {
+            Some(v) if fits(&v) => Some(v),
+            _ => {
+                Counters::add(&self.counters.cache_invalid, 1);
+                if !text.warned_invalid.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        "a cache entry of shape {:?} does not fit this model's embeddings (width {width:?}, finite \
+                         values); it is recomputed, and further ones are counted in stats().cache_invalid",
+                        tensor.shape()
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// Embeddings of texts nobody has computed: tokenized by the pool, then batched with
@@ -181,6 +214,10 @@ pub(super) struct TextPath {
     tokenizers: TokenizerPool,
     /// The model returns [`SENTENCE_EMBEDDING`] with the pipeline's head applied.
     pooled: bool,
+    /// The embeddings' width, once one was computed: what a cached entry must have.
+    width: std::sync::OnceLock<usize>,
+    /// Whether a misfit cache entry was warned of.
+    warned_invalid: std::sync::atomic::AtomicBool,
 }
 
 impl TextPath {
@@ -199,7 +236,13 @@ impl TextPath {
         if !pooled {
             tracing::info!("provider `{provider}` returns token vectors: kiln pools them on the host");
         }
-        Ok(TextPath { pipeline, tokenizers, pooled })
+        // Known from the model's output spec when its last dim is fixed (else learned
+        // from the first embedding computed).
+        let width = std::sync::OnceLock::new();
+        if let Some(kiln_core::Dim::Fixed(n)) = info.outputs.first().and_then(|o| o.shape.last()) {
+            let _ = width.set(*n);
+        }
+        Ok(TextPath { pipeline, tokenizers, pooled, width, warned_invalid: Default::default() })
     }
 }
 
