@@ -101,6 +101,14 @@ def main():
     bad["over_queue"] = call(base + "/embed", {"inputs": ["x"] * 9})
     bad["trailing"] = call(base + "/embed", raw=b'{"inputs": "x"}garbage')
     bad["long_model"] = call(base + "/v1/embeddings", {"model": "m" * 100000, "input": "x"})
+    def oip(rows, length):
+        ones = [1] * (rows * length)
+        inputs = [{"name": n, "shape": [rows, length], "datatype": "INT64", "data": ones}
+                  for n in ("input_ids", "attention_mask", "token_type_ids")]
+        status, _, body = call(base + "/v2/models/" + model + "/infer", {"inputs": inputs})
+        return {"status": status, "body": json.loads(body)}
+    out["oip_rows"] = oip(9, 4)
+    out["oip_long"] = oip(1, 600)
     bad["info_no_key"] = call(base + "/info", key=False)
     bad["v2_ready_no_key"] = call(base + "/v2/health/ready", key=False)
     out["v2_live_no_key"] = call(base + "/v2/health/live", key=False)[0]

@@ -162,6 +162,15 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     assert!(status == 422 && message.contains("bytes after the JSON value"), "{message}");
     let (status, message) = error("long_model");
     assert!(status == 404 && message.len() < 300 && message.contains("(100000 bytes)"), "{message}");
+    // The Open Inference Protocol's infer has the same bounds: rows, sequence length.
+    assert_eq!(got["oip_rows"]["status"], 413, "{}", got["oip_rows"]);
+    assert!(got["oip_rows"]["body"]["error"].as_str().unwrap().contains("9 rows"), "{}", got["oip_rows"]);
+    assert_eq!(got["oip_long"]["status"], 413, "{}", got["oip_long"]);
+    assert!(
+        got["oip_long"]["body"]["error"].as_str().unwrap().contains("sequences of 600"),
+        "{}",
+        got["oip_long"]
+    );
     let (status, message) = error("info_no_key");
     assert!(status == 401 && message.contains("server.api_keys"), "{message}");
     assert_eq!(bad["v2_ready_no_key"]["status"], 401, "{}", bad["v2_ready_no_key"]);

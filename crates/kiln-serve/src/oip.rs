@@ -259,6 +259,31 @@ async fn run(
     let mut json = serde_json::Deserializer::from_slice(json);
     let request: InferRequest = serde_path_to_error::deserialize(&mut json)
         .map_err(|e| ApiError::invalid(format!("the request body's `{}`: {}", e.path(), e.inner())))?;
+    // The same bounds as the embedding routes: rows as inputs (server.max_inputs, the
+    // queue), and no sequence longer than the model takes — checked on the declared
+    // shapes, before any tensor is built.
+    let info = optimizer.model_info();
+    for input in &request.inputs {
+        let rows = input.shape.first().copied().unwrap_or(1);
+        let limit = state.config.server.max_inputs.min(state.config.batching.queue_capacity);
+        if rows > limit {
+            return Err(ApiError::too_large(format!(
+                "input `{}` has {rows} rows; this server takes at most {limit} in one request (server.max_inputs, \
+                 batching.queue_capacity)",
+                crate::shown(&input.name)
+            )));
+        }
+        if let (Some(&sequence), Some(max)) = (input.shape.get(1), info.max_sequence_length)
+            && input.shape.len() >= 2
+            && sequence > max
+            && info.inputs.iter().any(|s| s.name == input.name)
+        {
+            return Err(ApiError::too_large(format!(
+                "input `{}` has sequences of {sequence}; the model takes at most {max}",
+                crate::shown(&input.name)
+            )));
+        }
+    }
     let mut inputs = Inputs::new();
     for input in &request.inputs {
         let part = match input.parameters.binary_data_size {
