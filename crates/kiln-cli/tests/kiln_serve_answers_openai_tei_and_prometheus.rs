@@ -54,6 +54,30 @@ fn status_without_body(base: &str, path: &str, length: usize) -> String {
     String::from_utf8_lossy(&answer).trim_end().to_string()
 }
 
+/// The status line `kiln serve` answers a POST to `path` (with the API key `key`) that
+/// announces 100 bytes of body, sends 5 and stalls (read within 10 s).
+fn status_with_stalled_body(base: &str, path: &str, key: &str) -> String {
+    use std::io::{Read, Write};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"in"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => answer.push(byte[0]),
+            other => {
+                panic!("no status line within 10 s ({other:?}); read {:?}", String::from_utf8_lossy(&answer))
+            }
+        }
+    }
+    String::from_utf8_lossy(&answer).trim_end().to_string()
+}
+
 fn vectors(v: &serde_json::Value) -> Vec<Vec<f32>> {
     serde_json::from_value(v.clone()).unwrap()
 }
@@ -67,6 +91,8 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
         "server.max_inputs=64",
         "--set",
         "batching.queue_capacity=8",
+        "--set",
+        "server.body_timeout_ms=2000",
         "--set",
         "server.api_keys=[\"test-key\"]",
         "--set",
@@ -179,6 +205,12 @@ fn the_real_clients_get_kiln_run_s_embeddings_and_errors_they_can_read() {
     // The key is checked before the body is read: a client that announces 3 MB and
     // sends none of it is refused at once, not waited for.
     assert_eq!(status_without_body(&base, "/embed", 3_000_000), "HTTP/1.1 401 Unauthorized");
+    // With the key, a body that stalls part way is cut at server.body_timeout_ms (2 s
+    // here) with 408, not held open.
+    let started = std::time::Instant::now();
+    let stalled = status_with_stalled_body(&base, "/embed", "test-key");
+    assert_eq!(stalled, "HTTP/1.1 408 Request Timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8), "{:?}", started.elapsed());
 
     stop(server, stderr);
 }

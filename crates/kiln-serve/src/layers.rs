@@ -51,8 +51,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// A request's body, read within `server.max_body_bytes`; past it, 413 naming the
-/// setting, and a body that cannot be read is a 422.
+/// A request's body, read within `server.max_body_bytes` and `server.body_timeout_ms`;
+/// past the size, 413 naming the setting; past the time, 408; a body that cannot be read
+/// is a 422.
 pub(crate) struct Body(pub Bytes);
 
 impl FromRequest<Arc<State>> for Body {
@@ -60,7 +61,18 @@ impl FromRequest<Arc<State>> for Body {
 
     async fn from_request(request: Request, state: &Arc<State>) -> Result<Self, ApiError> {
         let limit = state.config.server.max_body_bytes;
-        Bytes::from_request(request, state).await.map(Body).map_err(|e| match e.status() {
+        let within = std::time::Duration::from_millis(state.config.server.body_timeout_ms);
+        let read = tokio::time::timeout(within, Bytes::from_request(request, state)).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms (server.body_timeout_ms)",
+                    state.config.server.body_timeout_ms
+                ),
+            )
+        })?;
+        read.map(Body).map_err(|e| match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::too_large(format!("the request body is over {limit} bytes (server.max_body_bytes)"))
             }

@@ -30,6 +30,10 @@ pub struct ServerConfig {
     /// part may name by `path`. Unset (the default): only `data:` URLs are accepted, so
     /// no client can make the server read its files.
     pub allowed_media_dir: Option<std::path::PathBuf>,
+    /// Longest a request's body may take to arrive, milliseconds, from the first byte
+    /// read to the last: a client that sends part of its body and stalls gets 408 and
+    /// its connection and buffer go, instead of holding them for as long as it likes.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -43,6 +47,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             auto_truncate: true,
             allowed_media_dir: None,
+            body_timeout_ms: 30_000,
         }
     }
 }
@@ -60,6 +65,9 @@ impl ServerConfig {
         }
         if self.max_inputs == 0 {
             issues.push(ConfigIssue::new("server.max_inputs", "0", "1 or more"));
+        }
+        if self.body_timeout_ms == 0 {
+            issues.push(ConfigIssue::new("server.body_timeout_ms", "0", "1 or more (milliseconds)"));
         }
         if self.host.trim().is_empty() {
             issues.push(ConfigIssue::new(
