@@ -183,7 +183,7 @@ async fn a_deadline_fires_and_the_next_request_is_served() {
     .await
     .unwrap();
     let err = optimizer.embed(&["slow".to_string()]).await.unwrap_err();
-    assert!(matches!(err, Error::Timeout { after_ms: 100 }), "{err}");
+    assert!(matches!(err, Error::Timeout { after_ms: 100, .. }), "{err}");
     // The slow run goes on after its caller gave up; wait (polling, with a deadline)
     // until it has finished, so the next request is not queued behind it.
     support::eventually(Duration::from_secs(10), || {

@@ -115,10 +115,12 @@ pub enum Error {
     },
 
     /// A request passed its deadline; its remaining work was cancelled.
-    #[error("timed out after {after_ms} ms (`scheduler.timeout_ms`); its remaining work was cancelled")]
+    #[error("timed out after {after_ms} ms (`{setting}`); its remaining work was cancelled")]
     Timeout {
         /// The deadline, in milliseconds.
         after_ms: u64,
+        /// The setting that gave it (`scheduler.timeout_ms`, `generate.timeout_ms`).
+        setting: &'static str,
     },
 
     /// The optimizer or one of its workers has shut down.

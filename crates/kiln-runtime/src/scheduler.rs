@@ -63,7 +63,7 @@ impl Scheduler {
             None => run.await,
             Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
                 self.timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(Error::Timeout { after_ms: limit.as_millis() as u64 })
+                Err(Error::Timeout { after_ms: limit.as_millis() as u64, setting: "scheduler.timeout_ms" })
             }),
         }
     }
@@ -134,7 +134,7 @@ mod tests {
             })
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Timeout { after_ms: 20 }), "{err}");
+        assert!(matches!(err, Error::Timeout { after_ms: 20, .. }), "{err}");
         assert_eq!(s.timeouts(), 1);
         assert!(s.call(|| async { Ok(1) }).await.is_ok(), "the scheduler keeps serving");
     }

@@ -60,7 +60,7 @@ struct Request {
 fn finish(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop | FinishReason::StopString => "stop",
-        FinishReason::Length | FinishReason::Context => "length",
+        FinishReason::Length | FinishReason::Context | FinishReason::Timeout => "length",
     }
 }
 

@@ -42,6 +42,10 @@ pub struct GenerateConfig {
     /// compiles kernels for each kind of step on first use (MLX on a GPU) does so while
     /// loading, not in the first requests' latency. Ignored in a request's settings.
     pub warmup: bool,
+    /// Longest a request may take, milliseconds, from its submission to its end: one
+    /// still waiting then fails (`timeout`); one running ends with what it has generated
+    /// (finish reason `timeout`). 0: no deadline.
+    pub timeout_ms: u64,
     /// Vision-language models: images one prompt may carry at most.
     pub max_images: usize,
     /// Vision-language models: most pixels an image is resized to, overriding the
@@ -65,6 +69,7 @@ impl Default for GenerateConfig {
             chat_template: true,
             kv_cache_mb: 1024,
             warmup: true,
+            timeout_ms: 300_000,
             max_images: 8,
             max_image_pixels: 0,
             image_cache_mb: 256,

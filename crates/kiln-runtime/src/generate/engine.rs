@@ -283,12 +283,23 @@ impl Engine {
     /// stream is gone are dropped first.
     fn admit(&mut self) {
         let counters = &self.counters;
+        let now = Instant::now();
         self.waiting.retain(|j| {
             let alive = !j.events.is_disconnected();
             if !alive {
                 counters.with(|s| s.stats.cancelled += 1);
+                return false;
             }
-            alive
+            // Past its deadline before it could start: it fails, and its slot goes to others.
+            let limit = j.settings.timeout_ms;
+            if limit > 0 && now.duration_since(j.submitted).as_millis() as u64 >= limit {
+                counters.with(|s| s.stats.failed += 1);
+                let _ = j
+                    .events
+                    .send(Event::Failed(Error::Timeout { after_ms: limit, setting: "generate.timeout_ms" }));
+                return false;
+            }
+            true
         });
         let limits = &self.limits;
         let pressure = limits.pressure.as_ref().is_some_and(|p| p.load(Ordering::Relaxed));
@@ -537,10 +548,13 @@ impl Engine {
             let text = if until > r.sent { r.text[r.sent..until].to_string() } else { String::new() };
             r.sent = r.sent.max(until);
             let _ = r.job.events.send(Event::Token { id: token, text });
+            let limit = r.job.settings.timeout_ms;
             if r.generated.len() >= r.job.settings.max_new_tokens {
                 finished.push((i, FinishReason::Length));
             } else if r.history.len() >= self.context {
                 finished.push((i, FinishReason::Context));
+            } else if limit > 0 && now.duration_since(r.job.submitted).as_millis() as u64 >= limit {
+                finished.push((i, FinishReason::Timeout));
             }
         }
         self.profiler.record("generate_sample", now, now.elapsed());
@@ -800,6 +814,43 @@ mod tests {
         });
         let done = done.expect("a Done event to send");
         assert_eq!((done.tokens.len(), done.finish_reason), (2, FinishReason::Length));
+    }
+
+    #[test]
+    fn a_request_past_generate_timeout_ms_fails_waiting_or_ends_running() {
+        let generator = recorder();
+        let mut e = engine(&generator, 1, 0);
+        // One running (it got the only slot), one waiting behind it; both 10 ms old of a
+        // 5 ms deadline by the time of the next step.
+        let old = Instant::now() - std::time::Duration::from_millis(10);
+        let (mut running, running_stream) = job(3, 0);
+        running.settings.timeout_ms = 5;
+        running.settings.max_new_tokens = 100;
+        e.waiting.push_back(running);
+        e.admit(); // it starts in time...
+        assert_eq!(e.running.len(), 1);
+        e.running[0].job.submitted = old; // ...and its deadline passes while it runs
+        let (mut waiting, waiting_stream) = job(3, 0);
+        waiting.settings.timeout_ms = 5;
+        waiting.submitted = old;
+        e.waiting.push_back(waiting); // one waiting behind it (one slot)
+        let (logits, now) = e.step().unwrap();
+        let finished = e.emit(logits, now);
+        assert_eq!(finished.iter().map(|(_, r)| *r).collect::<Vec<_>>(), vec![FinishReason::Timeout]);
+        let ended = e.finish(finished, now);
+        assert!(
+            ended
+                .iter()
+                .any(|(_, ev)| matches!(ev, Event::Done(g) if g.finish_reason == FinishReason::Timeout))
+        );
+        drop(running_stream);
+        e.admit(); // ...and has passed its deadline while waiting: it fails.
+        assert!(e.running.is_empty() && e.waiting.is_empty());
+        let failure = waiting_stream.try_recv().unwrap();
+        assert!(
+            matches!(&failure, Event::Failed(err) if err.to_string().contains("generate.timeout_ms")),
+            "{failure:?}"
+        );
     }
 
     fn stops(list: &[&str]) -> Vec<String> {

@@ -62,6 +62,8 @@ pub enum FinishReason {
     StopString,
     /// The model's context is full.
     Context,
+    /// `generate.timeout_ms` passed: the text is what came before it.
+    Timeout,
 }
 
 /// A finished generation.
