@@ -108,13 +108,14 @@ fn the_jsonl_tracker_gets_generation_metrics_and_the_summary() {
     assert_eq!(events.last().unwrap()["event"], "end", "{events:?}");
 }
 
-#[test]
-fn kiln_bench_compares_one_stream_with_several() {
+/// `kiln bench CONFIG` over 4 prompts, one stream then 4, 8 new tokens each: its stdout
+/// and its `--json` report.
+fn bench_4_by_4(config: &str) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let run = kiln(&[
         "bench",
-        "examples/generate.toml",
+        config,
         "--requests",
         "4",
         "--concurrency",
@@ -125,9 +126,14 @@ fn kiln_bench_compares_one_stream_with_several() {
         "generate.max_new_tokens=8",
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (String::from_utf8_lossy(&run.stdout).into_owned(), report)
+}
+
+#[test]
+fn kiln_bench_compares_one_stream_with_several() {
+    let (stdout, report) = bench_4_by_4("examples/generate.toml");
     assert!(stdout.contains("4 streams / 1 stream"), "{stdout}");
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let many = &report["concurrent"];
     assert_eq!(many["errors"], 0, "{report}");
     assert!(many["generated_tokens"].as_u64().unwrap() > 0, "{report}");
@@ -204,22 +210,7 @@ fn kiln_bench_measures_a_vision_language_model_and_its_image_cache() {
         support::root().join(".kiln/models/qwen25vl-tiny/prompt.json").is_file(),
         "run `scripts/setup vlm`"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let run = kiln(&[
-        "bench",
-        "examples/vlm.toml",
-        "--requests",
-        "4",
-        "--concurrency",
-        "4",
-        "--json",
-        json.to_str().unwrap(),
-        "--set",
-        "generate.max_new_tokens=8",
-    ]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (_, report) = bench_4_by_4("examples/vlm.toml");
     assert_eq!(
         (report["single_stream"]["errors"].as_u64(), report["concurrent"]["errors"].as_u64()),
         (Some(0), Some(0))

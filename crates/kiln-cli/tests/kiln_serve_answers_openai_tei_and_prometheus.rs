@@ -30,17 +30,15 @@ fn clients(script: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// The status line `kiln serve` answers a POST to `path` that announces `length` bytes
-/// of body and sends none of them (within 10 s).
-fn status_without_body(base: &str, path: &str, length: usize) -> String {
+/// The status line `kiln serve` answers when a client sends `head` (request line,
+/// headers and whatever part of the body it chooses) on a fresh connection and then
+/// nothing more; read within 10 s.
+fn status_after(base: &str, head: impl FnOnce(&str) -> String) -> String {
     use std::io::{Read, Write};
     let address = base.trim_start_matches("http://");
     let mut stream = std::net::TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(head(address).as_bytes()).unwrap();
     let mut answer = Vec::new();
     let mut byte = [0u8; 1];
     while !answer.ends_with(b"\r\n") {
@@ -54,28 +52,23 @@ fn status_without_body(base: &str, path: &str, length: usize) -> String {
     String::from_utf8_lossy(&answer).trim_end().to_string()
 }
 
-/// The status line `kiln serve` answers a POST to `path` (with the API key `key`) that
-/// announces 100 bytes of body, sends 5 and stalls (read within 10 s).
+/// A POST to `path` that announces `length` bytes of body and sends none of them.
+fn status_without_body(base: &str, path: &str, length: usize) -> String {
+    status_after(base, |address| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    })
+}
+
+/// A POST to `path` with the API key `key` that announces 100 bytes of body, sends 5
+/// and stalls.
 fn status_with_stalled_body(base: &str, path: &str, key: &str) -> String {
-    use std::io::{Read, Write};
-    let address = base.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"in"
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    let mut answer = Vec::new();
-    let mut byte = [0u8; 1];
-    while !answer.ends_with(b"\r\n") {
-        match stream.read(&mut byte) {
-            Ok(1) => answer.push(byte[0]),
-            other => {
-                panic!("no status line within 10 s ({other:?}); read {:?}", String::from_utf8_lossy(&answer))
-            }
-        }
-    }
-    String::from_utf8_lossy(&answer).trim_end().to_string()
+    status_after(base, |address| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"in"
+        )
+    })
 }
 
 fn vectors(v: &serde_json::Value) -> Vec<Vec<f32>> {

@@ -20,20 +20,57 @@ fn fixture() -> PathBuf {
     dir
 }
 
+/// The fixture's prompt: transformers' record of it, its ids and image grids, and its
+/// pixel values as transformers' processor gave them.
+struct Prompt {
+    record: serde_json::Value,
+    ids: Vec<u32>,
+    grids: Vec<[usize; 3]>,
+    pixels: Vec<f32>,
+}
+
+fn prompt(dir: &std::path::Path) -> Prompt {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
+    Prompt {
+        ids: serde_json::from_value(record["input_ids"].clone()).unwrap(),
+        grids: serde_json::from_value(record["image_grid_thw"].clone()).unwrap(),
+        pixels: read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap(),
+        record,
+    }
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+}
+
+/// `count` greedy tokens: the argmax of the prompt's last `logits`, then one decode step
+/// per token on `cache`.
+fn greedy(
+    model: &QwenVl,
+    logits: &[Vec<f32>],
+    cache: &mut kiln_provider_candle::qwen2vl::KvCache,
+    count: usize,
+) -> Vec<u32> {
+    let mut tokens = vec![argmax(logits.last().unwrap())];
+    while tokens.len() < count {
+        let next = model.decode(*tokens.last().unwrap(), cache).unwrap().to_vec1::<f32>().unwrap();
+        tokens.push(argmax(&next));
+    }
+    tokens
+}
+
 #[test]
 fn two_images_and_a_question_give_transformers_logits_and_greedy_tokens() {
     let dir = fixture();
-    let prompt: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
-    let ids: Vec<u32> = serde_json::from_value(prompt["input_ids"].clone()).unwrap();
-    let expected_grids: Vec<[usize; 3]> = serde_json::from_value(prompt["image_grid_thw"].clone()).unwrap();
-    let greedy: Vec<u32> = serde_json::from_value(prompt["greedy_tokens"].clone()).unwrap();
+    let Prompt { record, ids, grids: expected_grids, pixels: reference_pixels } = prompt(&dir);
+    let expected: Vec<u32> = serde_json::from_value(record["greedy_tokens"].clone()).unwrap();
 
     let processor =
         QwenVlProcessor::new(QwenVlSettings::from_model_dir(&dir.join("model")).unwrap(), 1 << 26, 1 << 26)
             .unwrap();
     let (mut pixels, mut grids) = (Vec::new(), Vec::new());
-    for part in prompt["messages"][0]["content"].as_array().unwrap() {
+    for part in record["messages"][0]["content"].as_array().unwrap() {
         if let Some(path) = part.get("path").and_then(|p| p.as_str()) {
             let image = processor.process(&ImageInput::path(dir.join(path))).unwrap();
             pixels.extend(image.pixel_values);
@@ -41,7 +78,6 @@ fn two_images_and_a_question_give_transformers_logits_and_greedy_tokens() {
         }
     }
     assert_eq!(grids, expected_grids);
-    let reference_pixels = read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap();
     assert_eq!(pixels, reference_pixels, "kiln's processor gives transformers' pixel values");
 
     let model = QwenVl::load(&dir.join("model"), &Device::Cpu).unwrap();
@@ -64,15 +100,7 @@ fn two_images_and_a_question_give_transformers_logits_and_greedy_tokens() {
     println!("largest logit difference {:.2e} at prompt position {} of {}", worst.0, worst.1, ids.len());
     assert!(worst.0 <= 1e-3, "logits differ by {:.3e} at position {}", worst.0, worst.1);
 
-    let argmax = |row: &[f32]| {
-        row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
-    };
-    let mut tokens = vec![argmax(logits.last().unwrap())];
-    while tokens.len() < greedy.len() {
-        let next = model.decode(*tokens.last().unwrap(), &mut cache).unwrap().to_vec1::<f32>().unwrap();
-        tokens.push(argmax(&next));
-    }
-    assert_eq!(tokens, greedy, "32 greedy tokens");
+    assert_eq!(greedy(&model, &logits, &mut cache, expected.len()), expected, "32 greedy tokens");
     // A generated image placeholder is an ordinary token when no image comes with it.
     let pad = model.config().image_token_id;
     let logits = model.decode(pad, &mut cache).unwrap().to_vec1::<f32>().unwrap();
@@ -87,11 +115,7 @@ fn sequences_decoded_together_match_each_alone() {
     use kiln_provider_candle::qwen2vl::QwenVlGenerator;
 
     let dir = fixture();
-    let prompt: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
-    let ids: Vec<u32> = serde_json::from_value(prompt["input_ids"].clone()).unwrap();
-    let grids: Vec<[usize; 3]> = serde_json::from_value(prompt["image_grid_thw"].clone()).unwrap();
-    let pixels = read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap();
+    let Prompt { ids, grids, pixels, .. } = prompt(&dir);
     let generator = QwenVlGenerator::load(&dir.join("model"), 0).unwrap();
     let split = grids[0].iter().product::<usize>() * 1176;
     let patches = vec![
@@ -102,9 +126,6 @@ fn sequences_decoded_together_match_each_alone() {
     let images: Vec<StepImage<'_>> =
         encoded.iter().zip(&grids).map(|(e, g)| StepImage { embedding: e, grid_thw: *g }).collect();
     let text: Vec<u32> = ids[..12].to_vec(); // the system turn: no images
-    let argmax = |row: &[f32]| {
-        row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
-    };
 
     // Each alone: the prompt, then 6 greedy tokens.
     let alone = |tokens: &[u32], with_images: bool| {
@@ -154,20 +175,13 @@ fn sequences_decoded_together_match_each_alone() {
 #[test]
 fn mlx_community_checkpoints_give_mlx_vlm_logits_and_greedy_tokens() {
     let dir = fixture();
-    let prompt: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
-    let ids: Vec<u32> = serde_json::from_value(prompt["input_ids"].clone()).unwrap();
-    let grids: Vec<[usize; 3]> = serde_json::from_value(prompt["image_grid_thw"].clone()).unwrap();
-    let pixels = read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap();
-    let argmax = |row: &[f32]| {
-        row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
-    };
+    let Prompt { ids, grids, pixels, .. } = prompt(&dir);
     for folder in ["mlx-f32", "mlx-q4", "mlx-q6", "mlx-q8"] {
         let at = dir.join(folder);
         assert!(at.join("reference.json").is_file(), "{} is missing: run `scripts/setup vlm`", at.display());
         let reference: serde_json::Value =
             serde_json::from_slice(&std::fs::read(at.join("reference.json")).unwrap()).unwrap();
-        let greedy: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
+        let expected_tokens: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
         let model = QwenVl::load(&at, &Device::Cpu).unwrap();
         let images = model.encode_images(&pixels, &grids).unwrap();
         let mut cache = model.new_cache();
@@ -180,11 +194,7 @@ fn mlx_community_checkpoints_give_mlx_vlm_logits_and_greedy_tokens() {
         let worst = logits.iter().flatten().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         println!("{folder}: largest logit difference from mlx-vlm {worst:.2e}");
         assert!(worst <= 1e-3, "{folder}: logits differ from mlx-vlm's by {worst:.3e}");
-        let mut tokens = vec![argmax(logits.last().unwrap())];
-        while tokens.len() < greedy.len() {
-            let next = model.decode(*tokens.last().unwrap(), &mut cache).unwrap().to_vec1::<f32>().unwrap();
-            tokens.push(argmax(&next));
-        }
-        assert_eq!(tokens, greedy, "{folder}: mlx-vlm's 32 greedy tokens");
+        let tokens = greedy(&model, &logits, &mut cache, expected_tokens.len());
+        assert_eq!(tokens, expected_tokens, "{folder}: mlx-vlm's 32 greedy tokens");
     }
 }
