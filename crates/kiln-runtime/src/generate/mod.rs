@@ -18,6 +18,7 @@
 
 mod engine;
 mod sampler;
+mod stats;
 mod vision;
 
 use std::sync::Arc;
@@ -29,8 +30,9 @@ use kiln_text::chat::{Message, render_chat};
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
-pub use engine::GenerationStats;
-use engine::{Counters, Engine, Job, JobImage, warm_up};
+use engine::{Engine, Job, JobImage, warm_up};
+use stats::Counters;
+pub use stats::GenerationStats;
 use vision::{Vision, image_input};
 
 use crate::monitor::{ResourceMonitor, Subscription};
