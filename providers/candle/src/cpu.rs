@@ -443,6 +443,7 @@ fn add_norm_rows(x: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
 mod kernels;
 pub(crate) mod blocks;
 pub(crate) mod int8;
+pub(crate) mod panels;
 mod tiles;
 
 use kernels::{add_norm, gelu, softmax};

@@ -170,7 +170,7 @@ fn sequences_decoded_together_match_each_alone() {
 /// mlx-community's layout, as mlx-vlm 0.7.10's converter writes it from the fixture
 /// (`scripts/make_vlm_mlx_fixture.py`, run by `scripts/setup vlm`): unquantized (mlx-vlm's
 /// names, the patch kernel channels-last) against transformers, and quantized to 4, 6 and
-/// 8 bits (dequantized at load) against mlx-vlm's own logits and greedy tokens on the
+/// 8 bits (kept packed) against mlx-vlm's own logits and greedy tokens on the
 /// same files and inputs.
 #[test]
 fn mlx_community_checkpoints_give_mlx_vlm_logits_and_greedy_tokens() {
@@ -197,4 +197,44 @@ fn mlx_community_checkpoints_give_mlx_vlm_logits_and_greedy_tokens() {
         let tokens = greedy(&model, &logits, &mut cache, expected_tokens.len());
         assert_eq!(tokens, expected_tokens, "{folder}: mlx-vlm's 32 greedy tokens");
     }
+}
+
+/// The prompt's logits from the checkpoint at `dir`, loaded compact or widened at load.
+fn prompt_logits(dir: &std::path::Path, prompt: &Prompt, compact: bool) -> Vec<f32> {
+    let model = QwenVl::load_as(dir, &Device::Cpu, compact).unwrap();
+    let images = model.encode_images(&prompt.pixels, &prompt.grids).unwrap();
+    let mut cache = model.new_cache();
+    let logits =
+        model.prefill(&prompt.ids, Some(&images), &prompt.grids, &mut cache, prompt.ids.len()).unwrap();
+    logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Layers kept as stored (packed 4-bit; bf16 — a copy of the fixture written in bf16)
+/// and widened a panel at a time compute what the same weights widened at load compute.
+#[test]
+fn compact_layers_compute_as_the_same_weights_widened_at_load() {
+    let dir = fixture();
+    let p = prompt(&dir);
+    let bf16 = std::env::temp_dir().join(format!("kiln-qwen25vl-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&bf16).unwrap();
+    for entry in std::fs::read_dir(dir.join("model")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_owned();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+            let tensors: std::collections::HashMap<_, _> = tensors
+                .into_iter()
+                .map(|(k, t)| (k, t.to_dtype(candle_core::DType::BF16).unwrap()))
+                .collect();
+            candle_core::safetensors::save(&tensors, bf16.join(name)).unwrap();
+        } else if path.is_file() {
+            std::fs::copy(&path, bf16.join(name)).unwrap();
+        }
+    }
+    for at in [dir.join("mlx-q4"), bf16.clone()] {
+        let (compact, widened) = (prompt_logits(&at, &p, true), prompt_logits(&at, &p, false));
+        let worst = compact.iter().zip(&widened).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "{}: compact and widened logits differ by {worst:.3e}", at.display());
+    }
+    std::fs::remove_dir_all(&bf16).unwrap();
 }

@@ -13,7 +13,7 @@
 //! the images' rows in place ([`QwenVl::prefill`], which computes each token's time,
 //! height and width position and remembers the sequence's rope delta); each further
 //! token is one [`QwenVl::decode`] step at `index + delta` on all three streams.
-//! Everything computes in f32 on the CPU here; it is checked against transformers on the
+//! Everything computes in f32 (weights widened from their stored precision); it is checked against transformers on the
 //! same weights (`tests/` of this crate).
 
 pub mod config;
@@ -48,9 +48,17 @@ pub struct QwenVl {
 
 impl QwenVl {
     /// Loads the checkpoint folder `dir` (config.json and its safetensors) onto `device`.
+    /// On the CPU, quantized and 16-bit linear layers stay as stored and are widened as
+    /// they compute ([`weights`]).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(dir, device, device.is_cpu())
+    }
+
+    /// As [`QwenVl::load`]; `compact` false widens every layer to f32 at load (more
+    /// memory; the reference the compact layers are tested against).
+    pub fn load_as(dir: &Path, device: &Device, compact: bool) -> Result<Self> {
         let config = QwenVlConfig::from_model_dir(dir)?;
-        let weights = Weights::load(dir, device)?;
+        let weights = Weights::load_as(dir, device, compact)?;
         Ok(QwenVl {
             vision: VisionTower::load(&weights, &config.vision)?,
             text: TextModel::load(&weights, &config)?,

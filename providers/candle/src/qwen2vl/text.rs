@@ -61,10 +61,10 @@ impl KvCache {
 /// The decoder.
 pub struct TextModel {
     config: QwenVlConfig,
-    embed: Tensor,
+    embed: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     device: Device,
 }
 
@@ -88,12 +88,12 @@ impl TextModel {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let embed = weights.get(&format!("{p}embed_tokens.weight"))?;
+        let embed = weights.linear(&format!("{p}embed_tokens"), false)?;
         // Tied checkpoints write no lm_head; some untied ones are saved tied anyway.
         let lm_head = if !config.tie_word_embeddings && weights.has("lm_head.weight") {
-            weights.get("lm_head.weight")?
+            weights.linear("lm_head", false)?
         } else {
-            embed.clone()
+            embed.without_bias()
         };
         Ok(TextModel {
             config: config.clone(),
@@ -119,8 +119,7 @@ impl TextModel {
         if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
             return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
-        let index = Tensor::new(ids, &self.device).map_err(backend)?;
-        let mut x = self.embed.index_select(&index, 0).map_err(backend)?;
+        let mut x = self.embed.rows(ids, &self.device)?;
         let pads: Vec<u32> = ids
             .iter()
             .enumerate()
@@ -203,7 +202,7 @@ impl TextModel {
         cache.tokens += tokens;
         let last = x.narrow(0, tokens - keep.min(tokens), keep.min(tokens)).map_err(backend)?;
         let last = rms_norm(&last, &self.norm, c.rms_norm_eps)?;
-        last.matmul(&self.lm_head.t().map_err(backend)?).map_err(backend)
+        self.lm_head.forward(&last)
     }
 }
 
@@ -262,7 +261,7 @@ impl TextModel {
             cache.tokens += 1;
         }
         let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        x.matmul(&self.lm_head.t().map_err(backend)?).map_err(backend)
+        self.lm_head.forward(&x)
     }
 }
 

@@ -9,33 +9,92 @@
 //! `weight` with `scales` and `biases`) are dequantized at load — a layer is quantized
 //! exactly when its `scales` are there, as mlx-vlm decides.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 use kiln_core::{Error, Result};
 
 use crate::backend;
+use crate::cpu::panels::{PanelDense, Stored};
 
-/// `y = x · Wᵀ + b`.
+/// `y = x · Wᵀ + b`; also an embedding table (`rows`), the weights being its rows.
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+}
+
+/// A linear layer's weights: an f32 tensor, or compact ones widened as they compute.
+#[derive(Clone)]
+enum Weight {
+    Tensor(Tensor),
+    Panel(Arc<PanelDense>),
 }
 
 impl Linear {
     /// `x · Wᵀ + b` over the last dim of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t().map_err(backend)?).map_err(backend)?;
+        let y = match &self.weight {
+            Weight::Tensor(w) => x.broadcast_matmul(&w.t().map_err(backend)?).map_err(backend)?,
+            Weight::Panel(w) => {
+                let mut dims = x.dims().to_vec();
+                let rows = x.elem_count() / w.inputs();
+                let flat = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(backend)?;
+                let mut out = Vec::new();
+                w.forward(&flat, rows, &mut out);
+                if let Some(last) = dims.last_mut() {
+                    *last = w.outputs();
+                }
+                Tensor::from_vec(out, dims, x.device()).map_err(backend)?
+            }
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(backend),
             None => Ok(y),
         }
     }
 
+    /// Rows `ids` of the weights, `[ids, inputs]`: the lookup of an embedding table.
+    pub fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Tensor(w) => {
+                let index = Tensor::new(ids, device).map_err(backend)?;
+                w.index_select(&index, 0).map_err(backend)
+            }
+            Weight::Panel(w) => {
+                let k = w.inputs();
+                let mut out = vec![0f32; ids.len() * k];
+                for (&id, row) in ids.iter().zip(out.chunks_mut(k)) {
+                    w.widen_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (ids.len(), k), device).map_err(backend)
+            }
+        }
+    }
+
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            Weight::Tensor(w) => w.dims()[0],
+            Weight::Panel(w) => w.outputs(),
+        }
+    }
+
+    /// Bytes the weights hold.
+    pub fn bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Tensor(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Panel(w) => w.bytes(),
+        }
+    }
+
+    /// The same weights with no bias (a tied output head).
+    pub fn without_bias(&self) -> Linear {
+        Linear { weight: self.weight.clone(), bias: None }
     }
 }
 
@@ -46,47 +105,35 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_mul(&scale).and_then(|h| h.broadcast_mul(weight)).map_err(backend)
 }
 
-/// The checkpoint's tensors by name.
+/// The checkpoint's tensors by name, as stored (dtype included), handed out once each
+/// to the layer that takes them.
 pub struct Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: RefCell<HashMap<String, Tensor>>,
     device: Device,
-    path: std::path::PathBuf,
+    /// Whether linear layers stay compact ([`Linear`]'s panels): on the CPU unless told.
+    compact: bool,
+    quantization: Option<(usize, usize)>,
+    path: PathBuf,
     vision: &'static str,
     text: &'static str,
 }
 
 impl Weights {
-    /// Reads every safetensors file of the folder `dir` onto `device`, as f32.
+    /// Reads every safetensors file of the folder `dir`, for `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(dir, device, device.is_cpu())
+    }
+
+    /// As [`Weights::load`]; `compact` false widens every linear layer to f32 at load
+    /// (the reference the compact path is tested against).
+    pub fn load_as(dir: &Path, device: &Device, compact: bool) -> Result<Self> {
         let files = kiln_core::hf::weight_files(dir)?;
         let mut tensors = HashMap::new();
         for file in &files {
-            let loaded = candle_core::safetensors::load(file, device)
-                .map_err(|e| Error::model_load(file, format!("cannot read its safetensors: {e}")))?;
-            for (name, tensor) in loaded {
-                let tensor = match tensor.dtype() {
-                    DType::F32 | DType::U32 | DType::U8 | DType::I64 => tensor,
-                    _ => tensor.to_dtype(DType::F32).map_err(backend)?,
-                };
-                tensors.insert(name, tensor);
-            }
+            read_safetensors(file, &mut tensors)?;
         }
-        let scales: Vec<String> =
-            tensors.keys().filter_map(|k| k.strip_suffix(".scales")).map(str::to_string).collect();
-        if !scales.is_empty() {
-            let (group, bits) = quantization(dir)?;
-            for layer in scales {
-                let mut take = |name: &str| {
-                    tensors.remove(&format!("{layer}.{name}")).ok_or_else(|| {
-                        Error::model_load(dir, format!("quantized layer `{layer}` has no `{name}`"))
-                    })
-                };
-                let (packed, scales, biases) = (take("weight")?, take("scales")?, take("biases")?);
-                let weight = dequantize(&packed, &scales, &biases, group, bits, device)
-                    .map_err(|why| Error::model_load(dir, format!("quantized layer `{layer}`: {why}")))?;
-                tensors.insert(format!("{layer}.weight"), weight);
-            }
-        }
+        let quantization =
+            if tensors.keys().any(|k| k.ends_with(".scales")) { Some(quantization(dir)?) } else { None };
         let has = |prefix: &str| tensors.keys().any(|k| k.starts_with(prefix));
         let vision = if has("vision_tower.") {
             "vision_tower."
@@ -102,10 +149,25 @@ impl Weights {
         } else {
             "model."
         };
-        if let Some(head) = tensors.remove("language_model.lm_head.weight") {
-            tensors.insert("lm_head.weight".into(), head);
+        for suffix in ["weight", "scales", "biases"] {
+            if let Some(head) = tensors.remove(&format!("language_model.lm_head.{suffix}")) {
+                tensors.insert(format!("lm_head.{suffix}"), head);
+            }
         }
-        Ok(Weights { tensors, device: device.clone(), path: dir.to_path_buf(), vision, text })
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, t)| t.to_device(device).map(|t| (name, t)))
+            .collect::<candle_core::Result<_>>()
+            .map_err(backend)?;
+        Ok(Weights {
+            tensors: RefCell::new(tensors),
+            device: device.clone(),
+            compact,
+            quantization,
+            path: dir.to_path_buf(),
+            vision,
+            text,
+        })
     }
 
     /// Where the tensors are.
@@ -123,22 +185,56 @@ impl Weights {
         self.text
     }
 
-    /// The tensor `name`, or an error naming it and the folder.
+    /// The tensor `name` in f32, or an error naming it and the folder.
     pub fn get(&self, name: &str) -> Result<Tensor> {
-        self.tensors.get(name).cloned().ok_or_else(|| {
-            Error::model_load(&self.path, format!("no tensor `{name}`; is this a Qwen2.5-VL checkpoint?"))
-        })
+        let t = self.tensors.borrow().get(name).cloned().ok_or_else(|| self.missing(name))?;
+        if t.dtype() == DType::F32 { Ok(t) } else { t.to_dtype(DType::F32).map_err(backend) }
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::model_load(&self.path, format!("no tensor `{name}`; is this a Qwen2.5-VL checkpoint?"))
+    }
+
+    /// Removes and returns the tensor `name` as stored.
+    fn take(&self, name: &str) -> Result<Tensor> {
+        self.tensors.borrow_mut().remove(name).ok_or_else(|| self.missing(name))
     }
 
     /// Whether the checkpoint has `name`.
     pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.borrow().contains_key(name)
     }
 
-    /// The linear layer `prefix` (`prefix.weight`, and `prefix.bias` when `bias`).
+    /// The linear layer `prefix` (`prefix.weight`, and `prefix.bias` when `bias`);
+    /// quantized when the checkpoint has `prefix.scales`. Its tensors are handed over:
+    /// a second call for the same prefix fails.
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let weight = self.get(&format!("{prefix}.weight"))?;
         let bias = if bias { Some(self.get(&format!("{prefix}.bias"))?) } else { None };
+        let weight = self.take(&format!("{prefix}.weight"))?;
+        let failed = |why: String| Error::model_load(&self.path, format!("layer `{prefix}`: {why}"));
+        let weight = if self.has(&format!("{prefix}.scales")) {
+            let (group, bits) =
+                self.quantization.ok_or_else(|| failed("quantized with no `quantization`".into()))?;
+            let (scales, biases) =
+                (self.take(&format!("{prefix}.scales"))?, self.take(&format!("{prefix}.biases"))?);
+            let layer = affine(&weight, &scales, &biases, group, bits).map_err(failed)?;
+            if self.compact {
+                Weight::Panel(Arc::new(layer))
+            } else {
+                Weight::Tensor(widened(&layer, &self.device).map_err(failed)?)
+            }
+        } else if self.compact && matches!(weight.dtype(), DType::BF16 | DType::F16) && weight.rank() == 2 {
+            let (outputs, inputs) = weight.dims2().map_err(backend)?;
+            let flat = weight.flatten_all().map_err(backend)?;
+            let stored = if weight.dtype() == DType::BF16 {
+                Stored::Bf16(flat.to_vec1::<bf16>().map_err(backend)?)
+            } else {
+                Stored::F16(flat.to_vec1::<f16>().map_err(backend)?)
+            };
+            Weight::Panel(Arc::new(PanelDense::half(stored, outputs, inputs).map_err(failed)?))
+        } else {
+            Weight::Tensor(weight.to_dtype(DType::F32).map_err(backend)?)
+        };
         Ok(Linear { weight, bias })
     }
 
@@ -160,6 +256,63 @@ impl Weights {
         let columns = kernel.elem_count() / hidden;
         kernel.contiguous().and_then(|k| k.reshape((hidden, columns))).map_err(backend)
     }
+}
+
+/// Reads the safetensors file `file` into `into`, one tensor at a time (the header, then
+/// each tensor's bytes at its offset), each in its stored dtype on the CPU.
+fn read_safetensors(file: &Path, into: &mut HashMap<String, Tensor>) -> Result<()> {
+    let bad = |why: String| Error::model_load(file, format!("cannot read its safetensors: {why}"));
+    let handle = std::fs::File::open(file).map_err(|e| Error::io("opening", file, e))?;
+    let mut len = [0u8; 8];
+    handle.read_exact_at(&mut len, 0).map_err(|e| Error::io("reading", file, e))?;
+    let len = u64::from_le_bytes(len);
+    let size = handle.metadata().map_err(|e| Error::io("reading", file, e))?.len();
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        return Err(bad(format!("a header of {len} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; len as usize];
+    handle.read_exact_at(&mut header, 8).map_err(|e| Error::io("reading", file, e))?;
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not JSON: {e}")))?;
+    let start = 8 + len;
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = match info.get("dtype").and_then(serde_json::Value::as_str) {
+            Some("F32") => DType::F32,
+            Some("BF16") => DType::BF16,
+            Some("F16") => DType::F16,
+            Some("U32") => DType::U32,
+            Some("U8") => DType::U8,
+            Some("I64") => DType::I64,
+            other => {
+                return Err(bad(format!(
+                    "tensor `{name}` has dtype {other:?}; kiln reads F32, BF16, F16, U32, U8, I64"
+                )));
+            }
+        };
+        let numbers = |key: &str| -> Option<Vec<usize>> {
+            info.get(key)?.as_array()?.iter().map(|v| v.as_u64().map(|v| v as usize)).collect()
+        };
+        let (Some(shape), Some(offsets)) = (numbers("shape"), numbers("data_offsets")) else {
+            return Err(bad(format!("tensor `{name}` has no shape or data_offsets")));
+        };
+        let [from, to] = offsets[..] else {
+            return Err(bad(format!("tensor `{name}`: data_offsets {offsets:?}")));
+        };
+        let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if to < from || to - from != bytes || start + to as u64 > size {
+            return Err(bad(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype:?} does not match bytes {from}..{to}"
+            )));
+        }
+        let mut data = vec![0u8; bytes];
+        handle.read_exact_at(&mut data, start + from as u64).map_err(|e| Error::io("reading", file, e))?;
+        let tensor = Tensor::from_raw_buffer(&data, dtype, &shape, &Device::Cpu).map_err(backend)?;
+        into.insert(name, tensor);
+    }
+    Ok(())
 }
 
 /// `quantization: {group_size, bits}` of the folder's config.json (mlx-community's
@@ -201,26 +354,24 @@ fn quantization(dir: &Path) -> Result<(usize, usize)> {
     Ok((group, bits))
 }
 
-/// MLX's affine dequantization of one layer: `packed` (u32 `[out, in·bits/32]`, each row
-/// a little-endian bit stream, element j at bits `[j·bits, (j+1)·bits)`), `scales` and
-/// `biases` (`[out, in/group]`) → f32 `[out, in]`, `w = scale · q + bias` per group.
-fn dequantize(
+/// One MLX affine-quantized layer from its tensors: `packed` (u32 `[out, in·bits/32]`,
+/// each row a little-endian bit stream, element j at bits `[j·bits, (j+1)·bits)`),
+/// `scales` and `biases` (`[out, in/group]`); `w = scale · q + bias` per group.
+fn affine(
     packed: &Tensor,
     scales: &Tensor,
     biases: &Tensor,
     group: usize,
     bits: usize,
-    device: &Device,
-) -> std::result::Result<Tensor, String> {
+) -> std::result::Result<PanelDense, String> {
     if packed.dtype() != DType::U32 {
         return Err(format!("its weight is {:?}, not the packed u32 of a quantized layer", packed.dtype()));
     }
     let (out, words) = packed.dims2().map_err(|e| e.to_string())?;
     let inputs = words * 32 / bits;
-    let groups = inputs / group;
     let read = |t: &Tensor| -> std::result::Result<Vec<f32>, String> {
         let (rows, cols) = t.dims2().map_err(|e| e.to_string())?;
-        if (rows, cols) != (out, groups) {
+        if rows != out || cols * group != inputs {
             return Err(format!(
                 "scales/biases of [{rows}, {cols}] for a [{out}, {inputs}] weight in groups of {group}"
             ));
@@ -232,40 +383,23 @@ fn dequantize(
     };
     let (scales, biases) = (read(scales)?, read(biases)?);
     let packed = packed.flatten_all().and_then(|t| t.to_vec1::<u32>()).map_err(|e| e.to_string())?;
-    let mask = (1u64 << bits) - 1;
-    let mut values = vec![0f32; out * inputs];
-    for r in 0..out {
-        let row = &packed[r * words..(r + 1) * words];
-        for j in 0..inputs {
-            let bit = j * bits;
-            let (word, shift) = (bit / 32, bit % 32);
-            let low = u64::from(row[word]);
-            let high = row.get(word + 1).map_or(0, |&w| u64::from(w));
-            let q = (((high << 32) | low) >> shift) & mask;
-            let g = r * groups + j / group;
-            values[r * inputs + j] = scales[g] * q as f32 + biases[g];
-        }
+    PanelDense::affine(packed, scales, biases, out, group, bits)
+}
+
+/// `layer`'s weights widened to an f32 `[out, in]` tensor on `device`.
+fn widened(layer: &PanelDense, device: &Device) -> std::result::Result<Tensor, String> {
+    let k = layer.inputs();
+    let mut values = vec![0f32; layer.outputs() * k];
+    for (r, row) in values.chunks_mut(k).enumerate() {
+        layer.widen_row(r, row);
     }
-    Tensor::from_vec(values, (out, inputs), device).map_err(|e| e.to_string())
+    Tensor::from_vec(values, (layer.outputs(), k), device).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Packs `q` (values below 2^bits) as MLX does: one little-endian bit stream per row.
-    fn pack(q: &[u64], bits: usize) -> Vec<u32> {
-        let mut words = vec![0u32; q.len() * bits / 32];
-        for (j, &v) in q.iter().enumerate() {
-            for b in 0..bits {
-                if v >> b & 1 == 1 {
-                    let at = j * bits + b;
-                    words[at / 32] |= 1 << (at % 32);
-                }
-            }
-        }
-        words
-    }
+    use crate::cpu::panels::tests::pack;
 
     #[test]
     fn every_bit_width_unpacks_to_its_values_scaled_and_offset() {
@@ -276,8 +410,8 @@ mod tests {
             let packed = Tensor::from_vec(pack(&q, bits), (1, n * bits / 32), &device).unwrap();
             let scales = Tensor::from_vec(vec![0.5f32, 2.0], (1, 2), &device).unwrap();
             let biases = Tensor::from_vec(vec![-1.0f32, 3.0], (1, 2), &device).unwrap();
-            let w =
-                dequantize(&packed, &scales, &biases, 32, bits, &device).unwrap().to_vec2::<f32>().unwrap();
+            let layer = affine(&packed, &scales, &biases, 32, bits).unwrap();
+            let w = widened(&layer, &device).unwrap().to_vec2::<f32>().unwrap();
             for (j, &v) in q.iter().enumerate() {
                 let (s, b) = if j < 32 { (0.5, -1.0) } else { (2.0, 3.0) };
                 assert_eq!(w[0][j], s * v as f32 + b, "bits {bits}, element {j}");
