@@ -180,7 +180,7 @@ pub(crate) async fn bench(
     config: KilnConfig,
     requests: usize,
     concurrency: usize,
-    texts: Option<Vec<String>>,
+    texts: Option<&std::path::Path>,
     json: Option<&std::path::Path>,
 ) -> Result<()> {
     const TOPICS: [&str; 16] = [
@@ -204,7 +204,18 @@ pub(crate) async fn bench(
     let probe = Generation::from_config(config.clone()).await?;
     let vision = probe.info().vision.is_some();
     let images = if vision { Some(BenchImages::write(16)?) } else { None };
+    // A JSON Lines file is prompts as `kiln run` reads them (images included, paths
+    // relative to it); any other file, one question per line (about the bench's own
+    // images for a vision model).
+    let (given, texts) = match texts {
+        Some(path) if path.extension().is_some_and(|e| e == "jsonl") => {
+            (Some(read_prompts(path)?.into_iter().map(|(_, p)| p).collect::<Vec<_>>()), None)
+        }
+        Some(path) => (None, Some(crate::bench::read_texts(path)?)),
+        None => (None, None),
+    };
     let prompts: Vec<Prompt> = match (texts, &images) {
+        _ if let Some(given) = given => given,
         (Some(t), _) if t.is_empty() => bail!("--texts holds no prompts"),
         (Some(t), None) => t.into_iter().map(Prompt::Text).collect(),
         (Some(t), Some(images)) => t.iter().enumerate().map(|(i, q)| images.prompt(i, q)).collect(),
@@ -214,7 +225,7 @@ pub(crate) async fn bench(
         (None, Some(images)) => (0..16).map(|i| images.prompt(i, "Describe this image in detail.")).collect(),
     };
     let cache = match &images {
-        Some(_) => {
+        Some(_) if prompts.iter().any(has_image) => {
             let ttft = |g: &Generated| g.time_to_first_token_ms;
             let first = probe.generate(prompts[0].clone()).await?;
             let again = probe.generate(prompts[0].clone()).await?;
@@ -231,7 +242,7 @@ pub(crate) async fn bench(
                 "image_tokens": first.image_tokens}),
             )
         }
-        None => None,
+        _ => None,
     };
     probe.shutdown().await;
     let one = bench_phase(&config, prompts.clone(), requests.clamp(1, 4), 1).await?;
@@ -251,6 +262,16 @@ pub(crate) async fn bench(
     }
     drop(images);
     Ok(())
+}
+
+/// Whether `prompt` carries an image.
+fn has_image(prompt: &Prompt) -> bool {
+    match prompt {
+        Prompt::Messages(messages) => messages
+            .iter()
+            .any(|m| matches!(&m.content, Content::Parts(parts) if parts.iter().any(|p| matches!(p, Part::Image { .. } | Part::ImageUrl { .. })))),
+        _ => false,
+    }
 }
 
 /// Photo-like PNGs for a vision-language bench, in a folder of their own removed on drop.

@@ -176,7 +176,9 @@ pub struct BenchArgs {
     pub words: (usize, usize),
     /// Send the texts of this file (one per line) instead of generated ones, in order,
     /// cycling when `--requests` is more than its lines; `--unique-ratio` and `--words`
-    /// do not apply. For a baseline outside kiln on exactly the same texts.
+    /// do not apply. For a baseline outside kiln on exactly the same texts. For
+    /// `task = "generate"`, one prompt per line, or a `.jsonl` file of prompts as `kiln
+    /// run` reads them (messages with images, paths relative to the file).
     #[arg(long, value_name = "FILE")]
     pub texts: Option<PathBuf>,
     /// Also run a baseline with these overrides first (repeatable), and report
@@ -253,8 +255,8 @@ async fn bench_task(args: BenchArgs) -> Result<()> {
         }
         // Prompts, not texts to embed: one stream against `--concurrency` streams.
         Task::Generate => {
-            let prompts = args.texts.as_deref().map(bench::read_texts).transpose()?;
-            generate::bench(config, args.requests, args.concurrency, prompts, args.json.as_deref()).await
+            generate::bench(config, args.requests, args.concurrency, args.texts.as_deref(), args.json.as_deref())
+                .await
         }
         Task::Embed | Task::Classify => bench::run(config, &args).await,
     }
