@@ -51,7 +51,33 @@ pub fn weight_bytes(files: &[PathBuf], dtype: DType, quantized: Option<f64>) -> 
 /// `u32` weights are dequantized to `dtype` at load: each packed word becomes `32 / bits`
 /// elements of `dtype`.
 pub fn dequantized_weight_bytes(files: &[PathBuf], dtype: DType, bits: usize) -> Result<u64> {
-    weight_bytes_as(files, dtype, None, Some(bits))
+    weight_bytes_with(files, |_, stored, is_float, _| {
+        if stored == "U32" {
+            (32 / bits.max(1)) as f64 * dtype.size() as f64
+        } else if is_float {
+            dtype.size() as f64
+        } else {
+            stored_size(stored) as f64
+        }
+    })
+}
+
+/// Bytes a checkpoint takes when its matrices stay as stored (packed `u32`, bf16, f16:
+/// a `.weight` of rank 2) and every other float tensor (norms, biases, quantization
+/// scales) is widened to f32.
+pub fn compact_weight_bytes(files: &[PathBuf]) -> Result<u64> {
+    weight_bytes_with(files, |name, stored, is_float, rank| {
+        if is_float && !(rank == 2 && name.ends_with(".weight")) { 4.0 } else { stored_size(stored) as f64 }
+    })
+}
+
+fn stored_size(dtype: &str) -> usize {
+    match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        _ => 1,
+    }
 }
 
 fn weight_bytes_as(
@@ -60,6 +86,20 @@ fn weight_bytes_as(
     quantized: Option<f64>,
     unpacked: Option<usize>,
 ) -> Result<u64> {
+    weight_bytes_with(files, |name, stored, is_float, rank| match quantized {
+        _ if unpacked.is_some() && stored == "U32" => {
+            (32 / unpacked.unwrap_or(32).max(1)) as f64 * dtype.size() as f64
+        }
+        Some(bytes) if rank == 2 && name.contains("encoder.") && name.ends_with(".weight") => bytes,
+        // Float weights are converted to the model dtype; integer buffers keep their size.
+        _ if is_float => dtype.size() as f64,
+        _ => stored_size(stored) as f64,
+    })
+}
+
+/// Σ elements × `per_element(name, stored dtype, is float, rank)` over the tensors of
+/// `files`, from their safetensors headers.
+fn weight_bytes_with(files: &[PathBuf], per_element: impl Fn(&str, &str, bool, usize) -> f64) -> Result<u64> {
     use std::io::Read;
     let mut total = 0u64;
     for file in files {
@@ -78,28 +118,11 @@ fn weight_bytes_as(
             if name == "__metadata__" {
                 continue;
             }
-            let elements: u64 = entry["shape"]
-                .as_array()
-                .map(|dims| dims.iter().filter_map(|d| d.as_u64()).product())
-                .unwrap_or(0);
-            // Float weights are converted to the model dtype; integer buffers keep their size.
-            let stored = match entry["dtype"].as_str() {
-                Some("F64" | "I64" | "U64") => 8,
-                Some("F32" | "I32" | "U32") => 4,
-                Some("F16" | "BF16" | "I16" | "U16") => 2,
-                _ => 1,
-            };
-            let is_float = matches!(entry["dtype"].as_str(), Some("F64" | "F32" | "F16" | "BF16"));
-            let matrix = entry["shape"].as_array().is_some_and(|d| d.len() == 2);
-            let per_element = match quantized {
-                _ if unpacked.is_some() && entry["dtype"].as_str() == Some("U32") => {
-                    (32 / unpacked.unwrap_or(32).max(1)) as f64 * dtype.size() as f64
-                }
-                Some(bytes) if matrix && name.contains("encoder.") && name.ends_with(".weight") => bytes,
-                _ if is_float => dtype.size() as f64,
-                _ => stored as f64,
-            };
-            total += (elements as f64 * per_element).ceil() as u64;
+            let dims = entry["shape"].as_array().cloned().unwrap_or_default();
+            let elements: u64 = dims.iter().filter_map(|d| d.as_u64()).product();
+            let stored = entry["dtype"].as_str().unwrap_or("");
+            let is_float = matches!(stored, "F64" | "F32" | "F16" | "BF16");
+            total += (elements as f64 * per_element(&name, stored, is_float, dims.len())).ceil() as u64;
         }
     }
     Ok(total)

@@ -17,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod hf;
+pub mod hub;
 pub mod model;
 pub mod pooling;
 pub mod profiler;

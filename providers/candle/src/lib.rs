@@ -47,10 +47,14 @@ fn qwen2vl_folder(dir: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Bytes a Qwen2.5-VL folder's weights take as candle holds them (f32; mlx-community's
-/// packed layers dequantized), from the safetensors headers.
-fn qwen2vl_bytes(dir: &std::path::Path) -> Result<u64> {
+/// Bytes a Qwen2.5-VL folder's weights take as candle holds them, from the safetensors
+/// headers: on the CPU (`compact`) matrices as stored and the rest in f32; elsewhere all
+/// in f32, mlx-community's packed layers dequantized.
+fn qwen2vl_bytes(dir: &std::path::Path, compact: bool) -> Result<u64> {
     let files = weight_files(dir)?;
+    if compact {
+        return kiln_core::hf::compact_weight_bytes(&files);
+    }
     let bits = std::fs::read(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
@@ -214,7 +218,7 @@ impl Provider for CandleProvider {
             return Ok(llama::estimate_bytes(&spec.path, requantize(&self.options)?));
         }
         if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
-            let bytes = qwen2vl_bytes(&spec.path)?;
+            let bytes = qwen2vl_bytes(&spec.path, spec.device == Device::Cpu)?;
             return Ok(Some(bytes + bytes / 10));
         }
         // An incomplete folder gets no estimate: load() reports what is wrong with it,
@@ -231,7 +235,8 @@ impl Provider for CandleProvider {
     }
 
     /// llama-architecture GGUF files (quantized), on the CPU; see `llama.rs`. Qwen2.5-VL
-    /// checkpoint folders (vision-language, f32), on the CPU; see `qwen2vl/`.
+    /// checkpoint folders (vision-language; f32, bf16/f16, or mlx-community's quantized
+    /// layers kept packed), on the CPU; see `qwen2vl/`.
     async fn load_generator(&self, spec: &ModelSpec) -> Result<Arc<dyn kiln_core::Generator>> {
         if spec.device != Device::Cpu {
             return Err(Error::Unsupported(format!(
@@ -242,12 +247,12 @@ impl Provider for CandleProvider {
         if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
             if spec.quantization != Quantization::None {
                 return Err(Error::Unsupported(format!(
-                    "provider `candle` runs Qwen2.5-VL checkpoints unquantized (f32); model.quantization {} is not \
-                     taken for them",
+                    "provider `candle` runs Qwen2.5-VL checkpoints at the precision they are stored in (f32, bf16, \
+                     f16, or mlx-community's packed bits); model.quantization {} is not taken for them",
                     spec.quantization
                 )));
             }
-            let bytes = qwen2vl_bytes(&spec.path)?;
+            let bytes = qwen2vl_bytes(&spec.path, true)?;
             return Ok(Arc::new(qwen2vl::QwenVlGenerator::load(&spec.path, bytes)?));
         }
         if !spec.path.is_file() {

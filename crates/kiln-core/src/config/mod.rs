@@ -161,8 +161,23 @@ impl KilnConfig {
     /// Extracts, resolves relative paths and validates.
     pub fn from_figment(figment: &Figment) -> Result<Self> {
         let mut config = extract_all(figment)?;
+        let written = config.model.path.clone();
         if let Some(dir) = file_dir(figment, "model.path") {
             config.model.path = dir.join(&config.model.path);
+        }
+        // A path that is not there but reads as `ORG/NAME[@REVISION]` is a model in the
+        // Hugging Face cache (a local folder of that name wins, as in transformers).
+        if let Some(found) = crate::hub::resolve_path(&written, &config.model.path) {
+            config.model.path = found.map_err(|e| match e {
+                Error::ModelLoad { reason, .. } => Error::model_load(
+                    absolute(&config.model.path),
+                    format!(
+                        "model.path `{}` is not a file or folder, and as a Hugging Face id: {reason}",
+                        written.display()
+                    ),
+                ),
+                other => other,
+            })?;
         }
         if let (Some(dir), Some(labels)) = (file_dir(figment, "classify.labels"), &config.classify.labels) {
             config.classify.labels = Some(dir.join(labels));

@@ -72,7 +72,8 @@ fn layers_apply_in_order_file_env_set() {
 #[test]
 fn relative_model_path_in_a_file_is_relative_to_the_file() {
     Jail::expect_with(|jail| {
-        std::fs::create_dir("conf").unwrap();
+        // The folder exists: a missing `models/m` would be read as a Hugging Face id.
+        std::fs::create_dir_all("conf/models/m").unwrap();
         jail.create_file("conf/k.toml", "[model]\npath = \"models/m\"\n")?;
         let c = KilnConfig::load(Some(Path::new("conf/k.toml")), &[]).map_err(jail_err)?;
         assert_eq!(c.model.path, std::path::absolute("conf/models/m").unwrap());

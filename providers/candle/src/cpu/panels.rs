@@ -20,8 +20,12 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// Output rows widened together for a many-row product.
+/// Output rows widened together for a few-row product.
 const PANEL: usize = 32;
+/// Bytes of widened weights a many-row panel aims at: wide panels mean fewer `gemm`
+/// calls, each of which packs the activations again, while the panel still fits in
+/// the core's L2.
+const PANEL_BYTES: usize = 1 << 20;
 /// At most this many rows of activations take the row-at-a-time path (no `gemm`).
 const FEW_ROWS: usize = 4;
 
@@ -152,8 +156,15 @@ impl PanelDense {
             return;
         }
         let dst = Shared(out.as_mut_ptr());
-        (0..n.div_ceil(PANEL)).into_par_iter().for_each(|p| {
-            let cols = p * PANEL..((p + 1) * PANEL).min(n);
+        let panel = if rows <= FEW_ROWS {
+            PANEL
+        } else {
+            let threads = rayon::current_num_threads().max(1);
+            let fits = (PANEL_BYTES / 4 / k.max(1)) / 16 * 16;
+            fits.min(n.div_ceil(2 * threads).div_ceil(16) * 16).clamp(PANEL, 256)
+        };
+        (0..n.div_ceil(panel)).into_par_iter().for_each(|p| {
+            let cols = p * panel..((p + 1) * panel).min(n);
             SCRATCH.with_borrow_mut(|scratch| {
                 if rows <= FEW_ROWS {
                     scratch.resize(k, 0.0);
