@@ -17,8 +17,10 @@
                                     best of RUNS passes; the same for kiln's TorchScript
                                     trace in TORCHSCRIPT_DIR (its own f32 -> f16 cast, as
                                     the tch provider loads it), to tell TorchScript from
-                                    eager; prints each kiln bench JSON's ratio to the
-                                    ceiling
+                                    eager; torch.compile of the model (COMPILE_MODES,
+                                    default max-autotune) at f16 and bf16, and eager bf16;
+                                    prints each kiln bench JSON's ratio to the ceiling, to
+                                    eager f16 and to the best torch.compile
   helpers.py scores BASE.jsonl OTHER.jsonl..
                                     classify outputs (kiln run): per OTHER, the largest
                                     score difference to BASE over images with the same
@@ -136,6 +138,38 @@ def ceiling(model_dir, texts_file, runs, out_json, torchscript_dir="", *benches)
     print(f"ceiling, eager f16 ({bert.config._attn_implementation} attention): {len(texts)} texts in "
           f"{len(batches)} batches of <= 256, {tokens} tokens: {result['eager_texts_per_s']:.0f} texts/s "
           f"({min(times) / len(batches) * 1000:.2f} ms a batch; passes {[round(t, 3) for t in times]})")
+    # torch.compile on the same batches (all [256, 128]: one static shape), in each
+    # mode of COMPILE_MODES (space-separated; "none" skips), f16 then bf16.
+    import os
+    for mode in os.environ.get("COMPILE_MODES", "max-autotune").split():
+        if mode == "none":
+            continue
+        for dtype in (torch.float16, torch.bfloat16):
+            model = bert.to(dtype)
+            compiled = torch.compile(model, mode=mode)
+
+            def run_compiled(ids, mask, compiled=compiled):
+                with torch.inference_mode():
+                    return pool(compiled(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+            t0 = time.perf_counter()
+            run_compiled(*batches[0])
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            times = _timed_passes(run_compiled, batches, runs)
+            name = "f16" if dtype == torch.float16 else "bf16"
+            key = f"compile_{mode.replace('-', '_')}_{name}_texts_per_s"
+            result[key] = len(texts) / min(times)
+            result[key.replace("_texts_per_s", "_compile_s")] = compile_s
+            print(f"torch.compile mode={mode} {name}: {result[key]:.0f} texts/s "
+                  f"({min(times) / len(batches) * 1000:.2f} ms a batch; compiled in {compile_s:.0f} s)", flush=True)
+        bert.to(torch.float16)
+        torch._dynamo.reset()
+    bert_bf16_eager = bert.to(torch.bfloat16)
+    times = _timed_passes(eager, batches, runs)
+    result["eager_bf16_texts_per_s"] = len(texts) / min(times)
+    print(f"ceiling, eager bf16: {result['eager_bf16_texts_per_s']:.0f} texts/s", flush=True)
+    bert_bf16_eager.to(torch.float16)
     if torchscript_dir:
         module = torch.jit.load(f"{torchscript_dir}/model.pt", map_location="cuda").half().eval()
 
@@ -155,10 +189,16 @@ def ceiling(model_dir, texts_file, runs, out_json, torchscript_dir="", *benches)
     ceiling_rate = max(v for k, v in result.items() if k.endswith("_texts_per_s") or k.endswith("_no_profiling"))
     result["ceiling_texts_per_s"] = ceiling_rate
     print(f"ceiling (best of the above): {ceiling_rate:.0f} texts/s")
+    eager_rate = result["eager_texts_per_s"]
+    compiled = [v for k, v in result.items() if k.startswith("compile_") and k.endswith("_texts_per_s")]
     for path in benches:
         k = json.load(open(path))
-        print(f"{path}: {k['throughput_rps']:.0f} texts/s, mean batch {k['mean_batch_size']:.1f}, errors "
-              f"{k['errors']}; ratio to the model-only ceiling {k['throughput_rps'] / ceiling_rate:.3f}")
+        line = (f"{path}: {k['throughput_rps']:.0f} texts/s, mean batch {k['mean_batch_size']:.1f}, errors "
+                f"{k['errors']}; ratio to the model-only ceiling {k['throughput_rps'] / ceiling_rate:.3f}, "
+                f"to eager f16 {k['throughput_rps'] / eager_rate:.3f}")
+        if compiled:
+            line += f", to the best torch.compile {k['throughput_rps'] / max(compiled):.3f}"
+        print(line)
     json.dump(result, open(out_json, "w"), indent=1)
 
 

@@ -255,8 +255,14 @@ async fn bench_task(args: BenchArgs) -> Result<()> {
         }
         // Prompts, not texts to embed: one stream against `--concurrency` streams.
         Task::Generate => {
-            generate::bench(config, args.requests, args.concurrency, args.texts.as_deref(), args.json.as_deref())
-                .await
+            generate::bench(
+                config,
+                args.requests,
+                args.concurrency,
+                args.texts.as_deref(),
+                args.json.as_deref(),
+            )
+            .await
         }
         Task::Embed | Task::Classify => bench::run(config, &args).await,
     }

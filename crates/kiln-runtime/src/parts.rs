@@ -194,6 +194,12 @@ impl Reports {
         self
     }
 
+    /// The profiler the report reads: spans recorded here (`record`, `span`) appear in
+    /// it — how a caller outside kiln (the Python package's `monitor`) adds its own.
+    pub fn profiler(&self) -> &dyn Profiler {
+        &*self.profiler
+    }
+
     /// The profiler's report so far; `None` when `profiler.enabled` is off. For a
     /// backend with an allocator of its own (MLX) it carries that allocator's figures.
     pub fn report(&self) -> Option<ProfileReport> {
