@@ -161,7 +161,7 @@ def convert(source: pathlib.Path, out: pathlib.Path) -> None:
     mlx_convert(str(source), mlx_path=str(out), quantize=True, q_bits=4, q_group_size=64)
 
 
-def mlx_run(folder: pathlib.Path, tokens: int) -> dict:
+def mlx_run(folder: pathlib.Path, tokens: int, text_only: bool = False) -> dict:
     import mlx.core as mx
     import mlx_vlm
     from mlx_vlm import load, stream_generate
@@ -175,14 +175,18 @@ def mlx_run(folder: pathlib.Path, tokens: int) -> dict:
         start = time.perf_counter()
         prompt = apply_chat_template(processor, model.config, QUESTION, num_images=len(names))
         times, prompt_tokens = [], 0
-        for r in stream_generate(model, processor, prompt, image=[str(TINY / "images" / x) for x in names],
-                                 max_tokens=n, temperature=0.0):
+        images = [str(TINY / "images" / x) for x in names] or None
+        for r in stream_generate(model, processor, prompt, image=images, max_tokens=n, temperature=0.0):
             times.append(time.perf_counter())
             prompt_tokens = r.prompt_tokens
         return start, times, prompt_tokens
 
-    ask(WARMUP_IMAGES, 2)
-    start, times, prompt = ask(IMAGES, tokens)
+    if text_only:  # decode speed alone: the question without images
+        ask([], 2)
+        start, times, prompt = ask([], tokens)
+    else:
+        ask(WARMUP_IMAGES, 2)
+        start, times, prompt = ask(IMAGES, tokens)
     return {"ttft_ms": (times[0] - start) * 1e3, "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]),
             "tokens": len(times), "prompt_tokens": prompt, "load_s": load_s,
             "mlx_vlm": mlx_vlm.__version__, "mlx": mx.__version__}
@@ -243,8 +247,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / ".kiln/models/qwen25vl-3b"))
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--json")
+    ap.add_argument("--kiln-q4-only", action="store_true", help="with --only kiln: the 4-bit folder only")
     ap.add_argument("--only", action="append", default=[],
-                    help="run only these (repeatable): transformers-f32, transformers-bf16, mlx-vlm, kiln; "
+                    help="run only these (repeatable): transformers-f32, transformers-bf16, mlx-vlm, mlx-vlm-text "
+                         "(its decode speed on the question alone), kiln; "
                          "with --json, figures already in the file are kept and the table shows them all")
     ap.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -261,6 +267,8 @@ def main() -> None:
             result = transformers_run(pathlib.Path(rest[0]), rest[1], int(rest[2]))
         elif what == "mlx":
             result = mlx_run(pathlib.Path(rest[0]), int(rest[1]))
+        elif what == "mlx-text":
+            result = mlx_run(pathlib.Path(rest[0]), int(rest[1]), text_only=True)
         pathlib.Path(args.result).write_text(json.dumps(result) if result is not None else "")
         return
 
@@ -297,6 +305,11 @@ def main() -> None:
         r["blas"] = "OpenBLAS (preloaded)"
         figures["mlx-vlm"] = r
         save()
+    if wanted("mlx-vlm-text"):
+        r, rss = child(MLX_PY, "--internal", "mlx-text", str(q4), str(args.tokens), env=no_mlx_library_path(True))
+        r["peak_rss_mib"] = rss
+        figures["mlx-vlm-text"] = r
+        save()
 
     if wanted("kiln"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -305,6 +318,8 @@ def main() -> None:
             content.append({"type": "text", "text": QUESTION})
             prompts.write_text(json.dumps({"id": "compare", "messages": [{"role": "user", "content": content}]}) + "\n")
             for label, folder in (("bf16 file", hf), ("4-bit", q4)):
+                if args.kiln_q4_only and folder == hf:
+                    continue
                 bench, rss = kiln_run(args.kiln, folder, args.tokens, 1, prompts)
                 one = bench["single_stream"]
                 r = {"ttft_ms": bench["image_cache"]["first_ttft_ms"],
@@ -319,12 +334,14 @@ def main() -> None:
 
     rows = []
     for key, weights in (("transformers-f32", "bf16 file, run in f32"), ("transformers-bf16", "bf16 file"),
-                         ("mlx-vlm", "4-bit"), ("kiln-bf16", "bf16 file"), ("kiln-q4", "4-bit")):
+                         ("mlx-vlm", "4-bit"), ("mlx-vlm-text", "4-bit, the question alone"),
+                         ("kiln-bf16", "bf16 file"), ("kiln-q4", "4-bit")):
         if key in figures:
             r = figures[key]
             name = {"transformers-f32": f"transformers (torch {r.get('torch')}) f32",
                     "transformers-bf16": f"transformers (torch {r.get('torch')}) bf16",
-                    "mlx-vlm": f"mlx-vlm {r.get('mlx_vlm')} (mlx-cpu {r.get('mlx')}, {r.get('blas', 'its BLAS')})",
+                    "mlx-vlm": f"mlx-vlm {r.get('mlx_vlm')} (mlx-cpu {r.get('mlx')}, OpenBLAS)",
+                    "mlx-vlm-text": f"mlx-vlm {r.get('mlx_vlm')} (mlx-cpu {r.get('mlx')}, OpenBLAS)",
                     }.get(key, "kiln (candle, CPU)")
             rows.append((name, weights, r))
 
@@ -336,15 +353,19 @@ def main() -> None:
         print(f"| {name} | {weights} | {r['ttft_ms']:.0f} | {r['decode_tokens_per_s']:.2f} | {r['peak_rss_mib']:.0f} |")
 
     def best(prefix):
-        c = [v for k, v in figures.items() if k.startswith(prefix) and "ttft_ms" in v]
-        return (min(v["ttft_ms"] for v in c), max(v["decode_tokens_per_s"] for v in c)) if c else None
+        """The peer's best time to first token (2-image runs only) and decode rate."""
+        c = [(k, v) for k, v in figures.items() if k.startswith(prefix) and isinstance(v, dict) and "ttft_ms" in v]
+        ttft = [v["ttft_ms"] for k, v in c if not k.endswith("-text")]
+        return (min(ttft) if ttft else None, max(v["decode_tokens_per_s"] for _, v in c)) if c else None
 
     ratios = {}
-    for kiln_key, peer in (("kiln-bf16", "transformers"), ("kiln-q4", "mlx-vlm")):
+    for kiln_key, peer in (("kiln-bf16", "transformers"), ("kiln-q4", "transformers"), ("kiln-q4", "mlx-vlm")):
         k, p = figures.get(kiln_key), best(peer)
         if k and p:
-            ratios[f"{kiln_key} vs {peer}"] = {"ttft": p[0] / k["ttft_ms"], "decode": k["decode_tokens_per_s"] / p[1]}
-            print(f"\n{kiln_key} against the faster {peer}: time to first token {p[0] / k['ttft_ms']:.2f}×, "
+            ttft = p[0] / k["ttft_ms"] if p[0] else None
+            ratios[f"{kiln_key} vs {peer}"] = {"ttft": ttft, "decode": k["decode_tokens_per_s"] / p[1]}
+            ttft_text = f"{ttft:.2f}×" if ttft else "not measured"
+            print(f"\n{kiln_key} against the faster {peer}: time to first token {ttft_text}, "
                   f"decode {k['decode_tokens_per_s'] / p[1]:.2f}×")
     if "kiln-q4" in figures:
         k = figures["kiln-q4"]

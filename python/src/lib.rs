@@ -128,7 +128,9 @@ impl Engine {
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
         let front = match config.task {
-            Task::Generate => wait(py, &runtime, Generation::from_config(config))?.map(|g| Front::Generation(Box::new(g))),
+            Task::Generate => {
+                wait(py, &runtime, Generation::from_config(config))?.map(|g| Front::Generation(Box::new(g)))
+            }
             _ => wait(py, &runtime, Optimizer::from_config(config))?.map(|o| Front::Optimizer(Box::new(o))),
         }
         .map_err(to_py)?;

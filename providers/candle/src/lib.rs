@@ -245,15 +245,17 @@ impl Provider for CandleProvider {
             )));
         }
         if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
-            if spec.quantization != Quantization::None {
+            if !matches!(spec.quantization, Quantization::None | Quantization::Int8) {
                 return Err(Error::Unsupported(format!(
                     "provider `candle` runs Qwen2.5-VL checkpoints at the precision they are stored in (f32, bf16, \
-                     f16, or mlx-community's packed bits); model.quantization {} is not taken for them",
+                     f16, or mlx-community's packed bits), or with model.quantization = \"int8\" their 4-bit layers \
+                     with int8 activations; {} is not taken for them",
                     spec.quantization
                 )));
             }
             let bytes = qwen2vl_bytes(&spec.path, true)?;
-            return Ok(Arc::new(qwen2vl::QwenVlGenerator::load(&spec.path, bytes)?));
+            let int8 = spec.quantization == Quantization::Int8;
+            return Ok(Arc::new(qwen2vl::QwenVlGenerator::load_with(&spec.path, bytes, int8)?));
         }
         if !spec.path.is_file() {
             return Err(Error::model_load(

@@ -37,7 +37,12 @@ impl QwenVlGenerator {
     /// The checkpoint folder `dir` on the CPU, in f32: its weights, tokenizer, chat
     /// template and processor settings (read again by the runtime's processor).
     pub fn load(dir: &Path, weight_bytes: u64) -> Result<Self> {
-        let model = QwenVl::load(dir, &Device::Cpu)?;
+        Self::load_with(dir, weight_bytes, false)
+    }
+
+    /// As [`QwenVlGenerator::load`]; `int8_activations` as [`QwenVl::load_with`].
+    pub fn load_with(dir: &Path, weight_bytes: u64, int8_activations: bool) -> Result<Self> {
+        let model = QwenVl::load_with(dir, &Device::Cpu, true, int8_activations)?;
         let c = model.config().clone();
         let tokenizer = dir.join("tokenizer.json");
         if !tokenizer.is_file() {

@@ -57,8 +57,16 @@ impl QwenVl {
     /// As [`QwenVl::load`]; `compact` false widens every layer to f32 at load (more
     /// memory; the reference the compact layers are tested against).
     pub fn load_as(dir: &Path, device: &Device, compact: bool) -> Result<Self> {
+        Self::load_with(dir, device, compact, false)
+    }
+
+    /// As [`QwenVl::load_as`]; `int8_activations` runs mlx-community's 4-bit layers on
+    /// kiln's VNNI block kernel with activations quantized to int8 per 32 inputs (GGML's
+    /// `Q4_1 × Q8_1`, `model.quantization = "int8"`): faster decoding, results no longer
+    /// exactly MLX's.
+    pub fn load_with(dir: &Path, device: &Device, compact: bool, int8_activations: bool) -> Result<Self> {
         let config = QwenVlConfig::from_model_dir(dir)?;
-        let weights = Weights::load_as(dir, device, compact)?;
+        let weights = Weights::load_with(dir, device, compact, int8_activations)?;
         Ok(QwenVl {
             vision: VisionTower::load(&weights, &config.vision)?,
             text: TextModel::load(&weights, &config)?,
