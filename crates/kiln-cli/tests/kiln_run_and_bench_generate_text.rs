@@ -108,12 +108,12 @@ fn the_jsonl_tracker_gets_generation_metrics_and_the_summary() {
     assert_eq!(events.last().unwrap()["event"], "end", "{events:?}");
 }
 
-/// `kiln bench CONFIG` over 4 prompts, one stream then 4, 8 new tokens each: its stdout
-/// and its `--json` report.
-fn bench_4_by_4(config: &str) -> (String, serde_json::Value) {
+/// `kiln bench CONFIG` over 4 prompts, one stream then 4, 8 new tokens each (and
+/// `extra` arguments): its stdout and its `--json` report.
+fn bench_4_by_4(config: &str, extra: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let run = kiln(&[
+    let mut args = vec![
         "bench",
         config,
         "--requests",
@@ -124,7 +124,9 @@ fn bench_4_by_4(config: &str) -> (String, serde_json::Value) {
         json.to_str().unwrap(),
         "--set",
         "generate.max_new_tokens=8",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let run = kiln(&args);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     (String::from_utf8_lossy(&run.stdout).into_owned(), report)
@@ -132,7 +134,7 @@ fn bench_4_by_4(config: &str) -> (String, serde_json::Value) {
 
 #[test]
 fn kiln_bench_compares_one_stream_with_several() {
-    let (stdout, report) = bench_4_by_4("examples/generate.toml");
+    let (stdout, report) = bench_4_by_4("examples/generate.toml", &[]);
     assert!(stdout.contains("4 streams / 1 stream"), "{stdout}");
     let many = &report["concurrent"];
     assert_eq!(many["errors"], 0, "{report}");
@@ -210,7 +212,7 @@ fn kiln_bench_measures_a_vision_language_model_and_its_image_cache() {
         support::root().join(".kiln/models/qwen25vl-tiny/prompt.json").is_file(),
         "run `scripts/setup vlm`"
     );
-    let (_, report) = bench_4_by_4("examples/vlm.toml");
+    let (_, report) = bench_4_by_4("examples/vlm.toml", &[]);
     assert_eq!(
         (report["single_stream"]["errors"].as_u64(), report["concurrent"]["errors"].as_u64()),
         (Some(0), Some(0))
@@ -220,4 +222,9 @@ fn kiln_bench_measures_a_vision_language_model_and_its_image_cache() {
     assert!(
         cache["first_ttft_ms"].as_f64().unwrap() > 0.0 && cache["repeat_ttft_ms"].as_f64().unwrap() > 0.0
     );
+    // The prompts of a `kiln run` input file: the first asks about two images (54 + 60
+    // image tokens, as `kiln run` gives them).
+    let (_, report) = bench_4_by_4("examples/vlm.toml", &["--texts", "examples/data/vlm.jsonl"]);
+    assert_eq!(report["image_cache"]["image_tokens"], 114, "{report}");
+    assert_eq!(report["concurrent"]["errors"].as_u64(), Some(0), "{report}");
 }
