@@ -53,49 +53,62 @@ fn wait<T: Send>(
     }
 }
 
+/// The kiln type the config's task runs; shared with open streams.
+#[derive(Clone)]
 enum Front {
-    // Both boxed: the two differ in size several times over, and there is one per
-    // Python object.
-    Optimizer(Box<Optimizer>),
-    Generation(Box<Generation>),
+    Optimizer(Arc<Optimizer>),
+    Generation(Arc<Generation>),
+}
+
+impl Front {
+    /// The profiler's outputs of either.
+    fn reports(&self) -> &kiln::runtime::Reports {
+        match self {
+            Front::Optimizer(o) => o.reports(),
+            Front::Generation(g) => g.reports(),
+        }
+    }
 }
 
 /// A loaded model with kiln around it.
 #[pyclass(module = "kiln._kiln", frozen)]
 struct Engine {
-    front: std::sync::Mutex<Option<Arc<Front>>>,
+    front: std::sync::Mutex<Option<Front>>,
     runtime: Arc<tokio::runtime::Runtime>,
     task: String,
 }
 
+fn poisoned<T>(_: T) -> PyErr {
+    KilnError::new_err("a previous call panicked")
+}
+
 impl Engine {
-    fn front(&self) -> PyResult<Arc<Front>> {
+    fn front(&self) -> PyResult<Front> {
         self.front
             .lock()
-            .map_err(|_| KilnError::new_err("a previous call panicked"))?
+            .map_err(poisoned)?
             .clone()
             .ok_or_else(|| KilnError::new_err("this kiln.Optimizer was shut down"))
     }
 
-    fn optimizer(&self) -> PyResult<Arc<Front>> {
-        let front = self.front()?;
-        match &*front {
-            Front::Optimizer(_) => Ok(front),
-            Front::Generation(_) => Err(PyValueError::new_err(format!(
-                "this model's task is `{}`: embed and classify need task = \"embed\" or \"classify\"",
-                self.task
-            ))),
+    /// The error for a call the config's task does not take.
+    fn wrong_task(&self, calls: &str, needs: &str) -> PyErr {
+        PyValueError::new_err(format!("this model's task is `{}`: {calls} need {needs}", self.task))
+    }
+
+    fn optimizer(&self) -> PyResult<Arc<Optimizer>> {
+        match self.front()? {
+            Front::Optimizer(o) => Ok(o),
+            Front::Generation(_) => {
+                Err(self.wrong_task("embed and classify", "task = \"embed\" or \"classify\""))
+            }
         }
     }
 
-    fn generation(&self) -> PyResult<Arc<Front>> {
-        let front = self.front()?;
-        match &*front {
-            Front::Generation(_) => Ok(front),
-            Front::Optimizer(_) => Err(PyValueError::new_err(format!(
-                "this model's task is `{}`: generate and stream need task = \"generate\"",
-                self.task
-            ))),
+    fn generation(&self) -> PyResult<Arc<Generation>> {
+        match self.front()? {
+            Front::Generation(g) => Ok(g),
+            Front::Optimizer(_) => Err(self.wrong_task("generate and stream", "task = \"generate\"")),
         }
     }
 }
@@ -129,12 +142,12 @@ impl Engine {
             .unwrap_or_default();
         let front = match config.task {
             Task::Generate => {
-                wait(py, &runtime, Generation::from_config(config))?.map(|g| Front::Generation(Box::new(g)))
+                wait(py, &runtime, Generation::from_config(config))?.map(|g| Front::Generation(Arc::new(g)))
             }
-            _ => wait(py, &runtime, Optimizer::from_config(config))?.map(|o| Front::Optimizer(Box::new(o))),
+            _ => wait(py, &runtime, Optimizer::from_config(config))?.map(|o| Front::Optimizer(Arc::new(o))),
         }
         .map_err(to_py)?;
-        Ok(Engine { front: std::sync::Mutex::new(Some(Arc::new(front))), runtime: Arc::new(runtime), task })
+        Ok(Engine { front: std::sync::Mutex::new(Some(front)), runtime: Arc::new(runtime), task })
     }
 
     /// The config's task: `embed`, `classify`, `generate` or `video`.
@@ -146,8 +159,7 @@ impl Engine {
     /// `texts` embedded, as float32 `[len(texts), dim]`, in order. Calls of one batch
     /// each, the texts sorted by length first so a batch pads little, two in flight.
     fn embed<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Bound<'py, PyAny>> {
-        let front = self.optimizer()?;
-        let Front::Optimizer(optimizer) = &*front else { unreachable!("checked by optimizer()") };
+        let optimizer = self.optimizer()?;
         let n = texts.len();
         let vectors = wait(py, &self.runtime, optimizer.embed_all(texts))?.map_err(to_py)?;
         let dim = vectors.first().map_or(0, Vec::len);
@@ -162,8 +174,7 @@ impl Engine {
     /// Images (paths or encoded bytes) classified: per image, JSON of its top classes or
     /// `{"error": message}`.
     fn classify(&self, py: Python<'_>, images: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
-        let front = self.optimizer()?;
-        let Front::Optimizer(optimizer) = &*front else { unreachable!("checked by optimizer()") };
+        let optimizer = self.optimizer()?;
         let mut inputs = Vec::with_capacity(images.len());
         for (i, image) in images.iter().enumerate() {
             if let Ok(bytes) = image.extract::<Vec<u8>>() {
@@ -190,8 +201,7 @@ impl Engine {
     /// One generation to its end: JSON of kiln's `Generated`.
     #[pyo3(signature = (prompt=None, messages=None))]
     fn generate(&self, py: Python<'_>, prompt: Option<String>, messages: Option<String>) -> PyResult<String> {
-        let front = self.generation()?;
-        let Front::Generation(generation) = &*front else { unreachable!("checked by generation()") };
+        let generation = self.generation()?;
         let prompt = prompt_from(prompt, messages)?;
         let done = wait(py, &self.runtime, generation.generate(prompt))?.map_err(to_py)?;
         serde_json::to_string(&done).map_err(|e| KilnError::new_err(e.to_string()))
@@ -200,12 +210,11 @@ impl Engine {
     /// A generation's pieces as they come.
     #[pyo3(signature = (prompt=None, messages=None))]
     fn stream(&self, prompt: Option<String>, messages: Option<String>) -> PyResult<Stream> {
-        let front = self.generation()?;
-        let Front::Generation(generation) = &*front else { unreachable!("checked by generation()") };
+        let generation = self.generation()?;
         let tokens = generation.stream(prompt_from(prompt, messages)?).map_err(to_py)?;
         Ok(Stream {
             tokens: std::sync::Mutex::new(Some(tokens)),
-            front: std::sync::Mutex::new(Some(front)),
+            generation: std::sync::Mutex::new(Some(generation)),
             runtime: self.runtime.clone(),
             done: std::sync::Mutex::new(None),
         })
@@ -213,8 +222,7 @@ impl Engine {
 
     /// JSON of what kiln has done so far (`Stats` or `GenerationStats`).
     fn stats(&self) -> PyResult<String> {
-        let front = self.front()?;
-        let json = match &*front {
+        let json = match self.front()? {
             Front::Optimizer(o) => serde_json::to_string(&o.stats()),
             Front::Generation(g) => serde_json::to_string(&g.stats()),
         };
@@ -224,43 +232,47 @@ impl Engine {
     /// JSON of the profiler's report (durations, peak memory, CPU, GPU, the MLX
     /// allocator), or `null` with `profiler.enabled` off.
     fn report(&self) -> PyResult<String> {
-        let front = self.front()?;
-        let report = match &*front {
-            Front::Optimizer(o) => o.reports().report(),
-            Front::Generation(g) => g.reports().report(),
-        };
+        let report = self.front()?.reports().report();
         serde_json::to_string(&report).map_err(|e| KilnError::new_err(e.to_string()))
     }
 
     /// Records a span `name` that started `seconds_ago` and ends now in the profiler
     /// (the Python layer's `monitor(name)` context manager).
     fn record_span(&self, name: &str, seconds_ago: f64) -> PyResult<()> {
-        let front = self.front()?;
         let elapsed = Duration::from_secs_f64(seconds_ago.max(0.0));
         let start = Instant::now().checked_sub(elapsed).unwrap_or_else(Instant::now);
-        let reports = match &*front {
-            Front::Optimizer(o) => o.reports(),
-            Front::Generation(g) => g.reports(),
-        };
-        reports.profiler().record(name, start, elapsed);
+        self.front()?.reports().profiler().record(name, start, elapsed);
         Ok(())
     }
 
     /// Stops the model and the trackers; JSON of the final stats. Later calls fail.
     fn shutdown(&self, py: Python<'_>) -> PyResult<String> {
-        let taken = self.front.lock().map_err(|_| KilnError::new_err("a previous call panicked"))?.take();
-        let Some(front) = taken else { return Ok("null".into()) };
-        let Ok(front) = Arc::try_unwrap(front) else {
-            return Err(KilnError::new_err(
-                "a stream of this optimizer is still open; finish or drop it first",
-            ));
-        };
-        let json = match front {
-            Front::Optimizer(o) => {
-                let stats = wait(py, &self.runtime, o.shutdown())?.map_err(to_py)?;
-                serde_json::to_string(&stats)
-            }
-            Front::Generation(g) => serde_json::to_string(&wait(py, &self.runtime, g.shutdown())?),
+        let mut slot = self.front.lock().map_err(poisoned)?;
+        // An open stream shares the model: then it stays, usable, until the stream ends.
+        let still_open =
+            || KilnError::new_err("a stream of this optimizer is still open; finish or close it first");
+        let json = match slot.take() {
+            None => return Ok("null".into()),
+            Some(Front::Optimizer(o)) => match Arc::try_unwrap(o) {
+                Ok(o) => {
+                    drop(slot);
+                    serde_json::to_string(&wait(py, &self.runtime, o.shutdown())?.map_err(to_py)?)
+                }
+                Err(o) => {
+                    *slot = Some(Front::Optimizer(o));
+                    return Err(still_open());
+                }
+            },
+            Some(Front::Generation(g)) => match Arc::try_unwrap(g) {
+                Ok(g) => {
+                    drop(slot);
+                    serde_json::to_string(&wait(py, &self.runtime, g.shutdown())?)
+                }
+                Err(g) => {
+                    *slot = Some(Front::Generation(g));
+                    return Err(still_open());
+                }
+            },
         };
         json.map_err(|e| KilnError::new_err(e.to_string()))
     }
@@ -272,7 +284,7 @@ impl Engine {
 struct Stream {
     tokens: std::sync::Mutex<Option<TokenStream>>,
     /// Keeps the generation running while the stream is open; let go when it ends.
-    front: std::sync::Mutex<Option<Arc<Front>>>,
+    generation: std::sync::Mutex<Option<Arc<Generation>>>,
     runtime: Arc<tokio::runtime::Runtime>,
     done: std::sync::Mutex<Option<String>>,
 }
@@ -284,7 +296,7 @@ impl Stream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<(u32, String)>> {
-        let mut guard = self.tokens.lock().map_err(|_| KilnError::new_err("a previous call panicked"))?;
+        let mut guard = self.tokens.lock().map_err(poisoned)?;
         let Some(tokens) = guard.as_mut() else { return Ok(None) };
         let event = wait(py, &self.runtime, tokens.next())?;
         if let Some(Event::Token { id, text }) = event {
@@ -295,8 +307,7 @@ impl Stream {
         self.release();
         match event {
             Some(Event::Done(generated)) => {
-                *self.done.lock().map_err(|_| KilnError::new_err("a previous call panicked"))? =
-                    serde_json::to_string(&generated).ok();
+                *self.done.lock().map_err(poisoned)? = serde_json::to_string(&generated).ok();
                 Ok(None)
             }
             Some(Event::Failed(e)) => Err(to_py(e)),
@@ -321,8 +332,8 @@ impl Stream {
 
 impl Stream {
     fn release(&self) {
-        if let Ok(mut front) = self.front.lock() {
-            front.take();
+        if let Ok(mut generation) = self.generation.lock() {
+            generation.take();
         }
     }
 }

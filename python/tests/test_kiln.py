@@ -154,6 +154,12 @@ def test_generate_and_stream_give_the_same_text():
         assert stats["requests"] >= 2
         with pytest.raises(ValueError, match="embed"):
             opt.embed(["x"])
+        # Shutting down while a stream is open is refused, and the model stays usable.
+        open_stream = opt.stream("Count to ten.")
+        with pytest.raises(kiln.KilnError, match="still open"):
+            opt.shutdown()
+        assert opt.generate("Name a colour.")["tokens"] == done["tokens"]
+        open_stream.close()
 
 
 def test_a_vision_language_model_answers_about_files():

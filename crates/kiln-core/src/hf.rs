@@ -97,27 +97,50 @@ fn weight_bytes_as(
     })
 }
 
+/// A safetensors file opened and its header read: the tensors' entries (`dtype`,
+/// `shape`, `data_offsets`) by name, `__metadata__` left out, and where their data
+/// starts. What reads the header only (sizes, for admission) and what reads the
+/// tensors one at a time both start here.
+pub struct SafetensorsHeader {
+    /// The file, open for reading at offsets.
+    pub file: std::fs::File,
+    /// Its length in bytes.
+    pub size: u64,
+    /// The tensors' entries by name.
+    pub tensors: serde_json::Map<String, serde_json::Value>,
+    /// Offset of the data that `data_offsets` count from.
+    pub data_start: u64,
+}
+
+/// Opens `path` and reads its safetensors header; a header longer than the file (or
+/// 100 MiB) or not JSON is an error naming the file.
+pub fn safetensors_header(path: &Path) -> Result<SafetensorsHeader> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact_at(&mut len, 0).map_err(|e| Error::io("reading", path, e))?;
+    let len = u64::from_le_bytes(len);
+    let size = file.metadata().map_err(|e| Error::io("reading", path, e))?.len();
+    if len > size.saturating_sub(8) || len > 100 << 20 {
+        return Err(Error::model_load(
+            path,
+            format!("not a safetensors file: a header of {len} bytes in a file of {size}"),
+        ));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact_at(&mut header, 8).map_err(|e| Error::io("reading", path, e))?;
+    let mut tensors: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| Error::model_load_with(path, "not a safetensors file", e))?;
+    tensors.remove("__metadata__");
+    Ok(SafetensorsHeader { file, size, tensors, data_start: 8 + len })
+}
+
 /// Σ elements × `per_element(name, stored dtype, is float, rank)` over the tensors of
 /// `files`, from their safetensors headers.
 fn weight_bytes_with(files: &[PathBuf], per_element: impl Fn(&str, &str, bool, usize) -> f64) -> Result<u64> {
-    use std::io::Read;
     let mut total = 0u64;
     for file in files {
-        let mut f = std::fs::File::open(file).map_err(|e| Error::io("opening", file, e))?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).map_err(|e| Error::io("reading", file, e))?;
-        let len = u64::from_le_bytes(len);
-        if len > 100 << 20 {
-            return Err(Error::model_load(file, "not a safetensors file (header too large)"));
-        }
-        let mut header = vec![0u8; len as usize];
-        f.read_exact(&mut header).map_err(|e| Error::io("reading", file, e))?;
-        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| Error::model_load_with(file, "not a safetensors file", e))?;
-        for (name, entry) in header {
-            if name == "__metadata__" {
-                continue;
-            }
+        for (name, entry) in safetensors_header(file)?.tensors {
             let dims = entry["shape"].as_array().cloned().unwrap_or_default();
             let elements: u64 = dims.iter().filter_map(|d| d.as_u64()).product();
             let stored = entry["dtype"].as_str().unwrap_or("");

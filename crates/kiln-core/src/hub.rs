@@ -69,12 +69,6 @@ impl HubId {
     }
 }
 
-impl std::fmt::Display for HubId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.repo, self.revision)
-    }
-}
-
 /// The Hugging Face cache folder as `huggingface_hub` finds it from `var` (the
 /// environment): `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
 pub fn cache_dir_from(var: impl Fn(&str) -> Option<String>) -> PathBuf {

@@ -325,10 +325,11 @@ fn linear(x: &[f32], tokens: usize, layer: &Dense, out: &mut Vec<f32>) {
     }
 }
 
-/// A pointer the attention jobs share: each writes its own columns of its own rows.
+/// A pointer parallel jobs share, each writing its own elements: attention's columns
+/// of its rows, a panel's columns (`panels.rs`).
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: jobs write disjoint elements (see `attention`).
+pub(crate) struct Shared(pub(crate) *mut f32);
+// SAFETY: jobs write disjoint elements (see `attention`, `PanelDense::forward`).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
@@ -338,7 +339,7 @@ impl Shared {
     ///
     /// # Safety
     /// `offset` is inside the buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
         // SAFETY: as the caller promises.
         unsafe { self.0.add(offset) }
     }

@@ -116,6 +116,16 @@ impl BlockDense {
         Some(BlockDense { format, packed, inputs: k, outputs: n })
     }
 
+    /// Input features.
+    pub(crate) fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Output features.
+    pub(crate) fn outputs(&self) -> usize {
+        self.outputs
+    }
+
     /// `out = x W^T` for `tokens` rows of `x`.
     pub(crate) fn forward(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
         let (k, n) = (self.inputs, self.outputs);

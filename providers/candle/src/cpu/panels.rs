@@ -20,6 +20,8 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::Shared;
+
 /// Output rows widened together for a few-row product.
 const PANEL: usize = 32;
 /// Bytes of widened weights a many-row panel aims at: wide panels mean fewer `gemm`
@@ -28,9 +30,6 @@ const PANEL: usize = 32;
 const PANEL_BYTES: usize = 1 << 20;
 /// At most this many rows of activations take the row-at-a-time path (no `gemm`).
 const FEW_ROWS: usize = 4;
-/// At most this many rows (sequences decoding together) take the 4-bit path that
-/// multiplies the packed nibbles without widening them.
-const NIBBLE_ROWS: usize = 8;
 
 /// How a layer's `[outputs, inputs]` weights are held.
 pub(crate) enum Stored {
@@ -120,15 +119,6 @@ impl PanelDense {
         self.outputs
     }
 
-    /// Bytes the weights hold in memory.
-    pub(crate) fn bytes(&self) -> usize {
-        match &self.stored {
-            Stored::Affine { packed, scales, biases, .. } => 4 * (packed.len() + scales.len() + biases.len()),
-            Stored::Bf16(w) => 2 * w.len(),
-            Stored::F16(w) => 2 * w.len(),
-        }
-    }
-
     /// This layer as GGML `Q4_1` blocks for the VNNI kernel (`blocks.rs`), when it is
     /// 4-bit in groups of a multiple of 32 with outputs in sixteens: per 32 inputs the
     /// group's scale and bias as f16 `d` and `m`, and the nibbles in GGML's order
@@ -189,9 +179,6 @@ impl PanelDense {
             return;
         }
         let dst = Shared(out.as_mut_ptr());
-        if rows <= NIBBLE_ROWS && self.nibble_dots(x, rows, dst) {
-            return;
-        }
         let panel = if rows <= FEW_ROWS {
             PANEL
         } else {
@@ -210,7 +197,7 @@ impl PanelDense {
                             let v = dot(&x[r * k..(r + 1) * k], scratch);
                             // SAFETY: element (r, c) of the rows × n output; each panel
                             // writes only its own columns.
-                            unsafe { *dst.get().add(r * n + c) = v };
+                            unsafe { *dst.at(r * n + c) = v };
                         }
                     }
                     return;
@@ -229,7 +216,7 @@ impl PanelDense {
                         rows,
                         width,
                         k,
-                        dst.get().add(cols.start),
+                        dst.at(cols.start),
                         1,
                         n as isize,
                         false,
@@ -252,137 +239,10 @@ impl PanelDense {
     }
 }
 
-impl PanelDense {
-    /// A few rows times 4-bit weights in groups of a multiple of 64, without widening:
-    /// per group `scale · Σ q·x + bias · Σ x`, the activations laid out once per call so
-    /// that the eight nibbles of a word meet their eight inputs in vector lanes (input
-    /// `8j + i` at lane `j` of slice `i`, for the group's words `j`). Half the work of
-    /// widening and no buffer. `false` (nothing written) for other layouts.
-    fn nibble_dots(&self, x: &[f32], rows: usize, dst: Shared) -> bool {
-        let Stored::Affine { bits: 4, group, words_per_row, packed, scales, biases } = &self.stored else {
-            return false;
-        };
-        if group % 64 != 0 {
-            return false;
-        }
-        let (k, n) = (self.inputs, self.outputs);
-        let groups = k / group;
-        // Per row: the inputs in lane order (per 64 inputs, `[i][j] = x[8j + i]`), and
-        // each group's sum.
-        let mut lanes = vec![0f32; rows * k];
-        let mut sums = vec![0f32; rows * groups];
-        for r in 0..rows {
-            let (src, dst_lanes) = (&x[r * k..(r + 1) * k], &mut lanes[r * k..(r + 1) * k]);
-            for (chunk, out) in src.chunks_exact(64).zip(dst_lanes.chunks_exact_mut(64)) {
-                for j in 0..8 {
-                    for i in 0..8 {
-                        out[i * 8 + j] = chunk[8 * j + i];
-                    }
-                }
-            }
-            for (g, sum) in sums[r * groups..(r + 1) * groups].iter_mut().enumerate() {
-                *sum = src[g * group..(g + 1) * group].iter().sum();
-            }
-        }
-        let inputs = NibbleInputs { lanes: &lanes, sums: &sums, rows, group: *group };
-        let inputs = &inputs;
-        (0..n.div_ceil(PANEL)).into_par_iter().for_each(|p| {
-            let mut outs = [0f32; NIBBLE_ROWS];
-            for c in p * PANEL..((p + 1) * PANEL).min(n) {
-                let words = &packed[c * words_per_row..(c + 1) * words_per_row];
-                let (scales, biases) =
-                    (&scales[c * groups..(c + 1) * groups], &biases[c * groups..(c + 1) * groups]);
-                nibble_rows(words, inputs, scales, biases, &mut outs);
-                for (r, &v) in outs[..rows].iter().enumerate() {
-                    // SAFETY: element (r, c) of the rows × n output; each panel writes
-                    // only its own columns.
-                    unsafe { *dst.get().add(r * n + c) = v };
-                }
-            }
-        });
-        true
-    }
-}
-
-dispatch!(
-    /// One output column for `rows` rows: Σ over groups of `scale · Σ q·x + bias · Σ x`,
-    /// from 4-bit `words` and each row's inputs in lane order and group sums (see
-    /// `nibble_dots`); each nibble is unpacked once for all the rows.
-    fn nibble_rows => nibble_rows_generic(words: &[u32], inputs: &NibbleInputs<'_>, scales: &[f32], biases: &[f32], outs: &mut [f32; NIBBLE_ROWS])
-);
-
-/// A call's activations as `nibble_rows` reads them.
-struct NibbleInputs<'a> {
-    /// Per row, the inputs in lane order.
-    lanes: &'a [f32],
-    /// Per row, each group's sum of inputs.
-    sums: &'a [f32],
-    rows: usize,
-    group: usize,
-}
-
-#[inline(always)]
-fn nibble_rows_generic(
-    words: &[u32],
-    inputs: &NibbleInputs<'_>,
-    scales: &[f32],
-    biases: &[f32],
-    outs: &mut [f32; NIBBLE_ROWS],
-) {
-    let NibbleInputs { lanes, sums, rows, group } = *inputs;
-    let k = lanes.len() / rows;
-    let groups = scales.len();
-    let mut total = [[0f32; 8]; NIBBLE_ROWS];
-    let mut offset = [0f32; NIBBLE_ROWS];
-    let per_group = group / 8;
-    for g in 0..groups {
-        let mut acc = [[0f32; 8]; NIBBLE_ROWS];
-        for (chunk, w) in words[g * per_group..(g + 1) * per_group].chunks_exact(8).enumerate() {
-            let base = g * group + chunk * 64;
-            for i in 0..8 {
-                let mut q = [0f32; 8];
-                for j in 0..8 {
-                    q[j] = ((w[j] >> (4 * i)) & 15) as f32;
-                }
-                for (r, acc) in acc[..rows].iter_mut().enumerate() {
-                    let x = &lanes[r * k + base + i * 8..][..8];
-                    for j in 0..8 {
-                        acc[j] = q[j].mul_add(x[j], acc[j]);
-                    }
-                }
-            }
-        }
-        for r in 0..rows {
-            for j in 0..8 {
-                total[r][j] = acc[r][j].mul_add(scales[g], total[r][j]);
-            }
-            offset[r] = biases[g].mul_add(sums[r * groups + g], offset[r]);
-        }
-    }
-    for r in 0..rows {
-        outs[r] = total[r].iter().sum::<f32>() + offset[r];
-    }
-}
-
 thread_local! {
     /// The calling thread's widened weights, kept between calls.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
-
-/// The output buffer the panels share: each writes only its own columns.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-
-impl Shared {
-    /// The pointer (a method, so closures capture the whole `Shared`, which is `Sync`).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-// SAFETY: the panels write disjoint columns of the buffer, which outlives the parallel loop.
-unsafe impl Send for Shared {}
-// SAFETY: as above.
-unsafe impl Sync for Shared {}
 
 dispatch!(
     /// One row's `bits`-bit values from its bit stream `row`, group by group scaled and

@@ -3,11 +3,21 @@
 //! unless tied) and the ones transformers uses in memory (`model.visual.*`,
 //! `model.language_model.*`), from one `model.safetensors` or the shards an index names.
 //! Also mlx-vlm's names (`vision_tower.*`, `language_model.model.*`,
-//! `language_model.lm_head.*`, the patch kernel channels-last). Everything is held in
-//! f32: bf16 and f16 checkpoints are widened at load, and mlx-community's quantized
-//! layers (config.json `quantization: {group_size, bits}`; per layer a packed uint32
-//! `weight` with `scales` and `biases`) are dequantized at load — a layer is quantized
-//! exactly when its `scales` are there, as mlx-vlm decides.
+//! `language_model.lm_head.*`, the patch kernel channels-last), and mlx-community's
+//! quantized layers (config.json `quantization: {group_size, bits}`; per layer a packed
+//! uint32 `weight` with `scales` and `biases` — a layer is quantized exactly when its
+//! `scales` are there, as mlx-vlm decides).
+//!
+//! # What is held how
+//!
+//! On the CPU a linear layer (and a quantized embedding) stays as the file stores it:
+//! packed, or bf16/f16, widened to f32 a panel at a time as it computes
+//! (`cpu/panels.rs`) — a 4-bit checkpoint takes about its file's bytes in memory,
+//! not eight times them, and a decode step reads that many bytes. With int8 activations
+//! (`model.quantization = "int8"`) 4-bit layers are re-laid as GGML `Q4_1` blocks for
+//! `cpu/blocks.rs`. Norms, biases and the patch kernel are small and held in f32.
+//! On a GPU everything is widened to f32 at load. Tensors are read from the files one at
+//! a time, so loading never holds a whole file beside the weights it is turning into.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -20,7 +30,7 @@ use half::{bf16, f16};
 use kiln_core::{Error, Result};
 
 use crate::backend;
-use crate::cpu::blocks::{BlockDense, Format};
+use crate::cpu::blocks::BlockDense;
 use crate::cpu::panels::{PanelDense, Stored};
 
 /// `y = x · Wᵀ + b`; also an embedding table (`rows`), the weights being its rows.
@@ -36,7 +46,7 @@ enum Weight {
     Panel(Arc<PanelDense>),
     /// 4-bit weights re-laid as GGML `Q4_1` blocks for the VNNI kernel, activations
     /// quantized to int8 per block of 32 (`model.quantization = "int8"`).
-    Blocks(Arc<BlockDense>, usize, usize),
+    Blocks(Arc<BlockDense>),
 }
 
 impl Linear {
@@ -44,28 +54,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Tensor(w) => x.broadcast_matmul(&w.t().map_err(backend)?).map_err(backend)?,
-            Weight::Panel(w) => {
-                let mut dims = x.dims().to_vec();
-                let rows = x.elem_count() / w.inputs();
-                let flat = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(backend)?;
-                let mut out = Vec::new();
-                w.forward(&flat, rows, &mut out);
-                if let Some(last) = dims.last_mut() {
-                    *last = w.outputs();
-                }
-                Tensor::from_vec(out, dims, x.device()).map_err(backend)?
-            }
-            Weight::Blocks(w, inputs, outputs) => {
-                let mut dims = x.dims().to_vec();
-                let rows = x.elem_count() / inputs;
-                let flat = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(backend)?;
-                let mut out = Vec::new();
-                w.forward(&flat, rows, &mut out);
-                if let Some(last) = dims.last_mut() {
-                    *last = *outputs;
-                }
-                Tensor::from_vec(out, dims, x.device()).map_err(backend)?
-            }
+            Weight::Panel(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| w.forward(x, rows, out))?,
+            Weight::Blocks(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| w.forward(x, rows, out))?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(backend),
@@ -94,24 +84,6 @@ impl Linear {
         }
     }
 
-    /// Output features.
-    pub fn out_features(&self) -> usize {
-        match &self.weight {
-            Weight::Tensor(w) => w.dims()[0],
-            Weight::Panel(w) => w.outputs(),
-            Weight::Blocks(_, _, outputs) => *outputs,
-        }
-    }
-
-    /// Bytes the weights hold.
-    pub fn bytes(&self) -> usize {
-        match &self.weight {
-            Weight::Tensor(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Panel(w) => w.bytes(),
-            Weight::Blocks(_, inputs, outputs) => Format::Q4_1.bytes(inputs * outputs),
-        }
-    }
-
     /// The same weights with no bias (a tied output head); with `blocks`, 4-bit
     /// weights re-laid for the int8-activation kernel (an embedding table keeps its
     /// packed copy for lookups, the head gets its own).
@@ -120,10 +92,28 @@ impl Linear {
             && let Weight::Panel(w) = &self.weight
             && let Some(b) = w.q4_1_blocks()
         {
-            return Linear { weight: Weight::Blocks(Arc::new(b), w.inputs(), w.outputs()), bias: None };
+            return Linear { weight: Weight::Blocks(Arc::new(b)), bias: None };
         }
         Linear { weight: self.weight.clone(), bias: None }
     }
+}
+
+/// `x` (`[.., inputs]`) through a kernel over row-major f32 rows (`kernel(x, rows,
+/// out)`), back as a tensor `[.., outputs]`.
+fn on_rows(
+    x: &Tensor,
+    inputs: usize,
+    outputs: usize,
+    kernel: impl FnOnce(&[f32], usize, &mut Vec<f32>),
+) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let flat = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(backend)?;
+    let mut out = Vec::new();
+    kernel(&flat, flat.len() / inputs, &mut out);
+    if let Some(last) = dims.last_mut() {
+        *last = outputs;
+    }
+    Tensor::from_vec(out, dims, x.device()).map_err(backend)
 }
 
 /// RMSNorm as transformers computes it: `x · rsqrt(mean(x²) + eps) · weight`, in f32.
@@ -265,7 +255,7 @@ impl Weights {
                 && !prefix.ends_with("embed_tokens")
                 && let Some(b) = layer.q4_1_blocks()
             {
-                Weight::Blocks(Arc::new(b), layer.inputs(), layer.outputs())
+                Weight::Blocks(Arc::new(b))
             } else if self.compact {
                 Weight::Panel(Arc::new(layer))
             } else {
@@ -310,23 +300,9 @@ impl Weights {
 /// each tensor's bytes at its offset), each in its stored dtype on the CPU.
 fn read_safetensors(file: &Path, into: &mut HashMap<String, Tensor>) -> Result<()> {
     let bad = |why: String| Error::model_load(file, format!("cannot read its safetensors: {why}"));
-    let handle = std::fs::File::open(file).map_err(|e| Error::io("opening", file, e))?;
-    let mut len = [0u8; 8];
-    handle.read_exact_at(&mut len, 0).map_err(|e| Error::io("reading", file, e))?;
-    let len = u64::from_le_bytes(len);
-    let size = handle.metadata().map_err(|e| Error::io("reading", file, e))?.len();
-    if len > size.saturating_sub(8) || len > 100 << 20 {
-        return Err(bad(format!("a header of {len} bytes in a file of {size}")));
-    }
-    let mut header = vec![0u8; len as usize];
-    handle.read_exact_at(&mut header, 8).map_err(|e| Error::io("reading", file, e))?;
-    let header: HashMap<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not JSON: {e}")))?;
-    let start = 8 + len;
-    for (name, info) in header {
-        if name == "__metadata__" {
-            continue;
-        }
+    let kiln_core::hf::SafetensorsHeader { file: handle, size, tensors, data_start: start } =
+        kiln_core::hf::safetensors_header(file)?;
+    for (name, info) in tensors {
         let dtype = match info.get("dtype").and_then(serde_json::Value::as_str) {
             Some("F32") => DType::F32,
             Some("BF16") => DType::BF16,
