@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Times `kiln run` against sentence-transformers on the same texts, on this machine, in
-one run, and prints each throughput, its ratio to sentence-transformers and how close
-its embeddings are to sentence-transformers' (cosine, worst and mean).
+"""Times `kiln run` against sentence-transformers and OpenVINO on the same texts, on this
+machine, in one run, and prints each throughput, its ratio to sentence-transformers and
+to OpenVINO's default, and how close its embeddings are to sentence-transformers' f32
+(cosine, worst and mean).
 
     scripts/setup compare ort && . .kiln/env
     cargo build --release -p kiln-cli --features ort
     .kiln/compare/bin/python scripts/compare_sentence_transformers.py examples/embed.toml \\
         examples/embed-ort.toml examples/embed-int8.toml examples/embed-ort-int8.toml
 
-`scripts/setup compare` makes the venv (.kiln/compare: sentence-transformers over the
-torch that `scripts/setup tch` caches). Each CONFIG is a kiln config for the embed task
+`scripts/setup compare` makes the venv (.kiln/compare: sentence-transformers and
+OpenVINO over the torch that `scripts/setup tch` caches). OpenVINO is the strongest peer
+on a CPU: what sentence-transformers' own `backend="openvino"` runs, here on kiln's
+plain ONNX export (.kiln/models/all-MiniLM-L6-v2-onnx, `scripts/setup ort`) with its
+defaults (bf16 on a CPU with AMX) and with `INFERENCE_PRECISION_HINT=f32`, the texts
+tokenized by HF tokenizers, sorted by length into batches of --batch, mean-pooled in
+numpy (`--no-openvino` leaves it out). Each CONFIG is a kiln config for the embed task
 (default: examples/embed.toml); a config for the ort provider needs a binary built with
 `--features ort`.
 
@@ -102,6 +108,43 @@ def run_kiln(config: str, binary: pathlib.Path, inp: pathlib.Path, out: pathlib.
     return int(m.group(1)) / float(m.group(2)), f"{m.group(3)}, {m.group(4)}, {m.group(5)}", rows
 
 
+def openvino_encoder(hint):
+    """An encode(texts, batch) over OpenVINO's CPU plugin: `hint` None for its defaults,
+    else INFERENCE_PRECISION_HINT. Tokenization and pooling are in the timed call, as
+    kiln's and sentence-transformers' are in theirs."""
+    import numpy as np
+    import openvino as ov
+    from tokenizers import Tokenizer
+
+    folder = root / ".kiln/models/all-MiniLM-L6-v2-onnx"
+    if not (folder / "model.onnx").is_file():
+        sys.exit(f"{folder}/model.onnx is missing: run `scripts/setup ort` (kiln's ONNX export), or pass --no-openvino")
+    max_len = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+    compiled = ov.Core().compile_model(str(folder / "model.onnx"), "CPU",
+                                       {} if hint is None else {"INFERENCE_PRECISION_HINT": hint})
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_len)
+
+    def encode(data, batch):
+        out = np.empty((len(data), compiled.outputs[0].get_partial_shape()[2].get_length()), np.float32)
+        order = sorted(range(len(data)), key=lambda i: len(data[i]))
+        for start in range(0, len(data), batch):
+            picked = order[start:start + batch]
+            encodings = tokenizer.encode_batch([data[i] for i in picked])
+            width = max(len(e.ids) for e in encodings)
+            ids, mask, types = (np.zeros((len(picked), width), np.int64) for _ in range(3))
+            for row, e in enumerate(encodings):
+                ids[row, :len(e.ids)], mask[row, :len(e.ids)], types[row, :len(e.ids)] = e.ids, 1, e.type_ids
+            hidden = compiled({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
+            out[picked] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+        return out
+
+    return encode
+
+
 def cosines(a, b):
     import numpy as np
 
@@ -118,6 +161,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--binary", default=str(root / "target/release/kiln"))
     ap.add_argument("--save-texts", help="also write the generated texts to this file, one per line")
+    ap.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out")
     args = ap.parse_args()
 
     import torch
@@ -130,6 +174,13 @@ def main() -> int:
     model.encode(data[: args.batch], batch_size=args.batch)
     reference = None
     st_runs, kiln_runs, labels, closeness = [], {c: [] for c in args.configs}, {}, {}
+    peers = {} if args.no_openvino else {
+        "OpenVINO (defaults)": openvino_encoder(None),
+        "OpenVINO (f32 precision hint)": openvino_encoder("f32"),
+    }
+    for encode in peers.values():
+        encode(data[: args.batch], args.batch)
+    peer_runs = {name: [] for name in peers}
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = pathlib.Path(tmp) / "texts.txt", pathlib.Path(tmp) / "out.jsonl"
         inp.write_text("\n".join(data) + "\n")
@@ -137,11 +188,17 @@ def main() -> int:
             start = time.perf_counter()
             reference = model.encode(data, batch_size=args.batch)
             st_runs.append(len(data) / (time.perf_counter() - start))
+            for name, encode in peers.items():
+                start = time.perf_counter()
+                rows = encode(data, args.batch)
+                peer_runs[name].append(len(data) / (time.perf_counter() - start))
+                closeness[name] = cosines(rows, reference)
             for config in args.configs:
                 tps, labels[config], rows = run_kiln(config, pathlib.Path(args.binary), inp, out, args.batch)
                 kiln_runs[config].append(tps)
                 closeness[config] = cosines(rows, reference)
             print(f"round {r + 1}: sentence-transformers {st_runs[-1]:.1f}, "
+                  + "".join(f"{name} {runs[-1]:.1f}, " for name, runs in peer_runs.items())
                   + ", ".join(f"{pathlib.Path(c).name} {kiln_runs[c][-1]:.1f}" for c in args.configs)
                   + " texts/s", file=sys.stderr)
 
@@ -151,13 +208,18 @@ def main() -> int:
     print(f"{len(data)} texts of 5-200 words ({statistics.mean(words):.0f} spaced words, {statistics.mean(tokens):.0f} tokens on average "
           f"after truncation to {model.max_seq_length}), batch {args.batch}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; medians of {args.rounds} alternated runs")
-    print(f"{'':50} {'texts/s':>8} {'ratio':>6}  cosine to sentence-transformers (worst / mean)")
-    print(f"{'sentence-transformers (cpu, f32)':50} {st:8.1f} {1.0:6.2f}")
-    for config in args.configs:
-        tps = statistics.median(kiln_runs[config])
-        worst, mean = closeness[config]
-        name = f"kiln {pathlib.Path(config).name} ({labels[config]})"
-        print(f"{name:50} {tps:8.1f} {tps / st:6.2f}  {worst:.6f} / {mean:.6f}")
+    if peers:
+        import openvino
+        print(f"OpenVINO {openvino.__version__} on {root / '.kiln/models/all-MiniLM-L6-v2-onnx/model.onnx'}")
+    ov = statistics.median(peer_runs["OpenVINO (defaults)"]) if peers else None
+    print(f"{'':50} {'texts/s':>8} {'x s-t':>6} {'x OV':>6}  cosine to sentence-transformers (worst / mean)")
+    rows = [("sentence-transformers (cpu, f32)", st, None)]
+    rows += [(name, statistics.median(runs), name) for name, runs in peer_runs.items()]
+    rows += [(f"kiln {pathlib.Path(c).name} ({labels[c]})", statistics.median(kiln_runs[c]), c) for c in args.configs]
+    for name, tps, key in rows:
+        versus = f"{tps / ov:6.2f}" if ov else f"{'-':>6}"
+        close = "{:.6f} / {:.6f}".format(*closeness[key]) if key else ""
+        print(f"{name:50} {tps:8.1f} {tps / st:6.2f} {versus}  {close}")
     return 0
 
 

@@ -36,6 +36,14 @@ use kiln_provider_ort as _;
 #[cfg(feature = "tch")]
 use kiln_provider_tch as _;
 
+/// Which instruction sets the candle provider's CPU kernels use (AMX, AVX-512 VNNI,
+/// AVX-512, AVX2, portable): detected once per process, capped by `KILN_CPU_ISA` or
+/// [`cpu_kernels::set_max_isa`] to compare or test the lower paths.
+#[cfg(feature = "candle")]
+pub mod cpu_kernels {
+    pub use kiln_provider_candle::{Isa, cpu_isa as active, detected_cpu_isa as detected, set_max_isa};
+}
+
 /// Kinds of the trackers built into kiln (custom ones register the same way).
 pub const BUILTIN_TRACKERS: &[&str] = kiln_trackers::KINDS;
 

@@ -50,11 +50,12 @@ async fn the_long_text_is_truncated_to_256_word_pieces() {
     optimizer.shutdown().await.unwrap();
 }
 
+/// f16 runs candle's graph; bf16 kiln's packed kernels (AMX tiles where the CPU has
+/// them, issue 32's target: cosine ≥ 0.9999 against f32).
 #[tokio::test]
 async fn f16_and_bf16_on_cpu_are_close_to_f32() {
     let reference = reference();
-    for (dtype, min) in [("f16", 0.999), ("bf16", 0.997)] {
-        // The candle provider advertises f16 and bf16 on CPU, so both must load and agree.
+    for (dtype, min) in [("f16", 0.999), ("bf16", 0.9999)] {
         // candle's half-precision CPU graph is slow: a batch of the fixture texts took
         // near the default 30 s deadline while another build had the cores.
         let sets = [&format!("model.dtype={dtype}") as &str, "scheduler.timeout_ms=180000"];

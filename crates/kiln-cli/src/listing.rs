@@ -79,6 +79,11 @@ pub(crate) fn providers(json: bool) -> Result<()> {
                 |e| format!("unavailable: {e}")
             )
         );
+        // What the provider says about this machine: which CPU kernels run, whether a
+        // GPU opened.
+        for note in caps["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
+            println!("{:<10} - {note}", "");
+        }
     }
     // The other plugin kinds a config can choose in this binary.
     println!();

@@ -61,23 +61,42 @@ struct Norm {
     beta: Vec<f32>,
 }
 
-/// A linear layer in f32, or quantized to int8 (`model.quantization = "int8"`).
+/// What the encoder's linear layers compute in; embeddings, LayerNorms, GELU, softmax
+/// and attention stay f32 in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Precision {
+    /// f32 weights and activations (`gemm`).
+    F32,
+    /// bf16 weights and activations, f32 sums (`model.dtype = "bf16"`; `bf16.rs`).
+    Bf16,
+    /// int8 weights and activations, i32 sums (`model.quantization = "int8"`; `int8.rs`).
+    Int8,
+}
+
+/// A linear layer in f32, bf16 or int8 (see [`Precision`]).
 enum Linear {
     F32(Dense),
+    Bf16(bf16::Bf16Dense),
     Int8(int8::QDense),
 }
 
 impl Linear {
-    fn new(dense: Dense, quantize: bool) -> Self {
-        if quantize && let Some(q) = int8::QDense::quantize(&dense) {
-            return Linear::Int8(q);
+    fn new(dense: Dense, precision: Precision) -> Self {
+        match precision {
+            Precision::Int8 if let Some(q) = int8::QDense::quantize(&dense) => Linear::Int8(q),
+            Precision::Bf16 => Linear::Bf16(bf16::Bf16Dense::from_dense(&dense)),
+            _ => Linear::F32(dense),
         }
-        Linear::F32(dense)
     }
 
     fn forward(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
         match self {
             Linear::F32(dense) => linear(x, tokens, dense, out),
+            Linear::Bf16(layer) => {
+                // Every element is written: grown or shrunk, never cleared.
+                out.resize(tokens * layer.outputs(), 0.0);
+                layer.forward(x, tokens, bf16::Sink::F32(out))
+            }
             Linear::Int8(q) => q.forward(x, tokens, out),
         }
     }
@@ -95,6 +114,8 @@ struct Layer {
 /// BERT weights laid out for the kernels below.
 pub(crate) struct CpuBert {
     hidden: usize,
+    /// Attention on AMX tiles in bf16 (`model.dtype = "bf16"` where AMX runs).
+    tile_attention: bool,
     heads: usize,
     eps: f32,
     vocab: usize,
@@ -139,28 +160,35 @@ fn norm(vb: &VarBuilder, hidden: usize) -> candle_core::Result<Norm> {
 impl CpuBert {
     /// Reads the weights from `vb` (an f32 CPU var builder at the model's root: bare
     /// names, or `bert.`-prefixed as task heads save them).
-    /// With `int8`, every encoder linear layer whose outputs are a multiple of 16 is
-    /// quantized (see `int8.rs`); embeddings, LayerNorms and attention stay f32.
-    pub(crate) fn load(vb: &VarBuilder, config: &BertConfig, int8: bool) -> candle_core::Result<Self> {
-        crate::weights::at_bert_root(vb, |vb| Self::load_at(vb, config, int8))
+    /// The encoder's linear layers compute in `precision` (int8: those whose outputs are
+    /// a multiple of 16); embeddings, LayerNorms and attention stay f32.
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        config: &BertConfig,
+        precision: Precision,
+    ) -> candle_core::Result<Self> {
+        crate::weights::at_bert_root(vb, |vb| Self::load_at(vb, config, precision))
     }
 
-    fn load_at(vb: &VarBuilder, config: &BertConfig, int8: bool) -> candle_core::Result<Self> {
+    fn load_at(vb: &VarBuilder, config: &BertConfig, precision: Precision) -> candle_core::Result<Self> {
         let h = config.hidden_size;
         let e = vb.pp("embeddings");
         let layers = crate::weights::encoder_layers(vb, config, dense, norm)?
             .into_iter()
             .map(|l| Layer {
-                qkv: Linear::new(qkv(l.query, l.key, l.value), int8),
-                attention_out: Linear::new(l.attention_out, int8),
+                qkv: Linear::new(qkv(l.query, l.key, l.value), precision),
+                attention_out: Linear::new(l.attention_out, precision),
                 attention_norm: l.attention_norm,
-                up: Linear::new(l.up, int8),
-                down: Linear::new(l.down, int8),
+                up: Linear::new(l.up, precision),
+                down: Linear::new(l.down, precision),
                 output_norm: l.output_norm,
             })
             .collect();
         Ok(CpuBert {
             hidden: h,
+            tile_attention: precision == Precision::Bf16
+                && config.hidden_size.is_multiple_of(config.num_attention_heads)
+                && tile_attention::supported(config.hidden_size / config.num_attention_heads),
             heads: config.num_attention_heads,
             eps: config.layer_norm_eps as f32,
             vocab: config.vocab_size,
@@ -222,24 +250,50 @@ impl CpuBert {
         let zeros = vec![0f32; tokens * h];
         add_norm_rows(&mut x, &zeros, &self.embedding_norm, self.eps);
 
-        let mut qkv = Vec::new();
-        let mut context = vec![0f32; tokens * h];
-        let mut attended = Vec::new();
-        let mut up = Vec::new();
-        let mut down = Vec::new();
+        // The layers' intermediates, kept by the thread between batches: fresh buffers
+        // of a batch's size (tens of MB) cost page faults on every batch, which perf
+        // showed as the bf16 path's largest cost after the products.
+        let mut s = SCRATCH.take();
+        s.context.resize(tokens * h, 0.0); // every element written by attention
         for layer in &self.layers {
-            layer.qkv.forward(&x, tokens, &mut qkv);
-            attention(&qkv, &rows, h, self.heads, &mut context);
-            layer.attention_out.forward(&context, tokens, &mut attended);
-            add_norm_rows(&mut attended, &x, &layer.attention_norm, self.eps);
-            layer.up.forward(&attended, tokens, &mut up);
-            up.par_chunks_mut(1 << 14).for_each(gelu);
-            layer.down.forward(&up, tokens, &mut down);
-            add_norm_rows(&mut down, &attended, &layer.output_norm, self.eps);
-            std::mem::swap(&mut x, &mut down);
+            layer.qkv.forward(&x, tokens, &mut s.qkv);
+            if self.tile_attention {
+                tile_attention::attention(&s.qkv, &rows, h, self.heads, &mut s.context);
+            } else {
+                attention(&s.qkv, &rows, h, self.heads, &mut s.context);
+            }
+            layer.attention_out.forward(&s.context, tokens, &mut s.attended);
+            add_norm_rows(&mut s.attended, &x, &layer.attention_norm, self.eps);
+            feed_forward(
+                &layer.up,
+                &layer.down,
+                &s.attended,
+                tokens,
+                (&mut s.up, &mut s.gelu_rows),
+                &mut s.down,
+            );
+            add_norm_rows(&mut s.down, &s.attended, &layer.output_norm, self.eps);
+            std::mem::swap(&mut x, &mut s.down);
         }
+        SCRATCH.set(s);
         Ok(Packed { hidden: x, width: h, rows, places, batch, sequence })
     }
+}
+
+/// [`CpuBert::forward`]'s intermediates.
+#[derive(Default)]
+struct Scratch {
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    attended: Vec<f32>,
+    up: Vec<f32>,
+    gelu_rows: Vec<u16>,
+    down: Vec<f32>,
+}
+
+thread_local! {
+    /// Each thread's [`Scratch`], as large as its largest batch so far.
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
 }
 
 /// The encoder's output over real tokens only.
@@ -429,6 +483,31 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// `out = down(GELU(up(x)))`, the intermediate in `scratch`: f32, or when both layers
+/// are bf16 the bf16 rows `down` reads, GELU applied as `up` writes them (it then never
+/// exists in f32 nor crosses memory twice).
+fn feed_forward(
+    up: &Linear,
+    down: &Linear,
+    x: &[f32],
+    tokens: usize,
+    scratch: (&mut Vec<f32>, &mut Vec<u16>),
+    out: &mut Vec<f32>,
+) {
+    if let (Linear::Bf16(up), Linear::Bf16(down)) = (up, down)
+        && up.outputs() == down.inputs()
+    {
+        out.resize(tokens * down.outputs(), 0.0);
+        up.forward(x, tokens, bf16::Sink::GeluRows(scratch.1));
+        down.run(scratch.1, tokens, bf16::Sink::F32(out));
+        return;
+    }
+    let hidden = scratch.0;
+    up.forward(x, tokens, hidden);
+    hidden.par_chunks_mut(1 << 14).for_each(gelu);
+    down.forward(hidden, tokens, out);
+}
+
 /// `x = LayerNorm(x + residual)` row by row.
 fn add_norm_rows(x: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
     let w = norm.gamma.len();
@@ -442,9 +521,13 @@ fn add_norm_rows(x: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
 // `kernels` first: its `dispatch!` macro is used by `int8`.
 #[macro_use]
 mod kernels;
+mod amx;
+pub(crate) mod bf16;
 pub(crate) mod blocks;
 pub(crate) mod int8;
+pub(crate) mod isa;
 pub(crate) mod panels;
+mod tile_attention;
 mod tiles;
 
 use kernels::{add_norm, gelu, softmax};

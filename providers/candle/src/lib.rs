@@ -9,12 +9,14 @@
 //! returns `last_hidden_state` (`[batch, sequence, hidden]`: f16 for f16 models and f32
 //! otherwise). Weights are converted to the model's dtype at load.
 //!
-//! Which code runs the encoder: f32 on the CPU, kiln's packed kernels (`cpu.rs`: no
-//! padding computed; int8 with `model.quantization`); on a GPU, kiln's CUDA kernels
+//! Which code runs the encoder: f32 and bf16 on the CPU, kiln's packed kernels
+//! (`cpu.rs`: no padding computed; bf16 linear layers on AMX tiles where the CPU has
+//! them, `cpu/bf16.rs`; int8 with `model.quantization`); on a GPU, kiln's CUDA kernels
 //! between cuBLAS's matrix products (`cuda.rs`, `kernels/bert.cu`, compiled to PTX by
-//! nvcc at build time with the `cuda` feature); otherwise (f16/bf16 on the CPU, a BERT
-//! the kernels do not take, or `provider.options.cpu_kernels` / `cuda_kernels` off)
-//! candle-transformers' graph. LayerNorm, softmax and pooling compute in f32 in all
+//! nvcc at build time with the `cuda` feature); otherwise (f16 on the CPU, a BERT the
+//! kernels do not take, or `provider.options.cpu_kernels` / `cuda_kernels` off)
+//! candle-transformers' graph. Which CPU kernels run ([`Isa`]) is detected once and
+//! can be capped with `KILN_CPU_ISA` ([`set_max_isa`]). LayerNorm, softmax and pooling compute in f32 in all
 //! three.
 
 use std::sync::Arc;
@@ -48,20 +50,22 @@ fn qwen2vl_folder(dir: &std::path::Path) -> bool {
 }
 
 /// Bytes a Qwen2.5-VL folder's weights take as candle holds them, from the safetensors
-/// headers: on the CPU (`compact`) matrices as stored and the rest in f32; elsewhere all
-/// in f32, mlx-community's packed layers dequantized.
-fn qwen2vl_bytes(dir: &std::path::Path, compact: bool) -> Result<u64> {
+/// headers: on the CPU (`compact`) matrices as stored and the rest in f32 — with `bf16`
+/// everything in bf16, mlx-community's packed layers dequantized (an upper bound: norms
+/// stay f32 but are small); elsewhere all in f32, packed layers dequantized.
+fn qwen2vl_bytes(dir: &std::path::Path, compact: bool, bf16: bool) -> Result<u64> {
     let files = weight_files(dir)?;
-    if compact {
+    if compact && !bf16 {
         return kiln_core::hf::compact_weight_bytes(&files);
     }
+    let dtype = if compact { DType::BF16 } else { DType::F32 };
     let bits = std::fs::read(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
         .and_then(|c| c.get("quantization")?.get("bits")?.as_u64());
     match bits {
-        Some(bits) => kiln_core::hf::dequantized_weight_bytes(&files, DType::F32, bits as usize),
-        None => weight_bytes(&files, DType::F32, None),
+        Some(bits) => kiln_core::hf::dequantized_weight_bytes(&files, dtype, bits as usize),
+        None => weight_bytes(&files, dtype, None),
     }
 }
 
@@ -69,6 +73,7 @@ fn qwen2vl_bytes(dir: &std::path::Path, compact: bool) -> Result<u64> {
 pub const NAME: &str = "candle";
 
 /// Name of the output this provider's models produce.
+pub use cpu::isa::{Isa, active as cpu_isa, detected as detected_cpu_isa, set_max_isa};
 pub use kiln_core::LAST_HIDDEN_STATE;
 
 /// Options under `[provider.options]` for candle; unknown keys are rejected.
@@ -199,6 +204,11 @@ impl Provider for CandleProvider {
             ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
         };
         caps.notes.push("int8: on the CPU at f32 (per-channel weights, per-token activations)".into());
+        caps.notes.push(format!(
+            "bf16: on the CPU, bf16 products summed in f32 ({}); CPU kernels: {}",
+            if cpu::isa::active() >= cpu::isa::Isa::Amx { "AMX tiles" } else { "no AMX here: plain kernel" },
+            cpu::isa::active()
+        ));
         if cuda_available() {
             caps.devices.push(kiln_core::DeviceKind::Cuda);
         } else if cfg!(feature = "cuda") {
@@ -218,7 +228,8 @@ impl Provider for CandleProvider {
             return Ok(llama::estimate_bytes(&spec.path, requantize(&self.options)?));
         }
         if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
-            let bytes = qwen2vl_bytes(&spec.path, spec.device == Device::Cpu)?;
+            let bf16 = spec.dtype == DType::BF16 && spec.quantization == Quantization::None;
+            let bytes = qwen2vl_bytes(&spec.path, spec.device == Device::Cpu, bf16)?;
             return Ok(Some(bytes + bytes / 10));
         }
         // An incomplete folder gets no estimate: load() reports what is wrong with it,
@@ -229,8 +240,15 @@ impl Provider for CandleProvider {
         let Ok(files) = weight_files(&spec.path) else {
             return Ok(None);
         };
-        let bytes =
-            weight_bytes(&files, spec.dtype, (spec.quantization == Quantization::Int8).then_some(1.0))?;
+        let bytes = match (spec.device, spec.dtype, spec.quantization) {
+            // The packed bf16 kernels keep embeddings and norms in f32 (see `load`).
+            (Device::Cpu, DType::BF16, Quantization::None) if self.options.cpu_kernels => {
+                weight_bytes(&files, DType::F32, Some(2.0))?
+            }
+            (_, dtype, quantization) => {
+                weight_bytes(&files, dtype, (quantization == Quantization::Int8).then_some(1.0))?
+            }
+        };
         Ok(Some(bytes + bytes / 10))
     }
 
@@ -253,9 +271,19 @@ impl Provider for CandleProvider {
                     spec.quantization
                 )));
             }
-            let bytes = qwen2vl_bytes(&spec.path, true)?;
-            let int8 = spec.quantization == Quantization::Int8;
-            return Ok(Arc::new(qwen2vl::QwenVlGenerator::load_with(&spec.path, bytes, int8)?));
+            let arithmetic = match (spec.quantization, spec.dtype) {
+                (Quantization::Int8, _) => qwen2vl::Arithmetic::Int8Activations,
+                (_, DType::BF16) => qwen2vl::Arithmetic::Bf16,
+                (_, DType::F32) => qwen2vl::Arithmetic::AsStored,
+                (_, other) => {
+                    return Err(Error::Unsupported(format!(
+                        "provider `candle` computes Qwen2.5-VL in f32 (weights as stored) or bf16 (AMX tiles where \
+                         the CPU has them); model.dtype = \"{other}\" is not taken"
+                    )));
+                }
+            };
+            let bytes = qwen2vl_bytes(&spec.path, true, arithmetic == qwen2vl::Arithmetic::Bf16)?;
+            return Ok(Arc::new(qwen2vl::QwenVlGenerator::load_with(&spec.path, bytes, arithmetic)?));
         }
         if !spec.path.is_file() {
             return Err(Error::model_load(
@@ -286,16 +314,9 @@ impl Provider for CandleProvider {
         let config: BertConfig = bert_config(dir, NAME)?;
         let files = weight_files(dir)?;
         let int8 = spec.quantization == Quantization::Int8;
-        let weight_bytes = weight_bytes(&files, spec.dtype, int8.then_some(1.0))?;
-
-        // SAFETY: the files are memory-mapped read-only; kiln does not modify model files
-        // while they are loaded, and candle copies what it converts.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device) }
-            .map_err(|e| Error::model_load_with(dir, "cannot read weights", e))?;
-        let mismatch = |e| Error::model_load_with(dir, "weights do not match a BERT model", e);
         // Why the packed CPU kernels do not take this load, if they do not.
-        let not_packed = if spec.device != Device::Cpu || spec.dtype != DType::F32 {
-            Some("they run f32 on the cpu")
+        let not_packed = if spec.device != Device::Cpu || !matches!(spec.dtype, DType::F32 | DType::BF16) {
+            Some("they run f32 or bf16 on the cpu")
         } else if !self.options.cpu_kernels {
             Some("provider.options.cpu_kernels = false")
         } else {
@@ -308,8 +329,33 @@ impl Provider for CandleProvider {
                 spec.device, spec.dtype
             )));
         }
+        if int8 && spec.dtype != DType::F32 {
+            return Err(Error::Unsupported(format!(
+                "provider `candle` runs int8 (model.quantization) from f32 weights: set model.dtype = \"f32\", not {}",
+                spec.dtype
+            )));
+        }
+        let precision = match (int8, spec.dtype) {
+            (true, _) => cpu::Precision::Int8,
+            (false, DType::BF16) => cpu::Precision::Bf16,
+            _ => cpu::Precision::F32,
+        };
+        // The packed kernels read f32 and lay the encoder's matrices out in their own
+        // precision; embeddings and norms stay f32.
+        let (dtype, weight_bytes) = match (not_packed, precision) {
+            (Some(_), _) => (dtype, weight_bytes(&files, spec.dtype, None)?),
+            (None, cpu::Precision::F32) => (CDType::F32, weight_bytes(&files, DType::F32, None)?),
+            (None, cpu::Precision::Bf16) => (CDType::F32, weight_bytes(&files, DType::F32, Some(2.0))?),
+            (None, cpu::Precision::Int8) => (CDType::F32, weight_bytes(&files, DType::F32, Some(1.0))?),
+        };
+
+        // SAFETY: the files are memory-mapped read-only; kiln does not modify model files
+        // while they are loaded, and candle copies what it converts.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device) }
+            .map_err(|e| Error::model_load_with(dir, "cannot read weights", e))?;
+        let mismatch = |e| Error::model_load_with(dir, "weights do not match a BERT model", e);
         let model = if not_packed.is_none() {
-            Graph::Cpu(cpu::CpuBert::load(&vb, &config, int8).map_err(mismatch)?)
+            Graph::Cpu(cpu::CpuBert::load(&vb, &config, precision).map_err(mismatch)?)
         } else {
             #[cfg(feature = "cuda")]
             if spec.device != Device::Cpu
@@ -405,7 +451,7 @@ impl Bert {
 enum Graph {
     /// candle-transformers' encoder (GPUs, f16/bf16, `cpu_kernels = false`).
     Candle(Bert),
-    /// kiln's packed kernels (f32 on the CPU).
+    /// kiln's packed kernels (f32, bf16 or int8 on the CPU).
     Cpu(cpu::CpuBert),
     /// kiln's CUDA kernels between cuBLAS's products (GPUs, `cuda_kernels`).
     #[cfg(feature = "cuda")]

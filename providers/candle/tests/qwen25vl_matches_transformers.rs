@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use kiln_provider_candle::qwen2vl::QwenVl;
+use kiln_provider_candle::qwen2vl::{Arithmetic, QwenVl};
 use kiln_vision::{ImageInput, QwenVlProcessor, QwenVlSettings, read_npy};
 
 fn fixture() -> PathBuf {
@@ -252,7 +252,7 @@ fn int8_activations_on_the_4_bit_folder_stay_close_to_mlx_vlm() {
     let reference: serde_json::Value =
         serde_json::from_slice(&std::fs::read(at.join("reference.json")).unwrap()).unwrap();
     let expected_tokens: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
-    let model = QwenVl::load_with(&at, &Device::Cpu, true, true).unwrap();
+    let model = QwenVl::load_with(&at, &Device::Cpu, true, Arithmetic::Int8Activations).unwrap();
     let images = model.encode_images(&pixels, &grids).unwrap();
     let mut cache = model.new_cache();
     let logits =

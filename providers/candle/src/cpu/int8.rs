@@ -210,15 +210,9 @@ fn quantize_row_generic(x: &[f32], q: &mut [u8]) -> (f32, f32) {
     (scale, lo)
 }
 
+/// Whether the active level has AVX-512 F/BW and VNNI (`isa::detected` checked them).
 fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    super::isa::active() >= super::isa::Isa::Avx512Vnni
 }
 
 #[cfg(target_arch = "x86_64")]

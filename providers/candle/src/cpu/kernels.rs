@@ -2,8 +2,8 @@
 //! written so the compiler vectorises them, and `dispatch!`, which builds each for
 //! AVX-512, AVX2+FMA and the baseline and picks one at run time.
 
-/// Runs `$generic` compiled for AVX-512 or AVX2+FMA when the CPU has them, else for
-/// the baseline.
+/// Runs `$generic` compiled for AVX-512 or AVX2+FMA when the active level
+/// ([`isa::active`](super::isa::active)) has them, else for the baseline.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $vis:vis fn $name:ident => $generic:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
         $(#[$doc])*
@@ -18,12 +18,14 @@ macro_rules! dispatch {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                let level = $crate::cpu::isa::active();
+                if level >= $crate::cpu::isa::Isa::Avx512 {
+                    // SAFETY: the level is at most what the CPU has (`isa::detected`),
+                    // which includes the features `avx512` is compiled for.
                     return unsafe { avx512($($arg),*) };
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                if level >= $crate::cpu::isa::Isa::Avx2 {
+                    // SAFETY: as above, for `avx2`'s features.
                     return unsafe { avx2($($arg),*) };
                 }
             }

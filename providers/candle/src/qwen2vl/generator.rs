@@ -10,7 +10,7 @@ use kiln_core::{
 };
 use serde_json::Value;
 
-use super::{KvCache, QwenVl};
+use super::{Arithmetic, KvCache, QwenVl};
 use crate::backend;
 
 /// A loaded Qwen2.5-VL checkpoint that generates.
@@ -37,12 +37,12 @@ impl QwenVlGenerator {
     /// The checkpoint folder `dir` on the CPU, in f32: its weights, tokenizer, chat
     /// template and processor settings (read again by the runtime's processor).
     pub fn load(dir: &Path, weight_bytes: u64) -> Result<Self> {
-        Self::load_with(dir, weight_bytes, false)
+        Self::load_with(dir, weight_bytes, Arithmetic::AsStored)
     }
 
-    /// As [`QwenVlGenerator::load`]; `int8_activations` as [`QwenVl::load_with`].
-    pub fn load_with(dir: &Path, weight_bytes: u64, int8_activations: bool) -> Result<Self> {
-        let model = QwenVl::load_with(dir, &Device::Cpu, true, int8_activations)?;
+    /// As [`QwenVlGenerator::load`], the layers computing in `arithmetic`.
+    pub fn load_with(dir: &Path, weight_bytes: u64, arithmetic: Arithmetic) -> Result<Self> {
+        let model = QwenVl::load_with(dir, &Device::Cpu, true, arithmetic)?;
         let c = model.config().clone();
         let tokenizer = dir.join("tokenizer.json");
         if !tokenizer.is_file() {

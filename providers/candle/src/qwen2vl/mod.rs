@@ -31,6 +31,7 @@ use kiln_core::{Error, Result};
 pub use config::QwenVlConfig;
 pub use generator::QwenVlGenerator;
 pub use text::KvCache;
+pub use weights::Arithmetic;
 
 use crate::backend;
 use rope::rope_index;
@@ -57,16 +58,14 @@ impl QwenVl {
     /// As [`QwenVl::load`]; `compact` false widens every layer to f32 at load (more
     /// memory; the reference the compact layers are tested against).
     pub fn load_as(dir: &Path, device: &Device, compact: bool) -> Result<Self> {
-        Self::load_with(dir, device, compact, false)
+        Self::load_with(dir, device, compact, Arithmetic::AsStored)
     }
 
-    /// As [`QwenVl::load_as`]; `int8_activations` runs mlx-community's 4-bit layers on
-    /// kiln's VNNI block kernel with activations quantized to int8 per 32 inputs (GGML's
-    /// `Q4_1 × Q8_1`, `model.quantization = "int8"`): faster decoding, results no longer
-    /// exactly MLX's.
-    pub fn load_with(dir: &Path, device: &Device, compact: bool, int8_activations: bool) -> Result<Self> {
+    /// As [`QwenVl::load_as`], the compact layers computing in `arithmetic` (int8
+    /// activations on 4-bit layers, or bf16 on AMX tiles).
+    pub fn load_with(dir: &Path, device: &Device, compact: bool, arithmetic: Arithmetic) -> Result<Self> {
         let config = QwenVlConfig::from_model_dir(dir)?;
-        let weights = Weights::load_with(dir, device, compact, int8_activations)?;
+        let weights = Weights::load_with(dir, device, compact, arithmetic)?;
         Ok(QwenVl {
             vision: VisionTower::load(&weights, &config.vision)?,
             text: TextModel::load(&weights, &config)?,

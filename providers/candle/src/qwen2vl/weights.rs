@@ -30,8 +30,26 @@ use half::{bf16, f16};
 use kiln_core::{Error, Result};
 
 use crate::backend;
+use crate::cpu::bf16::{Bf16Dense, Sink};
 use crate::cpu::blocks::BlockDense;
 use crate::cpu::panels::{PanelDense, Stored};
+
+/// What a CPU model's linear layers compute in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Arithmetic {
+    /// Weights as stored (packed bits, bf16, f16) widened to f32, f32 activations:
+    /// mlx-vlm's and transformers-f32's arithmetic.
+    #[default]
+    AsStored,
+    /// 4-bit layers re-laid as GGML `Q4_1` blocks, activations quantized to int8 per 32
+    /// inputs (`model.quantization = "int8"`): faster decoding, no longer exactly MLX's.
+    Int8Activations,
+    /// Every linear layer but the token embedding in bf16, in AMX tile order, with
+    /// activations rounded to bf16 and f32 sums (`model.dtype = "bf16"`): the
+    /// arithmetic of transformers in bf16; prompts and images run on the tile units
+    /// (`cpu/bf16.rs`). A 4-bit checkpoint's layers take bf16's bytes (4x).
+    Bf16,
+}
 
 /// `y = x · Wᵀ + b`; also an embedding table (`rows`), the weights being its rows.
 pub struct Linear {
@@ -47,6 +65,8 @@ enum Weight {
     /// 4-bit weights re-laid as GGML `Q4_1` blocks for the VNNI kernel, activations
     /// quantized to int8 per block of 32 (`model.quantization = "int8"`).
     Blocks(Arc<BlockDense>),
+    /// bf16 weights in AMX tile order ([`Arithmetic::Bf16`]).
+    Bf16(Arc<Bf16Dense>),
 }
 
 impl Linear {
@@ -56,6 +76,10 @@ impl Linear {
             Weight::Tensor(w) => x.broadcast_matmul(&w.t().map_err(backend)?).map_err(backend)?,
             Weight::Panel(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| w.forward(x, rows, out))?,
             Weight::Blocks(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| w.forward(x, rows, out))?,
+            Weight::Bf16(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| {
+                out.resize(rows * w.outputs(), 0.0);
+                w.forward(x, rows, Sink::F32(out))
+            })?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(backend),
@@ -70,8 +94,8 @@ impl Linear {
                 let index = Tensor::new(ids, device).map_err(backend)?;
                 w.index_select(&index, 0).map_err(backend)
             }
-            Weight::Blocks(..) => {
-                Err(Error::Unsupported("an embedding table kept as int8-activation blocks".into()))
+            Weight::Blocks(..) | Weight::Bf16(..) => {
+                Err(Error::Unsupported("an embedding table kept in a matrix kernel's layout".into()))
             }
             Weight::Panel(w) => {
                 let k = w.inputs();
@@ -130,8 +154,8 @@ pub struct Weights {
     device: Device,
     /// Whether linear layers stay compact ([`Linear`]'s panels): on the CPU unless told.
     compact: bool,
-    /// Whether 4-bit layers run on the int8-activation block kernel.
-    blocks: bool,
+    /// What linear layers compute in (with `compact`).
+    arithmetic: Arithmetic,
     quantization: Option<(usize, usize)>,
     path: PathBuf,
     vision: &'static str,
@@ -147,13 +171,11 @@ impl Weights {
     /// As [`Weights::load`]; `compact` false widens every linear layer to f32 at load
     /// (the reference the compact path is tested against).
     pub fn load_as(dir: &Path, device: &Device, compact: bool) -> Result<Self> {
-        Self::load_with(dir, device, compact, false)
+        Self::load_with(dir, device, compact, Arithmetic::AsStored)
     }
 
-    /// As [`Weights::load_as`]; `blocks` (with `compact`) runs 4-bit layers in groups of
-    /// 32 or more on the VNNI block kernel with activations quantized to int8 per 32
-    /// inputs (GGML's `Q4_1 × Q8_1`): faster, no longer exactly MLX's arithmetic.
-    pub fn load_with(dir: &Path, device: &Device, compact: bool, blocks: bool) -> Result<Self> {
+    /// As [`Weights::load_as`], the compact layers computing in `arithmetic`.
+    pub fn load_with(dir: &Path, device: &Device, compact: bool, arithmetic: Arithmetic) -> Result<Self> {
         let files = kiln_core::hf::weight_files(dir)?;
         let mut tensors = HashMap::new();
         for file in &files {
@@ -190,7 +212,7 @@ impl Weights {
             tensors: RefCell::new(tensors),
             device: device.clone(),
             compact,
-            blocks: blocks && compact,
+            arithmetic: if compact { arithmetic } else { Arithmetic::AsStored },
             quantization,
             path: dir.to_path_buf(),
             vision,
@@ -205,7 +227,7 @@ impl Weights {
 
     /// Whether 4-bit layers run on the int8-activation block kernel.
     pub fn blocks(&self) -> bool {
-        self.blocks
+        self.arithmetic == Arithmetic::Int8Activations
     }
 
     /// `visual.` or `model.visual.`, as the checkpoint names the vision tower.
@@ -251,13 +273,13 @@ impl Weights {
             let (scales, biases) =
                 (self.take(&format!("{prefix}.scales"))?, self.take(&format!("{prefix}.biases"))?);
             let layer = affine(&weight, &scales, &biases, group, bits).map_err(failed)?;
-            if self.blocks
+            if self.blocks()
                 && !prefix.ends_with("embed_tokens")
                 && let Some(b) = layer.q4_1_blocks()
             {
                 Weight::Blocks(Arc::new(b))
             } else if self.compact {
-                Weight::Panel(Arc::new(layer))
+                self.panel(prefix, layer)
             } else {
                 Weight::Tensor(widened(&layer, &self.device).map_err(failed)?)
             }
@@ -269,11 +291,37 @@ impl Weights {
             } else {
                 Stored::F16(flat.to_vec1::<f16>().map_err(backend)?)
             };
-            Weight::Panel(Arc::new(PanelDense::half(stored, outputs, inputs).map_err(failed)?))
+            self.panel(prefix, PanelDense::half(stored, outputs, inputs).map_err(failed)?)
+        } else if self.arithmetic == Arithmetic::Bf16
+            && weight.rank() == 2
+            && !prefix.ends_with("embed_tokens")
+        {
+            let (outputs, inputs) = weight.dims2().map_err(backend)?;
+            let w = weight
+                .to_dtype(DType::F32)
+                .and_then(|w| w.flatten_all()?.to_vec1::<f32>())
+                .map_err(backend)?;
+            Weight::Bf16(Arc::new(Bf16Dense::pack(inputs, outputs, None, |n, out| {
+                out.copy_from_slice(&w[n * inputs..(n + 1) * inputs])
+            })))
         } else {
             Weight::Tensor(weight.to_dtype(DType::F32).map_err(backend)?)
         };
         Ok(Linear { weight, bias })
+    }
+
+    /// A compact layer as [`Arithmetic`] says: kept as stored, or (bf16) re-laid in
+    /// tile order — the token embedding excepted, whose rows are looked up.
+    fn panel(&self, prefix: &str, layer: PanelDense) -> Weight {
+        if self.arithmetic == Arithmetic::Bf16 && !prefix.ends_with("embed_tokens") {
+            return Weight::Bf16(Arc::new(Bf16Dense::pack(
+                layer.inputs(),
+                layer.outputs(),
+                None,
+                |n, out| layer.widen_row(n, out),
+            )));
+        }
+        Weight::Panel(Arc::new(layer))
     }
 
     /// The patch convolution's kernel as a `[hidden, C·T·P·P]` matrix whose columns are

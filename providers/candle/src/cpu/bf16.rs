@@ -1,0 +1,452 @@
+//! bf16 linear layers for the packed CPU path (`model.dtype = "bf16"`): bf16 weights
+//! and activations, products summed in f32 — the precision OpenVINO and PyTorch pick
+//! on a CPU with AMX — on AMX tiles (`TDPBF16PS`).
+//!
+//! # Layout
+//!
+//! A tile multiply takes `A` as 16 rows of 32 bf16 and `B` as 16 rows of 16 column
+//! *pairs* (row `r` holds inputs `2r` and `2r + 1` of 16 output columns, interleaved).
+//! Weights are re-laid at load into exactly those 1 KiB tiles — per 32 output columns,
+//! per 32 inputs, two tiles side by side — so a tile load reads 1 KiB in a row.
+//! Inputs and outputs are padded to multiples of 32 with zero weights.
+//!
+//! # Kernel
+//!
+//! 32 rows × 32 columns of results live in four accumulator tiles (2 × 2); each step of
+//! 32 inputs loads two activation and two weight tiles and issues four tile products.
+//! A thread keeps its 32 rows of activations (in L1) and walks the columns, so the
+//! weights stream from L2. Results go through a 4 KiB scratch (where the bias is added
+//! and the padding dropped) into the caller's buffer.
+//!
+//! A CPU without AMX (or a level capped below it, `KILN_CPU_ISA`) runs the same
+//! products in plain Rust over the same layout: the same rounding, only the order of
+//! the f32 sums differs.
+
+use rayon::prelude::*;
+
+use super::Shared;
+use super::isa::{self, Isa};
+
+/// Rows and columns of one kernel call's results.
+const EDGE: usize = 32;
+/// bf16 values per tile (16 rows of 64 bytes).
+const TILE: usize = 512;
+
+/// A linear layer with bf16 weights in AMX tile order.
+pub(crate) struct Bf16Dense {
+    /// `[pairs][chunks][2][16][16][2]` bf16 bits: per 32 output columns, per 32 inputs,
+    /// two tiles.
+    packed: Vec<u16>,
+    bias: Vec<f32>,
+    inputs: usize,
+    outputs: usize,
+    /// Inputs rounded up to a multiple of 32.
+    padded: usize,
+}
+
+impl Bf16Dense {
+    /// Rounds a layer to bf16: `row(n, out)` writes output column `n`'s `inputs` weights
+    /// into `out` (a row of `W` as PyTorch stores it); `bias` has `outputs` values (or
+    /// none: zeros).
+    pub(crate) fn pack(
+        inputs: usize,
+        outputs: usize,
+        bias: Option<Vec<f32>>,
+        row: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Self {
+        let padded = inputs.div_ceil(EDGE) * EDGE;
+        let chunks = padded / EDGE;
+        let pairs = outputs.div_ceil(EDGE);
+        let mut packed = vec![0u16; pairs * chunks * 2 * TILE];
+        packed.par_chunks_mut(chunks * 2 * TILE).enumerate().for_each(|(pair, tiles)| {
+            let mut w = vec![0f32; inputs];
+            for c in 0..EDGE.min(outputs - pair * EDGE) {
+                row(pair * EDGE + c, &mut w);
+                let (t, col) = (c / 16, c % 16);
+                for (k, &v) in w.iter().enumerate() {
+                    let (chunk, r, lane) = (k / EDGE, (k % EDGE) / 2, k % 2);
+                    tiles[(chunk * 2 + t) * TILE + r * 32 + col * 2 + lane] = round(v);
+                }
+            }
+        });
+        let bias = bias.unwrap_or_else(|| vec![0.0; outputs]);
+        assert_eq!(bias.len(), outputs, "a bias per output");
+        Bf16Dense { packed, bias, inputs, outputs, padded }
+    }
+
+    /// Rounds `dense` (f32, `W^T` stored `[inputs, outputs]`) to bf16.
+    pub(crate) fn from_dense(dense: &super::Dense) -> Self {
+        let n = dense.outputs;
+        Self::pack(dense.inputs, n, Some(dense.bias.clone()), |col, out| {
+            for (o, w) in out.iter_mut().zip(dense.weight_t.iter().skip(col).step_by(n)) {
+                *o = *w;
+            }
+        })
+    }
+
+    /// Input features.
+    pub(crate) fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Output features.
+    pub(crate) fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// `x W^T + b` for `tokens` rows of `x` (f32, rounded to bf16 here), into `sink`.
+    pub(crate) fn forward(&self, x: &[f32], tokens: usize, sink: Sink) {
+        ROWS.with_borrow_mut(|rows| {
+            self.round_rows(x, tokens, rows);
+            self.run(rows, tokens, sink);
+        });
+    }
+
+    /// `x` (`tokens` rows of f32) rounded to bf16 as this layer's kernel reads it: rows
+    /// of `inputs` padded with zeros to a multiple of 32, in groups of 32 rows.
+    pub(crate) fn round_rows(&self, x: &[f32], tokens: usize, rows: &mut Vec<u16>) {
+        let (k, kp) = (self.inputs, self.padded);
+        debug_assert_eq!(x.len(), tokens * k);
+        // Rows past `tokens` keep whatever they held: their results are dropped.
+        rows.resize(tokens.div_ceil(EDGE) * EDGE * kp, 0);
+        rows.par_chunks_mut(64 * kp).zip(x.par_chunks(64 * k)).for_each(|(rows, x)| {
+            for (row, x) in rows.chunks_mut(kp).zip(x.chunks(k)) {
+                to_bf16(x, &mut row[..k]);
+                row[k..].fill(0);
+            }
+        });
+    }
+
+    /// This layer over `tokens` rows laid out by [`Bf16Dense::round_rows`] (or written
+    /// by a [`Sink::GeluRows`]), into `sink`.
+    pub(crate) fn run(&self, rows: &[u16], tokens: usize, sink: Sink) {
+        let (kp, n) = (self.padded, self.outputs);
+        let groups = tokens.div_ceil(EDGE);
+        debug_assert!(rows.len() >= groups * EDGE * kp);
+        let pairs = n.div_ceil(EDGE);
+        let next = pairs * EDGE;
+        // Every element is written below: grown or shrunk, never cleared.
+        let out = match sink {
+            Sink::F32(out) => {
+                assert_eq!(out.len(), tokens * n, "an f32 sink holds tokens × outputs");
+                Out::F32(Shared(out.as_mut_ptr()))
+            }
+            Sink::GeluRows(out) => {
+                out.resize(groups * EDGE * next, 0);
+                Out::GeluRows(SharedBits(out.as_mut_ptr()))
+            }
+        };
+        if tokens == 0 || n == 0 {
+            return;
+        }
+        let plan = Plan::new(groups, pairs, kp);
+        let amx = isa::active() >= Isa::Amx;
+        (0..plan.jobs()).into_par_iter().for_each(|job| {
+            let (groups_of_job, pairs_of_job) = plan.job(job);
+            let mut scratch = [0f32; EDGE * EDGE];
+            let _tiles = amx.then(super::amx::TileConfig::load);
+            for (group, pair) in groups_of_job.flat_map(|g| pairs_of_job.clone().map(move |p| (g, p))) {
+                let a = &rows[group * EDGE * kp..(group + 1) * EDGE * kp];
+                let valid = EDGE.min(tokens - group * EDGE);
+                let b = &self.packed[pair * (kp / EDGE) * 2 * TILE..(pair + 1) * (kp / EDGE) * 2 * TILE];
+                if amx {
+                    // SAFETY: the level is AMX, so the CPU has it and the OS granted the
+                    // tile data (`isa::detected`); `_tiles` configured this thread's
+                    // tiles; `a` is 32 rows of `kp` values, `b` the pair's `kp / 32`
+                    // tile pairs, `scratch` 32 × 32.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        super::amx::block(a.as_ptr(), kp, b.as_ptr(), kp / EDGE, scratch.as_mut_ptr())
+                    };
+                } else {
+                    block(a, kp, b, &mut scratch);
+                }
+                let col0 = pair * EDGE;
+                let cols = EDGE.min(n - col0);
+                let bias = &self.bias[col0..col0 + cols];
+                match out {
+                    Out::F32(out) => {
+                        for (r, s) in scratch.chunks_exact(EDGE).take(valid).enumerate() {
+                            let row = group * EDGE + r;
+                            // SAFETY: row < tokens and col0 + cols <= n, so the elements
+                            // are inside `out` (tokens × n); this job alone writes its
+                            // rows' columns col0..col0 + cols.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(row * n + col0), cols) };
+                            for ((d, s), b) in dst.iter_mut().zip(s).zip(bias) {
+                                *d = s + b;
+                            }
+                        }
+                    }
+                    Out::GeluRows(out) => {
+                        for s in scratch.chunks_exact_mut(EDGE) {
+                            for (s, b) in s.iter_mut().zip(bias) {
+                                *s += b;
+                            }
+                            // Padding columns: zero weights, no bias, GELU(0) = 0.
+                            s[cols..].fill(0.0);
+                        }
+                        super::kernels::gelu(&mut scratch);
+                        for (r, s) in scratch.chunks_exact(EDGE).enumerate() {
+                            let row = group * EDGE + r;
+                            // SAFETY: the rows of this group and the pair's 32 columns
+                            // are inside `out` (groups·32 × pairs·32), written by this job
+                            // alone.
+                            let dst =
+                                unsafe { std::slice::from_raw_parts_mut(out.at(row * next + col0), EDGE) };
+                            to_bf16(s, dst);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Weight bytes a job keeps hot in L2 (2 MiB a core on Sapphire Rapids) while it walks
+/// its rows.
+const L2_BUDGET: usize = 3 << 19;
+
+/// How [`Bf16Dense::run`] splits `groups` of 32 rows × `pairs` of 32 columns into jobs:
+/// each job takes a range of column pairs whose weights fit in [`L2_BUDGET`] and a
+/// range of row groups, and walks its rows over its columns, so every weight byte comes
+/// from memory once per call however many rows there are (a 3B model's prompt: a
+/// layer's 45 MB once, not once per 32 rows). Ranges shrink until every thread has
+/// several jobs.
+struct Plan {
+    groups: usize,
+    pairs: usize,
+    groups_per_job: usize,
+    pairs_per_job: usize,
+}
+
+impl Plan {
+    fn new(groups: usize, pairs: usize, padded: usize) -> Self {
+        let wanted = 8 * rayon::current_num_threads();
+        let mut pairs_per_job = (L2_BUDGET / (padded * EDGE * 2)).clamp(1, pairs);
+        let column_jobs = pairs.div_ceil(pairs_per_job);
+        let row_jobs = wanted.div_ceil(column_jobs).clamp(1, groups);
+        if column_jobs * row_jobs < wanted {
+            pairs_per_job = pairs.div_ceil(wanted.div_ceil(row_jobs)).max(1);
+        }
+        Plan { groups, pairs, groups_per_job: groups.div_ceil(row_jobs), pairs_per_job }
+    }
+
+    fn jobs(&self) -> usize {
+        self.pairs.div_ceil(self.pairs_per_job) * self.groups.div_ceil(self.groups_per_job)
+    }
+
+    /// Job `job`'s row groups and column pairs; consecutive jobs share columns (rayon
+    /// hands a thread a run of consecutive jobs).
+    fn job(&self, job: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let row_jobs = self.groups.div_ceil(self.groups_per_job);
+        let (columns, rows) = (job / row_jobs, job % row_jobs);
+        let g = rows * self.groups_per_job;
+        let p = columns * self.pairs_per_job;
+        (g..(g + self.groups_per_job).min(self.groups), p..(p + self.pairs_per_job).min(self.pairs))
+    }
+}
+
+/// Where [`Bf16Dense::run`] puts its results.
+pub(crate) enum Sink<'a> {
+    /// `tokens × outputs` f32 (exactly that many), the bias added.
+    F32(&'a mut [f32]),
+    /// `GELU(x W^T + b)` rounded to bf16, laid out as the next layer's rows (what
+    /// [`Bf16Dense::round_rows`] would make of it): BERT's feed-forward, whose
+    /// intermediate then never exists in f32.
+    GeluRows(&'a mut Vec<u16>),
+}
+
+/// A [`Sink`]'s buffer as the jobs share it.
+#[derive(Clone, Copy)]
+enum Out {
+    F32(Shared),
+    GeluRows(SharedBits),
+}
+
+/// [`Shared`] for bf16 bits.
+#[derive(Clone, Copy)]
+struct SharedBits(*mut u16);
+// SAFETY: jobs write disjoint elements (see `Bf16Dense::run`).
+unsafe impl Send for SharedBits {}
+unsafe impl Sync for SharedBits {}
+
+impl SharedBits {
+    /// # Safety
+    /// `offset` is inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut u16 {
+        // SAFETY: as the caller promises.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+thread_local! {
+    /// The calling thread's bf16 activations, kept between calls.
+    static ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
+fn round(v: f32) -> u16 {
+    let b = v.to_bits();
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+#[inline(always)]
+pub(super) fn widen(v: u16) -> f32 {
+    f32::from_bits(u32::from(v) << 16)
+}
+
+/// Rounds a row to bf16 bits: AVX-512 BF16's conversion where the CPU has it (every
+/// CPU with AMX does), else plain Rust. Both round to nearest even; the instruction
+/// also flushes subnormals (below 1.2e-38) to zero.
+pub(super) fn to_bf16(x: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the CPU has AVX-512 F and BF16.
+        unsafe { avx512_bf16::round(x, out) };
+        return;
+    }
+    to_bf16_plain(x, out);
+}
+
+dispatch!(
+    fn to_bf16_plain => to_bf16_generic(x: &[f32], out: &mut [u16])
+);
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bf16() -> bool {
+    isa::active() >= Isa::Avx512 && std::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512_bf16 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn round(x: &[f32], out: &mut [u16]) {
+        let n = x.len().min(out.len());
+        let whole = n / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            // SAFETY: i + 16 <= n, inside both slices.
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr().add(i));
+                let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), b);
+            }
+        }
+        if whole < n {
+            let k = (1u16 << (n - whole)) - 1;
+            // SAFETY: the masked load and store touch only elements whole..n.
+            unsafe {
+                let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(whole));
+                let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(whole).cast(), k, b);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn to_bf16_generic(x: &[f32], out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = round(v);
+    }
+}
+
+dispatch!(
+    /// 32 rows of `a` (bf16, `kp` apart) times one column pair's tiles `b`, into `c`
+    /// (32 × 32): the tile product in plain Rust.
+    fn block => block_generic(a: &[u16], kp: usize, b: &[u16], c: &mut [f32; EDGE * EDGE])
+);
+
+#[inline(always)]
+fn block_generic(a: &[u16], kp: usize, b: &[u16], c: &mut [f32; EDGE * EDGE]) {
+    c.fill(0.0);
+    for (chunk, tiles) in b.chunks_exact(2 * TILE).enumerate() {
+        for (m, acc) in c.chunks_exact_mut(EDGE).enumerate() {
+            let row = &a[m * kp + chunk * EDGE..m * kp + (chunk + 1) * EDGE];
+            for r in 0..16 {
+                let (a0, a1) = (widen(row[2 * r]), widen(row[2 * r + 1]));
+                for (t, acc) in acc.chunks_exact_mut(16).enumerate() {
+                    let w = &tiles[t * TILE + r * 32..t * TILE + (r + 1) * 32];
+                    for (acc, w) in acc.iter_mut().zip(w.chunks_exact(2)) {
+                        *acc += a0 * widen(w[0]) + a1 * widen(w[1]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layer against f32 products of the same bf16-rounded values, on shapes with
+    /// padding in rows, inputs and outputs, with the AMX kernel (where the CPU has it)
+    /// and the plain one over the same layout.
+    #[test]
+    fn bf16_layers_match_the_products_of_their_rounded_values() {
+        for (k, n, tokens) in [(384, 1152, 70), (30, 40, 7), (64, 32, 1), (100, 16, 33)] {
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.2).collect();
+            let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
+            let layer =
+                Bf16Dense::pack(k, n, Some(bias.clone()), |col, out| out.copy_from_slice(&w[col * k..][..k]));
+            let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 31 % 97) as f32 / 48.0 - 1.0) * 3.0).collect();
+            let mut want = vec![0f32; tokens * n];
+            for t in 0..tokens {
+                for c in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|kk| {
+                            f64::from(widen(round(x[t * k + kk]))) * f64::from(widen(round(w[c * k + kk])))
+                        })
+                        .sum();
+                    want[t * n + c] = dot as f32 + bias[c];
+                }
+            }
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut got = vec![0f32; tokens * n];
+            layer.forward(&x, tokens, Sink::F32(&mut got));
+            let mut rows = Vec::new();
+            layer.round_rows(&x, tokens, &mut rows);
+            let mut gelu_rows = Vec::new();
+            layer.run(&rows, tokens, Sink::GeluRows(&mut gelu_rows));
+            let next = n.div_ceil(EDGE) * EDGE;
+            for t in 0..tokens {
+                for c in 0..next {
+                    let fused = widen(gelu_rows[t * next + c]);
+                    let mut separate = [if c < n { got[t * n + c] } else { 0.0 }];
+                    super::super::kernels::gelu(&mut separate);
+                    let expected = widen(round(separate[0]));
+                    assert!(
+                        (fused - expected).abs() <= 1e-2 * expected.abs().max(1e-3),
+                        "GELU rows: {fused} vs {expected}"
+                    );
+                }
+            }
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5 * scale, "k {k}, n {n}: worst error {worst} against values up to {scale}");
+
+            let kp = layer.padded;
+            let mut rows = vec![0u16; tokens.div_ceil(EDGE) * EDGE * kp];
+            for (row, x) in rows.chunks_mut(kp).zip(x.chunks(k)) {
+                to_bf16(x, &mut row[..k]);
+            }
+            let mut scratch = [0f32; EDGE * EDGE];
+            block(&rows[..EDGE * kp], kp, &layer.packed[..kp / EDGE * 2 * TILE], &mut scratch);
+            for r in 0..tokens.min(EDGE) {
+                for c in 0..n.min(EDGE) {
+                    let plain = scratch[r * EDGE + c] + bias[c];
+                    assert!(
+                        (plain - got[r * n + c]).abs() <= 1e-5 * scale,
+                        "k {k}, n {n}: plain path differs"
+                    );
+                }
+            }
+        }
+    }
+}
