@@ -78,7 +78,7 @@ pub(crate) struct Server {
     pub(crate) addr: SocketAddr,
     pub(crate) model: String,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<usize>>,
     state: std::sync::Arc<kiln_serve::State>,
 }
 
@@ -88,15 +88,21 @@ impl Server {
         optimizer: std::sync::Arc<kiln::Optimizer>,
     ) -> Result<Self> {
         let head = kiln::text::embedding_head(&config.model.path, &config.text)?;
+        let limits = kiln_serve::Limits::of(&config.server);
         let state = kiln_serve::State::new(config, head);
         state.ready(optimizer);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let router = kiln_serve::router(state.clone());
-        let task = tokio::spawn(kiln_serve::serve(listener, router, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(kiln_serve::serve(
+            listener,
+            router,
+            async move {
+                let _ = stopped.await;
+            },
+            limits,
+        ));
         Ok(Server { addr, model: state.model_name().to_string(), stop, task, state })
     }
 

@@ -62,7 +62,8 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         "kiln: listening on http://{bound} ({routes}, GET /info, GET /health, GET /metrics); loading {}",
         state.model_name()
     );
-    let mut server = tokio::spawn(kiln_serve::serve(listener, router, kiln_serve::termination()));
+    let limits = kiln_serve::Limits::of(&config.server);
+    let mut server = tokio::spawn(kiln_serve::serve(listener, router, kiln_serve::termination(), limits));
     let load = async {
         Ok::<_, kiln::Error>(match config.task {
             Task::Generate => {
@@ -90,8 +91,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         }
     };
     eprintln!("kiln: serving {} ({what}) at http://{bound}", state.model_name());
-    server.await.context("the server task")?.context("serving")?;
-    eprintln!("kiln: stopped accepting; requests in flight finished");
+    let dropped = server.await.context("the server task")?.context("serving")?;
+    if dropped == 0 {
+        eprintln!("kiln: stopped accepting; requests in flight finished");
+    } else {
+        eprintln!(
+            "kiln: stopped accepting; {dropped} connections still open after server.shutdown_timeout_ms ({} ms) were dropped",
+            limits.shutdown_timeout.as_millis()
+        );
+    }
     // The router's handles went with the server task; this is the last one.
     drop(state);
     let shared = || anyhow::anyhow!("the model is still shared after the server stopped");

@@ -420,3 +420,114 @@ fn the_openai_client_sends_images_to_a_vision_language_model() {
     assert!(got["inside"]["usage"][0].as_u64().unwrap() > 0, "{got}");
     stop(server, stderr);
 }
+
+/// Reads from `stream` until the peer closes it (or a status line arrives): what came,
+/// and how long it took. Panics past `within`.
+fn until_closed(stream: &mut std::net::TcpStream, within: Duration) -> (String, Duration) {
+    use std::io::Read;
+    let started = Instant::now();
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buffer[..n]),
+            // A reset is a close too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("still open after {within:?} ({e}); read {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), started.elapsed())
+}
+
+/// Issue 30's connection bounds over loopback: a client that sends half its headers and
+/// stalls, and a kept-alive connection left idle, are closed after
+/// `server.header_timeout_ms`; past `server.max_connections` a connection gets 503 with
+/// `Retry-After` at once while the server keeps answering once the others go; SIGTERM
+/// with a half-sent body (whose own timeout is a minute) exits within
+/// `server.shutdown_timeout_ms`.
+#[test]
+fn connections_are_bounded_in_time_and_number() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let (server, base, stderr) = start(&[
+        "--set",
+        "server.header_timeout_ms=1000",
+        "--set",
+        "server.max_connections=6",
+        "--set",
+        "server.shutdown_timeout_ms=2000",
+        "--set",
+        "server.body_timeout_ms=60000",
+    ]);
+    wait_ready(&base, &stderr);
+    let address = base.trim_start_matches("http://").to_string();
+
+    // Half the headers, then nothing: closed after the header timeout.
+    let mut slow = TcpStream::connect(&address).unwrap();
+    slow.write_all(b"POST /embed HTTP/1.1\r\nHost: kiln\r\nContent-Ty").unwrap();
+    let (_, took) = until_closed(&mut slow, Duration::from_secs(10));
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
+        "half headers held {took:?}"
+    );
+
+    // A whole request on a kept-alive connection, answered, then idle: closed too.
+    let mut idle = TcpStream::connect(&address).unwrap();
+    idle.write_all(format!("GET /health HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes()).unwrap();
+    let (answer, took) = until_closed(&mut idle, Duration::from_secs(10));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(took < Duration::from_secs(5), "an idle kept-alive connection held {took:?}");
+
+    // Six connections open and silent fill the cap: the seventh is refused at once.
+    let held: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(&address).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200)); // let the server accept them all
+    let mut over = TcpStream::connect(&address).unwrap();
+    let (answer, took) = until_closed(&mut over, Duration::from_secs(5));
+    assert!(
+        answer.starts_with("HTTP/1.1 503")
+            && answer.contains("retry-after: 1")
+            && answer.contains("server.max_connections"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(1), "refused in {took:?}");
+    // The silent ones go at the header timeout; then the server answers again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // One GET /health; a refused connection (closed as we write) is not an answer yet.
+    let healthy = || {
+        use std::io::Read;
+        let mut stream = TcpStream::connect(&address).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        stream
+            .write_all(
+                format!("GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        Some(answer.starts_with("HTTP/1.1 200"))
+    };
+    loop {
+        if healthy() == Some(true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refusing 10 s after the silent connections timed out");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
+
+    // Headers and 5 of 100 body bytes, then SIGTERM: the drain ends at 2 s, not at the
+    // body's 60 s.
+    let mut half = TcpStream::connect(&address).unwrap();
+    half.write_all(
+        format!("POST /embed HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"in")
+            .as_bytes(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    stop(server, stderr);
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());
+    drop(half);
+}

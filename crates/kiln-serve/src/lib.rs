@@ -17,18 +17,19 @@
 //! malformed JSON or a wrong field (named), 429 with `Retry-After` when the queue is
 //! full, 504 past the deadline, 401 without one of `server.api_keys` (when set, checked
 //! before the body is read; `/health`, `/metrics` and `/v2/health/live` stay open). CORS is off unless `server.cors_origins` names origins.
-//! [`serve`] stops on the future it is given: no new connections, in-flight requests
-//! finish.
+//! [`serve`] bounds every connection (header, idle and body timeouts, a cap on open
+//! connections) and stops on the future it is given: no new connections, in-flight
+//! requests finish within `server.shutdown_timeout_ms` (`connections.rs`).
 
 mod chat;
 mod classify;
+mod connections;
 mod error;
 mod layers;
 mod metrics;
 mod oip;
 mod routes;
 
-use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
@@ -36,6 +37,7 @@ use axum::routing::{get, post};
 use kiln::runtime::Generation;
 use kiln::{EmbeddingHead, KilnConfig, Optimizer};
 
+pub use connections::{Limits, serve};
 pub use error::ApiError;
 
 /// What the handlers share.
@@ -160,16 +162,6 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .allow_methods([Method::GET, Method::POST])
             .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]),
     )
-}
-
-/// Serves `router` on `listener` until `shutdown` completes; then stops accepting and
-/// waits for the requests in flight.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }
 
 /// Completes on SIGTERM or Ctrl-C.

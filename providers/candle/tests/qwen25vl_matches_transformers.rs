@@ -269,3 +269,31 @@ fn int8_activations_on_the_4_bit_folder_stay_close_to_mlx_vlm() {
     assert!(relative <= 0.1, "logits differ from mlx-vlm's by {relative:.3e} (relative L2)");
     assert!(agree >= 8, "only the first {agree} greedy tokens agree with mlx-vlm's");
 }
+
+/// `model.dtype = "bf16"` (`Arithmetic::Bf16`): every linear layer but the token
+/// embedding as bf16 × bf16 products summed in f32 (AMX tiles where the CPU has them),
+/// the arithmetic of transformers in bf16. On the transformers folder (f32 weights of a
+/// random model) the logits stay within 5% (relative L2) of transformers' f32 and the
+/// first greedy tokens are its tokens.
+#[test]
+fn bf16_arithmetic_stays_close_to_transformers() {
+    let dir = fixture();
+    let Prompt { record, ids, grids, pixels } = prompt(&dir);
+    let expected_tokens: Vec<u32> = serde_json::from_value(record["greedy_tokens"].clone()).unwrap();
+    let model = QwenVl::load_with(&dir.join("model"), &Device::Cpu, true, Arithmetic::Bf16).unwrap();
+    let images = model.encode_images(&pixels, &grids).unwrap();
+    let mut cache = model.new_cache();
+    let logits =
+        model.prefill(&ids, Some(&images), &grids, &mut cache, ids.len()).unwrap().to_vec2::<f32>().unwrap();
+    let expected = read_npy(&dir.join("prompt_logits.npy")).unwrap().to_f32_vec().unwrap();
+    let diff: f64 = logits.iter().flatten().zip(&expected).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+    let norm: f64 = expected.iter().map(|b| f64::from(*b).powi(2)).sum();
+    let relative = (diff / norm).sqrt();
+    let tokens = greedy(&model, &logits, &mut cache, expected_tokens.len());
+    let agree = tokens.iter().zip(&expected_tokens).take_while(|(a, b)| a == b).count();
+    println!(
+        "bf16: logits within {relative:.3e} of transformers' f32 (relative L2); {agree} of 32 greedy tokens before the first difference"
+    );
+    assert!(relative <= 0.05, "logits differ from transformers' by {relative:.3e} (relative L2)");
+    assert!(agree >= 8, "only the first {agree} greedy tokens agree with transformers'");
+}

@@ -34,6 +34,18 @@ pub struct ServerConfig {
     /// read to the last: a client that sends part of its body and stalls gets 408 and
     /// its connection and buffer go, instead of holding them for as long as it likes.
     pub body_timeout_ms: u64,
+    /// Longest a request's headers may take to arrive, milliseconds — and longest a
+    /// kept-alive connection may sit idle waiting for its next request. A slow or silent
+    /// client's connection is closed after it.
+    pub header_timeout_ms: u64,
+    /// Most connections open at once; one more is answered 503 with `Retry-After` and
+    /// closed before anything of it is read. Keep it under the process's file limit
+    /// (`ulimit -n`, 1024 by default on Linux).
+    pub max_connections: usize,
+    /// On SIGTERM, longest the server waits for requests in flight (streams included)
+    /// before it drops them and exits, milliseconds. Keep it under the orchestrator's
+    /// grace period (Kubernetes: 30 s by default; the shipped manifest sets 45 s).
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +60,9 @@ impl Default for ServerConfig {
             auto_truncate: true,
             allowed_media_dir: None,
             body_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            max_connections: 512,
+            shutdown_timeout_ms: 30_000,
         }
     }
 }
@@ -66,8 +81,17 @@ impl ServerConfig {
         if self.max_inputs == 0 {
             issues.push(ConfigIssue::new("server.max_inputs", "0", "1 or more"));
         }
-        if self.body_timeout_ms == 0 {
-            issues.push(ConfigIssue::new("server.body_timeout_ms", "0", "1 or more (milliseconds)"));
+        for (key, value) in [
+            ("server.body_timeout_ms", self.body_timeout_ms),
+            ("server.header_timeout_ms", self.header_timeout_ms),
+            ("server.shutdown_timeout_ms", self.shutdown_timeout_ms),
+        ] {
+            if value == 0 {
+                issues.push(ConfigIssue::new(key, "0", "1 or more (milliseconds)"));
+            }
+        }
+        if self.max_connections == 0 {
+            issues.push(ConfigIssue::new("server.max_connections", "0", "1 or more"));
         }
         if self.host.trim().is_empty() {
             issues.push(ConfigIssue::new(

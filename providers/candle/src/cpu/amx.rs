@@ -74,12 +74,14 @@ pub(super) unsafe fn block(a: *const u16, kp: usize, b: *const u16, chunks: usiz
                 std::arch::asm!("prefetcht0 [{}]", in(reg) ahead.wrapping_add(line * 64), options(nostack, readonly, preserves_flags));
             }
             std::arch::asm!(
+                // Each load just before its first use, so a product starts as soon
+                // as its operands are in (1.05x on a 32-row product in L1; within noise on MiniLM).
                 "tileloadd tmm4, [{a0} + {s}*1]",
-                "tileloadd tmm5, [{a1} + {s}*1]",
                 "tileloadd tmm6, [{b0} + {w}*1]",
-                "tileloadd tmm7, [{b1} + {w}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {w}*1]",
                 "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s}*1]",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
                 a0 = in(reg) a0,

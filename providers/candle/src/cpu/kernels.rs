@@ -43,6 +43,11 @@ dispatch!(
     pub(super) fn softmax => softmax_generic(x: &mut [f32])
 );
 dispatch!(
+    /// `softmax(scale · x)` of one row, rounded to bf16 bits into `p` (the bf16
+    /// attention's probabilities); `x` is left holding the unnormalised exponentials.
+    pub(super) fn probabilities => probabilities_generic(x: &mut [f32], scale: f32, p: &mut [u16])
+);
+dispatch!(
     /// One row of `LayerNorm(x + residual)`, into `x`.
     pub(super) fn add_norm => add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32)
 );
@@ -148,6 +153,21 @@ fn softmax_generic(x: &mut [f32]) {
     let inv = 1.0 / sum(x);
     for v in x {
         *v *= inv;
+    }
+}
+
+#[inline(always)]
+fn probabilities_generic(x: &mut [f32], scale: f32, p: &mut [u16]) {
+    let m = max(x) * scale;
+    for v in x.iter_mut() {
+        *v = exp(*v * scale - m);
+    }
+    let inv = 1.0 / sum(x);
+    for (p, v) in p.iter_mut().zip(x.iter()) {
+        // Round to nearest even; probabilities are finite and non-negative, so no NaN
+        // case (which would keep the loop from vectorising).
+        let b = (v * inv).to_bits();
+        *p = ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     }
 }
 

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use super::Shared;
 use super::bf16::to_bf16;
 use super::isa::{self, Isa};
-use super::kernels::softmax;
+use super::kernels::probabilities;
 
 /// Whether heads of `head_dim` values run here: AMX active, `head_dim` 32 or 64.
 pub(crate) fn supported(head_dim: usize) -> bool {
@@ -156,12 +156,7 @@ fn head_attention(
     b.p.clear();
     b.p.resize(l16 * l32, 0);
     for i in 0..len {
-        let row = &mut b.s[i * l32..i * l32 + len];
-        for v in row.iter_mut() {
-            *v *= scale;
-        }
-        softmax(row);
-        to_bf16(row, &mut b.p[i * l32..i * l32 + len]);
+        probabilities(&mut b.s[i * l32..i * l32 + len], scale, &mut b.p[i * l32..i * l32 + len]);
     }
     // O = P V, 16 rows × 16 values at a time, into the text's rows of `context`.
     let mut tile = [0f32; 256];
@@ -229,7 +224,7 @@ mod tests {
                                 q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt()
                             })
                             .collect();
-                        softmax(&mut s);
+                        super::super::kernels::softmax(&mut s);
                         for c in 0..d {
                             want[(start + i) * hidden + h * d + c] = (0..len)
                                 .map(|j| s[j] * qkv[(start + j) * stride + 2 * hidden + h * d + c])
