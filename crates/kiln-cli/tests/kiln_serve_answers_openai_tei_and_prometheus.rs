@@ -301,6 +301,30 @@ fn tritonclient_infers_the_model_s_own_tensors() {
     assert!(message.contains("input_ids") && message.contains("i64"), "{}", got["bad"]);
     assert!(got["unknown"]["message"].as_str().unwrap_or_default().contains("serves `all-MiniLM-L6-v2`"));
 
+    // More rows than a batch (32 by default): run a batch at a time, joined in order —
+    // each row's embedding is the one-row call's.
+    let rows = 40;
+    let ids: Vec<i64> = (0..rows).flat_map(|_| [101, 7592, 2088, 102]).collect();
+    let input = |name: &str, data: &Vec<i64>| serde_json::json!({"name": name, "shape": [rows, 4], "datatype": "INT64", "data": data});
+    let body = serde_json::json!({"inputs": [
+        input("input_ids", &ids),
+        input("attention_mask", &vec![1; rows * 4]),
+        input("token_type_ids", &vec![0; rows * 4]),
+    ]});
+    let (status, text) = call(&base, "POST", "/v2/models/all-MiniLM-L6-v2/infer", Some(&body));
+    assert_eq!(status, 200, "{text}");
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let output = &answer["outputs"][0];
+    assert_eq!(output["shape"], serde_json::json!([rows, 384]), "{output}");
+    let flat: Vec<f32> = serde_json::from_value(output["data"].clone()).unwrap();
+    for row in flat.chunks(384) {
+        assert!(
+            cosine(row, &embedding[0]) >= 0.9999,
+            "a row of the 40-row infer: {}",
+            cosine(row, &embedding[0])
+        );
+    }
+
     // TEI's `truncate: false` refuses a text longer than the model takes, naming it;
     // unset, `server.auto_truncate` (on) cuts it as every other kiln path does.
     let long = "word ".repeat(600);

@@ -303,7 +303,7 @@ async fn run(
         };
         inputs.insert(input.name.clone(), tensor(input, part)?);
     }
-    let outputs = optimizer.infer(inputs).await?;
+    let outputs = infer_in_batches(optimizer, inputs, state.config.batching.max_batch_size).await?;
     let all_binary = request.parameters.binary_data_output.unwrap_or(false);
     let wanted: Option<Vec<(&str, bool)>> = request.outputs.as_ref().map(|o| {
         o.iter().map(|o| (o.name.as_str(), o.parameters.binary_data.unwrap_or(all_binary))).collect()
@@ -353,4 +353,64 @@ async fn run(
         bytes,
     )
         .into_response())
+}
+
+/// `inputs` through the model `max_batch` rows at a time when every input has the same
+/// rows and there are more than that, the outputs joined back along their first
+/// dimension: a request's memory is bounded by the batch size, not by its own size, and
+/// a request whose client goes away (its future dropped) runs no further batch.
+async fn infer_in_batches(
+    optimizer: &kiln::Optimizer,
+    inputs: Inputs,
+    max_batch: usize,
+) -> Result<kiln::Outputs, ApiError> {
+    let rows: Vec<usize> = inputs.iter().map(|(_, t)| t.shape().first().copied().unwrap_or(1)).collect();
+    let total = rows.first().copied().unwrap_or(0);
+    let splittable = !rows.is_empty()
+        && rows.iter().all(|&r| r == total)
+        && inputs.iter().all(|(_, t)| !t.shape().is_empty())
+        && total > max_batch.max(1);
+    if !splittable {
+        return Ok(optimizer.infer(inputs).await?);
+    }
+    let mut parts: Vec<kiln::Outputs> = Vec::new();
+    for start in (0..total).step_by(max_batch) {
+        let range = start..(start + max_batch).min(total);
+        let mut batch = Inputs::new();
+        for (name, t) in inputs.iter() {
+            batch.insert(name, rows_of(t, range.clone())?);
+        }
+        parts.push(optimizer.infer(batch).await?);
+    }
+    let mut joined = kiln::Outputs::new();
+    let first = parts.first().cloned().unwrap_or_default();
+    for (name, _) in first.iter() {
+        let pieces: Vec<&Tensor> = parts.iter().filter_map(|p| p.get(name)).collect();
+        joined.insert(name, join_rows(&pieces)?);
+    }
+    Ok(joined)
+}
+
+/// Rows `range` of `t`'s first dimension.
+fn rows_of(t: &Tensor, range: std::ops::Range<usize>) -> Result<Tensor, ApiError> {
+    let per = t.bytes().len() / t.shape()[0].max(1);
+    let mut shape = t.shape().to_vec();
+    shape[0] = range.len();
+    Ok(Tensor::from_bytes(t.dtype(), shape, t.bytes()[range.start * per..range.end * per].to_vec())?)
+}
+
+/// `pieces` joined along their first dimension (the model's outputs of consecutive
+/// batches: the same dtype and trailing shape).
+fn join_rows(pieces: &[&Tensor]) -> Result<Tensor, ApiError> {
+    let first = pieces.first().ok_or_else(|| ApiError::invalid("no output to join"))?;
+    if pieces.iter().any(|p| p.dtype() != first.dtype() || p.shape().get(1..) != first.shape().get(1..)) {
+        return Err(ApiError::invalid(
+            "the model's outputs differ in shape from one batch of rows to the next; send at most \
+             batching.max_batch_size rows",
+        ));
+    }
+    let mut shape = first.shape().to_vec();
+    shape[0] = pieces.iter().map(|p| p.shape()[0]).sum();
+    let bytes = pieces.iter().flat_map(|p| p.bytes().iter().copied()).collect();
+    Ok(Tensor::from_bytes(first.dtype(), shape, bytes)?)
 }

@@ -322,17 +322,16 @@ impl Provider for CandleProvider {
         } else {
             cpu::unsupported(&config)
         };
-        if let (true, Some(why)) = (int8, not_packed) {
+        let not_int8 = match not_packed {
+            Some(why) => Some(why),
+            None if spec.dtype != DType::F32 => Some("int8 quantizes f32 weights"),
+            None => None,
+        };
+        if let (true, Some(why)) = (int8, not_int8) {
             return Err(Error::Unsupported(format!(
                 "provider `candle` runs int8 (model.quantization) with its CPU kernels only: device cpu, dtype f32, \
                  cpu_kernels on, a BERT with exact gelu; not {} {} ({why})",
                 spec.device, spec.dtype
-            )));
-        }
-        if int8 && spec.dtype != DType::F32 {
-            return Err(Error::Unsupported(format!(
-                "provider `candle` runs int8 (model.quantization) from f32 weights: set model.dtype = \"f32\", not {}",
-                spec.dtype
             )));
         }
         let precision = match (int8, spec.dtype) {
