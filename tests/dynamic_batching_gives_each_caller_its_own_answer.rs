@@ -105,3 +105,49 @@ async fn a_repeated_text_is_answered_from_the_cache_without_the_model() {
     let unnormalised = other.embed(&texts[..1]).await.unwrap();
     assert!((unnormalised[0].iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() > 1e-3);
 }
+
+/// Fairness (issue 30): a request of one short text sent while one of 160 long texts
+/// (256 tokens each: ~13 s on 2 cores; 512 took 40 s, kept short for CI) runs is answered
+/// in the next batch — within 2 s, while the large one is still going — not after all of
+/// them; both get their own embeddings. A batch's duration is what bounds
+/// the wait (the one running, then the next): `batching.max_batch_tokens = 1024` keeps a
+/// batch of 256-token texts near half a second on 2 cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_request_is_not_queued_behind_a_large_one() {
+    let reference = reference();
+    let optimizer = Arc::new(
+        Optimizer::from_config(minilm_config(&[
+            "cache.enabled=false",
+            "batching.max_batch_tokens=1024",
+            "batching.queue_capacity=1024",
+            "scheduler.timeout_ms=300000",
+        ]))
+        .await
+        .unwrap(),
+    );
+    let long = reference.texts.last().unwrap().clone();
+    let large: Vec<String> = (0..160).map(|i| format!("{long} {i}")).collect();
+    let big = {
+        let optimizer = optimizer.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let result = optimizer.embed(&large).await;
+            (result, started.elapsed())
+        })
+    };
+    // Let the large request's texts reach the queue.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while optimizer.stats().batches < 1 {
+        assert!(std::time::Instant::now() < deadline, "the large request never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    let small = optimizer.embed(&[reference.texts[0].clone()]).await.unwrap();
+    let small_took = started.elapsed();
+    assert!(cosine(&small[0], &reference.embeddings[0]) >= 0.9999);
+    let (result, big_took) = big.await.unwrap();
+    assert_eq!(result.unwrap().len(), 160);
+    eprintln!("small request {small_took:?} while the large one took {big_took:?}");
+    assert!(small_took < std::time::Duration::from_secs(2), "the small request waited {small_took:?}");
+    assert!(big_took > small_took * 2, "the large request ({big_took:?}) was still running");
+}

@@ -8,6 +8,7 @@ use kiln_vision::{ImageInput, ImagePipeline};
 
 use super::Optimizer;
 use crate::stats::{Counters, Stage};
+use crate::worker::ModelWorker;
 
 /// One class and its score.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -142,6 +143,7 @@ impl Optimizer {
             std::iter::once(1).chain(batch.tensor.shape()[1..].iter().copied()).collect();
         let row_bytes = batch.tensor.bytes().len() / rows.max(1);
         let dtype = batch.tensor.dtype();
+        let request = ModelWorker::request_id();
         let submits = (0..rows).map(|r| {
             let bytes = batch.tensor.bytes()[r * row_bytes..(r + 1) * row_bytes].to_vec();
             let name = classifier.input.clone();
@@ -149,7 +151,7 @@ impl Optimizer {
             async move {
                 let inputs = Inputs::new().with(name, Tensor::from_bytes(dtype, shape, bytes)?);
                 if self.config.batching.enabled {
-                    let out = self.replicas.pick().submit(inputs, 1).await?;
+                    let out = self.replicas.pick().submit_as(request, inputs, 1).await?;
                     self.counters.queue_wait(out.queue_wait);
                     Ok::<Outputs, Error>(out.outputs)
                 } else {

@@ -17,6 +17,7 @@ use crate::collate::collate;
 use crate::inflight::{Claim, Leader, follow};
 use crate::stats::{Counters, Stage};
 use crate::tokenize::TokenizerPool;
+use crate::worker::ModelWorker;
 
 /// Name under which a cached embedding is stored.
 const EMBEDDING: &str = "embedding";
@@ -271,9 +272,10 @@ impl Optimizer {
 
     /// Each row becomes an item of a worker's queue, batched with other callers'.
     async fn embed_shared(&self, text: &TextPath, rows: Vec<TokenRow>) -> Result<Vec<Vec<f32>>> {
+        let request = ModelWorker::request_id();
         let submits = rows.iter().map(|row| async move {
             let inputs = self.model_inputs(row.inputs()?);
-            self.replicas.pick().submit(inputs, row.len()).await
+            self.replicas.pick().submit_as(request, inputs, row.len()).await
         });
         let outputs = futures_util::future::join_all(submits).await;
         let started = Instant::now();

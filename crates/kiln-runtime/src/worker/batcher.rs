@@ -13,6 +13,11 @@
 //! rather than being frozen and waiting in a slot — under load, batches are fuller
 //! and items wait less. It goes to the model thread through a one-slot channel. Whole
 //! batches pass through in order.
+//!
+//! Fairness: items carry their request's id. While several requests wait, a batch first
+//! takes each one's share (an equal part of `max_batch_size`, its oldest items), then
+//! fills with the lengths nearest the oldest item: a request of a few texts that arrives
+//! behind one of hundreds runs in the next batch, not after all of them.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -75,15 +80,12 @@ impl Batcher {
                     None => state.model_ready = true,
                 }
             }
-            // Whatever else is already queued joins the pool the batch is chosen from.
-            while state.pending.len() < self.policy.max_batch_size * 4 {
-                match inbox.try_recv() {
-                    Ok(message) => {
-                        if !self.accept(message, &mut state, &jobs) {
-                            return;
-                        }
-                    }
-                    Err(_) => break,
+            // Whatever else is already queued joins the pool the batch is chosen from —
+            // all of it (the queue's capacity bounds it), so a small request that came
+            // after a large one is seen and gets its share of this batch.
+            while let Ok(message) = inbox.try_recv() {
+                if !self.accept(message, &mut state, &jobs) {
+                    return;
                 }
             }
             state.pending.retain(|item| !item.reply.is_closed()); // callers that gave up
@@ -148,10 +150,13 @@ struct State {
     model_ready: bool,
 }
 
-/// Takes the oldest item and the others closest to it in length among the oldest
-/// `window` — at most `max` items and, when `max_tokens` > 0, at most `max_tokens`
-/// padded tokens (items × the longest length) — keeping the rest in arrival order. The
-/// oldest item always goes, even alone over the token budget.
+/// Takes a batch from `pending` (oldest first): while items of several requests wait,
+/// first each request's share — `max` split evenly between them, each its oldest items,
+/// taken a round at a time (one of each request's) so the token budget is shared too —
+/// then the oldest item and the others closest to it in length among the oldest
+/// `window`; at most `max` items and, when `max_tokens` > 0, at most `max_tokens` padded
+/// tokens (items × the longest length), keeping the rest in arrival order. The oldest
+/// item always goes, even alone over the token budget.
 fn take_batch(pending: &mut Vec<Item>, window: usize, max: usize, max_tokens: usize) -> Vec<Item> {
     let within_tokens =
         |count: usize, longest: usize| max_tokens == 0 || count * longest.max(1) <= max_tokens;
@@ -161,24 +166,64 @@ fn take_batch(pending: &mut Vec<Item>, window: usize, max: usize, max_tokens: us
         return std::mem::take(pending);
     }
     let anchor = pending[0].length;
-    let mut order: Vec<usize> = (1..pending.len().min(window.max(max))).collect();
-    order.sort_by_key(|&i| (pending[i].length.abs_diff(anchor), i));
     let mut chosen = vec![false; pending.len()];
     chosen[0] = true;
     let (mut count, mut longest) = (1, anchor);
+    let take = |i: usize, count: &mut usize, longest: &mut usize, chosen: &mut Vec<bool>| {
+        let with = (*longest).max(pending[i].length);
+        if chosen[i] || *count == max || !within_tokens(*count + 1, with) {
+            return false;
+        }
+        chosen[i] = true;
+        *count += 1;
+        *longest = with;
+        true
+    };
+    // Each waiting request's share, in the order the requests came.
+    let mut requests: Vec<u64> = Vec::new();
+    for item in pending.iter() {
+        if !requests.contains(&item.request) {
+            requests.push(item.request);
+        }
+    }
+    if requests.len() > 1 {
+        // Round by round, each request's next oldest item, so the token budget, too, is
+        // shared rather than spent by the first request.
+        let share = max.div_ceil(requests.len());
+        let queues: Vec<Vec<usize>> = requests
+            .iter()
+            .map(|&r| (1..pending.len()).filter(|&i| pending[i].request == r).collect())
+            .collect();
+        let mut taken: Vec<usize> = requests.iter().map(|&r| usize::from(pending[0].request == r)).collect();
+        let mut next = vec![0; requests.len()];
+        loop {
+            let mut progressed = false;
+            for (q, queue) in queues.iter().enumerate() {
+                if taken[q] >= share || count == max {
+                    continue;
+                }
+                if let Some(&i) = queue.get(next[q]) {
+                    next[q] += 1;
+                    progressed = true;
+                    if take(i, &mut count, &mut longest, &mut chosen) {
+                        taken[q] += 1;
+                    }
+                }
+            }
+            if !progressed || count == max {
+                break;
+            }
+        }
+    }
+    let mut order: Vec<usize> = (1..pending.len().min(window.max(max))).collect();
+    order.sort_by_key(|&i| (pending[i].length.abs_diff(anchor), i));
     for &i in &order {
         if count == max {
             break;
         }
-        let with = longest.max(pending[i].length);
-        if !within_tokens(count + 1, with) {
-            // Items further out are no shorter than this one's distance allows; a
-            // shorter one may still fit, so keep looking.
-            continue;
-        }
-        chosen[i] = true;
-        count += 1;
-        longest = with;
+        // Items further out are no shorter than this one's distance allows; a shorter
+        // one may still fit the token budget, so keep looking.
+        take(i, &mut count, &mut longest, &mut chosen);
     }
     let mut batch = Vec::with_capacity(count);
     let mut rest = Vec::with_capacity(pending.len() - count);
@@ -196,17 +241,41 @@ mod tests {
     use super::super::queue::Reply;
     use super::*;
 
-    /// Items of these lengths, as waiting in the pool.
+    /// Items of these lengths, as waiting in the pool, all of one request.
     fn waiting(lengths: &[usize]) -> Vec<Item> {
-        lengths
-            .iter()
-            .map(|&length| Item {
-                inputs: Inputs::new(),
-                length,
-                enqueued: Instant::now(),
-                reply: Reply::new(oneshot::channel().0, None),
-            })
-            .collect()
+        lengths.iter().map(|&length| item(1, length)).collect()
+    }
+
+    fn item(request: u64, length: usize) -> Item {
+        Item {
+            request,
+            inputs: Inputs::new(),
+            length,
+            enqueued: Instant::now(),
+            reply: Reply::new(oneshot::channel().0, None),
+        }
+    }
+
+    /// A request of 3 items behind one of 40: the next batch of 8 takes all 3 (its share
+    /// is 4), and the large request's oldest items with them; under a token budget the
+    /// small request still gets its items in.
+    #[test]
+    fn a_small_request_behind_a_large_one_runs_in_the_next_batch() {
+        let mut pending: Vec<Item> = (0..40).map(|_| item(1, 50)).chain((0..3).map(|_| item(2, 5))).collect();
+        let batch = take_batch(&mut pending, 32, 8, 0);
+        assert_eq!(batch.len(), 8);
+        assert_eq!(batch.iter().filter(|i| i.request == 2).count(), 3, "the small request's items all ran");
+        assert_eq!(pending.len(), 35);
+        assert!(pending.iter().all(|i| i.request == 1));
+        let mut pending: Vec<Item> =
+            (0..40).map(|_| item(1, 256)).chain((0..3).map(|_| item(2, 5))).collect();
+        let batch = take_batch(&mut pending, 32, 32, 2048);
+        assert_eq!(batch.iter().filter(|i| i.request == 2).count(), 3, "within the token budget too");
+        assert!(batch.len() * 256 <= 2048);
+        // Alone, a request's batches are the nearest lengths, as before.
+        let mut alone = waiting(&[50, 3, 48, 4, 51, 5]);
+        let batch = take_batch(&mut alone, 12, 3, 0);
+        assert_eq!(batch.iter().map(|i| i.length).collect::<Vec<_>>(), vec![50, 48, 51]);
     }
 
     #[test]

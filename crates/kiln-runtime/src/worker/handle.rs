@@ -189,15 +189,36 @@ impl ModelWorker {
         self.policy.buckets(&self.info)
     }
 
+    /// A new request id for [`ModelWorker::submit_as`]: the items of one caller's
+    /// request carry the same one.
+    pub fn request_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Queues one item (tensors with batch dim 1, dim 1 of `length`) to be batched with
-    /// other callers' items; returns its own row of the outputs.
+    /// other callers' items, as a request of its own; returns its own row of the outputs.
     pub async fn submit(&self, inputs: Inputs, length: usize) -> Result<ItemOutput> {
+        self.submit_as(Self::request_id(), inputs, length).await
+    }
+
+    /// [`ModelWorker::submit`] for one of the items of `request` (from
+    /// [`ModelWorker::request_id`]): while several requests wait, each batch takes its
+    /// share of every one of them, so a small request is not queued behind all of a
+    /// large one.
+    pub async fn submit_as(&self, request: u64, inputs: Inputs, length: usize) -> Result<ItemOutput> {
         // A bad item is refused alone, never joining (and failing) a shared batch.
         self.info.validate(&inputs)?;
         let (reply, answer) = oneshot::channel();
         let slot = self.slot().await?;
         let enqueued = Instant::now();
-        self.send(Message::Item(Item { inputs, length, enqueued, reply: Reply::new(reply, Some(slot)) }))?;
+        self.send(Message::Item(Item {
+            request,
+            inputs,
+            length,
+            enqueued,
+            reply: Reply::new(reply, Some(slot)),
+        }))?;
         let out = answer
             .await
             .map_err(|_| Error::Shutdown("the model worker stopped before answering".into()))??;

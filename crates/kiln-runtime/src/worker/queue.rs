@@ -143,6 +143,9 @@ impl<T> Reply<T> {
 
 /// One caller's item: tensors with batch dim 1, to share a batch with others.
 pub(crate) struct Item {
+    /// The request it belongs to ([`super::ModelWorker::request_id`]): items of one
+    /// request share it, so a batch can give every waiting request its share.
+    pub request: u64,
     pub inputs: Inputs,
     /// Its sequence length (dim 1), what batches are grouped by.
     pub length: usize,
