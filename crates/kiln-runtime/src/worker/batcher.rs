@@ -14,9 +14,9 @@
 //! and items wait less. It goes to the model thread through a one-slot channel. Whole
 //! batches pass through in order.
 //!
-//! Fairness: items carry their request's id. While several requests wait, a batch first
-//! takes each one's share (an equal part of `max_batch_size`, its oldest items), then
-//! fills with the lengths nearest the oldest item: a request of a few texts that arrives
+//! Fairness: items carry their request's id. When a request has more items waiting than
+//! its share of a batch, the batch takes every waiting request's oldest item first and
+//! no request past its share (see `take_batch`): a request of a few texts that arrives
 //! behind one of hundreds runs in the next batch, not after all of them.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -150,13 +150,18 @@ struct State {
     model_ready: bool,
 }
 
-/// Takes a batch from `pending` (oldest first): while items of several requests wait,
-/// first each request's share — `max` split evenly between them, each its oldest items,
-/// taken a round at a time (one of each request's) so the token budget is shared too —
-/// then the oldest item and the others closest to it in length among the oldest
-/// `window`; at most `max` items and, when `max_tokens` > 0, at most `max_tokens` padded
-/// tokens (items × the longest length), keeping the rest in arrival order. The oldest
-/// item always goes, even alone over the token budget.
+/// Takes a batch from `pending` (oldest first): the oldest item and the others closest
+/// to it in length among the oldest `window`, at most `max` items and, when
+/// `max_tokens` > 0, at most `max_tokens` padded tokens (items × the longest length),
+/// keeping the rest in arrival order. The oldest item always goes, even alone over the
+/// token budget.
+///
+/// Fairness: when one request has more items waiting than its share of `max` (an equal
+/// part for every waiting request), the batch first takes the waiting requests' items a
+/// round at a time (each request's next oldest, none past its share), then fills by
+/// length with whatever room is left — a small request behind a large one runs in this
+/// batch, and the token budget cannot be spent by the large one alone. Without such a request (many single-text callers) batches
+/// group by length as they always did.
 fn take_batch(pending: &mut Vec<Item>, window: usize, max: usize, max_tokens: usize) -> Vec<Item> {
     let within_tokens =
         |count: usize, longest: usize| max_tokens == 0 || count * longest.max(1) <= max_tokens;
@@ -165,57 +170,64 @@ fn take_batch(pending: &mut Vec<Item>, window: usize, max: usize, max_tokens: us
     {
         return std::mem::take(pending);
     }
+    // Each waiting request's items, oldest first, in the order the requests came.
+    let mut index: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut requests: Vec<Vec<usize>> = Vec::new();
+    for (i, item) in pending.iter().enumerate() {
+        let r = *index.entry(item.request).or_insert_with(|| {
+            requests.push(Vec::new());
+            requests.len() - 1
+        });
+        requests[r].push(i);
+    }
+    let share = max.div_ceil(requests.len());
+    let crowded = requests.len() > 1 && requests.iter().any(|items| items.len() > share);
+    let of = |i: usize| index[&pending[i].request];
+
     let anchor = pending[0].length;
     let mut chosen = vec![false; pending.len()];
+    let mut taken = vec![0usize; requests.len()];
     chosen[0] = true;
+    taken[0] = 1;
     let (mut count, mut longest) = (1, anchor);
-    let take = |i: usize, count: &mut usize, longest: &mut usize, chosen: &mut Vec<bool>| {
-        let with = (*longest).max(pending[i].length);
-        if chosen[i] || *count == max || !within_tokens(*count + 1, with) {
-            return false;
-        }
-        chosen[i] = true;
-        *count += 1;
-        *longest = with;
-        true
-    };
-    // Each waiting request's share, in the order the requests came.
-    let mut requests: Vec<u64> = Vec::new();
-    for item in pending.iter() {
-        if !requests.contains(&item.request) {
-            requests.push(item.request);
-        }
-    }
-    if requests.len() > 1 {
-        // Round by round, each request's next oldest item, so the token budget, too, is
-        // shared rather than spent by the first request.
-        let share = max.div_ceil(requests.len());
-        let queues: Vec<Vec<usize>> = requests
-            .iter()
-            .map(|&r| (1..pending.len()).filter(|&i| pending[i].request == r).collect())
-            .collect();
-        let mut taken: Vec<usize> = requests.iter().map(|&r| usize::from(pending[0].request == r)).collect();
-        let mut next = vec![0; requests.len()];
+    let mut take =
+        |i: usize, capped: bool, count: &mut usize, longest: &mut usize, taken: &mut Vec<usize>| {
+            let with = (*longest).max(pending[i].length);
+            if chosen[i] || *count == max || !within_tokens(*count + 1, with) {
+                return;
+            }
+            if capped && taken[of(i)] >= share {
+                return;
+            }
+            chosen[i] = true;
+            taken[of(i)] += 1;
+            *count += 1;
+            *longest = with;
+        };
+    if crowded {
+        // A round at a time, each request's next oldest item, until each has its share
+        // (so the token budget is shared too, not spent by the first request).
+        let mut next = vec![0usize; requests.len()];
         loop {
-            let mut progressed = false;
-            for (q, queue) in queues.iter().enumerate() {
-                if taken[q] >= share || count == max {
-                    continue;
-                }
-                if let Some(&i) = queue.get(next[q]) {
-                    next[q] += 1;
-                    progressed = true;
-                    if take(i, &mut count, &mut longest, &mut chosen) {
-                        taken[q] += 1;
-                    }
+            let mut left = false;
+            for (r, items) in requests.iter().enumerate() {
+                if let Some(&i) = items.get(next[r])
+                    && taken[r] < share
+                {
+                    next[r] += 1;
+                    left = true;
+                    take(i, true, &mut count, &mut longest, &mut taken);
                 }
             }
-            if !progressed || count == max {
+            if count == max || !left {
                 break;
             }
         }
     }
-    let mut order: Vec<usize> = (1..pending.len().min(window.max(max))).collect();
+    // Then by length, as many as there is room for (crowded, from every item: a small
+    // request's may sit behind the window).
+    let reach = if crowded { pending.len() } else { pending.len().min(window.max(max)) };
+    let mut order: Vec<usize> = (1..reach).collect();
     order.sort_by_key(|&i| (pending[i].length.abs_diff(anchor), i));
     for &i in &order {
         if count == max {
@@ -223,7 +235,7 @@ fn take_batch(pending: &mut Vec<Item>, window: usize, max: usize, max_tokens: us
         }
         // Items further out are no shorter than this one's distance allows; a shorter
         // one may still fit the token budget, so keep looking.
-        take(i, &mut count, &mut longest, &mut chosen);
+        take(i, false, &mut count, &mut longest, &mut taken);
     }
     let mut batch = Vec::with_capacity(count);
     let mut rest = Vec::with_capacity(pending.len() - count);
