@@ -186,14 +186,18 @@ impl Bf16Dense {
                             s[cols..].fill(0.0);
                         }
                         super::kernels::gelu(&mut scratch);
-                        for (r, s) in scratch.chunks_exact(EDGE).enumerate() {
+                        // One conversion for the block: per row of 32 the call cost more
+                        // than the conversion.
+                        let mut rounded = [0u16; EDGE * EDGE];
+                        to_bf16(&scratch, &mut rounded);
+                        for (r, s) in rounded.chunks_exact(EDGE).enumerate() {
                             let row = group * EDGE + r;
                             // SAFETY: the rows of this group and the pair's 32 columns
                             // are inside `out` (groups·32 × pairs·32), written by this job
                             // alone.
                             let dst =
                                 unsafe { std::slice::from_raw_parts_mut(out.at(row * next + col0), EDGE) };
-                            to_bf16(s, dst);
+                            dst.copy_from_slice(s);
                         }
                     }
                 }
