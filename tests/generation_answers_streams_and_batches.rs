@@ -193,3 +193,61 @@ async fn a_text_model_refuses_images() {
     assert_eq!(g.stats().requests, 0);
     g.shutdown().await;
 }
+
+/// Chunked prefill (issue 30): a ~2000-token prompt arriving while a stream runs is read
+/// `generate.prefill_chunk` tokens a step, so the running stream's largest gap between
+/// two tokens stays under a second (it was the whole prefill: 24 s on 2 cores); the long
+/// prompt is answered too. With `prefill_chunk = 0` (whole prompts) the gap is the
+/// prefill's, measured for comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_does_not_stall_the_running_streams() {
+    let words = "the model reads every document in the archive and returns a short summary".split(' ');
+    let long: String = words.cycle().take(1900).collect::<Vec<_>>().join(" ");
+    let mut gaps = Vec::new();
+    for chunk in ["128", "0"] {
+        let g = Generation::from_config(config(&[
+            "generate.max_new_tokens=400",
+            &format!("generate.prefill_chunk={chunk}"),
+        ]))
+        .await
+        .unwrap();
+        let mut running = g.stream(ask("Write a long story about a dragon.")).unwrap();
+        let mut seen = 0;
+        while seen < 3 {
+            if let Some(Event::Token { .. }) = running.next().await {
+                seen += 1;
+            }
+        }
+        let started = std::time::Instant::now();
+        let long_answer = async {
+            let settings = kiln::GenerateConfig { max_new_tokens: 2, ..Default::default() };
+            let mut stream = g.stream_with(Prompt::Text(long.clone()), settings).unwrap();
+            while let Some(event) = stream.next().await {
+                if let Event::Done(done) = event {
+                    return Some(done);
+                }
+            }
+            None
+        };
+        let watch = async {
+            let (mut last, mut gap) = (std::time::Instant::now(), Duration::ZERO);
+            while let Some(event) = running.next().await {
+                if let Event::Token { .. } = event {
+                    gap = gap.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+            }
+            gap
+        };
+        let (answer, gap) = tokio::join!(long_answer, watch);
+        let answer = answer.expect("the long prompt is answered");
+        assert!(answer.prompt_tokens > 1500, "the long prompt has {} tokens", answer.prompt_tokens);
+        eprintln!("prefill_chunk {chunk}: the running stream's largest gap {gap:?}");
+        gaps.push(gap);
+        g.shutdown().await;
+    }
+    assert!(gaps[0] < Duration::from_secs(1), "with chunks the largest gap was {:?}", gaps[0]);
+}

@@ -530,4 +530,5 @@ pub(crate) mod panels;
 mod tile_attention;
 mod tiles;
 
-use kernels::{add_norm, gelu, softmax};
+pub(crate) use kernels::softmax;
+use kernels::{add_norm, gelu};

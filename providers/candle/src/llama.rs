@@ -362,18 +362,25 @@ impl Llama {
                 kc.extend_from_slice(&k[row * nkv * hd..(row + t) * nkv * hd]);
                 vc.extend_from_slice(&v[row * nkv * hd..(row + t) * nkv * hd]);
             }
-            // Each sequence's rows of `attn` are its own: split them off and fill in parallel.
-            let mut parts: Vec<(&mut [f32], usize, usize, usize, &LlamaCache)> =
-                Vec::with_capacity(spans.len());
-            let mut rest = attn.as_mut_slice();
-            for (&(row, t, pos), cache) in spans.iter().zip(caches.iter()) {
-                let (mine, tail) = rest.split_at_mut(t * nh * hd);
-                parts.push((mine, row, t, pos, &**cache));
-                rest = tail;
+            // Jobs of (sequence, head, block of query rows): a long prompt's attention
+            // spreads over every thread, and one stream's decoding over its heads.
+            let mut jobs = Vec::new();
+            for (s, &(row, t, pos)) in spans.iter().enumerate() {
+                for h in 0..nh {
+                    for r0 in (0..t).step_by(QUERY_BLOCK) {
+                        jobs.push(Attend { s, h, row, r0, rows: QUERY_BLOCK.min(t - r0), pos });
+                    }
+                }
             }
-            parts.into_par_iter().for_each(|(out, row, t, pos, cache)| {
-                let (kc, vc) = &cache.layers[l];
-                attend(&q[row * nh * hd..(row + t) * nh * hd], kc, vc, pos, t, nh, nkv, hd, out);
+            // Longest first: the last jobs to start are short.
+            jobs.sort_by_key(|j| std::cmp::Reverse((j.pos + j.r0 + j.rows) * j.rows));
+            let out = crate::cpu::Shared(attn.as_mut_ptr());
+            let caches: &[&mut LlamaCache] = caches;
+            jobs.par_iter().for_each(|job| {
+                let (kc, vc) = &caches[job.s].layers[l];
+                // SAFETY: each job writes its own rows' columns of head `h` of `attn`
+                // (rows × nh × hd), which no other job writes.
+                unsafe { attend(job, &q, kc, vc, (nh, nkv, hd), out) };
             });
             layer.wo.forward(&attn, rows, &mut o)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
@@ -421,47 +428,102 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut Vec<f32>) {
     }
 }
 
-/// Causal attention of one sequence's `t` new query rows (positions `pos..pos + t`)
-/// over its cache (`pos + t` tokens), grouped-query: head `h` reads KV head
-/// `h / (nh / nkv)`. Writes `[t][nh][hd]` into `out`.
-#[allow(clippy::too_many_arguments)]
-fn attend(
+/// Query rows a job of attention takes at most.
+const QUERY_BLOCK: usize = 64;
+
+/// One job of attention: sequence `s`'s query rows `r0..r0 + rows` (of its rows starting
+/// at batch row `row`; positions `pos + r0..`), head `h`.
+struct Attend {
+    s: usize,
+    h: usize,
+    row: usize,
+    r0: usize,
+    rows: usize,
+    pos: usize,
+}
+
+thread_local! {
+    /// Each thread's attention scores, kept between jobs.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Causal attention of `job`'s query rows over the sequence's cache, grouped-query
+/// (head `h` reads KV head `h / (nh / nkv)`): `S = Q Kᵀ / √hd` by `gemm` over the keys up to
+/// the block's last position, each row's softmax over the keys it may see (zeros past
+/// them), then `P V` by `gemm` into the job's rows of `out` (`[rows][nh][hd]`).
+///
+/// # Safety
+/// `out` points at the step's `[rows][nh][hd]` attention buffer and no other job writes
+/// this job's rows of head `h`.
+unsafe fn attend(
+    job: &Attend,
     q: &[f32],
     kc: &[f32],
     vc: &[f32],
-    pos: usize,
-    t: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-    out: &mut [f32],
+    (nh, nkv, hd): (usize, usize, usize),
+    out: crate::cpu::Shared,
 ) {
-    let group = nh / nkv;
+    let kv = job.h / (nh / nkv);
+    let seen = job.pos + job.r0 + job.rows; // keys the block's last row sees
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = Vec::with_capacity(pos + t);
-    for r in 0..t {
-        let seen = pos + r + 1;
-        for h in 0..nh {
-            let kv = h / group;
-            let qh = &q[(r * nh + h) * hd..(r * nh + h + 1) * hd];
-            scores.clear();
-            scores.extend((0..seen).map(|j| {
-                let kj = &kc[(j * nkv + kv) * hd..(j * nkv + kv + 1) * hd];
-                qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
-            }));
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0.0;
-            scores.iter_mut().for_each(|s| {
-                *s = (*s - max).exp();
-                sum += *s;
-            });
-            let oh = &mut out[(r * nh + h) * hd..(r * nh + h + 1) * hd];
-            oh.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let vj = &vc[(j * nkv + kv) * hd..(j * nkv + kv + 1) * hd];
-                let p = p / sum;
-                oh.iter_mut().zip(vj).for_each(|(o, v)| *o += p * v);
-            }
+    SCORES.with_borrow_mut(|buffer| {
+        if buffer.len() < job.rows * seen {
+            buffer.resize(job.rows * seen, 0.0);
         }
-    }
+        let scores = &mut buffer[..job.rows * seen];
+        let first = job.row + job.r0;
+        // SAFETY: q holds the step's [rows][nh][hd] queries, kc and vc the cache's
+        // [positions][nkv][hd] keys and values (at least `seen` positions: this step's were
+        // appended before attention); scores is rows × seen; the output rows are this
+        // job's (the caller's promise).
+        unsafe {
+            gemm::gemm(
+                job.rows,
+                seen,
+                hd,
+                scores.as_mut_ptr(),
+                1,
+                seen as isize,
+                false,
+                q[(first * nh + job.h) * hd..].as_ptr(),
+                1,
+                (nh * hd) as isize,
+                kc[kv * hd..].as_ptr(),
+                (nkv * hd) as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            for (r, row) in scores.chunks_exact_mut(seen).enumerate() {
+                let visible = job.pos + job.r0 + r + 1;
+                crate::cpu::softmax(&mut row[..visible]);
+                row[visible..].fill(0.0);
+            }
+            gemm::gemm(
+                job.rows,
+                hd,
+                seen,
+                out.at((first * nh + job.h) * hd),
+                1,
+                (nh * hd) as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                seen as isize,
+                vc[kv * hd..].as_ptr(),
+                1,
+                (nkv * hd) as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
 }

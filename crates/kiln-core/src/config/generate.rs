@@ -54,6 +54,12 @@ pub struct GenerateConfig {
     /// Vision-language models: MiB of encoded images kept, by content, so an image seen
     /// again skips the vision tower (0: no cache).
     pub image_cache_mb: u64,
+    /// Prompt tokens one step of the model reads at most, over all the prompts being
+    /// read: a longer prompt is read over several steps, between which the running
+    /// streams go on, so a long prompt delays them by one such step, not by its whole
+    /// prefill (vLLM's and llama.cpp's chunked prefill). 0: whole prompts in one step.
+    /// Prompts with images are read whole. Ignored in a request's settings.
+    pub prefill_chunk: usize,
 }
 
 impl Default for GenerateConfig {
@@ -73,6 +79,7 @@ impl Default for GenerateConfig {
             max_images: 8,
             max_image_pixels: 0,
             image_cache_mb: 256,
+            prefill_chunk: 128,
         }
     }
 }

@@ -48,6 +48,9 @@ pub(super) struct Limits {
     pub(super) kv_budget: u64,
     /// Set while memory is above the high watermark: nothing joins a running batch.
     pub(super) pressure: Option<Arc<AtomicBool>>,
+    /// Prompt tokens one step feeds at most, over all the prompts being read
+    /// (`generate.prefill_chunk`; 0: whole prompts). Prompts with images go whole.
+    pub(super) prefill_chunk: usize,
 }
 
 /// A sequence in the running batch.
@@ -355,36 +358,65 @@ impl Engine {
         });
     }
 
-    /// One step of the model over every running sequence: a new one's whole prompt, one
-    /// token of each other. Its logits, one row per sequence, and when they came; on a
-    /// failure every sequence in the step fails and `None` is returned.
-    fn step(&mut self) -> Option<(Vec<Vec<f32>>, Instant)> {
-        let prefill: u64 =
-            self.running.iter().filter(|r| r.generated.is_empty()).map(|r| r.feed.len() as u64).sum();
+    /// One step of the model over the running sequences: one token of each decoding
+    /// one, and of the prompts being read as many tokens as `prefill_chunk` allows (the
+    /// oldest first; a longer prompt goes on in the next steps, so a long prompt never
+    /// stops the running streams for longer than one such step). Logits per running
+    /// sequence — `None` for one that took no part or is still reading its prompt — and
+    /// when they came; on a failure every sequence in the step fails and `None` is
+    /// returned.
+    fn step(&mut self) -> Option<(Vec<Option<Vec<f32>>>, Instant)> {
+        // A vision-language prompt goes whole: its image tokens must meet their images
+        // in one step.
+        let chunked = self.limits.prefill_chunk > 0 && self.generator.info().vision.is_none();
+        let mut left = self.limits.prefill_chunk;
+        let fed: Vec<usize> = self
+            .running
+            .iter()
+            .map(|r| {
+                if !r.generated.is_empty() || !chunked {
+                    return r.feed.len();
+                }
+                let n = r.feed.len().min(left);
+                left -= n;
+                n
+            })
+            .collect();
+        let prefill: u64 = self
+            .running
+            .iter()
+            .zip(&fed)
+            .filter(|(r, _)| r.generated.is_empty())
+            .map(|(_, &n)| n as u64)
+            .sum();
         let started = Instant::now();
         // A prompt's images go with its first step only.
-        let images: Vec<Vec<Encoded>> =
-            self.running.iter_mut().map(|r| std::mem::take(&mut r.images)).collect();
+        let images: Vec<Vec<Encoded>> = self
+            .running
+            .iter_mut()
+            .zip(&fed)
+            .map(|(r, &n)| if n > 0 { std::mem::take(&mut r.images) } else { Vec::new() })
+            .collect();
         let step_images: Vec<Vec<StepImage<'_>>> = images
             .iter()
             .map(|list| list.iter().map(|(t, grid)| StepImage { embedding: t, grid_thw: *grid }).collect())
             .collect();
+        let stepped = fed.iter().filter(|&&n| n > 0).count();
         let result = {
             let mut items: Vec<StepItem<'_>> = self
                 .running
                 .iter_mut()
                 .zip(&step_images)
-                .map(|(r, images)| StepItem { tokens: &r.feed, cache: r.cache.as_mut(), images })
+                .zip(&fed)
+                .filter(|(_, n)| **n > 0)
+                .map(|((r, images), &n)| StepItem { tokens: &r.feed[..n], cache: r.cache.as_mut(), images })
                 .collect();
             self.generator.step(&mut items)
         };
         let logits = match result {
-            Ok(l) if l.len() == self.running.len() => l,
+            Ok(l) if l.len() == stepped => l,
             Ok(l) => {
-                let e = Error::backend(
-                    "kiln",
-                    format!("{} logits rows for {} sequences", l.len(), self.running.len()),
-                );
+                let e = Error::backend("kiln", format!("{} logits rows for {stepped} sequences", l.len()));
                 self.fail_all(e);
                 return None;
             }
@@ -395,26 +427,49 @@ impl Engine {
         };
         let now = Instant::now();
         self.profiler.record("generate_step", started, now - started);
-        let sequences = self.running.len() as u64;
+        // Logits back in running order; a prompt read only in part drops what it fed and
+        // samples nothing yet.
+        let mut rows = logits.into_iter();
+        let mut sampled = 0u64;
+        let aligned: Vec<Option<Vec<f32>>> = self
+            .running
+            .iter_mut()
+            .zip(&fed)
+            .map(|(r, &n)| {
+                if n == 0 {
+                    return None;
+                }
+                let row = rows.next();
+                if n < r.feed.len() {
+                    r.feed.drain(..n);
+                    return None;
+                }
+                sampled += 1;
+                row
+            })
+            .collect();
+        let sequences = stepped as u64;
         let kv: u64 = self.running.iter().map(|r| r.cache.bytes()).sum();
         self.counters.with(|s| {
             s.stats.steps += 1;
             s.sequences_in_steps += sequences;
             s.stats.max_sequences_per_step = s.stats.max_sequences_per_step.max(sequences);
             s.stats.prompt_tokens += prefill;
-            s.stats.generated_tokens += sequences;
+            s.stats.generated_tokens += sampled;
             s.stats.kv_cache_bytes = kv;
             s.stats.peak_kv_cache_bytes = s.stats.peak_kv_cache_bytes.max(kv);
         });
-        Some((logits, now))
+        Some((aligned, now))
     }
 
     /// Samples each sequence's next token from its logits and sends the text it
     /// completes — all of it but what may still become a stop string. Returns the
     /// sequences that ended, by index, and why.
-    fn emit(&mut self, logits: Vec<Vec<f32>>, now: Instant) -> Vec<(usize, FinishReason)> {
+    fn emit(&mut self, logits: Vec<Option<Vec<f32>>>, now: Instant) -> Vec<(usize, FinishReason)> {
         let mut finished = Vec::new();
-        for (i, (r, mut logits)) in self.running.iter_mut().zip(logits).enumerate() {
+        for (i, (r, logits)) in self.running.iter_mut().zip(logits).enumerate() {
+            // Still reading its prompt (or not in this step): nothing to sample yet.
+            let Some(mut logits) = logits else { continue };
             let token = r.sampler.next(&mut logits, &r.history);
             match r.first_token {
                 None => {
@@ -625,7 +680,7 @@ mod tests {
     /// a tokenizer that knows no words (the steps tested here decode nothing).
     fn engine(generator: &Arc<Recorder>, max_sequences: usize, kv_budget: u64) -> Engine {
         let tokenizer = Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default());
-        let limits = Limits { max_sequences, kv_budget, pressure: None };
+        let limits = Limits { max_sequences, kv_budget, pressure: None, prefill_chunk: 0 };
         Engine::new(
             generator.clone(),
             Arc::new(tokenizer),
@@ -717,6 +772,35 @@ mod tests {
         });
         let done = done.expect("a Done event to send");
         assert_eq!((done.tokens.len(), done.finish_reason), (2, FinishReason::Length));
+    }
+
+    /// `prefill_chunk` 4: a 10-token prompt is read as 4, 4 and 2 tokens over three
+    /// steps while a decoding sequence goes on in each, and its first token comes only
+    /// once the whole prompt is in.
+    #[test]
+    fn a_long_prompt_is_read_in_chunks_beside_the_running_streams() {
+        let generator = recorder();
+        let mut e = engine(&generator, 2, 0);
+        e.limits.prefill_chunk = 4;
+        let (short, _s) = job(3, 1);
+        e.waiting.push_back(short);
+        e.admit();
+        let step = |e: &mut Engine| {
+            let (logits, now) = e.step().expect("the recorder steps");
+            let sampled = logits.iter().filter(|l| l.is_some()).count();
+            let finished = e.emit(logits, now);
+            e.finish(finished, now);
+            sampled
+        };
+        assert_eq!(step(&mut e), 1); // the short prompt, whole (3 < 4)
+        let (long, _l) = job(10, 1);
+        e.waiting.push_back(long);
+        e.admit();
+        let sampled: Vec<usize> = (0..3).map(|_| step(&mut e)).collect();
+        let steps = generator.1.lock().unwrap().clone();
+        // The short one decodes a token a step; the long one feeds 4, 4, 2.
+        assert_eq!(steps[1..], [vec![1, 4], vec![4], vec![2]]);
+        assert_eq!(sampled, vec![1, 0, 1], "the long prompt samples only when it is all in");
     }
 
     #[test]

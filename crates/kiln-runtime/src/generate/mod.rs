@@ -241,6 +241,7 @@ impl Generation {
             max_sequences: config.batching.max_batch_size.max(1),
             kv_budget: config.generate.kv_cache_mb.saturating_mul(1 << 20),
             pressure,
+            prefill_chunk: config.generate.prefill_chunk,
         };
         let vision = match &info.vision {
             Some(v) => Some(Vision::new(v, config)?),

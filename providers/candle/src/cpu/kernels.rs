@@ -40,7 +40,7 @@ dispatch!(
 );
 dispatch!(
     /// Softmax of one row in place.
-    pub(super) fn softmax => softmax_generic(x: &mut [f32])
+    pub(crate) fn softmax => softmax_generic(x: &mut [f32])
 );
 dispatch!(
     /// `softmax(scale · x)` of one row, rounded to bf16 bits into `p` (the bf16
