@@ -25,6 +25,8 @@ pub mod formats;
 pub mod mutate;
 mod targets;
 
+pub use targets::{HTTP_KEY, http_call};
+
 /// One fuzz target.
 #[derive(Debug, Clone, Copy)]
 pub struct Target {
@@ -78,6 +80,13 @@ pub const TARGETS: &[Target] = &[
         about: "config, metrics (any names, NaN, infinities) and summaries through the TensorBoard \
                 tracker: every TFRecord's checksums hold and every event parses",
         run: targets::tensorboard,
+    },
+    Target {
+        name: "http",
+        about: "an HTTP/1.1 request to kiln serve's routes (MiniLM loaded, an API key set): never an \
+                internal error, every refusal JSON with one line naming the problem, no response over \
+                16 MiB",
+        run: targets::http,
     },
     Target {
         name: "wandb",

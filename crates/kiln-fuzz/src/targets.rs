@@ -369,3 +369,103 @@ pub fn wandb(data: &[u8]) {
     let summary: serde_json::Value = serde_json::from_slice(&summary).expect("wandb-summary.json is JSON");
     assert!(summary.is_object(), "wandb-summary.json is not an object");
 }
+
+/// The HTTP routes of `kiln serve` over MiniLM (loaded once), called in process.
+struct Server {
+    runtime: tokio::runtime::Runtime,
+    router: axum::Router,
+}
+
+/// The API key the `http` target's server wants; the seeds carry it (mutations lose it).
+pub const HTTP_KEY: &str = "fuzz-key";
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the http target");
+        let dir = std::env::var_os("KILN_FUZZ_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(kiln_core::config::DEFAULT_MODEL_DIR)
+        });
+        // Bounds that keep one input cheap: a few inputs a request, a short deadline.
+        let sets = [
+            format!("model.path={:?}", dir.display().to_string()),
+            format!("server.api_keys=[{HTTP_KEY:?}]"),
+            "server.max_inputs=8".to_string(),
+            "batching.max_wait_ms=0".to_string(),
+            "cache.enabled=false".to_string(),
+        ];
+        let config = KilnConfig::load(None, &sets).expect("the http target's config");
+        let head = kiln_text::embedding_head(&config.model.path, &config.text).unwrap_or_else(|e| {
+            panic!(
+                "the http target needs MiniLM at {} (scripts/setup; or KILN_FUZZ_MODEL): {e}",
+                dir.display()
+            )
+        });
+        let state = kiln_serve::State::new(config.clone(), head);
+        let optimizer = runtime
+            .block_on(kiln::Optimizer::from_config(config))
+            .unwrap_or_else(|e| panic!("the http target could not load MiniLM: {e}"));
+        state.ready(std::sync::Arc::new(optimizer));
+        Server { router: kiln_serve::router(state), runtime }
+    })
+}
+
+/// An HTTP/1.1 request as bytes (request line, headers, a blank line, the body) to the
+/// router; `None` when it is not one (hyper refuses those before kiln sees them).
+fn http_request(data: &[u8]) -> Option<axum::http::Request<axum::body::Body>> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&data[..end]).ok()?;
+    let body = data[end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (method, path) = (first.next()?, first.next()?);
+    let mut request = axum::http::Request::builder().method(method).uri(path);
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        request = request.header(name.trim(), value.trim());
+    }
+    request.body(axum::body::Body::from(body)).ok()
+}
+
+/// The status `kiln serve`'s router answers `data` with (`None`: not an HTTP request),
+/// its body, and the path asked for.
+pub fn http_call(data: &[u8]) -> Option<(axum::http::StatusCode, Vec<u8>, String)> {
+    use tower::ServiceExt;
+    let request = http_request(data)?;
+    let path = request.uri().path().to_string();
+    let server = server();
+    let (status, body) = server.runtime.block_on(async {
+        let response =
+            server.router.clone().oneshot(request).await.expect("the router's service is infallible");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 16 << 20)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: the response body is over 16 MiB or unreadable: {e}"));
+        (status, body.to_vec())
+    });
+    Some((status, body, path))
+}
+
+pub fn http(data: &[u8]) {
+    let Some((status, body, path)) = http_call(data) else { return };
+    let code = status.as_u16();
+    assert!(
+        ![500, 501, 502].contains(&code),
+        "{path}: {status} — a client's request must not be an internal error: {}",
+        String::from_utf8_lossy(&body[..body.len().min(300)])
+    );
+    if code >= 400 && code != 405 {
+        // Every refusal is JSON with an `error` naming the problem (OpenAI's and TEI's
+        // shape, or the Open Inference Protocol's `{"error": "..."}` on /v2).
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!("{path}: {status} with a body that is not JSON ({e}): {}", String::from_utf8_lossy(&body))
+        });
+        let message = json["error"]["message"].as_str().or_else(|| json["error"].as_str());
+        let message = message.unwrap_or_else(|| panic!("{path}: {status} without an error message: {json}"));
+        assert_one_line(message, &path);
+    }
+}
