@@ -186,7 +186,8 @@ impl CpuBert {
             .collect();
         Ok(CpuBert {
             hidden: h,
-            tile_attention: precision == Precision::Bf16
+            // int8 takes it too: its products are coarser than bf16's already.
+            tile_attention: matches!(precision, Precision::Bf16 | Precision::Int8)
                 && config.hidden_size.is_multiple_of(config.num_attention_heads)
                 && tile_attention::supported(config.hidden_size / config.num_attention_heads),
             heads: config.num_attention_heads,
