@@ -14,9 +14,14 @@
 //!
 //! 32 rows × 32 columns of results live in four accumulator tiles (2 × 2); each step of
 //! 32 inputs loads two activation and two weight tiles and issues four tile products.
-//! A thread keeps its 32 rows of activations (in L1) and walks the columns, so the
-//! weights stream from L2. Results go through a 4 KiB scratch (where the bias is added
-//! and the padding dropped) into the caller's buffer.
+//! A job takes a range of columns whose weights fit in L2 and a range of row groups
+//! (`Plan`); for each group of 32 rows (in L1) it walks its columns, so the weights
+//! stream from L2 and come from memory once a call. Results go through a 4 KiB scratch
+//! (where the bias is added, GELU applied for `Sink::GeluRows`, and the padding
+//! dropped) into the caller's buffer. The kernel reaches about 0.5 TFLOPS a core on
+//! MiniLM's shapes, about half what the same instructions give with both operands in
+//! L1: tiles are not renamed, so each step's weight loads wait on the last step's
+//! products (docs/benchmarks.md, issue 32).
 //!
 //! A CPU without AMX (or a level capped below it, `KILN_CPU_ISA`) runs the same
 //! products in plain Rust over the same layout: the same rounding, only the order of
