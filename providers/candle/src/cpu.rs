@@ -400,19 +400,25 @@ impl Shared {
     }
 }
 
+/// Attention's jobs: (first token, tokens, head) for every text with tokens and every
+/// head, longest first, so the last jobs to start are short ones.
+pub(crate) fn head_jobs(rows: &[(usize, usize)], heads: usize) -> Vec<(usize, usize, usize)> {
+    let mut jobs: Vec<(usize, usize, usize)> = rows
+        .iter()
+        .filter(|(_, len)| *len > 0)
+        .flat_map(|&(start, len)| (0..heads).map(move |head| (start, len, head)))
+        .collect();
+    jobs.sort_by_key(|&(_, len, _)| std::cmp::Reverse(len));
+    jobs
+}
+
 /// Self-attention of each text over its own tokens: `qkv` is `[tokens, 3 * hidden]`
 /// (`[q | k | v]`), `context` `[tokens, hidden]`.
 fn attention(qkv: &[f32], rows: &[(usize, usize)], hidden: usize, heads: usize, context: &mut [f32]) {
     let d = hidden / heads;
     let stride = 3 * hidden;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut jobs: Vec<(usize, usize, usize)> = rows
-        .iter()
-        .filter(|(_, len)| *len > 0)
-        .flat_map(|&(start, len)| (0..heads).map(move |head| (start, len, head)))
-        .collect();
-    // Longest first, so the last jobs to start are short ones.
-    jobs.sort_by_key(|&(_, len, _)| std::cmp::Reverse(len));
+    let jobs = head_jobs(rows, heads);
     let out = Shared(context.as_mut_ptr());
     jobs.par_iter().for_each(|&(start, len, head)| {
         SCORES.with_borrow_mut(|buffer| {
@@ -480,8 +486,9 @@ fn attention(qkv: &[f32], rows: &[(usize, usize)], hidden: usize, heads: usize, 
 
 thread_local! {
     /// Each thread's attention scores, kept between jobs and batches: a buffer per job,
-    /// allocated and zeroed, showed in perf as 5% memset plus page faults.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// allocated and zeroed, showed in perf as 5% memset plus page faults. The GGUF
+    /// decoder's attention (`llama.rs`) uses it too.
+    pub(crate) static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out = down(GELU(up(x)))`, the intermediate in `scratch`: f32, or when both layers

@@ -442,11 +442,6 @@ struct Attend {
     pos: usize,
 }
 
-thread_local! {
-    /// Each thread's attention scores, kept between jobs.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Causal attention of `job`'s query rows over the sequence's cache, grouped-query
 /// (head `h` reads KV head `h / (nh / nkv)`): `S = Q Kᵀ / √hd` by `gemm` over the keys up to
 /// the block's last position, each row's softmax over the keys it may see (zeros past
@@ -466,7 +461,7 @@ unsafe fn attend(
     let kv = job.h / (nh / nkv);
     let seen = job.pos + job.r0 + job.rows; // keys the block's last row sees
     let scale = 1.0 / (hd as f32).sqrt();
-    SCORES.with_borrow_mut(|buffer| {
+    crate::cpu::SCORES.with_borrow_mut(|buffer| {
         if buffer.len() < job.rows * seen {
             buffer.resize(job.rows * seen, 0.0);
         }

@@ -55,12 +55,7 @@ pub(crate) fn attention(
 ) {
     let d = hidden / heads;
     assert!(supported(d), "tile attention takes heads of 32 or 64 values with AMX active");
-    let mut jobs: Vec<(usize, usize, usize)> = rows
-        .iter()
-        .filter(|(_, len)| *len > 0)
-        .flat_map(|&(start, len)| (0..heads).map(move |head| (start, len, head)))
-        .collect();
-    jobs.sort_by_key(|&(_, len, _)| std::cmp::Reverse(len));
+    let jobs = super::head_jobs(rows, heads);
     // The whole of Q, K and V rounded at once: per token and head it would be a call
     // per 32 values, which perf showed costing more than the products.
     QKV.with_borrow_mut(|rounded| {
