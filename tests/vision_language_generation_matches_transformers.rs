@@ -129,3 +129,30 @@ async fn an_mlx_community_4_bit_checkpoint_gives_mlx_vlm_tokens() {
     assert_eq!(answer.tokens, expected, "mlx-vlm's greedy tokens");
     generation.shutdown().await;
 }
+
+/// The same prompt on provider `mlx` (MLX's CPU here), from the 4-bit folder as stored
+/// (MLX's quantized matmul over the packed layers, as mlx-vlm runs them): mlx-vlm's
+/// greedy tokens through kiln's whole path — chat template, processor, image cache.
+#[cfg(feature = "mlx")]
+#[tokio::test]
+async fn on_mlx_the_4_bit_checkpoint_as_stored_gives_mlx_vlm_tokens() {
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("prompt.json")).unwrap()).unwrap();
+    let q4: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("mlx-q4/reference.json")).unwrap()).unwrap();
+    let eos = reference["special_ids"]["<|im_end|>"].as_u64().unwrap() as u32;
+    let greedy: Vec<u32> = serde_json::from_value(q4["greedy_tokens"].clone()).unwrap();
+    let expected: Vec<u32> = greedy.iter().copied().take_while(|&t| t != eos).collect();
+    let path = format!("model.path={:?}", fixture().join("mlx-q4").display().to_string());
+    let generation = Generation::from_config(config(&[path.as_str(), "provider.name=\"mlx\""])).await.unwrap();
+    let info = generation.info();
+    assert_eq!(info.provider, "mlx");
+    assert!(info.quantization.contains("MLX quantized matmul"), "{}", info.quantization);
+    let first = generation.generate(prompt(&reference)).await.unwrap();
+    assert_eq!(first.tokens, expected, "mlx-vlm's greedy tokens");
+    let again = generation.generate(prompt(&reference)).await.unwrap();
+    assert_eq!(again.tokens, expected);
+    let stats = generation.stats();
+    assert_eq!((stats.images, stats.image_cache_hits), (4, 2), "{stats:?}");
+    generation.shutdown().await;
+}

@@ -228,3 +228,37 @@ fn kiln_bench_measures_a_vision_language_model_and_its_image_cache() {
     assert_eq!(report["image_cache"]["image_tokens"], 114, "{report}");
     assert_eq!(report["concurrent"]["errors"].as_u64(), Some(0), "{report}");
 }
+
+/// examples/vlm-mlx.toml: the fixture's 4-bit mlx-community folder on provider `mlx`,
+/// its packed layers as stored — the first prompt gets mlx-vlm's greedy tokens.
+#[cfg(feature = "mlx")]
+#[test]
+fn kiln_run_answers_about_images_on_mlx_with_its_example() {
+    let fixture = support::root().join(".kiln/models/qwen25vl-tiny");
+    assert!(fixture.join("mlx-q4/reference.json").is_file(), "run `scripts/setup vlm` (scripts/test does)");
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("prompt.json")).unwrap()).unwrap();
+    let q4: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("mlx-q4/reference.json")).unwrap()).unwrap();
+    let greedy: Vec<u64> = serde_json::from_value(q4["greedy_tokens"].clone()).unwrap();
+    let eos = reference["special_ids"]["<|im_end|>"].as_u64().unwrap();
+    let expected: Vec<u64> = greedy.into_iter().take_while(|&t| t != eos).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("answers.jsonl");
+    let run = kiln(&[
+        "run",
+        "examples/vlm-mlx.toml",
+        "--input",
+        "examples/data/vlm.jsonl",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("MLX quantized matmul"), "{stderr}");
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ids: Vec<u64> = serde_json::from_value(rows[0]["token_ids"].clone()).unwrap();
+    assert_eq!(ids, expected, "mlx-vlm's greedy tokens");
+    assert_eq!(rows[0]["image_tokens"], 114);
+}

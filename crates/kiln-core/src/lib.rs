@@ -22,6 +22,7 @@ pub mod model;
 pub mod pooling;
 pub mod profiler;
 pub mod provider;
+pub mod qwen2vl;
 pub mod registry;
 pub mod tensor;
 pub mod tensor_bytes;

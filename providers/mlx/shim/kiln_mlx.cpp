@@ -110,6 +110,9 @@ const char* kiln_mlx_blas() {
 
 void kiln_mlx_free(kiln_mlx_array* a) { delete a; }
 
+// A second handle on the same array (its buffer shared, not copied).
+kiln_mlx_array* kiln_mlx_share(const kiln_mlx_array* a) { return wrap([&] { return a->a; }); }
+
 int kiln_mlx_gpu_count() {
   try {
     if (!mx::is_available(mx::Device(mx::Device::gpu, 0))) return 0;
@@ -508,6 +511,16 @@ kiln_mlx_array* kiln_mlx_quantized_matmul(const kiln_mlx_array* x, const kiln_ml
   return wrap([&] {
     return mx::quantized_matmul(x->a, w->a, scales->a, biases->a, true, group_size, bits, "affine",
                                 current_device);
+  });
+}
+
+// dequantize(w, scales, biases): the affine-quantized rows back as dense values (the
+// scales' dtype).
+kiln_mlx_array* kiln_mlx_dequantize(const kiln_mlx_array* w, const kiln_mlx_array* scales,
+                                    const kiln_mlx_array* biases, int group_size, int bits) {
+  return wrap([&] {
+    return mx::dequantize(w->a, scales->a, biases->a, group_size, bits, "affine", std::nullopt, std::nullopt,
+                          current_device);
   });
 }
 

@@ -44,6 +44,14 @@ impl std::fmt::Debug for Array {
     }
 }
 
+impl Array {
+    /// A second handle on the same array: its buffer shared, nothing copied.
+    pub fn share(&self) -> Result<Array> {
+        // SAFETY: a live handle.
+        own(unsafe { ffi::kiln_mlx_share(self.raw()) }, "share")
+    }
+}
+
 /// Takes ownership of a handle the shim returned; NULL is the shim's error.
 fn own(raw: *mut ffi::RawArray, what: &str) -> Result<Array> {
     NonNull::new(raw).map(Array).ok_or_else(|| backend(what))
@@ -154,6 +162,11 @@ impl Array {
     fn dtype_code(&self) -> c_int {
         // SAFETY: a live handle.
         unsafe { ffi::kiln_mlx_dtype(self.raw()) }
+    }
+
+    /// Whether the elements are u32 (packed quantized weights).
+    pub fn is_u32(&self) -> bool {
+        self.dtype_code() == ffi::U32
     }
 
     /// The element type (f32 for codes kiln does not name).

@@ -142,6 +142,14 @@ unsafe extern "C" {
         group_size: c_int,
         bits: c_int,
     ) -> *mut RawArray;
+    pub fn kiln_mlx_share(a: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_dequantize(
+        w: *const RawArray,
+        scales: *const RawArray,
+        biases: *const RawArray,
+        group_size: c_int,
+        bits: c_int,
+    ) -> *mut RawArray;
     pub fn kiln_mlx_load_safetensors(path: *const c_char) -> *mut RawWeights;
     pub fn kiln_mlx_weights_get(w: *const RawWeights, name: *const c_char) -> *mut RawArray;
     pub fn kiln_mlx_weights_free(w: *mut RawWeights);

@@ -204,12 +204,32 @@ impl Provider for MlxProvider {
     }
 
     /// llama-architecture GGUF files, their quantized matrices as MLX quantized
-    /// matmuls (see `llama.rs`).
+    /// matmuls (see `llama.rs`); Qwen2.5-VL checkpoint folders, mlx-community's packed
+    /// layers as stored (see `qwen2vl/`).
     async fn load_generator(&self, spec: &ModelSpec) -> Result<Arc<dyn kiln_core::Generator>> {
         let gpu = mlx_device(spec.device)?;
+        if spec.path.is_dir() && kiln_core::qwen2vl::is_checkpoint(&spec.path) {
+            if spec.quantization != Quantization::None {
+                return Err(Error::Unsupported(format!(
+                    "provider `mlx` runs Qwen2.5-VL checkpoints as stored (mlx-community's packed layers through \
+                     MLX's quantized matmul); model.quantization = \"{}\" is not taken for them: convert the \
+                     checkpoint with mlx-vlm instead",
+                    spec.quantization
+                )));
+            }
+            let bytes = weight_bytes(&weight_files(&spec.path)?, spec.dtype, None)?;
+            let model = crate::qwen2vl::QwenVl::load(&spec.path, gpu, spec.device, spec.dtype, bytes)?;
+            if self.options.clear_cache_after_load {
+                array::clear_cache();
+            }
+            return Ok(Arc::new(model));
+        }
         if !spec.path.is_file() {
-            let why =
-                if spec.path.exists() { "not a file; mlx generates from GGUF files" } else { "no such file" };
+            let why = if spec.path.exists() {
+                "not a GGUF file nor a Qwen2.5-VL checkpoint folder; mlx generates from those"
+            } else {
+                "no such file"
+            };
             return Err(Error::model_load(&spec.path, why));
         }
         let dense = match self.options.gguf_matrices.as_str() {

@@ -1,7 +1,8 @@
 //! kiln's MLX provider (`mlx`): BERT-family encoders from Hugging Face folders
 //! (`config.json` + `model.safetensors`, the folders the candle provider reads) and ONNX
-//! graphs (`.onnx`) on [MLX](https://github.com/ml-explore/mlx), and text generation
-//! from llama-architecture GGUF files (`llama.rs`).
+//! graphs (`.onnx`) on [MLX](https://github.com/ml-explore/mlx), text generation
+//! from llama-architecture GGUF files (`llama.rs`), and vision-language generation from
+//! Qwen2.5-VL checkpoint folders, mlx-community's quantized ones as stored (`qwen2vl/`).
 //!
 //! An ONNX file is read by kiln's own decoder of the protobuf format (`onnx.rs`) and
 //! compiled once into steps over MLX arrays (`graph.rs`): constants folded, weights on
@@ -51,6 +52,8 @@ mod imp;
 mod llama;
 #[cfg(feature = "libmlx")]
 mod onnx;
+#[cfg(feature = "libmlx")]
+mod qwen2vl;
 #[cfg(feature = "libmlx")]
 pub use imp::*;
 

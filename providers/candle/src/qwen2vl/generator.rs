@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor as CTensor};
+use kiln_core::qwen2vl;
 use kiln_core::{
     Error, Generator, GeneratorInfo, ImagePatches, Result, SequenceCache, StepItem, Tensor, TokenizerSource,
     VisionInfo,
 };
-use serde_json::Value;
 
 use super::{Arithmetic, KvCache, QwenVl};
 use crate::backend;
@@ -44,13 +44,7 @@ impl QwenVlGenerator {
     pub fn load_with(dir: &Path, weight_bytes: u64, arithmetic: Arithmetic) -> Result<Self> {
         let model = QwenVl::load_with(dir, &Device::Cpu, true, arithmetic)?;
         let c = model.config().clone();
-        let tokenizer = dir.join("tokenizer.json");
-        if !tokenizer.is_file() {
-            return Err(Error::model_load(
-                dir,
-                "no tokenizer.json; a Qwen2.5-VL checkpoint folder carries one",
-            ));
-        }
+        let tokenizer = qwen2vl::tokenizer_file(dir)?;
         let name =
             dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
         let mut info = GeneratorInfo::new(
@@ -61,24 +55,25 @@ impl QwenVlGenerator {
             c.max_position_embeddings,
             TokenizerSource::File(tokenizer.clone()),
         );
-        let mut eos = c.eos_token_ids.clone();
-        eos.extend(generation_eos(dir));
-        eos.sort_unstable();
-        eos.dedup();
-        info.eos_token_ids = eos;
-        info.chat_template = chat_template(dir);
+        info.eos_token_ids = qwen2vl::eos_tokens(dir, &c);
+        info.chat_template = qwen2vl::chat_template(dir);
         info.kv_bytes_per_token = (c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim() * 4) as u64;
         info.weight_bytes = Some(weight_bytes);
-        info.quantization = match quantized_bits(dir) {
-            Some((bits, group)) => {
-                format!("{bits}-bit mlx affine (group {group}), dequantized to f32 at load")
+        info.quantization = match (qwen2vl::quantization(dir)?, arithmetic) {
+            (Some((group, 4)), Arithmetic::Int8Activations) => {
+                format!("4-bit mlx affine (group {group}), as Q4_1 blocks with int8 activations")
             }
-            None => "none (f32)".into(),
+            (Some((group, bits)), _) => {
+                format!("{bits}-bit mlx affine (group {group}), kept packed, widened to f32 as it computes")
+            }
+            (None, Arithmetic::Bf16) => "none (bf16 products on the CPU's tiles)".into(),
+            (None, _) => "none (f32)".into(),
         };
         info.vision = Some(VisionInfo {
             processor: "qwen2-vl".into(),
             dir: dir.to_path_buf(),
-            image_token: token_text(&tokenizer, c.image_token_id).unwrap_or_else(|| "<|image_pad|>".into()),
+            image_token: qwen2vl::token_text(&tokenizer, c.image_token_id)
+                .unwrap_or_else(|| "<|image_pad|>".into()),
             image_token_id: c.image_token_id,
             merge_size: c.vision.spatial_merge_size,
             weight_bytes: 0,
@@ -178,46 +173,4 @@ fn image_rows<'a>(images: impl Iterator<Item = &'a Tensor>) -> Result<CTensor> {
         hidden = *h;
     }
     CTensor::from_vec(values, (rows, hidden), &Device::Cpu).map_err(backend)
-}
-
-/// mlx-community's `quantization: {bits, group_size}`, when the folder's config has it.
-fn quantized_bits(dir: &Path) -> Option<(u64, u64)> {
-    let json: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
-    let q = json.get("quantization")?;
-    Some((q.get("bits")?.as_u64()?, q.get("group_size")?.as_u64()?))
-}
-
-/// `eos_token_id` of `generation_config.json`, when the folder has one.
-fn generation_eos(dir: &Path) -> Vec<u32> {
-    let Ok(text) = std::fs::read(dir.join("generation_config.json")) else { return Vec::new() };
-    let Ok(json) = serde_json::from_slice::<Value>(&text) else { return Vec::new() };
-    match json.get("eos_token_id") {
-        Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
-        Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        None => Vec::new(),
-    }
-}
-
-/// The checkpoint's chat template: `chat_template.jinja`, else `chat_template.json`'s,
-/// else `tokenizer_config.json`'s — where transformers' writers put it.
-fn chat_template(dir: &Path) -> Option<String> {
-    if let Ok(text) = std::fs::read_to_string(dir.join("chat_template.jinja")) {
-        return Some(text);
-    }
-    ["chat_template.json", "tokenizer_config.json"].iter().find_map(|file| {
-        let json: Value = serde_json::from_slice(&std::fs::read(dir.join(file)).ok()?).ok()?;
-        json.get("chat_template")?.as_str().map(str::to_string)
-    })
-}
-
-/// The text of token `id` in `tokenizer.json`'s added tokens.
-fn token_text(tokenizer: &Path, id: u32) -> Option<String> {
-    let json: Value = serde_json::from_slice(&std::fs::read(tokenizer).ok()?).ok()?;
-    json.get("added_tokens")?
-        .as_array()?
-        .iter()
-        .find(|t| t.get("id").and_then(Value::as_u64) == Some(u64::from(id)))?
-        .get("content")?
-        .as_str()
-        .map(str::to_string)
 }

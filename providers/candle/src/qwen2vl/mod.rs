@@ -6,8 +6,8 @@
 //!
 //! kiln's own implementation, written from the architecture (transformers'
 //! `modeling_qwen2_5_vl.py` and mlx-vlm's `qwen2_5_vl` read for reference; nothing
-//! copied): [`config`] reads both `config.json` layouts, [`weights`] both tensor naming
-//! layouts, [`vision`] is the tower, [`text`] the decoder and its KV cache, [`rope`] the
+//! copied): [`config`] reads both `config.json` layouts (shared with the MLX provider, in `kiln_core::qwen2vl`),
+//! [`weights`] the tensor naming layouts, [`vision`] is the tower, [`text`] the decoder and its KV cache, [`rope`] the
 //! positions. A prompt runs in two parts: its images through the tower
 //! ([`QwenVl::encode_images`], cacheable per image), then the prefill of its tokens with
 //! the images' rows in place ([`QwenVl::prefill`], which computes each token's time,
@@ -16,9 +16,7 @@
 //! Everything computes in f32 (weights widened from their stored precision); it is checked against transformers on the
 //! same weights (`tests/` of this crate).
 
-pub mod config;
 pub mod generator;
-pub mod rope;
 pub mod text;
 pub mod vision;
 pub mod weights;
@@ -26,6 +24,7 @@ pub mod weights;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+pub use kiln_core::qwen2vl::{config, rope};
 use kiln_core::{Error, Result};
 
 pub use config::QwenVlConfig;
@@ -87,30 +86,10 @@ impl QwenVl {
     /// The images' patch rows (`[Σ patches, values]`, as the processor gives them, images
     /// one after another) → one row per image token, `[Σ patches / merge², hidden]`.
     pub fn encode_images(&self, pixels: &[f32], grids: &[[usize; 3]]) -> Result<Tensor> {
-        let patches: usize = grids.iter().map(|g| g.iter().product::<usize>()).sum();
         let v = &self.config.vision;
+        let patches = kiln_core::qwen2vl::check_patches(pixels.len(), grids, v)?;
         let unit = v.spatial_merge_size * v.spatial_merge_size;
-        if let Some(g) = grids.iter().find(|g| {
-            !g[1].is_multiple_of(v.spatial_merge_size)
-                || !g[2].is_multiple_of(v.spatial_merge_size)
-                || g[0] == 0
-        }) {
-            return Err(Error::InvalidInput(format!(
-                "an image grid of {g:?} patches does not divide into {}×{} merge units",
-                v.spatial_merge_size, v.spatial_merge_size
-            )));
-        }
-        let width = pixels.len().checked_div(patches).unwrap_or(0);
-        if patches == 0
-            || width * patches != pixels.len()
-            || width != 3 * v.temporal_patch_size * v.patch_size * v.patch_size
-        {
-            return Err(Error::InvalidInput(format!(
-                "{} pixel values for {patches} patches of {} values (grids {grids:?})",
-                pixels.len(),
-                3 * v.temporal_patch_size * v.patch_size * v.patch_size
-            )));
-        }
+        let width = pixels.len() / patches;
         let pixels = Tensor::from_slice(pixels, (patches, width), &self.device).map_err(backend)?;
         let out = self.vision.forward(&pixels, grids)?;
         debug_assert_eq!(out.dims()[0], patches / unit);

@@ -17,9 +17,9 @@ use candle_core::{D, Device, IndexOp, Tensor};
 use kiln_core::Result;
 
 use super::config::VisionConfig;
-use super::rope::inverse_frequencies;
 use super::weights::{Linear, Weights, rms_norm};
 use crate::backend;
+use kiln_core::qwen2vl::WindowLayout;
 
 struct Block {
     norm1: Tensor,
@@ -41,17 +41,6 @@ pub struct VisionTower {
     merger_fc1: Linear,
     merger_fc2: Linear,
     device: Device,
-}
-
-/// Where the tower's tokens go and which attend to which.
-struct Layout {
-    /// Merge units in window order: `window_index[i]` is the processor-order merge unit
-    /// at window-order place i.
-    window_index: Vec<u32>,
-    /// Patch offsets where each window starts (and the end).
-    windows: Vec<usize>,
-    /// Patch offsets where each image starts (and the end).
-    images: Vec<usize>,
 }
 
 impl VisionTower {
@@ -95,8 +84,10 @@ impl VisionTower {
         let heads = c.num_heads;
         let head_dim = c.hidden_size / heads;
         let patches = pixels.dim(0).map_err(backend)?;
-        let layout = self.layout(grids);
-        let (cos, sin) = self.rotary(grids, &layout.window_index, head_dim, patches)?;
+        let layout = WindowLayout::new(grids, c);
+        let (cos, sin) = layout.rotary(grids, c.spatial_merge_size, head_dim);
+        let cos = Tensor::from_vec(cos, (patches, head_dim), &self.device).map_err(backend)?;
+        let sin = Tensor::from_vec(sin, (patches, head_dim), &self.device).map_err(backend)?;
         let mut x = pixels.matmul(&self.patch_embed.t().map_err(backend)?).map_err(backend)?;
         // Window order, whole merge units at a time.
         let order = Tensor::new(layout.window_index.as_slice(), &self.device).map_err(backend)?;
@@ -126,93 +117,8 @@ impl VisionTower {
         let merged =
             self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu_erf().map_err(backend)?)?;
         // Back to the processor's order: out[window_index[i]] = merged[i].
-        let mut inverse = vec![0u32; layout.window_index.len()];
-        for (i, &w) in layout.window_index.iter().enumerate() {
-            inverse[w as usize] = i as u32;
-        }
-        let inverse = Tensor::new(inverse.as_slice(), &self.device).map_err(backend)?;
+        let inverse = Tensor::new(layout.inverse().as_slice(), &self.device).map_err(backend)?;
         merged.index_select(&inverse, 0).map_err(backend)
-    }
-
-    /// Window order and the attention segments of `grids`' images.
-    fn layout(&self, grids: &[[usize; 3]]) -> Layout {
-        let c = &self.config;
-        let m = c.spatial_merge_size;
-        let unit = m * m;
-        let side = (c.window_size / m / c.patch_size).max(1);
-        let (mut window_index, mut windows, mut images) = (Vec::new(), vec![0usize], vec![0usize]);
-        let mut base = 0u32;
-        for &[t, h, w] in grids {
-            let (gh, gw) = (h / m, w / m);
-            for frame in 0..t {
-                for wr in 0..gh.div_ceil(side) {
-                    for wc in 0..gw.div_ceil(side) {
-                        let mut count = 0;
-                        for r in wr * side..((wr + 1) * side).min(gh) {
-                            for col in wc * side..((wc + 1) * side).min(gw) {
-                                window_index.push(base + (frame * gh * gw + r * gw + col) as u32);
-                                count += 1;
-                            }
-                        }
-                        windows.push(windows.last().copied().unwrap_or(0) + count * unit);
-                    }
-                }
-                images.push(images.last().copied().unwrap_or(0) + gh * gw * unit);
-            }
-            base += (t * gh * gw) as u32;
-        }
-        Layout { window_index, windows, images }
-    }
-
-    /// cos and sin `[patches, head_dim]` in window order: each patch's row position on
-    /// the first quarter of the frequencies, its column on the second, both halves of
-    /// the head repeating them.
-    fn rotary(
-        &self,
-        grids: &[[usize; 3]],
-        window_index: &[u32],
-        head_dim: usize,
-        patches: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let m = self.config.spatial_merge_size;
-        let unit = m * m;
-        let inv = inverse_frequencies(head_dim / 2, 10_000.0);
-        let quarter = inv.len();
-        // (row, column) of every patch in processor (merge-block) order.
-        let mut at = Vec::with_capacity(patches);
-        for &[t, h, w] in grids {
-            for _ in 0..t {
-                for hb in 0..h / m {
-                    for wb in 0..w / m {
-                        for mh in 0..m {
-                            for mw in 0..m {
-                                at.push((hb * m + mh, wb * m + mw));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let (mut cos, mut sin) =
-            (Vec::with_capacity(patches * head_dim), Vec::with_capacity(patches * head_dim));
-        for &u in window_index {
-            for k in 0..unit {
-                let (row, col) = at[u as usize * unit + k];
-                let mut angles = Vec::with_capacity(head_dim);
-                angles.extend(inv.iter().map(|f| row as f32 * f));
-                angles.extend(inv.iter().map(|f| col as f32 * f));
-                debug_assert_eq!(angles.len(), 2 * quarter);
-                for _ in 0..2 {
-                    cos.extend(angles.iter().map(|a| a.cos()));
-                    sin.extend(angles.iter().map(|a| a.sin()));
-                }
-            }
-        }
-        let shape = (patches, head_dim);
-        Ok((
-            Tensor::from_vec(cos, shape, &self.device).map_err(backend)?,
-            Tensor::from_vec(sin, shape, &self.device).map_err(backend)?,
-        ))
     }
 }
 

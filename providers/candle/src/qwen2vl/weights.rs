@@ -181,25 +181,20 @@ impl Weights {
         for file in &files {
             read_safetensors(file, &mut tensors)?;
         }
-        let quantization =
-            if tensors.keys().any(|k| k.ends_with(".scales")) { Some(quantization(dir)?) } else { None };
-        let has = |prefix: &str| tensors.keys().any(|k| k.starts_with(prefix));
-        let vision = if has("vision_tower.") {
-            "vision_tower."
-        } else if has("model.visual.") {
-            "model.visual."
+        let quantization = if tensors.keys().any(|k| k.ends_with(".scales")) {
+            Some(kiln_core::qwen2vl::quantization(dir)?.ok_or_else(|| {
+                Error::model_load(
+                    dir.join("config.json"),
+                    "the weights have quantized layers (`scales`) but config.json has no `quantization`",
+                )
+            })?)
         } else {
-            "visual."
+            None
         };
-        let text = if has("language_model.model.") {
-            "language_model.model."
-        } else if has("model.language_model.") {
-            "model.language_model."
-        } else {
-            "model."
-        };
+        let layout = kiln_core::qwen2vl::TensorLayout::detect(tensors.keys().map(String::as_str));
+        let (vision, text) = (layout.vision, layout.text);
         for suffix in ["weight", "scales", "biases"] {
-            if let Some(head) = tensors.remove(&format!("language_model.lm_head.{suffix}")) {
+            if let Some(head) = tensors.remove(&format!("{}.{suffix}", layout.lm_head)) {
                 tensors.insert(format!("lm_head.{suffix}"), head);
             }
         }
@@ -385,45 +380,6 @@ fn read_safetensors(file: &Path, into: &mut HashMap<String, Tensor>) -> Result<(
         into.insert(name, tensor);
     }
     Ok(())
-}
-
-/// `quantization: {group_size, bits}` of the folder's config.json (mlx-community's
-/// layout); per-module overrides are refused by name.
-fn quantization(dir: &Path) -> Result<(usize, usize)> {
-    let path = dir.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| Error::io("reading", &path, e))?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| Error::model_load_with(&path, "invalid JSON", e))?;
-    let q = json.get("quantization").ok_or_else(|| {
-        Error::model_load(
-            &path,
-            "the weights have quantized layers (`scales`) but config.json has no `quantization`",
-        )
-    })?;
-    let field = |k: &str| q.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize);
-    let (Some(group), Some(bits)) = (field("group_size"), field("bits")) else {
-        return Err(Error::model_load(&path, "`quantization` needs `group_size` and `bits`"));
-    };
-    if let Some(mode) = q.get("mode").and_then(serde_json::Value::as_str).filter(|m| *m != "affine") {
-        return Err(Error::Unsupported(format!(
-            "{}: quantization mode `{mode}`; kiln reads `affine`",
-            path.display()
-        )));
-    }
-    let known = |k: &String| matches!(k.as_str(), "group_size" | "bits" | "mode");
-    if let Some(other) = q.as_object().and_then(|o| o.keys().find(|k| !known(k))) {
-        return Err(Error::Unsupported(format!(
-            "{}: per-module quantization (`{other}`) is not read yet; one group_size and bits for every layer is",
-            path.display()
-        )));
-    }
-    if !(2..=8).contains(&bits) || group == 0 {
-        return Err(Error::model_load(
-            &path,
-            format!("quantization bits {bits}, group_size {group}: out of range"),
-        ));
-    }
-    Ok((group, bits))
 }
 
 /// One MLX affine-quantized layer from its tensors: `packed` (u32 `[out, in·bits/32]`,

@@ -86,6 +86,30 @@ impl Array {
         own(unsafe { ffi::kiln_mlx_take(self.raw(), ids.raw(), axis) }, "take")
     }
 
+    /// The affine-quantized rows `self` (packed u32) with their `scales` and `biases`
+    /// as dense values, in the scales' dtype.
+    pub fn dequantize(
+        &self,
+        scales: &Array,
+        biases: &Array,
+        group_size: usize,
+        bits: usize,
+    ) -> Result<Array> {
+        // SAFETY: live handles.
+        own(
+            unsafe {
+                ffi::kiln_mlx_dequantize(
+                    self.raw(),
+                    scales.raw(),
+                    biases.raw(),
+                    group_size as c_int,
+                    bits as c_int,
+                )
+            },
+            "dequantize",
+        )
+    }
+
     /// An int32 vector.
     pub fn from_i32(values: &[i32]) -> Result<Array> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();

@@ -2,7 +2,7 @@
 //! a width position per token, each driving its own section of the frequencies) and the
 //! vision tower's 2D rotary table. Pure arithmetic, tested on its own.
 
-use kiln_core::{Error, Result};
+use crate::{Error, Result};
 
 /// The three position streams (time, height, width) of every prompt token, and the
 /// rope delta: what decoding adds to a token's index to get its position (negative

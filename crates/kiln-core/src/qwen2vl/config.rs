@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use kiln_core::{Error, Result};
+use crate::{Error, Result};
 use serde_json::Value;
 
 /// The vision tower's shape.

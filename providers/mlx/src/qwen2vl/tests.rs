@@ -1,0 +1,173 @@
+//! Qwen2.5-VL on MLX against the references on the same weights (the seeded random
+//! checkpoint `scripts/setup vlm` makes, and mlx-vlm 0.7.10's conversions of it): two
+//! images of different sizes and "Compare these images." — transformers' logits (1e-3
+//! max abs) and 32 greedy tokens from the `save_pretrained` folder, mlx-vlm's logits
+//! and 32 greedy tokens from its f32, 4-, 6- and 8-bit folders (kept packed, through
+//! MLX's quantized matmul as mlx-vlm runs them), and sequences stepped together giving
+//! what each gives alone.
+
+use std::path::{Path, PathBuf};
+
+use kiln_core::{DType, Device, Generator, ImagePatches, StepImage, StepItem};
+use kiln_vision::read_npy;
+
+use super::QwenVl;
+
+fn fixture() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/qwen25vl-tiny");
+    assert!(
+        dir.join("prompt.json").is_file(),
+        "{} is missing: run `scripts/setup vlm` (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The fixture's prompt ids, image grids and pixel values (transformers' processor's).
+fn prompt(dir: &Path) -> (serde_json::Value, Vec<u32>, Vec<[usize; 3]>, Vec<f32>) {
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("prompt.json")).unwrap()).unwrap();
+    let ids = serde_json::from_value(record["input_ids"].clone()).unwrap();
+    let grids = serde_json::from_value(record["image_grid_thw"].clone()).unwrap();
+    let pixels = read_npy(&dir.join("prompt_pixels.npy")).unwrap().to_f32_vec().unwrap();
+    (record, ids, grids, pixels)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+}
+
+fn load(dir: &Path) -> QwenVl {
+    QwenVl::load(dir, None, Device::Cpu, DType::F32, 0).unwrap()
+}
+
+/// The prompt's logits at every position, then `count` greedy tokens.
+fn run(
+    model: &QwenVl,
+    ids: &[u32],
+    grids: &[[usize; 3]],
+    pixels: &[f32],
+    count: usize,
+) -> (Vec<f32>, Vec<u32>) {
+    let images = model.encode_images(pixels, grids).unwrap();
+    let mut cache = model.new_cache();
+    let logits = model.prefill(ids, Some(&images), grids, &mut cache, ids.len()).unwrap();
+    let mut tokens = vec![argmax(logits.last().unwrap())];
+    while tokens.len() < count {
+        tokens.push(argmax(&model.decode(*tokens.last().unwrap(), &mut cache).unwrap()));
+    }
+    (logits.concat(), tokens)
+}
+
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+#[test]
+fn two_images_and_a_question_give_transformers_logits_and_greedy_tokens() {
+    let dir = fixture();
+    let (record, ids, grids, pixels) = prompt(&dir);
+    let expected: Vec<u32> = serde_json::from_value(record["greedy_tokens"].clone()).unwrap();
+    let model = load(&dir.join("model"));
+    assert_eq!(model.config().image_token_id, 6);
+    let (logits, tokens) = run(&model, &ids, &grids, &pixels, expected.len());
+    let reference = read_npy(&dir.join("prompt_logits.npy")).unwrap().to_f32_vec().unwrap();
+    let worst = largest_difference(&logits, &reference);
+    println!("largest logit difference from transformers {worst:.2e} over {} positions", ids.len());
+    assert!(worst <= 1e-3, "logits differ from transformers' by {worst:.3e}");
+    assert_eq!(tokens, expected, "transformers' 32 greedy tokens");
+}
+
+#[test]
+fn mlx_community_checkpoints_give_mlx_vlm_logits_and_greedy_tokens() {
+    let dir = fixture();
+    let (_, ids, grids, pixels) = prompt(&dir);
+    for folder in ["mlx-f32", "mlx-q4", "mlx-q6", "mlx-q8"] {
+        let at = dir.join(folder);
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(at.join("reference.json")).unwrap()).unwrap();
+        let expected: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
+        let model = load(&at);
+        if folder != "mlx-f32" {
+            assert!(model.info().quantization.contains("as stored"), "{}", model.info().quantization);
+        }
+        let (logits, tokens) = run(&model, &ids, &grids, &pixels, expected.len());
+        let reference = read_npy(&at.join("prompt_logits.npy")).unwrap().to_f32_vec().unwrap();
+        let worst = largest_difference(&logits, &reference);
+        println!("{folder}: largest logit difference from mlx-vlm {worst:.2e}");
+        assert!(worst <= 1e-3, "{folder}: logits differ from mlx-vlm's by {worst:.3e}");
+        assert_eq!(tokens, expected, "{folder}: mlx-vlm's 32 greedy tokens");
+    }
+}
+
+/// As a kiln `Generator`: a prompt with images and a text-only prompt in one step, then
+/// decoding side by side, give the logits each gives alone.
+#[test]
+fn sequences_stepped_together_match_each_alone() {
+    let dir = fixture();
+    let (_, ids, grids, pixels) = prompt(&dir);
+    let model = load(&dir.join("mlx-q4"));
+    let split = grids[0].iter().product::<usize>() * 1176;
+    let patches = vec![
+        ImagePatches { values: pixels[..split].to_vec(), grid_thw: grids[0] },
+        ImagePatches { values: pixels[split..].to_vec(), grid_thw: grids[1] },
+    ];
+    let encoded = Generator::encode_images(&model, &patches).unwrap();
+    let images: Vec<StepImage<'_>> =
+        encoded.iter().zip(&grids).map(|(e, g)| StepImage { embedding: e, grid_thw: *g }).collect();
+    let text: Vec<u32> = ids[..12].to_vec();
+    let alone = |tokens: &[u32], with_images: bool| {
+        let mut cache = model.new_sequence().unwrap();
+        let mut item = StepItem::new(tokens, cache.as_mut());
+        if with_images {
+            item.images = &images;
+        }
+        let mut logits = model.step(&mut [item]).unwrap().remove(0);
+        let mut all = vec![logits.clone()];
+        for _ in 0..6 {
+            let next = [argmax(&logits)];
+            logits = model.step(&mut [StepItem::new(&next, cache.as_mut())]).unwrap().remove(0);
+            all.push(logits.clone());
+        }
+        all
+    };
+    let (a_alone, c_alone) = (alone(&ids, true), alone(&text, false));
+    let (mut a, mut c) = (model.new_sequence().unwrap(), model.new_sequence().unwrap());
+    let mut first = StepItem::new(&ids, a.as_mut());
+    first.images = &images;
+    let mut out = model.step(&mut [first, StepItem::new(&text, c.as_mut())]).unwrap();
+    let (mut a_together, mut c_together) = (vec![out.remove(0)], vec![out.remove(0)]);
+    for _ in 0..6 {
+        let (na, nc) = ([argmax(a_together.last().unwrap())], [argmax(c_together.last().unwrap())]);
+        let mut out =
+            model.step(&mut [StepItem::new(&na, a.as_mut()), StepItem::new(&nc, c.as_mut())]).unwrap();
+        a_together.push(out.remove(0));
+        c_together.push(out.remove(0));
+    }
+    for (alone, together) in [(&a_alone, &a_together), (&c_alone, &c_together)] {
+        for (x, y) in alone.iter().zip(together.iter()) {
+            assert_eq!(argmax(x), argmax(y));
+            let diff = largest_difference(x, y);
+            assert!(diff < 1e-4, "logits differ by {diff}");
+        }
+    }
+    assert!(a.bytes() >= (a.len() as u64) * model.info().kv_bytes_per_token);
+}
+
+#[test]
+fn bad_inputs_are_refused_by_name() {
+    let dir = fixture();
+    let model = load(&dir.join("mlx-q4"));
+    let e = model.encode_images(&[0.0; 1176 * 3], &[[1, 2, 2]]).err().unwrap().to_string();
+    assert!(e.contains("pixel values"), "{e}");
+    let e = model.encode_images(&[0.0; 1176 * 3], &[[1, 3, 1]]).err().unwrap().to_string();
+    assert!(e.contains("merge units"), "{e}");
+    let mut cache = model.new_cache();
+    let e = model.prefill(&[1, 100_000], None, &[], &mut cache, 1).err().unwrap().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    let e = model.prefill(&[1, 6, 6, 2], None, &[[1, 4, 4]], &mut cache, 1).err().unwrap().to_string();
+    assert!(e.contains("<|image_pad|>"), "{e}");
+    let e = QwenVl::load(&dir.join("images"), None, Device::Cpu, DType::F32, 0).err().unwrap().to_string();
+    assert!(e.contains("config.json"), "{e}");
+}

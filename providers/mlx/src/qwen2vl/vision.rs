@@ -1,0 +1,141 @@
+//! The vision tower on MLX: patch rows in, one row per merged patch out, in the
+//! language model's width. The same computation as the candle provider's tower (its
+//! layout and rotary table are `kiln_core::qwen2vl`'s): the patch convolution as one
+//! matrix product, the patches reordered window by window, blocks attending within
+//! windows (or whole images at `fullatt_block_indexes`) through MLX's fused attention,
+//! the 2×2 merger, and the rows put back in the processor's order.
+
+use kiln_core::qwen2vl::{VisionConfig, WindowLayout};
+use kiln_core::{DType, Result};
+
+use super::weights::{Checkpoint, Linear};
+use super::{from_f32, rotate};
+use crate::array::Array;
+
+struct Block {
+    norm1: Array,
+    norm2: Array,
+    qkv: Linear,
+    proj: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The vision tower of a Qwen2.5-VL checkpoint.
+pub struct VisionTower {
+    config: VisionConfig,
+    /// `[C·T·P·P, hidden]`.
+    patch_t: Array,
+    blocks: Vec<Block>,
+    merger_norm: Array,
+    merger_fc1: Linear,
+    merger_fc2: Linear,
+    dtype: DType,
+}
+
+impl VisionTower {
+    /// The tower's tensors from `weights`.
+    pub fn load(weights: &Checkpoint, config: &VisionConfig, dtype: DType) -> Result<Self> {
+        let p = weights.layout.vision;
+        let blocks = (0..config.depth)
+            .map(|i| {
+                let b = format!("{p}blocks.{i}.");
+                Ok(Block {
+                    norm1: weights.get(&format!("{b}norm1.weight"))?,
+                    norm2: weights.get(&format!("{b}norm2.weight"))?,
+                    qkv: weights.linear(&format!("{b}attn.qkv"), true)?,
+                    proj: weights.linear(&format!("{b}attn.proj"), true)?,
+                    gate: weights.linear(&format!("{b}mlp.gate_proj"), true)?,
+                    up: weights.linear(&format!("{b}mlp.up_proj"), true)?,
+                    down: weights.linear(&format!("{b}mlp.down_proj"), true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VisionTower {
+            config: config.clone(),
+            patch_t: weights.patch_matrix(&format!("{p}patch_embed.proj.weight"))?,
+            blocks,
+            merger_norm: weights.get(&format!("{p}merger.ln_q.weight"))?,
+            merger_fc1: weights.linear(&format!("{p}merger.mlp.0"), true)?,
+            merger_fc2: weights.linear(&format!("{p}merger.mlp.2"), true)?,
+            dtype,
+        })
+    }
+
+    /// Its arrays, to evaluate at load.
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut all = vec![&self.patch_t, &self.merger_norm];
+        all.extend(self.merger_fc1.arrays());
+        all.extend(self.merger_fc2.arrays());
+        for b in &self.blocks {
+            all.extend([&b.norm1, &b.norm2]);
+            for l in [&b.qkv, &b.proj, &b.gate, &b.up, &b.down] {
+                all.extend(l.arrays());
+            }
+        }
+        all
+    }
+
+    /// The images' patch rows (`patches × C·T·P·P` values, each image's in merge-block
+    /// order, images one after another) and grids → `[patches / merge², out_hidden]`
+    /// (lazy), one row per image token in prompt order.
+    pub fn forward(&self, pixels: &[f32], patches: usize, grids: &[[usize; 3]]) -> Result<Array> {
+        let c = &self.config;
+        let unit = (c.spatial_merge_size * c.spatial_merge_size) as i32;
+        let (heads, hidden) = (c.num_heads as i32, c.hidden_size as i32);
+        let head_dim = hidden / heads;
+        let n = patches as i32;
+        let layout = WindowLayout::new(grids, c);
+        let (cos, sin) = layout.rotary(grids, c.spatial_merge_size, head_dim as usize);
+        let cos = from_f32(&cos, &[patches, 1, head_dim as usize])?.astype(self.dtype)?;
+        let sin = from_f32(&sin, &[patches, 1, head_dim as usize])?.astype(self.dtype)?;
+        let width = pixels.len() / patches;
+        let x = from_f32(pixels, &[patches, width])?.astype(self.dtype)?.matmul(&self.patch_t)?;
+        // Window order, whole merge units at a time.
+        let order = Array::from_i32(&layout.window_index.iter().map(|&w| w as i32).collect::<Vec<_>>())?;
+        let mut x = x.reshape(&[n / unit, unit * hidden])?.take(&order, 0)?.reshape(&[n, hidden])?;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let segments =
+                if c.fullatt_block_indexes.contains(&i) { &layout.images } else { &layout.windows };
+            let h = x.rms_norm(&block.norm1, 1e-6)?;
+            let qkv = block.qkv.forward(&h)?.reshape(&[n, 3, heads, head_dim])?;
+            let part = |k: i32| -> Result<Array> {
+                qkv.slice(&[0, k, 0, 0], &[n, k + 1, heads, head_dim])?.reshape(&[n, heads, head_dim])
+            };
+            let q = rotate(&part(0)?, &cos, &sin)?;
+            let k = rotate(&part(1)?, &cos, &sin)?;
+            let v = part(2)?;
+            let mut outs = Vec::with_capacity(segments.len());
+            for pair in segments.windows(2) {
+                let (start, end) = (pair[0] as i32, pair[1] as i32);
+                if end == start {
+                    continue;
+                }
+                let len = end - start;
+                // [len, heads, d] → [1, heads, len, d]
+                let seg = |t: &Array| -> Result<Array> {
+                    t.slice(&[start, 0, 0], &[end, heads, head_dim])?
+                        .transpose(&[1, 0, 2])?
+                        .reshape(&[1, heads, len, head_dim])
+                };
+                let o = seg(&q)?.attention(&seg(&k)?, &seg(&v)?, scale, None)?;
+                outs.push(
+                    o.reshape(&[heads, len, head_dim])?.transpose(&[1, 0, 2])?.reshape(&[len, hidden])?,
+                );
+            }
+            let attended = Array::concat(&outs.iter().collect::<Vec<_>>(), 0)?;
+            x = x.add(&block.proj.forward(&attended)?)?;
+            let h = x.rms_norm(&block.norm2, 1e-6)?;
+            let gate = block.gate.forward(&h)?;
+            let act = gate.mul(&gate.unary(crate::array::Unary::Sigmoid)?)?.mul(&block.up.forward(&h)?)?;
+            x = x.add(&block.down.forward(&act)?)?;
+        }
+        let merged = x.rms_norm(&self.merger_norm, 1e-6)?.reshape(&[n / unit, unit * hidden])?;
+        let merged = self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu()?)?;
+        // Back to the processor's order.
+        let inverse = Array::from_i32(&layout.inverse().iter().map(|&w| w as i32).collect::<Vec<_>>())?;
+        merged.take(&inverse, 0)
+    }
+}
