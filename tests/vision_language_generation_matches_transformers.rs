@@ -67,14 +67,44 @@ async fn two_images_and_a_question_give_transformers_tokens_and_the_images_are_c
     assert_eq!((stats.images, stats.image_cache_hits), (2, 0), "{stats:?}");
     assert_eq!(stats.image_tokens as usize, expected_ids.iter().filter(|&&t| t == 6).count());
 
-    // Asked again: both images from the cache, no vision tower run, the same answer.
+    // Asked again: the prompt continues from the prefix cache (only its last token
+    // computed), no vision tower run, the same answer.
     let encode_ms = stats.image_encode_ms;
-    let again = generation.generate(prompt).await.unwrap();
+    let again = generation.generate(prompt.clone()).await.unwrap();
     assert_eq!(again.tokens, first.tokens);
     let stats = generation.stats();
     assert_eq!((stats.images, stats.image_cache_hits), (4, 2), "{stats:?}");
     assert_eq!(stats.image_encode_ms, encode_ms, "no encoding for cached images");
+    assert_eq!((stats.prefix_cache_hits, stats.prefix_cached_tokens), (1, expected_ids.len() as u64 - 1));
+
+    // Another question about the same images: the common part (up to the question) from
+    // the prefix cache, the rest computed — the answer an engine without the cache gives.
+    let other = with_question(&prompt, "Which one is taller?");
+    let reused = generation.generate(other.clone()).await.unwrap();
+    let stats = generation.stats();
+    assert_eq!(stats.prefix_cache_hits, 2, "{stats:?}");
+    let last_image = expected_ids.iter().rposition(|&t| t == 6).unwrap();
+    assert!(stats.prefix_cached_tokens > (expected_ids.len() + last_image) as u64, "{stats:?}");
     generation.shutdown().await;
+    let fresh = Generation::from_config(config(&["generate.prefix_cache_mb=0"])).await.unwrap();
+    let whole = fresh.generate(other).await.unwrap();
+    assert_eq!(reused.tokens, whole.tokens, "the same answer computed whole");
+    assert_eq!(fresh.stats().prefix_cache_hits, 0);
+    fresh.shutdown().await;
+}
+
+/// `prompt` with its text part replaced by `question`.
+fn with_question(prompt: &Prompt, question: &str) -> Prompt {
+    let Prompt::Messages(messages) = prompt else { panic!("a chat prompt") };
+    let mut messages = messages.clone();
+    if let Content::Parts(parts) = &mut messages[0].content {
+        for part in parts.iter_mut() {
+            if let Part::Text { text } = part {
+                *text = question.into();
+            }
+        }
+    }
+    Prompt::Messages(messages)
 }
 
 #[tokio::test]
@@ -144,7 +174,8 @@ async fn on_mlx_the_4_bit_checkpoint_as_stored_gives_mlx_vlm_tokens() {
     let greedy: Vec<u32> = serde_json::from_value(q4["greedy_tokens"].clone()).unwrap();
     let expected: Vec<u32> = greedy.iter().copied().take_while(|&t| t != eos).collect();
     let path = format!("model.path={:?}", fixture().join("mlx-q4").display().to_string());
-    let generation = Generation::from_config(config(&[path.as_str(), "provider.name=\"mlx\""])).await.unwrap();
+    let generation =
+        Generation::from_config(config(&[path.as_str(), "provider.name=\"mlx\""])).await.unwrap();
     let info = generation.info();
     assert_eq!(info.provider, "mlx");
     assert!(info.quantization.contains("MLX quantized matmul"), "{}", info.quantization);
@@ -153,6 +184,20 @@ async fn on_mlx_the_4_bit_checkpoint_as_stored_gives_mlx_vlm_tokens() {
     let again = generation.generate(prompt(&reference)).await.unwrap();
     assert_eq!(again.tokens, expected);
     let stats = generation.stats();
-    assert_eq!((stats.images, stats.image_cache_hits), (4, 2), "{stats:?}");
+    assert_eq!((stats.images, stats.image_cache_hits, stats.prefix_cache_hits), (4, 2, 1), "{stats:?}");
+    // Another question about the same images, from the prefix cache: what MLX computes
+    // for it whole.
+    let other = with_question(&prompt(&reference), "Which one is taller?");
+    let reused = generation.generate(other.clone()).await.unwrap();
+    assert_eq!(generation.stats().prefix_cache_hits, 2);
     generation.shutdown().await;
+    let whole = Generation::from_config(config(&[
+        path.as_str(),
+        "provider.name=\"mlx\"",
+        "generate.prefix_cache_mb=0",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(whole.generate(other).await.unwrap().tokens, reused.tokens);
+    whole.shutdown().await;
 }

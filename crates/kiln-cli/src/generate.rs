@@ -226,6 +226,12 @@ pub(crate) async fn bench(
     };
     let cache = match &images {
         Some(_) if prompts.iter().any(has_image) => {
+            // The probe answers the prompt once, so that what a process does once (a GPU
+            // backend compiling its kernels, buffers first allocated) stays out of the
+            // figures; a fresh engine, its image cache empty, is the one measured.
+            probe.generate(prompts[0].clone()).await?;
+            probe.shutdown().await;
+            let probe = Generation::from_config(config.clone()).await?;
             let ttft = |g: &Generated| g.time_to_first_token_ms;
             let first = probe.generate(prompts[0].clone()).await?;
             let again = probe.generate(prompts[0].clone()).await?;
@@ -237,14 +243,18 @@ pub(crate) async fn bench(
                 ttft(&again),
                 first.image_tokens
             );
-            Some(
+            let cache = Some(
                 serde_json::json!({"first_ttft_ms": ttft(&first), "repeat_ttft_ms": ttft(&again), "ratio": ratio,
                 "image_tokens": first.image_tokens}),
-            )
+            );
+            probe.shutdown().await;
+            cache
         }
-        _ => None,
+        _ => {
+            probe.shutdown().await;
+            None
+        }
     };
-    probe.shutdown().await;
     let one = bench_phase(&config, prompts.clone(), requests.clamp(1, 4), 1).await?;
     print_phase("1 stream", &one);
     let many = bench_phase(&config, prompts, requests.max(concurrency), concurrency.max(1)).await?;

@@ -76,6 +76,19 @@ pub trait Generator: Send + Sync + 'static {
         let _ = images;
         Err(Error::Unsupported(format!("{} takes no images; it is a text model", self.info().name)))
     }
+
+    /// A new cache holding the first `tokens` of `cache` (which keeps its own), for the
+    /// runtime's prefix cache: a later prompt that starts with the same tokens (and the
+    /// same images) continues from it instead of computing them again. The runtime asks
+    /// only for prefixes that end after the prompt's last image, so a decoder whose
+    /// positions depend on the images (M-RoPE) keeps the offset it had. `Ok(None)`, the
+    /// default: this generator's caches are not copied, and prompts are always computed
+    /// whole. A copy may share storage with `cache` as long as neither sees the other's
+    /// later tokens.
+    fn fork(&self, cache: &mut dyn SequenceCache, tokens: usize) -> Result<Option<Box<dyn SequenceCache>>> {
+        let _ = (cache, tokens);
+        Ok(None)
+    }
 }
 
 /// A sequence's KV cache. The generator that made it downcasts it back in `step`.

@@ -60,6 +60,13 @@ pub struct GenerateConfig {
     /// prefill (vLLM's and llama.cpp's chunked prefill). 0: whole prompts in one step.
     /// Prompts with images are read whole. Ignored in a request's settings.
     pub prefill_chunk: usize,
+    /// MiB of prompts' KV caches kept after their prefill (the prefix cache), so a later
+    /// prompt that starts with the same tokens and the same images — a question asked
+    /// again, another question about the same images after the same system prompt —
+    /// computes only what follows (0: none). Only prefixes of 16 tokens or more that end
+    /// after the prompt's last image are reused. Generators that cannot copy a cache
+    /// (the GGUF decoders so far) keep nothing. Ignored in a request's settings.
+    pub prefix_cache_mb: u64,
 }
 
 impl Default for GenerateConfig {
@@ -80,6 +87,7 @@ impl Default for GenerateConfig {
             max_image_pixels: 0,
             image_cache_mb: 256,
             prefill_chunk: 128,
+            prefix_cache_mb: 256,
         }
     }
 }

@@ -13,6 +13,7 @@ use kiln_core::{
 use kiln_text::gguf::IncrementalDecoder;
 use tokenizers::Tokenizer;
 
+use super::prefix::{self, PrefixCache};
 use super::sampler::Sampler;
 use super::stats::{Counters, record};
 use super::{Event, FinishReason, Generated};
@@ -71,14 +72,24 @@ struct Running {
     last_token: Instant,
     /// The prompt's encoded images, until its first step has read them.
     images: Vec<Encoded>,
+    /// The prompt's prefix-cache signature, until its prefill is kept there.
+    signature: Option<Vec<u64>>,
 }
 
 impl Running {
-    fn new(job: Job, cache: Box<dyn SequenceCache>, images: Vec<Encoded>) -> Self {
+    /// A sequence for `job` whose first `reused` prompt tokens `cache` already holds.
+    fn new(
+        job: Job,
+        cache: Box<dyn SequenceCache>,
+        images: Vec<Encoded>,
+        reused: usize,
+        signature: Option<Vec<u64>>,
+    ) -> Self {
         Running {
             images,
+            signature,
             history: job.tokens.clone(),
-            feed: job.tokens.clone(),
+            feed: job.tokens[reused.min(job.tokens.len())..].to_vec(),
             sampler: Sampler::new(&job.settings),
             job,
             cache,
@@ -112,6 +123,10 @@ pub(super) struct Engine {
     reserved: u64,
     /// Encoded images by content, bounded in bytes (`generate.image_cache_mb`).
     image_cache: Option<moka::sync::Cache<u128, Arc<Tensor>>>,
+    /// Prompts' caches kept after their prefill (`generate.prefix_cache_mb`).
+    prefix: Option<PrefixCache>,
+    /// The image placeholder token of a vision-language model.
+    image_token: Option<u32>,
 }
 
 impl Engine {
@@ -122,6 +137,7 @@ impl Engine {
         counters: Arc<Counters>,
         profiler: Arc<dyn Profiler>,
         image_cache_bytes: u64,
+        prefix_cache_bytes: u64,
     ) -> Self {
         let image_cache = (image_cache_bytes > 0).then(|| {
             moka::sync::Cache::builder()
@@ -131,6 +147,7 @@ impl Engine {
         });
         let eos = generator.info().eos_token_ids.clone();
         let context = generator.info().context_length;
+        let image_token = generator.info().vision.as_ref().map(|v| v.image_token_id);
         Engine {
             generator,
             tokenizer,
@@ -143,6 +160,8 @@ impl Engine {
             running: Vec::new(),
             reserved: 0,
             image_cache,
+            prefix: (prefix_cache_bytes > 0).then(|| PrefixCache::new(prefix_cache_bytes)),
+            image_token,
         }
     }
 
@@ -229,15 +248,39 @@ impl Engine {
             reserving += job.reserve;
             admitted.push(job);
         }
-        // The admitted prompts' images go through the vision tower together.
+        // A prompt that starts like a kept one continues from its cache, which holds its
+        // images too; a failed fork only means the prompt is computed whole.
+        let mut reuses = Vec::with_capacity(admitted.len());
+        for job in admitted.iter_mut() {
+            let Some(prefixes) = self.prefix.as_mut() else {
+                reuses.push((None, None));
+                continue;
+            };
+            let keys: Vec<u128> = job.images.iter().map(|i| i.key).collect();
+            let signature = prefix::signature(&job.tokens, self.image_token, &keys);
+            let reuse = prefixes.lookup(self.generator.as_ref(), &signature).unwrap_or(None);
+            if let Some(r) = &reuse {
+                let images = std::mem::take(&mut job.images).len() as u64;
+                self.counters.with(|s| {
+                    s.stats.prefix_cache_hits += 1;
+                    s.stats.prefix_cached_tokens += r.tokens as u64;
+                    s.stats.images += images;
+                    s.stats.image_cache_hits += images;
+                });
+            }
+            reuses.push((reuse, Some(signature)));
+        }
+        // The other admitted prompts' images go through the vision tower together.
         let images = self.encode_images(&admitted);
-        for (job, images) in admitted.into_iter().zip(images) {
-            let started =
-                images.and_then(|images| self.generator.new_sequence().map(|cache| (cache, images)));
+        for ((job, images), (reuse, signature)) in admitted.into_iter().zip(images).zip(reuses) {
+            let started = images.and_then(|images| match reuse {
+                Some(r) => Ok((r.cache, images, r.tokens)),
+                None => self.generator.new_sequence().map(|cache| (cache, images, 0)),
+            });
             match started {
-                Ok((cache, images)) => {
+                Ok((cache, images, reused)) => {
                     self.reserved += job.reserve;
-                    self.running.push(Running::new(job, cache, images));
+                    self.running.push(Running::new(job, cache, images, reused, signature));
                 }
                 Err(e) => {
                     self.counters.with(|s| s.stats.failed += 1);
@@ -350,7 +393,9 @@ impl Engine {
     /// The gauges of [`GenerationStats`]: waiting, running, KV-cache bytes held.
     fn publish_levels(&self) {
         let kv: u64 = self.running.iter().map(|r| r.cache.bytes()).sum();
+        let kept = self.prefix.as_ref().map_or(0, PrefixCache::bytes);
         self.counters.with(|s| {
+            s.stats.prefix_cache_bytes = kept;
             s.stats.waiting = self.waiting.len() as u64;
             s.stats.running = self.running.len() as u64;
             s.stats.kv_cache_bytes = kv;
@@ -448,6 +493,17 @@ impl Engine {
                 row
             })
             .collect();
+        // Prompts whose prefill just ended are kept for later prompts that start the same.
+        if let Some(prefixes) = self.prefix.as_mut() {
+            for (r, row) in self.running.iter_mut().zip(&aligned) {
+                if row.is_some()
+                    && r.generated.is_empty()
+                    && let Some(signature) = r.signature.take()
+                {
+                    prefixes.insert(self.generator.as_ref(), signature, r.cache.as_mut());
+                }
+            }
+        }
         let sequences = stepped as u64;
         let kv: u64 = self.running.iter().map(|r| r.cache.bytes()).sum();
         self.counters.with(|s| {
@@ -645,7 +701,7 @@ mod tests {
 
     /// Records each step's token counts per sequence and checks every sequence's
     /// positions stay within what it holds.
-    struct Recorder(GeneratorInfo, Mutex<Vec<Vec<usize>>>);
+    struct Recorder(GeneratorInfo, Mutex<Vec<Vec<usize>>>, bool);
     struct Held(usize);
     impl SequenceCache for Held {
         fn len(&self) -> usize {
@@ -664,6 +720,15 @@ mod tests {
         }
         fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
             Ok(Box::new(Held(0)))
+        }
+        /// A recorder made by `forking_recorder` copies its caches (a count).
+        fn fork(
+            &self,
+            cache: &mut dyn SequenceCache,
+            tokens: usize,
+        ) -> Result<Option<Box<dyn SequenceCache>>> {
+            assert!(tokens <= cache.len());
+            Ok(self.2.then(|| Box::new(Held(tokens)) as Box<dyn SequenceCache>))
         }
         fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
             self.1.lock().unwrap().push(batch.iter().map(|item| item.tokens.len()).collect());
@@ -688,6 +753,7 @@ mod tests {
             Arc::new(Counters::default()),
             Arc::new(kiln_core::NoopProfiler),
             0,
+            0,
         )
     }
 
@@ -711,7 +777,50 @@ mod tests {
 
     fn recorder() -> Arc<Recorder> {
         let info = GeneratorInfo::new("recorder", "test", Device::Cpu, 50, 64, TokenizerSource::None);
-        Arc::new(Recorder(info, Mutex::new(Vec::new())))
+        Arc::new(Recorder(info, Mutex::new(Vec::new()), false))
+    }
+
+    fn forking_recorder() -> Arc<Recorder> {
+        let info = GeneratorInfo::new("recorder", "test", Device::Cpu, 50, 64, TokenizerSource::None);
+        Arc::new(Recorder(info, Mutex::new(Vec::new()), true))
+    }
+
+    /// With a prefix cache, a prompt asked again computes only its last token; one that
+    /// shares its first 20 tokens computes the other 20; one that shares fewer than
+    /// `MIN_TOKENS`, and every prompt when the generator cannot fork, is computed whole.
+    #[test]
+    fn prompts_that_start_like_a_kept_one_continue_from_its_cache() {
+        let answer = |generator: &Arc<Recorder>, prompts: &[Vec<u32>]| {
+            let mut e = engine(generator, 1, 0);
+            e.prefix = Some(PrefixCache::new(1 << 20));
+            for tokens in prompts {
+                let (mut j, _stream) = job(0, 1);
+                j.tokens = tokens.clone();
+                e.waiting.push_back(j);
+                e.admit();
+                while !e.running.is_empty() {
+                    let (logits, now) = e.step().expect("the recorder steps");
+                    let finished = e.emit(logits, now);
+                    e.finish(finished, now);
+                }
+            }
+            let firsts: Vec<usize> = generator.1.lock().unwrap().iter().step_by(2).map(|s| s[0]).collect();
+            e.publish_levels();
+            (firsts, e.counters.snapshot())
+        };
+        let base: Vec<u32> = (0..40).map(|i| 1 + i % 45).collect();
+        let mut other = base[..20].to_vec();
+        other.extend((0..20).map(|i| 46 + i % 3));
+        let mut short = base[..10].to_vec();
+        short.extend(std::iter::repeat_n(49, 30));
+        let prompts = [base.clone(), base.clone(), other, short];
+        let (firsts, stats) = answer(&forking_recorder(), &prompts);
+        assert_eq!(firsts, vec![40, 1, 20, 40]);
+        assert_eq!((stats.prefix_cache_hits, stats.prefix_cached_tokens), (2, 39 + 20));
+        assert!(stats.prefix_cache_bytes > 0);
+        let (firsts, stats) = answer(&recorder(), &prompts);
+        assert_eq!(firsts, vec![40, 40, 40, 40]);
+        assert_eq!(stats.prefix_cache_hits, 0);
     }
 
     #[test]
@@ -891,7 +1000,7 @@ mod tests {
             (2, vec![vec![8], vec![1], vec![1, 8], vec![1, 1]]),
             (4, vec![vec![8], vec![1], vec![1, 8], vec![1, 1], vec![1, 1, 8, 8], vec![1, 1, 1, 1]]),
         ] {
-            let g = Recorder(info.clone(), Mutex::new(Vec::new()));
+            let g = Recorder(info.clone(), Mutex::new(Vec::new()), false);
             assert_eq!(warm_up(&g, sequences).unwrap(), want.len());
             assert_eq!(*g.1.lock().unwrap(), want, "{sequences} sequences");
         }
@@ -899,6 +1008,7 @@ mod tests {
         let g = Recorder(
             GeneratorInfo::new("tiny", "test", Device::Cpu, 50, 8, TokenizerSource::None),
             Mutex::new(Vec::new()),
+            false,
         );
         warm_up(&g, 2).unwrap();
         assert_eq!(g.1.lock().unwrap()[0], vec![2]);

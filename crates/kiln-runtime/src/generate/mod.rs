@@ -17,6 +17,7 @@
 //! a time runs, and `stats().pressure_holds` counts the steps that held one back.
 
 mod engine;
+mod prefix;
 mod sampler;
 mod stats;
 mod vision;
@@ -254,6 +255,7 @@ impl Generation {
             counters.clone(),
             profiler.clone(),
             config.generate.image_cache_mb.saturating_mul(1 << 20),
+            config.generate.prefix_cache_mb.saturating_mul(1 << 20),
         );
         let thread = std::thread::Builder::new()
             .name("kiln-generate".into())
@@ -490,6 +492,8 @@ fn metrics(s: &GenerationStats) -> kiln_core::Metrics {
         ("generate/image_cache_hits", s.image_cache_hits as f64),
         ("generate/image_tokens", s.image_tokens as f64),
         ("generate/image_encode_ms", s.image_encode_ms),
+        ("generate/prefix_cache_hits", s.prefix_cache_hits as f64),
+        ("generate/prefix_cached_tokens", s.prefix_cached_tokens as f64),
         ("generate/ttft_p50_ms", s.ttft_ms[0]),
         ("generate/ttft_p99_ms", s.ttft_ms[1]),
         ("generate/inter_token_p50_ms", s.inter_token_ms[0]),

@@ -49,6 +49,12 @@ pub struct GenerationStats {
     pub image_tokens: u64,
     /// Time in the vision tower, milliseconds, all images together.
     pub image_encode_ms: f64,
+    /// Prompts that continued from a kept prompt's cache (`generate.prefix_cache_mb`).
+    pub prefix_cache_hits: u64,
+    /// Prompt tokens those took from the kept caches instead of computing them.
+    pub prefix_cached_tokens: u64,
+    /// Bytes the kept prompts' caches hold now.
+    pub prefix_cache_bytes: u64,
     /// Time to first token, milliseconds: p50, p99.
     pub ttft_ms: [f64; 2],
     /// Between a sequence's tokens, milliseconds: p50, p99, max.

@@ -138,6 +138,15 @@ impl Generator for QwenVlGenerator {
         Ok(out.into_iter().map(|l| l.expect("every item stepped")).collect())
     }
 
+    /// Views of the same keys and values, cut at `tokens`.
+    fn fork(&self, cache: &mut dyn SequenceCache, tokens: usize) -> Result<Option<Box<dyn SequenceCache>>> {
+        let cache = cache
+            .as_any_mut()
+            .downcast_mut::<Sequence>()
+            .ok_or_else(|| Error::InvalidInput("a sequence cache from another generator".into()))?;
+        Ok(Some(Box::new(Sequence(cache.0.prefix(tokens)?))))
+    }
+
     fn encode_images(&self, images: &[ImagePatches]) -> Result<Vec<Tensor>> {
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
         let values: Vec<f32> = images.iter().flat_map(|i| i.values.iter().copied()).collect();

@@ -56,6 +56,31 @@ impl KvCache {
     pub(super) fn set_rope_delta(&mut self, delta: i64) {
         self.rope_delta = delta;
     }
+
+    /// A cache of the first `tokens` tokens, the same rope delta: views of the same
+    /// storage (appending makes new tensors, so neither sees the other's later tokens).
+    pub fn prefix(&self, tokens: usize) -> Result<KvCache> {
+        if tokens > self.tokens {
+            return Err(Error::InvalidInput(format!(
+                "a prefix of {tokens} tokens of a cache of {}",
+                self.tokens
+            )));
+        }
+        let cut = |all: &[Option<Tensor>]| -> Result<Vec<Option<Tensor>>> {
+            all.iter()
+                .map(|t| match t {
+                    Some(t) if tokens > 0 => t.narrow(1, 0, tokens).map(Some).map_err(backend),
+                    _ => Ok(None),
+                })
+                .collect()
+        };
+        Ok(KvCache {
+            keys: cut(&self.keys)?,
+            values: cut(&self.values)?,
+            tokens,
+            rope_delta: self.rope_delta,
+        })
+    }
 }
 
 /// The decoder.

@@ -53,6 +53,27 @@ impl KvCache {
         self.tokens as i64 + self.rope_delta
     }
 
+    /// A cache of the first `tokens` tokens, the same rope delta: handles on the same
+    /// buffers. Whichever writes next gets its own copy (MLX writes in place only into a
+    /// buffer nothing else holds), so neither sees the other's later tokens.
+    pub fn prefix(&self, tokens: usize) -> Result<KvCache> {
+        if tokens > self.tokens {
+            return Err(Error::InvalidInput(format!(
+                "a prefix of {tokens} tokens of a cache of {}",
+                self.tokens
+            )));
+        }
+        let layers =
+            self.layers.iter().map(|(k, v)| Ok((k.share()?, v.share()?))).collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            capacity: self.capacity,
+            tokens,
+            rope_delta: self.rope_delta,
+            bytes_per_token: self.bytes_per_token,
+        })
+    }
+
     /// Its buffers, to evaluate with a step's logits.
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
         self.layers.iter().flat_map(|(k, v)| [k, v])
