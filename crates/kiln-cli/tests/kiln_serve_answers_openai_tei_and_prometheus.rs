@@ -344,6 +344,31 @@ fn tritonclient_infers_the_model_s_own_tensors() {
     stop(server, stderr);
 }
 
+/// An infer request of many batches gets one deadline, `scheduler.timeout_ms`, for all
+/// of them: 400 rows of 128 tokens, 4 rows a batch (each far within the deadline), end
+/// with 504 naming the setting at about the deadline, and the server answers on.
+#[test]
+fn an_infer_request_of_many_batches_has_one_deadline() {
+    let (server, base, stderr) =
+        start(&["--set", "scheduler.timeout_ms=1500", "--set", "batching.max_batch_size=4"]);
+    wait_ready(&base, &stderr);
+    let (rows, length) = (400, 128);
+    let ids: Vec<i64> = (0..rows * length).map(|i| if i % length == 0 { 101 } else { 2088 }).collect();
+    let input = |name: &str, data: &Vec<i64>| serde_json::json!({"name": name, "shape": [rows, length], "datatype": "INT64", "data": data});
+    let body = serde_json::json!({"inputs": [
+        input("input_ids", &ids),
+        input("attention_mask", &vec![1; rows * length]),
+        input("token_type_ids", &vec![0; rows * length]),
+    ]});
+    let started = Instant::now();
+    let (status, text) = call(&base, "POST", "/v2/models/all-MiniLM-L6-v2/infer", Some(&body));
+    let took = started.elapsed();
+    assert!(status == 504 && text.contains("scheduler.timeout_ms"), "{status} {text}");
+    assert!(took < Duration::from_secs(6), "answered after {took:?}");
+    assert_eq!(embed(&base, &["still serving"]).len(), 1);
+    stop(server, stderr);
+}
+
 fn embed(base: &str, texts: &[&str]) -> Vec<Vec<f32>> {
     let (status, body) = call(
         base,
@@ -505,8 +530,9 @@ fn connections_are_bounded_in_time_and_number() {
     assert!(took < Duration::from_secs(5), "an idle kept-alive connection held {took:?}");
 
     // Six connections open and silent fill the cap: the seventh is refused at once.
+    // The server takes connections in the order they came (one accept loop, the count
+    // taken as it accepts), so the seventh is counted after the six.
     let held: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(&address).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(200)); // let the server accept them all
     let mut over = TcpStream::connect(&address).unwrap();
     let (answer, took) = until_closed(&mut over, Duration::from_secs(5));
     assert!(
@@ -549,7 +575,8 @@ fn connections_are_bounded_in_time_and_number() {
             .as_bytes(),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Answered on a later connection: the half-sent one was accepted before it.
+    assert_eq!(healthy(), Some(true));
     let started = Instant::now();
     stop(server, stderr);
     assert!(started.elapsed() < Duration::from_secs(10), "shutdown took {:?}", started.elapsed());

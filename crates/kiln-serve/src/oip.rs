@@ -303,7 +303,17 @@ async fn run(
         };
         inputs.insert(input.name.clone(), tensor(input, part)?);
     }
-    let outputs = infer_in_batches(optimizer, inputs, state.config.batching.max_batch_size).await?;
+    // The request's batches together get one deadline, `scheduler.timeout_ms`, as one
+    // call does: a request of many rows cannot run past it batch after batch.
+    let deadline = state.config.scheduler.timeout_ms;
+    let batches = infer_in_batches(optimizer, inputs, state.config.batching.max_batch_size);
+    let outputs = if deadline > 0 {
+        tokio::time::timeout(std::time::Duration::from_millis(deadline), batches).await.map_err(|_| {
+            ApiError::from(kiln::Error::Timeout { after_ms: deadline, setting: "scheduler.timeout_ms" })
+        })??
+    } else {
+        batches.await?
+    };
     let all_binary = request.parameters.binary_data_output.unwrap_or(false);
     let wanted: Option<Vec<(&str, bool)>> = request.outputs.as_ref().map(|o| {
         o.iter().map(|o| (o.name.as_str(), o.parameters.binary_data.unwrap_or(all_binary))).collect()

@@ -239,6 +239,28 @@ fn compact_layers_compute_as_the_same_weights_widened_at_load() {
     std::fs::remove_dir_all(&bf16).unwrap();
 }
 
+/// The prompt's logits against a reference's (`reference`, `.npy`) as relative L2, and how
+/// many of `expected` greedy tokens agree before the first difference: for arithmetic
+/// that is not the reference's and so agrees only so far.
+fn against(
+    model: &QwenVl,
+    ids: &[u32],
+    grids: &[[usize; 3]],
+    pixels: &[f32],
+    reference: &std::path::Path,
+    expected: &[u32],
+) -> (f64, usize) {
+    let images = model.encode_images(pixels, grids).unwrap();
+    let mut cache = model.new_cache();
+    let logits =
+        model.prefill(ids, Some(&images), grids, &mut cache, ids.len()).unwrap().to_vec2::<f32>().unwrap();
+    let reference = read_npy(reference).unwrap().to_f32_vec().unwrap();
+    let diff: f64 = logits.iter().flatten().zip(&reference).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+    let norm: f64 = reference.iter().map(|b| f64::from(*b).powi(2)).sum();
+    let tokens = greedy(model, &logits, &mut cache, expected.len());
+    ((diff / norm).sqrt(), tokens.iter().zip(expected).take_while(|(a, b)| a == b).count())
+}
+
 /// `model.quantization = "int8"` on the 4-bit folder: the layers on kiln's VNNI block
 /// kernel with activations quantized to int8 per 32 inputs (GGML's `Q4_1 × Q8_1`). Not
 /// MLX's arithmetic any more: the logits stay within 10% (relative L2) of mlx-vlm's on
@@ -253,16 +275,8 @@ fn int8_activations_on_the_4_bit_folder_stay_close_to_mlx_vlm() {
         serde_json::from_slice(&std::fs::read(at.join("reference.json")).unwrap()).unwrap();
     let expected_tokens: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
     let model = QwenVl::load_with(&at, &Device::Cpu, true, Arithmetic::Int8Activations).unwrap();
-    let images = model.encode_images(&pixels, &grids).unwrap();
-    let mut cache = model.new_cache();
-    let logits =
-        model.prefill(&ids, Some(&images), &grids, &mut cache, ids.len()).unwrap().to_vec2::<f32>().unwrap();
-    let expected = read_npy(&at.join("prompt_logits.npy")).unwrap().to_f32_vec().unwrap();
-    let diff: f64 = logits.iter().flatten().zip(&expected).map(|(a, b)| f64::from(a - b).powi(2)).sum();
-    let norm: f64 = expected.iter().map(|b| f64::from(*b).powi(2)).sum();
-    let relative = (diff / norm).sqrt();
-    let tokens = greedy(&model, &logits, &mut cache, expected_tokens.len());
-    let agree = tokens.iter().zip(&expected_tokens).take_while(|(a, b)| a == b).count();
+    let (relative, agree) =
+        against(&model, &ids, &grids, &pixels, &at.join("prompt_logits.npy"), &expected_tokens);
     println!(
         "int8 activations: logits within {relative:.3e} of mlx-vlm's (relative L2); {agree} of 32 greedy tokens as mlx-vlm's before the first difference"
     );
@@ -281,16 +295,8 @@ fn bf16_arithmetic_stays_close_to_transformers() {
     let Prompt { record, ids, grids, pixels } = prompt(&dir);
     let expected_tokens: Vec<u32> = serde_json::from_value(record["greedy_tokens"].clone()).unwrap();
     let model = QwenVl::load_with(&dir.join("model"), &Device::Cpu, true, Arithmetic::Bf16).unwrap();
-    let images = model.encode_images(&pixels, &grids).unwrap();
-    let mut cache = model.new_cache();
-    let logits =
-        model.prefill(&ids, Some(&images), &grids, &mut cache, ids.len()).unwrap().to_vec2::<f32>().unwrap();
-    let expected = read_npy(&dir.join("prompt_logits.npy")).unwrap().to_f32_vec().unwrap();
-    let diff: f64 = logits.iter().flatten().zip(&expected).map(|(a, b)| f64::from(a - b).powi(2)).sum();
-    let norm: f64 = expected.iter().map(|b| f64::from(*b).powi(2)).sum();
-    let relative = (diff / norm).sqrt();
-    let tokens = greedy(&model, &logits, &mut cache, expected_tokens.len());
-    let agree = tokens.iter().zip(&expected_tokens).take_while(|(a, b)| a == b).count();
+    let (relative, agree) =
+        against(&model, &ids, &grids, &pixels, &dir.join("prompt_logits.npy"), &expected_tokens);
     println!(
         "bf16: logits within {relative:.3e} of transformers' f32 (relative L2); {agree} of 32 greedy tokens before the first difference"
     );
