@@ -173,7 +173,9 @@ def test_a_vision_language_model_answers_about_files():
 
 
 def test_ctrl_c_interrupts_a_long_call(embedder):
-    texts = ["a long text about models and batches " * 20] * 4000
+    # Distinct texts: identical ones would come from the result cache in well under the
+    # half second before the interrupt.
+    texts = [f"text {i}: " + "a long text about models and batches " * 20 for i in range(4000)]
     timer = threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
     started = time.monotonic()
     timer.start()

@@ -338,6 +338,69 @@ impl Packed {
     }
 }
 
+/// A matrix operand of [`product`]: its first element, and how many elements apart
+/// its rows and its columns are.
+#[derive(Clone, Copy)]
+pub(crate) struct View<P> {
+    at: P,
+    row: usize,
+    column: usize,
+}
+
+impl<P> View<P> {
+    /// A row-major matrix whose rows are `row` elements apart.
+    pub(crate) fn rows(at: P, row: usize) -> Self {
+        View { at, row, column: 1 }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `row` elements apart: its
+    /// columns are `row` apart, its rows adjacent.
+    pub(crate) fn transposed(at: P, row: usize) -> Self {
+        View { at, row: 1, column: row }
+    }
+}
+
+/// `dst = scale · lhs · rhs` (`m × k` by `k × n`, f32), or that added to what `dst`
+/// holds when `add`: one call of the `gemm` crate with its nineteen arguments named.
+///
+/// # Safety
+/// The views address `m × n`, `m × k` and `k × n` elements of live buffers, and `dst`
+/// overlaps neither input nor anything another thread writes meanwhile.
+pub(crate) unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: View<*mut f32>,
+    add: bool,
+    lhs: View<*const f32>,
+    rhs: View<*const f32>,
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.at,
+            dst.column as isize,
+            dst.row as isize,
+            add,
+            lhs.at,
+            lhs.column as isize,
+            lhs.row as isize,
+            rhs.at,
+            rhs.column as isize,
+            rhs.row as isize,
+            if add { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// `out = x W^T + b` for `tokens` rows: the output starts as the bias and the GEMM
 /// adds the product to it.
 fn linear(x: &[f32], tokens: usize, layer: &Dense, out: &mut Vec<f32>) {
@@ -356,25 +419,13 @@ fn linear(x: &[f32], tokens: usize, layer: &Dense, out: &mut Vec<f32>) {
     // SAFETY: the three buffers hold tokens×n, tokens×k and k×n f32s, row-major, which
     // is what the sizes and strides passed say; `out` is not aliased.
     unsafe {
-        gemm::gemm(
-            tokens,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
+        product(
+            (tokens, n, k),
+            View::rows(out.as_mut_ptr(), n),
             true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            layer.weight_t.as_ptr(),
-            1,
-            n as isize,
+            View::rows(x.as_ptr(), k),
+            View::rows(layer.weight_t.as_ptr(), n),
             1.0,
-            1.0,
-            false,
-            false,
-            false,
             parallelism,
         );
     }
@@ -436,47 +487,23 @@ fn attention(qkv: &[f32], rows: &[(usize, usize)], hidden: usize, heads: usize, 
             unsafe {
                 // scores = q k^T * scale: k^T's row kk is column kk of k, so rhs strides
                 // are 1 between rows and `stride` between columns.
-                gemm::gemm(
-                    len,
-                    len,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    len as isize,
+                product(
+                    (len, len, d),
+                    View::rows(scores.as_mut_ptr(), len),
                     false,
-                    q,
-                    1,
-                    stride as isize,
-                    k,
-                    stride as isize,
-                    1,
-                    0.0,
+                    View::rows(q, stride),
+                    View::transposed(k, stride),
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
                 scores.chunks_exact_mut(len).for_each(softmax);
-                gemm::gemm(
-                    len,
-                    d,
-                    len,
-                    out.at(start * hidden + head * d),
-                    1,
-                    hidden as isize,
+                product(
+                    (len, d, len),
+                    View::rows(out.at(start * hidden + head * d), hidden),
                     false,
-                    scores.as_ptr(),
-                    1,
-                    len as isize,
-                    v,
-                    1,
-                    stride as isize,
-                    0.0,
+                    View::rows(scores.as_ptr(), len),
+                    View::rows(v, stride),
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }

@@ -27,6 +27,7 @@ use kiln_core::gguf::{GgmlType, Gguf};
 use kiln_core::{Error, Generator, GeneratorInfo, Result, SequenceCache, StepItem};
 use rayon::prelude::*;
 
+use crate::cpu::View;
 use crate::cpu::blocks::{BlockDense, Format};
 use crate::cpu::int8::QDense;
 
@@ -472,25 +473,13 @@ unsafe fn attend(
         // appended before attention); scores is rows × seen; the output rows are this
         // job's (the caller's promise).
         unsafe {
-            gemm::gemm(
-                job.rows,
-                seen,
-                hd,
-                scores.as_mut_ptr(),
-                1,
-                seen as isize,
+            crate::cpu::product(
+                (job.rows, seen, hd),
+                View::rows(scores.as_mut_ptr(), seen),
                 false,
-                q[(first * nh + job.h) * hd..].as_ptr(),
-                1,
-                (nh * hd) as isize,
-                kc[kv * hd..].as_ptr(),
-                (nkv * hd) as isize,
-                1,
-                0.0,
+                View::rows(q[(first * nh + job.h) * hd..].as_ptr(), nh * hd),
+                View::transposed(kc[kv * hd..].as_ptr(), nkv * hd),
                 scale,
-                false,
-                false,
-                false,
                 gemm::Parallelism::None,
             );
             for (r, row) in scores.chunks_exact_mut(seen).enumerate() {
@@ -498,25 +487,13 @@ unsafe fn attend(
                 crate::cpu::softmax(&mut row[..visible]);
                 row[visible..].fill(0.0);
             }
-            gemm::gemm(
-                job.rows,
-                hd,
-                seen,
-                out.at((first * nh + job.h) * hd),
-                1,
-                (nh * hd) as isize,
+            crate::cpu::product(
+                (job.rows, hd, seen),
+                View::rows(out.at((first * nh + job.h) * hd), nh * hd),
                 false,
-                scores.as_ptr(),
-                1,
-                seen as isize,
-                vc[kv * hd..].as_ptr(),
-                1,
-                (nkv * hd) as isize,
-                0.0,
+                View::rows(scores.as_ptr(), seen),
+                View::rows(vc[kv * hd..].as_ptr(), nkv * hd),
                 1.0,
-                false,
-                false,
-                false,
                 gemm::Parallelism::None,
             );
         }

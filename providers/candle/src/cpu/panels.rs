@@ -212,25 +212,13 @@ impl PanelDense {
                 // x is rows × k (row stride k); the scratch holds the panel's rows of W
                 // (`width × k`), read as the k × width matrix Wᵀ (column stride k).
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        width,
-                        k,
-                        dst.at(cols.start),
-                        1,
-                        n as isize,
+                    super::product(
+                        (rows, width, k),
+                        super::View::rows(dst.at(cols.start), n),
                         false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        scratch.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
+                        super::View::rows(x.as_ptr(), k),
+                        super::View::transposed(scratch.as_ptr(), k),
                         1.0,
-                        false,
-                        false,
-                        false,
                         gemm::Parallelism::None,
                     );
                 }
