@@ -9,6 +9,8 @@
     print(opt.stats(), opt.report())
     opt.shutdown()
 
+    frames, info = kiln.Optimizer("examples/video.toml").video("terrain.gif")  # task = "video"
+
     model = kiln.SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")  # id or folder
     model.encode(["a text"], batch_size=32, normalize_embeddings=True)
 
@@ -23,7 +25,7 @@ import contextlib
 import json
 import os
 import time
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -162,6 +164,16 @@ class Optimizer:
         stops the generation."""
         prompt, messages = _prompt(prompt, messages, files)
         return Stream(self._engine.stream(prompt, messages))
+
+    # -- video -------------------------------------------------------------------
+
+    def video(self, path: Optional[PathLike] = None) -> Tuple[np.ndarray, dict]:
+        """Renders the configured video (``task = "video"``): its frames as float32
+        ``[frames, 3, height, width]`` (RGB) and a dict of the render (``fps``, ``keyframes``,
+        ``seconds``, ...). With ``path`` (.gif, .mp4, .png, .npy) it is also written there,
+        as ``kiln run`` writes it."""
+        frames, info = self._engine.video(None if path is None else str(path))
+        return frames, json.loads(info)
 
     # -- observability -----------------------------------------------------------
 

@@ -58,14 +58,16 @@ fn wait<T: Send>(
 enum Front {
     Optimizer(Arc<Optimizer>),
     Generation(Arc<Generation>),
+    Video(Arc<kiln::video::VideoPipeline>),
 }
 
 impl Front {
-    /// The profiler's outputs of either.
+    /// The profiler's outputs of any.
     fn reports(&self) -> &kiln::runtime::Reports {
         match self {
             Front::Optimizer(o) => o.reports(),
             Front::Generation(g) => g.reports(),
+            Front::Video(v) => v.reports(),
         }
     }
 }
@@ -99,16 +101,21 @@ impl Engine {
     fn optimizer(&self) -> PyResult<Arc<Optimizer>> {
         match self.front()? {
             Front::Optimizer(o) => Ok(o),
-            Front::Generation(_) => {
-                Err(self.wrong_task("embed and classify", "task = \"embed\" or \"classify\""))
-            }
+            _ => Err(self.wrong_task("embed and classify", "task = \"embed\" or \"classify\"")),
         }
     }
 
     fn generation(&self) -> PyResult<Arc<Generation>> {
         match self.front()? {
             Front::Generation(g) => Ok(g),
-            Front::Optimizer(_) => Err(self.wrong_task("generate and stream", "task = \"generate\"")),
+            _ => Err(self.wrong_task("generate and stream", "task = \"generate\"")),
+        }
+    }
+
+    fn video_pipeline(&self) -> PyResult<Arc<kiln::video::VideoPipeline>> {
+        match self.front()? {
+            Front::Video(v) => Ok(v),
+            _ => Err(self.wrong_task("video", "task = \"video\"")),
         }
     }
 }
@@ -144,6 +151,8 @@ impl Engine {
             Task::Generate => {
                 wait(py, &runtime, Generation::from_config(config))?.map(|g| Front::Generation(Arc::new(g)))
             }
+            Task::Video => wait(py, &runtime, kiln::video::VideoPipeline::from_config(config))?
+                .map(|v| Front::Video(Arc::new(v))),
             _ => wait(py, &runtime, Optimizer::from_config(config))?.map(|o| Front::Optimizer(Arc::new(o))),
         }
         .map_err(to_py)?;
@@ -220,11 +229,51 @@ impl Engine {
         })
     }
 
-    /// JSON of what kiln has done so far (`Stats` or `GenerationStats`).
+    /// Renders the configured video (`task = "video"`): its frames as float32
+    /// `[frames, 3, height, width]` (RGB, as the `.npy` output holds them), and JSON of the
+    /// render (fps, keyframe indices, seconds, cached keyframes). With `path`, also
+    /// written there as `kiln run` writes it (.gif, .mp4, .png, .npy).
+    #[pyo3(signature = (path=None))]
+    fn video<'py>(
+        &self,
+        py: Python<'py>,
+        path: Option<std::path::PathBuf>,
+    ) -> PyResult<(Bound<'py, PyAny>, String)> {
+        let pipeline = self.video_pipeline()?;
+        if let Some(path) = &path {
+            kiln::video::write::check_path(path).map_err(to_py)?;
+        }
+        let video =
+            wait(py, &self.runtime, async { pipeline.render(&|_, _, _| {}).await })?.map_err(to_py)?;
+        if let Some(path) = &path {
+            kiln::video::write::write(&video, path).map_err(to_py)?;
+        }
+        let (n, h, w) = (video.frames.len(), video.height, video.width);
+        let mut flat = Vec::with_capacity(n * 3 * h * w);
+        for frame in &video.frames {
+            flat.extend_from_slice(frame);
+        }
+        let frames = PyArray1::from_vec(py, flat).reshape([n, 3, h, w])?.into_any();
+        let info = serde_json::json!({
+            "fps": video.fps,
+            "keyframes": video.keyframes,
+            "keyframe_seconds": video.keyframe_seconds,
+            "seconds": video.seconds,
+            "cached_keyframes": video.cached_keyframes,
+        });
+        Ok((frames, info.to_string()))
+    }
+
+    /// JSON of what kiln has done so far (`Stats`, `GenerationStats`, or the video's
+    /// two stages' batch stats).
     fn stats(&self) -> PyResult<String> {
         let json = match self.front()? {
             Front::Optimizer(o) => serde_json::to_string(&o.stats()),
             Front::Generation(g) => serde_json::to_string(&g.stats()),
+            Front::Video(v) => {
+                let (denoise, interpolate) = v.batch_stats();
+                serde_json::to_string(&serde_json::json!({"denoise": denoise, "interpolate": interpolate}))
+            }
         };
         json.map_err(|e| KilnError::new_err(e.to_string()))
     }
@@ -270,6 +319,20 @@ impl Engine {
                 }
                 Err(g) => {
                     *slot = Some(Front::Generation(g));
+                    return Err(still_open());
+                }
+            },
+            Some(Front::Video(v)) => match Arc::try_unwrap(v) {
+                Ok(v) => {
+                    drop(slot);
+                    let (denoise, interpolate) = v.batch_stats();
+                    wait(py, &self.runtime, v.shutdown())?;
+                    serde_json::to_string(
+                        &serde_json::json!({"denoise": denoise, "interpolate": interpolate}),
+                    )
+                }
+                Err(v) => {
+                    *slot = Some(Front::Video(v));
                     return Err(still_open());
                 }
             },

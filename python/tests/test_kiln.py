@@ -23,6 +23,7 @@ MODELS = ROOT / ".kiln/models"
 EMBED = ROOT / "examples/embed.toml"
 GENERATE = ROOT / "examples/generate.toml"
 VLM = ROOT / "examples/vlm.toml"
+VIDEO = ROOT / "examples/video.toml"
 
 
 def need(path: pathlib.Path) -> pathlib.Path:
@@ -183,3 +184,24 @@ def test_ctrl_c_interrupts_a_long_call(embedder):
         embedder.embed(texts)
     assert time.monotonic() - started < 10
     assert embedder.embed(["after the interrupt"]).shape == (1, 384)
+
+
+def test_a_video_config_renders_frames_and_writes_them(tmp_path):
+    """task = "video" from Python: 3 keyframes and a RIFE midpoint between each pair,
+    returned as float32 frames and written as `kiln run` writes them."""
+    need(MODELS / "video" / "terrain_unet.onnx")
+    assert os.environ.get("ORT_DYLIB_PATH"), "ORT_DYLIB_PATH is not set: source .kiln/env (scripts/setup ort)"
+    with kiln.Optimizer(VIDEO, video={"keyframes": 3, "interpolation": 2}) as opt:
+        assert opt.task == "video"
+        frames, info = opt.video(tmp_path / "terrain.npy")
+        with pytest.raises(ValueError, match="name it .gif"):
+            opt.video(tmp_path / "terrain.txt")
+        with pytest.raises(ValueError, match="task is `video`"):
+            opt.embed(["not a video call"])
+    assert frames.dtype == np.float32 and frames.shape[:2] == (5, 3), frames.shape
+    assert np.isfinite(frames).all()
+    assert info["keyframes"] == [0, 2, 4] and info["fps"] > 0
+    assert np.array_equal(np.load(tmp_path / "terrain.npy"), frames)
+    # Keyframes differ; a midpoint is its own frame, neither neighbour.
+    assert not np.array_equal(frames[0], frames[2])
+    assert not np.array_equal(frames[1], frames[0]) and not np.array_equal(frames[1], frames[2])
