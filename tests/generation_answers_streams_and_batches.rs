@@ -53,9 +53,34 @@ async fn chat_prompts_on(config: kiln::KilnConfig, weights: &str) {
     assert!(japan.text.contains("Tokyo"), "{}", japan.text);
     // Greedy is deterministic.
     assert_eq!(g.generate(ask("What is the capital of Germany?")).await.unwrap().tokens, germany.tokens);
+    // Japan continued from Germany's kept system turn, Germany again from its whole prompt.
+    assert_eq!(g.stats().prefix_cache_hits, 2, "{:?}", g.stats());
     let stats = g.shutdown().await;
     assert_eq!((stats.completed, stats.failed, stats.cancelled), (3, 0, 0), "{stats:?}");
     assert!(stats.ttft_ms[0] > 0.0 && stats.inter_token_ms[0] > 0.0, "{stats:?}");
+}
+
+/// The prefix cache on text: a question after the same system turn continues from the
+/// first one's kept cache, and the same question again computes nothing and answers
+/// exactly as the first time; both answer what they answer computed whole (up to float
+/// rounding in general; on these questions token for token).
+#[tokio::test]
+async fn prompts_from_the_prefix_cache_answer_as_computed_whole() {
+    let questions = ["Name three colours.", "Name three animals.", "Name three colours."];
+    let mut answers = Vec::new();
+    for prefix_mb in ["256", "0"] {
+        let set = format!("generate.prefix_cache_mb={prefix_mb}");
+        let g = Generation::from_config(config(&["generate.max_new_tokens=16", &set])).await.unwrap();
+        let mut tokens = Vec::new();
+        for q in questions {
+            tokens.push(g.generate(ask(q)).await.unwrap().tokens);
+        }
+        let stats = g.shutdown().await;
+        let expected_hits = if prefix_mb == "0" { 0 } else { 2 };
+        assert_eq!(stats.prefix_cache_hits, expected_hits, "{stats:?}");
+        answers.push(tokens);
+    }
+    assert_eq!(answers[0], answers[1], "from the prefix cache and computed whole");
 }
 
 #[tokio::test]

@@ -75,7 +75,7 @@ async fn two_images_and_a_question_give_transformers_tokens_and_the_images_are_c
     let stats = generation.stats();
     assert_eq!((stats.images, stats.image_cache_hits), (4, 2), "{stats:?}");
     assert_eq!(stats.image_encode_ms, encode_ms, "no encoding for cached images");
-    assert_eq!((stats.prefix_cache_hits, stats.prefix_cached_tokens), (1, expected_ids.len() as u64 - 1));
+    assert_eq!((stats.prefix_cache_hits, stats.prefix_cached_tokens), (1, expected_ids.len() as u64));
 
     // Another question about the same images: the common part (up to the question) from
     // the prefix cache, the rest computed — the answer an engine without the cache gives.
@@ -88,7 +88,9 @@ async fn two_images_and_a_question_give_transformers_tokens_and_the_images_are_c
     generation.shutdown().await;
     let fresh = Generation::from_config(config(&["generate.prefix_cache_mb=0"])).await.unwrap();
     let whole = fresh.generate(other).await.unwrap();
-    assert_eq!(reused.tokens, whole.tokens, "the same answer computed whole");
+    // Equal up to float rounding: the question alone is a shorter product than the
+    // whole prompt. On this fixture every token agrees.
+    assert_eq!(reused.tokens, whole.tokens, "the answer computed whole");
     assert_eq!(fresh.stats().prefix_cache_hits, 0);
     fresh.shutdown().await;
 }

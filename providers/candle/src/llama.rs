@@ -305,6 +305,29 @@ impl Generator for Llama {
         }))
     }
 
+    /// A copy of the first `tokens` tokens' keys and values (the prefix cache's).
+    fn fork(&self, cache: &mut dyn SequenceCache, tokens: usize) -> Result<Option<Box<dyn SequenceCache>>> {
+        let cache = cache
+            .as_any_mut()
+            .downcast_mut::<LlamaCache>()
+            .ok_or_else(|| Error::InvalidInput("a sequence cache from another generator".into()))?;
+        if tokens > cache.len {
+            return Err(Error::InvalidInput(format!(
+                "a prefix of {tokens} tokens of a cache of {}",
+                cache.len
+            )));
+        }
+        let layers = cache
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                let per = k.len().checked_div(cache.len).unwrap_or(0);
+                (k[..tokens * per].to_vec(), v[..tokens * per].to_vec())
+            })
+            .collect();
+        Ok(Some(Box::new(LlamaCache { layers, len: tokens, bytes_per_token: cache.bytes_per_token })))
+    }
+
     /// One ragged step; see the module docs.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
         let mut caches: Vec<&mut LlamaCache> = Vec::with_capacity(batch.len());

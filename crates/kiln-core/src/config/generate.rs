@@ -65,7 +65,7 @@ pub struct GenerateConfig {
     /// again, another question about the same images after the same system prompt —
     /// computes only what follows (0: none). Only prefixes of 16 tokens or more that end
     /// after the prompt's last image are reused. Generators that cannot copy a cache
-    /// (the GGUF decoders so far) keep nothing. Ignored in a request's settings.
+    /// (MLX's GGUF decoder so far) keep nothing. Ignored in a request's settings.
     pub prefix_cache_mb: u64,
 }
 

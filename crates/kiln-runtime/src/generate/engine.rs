@@ -74,6 +74,9 @@ struct Running {
     images: Vec<Encoded>,
     /// The prompt's prefix-cache signature, until its prefill is kept there.
     signature: Option<Vec<u64>>,
+    /// Logits of a prompt found whole in the prefix cache: its first token comes from
+    /// them, with nothing to compute.
+    kept_logits: Option<Vec<f32>>,
 }
 
 impl Running {
@@ -88,6 +91,7 @@ impl Running {
         Running {
             images,
             signature,
+            kept_logits: None,
             history: job.tokens.clone(),
             feed: job.tokens[reused.min(job.tokens.len())..].to_vec(),
             sampler: Sampler::new(&job.settings),
@@ -274,13 +278,18 @@ impl Engine {
         let images = self.encode_images(&admitted);
         for ((job, images), (reuse, signature)) in admitted.into_iter().zip(images).zip(reuses) {
             let started = images.and_then(|images| match reuse {
-                Some(r) => Ok((r.cache, images, r.tokens)),
-                None => self.generator.new_sequence().map(|cache| (cache, images, 0)),
+                Some(r) => Ok((r.cache, images, r.tokens, r.logits)),
+                None => self.generator.new_sequence().map(|cache| (cache, images, 0, None)),
             });
             match started {
-                Ok((cache, images, reused)) => {
+                Ok((cache, images, reused, logits)) => {
                     self.reserved += job.reserve;
-                    self.running.push(Running::new(job, cache, images, reused, signature));
+                    let mut running = Running::new(job, cache, images, reused, signature);
+                    if logits.is_some() {
+                        running.kept_logits = logits;
+                        running.signature = None;
+                    }
+                    self.running.push(running);
                 }
                 Err(e) => {
                     self.counters.with(|s| s.stats.failed += 1);
@@ -447,7 +456,9 @@ impl Engine {
             .map(|list| list.iter().map(|(t, grid)| StepImage { embedding: t, grid_thw: *grid }).collect())
             .collect();
         let stepped = fed.iter().filter(|&&n| n > 0).count();
-        let result = {
+        let result = if stepped == 0 {
+            Ok(Vec::new())
+        } else {
             let mut items: Vec<StepItem<'_>> = self
                 .running
                 .iter_mut()
@@ -482,7 +493,10 @@ impl Engine {
             .zip(&fed)
             .map(|(r, &n)| {
                 if n == 0 {
-                    return None;
+                    // A prompt found whole in the prefix cache: its kept logits.
+                    let kept = r.kept_logits.take();
+                    sampled += kept.is_some() as u64;
+                    return kept;
                 }
                 let row = rows.next();
                 if n < r.feed.len() {
@@ -496,11 +510,11 @@ impl Engine {
         // Prompts whose prefill just ended are kept for later prompts that start the same.
         if let Some(prefixes) = self.prefix.as_mut() {
             for (r, row) in self.running.iter_mut().zip(&aligned) {
-                if row.is_some()
+                if let Some(logits) = row
                     && r.generated.is_empty()
                     && let Some(signature) = r.signature.take()
                 {
-                    prefixes.insert(self.generator.as_ref(), signature, r.cache.as_mut());
+                    prefixes.insert(self.generator.as_ref(), signature, r.cache.as_mut(), logits);
                 }
             }
         }
@@ -785,26 +799,31 @@ mod tests {
         Arc::new(Recorder(info, Mutex::new(Vec::new()), true))
     }
 
-    /// With a prefix cache, a prompt asked again computes only its last token; one that
-    /// shares its first 20 tokens computes the other 20; one that shares fewer than
+    /// With a prefix cache, a prompt asked again computes nothing (its kept logits give
+    /// its first token); one that shares its first 20 tokens computes the other 20; one that shares fewer than
     /// `MIN_TOKENS`, and every prompt when the generator cannot fork, is computed whole.
     #[test]
     fn prompts_that_start_like_a_kept_one_continue_from_its_cache() {
         let answer = |generator: &Arc<Recorder>, prompts: &[Vec<u32>]| {
             let mut e = engine(generator, 1, 0);
             e.prefix = Some(PrefixCache::new(1 << 20));
+            // Per prompt, the tokens its prompt step fed the model (0: none was run).
+            let mut firsts = Vec::new();
             for tokens in prompts {
                 let (mut j, _stream) = job(0, 1);
                 j.tokens = tokens.clone();
                 e.waiting.push_back(j);
                 e.admit();
+                let before = generator.1.lock().unwrap().len();
                 while !e.running.is_empty() {
                     let (logits, now) = e.step().expect("the recorder steps");
                     let finished = e.emit(logits, now);
                     e.finish(finished, now);
                 }
+                let steps = generator.1.lock().unwrap()[before..].to_vec();
+                // Two new tokens: a prompt step and a decode step, or the decode alone.
+                firsts.push(if steps.len() == 2 { steps[0][0] } else { 0 });
             }
-            let firsts: Vec<usize> = generator.1.lock().unwrap().iter().step_by(2).map(|s| s[0]).collect();
             e.publish_levels();
             (firsts, e.counters.snapshot())
         };
@@ -815,8 +834,10 @@ mod tests {
         short.extend(std::iter::repeat_n(49, 30));
         let prompts = [base.clone(), base.clone(), other, short];
         let (firsts, stats) = answer(&forking_recorder(), &prompts);
-        assert_eq!(firsts, vec![40, 1, 20, 40]);
-        assert_eq!((stats.prefix_cache_hits, stats.prefix_cached_tokens), (2, 39 + 20));
+        // The same prompt again runs nothing: its first token comes from the kept logits.
+        assert_eq!(firsts, vec![40, 0, 20, 40]);
+        assert_eq!((stats.prefix_cache_hits, stats.prefix_cached_tokens), (2, 40 + 20));
+        assert_eq!(stats.generated_tokens, 8, "every prompt got its two tokens");
         assert!(stats.prefix_cache_bytes > 0);
         let (firsts, stats) = answer(&recorder(), &prompts);
         assert_eq!(firsts, vec![40, 40, 40, 40]);

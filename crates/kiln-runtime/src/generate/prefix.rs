@@ -12,8 +12,12 @@
 //! The longest common prefix with a kept prompt is usable when neither prompt has an
 //! image placeholder after it (the new prompt's images all lie in the reused part, and
 //! the kept prompt's position offset — M-RoPE's rope delta, fixed by its last image —
-//! holds for what follows) and is at least [`MIN_TOKENS`] long. At least one token of
-//! the new prompt is always computed, for its logits. Kept caches come from the
+//! holds for what follows) and is at least [`MIN_TOKENS`] long. A prompt kept whole
+//! comes back whole, with the logits its prefill ended with: the same prompt again
+//! computes nothing and answers exactly as the first time. Otherwise at least its last
+//! token is computed, for its logits — then the answer is the one computed whole up to
+//! float rounding (a shorter product sums in another order), so a greedy token can
+//! differ where two candidates are within rounding of each other. Kept caches come from the
 //! generator's [`fork`](kiln_core::Generator::fork) (views or copy-on-write handles of
 //! the running sequence's buffers, so keeping one costs no copy); they are few (bytes
 //! bounded), so a lookup compares the signature with each, and the least recently used
@@ -52,6 +56,9 @@ pub(super) fn signature(tokens: &[u32], image_token: Option<u32>, image_keys: &[
 struct Entry {
     signature: Vec<u64>,
     cache: Box<dyn SequenceCache>,
+    /// The logits after the prompt's last token, so the same prompt again computes
+    /// nothing and gets exactly the first answer's first token.
+    logits: Vec<f32>,
     bytes: u64,
     last_used: u64,
 }
@@ -65,10 +72,11 @@ pub(super) struct PrefixCache {
 }
 
 /// A usable prefix: how many tokens of the new prompt a kept cache covers, and a cache
-/// of them for the new sequence.
+/// of them for the new sequence; for the whole prompt, its logits too.
 pub(super) struct Reuse {
     pub(super) tokens: usize,
     pub(super) cache: Box<dyn SequenceCache>,
+    pub(super) logits: Option<Vec<f32>>,
 }
 
 impl PrefixCache {
@@ -87,8 +95,12 @@ impl PrefixCache {
     pub(super) fn lookup(&mut self, generator: &dyn Generator, signature: &[u64]) -> Result<Option<Reuse>> {
         let mut best: Option<(usize, usize)> = None;
         for (i, e) in self.entries.iter().enumerate() {
+            if e.signature == signature {
+                best = Some((i, signature.len()));
+                break;
+            }
             let common = e.signature.iter().zip(signature).take_while(|(a, b)| a == b).count();
-            // At least the last token is computed, for the logits.
+            // Short of the whole prompt, at least its last token is computed, for the logits.
             let usable = common.min(signature.len().saturating_sub(1));
             let images_after =
                 |s: &[u64]| s.get(usable..).is_some_and(|rest| rest.iter().any(|v| v & IMAGE != 0));
@@ -103,17 +115,20 @@ impl PrefixCache {
         self.clock += 1;
         let entry = &mut self.entries[i];
         entry.last_used = self.clock;
-        Ok(generator.fork(entry.cache.as_mut(), tokens)?.map(|cache| Reuse { tokens, cache }))
+        let logits = (tokens == entry.signature.len()).then(|| entry.logits.clone());
+        Ok(generator.fork(entry.cache.as_mut(), tokens)?.map(|cache| Reuse { tokens, cache, logits }))
     }
 
-    /// Keeps the prompt `signature` whose prefill `cache` holds (nothing when a kept
-    /// prompt already covers it, when it is short, or when the generator cannot fork);
-    /// the least recently used go to stay within the budget.
+    /// Keeps the prompt `signature` whose prefill `cache` holds, and the `logits` after
+    /// its last token (nothing when a kept prompt already covers it, when it is short, or
+    /// when the generator cannot fork); the least recently used go to stay within the
+    /// budget.
     pub(super) fn insert(
         &mut self,
         generator: &dyn Generator,
         signature: Vec<u64>,
         cache: &mut dyn SequenceCache,
+        logits: &[f32],
     ) {
         if signature.len() < MIN_TOKENS || cache.len() != signature.len() {
             return;
@@ -126,7 +141,7 @@ impl PrefixCache {
             return;
         }
         let Ok(Some(kept)) = generator.fork(cache, signature.len()) else { return };
-        let bytes = kept.bytes();
+        let bytes = kept.bytes() + (logits.len() * 4) as u64;
         if bytes > self.budget {
             return;
         }
@@ -149,7 +164,13 @@ impl PrefixCache {
         }
         self.clock += 1;
         self.held += bytes;
-        self.entries.push(Entry { signature, cache: kept, bytes, last_used: self.clock });
+        self.entries.push(Entry {
+            signature,
+            cache: kept,
+            logits: logits.to_vec(),
+            bytes,
+            last_used: self.clock,
+        });
     }
 }
 
