@@ -16,7 +16,10 @@ kiln's tests):
 (A `-DGGML_NATIVE=ON` build segfaulted on multi-token prompts on an AVX-512 machine.)
 Both sides: the same file, the prompt rendered with the file's own chat template, greedy,
 128 new tokens, the same number of threads, best of 3; kiln's quantization is whatever
-its config picks (printed).
+its config picks (printed). With a kiln binary it also compares the prompt rate: a chat
+prompt of about `--prompt-tokens` (512) tokens — llama.cpp's `eval` of it (one batch of
+512), kiln's time to first token for it with one new token (`kiln run`, whatever its
+config reads a step) — best of 3 each.
 """
 import argparse
 import json
@@ -48,6 +51,7 @@ def main():
     ap.add_argument("--kiln", help="a kiln binary: measure it side by side")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference-tokens", type=int, default=48)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
     args = ap.parse_args()
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=args.threads, n_batch=512, verbose=False, seed=0)
     template = jinja2.Template(llm.metadata["tokenizer.chat_template"])
@@ -110,6 +114,36 @@ def main():
             print(f"kiln: {row['tokens']} tokens, best of 3: {kiln_rate:.1f} tokens/s ({summary})", file=sys.stderr)
             print(f"kiln / llama.cpp: {kiln_rate / llama_rate:.2f}x", file=sys.stderr)
             result["kiln_tokens_per_s"] = round(kiln_rate, 1)
+
+            # The prompt rate: a long question, rendered as a chat prompt.
+            sentence = "The kiln fires the clay slowly so that the pots do not crack in the heat. "
+            question = "Summarise this text. "
+            while len(prompt_ids(question + sentence)) <= args.prompt_tokens:
+                question += sentence
+            ids = prompt_ids(question)
+            best = float("inf")
+            for _ in range(3):
+                llm.reset()
+                started = time.perf_counter()
+                llm.eval(ids)
+                best = min(best, time.perf_counter() - started)
+            llama_prompt = len(ids) / best
+            inp.write_text(json.dumps({"id": 0, "prompt": question}) + "\n")
+            ttfts = []
+            for _ in range(3):
+                subprocess.run([args.kiln, "run", str(root / "examples/generate.toml"), "--input", str(inp),
+                                "--output", str(outp), "--set", "generate.max_new_tokens=1",
+                                "--set", "generate.prefix_cache_mb=0"],
+                               env=env, capture_output=True, text=True, check=True)
+                row = json.loads(outp.read_text())
+                ttfts.append(row["ttft_ms"] / 1000)
+            kiln_prompt = row["prompt_tokens"] / min(ttfts)
+            print(f"prompt of {len(ids)} tokens (kiln {row['prompt_tokens']}): llama.cpp {llama_prompt:.0f} tokens/s, "
+                  f"kiln {kiln_prompt:.0f} tokens/s (time to first token {min(ttfts) * 1000:.0f} ms): "
+                  f"{kiln_prompt / llama_prompt:.2f}x", file=sys.stderr)
+            result["prompt_tokens"] = len(ids)
+            result["llama_cpp_prompt_tokens_per_s"] = round(llama_prompt)
+            result["kiln_prompt_tokens_per_s"] = round(kiln_prompt)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out.relative_to(root)}", file=sys.stderr)
 
