@@ -14,7 +14,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::serve::{call, metric, start, stop, wait_ready};
+use support::serve::{Server, call, metric, start, stop, wait_ready};
 use support::{cosine, kiln, root};
 
 /// Runs one of the clients' scripts with the Python of `scripts/setup serve`.
@@ -341,6 +341,79 @@ fn tritonclient_infers_the_model_s_own_tensors() {
     let (status, body) =
         call(&base, "POST", "/embed", Some(&serde_json::json!({"inputs": [exactly], "truncate": false})));
     assert_eq!(status, 200, "{body}");
+    stop(server, stderr);
+}
+
+/// The server's resident memory, MiB (Linux `/proc`).
+fn rss_mib(server: &Server) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.0.id())).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// 100 connections that each send 2 MB of a 2 MiB body and stall hold at most
+/// `server.max_buffered_body_mb` (64 MiB) of the server's memory — the bodies past the
+/// budget are not read — and every one is answered 408 by the body timeout; the server
+/// answers on.
+#[test]
+fn stalled_bodies_hold_no_more_than_the_body_budget() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let (server, base, stderr) = start(&["--set", "server.body_timeout_ms=4000"]);
+    wait_ready(&base, &stderr);
+    assert_eq!(embed(&base, &["warm"]).len(), 1);
+    let before = rss_mib(&server);
+    let address = base.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    let senders: Vec<_> = (0..100)
+        .map(|_| {
+            let address = address.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&address).unwrap();
+                s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+                let head = format!(
+                    "POST /embed HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    2 << 20
+                );
+                s.write_all(head.as_bytes()).unwrap();
+                // 2 MB, or as much as the server and the kernel take before the write
+                // times out (a body past the budget is not read).
+                let chunk = vec![b' '; 64 << 10];
+                for _ in 0..30 {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    let streams: Vec<TcpStream> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    let held = rss_mib(&server) - before;
+    assert!(held < 100.0, "100 stalled 2 MB bodies added {held:.0} MiB (budget 64 MiB)");
+    // Each is let go by the body timeout, waiting for the budget included: answered 408,
+    // or — where unread bytes were left in the server's socket — reset as it closes.
+    let (mut answered, mut still_held) = (0, 0);
+    for mut s in streams {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut head = [0u8; 12];
+        match s.read_exact(&mut head) {
+            Ok(()) if head.starts_with(b"HTTP/1.1 408") => answered += 1,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                still_held += 1
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(still_held, 0, "stalled bodies still held after the body timeout");
+    assert!(answered > 0, "no stalled body was answered 408");
+    assert!(started.elapsed() < Duration::from_secs(20), "the stalled bodies took {:?}", started.elapsed());
+    assert_eq!(embed(&base, &["still serving"]).len(), 1);
     stop(server, stderr);
 }
 

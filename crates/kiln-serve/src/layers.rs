@@ -53,8 +53,10 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// A request's body, read within `server.max_body_bytes` and `server.body_timeout_ms`;
 /// past the size, 413 naming the setting; past the time, 408; a body that cannot be read
-/// is a 422.
-pub(crate) struct Body(pub Bytes);
+/// is a 422. It holds its part of `server.max_buffered_body_mb` (reserved before the
+/// first byte is read: its declared length, else `max_body_bytes`) until it is dropped,
+/// when its request is answered.
+pub(crate) struct Body(pub Bytes, #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 impl FromRequest<Arc<State>> for Body {
     type Rejection = ApiError;
@@ -62,7 +64,21 @@ impl FromRequest<Arc<State>> for Body {
     async fn from_request(request: Request, state: &Arc<State>) -> Result<Self, ApiError> {
         let limit = state.config.server.max_body_bytes;
         let within = std::time::Duration::from_millis(state.config.server.body_timeout_ms);
-        let read = tokio::time::timeout(within, Bytes::from_request(request, state)).await.map_err(|_| {
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(limit, |n| n.min(limit));
+        // KiB of the budget, never more than the whole of it (then it waits for all).
+        let kib = (declared.div_ceil(1024).max(1)).min(state.bodies_budget_kib()) as u32;
+        let bodies = state.bodies();
+        let read = tokio::time::timeout(within, async move {
+            let permit = bodies.acquire_many_owned(kib).await.expect("the budget is never closed");
+            Bytes::from_request(request, state).await.map(|bytes| (bytes, permit))
+        })
+        .await
+        .map_err(|_| {
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
@@ -72,7 +88,7 @@ impl FromRequest<Arc<State>> for Body {
                 ),
             )
         })?;
-        read.map(Body).map_err(|e| match e.status() {
+        read.map(|(bytes, permit)| Body(bytes, permit)).map_err(|e| match e.status() {
             StatusCode::PAYLOAD_TOO_LARGE => {
                 ApiError::too_large(format!("the request body is over {limit} bytes (server.max_body_bytes)"))
             }
@@ -117,8 +133,12 @@ mod tests {
             #[allow(dead_code)]
             input: String,
         }
-        assert!(Body(Bytes::from_static(b"{\"input\": \"x\"}  \n")).json::<Request>().is_ok());
-        let e = Body(Bytes::from_static(b"{\"input\": \"x\"}garbage")).json::<Request>().err().unwrap();
+        let budget = Arc::new(tokio::sync::Semaphore::new(2));
+        let body = |bytes: &'static [u8]| {
+            Body(Bytes::from_static(bytes), budget.clone().try_acquire_owned().unwrap())
+        };
+        assert!(body(b"{\"input\": \"x\"}  \n").json::<Request>().is_ok());
+        let e = body(b"{\"input\": \"x\"}garbage").json::<Request>().err().unwrap();
         let (status, message) = e.parts();
         assert!(
             status == StatusCode::UNPROCESSABLE_ENTITY && message.contains("bytes after the JSON value"),

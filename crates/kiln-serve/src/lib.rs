@@ -44,6 +44,8 @@ pub use error::ApiError;
 pub struct State {
     optimizer: OnceLock<Arc<Optimizer>>,
     generation: OnceLock<Arc<Generation>>,
+    /// Request bodies' budget, in KiB (`server.max_buffered_body_mb`).
+    bodies: Arc<tokio::sync::Semaphore>,
     config: KilnConfig,
     head: EmbeddingHead,
     name: String,
@@ -59,7 +61,15 @@ impl State {
             .path
             .file_name()
             .map_or_else(|| config.model.path.display().to_string(), |n| n.to_string_lossy().into_owned());
-        Arc::new(State { optimizer: OnceLock::new(), generation: OnceLock::new(), config, head, name })
+        let bodies = Arc::new(tokio::sync::Semaphore::new(config.server.max_buffered_body_mb << 10));
+        Arc::new(State {
+            optimizer: OnceLock::new(),
+            generation: OnceLock::new(),
+            bodies,
+            config,
+            head,
+            name,
+        })
     }
 
     /// The model is loaded: routes answer from now on.
@@ -70,6 +80,16 @@ impl State {
     /// A generate-task model is loaded: the completion routes answer from now on.
     pub fn ready_generation(&self, generation: Arc<Generation>) {
         let _ = self.generation.set(generation);
+    }
+
+    /// The request bodies' budget (KiB permits), shared by every connection.
+    pub(crate) fn bodies(&self) -> Arc<tokio::sync::Semaphore> {
+        self.bodies.clone()
+    }
+
+    /// The budget's size, KiB.
+    pub(crate) fn bodies_budget_kib(&self) -> usize {
+        self.config.server.max_buffered_body_mb << 10
     }
 
     /// The generation engine, once loaded.

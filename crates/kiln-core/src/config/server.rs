@@ -14,6 +14,12 @@ pub struct ServerConfig {
     pub port: u16,
     /// Largest request body, bytes; larger is refused with 413.
     pub max_body_bytes: usize,
+    /// MiB of request bodies held at once, all connections together: a body reserves
+    /// its declared length (or `max_body_bytes` when it declares none) before it is read
+    /// and holds it until its request is answered; bodies past the budget wait (their
+    /// bytes stay in the kernel's socket buffers) within `body_timeout_ms`. So stalled or
+    /// slow uploads cannot hold more than this of the process's memory.
+    pub max_buffered_body_mb: usize,
     /// Most inputs (texts) in one request; more is refused with 413.
     pub max_inputs: usize,
     /// When not empty, every route but `/health` and `/metrics` needs
@@ -54,6 +60,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             max_body_bytes: 2 << 20,
+            max_buffered_body_mb: 64,
             max_inputs: 512,
             api_keys: Vec::new(),
             cors_origins: Vec::new(),
@@ -80,6 +87,13 @@ impl ServerConfig {
         }
         if self.max_inputs == 0 {
             issues.push(ConfigIssue::new("server.max_inputs", "0", "1 or more"));
+        }
+        if self.max_buffered_body_mb == 0 || self.max_buffered_body_mb > 1 << 20 {
+            issues.push(ConfigIssue::new(
+                "server.max_buffered_body_mb",
+                self.max_buffered_body_mb.to_string(),
+                "1..=1048576 (MiB)",
+            ));
         }
         for (key, value) in [
             ("server.body_timeout_ms", self.body_timeout_ms),
