@@ -146,6 +146,57 @@ pub fn token_text(tokenizer: &Path, id: u32) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The encoded images of a prompt (`[tokens, hidden]` each, in placeholder order) as
+/// one row-major `[Σ tokens, hidden]`: its values and shape.
+pub fn joined_image_rows<'a>(
+    images: impl Iterator<Item = &'a crate::Tensor>,
+) -> Result<(Vec<f32>, [usize; 2])> {
+    let (mut values, mut rows, mut hidden) = (Vec::new(), 0, 0);
+    for t in images {
+        let [n, h] = t.shape() else {
+            return Err(Error::InvalidInput(format!(
+                "an image embedding of shape {:?}; expected [tokens, hidden]",
+                t.shape()
+            )));
+        };
+        values.extend(t.to_f32_vec()?);
+        rows += n;
+        hidden = *h;
+    }
+    Ok((values, [rows, hidden]))
+}
+
+/// Where each prompt position's embedding comes from when `image_rows` rows of images
+/// fill its `image_token` placeholders: position i takes row i of the token embeddings,
+/// the k-th placeholder row `ids.len() + k` of the token embeddings and the image rows
+/// stacked — one gather from both, so the image rows come through exactly. `None` when
+/// the prompt has no placeholders (nothing to replace); an error when the counts differ.
+pub fn image_row_picks(ids: &[u32], image_token: u32, image_rows: usize) -> Result<Option<Vec<u32>>> {
+    let pads = ids.iter().filter(|&&t| t == image_token).count();
+    if pads != image_rows {
+        return Err(Error::InvalidInput(format!(
+            "the prompt has {pads} image tokens and its images give {image_rows}"
+        )));
+    }
+    if pads == 0 {
+        return Ok(None);
+    }
+    let mut k = 0;
+    Ok(Some(
+        ids.iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if t == image_token {
+                    k += 1;
+                    (ids.len() + k - 1) as u32
+                } else {
+                    i as u32
+                }
+            })
+            .collect(),
+    ))
+}
+
 /// `dir/tokenizer.json`, or an error saying a checkpoint folder carries one.
 pub fn tokenizer_file(dir: &Path) -> Result<std::path::PathBuf> {
     let tokenizer = dir.join("tokenizer.json");
@@ -275,6 +326,16 @@ impl WindowLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_rows_replace_the_placeholders_in_order() {
+        // Tokens 1, pad, pad, 2, pad: rows 0 and 3 are the tokens', the pads take image
+        // rows 0, 1, 2 (at 5, 6, 7 of the stacked embeddings).
+        assert_eq!(image_row_picks(&[1, 9, 9, 2, 9], 9, 3).unwrap(), Some(vec![0, 5, 6, 3, 7]));
+        assert_eq!(image_row_picks(&[1, 2], 9, 0).unwrap(), None);
+        let e = image_row_picks(&[1, 9], 9, 2).unwrap_err().to_string();
+        assert!(e.contains("1 image tokens and its images give 2"), "{e}");
+    }
 
     #[test]
     fn tensor_layouts_are_told_apart_by_their_names() {

@@ -169,17 +169,6 @@ impl Generator for QwenVlGenerator {
 
 /// The images' rows one after another, as one `[Σ tokens, hidden]` tensor.
 fn image_rows<'a>(images: impl Iterator<Item = &'a Tensor>) -> Result<CTensor> {
-    let (mut values, mut rows, mut hidden) = (Vec::new(), 0, 0);
-    for t in images {
-        let [n, h] = t.shape() else {
-            return Err(Error::InvalidInput(format!(
-                "an image embedding of shape {:?}; expected [tokens, hidden]",
-                t.shape()
-            )));
-        };
-        values.extend(t.to_f32_vec()?);
-        rows += n;
-        hidden = *h;
-    }
+    let (values, [rows, hidden]) = qwen2vl::joined_image_rows(images)?;
     CTensor::from_vec(values, (rows, hidden), &Device::Cpu).map_err(backend)
 }

@@ -145,38 +145,11 @@ impl TextModel {
             return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary of {vocab}")));
         }
         let mut x = self.embed.rows(ids, &self.device)?;
-        let pads: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == self.config.image_token_id)
-            .map(|(i, _)| i as u32)
-            .collect();
         // Without images the pad token is embedded as a token like any other: a model may
         // generate it, and transformers embeds it so when no pixels come with it.
         if let Some(rows) = images {
             let n = rows.dim(0).map_err(backend)?;
-            if n != pads.len() {
-                return Err(Error::InvalidInput(format!(
-                    "the prompt has {} image tokens and its images give {n}",
-                    pads.len()
-                )));
-            }
-            if n > 0 {
-                // Each position takes its own embedding or, for the k-th pad, image row k:
-                // gathered from both at once, so the image rows come through exactly.
-                let mut k = 0u32;
-                let pick: Vec<u32> = ids
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &t)| {
-                        if t == self.config.image_token_id {
-                            k += 1;
-                            ids.len() as u32 + k - 1
-                        } else {
-                            i as u32
-                        }
-                    })
-                    .collect();
+            if let Some(pick) = kiln_core::qwen2vl::image_row_picks(ids, self.config.image_token_id, n)? {
                 let both = Tensor::cat(&[&x, rows], 0).map_err(backend)?;
                 let pick = Tensor::new(pick.as_slice(), &self.device).map_err(backend)?;
                 x = both.index_select(&pick, 0).map_err(backend)?;

@@ -331,17 +331,6 @@ impl Generator for QwenVl {
 
 /// The images' rows one after another, as one `[Σ tokens, hidden]` f32 array.
 fn image_rows<'a>(images: impl Iterator<Item = &'a Tensor>) -> Result<Array> {
-    let (mut values, mut rows, mut hidden) = (Vec::new(), 0, 0);
-    for t in images {
-        let [n, h] = t.shape() else {
-            return Err(Error::InvalidInput(format!(
-                "an image embedding of shape {:?}; expected [tokens, hidden]",
-                t.shape()
-            )));
-        };
-        values.extend(t.to_f32_vec()?);
-        rows += n;
-        hidden = *h;
-    }
-    from_f32(&values, &[rows, hidden])
+    let (values, shape) = qwen2vl::joined_image_rows(images)?;
+    from_f32(&values, &shape)
 }

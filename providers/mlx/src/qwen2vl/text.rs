@@ -169,33 +169,13 @@ impl TextModel {
         let as_i32: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
         let x = self.embed.rows(&Array::from_i32(&as_i32)?)?;
         let Some(rows) = images else { return Ok(x) };
-        let pad = self.config.image_token_id;
-        let pads = ids.iter().filter(|&&t| t == pad).count();
-        let n = rows.shape()[0];
-        if n != pads {
-            return Err(Error::InvalidInput(format!(
-                "the prompt has {pads} image tokens and its images give {n}"
-            )));
+        match kiln_core::qwen2vl::image_row_picks(ids, self.config.image_token_id, rows.shape()[0])? {
+            None => Ok(x),
+            Some(pick) => {
+                let pick: Vec<i32> = pick.into_iter().map(|i| i as i32).collect();
+                Array::concat(&[&x, rows], 0)?.take(&Array::from_i32(&pick)?, 0)
+            }
         }
-        if n == 0 {
-            return Ok(x);
-        }
-        // Each position takes its own row or, for the k-th pad, image row k: one gather
-        // from both, so the image rows come through exactly.
-        let mut k = 0;
-        let pick: Vec<i32> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                if t == pad {
-                    k += 1;
-                    (ids.len() + k - 1) as i32
-                } else {
-                    i as i32
-                }
-            })
-            .collect();
-        Array::concat(&[&x, rows], 0)?.take(&Array::from_i32(&pick)?, 0)
     }
 
     /// cos and sin `[tokens, 1, head_dim]` for `positions` (time, height, width).
