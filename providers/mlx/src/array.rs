@@ -519,8 +519,7 @@ mod tests {
     use super::*;
 
     fn f32s(values: &[f32], shape: &[usize]) -> Array {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Array::from_bytes(&bytes, DType::F32, shape).unwrap()
+        Array::from_f32(values, shape).unwrap()
     }
 
     #[test]

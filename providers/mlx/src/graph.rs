@@ -202,9 +202,7 @@ fn pads(v: Option<Vec<i64>>) -> std::result::Result<[[i32; 2]; 2], String> {
 }
 
 fn device_const(t: &HostTensor, dtype: DType) -> Result<Array> {
-    let f = t.floats();
-    let bytes: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
-    Array::from_bytes(&bytes, DType::F32, &t.shape)?.astype(dtype)
+    Array::from_f32(&t.floats(), &t.shape)?.astype(dtype)
 }
 
 impl Graph {

@@ -160,10 +160,6 @@ fn dense(kind: GgmlType, data: &[u8], elements: usize) -> Option<Vec<f32>> {
     }
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// Reads the tensors of one file onto the device.
 struct Loader<'a> {
     gguf: &'a Gguf,
@@ -188,7 +184,7 @@ impl Loader<'_> {
         let values = dense(info.kind, &self.gguf.read(name)?, info.elements())
             .ok_or_else(|| self.unsupported(name, info.kind))?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
-        Array::from_bytes(&f32_bytes(&values), DType::F32, &shape)?.astype(self.dtype)
+        Array::from_f32(&values, &shape)?.astype(self.dtype)
     }
 
     /// A matrix of `n` rows of `k` (GGUF rows are output channels).
@@ -206,8 +202,8 @@ impl Loader<'_> {
         let groups = k / 32;
         Ok(Linear::Quantized {
             weight: Array::from_bytes(&codes, DType::U8, &[n, k * bits / 8])?.view_u32()?,
-            scales: Array::from_bytes(&f32_bytes(&scales), DType::F32, &[n, groups])?.astype(self.dtype)?,
-            biases: Array::from_bytes(&f32_bytes(&biases), DType::F32, &[n, groups])?.astype(self.dtype)?,
+            scales: Array::from_f32(&scales, &[n, groups])?.astype(self.dtype)?,
+            biases: Array::from_f32(&biases, &[n, groups])?.astype(self.dtype)?,
             bits,
         })
     }
@@ -376,12 +372,7 @@ impl Llama {
                 for s in &singles {
                     mask.extend((0..longest).map(|j| if j <= s.pos { 0f32 } else { f32::NEG_INFINITY }));
                 }
-                let mask = Array::from_bytes(
-                    &mask.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-                    DType::F32,
-                    &[singles.len(), 1, 1, longest],
-                )?
-                .astype(self.dtype)?;
+                let mask = Array::from_f32(&mask, &[singles.len(), 1, 1, longest])?.astype(self.dtype)?;
                 let rows: Vec<i32> = singles.iter().map(|s| s.row as i32).collect();
                 let in_order = prompts.is_empty();
                 Some(Decode {

@@ -110,6 +110,12 @@ impl Array {
         )
     }
 
+    /// An f32 array of `shape` from host values (row-major).
+    pub fn from_f32(values: &[f32], shape: &[usize]) -> Result<Array> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Array::from_bytes(&bytes, DType::F32, shape)
+    }
+
     /// An int32 vector.
     pub fn from_i32(values: &[i32]) -> Result<Array> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();

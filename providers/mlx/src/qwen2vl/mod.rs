@@ -36,12 +36,6 @@ use text::TextModel;
 use vision::VisionTower;
 use weights::Checkpoint;
 
-/// An f32 array of `shape` from host values.
-fn from_f32(values: &[f32], shape: &[usize]) -> Result<Array> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Array::from_bytes(&bytes, DType::F32, shape)
-}
-
 /// `x · cos + rotate_half(x) · sin` for `x` `[tokens, heads, d]` and cos/sin
 /// `[tokens, 1, d]`.
 fn rotate(x: &Array, cos: &Array, sin: &Array) -> Result<Array> {
@@ -332,5 +326,5 @@ impl Generator for QwenVl {
 /// The images' rows one after another, as one `[Σ tokens, hidden]` f32 array.
 fn image_rows<'a>(images: impl Iterator<Item = &'a Tensor>) -> Result<Array> {
     let (values, shape) = qwen2vl::joined_image_rows(images)?;
-    from_f32(&values, &shape)
+    Array::from_f32(&values, &shape)
 }

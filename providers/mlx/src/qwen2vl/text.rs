@@ -6,8 +6,8 @@
 use kiln_core::qwen2vl::{QwenVlConfig, mrope_cos_sin};
 use kiln_core::{DType, Error, Result};
 
+use super::rotate;
 use super::weights::{Checkpoint, Embedding, Linear};
-use super::{from_f32, rotate};
 use crate::array::{Array, Unary};
 
 /// Tokens a sequence's KV buffers grow by: a buffer is re-allocated once every this
@@ -183,7 +183,10 @@ impl TextModel {
         let c = &self.config;
         let (cos, sin) = mrope_cos_sin(positions, c.head_dim(), c.rope_theta, c.mrope_section);
         let shape = [positions[0].len(), 1, c.head_dim()];
-        Ok((from_f32(&cos, &shape)?.astype(self.dtype)?, from_f32(&sin, &shape)?.astype(self.dtype)?))
+        Ok((
+            Array::from_f32(&cos, &shape)?.astype(self.dtype)?,
+            Array::from_f32(&sin, &shape)?.astype(self.dtype)?,
+        ))
     }
 
     /// Room in `cache` for `more` tokens (new buffers when it has none or too few).

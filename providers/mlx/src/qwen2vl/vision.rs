@@ -8,8 +8,8 @@
 use kiln_core::qwen2vl::{VisionConfig, WindowLayout};
 use kiln_core::{DType, Result};
 
+use super::rotate;
 use super::weights::{Checkpoint, Linear};
-use super::{from_f32, rotate};
 use crate::array::Array;
 
 struct Block {
@@ -88,10 +88,10 @@ impl VisionTower {
         let n = patches as i32;
         let layout = WindowLayout::new(grids, c);
         let (cos, sin) = layout.rotary(grids, c.spatial_merge_size, head_dim as usize);
-        let cos = from_f32(&cos, &[patches, 1, head_dim as usize])?.astype(self.dtype)?;
-        let sin = from_f32(&sin, &[patches, 1, head_dim as usize])?.astype(self.dtype)?;
+        let cos = Array::from_f32(&cos, &[patches, 1, head_dim as usize])?.astype(self.dtype)?;
+        let sin = Array::from_f32(&sin, &[patches, 1, head_dim as usize])?.astype(self.dtype)?;
         let width = pixels.len() / patches;
-        let x = from_f32(pixels, &[patches, width])?.astype(self.dtype)?.matmul(&self.patch_t)?;
+        let x = Array::from_f32(pixels, &[patches, width])?.astype(self.dtype)?.matmul(&self.patch_t)?;
         // Window order, whole merge units at a time.
         let order = Array::from_i32(&layout.window_index.iter().map(|&w| w as i32).collect::<Vec<_>>())?;
         let mut x = x.reshape(&[n / unit, unit * hidden])?.take(&order, 0)?.reshape(&[n, hidden])?;
