@@ -222,13 +222,15 @@ def no_mlx_library_path(openblas: bool = False) -> dict:
     return env
 
 
-def kiln_run(kiln: str, folder: pathlib.Path, tokens: int, concurrency: int, prompts: pathlib.Path | None) -> tuple:
+def kiln_run(kiln: str, folder: pathlib.Path, tokens: int, concurrency: int, prompts: pathlib.Path | None,
+             extra: tuple = ()) -> tuple:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [kiln, "bench", str(ROOT / "examples/vlm.toml"), "--set", f"model.path={folder}",
                "--set", f"generate.max_new_tokens={tokens}", "--set", "generate.image_cache_mb=64",
                "--requests", str(max(concurrency, 2)), "--concurrency", str(concurrency), "--json", out.name]
         if prompts:
             cmd += ["--texts", str(prompts)]
+        cmd += list(extra)
         print("+", " ".join(cmd), flush=True)
         proc = subprocess.Popen(cmd)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -250,7 +252,8 @@ def main() -> None:
     ap.add_argument("--kiln-q4-only", action="store_true", help="with --only kiln: the 4-bit folder only")
     ap.add_argument("--only", action="append", default=[],
                     help="run only these (repeatable): transformers-f32, transformers-bf16, mlx-vlm, mlx-vlm-text "
-                         "(its decode speed on the question alone), kiln; "
+                         "(its decode speed on the question alone), kiln, kiln-amx (the bf16 file with "
+                         "model.dtype = \"bf16\": AMX tiles); "
                          "with --json, figures already in the file are kept and the table shows them all")
     ap.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -311,23 +314,28 @@ def main() -> None:
         figures["mlx-vlm-text"] = r
         save()
 
+    def kiln_figures(bench: dict, rss: float) -> dict:
+        one = bench["single_stream"]
+        return {"ttft_ms": bench["image_cache"]["first_ttft_ms"], "repeat_ttft_ms": bench["image_cache"]["repeat_ttft_ms"],
+                "decode_tokens_per_s": 1e3 / one["inter_token_ms"]["p50"],
+                "image_tokens": bench["image_cache"]["image_tokens"], "peak_rss_mib": rss, "bench": bench}
+
+    tmp = tempfile.TemporaryDirectory()
+    prompts = pathlib.Path(tmp.name) / "prompts.jsonl"
+    content = [{"type": "image", "path": str(TINY / "images" / n)} for n in IMAGES]
+    content.append({"type": "text", "text": QUESTION})
+    prompts.write_text(json.dumps({"id": "compare", "messages": [{"role": "user", "content": content}]}) + "\n")
+    if wanted("kiln-amx"):
+        bench, rss = kiln_run(args.kiln, hf, args.tokens, 1, prompts, ("--set", 'model.dtype="bf16"'))
+        figures["kiln-bf16-amx"] = kiln_figures(bench, rss)
+        save()
     if wanted("kiln"):
-        with tempfile.TemporaryDirectory() as tmp:
-            prompts = pathlib.Path(tmp) / "prompts.jsonl"
-            content = [{"type": "image", "path": str(TINY / "images" / n)} for n in IMAGES]
-            content.append({"type": "text", "text": QUESTION})
-            prompts.write_text(json.dumps({"id": "compare", "messages": [{"role": "user", "content": content}]}) + "\n")
-            for label, folder in (("bf16 file", hf), ("4-bit", q4)):
-                if args.kiln_q4_only and folder == hf:
-                    continue
-                bench, rss = kiln_run(args.kiln, folder, args.tokens, 1, prompts)
-                one = bench["single_stream"]
-                r = {"ttft_ms": bench["image_cache"]["first_ttft_ms"],
-                     "repeat_ttft_ms": bench["image_cache"]["repeat_ttft_ms"],
-                     "decode_tokens_per_s": 1e3 / one["inter_token_ms"]["p50"],
-                     "image_tokens": bench["image_cache"]["image_tokens"], "peak_rss_mib": rss, "bench": bench}
-                figures[f"kiln-{'bf16' if folder == hf else 'q4'}"] = r
-                save()
+        for label, folder in (("bf16 file", hf), ("4-bit", q4)):
+            if args.kiln_q4_only and folder == hf:
+                continue
+            bench, rss = kiln_run(args.kiln, folder, args.tokens, 1, prompts)
+            figures[f"kiln-{'bf16' if folder == hf else 'q4'}"] = kiln_figures(bench, rss)
+            save()
         bench, rss = kiln_run(args.kiln, q4, args.tokens, 8, None)
         figures["kiln-q4-8-streams"] = {"bench": bench, "peak_rss_mib": rss}
         save()
@@ -335,7 +343,8 @@ def main() -> None:
     rows = []
     for key, weights in (("transformers-f32", "bf16 file, run in f32"), ("transformers-bf16", "bf16 file"),
                          ("mlx-vlm", "4-bit"), ("mlx-vlm-text", "4-bit, the question alone"),
-                         ("kiln-bf16", "bf16 file"), ("kiln-q4", "4-bit")):
+                         ("kiln-bf16", "bf16 file"), ("kiln-q4", "4-bit"),
+                         ("kiln-bf16-amx", "bf16 file, model.dtype = \"bf16\" (AMX)")):
         if key in figures:
             r = figures[key]
             name = {"transformers-f32": f"transformers (torch {r.get('torch')}) f32",
@@ -359,7 +368,8 @@ def main() -> None:
         return (min(ttft) if ttft else None, max(v["decode_tokens_per_s"] for _, v in c)) if c else None
 
     ratios = {}
-    for kiln_key, peer in (("kiln-bf16", "transformers"), ("kiln-q4", "transformers"), ("kiln-q4", "mlx-vlm")):
+    for kiln_key, peer in (("kiln-bf16", "transformers"), ("kiln-q4", "transformers"), ("kiln-q4", "mlx-vlm"),
+                           ("kiln-bf16-amx", "transformers")):
         k, p = figures.get(kiln_key), best(peer)
         if k and p:
             ttft = p[0] / k["ttft_ms"] if p[0] else None

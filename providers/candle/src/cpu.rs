@@ -288,7 +288,7 @@ struct Scratch {
     context: Vec<f32>,
     attended: Vec<f32>,
     up: Vec<f32>,
-    gelu_rows: Vec<u16>,
+    gelu_rows: bf16::Bits,
     down: Vec<f32>,
 }
 
@@ -526,7 +526,7 @@ fn feed_forward(
     down: &Linear,
     x: &[f32],
     tokens: usize,
-    scratch: (&mut Vec<f32>, &mut Vec<u16>),
+    scratch: (&mut Vec<f32>, &mut bf16::Bits),
     out: &mut Vec<f32>,
 ) {
     if let (Linear::Bf16(up), Linear::Bf16(down)) = (up, down)

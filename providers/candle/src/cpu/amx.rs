@@ -45,6 +45,9 @@ impl Drop for TileConfig {
 /// column pair `b` (`chunks` pairs of tiles). Tiles 0–3 accumulate (rows 0–15 and
 /// 16–31 by columns 0–15 and 16–31), 4–5 hold activations, 6–7 weights.
 ///
+/// Every operand should start on a 64-byte boundary (`bf16::Bits`): a tile row
+/// across two cache lines costs two loads.
+///
 /// # Safety
 /// The thread's tiles are configured (`TileConfig::load`); `a` holds 32 rows of
 /// `kp = 32 · chunks` values, `b` `chunks · 1024` values, `c` 1024.

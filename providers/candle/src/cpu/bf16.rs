@@ -17,11 +17,12 @@
 //! A job takes a range of columns whose weights fit in L2 and a range of row groups
 //! (`Plan`); for each group of 32 rows (in L1) it walks its columns, so the weights
 //! stream from L2 and come from memory once a call. Results go through a 4 KiB scratch
-//! (where the bias is added, GELU applied for `Sink::GeluRows`, and the padding
-//! dropped) into the caller's buffer. The kernel reaches about 0.5 TFLOPS a core on
-//! MiniLM's shapes, about half what the same instructions give with both operands in
-//! L1: tiles are not renamed, so each step's weight loads wait on the last step's
-//! products (docs/benchmarks.md, issue 32).
+//! (where the bias is added, GELU or SwiGLU applied for `Sink::GeluRows` and
+//! `Sink::SwiGluRows`, and the padding dropped) into the caller's buffer. Weights and
+//! activations start on 64-byte boundaries ([`Bits`]): a tile row is a cache line.
+//! With both aligned the kernel reaches 1.0–1.3 TFLOPS a core on a 3B model's shapes
+//! (about 0.7 on MiniLM's short rows); at the allocator's 16-byte alignment it ran at
+//! about half that (docs/benchmarks.md, issue 32).
 //!
 //! A CPU without AMX (or a level capped below it, `KILN_CPU_ISA`) runs the same
 //! products in plain Rust over the same layout: the same rounding, only the order of
@@ -41,7 +42,7 @@ const TILE: usize = 512;
 pub(crate) struct Bf16Dense {
     /// `[pairs][chunks][2][16][16][2]` bf16 bits: per 32 output columns, per 32 inputs,
     /// two tiles.
-    packed: Vec<u16>,
+    packed: Bits,
     bias: Vec<f32>,
     inputs: usize,
     outputs: usize,
@@ -62,7 +63,8 @@ impl Bf16Dense {
         let padded = inputs.div_ceil(EDGE) * EDGE;
         let chunks = padded / EDGE;
         let pairs = outputs.div_ceil(EDGE);
-        let mut packed = vec![0u16; pairs * chunks * 2 * TILE];
+        let mut packed = Bits::default();
+        packed.resize(pairs * chunks * 2 * TILE);
         packed.par_chunks_mut(chunks * 2 * TILE).enumerate().for_each(|(pair, tiles)| {
             let mut w = vec![0f32; inputs];
             for c in 0..EDGE.min(outputs - pair * EDGE) {
@@ -89,6 +91,63 @@ impl Bf16Dense {
         })
     }
 
+    /// `parts` side by side as one layer over the same inputs: its outputs are theirs,
+    /// one after another (q, k and v of a prompt in one pass over its rows). `None`
+    /// unless they share their inputs and every part but the last has a multiple of 32
+    /// outputs (tiles hold 32 columns; the packed layers then simply follow each other).
+    pub(crate) fn concat(parts: &[&Bf16Dense]) -> Option<Self> {
+        let (first, rest) = parts.split_first()?;
+        let aligned = parts[..parts.len() - 1].iter().all(|p| p.outputs % EDGE == 0);
+        if !aligned || rest.iter().any(|p| p.inputs != first.inputs) {
+            return None;
+        }
+        Some(Bf16Dense {
+            packed: Bits::from_iter(parts.iter().flat_map(|p| p.packed.iter().copied())),
+            bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),
+            inputs: first.inputs,
+            outputs: parts.iter().map(|p| p.outputs).sum(),
+            padded: first.padded,
+        })
+    }
+
+    /// The gate and up layers of a SwiGLU feed-forward as one layer for
+    /// [`Sink::SwiGluRows`]: each 32-column block of its results holds 16 of the
+    /// gate's columns and the same 16 of up's, so one block gives `SiLU(gate) · up`
+    /// for its 16 columns. The tiles are copied as they are (the results exactly the
+    /// separate layers'); the intermediate is padded to a multiple of 32 columns with
+    /// zero weights and bias (`SiLU(0) · 0 = 0`). `None` unless both have the same
+    /// shape.
+    pub(crate) fn swiglu(gate: &Bf16Dense, up: &Bf16Dense) -> Option<Self> {
+        if gate.inputs != up.inputs || gate.outputs != up.outputs {
+            return None;
+        }
+        let tile_run = (gate.padded / EDGE) * 2 * TILE;
+        let chunks = gate.padded / EDGE;
+        let halves = 2 * gate.outputs.div_ceil(EDGE);
+        let mut packed = Bits::default();
+        packed.resize(halves * tile_run);
+        packed.par_chunks_mut(tile_run).enumerate().for_each(|(half, out)| {
+            // Columns 16·half.. of gate and up: tile `half % 2` of their pair `half / 2`.
+            let (pair, t) = (half / 2, half % 2);
+            for (which, layer) in [gate, up].iter().enumerate() {
+                for chunk in 0..chunks {
+                    let from = pair * tile_run + (chunk * 2 + t) * TILE;
+                    out[(chunk * 2 + which) * TILE..][..TILE]
+                        .copy_from_slice(&layer.packed[from..from + TILE]);
+                }
+            }
+        });
+        let bias = (0..halves * EDGE)
+            .map(|c| {
+                let (half, which, j) = (c / EDGE, (c % EDGE) / 16, c % 16);
+                let column = half * 16 + j;
+                let layer = if which == 0 { gate } else { up };
+                layer.bias.get(column).copied().unwrap_or(0.0)
+            })
+            .collect();
+        Some(Bf16Dense { packed, bias, inputs: gate.inputs, outputs: halves * EDGE, padded: gate.padded })
+    }
+
     /// Input features.
     pub(crate) fn inputs(&self) -> usize {
         self.inputs
@@ -109,11 +168,11 @@ impl Bf16Dense {
 
     /// `x` (`tokens` rows of f32) rounded to bf16 as this layer's kernel reads it: rows
     /// of `inputs` padded with zeros to a multiple of 32, in groups of 32 rows.
-    pub(crate) fn round_rows(&self, x: &[f32], tokens: usize, rows: &mut Vec<u16>) {
+    pub(crate) fn round_rows(&self, x: &[f32], tokens: usize, rows: &mut Bits) {
         let (k, kp) = (self.inputs, self.padded);
         debug_assert_eq!(x.len(), tokens * k);
         // Rows past `tokens` keep whatever they held: their results are dropped.
-        rows.resize(tokens.div_ceil(EDGE) * EDGE * kp, 0);
+        rows.resize(tokens.div_ceil(EDGE) * EDGE * kp);
         rows.par_chunks_mut(64 * kp).zip(x.par_chunks(64 * k)).for_each(|(rows, x)| {
             for (row, x) in rows.chunks_mut(kp).zip(x.chunks(k)) {
                 to_bf16(x, &mut row[..k]);
@@ -137,8 +196,12 @@ impl Bf16Dense {
                 Out::F32(Shared(out.as_mut_ptr()))
             }
             Sink::GeluRows(out) => {
-                out.resize(groups * EDGE * next, 0);
+                out.resize(groups * EDGE * next);
                 Out::GeluRows(SharedBits(out.as_mut_ptr()))
+            }
+            Sink::SwiGluRows(out) => {
+                out.resize(groups * EDGE * n / 2);
+                Out::SwiGluRows(SharedBits(out.as_mut_ptr()))
             }
         };
         if tokens == 0 || n == 0 {
@@ -148,24 +211,26 @@ impl Bf16Dense {
         let amx = isa::active() >= Isa::Amx;
         (0..plan.jobs()).into_par_iter().for_each(|job| {
             let (groups_of_job, pairs_of_job) = plan.job(job);
-            let mut scratch = [0f32; EDGE * EDGE];
+            let mut sums = Sums([0f32; EDGE * EDGE]);
             let _tiles = amx.then(super::amx::TileConfig::load);
+            let chunks = kp / EDGE;
             for (group, pair) in groups_of_job.flat_map(|g| pairs_of_job.clone().map(move |p| (g, p))) {
                 let a = &rows[group * EDGE * kp..(group + 1) * EDGE * kp];
                 let valid = EDGE.min(tokens - group * EDGE);
-                let b = &self.packed[pair * (kp / EDGE) * 2 * TILE..(pair + 1) * (kp / EDGE) * 2 * TILE];
+                let b = &self.packed[pair * chunks * 2 * TILE..(pair + 1) * chunks * 2 * TILE];
                 if amx {
                     // SAFETY: the level is AMX, so the CPU has it and the OS granted the
                     // tile data (`isa::detected`); `_tiles` configured this thread's
                     // tiles; `a` is 32 rows of `kp` values, `b` the pair's `kp / 32`
-                    // tile pairs, `scratch` 32 × 32.
+                    // tile pairs, `sums` 32 × 32.
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        super::amx::block(a.as_ptr(), kp, b.as_ptr(), kp / EDGE, scratch.as_mut_ptr())
+                        super::amx::block(a.as_ptr(), kp, b.as_ptr(), chunks, sums.0.as_mut_ptr())
                     };
                 } else {
-                    block(a, kp, b, &mut scratch);
+                    block(a, kp, b, &mut sums.0);
                 }
+                let scratch = &mut sums.0;
                 let col0 = pair * EDGE;
                 let cols = EDGE.min(n - col0);
                 let bias = &self.bias[col0..col0 + cols];
@@ -182,6 +247,26 @@ impl Bf16Dense {
                             }
                         }
                     }
+                    Out::SwiGluRows(out) => {
+                        for (s, b) in scratch.chunks_exact_mut(EDGE).flat_map(|s| s.iter_mut().zip(bias)) {
+                            *s += b;
+                        }
+                        let mut product = [0f32; EDGE * 16];
+                        super::kernels::swiglu(scratch, &mut product);
+                        let mut rounded = [0u16; EDGE * 16];
+                        to_bf16(&product, &mut rounded);
+                        let width = n / 2;
+                        for (r, s) in rounded.chunks_exact(16).enumerate() {
+                            let row = group * EDGE + r;
+                            // SAFETY: the group's rows and the 16 columns this pair
+                            // makes are inside `out` (groups·32 rows of `width`);
+                            // this job alone writes them.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(out.at(row * width + pair * 16), 16)
+                            };
+                            dst.copy_from_slice(s);
+                        }
+                    }
                     Out::GeluRows(out) => {
                         for s in scratch.chunks_exact_mut(EDGE) {
                             for (s, b) in s.iter_mut().zip(bias) {
@@ -190,11 +275,11 @@ impl Bf16Dense {
                             // Padding columns: zero weights, no bias, GELU(0) = 0.
                             s[cols..].fill(0.0);
                         }
-                        super::kernels::gelu(&mut scratch);
+                        super::kernels::gelu(scratch);
                         // One conversion for the block: per row of 32 the call cost more
                         // than the conversion.
                         let mut rounded = [0u16; EDGE * EDGE];
-                        to_bf16(&scratch, &mut rounded);
+                        to_bf16(scratch, &mut rounded);
                         for (r, s) in rounded.chunks_exact(EDGE).enumerate() {
                             let row = group * EDGE + r;
                             // SAFETY: the rows of this group and the pair's 32 columns
@@ -211,9 +296,10 @@ impl Bf16Dense {
     }
 }
 
-/// Weight bytes a job keeps hot in L2 (2 MiB a core on Sapphire Rapids) while it walks
+/// Weight bytes a job keeps hot in L2 (2 MiB a core on Sapphire Rapids; half of it
+/// measured 1.1–1.2× the rate of three quarters on a 3B model's shapes) while it walks
 /// its rows.
-const L2_BUDGET: usize = 3 << 19;
+const L2_BUDGET: usize = 1 << 20;
 
 /// How [`Bf16Dense::run`] splits `groups` of 32 rows × `pairs` of 32 columns into jobs:
 /// each job takes a range of column pairs whose weights fit in [`L2_BUDGET`] and a
@@ -255,6 +341,73 @@ impl Plan {
     }
 }
 
+/// bf16 bits starting on a 64-byte boundary, for what tiles load: a tile row is 64
+/// bytes, and from a buffer at the allocator's 16-byte alignment every row crossed two
+/// cache lines — products ran at 0.55× the rate (1 050 against 1 920 GFLOP/s, 294 ×
+/// 2048 × 5120 on 2 cores, depending on where the allocator happened to put the rows).
+/// Dereferences to the bits; grows with zeros.
+#[derive(Default)]
+pub(crate) struct Bits {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+/// A block's f32 results, where tiles store them: aligned as [`Bits`] are, for the
+/// same reason.
+#[repr(C, align(64))]
+struct Sums([f32; EDGE * EDGE]);
+
+/// 64 bytes of bits, so a `Vec` of them is 64-byte aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+impl Bits {
+    /// No bits.
+    pub(crate) const fn new() -> Self {
+        Bits { lines: Vec::new(), len: 0 }
+    }
+
+    /// `len` bits: those kept keep their values, new ones are zero (as `Vec::resize`).
+    pub(crate) fn resize(&mut self, len: usize) {
+        let old = self.len;
+        self.lines.resize(len.div_ceil(32), Line([0; 32]));
+        self.len = len;
+        if len > old {
+            self[old..].fill(0);
+        }
+    }
+
+    /// No bits, the memory kept.
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn from_iter(bits: impl Iterator<Item = u16>) -> Self {
+        let bits: Vec<u16> = bits.collect();
+        let mut out = Bits::default();
+        out.resize(bits.len());
+        out.copy_from_slice(&bits);
+        out
+    }
+}
+
+impl std::ops::Deref for Bits {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        // SAFETY: `lines` holds at least `len` u16s (`resize`), contiguous, initialised;
+        // u16 needs less alignment than `Line`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Bits {
+    fn deref_mut(&mut self) -> &mut [u16] {
+        // SAFETY: as `deref`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
+    }
+}
+
 /// Where [`Bf16Dense::run`] puts its results.
 pub(crate) enum Sink<'a> {
     /// `tokens × outputs` f32 (exactly that many), the bias added.
@@ -262,7 +415,10 @@ pub(crate) enum Sink<'a> {
     /// `GELU(x W^T + b)` rounded to bf16, laid out as the next layer's rows (what
     /// [`Bf16Dense::round_rows`] would make of it): BERT's feed-forward, whose
     /// intermediate then never exists in f32.
-    GeluRows(&'a mut Vec<u16>),
+    GeluRows(&'a mut Bits),
+    /// For a layer made by [`Bf16Dense::swiglu`]: `SiLU(gate) · up` rounded to bf16, laid
+    /// out as the down layer's rows (its `outputs / 2` columns).
+    SwiGluRows(&'a mut Bits),
 }
 
 /// A [`Sink`]'s buffer as the jobs share it.
@@ -270,6 +426,7 @@ pub(crate) enum Sink<'a> {
 enum Out {
     F32(Shared),
     GeluRows(SharedBits),
+    SwiGluRows(SharedBits),
 }
 
 /// [`Shared`] for bf16 bits.
@@ -290,7 +447,7 @@ impl SharedBits {
 
 thread_local! {
     /// The calling thread's bf16 activations, kept between calls.
-    static ROWS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ROWS: std::cell::RefCell<Bits> = const { std::cell::RefCell::new(Bits::new()) };
 }
 
 /// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).
@@ -420,9 +577,9 @@ mod tests {
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let mut got = vec![0f32; tokens * n];
             layer.forward(&x, tokens, Sink::F32(&mut got));
-            let mut rows = Vec::new();
+            let mut rows = Bits::default();
             layer.round_rows(&x, tokens, &mut rows);
-            let mut gelu_rows = Vec::new();
+            let mut gelu_rows = Bits::default();
             layer.run(&rows, tokens, Sink::GeluRows(&mut gelu_rows));
             let next = n.div_ceil(EDGE) * EDGE;
             for t in 0..tokens {
@@ -457,5 +614,70 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod joined_tests {
+    use super::*;
+
+    fn layer(k: usize, n: usize, seed: usize) -> Bf16Dense {
+        let bias: Vec<f32> = (0..n).map(|i| ((i + seed) % 7) as f32 * 0.1 - 0.3).collect();
+        Bf16Dense::pack(k, n, Some(bias), |col, out| {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = (((col * 31 + i * 7 + seed) % 23) as f32 / 11.0 - 1.0) * 0.3;
+            }
+        })
+    }
+
+    fn run(layer: &Bf16Dense, x: &[f32], tokens: usize) -> Vec<f32> {
+        let mut out = vec![0f32; tokens * layer.outputs()];
+        layer.forward(x, tokens, Sink::F32(&mut out));
+        out
+    }
+
+    /// Joined layers give each part's results, column for column.
+    #[test]
+    fn joined_layers_give_their_parts_results() {
+        let (k, tokens) = (2048, 37);
+        let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 13 % 29) as f32 / 14.0 - 1.0) * 2.0).collect();
+        let parts = [layer(k, 64, 1), layer(k, 32, 2), layer(k, 40, 3)];
+        let joined = Bf16Dense::concat(&[&parts[0], &parts[1], &parts[2]]).expect("aligned parts join");
+        let all = run(&joined, &x, tokens);
+        let mut at = 0;
+        for part in &parts {
+            let alone = run(part, &x, tokens);
+            for t in 0..tokens {
+                assert_eq!(
+                    &all[t * 136 + at..][..part.outputs()],
+                    &alone[t * part.outputs()..][..part.outputs()]
+                );
+            }
+            at += part.outputs();
+        }
+        assert!(Bf16Dense::concat(&[&parts[2], &parts[0]]).is_none(), "40 outputs then more do not join");
+    }
+
+    /// The fused gate and up layer's rows are `SiLU(gate) · up` of the separate layers'
+    /// results, rounded to bf16, and the down layer reads them as rows of its own.
+    #[test]
+    fn a_fused_gate_and_up_give_silu_of_gate_times_up() {
+        let (k, inter, tokens) = (96, 84, 45);
+        let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 17 % 31) as f32 / 15.0 - 1.0) * 2.0).collect();
+        let (gate, up, down) = (layer(k, inter, 4), layer(k, inter, 5), layer(inter, 50, 6));
+        let fused = Bf16Dense::swiglu(&gate, &up).expect("same shapes fuse");
+        let mut rows = Bits::default();
+        fused.forward(&x, tokens, Sink::SwiGluRows(&mut rows));
+        let mut got = vec![0f32; tokens * 50];
+        down.run(&rows, tokens, Sink::F32(&mut got));
+        let (g, u) = (run(&gate, &x, tokens), run(&up, &x, tokens));
+        let h: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        let want = run(&down, &h, tokens);
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            // Both round the intermediate to bf16; only SiLU's exp differs (≈ 2e-7).
+            assert!((a - b).abs() <= 1e-3 * scale, "{i}: {a} vs {b}");
+        }
+        assert!(Bf16Dense::swiglu(&gate, &down).is_none(), "different shapes do not fuse");
     }
 }

@@ -48,6 +48,11 @@ dispatch!(
     pub(super) fn probabilities => probabilities_generic(x: &mut [f32], scale: f32, p: &mut [u16])
 );
 dispatch!(
+    /// `SiLU(g) · u` for blocks of 32 rows of `[16 g | 16 u]` (a fused gate and up
+    /// layer's output, `bf16.rs`), 16 values a row into `out`.
+    pub(super) fn swiglu => swiglu_generic(block: &[f32], out: &mut [f32])
+);
+dispatch!(
     /// One row of `LayerNorm(x + residual)`, into `x`.
     pub(super) fn add_norm => add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32)
 );
@@ -143,6 +148,16 @@ fn erf(x: f32) -> f32 {
 fn gelu_generic(x: &mut [f32]) {
     for v in x {
         *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+#[inline(always)]
+fn swiglu_generic(block: &[f32], out: &mut [f32]) {
+    for (row, out) in block.chunks_exact(32).zip(out.chunks_exact_mut(16)) {
+        let (g, u) = row.split_at(16);
+        for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + exp(-g)) * u;
+        }
     }
 }
 

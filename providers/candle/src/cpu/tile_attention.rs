@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 use super::Shared;
-use super::bf16::to_bf16;
+use super::bf16::{Bits, to_bf16};
 use super::isa::{self, Isa};
 use super::kernels::probabilities;
 
@@ -30,16 +30,16 @@ pub(crate) fn supported(head_dim: usize) -> bool {
 /// Per-thread buffers, kept between jobs.
 #[derive(Default)]
 struct Buffers {
-    q: Vec<u16>,
-    k: Vec<u16>,
-    v: Vec<u16>,
-    p: Vec<u16>,
+    q: Bits,
+    k: Bits,
+    v: Bits,
+    p: Bits,
     s: Vec<f32>,
 }
 
 thread_local! {
     /// The calling thread's bf16 copy of `qkv`.
-    static QKV: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static QKV: std::cell::RefCell<Bits> = const { std::cell::RefCell::new(Bits::new()) };
     static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::new(Buffers::default());
 }
 
@@ -59,7 +59,7 @@ pub(crate) fn attention(
     // The whole of Q, K and V rounded at once: per token and head it would be a call
     // per 32 values, which perf showed costing more than the products.
     QKV.with_borrow_mut(|rounded| {
-        rounded.resize(qkv.len(), 0);
+        rounded.resize(qkv.len());
         rounded.par_chunks_mut(1 << 14).zip(qkv.par_chunks(1 << 14)).for_each(|(o, x)| to_bf16(x, o));
         let rounded = &rounded[..];
         let out = Shared(context.as_mut_ptr());
@@ -94,13 +94,13 @@ fn head_attention(
     // Q as A rows of d values (the scale is applied to the scores); rows past the
     // text are zeros.
     b.q.clear();
-    b.q.resize(l16 * d, 0);
+    b.q.resize(l16 * d);
     for i in 0..len {
         b.q[i * d..(i + 1) * d].copy_from_slice(token(i, 0));
     }
     // Kᵀ tiles: [key block of 16][chunk of 32 values] → 16 rows (value pairs) × 16 keys × 2.
     b.k.clear();
-    b.k.resize(l32 / 16 * chunks * 512, 0);
+    b.k.resize(l32 / 16 * chunks * 512);
     for i in 0..len {
         let key = token(i, 1);
         let (block, within) = (i / 16, i % 16);
@@ -115,7 +115,7 @@ fn head_attention(
     // V tiles: [key chunk of 32][value block of 16] → 16 rows (key pairs) × 16 values × 2.
     let blocks = d / 16;
     b.v.clear();
-    b.v.resize(l32 / 32 * blocks * 512, 0);
+    b.v.resize(l32 / 32 * blocks * 512);
     for i in 0..len {
         let value = token(i, 2);
         let (chunk, r, lane) = (i / 32, (i % 32) / 2, i % 2);
@@ -149,7 +149,7 @@ fn head_attention(
     }
     // P: softmax over each row's real keys, bf16, zeros past them and past the text.
     b.p.clear();
-    b.p.resize(l16 * l32, 0);
+    b.p.resize(l16 * l32);
     for i in 0..len {
         probabilities(&mut b.s[i * l32..i * l32 + len], scale, &mut b.p[i * l32..i * l32 + len]);
     }

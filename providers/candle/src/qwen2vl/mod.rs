@@ -17,6 +17,7 @@
 //! same weights (`tests/` of this crate).
 
 pub mod generator;
+mod host;
 pub mod text;
 pub mod vision;
 pub mod weights;

@@ -6,21 +6,50 @@ use candle_core::{D, Device, Tensor};
 use kiln_core::{Error, Result};
 
 use super::config::QwenVlConfig;
+use super::host::{self, Heads, Span};
 use super::rope::mrope_cos_sin;
 use super::vision::rotate;
-use super::weights::{Linear, Weights, rms_norm};
+use super::weights::{Linear, Mlp, Weights, rms_norm};
 use crate::backend;
 
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     o: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: Mlp,
+}
+
+/// The query, key and value projections: one layer when they can be joined
+/// ([`Linear::concat`], bf16 tile layers), else three.
+enum Qkv {
+    Joined(Linear),
+    Split(Linear, Linear, Linear),
+}
+
+impl Qkv {
+    fn new(q: Linear, k: Linear, v: Linear) -> Qkv {
+        match Linear::concat(&[&q, &k, &v]) {
+            Some(joined) => Qkv::Joined(joined),
+            None => Qkv::Split(q, k, v),
+        }
+    }
+
+    /// q, k and v of `h` (`[tokens, hidden]`) as `[tokens, heads · d]` tensors.
+    fn forward(&self, h: &Tensor, widths: [usize; 3]) -> Result<[Tensor; 3]> {
+        match self {
+            Qkv::Split(q, k, v) => Ok([q.forward(h)?, k.forward(h)?, v.forward(h)?]),
+            Qkv::Joined(all) => {
+                let all = all.forward(h)?;
+                let part = |at, width| all.narrow(1, at, width).and_then(|t| t.contiguous()).map_err(backend);
+                Ok([
+                    part(0, widths[0])?,
+                    part(widths[0], widths[1])?,
+                    part(widths[0] + widths[1], widths[2])?,
+                ])
+            }
+        }
+    }
 }
 
 /// One sequence's keys and values, per layer `[kv_heads, tokens, head_dim]`, and the
@@ -103,13 +132,17 @@ impl TextModel {
                 Ok(Layer {
                     input_norm: weights.get(&format!("{l}input_layernorm.weight"))?,
                     post_norm: weights.get(&format!("{l}post_attention_layernorm.weight"))?,
-                    q: weights.linear(&format!("{l}self_attn.q_proj"), true)?,
-                    k: weights.linear(&format!("{l}self_attn.k_proj"), true)?,
-                    v: weights.linear(&format!("{l}self_attn.v_proj"), true)?,
+                    qkv: Qkv::new(
+                        weights.linear(&format!("{l}self_attn.q_proj"), true)?,
+                        weights.linear(&format!("{l}self_attn.k_proj"), true)?,
+                        weights.linear(&format!("{l}self_attn.v_proj"), true)?,
+                    ),
                     o: weights.linear(&format!("{l}self_attn.o_proj"), false)?,
-                    gate: weights.linear(&format!("{l}mlp.gate_proj"), false)?,
-                    up: weights.linear(&format!("{l}mlp.up_proj"), false)?,
-                    down: weights.linear(&format!("{l}mlp.down_proj"), false)?,
+                    mlp: Mlp::new(
+                        weights.linear(&format!("{l}mlp.gate_proj"), false)?,
+                        weights.linear(&format!("{l}mlp.up_proj"), false)?,
+                        weights.linear(&format!("{l}mlp.down_proj"), false)?,
+                    ),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -171,31 +204,73 @@ impl TextModel {
         let c = &self.config;
         let (tokens, _) = x.dims2().map_err(backend)?;
         let (heads, kv_heads, head_dim) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
-        let (cos, sin) = mrope_cos_sin(positions, head_dim, c.rope_theta, c.mrope_section);
-        let cos = Tensor::from_vec(cos, (tokens, head_dim), &self.device).map_err(backend)?;
-        let sin = Tensor::from_vec(sin, (tokens, head_dim), &self.device).map_err(backend)?;
+        let (cos_rows, sin_rows) = mrope_cos_sin(positions, head_dim, c.rope_theta, c.mrope_section);
+        let cos = Tensor::new(cos_rows.as_slice(), &self.device)
+            .and_then(|t| t.reshape((tokens, head_dim)))
+            .map_err(backend)?;
+        let sin = Tensor::new(sin_rows.as_slice(), &self.device)
+            .and_then(|t| t.reshape((tokens, head_dim)))
+            .map_err(backend)?;
         let past = cache.tokens;
-        let mask = causal_mask(tokens, past, &self.device)?;
+        let mask = if self.device.is_cpu() { None } else { Some(causal_mask(tokens, past, &self.device)?) };
+        let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = layer.q.forward(&h)?.reshape((tokens, heads, head_dim)).map_err(backend)?;
-            let k = layer.k.forward(&h)?.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
-            let v = layer.v.forward(&h)?.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
-            let q = rotate(&q, &cos, &sin)?.transpose(0, 1).map_err(backend)?; // [heads, tokens, d]
-            let k = rotate(&k, &cos, &sin)?.transpose(0, 1).map_err(backend)?;
-            let v = v.transpose(0, 1).map_err(backend)?;
-            let (k, v) = (append(&mut cache.keys[i], k)?, append(&mut cache.values[i], v)?);
-            let attended = attend(&q, &k, &v, &mask, heads / kv_heads, head_dim)?;
-            let attended = attended
-                .transpose(0, 1)
-                .and_then(|a| a.reshape((tokens, heads * head_dim)))
-                .map_err(backend)?;
+            let [q, k, v] = layer.qkv.forward(&h, widths)?;
+            let attended = match &mask {
+                None => {
+                    let rotated = |t: &Tensor, heads| -> Result<Vec<f32>> {
+                        let mut rows = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend)?;
+                        host::rotate(&mut rows, heads * head_dim, 0, heads, head_dim, &cos_rows, &sin_rows);
+                        Ok(rows)
+                    };
+                    let (q, k) = (rotated(&q, heads)?, rotated(&k, kv_heads)?);
+                    let to_cache = |rows: Vec<f32>| {
+                        Tensor::from_vec(rows, (tokens, kv_heads, head_dim), &self.device)
+                            .and_then(|t| t.transpose(0, 1))
+                            .map_err(backend)
+                    };
+                    let v = v
+                        .reshape((tokens, kv_heads, head_dim))
+                        .and_then(|v| v.transpose(0, 1))
+                        .map_err(backend)?;
+                    let (k, v) =
+                        (append(&mut cache.keys[i], to_cache(k)?)?, append(&mut cache.values[i], v)?);
+                    let total = past + tokens;
+                    let (k, v) = (
+                        k.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend)?,
+                        v.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend)?,
+                    );
+                    let head_major = |data| Heads { data, at: 0, token: head_dim, head: total * head_dim };
+                    let mut out = vec![0f32; tokens * heads * head_dim];
+                    host::attention(
+                        Heads { data: &q, at: 0, token: heads * head_dim, head: head_dim },
+                        head_major(&k),
+                        head_major(&v),
+                        (heads, kv_heads, head_dim),
+                        &[Span { queries: 0..tokens, keys: 0..total, causal: Some(past) }],
+                        &mut out,
+                    );
+                    Tensor::from_vec(out, (tokens, heads * head_dim), &self.device).map_err(backend)?
+                }
+                Some(mask) => {
+                    let q = q.reshape((tokens, heads, head_dim)).map_err(backend)?;
+                    let k = k.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
+                    let v = v.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
+                    let q = rotate(&q, &cos, &sin)?.transpose(0, 1).map_err(backend)?; // [heads, tokens, d]
+                    let k = rotate(&k, &cos, &sin)?.transpose(0, 1).map_err(backend)?;
+                    let v = v.transpose(0, 1).map_err(backend)?;
+                    let (k, v) = (append(&mut cache.keys[i], k)?, append(&mut cache.values[i], v)?);
+                    attend(&q, &k, &v, mask, heads / kv_heads, head_dim)?
+                        .transpose(0, 1)
+                        .and_then(|a| a.reshape((tokens, heads * head_dim)))
+                        .map_err(backend)?
+                }
+            };
             x = (x + layer.o.forward(&attended)?).map_err(backend)?;
             let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let gate = layer.gate.forward(&h)?.silu().map_err(backend)?;
-            let up = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(gate * up).map_err(backend)?)?).map_err(backend)?;
+            x = (x + layer.mlp.forward(&h)?).map_err(backend)?;
         }
         cache.tokens += tokens;
         let last = x.narrow(0, tokens - keep.min(tokens), keep.min(tokens)).map_err(backend)?;
@@ -223,20 +298,14 @@ impl TextModel {
         let (cos, sin) = mrope_cos_sin(&streams, head_dim, c.rope_theta, c.mrope_section);
         let cos = Tensor::from_vec(cos, (batch, head_dim), &self.device).map_err(backend)?;
         let sin = Tensor::from_vec(sin, (batch, head_dim), &self.device).map_err(backend)?;
+        let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
         let mut x = self.embed(tokens, None)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let q = rotate(
-                &layer.q.forward(&h)?.reshape((batch, heads, head_dim)).map_err(backend)?,
-                &cos,
-                &sin,
-            )?;
-            let k = rotate(
-                &layer.k.forward(&h)?.reshape((batch, kv_heads, head_dim)).map_err(backend)?,
-                &cos,
-                &sin,
-            )?;
-            let v = layer.v.forward(&h)?.reshape((batch, kv_heads, head_dim)).map_err(backend)?;
+            let [q, k, v] = layer.qkv.forward(&h, widths)?;
+            let q = rotate(&q.reshape((batch, heads, head_dim)).map_err(backend)?, &cos, &sin)?;
+            let k = rotate(&k.reshape((batch, kv_heads, head_dim)).map_err(backend)?, &cos, &sin)?;
+            let v = v.reshape((batch, kv_heads, head_dim)).map_err(backend)?;
             let mut outs = Vec::with_capacity(batch);
             for (b, cache) in caches.iter_mut().enumerate() {
                 let row = |t: &Tensor| t.narrow(0, b, 1).and_then(|t| t.transpose(0, 1)).map_err(backend);
@@ -251,9 +320,7 @@ impl TextModel {
             let attended = Tensor::cat(&outs, 0).map_err(backend)?;
             x = (x + layer.o.forward(&attended)?).map_err(backend)?;
             let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            let gate = layer.gate.forward(&h)?.silu().map_err(backend)?;
-            let up = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(gate * up).map_err(backend)?)?).map_err(backend)?;
+            x = (x + layer.mlp.forward(&h)?).map_err(backend)?;
         }
         for cache in caches.iter_mut() {
             cache.tokens += 1;

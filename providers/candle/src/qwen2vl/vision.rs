@@ -17,7 +17,8 @@ use candle_core::{D, Device, IndexOp, Tensor};
 use kiln_core::Result;
 
 use super::config::VisionConfig;
-use super::weights::{Linear, Weights, rms_norm};
+use super::host::{self, Heads, Span};
+use super::weights::{Linear, Mlp, Weights, rms_norm};
 use crate::backend;
 use kiln_core::qwen2vl::WindowLayout;
 
@@ -26,9 +27,7 @@ struct Block {
     norm2: Tensor,
     qkv: Linear,
     proj: Linear,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    mlp: Mlp,
 }
 
 /// The vision tower of a Qwen2.5-VL checkpoint.
@@ -58,9 +57,11 @@ impl VisionTower {
                     norm2: weights.get(&format!("{b}norm2.weight"))?,
                     qkv: weights.linear(&format!("{b}attn.qkv"), true)?,
                     proj: weights.linear(&format!("{b}attn.proj"), true)?,
-                    gate: weights.linear(&format!("{b}mlp.gate_proj"), true)?,
-                    up: weights.linear(&format!("{b}mlp.up_proj"), true)?,
-                    down: weights.linear(&format!("{b}mlp.down_proj"), true)?,
+                    mlp: Mlp::new(
+                        weights.linear(&format!("{b}mlp.gate_proj"), true)?,
+                        weights.linear(&format!("{b}mlp.up_proj"), true)?,
+                        weights.linear(&format!("{b}mlp.down_proj"), true)?,
+                    ),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -85,9 +86,13 @@ impl VisionTower {
         let head_dim = c.hidden_size / heads;
         let patches = pixels.dim(0).map_err(backend)?;
         let layout = WindowLayout::new(grids, c);
-        let (cos, sin) = layout.rotary(grids, c.spatial_merge_size, head_dim);
-        let cos = Tensor::from_vec(cos, (patches, head_dim), &self.device).map_err(backend)?;
-        let sin = Tensor::from_vec(sin, (patches, head_dim), &self.device).map_err(backend)?;
+        let (cos_rows, sin_rows) = layout.rotary(grids, c.spatial_merge_size, head_dim);
+        let cos = Tensor::new(cos_rows.as_slice(), &self.device)
+            .and_then(|t| t.reshape((patches, head_dim)))
+            .map_err(backend)?;
+        let sin = Tensor::new(sin_rows.as_slice(), &self.device)
+            .and_then(|t| t.reshape((patches, head_dim)))
+            .map_err(backend)?;
         let mut x = pixels.matmul(&self.patch_embed.t().map_err(backend)?).map_err(backend)?;
         // Window order, whole merge units at a time.
         let order = Tensor::new(layout.window_index.as_slice(), &self.device).map_err(backend)?;
@@ -100,16 +105,35 @@ impl VisionTower {
             let segments =
                 if c.fullatt_block_indexes.contains(&i) { &layout.images } else { &layout.windows };
             let h = rms_norm(&x, &block.norm1, 1e-6)?;
-            let qkv = block.qkv.forward(&h)?.reshape((patches, 3, heads, head_dim)).map_err(backend)?;
-            let q = rotate(&qkv.i((.., 0)).map_err(backend)?, &cos, &sin)?;
-            let k = rotate(&qkv.i((.., 1)).map_err(backend)?, &cos, &sin)?;
-            let v = qkv.i((.., 2)).map_err(backend)?;
-            let attended = attend_segments(&q, &k, &v, segments, head_dim)?;
+            let attended = if self.device.is_cpu() {
+                let mut qkv = block.qkv.forward_rows(&h)?;
+                let hidden = c.hidden_size;
+                host::rotate(&mut qkv, 3 * hidden, 0, 2 * heads, head_dim, &cos_rows, &sin_rows);
+                let spans: Vec<Span> = segments
+                    .windows(2)
+                    .map(|s| Span { queries: s[0]..s[1], keys: s[0]..s[1], causal: None })
+                    .collect();
+                let at = |at| Heads { data: &qkv, at, token: 3 * hidden, head: head_dim };
+                let mut out = vec![0f32; patches * hidden];
+                host::attention(
+                    at(0),
+                    at(hidden),
+                    at(2 * hidden),
+                    (heads, heads, head_dim),
+                    &spans,
+                    &mut out,
+                );
+                Tensor::from_vec(out, (patches, hidden), &self.device).map_err(backend)?
+            } else {
+                let qkv = block.qkv.forward(&h)?.reshape((patches, 3, heads, head_dim)).map_err(backend)?;
+                let q = rotate(&qkv.i((.., 0)).map_err(backend)?, &cos, &sin)?;
+                let k = rotate(&qkv.i((.., 1)).map_err(backend)?, &cos, &sin)?;
+                let v = qkv.i((.., 2)).map_err(backend)?;
+                attend_segments(&q, &k, &v, segments, head_dim)?
+            };
             x = (x + block.proj.forward(&attended)?).map_err(backend)?;
             let h = rms_norm(&x, &block.norm2, 1e-6)?;
-            let gate = block.gate.forward(&h)?.silu().map_err(backend)?;
-            let up = block.up.forward(&h)?;
-            x = (x + block.down.forward(&(gate * up).map_err(backend)?)?).map_err(backend)?;
+            x = (x + block.mlp.forward(&h)?).map_err(backend)?;
         }
         let merged = rms_norm(&x, &self.merger_norm, 1e-6)?
             .reshape((patches / unit, unit * c.hidden_size))

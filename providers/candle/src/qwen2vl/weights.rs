@@ -28,9 +28,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use kiln_core::{Error, Result};
+use rayon::prelude::*;
 
 use crate::backend;
-use crate::cpu::bf16::{Bf16Dense, Sink};
+use crate::cpu::bf16::{Bf16Dense, Bits, Sink};
 use crate::cpu::blocks::BlockDense;
 use crate::cpu::panels::{PanelDense, Stored};
 
@@ -74,17 +75,66 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             Weight::Tensor(w) => x.broadcast_matmul(&w.t().map_err(backend)?).map_err(backend)?,
-            Weight::Panel(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| w.forward(x, rows, out))?,
-            Weight::Blocks(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| w.forward(x, rows, out))?,
-            Weight::Bf16(w) => on_rows(x, w.inputs(), w.outputs(), |x, rows, out| {
-                out.resize(rows * w.outputs(), 0.0);
-                w.forward(x, rows, Sink::F32(out))
-            })?,
+            Weight::Panel(w) => return self.forward_shaped(x, w.outputs()),
+            Weight::Blocks(w) => return self.forward_shaped(x, w.outputs()),
+            Weight::Bf16(w) => return self.forward_shaped(x, w.outputs()),
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(backend),
             None => Ok(y),
         }
+    }
+
+    /// [`Linear::forward_rows`] as a tensor `[.., outputs]`.
+    fn forward_shaped(&self, x: &Tensor, outputs: usize) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = outputs;
+        }
+        Tensor::from_vec(self.forward_rows(x)?, dims, x.device()).map_err(backend)
+    }
+
+    /// [`Linear::forward`] of `x` (`[.., inputs]`) as row-major f32 rows of `outputs`
+    /// values: what the CPU path's fused steps (`host.rs`) work on.
+    pub fn forward_rows(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let mut y = match &self.weight {
+            Weight::Tensor(_) => {
+                let y = self.forward(x)?;
+                return y.flatten_all().and_then(|y| y.to_vec1::<f32>()).map_err(backend);
+            }
+            Weight::Panel(w) => on_rows(x, w.inputs(), |x, rows, out| w.forward(x, rows, out))?,
+            Weight::Blocks(w) => on_rows(x, w.inputs(), |x, rows, out| w.forward(x, rows, out))?,
+            Weight::Bf16(w) => on_rows(x, w.inputs(), |x, rows, out| {
+                out.resize(rows * w.outputs(), 0.0);
+                w.forward(x, rows, Sink::F32(out))
+            })?,
+        };
+        if let Some(b) = &self.bias {
+            let b = b.to_vec1::<f32>().map_err(backend)?;
+            y.par_chunks_mut(b.len() * 64).for_each(|rows| {
+                for row in rows.chunks_exact_mut(b.len()) {
+                    row.iter_mut().zip(&b).for_each(|(y, b)| *y += b);
+                }
+            });
+        }
+        Ok(y)
+    }
+
+    /// The bf16 tile layer behind this one, with its bias inside (`model.dtype =
+    /// "bf16"` on the CPU).
+    fn bf16(&self) -> Option<&Arc<Bf16Dense>> {
+        match (&self.weight, &self.bias) {
+            (Weight::Bf16(w), None) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// `parts` side by side as one layer (their outputs one after another), when all
+    /// are bf16 tile layers that can be joined ([`Bf16Dense::concat`]): a prompt's q, k
+    /// and v then take one pass over its rows.
+    pub fn concat(parts: &[&Linear]) -> Option<Linear> {
+        let layers = parts.iter().map(|p| p.bf16().map(Arc::as_ref)).collect::<Option<Vec<_>>>()?;
+        Some(Linear { weight: Weight::Bf16(Arc::new(Bf16Dense::concat(&layers)?)), bias: None })
     }
 
     /// Rows `ids` of the weights, `[ids, inputs]`: the lookup of an embedding table.
@@ -123,21 +173,81 @@ impl Linear {
 }
 
 /// `x` (`[.., inputs]`) through a kernel over row-major f32 rows (`kernel(x, rows,
-/// out)`), back as a tensor `[.., outputs]`.
-fn on_rows(
-    x: &Tensor,
-    inputs: usize,
-    outputs: usize,
-    kernel: impl FnOnce(&[f32], usize, &mut Vec<f32>),
-) -> Result<Tensor> {
-    let mut dims = x.dims().to_vec();
-    let flat = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(backend)?;
+/// out)`), the rows it writes.
+fn on_rows(x: &Tensor, inputs: usize, kernel: impl FnOnce(&[f32], usize, &mut Vec<f32>)) -> Result<Vec<f32>> {
     let mut out = Vec::new();
-    kernel(&flat, flat.len() / inputs, &mut out);
-    if let Some(last) = dims.last_mut() {
-        *last = outputs;
+    with_rows(x, |flat| kernel(flat, flat.len() / inputs, &mut out))?;
+    Ok(out)
+}
+
+/// `f` of `x`'s values in row-major order: its own storage when it is a contiguous f32
+/// tensor on the CPU (no copy: a prompt's activations are megabytes), else a copy.
+pub(super) fn with_rows<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    if x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage {
+            let start = layout.start_offset();
+            return Ok(f(&all[start..start + x.elem_count()]));
+        }
     }
-    Tensor::from_vec(out, dims, x.device()).map_err(backend)
+    let flat = x.flatten_all().and_then(|x| x.to_vec1::<f32>()).map_err(backend)?;
+    Ok(f(&flat))
+}
+
+/// A SwiGLU feed-forward, `down(SiLU(gate(x)) · up(x))`. With bf16 tile layers gate
+/// and up are one layer ([`Bf16Dense::swiglu`]) whose results become the down
+/// layer's bf16 rows as they are made: the two intermediates never exist in f32, and
+/// SiLU, the product and the rounding cost no passes of their own.
+pub struct Mlp {
+    gate_up: GateUp,
+    down: Linear,
+}
+
+enum GateUp {
+    Fused(Arc<Bf16Dense>, Arc<Bf16Dense>),
+    Split(Linear, Linear),
+}
+
+thread_local! {
+    /// The calling thread's intermediate rows of a fused feed-forward, kept between
+    /// calls (a prompt's are megabytes; fresh ones cost page faults every layer).
+    static SWIGLU_ROWS: RefCell<Bits> = const { RefCell::new(Bits::new()) };
+}
+
+impl Mlp {
+    /// The feed-forward of `gate`, `up` and `down` layers.
+    pub fn new(gate: Linear, up: Linear, down: Linear) -> Mlp {
+        let fused = match (gate.bf16(), up.bf16(), down.bf16()) {
+            (Some(g), Some(u), Some(d)) if d.inputs().div_ceil(32) * 32 == g.outputs().div_ceil(32) * 32 => {
+                Bf16Dense::swiglu(g, u).map(|f| (Arc::new(f), d.clone()))
+            }
+            _ => None,
+        };
+        match fused {
+            Some((gate_up, d)) => Mlp { gate_up: GateUp::Fused(gate_up, d), down },
+            None => Mlp { gate_up: GateUp::Split(gate, up), down },
+        }
+    }
+
+    /// `down(SiLU(gate(h)) · up(h))` for `h` `[tokens, inputs]`.
+    pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        match &self.gate_up {
+            GateUp::Split(gate, up) => {
+                let gate = gate.forward(h)?.silu().map_err(backend)?;
+                self.down.forward(&(gate * up.forward(h)?).map_err(backend)?)
+            }
+            GateUp::Fused(gate_up, down) => {
+                let (tokens, _) = h.dims2().map_err(backend)?;
+                let mut out = vec![0f32; tokens * down.outputs()];
+                SWIGLU_ROWS.with_borrow_mut(|rows| {
+                    with_rows(h, |x| gate_up.forward(x, tokens, Sink::SwiGluRows(rows)))?;
+                    down.run(rows, tokens, Sink::F32(&mut out));
+                    Ok::<_, Error>(())
+                })?;
+                Tensor::from_vec(out, (tokens, down.outputs()), h.device()).map_err(backend)
+            }
+        }
+    }
 }
 
 /// RMSNorm as transformers computes it: `x · rsqrt(mean(x²) + eps) · weight`, in f32.
@@ -259,7 +369,9 @@ impl Weights {
     /// quantized when the checkpoint has `prefix.scales`. Its tensors are handed over:
     /// a second call for the same prefix fails.
     pub fn linear(&self, prefix: &str, bias: bool) -> Result<Linear> {
-        let bias = if bias { Some(self.get(&format!("{prefix}.bias"))?) } else { None };
+        let mut bias = if bias { Some(self.get(&format!("{prefix}.bias"))?) } else { None };
+        // A bf16 tile layer adds its bias as its results leave the tiles.
+        let tile_bias = || bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose().map_err(backend);
         let weight = self.take(&format!("{prefix}.weight"))?;
         let failed = |why: String| Error::model_load(&self.path, format!("layer `{prefix}`: {why}"));
         let weight = if self.has(&format!("{prefix}.scales")) {
@@ -274,7 +386,7 @@ impl Weights {
             {
                 Weight::Blocks(Arc::new(b))
             } else if self.compact {
-                self.panel(prefix, layer)
+                self.panel(prefix, layer, tile_bias()?)
             } else {
                 Weight::Tensor(widened(&layer, &self.device).map_err(failed)?)
             }
@@ -286,7 +398,7 @@ impl Weights {
             } else {
                 Stored::F16(flat.to_vec1::<f16>().map_err(backend)?)
             };
-            self.panel(prefix, PanelDense::half(stored, outputs, inputs).map_err(failed)?)
+            self.panel(prefix, PanelDense::half(stored, outputs, inputs).map_err(failed)?, tile_bias()?)
         } else if self.arithmetic == Arithmetic::Bf16
             && weight.rank() == 2
             && !prefix.ends_with("embed_tokens")
@@ -296,23 +408,26 @@ impl Weights {
                 .to_dtype(DType::F32)
                 .and_then(|w| w.flatten_all()?.to_vec1::<f32>())
                 .map_err(backend)?;
-            Weight::Bf16(Arc::new(Bf16Dense::pack(inputs, outputs, None, |n, out| {
+            Weight::Bf16(Arc::new(Bf16Dense::pack(inputs, outputs, tile_bias()?, |n, out| {
                 out.copy_from_slice(&w[n * inputs..(n + 1) * inputs])
             })))
         } else {
             Weight::Tensor(weight.to_dtype(DType::F32).map_err(backend)?)
         };
+        if matches!(weight, Weight::Bf16(_)) {
+            bias = None;
+        }
         Ok(Linear { weight, bias })
     }
 
     /// A compact layer as [`Arithmetic`] says: kept as stored, or (bf16) re-laid in
     /// tile order — the token embedding excepted, whose rows are looked up.
-    fn panel(&self, prefix: &str, layer: PanelDense) -> Weight {
+    fn panel(&self, prefix: &str, layer: PanelDense, bias: Option<Vec<f32>>) -> Weight {
         if self.arithmetic == Arithmetic::Bf16 && !prefix.ends_with("embed_tokens") {
             return Weight::Bf16(Arc::new(Bf16Dense::pack(
                 layer.inputs(),
                 layer.outputs(),
-                None,
+                bias,
                 |n, out| layer.widen_row(n, out),
             )));
         }
