@@ -8,11 +8,13 @@
 #       STAGE=1 bash scripts/device/vlm_gpu.sh
 #       stages the files in ~/kiln-mlx and builds the checkpoints in ~/vlm3b with the
 #       machine's transformers (scripts/device/vlm_gpu.py build): bf16 and 4-bit
-#   call 2, .device/: libmlx-part-ab, cccl.tar.xz, blas.tar.xz, vlm3b/ (tokenizer, chat
+#   call 2, .device/: libmlx-part-ab, cccl.tar.xz, cutlass.tar.xz, blas.tar.xz, vlm3b/ (tokenizer, chat
 #       template, processor settings: the 3B folder's small files but config.json), images/
 #       bash scripts/device/vlm_gpu.sh
 #
 # made here: libmlx-part-* and cccl.tar.xz as for mlx_gpu.sh (docs/benchmarks.md, issue 14);
+# cutlass.tar.xz = the same wheel's mlx/include/cute and mlx/include/cutlass (MLX compiles
+# its quantized matmul for the GPU at run time and includes them);
 # kiln-mlx.xz = `cargo build --release -p kiln-cli --features mlx`, stripped, xz;
 # blas.tar.xz = `tar -chJf .device/blas.tar.xz -C .kiln/mlx blas`.
 set -euo pipefail
@@ -27,7 +29,7 @@ if [ -n "${STAGE:-}" ]; then
     ls -la "$stash" "$models"/*
     exit 0
 fi
-cp .device/libmlx-part-ab .device/cccl.tar.xz .device/blas.tar.xz "$stash/"
+cp .device/libmlx-part-ab .device/cccl.tar.xz .device/cutlass.tar.xz .device/blas.tar.xz "$stash/"
 . scripts/device/common.sh /tmp/kiln-vlm
 . scripts/device/mlx_common.sh
 for f in .device/vlm3b/*; do

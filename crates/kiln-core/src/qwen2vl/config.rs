@@ -1,7 +1,8 @@
 //! A Qwen2.5-VL checkpoint's `config.json`, in both layouts it comes in: the hub's (text
 //! fields at the root beside `vision_config`, `rope_scaling.type = "mrope"`) and the one
 //! newer transformers writes (the text fields again under `text_config`, the rope type
-//! rewritten to "default" but `mrope_section` kept). Token ids are read from the root:
+//! rewritten to "default" but `mrope_section` kept; transformers 5 names the block
+//! `rope_parameters` and moves `rope_theta` into it). Token ids are read from the root:
 //! `text_config` may carry them as null.
 
 use std::path::Path;
@@ -110,12 +111,16 @@ impl QwenVlConfig {
                 .map(|v| v as u32)
                 .ok_or_else(|| format!("no `{key}`"))
         };
-        let rope = field("rope_scaling").ok_or("no `rope_scaling` (with `mrope_section`)")?;
+        let rope = field("rope_scaling")
+            .filter(|r| r.get("mrope_section").is_some())
+            .or_else(|| field("rope_parameters"))
+            .or_else(|| field("rope_scaling"))
+            .ok_or("no `rope_scaling` or `rope_parameters` (with `mrope_section`)")?;
         let section: Vec<usize> = rope
             .get("mrope_section")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
-            .ok_or("`rope_scaling` has no `mrope_section`")?;
+            .ok_or("`rope_scaling` (or `rope_parameters`) has no `mrope_section`")?;
         let mrope_section: [usize; 3] = section
             .try_into()
             .map_err(|s: Vec<usize>| format!("`mrope_section` has {} entries, not 3", s.len()))?;
@@ -156,7 +161,10 @@ impl QwenVlConfig {
             num_attention_heads: int("num_attention_heads")?,
             num_key_value_heads: int("num_key_value_heads")?,
             rms_norm_eps: float("rms_norm_eps", 1e-6),
-            rope_theta: float("rope_theta", 1e6),
+            rope_theta: field("rope_theta")
+                .or_else(|| rope.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .unwrap_or(1e6),
             mrope_section,
             max_position_embeddings: int("max_position_embeddings").unwrap_or(32_768),
             tie_word_embeddings: field("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
@@ -215,5 +223,39 @@ impl QwenVlConfig {
     /// Size of one attention head of the language model.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The config.json transformers 5 writes (`save_pretrained` of 5.17): the text fields
+    /// under `text_config`, M-RoPE's sections and theta in `rope_parameters`.
+    #[test]
+    fn transformers_5_configs_read_rope_parameters() {
+        let config = serde_json::json!({
+            "model_type": "qwen2_5_vl", "image_token_id": 6, "vision_start_token_id": 3,
+            "vision_end_token_id": 4, "video_token_id": 7, "tie_word_embeddings": true,
+            "text_config": {
+                "hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16,
+                "num_hidden_layers": 36, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+                "vocab_size": 151936, "max_position_embeddings": 128000, "eos_token_id": 151935,
+                "rope_parameters": {"mrope_section": [16, 24, 24], "rope_theta": 500000.0, "rope_type": "default"}
+            },
+            "vision_config": {
+                "depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                "out_hidden_size": 2048, "fullatt_block_indexes": [7, 15, 23, 31],
+                "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}
+            }
+        });
+        let c = QwenVlConfig::from_json(&config).expect("a transformers 5 config reads");
+        assert_eq!(c.mrope_section, [16, 24, 24]);
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert_eq!((c.hidden_size, c.num_hidden_layers, c.vision.depth), (2048, 36, 32));
+        let mut none = config.clone();
+        none["text_config"].as_object_mut().unwrap().remove("rope_parameters");
+        let why = QwenVlConfig::from_json(&none).unwrap_err();
+        assert!(why.contains("rope_parameters"), "{why}");
     }
 }
