@@ -130,6 +130,27 @@ fn exp(x: f32) -> f32 {
     p * f32::from_bits(n.wrapping_add(127) << 23)
 }
 
+/// `e^x` as [`exp`] with the series cut after r⁴ (relative error below 1e-4): for
+/// probabilities rounded to bf16 right after (half an ulp is 2e-3), where the two terms
+/// saved were a tenth of an embedding batch's time in perf.
+#[inline(always)]
+fn exp_coarse(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x.mul_add(std::f32::consts::LOG2_E, ROUND);
+    let n = t - ROUND;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let p = 1.0f32 / 24.0;
+    let p = p.mul_add(r, 1.0 / 6.0);
+    let p = p.mul_add(r, 0.5);
+    let p = p.mul_add(r, 1.0);
+    let p = p.mul_add(r, 1.0);
+    let n = t.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n.wrapping_add(127) << 23)
+}
+
 /// erf by Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7 in exact arithmetic, < 1e-6 in f32.
 #[inline(always)]
 fn erf(x: f32) -> f32 {
@@ -177,7 +198,7 @@ fn softmax_generic(x: &mut [f32]) {
 fn probabilities_generic(x: &mut [f32], scale: f32, p: &mut [u16]) {
     let m = max(x) * scale;
     for v in x.iter_mut() {
-        *v = exp(*v * scale - m);
+        *v = exp_coarse(*v * scale - m);
     }
     let inv = 1.0 / sum(x);
     for (p, v) in p.iter_mut().zip(x.iter()) {
@@ -226,6 +247,14 @@ mod tests {
             worst_erf = worst_erf.max((f64::from(erf(x)) - erf_reference(f64::from(x))).abs());
         }
         assert!(worst_exp < 5e-7, "exp: relative error {worst_exp:e}");
+        let worst_coarse = (-80_000..=0)
+            .map(|i| {
+                let x = i as f32 * 1e-3;
+                let e = f64::from(x).exp();
+                ((f64::from(exp_coarse(x)) - e) / e).abs()
+            })
+            .fold(0f64, f64::max);
+        assert!(worst_coarse < 1e-4, "coarse exp: relative error {worst_coarse:e}");
         assert!(worst_erf < 1e-6, "erf: error {worst_erf:e}");
     }
 
