@@ -101,8 +101,15 @@ impl Bf16Dense {
         if !aligned || rest.iter().any(|p| p.inputs != first.inputs) {
             return None;
         }
+        let mut packed = Bits::default();
+        packed.resize(parts.iter().map(|p| p.packed.len()).sum());
+        let mut at = 0;
+        for part in parts {
+            packed[at..at + part.packed.len()].copy_from_slice(&part.packed);
+            at += part.packed.len();
+        }
         Some(Bf16Dense {
-            packed: Bits::from_iter(parts.iter().flat_map(|p| p.packed.iter().copied())),
+            packed,
             bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),
             inputs: first.inputs,
             outputs: parts.iter().map(|p| p.outputs).sum(),
@@ -121,8 +128,8 @@ impl Bf16Dense {
         if gate.inputs != up.inputs || gate.outputs != up.outputs {
             return None;
         }
-        let tile_run = (gate.padded / EDGE) * 2 * TILE;
         let chunks = gate.padded / EDGE;
+        let tile_run = chunks * 2 * TILE;
         let halves = 2 * gate.outputs.div_ceil(EDGE);
         let mut packed = Bits::default();
         packed.resize(halves * tile_run);
@@ -352,11 +359,6 @@ pub(crate) struct Bits {
     len: usize,
 }
 
-/// A block's f32 results, where tiles store them: aligned as [`Bits`] are, for the
-/// same reason.
-#[repr(C, align(64))]
-struct Sums([f32; EDGE * EDGE]);
-
 /// 64 bytes of bits, so a `Vec` of them is 64-byte aligned.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -382,14 +384,6 @@ impl Bits {
     pub(crate) fn clear(&mut self) {
         self.len = 0;
     }
-
-    fn from_iter(bits: impl Iterator<Item = u16>) -> Self {
-        let bits: Vec<u16> = bits.collect();
-        let mut out = Bits::default();
-        out.resize(bits.len());
-        out.copy_from_slice(&bits);
-        out
-    }
 }
 
 impl std::ops::Deref for Bits {
@@ -407,6 +401,11 @@ impl std::ops::DerefMut for Bits {
         unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
     }
 }
+
+/// A block's f32 results, where tiles store them: aligned as [`Bits`] are, for the
+/// same reason.
+#[repr(C, align(64))]
+struct Sums([f32; EDGE * EDGE]);
 
 /// Where [`Bf16Dense::run`] puts its results.
 pub(crate) enum Sink<'a> {
@@ -615,11 +614,6 @@ mod tests {
             }
         }
     }
-}
-
-#[cfg(test)]
-mod joined_tests {
-    use super::*;
 
     fn layer(k: usize, n: usize, seed: usize) -> Bf16Dense {
         let bias: Vec<f32> = (0..n).map(|i| ((i + seed) % 7) as f32 * 0.1 - 0.3).collect();

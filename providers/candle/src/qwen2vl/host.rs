@@ -52,13 +52,24 @@ pub(super) fn rotate(
 /// `at + t · token + h · head`.
 #[derive(Clone, Copy)]
 pub(super) struct Heads<'a> {
-    pub data: &'a [f32],
-    pub at: usize,
-    pub token: usize,
-    pub head: usize,
+    data: &'a [f32],
+    at: usize,
+    token: usize,
+    head: usize,
 }
 
-impl Heads<'_> {
+impl<'a> Heads<'a> {
+    /// Heads of `d` values in rows of `width` values, from column `at` (a layer's
+    /// output, `[tokens, .. | heads · d | ..]`).
+    pub fn in_rows(data: &'a [f32], at: usize, width: usize, d: usize) -> Self {
+        Heads { data, at, token: width, head: d }
+    }
+
+    /// Heads stored head-major, `[heads, tokens, d]` (the decoder's KV cache).
+    pub fn head_major(data: &'a [f32], tokens: usize, d: usize) -> Self {
+        Heads { data, at: 0, token: d, head: tokens * d }
+    }
+
     /// Head `h` of token `t`'s first value; the buffer holds what the caller addresses.
     fn start(&self, t: usize, h: usize) -> *const f32 {
         self.data[self.at + t * self.token + h * self.head..].as_ptr()
@@ -164,11 +175,10 @@ mod tests {
             Span { queries: 5..11, keys: 0..14, causal: Some(8) },
         ];
         let mut out = vec![0f32; tokens * heads * d];
-        let head_major = |data| Heads { data, at: 0, token: d, head: kv_len * d };
         attention(
-            Heads { data: &q, at: 0, token: heads * d, head: d },
-            head_major(&k),
-            head_major(&v),
+            Heads::in_rows(&q, 0, heads * d, d),
+            Heads::head_major(&k, kv_len, d),
+            Heads::head_major(&v, kv_len, d),
             (heads, kv_heads, d),
             &spans,
             &mut out,

@@ -8,8 +8,8 @@ use kiln_core::{Error, Result};
 use super::config::QwenVlConfig;
 use super::host::{self, Heads, Span};
 use super::rope::mrope_cos_sin;
-use super::vision::rotate;
-use super::weights::{Linear, Mlp, Weights, rms_norm};
+use super::vision::{rotary_tensors, rotate};
+use super::weights::{Linear, Mlp, Weights, rms_norm, with_rows};
 use crate::backend;
 
 struct Layer {
@@ -32,6 +32,25 @@ impl Qkv {
         match Linear::concat(&[&q, &k, &v]) {
             Some(joined) => Qkv::Joined(joined),
             None => Qkv::Split(q, k, v),
+        }
+    }
+
+    /// q, k and v of `h` as rows of `q | k | v`, `widths` values each: the joined
+    /// layer's own output, or three layers' results side by side.
+    fn rows(&self, h: &Tensor, widths: [usize; 3]) -> Result<Vec<f32>> {
+        match self {
+            Qkv::Joined(all) => all.forward_rows(h),
+            Qkv::Split(q, k, v) => {
+                let parts = [q.forward_rows(h)?, k.forward_rows(h)?, v.forward_rows(h)?];
+                let tokens = parts[0].len() / widths[0];
+                let mut rows = Vec::with_capacity(tokens * widths.iter().sum::<usize>());
+                for t in 0..tokens {
+                    for (part, width) in parts.iter().zip(widths) {
+                        rows.extend_from_slice(&part[t * width..(t + 1) * width]);
+                    }
+                }
+                Ok(rows)
+            }
         }
     }
 
@@ -205,61 +224,57 @@ impl TextModel {
         let (tokens, _) = x.dims2().map_err(backend)?;
         let (heads, kv_heads, head_dim) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let (cos_rows, sin_rows) = mrope_cos_sin(positions, head_dim, c.rope_theta, c.mrope_section);
-        let cos = Tensor::new(cos_rows.as_slice(), &self.device)
-            .and_then(|t| t.reshape((tokens, head_dim)))
-            .map_err(backend)?;
-        let sin = Tensor::new(sin_rows.as_slice(), &self.device)
-            .and_then(|t| t.reshape((tokens, head_dim)))
-            .map_err(backend)?;
         let past = cache.tokens;
-        let mask = if self.device.is_cpu() { None } else { Some(causal_mask(tokens, past, &self.device)?) };
+        // The CPU rotates and attends on the layers' rows (`host.rs`); a GPU runs graphs.
+        let graph = if self.device.is_cpu() {
+            None
+        } else {
+            let (cos, sin) = rotary_tensors(&cos_rows, &sin_rows, head_dim, &self.device)?;
+            Some((causal_mask(tokens, past, &self.device)?, cos, sin))
+        };
         let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
         let mut x = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let [q, k, v] = layer.qkv.forward(&h, widths)?;
-            let attended = match &mask {
+            let attended = match &graph {
                 None => {
-                    let rotated = |t: &Tensor, heads| -> Result<Vec<f32>> {
-                        let mut rows = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend)?;
-                        host::rotate(&mut rows, heads * head_dim, 0, heads, head_dim, &cos_rows, &sin_rows);
-                        Ok(rows)
-                    };
-                    let (q, k) = (rotated(&q, heads)?, rotated(&k, kv_heads)?);
-                    let to_cache = |rows: Vec<f32>| {
-                        Tensor::from_vec(rows, (tokens, kv_heads, head_dim), &self.device)
+                    let width: usize = widths.iter().sum();
+                    let mut rows = layer.qkv.rows(&h, widths)?;
+                    // q's heads and k's are adjacent in a row: one pass rotates both.
+                    host::rotate(&mut rows, width, 0, heads + kv_heads, head_dim, &cos_rows, &sin_rows);
+                    // The new keys or values (columns `at..` of each row), `[kv_heads, tokens, d]`.
+                    let new = |at: usize| {
+                        let part: Vec<f32> =
+                            rows.chunks_exact(width).flat_map(|r| &r[at..at + widths[1]]).copied().collect();
+                        Tensor::from_vec(part, (tokens, kv_heads, head_dim), &self.device)
                             .and_then(|t| t.transpose(0, 1))
                             .map_err(backend)
                     };
-                    let v = v
-                        .reshape((tokens, kv_heads, head_dim))
-                        .and_then(|v| v.transpose(0, 1))
-                        .map_err(backend)?;
-                    let (k, v) =
-                        (append(&mut cache.keys[i], to_cache(k)?)?, append(&mut cache.values[i], v)?);
+                    let k = append(&mut cache.keys[i], new(widths[0])?)?;
+                    let v = append(&mut cache.values[i], new(widths[0] + widths[1])?)?;
                     let total = past + tokens;
-                    let (k, v) = (
-                        k.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend)?,
-                        v.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend)?,
-                    );
-                    let head_major = |data| Heads { data, at: 0, token: head_dim, head: total * head_dim };
                     let mut out = vec![0f32; tokens * heads * head_dim];
-                    host::attention(
-                        Heads { data: &q, at: 0, token: heads * head_dim, head: head_dim },
-                        head_major(&k),
-                        head_major(&v),
-                        (heads, kv_heads, head_dim),
-                        &[Span { queries: 0..tokens, keys: 0..total, causal: Some(past) }],
-                        &mut out,
-                    );
+                    with_rows(&k, |k| {
+                        with_rows(&v, |v| {
+                            host::attention(
+                                Heads::in_rows(&rows, 0, width, head_dim),
+                                Heads::head_major(k, total, head_dim),
+                                Heads::head_major(v, total, head_dim),
+                                (heads, kv_heads, head_dim),
+                                &[Span { queries: 0..tokens, keys: 0..total, causal: Some(past) }],
+                                &mut out,
+                            )
+                        })
+                    })??;
                     Tensor::from_vec(out, (tokens, heads * head_dim), &self.device).map_err(backend)?
                 }
-                Some(mask) => {
+                Some((mask, cos, sin)) => {
+                    let [q, k, v] = layer.qkv.forward(&h, widths)?;
                     let q = q.reshape((tokens, heads, head_dim)).map_err(backend)?;
                     let k = k.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
                     let v = v.reshape((tokens, kv_heads, head_dim)).map_err(backend)?;
-                    let q = rotate(&q, &cos, &sin)?.transpose(0, 1).map_err(backend)?; // [heads, tokens, d]
-                    let k = rotate(&k, &cos, &sin)?.transpose(0, 1).map_err(backend)?;
+                    let q = rotate(&q, cos, sin)?.transpose(0, 1).map_err(backend)?; // [heads, tokens, d]
+                    let k = rotate(&k, cos, sin)?.transpose(0, 1).map_err(backend)?;
                     let v = v.transpose(0, 1).map_err(backend)?;
                     let (k, v) = (append(&mut cache.keys[i], k)?, append(&mut cache.values[i], v)?);
                     attend(&q, &k, &v, mask, heads / kv_heads, head_dim)?
@@ -296,8 +311,7 @@ impl TextModel {
         let (heads, kv_heads, head_dim) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let streams = [positions.to_vec(), positions.to_vec(), positions.to_vec()];
         let (cos, sin) = mrope_cos_sin(&streams, head_dim, c.rope_theta, c.mrope_section);
-        let cos = Tensor::from_vec(cos, (batch, head_dim), &self.device).map_err(backend)?;
-        let sin = Tensor::from_vec(sin, (batch, head_dim), &self.device).map_err(backend)?;
+        let (cos, sin) = rotary_tensors(&cos, &sin, head_dim, &self.device)?;
         let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
         let mut x = self.embed(tokens, None)?;
         for (i, layer) in self.layers.iter().enumerate() {

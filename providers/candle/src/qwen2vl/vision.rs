@@ -87,12 +87,12 @@ impl VisionTower {
         let patches = pixels.dim(0).map_err(backend)?;
         let layout = WindowLayout::new(grids, c);
         let (cos_rows, sin_rows) = layout.rotary(grids, c.spatial_merge_size, head_dim);
-        let cos = Tensor::new(cos_rows.as_slice(), &self.device)
-            .and_then(|t| t.reshape((patches, head_dim)))
-            .map_err(backend)?;
-        let sin = Tensor::new(sin_rows.as_slice(), &self.device)
-            .and_then(|t| t.reshape((patches, head_dim)))
-            .map_err(backend)?;
+        // The CPU rotates the layers' rows in place (`host.rs`); a GPU needs the tensors.
+        let graph_rotary = if self.device.is_cpu() {
+            None
+        } else {
+            Some(rotary_tensors(&cos_rows, &sin_rows, head_dim, &self.device)?)
+        };
         let mut x = pixels.matmul(&self.patch_embed.t().map_err(backend)?).map_err(backend)?;
         // Window order, whole merge units at a time.
         let order = Tensor::new(layout.window_index.as_slice(), &self.device).map_err(backend)?;
@@ -105,7 +105,13 @@ impl VisionTower {
             let segments =
                 if c.fullatt_block_indexes.contains(&i) { &layout.images } else { &layout.windows };
             let h = rms_norm(&x, &block.norm1, 1e-6)?;
-            let attended = if self.device.is_cpu() {
+            let attended = if let Some((cos, sin)) = &graph_rotary {
+                let qkv = block.qkv.forward(&h)?.reshape((patches, 3, heads, head_dim)).map_err(backend)?;
+                let q = rotate(&qkv.i((.., 0)).map_err(backend)?, cos, sin)?;
+                let k = rotate(&qkv.i((.., 1)).map_err(backend)?, cos, sin)?;
+                let v = qkv.i((.., 2)).map_err(backend)?;
+                attend_segments(&q, &k, &v, segments, head_dim)?
+            } else {
                 let mut qkv = block.qkv.forward_rows(&h)?;
                 let hidden = c.hidden_size;
                 host::rotate(&mut qkv, 3 * hidden, 0, 2 * heads, head_dim, &cos_rows, &sin_rows);
@@ -113,7 +119,7 @@ impl VisionTower {
                     .windows(2)
                     .map(|s| Span { queries: s[0]..s[1], keys: s[0]..s[1], causal: None })
                     .collect();
-                let at = |at| Heads { data: &qkv, at, token: 3 * hidden, head: head_dim };
+                let at = |at| Heads::in_rows(&qkv, at, 3 * hidden, head_dim);
                 let mut out = vec![0f32; patches * hidden];
                 host::attention(
                     at(0),
@@ -124,12 +130,6 @@ impl VisionTower {
                     &mut out,
                 );
                 Tensor::from_vec(out, (patches, hidden), &self.device).map_err(backend)?
-            } else {
-                let qkv = block.qkv.forward(&h)?.reshape((patches, 3, heads, head_dim)).map_err(backend)?;
-                let q = rotate(&qkv.i((.., 0)).map_err(backend)?, &cos, &sin)?;
-                let k = rotate(&qkv.i((.., 1)).map_err(backend)?, &cos, &sin)?;
-                let v = qkv.i((.., 2)).map_err(backend)?;
-                attend_segments(&q, &k, &v, segments, head_dim)?
             };
             x = (x + block.proj.forward(&attended)?).map_err(backend)?;
             let h = rms_norm(&x, &block.norm2, 1e-6)?;
@@ -144,6 +144,19 @@ impl VisionTower {
         let inverse = Tensor::new(layout.inverse().as_slice(), &self.device).map_err(backend)?;
         merged.index_select(&inverse, 0).map_err(backend)
     }
+}
+
+/// A rotary table's cos and sin rows (`head_dim` values a token, as `rope` and
+/// `WindowLayout::rotary` write them) as `[tokens, head_dim]` tensors for [`rotate`].
+pub(super) fn rotary_tensors(
+    cos: &[f32],
+    sin: &[f32],
+    head_dim: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let table =
+        |rows: &[f32]| Tensor::from_slice(rows, (rows.len() / head_dim, head_dim), device).map_err(backend);
+    Ok((table(cos)?, table(sin)?))
 }
 
 /// `x · cos + rotate_half(x) · sin` for `x` `[tokens, heads, head_dim]` and cos/sin

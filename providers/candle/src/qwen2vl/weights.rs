@@ -198,14 +198,11 @@ pub(super) fn with_rows<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T>
 /// and up are one layer ([`Bf16Dense::swiglu`]) whose results become the down
 /// layer's bf16 rows as they are made: the two intermediates never exist in f32, and
 /// SiLU, the product and the rounding cost no passes of their own.
-pub struct Mlp {
-    gate_up: GateUp,
-    down: Linear,
-}
+pub struct Mlp(Layers);
 
-enum GateUp {
-    Fused(Arc<Bf16Dense>, Arc<Bf16Dense>),
-    Split(Linear, Linear),
+enum Layers {
+    Fused { gate_up: Bf16Dense, down: Arc<Bf16Dense> },
+    Split { gate: Linear, up: Linear, down: Linear },
 }
 
 thread_local! {
@@ -217,26 +214,23 @@ thread_local! {
 impl Mlp {
     /// The feed-forward of `gate`, `up` and `down` layers.
     pub fn new(gate: Linear, up: Linear, down: Linear) -> Mlp {
-        let fused = match (gate.bf16(), up.bf16(), down.bf16()) {
-            (Some(g), Some(u), Some(d)) if d.inputs().div_ceil(32) * 32 == g.outputs().div_ceil(32) * 32 => {
-                Bf16Dense::swiglu(g, u).map(|f| (Arc::new(f), d.clone()))
-            }
-            _ => None,
-        };
-        match fused {
-            Some((gate_up, d)) => Mlp { gate_up: GateUp::Fused(gate_up, d), down },
-            None => Mlp { gate_up: GateUp::Split(gate, up), down },
+        if let (Some(g), Some(u), Some(d)) = (gate.bf16(), up.bf16(), down.bf16())
+            && d.inputs().div_ceil(32) == g.outputs().div_ceil(32)
+            && let Some(gate_up) = Bf16Dense::swiglu(g, u)
+        {
+            return Mlp(Layers::Fused { gate_up, down: d.clone() });
         }
+        Mlp(Layers::Split { gate, up, down })
     }
 
     /// `down(SiLU(gate(h)) · up(h))` for `h` `[tokens, inputs]`.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        match &self.gate_up {
-            GateUp::Split(gate, up) => {
+        match &self.0 {
+            Layers::Split { gate, up, down } => {
                 let gate = gate.forward(h)?.silu().map_err(backend)?;
-                self.down.forward(&(gate * up.forward(h)?).map_err(backend)?)
+                down.forward(&(gate * up.forward(h)?).map_err(backend)?)
             }
-            GateUp::Fused(gate_up, down) => {
+            Layers::Fused { gate_up, down } => {
                 let (tokens, _) = h.dims2().map_err(backend)?;
                 let mut out = vec![0f32; tokens * down.outputs()];
                 SWIGLU_ROWS.with_borrow_mut(|rows| {
