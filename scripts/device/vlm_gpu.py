@@ -11,6 +11,8 @@
                                            images, then the 2-image "Compare these images." prompt: time to
                                            first token (files read, processed, encoded, prefilled) and decode
                                            tokens/s, as JSON on stdout
+    vlm_gpu.py mlxvlm FOLDER IMAGES TOKENS the same with mlx-vlm's load and stream_generate on MLX's GPU
+                                           (bf16 compute; a packed folder as stored)
     vlm_gpu.py table OUT                   the summary of OUT/*.json
 
 The 4-bit packing is MLX's affine layout (element j of a row at bits 4j.. of its u32 words,
@@ -166,26 +168,104 @@ def transformers_run(folder: pathlib.Path, images_dir: pathlib.Path, tokens: int
             "gpu": torch.cuda.get_device_name(0)}
 
 
+def as_transformers_4(folder: pathlib.Path) -> pathlib.Path:
+    """`folder` as mlx-vlm 0.7.10 reads a Qwen2.5-VL config: the text model's settings at the top
+    level, M-RoPE as `rope_scaling` and the vision tower's model type the model's (transformers
+    4's layout; transformers 5 nests the text settings in `text_config`, writes `rope_parameters`
+    and names the tower `qwen2_5_vl_vision`) — a folder beside it of links and a rewritten
+    config.json."""
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", {})
+    rope = text.get("rope_parameters") or config.get("rope_parameters")
+    if not rope or "rope_scaling" in config:
+        return folder
+    out = folder.parent / f"{folder.name}-transformers4"
+    out.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    merged = {**text, **{k: v for k, v in config.items() if k != "text_config"}}
+    merged["text_config"] = text
+    merged["rope_theta"] = rope.get("rope_theta", 1000000.0)
+    merged["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    merged["vision_config"] = {**config["vision_config"], "model_type": config["model_type"]}
+    (out / "config.json").write_text(json.dumps(merged, indent=1))
+    return out
+
+
+def mlxvlm_run(folder: pathlib.Path, images_dir: pathlib.Path, tokens: int) -> dict:
+    import mlx.core as mx
+    import mlx_vlm
+    from mlx_vlm import load
+    from mlx_vlm.generate.dispatch import stream_generate
+    from mlx_vlm.prompt_utils import apply_chat_template
+
+    model, processor = load(str(as_transformers_4(folder)))
+
+    def ask(names, n):
+        mx.synchronize()
+        start = time.perf_counter()
+        prompt = apply_chat_template(processor, model.config, QUESTION, num_images=len(names))
+        times, last = [], None
+        for r in stream_generate(model, processor, prompt, image=[str(images_dir / x) for x in names],
+                                 max_tokens=n, temperature=0.0):
+            if r.token is not None:  # the last result may only carry the totals
+                times.append(time.perf_counter())
+            last = r
+        return start, times, last
+
+    ask(WARMUP, 4)
+    runs = []
+    for _ in range(3):
+        start, times, last = ask(IMAGES, tokens)
+        runs.append({"ttft_ms": (times[0] - start) * 1e3, "tokens": len(times),
+                     "decode_tokens_per_s": (len(times) - 1) / max(times[-1] - times[0], 1e-9),
+                     "own_generation_tps": last.generation_tps, "prompt_tokens": last.prompt_tokens})
+    best = min(runs, key=lambda r: r["ttft_ms"])
+    return {"runs": runs, "ttft_ms": best["ttft_ms"], "decode_tokens_per_s": max(r["decode_tokens_per_s"] for r in runs),
+            "prompt_tokens": best["prompt_tokens"], "tokens": tokens, "mlx_vlm": mlx_vlm.__version__,
+            "mlx": mx.__version__}
+
+
 def table(out: pathlib.Path) -> None:
-    hf = json.loads((out / "transformers.json").read_text())
-    print(f"transformers {hf['transformers']} (torch {hf['torch']}, {hf['gpu']}), bf16, sdpa: "
-          f"time to first token {hf['ttft_ms']:.0f} ms, decode {hf['decode_tokens_per_s']:.1f} tokens/s "
-          f"({hf['prompt_tokens']} prompt tokens; runs {[round(r['ttft_ms']) for r in hf['runs']]} ms)")
-    for name in ("kiln_bf16", "kiln_q4", "kiln_q4_8"):
+    """Time to first token three ways — an engine's (or process's) first request, the same
+    prompt again with every cache off (warm), other questions about the same images — and
+    decode, for transformers, mlx-vlm and kiln."""
+    def load(name):
         path = out / f"{name}.json"
-        if not path.is_file():
-            print(f"{name}: no result")
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    hf = load("transformers")
+    if hf is None:
+        print("transformers: no result")
+        return
+    runs = [round(r["ttft_ms"]) for r in hf["runs"]]
+    print(f"transformers {hf['transformers']} (torch {hf['torch']}, {hf['gpu']}), bf16, sdpa, {hf['prompt_tokens']} "
+          f"prompt tokens: time to first token first {runs[0]} ms, warm {hf['ttft_ms']:.0f} ms (runs {runs}); "
+          f"decode {hf['decode_tokens_per_s']:.1f} tokens/s")
+    for f in ("bf16", "q4"):
+        m = load(f"mlxvlm_{f}")
+        if m:
+            runs = [round(r["ttft_ms"]) for r in m["runs"]]
+            print(f"mlx-vlm {m['mlx_vlm']} (mlx {m['mlx']}), {f}: first {runs[0]} ms, warm {m['ttft_ms']:.0f} ms "
+                  f"({hf['ttft_ms'] / m['ttft_ms']:.2f}x transformers); decode {m['decode_tokens_per_s']:.1f} tokens/s "
+                  f"({m['decode_tokens_per_s'] / hf['decode_tokens_per_s']:.2f}x)")
+        else:
+            print(f"mlx-vlm {f}: no result")
+        first, warm, new = load(f"kiln_{f}"), load(f"kiln_{f}_warm"), load(f"kiln_{f}_new")
+        if not (first and warm and new):
+            print(f"kiln {f}: missing results")
             continue
-        b = json.loads(path.read_text())
-        one = b["single_stream"]
-        decode = 1e3 / one["inter_token_ms"]["p50"]
-        line = f"{name}: 1 stream decode {decode:.1f} tokens/s ({decode / hf['decode_tokens_per_s']:.2f}x transformers)"
-        if "image_cache" in b:
-            c = b["image_cache"]
-            line += (f"; time to first token {c['first_ttft_ms']:.0f} ms ({hf['ttft_ms'] / c['first_ttft_ms']:.2f}x "
-                     f"transformers), asked again {c['repeat_ttft_ms']:.0f} ms ({c['ratio']:.2f}x the first)")
-        line += f"; {b['concurrency']} streams / 1: {b['ratio']:.2f}x aggregate tokens/s"
-        print(line)
+        decode = 1e3 / first["single_stream"]["inter_token_ms"]["p50"]
+        warm_ms = warm["single_stream"]["ttft_ms"]["p50"]
+        new_ms = new["single_stream"]["ttft_ms"]["p50"]
+        print(f"kiln {f}: first {first['image_cache']['first_ttft_ms']:.0f} ms, warm {warm_ms:.0f} ms "
+              f"({hf['ttft_ms'] / warm_ms:.2f}x transformers), another question {new_ms:.0f} ms; "
+              f"decode {decode:.1f} tokens/s ({decode / hf['decode_tokens_per_s']:.2f}x transformers)")
+    many = load("kiln_q4_8")
+    if many:
+        print(f"kiln q4, 8 one-image prompts at once: {many['concurrent']['tokens_per_s']:.1f} tokens/s, "
+              f"{many['ratio']:.2f}x one stream")
 
 
 if __name__ == "__main__":
@@ -194,6 +274,8 @@ if __name__ == "__main__":
         build(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]))
     elif cmd == "transformers":
         print(json.dumps(transformers_run(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]), int(sys.argv[4]))))
+    elif cmd == "mlxvlm":
+        print(json.dumps(mlxvlm_run(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]), int(sys.argv[4]))))
     elif cmd == "table":
         table(pathlib.Path(sys.argv[2]))
     else:

@@ -36,6 +36,9 @@ use text::TextModel;
 use vision::VisionTower;
 use weights::Checkpoint;
 
+/// Prompt lengths on a GPU are padded to a multiple of this (see `QwenVl::prefill_lazy`).
+const PROMPT_BUCKET: usize = 64;
+
 /// `x · cos + rotate_half(x) · sin` for `x` `[tokens, heads, d]` and cos/sin
 /// `[tokens, 1, d]`.
 fn rotate(x: &Array, cos: &Array, sin: &Array) -> Result<Array> {
@@ -60,6 +63,9 @@ pub struct QwenVl {
     device: Option<usize>,
     dtype: DType,
     info: GeneratorInfo,
+    /// Prompts are padded to a multiple of this many tokens: [`PROMPT_BUCKET`] on a GPU,
+    /// 1 on the CPU.
+    prompt_bucket: usize,
 }
 
 impl QwenVl {
@@ -80,7 +86,7 @@ impl QwenVl {
         array::set_device(device)?;
         let config = QwenVlConfig::from_model_dir(dir)?;
         let checkpoint = Checkpoint::open(dir, dtype)?;
-        let vision = VisionTower::load(&checkpoint, &config.vision, dtype)?;
+        let vision = VisionTower::load(&checkpoint, &config.vision, dtype, device.is_some())?;
         let text = TextModel::load(&checkpoint, &config, dtype)?;
         let mut all = vision.arrays();
         all.extend(text.arrays());
@@ -119,13 +125,26 @@ impl QwenVl {
             merge_size: config.vision.spatial_merge_size,
             weight_bytes: 0,
         });
-        Ok(QwenVl { config, vision, text, device, dtype, info })
+        let prompt_bucket = if device.is_some() { PROMPT_BUCKET } else { 1 };
+        Ok(QwenVl { config, vision, text, device, dtype, info, prompt_bucket })
     }
 
     /// The checkpoint's config.
     #[cfg(test)]
     pub fn config(&self) -> &QwenVlConfig {
         &self.config
+    }
+
+    /// Pads prompts to multiples of `tokens` (a GPU's bucketing, tested on the CPU).
+    #[cfg(test)]
+    pub fn set_prompt_bucket(&mut self, tokens: usize) {
+        self.prompt_bucket = tokens.max(1);
+    }
+
+    /// The tower's attention per image with a window mask (a GPU's way) or per window.
+    #[cfg(test)]
+    pub fn set_masked_attention(&mut self, masked: bool) {
+        self.vision.set_masked(masked);
     }
 
     /// An empty cache for a new sequence.
@@ -182,8 +201,25 @@ impl QwenVl {
             self.config.image_token_id,
         )?;
         let images = images.map(|rows| rows.astype(self.dtype)).transpose()?;
-        let x = self.text.embed(ids, images.as_ref())?;
-        let logits = self.text.forward(x, &index.positions, cache, keep)?;
+        // On a GPU the prompt is padded to a multiple of PROMPT_BUCKET tokens: MLX builds
+        // (and keeps, per thread) a cuDNN attention graph for each query length, which cost
+        // 40–90 ms whenever a prompt of a new length came (docs/benchmarks.md, issue 29 on
+        // the GPU); with buckets a new length mostly finds its graph built. The padding is
+        // a few dozen tokens of a GPU's idle capacity; on the CPU it would be real work.
+        let real = ids.len();
+        let padded = real.next_multiple_of(self.prompt_bucket);
+        let mut positions = index.positions.clone();
+        let mut ids = std::borrow::Cow::Borrowed(ids);
+        if padded > real {
+            let pad = self.info.eos_token_ids.first().copied().unwrap_or(0);
+            ids.to_mut().resize(padded, pad);
+            for stream in positions.iter_mut() {
+                let last = stream.last().copied().unwrap_or(0);
+                stream.extend((1..=(padded - real) as i64).map(|k| last + k));
+            }
+        }
+        let x = self.text.embed(&ids, images.as_ref())?;
+        let logits = self.text.forward(x, &positions, cache, keep, real)?;
         TextModel::set_rope_delta(cache, index.delta);
         Ok(logits)
     }
@@ -193,7 +229,7 @@ impl QwenVl {
         let at = cache.next_position();
         let x = self.text.embed(ids, None)?;
         let stream: Vec<i64> = (0..ids.len() as i64).map(|k| at + k).collect();
-        self.text.forward(x, &[stream.clone(), stream.clone(), stream], cache, 1)
+        self.text.forward(x, &[stream.clone(), stream.clone(), stream], cache, 1, ids.len())
     }
 
     /// One more token of a sequence whose prompt is in `cache`: its logits.

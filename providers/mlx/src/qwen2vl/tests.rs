@@ -171,3 +171,48 @@ fn bad_inputs_are_refused_by_name() {
     let e = QwenVl::load(&dir.join("images"), None, Device::Cpu, DType::F32, 0).err().unwrap().to_string();
     assert!(e.contains("config.json"), "{e}");
 }
+
+/// A prompt padded to a length bucket (what a GPU does, so MLX's attention graphs are
+/// reused across prompt lengths) gives the unpadded prompt's logits at its last position
+/// and the same greedy tokens: the padding sits after the prompt, unseen, and the
+/// decoding steps overwrite its keys and values.
+#[test]
+fn a_prompt_padded_to_its_bucket_gives_the_same_tokens() {
+    let dir = fixture();
+    let (record, ids, grids, pixels) = prompt(&dir);
+    let expected: Vec<u32> = serde_json::from_value(record["greedy_tokens"].clone()).unwrap();
+    let mut model = load(&dir.join("model"));
+    let images = model.encode_images(&pixels, &grids).unwrap();
+    let mut plain = model.new_cache();
+    let want = model.prefill(&ids, Some(&images), &grids, &mut plain, 1).unwrap();
+    model.set_prompt_bucket(64);
+    assert_ne!(ids.len() % 64, 0, "the fixture's prompt needs padding for this test");
+    let mut cache = model.new_cache();
+    let got = model.prefill(&ids, Some(&images), &grids, &mut cache, 1).unwrap();
+    assert_eq!(cache.len(), ids.len(), "the cache holds the prompt, not its padding");
+    let worst = largest_difference(&got[0], &want[0]);
+    assert!(worst <= 1e-4, "padded prompt's last logits differ by {worst:.3e}");
+    let mut tokens = vec![argmax(&got[0])];
+    while tokens.len() < expected.len() {
+        tokens.push(argmax(&model.decode(*tokens.last().unwrap(), &mut cache).unwrap()));
+    }
+    assert_eq!(tokens, expected, "transformers' greedy tokens from the padded prompt");
+}
+
+/// The tower's attention written out per image with a window mask (the GPU's way) gives
+/// the per-window fused attention's rows.
+#[test]
+fn masked_window_attention_gives_the_windows_results() {
+    let dir = fixture();
+    let (_, _, grids, pixels) = prompt(&dir);
+    let mut model = load(&dir.join("model"));
+    let want = model.encode_images(&pixels, &grids).unwrap().to_f32().unwrap();
+    model.set_masked_attention(true);
+    let got = model.encode_images(&pixels, &grids).unwrap().to_f32().unwrap();
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = largest_difference(&got, &want);
+    assert!(
+        worst <= 1e-4 * scale.max(1.0),
+        "masked attention's rows differ by {worst:.3e} (values up to {scale})"
+    );
+}

@@ -232,16 +232,21 @@ impl TextModel {
     }
 
     /// Runs `x` (`[tokens, hidden]`, the tokens after those `cache` holds) at `positions`
-    /// into `cache`; the logits of its last `keep` tokens, `[keep, vocab]` f32 (lazy).
+    /// into `cache`; the logits of the last `keep` of its first `real` tokens, `[keep,
+    /// vocab]` f32 (lazy). Tokens past `real` are padding (a prompt padded to a length
+    /// bucket): they attend only to what precedes them, so nothing before them sees them;
+    /// their keys and values sit past the cache's length, overwritten by the next tokens.
     pub fn forward(
         &self,
         x: Array,
         positions: &[Vec<i64>; 3],
         cache: &mut KvCache,
         keep: usize,
+        real: usize,
     ) -> Result<Array> {
         let c = &self.config;
         let t = positions[0].len();
+        let real = real.clamp(1, t);
         let (heads, kvh, d) =
             (c.num_attention_heads as i32, c.num_key_value_heads as i32, c.head_dim() as i32);
         let (cos, sin) = self.rotary(positions)?;
@@ -269,10 +274,10 @@ impl TextModel {
             x = x.add(&layer.o.forward(&o)?)?;
             x = x.add(&self.mlp(layer, &x, eps)?)?;
         }
-        cache.tokens += t;
-        let keep = keep.clamp(1, t) as i32;
+        cache.tokens += real;
+        let (keep, real) = (keep.clamp(1, real) as i32, real as i32);
         let hidden = c.hidden_size as i32;
-        let last = x.slice(&[n - keep, 0], &[n, hidden])?.rms_norm(&self.norm, eps)?;
+        let last = x.slice(&[real - keep, 0], &[real, hidden])?.rms_norm(&self.norm, eps)?;
         self.lm_head.forward(&last)?.astype(DType::F32)
     }
 

@@ -4,6 +4,13 @@
 //! matrix product, the patches reordered window by window, blocks attending within
 //! windows (or whole images at `fullatt_block_indexes`) through MLX's fused attention,
 //! the 2×2 merger, and the rows put back in the processor's order.
+//!
+//! On a GPU the attention is written out (scores, softmax, product) per image, the
+//! windows as a block-diagonal mask, instead of MLX's fused attention per window: that
+//! runs cuDNN, which builds a graph for every new window or image length (MLX keeps them
+//! per thread) — 200 of the 395 ms of a first request on an H100 — and launches a dozen
+//! kernels per window. An image's full scores are a few MB, nothing to a GPU; on the
+//! CPU the windows' own products are less work, so it keeps them.
 
 use kiln_core::qwen2vl::{VisionConfig, WindowLayout};
 use kiln_core::{DType, Result};
@@ -32,11 +39,14 @@ pub struct VisionTower {
     merger_fc1: Linear,
     merger_fc2: Linear,
     dtype: DType,
+    /// Attention per image with a window mask (a GPU) rather than per window.
+    masked: bool,
 }
 
 impl VisionTower {
     /// The tower's tensors from `weights`.
-    pub fn load(weights: &Checkpoint, config: &VisionConfig, dtype: DType) -> Result<Self> {
+    /// `masked`: attention per image with a window mask (for a GPU; see the module).
+    pub fn load(weights: &Checkpoint, config: &VisionConfig, dtype: DType, masked: bool) -> Result<Self> {
         let p = weights.layout.vision;
         let blocks = (0..config.depth)
             .map(|i| {
@@ -60,7 +70,14 @@ impl VisionTower {
             merger_fc1: weights.linear(&format!("{p}merger.mlp.0"), true)?,
             merger_fc2: weights.linear(&format!("{p}merger.mlp.2"), true)?,
             dtype,
+            masked,
         })
+    }
+
+    /// Attention per image with a window mask (`true`, a GPU's way) or per window.
+    #[cfg(test)]
+    pub fn set_masked(&mut self, masked: bool) {
+        self.masked = masked;
     }
 
     /// Its arrays, to evaluate at load.
@@ -96,6 +113,7 @@ impl VisionTower {
         let order = Array::from_i32(&layout.window_index.iter().map(|&w| w as i32).collect::<Vec<_>>())?;
         let mut x = x.reshape(&[n / unit, unit * hidden])?.take(&order, 0)?.reshape(&[n, hidden])?;
         let scale = 1.0 / (head_dim as f32).sqrt();
+        let masks = if self.masked { window_masks(&layout)? } else { Vec::new() };
         for (i, block) in self.blocks.iter().enumerate() {
             let segments =
                 if c.fullatt_block_indexes.contains(&i) { &layout.images } else { &layout.windows };
@@ -107,24 +125,37 @@ impl VisionTower {
             let q = rotate(&part(0)?, &cos, &sin)?;
             let k = rotate(&part(1)?, &cos, &sin)?;
             let v = part(2)?;
-            let mut outs = Vec::with_capacity(segments.len());
-            for pair in segments.windows(2) {
-                let (start, end) = (pair[0] as i32, pair[1] as i32);
-                if end == start {
-                    continue;
+            let outs = if self.masked {
+                let full = c.fullatt_block_indexes.contains(&i);
+                self.masked_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &layout.images,
+                    if full { None } else { Some(&masks) },
+                    scale,
+                )?
+            } else {
+                let mut outs = Vec::with_capacity(segments.len());
+                for pair in segments.windows(2) {
+                    let (start, end) = (pair[0] as i32, pair[1] as i32);
+                    if end == start {
+                        continue;
+                    }
+                    let len = end - start;
+                    // [len, heads, d] → [1, heads, len, d]
+                    let seg = |t: &Array| -> Result<Array> {
+                        t.slice(&[start, 0, 0], &[end, heads, head_dim])?
+                            .transpose(&[1, 0, 2])?
+                            .reshape(&[1, heads, len, head_dim])
+                    };
+                    let o = seg(&q)?.attention(&seg(&k)?, &seg(&v)?, scale, None)?;
+                    outs.push(
+                        o.reshape(&[heads, len, head_dim])?.transpose(&[1, 0, 2])?.reshape(&[len, hidden])?,
+                    );
                 }
-                let len = end - start;
-                // [len, heads, d] → [1, heads, len, d]
-                let seg = |t: &Array| -> Result<Array> {
-                    t.slice(&[start, 0, 0], &[end, heads, head_dim])?
-                        .transpose(&[1, 0, 2])?
-                        .reshape(&[1, heads, len, head_dim])
-                };
-                let o = seg(&q)?.attention(&seg(&k)?, &seg(&v)?, scale, None)?;
-                outs.push(
-                    o.reshape(&[heads, len, head_dim])?.transpose(&[1, 0, 2])?.reshape(&[len, hidden])?,
-                );
-            }
+                outs
+            };
             let attended = Array::concat(&outs.iter().collect::<Vec<_>>(), 0)?;
             x = x.add(&block.proj.forward(&attended)?)?;
             let h = x.rms_norm(&block.norm2, 1e-6)?;
@@ -138,4 +169,69 @@ impl VisionTower {
         let inverse = Array::from_i32(&layout.inverse().iter().map(|&w| w as i32).collect::<Vec<_>>())?;
         merged.take(&inverse, 0)
     }
+
+    /// Attention of `q`, `k`, `v` (`[patches, heads, d]`, window order) within each image
+    /// of `images` (boundaries), restricted to the windows by `masks` (one per image, from
+    /// [`window_masks`]) when given: one `[len, hidden]` array per image. Scores and
+    /// softmax in f32.
+    fn masked_attention(
+        &self,
+        q: &Array,
+        k: &Array,
+        v: &Array,
+        images: &[usize],
+        masks: Option<&[Array]>,
+        scale: f32,
+    ) -> Result<Vec<Array>> {
+        let (heads, hidden) = (self.config.num_heads as i32, self.config.hidden_size as i32);
+        let d = hidden / heads;
+        let scale = Array::scalar(scale, DType::F32)?;
+        let mut outs = Vec::with_capacity(images.len());
+        // Images without patches have no mask either: `outs.len()` counts the others.
+        for pair in images.windows(2) {
+            let (start, end) = (pair[0] as i32, pair[1] as i32);
+            if end == start {
+                continue;
+            }
+            // [len, heads, d] → [heads, len, d]
+            let part = |t: &Array| t.slice(&[start, 0, 0], &[end, heads, d])?.transpose(&[1, 0, 2]);
+            let (qh, kh, vh) = (part(q)?, part(k)?, part(v)?);
+            let mut scores = qh.matmul(&kh.transpose(&[0, 2, 1])?)?.astype(DType::F32)?.mul(&scale)?;
+            if let Some(masks) = masks {
+                scores = scores.add(&masks[outs.len()])?;
+            }
+            let p = scores.softmax(-1)?.astype(self.dtype)?;
+            outs.push(p.matmul(&vh)?.transpose(&[1, 0, 2])?.reshape(&[end - start, hidden])?);
+        }
+        Ok(outs)
+    }
+}
+
+/// Per image of `layout`, `[1, len, len]` f32: 0 where two patches share a window,
+/// -inf elsewhere (added to the scores, so each patch attends within its window).
+fn window_masks(layout: &WindowLayout) -> Result<Vec<Array>> {
+    let mut masks = Vec::new();
+    for pair in layout.images.windows(2) {
+        let (start, end) = (pair[0], pair[1]);
+        if end == start {
+            continue;
+        }
+        let len = end - start;
+        let mut window = vec![0usize; len];
+        for (w, bounds) in layout.windows.windows(2).enumerate() {
+            for p in bounds[0].max(start)..bounds[1].min(end) {
+                window[p - start] = w;
+            }
+        }
+        let mut mask = vec![f32::NEG_INFINITY; len * len];
+        for (row, &wr) in mask.chunks_mut(len).zip(&window) {
+            for (m, &wc) in row.iter_mut().zip(&window) {
+                if wc == wr {
+                    *m = 0.0;
+                }
+            }
+        }
+        masks.push(Array::from_f32(&mask, &[1, len, len])?);
+    }
+    Ok(masks)
 }
