@@ -538,8 +538,12 @@ fn feed_forward(
         return;
     }
     let hidden = scratch.0;
-    up.forward(x, tokens, hidden);
-    hidden.par_chunks_mut(1 << 14).for_each(gelu);
+    if let Linear::Int8(up) = up {
+        up.forward_gelu(x, tokens, hidden);
+    } else {
+        up.forward(x, tokens, hidden);
+        hidden.par_chunks_mut(1 << 14).for_each(gelu);
+    }
     down.forward(hidden, tokens, out);
 }
 
@@ -556,6 +560,7 @@ fn add_norm_rows(x: &mut [f32], residual: &[f32], norm: &Norm, eps: f32) {
 // `kernels` first: its `dispatch!` macro is used by `int8`.
 #[macro_use]
 mod kernels;
+mod aligned;
 mod amx;
 pub(crate) mod bf16;
 pub(crate) mod blocks;

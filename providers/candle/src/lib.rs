@@ -203,7 +203,17 @@ impl Provider for CandleProvider {
             quantization: vec![Quantization::Int8],
             ..Capabilities::cpu_only(vec![DType::F32, DType::F16, DType::BF16])
         };
-        caps.notes.push("int8: on the CPU at f32 (per-channel weights, per-token activations)".into());
+        let level = cpu::isa::active();
+        caps.notes.push(format!(
+            "int8: on the CPU at f32 (per-channel weights, per-token activations); {}",
+            if level >= cpu::isa::Isa::Amx {
+                "AMX tiles from 16 rows a call (prompts, batches), VNNI below"
+            } else if level >= cpu::isa::Isa::Avx512Vnni {
+                "AVX-512 VNNI kernel"
+            } else {
+                "no VNNI here: plain kernel"
+            }
+        ));
         caps.notes.push(format!(
             "bf16: on the CPU, bf16 products summed in f32 ({}); CPU kernels: {}",
             if cpu::isa::active() >= cpu::isa::Isa::Amx { "AMX tiles" } else { "no AMX here: plain kernel" },

@@ -1,9 +1,10 @@
-//! AMX tile primitives: the thread's tile configuration, the 32 × 32 product the bf16
-//! linear layers run (`bf16.rs`), and single-tile operations for attention
+//! AMX tile primitives: the thread's tile configuration, the 32 × 32 products the bf16
+//! and int8 linear layers run (`bf16.rs`, `int8.rs`), and single-tile operations for attention
 //! (`tile_attention.rs`). Callers check [`isa::active`](super::isa::active) is
 //! [`Isa::Amx`](super::isa::Isa::Amx) first: a tile instruction elsewhere is a `SIGILL`.
 //!
-//! Every tile is configured as 16 rows of 64 bytes (16 f32, or 32 bf16 — 16 pairs).
+//! Every tile is configured as 16 rows of 64 bytes (16 f32 or i32, 32 bf16 — 16 pairs —
+//! or 64 bytes — 16 groups of 4).
 //! Tile registers are not compiler-managed state, so each instruction is its own
 //! `asm!` block and the tiles keep their contents between blocks.
 
@@ -92,6 +93,77 @@ pub(super) unsafe fn block(a: *const u16, kp: usize, b: *const u16, chunks: usiz
                 b0 = in(reg) b0,
                 b1 = in(reg) b0.add(512),
                 s = in(reg) stride,
+                w = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
+        std::arch::asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(16),
+            c2 = in(reg) c.add(16 * 32),
+            c3 = in(reg) c.add(16 * 32 + 16),
+            s = in(reg) 128usize,
+            options(nostack),
+        );
+    }
+}
+
+/// `c` (32 × 32 i32, row-major) = 32 rows of `a` (u8, `kp` bytes apart) times the
+/// column blocks `b0` and `b1` (int8, `chunks` tiles of 1 KiB each: per 64 inputs, 16
+/// rows of 16 columns × 4 inputs), summed exactly (`TDPBUSD`). The same tile roles as
+/// [`block`]: 0–3 accumulate, 4–5 activations, 6–7 weights.
+///
+/// # Safety
+/// The thread's tiles are configured (`TileConfig::load`); `a` holds 32 rows of
+/// `kp = 64 · chunks` bytes, `b0` and `b1` `chunks · 1024` bytes each, `c` 1024 i32.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn block_i8(
+    a: *const u8,
+    kp: usize,
+    b0: *const i8,
+    b1: *const i8,
+    chunks: usize,
+    c: *mut i32,
+) {
+    // SAFETY: as the caller promises; every load stays inside `a`, `b0` and `b1`, the
+    // stores inside `c`.
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for chunk in 0..chunks {
+            let a0 = a.add(chunk * 64);
+            let (w0, w1) = (b0.add(chunk * 1024), b1.add(chunk * 1024));
+            // The weights two steps ahead into L1, as `block` does (a prefetch past the
+            // end is harmless).
+            for line in 0..16 {
+                let at = 2 * 1024 + line * 64;
+                std::arch::asm!("prefetcht0 [{}]", in(reg) w0.wrapping_add(at), options(nostack, readonly, preserves_flags));
+                std::arch::asm!("prefetcht0 [{}]", in(reg) w1.wrapping_add(at), options(nostack, readonly, preserves_flags));
+            }
+            std::arch::asm!(
+                "tileloadd tmm4, [{a0} + {s}*1]",
+                "tileloadd tmm6, [{w0} + {w}*1]",
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{w1} + {w}*1]",
+                "tdpbusd tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s}*1]",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "tdpbusd tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a0.add(16 * kp),
+                w0 = in(reg) w0,
+                w1 = in(reg) w1,
+                s = in(reg) kp,
                 w = in(reg) 64usize,
                 options(nostack, readonly),
             );

@@ -214,7 +214,7 @@ impl Bf16Dense {
         if tokens == 0 || n == 0 {
             return;
         }
-        let plan = Plan::new(groups, pairs, kp);
+        let plan = Plan::new(groups, pairs, kp * EDGE * 2);
         let amx = isa::active() >= Isa::Amx;
         (0..plan.jobs()).into_par_iter().for_each(|job| {
             let (groups_of_job, pairs_of_job) = plan.job(job);
@@ -314,7 +314,7 @@ const L2_BUDGET: usize = 1 << 20;
 /// from memory once per call however many rows there are (a 3B model's prompt: a
 /// layer's 45 MB once, not once per 32 rows). Ranges shrink until every thread has
 /// several jobs.
-struct Plan {
+pub(super) struct Plan {
     groups: usize,
     pairs: usize,
     groups_per_job: usize,
@@ -322,9 +322,10 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(groups: usize, pairs: usize, padded: usize) -> Self {
+    /// `pair_bytes`: the weight bytes of one pair of columns.
+    pub(super) fn new(groups: usize, pairs: usize, pair_bytes: usize) -> Self {
         let wanted = 8 * rayon::current_num_threads();
-        let mut pairs_per_job = (L2_BUDGET / (padded * EDGE * 2)).clamp(1, pairs);
+        let mut pairs_per_job = (L2_BUDGET / pair_bytes.max(1)).clamp(1, pairs);
         let column_jobs = pairs.div_ceil(pairs_per_job);
         let row_jobs = wanted.div_ceil(column_jobs).clamp(1, groups);
         if column_jobs * row_jobs < wanted {
@@ -333,13 +334,13 @@ impl Plan {
         Plan { groups, pairs, groups_per_job: groups.div_ceil(row_jobs), pairs_per_job }
     }
 
-    fn jobs(&self) -> usize {
+    pub(super) fn jobs(&self) -> usize {
         self.pairs.div_ceil(self.pairs_per_job) * self.groups.div_ceil(self.groups_per_job)
     }
 
     /// Job `job`'s row groups and column pairs; consecutive jobs share columns (rayon
     /// hands a thread a run of consecutive jobs).
-    fn job(&self, job: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    pub(super) fn job(&self, job: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let row_jobs = self.groups.div_ceil(self.groups_per_job);
         let (columns, rows) = (job / row_jobs, job % row_jobs);
         let g = rows * self.groups_per_job;
@@ -348,59 +349,8 @@ impl Plan {
     }
 }
 
-/// bf16 bits starting on a 64-byte boundary, for what tiles load: a tile row is 64
-/// bytes, and from a buffer at the allocator's 16-byte alignment every row crossed two
-/// cache lines — products ran at 0.55× the rate (1 050 against 1 920 GFLOP/s, 294 ×
-/// 2048 × 5120 on 2 cores, depending on where the allocator happened to put the rows).
-/// Dereferences to the bits; grows with zeros.
-#[derive(Default)]
-pub(crate) struct Bits {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-/// 64 bytes of bits, so a `Vec` of them is 64-byte aligned.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u16; 32]);
-
-impl Bits {
-    /// No bits.
-    pub(crate) const fn new() -> Self {
-        Bits { lines: Vec::new(), len: 0 }
-    }
-
-    /// `len` bits: those kept keep their values, new ones are zero (as `Vec::resize`).
-    pub(crate) fn resize(&mut self, len: usize) {
-        let old = self.len;
-        self.lines.resize(len.div_ceil(32), Line([0; 32]));
-        self.len = len;
-        if len > old {
-            self[old..].fill(0);
-        }
-    }
-
-    /// No bits, the memory kept.
-    pub(crate) fn clear(&mut self) {
-        self.len = 0;
-    }
-}
-
-impl std::ops::Deref for Bits {
-    type Target = [u16];
-    fn deref(&self) -> &[u16] {
-        // SAFETY: `lines` holds at least `len` u16s (`resize`), contiguous, initialised;
-        // u16 needs less alignment than `Line`.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for Bits {
-    fn deref_mut(&mut self) -> &mut [u16] {
-        // SAFETY: as `deref`, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast(), self.len) }
-    }
-}
+/// bf16 bits on 64-byte boundaries, as tiles load them best ([`Aligned`](super::aligned::Aligned)).
+pub(crate) type Bits = super::aligned::Aligned<u16>;
 
 /// A block's f32 results, where tiles store them: aligned as [`Bits`] are, for the
 /// same reason.

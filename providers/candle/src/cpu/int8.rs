@@ -9,16 +9,34 @@
 //! accuracy on MiniLM (docs/benchmarks.md). Products accumulate exactly in i32 and come
 //! back as `scaleₜ·sₙ·Σ q·w + loₜ·sₙ·Σ w + bₙ` in one pass.
 //!
-//! The kernel is AVX-512 VNNI's `vpdpbusd` (unsigned × signed bytes, four products
-//! summed into each i32 lane). Weights are packed for it: per block of 16 output
-//! columns, per group of 4 inputs, 64 bytes. A CPU without VNNI runs the same
-//! arithmetic in plain Rust (slow, for correctness only).
+//! Weights are packed per block of 16 output columns, per group of 4 inputs: 64 bytes —
+//! what AVX-512 VNNI's `vpdpbusd` reads as one vector (unsigned × signed bytes, four
+//! products summed into each i32 lane), and, since a block's groups follow each other,
+//! sixteen groups are one 1 KiB tile of AMX's `TDPBUSD` (16 rows of 16 columns × 4
+//! inputs). Inputs are padded to a multiple of 64 (a tile row) with zero weights, and
+//! the packed blocks to an even count, so tiles pair as the bf16 kernel's do.
+//!
+//! Where AMX runs and a call has at least [`AMX_ROWS`] rows, the product runs on tiles:
+//! 32 rows × 32 columns in four accumulators, each step of 64 inputs two activation
+//! and two weight tiles, jobs split as the bf16 layers' (`bf16::Plan`: a range of
+//! columns whose weights stay in L2, walked by groups of 32 rows). Fewer rows (decoding)
+//! run the VNNI kernel, which splits one row's columns over the cores. A CPU without
+//! VNNI runs the same arithmetic in plain Rust (slow, for correctness only); all three
+//! give the same i32 sums.
 
 use rayon::prelude::*;
 
-use super::Dense;
+use super::aligned::Aligned;
+use super::isa::{self, Isa};
+use super::{Dense, Shared};
 
 use super::tiles::BLOCK;
+/// Rows (and columns) of one AMX call's results.
+const EDGE: usize = 32;
+/// Inputs per tile row: the multiple inputs are padded to.
+const STEP: usize = 64;
+/// Fewest rows a call runs on AMX tiles (one tile's rows): below it, the VNNI kernel.
+pub(crate) const AMX_ROWS: usize = 16;
 /// Rows per kernel call.
 const ROWS: usize = 6;
 /// Column blocks per kernel call.
@@ -26,15 +44,17 @@ const BLOCKS: usize = 4;
 
 /// A linear layer with int8 weights.
 pub(crate) struct QDense {
-    /// `[outputs / 16][inputs_padded / 4][16][4]` int8.
-    packed: Vec<i8>,
-    /// Per output column.
+    /// `[blocks][inputs_padded / 4][16][4]` int8, `blocks` = `outputs / 16` rounded up
+    /// to even (the last block of an odd count is zeros), on 64-byte lines.
+    packed: Aligned<i8>,
+    /// Per output column (padded with zeros as the blocks are).
     scales: Vec<f32>,
     /// Per output column: `sₙ Σₖ w` (quantized w), what a row's offset `lo` adds.
     weight_sums: Vec<f32>,
+    /// Per output column.
     bias: Vec<f32>,
     inputs: usize,
-    /// `inputs` rounded up to a multiple of 4.
+    /// `inputs` rounded up to a multiple of 64.
     padded: usize,
     outputs: usize,
 }
@@ -59,7 +79,7 @@ impl QDense {
         if !n.is_multiple_of(BLOCK) || w.len() != k * n || bias.len() != n {
             return None;
         }
-        let padded = k.div_ceil(4) * 4;
+        let padded = k.div_ceil(STEP) * STEP;
         let scales: Vec<f32> = w
             .par_chunks(k)
             .map(|row| {
@@ -67,7 +87,7 @@ impl QDense {
                 if max > 0.0 { max / 127.0 } else { 1.0 }
             })
             .collect();
-        // Each output row quantized, padded to a multiple of 4 inputs.
+        // Each output row quantized, padded to a multiple of 64 inputs.
         let mut q = vec![0i8; n * padded];
         q.par_chunks_mut(padded).zip(w.par_chunks(k)).zip(&scales).for_each(|((q, row), s)| {
             for (q, v) in q.iter_mut().zip(row) {
@@ -80,8 +100,9 @@ impl QDense {
             .map(|(q, s)| s * q.iter().map(|&v| f32::from(v)).sum::<f32>())
             .collect();
         // Per block of 16 columns, per group of 4 inputs: 16 x 4 bytes.
-        let mut packed = vec![0i8; padded * n];
-        packed.par_chunks_mut(padded * BLOCK).enumerate().for_each(|(block, out)| {
+        let mut packed = Aligned::new();
+        packed.resize((n / BLOCK).next_multiple_of(2) * padded * BLOCK);
+        packed[..padded * n].par_chunks_mut(padded * BLOCK).enumerate().for_each(|(block, out)| {
             for group in 0..padded / 4 {
                 for c in 0..BLOCK {
                     let src = (block * BLOCK + c) * padded + group * 4;
@@ -89,6 +110,14 @@ impl QDense {
                 }
             }
         });
+        // The per-column values padded as the blocks are (zeros), so the tiles' epilogue
+        // always reads 32 columns.
+        let columns = (n / BLOCK).next_multiple_of(2) * BLOCK;
+        let pad = |mut v: Vec<f32>| {
+            v.resize(columns, 0.0);
+            v
+        };
+        let (scales, weight_sums, bias) = (pad(scales), pad(weight_sums), pad(bias));
         Some(QDense { packed, scales, weight_sums, bias, inputs: k, padded, outputs: n })
     }
 
@@ -99,18 +128,38 @@ impl QDense {
 
     /// `out = x W^T + b` for `tokens` rows of `x`.
     pub(crate) fn forward(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
+        self.forward_then(x, tokens, out, false);
+    }
+
+    /// `out = GELU(x W^T + b)`: on tiles GELU is applied to each block of results as it
+    /// leaves them (cache-hot), otherwise over `out` afterwards.
+    pub(crate) fn forward_gelu(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
+        self.forward_then(x, tokens, out, true);
+    }
+
+    fn forward_then(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>, gelu: bool) {
         let (k, kp, n) = (self.inputs, self.padded, self.outputs);
         debug_assert_eq!(x.len(), tokens * k);
         // The caller's buffers are reused across layers and batches, and every element
         // is written before it is read: grown (or shrunk), never cleared.
+        let amx = tokens >= AMX_ROWS && isa::active() >= Isa::Amx;
         QUANTIZED.with_borrow_mut(|(quantized, row_scales)| {
-            quantized.resize(tokens * kp, 0);
+            // Tiles read whole groups of 32 rows; the rows past `tokens` keep whatever
+            // they held (their results are dropped), as does each row past `k` (zero
+            // weights there).
+            quantized.resize(if amx { tokens.div_ceil(EDGE) * EDGE * kp } else { tokens * kp });
             row_scales.resize(tokens, (0.0, 0.0));
-            quantized.par_chunks_mut(kp).zip(x.par_chunks(k)).zip(row_scales.par_iter_mut()).for_each(
-                |((q, x), scale)| {
+            quantized[..tokens * kp]
+                .par_chunks_mut(kp)
+                .zip(x.par_chunks(k))
+                .zip(row_scales.par_iter_mut())
+                .for_each(|((q, x), scale)| {
                     *scale = quantize_row(x, &mut q[..k]);
-                },
-            );
+                });
+            if amx {
+                self.forward_amx(quantized, row_scales, tokens, out, gelu);
+                return;
+            }
             let vnni = has_vnni();
             super::tiles::run(tokens, n, ROWS, BLOCKS, out, |call, out| {
                 let tile = Tile {
@@ -126,15 +175,123 @@ impl QDense {
                 tile.run(vnni, out);
             });
         });
+        if gelu && !amx {
+            out.par_chunks_mut(1 << 14).for_each(super::kernels::gelu);
+        }
     }
 }
 
-/// Quantized rows and each row's (scale, lo).
-type Rows = (Vec<u8>, Vec<(f32, f32)>);
+impl QDense {
+    /// `out` = the layer over `tokens` quantized rows `q` (`a` their (scale, lo)) on
+    /// AMX tiles, GELU applied if `gelu`.
+    fn forward_amx(&self, q: &[u8], a: &[(f32, f32)], tokens: usize, out: &mut Vec<f32>, gelu: bool) {
+        let (kp, n) = (self.padded, self.outputs);
+        out.truncate(tokens * n);
+        out.resize(tokens * n, 0.0);
+        let groups = tokens.div_ceil(EDGE);
+        debug_assert!(q.len() >= groups * EDGE * kp);
+        let pairs = (n / BLOCK).div_ceil(2);
+        let plan = super::bf16::Plan::new(groups, pairs, kp * EDGE);
+        let shared = Shared(out.as_mut_ptr());
+        let chunks = kp / STEP;
+        (0..plan.jobs()).into_par_iter().for_each(|job| {
+            let (groups_of_job, pairs_of_job) = plan.job(job);
+            let mut sums = Sums([0; EDGE * EDGE]);
+            let mut block = Block([0.0; EDGE * EDGE]);
+            let _tiles = super::amx::TileConfig::load();
+            for (group, pair) in groups_of_job.flat_map(|g| pairs_of_job.clone().map(move |p| (g, p))) {
+                let rows = &q[group * EDGE * kp..(group + 1) * EDGE * kp];
+                let b0 = &self.packed[2 * pair * kp * BLOCK..(2 * pair + 1) * kp * BLOCK];
+                let b1 = &self.packed[(2 * pair + 1) * kp * BLOCK..(2 * pair + 2) * kp * BLOCK];
+                // SAFETY: the caller checked the level is AMX (the CPU has it and the OS
+                // granted the tile data, `isa::detected`); `_tiles` configured this
+                // thread's tiles; `rows` is 32 rows of `kp` bytes, `b0` and `b1` `kp / 64`
+                // tiles each (the packed blocks are an even count), `sums` 32 × 32.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    super::amx::block_i8(
+                        rows.as_ptr(),
+                        kp,
+                        b0.as_ptr(),
+                        b1.as_ptr(),
+                        chunks,
+                        sums.0.as_mut_ptr(),
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (rows, b0, b1, chunks);
+                let col0 = pair * EDGE;
+                let cols = EDGE.min(n - col0);
+                let valid = EDGE.min(tokens - group * EDGE);
+                let columns =
+                    |v: &[f32]| -> [f32; EDGE] { v[col0..col0 + EDGE].try_into().expect("32 columns") };
+                results(
+                    &sums.0,
+                    &a[group * EDGE..group * EDGE + valid],
+                    &columns(&self.scales),
+                    &columns(&self.weight_sums),
+                    &columns(&self.bias),
+                    &mut block.0,
+                );
+                if gelu {
+                    super::kernels::gelu(&mut block.0[..valid * EDGE]);
+                }
+                for (r, row) in block.0.chunks_exact(EDGE).take(valid).enumerate() {
+                    // SAFETY: group·32 + r < tokens and col0 + cols <= n, so the elements are
+                    // inside `out` (tokens × n); this job alone writes its rows' columns.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(shared.at((group * EDGE + r) * n + col0), cols)
+                    };
+                    dst.copy_from_slice(&row[..cols]);
+                }
+            }
+        });
+    }
+}
+
+/// A block's i32 sums, where tiles store them, on a 64-byte boundary.
+#[repr(C, align(64))]
+struct Sums([i32; EDGE * EDGE]);
+
+/// A block's results in f32.
+#[repr(C, align(64))]
+struct Block([f32; EDGE * EDGE]);
+
+dispatch!(
+    /// A block's results from its i32 sums, row `r` of `rows` (scale, lo) and the 32
+    /// columns' scales, weight sums and biases: `sum · scale·sₙ + lo·wₙ + bₙ`.
+    fn results => results_generic(
+        sums: &[i32; EDGE * EDGE],
+        rows: &[(f32, f32)],
+        scales: &[f32; EDGE],
+        weights: &[f32; EDGE],
+        bias: &[f32; EDGE],
+        out: &mut [f32; EDGE * EDGE]
+    )
+);
+
+#[inline(always)]
+fn results_generic(
+    sums: &[i32; EDGE * EDGE],
+    rows: &[(f32, f32)],
+    scales: &[f32; EDGE],
+    weights: &[f32; EDGE],
+    bias: &[f32; EDGE],
+    out: &mut [f32; EDGE * EDGE],
+) {
+    for ((out, sums), &(scale, lo)) in out.chunks_exact_mut(EDGE).zip(sums.chunks_exact(EDGE)).zip(rows) {
+        for c in 0..EDGE {
+            out[c] = sums[c] as f32 * (scale * scales[c]) + (lo * weights[c] + bias[c]);
+        }
+    }
+}
+
+/// Quantized rows (on 64-byte lines, as tiles read them) and each row's (scale, lo).
+type Rows = (Aligned<u8>, Vec<(f32, f32)>);
 
 thread_local! {
     /// The calling thread's quantized rows, kept between calls.
-    static QUANTIZED: std::cell::RefCell<Rows> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static QUANTIZED: std::cell::RefCell<Rows> = const { std::cell::RefCell::new((Aligned::new(), Vec::new())) };
 }
 
 /// Rows `q` (quantized; `a` their (scale, lo)) times column blocks
@@ -190,11 +347,18 @@ impl Tile<'_> {
     }
 }
 
-dispatch!(
-    /// Quantizes one row to `round((value - lo) / scale)` (0..=255) into `q`; returns
-    /// `(scale, lo)`.
-    fn quantize_row => quantize_row_generic(x: &[f32], q: &mut [u8]) -> (f32, f32)
-);
+/// Quantizes one row to `round((value - lo) / scale)` (0..=255) into `q`; returns
+/// `(scale, lo)`. Written out for AVX-512 (min and max, then scale, round and narrow to
+/// bytes, 16 values a step): the compiler's version of the plain loop narrowed lane by
+/// lane and took 16 % of an int8 embedding run on AMX.
+fn quantize_row(x: &[f32], q: &mut [u8]) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if isa::active() >= Isa::Avx512 {
+        // SAFETY: the level is at most what the CPU has (`isa::detected`): AVX-512 F.
+        return unsafe { avx512::quantize_row(x, q) };
+    }
+    quantize_row_generic(x, q)
+}
 
 #[inline(always)]
 fn quantize_row_generic(x: &[f32], q: &mut [u8]) -> (f32, f32) {
@@ -213,6 +377,53 @@ fn quantize_row_generic(x: &[f32], q: &mut [u8]) -> (f32, f32) {
 /// Whether the active level has AVX-512 F/BW and VNNI (`isa::detected` checked them).
 fn has_vnni() -> bool {
     super::isa::active() >= super::isa::Isa::Avx512Vnni
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// [`super::quantize_row`] on AVX-512 F: the same rounding (to nearest, ties to even)
+    /// and so the same bytes as the plain version.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn quantize_row(x: &[f32], q: &mut [u8]) -> (f32, f32) {
+        let n = x.len().min(q.len());
+        let (whole, tail) = (n / 16 * 16, n % 16);
+        let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+        // SAFETY: loads and stores stay below `n`, inside both slices (the tail's masked).
+        unsafe {
+            let (px, pq) = (x.as_ptr(), q.as_mut_ptr());
+            let (mut lo, mut hi) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(f32::NEG_INFINITY));
+            for i in (0..whole).step_by(16) {
+                let v = _mm512_loadu_ps(px.add(i));
+                lo = _mm512_min_ps(lo, v);
+                hi = _mm512_max_ps(hi, v);
+            }
+            if tail > 0 {
+                let v = _mm512_maskz_loadu_ps(mask, px.add(whole));
+                lo = _mm512_mask_min_ps(lo, mask, lo, v);
+                hi = _mm512_mask_max_ps(hi, mask, hi, v);
+            }
+            let (l, h) = (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+            let scale = if h > l { (h - l) / 255.0 } else { 1.0 };
+            let (vl, inv, top) = (_mm512_set1_ps(l), _mm512_set1_ps(1.0 / scale), _mm512_set1_ps(255.0));
+            let byte = |v: __m512| {
+                let t = _mm512_min_ps(
+                    _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(v, vl), inv), _mm512_setzero_ps()),
+                    top,
+                );
+                _mm512_cvtps_epu32(t)
+            };
+            for i in (0..whole).step_by(16) {
+                _mm_storeu_si128(pq.add(i).cast(), _mm512_cvtusepi32_epi8(byte(_mm512_loadu_ps(px.add(i)))));
+            }
+            if tail > 0 {
+                let v = _mm512_maskz_loadu_ps(mask, px.add(whole));
+                _mm512_mask_cvtusepi32_storeu_epi8(pq.add(whole).cast(), mask, byte(v));
+            }
+            (scale, l)
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -294,6 +505,19 @@ mod vnni {
 mod tests {
     use super::*;
 
+    /// The AVX-512 quantization gives the plain version's bytes and range, tails included.
+    #[test]
+    fn quantized_rows_are_the_same_on_every_level() {
+        for len in [1, 15, 16, 17, 100, 384, 1536] {
+            let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 2.5 + 0.3).collect();
+            let (mut plain, mut fast) = (vec![0u8; len], vec![0u8; len]);
+            let want = quantize_row_generic(&x, &mut plain);
+            let got = quantize_row(&x, &mut fast);
+            assert_eq!(got, want, "scale and offset, {len} values");
+            assert_eq!(fast, plain, "bytes, {len} values");
+        }
+    }
+
     fn layer(k: usize, n: usize) -> Dense {
         let weight_t = (0..k * n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.2).collect();
         let bias = (0..n).map(|i| i as f32 * 0.01).collect();
@@ -301,11 +525,22 @@ mod tests {
     }
 
     /// The int8 layer against the f32 one: close (per-token and per-channel scales), on
-    /// row and column counts that exercise every tile shape, VNNI and plain alike.
+    /// row and column counts that exercise every tile shape, AMX, VNNI and plain alike.
     #[test]
     fn int8_layers_match_f32_within_quantization_error() {
         // (64, 512, 3): few rows, so the threads split the columns (on 2 or more threads).
-        for (k, n, tokens) in [(384, 1152, 13), (30, 64, 7), (8, 16, 1), (64, 512, 3), (64, 512, 1)] {
+        // From 16 rows on AMX (where it runs): (100, 48, 40) has a partial group of rows,
+        // inputs that are no multiple of 64 and an odd count of column blocks.
+        let cases = [
+            (384, 1152, 13),
+            (30, 64, 7),
+            (8, 16, 1),
+            (64, 512, 3),
+            (64, 512, 1),
+            (384, 1536, 70),
+            (100, 48, 40),
+        ];
+        for (k, n, tokens) in cases {
             let dense = layer(k, n);
             let q = QDense::quantize(&dense).unwrap();
             let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 31 % 97) as f32 / 48.0 - 1.0) * 3.0).collect();
@@ -318,6 +553,12 @@ mod tests {
             }
             let mut got = Vec::new();
             q.forward(&x, tokens, &mut got);
+            // GELU as the results leave the tiles (or after, off tiles): GELU of them.
+            let mut fused = Vec::new();
+            q.forward_gelu(&x, tokens, &mut fused);
+            let mut after = got.clone();
+            crate::cpu::kernels::gelu(&mut after);
+            assert_eq!(fused, after, "k {k}, n {n}: GELU fused into the layer");
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 0.02 * scale, "k {k}, n {n}: worst error {worst} against values up to {scale}");
