@@ -27,6 +27,8 @@ pub use kiln_vision as vision;
 // it; these lines keep each enabled provider's registration in the binary.
 #[cfg(feature = "redis")]
 use kiln_cache_redis as _;
+#[cfg(feature = "hub")]
+use kiln_hub as _;
 #[cfg(feature = "candle")]
 use kiln_provider_candle as _;
 #[cfg(feature = "mlx")]

@@ -76,7 +76,8 @@ class Optimizer:
     kiln's defaults (candle on the CPU, MiniLM). Keyword arguments override keys as
     ``kiln --set`` does: ``Optimizer(cfg, model={"path": "org/name"}, batching={"max_batch_size": 64})``
     or ``Optimizer(cfg, **{"model.dtype": "f16"})``. ``model.path`` may be a folder or a
-    Hugging Face id found in the local Hugging Face cache.
+    Hugging Face id: from the local Hugging Face cache, downloaded into it when missing
+    (unless ``HF_HUB_OFFLINE=1``).
     """
 
     def __init__(self, config: Union[PathLike, Mapping[str, Any], None] = None, **overrides: Any):
@@ -263,7 +264,8 @@ def _png(array: np.ndarray) -> bytes:
 class SentenceTransformer(Optimizer):
     """A drop-in for ``sentence_transformers.SentenceTransformer`` on kiln:
     ``SentenceTransformer(model_name_or_path).encode(sentences, ...)``. The model is a
-    folder or a Hugging Face id in the local cache; ``device`` is kiln's
+    folder or a Hugging Face id (cached, or downloaded into the cache unless
+    ``HF_HUB_OFFLINE=1``); ``device`` is kiln's
     (``"cpu"``, ``"cuda:0"``)."""
 
     def __init__(self, model_name_or_path: PathLike, device: Optional[str] = None, **overrides: Any):

@@ -83,6 +83,7 @@ def test_sentence_transformer_by_hub_id_from_the_cache(tmp_path, monkeypatch):
     ref = reference()
     assert cosines(model.encode(ref["texts"]), np.array(ref["embeddings"], np.float32)).min() >= 0.9999
     model.shutdown()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # else kiln would try to download it
     with pytest.raises(kiln.KilnError, match="huggingface-cli download org/missing"):
         kiln.SentenceTransformer("org/missing")
 

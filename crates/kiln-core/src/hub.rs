@@ -14,10 +14,14 @@
 //!
 //! # Offline first
 //!
-//! kiln reads the cache and never downloads: a model that is not there is an error
-//! naming the id, the revision, the folder searched and the command that fetches it —
-//! never a hang or a network call. (`HF_HUB_OFFLINE` therefore changes nothing; the
-//! error says so when it is set.)
+//! The cache is read first, and a model found there is used without any network call.
+//! A model that is not there is fetched by the [`Downloader`] the build registered — the
+//! `kiln` crate's `hub` feature (on by default) registers `kiln-hub`'s, which downloads
+//! through the `hf-hub` crate into this same cache — unless `HF_HUB_OFFLINE` is set, as
+//! `huggingface_hub` reads it. Offline, or with no downloader, or when the download
+//! fails, it is an error naming the id, the revision, the folder searched and the
+//! command that fetches it; with `HF_HUB_OFFLINE` set that error comes at once — never a
+//! hang or a network call. kiln-core itself reaches no network.
 
 use std::path::{Path, PathBuf};
 
@@ -127,28 +131,69 @@ pub fn resolve_in(id: &HubId, cache: &Path) -> Result<PathBuf> {
 }
 
 /// `text` as a local path if one exists there, else as a hub id resolved in this
-/// process's cache; `None` when it is neither (the caller reports the missing path).
+/// process's cache — fetched into it first when it is missing, a [`Downloader`] is
+/// registered and `HF_HUB_OFFLINE` is not set; `None` when it is neither (the caller
+/// reports the missing path).
 pub fn resolve_path(text: &Path, local: &Path) -> Option<Result<PathBuf>> {
     if local.exists() {
         return None;
     }
     let id = HubId::parse(text.to_str()?)?;
-    Some(resolve_in(&id, &cache_dir()))
+    let cache = cache_dir();
+    Some(resolve_in(&id, &cache).or_else(|missing| {
+        let downloader = inventory::iter::<Downloader>().next();
+        match downloader {
+            Some(d) if !offline() => match (d.fetch)(&id, &cache) {
+                Ok(()) => resolve_in(&id, &cache),
+                Err(e) => Err(not_cached(
+                    &id,
+                    &cache,
+                    &id.folder(&cache),
+                    &format!("not in the cache, and downloading it ({}) failed: {e}", d.name),
+                )),
+            },
+            _ => Err(missing),
+        }
+    }))
+}
+
+/// Fetches a model that is not in the cache: what the `kiln` crate's `hub` feature
+/// registers (`kiln-hub`, through the `hf-hub` crate). A build without one reads the cache
+/// only.
+pub struct Downloader {
+    /// What fetches, for messages (`"hf-hub"`).
+    pub name: &'static str,
+    /// Puts `id`'s files into `cache` as `huggingface_hub` lays them out (blobs, a snapshot
+    /// of links, the ref), so [`resolve_in`] then finds them; or says what failed.
+    pub fetch: fn(id: &HubId, cache: &Path) -> std::result::Result<(), String>,
+}
+
+inventory::collect!(Downloader);
+
+/// Whether `HF_HUB_OFFLINE` is set (to anything but empty or `0`), as `huggingface_hub`
+/// reads it: then kiln makes no network call for a model.
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 fn not_cached(id: &HubId, cache: &Path, looked_for: &Path, why: &str) -> Error {
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
     let revision = if id.revision == "main" { String::new() } else { format!(" --revision {}", id.revision) };
+    let downloads = if offline() {
+        "HF_HUB_OFFLINE is set, so kiln downloads nothing"
+    } else if inventory::iter::<Downloader>().next().is_none() {
+        "this build of kiln downloads nothing (no `hub` feature)"
+    } else {
+        "set HF_HUB_OFFLINE=1 to never try a download"
+    };
     Error::model_load(
         looked_for,
         format!(
             "model `{}` (revision `{}`) is {why} (the Hugging Face cache searched: {}, from HF_HUB_CACHE, \
-             HF_HOME or ~/.cache/huggingface/hub). kiln reads models offline{}: fetch it with \
-             `huggingface-cli download {}{revision}` (into that cache), or set model.path to a folder",
+             HF_HOME or ~/.cache/huggingface/hub; {downloads}). Fetch it with `huggingface-cli download \
+             {}{revision}` (into that cache), or set model.path to a folder",
             id.repo,
             id.revision,
             cache.display(),
-            if offline { " (and HF_HUB_OFFLINE is set)" } else { "" },
             id.repo,
         ),
     )
