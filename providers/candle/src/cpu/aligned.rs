@@ -5,12 +5,13 @@
 
 use std::marker::PhantomData;
 
-/// Element types an [`Aligned`] buffer holds: plain integers, for which all-zero bytes
+/// Element types an [`Aligned`] buffer holds: plain numbers, for which all-zero bytes
 /// are the value zero and every bit pattern is valid.
 pub(crate) trait Plain: Copy + Default + 'static {}
 impl Plain for u8 {}
 impl Plain for i8 {}
 impl Plain for u16 {}
+impl Plain for f32 {}
 
 /// `len` values of `T` starting on a 64-byte boundary; dereferences to them and grows
 /// with zeros (as `Vec::resize`).

@@ -42,30 +42,55 @@ impl Drop for TileConfig {
     }
 }
 
-/// `c` (32 × 32 f32, row-major) = 32 rows of `a` (bf16, `kp` apart) times the
-/// column pair `b` (`chunks` pairs of tiles). Tiles 0–3 accumulate (rows 0–15 and
-/// 16–31 by columns 0–15 and 16–31), 4–5 hold activations, 6–7 weights.
+/// `c` (32 × 32 f32, rows `c_stride` bytes apart) = 32 rows of `a` (bf16, `kp` apart)
+/// times the column pair `b` (`chunks` pairs of tiles) — plus what `c` held, when
+/// `accumulate` (a slice of a long row's inputs after the first). Tiles 0–3 accumulate
+/// (rows 0–15 and 16–31 by columns 0–15 and 16–31), 4–5 hold activations, 6–7 weights.
 ///
 /// Every operand should start on a 64-byte boundary (`bf16::Bits`): a tile row
 /// across two cache lines costs two loads.
 ///
 /// # Safety
-/// The thread's tiles are configured (`TileConfig::load`); `a` holds 32 rows of
-/// `kp = 32 · chunks` values, `b` `chunks · 1024` values, `c` 1024.
+/// The thread's tiles are configured (`TileConfig::load`); `a` holds 32 rows of (at
+/// least) `32 · chunks` values `kp` apart, `b` `chunks · 1024` values, `c` 32 rows of 32
+/// f32 `c_stride` bytes apart.
 #[inline]
 #[cfg(target_arch = "x86_64")]
-pub(super) unsafe fn block(a: *const u16, kp: usize, b: *const u16, chunks: usize, c: *mut f32) {
+pub(super) unsafe fn block(
+    a: *const u16,
+    kp: usize,
+    b: *const u16,
+    chunks: usize,
+    c: *mut f32,
+    c_stride: usize,
+    accumulate: bool,
+) {
     let stride = kp * 2;
-    // SAFETY: as the caller promises; every load stays inside `a` and `b`, the
+    // SAFETY: as the caller promises; every load stays inside `a`, `b` and `c`, the
     // stores inside `c`. Tile registers are not compiler-managed state.
     unsafe {
-        std::arch::asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        if accumulate {
+            std::arch::asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(16),
+                c2 = in(reg) c.byte_add(16 * c_stride),
+                c3 = in(reg) c.byte_add(16 * c_stride).add(16),
+                s = in(reg) c_stride,
+                options(nostack, readonly),
+            );
+        } else {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        }
         for chunk in 0..chunks {
             let a0 = a.add(chunk * 32);
             let b0 = b.add(chunk * 1024);
@@ -104,9 +129,9 @@ pub(super) unsafe fn block(a: *const u16, kp: usize, b: *const u16, chunks: usiz
             "tilestored [{c3} + {s}*1], tmm3",
             c0 = in(reg) c,
             c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * 32),
-            c3 = in(reg) c.add(16 * 32 + 16),
-            s = in(reg) 128usize,
+            c2 = in(reg) c.byte_add(16 * c_stride),
+            c3 = in(reg) c.byte_add(16 * c_stride).add(16),
+            s = in(reg) c_stride,
             options(nostack),
         );
     }

@@ -43,9 +43,10 @@ dispatch!(
     pub(crate) fn softmax => softmax_generic(x: &mut [f32])
 );
 dispatch!(
-    /// `softmax(scale · x)` of one row, rounded to bf16 bits into `p` (the bf16
-    /// attention's probabilities); `x` is left holding the unnormalised exponentials.
-    pub(super) fn probabilities => probabilities_generic(x: &mut [f32], scale: f32, p: &mut [u16])
+    /// `exp(scale · x − max)` of one row, rounded to bf16 bits into `p`, and their sum:
+    /// the bf16 attention's probabilities before normalising (the weighted sum of values
+    /// is divided by the sum instead, `d` values a row rather than the row's length).
+    pub(super) fn exponentials => exponentials_generic(x: &[f32], scale: f32, p: &mut [u16]) -> f32
 );
 dispatch!(
     /// `SiLU(g) · u` for blocks of 32 rows of `[16 g | 16 u]` (a fused gate and up
@@ -187,18 +188,32 @@ fn softmax_generic(x: &mut [f32]) {
 }
 
 #[inline(always)]
-fn probabilities_generic(x: &mut [f32], scale: f32, p: &mut [u16]) {
+fn exponentials_generic(x: &[f32], scale: f32, p: &mut [u16]) -> f32 {
+    // Round to nearest even; exponentials are finite and non-negative, so no NaN case
+    // (which would keep the loop from vectorising).
+    let bits = |v: f32| {
+        let b = v.to_bits();
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    };
     let m = max(x) * scale;
-    for v in x.iter_mut() {
-        *v = exp_coarse(*v * scale - m);
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut out = p.chunks_exact_mut(LANES);
+    for (c, o) in chunks.zip(&mut out) {
+        for ((a, &v), o) in acc.iter_mut().zip(c).zip(o.iter_mut()) {
+            let e = exp_coarse(v * scale - m);
+            *a += e;
+            *o = bits(e);
+        }
     }
-    let inv = 1.0 / sum(x);
-    for (p, v) in p.iter_mut().zip(x.iter()) {
-        // Round to nearest even; probabilities are finite and non-negative, so no NaN
-        // case (which would keep the loop from vectorising).
-        let b = (v * inv).to_bits();
-        *p = ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let mut rest = 0f32;
+    for (&v, o) in tail.iter().zip(out.into_remainder()) {
+        let e = exp_coarse(v * scale - m);
+        rest += e;
+        *o = bits(e);
     }
+    acc.iter().sum::<f32>() + rest
 }
 
 #[inline(always)]
