@@ -207,11 +207,11 @@ impl Provider for CandleProvider {
         caps.notes.push(format!(
             "int8: on the CPU at f32 (per-channel weights, per-token activations); {}",
             if level >= cpu::isa::Isa::Amx {
-                "AMX tiles from 16 rows a call (prompts, batches), VNNI below"
+                format!("AMX tiles from {} rows a call (prompts, batches), VNNI below", cpu::int8::AMX_ROWS)
             } else if level >= cpu::isa::Isa::Avx512Vnni {
-                "AVX-512 VNNI kernel"
+                "AVX-512 VNNI kernel".into()
             } else {
-                "no VNNI here: plain kernel"
+                "no VNNI here: plain kernel".into()
             }
         ));
         caps.notes.push(format!(
