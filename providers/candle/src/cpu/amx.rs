@@ -69,28 +69,7 @@ pub(super) unsafe fn block(
     // SAFETY: as the caller promises; every load stays inside `a`, `b` and `c`, the
     // stores inside `c`. Tile registers are not compiler-managed state.
     unsafe {
-        if accumulate {
-            std::arch::asm!(
-                "tileloadd tmm0, [{c0} + {s}*1]",
-                "tileloadd tmm1, [{c1} + {s}*1]",
-                "tileloadd tmm2, [{c2} + {s}*1]",
-                "tileloadd tmm3, [{c3} + {s}*1]",
-                c0 = in(reg) c,
-                c1 = in(reg) c.add(16),
-                c2 = in(reg) c.byte_add(16 * c_stride),
-                c3 = in(reg) c.byte_add(16 * c_stride).add(16),
-                s = in(reg) c_stride,
-                options(nostack, readonly),
-            );
-        } else {
-            std::arch::asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-        }
+        start_sums(accumulate.then_some(c.cast()), c_stride);
         for chunk in 0..chunks {
             let a0 = a.add(chunk * 32);
             let b0 = b.add(chunk * 1024);
@@ -122,18 +101,7 @@ pub(super) unsafe fn block(
                 options(nostack, readonly),
             );
         }
-        std::arch::asm!(
-            "tilestored [{c0} + {s}*1], tmm0",
-            "tilestored [{c1} + {s}*1], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.byte_add(16 * c_stride),
-            c3 = in(reg) c.byte_add(16 * c_stride).add(16),
-            s = in(reg) c_stride,
-            options(nostack),
-        );
+        store_sums(c.cast(), c_stride);
     }
 }
 
@@ -158,13 +126,7 @@ pub(super) unsafe fn block_i8(
     // SAFETY: as the caller promises; every load stays inside `a`, `b0` and `b1`, the
     // stores inside `c`.
     unsafe {
-        std::arch::asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
+        start_sums(None, 128);
         for chunk in 0..chunks {
             let a0 = a.add(chunk * 64);
             let (w0, w1) = (b0.add(chunk * 1024), b1.add(chunk * 1024));
@@ -193,16 +155,64 @@ pub(super) unsafe fn block_i8(
                 options(nostack, readonly),
             );
         }
+        store_sums(c.cast(), 128);
+    }
+}
+
+/// The four accumulator tiles of [`block`] and [`block_i8`] (32 × 32 sums of 4 bytes:
+/// rows 0–15 and 16–31 by columns 0–15 and 16–31) loaded from `from` (rows `stride` bytes
+/// apart), or zeroed when `None`.
+///
+/// # Safety
+/// Tiles configured; `from`, when given, holds 32 rows of 128 bytes `stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn start_sums(from: Option<*const u8>, stride: usize) {
+    // SAFETY: as the caller promises.
+    unsafe {
+        match from {
+            Some(c) => std::arch::asm!(
+                "tileloadd tmm0, [{c0} + {s}*1]",
+                "tileloadd tmm1, [{c1} + {s}*1]",
+                "tileloadd tmm2, [{c2} + {s}*1]",
+                "tileloadd tmm3, [{c3} + {s}*1]",
+                c0 = in(reg) c,
+                c1 = in(reg) c.add(64),
+                c2 = in(reg) c.add(16 * stride),
+                c3 = in(reg) c.add(16 * stride + 64),
+                s = in(reg) stride,
+                options(nostack, readonly),
+            ),
+            None => std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            ),
+        }
+    }
+}
+
+/// The four accumulator tiles (as [`start_sums`] lays them out) to `to`.
+///
+/// # Safety
+/// Tiles configured; `to` has room for 32 rows of 128 bytes `stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_sums(to: *mut u8, stride: usize) {
+    // SAFETY: as the caller promises.
+    unsafe {
         std::arch::asm!(
             "tilestored [{c0} + {s}*1], tmm0",
             "tilestored [{c1} + {s}*1], tmm1",
             "tilestored [{c2} + {s}*1], tmm2",
             "tilestored [{c3} + {s}*1], tmm3",
-            c0 = in(reg) c,
-            c1 = in(reg) c.add(16),
-            c2 = in(reg) c.add(16 * 32),
-            c3 = in(reg) c.add(16 * 32 + 16),
-            s = in(reg) 128usize,
+            c0 = in(reg) to,
+            c1 = in(reg) to.add(64),
+            c2 = in(reg) to.add(16 * stride),
+            c3 = in(reg) to.add(16 * stride + 64),
+            s = in(reg) stride,
             options(nostack),
         );
     }

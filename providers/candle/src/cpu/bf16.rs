@@ -224,10 +224,9 @@ impl Bf16Dense {
         }
         let plan = Plan::new(groups, pairs, kp * EDGE * 2);
         (0..plan.jobs()).into_par_iter().for_each(|job| {
-            let (groups_of_job, pairs_of_job) = plan.job(job);
             let mut sums = Sums([0f32; EDGE * EDGE]);
             let _tiles = amx.then(super::amx::TileConfig::load);
-            for (group, pair) in groups_of_job.flat_map(|g| pairs_of_job.clone().map(move |p| (g, p))) {
+            for (group, pair) in plan.blocks(job) {
                 let a = &rows[group * EDGE * kp..(group + 1) * EDGE * kp];
                 let b = &self.packed[pair * chunks * 2 * TILE..(pair + 1) * chunks * 2 * TILE];
                 if amx {
@@ -265,10 +264,8 @@ impl Bf16Dense {
                 let count = SLICE.min(chunks - first);
                 let plan = Plan::new(groups, pairs, count * 2 * TILE * 2);
                 (0..plan.jobs()).into_par_iter().for_each(|job| {
-                    let (groups_of_job, pairs_of_job) = plan.job(job);
                     let _tiles = super::amx::TileConfig::load();
-                    for (group, pair) in groups_of_job.flat_map(|g| pairs_of_job.clone().map(move |p| (g, p)))
-                    {
+                    for (group, pair) in plan.blocks(job) {
                         let a = &rows[group * EDGE * kp + first * EDGE..];
                         let b = &self.packed[(pair * chunks + first) * 2 * TILE..][..count * 2 * TILE];
                         // SAFETY: the caller checked the level is AMX; `_tiles` configured
@@ -408,9 +405,16 @@ impl Plan {
         self.pairs.div_ceil(self.pairs_per_job) * self.groups.div_ceil(self.groups_per_job)
     }
 
+    /// Job `job`'s blocks as (row group, column pair), each group walking the job's
+    /// columns (their weights stay in L2 while the group's rows sit in L1).
+    pub(super) fn blocks(&self, job: usize) -> impl Iterator<Item = (usize, usize)> {
+        let (groups, pairs) = self.job(job);
+        groups.flat_map(move |g| pairs.clone().map(move |p| (g, p)))
+    }
+
     /// Job `job`'s row groups and column pairs; consecutive jobs share columns (rayon
     /// hands a thread a run of consecutive jobs).
-    pub(super) fn job(&self, job: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    fn job(&self, job: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
         let row_jobs = self.groups.div_ceil(self.groups_per_job);
         let (columns, rows) = (job / row_jobs, job % row_jobs);
         let g = rows * self.groups_per_job;

@@ -179,9 +179,7 @@ impl QDense {
             out.par_chunks_mut(1 << 14).for_each(super::kernels::gelu);
         }
     }
-}
 
-impl QDense {
     /// `out` = the layer over `tokens` quantized rows `q` (`a` their (scale, lo)) on
     /// AMX tiles, GELU applied if `gelu`.
     fn forward_amx(&self, q: &[u8], a: &[(f32, f32)], tokens: usize, out: &mut Vec<f32>, gelu: bool) {
@@ -195,11 +193,10 @@ impl QDense {
         let shared = Shared(out.as_mut_ptr());
         let chunks = kp / STEP;
         (0..plan.jobs()).into_par_iter().for_each(|job| {
-            let (groups_of_job, pairs_of_job) = plan.job(job);
             let mut sums = Sums([0; EDGE * EDGE]);
             let mut block = Block([0.0; EDGE * EDGE]);
             let _tiles = super::amx::TileConfig::load();
-            for (group, pair) in groups_of_job.flat_map(|g| pairs_of_job.clone().map(move |p| (g, p))) {
+            for (group, pair) in plan.blocks(job) {
                 let rows = &q[group * EDGE * kp..(group + 1) * EDGE * kp];
                 let b0 = &self.packed[2 * pair * kp * BLOCK..(2 * pair + 1) * kp * BLOCK];
                 let b1 = &self.packed[(2 * pair + 1) * kp * BLOCK..(2 * pair + 2) * kp * BLOCK];

@@ -208,7 +208,7 @@ impl QwenVl {
         // a few dozen tokens of a GPU's idle capacity; on the CPU it would be real work.
         let real = ids.len();
         let padded = real.next_multiple_of(self.prompt_bucket);
-        let mut positions = index.positions.clone();
+        let mut positions = index.positions;
         let mut ids = std::borrow::Cow::Borrowed(ids);
         if padded > real {
             let pad = self.info.eos_token_ids.first().copied().unwrap_or(0);
