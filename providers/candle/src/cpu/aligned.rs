@@ -41,11 +41,6 @@ impl<T: Plain> Aligned<T> {
             self[old..].fill(T::default());
         }
     }
-
-    /// No values, the memory kept.
-    pub(crate) fn clear(&mut self) {
-        self.len = 0;
-    }
 }
 
 impl<T: Plain> Default for Aligned<T> {

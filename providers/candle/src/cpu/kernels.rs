@@ -43,12 +43,6 @@ dispatch!(
     pub(crate) fn softmax => softmax_generic(x: &mut [f32])
 );
 dispatch!(
-    /// `exp(scale · x − max)` of one row, rounded to bf16 bits into `p`, and their sum:
-    /// the bf16 attention's probabilities before normalising (the weighted sum of values
-    /// is divided by the sum instead, `d` values a row rather than the row's length).
-    pub(super) fn exponentials => exponentials_generic(x: &[f32], scale: f32, p: &mut [u16]) -> f32
-);
-dispatch!(
     /// `SiLU(g) · u` for blocks of 32 rows of `[16 g | 16 u]` (a fused gate and up
     /// layer's output, `bf16.rs`), 16 values a row into `out`.
     pub(super) fn swiglu => swiglu_generic(block: &[f32], out: &mut [f32])
@@ -113,25 +107,6 @@ fn max(x: &[f32]) -> f32 {
 /// this polynomial.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    exp_series::<0>(x)
-}
-
-/// `e^x` as [`exp`] with the series cut after r⁴ (relative error below 1e-4): for
-/// probabilities rounded to bf16 right after, where half an ulp is 2e-3. (perf had the
-/// bf16 attention's probabilities at 18 % of an embedding run; the shorter series made
-/// no difference beyond run-to-run noise.)
-#[inline(always)]
-fn exp_coarse(x: f32) -> f32 {
-    exp_series::<2>(x)
-}
-
-/// The Taylor coefficients of `e^r`, highest power (r⁶) first.
-const EXP_SERIES: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
-
-/// `e^x` as [`exp`] describes, the series from `EXP_SERIES[SKIP]` on (the highest `SKIP`
-/// powers left out).
-#[inline(always)]
-fn exp_series<const SKIP: usize>(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0;
@@ -139,10 +114,13 @@ fn exp_series<const SKIP: usize>(x: f32) -> f32 {
     let t = x.mul_add(std::f32::consts::LOG2_E, ROUND);
     let n = t - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let p = EXP_SERIES[SKIP + 1..].iter().fold(EXP_SERIES[SKIP], |p, &c| p.mul_add(r, c));
+    let p = EXP_SERIES[1..].iter().fold(EXP_SERIES[0], |p, &c| p.mul_add(r, c));
     let n = t.to_bits().wrapping_sub(ROUND.to_bits());
     p * f32::from_bits(n.wrapping_add(127) << 23)
 }
+
+/// The Taylor coefficients of `e^r`, highest power (r⁶) first.
+const EXP_SERIES: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// erf by Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7 in exact arithmetic, < 1e-6 in f32.
 #[inline(always)]
@@ -188,35 +166,6 @@ fn softmax_generic(x: &mut [f32]) {
 }
 
 #[inline(always)]
-fn exponentials_generic(x: &[f32], scale: f32, p: &mut [u16]) -> f32 {
-    // Round to nearest even; exponentials are finite and non-negative, so no NaN case
-    // (which would keep the loop from vectorising).
-    let bits = |v: f32| {
-        let b = v.to_bits();
-        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    };
-    let m = max(x) * scale;
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    let mut out = p.chunks_exact_mut(LANES);
-    for (c, o) in chunks.zip(&mut out) {
-        for ((a, &v), o) in acc.iter_mut().zip(c).zip(o.iter_mut()) {
-            let e = exp_coarse(v * scale - m);
-            *a += e;
-            *o = bits(e);
-        }
-    }
-    let mut rest = 0f32;
-    for (&v, o) in tail.iter().zip(out.into_remainder()) {
-        let e = exp_coarse(v * scale - m);
-        rest += e;
-        *o = bits(e);
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
-#[inline(always)]
 fn add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
     for (v, r) in x.iter_mut().zip(residual) {
         *v += r;
@@ -254,14 +203,6 @@ mod tests {
             worst_erf = worst_erf.max((f64::from(erf(x)) - erf_reference(f64::from(x))).abs());
         }
         assert!(worst_exp < 5e-7, "exp: relative error {worst_exp:e}");
-        let worst_coarse = (-80_000..=0)
-            .map(|i| {
-                let x = i as f32 * 1e-3;
-                let e = f64::from(x).exp();
-                ((f64::from(exp_coarse(x)) - e) / e).abs()
-            })
-            .fold(0f64, f64::max);
-        assert!(worst_coarse < 1e-4, "coarse exp: relative error {worst_coarse:e}");
         assert!(worst_erf < 1e-6, "erf: error {worst_erf:e}");
     }
 

@@ -4,16 +4,18 @@
 //!
 //! Per text and head, with `d` (32 or 64) values a head:
 //!
-//! - Q, K and V are rounded to bf16 once for all heads; Q rows are the tiles' `A`.
+//! - Q, K and V are rounded to bf16 once for all heads; Q's rows are the tiles' `A`,
+//!   loaded where they are (rows `3 · hidden` apart).
 //! - K is re-laid as `B` tiles of `Kᵀ`: per 16 keys and 32 of the head's values, row `r`
-//!   holds values `2r, 2r + 1` of each key (a 16 × 16 transpose of value pairs).
-//! - `S = Q Kᵀ` one 16 × 16 tile at a time; each row's exponentials over its real keys
-//!   (scaled by `1/√d`, less the row's maximum) are rounded to bf16 as `P`, zero past the
-//!   text's end, and summed; `P V` is divided by the sum as it leaves the tiles — one
-//!   pass over the scores fewer than normalising `P` (perf had the softmax at 16 % of an
-//!   embedding run).
+//!   holds values `2r, 2r + 1` of each key — a 16 × 16 transpose of value pairs, done in
+//!   AVX-512 registers (perf had the scalar re-laying costing more than the products).
 //! - V is re-laid as `B` tiles: per 32 keys and 16 values, row `r` holds keys `2r,
-//!   2r + 1` of each value. `P V` accumulates over the keys in 32s.
+//!   2r + 1` of each value (two keys' rows interleaved, one permute per tile row).
+//! - Then per block of 16 queries, in L1: `S = Q Kᵀ` (16 × the keys, f32); each row's
+//!   exponentials over its real keys (scaled by `1/√d`, less the row's maximum) rounded
+//!   to bf16 as `P`, zeros past the text's end, and summed; `P V` divided by the sum as
+//!   it leaves the tiles — one pass over the scores fewer than normalising `P` (perf had
+//!   the softmax at 16 % of an embedding run).
 //!
 //! Re-laying is linear in the text's length, the products quadratic. A CPU without AMX
 //! keeps the f32 attention (`cpu.rs`): more exact, within the bf16 path's tolerance.
@@ -21,25 +23,36 @@
 use rayon::prelude::*;
 
 use super::Shared;
+use super::aligned::Aligned;
 use super::bf16::{Bits, to_bf16};
 use super::isa::{self, Isa};
-use super::kernels::exponentials;
 
-/// Whether heads of `head_dim` values run here: AMX active, `head_dim` 32 or 64.
+/// Whether heads of `head_dim` values run here: AMX active (with AVX-512 BF16, which
+/// every AMX CPU has), `head_dim` 32 or 64.
 pub(crate) fn supported(head_dim: usize) -> bool {
-    matches!(head_dim, 32 | 64) && isa::active() >= Isa::Amx
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(head_dim, 32 | 64)
+            && isa::active() >= Isa::Amx
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (head_dim, Isa::Amx, isa::active);
+        false
+    }
 }
 
 /// Per-thread buffers, kept between jobs.
 #[derive(Default)]
 struct Buffers {
-    q: Bits,
     k: Bits,
     v: Bits,
+    /// One block of 16 queries' probabilities, `[16][keys rounded up to 32]`.
     p: Bits,
-    s: Vec<f32>,
-    /// Per row, 1 / the sum of its exponentials.
-    inv: Vec<f32>,
+    /// One block of 16 queries' scores, as `p`.
+    s: Aligned<f32>,
 }
 
 thread_local! {
@@ -62,132 +75,308 @@ pub(crate) fn attention(
     assert!(supported(d), "tile attention takes heads of 32 or 64 values with AMX active");
     let jobs = super::head_jobs(rows, heads);
     // The whole of Q, K and V rounded at once: per token and head it would be a call
-    // per 32 values, which perf showed costing more than the products.
+    // per 32 values, which perf showed costing more than the products. Q's tiles are
+    // loaded in place, 16 rows at a time: the last text's last block reads up to 15
+    // rows past its end, which the buffer holds (as zeros).
+    let stride = 3 * hidden;
     QKV.with_borrow_mut(|rounded| {
-        rounded.resize(qkv.len());
-        rounded.par_chunks_mut(1 << 14).zip(qkv.par_chunks(1 << 14)).for_each(|(o, x)| to_bf16(x, o));
+        rounded.resize(qkv.len() + 16 * stride);
+        rounded[qkv.len()..].fill(0);
+        rounded[..qkv.len()]
+            .par_chunks_mut(1 << 14)
+            .zip(qkv.par_chunks(1 << 14))
+            .for_each(|(o, x)| to_bf16(x, o));
         let rounded = &rounded[..];
         let out = Shared(context.as_mut_ptr());
         jobs.par_iter().for_each(|&(start, len, head)| {
             BUFFERS.with_borrow_mut(|b| {
                 let _tiles = super::amx::TileConfig::load();
-                head_attention(rounded, start, len, head, hidden, d, b, out);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `supported` checked AMX (tiles configured above), AVX-512 BW and
+                // BF16; the text's rows and 16 past them are inside `rounded`; the job
+                // writes only its text's rows' columns of this head.
+                unsafe {
+                    avx512::head_attention(rounded, start, len, head, hidden, d, b, out)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (rounded, start, len, head, b, out);
             })
         });
     });
 }
 
-/// One text's head: rows `start..start + len` of `qkv` (bf16), columns `head * d..` of
-/// q, k, v.
-#[allow(clippy::too_many_arguments)]
-fn head_attention(
-    qkv: &[u16],
-    start: usize,
-    len: usize,
-    head: usize,
-    hidden: usize,
-    d: usize,
-    b: &mut Buffers,
-    out: Shared,
-) {
-    let stride = 3 * hidden;
-    let (l16, l32) = (len.div_ceil(16) * 16, len.div_ceil(32) * 32);
-    let chunks = d / 32;
-    let scale = 1.0 / (d as f32).sqrt();
-    let token = |i: usize, part: usize| &qkv[(start + i) * stride + part * hidden + head * d..][..d];
+/// The per-head kernel and its re-layings, compiled for AVX-512 (every AMX CPU has it).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
 
-    // Q as A rows of d values (the scale is applied to the scores); rows past the
-    // text are zeros.
-    b.q.clear();
-    b.q.resize(l16 * d);
-    for i in 0..len {
-        b.q[i * d..(i + 1) * d].copy_from_slice(token(i, 0));
-    }
-    // Kᵀ tiles: [key block of 16][chunk of 32 values] → 16 rows (value pairs) × 16 keys × 2.
-    b.k.clear();
-    b.k.resize(l32 / 16 * chunks * 512);
-    for i in 0..len {
-        let key = token(i, 1);
-        let (block, within) = (i / 16, i % 16);
-        for c in 0..chunks {
-            let tile = &mut b.k[(block * chunks + c) * 512..][..512];
-            for r in 0..16 {
-                tile[r * 32 + within * 2] = key[c * 32 + 2 * r];
-                tile[r * 32 + within * 2 + 1] = key[c * 32 + 2 * r + 1];
-            }
-        }
-    }
-    // V tiles: [key chunk of 32][value block of 16] → 16 rows (key pairs) × 16 values × 2.
-    let blocks = d / 16;
-    b.v.clear();
-    b.v.resize(l32 / 32 * blocks * 512);
-    for i in 0..len {
-        let value = token(i, 2);
-        let (chunk, r, lane) = (i / 32, (i % 32) / 2, i % 2);
-        for vb in 0..blocks {
-            let tile = &mut b.v[(chunk * blocks + vb) * 512..][..512];
-            for c in 0..16 {
-                tile[r * 32 + c * 2 + lane] = value[vb * 16 + c];
-            }
-        }
+    use super::super::Shared;
+    use super::super::amx::{dot, load, store, zero};
+    use super::Buffers;
+
+    /// The first `n` of 16 lanes (all when `n` ≥ 16).
+    #[inline(always)]
+    fn first(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { (1u16 << n) - 1 }
     }
 
-    // S = Q Kᵀ, [l16][l32] f32.
-    b.s.resize(l16 * l32, 0.0);
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: tiles are configured (the caller's TileConfig) and AMX is active
-    // (`supported`); every tile read is inside q (l16 × d), k (l32/16 × chunks tiles),
-    // every store inside s (l16 × l32).
-    unsafe {
-        use super::amx::{dot, load, store, zero};
-        for qb in 0..l16 / 16 {
+    /// The 16 results of a block of 16 queries, `d` values each, where tiles store them.
+    #[repr(C, align(64))]
+    struct Context([f32; 16 * 64]);
+
+    /// One text's head: rows `start..start + len` of `qkv` (bf16), columns `head * d..` of
+    /// q, k, v, into the text's rows of `out` (`[tokens, hidden]`).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16 and AMX (tiles configured) on this CPU; `qkv` holds the text's
+    /// rows and 16 rows past them; this job alone writes the text's rows' columns
+    /// `head * d..(head + 1) * d` of `out`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
+    pub(super) unsafe fn head_attention(
+        qkv: &[u16],
+        start: usize,
+        len: usize,
+        head: usize,
+        hidden: usize,
+        d: usize,
+        b: &mut Buffers,
+        out: Shared,
+    ) {
+        let stride = 3 * hidden;
+        let (l16, l32) = (len.div_ceil(16) * 16, len.div_ceil(32) * 32);
+        let (chunks, blocks) = (d / 32, d / 16);
+        let scale = 1.0 / (d as f32).sqrt();
+        debug_assert!(qkv.len() >= (start + l16) * stride);
+        // SAFETY (the whole body): loads read the text's rows (keys past `len` are
+        // skipped, queries past it read the rows after, which `qkv` holds); stores stay
+        // inside the buffers as they are sized here, and inside this job's part of `out`.
+        unsafe {
+            let base = qkv.as_ptr().add(start * stride + head * d);
+            let row = |token: usize, part: usize| base.add(token * stride + part * hidden);
+
+            // Kᵀ tiles: [16 keys][32 values] → 16 rows (value pairs) × 16 keys.
+            b.k.resize(l32 / 16 * chunks * 512);
             for kb in 0..l32 / 16 {
-                zero::<0>();
                 for c in 0..chunks {
-                    load::<4>(b.q.as_ptr().add(qb * 16 * d + c * 32), d * 2);
-                    load::<6>(b.k.as_ptr().add((kb * chunks + c) * 512), 64);
-                    dot::<0, 4, 6>();
+                    let mut keys = [_mm512_setzero_si512(); 16];
+                    for (j, key) in keys.iter_mut().enumerate() {
+                        if kb * 16 + j < len {
+                            *key = _mm512_loadu_si512(row(kb * 16 + j, 1).add(c * 32).cast());
+                        }
+                    }
+                    let tile = b.k.as_mut_ptr().add((kb * chunks + c) * 512);
+                    for (r, pairs) in transpose(keys).iter().enumerate() {
+                        _mm512_storeu_si512(tile.add(r * 32).cast(), *pairs);
+                    }
                 }
-                store::<0>(b.s.as_mut_ptr().add(qb * 16 * l32 + kb * 16), l32 * 4);
+            }
+            // V tiles: [32 keys][16 values] → 16 rows (key pairs) × 16 values × 2.
+            b.v.resize(l32 / 32 * blocks * 512);
+            let (low, high) = interleavings();
+            for chunk in 0..l32 / 32 {
+                for r in 0..16 {
+                    let (k0, k1) = (chunk * 32 + 2 * r, chunk * 32 + 2 * r + 1);
+                    for c in 0..chunks {
+                        let value = |k: usize| {
+                            if k < len {
+                                _mm512_loadu_si512(row(k, 2).add(c * 32).cast())
+                            } else {
+                                _mm512_setzero_si512()
+                            }
+                        };
+                        let (a, bb) = (value(k0), value(k1));
+                        let tile = b.v.as_mut_ptr().add((chunk * blocks + 2 * c) * 512 + r * 32);
+                        _mm512_storeu_si512(tile.cast(), _mm512_permutex2var_epi16(a, low, bb));
+                        _mm512_storeu_si512(tile.add(512).cast(), _mm512_permutex2var_epi16(a, high, bb));
+                    }
+                }
+            }
+
+            b.s.resize(16 * l32);
+            b.p.resize(16 * l32);
+            let (s, p) = (b.s.as_mut_ptr(), b.p.as_mut_ptr());
+            let mut context = Context([0.0; 16 * 64]);
+            for qb in 0..l16 / 16 {
+                // S = Q Kᵀ for 16 queries: two key blocks at a time in two accumulators
+                // (tiles are not renamed: one accumulator would wait on each product).
+                let q = row(qb * 16, 0);
+                load::<4>(q, stride * 2);
+                if chunks == 2 {
+                    load::<5>(q.add(32), stride * 2);
+                }
+                for kb in (0..l32 / 16).step_by(2) {
+                    let (k0, k1) =
+                        (b.k.as_ptr().add(kb * chunks * 512), b.k.as_ptr().add((kb + 1) * chunks * 512));
+                    zero::<0>();
+                    zero::<1>();
+                    load::<6>(k0, 64);
+                    load::<2>(k1, 64);
+                    dot::<0, 4, 6>();
+                    dot::<1, 4, 2>();
+                    if chunks == 2 {
+                        load::<7>(k0.add(512), 64);
+                        load::<3>(k1.add(512), 64);
+                        dot::<0, 5, 7>();
+                        dot::<1, 5, 3>();
+                    }
+                    store::<0>(s.add(kb * 16), l32 * 4);
+                    store::<1>(s.add(kb * 16 + 16), l32 * 4);
+                }
+                // P and its rows' sums; rows past the text keep what they held (finite:
+                // zeros or earlier probabilities), their results are dropped.
+                let rows = 16.min(len - qb * 16);
+                let mut inv = [0f32; 16];
+                for (r, inv) in inv.iter_mut().enumerate().take(rows) {
+                    *inv = 1.0 / exponentials(s.add(r * l32), len, l32, scale, p.add(r * l32));
+                }
+                // O = P V: each 32 keys' probabilities loaded once for every value block.
+                zero::<0>();
+                zero::<1>();
+                zero::<2>();
+                zero::<3>();
+                for chunk in 0..l32 / 32 {
+                    load::<4>(p.add(chunk * 32), l32 * 2);
+                    let v = b.v.as_ptr().add(chunk * blocks * 512);
+                    load::<6>(v, 64);
+                    load::<7>(v.add(512), 64);
+                    dot::<0, 4, 6>();
+                    dot::<1, 4, 7>();
+                    if blocks == 4 {
+                        load::<5>(v.add(1024), 64);
+                        load::<6>(v.add(1536), 64);
+                        dot::<2, 4, 5>();
+                        dot::<3, 4, 6>();
+                    }
+                }
+                let o = context.0.as_mut_ptr();
+                store::<0>(o, d * 4);
+                store::<1>(o.add(16), d * 4);
+                if blocks == 4 {
+                    store::<2>(o.add(32), d * 4);
+                    store::<3>(o.add(48), d * 4);
+                }
+                for (r, &inv) in inv.iter().enumerate().take(rows) {
+                    let dst =
+                        std::slice::from_raw_parts_mut(out.at((start + qb * 16 + r) * hidden + head * d), d);
+                    for (x, &v) in dst.iter_mut().zip(&context.0[r * d..(r + 1) * d]) {
+                        *x = v * inv;
+                    }
+                }
             }
         }
     }
-    // P: each row's exponentials over its real keys, bf16, zeros past them and past the
-    // text; their sums' inverses in `inv`.
-    b.p.clear();
-    b.p.resize(l16 * l32);
-    b.inv.resize(len, 0.0);
-    for i in 0..len {
-        b.inv[i] = 1.0 / exponentials(&b.s[i * l32..i * l32 + len], scale, &mut b.p[i * l32..i * l32 + len]);
+
+    /// `exp(scale · s − max)` of a row's `len` scores at `s`, rounded to bf16 into `p`
+    /// with zeros up to `l32` (the keys' padding), and their sum (of the unrounded
+    /// values).
+    ///
+    /// # Safety
+    /// AVX-512 F and BF16; `s` and `p` hold `l32` values, `l32` a multiple of 16 and at
+    /// least `len`.
+    #[inline(always)]
+    unsafe fn exponentials(s: *const f32, len: usize, l32: usize, scale: f32, p: *mut u16) -> f32 {
+        // SAFETY: as the caller promises: every access is below `l32`.
+        unsafe {
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..len).step_by(16) {
+                m = _mm512_mask_max_ps(m, first(len - i), m, _mm512_loadu_ps(s.add(i)));
+            }
+            let shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale);
+            let scale = _mm512_set1_ps(scale);
+            let mut sum = _mm512_setzero_ps();
+            for i in (0..l32).step_by(16) {
+                let e = if i < len {
+                    let t = _mm512_fmsub_ps(_mm512_loadu_ps(s.add(i)), scale, shift);
+                    _mm512_maskz_mov_ps(first(len - i), exp(t))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                sum = _mm512_add_ps(sum, e);
+                let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+                _mm256_storeu_si256(p.add(i).cast(), bits);
+            }
+            _mm512_reduce_add_ps(sum)
+        }
     }
-    // O = P V, 16 rows × 16 values at a time, into the text's rows of `context`.
-    let mut tile = [0f32; 256];
-    for qb in 0..l16 / 16 {
-        for vb in 0..blocks {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above; reads inside p (l16 × l32) and v (l32/32 × blocks
-            // tiles), the store inside `tile` (16 × 16).
-            unsafe {
-                use super::amx::{dot, load, store, zero};
-                zero::<0>();
-                for chunk in 0..l32 / 32 {
-                    load::<4>(b.p.as_ptr().add(qb * 16 * l32 + chunk * 32), l32 * 2);
-                    load::<6>(b.v.as_ptr().add((chunk * blocks + vb) * 512), 64);
-                    dot::<0, 4, 6>();
-                }
-                store::<0>(tile.as_mut_ptr(), 64);
+
+    /// `e^t` for `t` ≤ 0 (below −87 taken as −87), relative error below 1e-4 — for
+    /// probabilities rounded to bf16 right after, where half an ulp is 2e-3: `t = n ln2 +
+    /// r`, `e^r` by its Taylor series to r⁴ (|r| ≤ ln2/2), `2^n` by `vscalefps`.
+    #[inline(always)]
+    unsafe fn exp(t: __m512) -> __m512 {
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        // SAFETY: register arithmetic on a CPU with AVX-512 F (the caller's promise).
+        unsafe {
+            let t = _mm512_max_ps(t, _mm512_set1_ps(-87.0));
+            // Round to nearest, exceptions suppressed.
+            let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(t, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), t);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+            let mut e = _mm512_set1_ps(1.0 / 24.0);
+            for c in [1.0 / 6.0, 0.5, 1.0, 1.0] {
+                e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
             }
-            for r in 0..16.min(len - qb * 16) {
-                let row = start + qb * 16 + r;
-                let inv = b.inv[qb * 16 + r];
-                // SAFETY: row is one of this text's tokens and the 16 columns are this
-                // head's block vb: written by this job alone, inside `context`.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(out.at(row * hidden + head * d + vb * 16), 16) };
-                for (d, t) in dst.iter_mut().zip(&tile[r * 16..(r + 1) * 16]) {
-                    *d = t * inv;
-                }
+            _mm512_scalef_ps(e, n)
+        }
+    }
+
+    /// Permutations interleaving two rows of 32 bf16 `a`, `b`: `a0 b0 a1 b1 … a15 b15`
+    /// (values 0–15) and the same for values 16–31.
+    #[inline(always)]
+    unsafe fn interleavings() -> (__m512i, __m512i) {
+        let mut low = [0u16; 32];
+        let mut high = [0u16; 32];
+        for i in 0..32 {
+            let from = (i as u16 / 2) + if i % 2 == 1 { 32 } else { 0 };
+            low[i] = from;
+            high[i] = from + 16;
+        }
+        // SAFETY: 64-byte arrays read unaligned.
+        unsafe { (_mm512_loadu_si512(low.as_ptr().cast()), _mm512_loadu_si512(high.as_ptr().cast())) }
+    }
+
+    /// A 16 × 16 transpose of 32-bit elements (bf16 pairs): row `i` of the result holds
+    /// element `i` of every input row. Interleaves within 128-bit lanes by 32 and 64 bits,
+    /// then moves lanes in two steps: 64 shuffles against 256 scalar moves.
+    #[inline(always)]
+    pub(super) unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+        // SAFETY: register shuffles on a CPU with AVX-512 F (the caller's promise).
+        unsafe {
+            let z = _mm512_setzero_si512();
+            // t[2i], t[2i + 1]: rows 2i and 2i + 1 interleaved (elements 0, 1 | 2, 3 of
+            // each lane).
+            let mut t = [z; 16];
+            for i in 0..8 {
+                t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+                t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
             }
+            // u[4g + j]: in lane L, element 4L + j of rows 4g..4g + 4.
+            let mut u = [z; 16];
+            for g in 0..4 {
+                u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+                u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+                u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+                u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+            }
+            // v[j] = lanes 0, 2 of groups 0 and 1; v[4 + j] lanes 1, 3; v[8 + j], v[12 + j]
+            // the same for groups 2 and 3.
+            let mut v = [z; 16];
+            for j in 0..4 {
+                v[j] = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
+                v[4 + j] = _mm512_shuffle_i32x4::<0xdd>(u[j], u[4 + j]);
+                v[8 + j] = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
+                v[12 + j] = _mm512_shuffle_i32x4::<0xdd>(u[8 + j], u[12 + j]);
+            }
+            let mut o = [z; 16];
+            for j in 0..4 {
+                o[j] = _mm512_shuffle_i32x4::<0x88>(v[j], v[8 + j]);
+                o[8 + j] = _mm512_shuffle_i32x4::<0xdd>(v[j], v[8 + j]);
+                o[4 + j] = _mm512_shuffle_i32x4::<0x88>(v[4 + j], v[12 + j]);
+                o[12 + j] = _mm512_shuffle_i32x4::<0xdd>(v[4 + j], v[12 + j]);
+            }
+            o
         }
     }
 }
@@ -204,7 +393,7 @@ mod tests {
             eprintln!("no AMX here (or capped): tile attention is not used, nothing to compare");
             return;
         }
-        for (d, heads, lens) in [(32, 3, vec![1, 17, 40]), (64, 2, vec![33, 5])] {
+        for (d, heads, lens) in [(32, 3, vec![1, 17, 40, 100]), (64, 2, vec![33, 5, 70])] {
             let hidden = d * heads;
             let tokens: usize = lens.iter().sum();
             let qkv: Vec<f32> =
@@ -240,6 +429,35 @@ mod tests {
             }
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 0.05, "d {d}: worst difference {worst} (values up to 2)");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_register_transpose_moves_element_i_of_row_j_to_element_j_of_row_i() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 here: the transpose is not used, nothing to check");
+            return;
+        }
+        let rows: Vec<[u32; 16]> = (0..16).map(|j| std::array::from_fn(|i| (j * 100 + i) as u32)).collect();
+        // SAFETY: the CPU has AVX-512 F (checked above); 64-byte arrays read and written
+        // unaligned.
+        let out: Vec<[u32; 16]> = unsafe {
+            use std::arch::x86_64::*;
+            let input = std::array::from_fn(|j| _mm512_loadu_si512(rows[j].as_ptr().cast()));
+            avx512::transpose(input)
+                .iter()
+                .map(|v| {
+                    let mut row = [0u32; 16];
+                    _mm512_storeu_si512(row.as_mut_ptr().cast(), *v);
+                    row
+                })
+                .collect()
+        };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(out[i][j], rows[j][i], "row {i}, element {j}");
+            }
         }
     }
 }
