@@ -257,13 +257,34 @@ impl CpuBert {
         let mut s = SCRATCH.take();
         s.context.resize(tokens * h, 0.0); // every element written by attention
         for layer in &self.layers {
-            layer.qkv.forward(&x, tokens, &mut s.qkv);
-            if self.tile_attention {
-                tile_attention::attention(&s.qkv, &rows, h, self.heads, &mut s.context);
-            } else {
-                attention(&s.qkv, &rows, h, self.heads, &mut s.context);
+            match (&layer.qkv, &layer.attention_out) {
+                // bf16 layers around tile attention: Q, K, V and the context stay bf16,
+                // laid out as the next step reads them (no f32 copy, no rounding pass).
+                (Linear::Bf16(qkv), Linear::Bf16(out)) if self.tile_attention => {
+                    qkv.forward(&x, tokens, bf16::Sink::Bf16(&mut s.qkv_bits));
+                    let context = tile_attention::Context::Rows(&mut s.context_rows);
+                    tile_attention::attention(
+                        tile_attention::Qkv::Bf16(&s.qkv_bits),
+                        &rows,
+                        h,
+                        self.heads,
+                        context,
+                    );
+                    s.attended.resize(tokens * h, 0.0); // every element written
+                    out.run(&s.context_rows, tokens, bf16::Sink::F32(&mut s.attended));
+                }
+                _ => {
+                    layer.qkv.forward(&x, tokens, &mut s.qkv);
+                    if self.tile_attention {
+                        let (qkv, context) =
+                            (tile_attention::Qkv::F32(&s.qkv), tile_attention::Context::F32(&mut s.context));
+                        tile_attention::attention(qkv, &rows, h, self.heads, context);
+                    } else {
+                        attention(&s.qkv, &rows, h, self.heads, &mut s.context);
+                    }
+                    layer.attention_out.forward(&s.context, tokens, &mut s.attended);
+                }
             }
-            layer.attention_out.forward(&s.context, tokens, &mut s.attended);
             add_norm_rows(&mut s.attended, &x, &layer.attention_norm, self.eps);
             feed_forward(
                 &layer.up,
@@ -285,7 +306,9 @@ impl CpuBert {
 #[derive(Default)]
 struct Scratch {
     qkv: Vec<f32>,
+    qkv_bits: bf16::Bits,
     context: Vec<f32>,
+    context_rows: bf16::Bits,
     attended: Vec<f32>,
     up: Vec<f32>,
     gelu_rows: bf16::Bits,

@@ -239,7 +239,7 @@ impl QDense {
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(shared.at((group * EDGE + r) * n + col0), cols)
                     };
-                    dst.copy_from_slice(&row[..cols]);
+                    super::bf16::copy_row(dst, row);
                 }
             }
         });

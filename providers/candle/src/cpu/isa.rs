@@ -101,7 +101,10 @@ fn detect() -> Isa {
     if !(std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni")) {
         return Isa::Avx512;
     }
-    if amx_permitted() { Isa::Amx } else { Isa::Avx512Vnni }
+    // The tile paths' epilogues and attention use AVX-512 BF16 and VL, which every CPU
+    // with AMX has.
+    let companions = std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512vl");
+    if companions && amx_permitted() { Isa::Amx } else { Isa::Avx512Vnni }
 }
 
 #[cfg(not(target_arch = "x86_64"))]

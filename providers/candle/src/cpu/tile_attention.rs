@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::Shared;
 use super::aligned::Aligned;
-use super::bf16::{Bits, to_bf16};
+use super::bf16::{Bits, SharedBits, to_bf16};
 use super::isa::{self, Isa};
 
 /// Whether heads of `head_dim` values run here: AMX active (with AVX-512 BF16, which
@@ -47,6 +47,8 @@ pub(crate) fn supported(head_dim: usize) -> bool {
 /// Per-thread buffers, kept between jobs.
 #[derive(Default)]
 struct Buffers {
+    /// The last block of a text's queries when it has fewer than 16, zeros after them.
+    q: Bits,
     k: Bits,
     v: Bits,
     /// One block of 16 queries' probabilities, `[16][keys rounded up to 32]`.
@@ -56,53 +58,81 @@ struct Buffers {
 }
 
 thread_local! {
-    /// The calling thread's bf16 copy of `qkv`.
+    /// The calling thread's bf16 copy of an f32 `qkv`.
     static QKV: std::cell::RefCell<Bits> = const { std::cell::RefCell::new(Bits::new()) };
     static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::new(Buffers::default());
 }
 
-/// As `cpu.rs`'s `attention`: `qkv` is `[tokens, 3 * hidden]` (`[q | k | v]`),
-/// `context` `[tokens, hidden]`; each text (`rows`: first token, tokens) attends over its
+/// Q, K and V of a batch's tokens, `[tokens, 3 · hidden]` (`[q | k | v]` a token).
+pub(crate) enum Qkv<'a> {
+    /// f32 (an int8 layer's results): rounded to bf16 here first.
+    F32(&'a [f32]),
+    /// Already bf16 (a bf16 layer's [`Sink::Bf16`](super::bf16::Sink::Bf16)).
+    Bf16(&'a [u16]),
+}
+
+/// Where attention's `[tokens, hidden]` results go.
+pub(crate) enum Context<'a> {
+    /// f32, exactly `tokens × hidden`.
+    F32(&'a mut [f32]),
+    /// Rounded to bf16 and laid out as [`Bf16Dense::round_rows`](super::bf16::Bf16Dense::round_rows)
+    /// lays out the output layer's input (resized here): that layer runs on them
+    /// directly, and the context never exists in f32. `hidden` is a multiple of 32
+    /// (heads of 32 or 64), so its rows need no padding.
+    Rows(&'a mut Bits),
+}
+
+/// [`Context`] as the jobs share it.
+#[derive(Clone, Copy)]
+enum Dst {
+    F32(Shared),
+    Bits(SharedBits),
+}
+
+/// As `cpu.rs`'s `attention`: each text (`rows`: first token, tokens) attends over its
 /// own tokens. Callers check [`supported`] first.
-pub(crate) fn attention(
-    qkv: &[f32],
-    rows: &[(usize, usize)],
-    hidden: usize,
-    heads: usize,
-    context: &mut [f32],
-) {
+pub(crate) fn attention(qkv: Qkv, rows: &[(usize, usize)], hidden: usize, heads: usize, context: Context) {
     let d = hidden / heads;
     assert!(supported(d), "tile attention takes heads of 32 or 64 values with AMX active");
-    let jobs = super::head_jobs(rows, heads);
-    // The whole of Q, K and V rounded at once: per token and head it would be a call
-    // per 32 values, which perf showed costing more than the products. Q's tiles are
-    // loaded in place, 16 rows at a time: the last text's last block reads up to 15
-    // rows past its end, which the buffer holds (as zeros).
-    let stride = 3 * hidden;
-    QKV.with_borrow_mut(|rounded| {
-        rounded.resize(qkv.len() + 16 * stride);
-        rounded[qkv.len()..].fill(0);
-        rounded[..qkv.len()]
-            .par_chunks_mut(1 << 14)
-            .zip(qkv.par_chunks(1 << 14))
-            .for_each(|(o, x)| to_bf16(x, o));
-        let rounded = &rounded[..];
-        let out = Shared(context.as_mut_ptr());
+    let tokens = rows.iter().map(|&(start, len)| start + len).max().unwrap_or(0);
+    let dst = match context {
+        Context::F32(out) => {
+            assert_eq!(out.len(), tokens * hidden, "an f32 context holds tokens × hidden");
+            Dst::F32(Shared(out.as_mut_ptr()))
+        }
+        Context::Rows(out) => {
+            out.resize(tokens.div_ceil(32) * 32 * hidden);
+            Dst::Bits(SharedBits(out.as_mut_ptr()))
+        }
+    };
+    let run = |qkv: &[u16]| {
+        assert!(qkv.len() >= tokens * 3 * hidden, "Q, K and V for every token");
+        let jobs = super::head_jobs(rows, heads);
         jobs.par_iter().for_each(|&(start, len, head)| {
             BUFFERS.with_borrow_mut(|b| {
                 let _tiles = super::amx::TileConfig::load();
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `supported` checked AMX (tiles configured above), AVX-512 BW and
-                // BF16; the text's rows and 16 past them are inside `rounded`; the job
-                // writes only its text's rows' columns of this head.
+                // BF16; the text's rows are inside `qkv`; the job writes only its text's
+                // rows' columns of this head.
                 unsafe {
-                    avx512::head_attention(rounded, start, len, head, hidden, d, b, out)
+                    avx512::head_attention(qkv, start, len, head, hidden, d, b, dst)
                 };
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = (rounded, start, len, head, b, out);
+                let _ = (qkv, start, len, head, b, dst);
             })
         });
-    });
+    };
+    match qkv {
+        Qkv::Bf16(qkv) => run(qkv),
+        // The whole of Q, K and V rounded at once: per token and head it would be a
+        // call per 32 values, which perf showed costing more than the products.
+        Qkv::F32(qkv) => QKV.with_borrow_mut(|rounded| {
+            rounded.resize(qkv.len());
+            rounded.par_chunks_mut(1 << 14).zip(qkv.par_chunks(1 << 14)).for_each(|(o, x)| to_bf16(x, o));
+            run(rounded)
+        }),
+    }
 }
 
 /// The per-head kernel and its re-layings, compiled for AVX-512 (every AMX CPU has it).
@@ -110,9 +140,8 @@ pub(crate) fn attention(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::super::Shared;
     use super::super::amx::{dot, load, store, zero};
-    use super::Buffers;
+    use super::{Buffers, Dst};
 
     /// The first `n` of 16 lanes (all when `n` ≥ 16).
     #[inline(always)]
@@ -122,15 +151,15 @@ mod avx512 {
 
     /// The 16 results of a block of 16 queries, `d` values each, where tiles store them.
     #[repr(C, align(64))]
-    struct Context([f32; 16 * 64]);
+    struct Results([f32; 16 * 64]);
 
     /// One text's head: rows `start..start + len` of `qkv` (bf16), columns `head * d..` of
     /// q, k, v, into the text's rows of `out` (`[tokens, hidden]`).
     ///
     /// # Safety
     /// AVX-512 F/BW/BF16 and AMX (tiles configured) on this CPU; `qkv` holds the text's
-    /// rows and 16 rows past them; this job alone writes the text's rows' columns
-    /// `head * d..(head + 1) * d` of `out`.
+    /// rows; this job alone writes the text's rows' columns `head * d..(head + 1) * d`
+    /// of `out`, which holds them.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
     pub(super) unsafe fn head_attention(
@@ -141,16 +170,17 @@ mod avx512 {
         hidden: usize,
         d: usize,
         b: &mut Buffers,
-        out: Shared,
+        out: Dst,
     ) {
         let stride = 3 * hidden;
         let (l16, l32) = (len.div_ceil(16) * 16, len.div_ceil(32) * 32);
         let (chunks, blocks) = (d / 32, d / 16);
         let scale = 1.0 / (d as f32).sqrt();
-        debug_assert!(qkv.len() >= (start + l16) * stride);
+        debug_assert!(qkv.len() >= (start + len) * stride);
         // SAFETY (the whole body): loads read the text's rows (keys past `len` are
-        // skipped, queries past it read the rows after, which `qkv` holds); stores stay
-        // inside the buffers as they are sized here, and inside this job's part of `out`.
+        // skipped, a last block of fewer than 16 queries is copied out first); stores
+        // stay inside the buffers as they are sized here, and inside this job's part of
+        // `out`.
         unsafe {
             let base = qkv.as_ptr().add(start * stride + head * d);
             let row = |token: usize, part: usize| base.add(token * stride + part * hidden);
@@ -196,14 +226,24 @@ mod avx512 {
             b.s.resize(16 * l32);
             b.p.resize(16 * l32);
             let (s, p) = (b.s.as_mut_ptr(), b.p.as_mut_ptr());
-            let mut context = Context([0.0; 16 * 64]);
+            let mut results = Results([0.0; 16 * 64]);
             for qb in 0..l16 / 16 {
                 // S = Q Kᵀ for 16 queries: two key blocks at a time in two accumulators
                 // (tiles are not renamed: one accumulator would wait on each product).
-                let q = row(qb * 16, 0);
-                load::<4>(q, stride * 2);
+                let rows = 16.min(len - qb * 16);
+                let (q, q_stride) = if rows == 16 {
+                    (row(qb * 16, 0), stride * 2)
+                } else {
+                    b.q.resize(16 * d);
+                    b.q.fill(0);
+                    for r in 0..rows {
+                        std::ptr::copy_nonoverlapping(row(qb * 16 + r, 0), b.q.as_mut_ptr().add(r * d), d);
+                    }
+                    (b.q.as_ptr(), d * 2)
+                };
+                load::<4>(q, q_stride);
                 if chunks == 2 {
-                    load::<5>(q.add(32), stride * 2);
+                    load::<5>(q.add(32), q_stride);
                 }
                 for kb in (0..l32 / 16).step_by(2) {
                     let (k0, k1) =
@@ -225,7 +265,6 @@ mod avx512 {
                 }
                 // P and its rows' sums; rows past the text keep what they held (finite:
                 // zeros or earlier probabilities), their results are dropped.
-                let rows = 16.min(len - qb * 16);
                 let mut inv = [0f32; 16];
                 for (r, inv) in inv.iter_mut().enumerate().take(rows) {
                     *inv = 1.0 / exponentials(s.add(r * l32), len, l32, scale, p.add(r * l32));
@@ -249,7 +288,7 @@ mod avx512 {
                         dot::<3, 4, 6>();
                     }
                 }
-                let o = context.0.as_mut_ptr();
+                let o = results.0.as_mut_ptr();
                 store::<0>(o, d * 4);
                 store::<1>(o.add(16), d * 4);
                 if blocks == 4 {
@@ -257,10 +296,17 @@ mod avx512 {
                     store::<3>(o.add(48), d * 4);
                 }
                 for (r, &inv) in inv.iter().enumerate().take(rows) {
-                    let dst =
-                        std::slice::from_raw_parts_mut(out.at((start + qb * 16 + r) * hidden + head * d), d);
-                    for (x, &v) in dst.iter_mut().zip(&context.0[r * d..(r + 1) * d]) {
-                        *x = v * inv;
+                    let at = (start + qb * 16 + r) * hidden + head * d;
+                    let inv = _mm512_set1_ps(inv);
+                    for c in (0..d).step_by(16) {
+                        let v = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * d + c)), inv);
+                        match out {
+                            Dst::F32(out) => _mm512_storeu_ps(out.at(at + c), v),
+                            Dst::Bits(out) => {
+                                let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                                _mm256_storeu_si256(out.at(at + c).cast(), bits)
+                            }
+                        }
                     }
                 }
             }
@@ -405,7 +451,7 @@ mod tests {
                 at += len;
             }
             let mut got = vec![f32::NAN; tokens * hidden];
-            attention(&qkv, &rows, hidden, heads, &mut got);
+            attention(Qkv::F32(&qkv), &rows, hidden, heads, Context::F32(&mut got));
             let mut want = vec![0f32; tokens * hidden];
             let stride = 3 * hidden;
             for &(start, len) in &rows {
