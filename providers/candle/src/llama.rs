@@ -344,7 +344,12 @@ impl Generator for Llama {
             ids.extend_from_slice(item.tokens);
             caches.push(cache);
         }
-        let logits = self.forward(&ids, &spans, &mut caches).map_err(candle)?;
+        // On one of rayon's threads: each layer's products and attention are parallel
+        // regions (about 240 a token), and entered from outside the pool each one
+        // queued its jobs and put this thread to sleep until a woken worker had done
+        // them. From inside, this thread works on them too and the other workers are
+        // usually still awake from the region before.
+        let logits = rayon::scope(|_| self.forward(&ids, &spans, &mut caches)).map_err(candle)?;
         for (cache, &(_, n, _)) in caches.iter_mut().zip(&spans) {
             cache.len += n;
         }
