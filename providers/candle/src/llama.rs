@@ -132,14 +132,72 @@ impl Linear {
     }
 }
 
+/// Linear layers over the same input: one joined layer where the kernel allows it (the
+/// activations quantized once and the threads woken once, not once a part), else the
+/// parts.
+enum Group {
+    /// The joined layer and each part's outputs.
+    Joined(Linear, Vec<usize>),
+    Parts(Vec<Linear>),
+}
+
+impl Group {
+    fn new(parts: Vec<Linear>) -> Self {
+        let blocks: Option<Vec<&BlockDense>> = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Blocks(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        if let Some(blocks) = blocks
+            && let Some(joined) = BlockDense::concat(&blocks)
+        {
+            let widths = blocks.iter().map(|b| b.outputs()).collect();
+            return Group::Joined(Linear::Blocks(joined), widths);
+        }
+        Group::Parts(parts)
+    }
+
+    /// `outs[i]` = `rows` rows of `x` times part `i`; `all` is scratch for the joined
+    /// layer's rows.
+    fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        all: &mut Vec<f32>,
+        outs: &mut [&mut Vec<f32>],
+    ) -> candle_core::Result<()> {
+        match self {
+            Group::Parts(parts) => {
+                for (part, out) in parts.iter().zip(outs.iter_mut()) {
+                    part.forward(x, rows, out)?;
+                }
+            }
+            Group::Joined(layer, widths) => {
+                layer.forward(x, rows, all)?;
+                let total: usize = widths.iter().sum();
+                let mut at = 0;
+                for (&width, out) in widths.iter().zip(outs.iter_mut()) {
+                    out.clear();
+                    for row in all.chunks_exact(total).take(rows) {
+                        out.extend_from_slice(&row[at..at + width]);
+                    }
+                    at += width;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V.
+    attention_in: Group,
     wo: Linear,
-    w1: Linear,
+    /// The feed-forward's gate and up.
+    ffn_in: Group,
     w2: Linear,
-    w3: Linear,
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
 }
@@ -257,13 +315,10 @@ impl Llama {
                 Ok(linear)
             };
             layers.push(Layer {
-                wq: q("attn_q")?,
-                wk: q("attn_k")?,
-                wv: q("attn_v")?,
+                attention_in: Group::new(vec![q("attn_q")?, q("attn_k")?, q("attn_v")?]),
                 wo: q("attn_output")?,
-                w1: q("ffn_gate")?,
+                ffn_in: Group::new(vec![q("ffn_gate")?, q("ffn_up")?]),
                 w2: q("ffn_down")?,
-                w3: q("ffn_up")?,
                 attn_norm: dense(load(&format!("blk.{i}.attn_norm.weight"))?)?,
                 ffn_norm: dense(load(&format!("blk.{i}.ffn_norm.weight"))?)?,
             });
@@ -375,13 +430,12 @@ impl Llama {
             x.extend_from_slice(&self.embed[id as usize * d..(id as usize + 1) * d]);
         }
         let (mut h, mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut joined = Vec::new();
         let (mut attn, mut o, mut gate, mut up) =
             (vec![0f32; rows * nh * hd], Vec::new(), Vec::new(), Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
-            layer.wq.forward(&h, rows, &mut q)?;
-            layer.wk.forward(&h, rows, &mut k)?;
-            layer.wv.forward(&h, rows, &mut v)?;
+            layer.attention_in.forward(&h, rows, &mut joined, &mut [&mut q, &mut k, &mut v])?;
             for (s, &(row, t, pos)) in spans.iter().enumerate() {
                 for r in 0..t {
                     self.rope(&mut q[(row + r) * nh * hd..(row + r + 1) * nh * hd], pos + r);
@@ -414,8 +468,7 @@ impl Llama {
             layer.wo.forward(&attn, rows, &mut o)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             rms_norm(&x, &layer.ffn_norm, self.eps, &mut h);
-            layer.w1.forward(&h, rows, &mut gate)?;
-            layer.w3.forward(&h, rows, &mut up)?;
+            layer.ffn_in.forward(&h, rows, &mut joined, &mut [&mut gate, &mut up])?;
             gate.iter_mut().zip(&up).for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
             layer.w2.forward(&gate, rows, &mut o)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);

@@ -116,6 +116,24 @@ impl BlockDense {
         Some(BlockDense { format, packed, inputs: k, outputs: n })
     }
 
+    /// `parts` side by side as one layer over the same inputs (a layer's Q, K and V, or
+    /// its gate and up): its outputs are theirs one after another. The records are per
+    /// 16 output columns, so the packed parts simply follow each other. One call then
+    /// quantizes the activations once and wakes the threads once, where the parts took
+    /// one each. `None` unless the parts share their format and inputs.
+    pub(crate) fn concat(parts: &[&BlockDense]) -> Option<Self> {
+        let (first, rest) = parts.split_first()?;
+        if rest.iter().any(|p| p.format != first.format || p.inputs != first.inputs) {
+            return None;
+        }
+        Some(BlockDense {
+            format: first.format,
+            packed: parts.iter().flat_map(|p| p.packed.iter().copied()).collect(),
+            inputs: first.inputs,
+            outputs: parts.iter().map(|p| p.outputs).sum(),
+        })
+    }
+
     /// Input features.
     pub(crate) fn inputs(&self) -> usize {
         self.inputs
@@ -526,6 +544,47 @@ mod tests {
 
     /// The vectorised quantization against GGML's definition, ties and an all-zero
     /// block included.
+    /// A joined layer gives each part's results, column for column, for one row
+    /// (decoding) and several (split by columns and by rows).
+    #[test]
+    fn joined_layers_give_their_parts_results() {
+        for format in [Format::Q4_1, Format::Q8_0] {
+            let k = 576;
+            let parts: Vec<BlockDense> = [576, 192, 64]
+                .iter()
+                .map(|&n| BlockDense::from_file(format, &blocks(format, k, n), k, n).unwrap())
+                .collect();
+            let joined =
+                BlockDense::concat(&parts.iter().collect::<Vec<_>>()).expect("same format and inputs");
+            assert_eq!(joined.outputs(), 832);
+            for tokens in [1, 16, 70] {
+                let x: Vec<f32> =
+                    (0..tokens * k).map(|i| ((i * 13 % 29) as f32 / 14.0 - 1.0) * 2.0).collect();
+                let mut all = Vec::new();
+                joined.forward(&x, tokens, &mut all);
+                let mut at = 0;
+                for part in &parts {
+                    let mut alone = Vec::new();
+                    part.forward(&x, tokens, &mut alone);
+                    let n = part.outputs();
+                    for t in 0..tokens {
+                        assert_eq!(
+                            &all[t * 832 + at..][..n],
+                            &alone[t * n..][..n],
+                            "{format:?}, {tokens} rows"
+                        );
+                    }
+                    at += n;
+                }
+            }
+        }
+        let (q4, q8) = (
+            BlockDense::from_file(Format::Q4_1, &blocks(Format::Q4_1, 64, 16), 64, 16).unwrap(),
+            BlockDense::from_file(Format::Q8_0, &blocks(Format::Q8_0, 64, 16), 64, 16).unwrap(),
+        );
+        assert!(BlockDense::concat(&[&q4, &q8]).is_none(), "different formats do not join");
+    }
+
     #[test]
     fn activations_quantize_as_ggml_defines() {
         let mut x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37).collect();
