@@ -218,6 +218,11 @@ pub struct Llama {
     head_dim: usize,
     eps: f32,
     pub(crate) info: GeneratorInfo,
+    /// The model's own threads (as many as rayon's global pool has): a step runs on one
+    /// of them (`Generator::step`). Its own, so that a thread waiting inside a step
+    /// steals only this model's work — in the global pool it could pick up another
+    /// engine's whole prompt chunk and hold its own stream up for as long.
+    pool: rayon::ThreadPool,
 }
 
 /// Bytes a model loaded from `path` with `weights` holds, from the GGUF header alone
@@ -343,7 +348,12 @@ impl Llama {
 
         let mut info = gguf.generator_info("candle", kiln_core::Device::Cpu, 4)?;
         info.quantization = quantization;
-        Ok(Llama { embed, width, layers, norm, output, cos, sin, heads, kv_heads, head_dim, eps, info })
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("kiln-llama-{i}"))
+            .build()
+            .map_err(|e| Error::model_load(path, format!("starting its threads: {e}")))?;
+        Ok(Llama { embed, width, layers, norm, output, cos, sin, heads, kv_heads, head_dim, eps, info, pool })
     }
 }
 
@@ -399,12 +409,12 @@ impl Generator for Llama {
             ids.extend_from_slice(item.tokens);
             caches.push(cache);
         }
-        // On one of rayon's threads: each layer's products and attention are parallel
-        // regions (about 240 a token), and entered from outside the pool each one
+        // On one of the model's threads: each layer's products and attention are
+        // parallel regions (about 240 a token), and entered from outside a pool each one
         // queued its jobs and put this thread to sleep until a woken worker had done
         // them. From inside, this thread works on them too and the other workers are
         // usually still awake from the region before.
-        let logits = rayon::scope(|_| self.forward(&ids, &spans, &mut caches)).map_err(candle)?;
+        let logits = self.pool.install(|| self.forward(&ids, &spans, &mut caches)).map_err(candle)?;
         for (cache, &(_, n, _)) in caches.iter_mut().zip(&spans) {
             cache.len += n;
         }

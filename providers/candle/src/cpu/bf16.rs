@@ -169,10 +169,13 @@ impl Bf16Dense {
 
     /// `x W^T + b` for `tokens` rows of `x` (f32, rounded to bf16 here), into `sink`.
     pub(crate) fn forward(&self, x: &[f32], tokens: usize, sink: Sink) {
-        ROWS.with_borrow_mut(|rows| {
-            self.round_rows(x, tokens, rows);
-            self.run(rows, tokens, sink);
-        });
+        // Taken, not borrowed: on one of rayon's threads `run` may execute another
+        // job meanwhile (work stealing), whose layer then finds the slot empty rather
+        // than borrowed.
+        let mut rows = ROWS.take();
+        self.round_rows(x, tokens, &mut rows);
+        self.run(&rows, tokens, sink);
+        ROWS.set(rows);
     }
 
     /// `x` (`tokens` rows of f32) rounded to bf16 as this layer's kernel reads it: rows
@@ -272,7 +275,9 @@ impl Bf16Dense {
         let (kp, n) = (self.padded, self.outputs);
         let (groups, pairs, chunks) = (tokens.div_ceil(EDGE), n.div_ceil(EDGE), kp / EDGE);
         let width = pairs * EDGE;
-        ACCUMULATED.with_borrow_mut(|acc| {
+        // Taken, not borrowed, as `forward`'s rows.
+        let mut acc = ACCUMULATED.take();
+        {
             acc.resize(groups * EDGE * width);
             let shared = Shared(acc.as_mut_ptr());
             for first in (0..chunks).step_by(SLICE) {
@@ -312,7 +317,8 @@ impl Bf16Dense {
                     self.finish_avx512(out, group, pair, tokens, &mut sums.0)
                 };
             });
-        });
+        }
+        ACCUMULATED.set(acc);
     }
 
     /// [`finish`](Self::finish) in AVX-512 for the tile path: the bias added and the rows
@@ -481,8 +487,8 @@ const SLICE: usize = 64;
 
 thread_local! {
     /// The calling thread's f32 sums of [`Bf16Dense::run_sliced`], kept between calls.
-    static ACCUMULATED: std::cell::RefCell<super::aligned::Aligned<f32>> =
-        const { std::cell::RefCell::new(super::aligned::Aligned::new()) };
+    static ACCUMULATED: std::cell::Cell<super::aligned::Aligned<f32>> =
+        const { std::cell::Cell::new(super::aligned::Aligned::new()) };
 }
 
 /// Weight bytes a job keeps hot in L2 (2 MiB a core on Sapphire Rapids; half of it
@@ -589,7 +595,7 @@ impl SharedBits {
 
 thread_local! {
     /// The calling thread's bf16 activations, kept between calls.
-    static ROWS: std::cell::RefCell<Bits> = const { std::cell::RefCell::new(Bits::new()) };
+    static ROWS: std::cell::Cell<Bits> = const { std::cell::Cell::new(Bits::new()) };
 }
 
 /// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).

@@ -143,7 +143,11 @@ impl QDense {
         // The caller's buffers are reused across layers and batches, and every element
         // is written before it is read: grown (or shrunk), never cleared.
         let amx = tokens >= AMX_ROWS && isa::active() >= Isa::Amx;
-        QUANTIZED.with_borrow_mut(|(quantized, row_scales)| {
+        // Taken, not borrowed: on one of rayon's threads the parallel calls below may
+        // run another job meanwhile (work stealing), whose layer then finds the slot
+        // empty rather than borrowed.
+        let mut taken = QUANTIZED.take();
+        (|(quantized, row_scales): &mut Rows| {
             // Tiles read whole groups of 32 rows; the rows past `tokens` keep whatever
             // they held (their results are dropped), as does each row past `k` (zero
             // weights there).
@@ -174,7 +178,8 @@ impl QDense {
                 };
                 tile.run(vnni, out);
             });
-        });
+        })(&mut taken);
+        QUANTIZED.set(taken);
         if gelu && !amx {
             out.par_chunks_mut(1 << 14).for_each(super::kernels::gelu);
         }
@@ -291,7 +296,7 @@ type Rows = (Aligned<u8>, Vec<(f32, f32)>);
 
 thread_local! {
     /// The calling thread's quantized rows, kept between calls.
-    static QUANTIZED: std::cell::RefCell<Rows> = const { std::cell::RefCell::new((Aligned::new(), Vec::new())) };
+    static QUANTIZED: std::cell::Cell<Rows> = const { std::cell::Cell::new((Aligned::new(), Vec::new())) };
 }
 
 /// Rows `q` (quantized; `a` their (scale, lo)) times column blocks

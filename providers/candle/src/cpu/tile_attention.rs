@@ -59,7 +59,7 @@ struct Buffers {
 
 thread_local! {
     /// The calling thread's bf16 copy of an f32 `qkv`.
-    static QKV: std::cell::RefCell<Bits> = const { std::cell::RefCell::new(Bits::new()) };
+    static QKV: std::cell::Cell<Bits> = const { std::cell::Cell::new(Bits::new()) };
     static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::new(Buffers::default());
 }
 
@@ -127,11 +127,15 @@ pub(crate) fn attention(qkv: Qkv, rows: &[(usize, usize)], hidden: usize, heads:
         Qkv::Bf16(qkv) => run(qkv),
         // The whole of Q, K and V rounded at once: per token and head it would be a
         // call per 32 values, which perf showed costing more than the products.
-        Qkv::F32(qkv) => QKV.with_borrow_mut(|rounded| {
+        // Taken, not borrowed: on one of rayon's threads the jobs' wait may run another
+        // job meanwhile (work stealing), whose attention then finds the slot empty.
+        Qkv::F32(qkv) => {
+            let mut rounded = QKV.take();
             rounded.resize(qkv.len());
             rounded.par_chunks_mut(1 << 14).zip(qkv.par_chunks(1 << 14)).for_each(|(o, x)| to_bf16(x, o));
-            run(rounded)
-        }),
+            run(&rounded);
+            QKV.set(rounded);
+        }
     }
 }
 

@@ -80,9 +80,18 @@ impl QwenVlGenerator {
         });
         Ok(QwenVlGenerator { model, info })
     }
+}
 
-    /// [`Generator::step`], on a thread of rayon's pool.
-    fn step_in_pool(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+impl Generator for QwenVlGenerator {
+    fn info(&self) -> &GeneratorInfo {
+        &self.info
+    }
+
+    fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
+        Ok(Box::new(Sequence(self.model.new_cache())))
+    }
+
+    fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
         for item in batch.iter() {
             self.info.check_step(item.tokens, item.cache.len())?;
         }
@@ -127,22 +136,6 @@ impl QwenVlGenerator {
             }
         }
         Ok(out.into_iter().map(|l| l.expect("every item stepped")).collect())
-    }
-}
-
-impl Generator for QwenVlGenerator {
-    fn info(&self) -> &GeneratorInfo {
-        &self.info
-    }
-
-    fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
-        Ok(Box::new(Sequence(self.model.new_cache())))
-    }
-
-    fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        // On one of rayon's threads, as the GGUF generator's step (`llama.rs`): the
-        // layers' parallel regions are then entered from inside the pool.
-        rayon::scope(|_| self.step_in_pool(batch))
     }
 
     /// Views of the same keys and values, cut at `tokens`.

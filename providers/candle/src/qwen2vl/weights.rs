@@ -208,7 +208,7 @@ enum Layers {
 thread_local! {
     /// The calling thread's intermediate rows of a fused feed-forward, kept between
     /// calls (a prompt's are megabytes; fresh ones cost page faults every layer).
-    static SWIGLU_ROWS: RefCell<Bits> = const { RefCell::new(Bits::new()) };
+    static SWIGLU_ROWS: std::cell::Cell<Bits> = const { std::cell::Cell::new(Bits::new()) };
 }
 
 impl Mlp {
@@ -233,11 +233,13 @@ impl Mlp {
             Layers::Fused { gate_up, down } => {
                 let (tokens, _) = h.dims2().map_err(backend)?;
                 let mut out = vec![0f32; tokens * down.outputs()];
-                SWIGLU_ROWS.with_borrow_mut(|rows| {
-                    with_rows(h, |x| gate_up.forward(x, tokens, Sink::SwiGluRows(rows)))?;
-                    down.run(rows, tokens, Sink::F32(&mut out));
-                    Ok::<_, Error>(())
-                })?;
+                // Taken, not borrowed: on one of rayon's threads the layers' parallel
+                // calls may run another job meanwhile (work stealing), which then finds
+                // the slot empty rather than borrowed.
+                let mut rows = SWIGLU_ROWS.take();
+                with_rows(h, |x| gate_up.forward(x, tokens, Sink::SwiGluRows(&mut rows)))?;
+                down.run(&rows, tokens, Sink::F32(&mut out));
+                SWIGLU_ROWS.set(rows);
                 Tensor::from_vec(out, (tokens, down.outputs()), h.device()).map_err(backend)
             }
         }
