@@ -454,6 +454,21 @@ fn linear(x: &[f32], tokens: usize, layer: &Dense, out: &mut Vec<f32>) {
     }
 }
 
+/// Runs `f` on this thread's value in `slot`, taken out and put back after — for
+/// buffers kept between calls and held across a parallel call. On one of rayon's threads
+/// the wait inside that call may run another job (work stealing); a job reaching the
+/// same slot then finds it empty (and grows a buffer of its own) where a `RefCell`
+/// borrow would panic ("already borrowed").
+pub(crate) fn with_taken<T: Default, R>(
+    slot: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut value = slot.take();
+    let result = f(&mut value);
+    slot.set(value);
+    result
+}
+
 /// A pointer parallel jobs share, each writing its own elements: attention's columns
 /// of its rows, a panel's columns (`panels.rs`).
 #[derive(Clone, Copy)]

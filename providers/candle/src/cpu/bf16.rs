@@ -169,13 +169,10 @@ impl Bf16Dense {
 
     /// `x W^T + b` for `tokens` rows of `x` (f32, rounded to bf16 here), into `sink`.
     pub(crate) fn forward(&self, x: &[f32], tokens: usize, sink: Sink) {
-        // Taken, not borrowed: on one of rayon's threads `run` may execute another
-        // job meanwhile (work stealing), whose layer then finds the slot empty rather
-        // than borrowed.
-        let mut rows = ROWS.take();
-        self.round_rows(x, tokens, &mut rows);
-        self.run(&rows, tokens, sink);
-        ROWS.set(rows);
+        super::with_taken(&ROWS, |rows| {
+            self.round_rows(x, tokens, rows);
+            self.run(rows, tokens, sink);
+        });
     }
 
     /// `x` (`tokens` rows of f32) rounded to bf16 as this layer's kernel reads it: rows
@@ -275,9 +272,7 @@ impl Bf16Dense {
         let (kp, n) = (self.padded, self.outputs);
         let (groups, pairs, chunks) = (tokens.div_ceil(EDGE), n.div_ceil(EDGE), kp / EDGE);
         let width = pairs * EDGE;
-        // Taken, not borrowed, as `forward`'s rows.
-        let mut acc = ACCUMULATED.take();
-        {
+        super::with_taken(&ACCUMULATED, |acc| {
             acc.resize(groups * EDGE * width);
             let shared = Shared(acc.as_mut_ptr());
             for first in (0..chunks).step_by(SLICE) {
@@ -317,8 +312,7 @@ impl Bf16Dense {
                     self.finish_avx512(out, group, pair, tokens, &mut sums.0)
                 };
             });
-        }
-        ACCUMULATED.set(acc);
+        });
     }
 
     /// [`finish`](Self::finish) in AVX-512 for the tile path: the bias added and the rows

@@ -149,11 +149,7 @@ impl BlockDense {
         let (k, n) = (self.inputs, self.outputs);
         let nb = k / QK;
         debug_assert_eq!(x.len(), tokens * k);
-        // Taken, not borrowed: on one of rayon's threads the parallel calls below may
-        // run another job meanwhile (work stealing), whose layer then finds the slot
-        // empty rather than borrowed.
-        let mut a = ACTIVATIONS.take();
-        {
+        super::with_taken(&ACTIVATIONS, |a| {
             a.q.resize(tokens * k, 0);
             a.d.resize(tokens * nb, 0.0);
             a.s.resize(tokens * nb, 0.0);
@@ -163,13 +159,12 @@ impl BlockDense {
                 .zip(a.d.par_chunks_mut(nb).zip(a.s.par_chunks_mut(nb)))
                 .for_each(|((q, x), (d, s))| quantize_row(format, x, q, d, s));
             let vnni = super::int8::QDense::fast();
-            let a = &a;
+            let a = &*a;
             super::tiles::run(tokens, n, ROWS, 4, out, |call, out| {
                 let tile = Tile { layer: self, a, call };
                 tile.run(vnni, out);
             });
-        }
-        ACTIVATIONS.set(a);
+        });
     }
 }
 

@@ -143,11 +143,7 @@ impl QDense {
         // The caller's buffers are reused across layers and batches, and every element
         // is written before it is read: grown (or shrunk), never cleared.
         let amx = tokens >= AMX_ROWS && isa::active() >= Isa::Amx;
-        // Taken, not borrowed: on one of rayon's threads the parallel calls below may
-        // run another job meanwhile (work stealing), whose layer then finds the slot
-        // empty rather than borrowed.
-        let mut taken = QUANTIZED.take();
-        (|(quantized, row_scales): &mut Rows| {
+        super::with_taken(&QUANTIZED, |(quantized, row_scales)| {
             // Tiles read whole groups of 32 rows; the rows past `tokens` keep whatever
             // they held (their results are dropped), as does each row past `k` (zero
             // weights there).
@@ -178,8 +174,7 @@ impl QDense {
                 };
                 tile.run(vnni, out);
             });
-        })(&mut taken);
-        QUANTIZED.set(taken);
+        });
         if gelu && !amx {
             out.par_chunks_mut(1 << 14).for_each(super::kernels::gelu);
         }

@@ -127,15 +127,11 @@ pub(crate) fn attention(qkv: Qkv, rows: &[(usize, usize)], hidden: usize, heads:
         Qkv::Bf16(qkv) => run(qkv),
         // The whole of Q, K and V rounded at once: per token and head it would be a
         // call per 32 values, which perf showed costing more than the products.
-        // Taken, not borrowed: on one of rayon's threads the jobs' wait may run another
-        // job meanwhile (work stealing), whose attention then finds the slot empty.
-        Qkv::F32(qkv) => {
-            let mut rounded = QKV.take();
+        Qkv::F32(qkv) => super::with_taken(&QKV, |rounded| {
             rounded.resize(qkv.len());
             rounded.par_chunks_mut(1 << 14).zip(qkv.par_chunks(1 << 14)).for_each(|(o, x)| to_bf16(x, o));
-            run(&rounded);
-            QKV.set(rounded);
-        }
+            run(rounded)
+        }),
     }
 }
 

@@ -233,13 +233,11 @@ impl Mlp {
             Layers::Fused { gate_up, down } => {
                 let (tokens, _) = h.dims2().map_err(backend)?;
                 let mut out = vec![0f32; tokens * down.outputs()];
-                // Taken, not borrowed: on one of rayon's threads the layers' parallel
-                // calls may run another job meanwhile (work stealing), which then finds
-                // the slot empty rather than borrowed.
-                let mut rows = SWIGLU_ROWS.take();
-                with_rows(h, |x| gate_up.forward(x, tokens, Sink::SwiGluRows(&mut rows)))?;
-                down.run(&rows, tokens, Sink::F32(&mut out));
-                SWIGLU_ROWS.set(rows);
+                crate::cpu::with_taken(&SWIGLU_ROWS, |rows| {
+                    with_rows(h, |x| gate_up.forward(x, tokens, Sink::SwiGluRows(rows)))?;
+                    down.run(rows, tokens, Sink::F32(&mut out));
+                    Ok::<_, Error>(())
+                })?;
                 Tensor::from_vec(out, (tokens, down.outputs()), h.device()).map_err(backend)
             }
         }
