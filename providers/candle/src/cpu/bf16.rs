@@ -339,8 +339,8 @@ impl Bf16Dense {
         let valid = EDGE.min(tokens - group * EDGE);
         let col0 = pair * EDGE;
         let cols = EDGE.min(n - col0);
-        let first = |k: usize| if k >= 16 { 0xffff } else { (1u16 << k) - 1 };
-        let (m0, m1) = (first(cols), first(cols.saturating_sub(16)));
+        use avx512_bf16::{bits, lanes};
+        let (m0, m1) = (lanes(cols), lanes(cols.saturating_sub(16)));
         // SAFETY (the whole body): the bias is padded to whole pairs (32 values from
         // col0); the block's rows below `tokens` and columns col0..col0 + cols are inside
         // `out` (masked stores touch no other column), written by this job alone.
@@ -365,10 +365,8 @@ impl Bf16Dense {
                     for r in 0..valid {
                         let (v0, v1) = row(r);
                         let to = out.at((group * EDGE + r) * n + col0);
-                        let bits = |v| std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
-                        let (h0, h1) = (bits(v0), bits(v1));
-                        _mm256_mask_storeu_epi16(to.cast(), m0, h0);
-                        _mm256_mask_storeu_epi16(to.add(16).cast(), m1, h1);
+                        _mm256_mask_storeu_epi16(to.cast(), m0, bits(v0));
+                        _mm256_mask_storeu_epi16(to.add(16).cast(), m1, bits(v1));
                     }
                 }
                 Out::GeluRows(_) | Out::SwiGluRows(_) => {
@@ -630,9 +628,25 @@ fn has_avx512_bf16() -> bool {
     isa::active() >= Isa::Avx512 && std::is_x86_feature_detected!("avx512bf16")
 }
 
+/// AVX-512 BF16 pieces the tile path's kernels share (`finish_avx512`, tile attention).
 #[cfg(target_arch = "x86_64")]
-mod avx512_bf16 {
+pub(super) mod avx512_bf16 {
     use std::arch::x86_64::*;
+
+    /// The first `n` of 16 lanes (all when `n` ≥ 16): a masked load's or store's mask
+    /// for a row's last, partial 16 values.
+    #[inline(always)]
+    pub(in super::super) fn lanes(n: usize) -> u16 {
+        if n >= 16 { 0xffff } else { (1u16 << n) - 1 }
+    }
+
+    /// 16 f32 rounded to bf16 (nearest even), 16 bits each.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(in super::super) fn bits(v: __m512) -> __m256i {
+        // SAFETY: both are 256 bits of plain data.
+        unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)) }
+    }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) fn round(x: &[f32], out: &mut [u16]) {
@@ -642,17 +656,15 @@ mod avx512_bf16 {
             // SAFETY: i + 16 <= n, inside both slices.
             unsafe {
                 let v = _mm512_loadu_ps(x.as_ptr().add(i));
-                let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), b);
+                _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), bits(v));
             }
         }
         if whole < n {
-            let k = (1u16 << (n - whole)) - 1;
+            let k = lanes(n - whole);
             // SAFETY: the masked load and store touch only elements whole..n.
             unsafe {
                 let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(whole));
-                let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(whole).cast(), k, b);
+                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(whole).cast(), k, bits(v));
             }
         }
     }

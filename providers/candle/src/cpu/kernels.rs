@@ -107,8 +107,6 @@ fn max(x: &[f32]) -> f32 {
 /// this polynomial.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
     let t = x.mul_add(std::f32::consts::LOG2_E, ROUND);
@@ -119,8 +117,13 @@ fn exp(x: f32) -> f32 {
     p * f32::from_bits(n.wrapping_add(127) << 23)
 }
 
+/// ln 2 in two parts, `LN2_HI` exact in few bits, for `x − n ln2` without losing `r`'s
+/// low bits.
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+
 /// The Taylor coefficients of `e^r`, highest power (r⁶) first.
-const EXP_SERIES: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+pub(super) const EXP_SERIES: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
 
 /// erf by Abramowitz & Stegun 7.1.26: |error| ≤ 1.5e-7 in exact arithmetic, < 1e-6 in f32.
 #[inline(always)]

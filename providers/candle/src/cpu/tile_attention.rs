@@ -141,13 +141,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::amx::{dot, load, store, zero};
+    use super::super::bf16::avx512_bf16::{bits, lanes};
     use super::{Buffers, Dst};
-
-    /// The first `n` of 16 lanes (all when `n` ≥ 16).
-    #[inline(always)]
-    fn first(n: usize) -> __mmask16 {
-        if n >= 16 { 0xffff } else { (1u16 << n) - 1 }
-    }
 
     /// The 16 results of a block of 16 queries, `d` values each, where tiles store them.
     #[repr(C, align(64))]
@@ -302,10 +297,7 @@ mod avx512 {
                         let v = _mm512_mul_ps(_mm512_loadu_ps(o.add(r * d + c)), inv);
                         match out {
                             Dst::F32(out) => _mm512_storeu_ps(out.at(at + c), v),
-                            Dst::Bits(out) => {
-                                let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                                _mm256_storeu_si256(out.at(at + c).cast(), bits)
-                            }
+                            Dst::Bits(out) => _mm256_storeu_si256(out.at(at + c).cast(), bits(v)),
                         }
                     }
                 }
@@ -326,7 +318,7 @@ mod avx512 {
         unsafe {
             let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
             for i in (0..len).step_by(16) {
-                m = _mm512_mask_max_ps(m, first(len - i), m, _mm512_loadu_ps(s.add(i)));
+                m = _mm512_mask_max_ps(m, lanes(len - i), m, _mm512_loadu_ps(s.add(i)));
             }
             let shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale);
             let scale = _mm512_set1_ps(scale);
@@ -334,13 +326,12 @@ mod avx512 {
             for i in (0..l32).step_by(16) {
                 let e = if i < len {
                     let t = _mm512_fmsub_ps(_mm512_loadu_ps(s.add(i)), scale, shift);
-                    _mm512_maskz_mov_ps(first(len - i), exp(t))
+                    _mm512_maskz_mov_ps(lanes(len - i), exp(t))
                 } else {
                     _mm512_setzero_ps()
                 };
                 sum = _mm512_add_ps(sum, e);
-                let bits: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-                _mm256_storeu_si256(p.add(i).cast(), bits);
+                _mm256_storeu_si256(p.add(i).cast(), bits(e));
             }
             _mm512_reduce_add_ps(sum)
         }
@@ -351,8 +342,7 @@ mod avx512 {
     /// r`, `e^r` by its Taylor series to r⁴ (|r| ≤ ln2/2), `2^n` by `vscalefps`.
     #[inline(always)]
     unsafe fn exp(t: __m512) -> __m512 {
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
+        use super::super::kernels::{EXP_SERIES, LN2_HI, LN2_LO};
         // SAFETY: register arithmetic on a CPU with AVX-512 F (the caller's promise).
         unsafe {
             let t = _mm512_max_ps(t, _mm512_set1_ps(-87.0));
@@ -360,8 +350,9 @@ mod avx512 {
             let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(t, _mm512_set1_ps(std::f32::consts::LOG2_E)));
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), t);
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-            let mut e = _mm512_set1_ps(1.0 / 24.0);
-            for c in [1.0 / 6.0, 0.5, 1.0, 1.0] {
+            // The series from r⁴ (`exp`'s coefficients less the two highest).
+            let mut e = _mm512_set1_ps(EXP_SERIES[2]);
+            for &c in &EXP_SERIES[3..] {
                 e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
             }
             _mm512_scalef_ps(e, n)
