@@ -1,9 +1,17 @@
-//! Checks, at build time, that the libtorch torch-sys linked is the PyTorch release tch
-//! binds. torch-sys checks this itself for `LIBTORCH_USE_PYTORCH` and for a libtorch
-//! archive's `build-version`, but not for `LIBTORCH` pointing into a pip-installed
-//! torch (what `scripts/setup tch` does), whose version is in `version.py`.
+//! Two jobs at build time.
+//!
+//! 1. Checks that the libtorch torch-sys linked is the PyTorch release tch binds.
+//!    torch-sys checks this itself for `LIBTORCH_USE_PYTORCH` and for a libtorch
+//!    archive's `build-version`, but not for `LIBTORCH` pointing into a pip-installed
+//!    torch (what `scripts/setup tch` does), whose version is in `version.py`.
+//! 2. Builds `cuda/graphs.cpp` (CUDA graphs through libtorch's C++ API, which tch does
+//!    not bind) into a small shared library of its own that the provider embeds and
+//!    loads only once CUDA is in use — when the libtorch is a CUDA build and the CUDA
+//!    runtime's headers are found. Otherwise the provider runs without graphs and
+//!    says why (`TCH_PROVIDER_GRAPHS_WHY`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 #[path = "src/version.rs"]
 mod version;
@@ -13,9 +21,16 @@ const EXPECTED: &str = "2.11.0";
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-env-changed=CXX");
+    println!("cargo:rerun-if-changed=cuda/graphs.cpp");
+    println!("cargo::rustc-check-cfg=cfg(kiln_tch_graphs)");
     println!("cargo:rustc-env=TCH_PROVIDER_EXPECTED_TORCH={EXPECTED}");
     // torch-sys (links = "tch") hands its lib dir on as DEP_TCH_LIBTORCH_LIB.
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        println!("cargo:rustc-env=TCH_PROVIDER_GRAPHS_WHY=kiln was built without libtorch");
+        return;
+    };
     println!("cargo:rustc-env=TCH_PROVIDER_BUILD_LIBTORCH={lib}");
     if let Some(found) = version::torch_version(Path::new(&lib))
         && !version::same_release(&found, EXPECTED)
@@ -27,4 +42,64 @@ fn main() {
             Path::new(&lib).parent().unwrap_or(Path::new(&lib)).display()
         );
     }
+    match build_graphs(Path::new(&lib)) {
+        Ok(library) => {
+            println!("cargo:rustc-cfg=kiln_tch_graphs");
+            println!("cargo:rustc-env=TCH_PROVIDER_GRAPHS_SO={}", library.display());
+        }
+        Err(why) => println!("cargo:rustc-env=TCH_PROVIDER_GRAPHS_WHY={why}"),
+    }
+}
+
+/// Where the CUDA runtime's headers are: PyPI's nvidia wheels beside a pip-installed
+/// torch (CUDA 13's layout, then 12's), else a CUDA toolkit.
+fn cuda_include(torch_root: &Path) -> Option<PathBuf> {
+    let site = torch_root.parent()?;
+    let mut candidates = vec![site.join("nvidia/cu13/include"), site.join("nvidia/cuda_runtime/include")];
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        candidates.push(Path::new(&home).join("include"));
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    // cuda_runtime.h includes crt/host_config.h, which PyPI ships apart
+    // (nvidia-cuda-crt; `scripts/setup tch` installs it).
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("cuda_runtime_api.h").is_file() && dir.join("crt/host_config.h").is_file())
+}
+
+/// Compiles the graphs library against `lib`'s libtorch, or says why not.
+fn build_graphs(lib: &Path) -> Result<PathBuf, String> {
+    if !lib.join("libtorch_cuda.so").is_file() {
+        return Err(format!("the libtorch in {} is a CPU-only build", lib.display()));
+    }
+    let root = lib.parent().ok_or("libtorch's lib folder has no parent")?;
+    let include = root.join("include");
+    if !include.join("ATen/cuda/CUDAGraph.h").is_file() {
+        return Err(format!("{} has no ATen/cuda/CUDAGraph.h", include.display()));
+    }
+    let cuda = cuda_include(root).ok_or(
+        "the CUDA runtime's headers (cuda_runtime_api.h and crt/host_config.h) were not found beside torch, \
+         in $CUDA_HOME/include or in /usr/local/cuda/include (`scripts/setup tch` installs them from PyPI)",
+    )?;
+    let out =
+        PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?).join("libkiln_tch_graphs.so");
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let status = Command::new(&compiler)
+        .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1"])
+        .arg(format!("-I{}", include.display()))
+        .arg(format!("-I{}", include.join("torch/csrc/api/include").display()))
+        .arg(format!("-I{}", cuda.display()))
+        .arg("cuda/graphs.cpp")
+        .arg(format!("-L{}", lib.display()))
+        .args(["-ltorch_cuda", "-lc10_cuda", "-ltorch_cpu", "-lc10", "-o"])
+        .arg(&out)
+        .status()
+        .map_err(|e| format!("cannot run the C++ compiler `{compiler}`: {e}"))?;
+    if !status.success() {
+        panic!(
+            "\n\nkiln-provider-tch: `{compiler}` failed to build cuda/graphs.cpp against {} ({status})\n\n",
+            root.display()
+        );
+    }
+    Ok(out)
 }

@@ -7,18 +7,43 @@
 #   COMPILE_MODES="max-autotune" bash scripts/device/compile_gpu.sh
 #
 # 1. traces the carried MiniLM with scripts/trace_bert_torchscript.py;
-# 2. `kiln bench`, tch f16 on cuda:0, 1024 concurrent single-text callers, cache off,
-#    32 768 requests cycling 8192 distinct 150-word texts (128 tokens each);
-# 3. `helpers.py ceiling` on the same texts: eager f16, torch.compile (COMPILE_MODES) f16
+# 2. `kiln run` over the fixture and the 8192 long texts at cuda:0 f16, CUDA graphs on
+#    and off, and cpu f32 over the fixture: cosines between them;
+# 3. `kiln bench`, tch f16 on cuda:0, 1024 concurrent single-text callers, cache off,
+#    32 768 requests cycling 8192 distinct 150-word texts (128 tokens each), CUDA
+#    graphs off and on, alternated (two rounds);
+# 4. `helpers.py ceiling` on the same texts: eager f16, torch.compile (COMPILE_MODES) f16
 #    and bf16, eager bf16, kiln's TorchScript trace from Python; kiln's ratio to each.
 . scripts/device/common.sh /tmp/kiln-compile kiln-tch
 kiln="$work/kiln-tch"
 python3 scripts/trace_bert_torchscript.py .device/minilm-f16 "$work/minilm-tch" > "$out/trace.txt"
+"$kiln" providers > "$out/providers.txt"
 $helpers texts "$work" 8192
-"$kiln" bench examples/embed-tch.toml --texts "$work/long.txt" --concurrency 1024 --requests 32768 \
-    --set "model.path=\"$work/minilm-tch\"" --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
-    --set batching.max_batch_size=256 --set batching.max_wait_ms=2 --set batching.queue_capacity=8192 \
-    --set text.max_length=128 --set cache.enabled=false --json "$out/tch_f16.json" 2>> "$out/bench.log" \
-    | tee "$out/bench.txt"
-$helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "$work/minilm-tch" "$out/tch_f16.json" \
+
+run() { # TAG INPUT DEVICE DTYPE GRAPHS
+    "$kiln" run examples/embed-tch.toml --input "$2" --output "$work/$1.jsonl" \
+        --set "model.path=\"$work/minilm-tch\"" --set "model.device=\"$3\"" --set "model.dtype=\"$4\"" \
+        --set "provider.options.cuda_graphs=$5" --set text.max_length=128 2>> "$out/run.log"
+}
+run fixture_cpu "$work/fixture.txt" cpu f32 0
+run fixture_eager "$work/fixture.txt" cuda:0 f16 0
+run fixture_graphs "$work/fixture.txt" cuda:0 f16 128
+run long_eager "$work/long.txt" cuda:0 f16 0
+run long_graphs "$work/long.txt" cuda:0 f16 128
+{ $helpers cosines "$work" fixture_cpu fixture_eager fixture_graphs
+  $helpers cosines "$work" long_eager long_graphs; } | tee "$out/cosines.txt"
+
+bench() { # TAG GRAPHS
+    "$kiln" bench examples/embed-tch.toml --texts "$work/long.txt" --concurrency 1024 --requests 32768 \
+        --set "model.path=\"$work/minilm-tch\"" --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
+        --set batching.max_batch_size=256 --set batching.max_wait_ms=2 --set batching.queue_capacity=8192 \
+        --set text.max_length=128 --set cache.enabled=false --set "provider.options.cuda_graphs=$2" \
+        --json "$out/$1.json" 2>> "$out/bench.log" | tee "$out/$1.txt"
+}
+for round in 1 2; do
+    bench "tch_f16_eager_$round" 0
+    bench "tch_f16_graphs_$round" 128
+done
+$helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "$work/minilm-tch" \
+    "$out"/tch_f16_eager_1.json "$out"/tch_f16_graphs_1.json "$out"/tch_f16_eager_2.json "$out"/tch_f16_graphs_2.json \
     2>> "$out/ceiling.log" | tee "$out/ceiling.txt"

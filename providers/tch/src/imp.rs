@@ -1,5 +1,6 @@
 //! The provider itself; compiled with the `libtorch` feature (see the crate docs).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -13,7 +14,7 @@ use tch::{IValue, Kind};
 
 use crate::{EXPECTED_TORCH, NAME};
 
-use crate::{events, version};
+use crate::{events, graphs, version};
 
 /// `[provider.options]` of the tch provider.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,11 +32,20 @@ pub struct TchOptions {
     pub jit_profiling: Option<bool>,
     /// TorchScript's graph optimisations (libtorch's default: on).
     pub jit_optimize: Option<bool>,
+    /// On a GPU, how many batch shapes a model may capture as CUDA graphs (see
+    /// `graphs`); 0 turns graphs off.
+    pub cuda_graphs: usize,
 }
 
 impl Default for TchOptions {
     fn default() -> Self {
-        TchOptions { overlap_batches: true, threads: 0, jit_profiling: None, jit_optimize: None }
+        TchOptions {
+            overlap_batches: true,
+            threads: 0,
+            jit_profiling: None,
+            jit_optimize: None,
+            cuda_graphs: 128,
+        }
     }
 }
 
@@ -43,6 +53,7 @@ impl Default for TchOptions {
 #[derive(Debug)]
 pub struct TchProvider {
     overlap_batches: bool,
+    cuda_graphs: usize,
 }
 
 fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
@@ -57,7 +68,7 @@ fn build(config: &ProviderConfig) -> Result<Arc<dyn Provider>> {
     if let Some(on) = options.jit_optimize {
         tch::jit::set_graph_executor_optimize(on);
     }
-    Ok(Arc::new(TchProvider { overlap_batches: options.overlap_batches }))
+    Ok(Arc::new(TchProvider { overlap_batches: options.overlap_batches, cuda_graphs: options.cuda_graphs }))
 }
 
 fn backend(e: impl std::fmt::Display) -> Error {
@@ -105,7 +116,7 @@ fn mapped_library_dir(file: &str) -> Option<PathBuf> {
 
 /// Whether libtorch can use CUDA, loading `libtorch_cuda.so` on first call; the error
 /// says why not.
-fn cuda() -> std::result::Result<i64, String> {
+pub(crate) fn cuda() -> std::result::Result<i64, String> {
     static CUDA: OnceLock<std::result::Result<i64, String>> = OnceLock::new();
     CUDA.get_or_init(|| {
         let lib = libtorch().map_err(|e| e.to_string())?;
@@ -245,6 +256,48 @@ struct TchModel {
     head: Option<HeadSite>,
     /// `provider.options.overlap_batches`.
     overlap: bool,
+    /// On a GPU with `cuda_graphs` > 0 and the graph library loaded: the batch shapes
+    /// seen and the graphs captured for them.
+    graphs: Option<Mutex<Graphs>>,
+}
+
+/// Eager runs of a batch shape before it is captured: TorchScript's profiling
+/// executor profiles the first and optimises at the second (compiling fused kernels),
+/// and neither may happen inside a capture.
+const EAGER_RUNS: u32 = 2;
+
+/// One model's CUDA graphs, one per batch shape (every input's shape).
+struct Graphs {
+    device: usize,
+    pool: graphs::Pool,
+    /// `provider.options.cuda_graphs`.
+    limit: usize,
+    /// Eager runs so far of shapes not captured yet.
+    seen: HashMap<Vec<Vec<i64>>, u32>,
+    ready: HashMap<Vec<Vec<i64>>, Captured>,
+    /// Set when a capture failed: the model runs eagerly from then on.
+    off: bool,
+}
+
+/// A captured forward: the device tensors it reads its inputs from and writes its
+/// outputs to, at every replay.
+struct Captured {
+    graph: graphs::Graph,
+    inputs: Vec<tch::Tensor>,
+    outputs: NamedOutputs,
+}
+
+impl Captured {
+    /// Queues a copy of `args` into the graph's inputs and a replay; the outputs are
+    /// the graph's own tensors, which the next replay overwrites — a copy to the host
+    /// queued before it on the same stream reads this batch's.
+    fn replay(&mut self, args: &[tch::Tensor]) -> Result<NamedOutputs> {
+        for (input, arg) in self.inputs.iter_mut().zip(args) {
+            input.f_copy_(arg).map_err(backend)?;
+        }
+        self.graph.replay().map_err(backend)?;
+        Ok(self.outputs.iter().map(|(name, t)| (name.clone(), t.shallow_clone())).collect())
+    }
 }
 
 #[async_trait]
@@ -257,7 +310,13 @@ impl Provider for TchProvider {
         let mut devices = vec![DeviceKind::Cpu];
         let mut notes = Vec::new();
         match cuda() {
-            Ok(_) => devices.push(DeviceKind::Cuda),
+            Ok(_) => {
+                devices.push(DeviceKind::Cuda);
+                notes.push(match graphs::available() {
+                    Ok(()) => "CUDA graphs: one per batch shape (provider.options.cuda_graphs)".into(),
+                    Err(why) => format!("CUDA graphs: none ({why})"),
+                });
+            }
             Err(why) => notes.push(format!("CUDA: {why}")),
         }
         let lib = libtorch().ok();
@@ -310,12 +369,30 @@ impl Provider for TchProvider {
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
         let head = info.declare_head(spec.head);
+        let graphs = match device {
+            tch::Device::Cuda(n) if self.cuda_graphs > 0 => match graphs::Pool::new() {
+                Ok(pool) => Some(Mutex::new(Graphs {
+                    device: n,
+                    pool,
+                    limit: self.cuda_graphs,
+                    seen: HashMap::new(),
+                    ready: HashMap::new(),
+                    off: false,
+                })),
+                Err(why) => {
+                    tracing::warn!(model = %info.name, "no CUDA graphs: {why}; batches run eagerly");
+                    None
+                }
+            },
+            _ => None,
+        };
         Ok(Arc::new(TchModel {
             info,
             module: Mutex::new(module),
             device,
             head,
             overlap: self.overlap_batches,
+            graphs,
         }))
     }
 
@@ -417,15 +494,67 @@ impl TchModel {
     }
 
     /// Queues the batch's work on the device: `forward` (and the embedding head) on
-    /// inputs copied there. Returns the outputs as device tensors.
+    /// inputs copied there, as a graph's replay once the shape has one. Returns the
+    /// outputs as device tensors.
     fn forward(&self, inputs: &Inputs) -> Result<NamedOutputs> {
         let args = self
             .info
             .inputs
             .iter()
-            .map(|spec| to_tch(inputs.require(&spec.name)?, self.device).map(IValue::Tensor))
+            .map(|spec| to_tch(inputs.require(&spec.name)?, self.device))
             .collect::<Result<Vec<_>>>()?;
         let _no_grad = tch::no_grad_guard();
+        if let Some(graphs) = &self.graphs
+            && let Some(outputs) = self.forward_graphed(graphs, &args)?
+        {
+            return Ok(outputs);
+        }
+        self.queue(&args)
+    }
+
+    /// The batch as a graph's replay: `None` while the shape is warming up, past the
+    /// limit of graphs, or once a capture failed (the caller runs it eagerly).
+    fn forward_graphed(&self, graphs: &Mutex<Graphs>, args: &[tch::Tensor]) -> Result<Option<NamedOutputs>> {
+        let mut graphs = graphs.lock().unwrap_or_else(|p| p.into_inner());
+        let graphs = &mut *graphs;
+        if graphs.off {
+            return Ok(None);
+        }
+        let shape: Vec<Vec<i64>> = args.iter().map(tch::Tensor::size).collect();
+        if let Some(captured) = graphs.ready.get_mut(&shape) {
+            return captured.replay(args).map(Some);
+        }
+        if graphs.ready.len() >= graphs.limit {
+            return Ok(None);
+        }
+        let runs = graphs.seen.entry(shape.clone()).or_insert(0);
+        *runs += 1;
+        if *runs <= EAGER_RUNS {
+            return Ok(None);
+        }
+        graphs.seen.remove(&shape);
+        // The graph's inputs live outside its pool and hold this batch already.
+        let inputs: Vec<tch::Tensor> = args.iter().map(tch::Tensor::copy).collect();
+        match graphs::Graph::capture(graphs.device, &graphs.pool, || self.queue(&inputs)) {
+            Ok((graph, outputs)) => {
+                tracing::debug!(model = %self.info.name, ?shape, graphs = graphs.ready.len() + 1, "captured a CUDA graph");
+                let mut captured = Captured { graph, inputs, outputs };
+                // A capture runs nothing: this batch is the graph's first replay.
+                let outputs = captured.replay(args)?;
+                graphs.ready.insert(shape, captured);
+                Ok(Some(outputs))
+            }
+            Err(why) => {
+                tracing::warn!(model = %self.info.name, "CUDA graphs off: {why}; batches run eagerly");
+                graphs.off = true;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Queues `forward` and the embedding head on device tensors.
+    fn queue(&self, args: &[tch::Tensor]) -> Result<NamedOutputs> {
+        let args: Vec<IValue> = args.iter().map(|t| IValue::Tensor(t.shallow_clone())).collect();
         let module = self.module.lock().unwrap_or_else(|p| p.into_inner());
         let result = module.forward_is(&args).map_err(backend)?;
         drop(module);

@@ -35,6 +35,18 @@
 //! | `overlap_batches` | `true` | on a GPU, a batch is started (its copies, kernels and the result's copy to page-locked memory queued) and waited for on kiln's responder thread, through a CUDA event, so the next batch queues behind it; `false`: each batch is waited for on the model thread |
 //! | `jit_profiling` | libtorch's (on) | TorchScript's profiling executor |
 //! | `jit_optimize` | libtorch's (on) | TorchScript's graph optimisations |
+//! | `cuda_graphs` | `128` | on a GPU, how many batch shapes a model captures as CUDA graphs (after two eager runs of a shape) and replays with one launch from then on; `0`: off |
+//!
+//! ## CUDA graphs
+//!
+//! kiln pads batches to shape buckets and warms each up at load, so on a GPU every
+//! bucket's forward (the module and the embedding head) is captured once, through
+//! libtorch's own `at::cuda::CUDAGraph` (tch binds none; `cuda/graphs.cpp` is a C ABI
+//! over it, built against the CUDA libtorch and embedded), and replayed: one launch a
+//! batch instead of one a kernel. One model's graphs share a memory pool. A capture
+//! that fails (a module that waits on the GPU inside `forward`, say) turns graphs off
+//! for that model with a warning, and it runs eagerly. `kiln providers` says whether
+//! this build has graphs.
 //!
 //! ## libtorch at run time
 //!
@@ -54,6 +66,8 @@
 
 #[cfg(feature = "libtorch")]
 mod events;
+#[cfg(feature = "libtorch")]
+mod graphs;
 #[cfg(feature = "libtorch")]
 mod version;
 
