@@ -2,6 +2,8 @@
 //! `scripts/setup tch` makes with torch 2.11 gives the candle provider's embeddings for
 //! every fixture text, at f32 and at reduced precision; requests are checked against
 //! signature.json; what it cannot do is refused with the reason, and serving goes on.
+//! The same model compiled ahead of time by AOTInductor (`model.pt2`, also made by
+//! `scripts/setup tch`) gives sentence-transformers' embeddings too.
 #![cfg(feature = "tch")]
 
 mod support;
@@ -12,6 +14,12 @@ use support::{bert_inputs, cosine, minilm_config, ones, reference, root};
 fn traced_dir() -> std::path::PathBuf {
     let dir = root().join(".kiln/models/all-MiniLM-L6-v2-tch");
     assert!(dir.join("model.pt").is_file(), "{} is missing: run `scripts/setup tch`", dir.display());
+    dir
+}
+
+fn compiled_dir() -> std::path::PathBuf {
+    let dir = root().join(".kiln/models/all-MiniLM-L6-v2-aoti");
+    assert!(dir.join("model.pt2").is_file(), "{} is missing: run `scripts/setup tch`", dir.display());
     dir
 }
 
@@ -63,6 +71,31 @@ async fn every_fixture_text_matches_candle_with_cosine_at_least_0_9999() {
 
     let (worst, text) = worst_against_candle("f32").await;
     assert!(worst >= 0.9999, "tch vs candle at f32: cosine {worst:.6} for {text:?}");
+}
+
+#[tokio::test]
+async fn the_aoti_package_matches_sentence_transformers_at_every_batch_shape() {
+    let reference = reference();
+    let path = format!("model.path={:?}", compiled_dir().display().to_string());
+    let compiled = Optimizer::from_config(tch_config(&[&path])).await.unwrap();
+    let info = compiled.model_info();
+    assert_eq!(info.max_batch_size, Some(256), "from signature.json's \"compiled\"");
+    // All texts at once (one padded batch), then each alone (batch 1, its own length):
+    // the package's shapes are dynamic.
+    let together = compiled.embed(&reference.texts).await.unwrap();
+    for (i, (text, r)) in reference.texts.iter().zip(&reference.embeddings).enumerate() {
+        let c = cosine(&together[i], r);
+        assert!(c >= 0.9999, "AOTI package vs sentence-transformers: cosine {c:.6} for {text:?}");
+        let alone = compiled.embed(std::slice::from_ref(text)).await.unwrap();
+        let c = cosine(&alone[0], &together[i]);
+        assert!(c >= 0.99999, "alone vs in a batch: cosine {c:.6} for {text:?}");
+    }
+    compiled.shutdown().await.unwrap();
+
+    // A package runs only at the precision it was compiled for.
+    let e =
+        Optimizer::from_config(tch_config(&[&path, "model.dtype=\"f16\""])).await.err().unwrap().to_string();
+    assert!(e.contains("compiled for cpu at f32") && e.contains("scripts/export_aoti.py"), "{e}");
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 //!    torch-sys checks this itself for `LIBTORCH_USE_PYTORCH` and for a libtorch
 //!    archive's `build-version`, but not for `LIBTORCH` pointing into a pip-installed
 //!    torch (what `scripts/setup tch` does), whose version is in `version.py`.
-//! 2. Builds `cuda/graphs.cpp` (CUDA graphs through libtorch's C++ API, which tch does
+//! 2. Builds `cpp/aoti.cpp` (AOTInductor packages through libtorch's C++ loader, which
+//!    tch does not bind) into a static library linked into the provider.
+//! 3. Builds `cuda/graphs.cpp` (CUDA graphs through libtorch's C++ API, which tch does
 //!    not bind) into a small shared library of its own that the provider embeds and
 //!    loads only once CUDA is in use — when the libtorch is a CUDA build and the CUDA
 //!    runtime's headers are found. Otherwise the provider runs without graphs and
@@ -24,6 +26,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=CXX");
     println!("cargo:rerun-if-changed=cuda/graphs.cpp");
+    println!("cargo:rerun-if-changed=cpp/aoti.cpp");
     println!("cargo::rustc-check-cfg=cfg(kiln_tch_graphs)");
     println!("cargo:rustc-env=TCH_PROVIDER_EXPECTED_TORCH={EXPECTED}");
     // torch-sys (links = "tch") hands its lib dir on as DEP_TCH_LIBTORCH_LIB.
@@ -42,6 +45,7 @@ fn main() {
             Path::new(&lib).parent().unwrap_or(Path::new(&lib)).display()
         );
     }
+    build_aoti(Path::new(&lib));
     match build_graphs(Path::new(&lib)) {
         Ok(library) => {
             println!("cargo:rustc-cfg=kiln_tch_graphs");
@@ -49,6 +53,42 @@ fn main() {
         }
         Err(why) => println!("cargo:rustc-env=TCH_PROVIDER_GRAPHS_WHY={why}"),
     }
+}
+
+/// The C++ compiler and the flags libtorch's headers need.
+fn compiler(root: &Path) -> Command {
+    let mut command = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()));
+    command.args(["-std=c++17", "-O2", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1"]);
+    command.arg(format!("-I{}", root.join("include").display()));
+    command.arg(format!("-I{}", root.join("include/torch/csrc/api/include").display()));
+    command
+}
+
+fn run(mut command: Command, what: &str) {
+    let status =
+        command.status().unwrap_or_else(|e| panic!("\n\nkiln-provider-tch: cannot run {command:?}: {e}\n\n"));
+    if !status.success() {
+        panic!("\n\nkiln-provider-tch: {what} failed ({status}): {command:?}\n\n");
+    }
+}
+
+/// `cpp/aoti.cpp` as a static library, linked ahead of libtorch_cpu (which it calls).
+fn build_aoti(lib: &Path) {
+    let root = lib.parent().expect("libtorch's lib folder has a parent");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let object = out.join("aoti.o");
+    let mut compile = compiler(root);
+    compile.args(["-c", "cpp/aoti.cpp", "-o"]).arg(&object);
+    run(compile, "compiling cpp/aoti.cpp against libtorch");
+    let mut archive = Command::new(std::env::var("AR").unwrap_or_else(|_| "ar".into()));
+    archive.arg("crs").arg(out.join("libkiln_tch_aoti.a")).arg(&object);
+    run(archive, "archiving cpp/aoti.cpp");
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=kiln_tch_aoti");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=stdc++");
 }
 
 /// Where the CUDA runtime's headers are: PyPI's nvidia wheels beside a pip-installed
@@ -83,23 +123,14 @@ fn build_graphs(lib: &Path) -> Result<PathBuf, String> {
     )?;
     let out =
         PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?).join("libkiln_tch_graphs.so");
-    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let status = Command::new(&compiler)
-        .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1"])
-        .arg(format!("-I{}", include.display()))
-        .arg(format!("-I{}", include.join("torch/csrc/api/include").display()))
+    let mut command = compiler(root);
+    command
+        .arg("-shared")
         .arg(format!("-I{}", cuda.display()))
         .arg("cuda/graphs.cpp")
         .arg(format!("-L{}", lib.display()))
         .args(["-ltorch_cuda", "-lc10_cuda", "-ltorch_cpu", "-lc10", "-o"])
-        .arg(&out)
-        .status()
-        .map_err(|e| format!("cannot run the C++ compiler `{compiler}`: {e}"))?;
-    if !status.success() {
-        panic!(
-            "\n\nkiln-provider-tch: `{compiler}` failed to build cuda/graphs.cpp against {} ({status})\n\n",
-            root.display()
-        );
-    }
+        .arg(&out);
+    run(command, "compiling cuda/graphs.cpp against the CUDA libtorch");
     Ok(out)
 }

@@ -139,13 +139,15 @@ def ceiling(model_dir, texts_file, runs, out_json, torchscript_dir="", *benches)
           f"{len(batches)} batches of <= 256, {tokens} tokens: {result['eager_texts_per_s']:.0f} texts/s "
           f"({min(times) / len(batches) * 1000:.2f} ms a batch; passes {[round(t, 3) for t in times]})")
     # torch.compile on the same batches (all [256, 128]: one static shape), in each
-    # mode of COMPILE_MODES (space-separated; "none" skips), f16 then bf16.
+    # mode of COMPILE_MODES (space-separated; "none" skips), at each precision of
+    # COMPILE_DTYPES (default "f16 bf16").
     import copy
     import os
     for mode in os.environ.get("COMPILE_MODES", "max-autotune").split():
         if mode == "none":
             continue
-        for dtype in (torch.float16, torch.bfloat16):
+        dtypes = {"f16": torch.float16, "bf16": torch.bfloat16}
+        for dtype in (dtypes[d] for d in os.environ.get("COMPILE_DTYPES", "f16 bf16").split()):
             # A fresh copy per precision and a reset: inductor's cached graphs and CUDA
             # graph trees keep the first compile's parameters.
             torch._dynamo.reset()
@@ -201,6 +203,9 @@ def ceiling(model_dir, texts_file, runs, out_json, torchscript_dir="", *benches)
     eager_rate = result["eager_texts_per_s"]
     compiled = [v for k, v in result.items() if k.startswith("compile_") and k.endswith("_texts_per_s")]
     for path in benches:
+        if not os.path.exists(path):
+            print(f"{path}: missing (its run failed)")
+            continue
         k = json.load(open(path))
         line = (f"{path}: {k['throughput_rps']:.0f} texts/s, mean batch {k['mean_batch_size']:.1f}, errors "
                 f"{k['errors']}; ratio to the model-only ceiling {k['throughput_rps'] / ceiling_rate:.3f}, "

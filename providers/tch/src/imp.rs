@@ -14,7 +14,7 @@ use tch::{IValue, Kind};
 
 use crate::{EXPECTED_TORCH, NAME};
 
-use crate::{events, graphs, version};
+use crate::{aoti, events, graphs, version};
 
 /// `[provider.options]` of the tch provider.
 #[derive(Debug, Clone, Deserialize)]
@@ -192,6 +192,22 @@ fn dtype_of(kind: Kind) -> Option<DType> {
 struct Signature {
     inputs: Vec<SignatureTensor>,
     outputs: Vec<SignatureTensor>,
+    /// For an AOTInductor package: what it was compiled for.
+    #[serde(default)]
+    compiled: Option<Compiled>,
+}
+
+/// What an AOTInductor package was compiled for (`scripts/export_aoti.py` writes it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Compiled {
+    /// `cpu` or `cuda`.
+    device: String,
+    /// The precision of its weights and kernels.
+    dtype: DType,
+    /// The largest batch and sequence its dynamic shapes allow.
+    max_batch: Option<usize>,
+    max_length: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,15 +237,23 @@ impl SignatureTensor {
     }
 }
 
-/// `model.pt` and its `signature.json`, from a folder or the `.pt` file.
+/// Whether a model file is an AOTInductor package (`.pt2`) rather than TorchScript.
+fn is_package(file: &Path) -> bool {
+    file.extension().is_some_and(|e| e == "pt2")
+}
+
+/// The model file (`model.pt2`, an AOTInductor package, else `model.pt`, TorchScript)
+/// and its `signature.json`, from a folder or the file.
 fn model_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
     let (dir, file) = if path.is_dir() {
-        (path.to_path_buf(), path.join("model.pt"))
+        let package = path.join("model.pt2");
+        (path.to_path_buf(), if package.is_file() { package } else { path.join("model.pt") })
     } else {
         (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
     };
     if !file.is_file() {
-        let why = if path.is_dir() { "no model.pt in this folder" } else { "no such file or folder" };
+        let why =
+            if path.is_dir() { "no model.pt2 or model.pt in this folder" } else { "no such file or folder" };
         return Err(Error::model_load(path, why));
     }
     let signature = dir.join("signature.json");
@@ -249,7 +273,7 @@ fn model_files(path: &Path) -> Result<(PathBuf, PathBuf)> {
 /// never contended.
 struct TchModel {
     info: ModelInfo,
-    module: Mutex<tch::CModule>,
+    module: Mutex<Module>,
     device: tch::Device,
     /// With an embedding head: where it applies (forward's token output and the
     /// attention mask input, by position).
@@ -259,6 +283,32 @@ struct TchModel {
     /// On a GPU with `cuda_graphs` > 0 and the graph library loaded: the batch shapes
     /// seen and the graphs captured for them.
     graphs: Option<Mutex<Graphs>>,
+}
+
+/// What runs a batch: a TorchScript module or an AOTInductor package.
+enum Module {
+    Script(tch::CModule),
+    Compiled(aoti::Package),
+}
+
+impl Module {
+    /// Queues the model on device tensors; a package's outputs come as a tuple.
+    fn forward(&self, args: &[tch::Tensor]) -> Result<IValue> {
+        match self {
+            Module::Script(module) => {
+                let args: Vec<IValue> = args.iter().map(|t| IValue::Tensor(t.shallow_clone())).collect();
+                module.forward_is(&args).map_err(backend)
+            }
+            Module::Compiled(package) => {
+                let mut outputs = package.run(args).map_err(backend)?;
+                Ok(if outputs.len() == 1 {
+                    IValue::Tensor(outputs.remove(0))
+                } else {
+                    IValue::Tuple(outputs.into_iter().map(IValue::Tensor).collect())
+                })
+            }
+        }
+    }
 }
 
 /// Eager runs of a batch shape before it is captured: TorchScript's profiling
@@ -345,10 +395,16 @@ impl Provider for TchProvider {
         let model_kind = kind(spec.dtype).filter(|_| spec.dtype.is_float()).ok_or_else(|| {
             Error::Unsupported(format!("model.dtype {} is not one of f32, f16, bf16", spec.dtype))
         })?;
-        let mut module = tch::CModule::load_on_device(&file, device)
-            .map_err(|e| Error::model_load(&file, format!("libtorch cannot load it as TorchScript: {e}")))?;
-        module.to(device, model_kind, false);
-        module.set_eval();
+        let module = if is_package(&file) {
+            Module::Compiled(load_package(&file, &signature_file, signature.compiled.as_ref(), spec, device)?)
+        } else {
+            let mut module = tch::CModule::load_on_device(&file, device).map_err(|e| {
+                Error::model_load(&file, format!("libtorch cannot load it as TorchScript: {e}"))
+            })?;
+            module.to(device, model_kind, false);
+            module.set_eval();
+            Module::Script(module)
+        };
 
         let name = spec.path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
         let mut info = ModelInfo::new(name, NAME, spec.device, spec.dtype);
@@ -358,16 +414,25 @@ impl Provider for TchProvider {
         let out_dtype = if spec.dtype == DType::BF16 { DType::F32 } else { spec.dtype };
         info.outputs =
             signature.outputs.iter().map(|t| t.spec(&signature_file, out_dtype)).collect::<Result<_>>()?;
-        info.weight_bytes = Some(
-            module
+        info.weight_bytes = Some(match &module {
+            Module::Script(module) => module
                 .named_parameters()
                 .map_err(backend)?
                 .iter()
                 .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
                 .sum(),
-        );
+            // The package holds its weights at their compiled precision, and its code.
+            Module::Compiled(_) => std::fs::metadata(&file).map_err(|e| Error::io("read", &file, e))?.len(),
+        });
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
+        if let Some(compiled) = &signature.compiled {
+            // The package's dynamic shapes end there; kiln's batches must too.
+            info.max_batch_size = compiled.max_batch;
+            if let Some(n) = compiled.max_length {
+                info.max_sequence_length = Some(info.max_sequence_length.map_or(n, |m| m.min(n)));
+            }
+        }
         let head = info.declare_head(spec.head);
         let graphs = match device {
             tch::Device::Cuda(n) if self.cuda_graphs > 0 => match graphs::Pool::new() {
@@ -402,6 +467,49 @@ impl Provider for TchProvider {
         let (file, _) = model_files(&spec.path)?;
         Ok(std::fs::metadata(&file).ok().map(|m| m.len() + m.len() / 5))
     }
+}
+
+/// An AOTInductor package, checked against what the config asks for: a package runs
+/// only on the device type and at the precision it was compiled for.
+fn load_package(
+    file: &Path,
+    signature_file: &Path,
+    compiled: Option<&Compiled>,
+    spec: &ModelSpec,
+    device: tch::Device,
+) -> Result<aoti::Package> {
+    let compiled = compiled.ok_or_else(|| {
+        Error::model_load(
+            signature_file,
+            "has no \"compiled\": {\"device\", \"dtype\"}; an AOTInductor package is compiled for one device \
+             type and precision, which kiln checks the config against (scripts/export_aoti.py writes it)",
+        )
+    })?;
+    let wanted = if device == tch::Device::Cpu { "cpu" } else { "cuda" };
+    if compiled.device != wanted || compiled.dtype != spec.dtype {
+        return Err(Error::Unsupported(format!(
+            "{} was compiled for {} at {}; the config asks for {} at {}: set model.device and model.dtype to match, \
+             or compile it again (scripts/export_aoti.py --device {wanted} --dtype {})",
+            file.display(),
+            compiled.device,
+            compiled.dtype,
+            spec.device,
+            spec.dtype,
+            spec.dtype
+        )));
+    }
+    let package = aoti::Package::load(file, device).map_err(|e| Error::model_load(file, e))?;
+    let built_for = package.device_type().map_err(|e| Error::model_load(file, e))?;
+    if built_for != compiled.device {
+        return Err(Error::model_load(
+            file,
+            format!(
+                "signature.json says it was compiled for {}, the package itself says {built_for}",
+                compiled.device
+            ),
+        ));
+    }
+    Ok(package)
 }
 
 fn to_tch(t: &Tensor, device: tch::Device) -> Result<tch::Tensor> {
@@ -554,10 +662,7 @@ impl TchModel {
 
     /// Queues `forward` and the embedding head on device tensors.
     fn queue(&self, args: &[tch::Tensor]) -> Result<NamedOutputs> {
-        let args: Vec<IValue> = args.iter().map(|t| IValue::Tensor(t.shallow_clone())).collect();
-        let module = self.module.lock().unwrap_or_else(|p| p.into_inner());
-        let result = module.forward_is(&args).map_err(backend)?;
-        drop(module);
+        let result = self.module.lock().unwrap_or_else(|p| p.into_inner()).forward(args)?;
         let Some(site) = &self.head else { return self.outputs(result) };
         let tokens = match &result {
             IValue::Tensor(t) if site.tokens == 0 => t.shallow_clone(),
@@ -567,8 +672,7 @@ impl TchModel {
             },
             _ => return Err(backend(format!("forward returned no `{}` to pool", site.tokens_name))),
         };
-        let IValue::Tensor(mask) = &args[site.mask] else { unreachable!("inputs are tensors") };
-        let pooled = pool(&tokens, mask, site.head).map_err(backend)?;
+        let pooled = pool(&tokens, &args[site.mask], site.head).map_err(backend)?;
         Ok(vec![(SENTENCE_EMBEDDING.to_string(), pooled)])
     }
 }

@@ -65,6 +65,8 @@
 //! machines without libtorch.
 
 #[cfg(feature = "libtorch")]
+mod aoti;
+#[cfg(feature = "libtorch")]
 mod events;
 #[cfg(feature = "libtorch")]
 mod graphs;
