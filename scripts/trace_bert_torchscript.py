@@ -38,6 +38,12 @@ class Bert(nn.Module):
     def __init__(self, config, weights):
         super().__init__()
         self.heads = config["num_attention_heads"]
+        # Python ints, not sizes read from a tensor: arithmetic on a traced size becomes
+        # a tensor op, which a module loaded onto a GPU runs there and reads back with a
+        # blocking copy every forward (it stalled the stream, and CUDA graph capture
+        # refuses it).
+        self.hidden = config["hidden_size"]
+        self.head = self.hidden // self.heads
         self.layers = config["num_hidden_layers"]
         self.eps = config.get("layer_norm_eps", 1e-12)
         # Parameters keep the checkpoint's names, dots as underscores (nn.Module's rule).
@@ -71,8 +77,7 @@ class Bert(nn.Module):
             + F.embedding(token_type_ids, self.w(e + "token_type_embeddings.weight"))
         )
         h = self.norm(h, e + "LayerNorm")
-        batch, sequence, hidden = h.shape
-        head = hidden // self.heads
+        head, hidden = self.head, self.hidden
         # Additive mask in the hidden state's dtype: 0 for tokens, -10000 for padding
         # (representable in f16, and exp(-10000) is 0 in every precision).
         mask = (1.0 - attention_mask[:, None, None, :].type_as(h)) * -10000.0
@@ -80,13 +85,13 @@ class Bert(nn.Module):
             p = f"encoder.layer.{i}."
 
             def split(x):
-                return x.view(batch, sequence, self.heads, head).transpose(1, 2)
+                return x.view(x.shape[0], x.shape[1], self.heads, head).transpose(1, 2)
 
             q = split(self.linear(h, p + "attention.self.query"))
             k = split(self.linear(h, p + "attention.self.key"))
             v = split(self.linear(h, p + "attention.self.value"))
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            context = context.transpose(1, 2).reshape(batch, sequence, hidden)
+            context = context.transpose(1, 2).flatten(2)
             h = self.norm(self.linear(context, p + "attention.output.dense") + h, p + "attention.output.LayerNorm")
             inner = F.gelu(self.linear(h, p + "intermediate.dense"))
             h = self.norm(self.linear(inner, p + "output.dense") + h, p + "output.LayerNorm")

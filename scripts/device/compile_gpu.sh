@@ -50,8 +50,11 @@ for round in 1 2; do
 done
 
 # A failure here is reported and the ceiling still measured.
-if python3 scripts/export_aoti.py .device/minilm-f16 "$work/minilm-aoti" --device cuda --dtype f16 \
-    --max-batch 256 --max-length 128 --autotune 2> "$out/aoti.log" > "$out/aoti.txt"; then
+export_aoti() { # EXTRA_ARGS...
+    python3 -X faulthandler scripts/export_aoti.py .device/minilm-f16 "$work/minilm-aoti" --device cuda --dtype f16 \
+        --max-batch 256 --max-length 128 "$@" 2>> "$out/aoti.log" >> "$out/aoti.txt"
+}
+if export_aoti --autotune || { echo "autotuned export failed; again without --autotune"; export_aoti; }; then
     cat "$out/aoti.txt"
     model="$work/minilm-aoti"
     run long_aoti "$work/long.txt" cuda:0 f16 128 || echo "kiln run on the AOTI package failed"
@@ -59,7 +62,7 @@ if python3 scripts/export_aoti.py .device/minilm-f16 "$work/minilm-aoti" --devic
     bench aoti_f16_eager 0 || echo "kiln bench on the AOTI package failed"
     bench aoti_f16_graphs 128 || echo "kiln bench on the AOTI package with graphs failed"
 else
-    echo "export_aoti.py failed:"; tail -20 "$out/aoti.log"
+    echo "export_aoti.py failed:"; grep -v AUTOTUNE "$out/aoti.log" | tail -40
 fi
 
 $helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "$work/minilm-tch" \
