@@ -11,7 +11,7 @@
 #    and off, and cpu f32 over the fixture: cosines between them;
 # 3. `kiln bench`, tch f16 on cuda:0, 1024 concurrent single-text callers, cache off,
 #    32 768 requests cycling 8192 distinct 150-word texts (128 tokens each), CUDA
-#    graphs off and on, alternated (two rounds);
+#    graphs off and on, alternated (ROUNDS rounds, default 2);
 # 4. the same MiniLM compiled ahead of time by AOTInductor (scripts/export_aoti.py, cuda
 #    f16, max-autotune): its cosines against the trace, and `kiln bench` on it, graphs
 #    off and on;
@@ -44,7 +44,7 @@ bench() { # TAG GRAPHS
         --set text.max_length=128 --set cache.enabled=false --set "provider.options.cuda_graphs=$2" \
         --json "$out/$1.json" 2>> "$out/bench.log" | tee "$out/$1.txt"
 }
-for round in 1 2; do
+for round in $(seq "${ROUNDS:-2}"); do
     bench "tch_f16_eager_$round" 0
     bench "tch_f16_graphs_$round" 128
 done
@@ -66,6 +66,5 @@ else
 fi
 
 $helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "$work/minilm-tch" \
-    "$out"/tch_f16_eager_1.json "$out"/tch_f16_graphs_1.json "$out"/tch_f16_eager_2.json "$out"/tch_f16_graphs_2.json \
-    "$out"/aoti_f16_eager.json "$out"/aoti_f16_graphs.json \
+    "$out"/tch_f16_*.json "$out"/aoti_f16_eager.json "$out"/aoti_f16_graphs.json \
     2>> "$out/ceiling.log" | tee "$out/ceiling.txt"
