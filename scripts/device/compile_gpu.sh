@@ -14,7 +14,7 @@
 #    graphs off and on, alternated (ROUNDS rounds, default 2);
 # 4. the same MiniLM compiled ahead of time by AOTInductor (scripts/export_aoti.py, cuda
 #    f16, max-autotune): its cosines against the trace, and `kiln bench` on it, graphs
-#    off and on;
+#    off and on (SKIP_AOTI=1 skips this);
 # 5. `helpers.py ceiling` on the same texts: eager f16, torch.compile (COMPILE_MODES) f16
 #    and bf16, eager bf16, kiln's TorchScript trace from Python; kiln's ratio to each.
 . scripts/device/common.sh /tmp/kiln-compile kiln-tch
@@ -54,7 +54,9 @@ export_aoti() { # EXTRA_ARGS...
     python3 -X faulthandler scripts/export_aoti.py .device/minilm-f16 "$work/minilm-aoti" --device cuda --dtype f16 \
         --max-batch 256 --max-length 128 "$@" 2>> "$out/aoti.log" >> "$out/aoti.txt"
 }
-if export_aoti --autotune || { echo "autotuned export failed; again without --autotune"; export_aoti; }; then
+if [ -n "${SKIP_AOTI:-}" ]; then
+    echo "AOTI package skipped (SKIP_AOTI)"
+elif export_aoti --autotune || { echo "autotuned export failed; again without --autotune"; export_aoti; }; then
     cat "$out/aoti.txt"
     model="$work/minilm-aoti"
     run long_aoti "$work/long.txt" cuda:0 f16 128 || echo "kiln run on the AOTI package failed"

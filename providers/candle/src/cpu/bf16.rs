@@ -36,7 +36,7 @@ use super::isa::{self, Isa};
 /// Rows and columns of one kernel call's results.
 const EDGE: usize = 32;
 /// bf16 values per tile (16 rows of 64 bytes).
-const TILE: usize = 512;
+pub(super) const TILE: usize = 512;
 
 /// A linear layer with bf16 weights in AMX tile order.
 pub(crate) struct Bf16Dense {
@@ -81,6 +81,26 @@ impl Bf16Dense {
         assert_eq!(bias.len(), outputs, "a bias per output");
         bias.resize(pairs * EDGE, 0.0);
         Bf16Dense { packed, bias, inputs, outputs, padded }
+    }
+
+    /// A layer over `tiles` already in this layout (`tiles(inputs, outputs)` values at
+    /// least; more are ignored), no bias: a scratch layer whose weights another layout
+    /// widened into it (`BlockDense::forward_widened`). [`Bf16Dense::into_tiles`] gives
+    /// the buffer back.
+    pub(crate) fn from_tiles(tiles: Bits, inputs: usize, outputs: usize) -> Self {
+        debug_assert!(tiles.len() >= Self::tiles(inputs, outputs));
+        let padded = inputs.div_ceil(EDGE) * EDGE;
+        Bf16Dense { packed: tiles, bias: vec![0.0; outputs.div_ceil(EDGE) * EDGE], inputs, outputs, padded }
+    }
+
+    /// The bf16 values a layer of this shape holds in tile order.
+    pub(crate) fn tiles(inputs: usize, outputs: usize) -> usize {
+        outputs.div_ceil(EDGE) * inputs.div_ceil(EDGE) * 2 * TILE
+    }
+
+    /// The weights' buffer, for reuse.
+    pub(crate) fn into_tiles(self) -> Bits {
+        self.packed
     }
 
     /// Rounds `dense` (f32, `W^T` stored `[inputs, outputs]`) to bf16.
@@ -592,7 +612,7 @@ thread_local! {
 
 /// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).
 #[inline(always)]
-fn round(v: f32) -> u16 {
+pub(super) fn round(v: f32) -> u16 {
     let b = v.to_bits();
     if b & 0x7fff_ffff > 0x7f80_0000 {
         ((b >> 16) | 0x40) as u16

@@ -21,6 +21,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::bf16::{Bf16Dense, Bits, Sink, TILE, round};
+use super::isa::{self, Isa};
 use super::tiles::{BLOCK, Call};
 
 /// Inputs per GGML block.
@@ -166,6 +168,166 @@ impl BlockDense {
             });
         });
     }
+}
+
+impl BlockDense {
+    /// `out = x W^T` for `tokens` rows on AMX tiles: the weights widened from their
+    /// blocks (`d q + m`, GGML's dequantization, in f32) and rounded to bf16 into a
+    /// scratch layer in [`Bf16Dense`]'s tile order, the rows rounded to bf16 — a prompt's
+    /// arithmetic in bf16 with f32 sums, as `model.dtype = "bf16"` computes. For many
+    /// rows that is several times faster than [`BlockDense::forward`], which reads the
+    /// weights once a call but does a row's products one block at a time; widening a
+    /// layer costs about what a few rows through the block kernel do. The caller checks
+    /// [`BlockDense::widens`].
+    pub(crate) fn forward_widened(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
+        let need = Bf16Dense::tiles(self.inputs, self.outputs);
+        super::with_taken(&WIDENED, |tiles| {
+            // Only ever grown: the previous layer's values are overwritten, not cleared.
+            if tiles.len() < need {
+                tiles.resize(need);
+            }
+            self.widen(&mut tiles[..need]);
+            let layer = Bf16Dense::from_tiles(std::mem::take(tiles), self.inputs, self.outputs);
+            out.resize(tokens * self.outputs, 0.0);
+            layer.forward(x, tokens, Sink::F32(out));
+            *tiles = layer.into_tiles();
+        });
+    }
+
+    /// Whether [`BlockDense::forward_widened`] runs on tiles here (AMX).
+    pub(crate) fn widens() -> bool {
+        isa::active() >= Isa::Amx
+    }
+
+    /// The weights in [`Bf16Dense`]'s tile order, into `tiles`: a record (16 columns ×
+    /// 32 inputs) is exactly one tile — columns `16 t` of a pair of 32, inputs of one
+    /// chunk of 32 — so each record widens into its own 1 KiB. A pair's missing half
+    /// (outputs an odd multiple of 16) is zeros, as [`Bf16Dense::pack`] pads.
+    fn widen(&self, tiles: &mut [u16]) {
+        let (nb, rec, blocks) = (self.inputs / QK, self.format.record(), self.outputs / BLOCK);
+        let fast = has_bf16_registers();
+        tiles.par_chunks_mut(nb * 2 * TILE).enumerate().for_each(|(pair, tiles)| {
+            for (i, tile) in tiles.chunks_exact_mut(TILE).enumerate() {
+                let (chunk, half) = (i / 2, i % 2);
+                let cb = pair * 2 + half;
+                if cb >= blocks {
+                    tile.fill(0);
+                    continue;
+                }
+                let record = &self.packed[(cb * nb + chunk) * rec..][..rec];
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    // SAFETY: the CPU has AVX-512 F, BW and BF16 (`has_bf16_registers`);
+                    // `record` is one whole record and `tile` one whole tile.
+                    unsafe { widen_avx512::record(self.format, record, tile) };
+                    continue;
+                }
+                let _ = fast;
+                widen_record(self.format, record, tile);
+            }
+        });
+    }
+}
+
+/// AVX-512 BF16 (on every AMX CPU; `KILN_CPU_ISA` may cap the level below it).
+fn has_bf16_registers() -> bool {
+    isa::active() >= Isa::Avx512Vnni && std::is_x86_feature_detected!("avx512bf16")
+}
+
+/// One record widened into one tile (plain Rust): tile row `r` holds inputs `2r` and
+/// `2r + 1` of the 16 columns, interleaved.
+fn widen_record(format: Format, record: &[u8], tile: &mut [u16]) {
+    let f16_at = |i: usize| f16::from_le_bytes([record[i], record[i + 1]]).to_f32();
+    for c in 0..BLOCK {
+        let d = f16_at(format.scales_at() + 2 * c);
+        for i in 0..QK {
+            let w = match format {
+                Format::Q4_1 => {
+                    let byte = record[(i % 16) / 4 * 64 + c * 4 + i % 4];
+                    let q = if i < 16 { byte & 15 } else { byte >> 4 };
+                    d * f32::from(q) + f16_at(288 + 2 * c)
+                }
+                Format::Q8_0 => d * f32::from(record[i / 4 * 64 + c * 4 + i % 4] as i8),
+            };
+            tile[i / 2 * 32 + c * 2 + i % 2] = round(w);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod widen_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Format;
+
+    /// [`super::widen_record`] in registers: a record's 64-byte vectors hold one dword
+    /// of each of the 16 columns, so shifting and masking one gives an input of all 16
+    /// columns at once; two such inputs, widened and rounded, interleave into a tile row
+    /// with one permute.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn record(format: Format, record: &[u8], tile: &mut [u16]) {
+        let (r, t) = (record.as_ptr(), tile.as_mut_ptr());
+        // Lane 2c takes column c's first input, lane 2c + 1 its second.
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+            18, 2, 17, 1, 16, 0,
+        );
+        // SAFETY (all loads and stores): offsets inside one record (Q4_1: 320 bytes,
+        // Q8_0: 608) and one tile (16 rows of 64 bytes).
+        unsafe {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(format.scales_at()).cast()));
+            let row = |index: usize, a: __m512, b: __m512| {
+                let pairs = _mm512_cvtne2ps_pbh(b, a);
+                let pairs = std::mem::transmute::<__m512bh, __m512i>(pairs);
+                _mm512_storeu_si512(t.add(index * 32).cast(), _mm512_permutexvar_epi16(interleave, pairs));
+            };
+            match format {
+                Format::Q4_1 => {
+                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(288).cast()));
+                    let nibble = _mm512_set1_epi32(15);
+                    let widen = |v: __m512i, shift: u32| {
+                        let q =
+                            _mm512_and_si512(_mm512_srlv_epi32(v, _mm512_set1_epi32(shift as i32)), nibble);
+                        _mm512_add_ps(_mm512_mul_ps(d, _mm512_cvtepi32_ps(q)), m)
+                    };
+                    // Vector j holds bytes 4j..4j+4 of each column's 16: byte p is
+                    // input 4j + p (low nibble) and input 4j + p + 16 (high nibble).
+                    for j in 0..4 {
+                        let v = _mm512_loadu_si512(r.add(64 * j).cast());
+                        for half in 0..2u32 {
+                            for high in 0..2u32 {
+                                let shift = 16 * half + 4 * high;
+                                row(
+                                    2 * j + half as usize + 8 * high as usize,
+                                    widen(v, shift),
+                                    widen(v, shift + 8),
+                                );
+                            }
+                        }
+                    }
+                }
+                Format::Q8_0 => {
+                    // Byte p of a dword, sign-extended: up to the top, then back down.
+                    let widen = |v: __m512i, p: u32| {
+                        let up = _mm512_sllv_epi32(v, _mm512_set1_epi32(24 - 8 * p as i32));
+                        _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srai_epi32::<24>(up)))
+                    };
+                    // Vector g holds inputs 4g..4g+4 of each column.
+                    for g in 0..8 {
+                        let v = _mm512_loadu_si512(r.add(64 * g).cast());
+                        row(2 * g, widen(v, 0), widen(v, 1));
+                        row(2 * g + 1, widen(v, 2), widen(v, 3));
+                    }
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The calling thread's widened weights ([`BlockDense::forward_widened`]), kept
+    /// between calls: the largest layer's, about 2 bytes a weight.
+    static WIDENED: std::cell::Cell<Bits> = std::cell::Cell::new(Bits::default());
 }
 
 /// A step's quantized activations: per row, `k` bytes (`Q8_1`: signed; `Q8_0`: offset
@@ -546,6 +708,52 @@ mod tests {
     /// block included.
     /// A joined layer gives each part's results, column for column, for one row
     /// (decoding) and several (split by columns and by rows).
+    /// Widening gives exactly the tiles `Bf16Dense::pack` makes of the dequantized
+    /// weights, in registers and in plain Rust, over a buffer holding anything before
+    /// (the scratch is reused); a pair's missing half (48 outputs) is zeros. The
+    /// widened layer's products match the f32 ones to bf16's rounding.
+    #[test]
+    fn widened_blocks_are_the_dequantized_weights_in_bf16_tiles() {
+        for format in [Format::Q4_1, Format::Q8_0] {
+            for (k, n) in [(64, 48), (96, 64), (32, 16)] {
+                let raw = blocks(format, k, n);
+                let layer = BlockDense::from_file(format, &raw, k, n).unwrap();
+                let w = dequantize(format, &raw, k, n);
+                let want =
+                    Bf16Dense::pack(k, n, None, |col, out| out.copy_from_slice(&w[col * k..(col + 1) * k]));
+                let want = want.into_tiles();
+                let mut got = vec![0x7fc1u16; Bf16Dense::tiles(k, n)];
+                layer.widen(&mut got);
+                assert!(got[..] == want[..], "{format:?} k {k} n {n}: widened tiles differ from pack's");
+                let (nb, rec) = (k / QK, format.record());
+                for (i, tile) in want.chunks(TILE).enumerate() {
+                    let (pair, chunk, half) = (i / (2 * nb), i / 2 % nb, i % 2);
+                    let cb = pair * 2 + half;
+                    if cb < n / BLOCK {
+                        let mut plain = vec![0u16; TILE];
+                        widen_record(format, &layer.packed[(cb * nb + chunk) * rec..][..rec], &mut plain);
+                        assert!(plain[..] == tile[..], "{format:?} k {k} n {n}: the plain widening differs");
+                    }
+                }
+
+                let tokens = 37;
+                let x: Vec<f32> =
+                    (0..tokens * k).map(|i| ((i * 29 % 89) as f32 / 44.0 - 1.0) * 2.0).collect();
+                let exact: Vec<f32> = (0..tokens * n)
+                    .map(|i| (0..k).map(|j| x[i / n * k + j] * w[i % n * k + j]).sum())
+                    .collect();
+                let mut out = Vec::new();
+                layer.forward_widened(&x, tokens, &mut out);
+                let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let worst = out.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(
+                    worst < 0.02 * scale,
+                    "{format:?} k {k} n {n}: worst {worst} against values up to {scale}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn joined_layers_give_their_parts_results() {
         for format in [Format::Q4_1, Format::Q8_0] {

@@ -44,6 +44,9 @@ pub enum Arithmetic {
     AsStored,
     /// 4-bit layers re-laid as GGML `Q4_1` blocks, activations quantized to int8 per 32
     /// inputs (`model.quantization = "int8"`): faster decoding, no longer exactly MLX's.
+    /// On AMX, calls of many rows (a prompt, the image tokens) widen the blocks to bf16
+    /// tiles (`BlockDense::forward_widened`) and the unquantized layers (the vision
+    /// tower) are bf16 tiles: prompts and images at bf16's speed, decoding at 4 bits'.
     Int8Activations,
     /// Every linear layer but the token embedding in bf16, in AMX tile order, with
     /// activations rounded to bf16 and f32 sums (`model.dtype = "bf16"`): the
@@ -51,6 +54,11 @@ pub enum Arithmetic {
     /// (`cpu/bf16.rs`). A 4-bit checkpoint's layers take bf16's bytes (4x).
     Bf16,
 }
+
+/// Rows from which a 4-bit layer's call (a prompt's, an image's) widens its blocks to
+/// bf16 and runs on AMX tiles ([`BlockDense::forward_widened`]); decoding steps keep
+/// the block kernel, which reads the 4-bit weights as stored.
+const WIDEN_ROWS: usize = 32;
 
 /// `y = x · Wᵀ + b`; also an embedding table (`rows`), the weights being its rows.
 pub struct Linear {
@@ -103,7 +111,13 @@ impl Linear {
                 return y.flatten_all().and_then(|y| y.to_vec1::<f32>()).map_err(backend);
             }
             Weight::Panel(w) => on_rows(x, w.inputs(), |x, rows, out| w.forward(x, rows, out))?,
-            Weight::Blocks(w) => on_rows(x, w.inputs(), |x, rows, out| w.forward(x, rows, out))?,
+            Weight::Blocks(w) => on_rows(x, w.inputs(), |x, rows, out| {
+                if rows >= WIDEN_ROWS && BlockDense::widens() {
+                    w.forward_widened(x, rows, out)
+                } else {
+                    w.forward(x, rows, out)
+                }
+            })?,
             Weight::Bf16(w) => on_rows(x, w.inputs(), |x, rows, out| {
                 out.resize(rows * w.outputs(), 0.0);
                 w.forward(x, rows, Sink::F32(out))
@@ -380,7 +394,7 @@ impl Weights {
             {
                 Weight::Blocks(Arc::new(b))
             } else if self.compact {
-                self.panel(prefix, layer, tile_bias()?)
+                self.panel(prefix, layer, tile_bias()?, false)
             } else {
                 Weight::Tensor(widened(&layer, &self.device).map_err(failed)?)
             }
@@ -392,7 +406,7 @@ impl Weights {
             } else {
                 Stored::F16(flat.to_vec1::<f16>().map_err(backend)?)
             };
-            self.panel(prefix, PanelDense::half(stored, outputs, inputs).map_err(failed)?, tile_bias()?)
+            self.panel(prefix, PanelDense::half(stored, outputs, inputs).map_err(failed)?, tile_bias()?, true)
         } else if self.arithmetic == Arithmetic::Bf16
             && weight.rank() == 2
             && !prefix.ends_with("embed_tokens")
@@ -414,10 +428,17 @@ impl Weights {
         Ok(Linear { weight, bias })
     }
 
-    /// A compact layer as [`Arithmetic`] says: kept as stored, or (bf16) re-laid in
-    /// tile order — the token embedding excepted, whose rows are looked up.
-    fn panel(&self, prefix: &str, layer: PanelDense, bias: Option<Vec<f32>>) -> Weight {
-        if self.arithmetic == Arithmetic::Bf16 && !prefix.ends_with("embed_tokens") {
+    /// A compact layer as [`Arithmetic`] says: kept as stored, or re-laid in bf16 tile
+    /// order — every layer for bf16, and with int8 activations on AMX the checkpoint's
+    /// unquantized (bf16 / f16) layers, a 4-bit checkpoint's vision tower: tiles at the
+    /// bytes it stores them in — the token embedding excepted, whose rows are looked up.
+    fn panel(&self, prefix: &str, layer: PanelDense, bias: Option<Vec<f32>>, unquantized: bool) -> Weight {
+        let tiles = match self.arithmetic {
+            Arithmetic::Bf16 => true,
+            Arithmetic::Int8Activations => unquantized && BlockDense::widens(),
+            Arithmetic::AsStored => false,
+        };
+        if tiles && !prefix.ends_with("embed_tokens") {
             return Weight::Bf16(Arc::new(Bf16Dense::pack(
                 layer.inputs(),
                 layer.outputs(),
