@@ -144,11 +144,27 @@ impl Linear {
     }
 
     /// `parts` side by side as one layer (their outputs one after another), when all
-    /// are bf16 tile layers that can be joined ([`Bf16Dense::concat`]): a prompt's q, k
-    /// and v then take one pass over its rows.
+    /// are bf16 tile layers that can be joined ([`Bf16Dense::concat`]) — a prompt's q, k
+    /// and v then take one pass over its rows — or all 4-bit block layers
+    /// ([`BlockDense::concat`]: a step quantizes its activations, and a prompt widens its
+    /// weights, once for the three), their biases joined too.
     pub fn concat(parts: &[&Linear]) -> Option<Linear> {
-        let layers = parts.iter().map(|p| p.bf16().map(Arc::as_ref)).collect::<Option<Vec<_>>>()?;
-        Some(Linear { weight: Weight::Bf16(Arc::new(Bf16Dense::concat(&layers)?)), bias: None })
+        if let Some(layers) = parts.iter().map(|p| p.bf16().map(Arc::as_ref)).collect::<Option<Vec<_>>>() {
+            return Some(Linear { weight: Weight::Bf16(Arc::new(Bf16Dense::concat(&layers)?)), bias: None });
+        }
+        let blocks = parts
+            .iter()
+            .map(|p| match &p.weight {
+                Weight::Blocks(b) => Some(b.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let bias = match parts.iter().map(|p| p.bias.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(biases) => Some(Tensor::cat(&biases, 0).ok()?),
+            None if parts.iter().all(|p| p.bias.is_none()) => None,
+            None => return None,
+        };
+        Some(Linear { weight: Weight::Blocks(Arc::new(BlockDense::concat(&blocks)?)), bias })
     }
 
     /// Rows `ids` of the weights, `[ids, inputs]`: the lookup of an embedding table.
@@ -215,8 +231,22 @@ pub(super) fn with_rows<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T>
 pub struct Mlp(Layers);
 
 enum Layers {
-    Fused { gate_up: Bf16Dense, down: Arc<Bf16Dense> },
-    Split { gate: Linear, up: Linear, down: Linear },
+    Fused {
+        gate_up: Bf16Dense,
+        down: Arc<Bf16Dense>,
+    },
+    /// Gate and up as one layer ([`Linear::concat`], 4-bit blocks): rows of `gate | up`,
+    /// `width` values each half.
+    Joined {
+        gate_up: Linear,
+        down: Linear,
+        width: usize,
+    },
+    Split {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
 }
 
 thread_local! {
@@ -234,6 +264,12 @@ impl Mlp {
         {
             return Mlp(Layers::Fused { gate_up, down: d.clone() });
         }
+        if let (Weight::Blocks(g), Weight::Blocks(u)) = (&gate.weight, &up.weight)
+            && g.outputs() == u.outputs()
+            && let Some(gate_up) = Linear::concat(&[&gate, &up])
+        {
+            return Mlp(Layers::Joined { gate_up, down, width: g.outputs() });
+        }
         Mlp(Layers::Split { gate, up, down })
     }
 
@@ -243,6 +279,22 @@ impl Mlp {
             Layers::Split { gate, up, down } => {
                 let gate = gate.forward(h)?.silu().map_err(backend)?;
                 down.forward(&(gate * up.forward(h)?).map_err(backend)?)
+            }
+            Layers::Joined { gate_up, down, width } => {
+                let both = gate_up.forward_rows(h)?;
+                let tokens = both.len() / (2 * width);
+                let mut act = vec![0f32; tokens * width];
+                act.par_chunks_mut(*width).zip(both.par_chunks(2 * width)).for_each(|(act, both)| {
+                    let (gate, up) = both.split_at(*width);
+                    for ((a, &g), &u) in act.iter_mut().zip(gate).zip(up) {
+                        *a = g / (1.0 + (-g).exp()) * u;
+                    }
+                });
+                let mut dims = h.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = *width;
+                }
+                down.forward(&Tensor::from_vec(act, dims, h.device()).map_err(backend)?)
             }
             Layers::Fused { gate_up, down } => {
                 let (tokens, _) = h.dims2().map_err(backend)?;
