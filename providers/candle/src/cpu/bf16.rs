@@ -83,24 +83,10 @@ impl Bf16Dense {
         Bf16Dense { packed, bias, inputs, outputs, padded }
     }
 
-    /// A layer over `tiles` already in this layout (`tiles(inputs, outputs)` values at
-    /// least; more are ignored), no bias: a scratch layer whose weights another layout
-    /// widened into it (`BlockDense::forward_widened`). [`Bf16Dense::into_tiles`] gives
-    /// the buffer back.
-    pub(crate) fn from_tiles(tiles: Bits, inputs: usize, outputs: usize) -> Self {
-        debug_assert!(tiles.len() >= Self::tiles(inputs, outputs));
-        let padded = inputs.div_ceil(EDGE) * EDGE;
-        Bf16Dense { packed: tiles, bias: vec![0.0; outputs.div_ceil(EDGE) * EDGE], inputs, outputs, padded }
-    }
-
-    /// The bf16 values a layer of this shape holds in tile order.
-    pub(crate) fn tiles(inputs: usize, outputs: usize) -> usize {
-        outputs.div_ceil(EDGE) * inputs.div_ceil(EDGE) * 2 * TILE
-    }
-
-    /// The weights' buffer, for reuse.
-    pub(crate) fn into_tiles(self) -> Bits {
-        self.packed
+    /// The weights in tile order (tests compare other layouts' widening with them).
+    #[cfg(test)]
+    pub(crate) fn tiles(&self) -> &[u16] {
+        &self.packed
     }
 
     /// Rounds `dense` (f32, `W^T` stored `[inputs, outputs]`) to bf16.
@@ -213,6 +199,35 @@ impl Bf16Dense {
     /// This layer over `tokens` rows laid out by [`Bf16Dense::round_rows`] (or written
     /// by a [`Sink::GeluRows`]), into `sink`.
     pub(crate) fn run(&self, rows: &[u16], tokens: usize, sink: Sink) {
+        self.run_from(rows, tokens, sink, None);
+    }
+
+    /// A layer of this shape whose weights are not kept but made per job by a
+    /// [`Source`] ([`Bf16Dense::forward_from`]); no bias.
+    pub(crate) fn shape(inputs: usize, outputs: usize) -> Self {
+        let padded = inputs.div_ceil(EDGE) * EDGE;
+        Bf16Dense {
+            packed: Bits::default(),
+            bias: vec![0.0; outputs.div_ceil(EDGE) * EDGE],
+            inputs,
+            outputs,
+            padded,
+        }
+    }
+
+    /// [`Bf16Dense::forward`] with the weights from `source`: each job writes the tiles
+    /// of its columns (at most [`L2_BUDGET`] bytes) into a buffer of its thread and runs
+    /// its rows over them, so the weights go from their own layout to the tiles in L2 —
+    /// never through memory as bf16 (4-bit blocks: `BlockDense::forward_widened`).
+    pub(crate) fn forward_from(&self, x: &[f32], tokens: usize, sink: Sink, source: Source) {
+        super::with_taken(&ROWS, |rows| {
+            self.round_rows(x, tokens, rows);
+            self.run_from(rows, tokens, sink, Some(source));
+        });
+    }
+
+    /// [`Bf16Dense::run`], the weights from `self` or from `source`.
+    fn run_from(&self, rows: &[u16], tokens: usize, sink: Sink, source: Option<Source>) {
         let (kp, n) = (self.padded, self.outputs);
         let groups = tokens.div_ceil(EDGE);
         debug_assert!(rows.len() >= groups * EDGE * kp);
@@ -245,16 +260,22 @@ impl Bf16Dense {
         // One group of rows (decoding, a short prompt) reads its activations from L2
         // anyway; slicing would only add the sums' round trips.
         if amx && chunks > 2 * SLICE && groups > 1 {
-            self.run_sliced(rows, tokens, out);
+            self.run_sliced(rows, tokens, out, source);
             return;
         }
         let plan = Plan::new(groups, pairs, kp * EDGE * 2);
+        let pair_len = chunks * 2 * TILE;
         (0..plan.jobs()).into_par_iter().for_each(|job| {
             let mut sums = Sums([0f32; EDGE * EDGE]);
             let _tiles = amx.then(super::amx::TileConfig::load);
+            let columns = plan.job(job).1;
+            let mut local = source.map(|source| take_job_tiles(source, columns.clone(), 0..chunks));
             for (group, pair) in plan.blocks(job) {
                 let a = &rows[group * EDGE * kp..(group + 1) * EDGE * kp];
-                let b = &self.packed[pair * chunks * 2 * TILE..(pair + 1) * chunks * 2 * TILE];
+                let b = match &local {
+                    Some(local) => &local[(pair - columns.start) * pair_len..][..pair_len],
+                    None => &self.packed[pair * pair_len..(pair + 1) * pair_len],
+                };
                 if amx {
                     // SAFETY: the level is AMX, so the CPU has it and the OS granted the
                     // tile data (`isa::detected`); `_tiles` configured this thread's
@@ -278,6 +299,9 @@ impl Bf16Dense {
                     self.finish(out, group, pair, tokens, &mut sums.0);
                 }
             }
+            if let Some(local) = local.take() {
+                JOB_TILES.set(local);
+            }
         });
     }
 
@@ -288,7 +312,7 @@ impl Bf16Dense {
     /// L3 — the whole prompt's per pair, 64 times a layer — and the product ran at 1.17
     /// TFLOP/s against 2.0–2.6 on shorter rows. A slice's activations for 32 rows (128
     /// KB) and a job's weights stay in L2.
-    fn run_sliced(&self, rows: &[u16], tokens: usize, out: Out) {
+    fn run_sliced(&self, rows: &[u16], tokens: usize, out: Out, source: Option<Source>) {
         let (kp, n) = (self.padded, self.outputs);
         let (groups, pairs, chunks) = (tokens.div_ceil(EDGE), n.div_ceil(EDGE), kp / EDGE);
         let width = pairs * EDGE;
@@ -300,9 +324,16 @@ impl Bf16Dense {
                 let plan = Plan::new(groups, pairs, count * 2 * TILE * 2);
                 (0..plan.jobs()).into_par_iter().for_each(|job| {
                     let _tiles = super::amx::TileConfig::load();
+                    let columns = plan.job(job).1;
+                    let local =
+                        source.map(|source| take_job_tiles(source, columns.clone(), first..first + count));
+                    let slice_len = count * 2 * TILE;
                     for (group, pair) in plan.blocks(job) {
                         let a = &rows[group * EDGE * kp + first * EDGE..];
-                        let b = &self.packed[(pair * chunks + first) * 2 * TILE..][..count * 2 * TILE];
+                        let b = match &local {
+                            Some(local) => &local[(pair - columns.start) * slice_len..][..slice_len],
+                            None => &self.packed[(pair * chunks + first) * 2 * TILE..][..slice_len],
+                        };
                         // SAFETY: the caller checked the level is AMX; `_tiles` configured
                         // this thread's tiles; `a` holds 32 rows `kp` apart of which the
                         // slice reads `count · 32` values each, `b` the slice's `count` tile
@@ -315,6 +346,9 @@ impl Bf16Dense {
                         };
                         #[cfg(not(target_arch = "x86_64"))]
                         let _ = (a, b);
+                    }
+                    if let Some(local) = local {
+                        JOB_TILES.set(local);
                     }
                 });
             }
@@ -554,6 +588,32 @@ impl Plan {
         let p = columns * self.pairs_per_job;
         (g..(g + self.groups_per_job).min(self.groups), p..(p + self.pairs_per_job).min(self.pairs))
     }
+}
+
+/// Where a layer's weights come from when it keeps none ([`Bf16Dense::forward_from`]):
+/// `source(pair, chunks, tiles)` writes column pair `pair`'s tiles for the inputs of
+/// `chunks` (32 each), in this module's order, into `tiles`.
+pub(crate) type Source<'a> = &'a (dyn Fn(usize, std::ops::Range<usize>, &mut [u16]) + Sync);
+
+thread_local! {
+    /// A job's tiles made by a [`Source`], kept between jobs and calls (at most about
+    /// [`L2_BUDGET`] bytes).
+    static JOB_TILES: std::cell::Cell<Bits> = const { std::cell::Cell::new(Bits::new()) };
+}
+
+/// The thread's job buffer (the caller puts it back) holding `columns`' tiles for
+/// `chunks` from `source`.
+fn take_job_tiles(source: Source, columns: std::ops::Range<usize>, chunks: std::ops::Range<usize>) -> Bits {
+    let mut local = JOB_TILES.take();
+    let len = chunks.len() * 2 * TILE;
+    // Only grown: every value read is written below first.
+    if local.len() < columns.len() * len {
+        local.resize(columns.len() * len);
+    }
+    for (i, pair) in columns.enumerate() {
+        source(pair, chunks.clone(), &mut local[i * len..(i + 1) * len]);
+    }
+    local
 }
 
 /// bf16 bits on 64-byte boundaries, as tiles load them best ([`Aligned`](super::aligned::Aligned)).

@@ -21,7 +21,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::bf16::{Bf16Dense, Bits, Sink, TILE, round};
+use super::bf16::{Bf16Dense, Sink, TILE, round};
 use super::isa::{self, Isa};
 use super::tiles::{BLOCK, Call};
 
@@ -180,17 +180,11 @@ impl BlockDense {
     /// layer costs about what a few rows through the block kernel do. The caller checks
     /// [`BlockDense::widens`].
     pub(crate) fn forward_widened(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
-        let need = Bf16Dense::tiles(self.inputs, self.outputs);
-        super::with_taken(&WIDENED, |tiles| {
-            // Only ever grown: the previous layer's values are overwritten, not cleared.
-            if tiles.len() < need {
-                tiles.resize(need);
-            }
-            self.widen(&mut tiles[..need]);
-            let layer = Bf16Dense::from_tiles(std::mem::take(tiles), self.inputs, self.outputs);
-            out.resize(tokens * self.outputs, 0.0);
-            layer.forward(x, tokens, Sink::F32(out));
-            *tiles = layer.into_tiles();
+        let layer = Bf16Dense::shape(self.inputs, self.outputs);
+        out.resize(tokens * self.outputs, 0.0);
+        let fast = has_bf16_registers();
+        layer.forward_from(x, tokens, Sink::F32(out), &|pair, chunks, tiles| {
+            self.widen(pair, chunks, tiles, fast)
         });
     }
 
@@ -199,33 +193,31 @@ impl BlockDense {
         isa::active() >= Isa::Amx
     }
 
-    /// The weights in [`Bf16Dense`]'s tile order, into `tiles`: a record (16 columns ×
-    /// 32 inputs) is exactly one tile — columns `16 t` of a pair of 32, inputs of one
-    /// chunk of 32 — so each record widens into its own 1 KiB. A pair's missing half
-    /// (outputs an odd multiple of 16) is zeros, as [`Bf16Dense::pack`] pads.
-    fn widen(&self, tiles: &mut [u16]) {
+    /// Column pair `pair`'s weights for the inputs of `chunks` (32 each) in
+    /// [`Bf16Dense`]'s tile order, into `tiles`: a record (16 columns × 32 inputs) is
+    /// exactly one tile — columns `16 t` of the pair, inputs of one chunk — so each
+    /// record widens into its own 1 KiB. A pair's missing half (outputs an odd multiple
+    /// of 16) is zeros, as [`Bf16Dense::pack`] pads. `fast`: [`has_bf16_registers`].
+    fn widen(&self, pair: usize, chunks: std::ops::Range<usize>, tiles: &mut [u16], fast: bool) {
         let (nb, rec, blocks) = (self.inputs / QK, self.format.record(), self.outputs / BLOCK);
-        let fast = has_bf16_registers();
-        tiles.par_chunks_mut(nb * 2 * TILE).enumerate().for_each(|(pair, tiles)| {
-            for (i, tile) in tiles.chunks_exact_mut(TILE).enumerate() {
-                let (chunk, half) = (i / 2, i % 2);
-                let cb = pair * 2 + half;
-                if cb >= blocks {
-                    tile.fill(0);
-                    continue;
-                }
-                let record = &self.packed[(cb * nb + chunk) * rec..][..rec];
-                #[cfg(target_arch = "x86_64")]
-                if fast {
-                    // SAFETY: the CPU has AVX-512 F, BW and BF16 (`has_bf16_registers`);
-                    // `record` is one whole record and `tile` one whole tile.
-                    unsafe { widen_avx512::record(self.format, record, tile) };
-                    continue;
-                }
-                let _ = fast;
-                widen_record(self.format, record, tile);
+        for (i, tile) in tiles.chunks_exact_mut(TILE).take(chunks.len() * 2).enumerate() {
+            let (chunk, half) = (chunks.start + i / 2, i % 2);
+            let cb = pair * 2 + half;
+            if cb >= blocks {
+                tile.fill(0);
+                continue;
             }
-        });
+            let record = &self.packed[(cb * nb + chunk) * rec..][..rec];
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX-512 F, BW and BF16 (`has_bf16_registers`);
+                // `record` is one whole record and `tile` one whole tile.
+                unsafe { widen_avx512::record(self.format, record, tile) };
+                continue;
+            }
+            let _ = fast;
+            widen_record(self.format, record, tile);
+        }
     }
 }
 
@@ -322,12 +314,6 @@ mod widen_avx512 {
             }
         }
     }
-}
-
-thread_local! {
-    /// The calling thread's widened weights ([`BlockDense::forward_widened`]), kept
-    /// between calls: the largest layer's, about 2 bytes a weight.
-    static WIDENED: std::cell::Cell<Bits> = std::cell::Cell::new(Bits::default());
 }
 
 /// A step's quantized activations: per row, `k` bytes (`Q8_1`: signed; `Q8_0`: offset
@@ -715,17 +701,25 @@ mod tests {
     #[test]
     fn widened_blocks_are_the_dequantized_weights_in_bf16_tiles() {
         for format in [Format::Q4_1, Format::Q8_0] {
-            for (k, n) in [(64, 48), (96, 64), (32, 16)] {
+            // 4160 inputs: more than two slices of a sliced run (`bf16::SLICE`).
+            for (k, n) in [(64, 48), (96, 64), (32, 16), (4160, 48)] {
                 let raw = blocks(format, k, n);
                 let layer = BlockDense::from_file(format, &raw, k, n).unwrap();
                 let w = dequantize(format, &raw, k, n);
                 let want =
                     Bf16Dense::pack(k, n, None, |col, out| out.copy_from_slice(&w[col * k..(col + 1) * k]));
-                let want = want.into_tiles();
-                let mut got = vec![0x7fc1u16; Bf16Dense::tiles(k, n)];
-                layer.widen(&mut got);
+                let want = want.tiles();
+                let pair_len = k / QK * 2 * TILE;
+                let mut got = vec![0x7fc1u16; want.len()];
+                let (nb, fast) = (k / QK, has_bf16_registers());
+                for (pair, tiles) in got.chunks_mut(pair_len).enumerate() {
+                    // In two calls of part of the inputs each, as a sliced run asks.
+                    let (first, rest) = tiles.split_at_mut(nb / 2 * 2 * TILE);
+                    layer.widen(pair, 0..nb / 2, first, fast);
+                    layer.widen(pair, nb / 2..nb, rest, fast);
+                }
                 assert!(got[..] == want[..], "{format:?} k {k} n {n}: widened tiles differ from pack's");
-                let (nb, rec) = (k / QK, format.record());
+                let rec = format.record();
                 for (i, tile) in want.chunks(TILE).enumerate() {
                     let (pair, chunk, half) = (i / (2 * nb), i / 2 % nb, i % 2);
                     let cb = pair * 2 + half;
