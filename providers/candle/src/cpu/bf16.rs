@@ -66,14 +66,28 @@ impl Bf16Dense {
         let pairs = outputs.div_ceil(EDGE);
         let mut packed = Bits::default();
         packed.resize(pairs * chunks * 2 * TILE);
+        let fast = has_avx512_bf16();
         packed.par_chunks_mut(chunks * 2 * TILE).enumerate().for_each(|(pair, tiles)| {
+            // The pair's 32 columns rounded, one padded row each (zeros past `outputs`).
             let mut w = vec![0f32; inputs];
+            let mut rounded = vec![0u16; EDGE * padded];
             for c in 0..EDGE.min(outputs - pair * EDGE) {
                 row(pair * EDGE + c, &mut w);
+                to_bf16(&w, &mut rounded[c * padded..c * padded + inputs]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                // SAFETY: the CPU has AVX-512 F and BF16 (`has_avx512_bf16`); `rounded`
+                // is 32 rows of `padded` values, `tiles` the pair's `chunks · 2` tiles.
+                unsafe { tile_columns(&rounded, padded, tiles) };
+                return;
+            }
+            let _ = fast;
+            for (c, column) in rounded.chunks_exact(padded).enumerate() {
                 let (t, col) = (c / 16, c % 16);
-                for (k, &v) in w.iter().enumerate() {
+                for (k, &v) in column.iter().enumerate() {
                     let (chunk, r, lane) = (k / EDGE, (k % EDGE) / 2, k % 2);
-                    tiles[(chunk * 2 + t) * TILE + r * 32 + col * 2 + lane] = round(v);
+                    tiles[(chunk * 2 + t) * TILE + r * 32 + col * 2 + lane] = v;
                 }
             }
         });
@@ -590,6 +604,36 @@ impl Plan {
     }
 }
 
+/// A pair's 32 rounded columns (`padded` values each) as its tiles: per chunk of 32
+/// inputs and half of 16 columns, the 16 columns' 64 bytes are 16 dwords of input pairs
+/// each, and the tile's row `r` is pair `r` of every column — a 16 × 16 transpose of
+/// dwords in registers (tile attention's, for its keys), where the scalar loop spent
+/// most of a 3B bf16 load.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_columns(rounded: &[u16], padded: usize, tiles: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let chunks = padded / EDGE;
+    debug_assert!(rounded.len() >= EDGE * padded && tiles.len() >= chunks * 2 * TILE);
+    // SAFETY: every load reads 64 bytes of one column inside `rounded`, every store a
+    // tile row inside `tiles` (the caller's sizes).
+    unsafe {
+        for chunk in 0..chunks {
+            for t in 0..2 {
+                let mut columns = [_mm512_setzero_si512(); 16];
+                for (c, column) in columns.iter_mut().enumerate() {
+                    *column =
+                        _mm512_loadu_si512(rounded.as_ptr().add((t * 16 + c) * padded + chunk * EDGE).cast());
+                }
+                let tile = tiles.as_mut_ptr().add((chunk * 2 + t) * TILE);
+                for (r, pairs) in super::tile_attention::avx512::transpose(columns).iter().enumerate() {
+                    _mm512_storeu_si512(tile.add(r * 32).cast(), *pairs);
+                }
+            }
+        }
+    }
+}
+
 /// Where a layer's weights come from when it keeps none ([`Bf16Dense::forward_from`]):
 /// `source(pair, chunks, tiles)` writes column pair `pair`'s tiles for the inputs of
 /// `chunks` (32 each), in this module's order, into `tiles`.
@@ -785,6 +829,30 @@ fn block_generic(a: &[u16], kp: usize, b: &[u16], c: &mut [f32; EDGE * EDGE]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `pack` lays every weight where the layout says (column `n`'s input `k` at tile
+    /// `(k / 32) · 2 + (n % 32) / 16` of pair `n / 32`, row `(k % 32) / 2`, column
+    /// `n % 16`, lane `k % 2`), rounded, and zeros in the padding — through the register
+    /// transpose where the CPU has it.
+    #[test]
+    fn pack_lays_each_weight_where_the_tile_layout_says() {
+        for (inputs, outputs) in [(80, 48), (64, 96), (32, 16), (200, 33)] {
+            let w: Vec<f32> = (0..inputs * outputs).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+            let layer = Bf16Dense::pack(inputs, outputs, None, |n, out| {
+                out.copy_from_slice(&w[n * inputs..(n + 1) * inputs])
+            });
+            let (padded, pairs) = (inputs.div_ceil(EDGE) * EDGE, outputs.div_ceil(EDGE));
+            let chunks = padded / EDGE;
+            let mut want = vec![0u16; pairs * chunks * 2 * TILE];
+            for n in 0..outputs {
+                for k in 0..inputs {
+                    let tile = (n / EDGE * chunks + k / EDGE) * 2 + (n % EDGE) / 16;
+                    want[tile * TILE + (k % EDGE) / 2 * 32 + n % 16 * 2 + k % 2] = round(w[n * inputs + k]);
+                }
+            }
+            assert!(layer.packed[..] == want[..], "inputs {inputs}, outputs {outputs}");
+        }
+    }
 
     /// The layer against f32 products of the same bf16-rounded values, on shapes with
     /// padding in rows, inputs and outputs, with the AMX kernel (where the CPU has it)

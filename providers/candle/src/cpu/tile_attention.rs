@@ -137,7 +137,7 @@ pub(crate) fn attention(qkv: Qkv, rows: &[(usize, usize)], hidden: usize, heads:
 
 /// The per-head kernel and its re-layings, compiled for AVX-512 (every AMX CPU has it).
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::super::amx::{dot, load, store, zero};
@@ -378,7 +378,7 @@ mod avx512 {
     /// element `i` of every input row. Interleaves within 128-bit lanes by 32 and 64 bits,
     /// then moves lanes in two steps: 64 shuffles against 256 scalar moves.
     #[inline(always)]
-    pub(super) unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+    pub(in crate::cpu) unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
         // SAFETY: register shuffles on a CPU with AVX-512 F (the caller's promise).
         unsafe {
             let z = _mm512_setzero_si512();
