@@ -23,13 +23,11 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import model_folder  # noqa: E402
-import safetensors_np  # noqa: E402
-from trace_bert_torchscript import Bert, example  # noqa: E402
+from trace_bert_torchscript import Bert, example, load  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,11 +43,7 @@ def main():
     parser.add_argument("--autotune", action="store_true")
     args = parser.parse_args()
 
-    config = json.loads((args.model_dir / "config.json").read_text())
-    weights = {
-        name: array.astype(np.float32) if array.dtype != np.int64 else array
-        for name, array in safetensors_np.load(args.model_dir / "model.safetensors").items()
-    }
+    config, weights = load(args.model_dir)
     reference = Bert(config, weights).eval()
     model = Bert(config, weights).eval().to(args.device, DTYPES[args.dtype])
     vocab = config["vocab_size"]

@@ -98,6 +98,16 @@ class Bert(nn.Module):
         return h
 
 
+def load(model_dir):
+    """A BERT folder's config and weights (floating ones as f32, numpy arrays)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = {
+        name: array.astype(np.float32) if array.dtype != np.int64 else array
+        for name, array in safetensors_np.load(model_dir / "model.safetensors").items()
+    }
+    return config, weights
+
+
 def example(batch, sequence, vocab):
     g = torch.Generator().manual_seed(batch * 1000 + sequence)
     ids = torch.randint(1000, vocab, (batch, sequence), generator=g)
@@ -113,11 +123,7 @@ def main():
     parser.add_argument("--dtype", choices=["f32", "f16"], default="f32")
     args = parser.parse_args()
 
-    config = json.loads((args.model_dir / "config.json").read_text())
-    weights = {
-        name: array.astype(np.float32) if array.dtype != np.int64 else array
-        for name, array in safetensors_np.load(args.model_dir / "model.safetensors").items()
-    }
+    config, weights = load(args.model_dir)
     model = Bert(config, weights).eval()
     vocab = config["vocab_size"]
     with torch.no_grad():

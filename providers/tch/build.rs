@@ -27,6 +27,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CXX");
     println!("cargo:rerun-if-changed=cuda/graphs.cpp");
     println!("cargo:rerun-if-changed=cpp/aoti.cpp");
+    println!("cargo:rerun-if-changed=cpp/guarded.h");
     println!("cargo::rustc-check-cfg=cfg(kiln_tch_graphs)");
     println!("cargo:rustc-env=TCH_PROVIDER_EXPECTED_TORCH={EXPECTED}");
     // torch-sys (links = "tch") hands its lib dir on as DEP_TCH_LIBTORCH_LIB.

@@ -11,31 +11,14 @@
 // C++ exceptions (a Rust caller cannot unwind them) and returns 0 on success; the
 // failure's message is kiln_aoti_error()'s, per thread.
 
+#include "guarded.h"
+
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
-#include <exception>
+#include <algorithm>
 #include <memory>
-#include <string>
+#include <stdexcept>
 #include <vector>
-
-namespace {
-
-thread_local std::string last_error;
-
-template <class F>
-int guarded(F f) {
-    try {
-        f();
-        return 0;
-    } catch (const std::exception& e) {
-        last_error = e.what();
-    } catch (...) {
-        last_error = "a C++ exception that is not a std::exception";
-    }
-    return 1;
-}
-
-}  // namespace
 
 extern "C" {
 

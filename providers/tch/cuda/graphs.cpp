@@ -11,19 +11,17 @@
 // Every function catches C++ exceptions (a Rust caller cannot unwind them) and
 // returns 0 on success; the failure's message is kiln_graph_error()'s, per thread.
 
+#include "../cpp/guarded.h"
+
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
-#include <exception>
 #include <memory>
 #include <optional>
-#include <string>
 
 namespace {
-
-thread_local std::string last_error;
 
 // A graph and, while it is being captured, the guard that made the capture stream
 // current (libtorch refuses to capture on the default stream).
@@ -31,19 +29,6 @@ struct Graph {
     at::cuda::CUDAGraph graph;
     std::optional<c10::cuda::CUDAStreamGuard> guard;
 };
-
-template <class F>
-int guarded(F f) {
-    try {
-        f();
-        return 0;
-    } catch (const std::exception& e) {
-        last_error = e.what();
-    } catch (...) {
-        last_error = "a C++ exception that is not a std::exception";
-    }
-    return 1;
-}
 
 }  // namespace
 

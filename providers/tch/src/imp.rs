@@ -338,13 +338,19 @@ struct Captured {
 }
 
 impl Captured {
-    /// Queues a copy of `args` into the graph's inputs and a replay; the outputs are
-    /// the graph's own tensors, which the next replay overwrites — a copy to the host
-    /// queued before it on the same stream reads this batch's.
+    /// Queues a copy of `args` into the graph's inputs and a replay (see
+    /// [`Captured::run`]).
     fn replay(&mut self, args: &[tch::Tensor]) -> Result<NamedOutputs> {
         for (input, arg) in self.inputs.iter_mut().zip(args) {
             input.f_copy_(arg).map_err(backend)?;
         }
+        self.run()
+    }
+
+    /// Queues a replay on the inputs as they are; the outputs are the graph's own
+    /// tensors, which the next replay overwrites — a copy to the host queued before it
+    /// on the same stream reads this batch's.
+    fn run(&self) -> Result<NamedOutputs> {
         self.graph.replay().map_err(backend)?;
         Ok(self.outputs.iter().map(|(name, t)| (name.clone(), t.shallow_clone())).collect())
     }
@@ -646,9 +652,10 @@ impl TchModel {
         match graphs::Graph::capture(graphs.device, &graphs.pool, || self.queue(&inputs)) {
             Ok((graph, outputs)) => {
                 tracing::debug!(model = %self.info.name, ?shape, graphs = graphs.ready.len() + 1, "captured a CUDA graph");
-                let mut captured = Captured { graph, inputs, outputs };
-                // A capture runs nothing: this batch is the graph's first replay.
-                let outputs = captured.replay(args)?;
+                let captured = Captured { graph, inputs, outputs };
+                // A capture runs nothing: this batch, already in the inputs, is the
+                // graph's first replay.
+                let outputs = captured.run()?;
                 graphs.ready.insert(shape, captured);
                 Ok(Some(outputs))
             }

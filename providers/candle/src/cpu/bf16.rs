@@ -189,9 +189,14 @@ impl Bf16Dense {
 
     /// `x W^T + b` for `tokens` rows of `x` (f32, rounded to bf16 here), into `sink`.
     pub(crate) fn forward(&self, x: &[f32], tokens: usize, sink: Sink) {
+        self.forward_with(x, tokens, sink, None);
+    }
+
+    /// `x` rounded into the thread's rows, then [`Bf16Dense::run_from`].
+    fn forward_with(&self, x: &[f32], tokens: usize, sink: Sink, source: Option<Source>) {
         super::with_taken(&ROWS, |rows| {
             self.round_rows(x, tokens, rows);
-            self.run(rows, tokens, sink);
+            self.run_from(rows, tokens, sink, source);
         });
     }
 
@@ -234,10 +239,7 @@ impl Bf16Dense {
     /// its rows over them, so the weights go from their own layout to the tiles in L2 —
     /// never through memory as bf16 (4-bit blocks: `BlockDense::forward_widened`).
     pub(crate) fn forward_from(&self, x: &[f32], tokens: usize, sink: Sink, source: Source) {
-        super::with_taken(&ROWS, |rows| {
-            self.round_rows(x, tokens, rows);
-            self.run_from(rows, tokens, sink, Some(source));
-        });
+        self.forward_with(x, tokens, sink, Some(source));
     }
 
     /// [`Bf16Dense::run`], the weights from `self` or from `source`.
@@ -283,39 +285,46 @@ impl Bf16Dense {
             let mut sums = Sums([0f32; EDGE * EDGE]);
             let _tiles = amx.then(super::amx::TileConfig::load);
             let columns = plan.job(job).1;
-            let mut local = source.map(|source| take_job_tiles(source, columns.clone(), 0..chunks));
-            for (group, pair) in plan.blocks(job) {
-                let a = &rows[group * EDGE * kp..(group + 1) * EDGE * kp];
-                let b = match &local {
-                    Some(local) => &local[(pair - columns.start) * pair_len..][..pair_len],
-                    None => &self.packed[pair * pair_len..(pair + 1) * pair_len],
-                };
-                if amx {
-                    // SAFETY: the level is AMX, so the CPU has it and the OS granted the
-                    // tile data (`isa::detected`); `_tiles` configured this thread's
-                    // tiles; `a` is 32 rows of `kp` values, `b` the pair's `kp / 32`
-                    // tile pairs, `sums` 32 × 32 (rows 128 bytes apart).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        super::amx::block(a.as_ptr(), kp, b.as_ptr(), chunks, sums.0.as_mut_ptr(), 128, false)
+            super::with_taken(&JOB_TILES, |local| {
+                fill_job_tiles(source, columns.clone(), 0..chunks, local);
+                for (group, pair) in plan.blocks(job) {
+                    let a = &rows[group * EDGE * kp..(group + 1) * EDGE * kp];
+                    let b = match source {
+                        Some(_) => &local[(pair - columns.start) * pair_len..][..pair_len],
+                        None => &self.packed[pair * pair_len..(pair + 1) * pair_len],
                     };
-                } else {
-                    block(a, kp, b, &mut sums.0);
+                    if amx {
+                        // SAFETY: the level is AMX, so the CPU has it and the OS granted the
+                        // tile data (`isa::detected`); `_tiles` configured this thread's
+                        // tiles; `a` is 32 rows of `kp` values, `b` the pair's `kp / 32`
+                        // tile pairs, `sums` 32 × 32 (rows 128 bytes apart).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            super::amx::block(
+                                a.as_ptr(),
+                                kp,
+                                b.as_ptr(),
+                                chunks,
+                                sums.0.as_mut_ptr(),
+                                128,
+                                false,
+                            )
+                        };
+                    } else {
+                        block(a, kp, b, &mut sums.0);
+                    }
+                    if amx {
+                        // SAFETY: AMX is active, so the CPU has AVX-512 F, BW and BF16 (every
+                        // AMX CPU does; `isa::detected`).
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            self.finish_avx512(out, group, pair, tokens, &mut sums.0)
+                        };
+                    } else {
+                        self.finish(out, group, pair, tokens, &mut sums.0);
+                    }
                 }
-                if amx {
-                    // SAFETY: AMX is active, so the CPU has AVX-512 F, BW and BF16 (every
-                    // AMX CPU does; `isa::detected`).
-                    #[cfg(target_arch = "x86_64")]
-                    unsafe {
-                        self.finish_avx512(out, group, pair, tokens, &mut sums.0)
-                    };
-                } else {
-                    self.finish(out, group, pair, tokens, &mut sums.0);
-                }
-            }
-            if let Some(local) = local.take() {
-                JOB_TILES.set(local);
-            }
+            });
         });
     }
 
@@ -339,31 +348,29 @@ impl Bf16Dense {
                 (0..plan.jobs()).into_par_iter().for_each(|job| {
                     let _tiles = super::amx::TileConfig::load();
                     let columns = plan.job(job).1;
-                    let local =
-                        source.map(|source| take_job_tiles(source, columns.clone(), first..first + count));
-                    let slice_len = count * 2 * TILE;
-                    for (group, pair) in plan.blocks(job) {
-                        let a = &rows[group * EDGE * kp + first * EDGE..];
-                        let b = match &local {
-                            Some(local) => &local[(pair - columns.start) * slice_len..][..slice_len],
-                            None => &self.packed[(pair * chunks + first) * 2 * TILE..][..slice_len],
-                        };
-                        // SAFETY: the caller checked the level is AMX; `_tiles` configured
-                        // this thread's tiles; `a` holds 32 rows `kp` apart of which the
-                        // slice reads `count · 32` values each, `b` the slice's `count` tile
-                        // pairs; the block of sums at (group, pair) is 32 rows of 32 f32,
-                        // `width` f32 apart, inside `acc`, written by this job alone.
-                        #[cfg(target_arch = "x86_64")]
-                        unsafe {
-                            let c = shared.at(group * EDGE * width + pair * EDGE);
-                            super::amx::block(a.as_ptr(), kp, b.as_ptr(), count, c, width * 4, first > 0)
-                        };
-                        #[cfg(not(target_arch = "x86_64"))]
-                        let _ = (a, b);
-                    }
-                    if let Some(local) = local {
-                        JOB_TILES.set(local);
-                    }
+                    super::with_taken(&JOB_TILES, |local| {
+                        fill_job_tiles(source, columns.clone(), first..first + count, local);
+                        let slice_len = count * 2 * TILE;
+                        for (group, pair) in plan.blocks(job) {
+                            let a = &rows[group * EDGE * kp + first * EDGE..];
+                            let b = match source {
+                                Some(_) => &local[(pair - columns.start) * slice_len..][..slice_len],
+                                None => &self.packed[(pair * chunks + first) * 2 * TILE..][..slice_len],
+                            };
+                            // SAFETY: the caller checked the level is AMX; `_tiles` configured
+                            // this thread's tiles; `a` holds 32 rows `kp` apart of which the
+                            // slice reads `count · 32` values each, `b` the slice's `count` tile
+                            // pairs; the block of sums at (group, pair) is 32 rows of 32 f32,
+                            // `width` f32 apart, inside `acc`, written by this job alone.
+                            #[cfg(target_arch = "x86_64")]
+                            unsafe {
+                                let c = shared.at(group * EDGE * width + pair * EDGE);
+                                super::amx::block(a.as_ptr(), kp, b.as_ptr(), count, c, width * 4, first > 0)
+                            };
+                            #[cfg(not(target_arch = "x86_64"))]
+                            let _ = (a, b);
+                        }
+                    });
                 });
             }
             let acc = &acc[..];
@@ -645,10 +652,14 @@ thread_local! {
     static JOB_TILES: std::cell::Cell<Bits> = const { std::cell::Cell::new(Bits::new()) };
 }
 
-/// The thread's job buffer (the caller puts it back) holding `columns`' tiles for
-/// `chunks` from `source`.
-fn take_job_tiles(source: Source, columns: std::ops::Range<usize>, chunks: std::ops::Range<usize>) -> Bits {
-    let mut local = JOB_TILES.take();
+/// `columns`' tiles for `chunks` from `source` (if any) into a job's buffer.
+fn fill_job_tiles(
+    source: Option<Source>,
+    columns: std::ops::Range<usize>,
+    chunks: std::ops::Range<usize>,
+    local: &mut Bits,
+) {
+    let Some(source) = source else { return };
     let len = chunks.len() * 2 * TILE;
     // Only grown: every value read is written below first.
     if local.len() < columns.len() * len {
@@ -657,7 +668,6 @@ fn take_job_tiles(source: Source, columns: std::ops::Range<usize>, chunks: std::
     for (i, pair) in columns.enumerate() {
         source(pair, chunks.clone(), &mut local[i * len..(i + 1) * len]);
     }
-    local
 }
 
 /// bf16 bits on 64-byte boundaries, as tiles load them best ([`Aligned`](super::aligned::Aligned)).
@@ -747,9 +757,18 @@ dispatch!(
     fn to_bf16_plain => to_bf16_generic(x: &[f32], out: &mut [u16])
 );
 
+/// AVX-512 BF16 at an allowed level (with BW, which every such CPU has and the 4-bit
+/// widening's permutes use).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512_bf16() -> bool {
-    isa::active() >= Isa::Avx512 && std::is_x86_feature_detected!("avx512bf16")
+pub(super) fn has_avx512_bf16() -> bool {
+    isa::active() >= Isa::Avx512
+        && std::is_x86_feature_detected!("avx512bf16")
+        && std::is_x86_feature_detected!("avx512bw")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) fn has_avx512_bf16() -> bool {
+    false
 }
 
 /// AVX-512 BF16 pieces the tile path's kernels share (`finish_avx512`, tile attention).

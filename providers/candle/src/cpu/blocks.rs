@@ -21,7 +21,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::bf16::{Bf16Dense, Sink, TILE, round};
+use super::bf16::{Bf16Dense, Sink, TILE, has_avx512_bf16, round};
 use super::isa::{self, Isa};
 use super::tiles::{BLOCK, Call};
 
@@ -182,7 +182,7 @@ impl BlockDense {
     pub(crate) fn forward_widened(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>) {
         let layer = Bf16Dense::shape(self.inputs, self.outputs);
         out.resize(tokens * self.outputs, 0.0);
-        let fast = has_bf16_registers();
+        let fast = has_avx512_bf16();
         layer.forward_from(x, tokens, Sink::F32(out), &|pair, chunks, tiles| {
             self.widen(pair, chunks, tiles, fast)
         });
@@ -197,7 +197,7 @@ impl BlockDense {
     /// [`Bf16Dense`]'s tile order, into `tiles`: a record (16 columns × 32 inputs) is
     /// exactly one tile — columns `16 t` of the pair, inputs of one chunk — so each
     /// record widens into its own 1 KiB. A pair's missing half (outputs an odd multiple
-    /// of 16) is zeros, as [`Bf16Dense::pack`] pads. `fast`: [`has_bf16_registers`].
+    /// of 16) is zeros, as [`Bf16Dense::pack`] pads. `fast`: [`has_avx512_bf16`].
     fn widen(&self, pair: usize, chunks: std::ops::Range<usize>, tiles: &mut [u16], fast: bool) {
         let (nb, rec, blocks) = (self.inputs / QK, self.format.record(), self.outputs / BLOCK);
         for (i, tile) in tiles.chunks_exact_mut(TILE).take(chunks.len() * 2).enumerate() {
@@ -210,7 +210,7 @@ impl BlockDense {
             let record = &self.packed[(cb * nb + chunk) * rec..][..rec];
             #[cfg(target_arch = "x86_64")]
             if fast {
-                // SAFETY: the CPU has AVX-512 F, BW and BF16 (`has_bf16_registers`);
+                // SAFETY: the CPU has AVX-512 F, BW and BF16 (`has_avx512_bf16`);
                 // `record` is one whole record and `tile` one whole tile.
                 unsafe { widen_avx512::record(self.format, record, tile) };
                 continue;
@@ -219,11 +219,6 @@ impl BlockDense {
             widen_record(self.format, record, tile);
         }
     }
-}
-
-/// AVX-512 BF16 (on every AMX CPU; `KILN_CPU_ISA` may cap the level below it).
-fn has_bf16_registers() -> bool {
-    isa::active() >= Isa::Avx512Vnni && std::is_x86_feature_detected!("avx512bf16")
 }
 
 /// One record widened into one tile (plain Rust): tile row `r` holds inputs `2r` and
@@ -711,7 +706,7 @@ mod tests {
                 let want = want.tiles();
                 let pair_len = k / QK * 2 * TILE;
                 let mut got = vec![0x7fc1u16; want.len()];
-                let (nb, fast) = (k / QK, has_bf16_registers());
+                let (nb, fast) = (k / QK, has_avx512_bf16());
                 for (pair, tiles) in got.chunks_mut(pair_len).enumerate() {
                     // In two calls of part of the inputs each, as a sliced run asks.
                     let (first, rest) = tiles.split_at_mut(nb / 2 * 2 * TILE);
