@@ -102,3 +102,43 @@ async fn int8_embeddings_stay_within_cosine_0_98_of_sentence_transformers() {
     assert!(worst < 0.9999, "the int8 graph ran (cosines equal to f32's: {worst})");
     int8.shutdown().await.unwrap();
 }
+
+/// The head-in-the-graph variant `scripts/setup ort` writes with `scripts/onnx_head.py`
+/// (what the GPU runs, here in f32 on the CPU): the same embeddings as pooling kiln's
+/// side, and a folder that asks for another head is refused at load, naming both.
+#[tokio::test]
+async fn a_graph_with_the_head_built_in_gives_the_same_embeddings_and_refuses_another_head() {
+    let dir = root().join(".kiln/models/all-MiniLM-L6-v2-onnx-head");
+    assert!(dir.join("model.onnx").is_file(), "{} is missing: run `scripts/setup ort`", dir.display());
+    let path = format!("model.path={:?}", dir.display().to_string());
+    let reference = reference();
+    let headed = Optimizer::from_config(minilm_config(&["provider.name=\"ort\"", &path])).await.unwrap();
+    let plain = Optimizer::from_config(ort_config(&[])).await.unwrap();
+    let a = headed.embed(&reference.texts).await.unwrap();
+    let b = plain.embed(&reference.texts).await.unwrap();
+    for ((text, x), y) in reference.texts.iter().zip(&a).zip(&b) {
+        let c = cosine(x, y);
+        assert!(c >= 0.99999, "head in the graph vs pooled by kiln: cosine {c:.7} for {text:?}");
+    }
+    let outputs: Vec<&str> = headed.model_info().outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(outputs, ["sentence_embedding"]);
+    headed.shutdown().await.unwrap();
+    plain.shutdown().await.unwrap();
+
+    let cls = minilm_config(&["provider.name=\"ort\"", &path, "text.pooling=\"cls\""]);
+    let e = Optimizer::from_config(cls).await.err().expect("a cls head over a mean-pooling graph is refused");
+    let e = e.to_string();
+    assert!(e.contains("kiln.embedding_head") && e.contains("Mean") && e.contains("Cls"), "{e}");
+}
+
+/// A GPU asked of the CPU-only library PyPI's onnxruntime is: an error naming what to
+/// install, never a run on the CPU under a model that says cuda.
+#[tokio::test]
+async fn cuda_from_the_cpu_only_library_is_an_error_naming_the_gpu_library() {
+    let e = Optimizer::from_config(ort_config(&["model.device=\"cuda:0\""]))
+        .await
+        .err()
+        .expect("the CPU-only library cannot place a model on cuda:0");
+    let e = e.to_string();
+    assert!(e.contains("onnxruntime-gpu") && e.contains("scripts/setup ort-gpu"), "{e}");
+}

@@ -7,6 +7,15 @@
 //! checked against them before it reaches ONNX Runtime, with an error naming the input,
 //! what is expected and what came.
 //!
+//! A text encoder's embedding head runs where the token vectors are. A graph that
+//! returns `last_hidden_state` is pooled inside [`Model::run`] straight from ONNX
+//! Runtime's output buffer. A graph with the head built in (`scripts/onnx_head.py`, what
+//! the GPU wants: ONNX Runtime copies each output to the host, and token vectors are
+//! `sequence` times the bytes of the answer) says so in its metadata —
+//! `kiln.embedding_head` (`{"pooling": "mean", "normalize": true}`) and `kiln.dtype`,
+//! the precision its encoder runs in — and its `sentence_embedding` is passed through
+//! once the head is checked against the one the model folder asks for.
+//!
 //! `[provider.options]`:
 //!
 //! | key | default | meaning |
@@ -228,10 +237,88 @@ struct OrtModel {
     /// With an embedding head: where it applies (the graph's token output, pooled under
     /// the attention mask before anything else is copied).
     head: Option<HeadSite>,
+    /// The graph applies the head itself: its `sentence_embedding` is the answer.
+    graph_head: bool,
+}
+
+/// Metadata key: the embedding head a graph applies itself (JSON of [`EmbeddingHead`]).
+pub const HEAD_KEY: &str = "kiln.embedding_head";
+/// Metadata key: the precision a graph's encoder runs in when its outputs do not say
+/// (a float16 encoder with float32 inputs and outputs).
+pub const DTYPE_KEY: &str = "kiln.dtype";
+
+/// What a graph's metadata says it computes.
+#[derive(Debug, Default, PartialEq)]
+struct GraphNotes {
+    head: Option<EmbeddingHead>,
+    dtype: Option<DType>,
+}
+
+impl GraphNotes {
+    fn read(session: &Session, file: &Path) -> Result<Self> {
+        let metadata = session.metadata().map_err(backend)?;
+        Self::parse(metadata.custom(HEAD_KEY).as_deref(), metadata.custom(DTYPE_KEY).as_deref())
+            .map_err(|e| Error::model_load(file, e))
+    }
+
+    fn parse(head: Option<&str>, dtype: Option<&str>) -> std::result::Result<Self, String> {
+        let head = head
+            .map(|h| {
+                serde_json::from_str::<EmbeddingHead>(h).map_err(|e| {
+                    format!(
+                        "metadata {HEAD_KEY} = {h:?} is not an embedding head ({e}); expected e.g. \
+                         {{\"pooling\": \"mean\", \"normalize\": true}}"
+                    )
+                })
+            })
+            .transpose()?;
+        let dtype = dtype
+            .map(|d| {
+                d.parse::<DType>()
+                    .ok()
+                    .filter(|d| d.is_float())
+                    .ok_or_else(|| format!("metadata {DTYPE_KEY} = {d:?} is not one of f32, f16, bf16"))
+            })
+            .transpose()?;
+        Ok(GraphNotes { head, dtype })
+    }
 }
 
 impl OrtProvider {
     fn session(&self, file: &Path, device: Device) -> Result<Session> {
+        let o = &self.options;
+        let wants_cuda =
+            matches!(device, Device::Cuda(_)) || o.execution_providers.iter().any(|e| e == "cuda");
+        // The CPU may stand in for CUDA only where the config allows it: a model placed on
+        // the CPU whose execution providers list "cpu" after "cuda".
+        let cpu_allowed = o.execution_providers.iter().any(|e| e == "cpu") && device == Device::Cpu;
+        if !wants_cuda {
+            return self.session_on(file, None);
+        }
+        let cuda = if let Device::Cuda(n) = device { n as i32 } else { 0 };
+        let why = if !ort::ep::CUDA::is_available().unwrap_or(false) {
+            "the CUDA execution provider is not in the library it names (PyPI's onnxruntime is CPU-only; \
+             onnxruntime-gpu has CUDA: `scripts/setup ort-gpu`)"
+                .to_string()
+        } else {
+            match self.session_on(file, Some(cuda)) {
+                Ok(session) => return Ok(session),
+                Err(e) if !cpu_allowed => return Err(e),
+                Err(e) => e.to_string(),
+            }
+        };
+        if !cpu_allowed {
+            return Err(Error::Unsupported(format!(
+                "{DYLIB_VAR}: {why}; use device = \"cpu\" or such a library"
+            )));
+        }
+        tracing::warn!("ONNX Runtime cannot run on CUDA here ({why}); running on cpu");
+        self.session_on(file, None)
+    }
+
+    /// A session with the CUDA execution provider on device `cuda` first (a failure to
+    /// register it is an error, naming ONNX Runtime's reason), else on the CPU alone.
+    fn session_on(&self, file: &Path, cuda: Option<i32>) -> Result<Session> {
         let env = environment()?;
         let o = &self.options;
         let level = match o.optimization_level {
@@ -241,25 +328,19 @@ impl OrtProvider {
             OptimizationLevel::All => GraphOptimizationLevel::Level3,
         };
         let mut eps = Vec::new();
-        let wants_cuda =
-            matches!(device, Device::Cuda(_)) || o.execution_providers.iter().any(|e| e == "cuda");
-        if wants_cuda {
-            let available = ort::ep::CUDA::is_available().unwrap_or(false);
-            if !available {
-                let cpu_allowed = o.execution_providers.iter().any(|e| e == "cpu") && device == Device::Cpu;
-                if !cpu_allowed {
-                    return Err(Error::Unsupported(format!(
-                        "the CUDA execution provider is not in the library {DYLIB_VAR} names (PyPI's onnxruntime is \
-                         CPU-only; onnxruntime-gpu has CUDA); use device = \"cpu\" or such a library"
-                    )));
-                }
-                tracing::warn!("CUDA execution provider unavailable in this ONNX Runtime; running on cpu");
-            } else {
-                let id = if let Device::Cuda(n) = device { n as i32 } else { 0 };
-                eps.push(ort::ep::CUDA::default().with_device_id(id).build());
-            }
+        if let Some(id) = cuda {
+            // ONNX Runtime would otherwise log a failed registration and run the graph on
+            // the CPU under a model that says cuda.
+            eps.push(ort::ep::CUDA::default().with_device_id(id).build().error_on_failure());
         }
         eps.push(ort::ep::CPU::default().with_arena_allocator(o.cpu_arena).build());
+        let cuda_error = |e: &dyn std::fmt::Display| {
+            Error::Unsupported(format!(
+                "ONNX Runtime's CUDA execution provider did not start on cuda:{}: {e} (it needs an NVIDIA driver, \
+                 and CUDA 13's cuBLAS, cuDNN 9 and runtime on LD_LIBRARY_PATH: `scripts/setup ort-gpu`)",
+                cuda.unwrap_or(0)
+            ))
+        };
         let mut builder = Session::builder(env)
             .map_err(backend)?
             .with_optimization_level(level)
@@ -267,7 +348,7 @@ impl OrtProvider {
             .with_memory_pattern(o.memory_pattern)
             .map_err(backend)?
             .with_execution_providers(eps)
-            .map_err(backend)?;
+            .map_err(|e| if cuda.is_some() { cuda_error(&e) } else { backend(e) })?;
         if o.intra_threads > 0 {
             builder = builder.with_intra_threads(o.intra_threads).map_err(backend)?;
         }
@@ -301,7 +382,10 @@ impl Provider for OrtProvider {
             notes: if devices.contains(&DeviceKind::Cuda) {
                 Vec::new()
             } else {
-                vec!["CUDA: the ONNX Runtime loaded has no usable CUDA execution provider (PyPI's is CPU-only)".into()]
+                vec![format!(
+                    "CUDA: the ONNX Runtime {DYLIB_VAR} names has no CUDA execution provider (PyPI's onnxruntime is \
+                     CPU-only; onnxruntime-gpu has it: `scripts/setup ort-gpu`)"
+                )]
             },
         }
     }
@@ -313,8 +397,12 @@ impl Provider for OrtProvider {
             session.inputs().iter().map(|o| tensor_spec(o.name(), o.dtype())).collect::<Result<Vec<_>>>()?;
         let outputs =
             session.outputs().iter().map(|o| tensor_spec(o.name(), o.dtype())).collect::<Result<Vec<_>>>()?;
+        let notes = GraphNotes::read(&session, &file)?;
         // A graph runs at its own precision; the config must say which.
-        let graph_dtype = outputs.iter().map(|o| o.dtype).find(|d| d.is_float()).unwrap_or(DType::F32);
+        let graph_dtype = notes
+            .dtype
+            .or_else(|| outputs.iter().map(|o| o.dtype).find(|d| d.is_float()))
+            .unwrap_or(DType::F32);
         if spec.dtype != graph_dtype {
             return Err(Error::Unsupported(format!(
                 "{} computes in {graph_dtype}; set model.dtype = \"{graph_dtype}\" (ONNX Runtime runs a graph at the \
@@ -329,10 +417,31 @@ impl Provider for OrtProvider {
         info.weight_bytes = std::fs::metadata(&file).ok().map(|m| m.len());
         info.max_sequence_length =
             kiln_core::max_position_embeddings(file.parent().unwrap_or(Path::new(".")));
+        if let Some(graph_head) = notes.head {
+            let embedding = graph_head_output(&info.outputs, &file)?;
+            if spec.head != Some(graph_head) {
+                return Err(Error::model_load(
+                    &file,
+                    format!(
+                        "the graph applies the embedding head {graph_head:?} ({HEAD_KEY}), but this model is asked \
+                         for {:?}; set text.pooling / text.normalize to match, or use the graph without the head",
+                        spec.head
+                    ),
+                ));
+            }
+            info.outputs = vec![embedding];
+            info.head = Some(graph_head);
+            return Ok(Arc::new(OrtModel {
+                info,
+                session: Mutex::new(session),
+                head: None,
+                graph_head: true,
+            }));
+        }
         // ONNX Runtime's outputs are host memory here (CPU), so pooling inside `run`
         // reads them in place instead of copying them out whole.
         let head = info.declare_head(spec.head);
-        Ok(Arc::new(OrtModel { info, session: Mutex::new(session), head }))
+        Ok(Arc::new(OrtModel { info, session: Mutex::new(session), head, graph_head: false }))
     }
 
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
@@ -340,6 +449,25 @@ impl Provider for OrtProvider {
         let file = model_file(&spec.path, spec.quantization)?;
         Ok(std::fs::metadata(&file).ok().map(|m| m.len() + m.len() / 5))
     }
+}
+
+/// The `sentence_embedding` output `[batch, hidden]` of a graph that applies the head,
+/// as kiln returns it (f32).
+fn graph_head_output(outputs: &[TensorSpec], file: &Path) -> Result<TensorSpec> {
+    let found =
+        outputs.iter().find(|o| o.name == SENTENCE_EMBEDDING && o.shape.len() == 2 && o.dtype.is_float());
+    let spec = found.ok_or_else(|| {
+        let have: Vec<String> = outputs.iter().map(|o| format!("{} {:?}", o.name, o.shape)).collect();
+        Error::model_load(
+            file,
+            format!(
+                "its metadata says it applies the embedding head ({HEAD_KEY}), but it has no float \
+                 `{SENTENCE_EMBEDDING}` [batch, hidden] output (outputs: {})",
+                have.join(", ")
+            ),
+        )
+    })?;
+    Ok(TensorSpec::new(SENTENCE_EMBEDDING, DType::F32, spec.shape.clone()))
 }
 
 fn to_value(name: &str, t: &Tensor) -> Result<DynValue> {
@@ -397,6 +525,15 @@ impl Model for OrtModel {
             .collect::<Result<Vec<(String, DynValue)>>>()?;
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session.run(values).map_err(backend)?;
+        if self.graph_head {
+            let embedding = from_value(SENTENCE_EMBEDDING, &outputs[SENTENCE_EMBEDDING])?;
+            let embedding = if embedding.dtype() == DType::F32 {
+                embedding
+            } else {
+                Tensor::from_vec(embedding.shape().to_vec(), embedding.to_f32_vec()?)?
+            };
+            return Ok(Outputs::new().with(SENTENCE_EMBEDDING, embedding));
+        }
         if let Some(site) = &self.head {
             let mask = inputs.require("attention_mask")?.to_vec::<i64>()?;
             let value = &outputs[site.tokens_name.as_str()];
@@ -469,5 +606,19 @@ mod tests {
         let named = dir.join("model_int8.onnx");
         assert_eq!(model_file(&named, Quantization::Int8).unwrap(), named);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn graph_metadata_is_read_as_a_head_and_a_dtype_and_a_bad_value_is_named() {
+        assert_eq!(GraphNotes::parse(None, None).unwrap(), GraphNotes::default());
+        let notes =
+            GraphNotes::parse(Some(r#"{"pooling": "mean_sqrt_len", "normalize": false}"#), Some("f16"))
+                .unwrap();
+        let head = EmbeddingHead { pooling: kiln_core::Pooling::MeanSqrtLen, normalize: false };
+        assert_eq!(notes, GraphNotes { head: Some(head), dtype: Some(DType::F16) });
+        let e = GraphNotes::parse(Some(r#"{"pooling": "median"}"#), None).unwrap_err();
+        assert!(e.contains(HEAD_KEY) && e.contains("median"), "{e}");
+        let e = GraphNotes::parse(None, Some("i64")).unwrap_err();
+        assert!(e.contains(DTYPE_KEY) && e.contains("\"i64\""), "{e}");
     }
 }
