@@ -142,3 +142,33 @@ async fn cuda_from_the_cpu_only_library_is_an_error_naming_the_gpu_library() {
     let e = e.to_string();
     assert!(e.contains("onnxruntime-gpu") && e.contains("scripts/setup ort-gpu"), "{e}");
 }
+
+/// Runs handed to the responder thread (`overlap`, what CUDA sessions do) answer every
+/// caller with its own text's embedding, as runs on the model thread do.
+#[tokio::test]
+async fn overlapped_runs_give_each_caller_its_own_embedding() {
+    let reference = reference();
+    let overlapped = std::sync::Arc::new(
+        Optimizer::from_config(ort_config(&["provider.options.overlap=true"])).await.unwrap(),
+    );
+    let plain = Optimizer::from_config(ort_config(&["provider.options.overlap=false"])).await.unwrap();
+    let callers: Vec<_> = reference
+        .texts
+        .iter()
+        .map(|t| {
+            let (overlapped, text) = (overlapped.clone(), t.clone());
+            tokio::spawn(async move { overlapped.embed(&[text]).await.unwrap().remove(0) })
+        })
+        .collect();
+    let mut one_by_one = Vec::new();
+    for caller in callers {
+        one_by_one.push(caller.await.unwrap());
+    }
+    let b = plain.embed(&reference.texts).await.unwrap();
+    for ((text, x), y) in reference.texts.iter().zip(&one_by_one).zip(&b) {
+        let c = cosine(x, y);
+        assert!(c >= 0.99999, "overlapped vs not: cosine {c:.7} for {text:?}");
+    }
+    std::sync::Arc::try_unwrap(overlapped).ok().expect("every caller is done").shutdown().await.unwrap();
+    plain.shutdown().await.unwrap();
+}

@@ -18,7 +18,8 @@
 # 2. `kiln run` over the fixture and the 8192 long texts: ort cuda f16 against ort cpu
 #    f32 on the plain export (cosines);
 # 3. `kiln bench`, ort f16 on cuda:0, 1024 concurrent single-text callers, the bench
-#    compile_gpu.sh runs, one session and two (ROUNDS rounds, default 2);
+#    compile_gpu.sh runs, runs overlapped with collation and not (ROUNDS rounds,
+#    default 2);
 # 4. `helpers.py ceiling` on the same texts (COMPILE_MODES, default none: eager f16 and
 #    bf16 only) and kiln's ratio to it.
 . scripts/device/common.sh /tmp/kiln-ort kiln-tch
@@ -48,20 +49,20 @@ run long_cuda "$work/long.txt" "$work/minilm-onnx-f16" cuda:0 f16 '["cuda"]'
 { $helpers cosines "$work" fixture_cpu fixture_cuda
   $helpers cosines "$work" long_cpu long_cuda; } | tee "$out/cosines.txt"
 
-bench() { # TAG GPU_IDS
+bench() { # TAG OVERLAP
     "$kiln" bench examples/embed-ort.toml --texts "$work/long.txt" --concurrency 1024 --requests 32768 \
         --set "model.path=\"$work/minilm-onnx-f16\"" --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
         --set 'provider.options.execution_providers=["cuda"]' \
         --set batching.max_batch_size=256 --set batching.max_wait_ms=2 --set batching.queue_capacity=8192 \
-        --set text.max_length=128 --set cache.enabled=false --set "model.gpu_ids=$2" \
+        --set text.max_length=128 --set cache.enabled=false --set "provider.options.overlap=$2" \
         --json "$out/$1.json" 2>> "$out/bench.log" | tee "$out/$1.txt"
 }
-# ONNX Runtime's run blocks its caller until the outputs are on the host: two sessions
-# on the one GPU (two replicas) let one batch's copies and kiln's collation overlap the
-# other's kernels.
+# ONNX Runtime's run blocks its caller until the outputs are on the host: with overlap
+# (the default on CUDA) it runs on the responder thread while the model thread collates
+# the next batch; off, as the CPU runs it.
 for round in $(seq "${ROUNDS:-2}"); do
-    bench "ort_cuda_f16_$round" '[]'
-    bench "ort_cuda_f16_2replicas_$round" '[0, 0]'
+    bench "ort_cuda_f16_overlap_off_$round" false
+    bench "ort_cuda_f16_overlap_on_$round" true
 done
 
 COMPILE_MODES="${COMPILE_MODES:-none}" $helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "" \

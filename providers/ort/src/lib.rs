@@ -27,13 +27,14 @@
 //! | `execution_providers` | `["cpu"]` | in order of preference: `cuda`, `cpu`; `cuda` needs a library built with it |
 //! | `memory_pattern` | `true` | pre-plan memory for repeated shapes |
 //! | `cpu_arena` | `true` | the CPU arena allocator |
+//! | `overlap` | on CUDA | run each batch on the runtime's responder thread while the model thread collates the next |
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kiln_core::{
     Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, HeadSite, Inputs, Model, ModelInfo,
-    ModelSpec, Outputs, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor,
+    ModelSpec, Outputs, Pending, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor,
     TensorSpec, async_trait,
 };
 use ort::ep::ExecutionProvider;
@@ -83,6 +84,9 @@ pub struct OrtOptions {
     /// for one model alone, but two models running at once (the video pipeline's
     /// stages) then take each other's cores; `false` lets them share.
     pub allow_spinning: bool,
+    /// Each batch's run on the runtime's responder thread while the model thread
+    /// collates the next (see [`Model::start`] for [`OrtModel`]); unset: on CUDA only.
+    pub overlap: Option<bool>,
 }
 
 impl Default for OrtOptions {
@@ -95,6 +99,7 @@ impl Default for OrtOptions {
             memory_pattern: true,
             cpu_arena: true,
             allow_spinning: true,
+            overlap: None,
         }
     }
 }
@@ -229,16 +234,26 @@ fn tensor_spec(name: &str, ty: &ValueType) -> Result<TensorSpec> {
     Ok(TensorSpec::new(name, dtype, dims))
 }
 
-/// A loaded ONNX model. `Session::run` needs `&mut`; the model's worker thread is its
-/// only caller, so the lock is never contended.
+/// A loaded ONNX model.
 struct OrtModel {
     info: ModelInfo,
+    run: Arc<Execution>,
+    /// [`Model::start`] hands the run to the runtime's responder thread, so the model
+    /// thread collates the next batch meanwhile (`overlap`; by default on CUDA).
+    pipelined: bool,
+}
+
+/// A session and what to make of its outputs. `Session::run` needs `&mut`; the model's
+/// worker thread (or, pipelined, the responder thread) is its only caller at a time.
+struct Execution {
     session: Mutex<Session>,
     /// With an embedding head: where it applies (the graph's token output, pooled under
     /// the attention mask before anything else is copied).
     head: Option<HeadSite>,
     /// The graph applies the head itself: its `sentence_embedding` is the answer.
     graph_head: bool,
+    /// The outputs returned when there is no head.
+    outputs: Vec<String>,
 }
 
 /// Metadata key: the embedding head a graph applies itself (JSON of [`EmbeddingHead`]).
@@ -431,17 +446,12 @@ impl Provider for OrtProvider {
             }
             info.outputs = vec![embedding];
             info.head = Some(graph_head);
-            return Ok(Arc::new(OrtModel {
-                info,
-                session: Mutex::new(session),
-                head: None,
-                graph_head: true,
-            }));
+            return Ok(OrtModel::loaded(info, session, None, true, self.options.overlap));
         }
-        // ONNX Runtime's outputs are host memory here (CPU), so pooling inside `run`
-        // reads them in place instead of copying them out whole.
+        // ONNX Runtime's outputs are host memory (it copies them back from a GPU), so
+        // pooling inside `run` reads them in place instead of copying them out whole.
         let head = info.declare_head(spec.head);
-        Ok(Arc::new(OrtModel { info, session: Mutex::new(session), head, graph_head: false }))
+        Ok(OrtModel::loaded(info, session, head, false, self.options.overlap))
     }
 
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
@@ -511,18 +521,66 @@ fn from_value(name: &str, value: &DynValue) -> Result<Tensor> {
     }
 }
 
+/// A run's inputs, named as the session names them.
+type Feeds = Vec<(String, DynValue)>;
+
+impl OrtModel {
+    fn loaded(
+        info: ModelInfo,
+        session: Session,
+        head: Option<HeadSite>,
+        graph_head: bool,
+        overlap: Option<bool>,
+    ) -> Arc<dyn Model> {
+        let pipelined = overlap.unwrap_or(matches!(info.device, Device::Cuda(_)));
+        let outputs = info.outputs.iter().map(|o| o.name.clone()).collect();
+        let run = Arc::new(Execution { session: Mutex::new(session), head, graph_head, outputs });
+        Arc::new(OrtModel { info, run, pipelined })
+    }
+
+    /// The session's inputs as ONNX Runtime values, and the attention mask when kiln
+    /// pools: everything a request can get wrong is found here, before the run.
+    fn prepare(&self, inputs: &Inputs) -> Result<(Feeds, Option<Vec<i64>>)> {
+        let values = self
+            .info
+            .inputs
+            .iter()
+            .map(|spec| Ok((spec.name.clone(), to_value(&spec.name, inputs.require(&spec.name)?)?)))
+            .collect::<Result<Feeds>>()?;
+        let mask = match self.run.head {
+            Some(_) => Some(inputs.require("attention_mask")?.to_vec::<i64>()?),
+            None => None,
+        };
+        Ok((values, mask))
+    }
+}
+
 impl Model for OrtModel {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
-        let values = self
-            .info
-            .inputs
-            .iter()
-            .map(|spec| Ok((spec.name.clone(), to_value(&spec.name, inputs.require(&spec.name)?)?)))
-            .collect::<Result<Vec<(String, DynValue)>>>()?;
+        let (values, mask) = self.prepare(inputs)?;
+        self.run.execute(values, mask.as_deref())
+    }
+
+    /// On CUDA, ONNX Runtime's `run` holds its caller until the outputs are back on the
+    /// host; run there, it would leave the GPU idle while the model thread collates
+    /// the next batch. So the run goes to the runtime's responder thread and the model
+    /// thread goes on (batches still run one at a time: the session is behind a lock).
+    fn start(&self, inputs: &Inputs) -> Result<Pending> {
+        let (values, mask) = self.prepare(inputs)?;
+        if !self.pipelined {
+            return self.run.execute(values, mask.as_deref()).map(Pending::ready);
+        }
+        let run = self.run.clone();
+        Ok(Pending::later(move || run.execute(values, mask.as_deref())))
+    }
+}
+
+impl Execution {
+    fn execute(&self, values: Feeds, mask: Option<&[i64]>) -> Result<Outputs> {
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session.run(values).map_err(backend)?;
         if self.graph_head {
@@ -534,22 +592,21 @@ impl Model for OrtModel {
             };
             return Ok(Outputs::new().with(SENTENCE_EMBEDDING, embedding));
         }
-        if let Some(site) = &self.head {
-            let mask = inputs.require("attention_mask")?.to_vec::<i64>()?;
+        if let (Some(site), Some(mask)) = (&self.head, mask) {
             let value = &outputs[site.tokens_name.as_str()];
             let pooled = match value.try_extract_tensor::<f32>() {
-                Ok((shape, data)) => pool(shape, data, &mask, site.head),
+                Ok((shape, data)) => pool(shape, data, mask, site.head),
                 Err(_) => {
                     let (shape, data) = value.try_extract_tensor::<half::f16>().map_err(backend)?;
                     let data: Vec<f32> = data.iter().map(|v| v.to_f32()).collect();
-                    pool(shape, &data, &mask, site.head)
+                    pool(shape, &data, mask, site.head)
                 }
             }?;
             return Ok(Outputs::new().with(SENTENCE_EMBEDDING, pooled));
         }
         let mut out = Outputs::new();
-        for spec in &self.info.outputs {
-            out.insert(spec.name.clone(), from_value(&spec.name, &outputs[spec.name.as_str()])?);
+        for name in &self.outputs {
+            out.insert(name.clone(), from_value(name, &outputs[name.as_str()])?);
         }
         Ok(out)
     }
