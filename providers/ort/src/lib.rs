@@ -161,6 +161,15 @@ fn environment() -> Result<&'static ort::environment::Environment> {
     .map_err(|e| Error::Unsupported(e.clone()))
 }
 
+/// Whether the NVIDIA driver's library loads here: the CUDA execution provider needs it,
+/// and a GPU build of ONNX Runtime says CUDA is available without it.
+fn cuda_driver() -> bool {
+    static DRIVER: OnceLock<bool> = OnceLock::new();
+    // SAFETY: loading libcuda runs its initialisers, which have no preconditions; the
+    // library is dropped (unloaded) at once.
+    *DRIVER.get_or_init(|| unsafe { libloading::Library::new("libcuda.so.1") }.is_ok())
+}
+
 /// The graph to load: `model.onnx` in a folder, or the file itself; with
 /// `quantization = "int8"`, `model_int8.onnx` in the folder, or `NAME_int8.onnx` beside
 /// `NAME.onnx` (a file whose name already ends in `_int8.onnx` is taken as it is).
@@ -384,24 +393,30 @@ impl Provider for OrtProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
+        let in_library = environment().is_ok() && ort::ep::CUDA::is_available().unwrap_or(false);
+        let note = match (in_library, cuda_driver()) {
+            (true, true) => None,
+            (true, false) => Some(
+                "CUDA: the ONNX Runtime loaded has its CUDA execution provider, but this machine has no NVIDIA \
+                 driver (libcuda.so.1 does not load)"
+                    .to_string(),
+            ),
+            (false, _) => Some(format!(
+                "CUDA: the ONNX Runtime {DYLIB_VAR} names has no CUDA execution provider (PyPI's onnxruntime is \
+                 CPU-only; onnxruntime-gpu has it: `scripts/setup ort-gpu`)"
+            )),
+        };
         let mut devices = vec![DeviceKind::Cpu];
-        if environment().is_ok() && ort::ep::CUDA::is_available().unwrap_or(false) {
+        if note.is_none() {
             devices.push(DeviceKind::Cuda);
         }
         Capabilities {
-            devices: devices.clone(),
+            devices,
             dtypes: vec![DType::F32, DType::F16],
             quantization: vec![Quantization::Int8],
             formats: vec!["ONNX (.onnx file, or a folder with model.onnx; int8: model_int8.onnx)".into()],
             max_batch_size: None,
-            notes: if devices.contains(&DeviceKind::Cuda) {
-                Vec::new()
-            } else {
-                vec![format!(
-                    "CUDA: the ONNX Runtime {DYLIB_VAR} names has no CUDA execution provider (PyPI's onnxruntime is \
-                     CPU-only; onnxruntime-gpu has it: `scripts/setup ort-gpu`)"
-                )]
-            },
+            notes: note.into_iter().collect(),
         }
     }
 
