@@ -143,7 +143,7 @@ async fn cuda_from_the_cpu_only_library_is_an_error_naming_the_gpu_library() {
     assert!(e.contains("onnxruntime-gpu") && e.contains("scripts/setup ort-gpu"), "{e}");
 }
 
-/// Runs handed to the responder thread (`overlap`, what CUDA sessions do) answer every
+/// Runs handed to the responder thread (`overlap`, off by default) answer every
 /// caller with its own text's embedding, as runs on the model thread do.
 #[tokio::test]
 async fn overlapped_runs_give_each_caller_its_own_embedding() {

@@ -8,7 +8,7 @@
 #   minilm-f16/        the MiniLM folder (f16 safetensors, tokenizer, pooling)
 #   ort-gpu.tar.xz.*   libonnxruntime.so.1.31.1, libonnxruntime_providers_shared.so and
 #                      libonnxruntime_providers_cuda.so from the onnxruntime-gpu wheel,
-#                      split in parts that travel in consecutive calls (ORT_PARTS names the
+#                      split in parts (or whole) that travel in consecutive calls (ORT_PARTS names the
 #                      folder holding them, default .device)
 #
 #   bash scripts/device/ort_gpu.sh          (SKIP_COSINES=1: the benches and the ceiling only)
@@ -24,7 +24,7 @@
 #    bf16 only) and kiln's ratio to it.
 . scripts/device/common.sh /tmp/kiln-ort kiln-tch
 kiln="$work/kiln-tch"
-cat "${ORT_PARTS:-.device}"/ort-gpu.tar.xz.* | xz -dc | tar -x -C "$work"
+cat "${ORT_PARTS:-.device}"/ort-gpu.tar.xz* | xz -dc | tar -x -C "$work"
 export ORT_DYLIB_PATH="$work/libonnxruntime.so.1.31.1"
 # cuDNN (which the CUDA provider opens when a graph needs it) from the torch wheels.
 export LD_LIBRARY_PATH="$site/nvidia/cudnn/lib:$LD_LIBRARY_PATH"
@@ -60,8 +60,8 @@ bench() { # TAG OVERLAP
         --json "$out/$1.json" 2>> "$out/bench.log" | tee "$out/$1.txt"
 }
 # ONNX Runtime's run blocks its caller until the outputs are on the host: with overlap
-# (the default on CUDA) it runs on the responder thread while the model thread collates
-# the next batch; off, as the CPU runs it.
+# (off by default: it measured slower on an H100) it runs on the responder thread while
+# the model thread collates the next batch; off, on the model thread.
 for round in $(seq "${ROUNDS:-2}"); do
     bench "ort_cuda_f16_overlap_off_$round" false
     bench "ort_cuda_f16_overlap_on_$round" true

@@ -27,7 +27,7 @@
 //! | `execution_providers` | `["cpu"]` | in order of preference: `cuda`, `cpu`; `cuda` needs a library built with it |
 //! | `memory_pattern` | `true` | pre-plan memory for repeated shapes |
 //! | `cpu_arena` | `true` | the CPU arena allocator |
-//! | `overlap` | on CUDA | run each batch on the runtime's responder thread while the model thread collates the next |
+//! | `overlap` | `false` | run each batch on the runtime's responder thread while the model thread collates the next (measured slower on an H100: off by default) |
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -85,8 +85,8 @@ pub struct OrtOptions {
     /// stages) then take each other's cores; `false` lets them share.
     pub allow_spinning: bool,
     /// Each batch's run on the runtime's responder thread while the model thread
-    /// collates the next (see [`Model::start`] for [`OrtModel`]); unset: on CUDA only.
-    pub overlap: Option<bool>,
+    /// collates the next (see [`Model::start`] for [`OrtModel`]); off by default.
+    pub overlap: bool,
 }
 
 impl Default for OrtOptions {
@@ -99,7 +99,7 @@ impl Default for OrtOptions {
             memory_pattern: true,
             cpu_arena: true,
             allow_spinning: true,
-            overlap: None,
+            overlap: false,
         }
     }
 }
@@ -248,7 +248,7 @@ struct OrtModel {
     info: ModelInfo,
     run: Arc<Execution>,
     /// [`Model::start`] hands the run to the runtime's responder thread, so the model
-    /// thread collates the next batch meanwhile (`overlap`; by default on CUDA).
+    /// thread collates the next batch meanwhile (`overlap`; off unless asked for).
     pipelined: bool,
 }
 
@@ -545,9 +545,8 @@ impl OrtModel {
         session: Session,
         head: Option<HeadSite>,
         graph_head: bool,
-        overlap: Option<bool>,
+        pipelined: bool,
     ) -> Arc<dyn Model> {
-        let pipelined = overlap.unwrap_or(matches!(info.device, Device::Cuda(_)));
         let outputs = info.outputs.iter().map(|o| o.name.clone()).collect();
         let run = Arc::new(Execution { session: Mutex::new(session), head, graph_head, outputs });
         Arc::new(OrtModel { info, run, pipelined })
