@@ -608,5 +608,5 @@ pub(crate) mod panels;
 mod tile_attention;
 mod tiles;
 
-pub(crate) use kernels::softmax;
 use kernels::{add_norm, gelu};
+pub(crate) use kernels::{add_rms_norm, softmax};

@@ -51,6 +51,10 @@ dispatch!(
     /// One row of `LayerNorm(x + residual)`, into `x`.
     pub(super) fn add_norm => add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32)
 );
+dispatch!(
+    /// One row of `x += residual` and its RMSNorm `h = x / rms(x) · w`, in one pass.
+    pub(crate) fn add_rms_norm => add_rms_norm_generic(x: &mut [f32], residual: &[f32], w: &[f32], eps: f32, h: &mut [f32])
+);
 
 const LANES: usize = 16;
 
@@ -190,6 +194,46 @@ fn add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32]
     }
 }
 
+#[inline(always)]
+fn add_rms_norm_generic(x: &mut [f32], residual: &[f32], w: &[f32], eps: f32, h: &mut [f32]) {
+    for (v, r) in x.iter_mut().zip(residual) {
+        *v += r;
+    }
+    // The graph ops this replaces (candle's sqr, mean, affine, sqrt, recip, mul), in
+    // their order, so the results are theirs to the bit: greedy tokens on quantized
+    // activations flip on a last-bit change of a norm.
+    let mean = sum_of_squares_as_candle(x) * (1.0 / x.len() as f64) as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for ((h, v), w) in h.iter_mut().zip(x.iter()).zip(w) {
+        *h = v * inv * w;
+    }
+}
+
+/// `Σ v²` summed as candle's AVX `vec_sum` sums a row of squares: 32 lanes (four
+/// vectors of 8), the vectors added pairwise, the halves of the last one, two
+/// horizontal adds, then the tail in order.
+#[inline(always)]
+fn sum_of_squares_as_candle(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 32];
+    let chunks = x.chunks_exact(32);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let mut v = [0f32; 8];
+    for l in 0..8 {
+        v[l] = (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]);
+    }
+    let t: [f32; 4] = std::array::from_fn(|l| v[l] + v[l + 4]);
+    let mut total = (t[0] + t[1]) + (t[2] + t[3]);
+    for v in tail {
+        total += v * v;
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +299,23 @@ mod tests {
         for i in 0..35 {
             let want = (v[i] - mean) / var.sqrt() * f64::from(g[i]) + f64::from(b[i]);
             assert!((f64::from(x[i]) - want).abs() < 1e-5, "{i}: {} vs {want}", x[i]);
+        }
+    }
+
+    #[test]
+    fn add_rms_norm_matches_its_definition() {
+        // 37 values: two vector steps and a tail.
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let r: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let w: Vec<f32> = (0..37).map(|i| 0.5 + i as f32 * 0.03).collect();
+        let sum: Vec<f64> = x.iter().zip(&r).map(|(a, b)| f64::from(*a) + f64::from(*b)).collect();
+        let rms = (sum.iter().map(|v| v * v).sum::<f64>() / 37.0 + 1e-6).sqrt();
+        let (mut got, mut h) = (x.clone(), vec![0f32; 37]);
+        add_rms_norm(&mut got, &r, &w, 1e-6, &mut h);
+        for i in 0..37 {
+            assert!((f64::from(got[i]) - sum[i]).abs() < 1e-6, "sum {i}");
+            let want = sum[i] / rms * f64::from(w[i]);
+            assert!((f64::from(h[i]) - want).abs() < 1e-5, "{i}: {} vs {want}", h[i]);
         }
     }
 }

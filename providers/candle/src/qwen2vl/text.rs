@@ -9,7 +9,7 @@ use super::config::QwenVlConfig;
 use super::host::{self, Heads, Span};
 use super::rope::mrope_cos_sin;
 use super::vision::{rotary_tensors, rotate};
-use super::weights::{Linear, Mlp, Weights, rms_norm, with_rows};
+use super::weights::{Linear, Mlp, Weights, add_rms_norm, rms_norm, with_rows};
 use crate::backend;
 
 struct Layer {
@@ -234,8 +234,8 @@ impl TextModel {
         };
         let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
         let mut x = x.clone();
+        let mut h = rms_norm(&x, self.norm_before(0), c.rms_norm_eps)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let attended = match &graph {
                 None => {
                     let width: usize = widths.iter().sum();
@@ -283,13 +283,11 @@ impl TextModel {
                         .map_err(backend)?
                 }
             };
-            x = (x + layer.o.forward(&attended)?).map_err(backend)?;
-            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            x = (x + layer.mlp.forward(&h)?).map_err(backend)?;
+            (x, h) = self.residuals(layer, i, &x, &attended)?;
         }
         cache.tokens += tokens;
-        let last = x.narrow(0, tokens - keep.min(tokens), keep.min(tokens)).map_err(backend)?;
-        let last = rms_norm(&last, &self.norm, c.rms_norm_eps)?;
+        // `h` is the final norm's output.
+        let last = h.narrow(0, tokens - keep.min(tokens), keep.min(tokens)).map_err(backend)?;
         self.lm_head.forward(&last)
     }
 }
@@ -314,8 +312,8 @@ impl TextModel {
         let (cos, sin) = rotary_tensors(&cos, &sin, head_dim, &self.device)?;
         let widths = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim];
         let mut x = self.embed(tokens, None)?;
+        let mut h = rms_norm(&x, self.norm_before(0), c.rms_norm_eps)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let [q, k, v] = layer.qkv.forward(&h, widths)?;
             let q = rotate(&q.reshape((batch, heads, head_dim)).map_err(backend)?, &cos, &sin)?;
             let k = rotate(&k.reshape((batch, kv_heads, head_dim)).map_err(backend)?, &cos, &sin)?;
@@ -332,15 +330,27 @@ impl TextModel {
                 );
             }
             let attended = Tensor::cat(&outs, 0).map_err(backend)?;
-            x = (x + layer.o.forward(&attended)?).map_err(backend)?;
-            let h = rms_norm(&x, &layer.post_norm, c.rms_norm_eps)?;
-            x = (x + layer.mlp.forward(&h)?).map_err(backend)?;
+            (x, h) = self.residuals(layer, i, &x, &attended)?;
         }
         for cache in caches.iter_mut() {
             cache.tokens += 1;
         }
-        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        self.lm_head.forward(&x)
+        self.lm_head.forward(&h)
+    }
+
+    /// The norm in front of layer `i`: its input norm, or after the last layer the final one.
+    fn norm_before(&self, i: usize) -> &Tensor {
+        self.layers.get(i).map_or(&self.norm, |l| &l.input_norm)
+    }
+
+    /// Layer `i`'s second half after its attention (`attended`, on the residual stream
+    /// `x`): the output projection and the MLP, each added to the stream together with
+    /// the norm that follows it (`add_rms_norm`). Returns the stream and its norm for
+    /// what comes next (layer `i + 1`, or the output head).
+    fn residuals(&self, layer: &Layer, i: usize, x: &Tensor, attended: &Tensor) -> Result<(Tensor, Tensor)> {
+        let eps = self.config.rms_norm_eps;
+        let (sum, h) = add_rms_norm(x, &layer.o.forward(attended)?, &layer.post_norm, eps)?;
+        add_rms_norm(&sum, &layer.mlp.forward(&h)?, self.norm_before(i + 1), eps)
     }
 }
 

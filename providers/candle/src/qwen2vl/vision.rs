@@ -18,7 +18,7 @@ use kiln_core::Result;
 
 use super::config::VisionConfig;
 use super::host::{self, Heads, Span};
-use super::weights::{Linear, Mlp, Weights, rms_norm};
+use super::weights::{Linear, Mlp, Weights, add_rms_norm, rms_norm};
 use crate::backend;
 use kiln_core::qwen2vl::WindowLayout;
 
@@ -101,10 +101,13 @@ impl VisionTower {
             .and_then(|x| x.index_select(&order, 0))
             .and_then(|x| x.reshape((patches, c.hidden_size)))
             .map_err(backend)?;
+        // Each block's input norm, and at the end the merger's, is computed with the
+        // residual add before it (`add_rms_norm`).
+        let first_norm = self.blocks.first().map_or(&self.merger_norm, |b| &b.norm1);
+        let mut h = rms_norm(&x, first_norm, 1e-6)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let segments =
                 if c.fullatt_block_indexes.contains(&i) { &layout.images } else { &layout.windows };
-            let h = rms_norm(&x, &block.norm1, 1e-6)?;
             let attended = if let Some((cos, sin)) = &graph_rotary {
                 let qkv = block.qkv.forward(&h)?.reshape((patches, 3, heads, head_dim)).map_err(backend)?;
                 let q = rotate(&qkv.i((.., 0)).map_err(backend)?, cos, sin)?;
@@ -131,13 +134,11 @@ impl VisionTower {
                 );
                 Tensor::from_vec(out, (patches, hidden), &self.device).map_err(backend)?
             };
-            x = (x + block.proj.forward(&attended)?).map_err(backend)?;
-            let h = rms_norm(&x, &block.norm2, 1e-6)?;
-            x = (x + block.mlp.forward(&h)?).map_err(backend)?;
+            let (sum, h2) = add_rms_norm(&x, &block.proj.forward(&attended)?, &block.norm2, 1e-6)?;
+            let next_norm = self.blocks.get(i + 1).map_or(&self.merger_norm, |b| &b.norm1);
+            (x, h) = add_rms_norm(&sum, &block.mlp.forward(&h2)?, next_norm, 1e-6)?;
         }
-        let merged = rms_norm(&x, &self.merger_norm, 1e-6)?
-            .reshape((patches / unit, unit * c.hidden_size))
-            .map_err(backend)?;
+        let merged = h.reshape((patches / unit, unit * c.hidden_size)).map_err(backend)?;
         let merged =
             self.merger_fc2.forward(&self.merger_fc1.forward(&merged)?.gelu_erf().map_err(backend)?)?;
         // Back to the processor's order: out[window_index[i]] = merged[i].

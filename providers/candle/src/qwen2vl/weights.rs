@@ -317,6 +317,39 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_mul(&scale).and_then(|h| h.broadcast_mul(weight)).map_err(backend)
 }
 
+/// `(x + delta, RMSNorm(x + delta) · weight)`: the residual stream's next value and the
+/// next sublayer's input. On the CPU one pass over each row (as graph ops, the add and
+/// the norm were five passes and as many fresh buffers a sublayer: 5–7 % of a prompt's
+/// time in perf); on other devices, graph ops.
+pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let f32s = [x, delta, weight].iter().all(|t| t.dtype() == DType::F32);
+    if !(x.device().is_cpu() && f32s && x.dims() == delta.dims() && x.rank() == 2) {
+        let sum = (x + delta).map_err(backend)?;
+        let h = rms_norm(&sum, weight, eps)?;
+        return Ok((sum, h));
+    }
+    let width = weight.elem_count();
+    let w = weight.to_vec1::<f32>().map_err(backend)?;
+    let mut sum = with_rows(x, <[f32]>::to_vec)?;
+    let mut h = vec![0f32; sum.len()];
+    with_rows(delta, |d| {
+        // Enough rows a job that a thread's wake-up is worth it.
+        let rows = 16 * width;
+        sum.par_chunks_mut(rows).zip(d.par_chunks(rows)).zip(h.par_chunks_mut(rows)).for_each(
+            |((x, d), h)| {
+                for ((x, d), h) in
+                    x.chunks_exact_mut(width).zip(d.chunks_exact(width)).zip(h.chunks_exact_mut(width))
+                {
+                    crate::cpu::add_rms_norm(x, d, &w, eps as f32, h);
+                }
+            },
+        )
+    })?;
+    let dims = x.dims();
+    let tensor = |v| Tensor::from_vec(v, dims, x.device()).map_err(backend);
+    Ok((tensor(sum)?, tensor(h)?))
+}
+
 /// The checkpoint's tensors by name, as stored (dtype included), handed out once each
 /// to the layer that takes them.
 pub struct Weights {
