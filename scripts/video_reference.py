@@ -7,6 +7,11 @@ docs/benchmarks.md).
 
     video_reference.py UNET.onnx RIFE.onnx OUT.npy [--seed 7] [--keyframes 8]
         [--anchors 3] [--difficulty 0.5 0.9] [--sigmas 80] [--interpolation 8] [--rounds 1]
+        [--device cpu | cuda:N]
+
+`--device cuda:N` runs both sessions on ONNX Runtime's CUDA execution provider (PyPI's
+onnxruntime-gpu), as kiln does for a config with `model.device = "cuda:N"`; a runtime
+without it, or a provider that fails to start, is an error rather than a CPU run.
 
 Renders `--rounds` times in one process (the first round pays ONNX Runtime's first-run
 costs), writes the frames as float32 `[frames, 3, 128, 128]` RGB in [0, 1] (OUT.npy) and
@@ -105,13 +110,13 @@ def main():
     p.add_argument("--sigmas", type=float, nargs="+", default=[80.0])
     p.add_argument("--interpolation", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda:N")
     a = p.parse_args()
     levels = int(np.log2(a.interpolation))
     if 1 << levels != a.interpolation:
         raise SystemExit("--interpolation must be a power of two")
 
-    unet = ort.InferenceSession(a.unet, providers=["CPUExecutionProvider"])
-    rife = ort.InferenceSession(a.rife, providers=["CPUExecutionProvider"])
+    unet, rife = (session(path, a.device) for path in (a.unet, a.rife))
     rounds = []
     for _ in range(a.rounds):
         started = time.perf_counter()
@@ -120,6 +125,23 @@ def main():
         rounds.append({"seconds": seconds, "keyframe_seconds": keyframe_seconds})
     np.save(a.out, np.stack(frames).astype(np.float32))
     print(json.dumps({"frames": len(frames), "rounds": rounds}))
+
+
+def session(path, device):
+    """An ONNX Runtime session on `device` (cpu or cuda:N), never silently on another."""
+    if device == "cpu":
+        return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index or "0").isdigit():
+        raise SystemExit(f"--device {device!r}: cpu or cuda:N")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SystemExit(f"--device {device}: this onnxruntime ({ort.__version__}, {ort.__file__}) has no CUDA "
+                         "execution provider; install onnxruntime-gpu")
+    s = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", {"device_id": int(index or 0)})])
+    # ONNX Runtime falls back to the CPU when the CUDA provider fails to start (a missing library).
+    if s.get_providers()[0] != "CUDAExecutionProvider":
+        raise SystemExit(f"--device {device}: the CUDA execution provider did not start ({s.get_providers()})")
+    return s
 
 
 def render(unet, rife, a, levels):

@@ -96,8 +96,9 @@ fn warn(result: kiln::Result<()>) {
 
 /// `kiln bench` for `task = "video"`: a warm-up render, then `rounds` renders by kiln,
 /// each followed, with `reference` (a Python with onnxruntime and numpy), by a render
-/// of scripts/video_reference.py — one frame at a time — in a process of its own that
-/// warms up with one render first. Interleaved, so both sides see the same machine;
+/// of scripts/video_reference.py — one frame at a time, on kiln's GPU when the config
+/// names one (`onnxruntime-gpu` then) — in a process of its own that warms up with one
+/// render first. Interleaved, so both sides see the same machine;
 /// medians give the ratio, and the reference's frames are held against kiln's.
 pub(crate) async fn bench(
     config: KilnConfig,
@@ -111,6 +112,11 @@ pub(crate) async fn bench(
     config.cache.enabled = false;
     let video_config = config.video.clone();
     let (unet, rife) = (config.model.path.clone(), video_config.interpolator.clone());
+    // The reference runs on the same GPU as kiln (ONNX Runtime's CUDA provider), or the CPU.
+    let reference_device = match config.model.device.fixed() {
+        Some(kiln::Device::Cuda(n)) => format!("cuda:{n}"),
+        _ => "cpu".to_string(),
+    };
     let pipeline = VideoPipeline::from_config(config).await.context("loading the video pipeline")?;
     let warm_up = pipeline.render(&|_, _, _| {}).await?.seconds;
     let dir = tempfile_dir()?;
@@ -123,7 +129,13 @@ pub(crate) async fn bench(
         kiln_rounds.push((video.seconds, video.keyframe_seconds));
         last = Some(video);
         if let Some(python) = reference {
-            reference_rounds.push(run_reference(python, &video_config, &unet, &rife, &out)?);
+            reference_rounds.push(run_reference(
+                python,
+                &video_config,
+                &reference_device,
+                [&unet, &rife],
+                &out,
+            )?);
         }
     }
     let video = last.expect("one round at least");
@@ -182,15 +194,24 @@ pub(crate) async fn bench(
 fn run_reference(
     python: &std::path::Path,
     c: &kiln::VideoConfig,
-    unet: &std::path::Path,
-    rife: &std::path::Path,
+    device: &str,
+    [unet, rife]: [&std::path::Path; 2],
     out: &std::path::Path,
 ) -> Result<f64> {
-    // The script of the source tree this binary was built from.
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/video_reference.py");
-    anyhow::ensure!(script.is_file(), "no {} (the reference ships with kiln's sources)", script.display());
+    // The script of the source tree this binary was built from, else of the working
+    // directory's (a binary carried to another machine with a checkout).
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/video_reference.py");
+    let script = [built.clone(), std::path::PathBuf::from("scripts/video_reference.py")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no {} nor scripts/video_reference.py here (the reference ships with kiln's sources)",
+                built.display()
+            )
+        })?;
     let mut command = std::process::Command::new(python);
-    command.arg(&script).arg(unet).arg(rife).arg(out);
+    command.arg(&script).arg(unet).arg(rife).arg(out).args(["--device", device]);
     command.args(["--seed", &c.seed.to_string(), "--keyframes", &c.keyframes.to_string()]);
     command.args(["--anchors", &c.anchors.to_string(), "--interpolation", &c.interpolation.to_string()]);
     command.args(["--rounds", "2", "--difficulty"]);

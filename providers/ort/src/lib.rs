@@ -27,6 +27,7 @@
 //! | `execution_providers` | `["cpu"]` | in order of preference: `cuda`, `cpu`; `cuda` needs a library built with it |
 //! | `memory_pattern` | `true` | pre-plan memory for repeated shapes |
 //! | `cpu_arena` | `true` | the CPU arena allocator |
+//! | `cudnn_conv_algo_search` | `"heuristic"` | how the CUDA provider picks a convolution's algorithm for each new input shape: `heuristic` (cuDNN's heuristics), `exhaustive` (times every algorithm: ONNX Runtime's own default, seconds for every batch size dynamic batching makes), `default` |
 //! | `overlap` | `false` | run each batch on the runtime's responder thread while the model thread collates the next (measured slower on an H100: off by default) |
 
 use std::path::{Path, PathBuf};
@@ -87,6 +88,24 @@ pub struct OrtOptions {
     /// Each batch's run on the runtime's responder thread while the model thread
     /// collates the next (see [`Model::start`] for [`OrtModel`]); off by default.
     pub overlap: bool,
+    /// How the CUDA provider picks each convolution's algorithm for a new input shape.
+    pub cudnn_conv_algo_search: ConvSearch,
+}
+
+/// `cudnn_conv_algo_search`: cuDNN's choice of convolution algorithm on CUDA.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvSearch {
+    /// Time every algorithm once per input shape (ONNX Runtime's own default): the
+    /// fastest for one shape seen again and again, but seconds for each new one, and
+    /// dynamic batching makes a new shape of every batch size (the video pipeline on an
+    /// H100 ran 0.03–0.14× its one-frame-at-a-time reference with it).
+    Exhaustive,
+    /// cuDNN's heuristics, nothing timed: kiln's default (the same runs 0.19–0.43×).
+    #[default]
+    Heuristic,
+    /// cuDNN's default algorithm.
+    Default,
 }
 
 impl Default for OrtOptions {
@@ -100,6 +119,7 @@ impl Default for OrtOptions {
             cpu_arena: true,
             allow_spinning: true,
             overlap: false,
+            cudnn_conv_algo_search: ConvSearch::Heuristic,
         }
     }
 }
@@ -355,7 +375,14 @@ impl OrtProvider {
         if let Some(id) = cuda {
             // ONNX Runtime would otherwise log a failed registration and run the graph on
             // the CPU under a model that says cuda.
-            eps.push(ort::ep::CUDA::default().with_device_id(id).build().error_on_failure());
+            use ort::ep::cuda::ConvAlgorithmSearch;
+            let search = match o.cudnn_conv_algo_search {
+                ConvSearch::Exhaustive => ConvAlgorithmSearch::Exhaustive,
+                ConvSearch::Heuristic => ConvAlgorithmSearch::Heuristic,
+                ConvSearch::Default => ConvAlgorithmSearch::Default,
+            };
+            let cuda = ort::ep::CUDA::default().with_device_id(id).with_conv_algorithm_search(search);
+            eps.push(cuda.build().error_on_failure());
         }
         eps.push(ort::ep::CPU::default().with_arena_allocator(o.cpu_arena).build());
         let cuda_error = |e: &dyn std::fmt::Display| {
