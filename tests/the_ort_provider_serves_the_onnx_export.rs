@@ -83,6 +83,20 @@ async fn a_dtype_the_graph_does_not_compute_in_is_refused() {
     assert!(e.contains("f32") && e.contains("model.dtype"), "{e}");
 }
 
+/// cuDNN's algorithm search (CUDA only) is checked with the rest of the options, on any
+/// machine: a value it does not know is refused with the ones it does.
+#[tokio::test]
+async fn an_unknown_cudnn_search_is_refused_naming_the_accepted_ones() {
+    let e = Optimizer::from_config(ort_config(&["provider.options.cudnn_conv_algo_search=\"fast\""]))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("fast") && e.contains("heuristic") && e.contains("exhaustive"), "{e}");
+    let fine = ort_config(&["provider.options.cudnn_conv_algo_search=\"exhaustive\""]);
+    Optimizer::from_config(fine).await.unwrap().shutdown().await.unwrap();
+}
+
 /// `model.quantization = "int8"` loads `model_int8.onnx` (ONNX Runtime's dynamic int8
 /// quantization, made by `scripts/setup ort`). Its activation scale is one per tensor,
 /// so per batch: in a batch with long texts the empty text comes out at cosine 0.984
