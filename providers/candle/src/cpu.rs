@@ -605,7 +605,7 @@ pub(crate) mod blocks;
 pub(crate) mod int8;
 pub(crate) mod isa;
 pub(crate) mod panels;
-mod tile_attention;
+pub(crate) mod tile_attention;
 mod tiles;
 
 use kernels::{add_norm, gelu};

@@ -2,7 +2,8 @@
 //! the weighted sum of values as bf16 products summed in f32, the softmax between them
 //! in f32 — what OpenVINO's and PyTorch's bf16 attention compute.
 //!
-//! Per text and head, with `d` (32 or 64) values a head:
+//! Per text and head, with `d` values a head (a multiple of 16 up to 128: BERT's 32 and
+//! 64, a Qwen2.5-VL vision tower's 80):
 //!
 //! - Q, K and V are rounded to bf16 once for all heads; Q's rows are the tiles' `A`,
 //!   loaded where they are (rows `3 · hidden` apart).
@@ -19,6 +20,12 @@
 //!
 //! Re-laying is linear in the text's length, the products quadratic. A CPU without AMX
 //! keeps the f32 attention (`cpu.rs`): more exact, within the bf16 path's tolerance.
+//!
+//! Heads of 32 or 64 values keep Q's one or two tiles loaded for all keys and `P V`'s
+//! two or four accumulators in one pass. Wider heads (more than two 32-value chunks)
+//! load Q's chunks again for each pair of key blocks, the keys' values past `d` zeros
+//! (so what Q's last tile reads past its head multiplies nothing), and sum `P V` in
+//! passes of up to four 16-value blocks.
 
 use rayon::prelude::*;
 
@@ -28,11 +35,12 @@ use super::bf16::{Bits, SharedBits, to_bf16};
 use super::isa::{self, Isa};
 
 /// Whether heads of `head_dim` values run here: AMX active (with AVX-512 BF16, which
-/// every AMX CPU has), `head_dim` 32 or 64.
+/// every AMX CPU has), `head_dim` a multiple of 16 from 32 to 128.
 pub(crate) fn supported(head_dim: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        matches!(head_dim, 32 | 64)
+        head_dim.is_multiple_of(16)
+            && (32..=MAX_HEAD).contains(&head_dim)
             && isa::active() >= Isa::Amx
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512bf16")
@@ -43,6 +51,9 @@ pub(crate) fn supported(head_dim: usize) -> bool {
         false
     }
 }
+
+/// The widest head taken: four 32-value chunks.
+const MAX_HEAD: usize = 128;
 
 /// Per-thread buffers, kept between jobs.
 #[derive(Default)]
@@ -93,7 +104,7 @@ enum Dst {
 /// own tokens. Callers check [`supported`] first.
 pub(crate) fn attention(qkv: Qkv, rows: &[(usize, usize)], hidden: usize, heads: usize, context: Context) {
     let d = hidden / heads;
-    assert!(supported(d), "tile attention takes heads of 32 or 64 values with AMX active");
+    assert!(supported(d), "tile attention takes heads of 32 to 128 values (multiples of 16) with AMX active");
     let tokens = rows.iter().map(|&(start, len)| start + len).max().unwrap_or(0);
     let dst = match context {
         Context::F32(out) => {
@@ -101,6 +112,7 @@ pub(crate) fn attention(qkv: Qkv, rows: &[(usize, usize)], hidden: usize, heads:
             Dst::F32(Shared(out.as_mut_ptr()))
         }
         Context::Rows(out) => {
+            assert!(hidden.is_multiple_of(32), "bf16 rows of a width that is a multiple of 32");
             out.resize(tokens.div_ceil(32) * 32 * hidden);
             Dst::Bits(SharedBits(out.as_mut_ptr()))
         }
@@ -146,7 +158,7 @@ pub(super) mod avx512 {
 
     /// The 16 results of a block of 16 queries, `d` values each, where tiles store them.
     #[repr(C, align(64))]
-    struct Results([f32; 16 * 64]);
+    struct Results([f32; 16 * super::MAX_HEAD]);
 
     /// One text's head: rows `start..start + len` of `qkv` (bf16), columns `head * d..` of
     /// q, k, v, into the text's rows of `out` (`[tokens, hidden]`).
@@ -169,7 +181,13 @@ pub(super) mod avx512 {
     ) {
         let stride = 3 * hidden;
         let (l16, l32) = (len.div_ceil(16) * 16, len.div_ceil(32) * 32);
-        let (chunks, blocks) = (d / 32, d / 16);
+        let (chunks, blocks) = (d.div_ceil(32), d / 16);
+        // The values of chunk `c` that belong to the head (the last chunk of a head of 80
+        // has 16): the rest are loaded as zeros.
+        let valid = |c: usize| -> __mmask32 {
+            let n = (d - c * 32).min(32);
+            if n == 32 { !0 } else { (1u32 << n) - 1 }
+        };
         let scale = 1.0 / (d as f32).sqrt();
         debug_assert!(qkv.len() >= (start + len) * stride);
         // SAFETY (the whole body): loads read the text's rows (keys past `len` are
@@ -187,7 +205,7 @@ pub(super) mod avx512 {
                     let mut keys = [_mm512_setzero_si512(); 16];
                     for (j, key) in keys.iter_mut().enumerate() {
                         if kb * 16 + j < len {
-                            *key = _mm512_loadu_si512(row(kb * 16 + j, 1).add(c * 32).cast());
+                            *key = _mm512_maskz_loadu_epi16(valid(c), row(kb * 16 + j, 1).add(c * 32).cast());
                         }
                     }
                     let tile = b.k.as_mut_ptr().add((kb * chunks + c) * 512);
@@ -205,7 +223,7 @@ pub(super) mod avx512 {
                     for c in 0..chunks {
                         let value = |k: usize| {
                             if k < len {
-                                _mm512_loadu_si512(row(k, 2).add(c * 32).cast())
+                                _mm512_maskz_loadu_epi16(valid(c), row(k, 2).add(c * 32).cast())
                             } else {
                                 _mm512_setzero_si512()
                             }
@@ -213,7 +231,10 @@ pub(super) mod avx512 {
                         let (a, bb) = (value(k0), value(k1));
                         let tile = b.v.as_mut_ptr().add((chunk * blocks + 2 * c) * 512 + r * 32);
                         _mm512_storeu_si512(tile.cast(), _mm512_permutex2var_epi16(a, low, bb));
-                        _mm512_storeu_si512(tile.add(512).cast(), _mm512_permutex2var_epi16(a, high, bb));
+                        // A head of 80 has no block after its fifth.
+                        if 2 * c + 1 < blocks {
+                            _mm512_storeu_si512(tile.add(512).cast(), _mm512_permutex2var_epi16(a, high, bb));
+                        }
                     }
                 }
             }
@@ -221,7 +242,7 @@ pub(super) mod avx512 {
             b.s.resize(16 * l32);
             b.p.resize(16 * l32);
             let (s, p) = (b.s.as_mut_ptr(), b.p.as_mut_ptr());
-            let mut results = Results([0.0; 16 * 64]);
+            let mut results = Results([0.0; 16 * super::MAX_HEAD]);
             for qb in 0..l16 / 16 {
                 // S = Q Kᵀ for 16 queries: two key blocks at a time in two accumulators
                 // (tiles are not renamed: one accumulator would wait on each product).
@@ -229,18 +250,28 @@ pub(super) mod avx512 {
                 let (q, q_stride) = if rows == 16 {
                     (row(qb * 16, 0), stride * 2)
                 } else {
-                    b.q.resize(16 * d);
+                    // Rows of whole chunks, zeros past the head.
+                    let width = chunks * 32;
+                    b.q.resize(16 * width);
                     b.q.fill(0);
                     for r in 0..rows {
-                        std::ptr::copy_nonoverlapping(row(qb * 16 + r, 0), b.q.as_mut_ptr().add(r * d), d);
+                        std::ptr::copy_nonoverlapping(
+                            row(qb * 16 + r, 0),
+                            b.q.as_mut_ptr().add(r * width),
+                            d,
+                        );
                     }
-                    (b.q.as_ptr(), d * 2)
+                    (b.q.as_ptr(), width * 2)
                 };
-                load::<4>(q, q_stride);
-                if chunks == 2 {
-                    load::<5>(q.add(32), q_stride);
+                if chunks > 2 {
+                    scores_wide(q, q_stride, b.k.as_ptr(), chunks, l32, s);
+                } else {
+                    load::<4>(q, q_stride);
+                    if chunks == 2 {
+                        load::<5>(q.add(32), q_stride);
+                    }
                 }
-                for kb in (0..l32 / 16).step_by(2) {
+                for kb in (0..l32 / 16).step_by(2).filter(|_| chunks <= 2) {
                     let (k0, k1) =
                         (b.k.as_ptr().add(kb * chunks * 512), b.k.as_ptr().add((kb + 1) * chunks * 512));
                     zero::<0>();
@@ -264,12 +295,17 @@ pub(super) mod avx512 {
                 for (r, inv) in inv.iter_mut().enumerate().take(rows) {
                     *inv = 1.0 / exponentials(s.add(r * l32), len, l32, scale, p.add(r * l32));
                 }
+                let o = results.0.as_mut_ptr();
+                let narrow = matches!(blocks, 2 | 4);
+                if !narrow {
+                    values_wide(p, b.v.as_ptr(), blocks, l32, o, d);
+                }
                 // O = P V: each 32 keys' probabilities loaded once for every value block.
                 zero::<0>();
                 zero::<1>();
                 zero::<2>();
                 zero::<3>();
-                for chunk in 0..l32 / 32 {
+                for chunk in (0..l32 / 32).filter(|_| narrow) {
                     load::<4>(p.add(chunk * 32), l32 * 2);
                     let v = b.v.as_ptr().add(chunk * blocks * 512);
                     load::<6>(v, 64);
@@ -283,12 +319,13 @@ pub(super) mod avx512 {
                         dot::<3, 4, 6>();
                     }
                 }
-                let o = results.0.as_mut_ptr();
-                store::<0>(o, d * 4);
-                store::<1>(o.add(16), d * 4);
-                if blocks == 4 {
-                    store::<2>(o.add(32), d * 4);
-                    store::<3>(o.add(48), d * 4);
+                if narrow {
+                    store::<0>(o, d * 4);
+                    store::<1>(o.add(16), d * 4);
+                    if blocks == 4 {
+                        store::<2>(o.add(32), d * 4);
+                        store::<3>(o.add(48), d * 4);
+                    }
                 }
                 for (r, &inv) in inv.iter().enumerate().take(rows) {
                     let at = (start + qb * 16 + r) * hidden + head * d;
@@ -300,6 +337,91 @@ pub(super) mod avx512 {
                             Dst::Bits(out) => _mm256_storeu_si256(out.at(at + c).cast(), bits(v)),
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// `S = Q Kᵀ` for 16 queries of a head of more than two 32-value chunks: per pair
+    /// of key blocks, each chunk of Q (16 rows `q_stride` bytes apart) loaded again
+    /// against the two blocks' Kᵀ tiles (`chunks` tiles a block of 16 keys), into `s`
+    /// (16 rows of `l32` scores).
+    ///
+    /// # Safety
+    /// Tiles configured; `q` holds 16 rows of `32 · chunks` values, `k` `l32 / 16 ·
+    /// chunks` tiles, `s` 16 × `l32` f32.
+    #[inline(always)]
+    unsafe fn scores_wide(
+        q: *const u16,
+        q_stride: usize,
+        k: *const u16,
+        chunks: usize,
+        l32: usize,
+        s: *mut f32,
+    ) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            for kb in (0..l32 / 16).step_by(2) {
+                let (k0, k1) = (k.add(kb * chunks * 512), k.add((kb + 1) * chunks * 512));
+                zero::<0>();
+                zero::<1>();
+                for c in 0..chunks {
+                    load::<4>(q.add(c * 32), q_stride);
+                    load::<6>(k0.add(c * 512), 64);
+                    load::<7>(k1.add(c * 512), 64);
+                    dot::<0, 4, 6>();
+                    dot::<1, 4, 7>();
+                }
+                store::<0>(s.add(kb * 16), l32 * 4);
+                store::<1>(s.add(kb * 16 + 16), l32 * 4);
+            }
+        }
+    }
+
+    /// `O = P V` for 16 queries of a head of other than two or four 16-value blocks: passes of
+    /// up to four blocks over every 32 keys' probabilities (`p`, 16 rows of `l32`),
+    /// stored into `o` (16 rows of `d`).
+    ///
+    /// # Safety
+    /// Tiles configured; `v` holds `l32 / 32 · blocks` tiles, `o` 16 × `d` f32.
+    #[inline(always)]
+    unsafe fn values_wide(p: *const u16, v: *const u16, blocks: usize, l32: usize, o: *mut f32, d: usize) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            for first in (0..blocks).step_by(4) {
+                let n = (blocks - first).min(4);
+                zero::<0>();
+                zero::<1>();
+                zero::<2>();
+                zero::<3>();
+                for chunk in 0..l32 / 32 {
+                    load::<4>(p.add(chunk * 32), l32 * 2);
+                    let v = v.add((chunk * blocks + first) * 512);
+                    load::<6>(v, 64);
+                    dot::<0, 4, 6>();
+                    if n > 1 {
+                        load::<7>(v.add(512), 64);
+                        dot::<1, 4, 7>();
+                    }
+                    if n > 2 {
+                        load::<5>(v.add(1024), 64);
+                        dot::<2, 4, 5>();
+                    }
+                    if n > 3 {
+                        load::<6>(v.add(1536), 64);
+                        dot::<3, 4, 6>();
+                    }
+                }
+                let at = o.add(first * 16);
+                store::<0>(at, d * 4);
+                if n > 1 {
+                    store::<1>(at.add(16), d * 4);
+                }
+                if n > 2 {
+                    store::<2>(at.add(32), d * 4);
+                }
+                if n > 3 {
+                    store::<3>(at.add(48), d * 4);
                 }
             }
         }
@@ -430,7 +552,17 @@ mod tests {
             eprintln!("no AMX here (or capped): tile attention is not used, nothing to compare");
             return;
         }
-        for (d, heads, lens) in [(32, 3, vec![1, 17, 40, 100]), (64, 2, vec![33, 5, 70])] {
+        // Heads of one, two, three and four 32-value chunks, the last one part-filled
+        // for 48 and 80 (a Qwen2.5-VL vision tower's); texts of a part-filled last
+        // block of 16 queries and of 32 keys.
+        let cases = [
+            (32, 3, vec![1, 17, 40, 100]),
+            (64, 2, vec![33, 5, 70]),
+            (48, 3, vec![20, 64]),
+            (80, 2, vec![64, 7, 45]),
+            (128, 2, vec![50, 16]),
+        ];
+        for (d, heads, lens) in cases {
             let hidden = d * heads;
             let tokens: usize = lens.iter().sum();
             let qkv: Vec<f32> =

@@ -104,17 +104,33 @@ pub(super) fn attention(
     if let Some(last) = spans.iter().map(|s| s.queries.end).max() {
         assert!(out.len() >= last * width, "attention output holds a row per query");
     }
-    let mut jobs: Vec<(usize, usize)> =
-        (0..spans.len()).flat_map(|s| (0..heads).map(move |h| (s, h))).collect();
-    // Longest first, so the last jobs to start are short ones.
-    jobs.sort_by_key(|&(s, _)| std::cmp::Reverse(spans[s].queries.len() * spans[s].keys.len()));
-    let shared = Shared(out.as_mut_ptr());
-    jobs.par_iter().for_each(|&(s, h)| {
+    // Jobs of (span, head, query rows): a causal span's queries in blocks, each over the
+    // keys its last row sees — a prompt's scores are a triangle, and computing the
+    // whole square did twice the work.
+    let mut jobs: Vec<(usize, usize, std::ops::Range<usize>)> = Vec::new();
+    for (s, span) in spans.iter().enumerate() {
+        let rows = span.queries.len();
+        let block = if span.causal.is_some() { QUERY_BLOCK } else { rows.max(1) };
+        for h in 0..heads {
+            for r0 in (0..rows).step_by(block) {
+                jobs.push((s, h, r0..(r0 + block).min(rows)));
+            }
+        }
+    }
+    let seen = |s: usize, r: &std::ops::Range<usize>| {
         let span = &spans[s];
-        let (rows, cols) = (span.queries.len(), span.keys.len());
+        span.causal.map_or(span.keys.len(), |past| (past + r.end).min(span.keys.len()))
+    };
+    // Longest first, so the last jobs to start are short ones.
+    jobs.sort_by_key(|(s, _, r)| std::cmp::Reverse(r.len() * seen(*s, r)));
+    let shared = Shared(out.as_mut_ptr());
+    jobs.par_iter().for_each(|(s, h, r)| {
+        let (span, h) = (&spans[*s], *h);
+        let (rows, cols) = (r.len(), seen(*s, r));
         if rows == 0 {
             return;
         }
+        let first = span.queries.start + r.start;
         crate::cpu::SCORES.with_borrow_mut(|buffer| {
             if buffer.len() < rows * cols {
                 buffer.resize(rows * cols, 0.0);
@@ -124,25 +140,25 @@ pub(super) fn attention(
             // SAFETY: q, k and v address the spans' rows and heads inside their buffers
             // (`Heads::start` indexes them, so it panics first if not); scores is
             // rows × cols; this job alone writes its queries' columns h·d..(h+1)·d of
-            // `out`, which holds a row of `width` per query (asserted above).
+            // `out`, which holds a row per query (asserted above).
             unsafe {
                 product(
                     (rows, cols, d),
                     View::rows(scores.as_mut_ptr(), cols),
                     false,
-                    View::rows(q.start(span.queries.start, h), q.token),
+                    View::rows(q.start(first, h), q.token),
                     View::transposed(k.start(span.keys.start, kv), k.token),
                     scale,
                     gemm::Parallelism::None,
                 );
                 for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
-                    let seen = span.causal.map_or(cols, |past| (past + i + 1).min(cols));
-                    softmax(&mut row[..seen]);
-                    row[seen..].fill(0.0);
+                    let visible = span.causal.map_or(cols, |past| (past + r.start + i + 1).min(cols));
+                    softmax(&mut row[..visible]);
+                    row[visible..].fill(0.0);
                 }
                 product(
                     (rows, d, cols),
-                    View::rows(shared.at(span.queries.start * width + h * d), width),
+                    View::rows(shared.at(first * width + h * d), width),
                     false,
                     View::rows(scores.as_ptr(), cols),
                     View::rows(v.start(span.keys.start, kv), v.token),
@@ -154,25 +170,30 @@ pub(super) fn attention(
     });
 }
 
+/// Query rows a job of causal attention takes at most.
+const QUERY_BLOCK: usize = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Attention over spans, with query groups sharing key heads and a causal span
-    /// after cached tokens, against its definition in f64.
+    /// Attention over spans, with query groups sharing key heads and causal spans after
+    /// cached tokens (one longer than a job's block of queries), against its
+    /// definition in f64.
     #[test]
     fn attention_over_spans_matches_its_definition() {
         let (heads, kv_heads, d) = (4, 2, 8);
-        let tokens = 11;
+        let tokens = 11 + QUERY_BLOCK + 6;
         let value = |i: usize| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 1.5;
         let q: Vec<f32> = (0..tokens * heads * d).map(value).collect();
-        let kv_len = 14;
+        let kv_len = 10 + QUERY_BLOCK + 6;
         // Keys and values head-major, as the decoder's cache holds them.
         let k: Vec<f32> = (0..kv_heads * kv_len * d).map(|i| value(i + 7)).collect();
         let v: Vec<f32> = (0..kv_heads * kv_len * d).map(|i| value(i + 19)).collect();
         let spans = [
             Span { queries: 0..5, keys: 0..5, causal: None },
             Span { queries: 5..11, keys: 0..14, causal: Some(8) },
+            Span { queries: 11..tokens, keys: 0..kv_len, causal: Some(10) },
         ];
         let mut out = vec![0f32; tokens * heads * d];
         attention(

@@ -20,6 +20,7 @@ use super::config::VisionConfig;
 use super::host::{self, Heads, Span};
 use super::weights::{Linear, Mlp, Weights, add_rms_norm, rms_norm};
 use crate::backend;
+use crate::cpu::tile_attention::{Context, Qkv};
 use kiln_core::qwen2vl::WindowLayout;
 
 struct Block {
@@ -40,6 +41,8 @@ pub struct VisionTower {
     merger_fc1: Linear,
     merger_fc2: Linear,
     device: Device,
+    /// Attention on AMX tiles in bf16, where the blocks' layers are bf16 tiles already.
+    tile_attention: bool,
 }
 
 impl VisionTower {
@@ -65,7 +68,13 @@ impl VisionTower {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let head_dim = hidden / config.num_heads.max(1);
+        let tile_attention = weights.device().is_cpu()
+            && blocks.first().is_some_and(|b| b.qkv.is_bf16())
+            && hidden.is_multiple_of(config.num_heads.max(1))
+            && crate::cpu::tile_attention::supported(head_dim);
         Ok(VisionTower {
+            tile_attention,
             config: config.clone(),
             patch_embed,
             blocks,
@@ -118,20 +127,28 @@ impl VisionTower {
                 let mut qkv = block.qkv.forward_rows(&h)?;
                 let hidden = c.hidden_size;
                 host::rotate(&mut qkv, 3 * hidden, 0, 2 * heads, head_dim, &cos_rows, &sin_rows);
-                let spans: Vec<Span> = segments
-                    .windows(2)
-                    .map(|s| Span { queries: s[0]..s[1], keys: s[0]..s[1], causal: None })
-                    .collect();
-                let at = |at| Heads::in_rows(&qkv, at, 3 * hidden, head_dim);
                 let mut out = vec![0f32; patches * hidden];
-                host::attention(
-                    at(0),
-                    at(hidden),
-                    at(2 * hidden),
-                    (heads, heads, head_dim),
-                    &spans,
-                    &mut out,
-                );
+                if self.tile_attention {
+                    // Rows of `q | k | v`, each window (or image) a text of its own.
+                    let rows: Vec<(usize, usize)> =
+                        segments.windows(2).map(|s| (s[0], s[1] - s[0])).collect();
+                    let (qkv, context) = (Qkv::F32(&qkv), Context::F32(&mut out));
+                    crate::cpu::tile_attention::attention(qkv, &rows, hidden, heads, context);
+                } else {
+                    let spans: Vec<Span> = segments
+                        .windows(2)
+                        .map(|s| Span { queries: s[0]..s[1], keys: s[0]..s[1], causal: None })
+                        .collect();
+                    let at = |at| Heads::in_rows(&qkv, at, 3 * hidden, head_dim);
+                    host::attention(
+                        at(0),
+                        at(hidden),
+                        at(2 * hidden),
+                        (heads, heads, head_dim),
+                        &spans,
+                        &mut out,
+                    );
+                }
                 Tensor::from_vec(out, (patches, hidden), &self.device).map_err(backend)?
             };
             let (sum, h2) = add_rms_norm(&x, &block.proj.forward(&attended)?, &block.norm2, 1e-6)?;

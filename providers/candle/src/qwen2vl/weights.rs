@@ -134,6 +134,12 @@ impl Linear {
         Ok(y)
     }
 
+    /// Whether this layer computes in bf16 on AMX tiles (`model.dtype = "bf16"`, or the
+    /// unquantized layers with `model.quantization = "int8"` where AMX runs).
+    pub(super) fn is_bf16(&self) -> bool {
+        matches!(self.weight, Weight::Bf16(_))
+    }
+
     /// The bf16 tile layer behind this one, with its bias inside (`model.dtype =
     /// "bf16"` on the CPU).
     fn bf16(&self) -> Option<&Arc<Bf16Dense>> {
