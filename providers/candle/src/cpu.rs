@@ -189,6 +189,8 @@ impl CpuBert {
             // int8 takes it too: its products are coarser than bf16's already.
             tile_attention: matches!(precision, Precision::Bf16 | Precision::Int8)
                 && config.hidden_size.is_multiple_of(config.num_attention_heads)
+                // The context goes out as bf16 rows of the output layer: whole tile rows.
+                && config.hidden_size.is_multiple_of(32)
                 && tile_attention::supported(config.hidden_size / config.num_attention_heads),
             heads: config.num_attention_heads,
             eps: config.layer_norm_eps as f32,
