@@ -76,6 +76,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("tower {tower:.3} s, prefill {prefill:.3} s");
         (best_tower, best_prefill) = (best_tower.min(tower), best_prefill.min(prefill));
     }
-    println!("best: tower {best_tower:.3} s, prefill {best_prefill:.3} s, together {:.3} s", best_tower + best_prefill);
+    println!(
+        "best: tower {best_tower:.3} s, prefill {best_prefill:.3} s, together {:.3} s",
+        best_tower + best_prefill
+    );
     Ok(())
 }

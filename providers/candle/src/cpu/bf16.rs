@@ -293,7 +293,23 @@ impl Bf16Dense {
                         Some(_) => &local[(pair - columns.start) * pair_len..][..pair_len],
                         None => &self.packed[pair * pair_len..(pair + 1) * pair_len],
                     };
-                    if amx {
+                    let rows_here = EDGE.min(tokens - group * EDGE);
+                    if amx && rows_here <= FEW_ROWS {
+                        // SAFETY: AMX is active, so the CPU has AVX-512 F and BF16 (every
+                        // AMX CPU does; `isa::detected`); `a` holds `rows_here` rows of `kp`
+                        // values, `b` the pair's `kp / 32` tile pairs, `sums` 32 × 32.
+                        #[cfg(target_arch = "x86_64")]
+                        unsafe {
+                            avx512_bf16::few_rows(
+                                a.as_ptr(),
+                                kp,
+                                b.as_ptr(),
+                                chunks,
+                                rows_here,
+                                sums.0.as_mut_ptr(),
+                            )
+                        };
+                    } else if amx {
                         // SAFETY: the level is AMX, so the CPU has it and the OS granted the
                         // tile data (`isa::detected`); `_tiles` configured this thread's
                         // tiles; `a` is 32 rows of `kp` values, `b` the pair's `kp / 32`
@@ -678,6 +694,10 @@ pub(crate) type Bits = super::aligned::Aligned<u16>;
 #[repr(C, align(64))]
 struct Sums([f32; EDGE * EDGE]);
 
+/// Rows of a group up to which a product runs as AVX-512 BF16 dot products instead of on
+/// tiles (decoding: one row a sequence).
+const FEW_ROWS: usize = 4;
+
 /// Where [`Bf16Dense::run`] puts its results.
 pub(crate) enum Sink<'a> {
     /// `tokens × outputs` f32 (exactly that many), the bias added.
@@ -791,6 +811,66 @@ pub(super) mod avx512_bf16 {
         unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)) }
     }
 
+    /// `c` rows `0..rows` (32 f32 each, 128 bytes apart) = `rows` (at most
+    /// [`FEW_ROWS`](super::FEW_ROWS)) rows of `a` (bf16, `kp` apart) times one column
+    /// pair's tiles `b` (`chunks` pairs of 16 × 16 tiles), by AVX-512 BF16 dot products:
+    /// a tile row holds 16 columns' values for a pair of inputs, so one `vdpbf16ps` with
+    /// the row's two activations broadcast adds both to 16 columns. A decoding step
+    /// streams the weights once this way, where the tiles multiply 31 rows of padding
+    /// with each (and decoding is bound by how fast the weights arrive).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BF16; `a` holds `rows` rows of `32 · chunks` values,
+    /// `b` `chunks · 1024` values, `c` `rows` rows of 32 f32 128 bytes apart.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(in super::super) unsafe fn few_rows(
+        a: *const u16,
+        kp: usize,
+        b: *const u16,
+        chunks: usize,
+        rows: usize,
+        c: *mut f32,
+    ) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            match rows {
+                1 => few::<1>(a, kp, b, chunks, c),
+                2 => few::<2>(a, kp, b, chunks, c),
+                3 => few::<3>(a, kp, b, chunks, c),
+                _ => few::<4>(a, kp, b, chunks, c),
+            }
+        }
+    }
+
+    /// [`few_rows`] for `R` rows, its accumulators in registers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn few<const R: usize>(a: *const u16, kp: usize, b: *const u16, chunks: usize, c: *mut f32) {
+        // SAFETY: as `few_rows`' caller promises; every read is inside `a` and `b`, every
+        // write inside `c`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for chunk in 0..chunks {
+                let tiles = b.add(chunk * 1024);
+                for r in 0..16 {
+                    let w0: __m512bh = std::mem::transmute(_mm512_loadu_si512(tiles.add(r * 32).cast()));
+                    let w1: __m512bh =
+                        std::mem::transmute(_mm512_loadu_si512(tiles.add(512 + r * 32).cast()));
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let pair = a.add(j * kp + chunk * 32 + 2 * r).cast::<i32>().read_unaligned();
+                        let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                        acc[0] = _mm512_dpbf16_ps(acc[0], x, w0);
+                        acc[1] = _mm512_dpbf16_ps(acc[1], x, w1);
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(j * 32), acc[0]);
+                _mm512_storeu_ps(c.add(j * 32 + 16), acc[1]);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) fn round(x: &[f32], out: &mut [u16]) {
         let n = x.len().min(out.len());
@@ -879,8 +959,18 @@ mod tests {
     #[test]
     fn bf16_layers_match_the_products_of_their_rounded_values() {
         // (4200, 48, 40): inputs past 2 · SLICE · 32, so on AMX in slices (the last one
-        // short), sums carried between them.
-        for (k, n, tokens) in [(384, 1152, 70), (30, 40, 7), (64, 32, 1), (100, 16, 33), (4200, 48, 40)] {
+        // short), sums carried between them. Groups of up to FEW_ROWS rows (1, 3, 4, and
+        // the last of 33) take the dot-product path on AMX, the rest the tiles.
+        let cases = [
+            (384, 1152, 70),
+            (30, 40, 7),
+            (64, 32, 1),
+            (100, 16, 33),
+            (4200, 48, 40),
+            (384, 96, 3),
+            (2048, 64, 4),
+        ];
+        for (k, n, tokens) in cases {
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.2).collect();
             let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
             let layer =
