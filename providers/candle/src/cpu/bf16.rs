@@ -293,10 +293,11 @@ impl Bf16Dense {
                         Some(_) => &local[(pair - columns.start) * pair_len..][..pair_len],
                         None => &self.packed[pair * pair_len..(pair + 1) * pair_len],
                     };
-                    let rows_here = EDGE.min(tokens - group * EDGE);
-                    if amx && rows_here <= FEW_ROWS {
+                    // Only a call of a few rows in all: the last few rows of a prompt's
+                    // group read weights a job keeps in L2, where the tiles are faster.
+                    if amx && tokens <= FEW_ROWS {
                         // SAFETY: AMX is active, so the CPU has AVX-512 F and BF16 (every
-                        // AMX CPU does; `isa::detected`); `a` holds `rows_here` rows of `kp`
+                        // AMX CPU does; `isa::detected`); `a` holds `tokens` rows of `kp`
                         // values, `b` the pair's `kp / 32` tile pairs, `sums` 32 × 32.
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
@@ -305,7 +306,7 @@ impl Bf16Dense {
                                 kp,
                                 b.as_ptr(),
                                 chunks,
-                                rows_here,
+                                tokens,
                                 sums.0.as_mut_ptr(),
                             )
                         };
@@ -694,8 +695,8 @@ pub(crate) type Bits = super::aligned::Aligned<u16>;
 #[repr(C, align(64))]
 struct Sums([f32; EDGE * EDGE]);
 
-/// Rows of a group up to which a product runs as AVX-512 BF16 dot products instead of on
-/// tiles (decoding: one row a sequence).
+/// Rows of a call up to which its product runs as AVX-512 BF16 dot products instead of
+/// on tiles (decoding: one row a sequence), where the weights stream from memory.
 const FEW_ROWS: usize = 4;
 
 /// Where [`Bf16Dense::run`] puts its results.
@@ -959,8 +960,8 @@ mod tests {
     #[test]
     fn bf16_layers_match_the_products_of_their_rounded_values() {
         // (4200, 48, 40): inputs past 2 · SLICE · 32, so on AMX in slices (the last one
-        // short), sums carried between them. Groups of up to FEW_ROWS rows (1, 3, 4, and
-        // the last of 33) take the dot-product path on AMX, the rest the tiles.
+        // short), sums carried between them. Calls of up to FEW_ROWS rows (1, 3, 4) take
+        // the dot-product path on AMX, the rest the tiles.
         let cases = [
             (384, 1152, 70),
             (30, 40, 7),
