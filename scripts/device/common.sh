@@ -8,6 +8,11 @@ out="${OUT:-/tmp/kiln-out}"
 work="$1"
 shift
 mkdir -p "$out" "$work"
+# The device brings back only a few files a call: on the device (where $OUT is set) every
+# file the script wrote goes into one archive, $OUT/all.tgz, when it exits.
+if [ -n "${OUT:-}" ]; then
+    trap 'cd "$out" && tar -czf /tmp/kiln-out-all.tgz . && find . -mindepth 1 -delete && mv /tmp/kiln-out-all.tgz all.tgz' EXIT
+fi
 for bin in "$@"; do
     xz -dc ".device/$bin.xz" > "$work/$bin" && chmod +x "$work/$bin"
 done
