@@ -275,6 +275,16 @@ impl CpuBert {
                     s.attended.resize(tokens * h, 0.0); // every element written
                     out.run(&s.context_rows, tokens, bf16::Sink::F32(&mut s.attended));
                 }
+                // int8 layers on AMX: Q, K and V leave their tiles rounded to bf16, as
+                // tile attention reads them.
+                (Linear::Int8(qkv), _)
+                    if self.tile_attention && qkv.forward_bf16(&x, tokens, &mut s.qkv_bits) =>
+                {
+                    let (qkv, context) =
+                        (tile_attention::Qkv::Bf16(&s.qkv_bits), tile_attention::Context::F32(&mut s.context));
+                    tile_attention::attention(qkv, &rows, h, self.heads, context);
+                    layer.attention_out.forward(&s.context, tokens, &mut s.attended);
+                }
                 _ => {
                     layer.qkv.forward(&x, tokens, &mut s.qkv);
                     if self.tile_attention {

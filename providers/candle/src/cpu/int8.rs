@@ -137,6 +137,40 @@ impl QDense {
         self.forward_then(x, tokens, out, true);
     }
 
+    /// `out = x W^T + b` rounded to bf16 (`tokens × outputs`, no padding) where the
+    /// product runs on AMX tiles (at least [`AMX_ROWS`] rows): each block of results is
+    /// rounded as it leaves the tiles, for tile attention, which reads Q, K and V in bf16
+    /// (no f32 copy written and rounded again). `false`, and `out` untouched, elsewhere.
+    pub(crate) fn forward_bf16(&self, x: &[f32], tokens: usize, out: &mut super::bf16::Bits) -> bool {
+        if tokens < AMX_ROWS || isa::active() < Isa::Amx {
+            return false;
+        }
+        out.resize(tokens * self.outputs);
+        let dst = Dst::Bf16(super::bf16::SharedBits(out.as_mut_ptr()));
+        super::with_taken(&QUANTIZED, |(quantized, row_scales)| {
+            self.quantize_rows(x, tokens, true, quantized, row_scales);
+            self.run_amx(quantized, row_scales, tokens, dst, false);
+        });
+        true
+    }
+
+    /// Each of `tokens` rows of `x` quantized into `quantized` (`kp` bytes a row; whole
+    /// groups of 32 rows for the tiles) and its (scale, lo) into `row_scales`.
+    fn quantize_rows(&self, x: &[f32], tokens: usize, amx: bool, quantized: &mut Aligned<u8>, row_scales: &mut Vec<(f32, f32)>) {
+        let (k, kp) = (self.inputs, self.padded);
+        // Tiles read whole groups of 32 rows; the rows past `tokens` keep whatever they
+        // held (their results are dropped), as does each row past `k` (zero weights there).
+        quantized.resize(if amx { tokens.div_ceil(EDGE) * EDGE * kp } else { tokens * kp });
+        row_scales.resize(tokens, (0.0, 0.0));
+        quantized[..tokens * kp]
+            .par_chunks_mut(kp)
+            .zip(x.par_chunks(k))
+            .zip(row_scales.par_iter_mut())
+            .for_each(|((q, x), scale)| {
+                *scale = quantize_row(x, &mut q[..k]);
+            });
+    }
+
     fn forward_then(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>, gelu: bool) {
         let (k, kp, n) = (self.inputs, self.padded, self.outputs);
         debug_assert_eq!(x.len(), tokens * k);
@@ -144,20 +178,11 @@ impl QDense {
         // is written before it is read: grown (or shrunk), never cleared.
         let amx = tokens >= AMX_ROWS && isa::active() >= Isa::Amx;
         super::with_taken(&QUANTIZED, |(quantized, row_scales)| {
-            // Tiles read whole groups of 32 rows; the rows past `tokens` keep whatever
-            // they held (their results are dropped), as does each row past `k` (zero
-            // weights there).
-            quantized.resize(if amx { tokens.div_ceil(EDGE) * EDGE * kp } else { tokens * kp });
-            row_scales.resize(tokens, (0.0, 0.0));
-            quantized[..tokens * kp]
-                .par_chunks_mut(kp)
-                .zip(x.par_chunks(k))
-                .zip(row_scales.par_iter_mut())
-                .for_each(|((q, x), scale)| {
-                    *scale = quantize_row(x, &mut q[..k]);
-                });
+            self.quantize_rows(x, tokens, amx, quantized, row_scales);
             if amx {
-                self.forward_amx(quantized, row_scales, tokens, out, gelu);
+                out.truncate(tokens * n);
+                out.resize(tokens * n, 0.0);
+                self.run_amx(quantized, row_scales, tokens, Dst::F32(Shared(out.as_mut_ptr())), gelu);
                 return;
             }
             let vnni = has_vnni();
@@ -180,17 +205,14 @@ impl QDense {
         }
     }
 
-    /// `out` = the layer over `tokens` quantized rows `q` (`a` their (scale, lo)) on
-    /// AMX tiles, GELU applied if `gelu`.
-    fn forward_amx(&self, q: &[u8], a: &[(f32, f32)], tokens: usize, out: &mut Vec<f32>, gelu: bool) {
+    /// `out` (`tokens × outputs`, f32 or bf16) = the layer over `tokens` quantized rows
+    /// `q` (`a` their (scale, lo)) on AMX tiles, GELU applied if `gelu`.
+    fn run_amx(&self, q: &[u8], a: &[(f32, f32)], tokens: usize, out: Dst, gelu: bool) {
         let (kp, n) = (self.padded, self.outputs);
-        out.truncate(tokens * n);
-        out.resize(tokens * n, 0.0);
         let groups = tokens.div_ceil(EDGE);
         debug_assert!(q.len() >= groups * EDGE * kp);
         let pairs = (n / BLOCK).div_ceil(2);
         let plan = super::bf16::Plan::new(groups, pairs, kp * EDGE);
-        let shared = Shared(out.as_mut_ptr());
         let chunks = kp / STEP;
         (0..plan.jobs()).into_par_iter().for_each(|job| {
             let mut sums = Sums([0; EDGE * EDGE]);
@@ -233,17 +255,41 @@ impl QDense {
                 if gelu {
                     super::kernels::gelu(&mut block.0[..valid * EDGE]);
                 }
-                for (r, row) in block.0.chunks_exact(EDGE).take(valid).enumerate() {
-                    // SAFETY: group·32 + r < tokens and col0 + cols <= n, so the elements are
-                    // inside `out` (tokens × n); this job alone writes its rows' columns.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(shared.at((group * EDGE + r) * n + col0), cols)
-                    };
-                    super::bf16::copy_row(dst, row);
+                match out {
+                    Dst::F32(shared) => {
+                        for (r, row) in block.0.chunks_exact(EDGE).take(valid).enumerate() {
+                            // SAFETY: group·32 + r < tokens and col0 + cols <= n, so the
+                            // elements are inside `out` (tokens × n); this job alone writes
+                            // its rows' columns.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(shared.at((group * EDGE + r) * n + col0), cols)
+                            };
+                            super::bf16::copy_row(dst, row);
+                        }
+                    }
+                    Dst::Bf16(shared) => {
+                        // One conversion for the block (a call per row of 32 costs more).
+                        let mut rounded = [0u16; EDGE * EDGE];
+                        super::bf16::to_bf16(&block.0[..valid * EDGE], &mut rounded[..valid * EDGE]);
+                        for (r, row) in rounded.chunks_exact(EDGE).take(valid).enumerate() {
+                            // SAFETY: as for f32 above, in a bf16 buffer of tokens × n.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(shared.at((group * EDGE + r) * n + col0), cols)
+                            };
+                            super::bf16::copy_row(dst, row);
+                        }
+                    }
                 }
             }
         });
     }
+}
+
+/// Where [`QDense::run_amx`] writes: `tokens × outputs` f32, or the same rounded to bf16.
+#[derive(Clone, Copy)]
+enum Dst {
+    F32(Shared),
+    Bf16(super::bf16::SharedBits),
 }
 
 /// A block's i32 sums, where tiles store them, on a 64-byte boundary.
