@@ -280,8 +280,10 @@ impl CpuBert {
                 (Linear::Int8(qkv), _)
                     if self.tile_attention && qkv.forward_bf16(&x, tokens, &mut s.qkv_bits) =>
                 {
-                    let (qkv, context) =
-                        (tile_attention::Qkv::Bf16(&s.qkv_bits), tile_attention::Context::F32(&mut s.context));
+                    let (qkv, context) = (
+                        tile_attention::Qkv::Bf16(&s.qkv_bits),
+                        tile_attention::Context::F32(&mut s.context),
+                    );
                     tile_attention::attention(qkv, &rows, h, self.heads, context);
                     layer.attention_out.forward(&s.context, tokens, &mut s.attended);
                 }

@@ -156,7 +156,14 @@ impl QDense {
 
     /// Each of `tokens` rows of `x` quantized into `quantized` (`kp` bytes a row; whole
     /// groups of 32 rows for the tiles) and its (scale, lo) into `row_scales`.
-    fn quantize_rows(&self, x: &[f32], tokens: usize, amx: bool, quantized: &mut Aligned<u8>, row_scales: &mut Vec<(f32, f32)>) {
+    fn quantize_rows(
+        &self,
+        x: &[f32],
+        tokens: usize,
+        amx: bool,
+        quantized: &mut Aligned<u8>,
+        row_scales: &mut Vec<(f32, f32)>,
+    ) {
         let (k, kp) = (self.inputs, self.padded);
         // Tiles read whole groups of 32 rows; the rows past `tokens` keep whatever they
         // held (their results are dropped), as does each row past `k` (zero weights there).
