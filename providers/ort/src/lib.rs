@@ -119,7 +119,7 @@ impl Default for OrtOptions {
             cpu_arena: true,
             allow_spinning: true,
             overlap: false,
-            cudnn_conv_algo_search: ConvSearch::Heuristic,
+            cudnn_conv_algo_search: ConvSearch::default(),
         }
     }
 }

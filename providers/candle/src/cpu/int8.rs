@@ -262,33 +262,43 @@ impl QDense {
                 if gelu {
                     super::kernels::gelu(&mut block.0[..valid * EDGE]);
                 }
+                // SAFETY (both): group·32 + valid <= tokens and col0 + cols <= n, so the rows
+                // written are inside `out` (tokens × n); this job alone writes them.
                 match out {
-                    Dst::F32(shared) => {
-                        for (r, row) in block.0.chunks_exact(EDGE).take(valid).enumerate() {
-                            // SAFETY: group·32 + r < tokens and col0 + cols <= n, so the
-                            // elements are inside `out` (tokens × n); this job alone writes
-                            // its rows' columns.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(shared.at((group * EDGE + r) * n + col0), cols)
-                            };
-                            super::bf16::copy_row(dst, row);
-                        }
-                    }
+                    Dst::F32(shared) => unsafe {
+                        store_rows(shared.0, &block.0, group, valid, n, col0, cols)
+                    },
                     Dst::Bf16(shared) => {
                         // One conversion for the block (a call per row of 32 costs more).
                         let mut rounded = [0u16; EDGE * EDGE];
                         super::bf16::to_bf16(&block.0[..valid * EDGE], &mut rounded[..valid * EDGE]);
-                        for (r, row) in rounded.chunks_exact(EDGE).take(valid).enumerate() {
-                            // SAFETY: as for f32 above, in a bf16 buffer of tokens × n.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(shared.at((group * EDGE + r) * n + col0), cols)
-                            };
-                            super::bf16::copy_row(dst, row);
-                        }
+                        unsafe { store_rows(shared.0, &rounded, group, valid, n, col0, cols) }
                     }
                 }
             }
         });
+    }
+}
+
+/// Rows `0..valid` of a block of 32 × 32 results, their first `cols` values, into rows
+/// `group · 32 ..` of the `n`-wide buffer at `out`, from column `col0`.
+///
+/// # Safety
+/// Those rows and columns are inside the buffer, and no one else writes them meanwhile.
+#[inline(always)]
+unsafe fn store_rows<T: Copy>(
+    out: *mut T,
+    block: &[T; EDGE * EDGE],
+    group: usize,
+    valid: usize,
+    n: usize,
+    col0: usize,
+    cols: usize,
+) {
+    for (r, row) in block.chunks_exact(EDGE).take(valid).enumerate() {
+        // SAFETY: as the caller promises.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.add((group * EDGE + r) * n + col0), cols) };
+        super::bf16::copy_row(dst, row);
     }
 }
 

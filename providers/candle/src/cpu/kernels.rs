@@ -304,7 +304,7 @@ mod tests {
 
     #[test]
     fn add_rms_norm_matches_its_definition() {
-        // 37 values: two vector steps and a tail.
+        // 37 values: one 32-value step of the sum and a tail.
         let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let r: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
         let w: Vec<f32> = (0..37).map(|i| 0.5 + i as f32 * 0.03).collect();

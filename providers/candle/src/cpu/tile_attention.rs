@@ -244,8 +244,7 @@ pub(super) mod avx512 {
             let (s, p) = (b.s.as_mut_ptr(), b.p.as_mut_ptr());
             let mut results = Results([0.0; 16 * super::MAX_HEAD]);
             for qb in 0..l16 / 16 {
-                // S = Q Kᵀ for 16 queries: two key blocks at a time in two accumulators
-                // (tiles are not renamed: one accumulator would wait on each product).
+                // S = Q Kᵀ for 16 queries.
                 let rows = 16.min(len - qb * 16);
                 let (q, q_stride) = if rows == 16 {
                     (row(qb * 16, 0), stride * 2)
@@ -266,28 +265,7 @@ pub(super) mod avx512 {
                 if chunks > 2 {
                     scores_wide(q, q_stride, b.k.as_ptr(), chunks, l32, s);
                 } else {
-                    load::<4>(q, q_stride);
-                    if chunks == 2 {
-                        load::<5>(q.add(32), q_stride);
-                    }
-                }
-                for kb in (0..l32 / 16).step_by(2).filter(|_| chunks <= 2) {
-                    let (k0, k1) =
-                        (b.k.as_ptr().add(kb * chunks * 512), b.k.as_ptr().add((kb + 1) * chunks * 512));
-                    zero::<0>();
-                    zero::<1>();
-                    load::<6>(k0, 64);
-                    load::<2>(k1, 64);
-                    dot::<0, 4, 6>();
-                    dot::<1, 4, 2>();
-                    if chunks == 2 {
-                        load::<7>(k0.add(512), 64);
-                        load::<3>(k1.add(512), 64);
-                        dot::<0, 5, 7>();
-                        dot::<1, 5, 3>();
-                    }
-                    store::<0>(s.add(kb * 16), l32 * 4);
-                    store::<1>(s.add(kb * 16 + 16), l32 * 4);
+                    scores_narrow(q, q_stride, b.k.as_ptr(), chunks, l32, s);
                 }
                 // P and its rows' sums; rows past the text keep what they held (finite:
                 // zeros or earlier probabilities), their results are dropped.
@@ -296,36 +274,10 @@ pub(super) mod avx512 {
                     *inv = 1.0 / exponentials(s.add(r * l32), len, l32, scale, p.add(r * l32));
                 }
                 let o = results.0.as_mut_ptr();
-                let narrow = matches!(blocks, 2 | 4);
-                if !narrow {
+                if matches!(blocks, 2 | 4) {
+                    values_narrow(p, b.v.as_ptr(), blocks, l32, o, d);
+                } else {
                     values_wide(p, b.v.as_ptr(), blocks, l32, o, d);
-                }
-                // O = P V: each 32 keys' probabilities loaded once for every value block.
-                zero::<0>();
-                zero::<1>();
-                zero::<2>();
-                zero::<3>();
-                for chunk in (0..l32 / 32).filter(|_| narrow) {
-                    load::<4>(p.add(chunk * 32), l32 * 2);
-                    let v = b.v.as_ptr().add(chunk * blocks * 512);
-                    load::<6>(v, 64);
-                    load::<7>(v.add(512), 64);
-                    dot::<0, 4, 6>();
-                    dot::<1, 4, 7>();
-                    if blocks == 4 {
-                        load::<5>(v.add(1024), 64);
-                        load::<6>(v.add(1536), 64);
-                        dot::<2, 4, 5>();
-                        dot::<3, 4, 6>();
-                    }
-                }
-                if narrow {
-                    store::<0>(o, d * 4);
-                    store::<1>(o.add(16), d * 4);
-                    if blocks == 4 {
-                        store::<2>(o.add(32), d * 4);
-                        store::<3>(o.add(48), d * 4);
-                    }
                 }
                 for (r, &inv) in inv.iter().enumerate().take(rows) {
                     let at = (start + qb * 16 + r) * hidden + head * d;
@@ -338,6 +290,48 @@ pub(super) mod avx512 {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// `S = Q Kᵀ` for 16 queries of a head of one or two 32-value chunks, into `s` (16
+    /// rows of `l32` scores): Q's chunks loaded once for all keys, two key blocks at a
+    /// time in two accumulators (tiles are not renamed: one accumulator would wait on
+    /// each product).
+    ///
+    /// # Safety
+    /// As [`scores_wide`]'s.
+    #[inline(always)]
+    unsafe fn scores_narrow(
+        q: *const u16,
+        q_stride: usize,
+        k: *const u16,
+        chunks: usize,
+        l32: usize,
+        s: *mut f32,
+    ) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            load::<4>(q, q_stride);
+            if chunks == 2 {
+                load::<5>(q.add(32), q_stride);
+            }
+            for kb in (0..l32 / 16).step_by(2) {
+                let (k0, k1) = (k.add(kb * chunks * 512), k.add((kb + 1) * chunks * 512));
+                zero::<0>();
+                zero::<1>();
+                load::<6>(k0, 64);
+                load::<2>(k1, 64);
+                dot::<0, 4, 6>();
+                dot::<1, 4, 2>();
+                if chunks == 2 {
+                    load::<7>(k0.add(512), 64);
+                    load::<3>(k1.add(512), 64);
+                    dot::<0, 5, 7>();
+                    dot::<1, 5, 3>();
+                }
+                store::<0>(s.add(kb * 16), l32 * 4);
+                store::<1>(s.add(kb * 16 + 16), l32 * 4);
             }
         }
     }
@@ -374,6 +368,42 @@ pub(super) mod avx512 {
                 }
                 store::<0>(s.add(kb * 16), l32 * 4);
                 store::<1>(s.add(kb * 16 + 16), l32 * 4);
+            }
+        }
+    }
+
+    /// `O = P V` for 16 queries of a head of two or four 16-value blocks, stored into `o`
+    /// (16 rows of `d`): each 32 keys' probabilities loaded once for every value block.
+    ///
+    /// # Safety
+    /// As [`values_wide`]'s.
+    #[inline(always)]
+    unsafe fn values_narrow(p: *const u16, v: *const u16, blocks: usize, l32: usize, o: *mut f32, d: usize) {
+        // SAFETY: as the caller promises.
+        unsafe {
+            zero::<0>();
+            zero::<1>();
+            zero::<2>();
+            zero::<3>();
+            for chunk in 0..l32 / 32 {
+                load::<4>(p.add(chunk * 32), l32 * 2);
+                let v = v.add(chunk * blocks * 512);
+                load::<6>(v, 64);
+                load::<7>(v.add(512), 64);
+                dot::<0, 4, 6>();
+                dot::<1, 4, 7>();
+                if blocks == 4 {
+                    load::<5>(v.add(1024), 64);
+                    load::<6>(v.add(1536), 64);
+                    dot::<2, 4, 5>();
+                    dot::<3, 4, 6>();
+                }
+            }
+            store::<0>(o, d * 4);
+            store::<1>(o.add(16), d * 4);
+            if blocks == 4 {
+                store::<2>(o.add(32), d * 4);
+                store::<3>(o.add(48), d * 4);
             }
         }
     }
