@@ -12,17 +12,18 @@
 #
 #   bash scripts/device/video_gpu.sh          (ROUNDS: timed renders per side, default 3)
 #
-# INTRA_THREADS sets `provider.options.intra_threads` (examples/video.toml's 1 is for two
-# copies sharing 2 CPU cores; ONNX Runtime's own choice is 0), for the nodes the CUDA
-# provider leaves to the CPU.
-# For each cuDNN algorithm search (SEARCHES, default "exhaustive heuristic":
-# `provider.options.cudnn_conv_algo_search`) and configuration, `kiln bench` renders
-# ROUNDS times, each followed by a render of the reference in a process of its own on
-# cuda:0 (after its warm-up render; the reference keeps ONNX Runtime's default search),
-# and reports the median ratio and how far the frames differ (mean abs):
-#   as-cpu   examples/video.toml with only the device changed (batches of 1 and 2,
-#            two copies of each model)
-#   batched  batches of 8 keyframes and 16 midpoints, one copy of each model
+# Configurations, each rendered ROUNDS times by `kiln bench`, each render followed by a
+# render of the reference in a process of its own on cuda:0 (after its warm-up render; the
+# reference keeps ONNX Runtime's default search); the median ratio and how far the frames
+# differ (mean abs):
+#   cuda     examples/video-cuda.toml: batches of 8 keyframes and 16 midpoints, padded to
+#            whole batches and warmed up at load, one copy of each model
+#   as-cpu   examples/video.toml with only the device changed (batches of 1 and 2, two
+#            copies of each model); INTRA_THREADS sets its `provider.options.intra_threads`
+#            (default 0, ONNX Runtime's own count: the example's 1 is for two copies
+#            sharing 2 CPU cores, and starves the nodes the CUDA provider leaves to the CPU)
+# for each cuDNN algorithm search in SEARCHES (default "heuristic"; "exhaustive" is ONNX
+# Runtime's own default: `provider.options.cudnn_conv_algo_search`).
 . scripts/device/common.sh /tmp/kiln-video kiln-tch
 kiln="$work/kiln-tch"
 pkg="$(cd "${ORT_PKG:-.device}" && pwd)"
@@ -35,18 +36,16 @@ python3 -c 'import onnxruntime as o; print("reference: onnxruntime", o.__version
     | tee "$out/reference_ort.txt"
 models="$(cd .device/video && pwd)"
 
-bench() { # TAG EXTRA_ARGS...
-    local tag="$1"
-    shift
-    "$kiln" bench examples/video.toml --rounds "${ROUNDS:-3}" --reference python3 \
+bench() { # TAG CONFIG EXTRA_ARGS...
+    local tag="$1" config="$2"
+    shift 2
+    "$kiln" bench "$config" --rounds "${ROUNDS:-3}" --reference python3 \
         --set "model.path=\"$models/terrain_unet.onnx\"" --set "video.interpolator=\"$models/rife.onnx\"" \
         --set 'model.device="cuda:0"' --set 'provider.options.execution_providers=["cuda"]' \
-        --set "provider.options.intra_threads=${INTRA_THREADS:-1}" \
         "$@" --json "$out/$tag.json" 2>&1 | tee "$out/$tag.txt"
 }
-for search in ${SEARCHES:-exhaustive heuristic}; do
-    bench "as-cpu-$search" --set "provider.options.cudnn_conv_algo_search=\"$search\""
-    bench "batched-$search" --set "provider.options.cudnn_conv_algo_search=\"$search\"" \
-        --set video.denoise_batch=8 --set video.interpolate_batch=16 \
-        --set video.denoise_workers=1 --set video.interpolate_workers=1
+for search in ${SEARCHES:-heuristic}; do
+    bench "cuda-$search" examples/video-cuda.toml --set "provider.options.cudnn_conv_algo_search=\"$search\""
+    bench "as-cpu-$search" examples/video.toml --set "provider.options.cudnn_conv_algo_search=\"$search\"" \
+        --set "provider.options.intra_threads=${INTRA_THREADS:-0}"
 done

@@ -140,6 +140,8 @@ pub(crate) async fn bench(
     }
     let video = last.expect("one round at least");
     let profile = pipeline.profiler().report();
+    // Runs by items in them, warm-up and every render together: how well each stage batched.
+    let (denoiser_batches, interpolator_batches) = pipeline.batch_stats();
     pipeline.shutdown().await;
     let kiln_median = median(kiln_rounds.iter().map(|r| r.0).collect());
     eprintln!(
@@ -155,6 +157,8 @@ pub(crate) async fn bench(
         "kiln_keyframes_s": kiln_rounds.iter().map(|r| r.1).collect::<Vec<_>>(),
         "kiln_median_s": kiln_median,
         "spans": profile.spans,
+        "denoiser_batches": denoiser_batches,
+        "interpolator_batches": interpolator_batches,
     });
     if reference.is_some() {
         let reference_median = median(reference_rounds.clone());

@@ -196,7 +196,7 @@ fn a_longer_video_reuses_the_cached_keyframes() {
 
 /// Two renders at once on one pipeline: the denoiser's worker runs keyframes of both in
 /// one batch (more items than one render has), and each render gets the frames it gets
-/// alone.
+/// alone; so does a render in whole batches, padded with rows of zeros.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_renders_share_batches_and_keep_their_frames() {
     let sets: Vec<String> = [
@@ -223,5 +223,22 @@ async fn concurrent_renders_share_batches_and_keep_their_frames() {
     let (denoiser, _) = pipeline.batch_stats();
     let largest = denoiser.batch_sizes.keys().max().copied().unwrap_or(0);
     assert!(largest > 3, "no denoiser batch held keyframes of both renders: {:?}", denoiser.batch_sizes);
+    pipeline.shutdown().await;
+
+    // Whole batches, as on a GPU (`batching.batch_multiple` rounds every batch up with rows
+    // of zeros; the warm-up runs each stage's one shape at load): the same frames.
+    let mut whole = sets.clone();
+    whole.extend(["batching.batch_multiple=4", "batching.warmup=true"].map(String::from));
+    let config = kiln::KilnConfig::load(Some(&root().join("examples/video.toml")), &whole).unwrap();
+    let pipeline = kiln::video::VideoPipeline::from_config(config).await.unwrap();
+    // One shape per copy (denoiser batches of 4; the interpolator's batch of 2 caps its
+    // rows at 2), three runs each: one copy of the denoiser, two of the interpolator.
+    let warmups = pipeline.profiler().report().spans.get("warmup").map_or(0, |s| s.count);
+    assert_eq!(warmups, 9, "warm-up runs at load");
+    let padded = pipeline.render(&|_, _, _| {}).await.unwrap();
+    for (i, (x, y)) in padded.frames.iter().zip(&alone.frames).enumerate() {
+        let d = kiln::video::mean_abs_difference(x, y);
+        assert!(d <= 1e-5, "frame {i} differs by {d} in whole batches");
+    }
     pipeline.shutdown().await;
 }

@@ -118,7 +118,12 @@ impl VideoPipeline {
             max_wait: Duration::from_millis(config.batching.max_wait_ms),
             queue_capacity: config.video.frames().max(batch) * 2,
             when_full: WhenFull::Wait,
-            batch_multiple: 1,
+            // On a GPU every stage runs whole batches (rows of zeros fill a partial one,
+            // `batching.batch_multiple`'s default there, capped by the stage's batch):
+            // one input shape per model, set up once at load. With a shape per batch
+            // size, ONNX Runtime's CUDA provider spent ~200 ms setting up each new one
+            // (docs/benchmarks.md), and dynamic batching makes new ones all the time.
+            batch_multiple: config.batching.batch_multiple_on(device),
             sequence_multiple: 1,
         };
         let spec = |path: &std::path::Path| ModelSpec::new(path, device, config.model.dtype);
@@ -134,6 +139,20 @@ impl VideoPipeline {
                     .push(models.load_replica(provider.clone(), spec(path), policy(batch), replica).await?);
             }
             stages.push(Replicas::new(workers)?);
+        }
+        if config.batching.warmup_on(device) {
+            for replica in stages.iter().flat_map(|stage| stage.iter()) {
+                let warm = replica.warm_up(None, None).await?;
+                match &warm.skipped {
+                    Some(why) => tracing::info!("no warm-up for {}: {why}", replica.info().name),
+                    None => tracing::info!(
+                        "warmed up {} batch shapes of {} in {:.2} s",
+                        warm.shapes.len(),
+                        replica.info().name,
+                        warm.elapsed.as_secs_f64()
+                    ),
+                }
+            }
         }
         let interpolator = stages.pop().expect("two stages");
         let denoiser = stages.pop().expect("two stages");
@@ -176,11 +195,14 @@ impl VideoPipeline {
         let keyframe_done = std::sync::atomic::AtomicUsize::new(0);
         let cached = std::sync::atomic::AtomicUsize::new(0);
         let keyframe_end = std::sync::Mutex::new(Duration::ZERO);
+        let len = self.height * self.width;
+        let paths: Vec<noise::Path> =
+            (0..c.sigmas.len()).map(|step| noise::Path::new(c.seed, step, c.anchors, len)).collect();
         let keyframes: Vec<Shared<_>> = (0..keys)
             .map(|i| {
-                let (done, end, cached) = (&keyframe_done, &keyframe_end, &cached);
+                let (done, end, cached, paths) = (&keyframe_done, &keyframe_end, &cached, &paths);
                 async move {
-                    let frame = self.keyframe(i, cached).await.map(Arc::new).map_err(Arc::new);
+                    let frame = self.keyframe(i, paths, cached).await.map(Arc::new).map_err(Arc::new);
                     let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     progress("keyframes", n, keys);
                     *end.lock().unwrap_or_else(|p| p.into_inner()) = started.elapsed();
@@ -198,7 +220,10 @@ impl VideoPipeline {
             let (left, right) = (keyframes[i].clone(), keyframes[i + 1].clone());
             let done = &midpoints_done;
             async move {
-                let (left, right) = (left.await.map_err(unshare)?, right.await.map_err(unshare)?);
+                // Both at once: awaited in turn, the last keyframe would start only when
+                // the one before it was made, in a batch of its own.
+                let (left, right) = futures_util::future::join(left, right).await;
+                let (left, right) = (left.map_err(unshare)?, right.map_err(unshare)?);
                 let mut frames = vec![left, right];
                 for _ in 0..levels {
                     let pairs = frames.windows(2).map(|w| self.midpoint(w[0].clone(), w[1].clone()));
@@ -239,7 +264,12 @@ impl VideoPipeline {
 
     /// Keyframe `i`: the sampling steps along the path (or the cache's copy of their
     /// result), then the colour map.
-    async fn keyframe(&self, i: usize, cached: &std::sync::atomic::AtomicUsize) -> Result<Vec<f32>> {
+    async fn keyframe(
+        &self,
+        i: usize,
+        paths: &[noise::Path],
+        cached: &std::sync::atomic::AtomicUsize,
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let _span = self.profiler.span("video_keyframe");
         let t = if c.keyframes > 1 { i as f64 / (c.keyframes - 1) as f64 } else { 0.0 };
@@ -259,20 +289,20 @@ impl VideoPipeline {
             cached.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(colormap::colormap(&heights));
         }
-        let heights = self.sample(t, difficulty).await?;
+        let heights = self.sample(paths, t, difficulty).await?;
         let entry = NamedTensors::new()
             .with(HEIGHTS, Tensor::from_vec(vec![self.height, self.width], heights.clone())?);
         self.cache.insert(key, Arc::new(entry));
         Ok(colormap::colormap(&heights))
     }
 
-    /// The denoiser's sampling steps at `t` on the path: the keyframe's heights.
-    async fn sample(&self, t: f64, difficulty: f32) -> Result<Vec<f32>> {
+    /// The denoiser's sampling steps at `t` on the paths (one a step): the keyframe's
+    /// heights.
+    async fn sample(&self, paths: &[noise::Path], t: f64, difficulty: f32) -> Result<Vec<f32>> {
         let c = &self.config;
-        let len = self.height * self.width;
         let mut denoised: Option<Vec<f32>> = None;
         for (step, &sigma) in c.sigmas.iter().enumerate() {
-            let noise = noise::path_noise(c.seed, step, c.anchors, t, len);
+            let noise = paths[step].at(t);
             let noisy: Vec<f32> = match &denoised {
                 None => noise.iter().map(|n| n * sigma).collect(),
                 Some(d) => d.iter().zip(&noise).map(|(d, n)| d + sigma * n).collect(),

@@ -47,12 +47,42 @@ pub fn slerp(a: &[f64], b: &[f64], u: f64) -> Vec<f64> {
 /// The noise (`len` values, f32) at `t` in [0, 1] along sampling step `step`'s path
 /// through `anchors` seeded anchors: anchor `a` is stream `seed + 1000 step + a`.
 pub fn path_noise(seed: u64, step: usize, anchors: usize, t: f64, len: usize) -> Vec<f32> {
-    let position = t * (anchors - 1) as f64;
-    let segment = (position.floor() as usize).min(anchors - 2);
-    let u = position - segment as f64;
-    let base = seed.wrapping_add(1000 * step as u64).wrapping_add(segment as u64);
-    let (a, b) = (normal(base, len), normal(base.wrapping_add(1), len));
-    slerp(&a, &b, u).into_iter().map(|x| x as f32).collect()
+    Path::new(seed, step, anchors, len).at(t)
+}
+
+/// One sampling step's path, its anchors drawn once each, when first needed, and shared
+/// by every keyframe between them: drawing two anchors is ~1 ms of a core at 128×128,
+/// and keyframes drawing their own reached a GPU's batcher a millisecond apart, too far
+/// apart to share a batch.
+pub struct Path {
+    seed: u64,
+    step: usize,
+    len: usize,
+    anchors: Vec<std::sync::OnceLock<Vec<f64>>>,
+}
+
+impl Path {
+    /// The path of sampling step `step` through `anchors` (2 or more) anchors of `len`
+    /// values; nothing is drawn yet.
+    pub fn new(seed: u64, step: usize, anchors: usize, len: usize) -> Path {
+        Path { seed, step, len, anchors: (0..anchors.max(2)).map(|_| std::sync::OnceLock::new()).collect() }
+    }
+
+    /// Anchor `a`: stream `seed + 1000 step + a`.
+    fn anchor(&self, a: usize) -> &[f64] {
+        self.anchors[a].get_or_init(|| {
+            normal(self.seed.wrapping_add(1000 * self.step as u64).wrapping_add(a as u64), self.len)
+        })
+    }
+
+    /// The noise at `t` in [0, 1]: the two anchors around it, spherically interpolated.
+    pub fn at(&self, t: f64) -> Vec<f32> {
+        let count = self.anchors.len();
+        let position = t * (count - 1) as f64;
+        let segment = (position.floor() as usize).min(count - 2);
+        let u = position - segment as f64;
+        slerp(self.anchor(segment), self.anchor(segment + 1), u).into_iter().map(|x| x as f32).collect()
+    }
 }
 
 #[cfg(test)]
@@ -83,6 +113,11 @@ mod tests {
         let far = step(&at(0.0), &at(1.0));
         assert!(near * 10.0 < far, "neighbours {near}, ends {far}");
         // Spherical: the norm stays a Gaussian's (≈ sqrt(len)) between the anchors.
+        // One path's shared anchors give each point what a path of its own does.
+        let shared = Path::new(3, 0, 3, len);
+        for t in [0.9, 0.1, 0.5, 0.62, 0.0, 1.0] {
+            assert_eq!(shared.at(t), at(t), "t = {t}");
+        }
         let norm = at(0.25).iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm / (len as f32).sqrt() - 1.0).abs() < 0.05, "{norm}");
     }
