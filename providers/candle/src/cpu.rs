@@ -623,4 +623,4 @@ pub(crate) mod tile_attention;
 mod tiles;
 
 use kernels::{add_norm, gelu};
-pub(crate) use kernels::{add_rms_norm, softmax};
+pub(crate) use kernels::{add_rms_norm, decode_attention, softmax};

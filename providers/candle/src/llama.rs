@@ -459,20 +459,29 @@ impl Llama {
             // spreads over every thread, and one stream's decoding over its heads.
             let mut jobs = Vec::new();
             for (s, &(row, t, pos)) in spans.iter().enumerate() {
+                if t == 1 {
+                    // A decoding row: one job per key and value head, for all the query
+                    // heads that read it (one pass over that part of the cache).
+                    let group = nh / nkv;
+                    for kv in 0..nkv {
+                        jobs.push(Attend { s, h: kv * group, heads: group, row, r0: 0, rows: 1, pos });
+                    }
+                    continue;
+                }
                 for h in 0..nh {
                     for r0 in (0..t).step_by(QUERY_BLOCK) {
-                        jobs.push(Attend { s, h, row, r0, rows: QUERY_BLOCK.min(t - r0), pos });
+                        jobs.push(Attend { s, h, heads: 1, row, r0, rows: QUERY_BLOCK.min(t - r0), pos });
                     }
                 }
             }
             // Longest first: the last jobs to start are short.
-            jobs.sort_by_key(|j| std::cmp::Reverse((j.pos + j.r0 + j.rows) * j.rows));
+            jobs.sort_by_key(|j| std::cmp::Reverse((j.pos + j.r0 + j.rows) * j.rows * j.heads));
             let out = crate::cpu::Shared(attn.as_mut_ptr());
             let caches: &[&mut LlamaCache] = caches;
             jobs.par_iter().for_each(|job| {
                 let (kc, vc) = &caches[job.s].layers[l];
-                // SAFETY: each job writes its own rows' columns of head `h` of `attn`
-                // (rows × nh × hd), which no other job writes.
+                // SAFETY: each job writes its own rows' columns of heads `h..h + heads`
+                // of `attn` (rows × nh × hd), which no other job writes.
                 unsafe { attend(job, &q, kc, vc, (nh, nkv, hd), out) };
             });
             layer.wo.forward(&attn, rows, &mut o)?;
@@ -524,10 +533,12 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut Vec<f32>) {
 const QUERY_BLOCK: usize = 64;
 
 /// One job of attention: sequence `s`'s query rows `r0..r0 + rows` (of its rows starting
-/// at batch row `row`; positions `pos + r0..`), head `h`.
+/// at batch row `row`; positions `pos + r0..`), heads `h..h + heads` (more than one only
+/// for a decoding row: the query heads of one key and value head).
 struct Attend {
     s: usize,
     h: usize,
+    heads: usize,
     row: usize,
     r0: usize,
     rows: usize,
@@ -537,7 +548,8 @@ struct Attend {
 /// Causal attention of `job`'s query rows over the sequence's cache, grouped-query
 /// (head `h` reads KV head `h / (nh / nkv)`): `S = Q Kᵀ / √hd` by `gemm` over the keys up to
 /// the block's last position, each row's softmax over the keys it may see (zeros past
-/// them), then `P V` by `gemm` into the job's rows of `out` (`[rows][nh][hd]`).
+/// them), then `P V` by `gemm` into the job's rows of `out` (`[rows][nh][hd]`). A single
+/// row (decoding) goes through `decode_attention` instead, for all of the job's heads.
 ///
 /// # Safety
 /// `out` points at the step's `[rows][nh][hd]` attention buffer and no other job writes
@@ -554,11 +566,23 @@ unsafe fn attend(
     let seen = job.pos + job.r0 + job.rows; // keys the block's last row sees
     let scale = 1.0 / (hd as f32).sqrt();
     crate::cpu::SCORES.with_borrow_mut(|buffer| {
-        if buffer.len() < job.rows * seen {
-            buffer.resize(job.rows * seen, 0.0);
+        let size = job.rows * job.heads * seen;
+        if buffer.len() < size {
+            buffer.resize(size, 0.0);
         }
-        let scores = &mut buffer[..job.rows * seen];
+        let scores = &mut buffer[..size];
         let first = job.row + job.r0;
+        if job.rows == 1 {
+            // SAFETY: the output row's heads `h..h + heads` are this job's (the caller's
+            // promise): `heads · hd` values at their place in the step's [rows][nh][hd]
+            // buffer.
+            let n = job.heads * hd;
+            let out = unsafe { std::slice::from_raw_parts_mut(out.at((first * nh + job.h) * hd), n) };
+            let q = &q[(first * nh + job.h) * hd..][..n];
+            let shape = (job.heads, nkv * hd, seen, scale);
+            crate::cpu::decode_attention(q, &kc[kv * hd..], &vc[kv * hd..], shape, scores, out);
+            return;
+        }
         // SAFETY: q holds the step's [rows][nh][hd] queries, kc and vc the cache's
         // [positions][nkv][hd] keys and values (at least `seen` positions: this step's were
         // appended before attention); scores is rows × seen; the output rows are this

@@ -47,6 +47,124 @@ dispatch!(
     /// layer's output, `bf16.rs`), 16 values a row into `out`.
     pub(super) fn swiglu => swiglu_generic(block: &[f32], out: &mut [f32])
 );
+/// The query rows of `heads` heads sharing one key and value head (grouped-query attention),
+/// attending over the first `seen` positions of that head (a decoding step): for each
+/// head `i`, `out[i] = softmax(scale · q[i] Kᵀ) V`, where position `t`'s key and value
+/// start at `t · stride` of `keys` and `values`; `q` and `out` are the heads' rows one
+/// after another, `scores` scratch for `heads × seen`. One pass over the keys and
+/// values serves every head of the group: decoding attention is bound by reading the
+/// cache, and `gemm` per head read it once per head and cost more to set up than the
+/// products for one row (perf: a fifth of a 16-stream decoding step). Heads of 32, 64
+/// or 128 values run in AVX-512 registers, others (and lower levels) plain loops.
+pub(crate) fn decode_attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    (heads, stride, seen, scale): (usize, usize, usize, f32),
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len() / heads.max(1);
+    assert!(heads > 0 && q.len() == heads * hd && out.len() == q.len() && scores.len() >= heads * seen);
+    assert!(seen == 0 || keys.len().min(values.len()) >= (seen - 1) * stride + hd);
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::active() >= super::isa::Isa::Avx512 && matches!(hd, 32 | 64 | 128) {
+        let mut h = 0;
+        while h < heads {
+            let g = (heads - h).min(4);
+            let (q, out) = (&q[h * hd..(h + g) * hd], &mut out[h * hd..(h + g) * hd]);
+            let scores = &mut scores[h * seen..(h + g) * seen];
+            macro_rules! run {
+                ($v:literal, $g:literal) => {
+                    // SAFETY: the level is at most what the CPU has, which includes
+                    // AVX-512 F; every key and value read is inside the slices
+                    // (asserted above), `q`, `out` and `scores` hold `g` heads.
+                    unsafe { decode_avx512::<$v, $g>(q, keys, values, (stride, seen, scale), scores, out) }
+                };
+            }
+            macro_rules! heads {
+                ($v:literal) => {
+                    match g {
+                        1 => run!($v, 1),
+                        2 => run!($v, 2),
+                        3 => run!($v, 3),
+                        _ => run!($v, 4),
+                    }
+                };
+            }
+            match hd {
+                32 => heads!(2),
+                64 => heads!(4),
+                _ => heads!(8),
+            }
+            h += g;
+        }
+        return;
+    }
+    for ((q, out), scores) in
+        q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).zip(scores.chunks_exact_mut(seen.max(1)))
+    {
+        decode_attention_generic(q, keys, values, (stride, seen, scale), scores, out);
+    }
+}
+
+/// [`decode_attention`] for `G` heads of `16 V` values: the queries and the outputs in
+/// registers, each key and value row loaded once for all `G` heads.
+///
+/// # Safety
+/// AVX-512 F; `q` and `out` hold `G` heads of `16 V` values, `scores` `G × seen`, `keys`
+/// and `values` every position's row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn decode_avx512<const V: usize, const G: usize>(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    (stride, seen, scale): (usize, usize, f32),
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: as the caller promises.
+    unsafe {
+        let qv: [[__m512; V]; G] = std::array::from_fn(|g| {
+            std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add((g * V + c) * 16)))
+        });
+        for t in 0..seen {
+            let k = keys.as_ptr().add(t * stride);
+            let mut acc = [_mm512_setzero_ps(); G];
+            for c in 0..V {
+                let kc = _mm512_loadu_ps(k.add(16 * c));
+                for (acc, q) in acc.iter_mut().zip(&qv) {
+                    *acc = _mm512_fmadd_ps(q[c], kc, *acc);
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                *scores.get_unchecked_mut(g * seen + t) = _mm512_reduce_add_ps(*acc) * scale;
+            }
+        }
+        for g in 0..G {
+            softmax(&mut scores[g * seen..(g + 1) * seen]);
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; G];
+        for t in 0..seen {
+            let v = values.as_ptr().add(t * stride);
+            for c in 0..V {
+                let vc = _mm512_loadu_ps(v.add(16 * c));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let p = _mm512_set1_ps(*scores.get_unchecked(g * seen + t));
+                    acc[c] = _mm512_fmadd_ps(p, vc, acc[c]);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            for (c, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add((g * V + c) * 16), *acc);
+            }
+        }
+    }
+}
+
 dispatch!(
     /// One row of `LayerNorm(x + residual)`, into `x`.
     pub(super) fn add_norm => add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32)
@@ -172,6 +290,31 @@ fn softmax_generic(x: &mut [f32]) {
     }
 }
 
+/// [`decode_attention`] for one head in plain loops, for any head width.
+fn decode_attention_generic(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    (stride, seen, scale): (usize, usize, f32),
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let scores = &mut scores[..seen];
+    for (t, score) in scores.iter_mut().enumerate() {
+        let k = &keys[t * stride..t * stride + hd];
+        *score = q.iter().zip(k).map(|(q, k)| q * k).sum::<f32>() * scale;
+    }
+    softmax(scores);
+    out.fill(0.0);
+    for (t, &p) in scores.iter().enumerate() {
+        let v = &values[t * stride..t * stride + hd];
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
+    }
+}
+
 #[inline(always)]
 fn add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
     for (v, r) in x.iter_mut().zip(residual) {
@@ -251,6 +394,50 @@ mod tests {
         }
         assert!(worst_exp < 5e-7, "exp: relative error {worst_exp:e}");
         assert!(worst_erf < 1e-6, "erf: error {worst_erf:e}");
+    }
+
+    /// Decoding attention against the same in f64, for groups of 1 to 7 heads (more
+    /// than one register group), several cache lengths and head widths, dispatched
+    /// (AVX-512 here) and head by head in the baseline loops.
+    #[test]
+    fn decode_attention_matches_f64() {
+        for (heads, hd, seen, stride) in
+            [(1, 64, 1, 192), (3, 64, 37, 192), (2, 16, 200, 48), (7, 128, 9, 128), (5, 32, 70, 64)]
+        {
+            let q: Vec<f32> = (0..heads * hd).map(|i| ((i * 13 % 29) as f32 / 14.0 - 1.0) * 0.7).collect();
+            let keys: Vec<f32> =
+                (0..seen * stride).map(|i| ((i * 31 % 53) as f32 / 26.0 - 1.0) * 1.3).collect();
+            let values: Vec<f32> = (0..seen * stride).map(|i| (i * 17 % 41) as f32 / 20.0 - 1.0).collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let mut want = Vec::new();
+            for q in q.chunks(hd) {
+                let logits: Vec<f64> = (0..seen)
+                    .map(|t| {
+                        (0..hd).map(|d| f64::from(q[d]) * f64::from(keys[t * stride + d])).sum::<f64>()
+                            * f64::from(scale)
+                    })
+                    .collect();
+                let m = logits.iter().copied().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                want.extend(
+                    (0..hd).map(|d| {
+                        (0..seen).map(|t| e[t] / z * f64::from(values[t * stride + d])).sum::<f64>()
+                    }),
+                );
+            }
+            let mut dispatched = vec![f32::NAN; heads * hd];
+            let mut scores = vec![0f32; heads * seen];
+            decode_attention(&q, &keys, &values, (heads, stride, seen, scale), &mut scores, &mut dispatched);
+            let mut baseline = vec![f32::NAN; heads * hd];
+            for (q, out) in q.chunks(hd).zip(baseline.chunks_mut(hd)) {
+                decode_attention_generic(q, &keys, &values, (stride, seen, scale), &mut scores, out);
+            }
+            for (name, got) in [("dispatched", &dispatched), ("baseline", &baseline)] {
+                let worst = got.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+                assert!(worst < 1e-5, "{name}: {heads} heads of {hd}, {seen} positions: off by {worst}");
+            }
+        }
     }
 
     /// erf by its Taylor series (x small) or continued fraction, in f64.
