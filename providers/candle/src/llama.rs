@@ -23,6 +23,8 @@ use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{Device, Module, Tensor};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use kiln_core::gguf::{GgmlType, Gguf};
 use kiln_core::{Error, Generator, GeneratorInfo, Result, SequenceCache, StepItem};
 use rayon::prelude::*;
@@ -35,10 +37,12 @@ fn candle(e: candle_core::Error) -> Error {
     Error::backend("candle", e.to_string())
 }
 
-/// A sequence's keys and values, per layer: `[kv_heads, tokens, head_dim]` each.
+/// A sequence's keys and values, per layer, in f16 as llama.cpp keeps them by default:
+/// half the bytes a decoding step's attention reads (it is bound by reading them) and
+/// half the memory a sequence holds.
 pub struct LlamaCache {
     /// Per layer, keys and values token after token: `[tokens][kv_heads][head_dim]`.
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<(Vec<f16>, Vec<f16>)>,
     len: usize,
     bytes_per_token: u64,
 }
@@ -346,7 +350,7 @@ impl Llama {
             }
         }
 
-        let mut info = gguf.generator_info("candle", kiln_core::Device::Cpu, 4)?;
+        let mut info = gguf.generator_info("candle", kiln_core::Device::Cpu, 2)?;
         info.quantization = quantization;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(rayon::current_num_threads())
@@ -452,8 +456,11 @@ impl Llama {
                     self.rope(&mut k[(row + r) * nkv * hd..(row + r + 1) * nkv * hd], pos + r);
                 }
                 let (kc, vc) = &mut caches[s].layers[l];
-                kc.extend_from_slice(&k[row * nkv * hd..(row + t) * nkv * hd]);
-                vc.extend_from_slice(&v[row * nkv * hd..(row + t) * nkv * hd]);
+                for (cache, new) in [(kc, &k), (vc, &v)] {
+                    let start = cache.len();
+                    cache.resize(start + t * nkv * hd, f16::ZERO);
+                    cache[start..].convert_from_f32_slice(&new[row * nkv * hd..(row + t) * nkv * hd]);
+                }
             }
             // Jobs of (sequence, head, block of query rows): a long prompt's attention
             // spreads over every thread, and one stream's decoding over its heads.
@@ -532,6 +539,11 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut Vec<f32>) {
 /// Query rows a job of attention takes at most.
 const QUERY_BLOCK: usize = 64;
 
+thread_local! {
+    /// A prompt's attention job's keys and values widened from the f16 cache.
+    static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// One job of attention: sequence `s`'s query rows `r0..r0 + rows` (of its rows starting
 /// at batch row `row`; positions `pos + r0..`), heads `h..h + heads` (more than one only
 /// for a decoding row: the query heads of one key and value head).
@@ -557,8 +569,8 @@ struct Attend {
 unsafe fn attend(
     job: &Attend,
     q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
+    kc: &[f16],
+    vc: &[f16],
     (nh, nkv, hd): (usize, usize, usize),
     out: crate::cpu::Shared,
 ) {
@@ -583,17 +595,29 @@ unsafe fn attend(
             crate::cpu::decode_attention(q, &kc[kv * hd..], &vc[kv * hd..], shape, scores, out);
             return;
         }
-        // SAFETY: q holds the step's [rows][nh][hd] queries, kc and vc the cache's
-        // [positions][nkv][hd] keys and values (at least `seen` positions: this step's were
-        // appended before attention); scores is rows × seen; the output rows are this
-        // job's (the caller's promise).
+        // A block of query rows (a prompt): the KV head's first `seen` keys and values
+        // widened to f32, `[seen][hd]`, for `gemm` — `seen · hd` conversions against
+        // `rows · seen · hd` products.
+        let (keys, values) = WIDENED.with_borrow_mut(|(k, v)| {
+            for (wide, cache) in [(&mut *k, kc), (&mut *v, vc)] {
+                wide.resize(seen * hd, 0.0);
+                for (t, row) in wide.chunks_exact_mut(hd).enumerate() {
+                    cache[(t * nkv + kv) * hd..][..hd].convert_to_f32_slice(row);
+                }
+            }
+            (k.as_ptr(), v.as_ptr())
+        });
+        // SAFETY: q holds the step's [rows][nh][hd] queries, `keys` and `values` this
+        // thread's widened [seen][hd] copies (nothing else touches them until this job
+        // ends); scores is rows × seen; the output rows are this job's (the caller's
+        // promise).
         unsafe {
             crate::cpu::product(
                 (job.rows, seen, hd),
                 View::rows(scores.as_mut_ptr(), seen),
                 false,
                 View::rows(q[(first * nh + job.h) * hd..].as_ptr(), nh * hd),
-                View::transposed(kc[kv * hd..].as_ptr(), nkv * hd),
+                View::transposed(keys, hd),
                 scale,
                 gemm::Parallelism::None,
             );
@@ -607,7 +631,7 @@ unsafe fn attend(
                 View::rows(out.at((first * nh + job.h) * hd), nh * hd),
                 false,
                 View::rows(scores.as_ptr(), seen),
-                View::rows(vc[kv * hd..].as_ptr(), nkv * hd),
+                View::rows(values, hd),
                 1.0,
                 gemm::Parallelism::None,
             );

@@ -51,15 +51,16 @@ dispatch!(
 /// attending over the first `seen` positions of that head (a decoding step): for each
 /// head `i`, `out[i] = softmax(scale · q[i] Kᵀ) V`, where position `t`'s key and value
 /// start at `t · stride` of `keys` and `values`; `q` and `out` are the heads' rows one
-/// after another, `scores` scratch for `heads × seen`. One pass over the keys and
-/// values serves every head of the group: decoding attention is bound by reading the
+/// after another, `scores` scratch for `heads × seen`; the keys and values are f16 (the
+/// cache's), widened as they are read. One pass over the keys and values serves every
+/// head of the group: decoding attention is bound by reading the
 /// cache, and `gemm` per head read it once per head and cost more to set up than the
 /// products for one row (perf: a fifth of a 16-stream decoding step). Heads of 32, 64
 /// or 128 values run in AVX-512 registers, others (and lower levels) plain loops.
 pub(crate) fn decode_attention(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[half::f16],
+    values: &[half::f16],
     (heads, stride, seen, scale): (usize, usize, usize, f32),
     scores: &mut [f32],
     out: &mut [f32],
@@ -118,8 +119,8 @@ pub(crate) fn decode_attention(
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn decode_avx512<const V: usize, const G: usize>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[half::f16],
+    values: &[half::f16],
     (stride, seen, scale): (usize, usize, f32),
     scores: &mut [f32],
     out: &mut [f32],
@@ -134,7 +135,7 @@ unsafe fn decode_avx512<const V: usize, const G: usize>(
             let k = keys.as_ptr().add(t * stride);
             let mut acc = [_mm512_setzero_ps(); G];
             for c in 0..V {
-                let kc = _mm512_loadu_ps(k.add(16 * c));
+                let kc = _mm512_cvtph_ps(_mm256_loadu_si256(k.add(16 * c).cast()));
                 for (acc, q) in acc.iter_mut().zip(&qv) {
                     *acc = _mm512_fmadd_ps(q[c], kc, *acc);
                 }
@@ -150,7 +151,7 @@ unsafe fn decode_avx512<const V: usize, const G: usize>(
         for t in 0..seen {
             let v = values.as_ptr().add(t * stride);
             for c in 0..V {
-                let vc = _mm512_loadu_ps(v.add(16 * c));
+                let vc = _mm512_cvtph_ps(_mm256_loadu_si256(v.add(16 * c).cast()));
                 for (g, acc) in acc.iter_mut().enumerate() {
                     let p = _mm512_set1_ps(*scores.get_unchecked(g * seen + t));
                     acc[c] = _mm512_fmadd_ps(p, vc, acc[c]);
@@ -293,8 +294,8 @@ fn softmax_generic(x: &mut [f32]) {
 /// [`decode_attention`] for one head in plain loops, for any head width.
 fn decode_attention_generic(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[half::f16],
+    values: &[half::f16],
     (stride, seen, scale): (usize, usize, f32),
     scores: &mut [f32],
     out: &mut [f32],
@@ -303,14 +304,14 @@ fn decode_attention_generic(
     let scores = &mut scores[..seen];
     for (t, score) in scores.iter_mut().enumerate() {
         let k = &keys[t * stride..t * stride + hd];
-        *score = q.iter().zip(k).map(|(q, k)| q * k).sum::<f32>() * scale;
+        *score = q.iter().zip(k).map(|(q, k)| q * k.to_f32()).sum::<f32>() * scale;
     }
     softmax(scores);
     out.fill(0.0);
     for (t, &p) in scores.iter().enumerate() {
         let v = &values[t * stride..t * stride + hd];
         for (o, v) in out.iter_mut().zip(v) {
-            *o += p * v;
+            *o += p * v.to_f32();
         }
     }
 }
@@ -405,9 +406,11 @@ mod tests {
             [(1, 64, 1, 192), (3, 64, 37, 192), (2, 16, 200, 48), (7, 128, 9, 128), (5, 32, 70, 64)]
         {
             let q: Vec<f32> = (0..heads * hd).map(|i| ((i * 13 % 29) as f32 / 14.0 - 1.0) * 0.7).collect();
-            let keys: Vec<f32> =
-                (0..seen * stride).map(|i| ((i * 31 % 53) as f32 / 26.0 - 1.0) * 1.3).collect();
-            let values: Vec<f32> = (0..seen * stride).map(|i| (i * 17 % 41) as f32 / 20.0 - 1.0).collect();
+            let keys: Vec<half::f16> = (0..seen * stride)
+                .map(|i| half::f16::from_f32(((i * 31 % 53) as f32 / 26.0 - 1.0) * 1.3))
+                .collect();
+            let values: Vec<half::f16> =
+                (0..seen * stride).map(|i| half::f16::from_f32((i * 17 % 41) as f32 / 20.0 - 1.0)).collect();
             let scale = 1.0 / (hd as f32).sqrt();
             let mut want = Vec::new();
             for q in q.chunks(hd) {
