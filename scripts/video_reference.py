@@ -7,11 +7,13 @@ docs/benchmarks.md).
 
     video_reference.py UNET.onnx RIFE.onnx OUT.npy [--seed 7] [--keyframes 8]
         [--anchors 3] [--difficulty 0.5 0.9] [--sigmas 80] [--interpolation 8] [--rounds 1]
-        [--device cpu | cuda:N]
+        [--device cpu | cuda:N] [--tf32 0|1]
 
 `--device cuda:N` runs both sessions on ONNX Runtime's CUDA execution provider (PyPI's
 onnxruntime-gpu), as kiln does for a config with `model.device = "cuda:N"`; a runtime
 without it, or a provider that fails to start, is an error rather than a CPU run.
+`--tf32 0|1` sets the CUDA provider's `use_tf32` (unset: ONNX Runtime's default, TF32 on),
+as kiln's `provider.options.tf32` does; `kiln bench` passes the config's.
 
 Renders `--rounds` times in one process (the first round pays ONNX Runtime's first-run
 costs), writes the frames as float32 `[frames, 3, 128, 128]` RGB in [0, 1] (OUT.npy) and
@@ -111,12 +113,13 @@ def main():
     p.add_argument("--interpolation", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    p.add_argument("--tf32", choices=["0", "1"], help="the CUDA provider's use_tf32 (unset: its default)")
     a = p.parse_args()
     levels = int(np.log2(a.interpolation))
     if 1 << levels != a.interpolation:
         raise SystemExit("--interpolation must be a power of two")
 
-    unet, rife = (session(path, a.device) for path in (a.unet, a.rife))
+    unet, rife = (session(path, a.device, a.tf32) for path in (a.unet, a.rife))
     rounds = []
     for _ in range(a.rounds):
         started = time.perf_counter()
@@ -127,7 +130,7 @@ def main():
     print(json.dumps({"frames": len(frames), "rounds": rounds}))
 
 
-def session(path, device):
+def session(path, device, tf32=None):
     """An ONNX Runtime session on `device` (cpu or cuda:N), never silently on another."""
     if device == "cpu":
         return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -137,7 +140,10 @@ def session(path, device):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise SystemExit(f"--device {device}: this onnxruntime ({ort.__version__}, {ort.__file__}) has no CUDA "
                          "execution provider; install onnxruntime-gpu")
-    s = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", {"device_id": int(index or 0)})])
+    options = {"device_id": int(index or 0)}
+    if tf32 is not None:
+        options["use_tf32"] = tf32
+    s = ort.InferenceSession(path, providers=[("CUDAExecutionProvider", options)])
     # ONNX Runtime falls back to the CPU when the CUDA provider fails to start (a missing library).
     if s.get_providers()[0] != "CUDAExecutionProvider":
         raise SystemExit(f"--device {device}: the CUDA execution provider did not start ({s.get_providers()})")

@@ -39,7 +39,7 @@ async fn its_options_are_validated_by_the_provider() {
     let sets = vec!["provider.options.dims=3".to_string()];
     let config = kiln::KilnConfig::load(Some(&config), &sets).unwrap();
     let err = kiln::Optimizer::from_config(config).await.err().unwrap().to_string();
-    assert!(err.contains("`provider.options`: found unknown field `dims`"), "{err}");
+    assert!(err.contains("`provider.options.dims`: found unknown field `dims`"), "{err}");
     assert!(err.contains("the keys provider `hashing` accepts"), "{err}");
 }
 

@@ -83,8 +83,8 @@ async fn a_dtype_the_graph_does_not_compute_in_is_refused() {
     assert!(e.contains("f32") && e.contains("model.dtype"), "{e}");
 }
 
-/// cuDNN's algorithm search (CUDA only) is checked with the rest of the options, on any
-/// machine: a value it does not know is refused with the ones it does.
+/// cuDNN's algorithm search and TF32 (CUDA only) are checked with the rest of the
+/// options, on any machine: a value they do not take is refused naming what they do.
 #[tokio::test]
 async fn an_unknown_cudnn_search_is_refused_naming_the_accepted_ones() {
     let e = Optimizer::from_config(ort_config(&["provider.options.cudnn_conv_algo_search=\"fast\""]))
@@ -94,6 +94,15 @@ async fn an_unknown_cudnn_search_is_refused_naming_the_accepted_ones() {
         .to_string();
     assert!(e.contains("fast") && e.contains("heuristic") && e.contains("exhaustive"), "{e}");
     let fine = ort_config(&["provider.options.cudnn_conv_algo_search=\"exhaustive\""]);
+    Optimizer::from_config(fine).await.unwrap().shutdown().await.unwrap();
+    // TF32 (CUDA only) is a yes or no, checked on any machine too.
+    let e = Optimizer::from_config(ort_config(&["provider.options.tf32=\"off\""]))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tf32") && e.contains("bool"), "{e}");
+    let fine = ort_config(&["provider.options.tf32=false"]);
     Optimizer::from_config(fine).await.unwrap().shutdown().await.unwrap();
 }
 

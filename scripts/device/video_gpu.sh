@@ -23,7 +23,9 @@
 #            (default 0, ONNX Runtime's own count: the example's 1 is for two copies
 #            sharing 2 CPU cores, and starves the nodes the CUDA provider leaves to the CPU)
 # for each cuDNN algorithm search in SEARCHES (default "heuristic"; "exhaustive" is ONNX
-# Runtime's own default: `provider.options.cudnn_conv_algo_search`).
+# Runtime's own default: `provider.options.cudnn_conv_algo_search`). TF32=true|false sets
+# `provider.options.tf32` (which `kiln bench` passes to the reference too); unset, both
+# keep ONNX Runtime's default (TF32 on). TAG names the outputs' variant.
 . scripts/device/common.sh /tmp/kiln-video kiln-tch
 kiln="$work/kiln-tch"
 pkg="$(cd "${ORT_PKG:-.device}" && pwd)"
@@ -42,7 +44,8 @@ bench() { # TAG CONFIG EXTRA_ARGS...
     "$kiln" bench "$config" --rounds "${ROUNDS:-3}" --reference python3 \
         --set "model.path=\"$models/terrain_unet.onnx\"" --set "video.interpolator=\"$models/rife.onnx\"" \
         --set 'model.device="cuda:0"' --set 'provider.options.execution_providers=["cuda"]' \
-        "$@" --json "$out/$tag.json" 2>&1 | tee "$out/$tag.txt"
+        ${TF32:+--set "provider.options.tf32=$TF32"} \
+        "$@" --json "$out/$tag${TAG:-}.json" 2>&1 | tee "$out/$tag${TAG:-}.txt"
 }
 for search in ${SEARCHES:-heuristic}; do
     bench "cuda-$search" examples/video-cuda.toml --set "provider.options.cudnn_conv_algo_search=\"$search\""

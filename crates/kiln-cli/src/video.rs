@@ -117,6 +117,8 @@ pub(crate) async fn bench(
         Some(kiln::Device::Cuda(n)) => format!("cuda:{n}"),
         _ => "cpu".to_string(),
     };
+    // The reference computes as kiln does: TF32 on the GPU or not (ort's `tf32`).
+    let tf32 = config.provider.options.get("tf32").and_then(serde_json::Value::as_bool);
     let pipeline = VideoPipeline::from_config(config).await.context("loading the video pipeline")?;
     let warm_up = pipeline.render(&|_, _, _| {}).await?.seconds;
     let dir = tempfile_dir()?;
@@ -132,7 +134,7 @@ pub(crate) async fn bench(
             reference_rounds.push(run_reference(
                 python,
                 &video_config,
-                &reference_device,
+                (&reference_device, tf32),
                 [&unet, &rife],
                 &out,
             )?);
@@ -193,12 +195,13 @@ pub(crate) async fn bench(
     Ok(())
 }
 
-/// One timed render of scripts/video_reference.py (after its warm-up render), its
-/// frames written to `out`.
+/// One timed render of scripts/video_reference.py (after its warm-up render) on
+/// `device`, TF32 as the config sets it (`None`: ONNX Runtime's default), its frames
+/// written to `out`.
 fn run_reference(
     python: &std::path::Path,
     c: &kiln::VideoConfig,
-    device: &str,
+    (device, tf32): (&str, Option<bool>),
     [unet, rife]: [&std::path::Path; 2],
     out: &std::path::Path,
 ) -> Result<f64> {
@@ -216,6 +219,9 @@ fn run_reference(
         })?;
     let mut command = std::process::Command::new(python);
     command.arg(&script).arg(unet).arg(rife).arg(out).args(["--device", device]);
+    if let Some(tf32) = tf32 {
+        command.args(["--tf32", if tf32 { "1" } else { "0" }]);
+    }
     command.args(["--seed", &c.seed.to_string(), "--keyframes", &c.keyframes.to_string()]);
     command.args(["--anchors", &c.anchors.to_string(), "--interpolation", &c.interpolation.to_string()]);
     command.args(["--rounds", "2", "--difficulty"]);

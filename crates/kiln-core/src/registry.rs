@@ -24,10 +24,13 @@ pub fn plugin_options<T: DeserializeOwned>(
     key: &str,
     what: &str,
 ) -> Result<T> {
-    serde_json::from_value(serde_json::Value::Object(options.clone())).map_err(|e| {
+    // The error names the option that was wrong (`provider.options.tf32`), not only the table.
+    serde_path_to_error::deserialize(serde_json::Value::Object(options.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path.is_empty() || path == "." { key.to_string() } else { format!("{key}.{path}") };
         Error::Config(vec![ConfigIssue::new(
-            key,
-            e.to_string(),
+            at,
+            e.inner().to_string(),
             format!("the keys {what} accepts (see docs/config.md)"),
         )])
     })

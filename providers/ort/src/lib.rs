@@ -28,6 +28,7 @@
 //! | `memory_pattern` | `true` | pre-plan memory for repeated shapes |
 //! | `cpu_arena` | `true` | the CPU arena allocator |
 //! | `cudnn_conv_algo_search` | `"heuristic"` | how the CUDA provider picks a convolution's algorithm for each new input shape: `heuristic` (cuDNN's heuristics), `exhaustive` (times every algorithm: ONNX Runtime's own default, seconds for every batch size dynamic batching makes), `default` |
+//! | `tf32` | unset | on CUDA, f32 convolutions and matrix products on TF32 tensor cores (`true`) or in full f32 (`false`); unset keeps ONNX Runtime's default (TF32 on, on Ampere and later GPUs) |
 //! | `overlap` | `false` | run each batch on the runtime's responder thread while the model thread collates the next (measured slower on an H100: off by default) |
 
 use std::path::{Path, PathBuf};
@@ -90,6 +91,11 @@ pub struct OrtOptions {
     pub overlap: bool,
     /// How the CUDA provider picks each convolution's algorithm for a new input shape.
     pub cudnn_conv_algo_search: ConvSearch,
+    /// On CUDA, f32 convolutions and matrix products on TF32 tensor cores (10 bits of
+    /// mantissa) or in full f32; `None` keeps ONNX Runtime's default (TF32 on). On an
+    /// H100 the video models with TF32 were 1.8e-4 (UNet) and 1.1e-2 (RIFE) mean abs from
+    /// the CPU's f32, without it 1.2e-6 and 2.7e-5 (docs/benchmarks.md).
+    pub tf32: Option<bool>,
 }
 
 /// `cudnn_conv_algo_search`: cuDNN's choice of convolution algorithm on CUDA.
@@ -120,6 +126,7 @@ impl Default for OrtOptions {
             allow_spinning: true,
             overlap: false,
             cudnn_conv_algo_search: ConvSearch::default(),
+            tf32: None,
         }
     }
 }
@@ -381,7 +388,10 @@ impl OrtProvider {
                 ConvSearch::Heuristic => ConvAlgorithmSearch::Heuristic,
                 ConvSearch::Default => ConvAlgorithmSearch::Default,
             };
-            let cuda = ort::ep::CUDA::default().with_device_id(id).with_conv_algorithm_search(search);
+            let mut cuda = ort::ep::CUDA::default().with_device_id(id).with_conv_algorithm_search(search);
+            if let Some(tf32) = o.tf32 {
+                cuda = cuda.with_tf32(tf32);
+            }
             eps.push(cuda.build().error_on_failure());
         }
         eps.push(ort::ep::CPU::default().with_arena_allocator(o.cpu_arena).build());
