@@ -14,7 +14,10 @@
 //! Every keyframe and every midpoint is an item submitted to its model's worker, which
 //! batches what is waiting (up to `video.denoise_batch` / `video.interpolate_batch`), so
 //! frames of one video — and of concurrent renders — share runs; and an interval's
-//! midpoints start as soon as its two keyframes are there, so the stages overlap.
+//! midpoints start as soon as its two keyframes are there, so the stages overlap. On a
+//! GPU the batches are padded to whole ones and that shape warmed up at load
+//! (`batching.batch_multiple` and `batching.warmup`, their GPU defaults): a backend sets
+//! up each new shape, which cost more than the runs themselves.
 //! [`write`] turns the frames into a GIF, MP4 (with `ffmpeg`), PNGs or a `.npy` array.
 //!
 //! Keyframes go through the configured result cache (`[cache]`), keyed by the denoiser,
