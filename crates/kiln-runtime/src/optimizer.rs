@@ -129,18 +129,7 @@ impl Optimizer {
             let max_sequence = text.as_ref().map(|t| t.pipeline.settings().max_length);
             // An image is the pipeline's [3, H, W] (or [H, W, 3]).
             let item = vision.as_ref().map(|v| v.pipeline.shape(1)[1..].to_vec());
-            for replica in replicas.iter() {
-                let warm = replica.warm_up(max_sequence, item.as_deref()).await?;
-                match &warm.skipped {
-                    Some(why) => tracing::info!("no warm-up on {}: {why}", replica.info().device),
-                    None => tracing::info!(
-                        "warmed up {} batch shapes on {} in {:.2} s",
-                        warm.shapes.len(),
-                        replica.info().device,
-                        warm.elapsed.as_secs_f64()
-                    ),
-                }
-            }
+            replicas.warm_up(max_sequence, item.as_deref()).await?;
         }
         let load_time = started.elapsed();
         let identity =

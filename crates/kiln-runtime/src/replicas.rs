@@ -71,6 +71,24 @@ impl Replicas {
         false
     }
 
+    /// Warms every replica up ([`ModelWorker::warm_up`]: every batch shape its buckets
+    /// make, `max_sequence` and `item` as there) and logs what each did.
+    pub async fn warm_up(&self, max_sequence: Option<usize>, item: Option<&[usize]>) -> Result<()> {
+        for replica in self.iter() {
+            let warm = replica.warm_up(max_sequence, item).await?;
+            let (name, device) = (&replica.info().name, replica.info().device);
+            match &warm.skipped {
+                Some(why) => tracing::info!("no warm-up of {name} on {device}: {why}"),
+                None => tracing::info!(
+                    "warmed up {} batch shapes of {name} on {device} in {:.2} s",
+                    warm.shapes.len(),
+                    warm.elapsed.as_secs_f64()
+                ),
+            }
+        }
+        Ok(())
+    }
+
     /// Batch counters of all replicas together.
     pub fn batch_stats(&self) -> BatchStats {
         combined(&self.downgrade()).0

@@ -144,17 +144,8 @@ impl VideoPipeline {
             stages.push(Replicas::new(workers)?);
         }
         if config.batching.warmup_on(device) {
-            for replica in stages.iter().flat_map(|stage| stage.iter()) {
-                let warm = replica.warm_up(None, None).await?;
-                match &warm.skipped {
-                    Some(why) => tracing::info!("no warm-up for {}: {why}", replica.info().name),
-                    None => tracing::info!(
-                        "warmed up {} batch shapes of {} in {:.2} s",
-                        warm.shapes.len(),
-                        replica.info().name,
-                        warm.elapsed.as_secs_f64()
-                    ),
-                }
+            for stage in &stages {
+                stage.warm_up(None, None).await?;
             }
         }
         let interpolator = stages.pop().expect("two stages");
