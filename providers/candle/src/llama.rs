@@ -447,6 +447,8 @@ impl Llama {
         let mut joined = Vec::new();
         let (mut attn, mut o, mut gate, mut up) =
             (vec![0f32; rows * nh * hd], Vec::new(), Vec::new(), Vec::new());
+        // Per sequence, its layer's keys and values widened to f32 when it reads a prompt.
+        let mut wide: Vec<(Vec<f32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); spans.len()];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, self.eps, &mut h);
             layer.attention_in.forward(&h, rows, &mut joined, &mut [&mut q, &mut k, &mut v])?;
@@ -456,10 +458,17 @@ impl Llama {
                     self.rope(&mut k[(row + r) * nkv * hd..(row + r + 1) * nkv * hd], pos + r);
                 }
                 let (kc, vc) = &mut caches[s].layers[l];
-                for (cache, new) in [(kc, &k), (vc, &v)] {
+                let (kw, vw) = &mut wide[s];
+                for (cache, new, wide) in [(kc, &k, kw), (vc, &v, vw)] {
                     let start = cache.len();
                     cache.resize(start + t * nkv * hd, f16::ZERO);
                     cache[start..].convert_from_f32_slice(&new[row * nkv * hd..(row + t) * nkv * hd]);
+                    // A prompt's attention runs on `gemm`, in f32: its sequence's keys and
+                    // values widened once for all of its jobs.
+                    if t > 1 {
+                        wide.resize(cache.len(), 0.0);
+                        cache.convert_to_f32_slice(wide);
+                    }
                 }
             }
             // Jobs of (sequence, head, block of query rows): a long prompt's attention
@@ -485,11 +494,13 @@ impl Llama {
             jobs.sort_by_key(|j| std::cmp::Reverse((j.pos + j.r0 + j.rows) * j.rows * j.heads));
             let out = crate::cpu::Shared(attn.as_mut_ptr());
             let caches: &[&mut LlamaCache] = caches;
+            let wide = &wide;
             jobs.par_iter().for_each(|job| {
                 let (kc, vc) = &caches[job.s].layers[l];
+                let (kw, vw) = &wide[job.s];
                 // SAFETY: each job writes its own rows' columns of heads `h..h + heads`
                 // of `attn` (rows × nh × hd), which no other job writes.
-                unsafe { attend(job, &q, kc, vc, (nh, nkv, hd), out) };
+                unsafe { attend(job, &q, (kc, vc), (kw, vw), (nh, nkv, hd), out) };
             });
             layer.wo.forward(&attn, rows, &mut o)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
@@ -539,11 +550,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut Vec<f32>) {
 /// Query rows a job of attention takes at most.
 const QUERY_BLOCK: usize = 64;
 
-thread_local! {
-    /// A prompt's attention job's keys and values widened from the f16 cache.
-    static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
 /// One job of attention: sequence `s`'s query rows `r0..r0 + rows` (of its rows starting
 /// at batch row `row`; positions `pos + r0..`), heads `h..h + heads` (more than one only
 /// for a decoding row: the query heads of one key and value head).
@@ -557,11 +563,13 @@ struct Attend {
     pos: usize,
 }
 
-/// Causal attention of `job`'s query rows over the sequence's cache, grouped-query
-/// (head `h` reads KV head `h / (nh / nkv)`): `S = Q Kᵀ / √hd` by `gemm` over the keys up to
-/// the block's last position, each row's softmax over the keys it may see (zeros past
-/// them), then `P V` by `gemm` into the job's rows of `out` (`[rows][nh][hd]`). A single
-/// row (decoding) goes through `decode_attention` instead, for all of the job's heads.
+/// Causal attention of `job`'s query rows over the sequence's cache (`kc`, `vc` in f16;
+/// `kw`, `vw` the same widened to f32 for a sequence reading a prompt, empty for a
+/// decoding one), grouped-query (head `h` reads KV head `h / (nh / nkv)`): `S = Q Kᵀ /
+/// √hd` by `gemm` over the keys up to the block's last position, each row's softmax over
+/// the keys it may see (zeros past them), then `P V` by `gemm` into the job's rows of
+/// `out` (`[rows][nh][hd]`). A single row (decoding) goes through `decode_attention`
+/// instead, on the f16 cache, for all of the job's heads.
 ///
 /// # Safety
 /// `out` points at the step's `[rows][nh][hd]` attention buffer and no other job writes
@@ -569,8 +577,8 @@ struct Attend {
 unsafe fn attend(
     job: &Attend,
     q: &[f32],
-    kc: &[f16],
-    vc: &[f16],
+    (kc, vc): (&[f16], &[f16]),
+    (kw, vw): (&[f32], &[f32]),
     (nh, nkv, hd): (usize, usize, usize),
     out: crate::cpu::Shared,
 ) {
@@ -595,29 +603,17 @@ unsafe fn attend(
             crate::cpu::decode_attention(q, &kc[kv * hd..], &vc[kv * hd..], shape, scores, out);
             return;
         }
-        // A block of query rows (a prompt): the KV head's first `seen` keys and values
-        // widened to f32, `[seen][hd]`, for `gemm` — `seen · hd` conversions against
-        // `rows · seen · hd` products.
-        let (keys, values) = WIDENED.with_borrow_mut(|(k, v)| {
-            for (wide, cache) in [(&mut *k, kc), (&mut *v, vc)] {
-                wide.resize(seen * hd, 0.0);
-                for (t, row) in wide.chunks_exact_mut(hd).enumerate() {
-                    cache[(t * nkv + kv) * hd..][..hd].convert_to_f32_slice(row);
-                }
-            }
-            (k.as_ptr(), v.as_ptr())
-        });
-        // SAFETY: q holds the step's [rows][nh][hd] queries, `keys` and `values` this
-        // thread's widened [seen][hd] copies (nothing else touches them until this job
-        // ends); scores is rows × seen; the output rows are this job's (the caller's
-        // promise).
+        // SAFETY: q holds the step's [rows][nh][hd] queries, kw and vw the cache's
+        // [positions][nkv][hd] keys and values widened to f32 (at least `seen` positions:
+        // this step's were appended before attention); scores is rows × seen; the output
+        // rows are this job's (the caller's promise).
         unsafe {
             crate::cpu::product(
                 (job.rows, seen, hd),
                 View::rows(scores.as_mut_ptr(), seen),
                 false,
                 View::rows(q[(first * nh + job.h) * hd..].as_ptr(), nh * hd),
-                View::transposed(keys, hd),
+                View::transposed(kw[kv * hd..].as_ptr(), nkv * hd),
                 scale,
                 gemm::Parallelism::None,
             );
@@ -631,7 +627,7 @@ unsafe fn attend(
                 View::rows(out.at((first * nh + job.h) * hd), nh * hd),
                 false,
                 View::rows(scores.as_ptr(), seen),
-                View::rows(values, hd),
+                View::rows(vw[kv * hd..].as_ptr(), nkv * hd),
                 1.0,
                 gemm::Parallelism::None,
             );
