@@ -869,6 +869,18 @@ mod tests {
         raw
     }
 
+    /// `tokens` rows of `x` (`k` inputs each) quantized as the layer's forward does.
+    fn quantized(format: Format, x: &[f32], tokens: usize, k: usize) -> Activations {
+        let mut a = Activations::default();
+        let nb = k / QK;
+        (a.q, a.d, a.s) = (vec![0; tokens * k], vec![0.0; tokens * nb], vec![0.0; tokens * nb]);
+        for r in 0..tokens {
+            let (d, s) = (&mut a.d[r * nb..(r + 1) * nb], &mut a.s[r * nb..(r + 1) * nb]);
+            quantize_row(format, &x[r * k..(r + 1) * k], &mut a.q[r * k..(r + 1) * k], d, s);
+        }
+        a
+    }
+
     /// The weights as f32, read from the file's layout (GGML's dequantization).
     fn dequantize(format: Format, raw: &[u8], k: usize, n: usize) -> Vec<f32> {
         let fb = format.file_block();
@@ -919,13 +931,7 @@ mod tests {
                     "{format:?} k {k} n {n}: worst {worst} against values up to {scale}"
                 );
 
-                let mut a = Activations::default();
-                let nb = k / QK;
-                (a.q, a.d, a.s) = (vec![0; tokens * k], vec![0.0; tokens * nb], vec![0.0; tokens * nb]);
-                for r in 0..tokens {
-                    let (d, s) = (&mut a.d[r * nb..(r + 1) * nb], &mut a.s[r * nb..(r + 1) * nb]);
-                    quantize_row(format, &x[r * k..(r + 1) * k], &mut a.q[r * k..(r + 1) * k], d, s);
-                }
+                let a = quantized(format, &x, tokens, k);
                 let mut plain = vec![0f32; tokens * n];
                 let call = Call { row0: 0, rows: tokens, first: 0, blocks: n / BLOCK, stride: n, col0: 0 };
                 Tile { layer: &layer, a: &a, call }.plain(&mut plain);
@@ -947,53 +953,40 @@ mod tests {
             eprintln!("this CPU has no AMX (detected: {}): only the block kernel runs here", isa::detected());
             return;
         }
-        {
-            let format = Format::Q8_0;
-            for (k, n, tokens) in [
-                (576, 192, 16),
-                (64, 48, 37),
-                (1536, 64, 32),
-                (128, 16, 17),
-                (576, 64, 13),
-                (64, 32, 45),
-                (96, 32, 16),
-            ] {
-                let raw = blocks(format, k, n);
-                let layer = BlockDense::from_file(format, &raw, k, n).unwrap();
-                assert!(layer.runs_on_amx(), "{format:?} k {k}");
-                let x: Vec<f32> =
-                    (0..tokens * k).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 2.5).collect();
-                let mut tiled = vec![f32::NAN; 3];
-                layer.forward(&x, tokens, &mut tiled);
+        let format = Format::Q8_0;
+        for (k, n, tokens) in [
+            (576, 192, 16),
+            (64, 48, 37),
+            (1536, 64, 32),
+            (128, 16, 17),
+            (576, 64, 13),
+            (64, 32, 45),
+            (96, 32, 16),
+        ] {
+            let raw = blocks(format, k, n);
+            let layer = BlockDense::from_file(format, &raw, k, n).unwrap();
+            assert!(layer.runs_on_amx(), "{format:?} k {k}");
+            let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 2.5).collect();
+            let mut tiled = vec![f32::NAN; 3];
+            layer.forward(&x, tokens, &mut tiled);
 
-                let mut a = Activations::default();
-                let nb = k / QK;
-                (a.q, a.d, a.s) = (vec![0; tokens * k], vec![0.0; tokens * nb], vec![0.0; tokens * nb]);
-                for r in 0..tokens {
-                    let (d, s) = (&mut a.d[r * nb..(r + 1) * nb], &mut a.s[r * nb..(r + 1) * nb]);
-                    quantize_row(format, &x[r * k..(r + 1) * k], &mut a.q[r * k..(r + 1) * k], d, s);
-                }
-                let mut vnni = Vec::new();
-                super::super::tiles::run(tokens, n, ROWS, 4, &mut vnni, |call, out| {
-                    Tile { layer: &layer, a: &a, call }.run(true, out)
-                });
-                assert_eq!(tiled.len(), vnni.len());
-                for (i, (t, v)) in tiled.iter().zip(&vnni).enumerate() {
-                    assert!(
-                        t.to_bits() == v.to_bits(),
-                        "{format:?} k {k} n {n}: row {} column {}: {t} on tiles, {v}",
-                        i / n,
-                        i % n
-                    );
-                }
+            let a = quantized(format, &x, tokens, k);
+            let mut vnni = Vec::new();
+            super::super::tiles::run(tokens, n, ROWS, 4, &mut vnni, |call, out| {
+                Tile { layer: &layer, a: &a, call }.run(true, out)
+            });
+            assert_eq!(tiled.len(), vnni.len());
+            for (i, (t, v)) in tiled.iter().zip(&vnni).enumerate() {
+                assert!(
+                    t.to_bits() == v.to_bits(),
+                    "{format:?} k {k} n {n}: row {} column {}: {t} on tiles, {v}",
+                    i / n,
+                    i % n
+                );
             }
         }
     }
 
-    /// The vectorised quantization against GGML's definition, ties and an all-zero
-    /// block included.
-    /// A joined layer gives each part's results, column for column, for one row
-    /// (decoding) and several (split by columns and by rows).
     /// Widening gives exactly the tiles `Bf16Dense::pack` makes of the dequantized
     /// weights, in registers and in plain Rust, over a buffer holding anything before
     /// (the scratch is reused); a pair's missing half (48 outputs) is zeros. The
@@ -1048,6 +1041,8 @@ mod tests {
         }
     }
 
+    /// A joined layer gives each part's results, column for column, for one row
+    /// (decoding) and several (split by columns and by rows).
     #[test]
     fn joined_layers_give_their_parts_results() {
         for format in [Format::Q4_1, Format::Q8_0] {
@@ -1087,6 +1082,8 @@ mod tests {
         assert!(BlockDense::concat(&[&q4, &q8]).is_none(), "different formats do not join");
     }
 
+    /// The vectorised quantization against GGML's definition, ties and an all-zero
+    /// block included.
     #[test]
     fn activations_quantize_as_ggml_defines() {
         let mut x: Vec<f32> = (0..96).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.37).collect();
