@@ -31,6 +31,16 @@ use crate::{BertEncoder, LAST_HIDDEN_STATE, backend, output_dtype};
 /// the GPU it runs on).
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/bert.ptx"));
 const MODULE: &str = "kiln_bert";
+/// The llama decoder's kernels (`kernels/llama.cu`, `dense_llama/gpu.rs`).
+const LLAMA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llama.ptx"));
+const LLAMA_MODULE: &str = "kiln_llama";
+
+/// Which PTX module a kernel is in.
+#[derive(Clone, Copy)]
+pub(crate) enum Kernels {
+    Bert,
+    Llama,
+}
 
 /// A dense layer: weight `[outputs, inputs]` as stored, and its bias.
 struct Dense {
@@ -81,7 +91,10 @@ impl CudaBert {
     /// CPU kernels need (`cpu::unsupported`), they take eight columns at a time.
     pub(crate) fn unsupported(config: &BertConfig) -> Option<&'static str> {
         let head_dim = config.hidden_size / config.num_attention_heads.max(1);
-        if config.hidden_size % 8 != 0 || config.intermediate_size % 8 != 0 || head_dim % 8 != 0 {
+        if !config.hidden_size.is_multiple_of(8)
+            || !config.intermediate_size.is_multiple_of(8)
+            || !head_dim.is_multiple_of(8)
+        {
             return Some("hidden, head and feed-forward sizes must be multiples of 8");
         }
         crate::cpu::unsupported(config)
@@ -168,6 +181,7 @@ impl CudaBert {
         // y dimension.
         let columns = |count: usize| blocks((count / 8).div_ceil(THREADS), tokens.div_ceil(4).min(65535));
         let mut x = Launch {
+            kernels: Kernels::Bert,
             kernel: "embed",
             others: &[
                 types,
@@ -193,6 +207,7 @@ impl CudaBert {
         for layer in &self.layers {
             let qkv = x.matmul(&layer.qkv.weight.t()?)?;
             let split = Launch {
+                kernels: Kernels::Bert,
                 kernel: "split_heads",
                 others: &[&layer.qkv.bias],
                 out: (Shape::from((3, batch, heads, sequence, head_dim)), dtype),
@@ -209,6 +224,7 @@ impl CudaBert {
             let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
             let scores = q.matmul(&k.t()?)?;
             let probabilities = Launch {
+                kernels: Kernels::Bert,
                 kernel: "masked_softmax",
                 others: &[mask],
                 out: (scores.shape().clone(), dtype),
@@ -223,6 +239,7 @@ impl CudaBert {
             .run(&scores)?;
             let context = probabilities.matmul(&v)?;
             let merged = Launch {
+                kernels: Kernels::Bert,
                 kernel: "merge_heads",
                 others: &[],
                 out: (Shape::from((tokens, h)), dtype),
@@ -245,6 +262,7 @@ impl CudaBert {
             let up = x.matmul(&layer.up.weight.t()?)?;
             let width = up.dim(1)?;
             let up = Launch {
+                kernels: Kernels::Bert,
                 kernel: "bias_gelu",
                 others: &[&layer.up.bias],
                 out: (up.shape().clone(), dtype),
@@ -274,6 +292,7 @@ fn bias_residual_norm(
 ) -> candle_core::Result<CTensor> {
     let (tokens, cols) = x.dims2()?;
     Launch {
+        kernels: Kernels::Bert,
         kernel: "bias_residual_norm",
         others: &[bias, residual, &norm.gamma, &norm.beta],
         out: (x.shape().clone(), x.dtype()),
@@ -296,6 +315,7 @@ pub(crate) fn pool(hidden: &CTensor, mask: &CTensor, head: EmbeddingHead) -> can
         Pooling::Max => 3,
     };
     Launch {
+        kernels: Kernels::Bert,
         kernel: "pool",
         others: &[mask],
         out: (Shape::from((batch, width)), CDType::F32),
@@ -311,15 +331,16 @@ pub(crate) fn pool(hidden: &CTensor, mask: &CTensor, head: EmbeddingHead) -> can
 }
 
 /// Threads in a block, for every kernel.
-const THREADS: usize = 128;
+pub(crate) const THREADS: usize = 128;
 
 /// A launch of `x` × `y` blocks of [`THREADS`] threads.
-fn blocks(x: usize, y: usize) -> LaunchConfig {
+pub(crate) fn blocks(x: usize, y: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// A scalar kernel argument.
-enum Arg {
+#[derive(Clone, Copy)]
+pub(crate) enum Arg {
     I32(i32),
     I64(i64),
     F32(f32),
@@ -327,16 +348,17 @@ enum Arg {
 
 /// One kernel launch: `KERNEL_<dtype of the first input>(first, others.., out,
 /// scalars..)`, every tensor contiguous, the output a new tensor of `out`.
-struct Launch<'a> {
-    kernel: &'static str,
-    others: &'a [&'a CTensor],
-    out: (Shape, CDType),
-    scalars: &'a [Arg],
-    config: LaunchConfig,
+pub(crate) struct Launch<'a> {
+    pub(crate) kernels: Kernels,
+    pub(crate) kernel: &'static str,
+    pub(crate) others: &'a [&'a CTensor],
+    pub(crate) out: (Shape, CDType),
+    pub(crate) scalars: &'a [Arg],
+    pub(crate) config: LaunchConfig,
 }
 
 impl Launch<'_> {
-    fn run(&self, first: &CTensor) -> candle_core::Result<CTensor> {
+    pub(crate) fn run(&self, first: &CTensor) -> candle_core::Result<CTensor> {
         first.apply_op1_no_bwd(self)
     }
 }
@@ -393,7 +415,11 @@ impl CustomOp1 for Launch<'_> {
             .find(|d| d.is_float())
             .unwrap_or(storage.dtype());
         let name = format!("{}_{}", self.kernel, suffix(model_dtype)?);
-        let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let (module, ptx) = match self.kernels {
+            Kernels::Bert => (MODULE, PTX),
+            Kernels::Llama => (LLAMA_MODULE, LLAMA_PTX),
+        };
+        let func = device.get_or_load_custom_func(&name, module, ptx)?;
         let mut addresses = vec![address(storage, layout, &stream)?];
         for other in self.others {
             let (other_storage, other_layout) = other.storage_and_layout();

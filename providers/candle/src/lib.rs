@@ -34,6 +34,7 @@ use serde::Deserialize;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dense_llama;
 mod llama;
 pub mod qwen2vl;
 mod weights;
@@ -235,6 +236,9 @@ impl Provider for CandleProvider {
     /// them, from the header (`llama::estimate_bytes`).
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
         if spec.path.is_file() && spec.path.extension().is_some_and(|e| e == "gguf") {
+            if spec.device != Device::Cpu {
+                return Ok(dense_llama::estimate_bytes(&spec.path, candle_dtype(spec.dtype)?));
+            }
             return Ok(llama::estimate_bytes(&spec.path, requantize(&self.options)?));
         }
         if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
@@ -267,10 +271,33 @@ impl Provider for CandleProvider {
     /// layers kept packed), on the CPU; see `qwen2vl/`.
     async fn load_generator(&self, spec: &ModelSpec) -> Result<Arc<dyn kiln_core::Generator>> {
         if spec.device != Device::Cpu {
-            return Err(Error::Unsupported(format!(
-                "provider `candle` generates on the cpu only so far, not {}",
-                spec.device
-            )));
+            if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
+                return Err(Error::Unsupported(format!(
+                    "provider `candle` runs Qwen2.5-VL checkpoints on the cpu only so far, not {} (provider `mlx` \
+                     runs them on a GPU)",
+                    spec.device
+                )));
+            }
+            if !spec.path.is_file() {
+                return Err(Error::model_load(&spec.path, "no such GGUF file"));
+            }
+            if spec.quantization != Quantization::None {
+                return Err(Error::Unsupported(format!(
+                    "provider `candle` on {} dequantizes a GGUF file's matrices to model.dtype at load; \
+                     model.quantization = \"{}\" is not taken there",
+                    spec.device, spec.quantization
+                )));
+            }
+            let device = candle_device(spec.device)?;
+            let dtype = candle_dtype(spec.dtype)?;
+            let kernels = self.options.cuda_kernels;
+            return Ok(Arc::new(dense_llama::DenseLlama::load(
+                &spec.path,
+                &device,
+                dtype,
+                spec.device,
+                kernels,
+            )?));
         }
         if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
             if !matches!(spec.quantization, Quantization::None | Quantization::Int8) {
