@@ -44,7 +44,7 @@ __device__ void rope_into_cache(const T* qkv, const float* cos, const float* sin
     }
 }
 
-// One block per (row, query head): the row's attention over the first `position + 1`
+// One block per (row, query head), at most 128 threads: the row's attention over the first `position + 1`
 // keys of its slot (causal; a decoding row sees its whole sequence, a prompt's row the
 // tokens up to its own). The queries come scaled. Scores in dynamic shared memory (the
 // caller sizes it for the step's longest row), softmax in f32, then each thread sums
@@ -80,11 +80,31 @@ __device__ void slot_attention(const T* q, const T* kc, const T* vc, const int64
     }
     const float inv = 1.0f / block_sum(sum);  // block_sum syncs: every score is written
     T* o = out + (r * heads + h) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    if (head_dim > blockDim.x) {
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            const T* v = vc + base + d;
+            float acc = 0.0f;
+            for (int j = 0; j < keys; ++j) acc += scores[j] * to_f32(v[(int64_t)j * head_dim]);
+            o[d] = from_f32<T>(acc * inv);
+        }
+        return;
+    }
+    // blockDim.x / head_dim groups of threads each sum every groups-th key for all
+    // dimensions (a thread per dimension, reads coalesced), then the groups add up.
+    __shared__ float part[128];
+    const int groups = blockDim.x / head_dim;
+    const int g = threadIdx.x / head_dim, d = threadIdx.x % head_dim;
+    float acc = 0.0f;
+    if (g < groups) {
         const T* v = vc + base + d;
-        float acc = 0.0f;
-        for (int j = 0; j < keys; ++j) acc += scores[j] * to_f32(v[(int64_t)j * head_dim]);
-        o[d] = from_f32<T>(acc * inv);
+        for (int j = g; j < keys; j += groups) acc += scores[j] * to_f32(v[(int64_t)j * head_dim]);
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < head_dim) {
+        float total = 0.0f;
+        for (int k = 0; k < groups; ++k) total += part[k * head_dim + threadIdx.x];
+        o[threadIdx.x] = from_f32<T>(total * inv);
     }
 }
 

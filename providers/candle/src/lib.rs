@@ -198,7 +198,7 @@ impl Provider for CandleProvider {
         let mut caps = Capabilities {
             formats: vec![
                 "Hugging Face BERT folder (config.json + model.safetensors)".into(),
-                "GGUF llama-architecture decoder (task = \"generate\", cpu)".into(),
+                "GGUF llama-architecture decoder (task = \"generate\"; cpu, and cuda:N dequantized)".into(),
                 "Qwen2.5-VL checkpoint folder (task = \"generate\" with images, cpu, f32)".into(),
             ],
             quantization: vec![Quantization::Int8],
@@ -232,8 +232,9 @@ impl Provider for CandleProvider {
 
     /// Weights at the model's dtype, from the safetensors headers, plus 10% for
     /// activations and buffers. Only headers are read. A GGUF file (generation): its
-    /// tensors as `provider.options.requantize` turns
-    /// them, from the header (`llama::estimate_bytes`).
+    /// tensors as `provider.options.requantize` turns them on the CPU
+    /// (`llama::estimate_bytes`), or dequantized to the model's dtype on a GPU
+    /// (`dense_llama::estimate_bytes`), from the header.
     fn estimate_memory(&self, spec: &ModelSpec) -> Result<Option<u64>> {
         if spec.path.is_file() && spec.path.extension().is_some_and(|e| e == "gguf") {
             if spec.device != Device::Cpu {
@@ -266,7 +267,8 @@ impl Provider for CandleProvider {
         Ok(Some(bytes + bytes / 10))
     }
 
-    /// llama-architecture GGUF files (quantized), on the CPU; see `llama.rs`. Qwen2.5-VL
+    /// llama-architecture GGUF files: quantized on the CPU (`llama.rs`), dequantized to
+    /// the model's dtype on a GPU (`dense_llama/`). Qwen2.5-VL
     /// checkpoint folders (vision-language; f32, bf16/f16, or mlx-community's quantized
     /// layers kept packed), on the CPU; see `qwen2vl/`.
     async fn load_generator(&self, spec: &ModelSpec) -> Result<Arc<dyn kiln_core::Generator>> {

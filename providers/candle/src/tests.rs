@@ -30,6 +30,38 @@ fn missing_folder_config_and_weights_are_clear_errors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Generation on a GPU: what it does not take is refused with the reason, before any
+/// device is opened; without the `cuda` feature the device itself is.
+#[test]
+fn generating_on_a_gpu_refuses_what_it_does_not_take() {
+    let generator = |spec: &ModelSpec| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(CandleProvider::default().load_generator(spec))
+            .err()
+            .expect("refused")
+            .to_string()
+    };
+    let gguf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.is_file(), "{} is missing: run scripts/setup generate", gguf.display());
+    let int8 =
+        ModelSpec { quantization: Quantization::Int8, ..ModelSpec::new(&gguf, Device::Cuda(0), DType::F16) };
+    let err = generator(&int8);
+    assert!(
+        err.contains("dequantizes a GGUF file's matrices to model.dtype") && err.contains("int8"),
+        "{err}"
+    );
+    let err = generator(&ModelSpec::new("/no/such/model.gguf", Device::Cuda(0), DType::F16));
+    assert!(err.contains("no such GGUF file"), "{err}");
+    #[cfg(not(feature = "cuda"))]
+    {
+        let err = generator(&ModelSpec::new(&gguf, Device::Cuda(0), DType::F16));
+        assert!(err.contains("runs on cpu only, not cuda:0") && err.contains("candle-cuda"), "{err}");
+    }
+}
+
 #[test]
 fn unsupported_device_and_dtype_say_what_is_accepted() {
     #[cfg(not(feature = "cuda"))]
