@@ -155,7 +155,8 @@ impl DenseLlama {
             norm,
             cos,
             sin,
-            kernels: kernels && cfg!(feature = "cuda") && device.is_cuda(),
+            // `slot_attention` holds a query head in 256 floats of shared memory.
+            kernels: kernels && cfg!(feature = "cuda") && device.is_cuda() && head_dim <= 256,
             heads,
             kv_heads,
             head_dim,
