@@ -66,6 +66,8 @@ bench candle_f16_64 64
 # The same step from candle's own operations (about 24 launches a layer, not 8).
 bench candle_ops_f16_1 1 --set provider.options.cuda_kernels=false
 bench candle_ops_f16_64 64 --set provider.options.cuda_kernels=false
+# The CPU's default chunk of prompt tokens a step (the example reads 2048).
+bench candle_f16_64_chunk128 64 --set generate.prefill_chunk=128
 python3 - "$work/stories.jsonl" <<'PY'
 import json, sys
 topics = ["a dragon", "the sea", "a robot", "a city at night", "a lost key", "winter", "a baker", "the moon",
