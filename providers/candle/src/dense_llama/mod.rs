@@ -492,10 +492,10 @@ mod tests {
 
     /// The tensor decoder on candle's CPU backend, f32, against the CPU decoder with the
     /// file's matrices dequantized to f32 (`requantize = "f32"`), the same best token
-    /// and logits close at every step: two prompts in one
-    /// step, decoding steps, a prompt joining decoding sequences, a forked prefix, a slot
-    /// given back and reused by a shorter sequence, and the tensors growing past 256
-    /// tokens while sequences hold keys.
+    /// and logits close at every step: two prompts in one step, decoding steps, a prompt
+    /// joining decoding sequences, a forked prefix, a slot given back and reused by a
+    /// shorter sequence, the tensors growing past 256 tokens while sequences hold keys,
+    /// and a new sequence after every one was dropped.
     #[test]
     fn dense_decoder_matches_the_cpu_decoder_on_the_gguf_file() {
         let path = smollm2();
@@ -552,6 +552,13 @@ mod tests {
         );
         assert_eq!(a.0.len(), a.1.len());
         assert_eq!(f.0.len(), 301);
+
+        // Every sequence gone: the tensors are released, and a new sequence starts over.
+        drop((a, c, d, e, f));
+        assert!(lock(&dense.pool).layers.is_empty(), "the slot tensors outlived their sequences");
+        let mut g = pair();
+        let pg = prompt(9, 6);
+        assert!(step_both(&dense, &cpu, &mut [(&pg, &mut g)], "a sequence after all were gone") < tol);
     }
 
     /// f16 on the CPU backend: the same best tokens as f32 for a prompt and a decoding
