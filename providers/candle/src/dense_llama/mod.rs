@@ -12,8 +12,12 @@
 //! launches do not grow with the number of streams; a prompt's rows attend over their
 //! own slot with a causal mask. Norms and softmax accumulate in f32 (candle's kernels).
 //!
-//! The same code runs on candle's CPU backend, which is how the tests check it against
-//! the CPU decoder on the same file.
+//! That is the step from candle's operations (about 24 launches a layer). On a GPU a
+//! step runs on kiln's CUDA kernels instead (`gpu.rs`, eight launches a layer: rotary
+//! and the cache writes fused, every row's attention over its slot in one kernel),
+//! unless `provider.options.cuda_kernels` is off or the step's longest row sees more keys
+//! than the attention kernel holds. The operations path runs on candle's CPU backend
+//! too, which is how the tests check it against the CPU decoder on the same file.
 
 use std::fs::File;
 use std::path::Path;
