@@ -57,18 +57,20 @@ __device__ __forceinline__ void store8(T* p, const float in[8]) {
     }
 }
 
-// Sum over a block of up to 1024 threads; every thread gets the total.
-__device__ float block_sum(float v) {
+// `warp_op` (warp_sum or warp_max) over a block of up to 1024 threads, `identity` for
+// the lanes past the last warp; every thread gets the result.
+template <typename WarpOp>
+__device__ __forceinline__ float block_reduce(float v, WarpOp warp_op, float identity) {
     __shared__ float partial[32];
     __shared__ float total;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    v = warp_sum(v);
+    v = warp_op(v);
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     if (warp == 0) {
         const int warps = (blockDim.x + 31) / 32;
-        float w = lane < warps ? partial[lane] : 0.0f;
-        w = warp_sum(w);
+        float w = lane < warps ? partial[lane] : identity;
+        w = warp_op(w);
         if (lane == 0) total = w;
     }
     __syncthreads();
@@ -77,22 +79,8 @@ __device__ float block_sum(float v) {
     return result;
 }
 
-// Maximum over a block of up to 1024 threads; every thread gets it.
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    __shared__ float total;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    v = warp_max(v);
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = (blockDim.x + 31) / 32;
-        float w = lane < warps ? partial[lane] : -__int_as_float(0x7f800000);
-        w = warp_max(w);
-        if (lane == 0) total = w;
-    }
-    __syncthreads();
-    const float result = total;
-    __syncthreads();
-    return result;
-}
+// Sum over a block; every thread gets the total.
+__device__ float block_sum(float v) { return block_reduce(v, warp_sum, 0.0f); }
+
+// Maximum over a block; every thread gets it.
+__device__ float block_max(float v) { return block_reduce(v, warp_max, -__int_as_float(0x7f800000)); }

@@ -338,17 +338,7 @@ impl Llama {
         if !labels.contains(&output_label) {
             quantization = format!("{quantization}; output {output_label}");
         }
-        // Rotary tables for every position the context allows.
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(context * half);
-        let mut sin = Vec::with_capacity(context * half);
-        for pos in 0..context {
-            for i in 0..half {
-                let angle = pos as f32 / rope_base.powf((2 * i) as f32 / head_dim as f32);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let (cos, sin) = rope_tables(context, head_dim, rope_base);
 
         let mut info = gguf.generator_info("candle", kiln_core::Device::Cpu, 2)?;
         info.quantization = quantization;
@@ -535,6 +525,23 @@ impl Llama {
             }
         }
     }
+}
+
+/// The rotary tables for every position the context allows, `[position][head_dim / 2]`:
+/// cos and sin of position · base^(−2i / head_dim) (GGUF's llama layout rotates the pairs
+/// `(2i, 2i + 1)` by them). Also the tensor decoder's (`dense_llama`).
+pub(crate) fn rope_tables(context: usize, head_dim: usize, base: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(context * half);
+    let mut sin = Vec::with_capacity(context * half);
+    for pos in 0..context {
+        for i in 0..half {
+            let angle = pos as f32 / base.powf((2 * i) as f32 / head_dim as f32);
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
 }
 
 /// `y = x / rms(x) * w` per row of `x`.

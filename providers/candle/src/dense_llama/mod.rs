@@ -135,16 +135,8 @@ impl DenseLlama {
             });
         }
         let norm = put(host("output_norm.weight")?)?;
-        let half = head_dim / 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(context * half), Vec::with_capacity(context * half));
-        for pos in 0..context {
-            for i in 0..half {
-                let angle = pos as f32 / rope_base.powf((2 * i) as f32 / head_dim as f32);
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let table = |v: Vec<f32>| Tensor::from_vec(v, (context, half), device).map_err(candle);
+        let (cos, sin) = crate::llama::rope_tables(context, head_dim, rope_base);
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (context, head_dim / 2), device).map_err(candle);
         let (cos, sin) = (table(cos)?, table(sin)?);
 
         let mut info = gguf.generator_info("candle", kiln_device, dtype.size_in_bytes())?;
@@ -276,8 +268,6 @@ struct StepPlan {
     decode: Option<Decode>,
     /// Per prompt item (index into the spans), its causal mask `[tokens, pos + tokens]`.
     prompts: Vec<(usize, Tensor)>,
-    /// Whether every row decodes (one token per sequence, in order).
-    all_decode: bool,
 }
 
 /// A step's decoding rows (one token of a sequence each), attending together.
@@ -358,7 +348,7 @@ impl DenseLlama {
                 .collect();
             prompts.push((i, Tensor::from_vec(mask, (s.tokens, keys), dev)?.to_dtype(dtype)?));
         }
-        Ok(StepPlan { cos, sin, kv_index, decode, prompts, all_decode: decoding.len() == spans.len() })
+        Ok(StepPlan { cos, sin, kv_index, decode, prompts })
     }
 
     fn forward(&self, ids: &[u32], spans: &[Span], pool: &Pool) -> candle_core::Result<Vec<Vec<f32>>> {
@@ -368,6 +358,8 @@ impl DenseLlama {
         let rows = ids.len();
         let scale = 1.0 / (hd as f64).sqrt();
         let plan = self.plan(spans, pool)?;
+        // Every row decodes: the batched attention's rows are the step's, in order.
+        let all_decode = plan.decode.as_ref().is_some_and(|d| d.rows.is_none());
         let mut x = self.embed.index_select(&Tensor::from_slice(ids, rows, &self.device)?, 0)?;
         for (layer, (kc, vc)) in self.layers.iter().zip(&pool.layers) {
             let h = rms_norm(&x, &layer.attn_norm, self.eps)?;
@@ -399,21 +391,22 @@ impl DenseLlama {
                 }
                 None => None,
             };
-            let attn = if plan.all_decode {
-                decoded.expect("a step of decoding rows has their attention")
-            } else {
-                let mut prompts = plan.prompts.iter().peekable();
-                let mut pieces = Vec::with_capacity(spans.len());
-                let mut next_decoded = 0;
-                for (i, s) in spans.iter().enumerate() {
-                    if let Some((_, mask)) = prompts.next_if(|p| p.0 == i) {
-                        pieces.push(self.prompt_attention(&q, s, (kc, vc), mask, scale)?);
-                    } else if let Some(d) = &decoded {
-                        pieces.push(d.narrow(0, next_decoded, 1)?);
-                        next_decoded += 1;
+            let attn = match decoded {
+                Some(all) if all_decode => all,
+                decoded => {
+                    let mut prompts = plan.prompts.iter().peekable();
+                    let mut pieces = Vec::with_capacity(spans.len());
+                    let mut next_decoded = 0;
+                    for (i, s) in spans.iter().enumerate() {
+                        if let Some((_, mask)) = prompts.next_if(|p| p.0 == i) {
+                            pieces.push(self.prompt_attention(&q, s, (kc, vc), mask, scale)?);
+                        } else if let Some(d) = &decoded {
+                            pieces.push(d.narrow(0, next_decoded, 1)?);
+                            next_decoded += 1;
+                        }
                     }
+                    Tensor::cat(&pieces, 0)?
                 }
-                Tensor::cat(&pieces, 0)?
             };
             x = (x + attn.matmul(&layer.wo.t()?)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, self.eps)?;
