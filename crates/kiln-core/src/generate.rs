@@ -108,6 +108,44 @@ pub trait SequenceCache: Send + 'static {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
+/// Slot ids for a generator whose running sequences share device buffers, one slot
+/// each (KV tensors `[slots, kv_heads, capacity, head_dim]`, as candle's GPU decoder and
+/// MLX's keep them): every id handed out stays below [`issued`](Self::issued), so the
+/// buffers need that many slots; ids come back when a sequence's cache is dropped and
+/// are handed out again before new ones.
+#[derive(Debug, Default, Clone)]
+pub struct SlotIds {
+    issued: usize,
+    free: Vec<usize>,
+}
+
+impl SlotIds {
+    /// A free id: one given back, else the next new one.
+    pub fn acquire(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.issued += 1;
+            self.issued - 1
+        })
+    }
+
+    /// Gives `id` back; `true` when no id is taken any more, so the buffers can go (the
+    /// ids then start again from 0).
+    pub fn release(&mut self, id: usize) -> bool {
+        debug_assert!(id < self.issued && !self.free.contains(&id), "slot {id} given back twice");
+        self.free.push(id);
+        let empty = self.free.len() == self.issued;
+        if empty {
+            *self = SlotIds::default();
+        }
+        empty
+    }
+
+    /// Ids handed out so far: every id in use is below it.
+    pub fn issued(&self) -> usize {
+        self.issued
+    }
+}
+
 /// One sequence of a step.
 pub struct StepItem<'a> {
     /// Its new tokens: the prompt when it joins, then one token per step.
@@ -268,4 +306,24 @@ pub enum TokenizerSource {
     File(PathBuf),
     /// None: the caller passes token ids (tests, custom providers).
     None,
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::SlotIds;
+
+    #[test]
+    fn slot_ids_are_reused_and_start_over_when_all_are_back() {
+        let mut ids = SlotIds::default();
+        let (a, b, c) = (ids.acquire(), ids.acquire(), ids.acquire());
+        assert_eq!((a, b, c, ids.issued()), (0, 1, 2, 3));
+        assert!(!ids.release(b));
+        // A freed id is handed out before a new one, so the buffers do not grow.
+        assert_eq!(ids.acquire(), 1);
+        assert_eq!(ids.issued(), 3);
+        assert!(!ids.release(a));
+        assert!(!ids.release(1));
+        assert!(ids.release(c), "the last id back empties the set");
+        assert_eq!((ids.issued(), ids.acquire()), (0, 0));
+    }
 }

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor};
-use kiln_core::SequenceCache;
+use kiln_core::{SequenceCache, SlotIds};
 
 const SLOT_CHUNK: usize = 8;
 const TOKEN_CHUNK: usize = 256;
@@ -30,9 +30,7 @@ pub(super) struct Pool {
     pub(super) layers: Vec<(Tensor, Tensor)>,
     pub(super) slots: usize,
     pub(super) capacity: usize,
-    /// Slots handed out so far; ids below it are in use or in `free`.
-    issued: usize,
-    free: Vec<usize>,
+    ids: SlotIds,
 }
 
 /// The pool behind a lock, shared by the generator and its sequences.
@@ -50,7 +48,7 @@ impl Pool {
         g: &Geometry,
         device: &Device,
     ) -> candle_core::Result<()> {
-        let slots = self.issued;
+        let slots = self.ids.issued();
         if slots <= self.slots && tokens <= self.capacity && !self.layers.is_empty() {
             return Ok(());
         }
@@ -80,16 +78,12 @@ impl Pool {
 
     /// A free slot.
     pub(super) fn acquire(&mut self) -> usize {
-        self.free.pop().unwrap_or_else(|| {
-            self.issued += 1;
-            self.issued - 1
-        })
+        self.ids.acquire()
     }
 
     /// Gives `slot` back; when no slot is taken any more, the device memory too.
     pub(super) fn release(&mut self, slot: usize) {
-        self.free.push(slot);
-        if self.free.len() == self.issued {
+        if self.ids.release(slot) {
             *self = Pool::default();
         }
     }

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kiln_core::{DType, Result, SequenceCache};
+use kiln_core::{DType, Result, SequenceCache, SlotIds};
 
 use crate::array::Array;
 
@@ -21,9 +21,7 @@ pub(super) struct Pool {
     pub(super) layers: Vec<(Array, Array)>,
     slots: usize,
     capacity: usize,
-    /// Slots handed out so far; ids below it are in use or in `free`.
-    issued: usize,
-    free: Vec<usize>,
+    ids: SlotIds,
     /// Bumped when a failed step's buffers are thrown away: a sequence written before
     /// that lost its keys.
     pub(super) epoch: u64,
@@ -83,10 +81,7 @@ impl Pool {
 
     /// A free slot.
     pub(super) fn acquire(&mut self) -> usize {
-        self.free.pop().unwrap_or_else(|| {
-            self.issued += 1;
-            self.issued - 1
-        })
+        self.ids.acquire()
     }
 }
 
@@ -115,8 +110,7 @@ impl SequenceCache for MlxCache {
 impl Drop for MlxCache {
     fn drop(&mut self) {
         let mut pool = lock(&self.pool);
-        pool.free.push(self.slot);
-        if pool.free.len() == pool.issued {
+        if pool.ids.release(self.slot) {
             // Nobody left: the buffers go back to MLX.
             let epoch = pool.epoch;
             *pool = Pool { epoch, ..Pool::default() };
