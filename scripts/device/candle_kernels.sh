@@ -11,7 +11,12 @@
 #    256, f16, cache off, 32 768 requests) against the model-only ceiling (helpers.py
 #    ceiling) in the same call.
 # GRAPH=1 adds candle-transformers' graph (`provider.options.cuda_kernels = false`) to
-# each step. Every kiln command has a time limit: a CUDA fault must not hang the call.
+# each step; NCU=0 skips step 2; ROUNDS=N (default 1) benches N alternated rounds of
+# kiln's defaults (batches overlapped, attention in one kernel), batches not overlapped
+# (`provider.options.overlap_batches = false`) and attention in five launches
+# (`provider.options.fused_attention = false`, which steps 1 and 2 also run). The
+# ceiling's torch.compile runs as helpers.py's COMPILE_MODES / COMPILE_DTYPES say.
+# Every kiln command has a time limit: a CUDA fault must not hang the call.
 . scripts/device/common.sh /tmp/kiln-candle-kernels kiln-cuda
 kiln="$work/kiln-cuda"
 model=.device/minilm-f16
@@ -30,6 +35,9 @@ run cpu_f32 cpu f32
 tags=()
 for dtype in f32 f16 bf16; do
     run "kiln_$dtype" cuda:0 "$dtype" && tags+=("kiln_$dtype")
+    if [ "$dtype" != f32 ]; then
+        run "unfused_$dtype" cuda:0 "$dtype" --set provider.options.fused_attention=false && tags+=("unfused_$dtype")
+    fi
     if [ -n "$graph" ]; then
         run "candle_$dtype" cuda:0 "$dtype" --set provider.options.cuda_kernels=false && tags+=("candle_$dtype")
     fi
@@ -46,8 +54,11 @@ kernels() { # TAG EXTRA..
         > "$out/kernels_$tag.csv" 2>> "$out/ncu.log" || { tail -5 "$out/ncu.log"; return 0; }
     python3 scripts/device/helpers.py kernels "$out/kernels_$tag.csv" "$tag" 12
 }
-kernels kiln
-[ -n "$graph" ] && kernels candle --set provider.options.cuda_kernels=false
+if [ "${NCU:-1}" != 0 ]; then
+    kernels kiln
+    kernels kiln_unfused --set provider.options.fused_attention=false
+    [ -n "$graph" ] && kernels candle --set provider.options.cuda_kernels=false
+fi
 
 bench() { # JSON EXTRA..
     local json="$1"; shift
@@ -57,7 +68,11 @@ bench() { # JSON EXTRA..
         --set text.max_length=128 --set cache.enabled=false --json "$out/$json" "$@" 2>> "$out/bench.log" \
         | tee -a "$out/bench.txt"
 }
-bench candle_kiln_kernels.json || true
+for round in $(seq "${ROUNDS:-1}"); do
+    bench "candle_kiln_kernels_r$round.json" || true
+    bench "candle_kiln_no_overlap_r$round.json" --set provider.options.overlap_batches=false || true
+    bench "candle_kiln_unfused_r$round.json" --set provider.options.fused_attention=false || true
+done
 bench candle_kiln_kernels_profiled.json --profile "$out/profile_candle_kiln.json" || true
 [ -n "$graph" ] && bench candle_graph.json --set provider.options.cuda_kernels=false
 python3 scripts/device/helpers.py ceiling "$model" "$work/long.txt" 5 "$out/ceiling.json" "" \

@@ -157,6 +157,187 @@ __device__ void masked_softmax(const T* scores, const float* mask, T* out, int64
         y[c] = from_f32<T>(__expf((m[c] != 0.0f ? to_f32(x[c]) : excluded) - top) * inv);
 }
 
+// Attention in one kernel, for head_dim 32 and up to 128 tokens (f16 and bf16, on
+// tensor cores): from the QKV product [batch * sequence, 3 * hidden] and its bias
+// straight to the context [batch * sequence, hidden] with heads merged — what
+// split_heads, the scores' product, masked_softmax, the context's product and
+// merge_heads do in five launches, whose scores [batch, heads, sequence, sequence] went
+// through memory three times. One block of four warps per (text, head): K and V (bias
+// added; V transposed) in shared memory once; each warp takes 16 queries at a time and
+// keeps their scores, probabilities and context in registers, as `mma.sync` m16n8k16
+// lays them out (the scores' accumulator tiles are, two by two, the probabilities'
+// operand tiles of the product with V). Scores are rounded to the storage type before
+// the softmax and probabilities before their product with V, as the unfused path
+// stores them; sums are f32. Padding keys and keys past the text's length are excluded
+// as masked_softmax excludes them.
+//
+// (A first version on WMMA's opaque fragments went through shared memory for the
+// softmax: 0.29 ms a layer for 256 x 128 tokens on an H100, against 0.37 ms for the five
+// launches it replaced.)
+constexpr int FA_D = 32, FA_KEYS = 128, FA_WARPS = 4;
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// d += a (16 x 16, row-major fragment) * b (16 x 8, column-major fragment), f32 sums.
+template <typename T> __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], const uint32_t b[2]);
+template <> __device__ __forceinline__ void mma16816<__half>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename T>
+__device__ void fused_attention(const T* qkv, const T* bias, const float* mask, T* out, int sequence, int heads,
+                                float scale) {
+    // Rows padded by 8 values (16 bytes): a fragment's eight rows then start in
+    // different banks.
+    constexpr int KS = FA_D + 8, VS = FA_KEYS + 8;
+    __shared__ __align__(16) T ks[FA_KEYS * KS];   // K [key][d]
+    __shared__ __align__(16) T vt[FA_D * VS];      // V transposed [d][key]
+    __shared__ float ms[FA_KEYS];
+    const int hidden = heads * FA_D;
+    const int b = blockIdx.x / heads, h = blockIdx.x - b * heads;
+    const int keys = (sequence + 15) / 16 * 16;
+    const int64_t first = (int64_t)b * sequence;
+    for (int i = threadIdx.x; i < keys * (FA_D / 8); i += blockDim.x) {
+        const int row = i / (FA_D / 8), c = (i % (FA_D / 8)) * 8;
+        float k[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (row < sequence) {
+            const T* at = qkv + (first + row) * 3 * hidden + h * FA_D + c;
+            float kadd[8], vadd[8];
+            load8(at + hidden, k);
+            load8(at + 2 * hidden, v);
+            load8(bias + hidden + h * FA_D + c, kadd);
+            load8(bias + 2 * hidden + h * FA_D + c, vadd);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) k[j] += kadd[j], v[j] += vadd[j];
+        }
+        store8(ks + row * KS + c, k);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) vt[(c + j) * VS + row] = from_f32<T>(v[j]);
+    }
+    for (int i = threadIdx.x; i < keys; i += blockDim.x) ms[i] = i < sequence ? mask[first + i] : 0.0f;
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // A fragment's rows r and r + 8, its column pair c, c + 1 (and c + 8, c + 9).
+    const int r = lane / 4, c = (lane % 4) * 2;
+    const float excluded = -1e30f;
+    for (int q0 = warp * 16; q0 < keys; q0 += FA_WARPS * 16) {
+        // Q (bias added, scaled) as two 16 x 16 operand tiles over head_dim.
+        uint32_t qa[2][4];
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+#pragma unroll
+            for (int part = 0; part < 4; ++part) {
+                const int row = r + (part % 2) * 8, col = kk * 16 + c + (part / 2) * 8;
+                float lo = 0.0f, hi = 0.0f;
+                if (q0 + row < sequence) {
+                    const T* at = qkv + (first + q0 + row) * 3 * hidden + h * FA_D + col;
+                    lo = (to_f32(at[0]) + to_f32(bias[h * FA_D + col])) * scale;
+                    hi = (to_f32(at[1]) + to_f32(bias[h * FA_D + col + 1])) * scale;
+                }
+                qa[kk][part] = pack2<T>(lo, hi);
+            }
+        }
+        // Scores: 16 tiles of 8 keys; s[t] holds rows r, r + 8 at keys 8t + c, + 1.
+        float s[FA_KEYS / 8][4];
+        float top0 = -INFINITY, top1 = -INFINITY;
+#pragma unroll
+        for (int t = 0; t < FA_KEYS / 8; ++t) {
+            s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+            if (8 * t < keys) {
+#pragma unroll
+                for (int kk = 0; kk < 2; ++kk) {
+                    const T* kr = ks + (8 * t + r) * KS + kk * 16 + c;
+                    const uint32_t kb[2] = {*reinterpret_cast<const uint32_t*>(kr),
+                                            *reinterpret_cast<const uint32_t*>(kr + 8)};
+                    mma16816<T>(s[t], qa[kk], kb);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = 8 * t + c + (e % 2);
+                    // Rounded as the unfused path stores scores.
+                    const float v = to_f32(from_f32<T>(s[t][e]));
+                    s[t][e] = ms[key] != 0.0f ? v : excluded;
+                }
+                top0 = fmaxf(top0, fmaxf(s[t][0], s[t][1]));
+                top1 = fmaxf(top1, fmaxf(s[t][2], s[t][3]));
+            }
+        }
+        // The four lanes of a row hold its keys between them.
+        top0 = fmaxf(top0, __shfl_xor_sync(0xffffffff, top0, 1));
+        top0 = fmaxf(top0, __shfl_xor_sync(0xffffffff, top0, 2));
+        top1 = fmaxf(top1, __shfl_xor_sync(0xffffffff, top1, 1));
+        top1 = fmaxf(top1, __shfl_xor_sync(0xffffffff, top1, 2));
+        float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+        for (int t = 0; t < FA_KEYS / 8; ++t) {
+            if (8 * t < keys) {
+                s[t][0] = __expf(s[t][0] - top0), s[t][1] = __expf(s[t][1] - top0);
+                s[t][2] = __expf(s[t][2] - top1), s[t][3] = __expf(s[t][3] - top1);
+                sum0 += s[t][0] + s[t][1];
+                sum1 += s[t][2] + s[t][3];
+            }
+        }
+        sum0 += __shfl_xor_sync(0xffffffff, sum0, 1);
+        sum0 += __shfl_xor_sync(0xffffffff, sum0, 2);
+        sum1 += __shfl_xor_sync(0xffffffff, sum1, 1);
+        sum1 += __shfl_xor_sync(0xffffffff, sum1, 2);
+        const float inv0 = 1.0f / sum0, inv1 = 1.0f / sum1;
+        // The context: P (16 x keys; score tiles 2kk and 2kk + 1 are operand tile kk)
+        // times V, four tiles of 8 of the head's columns.
+        float o[FA_D / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < FA_KEYS / 16; ++kk) {
+            if (16 * kk < keys) {
+                const uint32_t pa[4] = {
+                    pack2<T>(s[2 * kk][0] * inv0, s[2 * kk][1] * inv0),
+                    pack2<T>(s[2 * kk][2] * inv1, s[2 * kk][3] * inv1),
+                    pack2<T>(s[2 * kk + 1][0] * inv0, s[2 * kk + 1][1] * inv0),
+                    pack2<T>(s[2 * kk + 1][2] * inv1, s[2 * kk + 1][3] * inv1),
+                };
+#pragma unroll
+                for (int n = 0; n < FA_D / 8; ++n) {
+                    const T* vr = vt + (8 * n + r) * VS + 16 * kk + c;
+                    const uint32_t vb[2] = {*reinterpret_cast<const uint32_t*>(vr),
+                                            *reinterpret_cast<const uint32_t*>(vr + 8)};
+                    mma16816<T>(o[n], pa, vb);
+                }
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < FA_D / 8; ++n) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int q = q0 + r + 8 * half;
+                if (q < sequence)
+                    *reinterpret_cast<uint32_t*>(out + (first + q) * hidden + h * FA_D + 8 * n + c) =
+                        pack2<T>(o[n][2 * half], o[n][2 * half + 1]);
+            }
+        }
+    }
+}
+
 // Heads back together: ctx [batch, heads, sequence, head_dim] -> out [batch * sequence,
 // hidden]. Grid (column blocks of hidden, token rows).
 template <typename T>
@@ -244,3 +425,13 @@ __device__ void pool(const T* hidden, const float* mask, float* out, int sequenc
 KERNELS(__half, f16)
 KERNELS(__nv_bfloat16, bf16)
 KERNELS(float, f32)
+
+// Tensor cores take f16 and bf16 only: an f32 model keeps the unfused path.
+#define FUSED_ATTENTION(T, SUFFIX)                                                                         \
+    extern "C" __global__ void fused_attention_##SUFFIX(const T* qkv, const T* bias, const float* mask,    \
+                                                        T* out, int sequence, int heads, float scale) {    \
+        fused_attention(qkv, bias, mask, out, sequence, heads, scale);                                     \
+    }
+
+FUSED_ATTENTION(__half, f16)
+FUSED_ATTENTION(__nv_bfloat16, bf16)

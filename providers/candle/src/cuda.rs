@@ -11,10 +11,21 @@
 //!
 //! Each kernel is launched through a [`CustomOp1`] whose output candle allocates and
 //! owns; all work runs on the device's one stream, in order.
+//!
+//! A batch with an embedding head can be started without waiting for it
+//! ([`Model::start`](kiln_core::Model::start), `provider.options.overlap_batches`): its
+//! result is copied into page-locked host memory behind the kernels on the same stream,
+//! and only the responder thread waits for that copy — so the model thread launches the
+//! next batch while this one runs, and the GPU does not idle through the host's copy
+//! back and launches between batches.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaEvent, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
@@ -23,7 +34,9 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
-use kiln_core::{DType, EmbeddingHead, Error, Inputs, Outputs, Pooling, Result, SENTENCE_EMBEDDING, Tensor};
+use kiln_core::{
+    DType, EmbeddingHead, Error, Inputs, Outputs, Pending, Pooling, Result, SENTENCE_EMBEDDING, Tensor,
+};
 
 use crate::{BertEncoder, LAST_HIDDEN_STATE, backend, output_dtype};
 
@@ -76,6 +89,11 @@ pub(crate) struct CudaBert {
     token_type: CTensor,
     embedding_norm: Norm,
     layers: Vec<Layer>,
+    /// Page-locked buffers for started batches' results, kept between batches (an
+    /// allocation costs about as much as a batch); `None`: batches are not overlapped.
+    results: Option<Arc<Mutex<Vec<PinnedHostSlice<f32>>>>>,
+    /// Attention in one kernel (`fused_attention` in bert.cu) where it applies.
+    fused_attention: bool,
 }
 
 fn dense(vb: &VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Dense> {
@@ -102,11 +120,23 @@ impl CudaBert {
 
     /// Reads the weights from `vb` (a var builder on the GPU at the model's dtype, at
     /// the model's root: bare names, or `bert.`-prefixed as task heads save them).
-    pub(crate) fn load(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
-        crate::weights::at_bert_root(vb, |vb| Self::load_at(vb, config))
+    /// `overlap`: batches with an embedding head may be started without waiting for
+    /// them; `fused_attention`: attention in one kernel where it applies.
+    pub(crate) fn load(
+        vb: &VarBuilder,
+        config: &BertConfig,
+        overlap: bool,
+        fused_attention: bool,
+    ) -> candle_core::Result<Self> {
+        crate::weights::at_bert_root(vb, |vb| Self::load_at(vb, config, overlap, fused_attention))
     }
 
-    fn load_at(vb: &VarBuilder, config: &BertConfig) -> candle_core::Result<Self> {
+    fn load_at(
+        vb: &VarBuilder,
+        config: &BertConfig,
+        overlap: bool,
+        fused_attention: bool,
+    ) -> candle_core::Result<Self> {
         let h = config.hidden_size;
         let e = vb.pp("embeddings");
         let layers = crate::weights::encoder_layers(vb, config, dense, norm)?
@@ -138,6 +168,8 @@ impl CudaBert {
             token_type: e.pp("token_type_embeddings").get((config.type_vocab_size, h), "weight")?,
             embedding_norm: norm(&e.pp("LayerNorm"), h)?,
             layers,
+            results: overlap.then(Default::default),
+            fused_attention,
         })
     }
 
@@ -203,55 +235,25 @@ impl CudaBert {
         }
         .run(ids)?;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let attention_rows = batch * heads * sequence;
+        // The fused kernel's limits (kernels/bert.cu: FA_D, FA_KEYS); tensor cores take
+        // 2-byte types only.
+        let fused = self.fused_attention && head_dim == 32 && sequence <= 128 && dtype != CDType::F32;
         for layer in &self.layers {
             let qkv = x.matmul(&layer.qkv.weight.t()?)?;
-            let split = Launch {
-                kernels: Kernels::Bert,
-                kernel: "split_heads",
-                others: &[&layer.qkv.bias],
-                out: (Shape::from((3, batch, heads, sequence, head_dim)), dtype),
-                scalars: &[
-                    Arg::I32(batch as i32),
-                    Arg::I32(sequence as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(head_dim as i32),
-                    Arg::F32(scale),
-                ],
-                config: columns(3 * h),
-            }
-            .run(&qkv)?;
-            let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
-            let scores = q.matmul(&k.t()?)?;
-            let probabilities = Launch {
-                kernels: Kernels::Bert,
-                kernel: "masked_softmax",
-                others: &[mask],
-                out: (scores.shape().clone(), dtype),
-                scalars: &[
-                    Arg::I64(attention_rows as i64),
-                    Arg::I32(heads as i32),
-                    Arg::I32(sequence as i32),
-                ],
-                // One warp a row: four rows a block.
-                config: blocks(attention_rows.div_ceil(THREADS / 32), 1),
-            }
-            .run(&scores)?;
-            let context = probabilities.matmul(&v)?;
-            let merged = Launch {
-                kernels: Kernels::Bert,
-                kernel: "merge_heads",
-                others: &[],
-                out: (Shape::from((tokens, h)), dtype),
-                scalars: &[
-                    Arg::I32(tokens as i32),
-                    Arg::I32(sequence as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(head_dim as i32),
-                ],
-                config: columns(h),
-            }
-            .run(&context)?;
+            let merged = if fused {
+                Launch {
+                    kernels: Kernels::Bert,
+                    kernel: "fused_attention",
+                    others: &[&layer.qkv.bias, mask],
+                    out: (Shape::from((tokens, h)), dtype),
+                    scalars: &[Arg::I32(sequence as i32), Arg::I32(heads as i32), Arg::F32(scale)],
+                    // One block of four warps per (text, head).
+                    config: blocks(batch * heads, 1),
+                }
+                .run(&qkv)?
+            } else {
+                self.attention(&qkv, &layer.qkv.bias, mask, batch, sequence, scale)?
+            };
             x = bias_residual_norm(
                 &merged.matmul(&layer.attention_out.weight.t()?)?,
                 &layer.attention_out.bias,
@@ -279,6 +281,84 @@ impl CudaBert {
             )?;
         }
         Ok(x)
+    }
+
+    /// Attention in five launches: the QKV product plus its bias split into heads, the
+    /// scores' product, the masked softmax, the context's product, heads merged — to
+    /// the context `[batch * sequence, hidden]`.
+    fn attention(
+        &self,
+        qkv: &CTensor,
+        bias: &CTensor,
+        mask: &CTensor,
+        batch: usize,
+        sequence: usize,
+        scale: f32,
+    ) -> candle_core::Result<CTensor> {
+        let (h, heads) = (self.hidden, self.heads);
+        let head_dim = h / heads;
+        let tokens = batch * sequence;
+        let dtype = qkv.dtype();
+        let columns = |count: usize| blocks((count / 8).div_ceil(THREADS), tokens.div_ceil(4).min(65535));
+        let attention_rows = batch * heads * sequence;
+        let split = Launch {
+            kernels: Kernels::Bert,
+            kernel: "split_heads",
+            others: &[bias],
+            out: (Shape::from((3, batch, heads, sequence, head_dim)), dtype),
+            scalars: &[
+                Arg::I32(batch as i32),
+                Arg::I32(sequence as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(head_dim as i32),
+                Arg::F32(scale),
+            ],
+            config: columns(3 * h),
+        }
+        .run(qkv)?;
+        let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
+        let scores = q.matmul(&k.t()?)?;
+        let probabilities = Launch {
+            kernels: Kernels::Bert,
+            kernel: "masked_softmax",
+            others: &[mask],
+            out: (scores.shape().clone(), dtype),
+            scalars: &[Arg::I64(attention_rows as i64), Arg::I32(heads as i32), Arg::I32(sequence as i32)],
+            // One warp a row: four rows a block.
+            config: blocks(attention_rows.div_ceil(THREADS / 32), 1),
+        }
+        .run(&scores)?;
+        let context = probabilities.matmul(&v)?;
+        Launch {
+            kernels: Kernels::Bert,
+            kernel: "merge_heads",
+            others: &[],
+            out: (Shape::from((tokens, h)), dtype),
+            scalars: &[
+                Arg::I32(tokens as i32),
+                Arg::I32(sequence as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(head_dim as i32),
+            ],
+            config: columns(h),
+        }
+        .run(&context)
+    }
+}
+
+/// A started batch's result buffer and the event after its copy: dropped unread (the
+/// batch's waiter gone), it waits for the copy before the buffer is freed, so the
+/// device never writes into freed memory.
+struct InFlight {
+    buffer: Option<PinnedHostSlice<f32>>,
+    done: CudaEvent,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.buffer.is_some() {
+            let _ = self.done.synchronize();
+        }
     }
 }
 
@@ -464,19 +544,7 @@ impl BertEncoder {
     /// A batch through [`CudaBert`]: ids checked on the host, the encoder and the
     /// embedding head on the GPU, only the result copied back.
     pub(crate) fn run_cuda(&self, model: &CudaBert, inputs: &Inputs) -> Result<Outputs> {
-        let host = |name: &str| inputs.require(name).and_then(|t| t.to_vec::<i64>());
-        let (ids, types) = (host("input_ids")?, host("token_type_ids")?);
-        let shape = inputs.require("input_ids")?.shape().to_vec();
-        let &[batch, sequence] = shape.as_slice() else {
-            return Err(Error::InvalidInput(format!(
-                "input_ids has shape {shape:?}; expected [batch, sequence]"
-            )));
-        };
-        model.check(&ids, &types, sequence)?;
-        let on_device = |values: Vec<i64>| CTensor::from_vec(values, (batch, sequence), &self.device);
-        let mask = self.tensor(inputs, "attention_mask")?.to_dtype(CDType::F32).map_err(backend)?;
-        let (ids, types) = (on_device(ids).map_err(backend)?, on_device(types).map_err(backend)?);
-        let hidden = model.forward(&ids, &types, &mask).map_err(backend)?;
+        let (hidden, mask) = self.queue_cuda(model, inputs)?;
         let to_host = |t: &CTensor| t.to_device(&CDevice::Cpu).and_then(|t| t.flatten_all());
         if let Some(head) = self.info.head {
             let pooled = pool(&hidden, &mask, head).map_err(backend)?;
@@ -485,6 +553,7 @@ impl BertEncoder {
                 Outputs::new().with(SENTENCE_EMBEDDING, Tensor::from_vec(pooled.dims().to_vec(), values)?)
             );
         }
+        let (batch, sequence) = mask.dims2().map_err(backend)?;
         let width = hidden.dim(1).map_err(backend)?;
         let shape = vec![batch, sequence, width];
         let tensor = if output_dtype(self.info.dtype) == DType::F16 {
@@ -498,5 +567,86 @@ impl BertEncoder {
             Tensor::from_vec(shape, values.map_err(backend)?)?
         };
         Ok(Outputs::new().with(LAST_HIDDEN_STATE, tensor))
+    }
+
+    /// A batch started ([`Model::start`](kiln_core::Model::start)): the encoder and the
+    /// head queued, the pooled rows' copy into a page-locked buffer queued behind them;
+    /// the returned [`Pending`] waits for that copy on the responder thread. Token
+    /// vectors (no head) and `overlap_batches = false` run as [`run_cuda`](Self::run_cuda).
+    pub(crate) fn start_cuda(&self, model: &CudaBert, inputs: &Inputs) -> Result<Pending> {
+        let (Some(head), Some(results), CDevice::Cuda(device)) =
+            (self.info.head, &model.results, &self.device)
+        else {
+            return self.run_cuda(model, inputs).map(Pending::ready);
+        };
+        let (hidden, mask) = self.queue_cuda(model, inputs)?;
+        let pooled = pool(&hidden, &mask, head).map_err(backend)?;
+        let shape = pooled.dims().to_vec();
+        let len = pooled.elem_count();
+        let stream = device.cuda_stream();
+        let reused = results.lock().unwrap_or_else(|e| e.into_inner()).pop().filter(|b| b.len() >= len);
+        let mut buffer = match reused {
+            Some(buffer) => buffer,
+            // SAFETY: the buffer's contents are read only after the copy below wrote
+            // them. Flags 0: cached memory, which the host reads fast (the default,
+            // write-combined, is for host-to-device copies). A power of two, so batches
+            // of other sizes reuse it.
+            None => unsafe { stream.context().alloc_pinned_with_flags::<f32>(len.next_power_of_two(), 0) }
+                .w()
+                .map_err(backend)?,
+        };
+        let done = {
+            let (storage, layout) = pooled.storage_and_layout();
+            let Storage::Cuda(storage) = &*storage else {
+                return Err(backend(candle_core::Error::Msg("the pooled rows are not on the GPU".into())));
+            };
+            let start = layout.start_offset();
+            let rows = storage.as_cuda_slice::<f32>().map_err(backend)?.slice(start..start + len);
+            let (from, _read) = rows.device_ptr(&stream);
+            // The buffer is idle (its own event was never recorded: it is only written here).
+            let to = buffer.as_mut_ptr().w().map_err(backend)?;
+            // SAFETY: `to` is page-locked memory of at least `len` f32 owned by `buffer`,
+            // which `InFlight` keeps alive until `done` says the copy is over; `from` is
+            // `len` f32 of the pooled rows, freed by candle in stream order after it.
+            // cudarc's own `memcpy_dtoh` would copy the buffer's whole length.
+            unsafe {
+                let to = std::slice::from_raw_parts_mut(to, len);
+                cudarc::driver::result::memcpy_dtoh_async(to, from, stream.cu_stream())
+                    .w()
+                    .map_err(backend)?;
+            }
+            stream.record_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).w().map_err(backend)?
+        };
+        let flight = InFlight { buffer: Some(buffer), done };
+        let results = Arc::clone(results);
+        Ok(Pending::later(move || {
+            let mut flight = flight;
+            flight.done.synchronize().w().map_err(backend)?;
+            let buffer = flight.buffer.take().expect("taken once");
+            // SAFETY: the copy wrote the first `len` values and is over (`done`).
+            let values =
+                unsafe { std::slice::from_raw_parts(buffer.as_ptr().w().map_err(backend)?, len) }.to_vec();
+            results.lock().unwrap_or_else(|e| e.into_inner()).push(buffer);
+            Ok(Outputs::new().with(SENTENCE_EMBEDDING, Tensor::from_vec(shape, values)?))
+        }))
+    }
+
+    /// The batch's ids checked on the host and the encoder queued on the GPU: its token
+    /// vectors `[batch * sequence, hidden]` and the f32 mask `[batch, sequence]`.
+    fn queue_cuda(&self, model: &CudaBert, inputs: &Inputs) -> Result<(CTensor, CTensor)> {
+        let host = |name: &str| inputs.require(name).and_then(|t| t.to_vec::<i64>());
+        let (ids, types) = (host("input_ids")?, host("token_type_ids")?);
+        let shape = inputs.require("input_ids")?.shape().to_vec();
+        let &[batch, sequence] = shape.as_slice() else {
+            return Err(Error::InvalidInput(format!(
+                "input_ids has shape {shape:?}; expected [batch, sequence]"
+            )));
+        };
+        model.check(&ids, &types, sequence)?;
+        let on_device = |values: Vec<i64>| CTensor::from_vec(values, (batch, sequence), &self.device);
+        let mask = self.tensor(inputs, "attention_mask")?.to_dtype(CDType::F32).map_err(backend)?;
+        let (ids, types) = (on_device(ids).map_err(backend)?, on_device(types).map_err(backend)?);
+        let hidden = model.forward(&ids, &types, &mask).map_err(backend)?;
+        Ok((hidden, mask))
     }
 }

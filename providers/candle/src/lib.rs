@@ -95,11 +95,26 @@ pub struct CandleOptions {
     /// it takes the type, else candle's), `"int8"` (kiln's per-channel int8 kernel),
     /// `"q8_0"`, `"q4_0"`, `"q4_k"`, `"f16"`, `"f32"` (candle's).
     pub requantize: String,
+    /// On a GPU, embedding batches are started without waiting for them: the next
+    /// batch's kernels queue behind the running one, and its result's copy back is
+    /// waited for on kiln's responder thread (`false`: each batch waited for on the
+    /// model thread).
+    pub overlap_batches: bool,
+    /// On a GPU with kiln's kernels, a BERT layer's attention in one kernel on tensor
+    /// cores (f16/bf16 models, head size 32, up to 128 tokens; others keep five
+    /// launches): scores never go through memory. On by default; `false` to compare.
+    pub fused_attention: bool,
 }
 
 impl Default for CandleOptions {
     fn default() -> Self {
-        CandleOptions { cpu_kernels: true, cuda_kernels: true, requantize: "auto".into() }
+        CandleOptions {
+            cpu_kernels: true,
+            cuda_kernels: true,
+            requantize: "auto".into(),
+            overlap_batches: true,
+            fused_attention: true,
+        }
     }
 }
 
@@ -400,7 +415,15 @@ impl Provider for CandleProvider {
                 && self.options.cuda_kernels
                 && cuda::CudaBert::unsupported(&config).is_none()
             {
-                Graph::Cuda(cuda::CudaBert::load(&vb, &config).map_err(mismatch)?)
+                Graph::Cuda(
+                    cuda::CudaBert::load(
+                        &vb,
+                        &config,
+                        self.options.overlap_batches,
+                        self.options.fused_attention,
+                    )
+                    .map_err(mismatch)?,
+                )
             } else {
                 Graph::Candle(Bert::load(vb, &config, dtype).map_err(mismatch)?)
             }
@@ -577,6 +600,17 @@ impl Model for BertEncoder {
             Tensor::from_vec(shape, values)?
         };
         Ok(Outputs::new().with(LAST_HIDDEN_STATE, tensor))
+    }
+
+    /// On a GPU with kiln's kernels, a batch with an embedding head is queued and its
+    /// result waited for on the responder thread (`cuda::BertEncoder::start_cuda`);
+    /// everything else runs as [`run`](Self::run).
+    fn start(&self, inputs: &Inputs) -> Result<kiln_core::Pending> {
+        match &self.model {
+            #[cfg(feature = "cuda")]
+            Graph::Cuda(model) => self.start_cuda(model, inputs),
+            _ => self.run(inputs).map(kiln_core::Pending::ready),
+        }
     }
 }
 
