@@ -371,6 +371,18 @@ fn bias_residual_norm(
     eps: f32,
 ) -> candle_core::Result<CTensor> {
     let (tokens, cols) = x.dims2()?;
+    // A warp a row holds up to 1024 values in registers (`bias_residual_norm_warp`).
+    if cols <= 1024 {
+        return Launch {
+            kernels: Kernels::Bert,
+            kernel: "bias_residual_norm_warp",
+            others: &[bias, residual, &norm.gamma, &norm.beta],
+            out: (x.shape().clone(), x.dtype()),
+            scalars: &[Arg::I32(tokens as i32), Arg::I32(cols as i32), Arg::F32(eps)],
+            config: blocks(tokens.div_ceil(THREADS / 32), 1),
+        }
+        .run(x);
+    }
     Launch {
         kernels: Kernels::Bert,
         kernel: "bias_residual_norm",
