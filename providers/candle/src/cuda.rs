@@ -89,8 +89,8 @@ pub(crate) struct CudaBert {
     token_type: CTensor,
     embedding_norm: Norm,
     layers: Vec<Layer>,
-    /// Page-locked buffers for started batches' results, kept between batches (an
-    /// allocation costs about as much as a batch); `None`: batches are not overlapped.
+    /// Page-locked buffers for started batches' results, kept between batches (pinning
+    /// host memory is a slow driver call); `None`: batches are not overlapped.
     results: Option<Arc<Mutex<Vec<PinnedHostSlice<f32>>>>>,
     /// Attention in one kernel (`fused_attention` in bert.cu) where it applies.
     fused_attention: bool,
