@@ -25,6 +25,27 @@ async fn every_fixture_text_matches_with_cosine_at_least_0_9999() {
     optimizer.shutdown().await.unwrap();
 }
 
+/// candle's GPU options (`overlap_batches`, `fused_attention`) are checked on any
+/// machine: a value of the wrong type names its key; on the CPU, where they change
+/// nothing, the embeddings are the reference's with them off as with them on.
+#[tokio::test]
+async fn candle_gpu_options_are_checked_on_any_machine() {
+    for key in ["overlap_batches", "fused_attention"] {
+        let set = format!("provider.options.{key}=\"on\"");
+        let e = Optimizer::from_config(minilm_config(&[set.as_str()])).await.err().unwrap().to_string();
+        assert!(e.contains(key) && e.contains("bool"), "{e}");
+    }
+    let reference = reference();
+    let off = ["provider.options.overlap_batches=false", "provider.options.fused_attention=false"];
+    let optimizer = Optimizer::from_config(minilm_config(&off)).await.unwrap();
+    let ours = optimizer.embed(&reference.texts).await.unwrap();
+    for ((text, a), b) in reference.texts.iter().zip(&ours).zip(&reference.embeddings) {
+        let c = cosine(a, b);
+        assert!(c >= 0.9999, "cosine {c:.6} for {text:?}");
+    }
+    optimizer.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn results_do_not_depend_on_batch_size_or_neighbours() {
     let reference = reference();
