@@ -209,9 +209,6 @@ impl CudaBert {
         let head_dim = h / heads;
         let tokens = batch * sequence;
         let dtype = self.word.dtype();
-        // Eight columns a thread across a block, four token rows a block on the grid's
-        // y dimension.
-        let columns = |count: usize| blocks((count / 8).div_ceil(THREADS), tokens.div_ceil(4).min(65535));
         let mut x = Launch {
             kernels: Kernels::Bert,
             kernel: "embed",
@@ -269,7 +266,7 @@ impl CudaBert {
                 others: &[&layer.up.bias],
                 out: (up.shape().clone(), dtype),
                 scalars: &[Arg::I32(tokens as i32), Arg::I32(width as i32)],
-                config: columns(width),
+                config: columns(width, tokens),
             }
             .run(&up)?;
             x = bias_residual_norm(
@@ -299,7 +296,6 @@ impl CudaBert {
         let head_dim = h / heads;
         let tokens = batch * sequence;
         let dtype = qkv.dtype();
-        let columns = |count: usize| blocks((count / 8).div_ceil(THREADS), tokens.div_ceil(4).min(65535));
         let attention_rows = batch * heads * sequence;
         let split = Launch {
             kernels: Kernels::Bert,
@@ -313,7 +309,7 @@ impl CudaBert {
                 Arg::I32(head_dim as i32),
                 Arg::F32(scale),
             ],
-            config: columns(3 * h),
+            config: columns(3 * h, tokens),
         }
         .run(qkv)?;
         let (q, k, v) = (split.get(0)?, split.get(1)?, split.get(2)?);
@@ -340,7 +336,7 @@ impl CudaBert {
                 Arg::I32(heads as i32),
                 Arg::I32(head_dim as i32),
             ],
-            config: columns(h),
+            config: columns(h, tokens),
         }
         .run(&context)
     }
@@ -428,6 +424,13 @@ pub(crate) const THREADS: usize = 128;
 /// A launch of `x` × `y` blocks of [`THREADS`] threads.
 pub(crate) fn blocks(x: usize, y: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (x as u32, y as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A launch of the column kernels (bias + GELU, head split, head merge) over `count`
+/// columns of `tokens` rows: eight columns a thread across a block, four token rows a
+/// block on the grid's y dimension.
+fn columns(count: usize, tokens: usize) -> LaunchConfig {
+    blocks((count / 8).div_ceil(THREADS), tokens.div_ceil(4).min(65535))
 }
 
 /// A scalar kernel argument.
