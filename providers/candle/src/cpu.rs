@@ -258,7 +258,29 @@ impl CpuBert {
         // showed as the bf16 path's largest cost after the products.
         let mut s = SCRATCH.take();
         s.context.resize(tokens * h, 0.0); // every element written by attention
-        for layer in &self.layers {
+        // int8 layers on tiles pass their inputs on quantized: `s.xq` holds `x`'s rows
+        // once the norm before has made them.
+        let int8_tiles = self.tile_attention && int8::tiles_run(tokens);
+        let mut xq_made = false;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if int8_tiles && let Some(l) = layer.int8() {
+                if !xq_made {
+                    s.xq.quantize(&x, tokens, h);
+                }
+                let next_int8 = self.layers.get(i + 1).is_some_and(|next| next.int8().is_some());
+                self.int8_layer(
+                    l,
+                    &layer.attention_norm,
+                    &layer.output_norm,
+                    &rows,
+                    &mut x,
+                    &mut s,
+                    next_int8,
+                );
+                xq_made = next_int8;
+                continue;
+            }
+            xq_made = false;
             match (&layer.qkv, &layer.attention_out) {
                 // bf16 layers around tile attention: Q, K, V and the context stay bf16,
                 // laid out as the next step reads them (no f32 copy, no rounding pass).
@@ -316,6 +338,70 @@ impl CpuBert {
     }
 }
 
+impl CpuBert {
+    /// One layer whose four products are int8 on tiles, `x` its input (then its output)
+    /// and `s.xq` `x` quantized. Each product's rows leave it normed and quantized for
+    /// the next ([`int8::QDense::rows_then`]) — the feed-forward's first product's GELU
+    /// rows for the second, each norm's rows for the product after it (the next layer's
+    /// when `quantize_next`) — so no int8 output is read back from memory to be normed
+    /// or quantized.
+    #[allow(clippy::too_many_arguments)]
+    fn int8_layer(
+        &self,
+        l: Int8Layer,
+        attention_norm: &Norm,
+        output_norm: &Norm,
+        rows: &[(usize, usize)],
+        x: &mut Vec<f32>,
+        s: &mut Scratch,
+        quantize_next: bool,
+    ) {
+        let (h, tokens, eps) = (self.hidden, x.len() / self.hidden, self.eps);
+        let done = l.qkv.rows_bf16(&s.xq, &mut s.qkv_bits);
+        debug_assert!(done, "int8_layer runs where tiles run");
+        let context = tile_attention::Context::F32(&mut s.context);
+        tile_attention::attention(tile_attention::Qkv::Bf16(&s.qkv_bits), rows, h, self.heads, context);
+        s.cq.quantize(&s.context, tokens, h);
+        let norm = norm_row(attention_norm, x, eps);
+        l.attention_out.rows_then(&s.cq, false, Some(&norm), (&mut s.attended, true), Some(&mut s.aq));
+        drop(norm);
+        l.up.rows_then(&s.aq, true, None, (&mut s.up, false), Some(&mut s.hq));
+        let norm = norm_row(output_norm, &s.attended, eps);
+        let next = quantize_next.then_some(&mut s.xq);
+        l.down.rows_then(&s.hq, false, Some(&norm), (&mut s.down, true), next);
+        std::mem::swap(x, &mut s.down);
+    }
+}
+
+/// `row = LayerNorm(row + residual's row r)`, for [`int8::QRows::quantize_after`].
+fn norm_row<'a>(norm: &'a Norm, residual: &'a [f32], eps: f32) -> impl Fn(usize, &mut [f32]) + Sync + 'a {
+    let w = norm.gamma.len();
+    move |r, row| add_norm(row, &residual[r * w..(r + 1) * w], &norm.gamma, &norm.beta, eps)
+}
+
+/// A layer's four products when all are int8 ([`Layer::int8`]).
+#[derive(Clone, Copy)]
+struct Int8Layer<'a> {
+    qkv: &'a int8::QDense,
+    attention_out: &'a int8::QDense,
+    up: &'a int8::QDense,
+    down: &'a int8::QDense,
+}
+
+impl Layer {
+    /// Its products, when all four are int8 and the feed-forward's two meet.
+    fn int8(&self) -> Option<Int8Layer<'_>> {
+        match (&self.qkv, &self.attention_out, &self.up, &self.down) {
+            (Linear::Int8(qkv), Linear::Int8(attention_out), Linear::Int8(up), Linear::Int8(down))
+                if up.outputs() == down.inputs() =>
+            {
+                Some(Int8Layer { qkv, attention_out, up, down })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// [`CpuBert::forward`]'s intermediates.
 #[derive(Default)]
 struct Scratch {
@@ -327,6 +413,12 @@ struct Scratch {
     up: Vec<f32>,
     gelu_rows: bf16::Bits,
     down: Vec<f32>,
+    /// An int8 layer's input, its attention's context, the context's normed product and
+    /// the GELU rows, quantized.
+    xq: int8::QRows,
+    cq: int8::QRows,
+    aq: int8::QRows,
+    hq: int8::QRows,
 }
 
 thread_local! {

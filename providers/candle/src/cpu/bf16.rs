@@ -606,6 +606,12 @@ impl Plan {
         Plan { groups, pairs, groups_per_job: groups.div_ceil(row_jobs), pairs_per_job }
     }
 
+    /// Whether every job takes all the columns, so a row group's whole rows are made by
+    /// one job, one after another.
+    pub(super) fn whole_rows(&self) -> bool {
+        self.pairs_per_job >= self.pairs
+    }
+
     pub(super) fn jobs(&self) -> usize {
         self.pairs.div_ceil(self.pairs_per_job) * self.groups.div_ceil(self.groups_per_job)
     }

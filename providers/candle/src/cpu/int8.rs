@@ -121,6 +121,16 @@ impl QDense {
         Some(QDense { packed, scales, weight_sums, bias, inputs: k, padded, outputs: n })
     }
 
+    /// Values a row of its input has.
+    pub(crate) fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Values a row of its output has.
+    pub(crate) fn outputs(&self) -> usize {
+        self.outputs
+    }
+
     /// Whether this CPU runs the VNNI kernel (the plain path is for correctness only).
     pub(crate) fn fast() -> bool {
         has_vnni()
@@ -142,89 +152,138 @@ impl QDense {
     /// rounded as it leaves the tiles, for tile attention, which reads Q, K and V in bf16
     /// (no f32 copy written and rounded again). `false`, and `out` untouched, elsewhere.
     pub(crate) fn forward_bf16(&self, x: &[f32], tokens: usize, out: &mut super::bf16::Bits) -> bool {
-        if tokens < AMX_ROWS || isa::active() < Isa::Amx {
+        if !tiles_run(tokens) {
             return false;
         }
-        out.resize(tokens * self.outputs);
+        super::with_taken(&QUANTIZED, |rows| {
+            rows.quantize(x, tokens, self.inputs);
+            self.rows_bf16(rows, out)
+        })
+    }
+
+    /// [`QDense::forward_bf16`] of rows already quantized for this layer.
+    pub(crate) fn rows_bf16(&self, rows: &QRows, out: &mut super::bf16::Bits) -> bool {
+        debug_assert_eq!(rows.padded, self.padded);
+        if !tiles_run(rows.tokens) {
+            return false;
+        }
+        out.resize(rows.tokens * self.outputs);
         let dst = Dst::Bf16(super::bf16::SharedBits(out.as_mut_ptr()));
-        super::with_taken(&QUANTIZED, |(quantized, row_scales)| {
-            self.quantize_rows(x, tokens, true, quantized, row_scales);
-            self.run_amx(quantized, row_scales, tokens, dst, false);
-        });
+        self.run_amx(rows, dst, false);
         true
     }
 
-    /// Each of `tokens` rows of `x` quantized into `quantized` (`kp` bytes a row; whole
-    /// groups of 32 rows for the tiles) and its (scale, lo) into `row_scales`.
-    fn quantize_rows(
+    /// The layer over `rows` (GELU applied if `gelu`), each whole output row then passed
+    /// through `finish(row index, row)` (a residual + LayerNorm), kept in `out` as f32
+    /// if `keep` (else `out` is scratch) and quantized into `next` if given, for a layer
+    /// of this one's outputs as inputs.
+    ///
+    /// Where the product runs on tiles and one job makes whole rows (its weights fit in
+    /// L2, as every MiniLM layer's do), a group of 32 rows is finished and quantized as
+    /// its last columns leave the tiles, while it sits in L2: an int8 layer's output is
+    /// then neither re-read from memory by the norm nor by the next layer's quantization
+    /// (22 % of an int8 MiniLM run in perf, as two passes). Elsewhere the same steps run
+    /// one after another over `out`. Either way the same values and bytes.
+    pub(crate) fn rows_then(
         &self,
-        x: &[f32],
-        tokens: usize,
-        amx: bool,
-        quantized: &mut Aligned<u8>,
-        row_scales: &mut Vec<(f32, f32)>,
+        rows: &QRows,
+        gelu: bool,
+        finish: Option<Finish>,
+        (out, keep): (&mut Vec<f32>, bool),
+        next: Option<&mut QRows>,
     ) {
-        let (k, kp) = (self.inputs, self.padded);
-        // Tiles read whole groups of 32 rows; the rows past `tokens` keep whatever they
-        // held (their results are dropped), as does each row past `k` (zero weights there).
-        quantized.resize(if amx { tokens.div_ceil(EDGE) * EDGE * kp } else { tokens * kp });
-        row_scales.resize(tokens, (0.0, 0.0));
-        quantized[..tokens * kp]
-            .par_chunks_mut(kp)
-            .zip(x.par_chunks(k))
-            .zip(row_scales.par_iter_mut())
-            .for_each(|((q, x), scale)| {
-                *scale = quantize_row(x, &mut q[..k]);
-            });
+        debug_assert_eq!(rows.padded, self.padded);
+        let (tokens, n) = (rows.tokens, self.outputs);
+        if !(tiles_run(tokens) && self.plan(tokens).whole_rows()) {
+            self.rows_forward(rows, out, gelu);
+            match (next, finish) {
+                (Some(next), finish) => next.quantize_after(out, tokens, n, |r, row| {
+                    if let Some(f) = finish {
+                        f(r, row)
+                    }
+                }),
+                (None, Some(f)) => out.par_chunks_mut(n).enumerate().for_each(|(r, row)| f(r, row)),
+                (None, None) => {}
+            }
+            return;
+        }
+        if keep {
+            out.truncate(tokens * n);
+            out.resize(tokens * n, 0.0);
+        }
+        let next = next.map(|next| {
+            next.prepare(tokens, n);
+            (SharedRows(next.q.as_mut_ptr(), next.a.as_mut_ptr()), next.padded)
+        });
+        let dst = RowsOut { keep: keep.then_some(Shared(out.as_mut_ptr())), next, finish };
+        self.run_amx(rows, Dst::Rows(dst), gelu);
     }
 
-    fn forward_then(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>, gelu: bool) {
-        let (k, kp, n) = (self.inputs, self.padded, self.outputs);
-        debug_assert_eq!(x.len(), tokens * k);
+    /// `out = x W^T + b` (GELU applied if `gelu`) of rows already quantized for this
+    /// layer, on tiles or the VNNI kernel as [`QDense::forward`] chooses.
+    pub(crate) fn rows_forward(&self, rows: &QRows, out: &mut Vec<f32>, gelu: bool) {
+        debug_assert_eq!(rows.padded, self.padded);
+        let (tokens, kp, n) = (rows.tokens, self.padded, self.outputs);
         // The caller's buffers are reused across layers and batches, and every element
         // is written before it is read: grown (or shrunk), never cleared.
-        let amx = tokens >= AMX_ROWS && isa::active() >= Isa::Amx;
-        super::with_taken(&QUANTIZED, |(quantized, row_scales)| {
-            self.quantize_rows(x, tokens, amx, quantized, row_scales);
-            if amx {
-                out.truncate(tokens * n);
-                out.resize(tokens * n, 0.0);
-                self.run_amx(quantized, row_scales, tokens, Dst::F32(Shared(out.as_mut_ptr())), gelu);
-                return;
-            }
-            let vnni = has_vnni();
-            super::tiles::run(tokens, n, ROWS, BLOCKS, out, |call, out| {
-                let tile = Tile {
-                    layer: self,
-                    q: &quantized[call.row0 * kp..(call.row0 + call.rows) * kp],
-                    a: &row_scales[call.row0..call.row0 + call.rows],
-                    rows: call.rows,
-                    first: call.first,
-                    blocks: call.blocks,
-                    stride: call.stride,
-                    col0: call.col0,
-                };
-                tile.run(vnni, out);
-            });
+        if tiles_run(tokens) {
+            out.truncate(tokens * n);
+            out.resize(tokens * n, 0.0);
+            self.run_amx(rows, Dst::F32(Shared(out.as_mut_ptr())), gelu);
+            return;
+        }
+        let vnni = has_vnni();
+        super::tiles::run(tokens, n, ROWS, BLOCKS, out, |call, out| {
+            let tile = Tile {
+                layer: self,
+                q: &rows.q[call.row0 * kp..(call.row0 + call.rows) * kp],
+                a: &rows.a[call.row0..call.row0 + call.rows],
+                rows: call.rows,
+                first: call.first,
+                blocks: call.blocks,
+                stride: call.stride,
+                col0: call.col0,
+            };
+            tile.run(vnni, out);
         });
-        if gelu && !amx {
+        if gelu {
             out.par_chunks_mut(1 << 14).for_each(super::kernels::gelu);
         }
     }
 
-    /// `out` (`tokens × outputs`, f32 or bf16) = the layer over `tokens` quantized rows
-    /// `q` (`a` their (scale, lo)) on AMX tiles, GELU applied if `gelu`.
-    fn run_amx(&self, q: &[u8], a: &[(f32, f32)], tokens: usize, out: Dst, gelu: bool) {
-        let (kp, n) = (self.padded, self.outputs);
-        let groups = tokens.div_ceil(EDGE);
-        debug_assert!(q.len() >= groups * EDGE * kp);
-        let pairs = (n / BLOCK).div_ceil(2);
-        let plan = super::bf16::Plan::new(groups, pairs, kp * EDGE);
+    fn forward_then(&self, x: &[f32], tokens: usize, out: &mut Vec<f32>, gelu: bool) {
+        debug_assert_eq!(x.len(), tokens * self.inputs);
+        super::with_taken(&QUANTIZED, |rows| {
+            rows.quantize(x, tokens, self.inputs);
+            self.rows_forward(rows, out, gelu);
+        });
+    }
+
+    /// How [`QDense::run_amx`] splits `tokens` rows into jobs.
+    fn plan(&self, tokens: usize) -> super::bf16::Plan {
+        super::bf16::Plan::new(tokens.div_ceil(EDGE), (self.outputs / BLOCK).div_ceil(2), self.padded * EDGE)
+    }
+
+    /// `out` (`tokens × outputs`: f32, bf16, or quantized for the next layer) = the layer
+    /// over `rows` on AMX tiles, GELU applied if `gelu`.
+    fn run_amx(&self, rows: &QRows, out: Dst<'_>, gelu: bool) {
+        let (kp, n, tokens) = (self.padded, self.outputs, rows.tokens);
+        let (q, a) = (&rows.q[..], &rows.a[..]);
+        debug_assert!(q.len() >= tokens.div_ceil(EDGE) * EDGE * kp);
+        let plan = self.plan(tokens);
+        let last_pair = (n / BLOCK).div_ceil(2) - 1;
+        debug_assert!(!matches!(out, Dst::Rows(..)) || plan.whole_rows());
         let chunks = kp / STEP;
         (0..plan.jobs()).into_par_iter().for_each(|job| {
             let mut sums = Sums([0; EDGE * EDGE]);
             let mut block = Block([0.0; EDGE * EDGE]);
             let _tiles = super::amx::TileConfig::load();
+            // A group's whole rows, when they are finished together: 32 × n f32, in L2.
+            let mut group_rows = match out {
+                Dst::Rows(..) => GROUP_ROWS.take(),
+                _ => Vec::new(),
+            };
+            group_rows.resize(EDGE * n, 0.0);
             for (group, pair) in plan.blocks(job) {
                 let rows = &q[group * EDGE * kp..(group + 1) * EDGE * kp];
                 let b0 = &self.packed[2 * pair * kp * BLOCK..(2 * pair + 1) * kp * BLOCK];
@@ -262,8 +321,9 @@ impl QDense {
                 if gelu {
                     super::kernels::gelu(&mut block.0[..valid * EDGE]);
                 }
-                // SAFETY (both): group·32 + valid <= tokens and col0 + cols <= n, so the rows
-                // written are inside `out` (tokens × n); this job alone writes them.
+                // SAFETY (all): group·32 + valid <= tokens and col0 + cols <= n, so the
+                // rows written are inside `out` (tokens × n, or the next layer's quantized
+                // rows, whole groups of `padded` bytes); this job alone writes them.
                 match out {
                     Dst::F32(shared) => unsafe {
                         store_rows(shared.0, &block.0, group, valid, n, col0, cols)
@@ -274,10 +334,90 @@ impl QDense {
                         super::bf16::to_bf16(&block.0[..valid * EDGE], &mut rounded[..valid * EDGE]);
                         unsafe { store_rows(shared.0, &rounded, group, valid, n, col0, cols) }
                     }
+                    Dst::Rows(dst) => {
+                        // SAFETY: `group_rows` is 32 × n.
+                        unsafe { store_rows(group_rows.as_mut_ptr(), &block.0, 0, valid, n, col0, cols) };
+                        if pair == last_pair {
+                            // SAFETY: the group's rows are inside `dst`'s buffers (`rows_then`).
+                            unsafe { dst.finish_group(&mut group_rows, group, valid, n) };
+                        }
+                    }
                 }
+            }
+            if matches!(out, Dst::Rows(..)) {
+                GROUP_ROWS.set(group_rows);
             }
         });
     }
+}
+
+/// A batch's rows quantized for an int8 layer: each row's bytes (`padded` a row, in
+/// whole groups of 32 rows, on 64-byte lines, as tiles read them) and its (scale, lo).
+/// Made once per width and read by every layer that takes it, or written by the norm or
+/// the layer before as each row is made (then the f32 rows are not read again).
+#[derive(Default)]
+pub(crate) struct QRows {
+    q: Aligned<u8>,
+    a: Vec<(f32, f32)>,
+    tokens: usize,
+    padded: usize,
+}
+
+impl QRows {
+    /// Room for `tokens` rows of `inputs` values. Bytes past a row's inputs, and rows
+    /// past `tokens` in the last group, keep whatever they held: zero weights meet the
+    /// first, and the second's results are dropped.
+    fn prepare(&mut self, tokens: usize, inputs: usize) {
+        self.padded = inputs.div_ceil(STEP) * STEP;
+        self.tokens = tokens;
+        self.q.resize_any(tokens.div_ceil(EDGE) * EDGE * self.padded);
+        self.a.resize(tokens, (0.0, 0.0));
+    }
+
+    /// `tokens` rows of `x` (`inputs` values each) quantized.
+    pub(crate) fn quantize(&mut self, x: &[f32], tokens: usize, inputs: usize) {
+        debug_assert!(x.len() >= tokens * inputs);
+        self.prepare(tokens, inputs);
+        self.q[..tokens * self.padded]
+            .par_chunks_mut(self.padded)
+            .zip(x.par_chunks(inputs))
+            .zip(self.a.par_iter_mut())
+            .for_each(|((q, x), a)| *a = quantize_row(x, &mut q[..inputs]));
+    }
+
+    /// `tokens` rows of `x` (`inputs` values each), each first passed through
+    /// `f(row index, row)` and then quantized while it is in L1 (a residual + LayerNorm
+    /// writes its rows and the next layer's input in one pass).
+    pub(crate) fn quantize_after(
+        &mut self,
+        x: &mut [f32],
+        tokens: usize,
+        inputs: usize,
+        f: impl Fn(usize, &mut [f32]) + Sync,
+    ) {
+        debug_assert!(x.len() >= tokens * inputs);
+        self.prepare(tokens, inputs);
+        const CHUNK: usize = 64;
+        let kp = self.padded;
+        x[..tokens * inputs]
+            .par_chunks_mut(inputs * CHUNK)
+            .zip(self.q.par_chunks_mut(kp * CHUNK))
+            .zip(self.a.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(chunk, ((x, q), a))| {
+                for (r, ((x, q), a)) in
+                    x.chunks_exact_mut(inputs).zip(q.chunks_exact_mut(kp)).zip(a).enumerate()
+                {
+                    f(chunk * CHUNK + r, x);
+                    *a = quantize_row(x, &mut q[..inputs]);
+                }
+            });
+    }
+}
+
+/// Whether a call of `tokens` rows runs on AMX tiles.
+pub(crate) fn tiles_run(tokens: usize) -> bool {
+    tokens >= AMX_ROWS && isa::active() >= Isa::Amx
 }
 
 /// Rows `0..valid` of a block of 32 × 32 results, their first `cols` values, into rows
@@ -302,12 +442,60 @@ unsafe fn store_rows<T: Copy>(
     }
 }
 
-/// Where [`QDense::run_amx`] writes: `tokens × outputs` f32, or the same rounded to bf16.
+/// Where [`QDense::run_amx`] writes: `tokens × outputs` f32, the same rounded to bf16,
+/// or whole rows finished together ([`QDense::rows_then`]).
 #[derive(Clone, Copy)]
-enum Dst {
+enum Dst<'a> {
     F32(Shared),
     Bf16(super::bf16::SharedBits),
+    Rows(RowsOut<'a>),
 }
+
+/// What [`QDense::rows_then`] does with a row before it is kept or quantized: given
+/// the row's index in the call and its values.
+pub(crate) type Finish<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+/// Whole rows' way out of [`QDense::run_amx`]: through `finish`, kept as f32 rows of
+/// `tokens × outputs`, and quantized into the next layer's rows (`padded` bytes each).
+#[derive(Clone, Copy)]
+struct RowsOut<'a> {
+    finish: Option<Finish<'a>>,
+    keep: Option<Shared>,
+    next: Option<(SharedRows, usize)>,
+}
+
+impl RowsOut<'_> {
+    /// Rows `0..valid` of `group_rows` (`n` values each), rows `group · 32 ..` of the
+    /// call, finished, kept and quantized.
+    ///
+    /// # Safety
+    /// The call's buffers hold those rows, and no one else writes them meanwhile.
+    unsafe fn finish_group(&self, group_rows: &mut [f32], group: usize, valid: usize, n: usize) {
+        for (r, x) in group_rows.chunks_exact_mut(n).take(valid).enumerate() {
+            let row = group * EDGE + r;
+            if let Some(f) = self.finish {
+                f(row, x);
+            }
+            // SAFETY (both): as the caller promises.
+            if let Some(keep) = self.keep {
+                unsafe { std::slice::from_raw_parts_mut(keep.at(row * n), n) }.copy_from_slice(x);
+            }
+            if let Some((next, padded)) = self.next {
+                unsafe {
+                    let q = std::slice::from_raw_parts_mut(next.0.add(row * padded), n);
+                    *next.1.add(row) = quantize_row(x, q);
+                }
+            }
+        }
+    }
+}
+
+/// [`QRows`]' two buffers, which [`QDense::run_amx`]'s jobs write a group of rows each.
+#[derive(Clone, Copy)]
+struct SharedRows(*mut u8, *mut (f32, f32));
+// SAFETY: jobs write disjoint rows (each group belongs to one job: `Plan::whole_rows`).
+unsafe impl Send for SharedRows {}
+unsafe impl Sync for SharedRows {}
 
 /// A block's i32 sums, where tiles store them, on a 64-byte boundary.
 #[repr(C, align(64))]
@@ -349,12 +537,11 @@ fn results_generic(
     }
 }
 
-/// Quantized rows (on 64-byte lines, as tiles read them) and each row's (scale, lo).
-type Rows = (Aligned<u8>, Vec<(f32, f32)>);
-
 thread_local! {
     /// The calling thread's quantized rows, kept between calls.
-    static QUANTIZED: std::cell::Cell<Rows> = const { std::cell::Cell::new((Aligned::new(), Vec::new())) };
+    static QUANTIZED: std::cell::Cell<QRows> = std::cell::Cell::new(QRows::default());
+    /// A job's group of whole f32 rows on their way to being quantized, kept between jobs.
+    static GROUP_ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Rows `q` (quantized; `a` their (scale, lo)) times column blocks
@@ -457,8 +644,24 @@ mod avx512 {
         // SAFETY: loads and stores stay below `n`, inside both slices (the tail's masked).
         unsafe {
             let (px, pq) = (x.as_ptr(), q.as_mut_ptr());
+            // Four independent (lo, hi) pairs, 64 values a step: one pair was a chain of
+            // dependent vector ops as long as the row (min and max are exact, so the
+            // order changes nothing).
             let (mut lo, mut hi) = (_mm512_set1_ps(f32::INFINITY), _mm512_set1_ps(f32::NEG_INFINITY));
-            for i in (0..whole).step_by(16) {
+            let (mut lows, mut highs) = ([lo; 4], [hi; 4]);
+            let wide = whole / 64 * 64;
+            for i in (0..wide).step_by(64) {
+                for j in 0..4 {
+                    let v = _mm512_loadu_ps(px.add(i + 16 * j));
+                    lows[j] = _mm512_min_ps(lows[j], v);
+                    highs[j] = _mm512_max_ps(highs[j], v);
+                }
+            }
+            for j in 0..4 {
+                lo = _mm512_min_ps(lo, lows[j]);
+                hi = _mm512_max_ps(hi, highs[j]);
+            }
+            for i in (wide..whole).step_by(16) {
                 let v = _mm512_loadu_ps(px.add(i));
                 lo = _mm512_min_ps(lo, v);
                 hi = _mm512_max_ps(hi, v);
@@ -673,6 +876,58 @@ mod tests {
             }
             let differ = plain.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(differ <= 1e-3 * scale, "k {k}, n {n}: kernel and plain differ by {differ}");
+        }
+    }
+
+    /// Rows passed on quantized — GELU rows quantized as they leave the tiles, a norm's
+    /// rows as it makes them — are the bytes and (scale, lo) of quantizing the f32 rows
+    /// afterwards, so an int8 model's embeddings do not depend on the path.
+    #[test]
+    fn rows_quantized_where_they_are_made_are_the_rows_quantized_afterwards() {
+        // 70 rows: a partial group of 32; 16 and 15 rows: at and below tiles' minimum.
+        for tokens in [70, 16, 15] {
+            let (k, n) = (384, 1536);
+            let up = QDense::quantize(&layer(k, n)).unwrap();
+            let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 31 % 97) as f32 / 48.0 - 1.0) * 3.0).collect();
+            let mut input = QRows::default();
+            input.quantize(&x, tokens, k);
+
+            let mut gelu_rows = Vec::new();
+            up.forward_gelu(&x, tokens, &mut gelu_rows);
+            let mut want = QRows::default();
+            want.quantize(&gelu_rows, tokens, n);
+            let (mut fused, mut scratch) = (QRows::default(), Vec::new());
+            up.rows_then(&input, true, None, (&mut scratch, false), Some(&mut fused));
+            assert_eq!(fused.a, want.a, "{tokens} rows: (scale, lo) of each row");
+            for (r, (a, b)) in fused.q.chunks(n).zip(want.q.chunks(n)).take(tokens).enumerate() {
+                assert_eq!(a, b, "{tokens} rows: row {r}'s bytes");
+            }
+
+            // A finishing pass (a norm's) on each whole row, the rows kept and quantized.
+            let down = QDense::quantize(&layer(n, k)).unwrap();
+            let finish = |r: usize, row: &mut [f32]| row.iter_mut().for_each(|v| *v = *v * 0.5 + r as f32);
+            let (mut kept, mut next) = (Vec::new(), QRows::default());
+            down.rows_then(&fused, false, Some(&finish), (&mut kept, true), Some(&mut next));
+            let mut plain = Vec::new();
+            down.forward(&gelu_rows, tokens, &mut plain);
+            plain.chunks_mut(k).enumerate().for_each(|(r, row)| finish(r, row));
+            assert_eq!(kept, plain, "{tokens} rows: the next layer's rows, finished");
+            let mut want = QRows::default();
+            want.quantize(&plain, tokens, k);
+            assert_eq!(next.a, want.a, "{tokens} rows: (scale, lo) of the finished rows");
+            assert_eq!(next.q[..tokens * k], want.q[..tokens * k], "{tokens} rows: their bytes");
+
+            // The same pass over f32 rows as they are quantized.
+            let mut rows = x.clone();
+            let mut after = QRows::default();
+            after.quantize_after(&mut rows, tokens, k, finish);
+            let mut shifted = x.clone();
+            shifted.chunks_mut(k).enumerate().for_each(|(r, row)| finish(r, row));
+            assert_eq!(rows, shifted, "{tokens} rows: the pass's rows stay in place");
+            let mut plain = QRows::default();
+            plain.quantize(&shifted, tokens, k);
+            assert_eq!(after.a, plain.a, "{tokens} rows: (scale, lo) after the pass");
+            assert_eq!(after.q[..tokens * k], plain.q[..tokens * k], "{tokens} rows: bytes after the pass");
         }
     }
 }
