@@ -177,68 +177,48 @@ dispatch!(
 
 const LANES: usize = 16;
 
-/// `x` folded by `step` into four sets of 16 independent lanes, which the compiler keeps
-/// in vector registers (a plain float fold is a serial chain it may not reorder), then
-/// the sets and lanes combined by `merge`. Four sets, not one: a 384-value row's sum was
-/// a chain of 24 dependent vector adds, and LayerNorm's two such passes made it 9 % of
-/// an int8 MiniLM run (perf).
-#[inline(always)]
-fn fold_lanes(
-    x: &[f32],
-    init: f32,
-    step: impl Fn(f32, f32) -> f32 + Copy,
-    merge: impl Fn(f32, f32) -> f32 + Copy,
-) -> f32 {
-    let mut acc = [[init; LANES]; 4];
-    let wide = x.chunks_exact(4 * LANES);
-    let rest = wide.remainder();
-    for c in wide {
-        for (acc, c) in acc.iter_mut().zip(c.chunks_exact(LANES)) {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a = step(*a, v);
-            }
-        }
-    }
-    let narrow = rest.chunks_exact(LANES);
-    let tail = narrow.remainder();
-    for c in narrow {
-        for (a, &v) in acc[0].iter_mut().zip(c) {
-            *a = step(*a, v);
-        }
-    }
-    let [mut lanes, b, c, d] = acc;
-    for (((a, b), c), d) in lanes.iter_mut().zip(b).zip(c).zip(d) {
-        *a = merge(merge(*a, b), merge(c, d));
-    }
-    let folded = lanes.iter().fold(init, |m, &v| merge(m, v));
-    tail.iter().fold(folded, |m, &v| step(m, v))
-}
-
-/// Sum with independent lanes ([`fold_lanes`]).
+/// Sum with independent lanes, which the compiler keeps in vector registers (a plain
+/// float sum is a serial chain it may not reorder).
 #[inline(always)]
 fn sum(x: &[f32]) -> f32 {
-    let add = |a: f32, v: f32| a + v;
-    fold_lanes(x, 0.0, add, add)
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
-/// The smallest value (the comparison written as `vminps` computes it, so it vectorises).
-#[inline(always)]
-fn min(x: &[f32]) -> f32 {
-    let min = |a: f32, v: f32| if v < a { v } else { a };
-    fold_lanes(x, f32::INFINITY, min, min)
-}
-
-/// The largest value (see [`min`]).
-#[inline(always)]
-fn max(x: &[f32]) -> f32 {
-    let max = |a: f32, v: f32| if v > a { v } else { a };
-    fold_lanes(x, f32::NEG_INFINITY, max, max)
-}
-
-/// The smallest and largest value, in two passes of independent lanes.
+/// The smallest and largest value, with independent lanes (see [`sum`]).
 #[inline(always)]
 pub(super) fn min_max(x: &[f32]) -> (f32, f32) {
-    (min(x), max(x))
+    let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+    let chunks = x.chunks_exact(LANES);
+    let tail =
+        chunks.remainder().iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    for c in chunks {
+        for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(c) {
+            *l = if v < *l { v } else { *l };
+            *h = if v > *h { v } else { *h };
+        }
+    }
+    (lo.iter().fold(tail.0, |m, &v| m.min(v)), hi.iter().fold(tail.1, |m, &v| m.max(v)))
+}
+
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
 /// `e^x` for x in [-87, 88] (clamped), relative error ≈ 2e-7: `x = n ln2 + r`,
@@ -343,7 +323,15 @@ fn add_norm_generic(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32]
     }
     let n = x.len() as f32;
     let mean = sum(x) / n;
-    let var = fold_lanes(x, 0.0, |a, v| a + (v - mean) * (v - mean), |a, b| a + b) / n;
+    let mut sq = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+    for c in chunks {
+        for (a, v) in sq.iter_mut().zip(c) {
+            *a += (v - mean) * (v - mean);
+        }
+    }
+    let var = (sq.iter().sum::<f32>() + tail) / n;
     let inv = 1.0 / (var + eps).sqrt();
     for ((v, g), b) in x.iter_mut().zip(gamma).zip(beta) {
         *v = (*v - mean) * inv * g + b;
