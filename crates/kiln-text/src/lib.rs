@@ -258,13 +258,13 @@ impl TextPipeline {
         texts
             .iter()
             .map(|text| {
-                let (e, truncated) = self
+                let (ids, types, truncated) = self
                     .rows
-                    .encode(text.as_ref())
+                    .row(text.as_ref())
                     .map_err(|e| Error::InvalidInput(format!("tokenization failed: {e}")))?;
                 Ok(TokenRow {
-                    ids: e.get_ids().iter().map(|&v| i64::from(v)).collect(),
-                    type_ids: e.get_type_ids().iter().map(|&v| i64::from(v)).collect(),
+                    ids: ids.into_iter().map(i64::from).collect(),
+                    type_ids: types.into_iter().map(i64::from).collect(),
                     truncated,
                 })
             })

@@ -19,6 +19,14 @@
 //! - Before all that, a text is cut to its first `max_chars` characters
 //!   (`text.max_chars`, by default 128 per token of `max_length`): a text without
 //!   word breaks (CJK, one endless word) is not bounded by the word cut.
+//! - An ASCII text for a BERT WordPiece tokenizer (the normaliser, pre-tokenizer and
+//!   model above, no control characters but tab and line breaks, none of the added
+//!   tokens' first characters) skips `tokenizers` altogether ([`AsciiWordPiece`]): the
+//!   same steps on bytes — lowercase, split at whitespace and punctuation, greedy
+//!   longest match — straight to ids, stopping at `max_length`. `tokenizers` builds an
+//!   `Encoding` (offsets, word ids, masks, each piece a `String`) for every text; on a
+//!   GPU host that work, ~180 µs a 128-word text a thread, was what limited kiln's
+//!   throughput (docs/benchmarks.md).
 
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
@@ -27,8 +35,8 @@ use tokenizers::tokenizer::{
     SplitDelimiterBehavior,
 };
 use tokenizers::{
-    DecoderWrapper, Encoding, ModelWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    Tokenizer, TokenizerImpl,
+    DecoderWrapper, Encoding, Model, ModelWrapper, NormalizerWrapper, PostProcessorWrapper,
+    PreTokenizerWrapper, Tokenizer, TokenizerImpl,
 };
 use unicode_categories::UnicodeCategories;
 
@@ -106,7 +114,12 @@ pub(crate) struct RowTokenizer {
     max_length: usize,
     /// Characters read at most (0: all).
     max_chars: usize,
+    /// ASCII texts straight to ids, where the tokenizer is BERT's WordPiece.
+    ascii: Option<AsciiWordPiece>,
 }
+
+/// A text's ids, type ids, and whether any of it was cut.
+pub(crate) type Row = (Vec<u32>, Vec<u32>, bool);
 
 impl RowTokenizer {
     /// From the pipeline's tokenizer, truncation set to `max_length`.
@@ -132,7 +145,21 @@ impl RowTokenizer {
         let normalizer_keeps_breaks =
             matches!(tokenizer.get_normalizer(), None | Some(NormalizerWrapper::BertNormalizer(_)));
         let prefix_words = (bert_words && normalizer_keeps_breaks && !spaced_tokens).then_some(max_length);
-        Ok(RowTokenizer { inner, prefix_words, max_length, max_chars })
+        let mut rows = RowTokenizer { inner, prefix_words, max_length, max_chars, ascii: None };
+        rows.ascii = AsciiWordPiece::new(tokenizer, &rows, max_length)?;
+        Ok(rows)
+    }
+
+    /// [`RowTokenizer::encode`]'s ids, type ids and cut, from [`AsciiWordPiece`] where it
+    /// takes the text.
+    pub fn row(&self, whole: &str) -> TkResult<Row> {
+        let text = char_prefix(whole, self.max_chars);
+        if let Some(row) = self.ascii.as_ref().and_then(|a| a.row(text)) {
+            let (ids, types, cut) = row;
+            return Ok((ids, types, cut || text.len() < whole.len()));
+        }
+        let (e, cut) = self.encode(whole)?;
+        Ok((e.get_ids().to_vec(), e.get_type_ids().to_vec(), cut))
     }
 
     /// The text's encoding, special tokens added, truncated to `max_length`, and whether
@@ -159,6 +186,187 @@ impl RowTokenizer {
         let (encoding, truncated) = cut(encoding);
         Ok((encoding, truncated || words_left))
     }
+}
+
+/// BERT's WordPiece tokenizer for ASCII texts, on bytes (see the module's notes).
+#[derive(Clone)]
+struct AsciiWordPiece {
+    vocab: std::collections::HashMap<Box<str>, u32>,
+    unk: u32,
+    /// `##`: what a piece inside a word is looked up with.
+    continuing: String,
+    max_word_chars: usize,
+    lowercase: bool,
+    /// Bytes that may start an added token (`[` for BERT's): texts with one go the long way.
+    added_starts: [bool; 128],
+    /// The special tokens before and after a text's pieces, with their type ids, and the
+    /// pieces' type id.
+    before: Vec<(u32, u32)>,
+    after: Vec<(u32, u32)>,
+    piece_type: u32,
+    /// Pieces kept at most: `max_length` less the special tokens.
+    limit: usize,
+}
+
+impl AsciiWordPiece {
+    /// For BERT's normaliser, pre-tokenizer and WordPiece model, and special tokens
+    /// around a text that `rows` shows on two probes; `None` for anything else.
+    fn new(tokenizer: &Tokenizer, rows: &RowTokenizer, max_length: usize) -> TkResult<Option<Self>> {
+        let (
+            Some(NormalizerWrapper::BertNormalizer(normalizer)),
+            Some(PreTokenizerWrapper::BertPreTokenizer(_)),
+        ) = (tokenizer.get_normalizer(), tokenizer.get_pre_tokenizer())
+        else {
+            return Ok(None);
+        };
+        let ModelWrapper::WordPiece(model) = tokenizer.get_model() else { return Ok(None) };
+        let Some(unk) = model.token_to_id(&model.unk_token) else { return Ok(None) };
+        let mut added_starts = [false; 128];
+        for token in tokenizer.get_added_tokens_decoder().values() {
+            for c in
+                [token.content.chars().next(), token.content.chars().next().map(|c| c.to_ascii_lowercase())]
+            {
+                match c {
+                    Some(c) if c.is_ascii() => added_starts[c as usize] = true,
+                    Some(_) => return Ok(None), // a non-ASCII added token: not for this path
+                    None => {}
+                }
+            }
+        }
+        let mut wp = AsciiWordPiece {
+            vocab: model.get_vocab().into_iter().map(|(k, v)| (k.into_boxed_str(), v)).collect(),
+            unk,
+            continuing: model.continuing_subword_prefix.clone(),
+            max_word_chars: model.max_input_chars_per_word,
+            lowercase: normalizer.lowercase,
+            added_starts,
+            before: Vec::new(),
+            after: Vec::new(),
+            piece_type: 0,
+            limit: 0,
+        };
+        // The special tokens: an empty text gives them alone; a one-word text shows
+        // where its piece goes among them.
+        let empty = rows.inner.encode_fast("", true)?;
+        let word = rows.inner.encode_fast("a", true)?;
+        let special: Vec<(u32, u32)> =
+            empty.get_ids().iter().copied().zip(empty.get_type_ids().iter().copied()).collect();
+        let probe: Vec<(u32, u32)> =
+            word.get_ids().iter().copied().zip(word.get_type_ids().iter().copied()).collect();
+        let mut piece = Vec::new();
+        wp.push_word(b"a", &mut piece);
+        let Some(at) = (0..=special.len()).find(|&at| {
+            probe.len() == special.len() + 1
+                && probe[..at] == special[..at]
+                && probe[at + 1..] == special[at..]
+                && piece == [probe[at].0]
+        }) else {
+            return Ok(None);
+        };
+        if max_length <= special.len() {
+            return Ok(None);
+        }
+        wp.piece_type = probe[at].1;
+        wp.before = special[..at].to_vec();
+        wp.after = special[at..].to_vec();
+        wp.limit = max_length - special.len();
+        Ok(Some(wp))
+    }
+
+    /// The row of an ASCII `text` (already cut to `max_chars`), or `None` when the text
+    /// needs the whole tokenizer (non-ASCII, control characters, an added token's
+    /// first character).
+    fn row(&self, text: &str) -> Option<Row> {
+        let bytes = text.as_bytes();
+        let plain =
+            |b: u8| b.is_ascii() && !self.added_starts[b as usize] && (!b.is_ascii_control() || is_break(b));
+        if !bytes.iter().all(|&b| plain(b)) {
+            return None;
+        }
+        let mut pieces = Vec::with_capacity(self.limit.min(bytes.len() + 1));
+        let mut word = Vec::with_capacity(64);
+        let mut at = 0;
+        while at < bytes.len() && pieces.len() < self.limit {
+            let b = bytes[at];
+            if is_break(b) {
+                at += 1;
+                continue;
+            }
+            // A word runs to whitespace; punctuation is a word of its own.
+            let end = if b.is_ascii_punctuation() {
+                at + 1
+            } else {
+                at + bytes[at..]
+                    .iter()
+                    .position(|&c| is_break(c) || c.is_ascii_punctuation())
+                    .unwrap_or(bytes.len() - at)
+            };
+            word.clear();
+            word.extend(
+                bytes[at..end].iter().map(|&c| if self.lowercase { c.to_ascii_lowercase() } else { c }),
+            );
+            self.push_word(&word, &mut pieces);
+            at = end;
+        }
+        // Pieces past the limit, from the last word or the words after it.
+        let cut = pieces.len() > self.limit || bytes[at..].iter().any(|&b| !is_break(b));
+        pieces.truncate(self.limit);
+        let ids = self
+            .before
+            .iter()
+            .map(|s| s.0)
+            .chain(pieces.iter().copied())
+            .chain(self.after.iter().map(|s| s.0));
+        let types = self
+            .before
+            .iter()
+            .map(|s| s.1)
+            .chain(pieces.iter().map(|_| self.piece_type))
+            .chain(self.after.iter().map(|s| s.1));
+        Some((ids.collect(), types.collect(), cut))
+    }
+
+    /// A word's pieces by greedy longest match, `##` before every piece but the first;
+    /// `[UNK]` for the whole word when a part matches nothing or it is too long.
+    fn push_word(&self, word: &[u8], pieces: &mut Vec<u32>) {
+        if word.len() > self.max_word_chars {
+            pieces.push(self.unk);
+            return;
+        }
+        let first = pieces.len();
+        let mut key = String::with_capacity(self.continuing.len() + word.len());
+        let mut start = 0;
+        while start < word.len() {
+            let mut end = word.len();
+            let found = loop {
+                key.clear();
+                if start > 0 {
+                    key.push_str(&self.continuing);
+                }
+                // ASCII bytes: always a str.
+                key.push_str(std::str::from_utf8(&word[start..end]).unwrap_or_default());
+                if let Some(&id) = self.vocab.get(key.as_str()) {
+                    break Some(id);
+                }
+                end -= 1;
+                if end == start {
+                    break None;
+                }
+            };
+            let Some(id) = found else {
+                pieces.truncate(first);
+                pieces.push(self.unk);
+                return;
+            };
+            pieces.push(id);
+            start = end;
+        }
+    }
+}
+
+/// Whitespace BERT's normaliser keeps (as a space) and its pre-tokenizer splits at.
+fn is_break(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 /// The text's first `chars` characters (all of it when `chars` is 0).
@@ -206,6 +414,87 @@ mod tests {
                 let becomes_space = matches!(c, '\t' | '\n' | '\r') || c.is_whitespace();
                 assert_eq!(is_kept_break(c) || c == ' ', becomes_space, "{b:#x}");
             }
+        }
+    }
+
+    /// The ASCII path against the tokenizer it stands in for, ids, type ids and cut, on
+    /// texts built to reach every branch: unknown and over-long words, punctuation runs,
+    /// case, digits, breaks, rows cut inside a word and exactly at the limit — and the
+    /// texts it must leave to the tokenizer.
+    #[test]
+    fn ascii_rows_are_the_tokenizers_rows() {
+        let folder =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/all-MiniLM-L6-v2");
+        let mut tokenizer = Tokenizer::from_file(folder.join("tokenizer.json")).unwrap_or_else(|e| {
+            panic!("MiniLM's tokenizer.json (scripts/setup fetches it) did not load: {e}")
+        });
+        let words = [
+            "the",
+            "Inference",
+            "tokenizers",
+            "GPU",
+            "throughput,",
+            "x86_64",
+            "3.14159",
+            "don't",
+            "e-mail",
+            "qwxzvkj",
+            "antidisestablishmentarianism",
+            "$$$",
+            "(a)",
+            "!!?",
+            "NaN",
+        ];
+        let mut texts: Vec<String> = vec![
+            String::new(),
+            " \t\r\n ".into(),
+            "a".into(),
+            "x".repeat(100),
+            "x".repeat(101),
+            format!("{} tail", "y".repeat(150)),
+            "under_score and back\\slash ^caret~ `tick`".into(),
+            "[CLS] brackets go the long way".into(),
+            "vertical\u{b}tab goes the long way".into(),
+            "naïve goes the long way".into(),
+        ];
+        let mut state = 7u64;
+        for n in [1usize, 5, 13, 40, 200] {
+            for _ in 0..20 {
+                let text: Vec<&str> = (0..n)
+                    .map(|_| {
+                        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        words[(state >> 33) as usize % words.len()]
+                    })
+                    .collect();
+                texts.push(text.join(if n % 2 == 0 { " " } else { "\n" }));
+            }
+        }
+        for max_length in [3, 8, 16, 128] {
+            // Truncation as the pipeline sets it.
+            let truncation = tokenizers::TruncationParams { max_length, ..Default::default() };
+            tokenizer.with_truncation(Some(truncation)).unwrap();
+            let rows = RowTokenizer::new(&tokenizer, max_length, 0).unwrap();
+            let ascii = rows.ascii.as_ref().expect("MiniLM's tokenizer takes the ASCII path");
+            let mut taken = 0;
+            for text in &texts {
+                let (e, cut) = rows.encode(text).unwrap();
+                let want = (e.get_ids().to_vec(), e.get_type_ids().to_vec(), cut);
+                match ascii.row(text) {
+                    Some(got) => {
+                        taken += 1;
+                        assert_eq!(got, want, "max_length {max_length}: {text:?}");
+                    }
+                    None => assert!(
+                        !text.is_ascii() || text.contains('[') || text.contains('\u{b}'),
+                        "left to the tokenizer: {text:?}"
+                    ),
+                }
+                assert_eq!(rows.row(text).unwrap(), want, "max_length {max_length}, either path: {text:?}");
+            }
+            assert!(
+                taken >= texts.len() - 25,
+                "max_length {max_length}: only {taken} texts took the ASCII path"
+            );
         }
     }
 
