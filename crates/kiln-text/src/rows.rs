@@ -254,7 +254,7 @@ impl AsciiWordPiece {
         let probe: Vec<(u32, u32)> =
             word.get_ids().iter().copied().zip(word.get_type_ids().iter().copied()).collect();
         let mut piece = Vec::new();
-        wp.push_word(b"a", &mut piece);
+        wp.push_word(b"a", &mut String::new(), &mut piece);
         let Some(at) = (0..=special.len()).find(|&at| {
             probe.len() == special.len() + 1
                 && probe[..at] == special[..at]
@@ -285,6 +285,7 @@ impl AsciiWordPiece {
         }
         let mut pieces = Vec::with_capacity(self.limit.min(bytes.len() + 1));
         let mut word = Vec::with_capacity(64);
+        let mut key = String::with_capacity(64);
         let mut at = 0;
         while at < bytes.len() && pieces.len() < self.limit {
             let b = bytes[at];
@@ -305,7 +306,7 @@ impl AsciiWordPiece {
             word.extend(
                 bytes[at..end].iter().map(|&c| if self.lowercase { c.to_ascii_lowercase() } else { c }),
             );
-            self.push_word(&word, &mut pieces);
+            self.push_word(&word, &mut key, &mut pieces);
             at = end;
         }
         // Pieces past the limit, from the last word or the words after it.
@@ -328,13 +329,13 @@ impl AsciiWordPiece {
 
     /// A word's pieces by greedy longest match, `##` before every piece but the first;
     /// `[UNK]` for the whole word when a part matches nothing or it is too long.
-    fn push_word(&self, word: &[u8], pieces: &mut Vec<u32>) {
+    /// `key` is scratch for the looked-up piece, kept by the caller across words.
+    fn push_word(&self, word: &[u8], key: &mut String, pieces: &mut Vec<u32>) {
         if word.len() > self.max_word_chars {
             pieces.push(self.unk);
             return;
         }
         let first = pieces.len();
-        let mut key = String::with_capacity(self.continuing.len() + word.len());
         let mut start = 0;
         while start < word.len() {
             let mut end = word.len();
