@@ -254,7 +254,8 @@ def main() -> None:
                     help="run only these (repeatable): transformers-f32, transformers-bf16, mlx-vlm, mlx-vlm-text "
                          "(its decode speed on the question alone), kiln, kiln-amx (the bf16 file with "
                          "model.dtype = \"bf16\": AMX tiles), kiln-q4-int8 (the 4-bit folder with "
-                         "model.quantization = \"int8\": GGML Q4_1 blocks, int8 activations); "
+                         "model.quantization = \"int8\": GGML Q4_1 blocks, int8 activations), kiln-int8 (the bf16 file with "
+                         "model.quantization = \"int8\": int8 per output channel, int8 activations, AMX int8 tiles); "
                          "with --json, figures already in the file are kept and the table shows them all")
     ap.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -330,6 +331,10 @@ def main() -> None:
         bench, rss = kiln_run(args.kiln, hf, args.tokens, 1, prompts, ("--set", 'model.dtype="bf16"'))
         figures["kiln-bf16-amx"] = kiln_figures(bench, rss)
         save()
+    if wanted("kiln-int8"):
+        bench, rss = kiln_run(args.kiln, hf, args.tokens, 1, prompts, ("--set", 'model.quantization="int8"'))
+        figures["kiln-int8"] = kiln_figures(bench, rss)
+        save()
     if wanted("kiln-q4-int8"):
         bench, rss = kiln_run(args.kiln, q4, args.tokens, 1, prompts, ("--set", 'model.quantization="int8"'))
         figures["kiln-q4-int8"] = kiln_figures(bench, rss)
@@ -350,7 +355,8 @@ def main() -> None:
                          ("mlx-vlm", "4-bit"), ("mlx-vlm-text", "4-bit, the question alone"),
                          ("kiln-bf16", "bf16 file"), ("kiln-q4", "4-bit"),
                          ("kiln-bf16-amx", "bf16 file, model.dtype = \"bf16\" (AMX)"),
-                         ("kiln-q4-int8", "4-bit, model.quantization = \"int8\" (Q4_1 blocks)")):
+                         ("kiln-q4-int8", "4-bit, model.quantization = \"int8\" (Q4_1 blocks)"),
+                         ("kiln-int8", "bf16 file, model.quantization = \"int8\" (int8 per channel)")):
         if key in figures:
             r = figures[key]
             name = {"transformers-f32": f"transformers (torch {r.get('torch')}) f32",
@@ -375,7 +381,8 @@ def main() -> None:
 
     ratios = {}
     for kiln_key, peer in (("kiln-bf16", "transformers"), ("kiln-q4", "transformers"), ("kiln-q4", "mlx-vlm"),
-                           ("kiln-bf16-amx", "transformers"), ("kiln-q4-int8", "transformers")):
+                           ("kiln-bf16-amx", "transformers"), ("kiln-q4-int8", "transformers"),
+                           ("kiln-int8", "transformers")):
         k, p = figures.get(kiln_key), best(peer)
         if k and p:
             ttft = p[0] / k["ttft_ms"] if p[0] else None

@@ -239,9 +239,25 @@ fn compact_layers_compute_as_the_same_weights_widened_at_load() {
     std::fs::remove_dir_all(&bf16).unwrap();
 }
 
-/// The prompt's logits against a reference's (`reference`, `.npy`) as relative L2, and how
-/// many of `expected` greedy tokens agree before the first difference: for arithmetic
-/// that is not the reference's and so agrees only so far.
+/// How a prompt's logits compare with a reference's, for arithmetic that is not the
+/// reference's and so agrees only so far.
+struct Agreement {
+    /// Relative L2 distance over every prompt position's logits.
+    relative: f64,
+    /// Greedy tokens equal to the reference's before the first difference (after one
+    /// difference the two continue different texts, so a near-tie of a random model's
+    /// logits early on decides this count).
+    greedy: usize,
+    /// Prompt positions (teacher-forced: both read the same tokens) whose most likely
+    /// next token is the reference's.
+    top1: usize,
+    /// Prompt positions where the reference's most likely token is among kiln's five.
+    top5: usize,
+    positions: usize,
+}
+
+/// The prompt's logits against a reference's (`reference`, `.npy`) and 32 greedy tokens
+/// against `expected`.
 fn against(
     model: &QwenVl,
     ids: &[u32],
@@ -249,7 +265,7 @@ fn against(
     pixels: &[f32],
     reference: &std::path::Path,
     expected: &[u32],
-) -> (f64, usize) {
+) -> Agreement {
     let images = model.encode_images(pixels, grids).unwrap();
     let mut cache = model.new_cache();
     let logits =
@@ -257,8 +273,26 @@ fn against(
     let reference = read_npy(reference).unwrap().to_f32_vec().unwrap();
     let diff: f64 = logits.iter().flatten().zip(&reference).map(|(a, b)| f64::from(a - b).powi(2)).sum();
     let norm: f64 = reference.iter().map(|b| f64::from(*b).powi(2)).sum();
+    let positions = logits.len();
+    let rows = || logits.iter().zip(reference.chunks(reference.len() / positions));
+    let top1 = rows().filter(|(a, b)| argmax(a) == argmax(b)).count();
+    let top5 = rows()
+        .filter(|(a, b)| {
+            let wanted = a[argmax(b) as usize];
+            a.iter().filter(|&&x| x > wanted).count() < 5
+        })
+        .count();
     let tokens = greedy(model, &logits, &mut cache, expected.len());
-    ((diff / norm).sqrt(), tokens.iter().zip(expected).take_while(|(a, b)| a == b).count())
+    let greedy = tokens.iter().zip(expected).take_while(|(a, b)| a == b).count();
+    let agreement = Agreement { relative: (diff / norm).sqrt(), greedy, top1, top5, positions };
+    println!(
+        "logits within {:.3e} (relative L2); {greedy} of {} greedy tokens before the first difference; \
+         teacher-forced, the reference's next token first at {top1} of {positions} prompt positions, \
+         in the top 5 at {top5}",
+        agreement.relative,
+        expected.len()
+    );
+    agreement
 }
 
 /// `model.quantization = "int8"` on the 4-bit folder: the layers on kiln's VNNI block
@@ -275,13 +309,38 @@ fn int8_activations_on_the_4_bit_folder_stay_close_to_mlx_vlm() {
         serde_json::from_slice(&std::fs::read(at.join("reference.json")).unwrap()).unwrap();
     let expected_tokens: Vec<u32> = serde_json::from_value(reference["greedy_tokens"].clone()).unwrap();
     let model = QwenVl::load_with(&at, &Device::Cpu, true, Arithmetic::Int8Activations).unwrap();
-    let (relative, agree) =
+    let Agreement { relative, greedy, .. } =
         against(&model, &ids, &grids, &pixels, &at.join("prompt_logits.npy"), &expected_tokens);
-    println!(
-        "int8 activations: logits within {relative:.3e} of mlx-vlm's (relative L2); {agree} of 32 greedy tokens as mlx-vlm's before the first difference"
-    );
     assert!(relative <= 0.1, "logits differ from mlx-vlm's by {relative:.3e} (relative L2)");
-    assert!(agree >= 8, "only the first {agree} greedy tokens agree with mlx-vlm's");
+    assert!(greedy >= 8, "only the first {greedy} greedy tokens agree with mlx-vlm's");
+}
+
+/// `model.quantization = "int8"` on a checkpoint of floats: every linear layer but the
+/// token embedding quantized at load to int8 per output channel (the tied output head
+/// too, as a copy), activations to int8 per row. On the transformers folder (f32 weights
+/// of a random model, whose activations are far rougher than a trained model's) the
+/// logits stay within 12% (relative L2) of transformers' f32 (9.6% measured, bf16's
+/// 2.7%), and, read teacher-forced, transformers' next token is kiln's first at four
+/// in five prompt positions (151 of 171 measured, bf16's 166) and among its five at
+/// every one; and the layers really are int8: the logits are not the f32 path's. (Its
+/// greedy continuation agreed for 2 to 11 tokens as rounding moved: a random model's
+/// near-ties, not a measure.)
+#[test]
+fn int8_arithmetic_on_a_float_checkpoint_stays_close_to_transformers() {
+    let dir = fixture();
+    let Prompt { record, ids, grids, pixels } = prompt(&dir);
+    let expected_tokens: Vec<u32> = serde_json::from_value(record["greedy_tokens"].clone()).unwrap();
+    let model =
+        QwenVl::load_with(&dir.join("model"), &Device::Cpu, true, Arithmetic::Int8Activations).unwrap();
+    let Agreement { relative, top1, top5, positions, .. } =
+        against(&model, &ids, &grids, &pixels, &dir.join("prompt_logits.npy"), &expected_tokens);
+    assert!(relative > 1e-4, "logits within {relative:.3e} of f32's: the layers were not quantized");
+    assert!(relative <= 0.12, "logits differ from transformers' by {relative:.3e} (relative L2)");
+    assert!(
+        5 * top1 >= 4 * positions,
+        "transformers' next token first at only {top1} of {positions} positions"
+    );
+    assert_eq!(top5, positions, "transformers' next token not among kiln's five at every position");
 }
 
 /// `model.dtype = "bf16"` (`Arithmetic::Bf16`): every linear layer but the token
@@ -295,11 +354,8 @@ fn bf16_arithmetic_stays_close_to_transformers() {
     let Prompt { record, ids, grids, pixels } = prompt(&dir);
     let expected_tokens: Vec<u32> = serde_json::from_value(record["greedy_tokens"].clone()).unwrap();
     let model = QwenVl::load_with(&dir.join("model"), &Device::Cpu, true, Arithmetic::Bf16).unwrap();
-    let (relative, agree) =
+    let Agreement { relative, greedy, .. } =
         against(&model, &ids, &grids, &pixels, &dir.join("prompt_logits.npy"), &expected_tokens);
-    println!(
-        "bf16: logits within {relative:.3e} of transformers' f32 (relative L2); {agree} of 32 greedy tokens before the first difference"
-    );
     assert!(relative <= 0.05, "logits differ from transformers' by {relative:.3e} (relative L2)");
-    assert!(agree >= 8, "only the first {agree} greedy tokens agree with transformers'");
+    assert!(greedy >= 8, "only the first {greedy} greedy tokens agree with transformers'");
 }

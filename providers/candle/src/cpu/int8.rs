@@ -121,6 +121,74 @@ impl QDense {
         Some(QDense { packed, scales, weight_sums, bias, inputs: k, padded, outputs: n })
     }
 
+    /// `parts` side by side as one layer, their outputs one after another (a prompt's
+    /// q, k and v, or gate and up, quantized and multiplied in one pass over its rows).
+    /// `None` unless they share their inputs and every part but the last has a multiple
+    /// of 32 outputs (a tile pair's columns: the packed blocks then simply follow each
+    /// other, as do the per-column values). Each column keeps its own scale, so the
+    /// results are exactly the separate layers'.
+    pub(crate) fn concat(parts: &[&QDense]) -> Option<Self> {
+        let (first, rest) = parts.split_first()?;
+        let aligned = parts[..parts.len() - 1].iter().all(|p| p.outputs.is_multiple_of(EDGE));
+        if !aligned || rest.iter().any(|p| p.inputs != first.inputs) {
+            return None;
+        }
+        let mut packed = Aligned::new();
+        packed.resize(parts.iter().map(|p| p.packed.len()).sum());
+        let mut at = 0;
+        for part in parts {
+            packed[at..at + part.packed.len()].copy_from_slice(&part.packed);
+            at += part.packed.len();
+        }
+        let joined = |f: fn(&QDense) -> &Vec<f32>| parts.iter().flat_map(|p| f(p).iter().copied()).collect();
+        Some(QDense {
+            packed,
+            scales: joined(|p| &p.scales),
+            weight_sums: joined(|p| &p.weight_sums),
+            bias: joined(|p| &p.bias),
+            inputs: first.inputs,
+            padded: first.padded,
+            outputs: parts.iter().map(|p| p.outputs).sum(),
+        })
+    }
+
+    /// The gate and up layers of a SwiGLU feed-forward as one layer whose 32-column
+    /// blocks hold 16 of the gate's columns and the same 16 of up's — the order
+    /// [`kernels::swiglu`](super::kernels) reads, so a row of its results gives
+    /// `SiLU(gate) · up` in one pass ([`QRows::quantize_swiglu`]). Blocks and per-column
+    /// values are moved as they are: the results are exactly the two layers'. `None`
+    /// unless both have the same shape and their outputs are a multiple of 16.
+    pub(crate) fn swiglu(gate: &QDense, up: &QDense) -> Option<Self> {
+        let n = gate.outputs;
+        if gate.inputs != up.inputs || n != up.outputs || !n.is_multiple_of(BLOCK) {
+            return None;
+        }
+        let block = gate.padded * BLOCK;
+        let mut packed = Aligned::new();
+        packed.resize(2 * n * gate.padded);
+        packed.par_chunks_mut(2 * block).enumerate().for_each(|(b, out)| {
+            out[..block].copy_from_slice(&gate.packed[b * block..(b + 1) * block]);
+            out[block..].copy_from_slice(&up.packed[b * block..(b + 1) * block]);
+        });
+        let mixed = |f: fn(&QDense) -> &Vec<f32>| {
+            f(gate)[..n]
+                .chunks(BLOCK)
+                .zip(f(up)[..n].chunks(BLOCK))
+                .flat_map(|(g, u)| g.iter().chain(u))
+                .copied()
+                .collect()
+        };
+        Some(QDense {
+            packed,
+            scales: mixed(|p| &p.scales),
+            weight_sums: mixed(|p| &p.weight_sums),
+            bias: mixed(|p| &p.bias),
+            inputs: gate.inputs,
+            padded: gate.padded,
+            outputs: 2 * n,
+        })
+    }
+
     /// Values a row of its input has.
     pub(crate) fn inputs(&self) -> usize {
         self.inputs
@@ -279,11 +347,16 @@ impl QDense {
             let mut block = Block([0.0; EDGE * EDGE]);
             let _tiles = super::amx::TileConfig::load();
             // A group's whole rows, when they are finished together: 32 × n f32, in L2.
+            // (Only then: zeroing 32 × n values a job for nothing cost a 3B layer of
+            // 22 016 columns 2.8 MB of memset a job.)
             let mut group_rows = match out {
-                Dst::Rows(..) => GROUP_ROWS.take(),
+                Dst::Rows(..) => {
+                    let mut rows = GROUP_ROWS.take();
+                    rows.resize(EDGE * n, 0.0);
+                    rows
+                }
                 _ => Vec::new(),
             };
-            group_rows.resize(EDGE * n, 0.0);
             for (group, pair) in plan.blocks(job) {
                 let rows = &q[group * EDGE * kp..(group + 1) * EDGE * kp];
                 let b0 = &self.packed[2 * pair * kp * BLOCK..(2 * pair + 1) * kp * BLOCK];
@@ -383,6 +456,26 @@ impl QRows {
             .zip(x.par_chunks(inputs))
             .zip(self.a.par_iter_mut())
             .for_each(|((q, x), a)| *a = quantize_row(x, &mut q[..inputs]));
+    }
+
+    /// `tokens` rows of a [`QDense::swiglu`] layer's results (`2 · width` values each)
+    /// as `SiLU(gate) · up`, each row's first `inputs` values quantized (a feed-forward
+    /// whose layers were padded to 16 columns has `inputs < width`): the down layer's
+    /// rows, without an f32 copy of the intermediate.
+    pub(crate) fn quantize_swiglu(&mut self, both: &[f32], tokens: usize, width: usize, inputs: usize) {
+        debug_assert!(both.len() >= tokens * 2 * width && inputs <= width);
+        self.prepare(tokens, inputs);
+        self.q[..tokens * self.padded]
+            .par_chunks_mut(self.padded)
+            .zip(both.par_chunks(2 * width))
+            .zip(self.a.par_iter_mut())
+            .for_each_init(
+                || vec![0f32; width],
+                |act, ((q, row), a)| {
+                    super::kernels::swiglu(row, act);
+                    *a = quantize_row(&act[..inputs], &mut q[..inputs]);
+                },
+            );
     }
 
     /// `tokens` rows of `x` (`inputs` values each), each first passed through
@@ -810,6 +903,85 @@ mod tests {
         let weight_t = (0..k * n).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.2).collect();
         let bias = (0..n).map(|i| i as f32 * 0.01).collect();
         Dense { weight_t, bias, inputs: k, outputs: n }
+    }
+
+    /// Layers joined side by side give each part's results exactly, in their order, on
+    /// rows that run on tiles (where AMX runs) and rows that do not; parts that do not
+    /// line up with a tile pair's 32 columns are refused.
+    #[test]
+    fn joined_layers_give_each_parts_results() {
+        let k = 200;
+        let (a, b, c) = (layer(k, 64), layer(k, 96), layer(k, 48));
+        let parts =
+            [QDense::quantize(&a).unwrap(), QDense::quantize(&b).unwrap(), QDense::quantize(&c).unwrap()];
+        let joined = QDense::concat(&[&parts[0], &parts[1], &parts[2]]).unwrap();
+        assert_eq!((joined.inputs(), joined.outputs()), (k, 208));
+        for tokens in [3, 40] {
+            let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 13 % 71) as f32 / 35.0 - 1.0) * 1.5).collect();
+            let mut all = Vec::new();
+            joined.forward(&x, tokens, &mut all);
+            let mut at = 0;
+            for part in &parts {
+                let mut one = Vec::new();
+                part.forward(&x, tokens, &mut one);
+                let n = part.outputs();
+                for t in 0..tokens {
+                    assert_eq!(
+                        one[t * n..(t + 1) * n],
+                        all[t * 208 + at..t * 208 + at + n],
+                        "{tokens} rows, row {t}"
+                    );
+                }
+                at += n;
+            }
+        }
+        assert!(QDense::concat(&[&parts[2], &parts[0]]).is_none(), "48 outputs do not end a tile pair");
+        let other = QDense::quantize(&layer(k + 1, 64)).unwrap();
+        assert!(QDense::concat(&[&parts[0], &other]).is_none(), "different inputs");
+    }
+
+    /// A gate-and-up layer's results are the two layers' exactly, 16 columns of each in
+    /// turn, and its rows become the down layer's quantized `SiLU(gate) · up` rows — the
+    /// bytes and ranges of quantizing those values computed apart, a padded intermediate
+    /// cut to the down layer's inputs.
+    #[test]
+    fn swiglu_rows_are_the_two_layers_through_silu_quantized() {
+        let (k, n, inputs) = (130, 48, 45);
+        let (gate, up) = (QDense::quantize(&layer(k, n)).unwrap(), QDense::quantize(&layer(k, n)).unwrap());
+        let joined = QDense::swiglu(&gate, &up).unwrap();
+        assert_eq!(joined.outputs(), 2 * n);
+        for tokens in [2, 35] {
+            let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 17 % 89) as f32 / 44.0 - 1.0) * 2.0).collect();
+            let (mut both, mut g, mut u) = (Vec::new(), Vec::new(), Vec::new());
+            joined.forward(&x, tokens, &mut both);
+            gate.forward(&x, tokens, &mut g);
+            up.forward(&x, tokens, &mut u);
+            let mut act = vec![0f32; tokens * inputs];
+            for t in 0..tokens {
+                let row = &both[t * 2 * n..(t + 1) * 2 * n];
+                for c in 0..n {
+                    let (block, at) = (c / 16, c % 16);
+                    assert_eq!(row[block * 32 + at], g[t * n + c], "{tokens} rows: gate column {c}");
+                    assert_eq!(row[block * 32 + 16 + at], u[t * n + c], "{tokens} rows: up column {c}");
+                }
+                let mut full = vec![0f32; n];
+                super::super::kernels::swiglu(row, &mut full);
+                act[t * inputs..(t + 1) * inputs].copy_from_slice(&full[..inputs]);
+            }
+            let (mut fused, mut apart) = (QRows::default(), QRows::default());
+            fused.quantize_swiglu(&both, tokens, n, inputs);
+            apart.quantize(&act, tokens, inputs);
+            assert_eq!(fused.a, apart.a, "{tokens} rows: ranges");
+            for t in 0..tokens {
+                let at = t * fused.padded;
+                assert_eq!(
+                    fused.q[at..at + inputs],
+                    apart.q[at..at + inputs],
+                    "{tokens} rows: row {t}'s bytes"
+                );
+            }
+        }
+        assert!(QDense::swiglu(&gate, &QDense::quantize(&layer(k, 64)).unwrap()).is_none(), "shapes differ");
     }
 
     /// The int8 layer against the f32 one: close (per-token and per-channel scales), on

@@ -67,6 +67,9 @@ impl QwenVlGenerator {
                 format!("{bits}-bit mlx affine (group {group}), kept packed, widened to f32 as it computes")
             }
             (None, Arithmetic::Bf16) => "none (bf16 products on the CPU's tiles)".into(),
+            (None, Arithmetic::Int8Activations) if crate::cpu::int8::QDense::fast() => {
+                "int8 per output channel (quantized at load), activations int8 per row".into()
+            }
             (None, _) => "none (f32)".into(),
         };
         info.vision = Some(VisionInfo {

@@ -170,7 +170,7 @@ impl TextModel {
         let lm_head = if !config.tie_word_embeddings && weights.has("lm_head.weight") {
             weights.linear("lm_head", false)?
         } else {
-            embed.without_bias(weights.blocks())
+            weights.tied_head(&embed)?
         };
         Ok(TextModel {
             config: config.clone(),

@@ -70,7 +70,7 @@ impl VisionTower {
             .collect::<Result<Vec<_>>>()?;
         let head_dim = hidden / config.num_heads.max(1);
         let tile_attention = weights.device().is_cpu()
-            && blocks.first().is_some_and(|b| b.qkv.is_bf16())
+            && blocks.first().is_some_and(|b| b.qkv.is_reduced())
             && hidden.is_multiple_of(config.num_heads.max(1))
             && crate::cpu::tile_attention::supported(head_dim);
         Ok(VisionTower {

@@ -33,6 +33,7 @@ use rayon::prelude::*;
 use crate::backend;
 use crate::cpu::bf16::{Bf16Dense, Bits, Sink};
 use crate::cpu::blocks::BlockDense;
+use crate::cpu::int8::{QDense, QRows};
 use crate::cpu::panels::{PanelDense, Stored};
 
 /// What a CPU model's linear layers compute in.
@@ -42,11 +43,16 @@ pub enum Arithmetic {
     /// mlx-vlm's and transformers-f32's arithmetic.
     #[default]
     AsStored,
-    /// 4-bit layers re-laid as GGML `Q4_1` blocks, activations quantized to int8 per 32
-    /// inputs (`model.quantization = "int8"`): faster decoding, no longer exactly MLX's.
-    /// On AMX, calls of many rows (a prompt, the image tokens) widen the blocks to bf16
-    /// tiles (`BlockDense::forward_widened`) and the unquantized layers (the vision
-    /// tower) are bf16 tiles: prompts and images at bf16's speed, decoding at 4 bits'.
+    /// `model.quantization = "int8"`. On a checkpoint of 4-bit layers: those re-laid as
+    /// GGML `Q4_1` blocks, activations quantized to int8 per 32 inputs — faster
+    /// decoding, no longer exactly MLX's; on AMX, calls of many rows (a prompt, the
+    /// image tokens) widen the blocks to bf16 tiles (`BlockDense::forward_widened`) and
+    /// the unquantized layers (the vision tower) are bf16 tiles: prompts and images at
+    /// bf16's speed, decoding at 4 bits'. On a checkpoint of floats (f32, bf16, f16):
+    /// every linear layer but the token embedding quantized at load to int8 per output
+    /// channel, activations to int8 per row (`cpu/int8.rs`, the embeddings' int8
+    /// arithmetic) — prompts and images on AMX int8 tiles (twice bf16's products a
+    /// cycle), decoding on VNNI over half bf16's bytes a token.
     Int8Activations,
     /// Every linear layer but the token embedding in bf16, in AMX tile order, with
     /// activations rounded to bf16 and f32 sums (`model.dtype = "bf16"`): the
@@ -76,6 +82,62 @@ enum Weight {
     Blocks(Arc<BlockDense>),
     /// bf16 weights in AMX tile order ([`Arithmetic::Bf16`]).
     Bf16(Arc<Bf16Dense>),
+    /// int8 weights per output channel, int8 activations per row
+    /// ([`Arithmetic::Int8Activations`] on a checkpoint of floats).
+    Int8(Arc<Int8Layer>),
+}
+
+/// A float layer quantized to int8 ([`QDense`]), which takes outputs in multiples of
+/// 16: a layer of other widths (the 3B tower's 3 420) is padded with zero rows and its
+/// extra columns dropped from each result row.
+pub(crate) struct Int8Layer {
+    q: QDense,
+    outputs: usize,
+}
+
+impl Int8Layer {
+    /// `w` as `outputs` rows of `inputs` values (PyTorch's order) and its bias.
+    fn quantize(w: &[f32], bias: Option<Vec<f32>>, inputs: usize, outputs: usize) -> Option<Self> {
+        let n = outputs.next_multiple_of(16);
+        let mut bias = bias.unwrap_or_else(|| vec![0.0; outputs]);
+        bias.resize(n, 0.0);
+        let q = if n == outputs {
+            QDense::from_output_rows(w, bias, inputs, n)?
+        } else {
+            let mut padded = w.to_vec();
+            padded.resize(n * inputs, 0.0);
+            QDense::from_output_rows(&padded, bias, inputs, n)?
+        };
+        Some(Int8Layer { q, outputs })
+    }
+
+    fn inputs(&self) -> usize {
+        self.q.inputs()
+    }
+
+    fn forward(&self, x: &[f32], rows: usize, out: &mut Vec<f32>) {
+        self.q.forward(x, rows, out);
+        self.trim(out, rows);
+    }
+
+    /// `rows` result rows of the padded layer in `out` as rows of its real outputs.
+    fn trim(&self, out: &mut Vec<f32>, rows: usize) {
+        let n = self.q.outputs();
+        if n != self.outputs {
+            for r in 1..rows {
+                out.copy_within(r * n..r * n + self.outputs, r * self.outputs);
+            }
+            out.truncate(rows * self.outputs);
+        }
+    }
+
+    fn concat(parts: &[&Int8Layer]) -> Option<Self> {
+        if parts.iter().any(|p| p.outputs != p.q.outputs()) {
+            return None;
+        }
+        let q = QDense::concat(&parts.iter().map(|p| &p.q).collect::<Vec<_>>())?;
+        Some(Int8Layer { outputs: q.outputs(), q })
+    }
 }
 
 impl Linear {
@@ -86,6 +148,7 @@ impl Linear {
             Weight::Panel(w) => return self.forward_shaped(x, w.outputs()),
             Weight::Blocks(w) => return self.forward_shaped(x, w.outputs()),
             Weight::Bf16(w) => return self.forward_shaped(x, w.outputs()),
+            Weight::Int8(w) => return self.forward_shaped(x, w.outputs),
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(backend),
@@ -122,6 +185,7 @@ impl Linear {
                 out.resize(rows * w.outputs(), 0.0);
                 w.forward(x, rows, Sink::F32(out))
             })?,
+            Weight::Int8(w) => on_rows(x, w.inputs(), |x, rows, out| w.forward(x, rows, out))?,
         };
         if let Some(b) = &self.bias {
             let b = b.to_vec1::<f32>().map_err(backend)?;
@@ -135,9 +199,10 @@ impl Linear {
     }
 
     /// Whether this layer computes in bf16 on AMX tiles (`model.dtype = "bf16"`, or the
-    /// unquantized layers with `model.quantization = "int8"` where AMX runs).
-    pub(super) fn is_bf16(&self) -> bool {
-        matches!(self.weight, Weight::Bf16(_))
+    /// unquantized layers with `model.quantization = "int8"` where AMX runs), or in
+    /// int8 from a float checkpoint: arithmetic rounded as the tiles' attention's is.
+    pub(super) fn is_reduced(&self) -> bool {
+        matches!(self.weight, Weight::Bf16(_) | Weight::Int8(_))
     }
 
     /// The bf16 tile layer behind this one, with its bias inside (`model.dtype =
@@ -157,6 +222,16 @@ impl Linear {
     pub fn concat(parts: &[&Linear]) -> Option<Linear> {
         if let Some(layers) = parts.iter().map(|p| p.bf16().map(Arc::as_ref)).collect::<Option<Vec<_>>>() {
             return Some(Linear { weight: Weight::Bf16(Arc::new(Bf16Dense::concat(&layers)?)), bias: None });
+        }
+        let int8 = parts
+            .iter()
+            .map(|p| match (&p.weight, &p.bias) {
+                (Weight::Int8(w), None) => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>();
+        if let Some(layers) = int8 {
+            return Some(Linear { weight: Weight::Int8(Arc::new(Int8Layer::concat(&layers)?)), bias: None });
         }
         let blocks = parts
             .iter()
@@ -180,7 +255,7 @@ impl Linear {
                 let index = Tensor::new(ids, device).map_err(backend)?;
                 w.index_select(&index, 0).map_err(backend)
             }
-            Weight::Blocks(..) | Weight::Bf16(..) => {
+            Weight::Blocks(..) | Weight::Bf16(..) | Weight::Int8(..) => {
                 Err(Error::Unsupported("an embedding table kept in a matrix kernel's layout".into()))
             }
             Weight::Panel(w) => {
@@ -241,6 +316,14 @@ enum Layers {
         gate_up: Bf16Dense,
         down: Arc<Bf16Dense>,
     },
+    /// int8 layers from a float checkpoint: gate and up as one layer whose results, 16
+    /// columns of each at a time ([`QDense::swiglu`]), become the down layer's quantized
+    /// rows in one pass ([`QRows::quantize_swiglu`]); `width` the (padded) intermediate.
+    Int8 {
+        gate_up: QDense,
+        down: Arc<Int8Layer>,
+        width: usize,
+    },
     /// Gate and up as one layer ([`Linear::concat`], 4-bit blocks): rows of `gate | up`,
     /// `width` values each half.
     Joined {
@@ -259,6 +342,9 @@ thread_local! {
     /// The calling thread's intermediate rows of a fused feed-forward, kept between
     /// calls (a prompt's are megabytes; fresh ones cost page faults every layer).
     static SWIGLU_ROWS: std::cell::Cell<Bits> = const { std::cell::Cell::new(Bits::new()) };
+    /// The same for an int8 feed-forward: gate and up's f32 results, and the down
+    /// layer's quantized rows.
+    static INT8_SWIGLU: std::cell::Cell<(Vec<f32>, QRows)> = std::cell::Cell::default();
 }
 
 impl Mlp {
@@ -270,11 +356,21 @@ impl Mlp {
         {
             return Mlp(Layers::Fused { gate_up, down: d.clone() });
         }
-        if let (Weight::Blocks(g), Weight::Blocks(u)) = (&gate.weight, &up.weight)
-            && g.outputs() == u.outputs()
+        if let (Weight::Int8(g), Weight::Int8(u), Weight::Int8(d)) = (&gate.weight, &up.weight, &down.weight)
+            && d.inputs() == g.outputs
+            && let Some(gate_up) = QDense::swiglu(&g.q, &u.q)
+        {
+            return Mlp(Layers::Int8 { width: g.q.outputs(), gate_up, down: d.clone() });
+        }
+        let width = match (&gate.weight, &up.weight) {
+            (Weight::Blocks(g), Weight::Blocks(u)) if g.outputs() == u.outputs() => Some(g.outputs()),
+            (Weight::Int8(g), Weight::Int8(u)) if g.outputs == u.outputs => Some(g.outputs),
+            _ => None,
+        };
+        if let Some(width) = width
             && let Some(gate_up) = Linear::concat(&[&gate, &up])
         {
-            return Mlp(Layers::Joined { gate_up, down, width: g.outputs() });
+            return Mlp(Layers::Joined { gate_up, down, width });
         }
         Mlp(Layers::Split { gate, up, down })
     }
@@ -301,6 +397,18 @@ impl Mlp {
                     *last = *width;
                 }
                 down.forward(&Tensor::from_vec(act, dims, h.device()).map_err(backend)?)
+            }
+            Layers::Int8 { gate_up, down, width } => {
+                let (tokens, _) = h.dims2().map_err(backend)?;
+                let mut out = Vec::new();
+                crate::cpu::with_taken(&INT8_SWIGLU, |(both, rows)| {
+                    with_rows(h, |x| gate_up.forward(x, tokens, both))?;
+                    rows.quantize_swiglu(both, tokens, *width, down.inputs());
+                    down.q.rows_forward(rows, &mut out, false);
+                    Ok::<_, Error>(())
+                })?;
+                down.trim(&mut out, tokens);
+                Tensor::from_vec(out, (tokens, down.outputs), h.device()).map_err(backend)
             }
             Layers::Fused { gate_up, down } => {
                 let (tokens, _) = h.dims2().map_err(backend)?;
@@ -434,6 +542,32 @@ impl Weights {
         self.arithmetic == Arithmetic::Int8Activations
     }
 
+    /// Whether float layers are quantized to int8 at load: int8 arithmetic asked for a
+    /// checkpoint with no quantized layers, on a CPU whose VNNI runs it (elsewhere the
+    /// int8 kernel is plain Rust, for correctness only, and the layers stay as stored).
+    fn int8_floats(&self) -> bool {
+        self.arithmetic == Arithmetic::Int8Activations && self.quantization.is_none() && QDense::fast()
+    }
+
+    /// The output head of a checkpoint whose head is its token embedding: the same
+    /// weights with no bias, re-laid for the arithmetic asked for where the embedding's
+    /// own layout serves lookups (4-bit blocks; int8 from a float checkpoint — the head
+    /// gets its own int8 copy, the table keeps its stored rows).
+    pub fn tied_head(&self, embed: &Linear) -> Result<Linear> {
+        if self.int8_floats()
+            && let Weight::Panel(w) = &embed.weight
+        {
+            let (inputs, outputs) = (w.inputs(), w.outputs());
+            let mut rows = vec![0f32; outputs * inputs];
+            rows.par_chunks_mut(inputs).enumerate().for_each(|(n, row)| w.widen_row(n, row));
+            let layer = Int8Layer::quantize(&rows, None, inputs, outputs).ok_or_else(|| {
+                Error::model_load(&self.path, format!("the tied output head ({outputs} × {inputs}) as int8"))
+            })?;
+            return Ok(Linear { weight: Weight::Int8(Arc::new(layer)), bias: None });
+        }
+        Ok(embed.without_bias(self.blocks()))
+    }
+
     /// `visual.` or `model.visual.`, as the checkpoint names the vision tower.
     pub fn vision_prefix(&self) -> &'static str {
         self.vision
@@ -489,6 +623,15 @@ impl Weights {
             } else {
                 Weight::Tensor(widened(&layer, &self.device).map_err(failed)?)
             }
+        } else if self.int8_floats() && weight.rank() == 2 && !prefix.ends_with("embed_tokens") {
+            let (outputs, inputs) = weight.dims2().map_err(backend)?;
+            let w = weight
+                .to_dtype(DType::F32)
+                .and_then(|w| w.flatten_all()?.to_vec1::<f32>())
+                .map_err(backend)?;
+            let layer = Int8Layer::quantize(&w, tile_bias()?, inputs, outputs)
+                .ok_or_else(|| failed(format!("{outputs} × {inputs} not taken by the int8 kernel")))?;
+            Weight::Int8(Arc::new(layer))
         } else if self.compact && matches!(weight.dtype(), DType::BF16 | DType::F16) && weight.rank() == 2 {
             let (outputs, inputs) = weight.dims2().map_err(backend)?;
             let flat = weight.flatten_all().map_err(backend)?;
@@ -513,7 +656,7 @@ impl Weights {
         } else {
             Weight::Tensor(weight.to_dtype(DType::F32).map_err(backend)?)
         };
-        if matches!(weight, Weight::Bf16(_)) {
+        if matches!(weight, Weight::Bf16(_) | Weight::Int8(_)) {
             bias = None;
         }
         Ok(Linear { weight, bias })
