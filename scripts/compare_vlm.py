@@ -120,9 +120,24 @@ def transformers_run(folder: pathlib.Path, dtype: str, tokens: int) -> dict:
     from PIL import Image
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
-    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    # int8: torch's own dynamic quantization of every nn.Linear (int8 weights per output
+    # channel, activations quantized per call, fbgemm's kernels) on the f32 model — the
+    # int8 a transformers user on a CPU reaches for, beside kiln's int8.
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}[dtype]
     t = time.perf_counter()
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype).eval()
+    # (int8: loaded in bf16 and quantized one layer at a time — the f32 model beside
+    # its int8 copy does not fit in 24 GiB.)
+    load_dtype = torch.bfloat16 if dtype == "int8" else torch_dtype
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=load_dtype).eval()
+    if dtype == "int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    one = quantize_dynamic(torch.nn.Sequential(child.float()), {torch.nn.Linear}, dtype=torch.qint8)
+                    setattr(module, name, one[0])
+        model.float()  # the rest (norms, embeddings, the patch convolution) in f32
     # The tokenizer and the image processor, with the pad expansion Qwen2_5_VLProcessor
     # does (AutoProcessor would also want torchvision for video, which is not installed).
     tok = AutoTokenizer.from_pretrained(folder)
@@ -251,7 +266,8 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--kiln-q4-only", action="store_true", help="with --only kiln: the 4-bit folder only")
     ap.add_argument("--only", action="append", default=[],
-                    help="run only these (repeatable): transformers-f32, transformers-bf16, mlx-vlm, mlx-vlm-text "
+                    help="run only these (repeatable): transformers-f32, transformers-bf16, transformers-int8 (torch's "
+                         "dynamic int8 quantization of every nn.Linear), mlx-vlm, mlx-vlm-text "
                          "(its decode speed on the question alone), kiln, kiln-amx (the bf16 file with "
                          "model.dtype = \"bf16\": AMX tiles), kiln-q4-int8 (the 4-bit folder with "
                          "model.quantization = \"int8\": GGML Q4_1 blocks, int8 activations), kiln-int8 (the bf16 file with "
@@ -297,7 +313,7 @@ def main() -> None:
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
 
-    for dtype in ("f32", "bf16"):
+    for dtype in ("f32", "bf16", "int8"):
         if not wanted(f"transformers-{dtype}"):
             continue
         r, rss = child(HF_PY, "--internal", "transformers", str(hf), dtype, str(args.tokens))
@@ -352,6 +368,7 @@ def main() -> None:
 
     rows = []
     for key, weights in (("transformers-f32", "bf16 file, run in f32"), ("transformers-bf16", "bf16 file"),
+                         ("transformers-int8", "bf16 file, torch dynamic int8 (every nn.Linear)"),
                          ("mlx-vlm", "4-bit"), ("mlx-vlm-text", "4-bit, the question alone"),
                          ("kiln-bf16", "bf16 file"), ("kiln-q4", "4-bit"),
                          ("kiln-bf16-amx", "bf16 file, model.dtype = \"bf16\" (AMX)"),
@@ -361,6 +378,7 @@ def main() -> None:
             r = figures[key]
             name = {"transformers-f32": f"transformers (torch {r.get('torch')}) f32",
                     "transformers-bf16": f"transformers (torch {r.get('torch')}) bf16",
+                    "transformers-int8": f"transformers (torch {r.get('torch')}) int8",
                     "mlx-vlm": f"mlx-vlm {r.get('mlx_vlm')} (mlx-cpu {r.get('mlx')}, OpenBLAS)",
                     "mlx-vlm-text": f"mlx-vlm {r.get('mlx_vlm')} (mlx-cpu {r.get('mlx')}, OpenBLAS)",
                     }.get(key, "kiln (candle, CPU)")
