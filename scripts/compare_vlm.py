@@ -210,11 +210,21 @@ def mlx_run(folder: pathlib.Path, tokens: int, text_only: bool = False) -> dict:
 # ------------------------------------------------------------------------ the driver
 
 
-def child(python: pathlib.Path, *args: str, env=None) -> tuple:
-    """Runs this script's `args` under `python`; (its JSON result or None, peak RSS MiB)."""
+def child(python: pathlib.Path, *args: str, env=None, timeout: float | None = None) -> tuple:
+    """Runs this script's `args` under `python`; (its JSON result or None, peak RSS MiB).
+    Past `timeout` seconds the child is killed and the result is `{"timed_out_s": timeout}`."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         proc = subprocess.Popen([str(python), __file__, *args, "--result", result.name], env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        started = time.monotonic()
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if timeout else 0)
+            if pid:
+                break
+            if time.monotonic() - started > timeout:
+                proc.kill()
+                _, status, usage = os.wait4(proc.pid, 0)
+                return {"timed_out_s": timeout}, usage.ru_maxrss / 1024
+            time.sleep(1)
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"{' '.join(args)} failed (exit {os.waitstatus_to_exitcode(status)})")
         text = pathlib.Path(result.name).read_text()
@@ -258,6 +268,13 @@ def folder_bytes(folder: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def mlx_name(r: dict) -> str:
+    """mlx-vlm's row name, with the versions its run reported (none when it was stopped)."""
+    if "mlx_vlm" not in r:
+        return "mlx-vlm (mlx-cpu, OpenBLAS)"
+    return f"mlx-vlm {r['mlx_vlm']} (mlx-cpu {r.get('mlx')}, OpenBLAS)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kiln", default=str(ROOT / "target/release/kiln"))
@@ -273,6 +290,9 @@ def main() -> None:
                          "model.quantization = \"int8\": GGML Q4_1 blocks, int8 activations), kiln-int8 (the bf16 file with "
                          "model.quantization = \"int8\": int8 per output channel, int8 activations, AMX int8 tiles); "
                          "with --json, figures already in the file are kept and the table shows them all")
+    ap.add_argument("--mlx-timeout", type=float, default=1200,
+                    help="seconds after which an mlx-vlm run is stopped and recorded as giving no first token "
+                         "(on mlx-cpu it gave none in 18 min on the 2-core machine)")
     ap.add_argument("--internal", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -321,13 +341,15 @@ def main() -> None:
         figures[f"transformers-{dtype}"] = r
         save()
     if wanted("mlx-vlm"):
-        r, rss = child(MLX_PY, "--internal", "mlx", str(q4), str(args.tokens), env=no_mlx_library_path(True))
+        r, rss = child(MLX_PY, "--internal", "mlx", str(q4), str(args.tokens), env=no_mlx_library_path(True),
+                       timeout=args.mlx_timeout)
         r["peak_rss_mib"] = rss
         r["blas"] = "OpenBLAS (preloaded)"
         figures["mlx-vlm"] = r
         save()
     if wanted("mlx-vlm-text"):
-        r, rss = child(MLX_PY, "--internal", "mlx-text", str(q4), str(args.tokens), env=no_mlx_library_path(True))
+        r, rss = child(MLX_PY, "--internal", "mlx-text", str(q4), str(args.tokens), env=no_mlx_library_path(True),
+                       timeout=args.mlx_timeout)
         r["peak_rss_mib"] = rss
         figures["mlx-vlm-text"] = r
         save()
@@ -379,8 +401,8 @@ def main() -> None:
             name = {"transformers-f32": f"transformers (torch {r.get('torch')}) f32",
                     "transformers-bf16": f"transformers (torch {r.get('torch')}) bf16",
                     "transformers-int8": f"transformers (torch {r.get('torch')}) int8",
-                    "mlx-vlm": f"mlx-vlm {r.get('mlx_vlm')} (mlx-cpu {r.get('mlx')}, OpenBLAS)",
-                    "mlx-vlm-text": f"mlx-vlm {r.get('mlx_vlm')} (mlx-cpu {r.get('mlx')}, OpenBLAS)",
+                    "mlx-vlm": mlx_name(r),
+                    "mlx-vlm-text": mlx_name(r),
                     }.get(key, "kiln (candle, CPU)")
             rows.append((name, weights, r))
 
@@ -389,6 +411,9 @@ def main() -> None:
     print("| implementation | weights | time to first token (ms) | decode tokens/s | peak RSS (MiB) |")
     print("|---|---|---:|---:|---:|")
     for name, weights, r in rows:
+        if "timed_out_s" in r:
+            print(f"| {name} | {weights} | none in {r['timed_out_s']:.0f} s (stopped) | – | {r['peak_rss_mib']:.0f} |")
+            continue
         print(f"| {name} | {weights} | {r['ttft_ms']:.0f} | {r['decode_tokens_per_s']:.2f} | {r['peak_rss_mib']:.0f} |")
 
     def best(prefix):
