@@ -53,6 +53,19 @@ impl<T: Plain> Aligned<T> {
         }
         self.len = len;
     }
+
+    /// `parts` one after another in one buffer (packed layers joined side by side).
+    pub(crate) fn joined<'a>(parts: impl IntoIterator<Item = &'a [T]>) -> Self {
+        let parts: Vec<&[T]> = parts.into_iter().collect();
+        let mut all = Self::new();
+        all.resize_any(parts.iter().map(|p| p.len()).sum());
+        let mut at = 0;
+        for part in parts {
+            all[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        all
+    }
 }
 
 impl<T: Plain> Default for Aligned<T> {

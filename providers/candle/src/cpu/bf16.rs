@@ -123,13 +123,7 @@ impl Bf16Dense {
         if !aligned || rest.iter().any(|p| p.inputs != first.inputs) {
             return None;
         }
-        let mut packed = Bits::default();
-        packed.resize(parts.iter().map(|p| p.packed.len()).sum());
-        let mut at = 0;
-        for part in parts {
-            packed[at..at + part.packed.len()].copy_from_slice(&part.packed);
-            at += part.packed.len();
-        }
+        let packed = Bits::joined(parts.iter().map(|p| &p.packed[..]));
         Some(Bf16Dense {
             packed,
             bias: parts.iter().flat_map(|p| p.bias.iter().copied()).collect(),

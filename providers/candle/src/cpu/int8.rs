@@ -133,13 +133,7 @@ impl QDense {
         if !aligned || rest.iter().any(|p| p.inputs != first.inputs) {
             return None;
         }
-        let mut packed = Aligned::new();
-        packed.resize(parts.iter().map(|p| p.packed.len()).sum());
-        let mut at = 0;
-        for part in parts {
-            packed[at..at + part.packed.len()].copy_from_slice(&part.packed);
-            at += part.packed.len();
-        }
+        let packed = Aligned::joined(parts.iter().map(|p| &p.packed[..]));
         let joined = |f: fn(&QDense) -> &Vec<f32>| parts.iter().flat_map(|p| f(p).iter().copied()).collect();
         Some(QDense {
             packed,

@@ -283,6 +283,11 @@ impl Linear {
     }
 }
 
+/// A tensor's values in row-major order, widened to f32.
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32).and_then(|t| t.flatten_all()?.to_vec1::<f32>()).map_err(backend)
+}
+
 /// `x` (`[.., inputs]`) through a kernel over row-major f32 rows (`kernel(x, rows,
 /// out)`), the rows it writes.
 fn on_rows(x: &Tensor, inputs: usize, kernel: impl FnOnce(&[f32], usize, &mut Vec<f32>)) -> Result<Vec<f32>> {
@@ -362,15 +367,11 @@ impl Mlp {
         {
             return Mlp(Layers::Int8 { width: g.q.outputs(), gate_up, down: d.clone() });
         }
-        let width = match (&gate.weight, &up.weight) {
-            (Weight::Blocks(g), Weight::Blocks(u)) if g.outputs() == u.outputs() => Some(g.outputs()),
-            (Weight::Int8(g), Weight::Int8(u)) if g.outputs == u.outputs => Some(g.outputs),
-            _ => None,
-        };
-        if let Some(width) = width
+        if let (Weight::Blocks(g), Weight::Blocks(u)) = (&gate.weight, &up.weight)
+            && g.outputs() == u.outputs()
             && let Some(gate_up) = Linear::concat(&[&gate, &up])
         {
-            return Mlp(Layers::Joined { gate_up, down, width });
+            return Mlp(Layers::Joined { gate_up, down, width: g.outputs() });
         }
         Mlp(Layers::Split { gate, up, down })
     }
@@ -625,10 +626,7 @@ impl Weights {
             }
         } else if self.int8_floats() && weight.rank() == 2 && !prefix.ends_with("embed_tokens") {
             let (outputs, inputs) = weight.dims2().map_err(backend)?;
-            let w = weight
-                .to_dtype(DType::F32)
-                .and_then(|w| w.flatten_all()?.to_vec1::<f32>())
-                .map_err(backend)?;
+            let w = f32_values(&weight)?;
             let layer = Int8Layer::quantize(&w, tile_bias()?, inputs, outputs)
                 .ok_or_else(|| failed(format!("{outputs} × {inputs} not taken by the int8 kernel")))?;
             Weight::Int8(Arc::new(layer))
@@ -646,10 +644,7 @@ impl Weights {
             && !prefix.ends_with("embed_tokens")
         {
             let (outputs, inputs) = weight.dims2().map_err(backend)?;
-            let w = weight
-                .to_dtype(DType::F32)
-                .and_then(|w| w.flatten_all()?.to_vec1::<f32>())
-                .map_err(backend)?;
+            let w = f32_values(&weight)?;
             Weight::Bf16(Arc::new(Bf16Dense::pack(inputs, outputs, tile_bias()?, |n, out| {
                 out.copy_from_slice(&w[n * inputs..(n + 1) * inputs])
             })))
