@@ -51,6 +51,35 @@ async fn every_fixture_text_matches_sentence_transformers_at_f32() {
 }
 
 #[tokio::test]
+async fn batches_queued_on_the_device_give_the_embeddings_of_batches_waited_for() {
+    // The default queues each batch (MLX's async_eval) and waits on the responder thread;
+    // `overlap_batches = false` waits on the model thread. Concurrent callers, small
+    // batches, so several are queued at once: every caller gets its own text's embedding.
+    let reference = reference();
+    for overlap in ["true", "false"] {
+        let set = format!("provider.options.overlap_batches={overlap}");
+        let config = mlx_config(&[&set, "batching.max_batch_size=4", "cache.enabled=false"]);
+        let optimizer = std::sync::Arc::new(Optimizer::from_config(config).await.unwrap());
+        let calls: Vec<_> = (0..3 * reference.texts.len())
+            .map(|i| {
+                let optimizer = optimizer.clone();
+                let text = reference.texts[i % reference.texts.len()].clone();
+                tokio::spawn(async move { (i, optimizer.embed(&[text]).await) })
+            })
+            .collect();
+        for call in calls {
+            let (i, result) = call.await.unwrap();
+            let got = result.unwrap().remove(0);
+            let want = &reference.embeddings[i % reference.texts.len()];
+            let c = cosine(&got, want);
+            assert!(c >= 0.9999, "{set}: caller {i}: cosine {c:.6}");
+        }
+        assert!(optimizer.stats().batches >= 2, "{set}: {:?}", optimizer.stats());
+        std::sync::Arc::into_inner(optimizer).unwrap().shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn reduced_precision_and_quantized_weights_stay_close() {
     // One text a batch, so each runs at its own length: MLX's CPU backend has no fast
     // f16 or quantized products on x86, and a padded batch costs minutes here.

@@ -17,8 +17,9 @@
 # CLASSIFY=1 on call 2 runs the image classifier instead (see below).
 #
 # Call 2: agreement (the fixture texts at cpu f32 and cuda:0 f32 / f16 / bf16, same
-# binary, same libmlx), then `kiln bench` with mlx f16 on cuda:0 exactly as
-# throughput_gpu.sh runs the other providers, and the model-only ceiling in the same call.
+# binary, same libmlx; on the GPU with kiln's embedding kernel, and f16 with MLX's gather),
+# then `kiln bench` with mlx f16 on cuda:0 exactly as throughput_gpu.sh runs the other
+# providers (ROUNDS, below), and the model-only ceiling in the same call.
 set -euo pipefail
 stash="$HOME/kiln-mlx"
 mkdir -p "$stash"
@@ -78,17 +79,20 @@ if [ -n "${KERNELS:-}" ]; then
         > "$out/kernels.csv" 2>> "$out/ncu.log" || tail -5 "$out/ncu.log"
     $helpers kernels "$out/kernels.csv" mlx
 fi
-run() { # TAG DEVICE DTYPE
-    timeout 600 "$kiln" run examples/embed-mlx.toml --input "$work/fixture.txt" --output "$work/$1.jsonl" \
-        --set 'model.path=".device/minilm-f16"' --set "model.device=\"$2\"" --set "model.dtype=\"$3\"" \
-        2>> "$out/runs.log" || echo "$1: failed (runs.log)"
+run() { # TAG DEVICE DTYPE EXTRA..
+    local tag="$1" device="$2" dtype="$3"; shift 3
+    timeout 600 "$kiln" run examples/embed-mlx.toml --input "$work/fixture.txt" --output "$work/$tag.jsonl" \
+        --set 'model.path=".device/minilm-f16"' --set "model.device=\"$device\"" --set "model.dtype=\"$dtype\"" \
+        "$@" 2>> "$out/runs.log" || echo "$tag: failed (runs.log)"
 }
 run mlx_cpu_f32 cpu f32
-run mlx_cuda_f32 cuda:0 f32
-run mlx_cuda_f16 cuda:0 f16
-run mlx_cuda_bf16 cuda:0 bf16
+kernel=(--set provider.options.embedding_kernel=true)
+run mlx_cuda_f32 cuda:0 f32 "${kernel[@]}"
+run mlx_cuda_f16 cuda:0 f16 "${kernel[@]}"
+run mlx_cuda_bf16 cuda:0 bf16 "${kernel[@]}"
+run mlx_cuda_f16_take cuda:0 f16 --set provider.options.embedding_kernel=false
 tail -n 20 "$out/runs.log"
-$helpers cosines "$work" mlx_cpu_f32 mlx_cuda_f32 mlx_cuda_f16 mlx_cuda_bf16 | tee "$out/cosines.txt"
+$helpers cosines "$work" mlx_cpu_f32 mlx_cuda_f32 mlx_cuda_f16 mlx_cuda_bf16 mlx_cuda_f16_take | tee "$out/cosines.txt"
 bench() { # JSON EXTRA_ARGS...
     local json="$1"; shift
     timeout 600 "$kiln" bench examples/embed-mlx.toml --texts "$work/long.txt" --concurrency 1024 \
@@ -97,8 +101,16 @@ bench() { # JSON EXTRA_ARGS...
         --set text.max_length=128 --set cache.enabled=false --json "$out/$json" "$@" 2>> "$out/bench.log" \
         | tee -a "$out/bench.txt"
 }
-bench mlx_f16.json --requests 32768
-bench mlx_f16_profiled.json --requests 32768 --profile "$out/profile_mlx.json"
+# ROUNDS=N (default 1) alternated rounds of: batches overlapped with kiln's embedding
+# kernel; overlapped with MLX's gather (`provider.options.embedding_kernel = false`);
+# the kernel without the overlap (`provider.options.overlap_batches = false`).
+kernel=(--set provider.options.embedding_kernel=true)
+for round in $(seq "${ROUNDS:-1}"); do
+    bench "mlx_f16_kernel_r$round.json" --requests 32768 "${kernel[@]}"
+    bench "mlx_f16_take_r$round.json" --requests 32768 --set provider.options.embedding_kernel=false
+    bench "mlx_f16_no_overlap_r$round.json" --requests 32768 "${kernel[@]}" --set provider.options.overlap_batches=false
+done
+bench mlx_f16_profiled.json --requests 32768 --profile "$out/profile_mlx.json" "${kernel[@]}"
 if [ -n "${KERNELS:-}" ]; then
     MLX_CUDA_USE_CUDNN_SDPA=1 bench mlx_f16_cudnn_sdpa.json --requests 32768
 fi

@@ -52,6 +52,26 @@ impl Array {
     }
 }
 
+/// An array whose evaluation [`Array::start_f32`] queued.
+pub struct Started {
+    array: Array,
+    len: usize,
+}
+
+impl Started {
+    /// Waits until the device is done and copies the values out, row-major.
+    pub fn wait_f32(self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.len];
+        // SAFETY: `out` holds `len` f32s, which the shim checks against the array; the
+        // handle is ours.
+        check(
+            unsafe { ffi::kiln_mlx_read(self.array.0.as_ptr(), out.as_mut_ptr().cast(), self.len * 4) },
+            "evaluating",
+        )?;
+        Ok(out)
+    }
+}
+
 /// Takes ownership of a handle the shim returned; NULL is the shim's error.
 fn own(raw: *mut ffi::RawArray, what: &str) -> Result<Array> {
     NonNull::new(raw).map(Array).ok_or_else(|| backend(what))
@@ -191,6 +211,27 @@ impl Array {
             "evaluating",
         )?;
         Ok(out)
+    }
+
+    /// Queues this array's evaluation as f32 and returns at once: the GPU works while the
+    /// caller goes on; [`Started::wait_f32`] (on any thread) waits and copies it out.
+    pub fn start_f32(&self) -> Result<Started> {
+        let len = self.shape().iter().product();
+        // SAFETY: a live handle.
+        let array = own(unsafe { ffi::kiln_mlx_start_f32(self.raw()) }, "queueing an evaluation")?;
+        Ok(Started { array, len })
+    }
+
+    /// BERT's embedding sum on a CUDA GPU in one kernel: rows of this word table
+    /// `[vocab, width]` by `ids` (`[batch, sequence]`, i32, each below `vocab`), plus row 0
+    /// of `types`, plus position rows `0..sequence` of `positions`; `[batch * sequence,
+    /// width]`. Only on the GPU (MLX's CUDA backend); the ids are not checked on the device.
+    pub fn bert_embed_cuda(&self, positions: &Array, types: &Array, ids: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(
+            unsafe { ffi::kiln_mlx_bert_embed_cuda(self.raw(), positions.raw(), types.raw(), ids.raw()) },
+            "the embedding kernel",
+        )
     }
 
     /// This array at `dtype`.
@@ -454,6 +495,12 @@ pub fn set_device(gpu: Option<usize>) -> Result<()> {
 pub fn gpu_count() -> usize {
     // SAFETY: no arguments.
     unsafe { ffi::kiln_mlx_gpu_count() }.max(0) as usize
+}
+
+/// Whether the loaded libmlx runs its GPU through CUDA (kiln's CUDA kernels apply).
+pub fn is_cuda() -> bool {
+    // SAFETY: no arguments; catches every MLX error.
+    unsafe { ffi::kiln_mlx_is_cuda() == 1 }
 }
 
 /// The MLX library's version.

@@ -7,7 +7,7 @@ use std::path::Path;
 use kiln_core::{DType, EmbeddingHead, Error, Pooling, Result};
 use serde::Deserialize;
 
-use crate::array::{Array, Weights};
+use crate::array::{Array, Started, Weights};
 
 /// The parts of a Hugging Face BERT `config.json` the encoder reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +98,9 @@ pub struct Bert {
     hidden: usize,
     eps: f32,
     dtype: DType,
+    /// Sum the embeddings with kiln's CUDA kernel ([`Array::bert_embed_cuda`]) for
+    /// single texts; set on an MLX CUDA GPU.
+    pub cuda_embedding: bool,
 }
 
 /// Reads the tensors of a checkpoint, at `prefix` (`""` or `"bert."`).
@@ -186,6 +189,7 @@ impl Bert {
             hidden: h,
             eps: config.layer_norm_eps as f32,
             dtype,
+            cuda_embedding: false,
         };
         let mut all = vec![&bert.word, &bert.position, &bert.token_type];
         all.extend([&bert.embedding_norm.weight, &bert.embedding_norm.bias]);
@@ -216,13 +220,20 @@ impl Bert {
         sequence: usize,
     ) -> Result<Array> {
         let (b, s, h) = (batch as i32, sequence as i32, self.hidden as i32);
-        let positions = self.position.slice(&[0, 0], &[s, h])?;
-        let words = self.word.embedding(ids)?.reshape(&[b, s, h])?;
         let x = match types {
-            Some(types) => words.add(&self.token_type.embedding(types)?.reshape(&[b, s, h])?)?,
-            None => words.add(&self.token_type.slice(&[0, 0], &[1, h])?)?,
-        }
-        .add(&positions)?;
+            None if self.cuda_embedding => {
+                self.word.bert_embed_cuda(&self.position, &self.token_type, &ids.reshape(&[b, s])?)?
+            }
+            types => {
+                let positions = self.position.slice(&[0, 0], &[s, h])?;
+                let words = self.word.embedding(ids)?.reshape(&[b, s, h])?;
+                match types {
+                    Some(types) => words.add(&self.token_type.embedding(types)?.reshape(&[b, s, h])?)?,
+                    None => words.add(&self.token_type.slice(&[0, 0], &[1, h])?)?,
+                }
+                .add(&positions)?
+            }
+        };
         // Activations stay [tokens, hidden] between attentions, so every dense layer is
         // one large product (on CUDA, a 3-d input ran as 256 small batched ones).
         let mut x = x
@@ -260,6 +271,40 @@ impl Bert {
         sequence: usize,
         head: Option<EmbeddingHead>,
     ) -> Result<Vec<f32>> {
+        self.graph(ids, types, mask, batch, sequence, head)?.to_f32()
+    }
+
+    /// [`forward`](Self::forward)'s result, queued on the device and not waited for.
+    pub fn start(
+        &self,
+        ids: &[i64],
+        types: &[i64],
+        mask: &[i64],
+        batch: usize,
+        sequence: usize,
+        head: Option<EmbeddingHead>,
+    ) -> Result<Started> {
+        self.graph(ids, types, mask, batch, sequence, head)?.start_f32()
+    }
+
+    /// The batch's result as a lazy MLX graph.
+    fn graph(
+        &self,
+        ids: &[i64],
+        types: &[i64],
+        mask: &[i64],
+        batch: usize,
+        sequence: usize,
+        head: Option<EmbeddingHead>,
+    ) -> Result<Array> {
+        let vocab = self.word.shape()[0];
+        // An id past the table would read out of bounds in the embedding kernel (MLX's
+        // gather clamps it silently), so both paths refuse it here.
+        if let Some(&bad) = ids.iter().find(|&&x| !(0..vocab as i64).contains(&x)) {
+            return Err(Error::InvalidInput(format!(
+                "input_ids value {bad} is out of range: the vocabulary has {vocab} tokens (ids 0..{vocab})"
+            )));
+        }
         let to_i32 = |v: &[i64], what: &str| -> Result<Vec<u8>> {
             v.iter()
                 .map(|&x| {
@@ -288,7 +333,7 @@ impl Bert {
             mask.iter().flat_map(|&m| if m != 0 { zero } else { lowest }).copied().collect();
         let additive = Array::from_bytes(&additive, self.dtype, &[batch, 1, 1, sequence])?;
         let tokens = self.encode(&ids, types.as_ref(), &additive, batch, sequence)?.astype(DType::F32)?;
-        let Some(head) = head else { return tokens.to_f32() };
+        let Some(head) = head else { return Ok(tokens) };
         let keep: Vec<u8> = mask.iter().flat_map(|&m| f32::from(u8::from(m != 0)).to_le_bytes()).collect();
         let keep = Array::from_bytes(&keep, DType::F32, &[batch, sequence, 1])?;
         let pooled = match head.pooling {
@@ -306,13 +351,12 @@ impl Bert {
                 keep.astype(DType::U8)?.select(&tokens, &lowest)?.max(1, false)?
             }
         };
-        let pooled = if head.normalize {
+        if head.normalize {
             let norm =
                 pooled.mul(&pooled)?.sum(1, true)?.sqrt()?.maximum(&Array::scalar(1e-12, DType::F32)?)?;
-            pooled.div(&norm)?
+            pooled.div(&norm)
         } else {
-            pooled
-        };
-        pooled.to_f32()
+            Ok(pooled)
+        }
     }
 }

@@ -30,6 +30,7 @@ unsafe extern "C" {
     pub fn kiln_mlx_blas() -> *const c_char;
     pub fn kiln_mlx_free(a: *mut RawArray);
     pub fn kiln_mlx_gpu_count() -> c_int;
+    pub fn kiln_mlx_is_cuda() -> c_int;
     pub fn kiln_mlx_set_device(kind: c_int, index: c_int) -> c_int;
     pub fn kiln_mlx_from_data(
         data: *const c_void,
@@ -43,6 +44,14 @@ unsafe extern "C" {
     pub fn kiln_mlx_dtype(a: *const RawArray) -> c_int;
     pub fn kiln_mlx_to_host(a: *const RawArray, dtype: c_int, out: *mut c_void, bytes: usize) -> c_int;
     pub fn kiln_mlx_eval(arrays: *const *mut RawArray, n: usize) -> c_int;
+    pub fn kiln_mlx_start_f32(a: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_read(a: *mut RawArray, out: *mut c_void, bytes: usize) -> c_int;
+    pub fn kiln_mlx_bert_embed_cuda(
+        words: *const RawArray,
+        positions: *const RawArray,
+        types: *const RawArray,
+        ids: *const RawArray,
+    ) -> *mut RawArray;
     pub fn kiln_mlx_astype(a: *const RawArray, dtype: c_int) -> *mut RawArray;
     pub fn kiln_mlx_binary(op: c_int, a: *const RawArray, b: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_unary(op: c_int, a: *const RawArray) -> *mut RawArray;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kiln_core::hf::{bert_config, bert_model_info, probe_encoder, weight_bytes, weight_files};
 use kiln_core::{
     Capabilities, DType, Device, DeviceKind, Dim, EmbeddingHead, Error, Inputs, Model, ModelInfo, ModelSpec,
-    Outputs, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
+    Outputs, Pending, Provider, ProviderConfig, Quantization, Result, SENTENCE_EMBEDDING, Tensor, TensorSpec,
     async_trait,
 };
 use serde::Deserialize;
@@ -33,11 +33,25 @@ pub struct MlxOptions {
     /// `"auto"`: quantized on a GPU, dense on the CPU, where MLX's quantized matmul is
     /// a scalar loop (~2 tokens/s for a 135M model on 2 cores; dense ~12).
     pub gguf_matrices: String,
+    /// A BERT batch is queued on the device and waited for on kiln's responder thread
+    /// (`Model::start`), so the model thread builds the next batch's graph meanwhile;
+    /// `false`: each batch is waited for on the model thread.
+    pub overlap_batches: bool,
+    /// On a CUDA GPU, BERT's embedding sum (word rows gathered, position and type rows
+    /// added) in one kiln kernel instead of MLX's gather and two adds. Off by default
+    /// until it has run on a GPU (`scripts/device/mlx_gpu.sh` measures it).
+    pub embedding_kernel: bool,
 }
 
 impl Default for MlxOptions {
     fn default() -> Self {
-        MlxOptions { group_size: 64, clear_cache_after_load: true, gguf_matrices: "auto".into() }
+        MlxOptions {
+            group_size: 64,
+            clear_cache_after_load: true,
+            gguf_matrices: "auto".into(),
+            overlap_batches: true,
+            embedding_kernel: false,
+        }
     }
 }
 
@@ -272,7 +286,8 @@ impl Provider for MlxProvider {
         let quant = quant(spec, self.options.group_size);
         let weight_bytes = weight_bytes(&files, spec.dtype, quant.map(|q| quantized_bytes(q, spec.dtype)))?;
         array::set_device(gpu)?;
-        let bert = Bert::load(file, &config, spec.dtype, quant)?;
+        let mut bert = Bert::load(file, &config, spec.dtype, quant)?;
+        bert.cuda_embedding = gpu.is_some() && self.options.embedding_kernel && array::is_cuda();
         if self.options.clear_cache_after_load {
             array::clear_cache();
         }
@@ -284,7 +299,7 @@ impl Provider for MlxProvider {
             config.max_position_embeddings,
             weight_bytes,
         );
-        let model = MlxBert { bert, gpu, head: info.head, info };
+        let model = MlxBert { bert, gpu, head: info.head, overlap: self.options.overlap_batches, info };
         probe_encoder(&model, NAME, spec)?;
         Ok(Arc::new(model))
     }
@@ -296,15 +311,22 @@ struct MlxBert {
     bert: Bert,
     gpu: Option<usize>,
     head: Option<EmbeddingHead>,
+    /// `provider.options.overlap_batches`.
+    overlap: bool,
     info: ModelInfo,
 }
 
-impl Model for MlxBert {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
+/// A batch's shape and inputs as the encoder takes them.
+struct BertBatch {
+    ids: Vec<i64>,
+    types: Vec<i64>,
+    mask: Vec<i64>,
+    batch: usize,
+    sequence: usize,
+}
 
-    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+impl MlxBert {
+    fn batch(&self, inputs: &Inputs) -> Result<BertBatch> {
         let ids = inputs.require("input_ids")?;
         let [batch, sequence] = ids.shape() else {
             return Err(Error::InvalidInput("input_ids must be [batch, sequence]".into()));
@@ -313,24 +335,48 @@ impl Model for MlxBert {
         let values = |name: &str| -> Result<Vec<i64>> { inputs.require(name)?.to_vec::<i64>() };
         // The thread running a model may not be the one that loaded it.
         array::set_device(self.gpu)?;
-        let out = self.bert.forward(
-            &values("input_ids")?,
-            &values("token_type_ids")?,
-            &values("attention_mask")?,
+        Ok(BertBatch {
+            ids: values("input_ids")?,
+            types: values("token_type_ids")?,
+            mask: values("attention_mask")?,
             batch,
             sequence,
-            self.head,
-        )?;
-        let name = &self.info.outputs[0].name;
-        let tensor = if self.head.is_some() {
-            let hidden = out.len() / batch.max(1);
-            Tensor::from_vec(vec![batch, hidden], out)?
-        } else {
-            let hidden = out.len() / (batch * sequence).max(1);
-            Tensor::from_vec(vec![batch, sequence, hidden], out)?
-        };
-        debug_assert!(self.head.is_none() || name == SENTENCE_EMBEDDING);
-        Ok(Outputs::new().with(name, tensor))
+        })
+    }
+}
+
+/// The outputs of a BERT batch from its f32 values: pooled `[batch, hidden]` with a
+/// head, token vectors `[batch, sequence, hidden]` without.
+fn bert_outputs(name: &str, pooled: bool, out: Vec<f32>, batch: usize, sequence: usize) -> Result<Outputs> {
+    let tensor = if pooled {
+        Tensor::from_vec(vec![batch, out.len() / batch.max(1)], out)?
+    } else {
+        Tensor::from_vec(vec![batch, sequence, out.len() / (batch * sequence).max(1)], out)?
+    };
+    Ok(Outputs::new().with(name, tensor))
+}
+
+impl Model for MlxBert {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn run(&self, inputs: &Inputs) -> Result<Outputs> {
+        let b = self.batch(inputs)?;
+        let out = self.bert.forward(&b.ids, &b.types, &b.mask, b.batch, b.sequence, self.head)?;
+        debug_assert!(self.head.is_none() || self.info.outputs[0].name == SENTENCE_EMBEDDING);
+        bert_outputs(&self.info.outputs[0].name, self.head.is_some(), out, b.batch, b.sequence)
+    }
+
+    fn start(&self, inputs: &Inputs) -> Result<Pending> {
+        if !self.overlap {
+            return self.run(inputs).map(Pending::ready);
+        }
+        let b = self.batch(inputs)?;
+        let started = self.bert.start(&b.ids, &b.types, &b.mask, b.batch, b.sequence, self.head)?;
+        let (pooled, name, batch, sequence) =
+            (self.head.is_some(), self.info.outputs[0].name.clone(), b.batch, b.sequence);
+        Ok(Pending::later(move || bert_outputs(&name, pooled, started.wait_f32()?, batch, sequence)))
     }
 }
 
