@@ -315,7 +315,22 @@ def kernels(csv_path, label, top="16"):
         print(f"  {ms:8.3f} ms {n:4d}x  {name}")
 
 
+def random_bert(model_dir, seed="0"):
+    """Writes MODEL_DIR/model.safetensors: a BERT of MODEL_DIR/config.json with seeded
+    random weights (transformers' own initialisation) in float16. A model of the real
+    one's shapes costs as much to run and needs no weights carried (a call carries at
+    most 64 MiB); agreement is checked between kiln's devices on the same file."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(int(seed))
+    model = BertModel(BertConfig.from_pretrained(model_dir))
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, f"{model_dir}/model.safetensors", metadata={"format": "pt"})
+    print(f"random BERT in {model_dir}: {sum(t.numel() for t in tensors.values())} parameters, f16")
+
+
 if __name__ == "__main__":
     {"texts": texts, "cosines": cosines, "eager": eager, "ceiling": ceiling, "shapes": shapes,
      "shape_costs": shape_costs, "spans": spans, "kernels": kernels,
-     "scores": scores, "model_rate": model_rate}[sys.argv[1]](*sys.argv[2:])
+     "scores": scores, "model_rate": model_rate, "random_bert": random_bert}[sys.argv[1]](*sys.argv[2:])
