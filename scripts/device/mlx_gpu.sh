@@ -68,6 +68,7 @@ if [ -n "${CLASSIFY:-}" ]; then
     exit 0
 fi
 $helpers texts "$work" 8192
+kernel=(--set provider.options.embedding_kernel=true)
 if [ -n "${KERNELS:-}" ]; then
     # Where a batch of 256 x 128 tokens spends its GPU time (ncu, durations only, clocks
     # as found), and the bench with cuDNN's attention instead of MLX's own.
@@ -75,7 +76,7 @@ if [ -n "${KERNELS:-}" ]; then
     timeout 300 ncu --metrics gpu__time_duration.sum --csv --print-units base --clock-control none \
         "$kiln" run examples/embed-mlx.toml --input "$work/batch.txt" --output "$work/ncu.jsonl" \
         --set 'model.path=".device/minilm-f16"' --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
-        --set batching.max_batch_size=256 --set batching.warmup=false --set text.max_length=128 \
+        --set batching.max_batch_size=256 --set batching.warmup=false --set text.max_length=128 "${kernel[@]}" \
         > "$out/kernels.csv" 2>> "$out/ncu.log" || tail -5 "$out/ncu.log"
     $helpers kernels "$out/kernels.csv" mlx
 fi
@@ -86,7 +87,6 @@ run() { # TAG DEVICE DTYPE EXTRA..
         "$@" 2>> "$out/runs.log" || echo "$tag: failed (runs.log)"
 }
 run mlx_cpu_f32 cpu f32
-kernel=(--set provider.options.embedding_kernel=true)
 run mlx_cuda_f32 cuda:0 f32 "${kernel[@]}"
 run mlx_cuda_f16 cuda:0 f16 "${kernel[@]}"
 run mlx_cuda_bf16 cuda:0 bf16 "${kernel[@]}"
@@ -99,12 +99,11 @@ bench() { # JSON EXTRA_ARGS...
         --set 'model.path=".device/minilm-f16"' --set 'model.device="cuda:0"' --set 'model.dtype="f16"' \
         --set batching.max_batch_size=256 --set batching.max_wait_ms=2 --set batching.queue_capacity=8192 \
         --set text.max_length=128 --set cache.enabled=false --json "$out/$json" "$@" 2>> "$out/bench.log" \
-        | tee -a "$out/bench.txt"
+        | tee -a "$out/bench.txt" || { echo "$json: failed (bench.log)"; tail -3 "$out/bench.log"; }
 }
 # ROUNDS=N (default 1) alternated rounds of: batches overlapped with kiln's embedding
 # kernel; overlapped with MLX's gather (`provider.options.embedding_kernel = false`);
 # the kernel without the overlap (`provider.options.overlap_batches = false`).
-kernel=(--set provider.options.embedding_kernel=true)
 for round in $(seq "${ROUNDS:-1}"); do
     bench "mlx_f16_kernel_r$round.json" --requests 32768 "${kernel[@]}"
     bench "mlx_f16_take_r$round.json" --requests 32768 --set provider.options.embedding_kernel=false
@@ -112,7 +111,7 @@ for round in $(seq "${ROUNDS:-1}"); do
 done
 bench mlx_f16_profiled.json --requests 32768 --profile "$out/profile_mlx.json" "${kernel[@]}"
 if [ -n "${KERNELS:-}" ]; then
-    MLX_CUDA_USE_CUDNN_SDPA=1 bench mlx_f16_cudnn_sdpa.json --requests 32768
+    MLX_CUDA_USE_CUDNN_SDPA=1 bench mlx_f16_cudnn_sdpa.json --requests 32768 "${kernel[@]}"
 fi
 $helpers ceiling .device/minilm-f16 "$work/long.txt" 5 "$out/ceiling.json" "" "$out"/mlx_f16*.json \
     | tee "$out/ceiling.txt"
