@@ -7,7 +7,7 @@ mod support;
 use std::sync::Arc;
 
 use kiln::Optimizer;
-use support::{cosine, minilm_config, reference};
+use support::{cosine, embed_each_at_once, minilm_config, reference};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_share_batches_and_get_their_own_embeddings() {
@@ -18,15 +18,8 @@ async fn concurrent_callers_share_batches_and_get_their_own_embeddings() {
             .unwrap(),
     );
     // 64 callers, each with one fixture text (every text several times over).
-    let calls: Vec<_> = (0..64)
-        .map(|i| {
-            let optimizer = optimizer.clone();
-            let text = reference.texts[i % reference.texts.len()].clone();
-            tokio::spawn(async move { (i, optimizer.embed(&[text]).await) })
-        })
-        .collect();
-    for call in calls {
-        let (i, result) = call.await.unwrap();
+    let texts = (0..64).map(|i| reference.texts[i % reference.texts.len()].clone());
+    for (i, result) in embed_each_at_once(&optimizer, texts).await.into_iter().enumerate() {
         let got = result.unwrap().remove(0);
         let want = &reference.embeddings[i % reference.texts.len()];
         assert!(cosine(&got, want) >= 0.9999, "caller {i}: cosine {}", cosine(&got, want));
@@ -51,17 +44,10 @@ async fn concurrent_requests_for_one_uncached_text_share_one_model_run() {
     let optimizer =
         Arc::new(Optimizer::from_config(minilm_config(&["batching.max_wait_ms=50"])).await.unwrap());
     let texts = ["alpha text", "beta text", "gamma text", "delta text"];
-    let calls: Vec<_> = (0..64)
-        .map(|i| {
-            let optimizer = optimizer.clone();
-            let text = texts[i % texts.len()].to_string();
-            tokio::spawn(async move { (i, optimizer.embed(&[text]).await.unwrap().remove(0)) })
-        })
-        .collect();
+    let calls = (0..64).map(|i| texts[i % texts.len()].to_string());
     let mut answers: Vec<Vec<Vec<f32>>> = vec![Vec::new(); texts.len()];
-    for call in calls {
-        let (i, vector) = call.await.unwrap();
-        answers[i % texts.len()].push(vector);
+    for (i, result) in embed_each_at_once(&optimizer, calls).await.into_iter().enumerate() {
+        answers[i % texts.len()].push(result.unwrap().remove(0));
     }
     for copies in &answers {
         assert_eq!(copies.len(), 16);

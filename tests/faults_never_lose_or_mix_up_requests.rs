@@ -122,16 +122,8 @@ async fn ten_thousand_requests_with_20_percent_retryable_faults_each_get_their_o
         .await
         .unwrap(),
     );
-    let texts = Arc::new(texts);
-    let calls: Vec<_> = (0..N)
-        .map(|i| {
-            let (faulty, texts) = (faulty.clone(), texts.clone());
-            tokio::spawn(async move { (i, faulty.embed(std::slice::from_ref(&texts[i])).await) })
-        })
-        .collect();
     let (mut answered, mut wrong, mut failed) = (0, 0, Vec::new());
-    for call in calls {
-        let (i, result) = call.await.expect("no caller task panicked");
+    for (i, result) in support::embed_each_at_once(&faulty, texts).await.into_iter().enumerate() {
         answered += 1;
         match result {
             Ok(mut v) => {

@@ -7,7 +7,7 @@
 mod support;
 
 use kiln::{Error, Optimizer};
-use support::{cosine, minilm_config, reference};
+use support::{cosine, embed_each_at_once, minilm_config, reference};
 
 fn mlx_config(sets: &[&str]) -> kiln::KilnConfig {
     let mut all = vec!["provider.name=\"mlx\"", "scheduler.timeout_ms=600000"];
@@ -60,15 +60,9 @@ async fn batches_queued_on_the_device_give_the_embeddings_of_batches_waited_for(
         let set = format!("provider.options.overlap_batches={overlap}");
         let config = mlx_config(&[&set, "batching.max_batch_size=4", "cache.enabled=false"]);
         let optimizer = std::sync::Arc::new(Optimizer::from_config(config).await.unwrap());
-        let calls: Vec<_> = (0..3 * reference.texts.len())
-            .map(|i| {
-                let optimizer = optimizer.clone();
-                let text = reference.texts[i % reference.texts.len()].clone();
-                tokio::spawn(async move { (i, optimizer.embed(&[text]).await) })
-            })
-            .collect();
-        for call in calls {
-            let (i, result) = call.await.unwrap();
+        let texts =
+            (0..3 * reference.texts.len()).map(|i| reference.texts[i % reference.texts.len()].clone());
+        for (i, result) in embed_each_at_once(&optimizer, texts).await.into_iter().enumerate() {
             let got = result.unwrap().remove(0);
             let want = &reference.embeddings[i % reference.texts.len()];
             let c = cosine(&got, want);

@@ -112,6 +112,26 @@ pub async fn eventually<T>(within: std::time::Duration, mut check: impl FnMut() 
     }
 }
 
+/// Each text embedded by a caller of its own, all at once (one tokio task each, so
+/// the callers race into the model's batches): the answers in the texts' order.
+pub async fn embed_each_at_once(
+    optimizer: &std::sync::Arc<kiln::Optimizer>,
+    texts: impl IntoIterator<Item = String>,
+) -> Vec<kiln::Result<Vec<Vec<f32>>>> {
+    let calls: Vec<_> = texts
+        .into_iter()
+        .map(|text| {
+            let optimizer = optimizer.clone();
+            tokio::spawn(async move { optimizer.embed(&[text]).await })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(calls.len());
+    for call in calls {
+        answers.push(call.await.expect("no caller task panicked"));
+    }
+    answers
+}
+
 /// Each prompt's greedy tokens generated alone, one after another, then all submitted
 /// at once (sharing steps): what batching must not change.
 pub async fn alone_and_together(

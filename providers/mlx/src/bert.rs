@@ -7,7 +7,7 @@ use std::path::Path;
 use kiln_core::{DType, EmbeddingHead, Error, Pooling, Result};
 use serde::Deserialize;
 
-use crate::array::{Array, Started, Weights};
+use crate::array::{Array, Weights};
 
 /// The parts of a Hugging Face BERT `config.json` the encoder reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +85,15 @@ struct Layer {
     up: Linear,
     down: Linear,
     output_norm: Norm,
+}
+
+/// One batch's inputs, each `[batch, sequence]` row-major.
+pub struct Batch {
+    pub ids: Vec<i64>,
+    pub types: Vec<i64>,
+    pub mask: Vec<i64>,
+    pub batch: usize,
+    pub sequence: usize,
 }
 
 /// A loaded encoder.
@@ -259,44 +268,12 @@ impl Bert {
         Ok(x)
     }
 
-    /// Runs a batch: `ids`, `types` and `mask` are `[batch, sequence]` row-major. With a
-    /// head, returns `[batch, hidden]` pooled (and normalised) in f32; without, the token
-    /// vectors `[batch, sequence, hidden]` in f32.
-    pub fn forward(
-        &self,
-        ids: &[i64],
-        types: &[i64],
-        mask: &[i64],
-        batch: usize,
-        sequence: usize,
-        head: Option<EmbeddingHead>,
-    ) -> Result<Vec<f32>> {
-        self.graph(ids, types, mask, batch, sequence, head)?.to_f32()
-    }
-
-    /// [`forward`](Self::forward)'s result, queued on the device and not waited for.
-    pub fn start(
-        &self,
-        ids: &[i64],
-        types: &[i64],
-        mask: &[i64],
-        batch: usize,
-        sequence: usize,
-        head: Option<EmbeddingHead>,
-    ) -> Result<Started> {
-        self.graph(ids, types, mask, batch, sequence, head)?.start_f32()
-    }
-
-    /// The batch's result as a lazy MLX graph.
-    fn graph(
-        &self,
-        ids: &[i64],
-        types: &[i64],
-        mask: &[i64],
-        batch: usize,
-        sequence: usize,
-        head: Option<EmbeddingHead>,
-    ) -> Result<Array> {
+    /// A batch's result as a lazy MLX graph, for [`Array::to_f32`] or
+    /// [`Array::start_f32`]: with a head, `[batch, hidden]` pooled (and normalised) in
+    /// f32; without, the token vectors `[batch, sequence, hidden]` in f32.
+    pub fn graph(&self, batch: &Batch, head: Option<EmbeddingHead>) -> Result<Array> {
+        let Batch { ids, types, mask, batch, sequence } = batch;
+        let (batch, sequence) = (*batch, *sequence);
         let vocab = self.word.shape()[0];
         // An id past the table would read out of bounds in the embedding kernel (MLX's
         // gather clamps it silently), so both paths refuse it here.

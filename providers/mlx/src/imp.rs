@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::NAME;
 use crate::array;
-use crate::bert::{Bert, BertConfig, Quant};
+use crate::bert::{Batch, Bert, BertConfig, Quant};
 use crate::graph::Graph;
 use crate::onnx;
 
@@ -316,17 +316,8 @@ struct MlxBert {
     info: ModelInfo,
 }
 
-/// A batch's shape and inputs as the encoder takes them.
-struct BertBatch {
-    ids: Vec<i64>,
-    types: Vec<i64>,
-    mask: Vec<i64>,
-    batch: usize,
-    sequence: usize,
-}
-
 impl MlxBert {
-    fn batch(&self, inputs: &Inputs) -> Result<BertBatch> {
+    fn batch(&self, inputs: &Inputs) -> Result<Batch> {
         let ids = inputs.require("input_ids")?;
         let [batch, sequence] = ids.shape() else {
             return Err(Error::InvalidInput("input_ids must be [batch, sequence]".into()));
@@ -335,7 +326,7 @@ impl MlxBert {
         let values = |name: &str| -> Result<Vec<i64>> { inputs.require(name)?.to_vec::<i64>() };
         // The thread running a model may not be the one that loaded it.
         array::set_device(self.gpu)?;
-        Ok(BertBatch {
+        Ok(Batch {
             ids: values("input_ids")?,
             types: values("token_type_ids")?,
             mask: values("attention_mask")?,
@@ -363,7 +354,7 @@ impl Model for MlxBert {
 
     fn run(&self, inputs: &Inputs) -> Result<Outputs> {
         let b = self.batch(inputs)?;
-        let out = self.bert.forward(&b.ids, &b.types, &b.mask, b.batch, b.sequence, self.head)?;
+        let out = self.bert.graph(&b, self.head)?.to_f32()?;
         debug_assert!(self.head.is_none() || self.info.outputs[0].name == SENTENCE_EMBEDDING);
         bert_outputs(&self.info.outputs[0].name, self.head.is_some(), out, b.batch, b.sequence)
     }
@@ -373,7 +364,7 @@ impl Model for MlxBert {
             return self.run(inputs).map(Pending::ready);
         }
         let b = self.batch(inputs)?;
-        let started = self.bert.start(&b.ids, &b.types, &b.mask, b.batch, b.sequence, self.head)?;
+        let started = self.bert.graph(&b, self.head)?.start_f32()?;
         let (pooled, name, batch, sequence) =
             (self.head.is_some(), self.info.outputs[0].name.clone(), b.batch, b.sequence);
         Ok(Pending::later(move || bert_outputs(&name, pooled, started.wait_f32()?, batch, sequence)))
