@@ -83,3 +83,45 @@ async fn mlx_answers_as_llama_cpp_does_and_batches_without_changing_tokens() {
     let stats = g.shutdown().await;
     assert!(stats.max_sequences_per_step >= 2 && stats.failed == 0, "{stats:?}");
 }
+
+/// `step_next` picks a greedy item's token on the device: the first index of the largest
+/// of the logits `step` gives for the same inputs, in a batch that mixes items wanting
+/// their logits (which come back as `step`'s) with greedy ones, and in an all-greedy
+/// decode step (nothing but ids read back).
+#[tokio::test]
+async fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
+    let g = load(mlx(&[])).await;
+    let prompts: [Vec<u32>; 3] =
+        [vec![1, 504, 3458, 282], vec![1, 2683, 314], (0..40).map(|i| 100 + i * 7).collect()];
+    let first = |v: &[f32]| {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        v.iter().position(|&l| l == max).unwrap() as u32
+    };
+    // The reference: logits of every item through `step`.
+    let mut theirs: Vec<_> = prompts.iter().map(|_| g.new_sequence().unwrap()).collect();
+    let mut items: Vec<_> =
+        prompts.iter().zip(&mut theirs).map(|(p, c)| kiln::StepItem::new(p, c.as_mut())).collect();
+    let logits = g.step(&mut items).unwrap();
+    // The same through `step_next`, the middle one wanting its logits.
+    let mut ours: Vec<_> = prompts.iter().map(|_| g.new_sequence().unwrap()).collect();
+    let mut items: Vec<_> =
+        prompts.iter().zip(&mut ours).map(|(p, c)| kiln::StepItem::new(p, c.as_mut())).collect();
+    items[0].greedy = true;
+    items[2].greedy = true;
+    let next = g.step_next(&mut items).unwrap();
+    assert_eq!(next[0], kiln::Next::Token(first(&logits[0])));
+    assert_eq!(next[1], kiln::Next::Logits(logits[1].clone()));
+    assert_eq!(next[2], kiln::Next::Token(first(&logits[2])));
+    // A decode step of all three, every item greedy, against `step` on the reference caches.
+    let feed: Vec<Vec<u32>> = logits.iter().map(|l| vec![first(l)]).collect();
+    let mut items: Vec<_> =
+        feed.iter().zip(&mut theirs).map(|(f, c)| kiln::StepItem::new(f, c.as_mut())).collect();
+    let logits = g.step(&mut items).unwrap();
+    let mut items: Vec<_> =
+        feed.iter().zip(&mut ours).map(|(f, c)| kiln::StepItem::new(f, c.as_mut())).collect();
+    items.iter_mut().for_each(|i| i.greedy = true);
+    let next = g.step_next(&mut items).unwrap();
+    let expected: Vec<_> = logits.iter().map(|l| kiln::Next::Token(first(l))).collect();
+    assert_eq!(next, expected);
+    assert!(ours.iter().zip(&prompts).all(|(c, p)| c.len() == p.len() + 1), "every cache took its tokens");
+}

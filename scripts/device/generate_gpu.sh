@@ -8,6 +8,9 @@
 #   call 2, .device/: libmlx-part-ab, blas.tar.xz, smollm2.gguf.part-aa     STAGE=1 bash scripts/device/generate_gpu.sh
 #   call 3, .device/: smollm2.gguf.part-ab, smollm2.gguf.part-ac           bash scripts/device/generate_gpu.sh
 #
+# (The GGUF file split -b 36000000 fits these calls beside the libmlx parts: three parts,
+# call 2 takes part-aa with libmlx-part-ab and blas.tar.xz, call 3 the other two.)
+#
 # made here: the libmlx parts, cccl.tar.xz and blas.tar.xz as scripts/device/mlx_gpu.sh
 # says; cutlass.tar.xz = the wheel's mlx/include/cute and mlx/include/cutlass (MLX's
 # run-time compiler includes them for its quantized matmuls); kiln-mlx.xz = release kiln with --features mlx, stripped; the GGUF file (from
@@ -92,10 +95,13 @@ for dtype in ${DTYPES:-f32 f16}; do
         --output "$out/answers_$dtype.jsonl" "${on_gpu[@]}" --set "model.dtype=\"$dtype\"" \
         --set generate.max_new_tokens=48 2>&1 | tail -n 2 | tee -a "$out/answers.txt" || true
 done
-bench() { # TAG DTYPE STREAMS
-    timeout 300 "$kiln" bench examples/generate-mlx.toml "${on_gpu[@]}" --set "model.dtype=\"$2\"" \
-        --requests "$3" --concurrency "$3" --set "batching.max_batch_size=$3" --set generate.max_new_tokens=128 \
-        --set generate.kv_cache_mb=4096 --json "$out/$1.json" 2>> "$out/bench.log" | tee -a "$out/bench.txt" || true
+bench() { # TAG DTYPE STREAMS [EXTRA..]
+    local tag="$1" dtype="$2" streams="$3"
+    shift 3
+    timeout 300 "$kiln" bench examples/generate-mlx.toml "${on_gpu[@]}" --set "model.dtype=\"$dtype\"" \
+        --requests "$streams" --concurrency "$streams" --set "batching.max_batch_size=$streams" \
+        --set generate.max_new_tokens=128 --set generate.kv_cache_mb=4096 --json "$out/$tag.json" "$@" \
+        2>> "$out/bench.log" | tee -a "$out/bench.txt" || true
 }
 # The first bench of a shape waits for MLX's run-time kernel compilation; the repeat
 # (a new process) finds the compiled kernels in MLX's cache.
@@ -103,6 +109,14 @@ bench mlx_f16_16 f16 16
 bench mlx_f16_16_again f16 16
 bench mlx_f16_64 f16 64
 bench mlx_f16_64_again f16 64
+# Greedy tokens picked on the host from every row of logits (the path before
+# `Generator::step_next`), against the device's argmax again, alternated.
+bench mlx_f16_64_host f16 64 --set provider.options.greedy_on_device=false
+bench mlx_f16_64_device f16 64
+bench mlx_f16_16_host f16 16 --set provider.options.greedy_on_device=false
+bench mlx_f16_16_device f16 16
+bench mlx_f16_1 f16 1
+bench mlx_f16_1_again f16 1
 if [ -z "${QUICK:-}" ]; then
     bench mlx_f32_16 f32 16
 fi

@@ -69,6 +69,18 @@ pub trait Generator: Send + Sync + 'static {
     /// step's sequences and drops their caches.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>>;
 
+    /// [`step`](Self::step), where an item marked [`greedy`](StepItem::greedy) may come
+    /// back as its most likely token alone ([`Next::Token`]) instead of its logits. The
+    /// runtime calls this one. A generator whose logits live on a device overrides it to
+    /// pick those tokens there: with many streams, copying every row of logits to the
+    /// host and scanning it there is a large part of a decode step (64 rows of a 49 152
+    /// token vocabulary are 12.6 MB a step). The token must be the one the runtime would
+    /// pick from the logits: the first index of the largest value. Items not marked
+    /// greedy always get [`Next::Logits`]. The default: `step`'s logits for every item.
+    fn step_next(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Next>> {
+        Ok(self.step(batch)?.into_iter().map(Next::Logits).collect())
+    }
+
     /// For a vision-language model ([`GeneratorInfo::vision`] set): the vision tower over
     /// processed images, one `[image tokens, hidden]` f32 tensor per image, in order.
     /// The default: this generator takes no images.
@@ -155,13 +167,27 @@ pub struct StepItem<'a> {
     /// For a vision-language model, on the prompt's step: its images, in the order of
     /// their placeholder runs in `tokens` (empty otherwise).
     pub images: &'a [StepImage<'a>],
+    /// Whether the runtime needs only this item's most likely token (greedy sampling
+    /// with no repetition penalty, logits not kept for the prefix cache), so
+    /// [`Generator::step_next`] may give the token alone.
+    pub greedy: bool,
 }
 
 impl<'a> StepItem<'a> {
-    /// An item of `tokens` and no images.
+    /// An item of `tokens` and no images, wanting its logits.
     pub fn new(tokens: &'a [u32], cache: &'a mut dyn SequenceCache) -> Self {
-        StepItem { tokens, cache, images: &[] }
+        StepItem { tokens, cache, images: &[], greedy: false }
     }
+}
+
+/// What [`Generator::step_next`] gives for one item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// The logits (`vocab_size` values) for the token after the item's last one.
+    Logits(Vec<f32>),
+    /// The most likely next token (the first index of the largest logit), for an item
+    /// marked [`StepItem::greedy`].
+    Token(u32),
 }
 
 /// One image of a prompt, as the vision tower encoded it.

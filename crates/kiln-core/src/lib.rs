@@ -38,8 +38,8 @@ pub use config::{
 pub use device::{Device, DeviceChoice, DeviceInfo, DeviceKind, MemoryInfo};
 pub use error::{BoxError, ConfigIssue, Error, Result, panic_message};
 pub use generate::{
-    Generator, GeneratorInfo, ImagePatches, SequenceCache, SlotIds, StepImage, StepItem, TokenizerSource,
-    VisionInfo,
+    Generator, GeneratorInfo, ImagePatches, Next, SequenceCache, SlotIds, StepImage, StepItem,
+    TokenizerSource, VisionInfo,
 };
 pub use hf::max_position_embeddings;
 pub use model::{Model, ModelInfo, Pending};

@@ -410,13 +410,14 @@ kiln_mlx_array* kiln_mlx_slice(const kiln_mlx_array* a, const int* start, const 
   });
 }
 
-// 0 sum, 1 max, 2 mean
+// 0 sum, 1 max, 2 mean, 3 argmax (uint32: the first index of the largest)
 kiln_mlx_array* kiln_mlx_reduce(int op, const kiln_mlx_array* a, int axis, int keepdims) {
   return wrap([&] {
     switch (op) {
       case 0: return mx::sum(a->a, axis, keepdims != 0, current_device);
       case 1: return mx::max(a->a, axis, keepdims != 0, current_device);
       case 2: return mx::mean(a->a, axis, keepdims != 0, current_device);
+      case 3: return mx::argmax(a->a, axis, keepdims != 0, current_device);
     }
     throw std::invalid_argument("kiln_mlx_reduce: unknown op " + std::to_string(op));
   });

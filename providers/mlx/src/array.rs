@@ -136,6 +136,7 @@ enum Reduce {
     Sum = 0,
     Max = 1,
     Mean = 2,
+    Argmax = 3,
 }
 
 impl Array {
@@ -208,6 +209,18 @@ impl Array {
         // SAFETY: `out` holds `n` f32s, which the shim checks against the array.
         check(
             unsafe { ffi::kiln_mlx_to_host(self.raw(), ffi::F32, out.as_mut_ptr().cast(), n * 4) },
+            "evaluating",
+        )?;
+        Ok(out)
+    }
+
+    /// Evaluates and copies out as u32, row-major.
+    pub fn to_u32(&self) -> Result<Vec<u32>> {
+        let n: usize = self.shape().iter().product();
+        let mut out = vec![0u32; n];
+        // SAFETY: `out` holds `n` u32s, which the shim checks against the array.
+        check(
+            unsafe { ffi::kiln_mlx_to_host(self.raw(), ffi::U32, out.as_mut_ptr().cast(), n * 4) },
             "evaluating",
         )?;
         Ok(out)
@@ -405,6 +418,11 @@ impl Array {
     /// Mean along `axis`.
     pub fn mean(&self, axis: i32, keepdims: bool) -> Result<Array> {
         self.reduce(Reduce::Mean, axis, keepdims)
+    }
+
+    /// The index of the largest value along `axis` (u32; the first of equal ones).
+    pub fn argmax(&self, axis: i32) -> Result<Array> {
+        self.reduce(Reduce::Argmax, axis, false)
     }
 
     /// `x` where `self` is true, else `y`.

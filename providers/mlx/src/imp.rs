@@ -38,9 +38,14 @@ pub struct MlxOptions {
     /// `false`: each batch is waited for on the model thread.
     pub overlap_batches: bool,
     /// On a CUDA GPU, BERT's embedding sum (word rows gathered, position and type rows
-    /// added) in one kiln kernel instead of MLX's gather and two adds. Off by default
-    /// until it has run on a GPU (`scripts/device/mlx_gpu.sh` measures it).
+    /// added) in one kiln kernel instead of MLX's gather and two adds. Off by default:
+    /// on an H100 the bench gave the same throughput either way
+    /// (`scripts/device/mlx_gpu.sh`).
     pub embedding_kernel: bool,
+    /// Generation: a greedy sequence's next token is picked on the device (the argmax
+    /// evaluated with the step), so only its id comes back to the host instead of its
+    /// row of logits; `false`: every row of logits is copied out and sampled on the host.
+    pub greedy_on_device: bool,
 }
 
 impl Default for MlxOptions {
@@ -51,6 +56,7 @@ impl Default for MlxOptions {
             gguf_matrices: "auto".into(),
             overlap_batches: true,
             embedding_kernel: false,
+            greedy_on_device: true,
         }
     }
 }
@@ -251,7 +257,8 @@ impl Provider for MlxProvider {
             "quantized" => false,
             _ => gpu.is_none(),
         };
-        let llama = crate::llama::Llama::load(&spec.path, gpu, spec.device, spec.dtype, dense)?;
+        let mut llama = crate::llama::Llama::load(&spec.path, gpu, spec.device, spec.dtype, dense)?;
+        llama.greedy_on_device = self.options.greedy_on_device;
         if self.options.clear_cache_after_load {
             array::clear_cache();
         }

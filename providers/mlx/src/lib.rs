@@ -32,7 +32,8 @@
 //! | `clear_cache_after_load` | `true` | return MLX's cached buffers (the load's temporaries) to the system after each load |
 //! | `gguf_matrices` | `"auto"` | generation from GGUF: `"quantized"` (MLX quantized matmul over the file's blocks), `"dense"` (dequantized at load), `"auto"`: quantized on a GPU, dense on the CPU |
 //! | `overlap_batches` | `true` | a BERT batch is queued on the device (MLX's `async_eval`) and waited for on kiln's responder thread, so the model thread builds and queues the next batch meanwhile; `false`: each batch is waited for on the model thread |
-//! | `embedding_kernel` | `false` | on MLX's CUDA GPU, BERT's embedding sum (word rows gathered, position and type rows added) in one kiln kernel (`mlx::fast::cuda_kernel`) instead of MLX's gather and two adds; single texts only (pairs take MLX's ops). Off until it has run on a GPU |
+//! | `embedding_kernel` | `false` | on MLX's CUDA GPU, BERT's embedding sum (word rows gathered, position and type rows added) in one kiln kernel (`mlx::fast::cuda_kernel`) instead of MLX's gather and two adds; single texts only (pairs take MLX's ops). Off: on an H100 it gave the same throughput as MLX's ops (61 523 against 61 387 texts/s, cosines 1.000000), so the default keeps MLX's own |
+//! | `greedy_on_device` | `true` | generation: a greedy sequence's next token is picked on the device (an argmax evaluated with the step), so its id alone comes back to the host instead of its row of logits; `false`: every row copied out and sampled on the host |
 //!
 //! ## Features
 //!

@@ -16,13 +16,14 @@
 //! own, the sequences that add one token attend together — one scatter of their new keys, one
 //! batched SDPA with a length mask per row — so the host builds the same few ops per
 //! layer whatever the batch. MLX's fused kernels do RMS norm, rotary embeddings and
-//! attention. The logits and the updated buffers are evaluated together.
+//! attention. The logits and the updated buffers are evaluated together; a greedy
+//! sequence's token is picked there too (`step_next`), so only its id comes to the host.
 
 use std::path::Path;
 
 use half::f16;
 use kiln_core::gguf::{GgmlType, Gguf, LlamaShape};
-use kiln_core::{DType, Device, Error, Generator, GeneratorInfo, Result, SequenceCache, StepItem};
+use kiln_core::{DType, Device, Error, Generator, GeneratorInfo, Next, Result, SequenceCache, StepItem};
 
 use crate::array::{self, Array, Unary};
 
@@ -79,6 +80,9 @@ pub struct Llama {
     dtype: DType,
     device: Option<usize>,
     pool: SharedPool,
+    /// Whether `step_next` picks greedy items' tokens on the device
+    /// (`provider.options.greedy_on_device`; on after `load`).
+    pub greedy_on_device: bool,
     /// What the runtime needs to know.
     pub info: GeneratorInfo,
 }
@@ -273,6 +277,7 @@ impl Llama {
             dtype,
             device,
             pool: SharedPool::default(),
+            greedy_on_device: true,
             info,
         })
     }
@@ -298,7 +303,29 @@ impl Generator for Llama {
 
     /// One ragged step: see the module docs.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        let next = self.stepped(batch, false)?;
+        Ok(next
+            .into_iter()
+            .map(|n| match n {
+                Next::Logits(logits) => logits,
+                Next::Token(_) => unreachable!("no item picks its token unless asked to"),
+            })
+            .collect())
+    }
+
+    /// The step, with the greedy items' tokens picked on the device: only their ids
+    /// come back to the host, not their rows of logits.
+    fn step_next(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Next>> {
+        self.stepped(batch, self.greedy_on_device)
+    }
+}
+
+impl Llama {
+    /// A step; where `pick` is set, the items marked greedy get their token alone (the
+    /// argmax of their logits, evaluated with the rest of the step).
+    fn stepped(&self, batch: &mut [StepItem<'_>], pick: bool) -> Result<Vec<Next>> {
         array::set_device(self.device)?;
+        let greedy: Vec<bool> = batch.iter().map(|item| pick && item.greedy).collect();
         let mut caches: Vec<&mut MlxCache> = Vec::with_capacity(batch.len());
         let mut ids: Vec<i32> = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
@@ -328,28 +355,42 @@ impl Generator for Llama {
         };
         let slots = spans.iter().map(|s| s.slot + 1).max().unwrap_or(0);
         let tokens = spans.iter().map(|s| s.pos + s.tokens).max().unwrap_or(0);
-        let run = |pool: &mut kv::Pool| -> Result<Array> {
+        // The rows whose logits go to the host.
+        let wanted: Vec<i32> = (0..greedy.len()).filter(|&i| !greedy[i]).map(|i| i as i32).collect();
+        let run = |pool: &mut kv::Pool| -> Result<(Option<Array>, Option<Array>)> {
             pool.reserve(slots, tokens, &geometry)?;
             let logits = self.forward(&ids, &spans, &mut pool.layers)?;
-            let mut pending: Vec<&Array> = vec![&logits];
+            let tokens = greedy.iter().any(|&g| g).then(|| logits.argmax(-1)).transpose()?;
+            let rows = match wanted.len() {
+                0 => None,
+                n if n == greedy.len() => Some(logits),
+                _ => Some(logits.take(&Array::from_i32(&wanted)?, 0)?),
+            };
+            let mut pending: Vec<&Array> = tokens.iter().chain(&rows).collect();
             pending.extend(pool.layers.iter().flat_map(|(k, v)| [k, v]));
             array::eval(&pending)?;
-            Ok(logits)
+            Ok((tokens, rows))
         };
-        let logits = run(&mut pool).inspect_err(|_| pool.discard())?;
+        let (picked, rows) = run(&mut pool).inspect_err(|_| pool.discard())?;
         let epoch = pool.epoch;
         drop(pool);
-        let values = logits.to_f32()?;
+        let picked = picked.map(|t| t.to_u32()).transpose()?.unwrap_or_default();
+        let values = rows.map(|r| r.to_f32()).transpose()?.unwrap_or_default();
         for (cache, span) in caches.iter_mut().zip(&spans) {
             cache.len += span.tokens;
             cache.epoch = epoch;
         }
-        let vocab = values.len() / spans.len().max(1);
-        Ok(values.chunks(vocab).map(<[f32]>::to_vec).collect())
+        let mut logits = values.chunks((values.len() / wanted.len().max(1)).max(1));
+        Ok(greedy
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| match g {
+                true => Next::Token(picked[i]),
+                false => Next::Logits(logits.next().expect("a row per item asking for logits").to_vec()),
+            })
+            .collect())
     }
-}
 
-impl Llama {
     /// The lazy graph of a step; `kv` (per layer, the shared key and value buffers)
     /// gets the new keys and values. Prompts (several tokens) attend one by one;
     /// single tokens all at once, over their slots, with a length mask per row.

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kiln_core::{
-    Error, GenerateConfig, Generator, ImagePatches, Profiler, SequenceCache, StepImage, StepItem, Tensor,
+    Error, GenerateConfig, Generator, ImagePatches, Next, Profiler, SequenceCache, StepImage, StepItem,
+    Tensor,
 };
 use kiln_text::gguf::IncrementalDecoder;
 use tokenizers::Tokenizer;
@@ -419,7 +420,7 @@ impl Engine {
     /// sequence — `None` for one that took no part or is still reading its prompt — and
     /// when they came; on a failure every sequence in the step fails and `None` is
     /// returned.
-    fn step(&mut self) -> Option<(Vec<Option<Vec<f32>>>, Instant)> {
+    fn step(&mut self) -> Option<(Vec<Option<Next>>, Instant)> {
         // A vision-language prompt goes whole: its image tokens must meet their images
         // in one step.
         let chunked = self.limits.prefill_chunk > 0 && self.generator.info().vision.is_none();
@@ -465,9 +466,25 @@ impl Engine {
                 .zip(&step_images)
                 .zip(&fed)
                 .filter(|(_, n)| **n > 0)
-                .map(|((r, images), &n)| StepItem { tokens: &r.feed[..n], cache: r.cache.as_mut(), images })
+                .map(|((r, images), &n)| StepItem {
+                    tokens: &r.feed[..n],
+                    // A prompt whose logits the prefix cache keeps needs them whole.
+                    greedy: r.sampler.is_greedy() && r.signature.is_none(),
+                    cache: r.cache.as_mut(),
+                    images,
+                })
                 .collect();
-            self.generator.step(&mut items)
+            let greedy: Vec<bool> = items.iter().map(|i| i.greedy).collect();
+            self.generator.step_next(&mut items).and_then(|next| {
+                // A token alone where logits were needed would be sampled wrongly.
+                match next.iter().zip(&greedy).position(|(n, &g)| matches!(n, Next::Token(_)) && !g) {
+                    Some(i) => Err(Error::backend(
+                        "kiln",
+                        format!("the generator gave a token alone for step item {i}, which asked for logits"),
+                    )),
+                    None => Ok(next),
+                }
+            })
         };
         let logits = match result {
             Ok(l) if l.len() == stepped => l,
@@ -487,7 +504,7 @@ impl Engine {
         // samples nothing yet.
         let mut rows = logits.into_iter();
         let mut sampled = 0u64;
-        let aligned: Vec<Option<Vec<f32>>> = self
+        let aligned: Vec<Option<Next>> = self
             .running
             .iter_mut()
             .zip(&fed)
@@ -496,7 +513,7 @@ impl Engine {
                     // A prompt found whole in the prefix cache: its kept logits.
                     let kept = r.kept_logits.take();
                     sampled += kept.is_some() as u64;
-                    return kept;
+                    return kept.map(Next::Logits);
                 }
                 let row = rows.next();
                 if n < r.feed.len() {
@@ -510,7 +527,7 @@ impl Engine {
         // Prompts whose prefill just ended are kept for later prompts that start the same.
         if let Some(prefixes) = self.prefix.as_mut() {
             for (r, row) in self.running.iter_mut().zip(&aligned) {
-                if let Some(logits) = row
+                if let Some(Next::Logits(logits)) = row
                     && r.generated.is_empty()
                     && let Some(signature) = r.signature.take()
                 {
@@ -532,15 +549,18 @@ impl Engine {
         Some((aligned, now))
     }
 
-    /// Samples each sequence's next token from its logits and sends the text it
-    /// completes — all of it but what may still become a stop string. Returns the
-    /// sequences that ended, by index, and why.
-    fn emit(&mut self, logits: Vec<Option<Vec<f32>>>, now: Instant) -> Vec<(usize, FinishReason)> {
+    /// Samples each sequence's next token from its logits (or takes the one the
+    /// generator picked) and sends the text it completes — all of it but what may still
+    /// become a stop string. Returns the sequences that ended, by index, and why.
+    fn emit(&mut self, next: Vec<Option<Next>>, now: Instant) -> Vec<(usize, FinishReason)> {
         let mut finished = Vec::new();
-        for (i, (r, logits)) in self.running.iter_mut().zip(logits).enumerate() {
-            // Still reading its prompt (or not in this step): nothing to sample yet.
-            let Some(mut logits) = logits else { continue };
-            let token = r.sampler.next(&mut logits, &r.history);
+        for (i, (r, next)) in self.running.iter_mut().zip(next).enumerate() {
+            let token = match next {
+                // Still reading its prompt (or not in this step): nothing to sample yet.
+                None => continue,
+                Some(Next::Logits(mut logits)) => r.sampler.next(&mut logits, &r.history),
+                Some(Next::Token(token)) => token,
+            };
             match r.first_token {
                 None => {
                     r.first_token = Some(now);
@@ -931,6 +951,118 @@ mod tests {
         // The short one decodes a token a step; the long one feeds 4, 4, 2.
         assert_eq!(steps[1..], [vec![1, 4], vec![4], vec![2]]);
         assert_eq!(sampled, vec![1, 0, 1], "the long prompt samples only when it is all in");
+    }
+
+    /// Counts: the token after `t` is `(t + 1) % vocab`, as logits or, for an item marked
+    /// greedy, as the token alone (a device-side argmax's contract). Records each step's
+    /// greedy marks. `liar` also answers items that asked for logits with a token.
+    struct Picker {
+        info: GeneratorInfo,
+        marks: Mutex<Vec<Vec<bool>>>,
+        liar: bool,
+    }
+    impl Generator for Picker {
+        fn info(&self) -> &GeneratorInfo {
+            &self.info
+        }
+        fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
+            Ok(Box::new(Held(0)))
+        }
+        fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+            let next = self.step_next(batch)?;
+            let vocab = self.info.vocab_size;
+            Ok(next
+                .into_iter()
+                .map(|n| match n {
+                    Next::Logits(l) => l,
+                    Next::Token(t) => (0..vocab).map(|i| if i == t as usize { 100.0 } else { 0.0 }).collect(),
+                })
+                .collect())
+        }
+        fn step_next(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Next>> {
+            self.marks.lock().unwrap().push(batch.iter().map(|i| i.greedy).collect());
+            let vocab = self.info.vocab_size;
+            Ok(batch
+                .iter_mut()
+                .map(|item| {
+                    item.cache.as_any_mut().downcast_mut::<Held>().unwrap().0 += item.tokens.len();
+                    let after = (*item.tokens.last().unwrap() + 1) % vocab as u32;
+                    if item.greedy || self.liar {
+                        Next::Token(after)
+                    } else {
+                        let mut logits = vec![0.0; vocab];
+                        logits[after as usize] = 100.0;
+                        Next::Logits(logits)
+                    }
+                })
+                .collect())
+        }
+    }
+
+    /// Greedy sequences get their tokens from the generator through `step_next`, sampled
+    /// ones (temperature) and prompts the prefix cache keeps get logits, and the answers
+    /// are the same tokens either way; a generator that answers a logits item with a
+    /// token alone fails the step with an error that says so.
+    #[test]
+    fn greedy_items_take_the_generators_token_and_the_others_their_logits() {
+        let run = |liar: bool, temperature: f32, prefix: bool| {
+            let info = GeneratorInfo::new("picker", "test", Device::Cpu, 50, 64, TokenizerSource::None);
+            let generator = Arc::new(Picker { info, marks: Mutex::new(Vec::new()), liar });
+            let tokenizer = Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default());
+            let limits = Limits { max_sequences: 1, kv_budget: 0, pressure: None, prefill_chunk: 0 };
+            let counters = Arc::new(Counters::default());
+            let mut e = Engine::new(
+                generator.clone(),
+                Arc::new(tokenizer),
+                limits,
+                counters,
+                Arc::new(kiln_core::NoopProfiler),
+                0,
+                0,
+            );
+            if prefix {
+                e.prefix = Some(PrefixCache::new(1 << 20));
+            }
+            let (mut j, stream) = job(0, 1);
+            j.tokens = (1..=20).collect();
+            j.settings.max_new_tokens = 4;
+            j.settings.temperature = temperature;
+            e.waiting.push_back(j);
+            e.admit();
+            let mut failed = None;
+            while !e.running.is_empty() {
+                let Some((next, now)) = e.step() else {
+                    failed = stream.try_iter().find_map(|ev| match ev {
+                        Event::Failed(err) => Some(err.to_string()),
+                        _ => None,
+                    });
+                    break;
+                };
+                let finished = e.emit(next, now);
+                for (_, ev) in e.finish(finished, now) {
+                    if let Event::Done(g) = ev {
+                        return (g.tokens, generator.marks.lock().unwrap().clone(), None);
+                    }
+                }
+            }
+            (Vec::new(), generator.marks.lock().unwrap().clone(), failed)
+        };
+        let counted = vec![21, 22, 23, 24];
+        let (tokens, marks, _) = run(false, 0.0, false);
+        assert_eq!(tokens, counted);
+        assert_eq!(marks, vec![vec![true]; 4], "every step of a greedy sequence may pick on the device");
+        // With a prefix cache the prompt's logits are kept: its step asks for them.
+        let (tokens, marks, _) = run(false, 0.0, true);
+        assert_eq!(tokens, counted);
+        assert_eq!(marks, [vec![false], vec![true], vec![true], vec![true]]);
+        // Sampling needs the logits (peaked enough that 0.7 picks the same tokens).
+        let (tokens, marks, _) = run(false, 0.7, false);
+        assert_eq!(tokens, counted);
+        assert_eq!(marks, vec![vec![false]; 4]);
+        let (tokens, _, failed) = run(true, 0.7, false);
+        assert!(tokens.is_empty());
+        let failed = failed.expect("the step fails");
+        assert!(failed.contains("token alone") && failed.contains("asked for logits"), "{failed}");
     }
 
     #[test]

@@ -48,6 +48,13 @@ impl Sampler {
         }
     }
 
+    /// Whether [`next`](Self::next) is the first index of the largest logit whatever
+    /// the history: no temperature and no repetition penalty. The generator may then
+    /// pick the token itself ([`kiln_core::Next::Token`]).
+    pub(crate) fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 && self.repetition_penalty == 1.0
+    }
+
     /// The next token after `history` (prompt and generated tokens).
     pub(crate) fn next(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         if self.repetition_penalty != 1.0 {
