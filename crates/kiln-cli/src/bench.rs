@@ -135,6 +135,9 @@ pub struct BenchReport {
     /// answer for the same text (its first dimensions, within 1e-4); a mix-up of
     /// requests shows here. Counted among the errors too (kind `mismatch`).
     pub mismatches: u64,
+    /// The largest difference of those (0 when none): f16 rounding across batches of
+    /// other shapes stays near 1e-4, another text's vector is far off.
+    pub largest_mismatch: f32,
     /// This process's resident memory after the warm-up, before the load, bytes.
     pub rss_before_bytes: u64,
     /// … and after the load, before shutdown: a leak shows as the difference.
@@ -150,6 +153,8 @@ const CHECKED_DIMS: usize = 8;
 struct AnswerCheck {
     first: Vec<std::sync::OnceLock<[f32; CHECKED_DIMS]>>,
     mismatches: AtomicU64,
+    /// The largest difference seen, as f32 bits (non-negative floats order as their bits).
+    largest: std::sync::atomic::AtomicU32,
 }
 
 impl AnswerCheck {
@@ -157,6 +162,7 @@ impl AnswerCheck {
         AnswerCheck {
             first: (0..texts).map(|_| std::sync::OnceLock::new()).collect(),
             mismatches: AtomicU64::new(0),
+            largest: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
@@ -167,9 +173,11 @@ impl AnswerCheck {
             *h = *v;
         }
         let first = self.first[index].get_or_init(|| head);
-        let same = first.iter().zip(&head).all(|(a, b)| (a - b).abs() <= 1e-4);
+        let worst = first.iter().zip(&head).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let same = worst <= 1e-4;
         if !same {
             self.mismatches.fetch_add(1, Ordering::Relaxed);
+            self.largest.fetch_max(worst.to_bits(), Ordering::Relaxed);
         }
         same
     }
@@ -407,6 +415,7 @@ pub async fn run_once(
             })
             .collect(),
         mismatches: check.mismatches.load(Ordering::Relaxed),
+        largest_mismatch: f32::from_bits(check.largest.load(Ordering::Relaxed)),
         rss_before_bytes,
         rss_after_bytes,
     })
@@ -449,8 +458,12 @@ pub fn print(label: &str, r: &BenchReport) {
         println!("{:width$}  replicas: {}", "", shares.join("; "), width = label.len());
     }
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let largest = match r.mismatches {
+        0 => String::new(),
+        _ => format!(" (largest difference {:.2e})", r.largest_mismatch),
+    };
     println!(
-        "{:width$}  answers checked: {} not their text's; RSS {:.1} MiB before the load, {:.1} MiB after",
+        "{:width$}  answers checked: {} not their text's{largest}; RSS {:.1} MiB before the load, {:.1} MiB after",
         "",
         r.mismatches,
         mib(r.rss_before_bytes),
@@ -473,6 +486,7 @@ mod tests {
         assert!(check.agrees(0, &a.map(|v| v + 1e-6)), "rounding is not a mix-up");
         assert!(!check.agrees(0, &b), "text 1's answer given for text 0");
         assert_eq!(check.mismatches.load(Ordering::Relaxed), 1);
+        assert!((f32::from_bits(check.largest.load(Ordering::Relaxed)) - 0.8).abs() < 1e-6);
     }
 
     #[test]
