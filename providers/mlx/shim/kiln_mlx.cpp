@@ -170,8 +170,14 @@ int kiln_mlx_dtype(const kiln_mlx_array* a) { return code_of(a->a.dtype()); }
 int kiln_mlx_to_host(const kiln_mlx_array* a, int dtype, void* out, size_t bytes) {
   return status([&] {
     auto t = dtype_of(dtype);
-    auto c = mx::contiguous(mx::astype(a->a, t, current_device), false, current_device);
-    mx::eval(c);
+    // An array already evaluated at `dtype` and row-contiguous (a step's logits or
+    // tokens, evaluated with its caches) is copied as it is: the cast and copy ops would
+    // cost another evaluation, a round trip to the device, for nothing.
+    mx::array c = a->a;
+    if (!c.is_available() || c.dtype() != t || !c.flags().row_contiguous) {
+      c = mx::contiguous(mx::astype(c, t, current_device), false, current_device);
+      mx::eval(c);
+    }
     if (c.nbytes() != bytes) {
       throw std::invalid_argument("kiln_mlx_to_host: the array has " + std::to_string(c.nbytes()) +
                                   " bytes, the buffer " + std::to_string(bytes));
