@@ -95,6 +95,12 @@ for dtype in ${DTYPES:-f32 f16}; do
         --output "$out/answers_$dtype.jsonl" "${on_gpu[@]}" --set "model.dtype=\"$dtype\"" \
         --set generate.max_new_tokens=48 2>&1 | tail -n 2 | tee -a "$out/answers.txt" || true
 done
+# The baseline first, so a call cut short still has it: transformers' batched
+# `generate` on the same file and GPU at batch 1, 16 and 64.
+python3 -m pip install --no-deps --target "$work/py" "$stash"/gguf-*.whl -q 2>> "$out/hf.log" || true
+PYTHONPATH="$work/py" timeout 300 python3 scripts/device/hf_generate.py "$gguf" cuda:0 float16 128 1 16 64 \
+    > "$out/hf_f16.json" 2>> "$out/hf.log" || true
+grep -E "transformers|Error|error" "$out/hf.log" | tail -n 8
 bench() { # TAG DTYPE STREAMS [EXTRA..]
     local tag="$1" dtype="$2" streams="$3"
     shift 3
@@ -135,8 +141,4 @@ PY
 [ -n "${QUICK:-}" ] || timeout 300 "$kiln" bench examples/generate.toml --set "model.path=\"$gguf\"" --requests 16 --concurrency 16 \
     --set generate.max_new_tokens=128 --json "$out/candle_cpu_16.json" 2>> "$out/bench.log" \
     | tee -a "$out/bench.txt" || true
-python3 -m pip install --no-deps --target "$work/py" "$stash"/gguf-*.whl -q 2>> "$out/hf.log" || true
-PYTHONPATH="$work/py" timeout 600 python3 scripts/device/hf_generate.py "$gguf" cuda:0 float16 128 1 16 64 \
-    > "$out/hf_f16.json" 2>> "$out/hf.log" || true
-grep -E "transformers|Error|error" "$out/hf.log" | tail -n 8
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$out/gpu.txt"
