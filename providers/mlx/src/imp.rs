@@ -238,7 +238,8 @@ impl Provider for MlxProvider {
                 )));
             }
             let bytes = weight_bytes(&weight_files(&spec.path)?, spec.dtype, None)?;
-            let model = crate::qwen2vl::QwenVl::load(&spec.path, gpu, spec.device, spec.dtype, bytes)?;
+            let mut model = crate::qwen2vl::QwenVl::load(&spec.path, gpu, spec.device, spec.dtype, bytes)?;
+            model.greedy_on_device = self.options.greedy_on_device;
             if self.options.clear_cache_after_load {
                 array::clear_cache();
             }

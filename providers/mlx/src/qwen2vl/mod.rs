@@ -26,8 +26,8 @@ use std::path::Path;
 
 use kiln_core::qwen2vl::{self, QwenVlConfig};
 use kiln_core::{
-    DType, Device, Error, Generator, GeneratorInfo, ImagePatches, Result, SequenceCache, StepItem, Tensor,
-    TokenizerSource, VisionInfo,
+    DType, Device, Error, Generator, GeneratorInfo, ImagePatches, Next, Result, SequenceCache, StepItem,
+    Tensor, TokenizerSource, VisionInfo,
 };
 
 use crate::array::{self, Array, Unary};
@@ -66,6 +66,9 @@ pub struct QwenVl {
     /// Prompts are padded to a multiple of this many tokens: [`PROMPT_BUCKET`] on a GPU,
     /// 1 on the CPU.
     prompt_bucket: usize,
+    /// Whether `step_next` picks greedy items' tokens on the device
+    /// (`provider.options.greedy_on_device`; on after `load`).
+    pub greedy_on_device: bool,
 }
 
 impl QwenVl {
@@ -126,7 +129,7 @@ impl QwenVl {
             weight_bytes: 0,
         });
         let prompt_bucket = if device.is_some() { PROMPT_BUCKET } else { 1 };
-        Ok(QwenVl { config, vision, text, device, dtype, info, prompt_bucket })
+        Ok(QwenVl { config, vision, text, device, dtype, info, prompt_bucket, greedy_on_device: true })
     }
 
     /// The checkpoint's config.
@@ -268,66 +271,21 @@ impl Generator for QwenVl {
     /// Prompts (and the rare several tokens after one) each on their own, the sequences
     /// adding one token together; one evaluation for the whole step.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        array::set_device(self.device)?;
-        for item in batch.iter() {
-            self.info.check_step(item.tokens, item.cache.len())?;
-        }
-        let mut lazy: Vec<Option<Array>> = (0..batch.len()).map(|_| None).collect();
-        let mut decoding = Vec::new();
-        for (n, item) in batch.iter_mut().enumerate() {
-            let cache = &mut item
-                .cache
-                .as_any_mut()
-                .downcast_mut::<Sequence>()
-                .ok_or_else(|| Error::InvalidInput("a sequence cache from another generator".into()))?
-                .0;
-            if cache.len() == 0 {
-                let grids: Vec<[usize; 3]> = item.images.iter().map(|i| i.grid_thw).collect();
-                let rows = match item.images {
-                    [] => None,
-                    images => Some(image_rows(images.iter().map(|i| i.embedding))?),
-                };
-                lazy[n] = Some(self.prefill_lazy(item.tokens, rows.as_ref(), &grids, cache, 1)?);
-            } else if item.tokens.len() == 1 {
-                decoding.push(n);
-            } else {
-                lazy[n] = Some(self.extend_lazy(item.tokens, cache)?);
-            }
-        }
-        let mut decoded = None;
-        if !decoding.is_empty() {
-            let tokens: Vec<u32> = decoding.iter().map(|&n| batch[n].tokens[0]).collect();
-            let mut caches: Vec<&mut KvCache> = batch
-                .iter_mut()
-                .enumerate()
-                .filter(|(n, _)| decoding.contains(n))
-                .map(|(_, item)| {
-                    &mut item.cache.as_any_mut().downcast_mut::<Sequence>().expect("checked above").0
-                })
-                .collect();
-            decoded = Some(self.text.decode_batch(&tokens, &mut caches)?);
-        }
-        // One evaluation: every logits row and every buffer written.
-        let mut pending: Vec<&Array> = lazy.iter().flatten().collect();
-        pending.extend(decoded.iter());
-        let caches: Vec<&KvCache> = batch
-            .iter_mut()
-            .map(|item| &item.cache.as_any_mut().downcast_mut::<Sequence>().expect("checked above").0)
-            .collect();
-        for cache in &caches {
-            pending.extend(cache.arrays());
-        }
-        array::eval(&pending)?;
-        let mut out: Vec<Option<Vec<f32>>> =
-            lazy.iter().map(|l| l.as_ref().map(Array::to_f32).transpose()).collect::<Result<_>>()?;
-        if let Some(decoded) = decoded {
-            let values = decoded.to_f32()?;
-            let vocab = values.len() / decoding.len();
-            for (&n, row) in decoding.iter().zip(values.chunks(vocab)) {
-                out[n] = Some(row.to_vec());
-            }
-        }
-        Ok(out.into_iter().map(|l| l.expect("every item stepped")).collect())
+        self.stepped(batch, false)?
+            .into_iter()
+            .map(|next| match next {
+                Next::Logits(logits) => Ok(logits),
+                Next::Token(_) => {
+                    Err(Error::backend(crate::NAME, "a token alone where logits were asked for"))
+                }
+            })
+            .collect()
+    }
+
+    /// The step, the greedy items' tokens picked on the device (151 936 logits a row
+    /// stay there).
+    fn step_next(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Next>> {
+        self.stepped(batch, self.greedy_on_device)
     }
 
     /// Handles on the same buffers, cut at `tokens` (copied on the next write).
@@ -356,6 +314,103 @@ impl Generator for QwenVl {
                 Tensor::from_vec(vec![n, hidden], part)
             })
             .collect()
+    }
+}
+
+impl QwenVl {
+    /// A step; where `pick` is set, the items marked greedy get their token alone (the
+    /// argmax of their logits, evaluated with the rest of the step).
+    fn stepped(&self, batch: &mut [StepItem<'_>], pick: bool) -> Result<Vec<Next>> {
+        array::set_device(self.device)?;
+        let greedy: Vec<bool> = batch.iter().map(|item| pick && item.greedy).collect();
+        for item in batch.iter() {
+            self.info.check_step(item.tokens, item.cache.len())?;
+        }
+        let mut lazy: Vec<Option<Array>> = (0..batch.len()).map(|_| None).collect();
+        let mut decoding = Vec::new();
+        for (n, item) in batch.iter_mut().enumerate() {
+            let cache = &mut item
+                .cache
+                .as_any_mut()
+                .downcast_mut::<Sequence>()
+                .ok_or_else(|| Error::InvalidInput("a sequence cache from another generator".into()))?
+                .0;
+            if cache.len() == 0 {
+                let grids: Vec<[usize; 3]> = item.images.iter().map(|i| i.grid_thw).collect();
+                let rows = match item.images {
+                    [] => None,
+                    images => Some(image_rows(images.iter().map(|i| i.embedding))?),
+                };
+                lazy[n] = Some(self.prefill_lazy(item.tokens, rows.as_ref(), &grids, cache, 1)?);
+            } else if item.tokens.len() == 1 {
+                decoding.push(n);
+            } else {
+                lazy[n] = Some(self.extend_lazy(item.tokens, cache)?);
+            }
+            if greedy[n]
+                && let Some(logits) = &lazy[n]
+            {
+                lazy[n] = Some(logits.argmax(-1)?);
+            }
+        }
+        let mut decoded = None;
+        if !decoding.is_empty() {
+            let tokens: Vec<u32> = decoding.iter().map(|&n| batch[n].tokens[0]).collect();
+            let mut caches: Vec<&mut KvCache> = batch
+                .iter_mut()
+                .enumerate()
+                .filter(|(n, _)| decoding.contains(n))
+                .map(|(_, item)| {
+                    &mut item.cache.as_any_mut().downcast_mut::<Sequence>().expect("checked above").0
+                })
+                .collect();
+            decoded = Some(self.text.decode_batch(&tokens, &mut caches)?);
+        }
+        // The decoding rows' tokens where any is greedy; their logits where any is not.
+        let picked = match decoding.iter().any(|&n| greedy[n]) {
+            true => decoded.as_ref().map(|d| d.argmax(-1)).transpose()?,
+            false => None,
+        };
+        if decoding.iter().all(|&n| greedy[n]) {
+            decoded = None;
+        }
+        // One evaluation: every logits row and every buffer written.
+        let mut pending: Vec<&Array> = lazy.iter().flatten().collect();
+        pending.extend(decoded.iter().chain(&picked));
+        let caches: Vec<&KvCache> = batch
+            .iter_mut()
+            .map(|item| &item.cache.as_any_mut().downcast_mut::<Sequence>().expect("checked above").0)
+            .collect();
+        for cache in &caches {
+            pending.extend(cache.arrays());
+        }
+        array::eval(&pending)?;
+        let mut out: Vec<Option<Next>> = lazy
+            .iter()
+            .zip(&greedy)
+            .map(|(l, &g)| match (l, g) {
+                (None, _) => Ok(None),
+                (Some(t), true) => Ok(Some(Next::Token(t.to_u32()?[0]))),
+                (Some(l), false) => Ok(Some(Next::Logits(l.to_f32()?))),
+            })
+            .collect::<Result<_>>()?;
+        if let Some(tokens) = picked {
+            for (&n, t) in decoding.iter().zip(tokens.to_u32()?) {
+                if greedy[n] {
+                    out[n] = Some(Next::Token(t));
+                }
+            }
+        }
+        if let Some(decoded) = decoded {
+            let values = decoded.to_f32()?;
+            let vocab = values.len() / decoding.len();
+            for (&n, row) in decoding.iter().zip(values.chunks(vocab)) {
+                if !greedy[n] {
+                    out[n] = Some(Next::Logits(row.to_vec()));
+                }
+            }
+        }
+        Ok(out.into_iter().map(|l| l.expect("every item stepped")).collect())
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_core::{DType, Device, Generator, ImagePatches, StepImage, StepItem};
+use kiln_core::{DType, Device, Generator, ImagePatches, Next, StepImage, StepItem};
 use kiln_vision::read_npy;
 
 use super::QwenVl;
@@ -153,6 +153,58 @@ fn sequences_stepped_together_match_each_alone() {
         }
     }
     assert!(a.bytes() >= (a.len() as u64) * model.info().kv_bytes_per_token);
+}
+
+/// `step_next` picks greedy items' tokens on the device: the first index of the largest
+/// of what `step` gives for the same inputs — for a prompt with images, and for decoding
+/// rows stepped beside one that wants its logits (which come back as `step`'s), then all
+/// greedy.
+#[test]
+fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
+    let dir = fixture();
+    let (_, ids, grids, pixels) = prompt(&dir);
+    let model = load(&dir.join("mlx-q4"));
+    let split = grids[0].iter().product::<usize>() * 1176;
+    let patches = vec![
+        ImagePatches { values: pixels[..split].to_vec(), grid_thw: grids[0] },
+        ImagePatches { values: pixels[split..].to_vec(), grid_thw: grids[1] },
+    ];
+    let encoded = Generator::encode_images(&model, &patches).unwrap();
+    let images: Vec<StepImage<'_>> =
+        encoded.iter().zip(&grids).map(|(e, g)| StepImage { embedding: e, grid_thw: *g }).collect();
+    let text: Vec<u32> = ids[..12].to_vec();
+    let first = |v: &[f32]| {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        v.iter().position(|&l| l == max).unwrap() as u32
+    };
+    let (mut a, mut c) = (model.new_sequence().unwrap(), model.new_sequence().unwrap());
+    let (mut a2, mut c2) = (model.new_sequence().unwrap(), model.new_sequence().unwrap());
+    let mut item = StepItem::new(&ids, a.as_mut());
+    item.images = &images;
+    let logits = model.step(&mut [item, StepItem::new(&text, c.as_mut())]).unwrap();
+    let mut item = StepItem::new(&ids, a2.as_mut());
+    item.images = &images;
+    item.greedy = true;
+    let next = model.step_next(&mut [item, StepItem::new(&text, c2.as_mut())]).unwrap();
+    assert_eq!(next, [Next::Token(first(&logits[0])), Next::Logits(logits[1].clone())]);
+    // Decoding: `a` greedy beside `c` wanting its logits, then both greedy.
+    let mut fed = (vec![first(&logits[0])], vec![first(&logits[1])]);
+    for both in [false, true] {
+        let want =
+            model.step(&mut [StepItem::new(&fed.0, a.as_mut()), StepItem::new(&fed.1, c.as_mut())]).unwrap();
+        let mut ia = StepItem::new(&fed.0, a2.as_mut());
+        ia.greedy = true;
+        let mut ic = StepItem::new(&fed.1, c2.as_mut());
+        ic.greedy = both;
+        let got = model.step_next(&mut [ia, ic]).unwrap();
+        let expected_c = match both {
+            true => Next::Token(first(&want[1])),
+            false => Next::Logits(want[1].clone()),
+        };
+        assert_eq!(got, [Next::Token(first(&want[0])), expected_c], "both greedy: {both}");
+        fed = (vec![first(&want[0])], vec![first(&want[1])]);
+    }
+    assert_eq!((a2.len(), c2.len()), (ids.len() + 2, text.len() + 2));
 }
 
 #[test]
