@@ -92,4 +92,10 @@ PYTHONPATH="$work/py" timeout 400 python3 scripts/device/hf_generate.py "$gguf" 
 grep -E "transformers|Error|error" "$out/hf.log" | tail -n 8
 bench candle_f16_64_again 64
 bench candle_f16_1_again 1
+# Greedy tokens picked on the host from every row of logits (before `step_next`),
+# against the device's pick again, alternated.
+bench candle_f16_64_host 64 --set provider.options.greedy_on_device=false
+bench candle_f16_64_device 64
+bench candle_f16_16_host 16 --set provider.options.greedy_on_device=false
+bench candle_f16_16_device 16
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$out/gpu.txt"

@@ -104,6 +104,10 @@ pub struct CandleOptions {
     /// cores (f16/bf16 models, head size 32, up to 128 tokens; others keep five
     /// launches): scores never go through memory. On by default; `false` to compare.
     pub fused_attention: bool,
+    /// Generation on a GPU: a greedy sequence's next token is picked on the device (the
+    /// first index of its largest logit), so only its id comes back instead of its row
+    /// of logits; `false`: every row copied out and sampled on the host.
+    pub greedy_on_device: bool,
 }
 
 impl Default for CandleOptions {
@@ -114,6 +118,7 @@ impl Default for CandleOptions {
             requantize: "auto".into(),
             overlap_batches: true,
             fused_attention: true,
+            greedy_on_device: true,
         }
     }
 }
@@ -308,13 +313,9 @@ impl Provider for CandleProvider {
             let device = candle_device(spec.device)?;
             let dtype = candle_dtype(spec.dtype)?;
             let kernels = self.options.cuda_kernels;
-            return Ok(Arc::new(dense_llama::DenseLlama::load(
-                &spec.path,
-                &device,
-                dtype,
-                spec.device,
-                kernels,
-            )?));
+            let mut llama = dense_llama::DenseLlama::load(&spec.path, &device, dtype, spec.device, kernels)?;
+            llama.greedy_on_device = self.options.greedy_on_device;
+            return Ok(Arc::new(llama));
         }
         if spec.path.is_dir() && qwen2vl_folder(&spec.path) {
             if !matches!(spec.quantization, Quantization::None | Quantization::Int8) {

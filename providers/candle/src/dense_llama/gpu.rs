@@ -40,7 +40,7 @@ impl DenseLlama {
         ids: &[u32],
         spans: &[Span],
         pool: &Pool,
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
+    ) -> candle_core::Result<Tensor> {
         let (nh, nkv, hd, ffn) = (self.heads, self.kv_heads, self.head_dim, self.ffn);
         let (dev, dtype) = (&self.device, self.embed.dtype());
         let rows = ids.len();
@@ -105,6 +105,6 @@ impl DenseLlama {
         // Only each sequence's last position is sampled from; `h` is already normed.
         let last: Vec<u32> = spans.iter().map(|s| (s.row + s.tokens - 1) as u32).collect();
         let last = h.index_select(&Tensor::from_vec(last, spans.len(), dev)?, 0)?;
-        last.matmul(&self.output.t()?)?.to_dtype(CDType::F32)?.to_vec2::<f32>()
+        last.matmul(&self.output.t()?)?.to_dtype(CDType::F32)
     }
 }

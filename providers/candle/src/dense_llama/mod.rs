@@ -28,7 +28,7 @@ use candle_core::{DType as CDType, Device as CDevice, IndexOp, Tensor};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 use candle_nn::rotary_emb::rope_i;
 use kiln_core::gguf::Gguf;
-use kiln_core::{Error, Generator, GeneratorInfo, Result, SequenceCache, StepItem};
+use kiln_core::{Error, Generator, GeneratorInfo, Next, Result, SequenceCache, StepItem};
 
 #[cfg(feature = "cuda")]
 mod gpu;
@@ -73,6 +73,9 @@ pub struct DenseLlama {
     eps: f32,
     geometry: Geometry,
     pool: SharedPool,
+    /// Whether `step_next` picks greedy items' tokens on the device
+    /// (`provider.options.greedy_on_device`; on after `load`).
+    pub(crate) greedy_on_device: bool,
     pub(crate) info: GeneratorInfo,
 }
 
@@ -160,6 +163,7 @@ impl DenseLlama {
             eps,
             geometry,
             pool: Arc::new(Mutex::new(Pool::default())),
+            greedy_on_device: true,
             info,
         })
     }
@@ -219,6 +223,26 @@ impl Generator for DenseLlama {
 
     /// One ragged step; see the module docs.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.stepped(batch, false)?
+            .into_iter()
+            .map(|next| match next {
+                Next::Logits(logits) => Ok(logits),
+                Next::Token(_) => Err(Error::backend("candle", "a token alone where logits were asked for")),
+            })
+            .collect()
+    }
+
+    /// The step, the greedy items' tokens picked on the device: their rows of logits
+    /// stay there.
+    fn step_next(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Next>> {
+        self.stepped(batch, self.greedy_on_device)
+    }
+}
+
+impl DenseLlama {
+    /// A step; where `pick` is set, the items marked greedy get their token alone.
+    fn stepped(&self, batch: &mut [StepItem<'_>], pick: bool) -> Result<Vec<Next>> {
+        let greedy: Vec<bool> = batch.iter().map(|item| pick && item.greedy).collect();
         let mut spans = Vec::with_capacity(batch.len());
         let mut ids = Vec::new();
         for item in batch.iter_mut() {
@@ -238,12 +262,45 @@ impl Generator for DenseLlama {
         };
         #[cfg(not(feature = "cuda"))]
         let logits = self.forward(&ids, &spans, &pool);
-        let logits = logits.map_err(candle)?;
+        let next = logits.and_then(|logits| self.pick(&logits, &greedy)).map_err(candle)?;
         drop(pool);
         for (item, span) in batch.iter_mut().zip(&spans) {
             self.cache(item.cache)?.len += span.tokens;
         }
-        Ok(logits)
+        Ok(next)
+    }
+
+    /// Per row of `logits` (`[rows, vocab]`, f32, on the device): its token where
+    /// `greedy`, else the row copied out. The token is the first index of the row's
+    /// largest value, as the runtime's sampler picks it: the maximum, then the smallest
+    /// index holding it (candle's own argmax does not promise the first on a GPU).
+    fn pick(&self, logits: &Tensor, greedy: &[bool]) -> candle_core::Result<Vec<Next>> {
+        let vocab = logits.dim(1)?;
+        let tokens = match greedy.iter().any(|&g| g) {
+            false => Vec::new(),
+            true => {
+                let hit = logits.broadcast_eq(&logits.max_keepdim(1)?)?;
+                let index = Tensor::arange(0u32, vocab as u32, &self.device)?.broadcast_as(logits.shape())?;
+                let past = Tensor::new(vocab as u32, &self.device)?.broadcast_as(logits.shape())?;
+                hit.where_cond(&index, &past)?.min(1)?.to_vec1::<u32>()?
+            }
+        };
+        let wanted: Vec<u32> = (0..greedy.len() as u32).filter(|&i| !greedy[i as usize]).collect();
+        let rows = match wanted.len() {
+            0 => Vec::new(),
+            n if n == greedy.len() => logits.to_vec2::<f32>()?,
+            n => logits.index_select(&Tensor::from_vec(wanted, n, &self.device)?, 0)?.to_vec2::<f32>()?,
+        };
+        let mut rows = rows.into_iter();
+        Ok(greedy
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| match g {
+                // Every value NaN: no index holds the maximum; the sampler's answer is 0.
+                true => Next::Token(if (tokens[i] as usize) < vocab { tokens[i] } else { 0 }),
+                false => Next::Logits(rows.next().expect("a row per item asking for logits")),
+            })
+            .collect())
     }
 }
 
@@ -351,7 +408,7 @@ impl DenseLlama {
         Ok(StepPlan { cos, sin, kv_index, decode, prompts })
     }
 
-    fn forward(&self, ids: &[u32], spans: &[Span], pool: &Pool) -> candle_core::Result<Vec<Vec<f32>>> {
+    fn forward(&self, ids: &[u32], spans: &[Span], pool: &Pool) -> candle_core::Result<Tensor> {
         let (nh, nkv, hd, ffn) = (self.heads, self.kv_heads, self.head_dim, self.ffn);
         let group = nh / nkv;
         let slots = pool.slots;
@@ -418,7 +475,7 @@ impl DenseLlama {
         let last: Vec<u32> = spans.iter().map(|s| (s.row + s.tokens - 1) as u32).collect();
         let last = x.index_select(&Tensor::from_vec(last, spans.len(), &self.device)?, 0)?;
         let h = rms_norm(&last, &self.norm, self.eps)?;
-        h.matmul(&self.output.t()?)?.to_dtype(CDType::F32)?.to_vec2::<f32>()
+        h.matmul(&self.output.t()?)?.to_dtype(CDType::F32)
     }
 
     /// Causal attention of one prompt's rows over its slot: queries `[tokens, heads ·
@@ -560,6 +617,48 @@ mod tests {
 
     /// f16 on the CPU backend: the same best tokens as f32 for a prompt and a decoding
     /// step, logits close.
+    /// `step_next` picks a greedy item's token on the device: the first index of the
+    /// largest of the logits `step` gives for the same inputs (two decoders, the same
+    /// steps), beside an item wanting its logits and in an all-greedy step; a row of
+    /// equal logits gives its first index, as the runtime's sampler does.
+    #[test]
+    fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
+        let path = smollm2();
+        let load =
+            || DenseLlama::load(&path, &CDevice::Cpu, CDType::F32, kiln_core::Device::Cpu, false).unwrap();
+        let (reference, picker) = (load(), load());
+        let first = |v: &[f32]| {
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            v.iter().position(|&l| l == max).unwrap() as u32
+        };
+        let prompts: [Vec<u32>; 3] =
+            [vec![1, 504, 3458, 282], vec![1, 2683, 314], (0..20).map(|i| 100 + i * 7).collect()];
+        let mut theirs: Vec<_> = prompts.iter().map(|_| reference.new_sequence().unwrap()).collect();
+        let mut ours: Vec<_> = prompts.iter().map(|_| picker.new_sequence().unwrap()).collect();
+        let mut feed: Vec<Vec<u32>> = prompts.to_vec();
+        for greedy in [[true, false, true], [true, true, true]] {
+            let mut items: Vec<_> =
+                feed.iter().zip(&mut theirs).map(|(f, c)| StepItem::new(f, c.as_mut())).collect();
+            let logits = reference.step(&mut items).unwrap();
+            let mut items: Vec<_> =
+                feed.iter().zip(&mut ours).map(|(f, c)| StepItem::new(f, c.as_mut())).collect();
+            items.iter_mut().zip(greedy).for_each(|(i, g)| i.greedy = g);
+            let next = picker.step_next(&mut items).unwrap();
+            let expected: Vec<Next> = logits
+                .iter()
+                .zip(greedy)
+                .map(|(l, g)| if g { Next::Token(first(l)) } else { Next::Logits(l.clone()) })
+                .collect();
+            assert_eq!(next, expected, "greedy {greedy:?}");
+            feed = logits.iter().map(|l| vec![first(l)]).collect();
+        }
+        // Ties go to the first index; a row of NaNs to 0.
+        let rows = Tensor::new(&[[1f32, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [f32::NAN; 4]], &CDevice::Cpu)
+            .unwrap();
+        let picked = picker.pick(&rows, &[true, true, true]).unwrap();
+        assert_eq!(picked, [Next::Token(1), Next::Token(0), Next::Token(0)]);
+    }
+
     #[test]
     fn dense_decoder_in_f16_stays_near_f32() {
         let path = smollm2();
