@@ -190,6 +190,25 @@ pub enum Next {
     Token(u32),
 }
 
+impl Next {
+    /// The logits; a token alone is an error. For a generator whose
+    /// [`step`](Generator::step) runs its `step_next` with no item picked.
+    ///
+    /// ```
+    /// use kiln_core::Next;
+    /// assert_eq!(Next::Logits(vec![0.5, 2.0]).into_logits().unwrap(), [0.5, 2.0]);
+    /// assert!(Next::Token(7).into_logits().unwrap_err().to_string().contains("token 7 alone"));
+    /// ```
+    pub fn into_logits(self) -> Result<Vec<f32>> {
+        match self {
+            Next::Logits(logits) => Ok(logits),
+            Next::Token(t) => {
+                Err(Error::backend("kiln", format!("token {t} alone where logits were asked for")))
+            }
+        }
+    }
+}
+
 /// One image of a prompt, as the vision tower encoded it.
 #[derive(Debug, Clone, Copy)]
 pub struct StepImage<'a> {

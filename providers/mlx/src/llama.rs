@@ -303,14 +303,7 @@ impl Generator for Llama {
 
     /// One ragged step: see the module docs.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        let next = self.stepped(batch, false)?;
-        Ok(next
-            .into_iter()
-            .map(|n| match n {
-                Next::Logits(logits) => logits,
-                Next::Token(_) => unreachable!("no item picks its token unless asked to"),
-            })
-            .collect())
+        self.stepped(batch, false)?.into_iter().map(Next::into_logits).collect()
     }
 
     /// The step, with the greedy items' tokens picked on the device: only their ids

@@ -223,13 +223,7 @@ impl Generator for DenseLlama {
 
     /// One ragged step; see the module docs.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.stepped(batch, false)?
-            .into_iter()
-            .map(|next| match next {
-                Next::Logits(logits) => Ok(logits),
-                Next::Token(_) => Err(Error::backend("candle", "a token alone where logits were asked for")),
-            })
-            .collect()
+        self.stepped(batch, false)?.into_iter().map(Next::into_logits).collect()
     }
 
     /// The step, the greedy items' tokens picked on the device: their rows of logits

@@ -271,15 +271,7 @@ impl Generator for QwenVl {
     /// Prompts (and the rare several tokens after one) each on their own, the sequences
     /// adding one token together; one evaluation for the whole step.
     fn step(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.stepped(batch, false)?
-            .into_iter()
-            .map(|next| match next {
-                Next::Logits(logits) => Ok(logits),
-                Next::Token(_) => {
-                    Err(Error::backend(crate::NAME, "a token alone where logits were asked for"))
-                }
-            })
-            .collect()
+        self.stepped(batch, false)?.into_iter().map(Next::into_logits).collect()
     }
 
     /// The step, the greedy items' tokens picked on the device (151 936 logits a row
