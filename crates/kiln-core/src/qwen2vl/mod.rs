@@ -166,6 +166,35 @@ pub fn joined_image_rows<'a>(
     Ok((values, [rows, hidden]))
 }
 
+/// The vision tower's rows for a batch of images (row-major `[Σ tokens, hidden]`) split
+/// back into one `[tokens, hidden]` tensor per image: an image of `grid_thw` holds
+/// `t · h · w / merge²` rows. The inverse of [`joined_image_rows`].
+pub fn split_image_rows(
+    rows: &[f32],
+    hidden: usize,
+    grids: &[[usize; 3]],
+    merge: usize,
+) -> Result<Vec<crate::Tensor>> {
+    let mut at = 0;
+    grids
+        .iter()
+        .map(|g| {
+            let n = g.iter().product::<usize>() / (merge * merge);
+            let part = rows
+                .get(at * hidden..(at + n) * hidden)
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "{} image rows of {hidden} for grids {grids:?}",
+                        rows.len() / hidden.max(1)
+                    ))
+                })?
+                .to_vec();
+            at += n;
+            crate::Tensor::from_vec(vec![n, hidden], part)
+        })
+        .collect()
+}
+
 /// Where each prompt position's embedding comes from when `image_rows` rows of images
 /// fill its `image_token` placeholders: position i takes row i of the token embeddings,
 /// the k-th placeholder row `ids.len() + k` of the token embeddings and the image rows
@@ -326,6 +355,19 @@ impl WindowLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two images of 2 · 2 · 2 and 1 · 2 · 4 patches, merge 2: 2 and 2 rows of 3 values,
+    /// split apart and joined back; too few rows for the grids is an error.
+    #[test]
+    fn image_rows_split_per_image_and_join_back() {
+        let rows: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let grids = [[2, 2, 2], [1, 2, 4]];
+        let images = split_image_rows(&rows, 3, &grids, 2).unwrap();
+        assert_eq!(images.iter().map(|t| t.shape().to_vec()).collect::<Vec<_>>(), [[2, 3], [2, 3]]);
+        assert_eq!(joined_image_rows(images.iter()).unwrap(), (rows.clone(), [4, 3]));
+        let e = split_image_rows(&rows[..9], 3, &grids, 2).unwrap_err().to_string();
+        assert!(e.contains("3 image rows of 3"), "{e}");
+    }
 
     #[test]
     fn image_rows_replace_the_placeholders_in_order() {

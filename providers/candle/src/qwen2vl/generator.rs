@@ -155,18 +155,9 @@ impl Generator for QwenVlGenerator {
         let values: Vec<f32> = images.iter().flat_map(|i| i.values.iter().copied()).collect();
         let rows = self.model.encode_images(&values, &grids)?;
         let (_, hidden) = rows.dims2().map_err(backend)?;
-        let unit = self.model.config().vision.spatial_merge_size.pow(2);
-        let mut at = 0;
-        grids
-            .iter()
-            .map(|g| {
-                let n = g.iter().product::<usize>() / unit;
-                let part =
-                    rows.narrow(0, at, n).and_then(|p| p.flatten_all()).and_then(|p| p.to_vec1::<f32>());
-                at += n;
-                Tensor::from_vec(vec![n, hidden], part.map_err(backend)?)
-            })
-            .collect()
+        let all = rows.flatten_all().and_then(|r| r.to_vec1::<f32>()).map_err(backend)?;
+        let merge = self.model.config().vision.spatial_merge_size;
+        qwen2vl::split_image_rows(&all, hidden, &grids, merge)
     }
 }
 

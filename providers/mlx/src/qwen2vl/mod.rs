@@ -293,19 +293,8 @@ impl Generator for QwenVl {
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
         let values: Vec<f32> = images.iter().flat_map(|i| i.values.iter().copied()).collect();
         let rows = self.encode_images(&values, &grids)?.astype(DType::F32)?;
-        let all = rows.to_f32()?;
-        let hidden = self.config.hidden_size;
-        let unit = self.config.vision.spatial_merge_size.pow(2);
-        let mut at = 0;
-        grids
-            .iter()
-            .map(|g| {
-                let n = g.iter().product::<usize>() / unit;
-                let part = all[at * hidden..(at + n) * hidden].to_vec();
-                at += n;
-                Tensor::from_vec(vec![n, hidden], part)
-            })
-            .collect()
+        let merge = self.config.vision.spatial_merge_size;
+        qwen2vl::split_image_rows(&rows.to_f32()?, self.config.hidden_size, &grids, merge)
     }
 }
 
