@@ -17,8 +17,10 @@ fn mlx(sets: &[&str]) -> kiln::KilnConfig {
     support::smollm_config(&all)
 }
 
+/// The first index of the largest value (as kiln's sampler picks it).
 fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    v.iter().position(|&l| l == max).unwrap() as u32
 }
 
 async fn load(config: kiln::KilnConfig) -> std::sync::Arc<dyn kiln::Generator> {
@@ -93,10 +95,6 @@ async fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
     let g = load(mlx(&[])).await;
     let prompts: [Vec<u32>; 3] =
         [vec![1, 504, 3458, 282], vec![1, 2683, 314], (0..40).map(|i| 100 + i * 7).collect()];
-    let first = |v: &[f32]| {
-        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        v.iter().position(|&l| l == max).unwrap() as u32
-    };
     // The reference: logits of every item through `step`.
     let mut theirs: Vec<_> = prompts.iter().map(|_| g.new_sequence().unwrap()).collect();
     let mut items: Vec<_> =
@@ -109,11 +107,11 @@ async fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
     items[0].greedy = true;
     items[2].greedy = true;
     let next = g.step_next(&mut items).unwrap();
-    assert_eq!(next[0], kiln::Next::Token(first(&logits[0])));
+    assert_eq!(next[0], kiln::Next::Token(argmax(&logits[0])));
     assert_eq!(next[1], kiln::Next::Logits(logits[1].clone()));
-    assert_eq!(next[2], kiln::Next::Token(first(&logits[2])));
+    assert_eq!(next[2], kiln::Next::Token(argmax(&logits[2])));
     // A decode step of all three, every item greedy, against `step` on the reference caches.
-    let feed: Vec<Vec<u32>> = logits.iter().map(|l| vec![first(l)]).collect();
+    let feed: Vec<Vec<u32>> = logits.iter().map(|l| vec![argmax(l)]).collect();
     let mut items: Vec<_> =
         feed.iter().zip(&mut theirs).map(|(f, c)| kiln::StepItem::new(f, c.as_mut())).collect();
     let logits = g.step(&mut items).unwrap();
@@ -121,7 +119,7 @@ async fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
         feed.iter().zip(&mut ours).map(|(f, c)| kiln::StepItem::new(f, c.as_mut())).collect();
     items.iter_mut().for_each(|i| i.greedy = true);
     let next = g.step_next(&mut items).unwrap();
-    let expected: Vec<_> = logits.iter().map(|l| kiln::Next::Token(first(l))).collect();
+    let expected: Vec<_> = logits.iter().map(|l| kiln::Next::Token(argmax(l))).collect();
     assert_eq!(next, expected);
     assert!(ours.iter().zip(&prompts).all(|(c, p)| c.len() == p.len() + 1), "every cache took its tokens");
 }

@@ -513,6 +513,12 @@ mod tests {
         path
     }
 
+    /// The first index of the largest value (as kiln's sampler picks it).
+    fn argmax(v: &[f32]) -> u32 {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        v.iter().position(|&l| l == max).unwrap() as u32
+    }
+
     /// A sequence on both decoders: `(dense, cpu)`.
     type Pair = (Box<dyn SequenceCache>, Box<dyn SequenceCache>);
 
@@ -530,7 +536,6 @@ mod tests {
         let mut worst = 0f32;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
             assert_eq!(argmax(g), argmax(w), "{what}, item {i}: the best token differs");
             worst = worst.max(diff);
         }
@@ -621,10 +626,6 @@ mod tests {
         let load =
             || DenseLlama::load(&path, &CDevice::Cpu, CDType::F32, kiln_core::Device::Cpu, false).unwrap();
         let (reference, picker) = (load(), load());
-        let first = |v: &[f32]| {
-            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            v.iter().position(|&l| l == max).unwrap() as u32
-        };
         let prompts: [Vec<u32>; 3] =
             [vec![1, 504, 3458, 282], vec![1, 2683, 314], (0..20).map(|i| 100 + i * 7).collect()];
         let mut theirs: Vec<_> = prompts.iter().map(|_| reference.new_sequence().unwrap()).collect();
@@ -641,10 +642,10 @@ mod tests {
             let expected: Vec<Next> = logits
                 .iter()
                 .zip(greedy)
-                .map(|(l, g)| if g { Next::Token(first(l)) } else { Next::Logits(l.clone()) })
+                .map(|(l, g)| if g { Next::Token(argmax(l)) } else { Next::Logits(l.clone()) })
                 .collect();
             assert_eq!(next, expected, "greedy {greedy:?}");
-            feed = logits.iter().map(|l| vec![first(l)]).collect();
+            feed = logits.iter().map(|l| vec![argmax(l)]).collect();
         }
         // Ties go to the first index; a row of NaNs to 0.
         let rows = Tensor::new(&[[1f32, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0], [f32::NAN; 4]], &CDevice::Cpu)

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_core::{DType, Device, Generator, ImagePatches, Next, StepImage, StepItem};
+use kiln_core::{DType, Device, Generator, ImagePatches, Next, StepImage, StepItem, Tensor};
 use kiln_vision::read_npy;
 
 use super::QwenVl;
@@ -33,8 +33,25 @@ fn prompt(dir: &Path) -> (serde_json::Value, Vec<u32>, Vec<[usize; 3]>, Vec<f32>
     (record, ids, grids, pixels)
 }
 
+/// As the runtime steps them: the fixture's prompt with its two images encoded through
+/// the `Generator` API (one `ImagePatches` each), and its first 12 tokens as a text-only
+/// prompt — `(ids, encoded images, grids, text)`.
+fn two_prompts(dir: &Path, model: &QwenVl) -> (Vec<u32>, Vec<Tensor>, Vec<[usize; 3]>, Vec<u32>) {
+    let (_, ids, grids, pixels) = prompt(dir);
+    let split = grids[0].iter().product::<usize>() * 1176;
+    let patches = vec![
+        ImagePatches { values: pixels[..split].to_vec(), grid_thw: grids[0] },
+        ImagePatches { values: pixels[split..].to_vec(), grid_thw: grids[1] },
+    ];
+    let encoded = Generator::encode_images(model, &patches).unwrap();
+    let text = ids[..12].to_vec();
+    (ids, encoded, grids, text)
+}
+
+/// The first index of the largest value (as kiln's sampler, torch and MLX pick it).
 fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap()
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter().position(|&l| l == max).unwrap() as u32
 }
 
 fn load(dir: &Path) -> QwenVl {
@@ -106,17 +123,10 @@ fn mlx_community_checkpoints_give_mlx_vlm_logits_and_greedy_tokens() {
 #[test]
 fn sequences_stepped_together_match_each_alone() {
     let dir = fixture();
-    let (_, ids, grids, pixels) = prompt(&dir);
     let model = load(&dir.join("mlx-q4"));
-    let split = grids[0].iter().product::<usize>() * 1176;
-    let patches = vec![
-        ImagePatches { values: pixels[..split].to_vec(), grid_thw: grids[0] },
-        ImagePatches { values: pixels[split..].to_vec(), grid_thw: grids[1] },
-    ];
-    let encoded = Generator::encode_images(&model, &patches).unwrap();
+    let (ids, encoded, grids, text) = two_prompts(&dir, &model);
     let images: Vec<StepImage<'_>> =
         encoded.iter().zip(&grids).map(|(e, g)| StepImage { embedding: e, grid_thw: *g }).collect();
-    let text: Vec<u32> = ids[..12].to_vec();
     let alone = |tokens: &[u32], with_images: bool| {
         let mut cache = model.new_sequence().unwrap();
         let mut item = StepItem::new(tokens, cache.as_mut());
@@ -162,21 +172,10 @@ fn sequences_stepped_together_match_each_alone() {
 #[test]
 fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
     let dir = fixture();
-    let (_, ids, grids, pixels) = prompt(&dir);
     let model = load(&dir.join("mlx-q4"));
-    let split = grids[0].iter().product::<usize>() * 1176;
-    let patches = vec![
-        ImagePatches { values: pixels[..split].to_vec(), grid_thw: grids[0] },
-        ImagePatches { values: pixels[split..].to_vec(), grid_thw: grids[1] },
-    ];
-    let encoded = Generator::encode_images(&model, &patches).unwrap();
+    let (ids, encoded, grids, text) = two_prompts(&dir, &model);
     let images: Vec<StepImage<'_>> =
         encoded.iter().zip(&grids).map(|(e, g)| StepImage { embedding: e, grid_thw: *g }).collect();
-    let text: Vec<u32> = ids[..12].to_vec();
-    let first = |v: &[f32]| {
-        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        v.iter().position(|&l| l == max).unwrap() as u32
-    };
     let (mut a, mut c) = (model.new_sequence().unwrap(), model.new_sequence().unwrap());
     let (mut a2, mut c2) = (model.new_sequence().unwrap(), model.new_sequence().unwrap());
     let mut item = StepItem::new(&ids, a.as_mut());
@@ -186,9 +185,9 @@ fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
     item.images = &images;
     item.greedy = true;
     let next = model.step_next(&mut [item, StepItem::new(&text, c2.as_mut())]).unwrap();
-    assert_eq!(next, [Next::Token(first(&logits[0])), Next::Logits(logits[1].clone())]);
+    assert_eq!(next, [Next::Token(argmax(&logits[0])), Next::Logits(logits[1].clone())]);
     // Decoding: `a` greedy beside `c` wanting its logits, then both greedy.
-    let mut fed = (vec![first(&logits[0])], vec![first(&logits[1])]);
+    let mut fed = (vec![argmax(&logits[0])], vec![argmax(&logits[1])]);
     for both in [false, true] {
         let want =
             model.step(&mut [StepItem::new(&fed.0, a.as_mut()), StepItem::new(&fed.1, c.as_mut())]).unwrap();
@@ -198,11 +197,11 @@ fn greedy_items_get_the_argmax_of_their_logits_picked_on_the_device() {
         ic.greedy = both;
         let got = model.step_next(&mut [ia, ic]).unwrap();
         let expected_c = match both {
-            true => Next::Token(first(&want[1])),
+            true => Next::Token(argmax(&want[1])),
             false => Next::Logits(want[1].clone()),
         };
-        assert_eq!(got, [Next::Token(first(&want[0])), expected_c], "both greedy: {both}");
-        fed = (vec![first(&want[0])], vec![first(&want[1])]);
+        assert_eq!(got, [Next::Token(argmax(&want[0])), expected_c], "both greedy: {both}");
+        fed = (vec![argmax(&want[0])], vec![argmax(&want[1])]);
     }
     assert_eq!((a2.len(), c2.len()), (ids.len() + 2, text.len() + 2));
 }
