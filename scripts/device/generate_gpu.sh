@@ -22,7 +22,7 @@
 #
 # Measured: the example's answers at f32 and f16; `kiln bench` (1 stream, then 16 and 64
 # streams, 128 new tokens each, each twice: the first pays MLX's kernel compilation) at
-# f16 and f32 (QUICK=1: f16 only, no candle run; DTYPES=f16: answers at f16 only); a 16-prompt `kiln run` with the profile,
+# f16 and f32, 64 streams with the matrices quantized and dense (QUICK=1: f16 only, no candle run; DTYPES=f16: answers at f16 only); a 16-prompt `kiln run` with the profile,
 # for the share of wall time in the generator's steps; transformers at batch 1, 16, 64.
 set -euo pipefail
 stash="$HOME/kiln-mlx"
@@ -131,6 +131,10 @@ fi
 # `Generator::step_next`), against the device's argmax again, alternated.
 bench mlx_f16_64_host f16 64 --set provider.options.greedy_on_device=false
 bench mlx_f16_64_device f16 64
+# The file's blocks dequantized to f16 at load: cuBLAS's dense products against MLX's
+# quantized matmul at 64 rows a step (candle's GPU decoder runs dense f16).
+bench mlx_f16_64_dense f16 64 --set 'provider.options.gguf_matrices="dense"'
+bench mlx_f16_64_quantized f16 64
 bench mlx_f16_16_host f16 16 --set provider.options.greedy_on_device=false
 bench mlx_f16_16_device f16 16
 bench mlx_f16_1 f16 1

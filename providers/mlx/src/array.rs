@@ -437,6 +437,13 @@ impl Array {
         own(unsafe { ffi::kiln_mlx_gelu(self.raw()) }, "gelu")
     }
 
+    /// `silu(self) * up`, a llama MLP's activation, compiled by MLX into one kernel on a
+    /// GPU (three elementwise operations on the CPU).
+    pub fn swiglu(&self, up: &Array) -> Result<Array> {
+        // SAFETY: live handles.
+        own(unsafe { ffi::kiln_mlx_swiglu(self.raw(), up.raw()) }, "swiglu")
+    }
+
     /// LayerNorm over the last axis (MLX's fused kernel).
     pub fn layer_norm(&self, weight: &Array, bias: &Array, eps: f32) -> Result<Array> {
         // SAFETY: live handles.
@@ -607,6 +614,9 @@ mod tests {
         assert_eq!(table.embedding(&ids).unwrap().to_f32().unwrap(), [20.0, 21.0, 0.0, 1.0, 20.0, 21.0]);
         let g = f32s(&[0.0, 1.0], &[2]).gelu().unwrap().to_f32().unwrap();
         assert!((g[1] - 0.841_344_7).abs() < 1e-5, "{g:?}");
+        // silu(1) * 3 and silu(-2) * 0.5.
+        let s = f32s(&[1.0, -2.0], &[2]).swiglu(&f32s(&[3.0, 0.5], &[2])).unwrap().to_f32().unwrap();
+        assert!((s[0] - 2.193_175_7).abs() < 1e-5 && (s[1] + 0.119_202_92).abs() < 1e-6, "{s:?}");
     }
 
     #[test]

@@ -87,6 +87,7 @@ unsafe extern "C" {
     pub fn kiln_mlx_reduce(op: c_int, a: *const RawArray, axis: c_int, keepdims: c_int) -> *mut RawArray;
     pub fn kiln_mlx_where(c: *const RawArray, x: *const RawArray, y: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_gelu(x: *const RawArray) -> *mut RawArray;
+    pub fn kiln_mlx_swiglu(gate: *const RawArray, up: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_layer_norm(
         x: *const RawArray,
         w: *const RawArray,

@@ -25,7 +25,7 @@ use half::f16;
 use kiln_core::gguf::{GgmlType, Gguf, LlamaShape};
 use kiln_core::{DType, Device, Error, Generator, GeneratorInfo, Next, Result, SequenceCache, StepItem};
 
-use crate::array::{self, Array, Unary};
+use crate::array::{self, Array};
 
 mod kv;
 pub use kv::MlxCache;
@@ -485,7 +485,7 @@ impl Llama {
             x = x.add(&layer.wo.forward(&attn)?)?;
             let h = x.rms_norm(&layer.ffn_norm, eps)?;
             let gate = layer.gate.forward(&h)?;
-            let act = gate.mul(&gate.unary(Unary::Sigmoid)?)?.mul(&layer.up.forward(&h)?)?;
+            let act = gate.swiglu(&layer.up.forward(&h)?)?;
             x = x.add(&layer.down.forward(&act)?)?;
         }
         // Only each sequence's last position is sampled from.

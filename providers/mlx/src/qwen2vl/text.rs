@@ -8,7 +8,7 @@ use kiln_core::{DType, Error, Result};
 
 use super::rotate;
 use super::weights::{Checkpoint, Embedding, Linear};
-use crate::array::{Array, Unary};
+use crate::array::Array;
 
 /// Tokens a sequence's KV buffers grow by: a buffer is re-allocated once every this
 /// many tokens, not at every step.
@@ -284,7 +284,7 @@ impl TextModel {
     fn mlp(&self, layer: &Layer, x: &Array, eps: f32) -> Result<Array> {
         let h = x.rms_norm(&layer.post_norm, eps)?;
         let gate = layer.gate.forward(&h)?;
-        layer.down.forward(&gate.mul(&gate.unary(Unary::Sigmoid)?)?.mul(&layer.up.forward(&h)?)?)
+        layer.down.forward(&gate.swiglu(&layer.up.forward(&h)?)?)
     }
 
     /// One token for each of several sequences at once, each at its cache's next

@@ -160,7 +160,7 @@ impl VisionTower {
             x = x.add(&block.proj.forward(&attended)?)?;
             let h = x.rms_norm(&block.norm2, 1e-6)?;
             let gate = block.gate.forward(&h)?;
-            let act = gate.mul(&gate.unary(crate::array::Unary::Sigmoid)?)?.mul(&block.up.forward(&h)?)?;
+            let act = gate.swiglu(&block.up.forward(&h)?)?;
             x = x.add(&block.down.forward(&act)?)?;
         }
         let merged = x.rms_norm(&self.merger_norm, 1e-6)?.reshape(&[n / unit, unit * hidden])?;
