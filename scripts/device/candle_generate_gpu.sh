@@ -17,8 +17,14 @@
 # a 64-prompt `kiln run` with the profile (the generator's share of the wall time);
 # transformers f16 at batch 1, 16 and 64 (scripts/device/hf_generate.py), then kiln's 64
 # streams again, so the baseline sits between kiln's runs.
+#
+# STASH=DIR: the parts wait in DIR instead of /tmp/keep (after generate_gpu.sh on the same
+# warm machine, STASH=$HOME/kiln-mlx finds the GGUF parts and the gguf wheel there, and
+# only kiln-cuda.xz travels). LEAN=1, for a call with little device time: no answers, no
+# candle-operations runs, no profile; 64 streams once to warm up, transformers, then the
+# greedy host/device benches alternated at 64 and 16 streams and one stream.
 set -euo pipefail
-stash=/tmp/keep
+stash="${STASH:-/tmp/keep}"
 mkdir -p "$stash"
 for f in .device/*; do
     if [ -f "$f" ]; then cp "$f" "$stash/"; fi
@@ -36,6 +42,35 @@ cat "$stash"/smollm2.gguf.part-* > "$gguf"
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c
 "$kiln" providers | tee "$out/providers.txt"
 gpu=(--set "model.path=\"$gguf\"")
+bench() { # TAG STREAMS [--set ...]
+    local tag="$1" streams="$2"
+    shift 2
+    timeout 300 "$kiln" bench examples/generate-cuda.toml "${gpu[@]}" "$@" --requests "$streams" --concurrency "$streams" \
+        --set "batching.max_batch_size=$streams" --set generate.max_new_tokens=128 --json "$out/$tag.json" \
+        2>> "$out/bench.log" | tee -a "$out/bench.txt" || true
+}
+transformers() {
+    python3 -m pip install --no-deps --target "$work/py" "$stash"/gguf-*.whl -q 2>> "$out/hf.log" || true
+    PYTHONPATH="$work/py" timeout 400 python3 scripts/device/hf_generate.py "$gguf" cuda:0 float16 128 1 16 64 \
+        > "$out/hf_f16.json" 2>> "$out/hf.log" || true
+    grep -E "transformers|Error|error" "$out/hf.log" | tail -n 8
+}
+# Greedy tokens picked on the host from every row of logits (before `step_next`),
+# against the device's pick, alternated.
+greedy_ab() {
+    bench candle_f16_64_host 64 --set provider.options.greedy_on_device=false
+    bench candle_f16_64_device 64
+    bench candle_f16_16_host 16 --set provider.options.greedy_on_device=false
+    bench candle_f16_16_device 16
+}
+if [ -n "${LEAN:-}" ]; then
+    bench candle_f16_64 64
+    transformers
+    greedy_ab
+    bench candle_f16_1 1
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$out/gpu.txt"
+    exit 0
+fi
 for dtype in f16 f32; do
     timeout 300 "$kiln" run examples/generate-cuda.toml --input examples/data/prompts.jsonl \
         --output "$out/answers_cuda_$dtype.jsonl" "${gpu[@]}" --set "model.dtype=\"$dtype\"" \
@@ -53,13 +88,6 @@ for key in rows["cpu"]:
         same = next((i for i, (a, b) in enumerate(zip(cpu, got)) if a != b), min(len(cpu), len(got)))
         print(f"{key} {k}: first {same} of {len(cpu)} greedy tokens as on the CPU; {rows[k].get(key, {}).get('text', '')[:60]!r}")
 PY
-bench() { # TAG STREAMS [--set ...]
-    local tag="$1" streams="$2"
-    shift 2
-    timeout 300 "$kiln" bench examples/generate-cuda.toml "${gpu[@]}" "$@" --requests "$streams" --concurrency "$streams" \
-        --set "batching.max_batch_size=$streams" --set generate.max_new_tokens=128 --json "$out/$tag.json" \
-        2>> "$out/bench.log" | tee -a "$out/bench.txt" || true
-}
 bench candle_f16_1 1
 bench candle_f16_16 16
 bench candle_f16_64 64
@@ -86,16 +114,8 @@ step, sample = s["generate_step"], s["generate_sample"]
 print(f"profile: {p['duration_s']:.2f} s; generate_step {step['count']} x, {step['total_ms'] / 1000:.2f} s "
       f"(p50 {step['p50_ms']:.2f} ms); generate_sample {sample['total_ms'] / 1000:.2f} s")
 PY
-python3 -m pip install --no-deps --target "$work/py" "$stash"/gguf-*.whl -q 2>> "$out/hf.log" || true
-PYTHONPATH="$work/py" timeout 400 python3 scripts/device/hf_generate.py "$gguf" cuda:0 float16 128 1 16 64 \
-    > "$out/hf_f16.json" 2>> "$out/hf.log" || true
-grep -E "transformers|Error|error" "$out/hf.log" | tail -n 8
+transformers
 bench candle_f16_64_again 64
 bench candle_f16_1_again 1
-# Greedy tokens picked on the host from every row of logits (before `step_next`),
-# against the device's pick again, alternated.
-bench candle_f16_64_host 64 --set provider.options.greedy_on_device=false
-bench candle_f16_64_device 64
-bench candle_f16_16_host 16 --set provider.options.greedy_on_device=false
-bench candle_f16_16_device 16
+greedy_ab
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv | tee "$out/gpu.txt"
