@@ -194,6 +194,16 @@ int kiln_mlx_eval(kiln_mlx_array* const* arrays, size_t n) {
   });
 }
 
+// Queues the arrays' evaluation and returns at once; a later eval of any of them (or of
+// anything built on them) waits for it.
+int kiln_mlx_async_eval(kiln_mlx_array* const* arrays, size_t n) {
+  return status([&] {
+    std::vector<mx::array> all;
+    for (size_t i = 0; i < n; i++) all.push_back(arrays[i]->a);
+    mx::async_eval(all);
+  });
+}
+
 // Queues `a`'s evaluation as a row-contiguous f32 array and returns that array at once;
 // kiln_mlx_read, on any thread, waits for it. The waiting thread only waits on the
 // array's event (it schedules nothing), so the thread that queued it may go on building

@@ -508,6 +508,15 @@ pub fn eval(arrays: &[&Array]) -> Result<()> {
     check(unsafe { ffi::kiln_mlx_eval(raw.as_ptr(), raw.len()) }, "evaluating")
 }
 
+/// Queues the arrays' evaluation and returns at once: the device computes them while
+/// the host goes on (building the next graph); evaluating or reading any of them, or
+/// anything built on them, later waits for it.
+pub fn async_eval(arrays: &[&Array]) -> Result<()> {
+    let raw: Vec<*mut ffi::RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
+    // SAFETY: live handles for the duration of the call.
+    check(unsafe { ffi::kiln_mlx_async_eval(raw.as_ptr(), raw.len()) }, "queueing an evaluation")
+}
+
 /// Where this thread's MLX ops run from now on: the CPU, or GPU `index`.
 pub fn set_device(gpu: Option<usize>) -> Result<()> {
     let (kind, index) = gpu.map_or((0, 0), |i| (1, i as c_int));

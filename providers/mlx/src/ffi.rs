@@ -44,6 +44,7 @@ unsafe extern "C" {
     pub fn kiln_mlx_dtype(a: *const RawArray) -> c_int;
     pub fn kiln_mlx_to_host(a: *const RawArray, dtype: c_int, out: *mut c_void, bytes: usize) -> c_int;
     pub fn kiln_mlx_eval(arrays: *const *mut RawArray, n: usize) -> c_int;
+    pub fn kiln_mlx_async_eval(arrays: *const *mut RawArray, n: usize) -> c_int;
     pub fn kiln_mlx_start_f32(a: *const RawArray) -> *mut RawArray;
     pub fn kiln_mlx_read(a: *mut RawArray, out: *mut c_void, bytes: usize) -> c_int;
     pub fn kiln_mlx_bert_embed_cuda(

@@ -46,6 +46,12 @@ pub struct MlxOptions {
     /// evaluated with the step), so only its id comes back to the host instead of its
     /// row of logits; `false`: every row of logits is copied out and sampled on the host.
     pub greedy_on_device: bool,
+    /// Generation from GGUF: a step whose sequences are greedy also queues the next
+    /// decode step on the device (fed the tokens just picked) before it returns, so the
+    /// device computes step n + 1 while the host hands out step n's tokens; the next
+    /// call takes what it finds there. Needs `greedy_on_device`; GPUs only (on the
+    /// CPU the host's own cores compute the step).
+    pub decode_ahead: bool,
 }
 
 impl Default for MlxOptions {
@@ -57,6 +63,7 @@ impl Default for MlxOptions {
             overlap_batches: true,
             embedding_kernel: false,
             greedy_on_device: true,
+            decode_ahead: true,
         }
     }
 }
@@ -260,6 +267,8 @@ impl Provider for MlxProvider {
         };
         let mut llama = crate::llama::Llama::load(&spec.path, gpu, spec.device, spec.dtype, dense)?;
         llama.greedy_on_device = self.options.greedy_on_device;
+        // On the CPU the "device" is the host's own cores: nothing to overlap with.
+        llama.decode_ahead = self.options.decode_ahead && gpu.is_some();
         if self.options.clear_cache_after_load {
             array::clear_cache();
         }

@@ -34,6 +34,7 @@
 //! | `overlap_batches` | `true` | a BERT batch is queued on the device (MLX's `async_eval`) and waited for on kiln's responder thread, so the model thread builds and queues the next batch meanwhile; `false`: each batch is waited for on the model thread |
 //! | `embedding_kernel` | `false` | on MLX's CUDA GPU, BERT's embedding sum (word rows gathered, position and type rows added) in one kiln kernel (`mlx::fast::cuda_kernel`) instead of MLX's gather and two adds; single texts only (pairs take MLX's ops). Off: on an H100 it gave the same throughput as MLX's ops (61 523 against 61 387 texts/s, cosines 1.000000), so the default keeps MLX's own |
 //! | `greedy_on_device` | `true` | generation: a greedy sequence's next token is picked on the device (an argmax evaluated with the step), so its id alone comes back to the host instead of its row of logits; `false`: every row copied out and sampled on the host |
+//! | `decode_ahead` | `true` | generation from GGUF: a step of greedy sequences also queues the next decode step on the device (each fed the token just picked, still on the device) before returning, so the device runs step n + 1 while the host hands out step n's tokens; the next call takes the rows it finds there and runs the rest (mlx-lm's `async_eval` pattern). A queued row whose sequence ended or changed goes unused. Needs `greedy_on_device`; GPUs only (on the CPU the step runs on the host's own cores: nothing to overlap) |
 //!
 //! ## Features
 //!

@@ -29,7 +29,7 @@ use crate::array::{self, Array};
 
 mod kv;
 pub use kv::MlxCache;
-use kv::{Geometry, SharedPool};
+use kv::{Ahead, Geometry, SharedPool};
 
 /// `x @ W^T`.
 enum Linear {
@@ -83,6 +83,9 @@ pub struct Llama {
     /// Whether `step_next` picks greedy items' tokens on the device
     /// (`provider.options.greedy_on_device`; on after `load`).
     pub greedy_on_device: bool,
+    /// Whether a step of greedy sequences also queues the next decode step on the
+    /// device before returning (`provider.options.decode_ahead`; on after `load`).
+    pub decode_ahead: bool,
     /// What the runtime needs to know.
     pub info: GeneratorInfo,
 }
@@ -278,6 +281,7 @@ impl Llama {
             device,
             pool: SharedPool::default(),
             greedy_on_device: true,
+            decode_ahead: true,
             info,
         })
     }
@@ -294,6 +298,7 @@ impl Generator for Llama {
         let (slot, epoch) = (pool.acquire(), pool.epoch);
         Ok(Box::new(MlxCache {
             slot,
+            serial: kv::serial(),
             len: 0,
             bytes_per_token: self.info.kv_bytes_per_token,
             pool: self.pool.clone(),
@@ -316,12 +321,22 @@ impl Generator for Llama {
 impl Llama {
     /// A step; where `pick` is set, the items marked greedy get their token alone (the
     /// argmax of their logits, evaluated with the rest of the step).
+    ///
+    /// With `decode_ahead`, the step also queues the next one: each greedy item fed the
+    /// token just picked for it, built on the device's not yet computed argmax and queued
+    /// before this step's tokens are read, so the device runs step n + 1 while the host
+    /// hands out step n's tokens and the runtime comes back (mlx-lm's `async_eval`
+    /// pattern). The next call takes the queued step's tokens for every item it finds
+    /// there — same sequence, position and token — and runs the rest (prompts joining,
+    /// sampled items) as usual. A queued row whose sequence ended or changed is left
+    /// unused: its keys and values sit past its sequence's length, where nothing reads
+    /// before writing.
     fn stepped(&self, batch: &mut [StepItem<'_>], pick: bool) -> Result<Vec<Next>> {
         array::set_device(self.device)?;
         let greedy: Vec<bool> = batch.iter().map(|item| pick && item.greedy).collect();
+        let tokens: Vec<&[u32]> = batch.iter().map(|item| item.tokens).collect();
+        let n = batch.len();
         let mut caches: Vec<&mut MlxCache> = Vec::with_capacity(batch.len());
-        let mut ids: Vec<i32> = Vec::new();
-        let mut spans = Vec::with_capacity(batch.len());
         for item in batch.iter_mut() {
             let cache = item
                 .cache
@@ -330,8 +345,6 @@ impl Llama {
                 .filter(|c| std::sync::Arc::ptr_eq(&c.pool, &self.pool))
                 .ok_or_else(|| Error::InvalidInput("a sequence cache from another generator".into()))?;
             self.info.check_step(item.tokens, cache.len)?;
-            spans.push(Span { row: ids.len(), tokens: item.tokens.len(), pos: cache.len, slot: cache.slot });
-            ids.extend(item.tokens.iter().map(|&t| t as i32));
             caches.push(cache);
         }
         let mut pool = kv::lock(&self.pool);
@@ -340,58 +353,174 @@ impl Llama {
                 "a sequence whose keys were lost when an earlier step failed; start it again".into(),
             ));
         }
+        // Taken out whatever happens: a queued step serves only the call after it.
+        let ahead = pool.ahead.take();
+        // Per item, its row in the queued step, if that step ran it.
+        let found: Vec<Option<usize>> = (0..n)
+            .map(|i| {
+                let rows = &ahead.as_ref()?.rows;
+                let key = (caches[i].serial, caches[i].len, *tokens[i].first()?);
+                (greedy[i] && tokens[i].len() == 1).then(|| rows.iter().position(|r| *r == key))?
+            })
+            .collect();
+        // The items this call runs, in order, and their spans of the step's rows.
+        let todo: Vec<usize> = (0..n).filter(|&i| found[i].is_none()).collect();
+        let mut ids: Vec<i32> = Vec::new();
+        let mut spans = Vec::with_capacity(todo.len());
+        for &i in &todo {
+            spans.push(Span {
+                row: ids.len(),
+                tokens: tokens[i].len(),
+                pos: caches[i].len,
+                slot: caches[i].slot,
+            });
+            ids.extend(tokens[i].iter().map(|&t| t as i32));
+        }
+        // The next step's items: the greedy ones with room for one more token.
+        let next: Vec<usize> = match self.decode_ahead {
+            true => (0..n)
+                .filter(|&i| greedy[i] && self.info.check_step(&[0], caches[i].len + tokens[i].len()).is_ok())
+                .collect(),
+            false => Vec::new(),
+        };
         let geometry = Geometry {
             layers: self.layers.len(),
             kv_heads: self.shape.kv_heads,
             head_dim: self.head_dim,
             dtype: self.dtype,
         };
-        let slots = spans.iter().map(|s| s.slot + 1).max().unwrap_or(0);
-        let tokens = spans.iter().map(|s| s.pos + s.tokens).max().unwrap_or(0);
-        // The rows whose logits go to the host.
-        let wanted: Vec<i32> = (0..greedy.len()).filter(|&i| !greedy[i]).map(|i| i as i32).collect();
-        let run = |pool: &mut kv::Pool| -> Result<(Option<Array>, Option<Array>)> {
-            pool.reserve(slots, tokens, &geometry)?;
-            let logits = self.forward(&ids, &spans, &mut pool.layers)?;
-            let tokens = greedy.iter().any(|&g| g).then(|| logits.argmax(-1)).transpose()?;
-            let rows = match wanted.len() {
-                0 => None,
-                n if n == greedy.len() => Some(logits),
-                _ => Some(logits.take(&Array::from_i32(&wanted)?, 0)?),
+        // Of the items run here, the ones whose logits go to the host.
+        let wanted: Vec<i32> = (0..todo.len()).filter(|&k| !greedy[todo[k]]).map(|k| k as i32).collect();
+        let any_picked = todo.iter().any(|&i| greedy[i]);
+        let run = |pool: &mut kv::Pool| -> Result<(Option<Array>, Option<Array>, Option<Array>)> {
+            let (mut picked, mut rows) = (None, None);
+            if !todo.is_empty() {
+                let slots = spans.iter().map(|s| s.slot + 1).max().unwrap_or(0);
+                let length = spans.iter().map(|s| s.pos + s.tokens).max().unwrap_or(0);
+                pool.reserve(slots, length, &geometry)?;
+                let logits = self.forward(&Array::from_i32(&ids)?, &spans, &mut pool.layers)?;
+                picked = any_picked.then(|| logits.argmax(-1)).transpose()?;
+                rows = match wanted.len() {
+                    0 => None,
+                    n if n == todo.len() => Some(logits),
+                    _ => Some(logits.take(&Array::from_i32(&wanted)?, 0)?),
+                };
+            }
+            let queued = match next.is_empty() {
+                true => None,
+                false => {
+                    let fed = self.fed_tokens(&next, &found, &todo, ahead.as_ref(), picked.as_ref())?;
+                    let spans: Vec<Span> = next
+                        .iter()
+                        .enumerate()
+                        .map(|(row, &i)| Span {
+                            row,
+                            tokens: 1,
+                            pos: caches[i].len + tokens[i].len(),
+                            slot: caches[i].slot,
+                        })
+                        .collect();
+                    let slots = spans.iter().map(|s| s.slot + 1).max().unwrap_or(0);
+                    let length = spans.iter().map(|s| s.pos + 1).max().unwrap_or(0);
+                    pool.reserve(slots, length, &geometry)?;
+                    let queued = self.forward(&fed, &spans, &mut pool.layers)?.argmax(-1)?;
+                    let mut pending = vec![&queued];
+                    pending.extend(pool.layers.iter().flat_map(|(k, v)| [k, v]));
+                    array::async_eval(&pending)?;
+                    Some(queued)
+                }
             };
-            let mut pending: Vec<&Array> = tokens.iter().chain(&rows).collect();
-            pending.extend(pool.layers.iter().flat_map(|(k, v)| [k, v]));
+            let mut pending: Vec<&Array> = picked.iter().chain(&rows).collect();
+            if queued.is_none() {
+                pending.extend(pool.layers.iter().flat_map(|(k, v)| [k, v]));
+            }
+            pending.extend(ahead.as_ref().map(|a| &a.tokens));
             array::eval(&pending)?;
-            Ok((tokens, rows))
+            Ok((picked, rows, queued))
         };
-        let (picked, rows) = run(&mut pool).inspect_err(|_| pool.discard())?;
-        let epoch = pool.epoch;
-        drop(pool);
+        let (picked, rows, queued) = run(&mut pool).inspect_err(|_| pool.discard())?;
         let picked = picked.map(|t| t.to_u32()).transpose()?.unwrap_or_default();
         let values = rows.map(|r| r.to_f32()).transpose()?.unwrap_or_default();
-        for (cache, span) in caches.iter_mut().zip(&spans) {
-            cache.len += span.tokens;
+        let earlier = match found.iter().any(Option::is_some) {
+            true => ahead.as_ref().map(|a| a.tokens.to_u32()).transpose()?.unwrap_or_default(),
+            false => Vec::new(),
+        };
+        let mut logits = values.chunks((values.len() / wanted.len().max(1)).max(1));
+        // `todo` is in the batch's order: the k-th item run here is the k-th without a row.
+        let mut run_here = 0..;
+        let out: Vec<Next> = (0..n)
+            .map(|i| match found[i] {
+                Some(row) => Next::Token(earlier[row]),
+                None => {
+                    let k = run_here.next().expect("an endless range");
+                    match greedy[i] {
+                        true => Next::Token(picked[k]),
+                        false => {
+                            Next::Logits(logits.next().expect("a row per item asking for logits").to_vec())
+                        }
+                    }
+                }
+            })
+            .collect();
+        if let Some(queued) = queued {
+            let rows = next
+                .iter()
+                .map(|&i| {
+                    let Next::Token(t) = out[i] else { unreachable!("only greedy items are queued") };
+                    (caches[i].serial, caches[i].len + tokens[i].len(), t)
+                })
+                .collect();
+            pool.ahead = Some(Ahead { rows, tokens: queued });
+        }
+        let epoch = pool.epoch;
+        drop(pool);
+        for (cache, item) in caches.iter_mut().zip(&tokens) {
+            cache.len += item.len();
             cache.epoch = epoch;
         }
-        let mut logits = values.chunks((values.len() / wanted.len().max(1)).max(1));
-        Ok(greedy
+        Ok(out)
+    }
+
+    /// The tokens fed to the queued step's rows (`next`, items of the batch), on the
+    /// device: each picked either by the step queued before (`found`) or by this one
+    /// (`picked`, one per greedy item of `todo`), gathered into the rows' order.
+    fn fed_tokens(
+        &self,
+        next: &[usize],
+        found: &[Option<usize>],
+        todo: &[usize],
+        ahead: Option<&Ahead>,
+        picked: Option<&Array>,
+    ) -> Result<Array> {
+        let earlier = ahead.map_or(0, |a| a.rows.len());
+        // `picked` has a row per item run here, in `todo`'s order.
+        let index: Vec<i32> = next
             .iter()
-            .enumerate()
-            .map(|(i, &g)| match g {
-                true => Next::Token(picked[i]),
-                false => Next::Logits(logits.next().expect("a row per item asking for logits").to_vec()),
+            .map(|&i| match found[i] {
+                Some(row) => row as i32,
+                None => (earlier + todo.iter().position(|&j| j == i).expect("an item run here")) as i32,
             })
-            .collect())
+            .collect();
+        let sources: Vec<&Array> = ahead.map(|a| &a.tokens).into_iter().chain(picked).collect();
+        let all = match sources.len() {
+            1 => sources[0].share()?,
+            _ => Array::concat(&sources, 0)?,
+        };
+        let whole = all.shape()[0];
+        match index.len() == whole && index.iter().enumerate().all(|(k, &r)| k as i32 == r) {
+            true => Ok(all),
+            false => all.take(&Array::from_i32(&index)?, 0),
+        }
     }
 
     /// The lazy graph of a step; `kv` (per layer, the shared key and value buffers)
     /// gets the new keys and values. Prompts (several tokens) attend one by one;
     /// single tokens all at once, over their slots, with a length mask per row.
-    fn forward(&self, ids: &[i32], spans: &[Span], kv: &mut [(Array, Array)]) -> Result<Array> {
+    fn forward(&self, ids: &Array, spans: &[Span], kv: &mut [(Array, Array)]) -> Result<Array> {
         let (nh, nkv, hd) = (self.shape.heads as i32, self.shape.kv_heads as i32, self.head_dim as i32);
         let (eps, base) = (self.shape.eps, self.shape.rope_base);
         let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let mut x = self.embed.embedding(&Array::from_i32(ids)?)?;
+        let mut x = self.embed.embedding(ids)?;
         // A lone sequence attends on its own even for one token: a slice of its slot is
         // cheaper than the gather and mask of the batched path (3 against 5 ms a step
         // on the H200).
@@ -519,6 +648,124 @@ struct Decode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The real SmolLM2 file, its matrices dequantized (the CPU's default).
+    fn smollm() -> Llama {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../.kiln/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            path.is_file(),
+            "{} is missing: run `scripts/setup generate` (scripts/test does)",
+            path.display()
+        );
+        Llama::load(&path, None, Device::Cpu, DType::F32, true).unwrap()
+    }
+
+    /// The first index of the largest value, as kiln's sampler picks it.
+    fn argmax(v: &[f32]) -> u32 {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        v.iter().position(|&l| l == max).unwrap() as u32
+    }
+
+    /// `n` greedy tokens of `prompt` stepped alone through `step` (logits to the host,
+    /// nothing queued ahead).
+    fn alone(g: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
+        let mut cache = g.new_sequence().unwrap();
+        let (mut feed, mut out) = (prompt.to_vec(), Vec::new());
+        for _ in 0..n {
+            let logits = g.step(&mut [StepItem::new(&feed, cache.as_mut())]).unwrap().remove(0);
+            out.push(argmax(&logits));
+            feed = vec![argmax(&logits)];
+        }
+        out
+    }
+
+    /// The decode step queued ahead serves the next call's items it ran and only those:
+    /// sequences join, one asks for its logits for a step (and is then run, not taken
+    /// from the queued step), one ends, and each sequence's tokens stay the ones it gets
+    /// alone.
+    #[test]
+    fn steps_queued_ahead_give_each_sequence_the_tokens_it_gets_alone() {
+        array::set_device(None).unwrap();
+        let g = smollm();
+        assert!(g.decode_ahead && g.greedy_on_device, "on after load");
+        let prompts: [Vec<u32>; 3] =
+            [vec![1, 504, 3458, 282], vec![1, 2683, 314, 9], (0..30).map(|i| 100 + i * 7).collect()];
+        let steps = 10;
+        let expected: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&g, p, steps)).collect();
+        // Sequence 2 joins at step 3; sequence 1 wants its logits at step 5; sequence 0
+        // ends after step 6.
+        let mut caches: Vec<Option<Box<dyn SequenceCache>>> = vec![None, None, None];
+        let mut got: Vec<Vec<u32>> = vec![Vec::new(); 3];
+        let mut served = 0;
+        for step in 0..steps + 3 {
+            if step == 0 || step == 3 {
+                for s in [0, 1, 2].into_iter().filter(|&s| (s == 2) == (step == 3)) {
+                    caches[s] = Some(g.new_sequence().unwrap());
+                }
+            }
+            if step == 7 {
+                caches[0] = None;
+            }
+            let live: Vec<usize> = (0..3).filter(|&s| caches[s].is_some() && got[s].len() < steps).collect();
+            if live.is_empty() {
+                break;
+            }
+            let feeds: Vec<Vec<u32>> =
+                live.iter().map(|&s| got[s].last().map_or(prompts[s].clone(), |&t| vec![t])).collect();
+            // How many of this call's items the queued step ran.
+            {
+                let pool = kv::lock(&g.pool);
+                let rows = pool.ahead.as_ref().map(|a| a.rows.clone()).unwrap_or_default();
+                let mut cache_key = |s: usize| {
+                    let c = caches[s].as_mut().unwrap().as_any_mut().downcast_mut::<MlxCache>().unwrap();
+                    (c.serial, c.len)
+                };
+                for (&s, feed) in live.iter().zip(&feeds) {
+                    let (serial, len) = cache_key(s);
+                    let sampled = s == 1 && step == 5;
+                    if !sampled && feed.len() == 1 && rows.contains(&(serial, len, feed[0])) {
+                        served += 1;
+                    }
+                }
+            }
+            let mut held: Vec<&mut Box<dyn SequenceCache>> = Vec::new();
+            for (s, cache) in caches.iter_mut().enumerate() {
+                if live.contains(&s) {
+                    held.push(cache.as_mut().unwrap());
+                }
+            }
+            let mut items: Vec<StepItem<'_>> = feeds
+                .iter()
+                .zip(held)
+                .zip(&live)
+                .map(|((feed, cache), &s)| StepItem {
+                    greedy: !(s == 1 && step == 5),
+                    ..StepItem::new(feed, cache.as_mut())
+                })
+                .collect();
+            let next = g.step_next(&mut items).unwrap();
+            for (&s, next) in live.iter().zip(next) {
+                got[s].push(match next {
+                    Next::Token(t) => t,
+                    Next::Logits(l) => argmax(&l),
+                });
+            }
+        }
+        assert_eq!(got[0], expected[0][..7], "sequence 0, ended after 7 tokens");
+        assert_eq!(got[1], expected[1], "sequence 1");
+        assert_eq!(got[2], expected[2], "sequence 2, joined at step 3");
+        // Every decode item came from a step queued ahead but sequence 1's at step 5
+        // (sampled) and at step 6 (its sampled token was not queued): 24 decode items, 22.
+        assert_eq!(served, 22, "items served by steps queued ahead");
+        // With the option off, nothing is queued and the tokens are the same.
+        let mut g = g;
+        g.decode_ahead = false;
+        let mut cache = g.new_sequence().unwrap();
+        let mut items = [StepItem { greedy: true, ..StepItem::new(&prompts[0], cache.as_mut()) }];
+        assert_eq!(g.step_next(&mut items).unwrap(), [Next::Token(expected[0][0])]);
+        assert!(kv::lock(&g.pool).ahead.is_none());
+    }
 
     #[test]
     fn repacked_blocks_dequantize_to_the_gguf_values() {

@@ -5,6 +5,7 @@
 //! a step's host work does not grow with the batch. The buffers grow (slots by 8,
 //! tokens by 256, copying what they hold) and are released when no sequence is left.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kiln_core::{DType, Result, SequenceCache, SlotIds};
@@ -25,6 +26,20 @@ pub(super) struct Pool {
     /// Bumped when a failed step's buffers are thrown away: a sequence written before
     /// that lost its keys.
     pub(super) epoch: u64,
+    /// The decode step queued on the device ahead of the runtime's call for it
+    /// (`Llama::stepped`).
+    pub(super) ahead: Option<Ahead>,
+}
+
+/// A decode step queued before the runtime asked for it: each greedy sequence of the
+/// step before fed its picked token. Its keys and values are already in the buffers
+/// (written at positions no sequence reads before it writes them itself, so a step that
+/// goes unused leaves nothing wrong behind).
+pub(super) struct Ahead {
+    /// Per row: the sequence's serial, the position of the token it was fed, the token.
+    pub(super) rows: Vec<(u64, usize, u32)>,
+    /// The tokens the step picks, `[rows]` u32, queued on the device.
+    pub(super) tokens: Array,
 }
 
 /// The pool behind a lock, shared by the generator and its sequences.
@@ -73,6 +88,7 @@ impl Pool {
     /// Throws the buffers away after a failed step (they may hold its unevaluated
     /// graph); sequences written before can no longer step.
     pub(super) fn discard(&mut self) {
+        self.ahead = None;
         self.layers.clear();
         self.slots = 0;
         self.capacity = 0;
@@ -85,9 +101,16 @@ impl Pool {
     }
 }
 
+/// A new sequence's serial: what tells a sequence from a later one in the same slot.
+pub(super) fn serial() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A sequence: its slot in the pool and how many tokens it holds.
 pub struct MlxCache {
     pub(super) slot: usize,
+    pub(super) serial: u64,
     pub(super) len: usize,
     pub(super) bytes_per_token: u64,
     pub(super) pool: SharedPool,
@@ -111,7 +134,12 @@ impl Drop for MlxCache {
     fn drop(&mut self) {
         let mut pool = lock(&self.pool);
         if pool.ids.release(self.slot) {
-            // Nobody left: the buffers go back to MLX.
+            // Nobody left: the buffers go back to MLX, once a step queued ahead (which
+            // writes them) is done — nothing is left running on the device when the
+            // generator goes (a failed step's error has already been reported).
+            if let Some(ahead) = pool.ahead.take() {
+                let _ = crate::array::eval(&[&ahead.tokens]);
+            }
             let epoch = pool.epoch;
             *pool = Pool { epoch, ..Pool::default() };
         }
