@@ -84,7 +84,7 @@ pub struct Llama {
     /// (`provider.options.greedy_on_device`; on after `load`).
     pub greedy_on_device: bool,
     /// Whether a step of greedy sequences also queues the next decode step on the
-    /// device before returning (`provider.options.decode_ahead`; on after `load`).
+    /// device before returning (`provider.options.decode_ahead`; off after `load`).
     pub decode_ahead: bool,
     /// What the runtime needs to know.
     pub info: GeneratorInfo,
@@ -281,7 +281,7 @@ impl Llama {
             device,
             pool: SharedPool::default(),
             greedy_on_device: true,
-            decode_ahead: true,
+            decode_ahead: false,
             info,
         })
     }
@@ -687,8 +687,9 @@ mod tests {
     #[test]
     fn steps_queued_ahead_give_each_sequence_the_tokens_it_gets_alone() {
         array::set_device(None).unwrap();
-        let g = smollm();
-        assert!(g.decode_ahead && g.greedy_on_device, "on after load");
+        let mut g = smollm();
+        assert!(!g.decode_ahead && g.greedy_on_device, "off and on after load");
+        g.decode_ahead = true;
         let prompts: [Vec<u32>; 3] =
             [vec![1, 504, 3458, 282], vec![1, 2683, 314, 9], (0..30).map(|i| 100 + i * 7).collect()];
         let steps = 10;
@@ -759,7 +760,6 @@ mod tests {
         // (sampled) and at step 6 (its sampled token was not queued): 24 decode items, 22.
         assert_eq!(served, 22, "items served by steps queued ahead");
         // With the option off, nothing is queued and the tokens are the same.
-        let mut g = g;
         g.decode_ahead = false;
         let mut cache = g.new_sequence().unwrap();
         let mut items = [StepItem { greedy: true, ..StepItem::new(&prompts[0], cache.as_mut()) }];

@@ -685,42 +685,58 @@ pub(super) fn release(text: &str, stops: &[String]) -> Release {
 
 /// `generate.warmup`: steps on throwaway sequences of every kind the engine runs — a
 /// prompt alone, one token alone, a prompt joining a decoding sequence, and
-/// `sequences` sequences decoding together — dropped afterwards (their caches freed).
-/// Returns the steps taken.
+/// `sequences` sequences decoding together, twice — dropped afterwards (their caches
+/// freed). The steps go through [`Generator::step_next`] as the engine's do, greedy
+/// items fed the tokens they got and one joining prompt wanting its logits, so a
+/// generator's every path — tokens picked on the device, a step queued ahead and
+/// taken, logits rows read back — meets its kernels here rather than in the first
+/// requests (MLX compiles each at first use). Returns the steps taken.
 pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core::Result<usize> {
     let info = generator.info();
     let vocab = info.vocab_size.max(2) as u32;
     // Ordinary token ids; the outputs are discarded.
     let prompt: Vec<u32> =
         (0..(info.context_length / 4).clamp(1, 8) as u32).map(|i| (i * 7 + 1) % vocab).collect();
-    let next = [prompt[0]];
     let mut caches: Vec<Box<dyn SequenceCache>> = Vec::new();
     let mut steps = 0;
-    let mut step = |caches: &mut [Box<dyn SequenceCache>], tokens: &[&[u32]]| -> kiln_core::Result<()> {
+    // A step of `tokens`, items greedy where `greedy` says; what each item is fed next.
+    let mut step = |caches: &mut [Box<dyn SequenceCache>],
+                    tokens: &[Vec<u32>],
+                    greedy: &[bool]|
+     -> kiln_core::Result<Vec<Vec<u32>>> {
         let mut batch: Vec<StepItem<'_>> = caches
             .iter_mut()
             .zip(tokens)
-            .map(|(cache, tokens)| StepItem::new(tokens, &mut **cache))
+            .zip(greedy)
+            .map(|((cache, tokens), &greedy)| StepItem { greedy, ..StepItem::new(tokens, &mut **cache) })
             .collect();
-        generator.step(&mut batch)?;
+        let next = generator.step_next(&mut batch)?;
         steps += 1;
-        Ok(())
+        Ok(next
+            .into_iter()
+            .map(|n| match n {
+                Next::Token(t) if t < vocab => vec![t],
+                _ => vec![prompt[0]],
+            })
+            .collect())
     };
     caches.push(generator.new_sequence()?);
-    step(&mut caches, &[&prompt])?;
-    step(&mut caches, &[&next])?;
+    let mut fed = step(&mut caches, std::slice::from_ref(&prompt), &[true])?;
+    fed = step(&mut caches, &fed, &[true])?;
     if sequences > 1 {
         caches.push(generator.new_sequence()?);
-        step(&mut caches, &[&next, &prompt])?;
-        step(&mut caches, &[&next, &next])?;
+        fed.push(prompt.clone());
+        fed = step(&mut caches, &fed, &[true, false])?;
+        fed = step(&mut caches, &fed, &[true, true])?;
     }
     if sequences > 2 {
         let joining = sequences - caches.len();
-        let mut all: Vec<&[u32]> = vec![&next; caches.len()];
-        all.extend(std::iter::repeat_n(&prompt[..], joining));
+        fed.extend(std::iter::repeat_n(prompt.clone(), joining));
         caches.extend((0..joining).map(|_| generator.new_sequence()).collect::<kiln_core::Result<Vec<_>>>()?);
-        step(&mut caches, &all)?;
-        step(&mut caches, &vec![&next[..]; sequences])?;
+        let all = vec![true; sequences];
+        fed = step(&mut caches, &fed, &all)?;
+        fed = step(&mut caches, &fed, &all)?;
+        step(&mut caches, &fed, &all)?;
     }
     Ok(steps)
 }
@@ -1144,14 +1160,25 @@ mod tests {
     }
 
     /// The warm-up runs every kind of step the engine does: a prompt alone, a token
-    /// alone, a prompt joining a decoding sequence, and a full batch decoding.
+    /// alone, a prompt joining a decoding sequence, and a full batch decoding (twice).
     #[test]
     fn the_warm_up_steps_through_every_kind_of_batch() {
         let info = GeneratorInfo::new("recorder", "test", Device::Cpu, 50, 64, TokenizerSource::None);
         for (sequences, want) in [
             (1, vec![vec![8], vec![1]]),
             (2, vec![vec![8], vec![1], vec![1, 8], vec![1, 1]]),
-            (4, vec![vec![8], vec![1], vec![1, 8], vec![1, 1], vec![1, 1, 8, 8], vec![1, 1, 1, 1]]),
+            (
+                4,
+                vec![
+                    vec![8],
+                    vec![1],
+                    vec![1, 8],
+                    vec![1, 1],
+                    vec![1, 1, 8, 8],
+                    vec![1, 1, 1, 1],
+                    vec![1, 1, 1, 1],
+                ],
+            ),
         ] {
             let g = Recorder(info.clone(), Mutex::new(Vec::new()), false);
             assert_eq!(warm_up(&g, sequences).unwrap(), want.len());
