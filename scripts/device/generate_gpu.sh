@@ -37,9 +37,12 @@ fi
 . scripts/device/common.sh /tmp/kiln-gen
 returned="$out"
 if [ -n "${LEAN:-}" ]; then
-    # LEAN=1, for a call with little device time left: results straight into the
-    # returned folder (a call cut short still returns what was written), no answers
-    # run, transformers and then only the greedy on-device / on-host benches below.
+    # LEAN=1, for a call with little device time left: no answers run, transformers
+    # and then only the 64/16/1-stream benches below. Each bench's line is printed as it
+    # comes: run the call without piping it through `tail`, so a call cut short at its
+    # limit still shows them (the files under $OUT are archived only at exit). On a
+    # fresh machine every process first waits for MLX's kernel compiler: give it
+    # 600 s (2026-12-07: 420 s was not enough).
     DTYPES=none
 else
     out="$work/out"
