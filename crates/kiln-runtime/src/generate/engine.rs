@@ -1193,4 +1193,51 @@ mod tests {
         warm_up(&g, 2).unwrap();
         assert_eq!(g.1.lock().unwrap()[0], vec![2]);
     }
+
+    /// The warm-up steps through `step_next` as the engine does: each greedy item is fed
+    /// the token it got back (so a generator's queued next step is taken), and the
+    /// prompt joining a decoding sequence wants its logits once.
+    #[test]
+    fn the_warm_up_feeds_greedy_items_the_tokens_they_got() {
+        /// Answers a greedy item with its token + 1; records (first token, greedy).
+        struct Echo(GeneratorInfo, Mutex<Vec<Vec<(u32, bool)>>>);
+        impl Generator for Echo {
+            fn info(&self) -> &GeneratorInfo {
+                &self.0
+            }
+            fn new_sequence(&self) -> Result<Box<dyn SequenceCache>> {
+                Ok(Box::new(Held(0)))
+            }
+            fn step(&self, _: &mut [StepItem<'_>]) -> Result<Vec<Vec<f32>>> {
+                unreachable!("the warm-up steps through step_next")
+            }
+            fn step_next(&self, batch: &mut [StepItem<'_>]) -> Result<Vec<Next>> {
+                self.1.lock().unwrap().push(batch.iter().map(|item| (item.tokens[0], item.greedy)).collect());
+                for item in batch.iter_mut() {
+                    item.cache.as_any_mut().downcast_mut::<Held>().unwrap().0 += item.tokens.len();
+                }
+                Ok(batch
+                    .iter()
+                    .map(|item| match item.greedy {
+                        true => Next::Token(item.tokens[0] + 1),
+                        false => Next::Logits(vec![0.0; self.0.vocab_size]),
+                    })
+                    .collect())
+            }
+        }
+        let info = GeneratorInfo::new("echo", "test", Device::Cpu, 50, 64, TokenizerSource::None);
+        let g = Echo(info, Mutex::new(Vec::new()));
+        assert_eq!(warm_up(&g, 3).unwrap(), 7);
+        // The prompt starts with token 1; the item wanting logits is fed it again.
+        let want = vec![
+            vec![(1, true)],
+            vec![(2, true)],
+            vec![(3, true), (1, false)],
+            vec![(4, true), (1, true)],
+            vec![(5, true), (2, true), (1, true)],
+            vec![(6, true), (3, true), (2, true)],
+            vec![(7, true), (4, true), (3, true)],
+        ];
+        assert_eq!(*g.1.lock().unwrap(), want);
+    }
 }
