@@ -186,22 +186,21 @@ int kiln_mlx_to_host(const kiln_mlx_array* a, int dtype, void* out, size_t bytes
   });
 }
 
+// The arrays behind `n` handles.
+static std::vector<mx::array> arrays_of(kiln_mlx_array* const* arrays, size_t n) {
+  std::vector<mx::array> all;
+  for (size_t i = 0; i < n; i++) all.push_back(arrays[i]->a);
+  return all;
+}
+
 int kiln_mlx_eval(kiln_mlx_array* const* arrays, size_t n) {
-  return status([&] {
-    std::vector<mx::array> all;
-    for (size_t i = 0; i < n; i++) all.push_back(arrays[i]->a);
-    mx::eval(all);
-  });
+  return status([&] { mx::eval(arrays_of(arrays, n)); });
 }
 
 // Queues the arrays' evaluation and returns at once; a later eval of any of them (or of
 // anything built on them) waits for it.
 int kiln_mlx_async_eval(kiln_mlx_array* const* arrays, size_t n) {
-  return status([&] {
-    std::vector<mx::array> all;
-    for (size_t i = 0; i < n; i++) all.push_back(arrays[i]->a);
-    mx::async_eval(all);
-  });
+  return status([&] { mx::async_eval(arrays_of(arrays, n)); });
 }
 
 // Queues `a`'s evaluation as a row-contiguous f32 array and returns that array at once;
@@ -443,52 +442,43 @@ kiln_mlx_array* kiln_mlx_where(const kiln_mlx_array* c, const kiln_mlx_array* x,
   return wrap([&] { return mx::where(c->a, x->a, y->a, current_device); });
 }
 
-// BERT's exact GELU, x/2 (1 + erf(x/sqrt 2)), compiled by MLX into one kernel (five
-// separate elementwise passes otherwise). Constants take x's dtype, so f16 stays f16.
+// BERT's exact GELU, x/2 (1 + erf(x/sqrt 2)). Constants take x's dtype, so f16 stays f16.
+static mx::array gelu_of(const mx::array& x) {
+  auto half = mx::array(0.5f, x.dtype());
+  auto one = mx::array(1.0f, x.dtype());
+  auto scale = mx::array(0.70710678118654752f, x.dtype());
+  return mx::multiply(mx::multiply(x, half, current_device),
+                      mx::add(one, mx::erf(mx::multiply(x, scale, current_device), current_device), current_device),
+                      current_device);
+}
+
+// silu(gate) * up = gate * sigmoid(gate) * up, a llama MLP's activation.
+static mx::array swiglu_of(const mx::array& gate, const mx::array& up) {
+  return mx::multiply(mx::multiply(gate, mx::sigmoid(gate, current_device), current_device), up, current_device);
+}
+
+// GELU compiled by MLX into one kernel on a GPU (five separate elementwise passes
+// otherwise).
 kiln_mlx_array* kiln_mlx_gelu(const kiln_mlx_array* x) {
-  static auto gelu = mx::compile([](const std::vector<mx::array>& in) {
-    const auto& x = in[0];
-    auto half = mx::array(0.5f, x.dtype());
-    auto one = mx::array(1.0f, x.dtype());
-    auto scale = mx::array(0.70710678118654752f, x.dtype());
-    return std::vector<mx::array>{
-        mx::multiply(mx::multiply(x, half, current_device),
-                     mx::add(one, mx::erf(mx::multiply(x, scale, current_device), current_device), current_device),
-                     current_device)};
-  });
+  static auto gelu = mx::compile([](const std::vector<mx::array>& in) { return std::vector<mx::array>{gelu_of(in[0])}; });
   return wrap([&] {
     // On the CPU, MLX compiles by running the system's C++ compiler at run time, which a
     // machine may lack or reject; the five passes are cheap there anyway.
-    if (current_device.type == mx::Device::cpu) {
-      const auto& v = x->a;
-      auto half = mx::array(0.5f, v.dtype());
-      auto one = mx::array(1.0f, v.dtype());
-      auto scale = mx::array(0.70710678118654752f, v.dtype());
-      return mx::multiply(mx::multiply(v, half, current_device),
-                          mx::add(one, mx::erf(mx::multiply(v, scale, current_device), current_device), current_device),
-                          current_device);
-    }
+    if (current_device.type == mx::Device::cpu) return gelu_of(x->a);
     return gelu({x->a})[0];
   });
 }
 
-// A llama MLP's activation, silu(gate) * up = gate * sigmoid(gate) * up, compiled by MLX
-// into one kernel on a GPU (three launches otherwise, each layer of each decode step;
-// mlx-lm compiles it the same way). Shapeless: one compilation serves every batch.
+// SwiGLU compiled by MLX into one kernel on a GPU (three launches otherwise, each layer
+// of each decode step; mlx-lm compiles it the same way). Shapeless: one compilation
+// serves every batch.
 kiln_mlx_array* kiln_mlx_swiglu(const kiln_mlx_array* gate, const kiln_mlx_array* up) {
   static auto swiglu = mx::compile(
-      [](const std::vector<mx::array>& in) {
-        const auto& g = in[0];
-        return std::vector<mx::array>{
-            mx::multiply(mx::multiply(g, mx::sigmoid(g, current_device), current_device), in[1], current_device)};
-      },
+      [](const std::vector<mx::array>& in) { return std::vector<mx::array>{swiglu_of(in[0], in[1])}; },
       /* shapeless = */ true);
   return wrap([&] {
     // The CPU: see kiln_mlx_gelu.
-    if (current_device.type == mx::Device::cpu) {
-      const auto& g = gate->a;
-      return mx::multiply(mx::multiply(g, mx::sigmoid(g, current_device), current_device), up->a, current_device);
-    }
+    if (current_device.type == mx::Device::cpu) return swiglu_of(gate->a, up->a);
     return swiglu({gate->a, up->a})[0];
   });
 }

@@ -358,7 +358,7 @@ impl Array {
 
     /// The arrays joined along `axis`.
     pub fn concat(arrays: &[&Array], axis: i32) -> Result<Array> {
-        let raw: Vec<*mut ffi::RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
+        let raw = raw_handles(arrays);
         // SAFETY: live handles, `raw.len()` of them.
         own(unsafe { ffi::kiln_mlx_concat(raw.as_ptr(), raw.len(), axis) }, "concatenate")
     }
@@ -503,7 +503,7 @@ impl Array {
 
 /// Evaluates arrays together (one pass over their shared graph).
 pub fn eval(arrays: &[&Array]) -> Result<()> {
-    let raw: Vec<*mut ffi::RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
+    let raw = raw_handles(arrays);
     // SAFETY: live handles for the duration of the call.
     check(unsafe { ffi::kiln_mlx_eval(raw.as_ptr(), raw.len()) }, "evaluating")
 }
@@ -512,9 +512,14 @@ pub fn eval(arrays: &[&Array]) -> Result<()> {
 /// the host goes on (building the next graph); evaluating or reading any of them, or
 /// anything built on them, later waits for it.
 pub fn async_eval(arrays: &[&Array]) -> Result<()> {
-    let raw: Vec<*mut ffi::RawArray> = arrays.iter().map(|a| a.0.as_ptr()).collect();
+    let raw = raw_handles(arrays);
     // SAFETY: live handles for the duration of the call.
     check(unsafe { ffi::kiln_mlx_async_eval(raw.as_ptr(), raw.len()) }, "queueing an evaluation")
+}
+
+/// The shim's handles of `arrays`, for a call that takes a list of them.
+fn raw_handles(arrays: &[&Array]) -> Vec<*mut ffi::RawArray> {
+    arrays.iter().map(|a| a.0.as_ptr()).collect()
 }
 
 /// Where this thread's MLX ops run from now on: the CPU, or GPU `index`.

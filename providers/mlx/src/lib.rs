@@ -58,6 +58,8 @@ mod llama;
 mod onnx;
 #[cfg(feature = "libmlx")]
 mod qwen2vl;
+#[cfg(all(test, feature = "libmlx"))]
+mod testing;
 #[cfg(feature = "libmlx")]
 pub use imp::*;
 

@@ -395,9 +395,7 @@ impl Llama {
         let run = |pool: &mut kv::Pool| -> Result<(Option<Array>, Option<Array>, Option<Array>)> {
             let (mut picked, mut rows) = (None, None);
             if !todo.is_empty() {
-                let slots = spans.iter().map(|s| s.slot + 1).max().unwrap_or(0);
-                let length = spans.iter().map(|s| s.pos + s.tokens).max().unwrap_or(0);
-                pool.reserve(slots, length, &geometry)?;
+                reserve(pool, &spans, &geometry)?;
                 let logits = self.forward(&Array::from_i32(&ids)?, &spans, &mut pool.layers)?;
                 picked = any_picked.then(|| logits.argmax(-1)).transpose()?;
                 rows = match wanted.len() {
@@ -420,9 +418,7 @@ impl Llama {
                             slot: caches[i].slot,
                         })
                         .collect();
-                    let slots = spans.iter().map(|s| s.slot + 1).max().unwrap_or(0);
-                    let length = spans.iter().map(|s| s.pos + 1).max().unwrap_or(0);
-                    pool.reserve(slots, length, &geometry)?;
+                    reserve(pool, &spans, &geometry)?;
                     let queued = self.forward(&fed, &spans, &mut pool.layers)?.argmax(-1)?;
                     let mut pending = vec![&queued];
                     pending.extend(pool.layers.iter().flat_map(|(k, v)| [k, v]));
@@ -624,6 +620,13 @@ impl Llama {
     }
 }
 
+/// Room in the pool's buffers for every span's slot and tokens.
+fn reserve(pool: &mut kv::Pool, spans: &[Span], geometry: &Geometry) -> Result<()> {
+    let slots = spans.iter().map(|s| s.slot + 1).max().unwrap_or(0);
+    let length = spans.iter().map(|s| s.pos + s.tokens).max().unwrap_or(0);
+    pool.reserve(slots, length, geometry)
+}
+
 /// A sequence's part of a step: its first row, its new tokens, the position of the
 /// first, and its slot in the KV buffers.
 struct Span {
@@ -648,6 +651,7 @@ struct Decode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::argmax;
 
     /// The real SmolLM2 file, its matrices dequantized (the CPU's default).
     fn smollm() -> Llama {
@@ -659,12 +663,6 @@ mod tests {
             path.display()
         );
         Llama::load(&path, None, Device::Cpu, DType::F32, true).unwrap()
-    }
-
-    /// The first index of the largest value, as kiln's sampler picks it.
-    fn argmax(v: &[f32]) -> u32 {
-        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        v.iter().position(|&l| l == max).unwrap() as u32
     }
 
     /// `n` greedy tokens of `prompt` stepped alone through `step` (logits to the host,

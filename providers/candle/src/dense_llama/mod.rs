@@ -614,8 +614,6 @@ mod tests {
         assert!(step_both(&dense, &cpu, &mut [(&pg, &mut g)], "a sequence after all were gone") < tol);
     }
 
-    /// f16 on the CPU backend: the same best tokens as f32 for a prompt and a decoding
-    /// step, logits close.
     /// `step_next` picks a greedy item's token on the device: the first index of the
     /// largest of the logits `step` gives for the same inputs (two decoders, the same
     /// steps), beside an item wanting its logits and in an all-greedy step; a row of
@@ -654,6 +652,8 @@ mod tests {
         assert_eq!(picked, [Next::Token(1), Next::Token(0), Next::Token(0)]);
     }
 
+    /// f16 on the CPU backend: the same best tokens as f32 for a prompt and a decoding
+    /// step, logits close.
     #[test]
     fn dense_decoder_in_f16_stays_near_f32() {
         let path = smollm2();

@@ -12,6 +12,7 @@ use kiln_core::{DType, Device, Generator, ImagePatches, Next, StepImage, StepIte
 use kiln_vision::read_npy;
 
 use super::QwenVl;
+use crate::testing::argmax;
 
 fn fixture() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.kiln/models/qwen25vl-tiny");
@@ -46,12 +47,6 @@ fn two_prompts(dir: &Path, model: &QwenVl) -> (Vec<u32>, Vec<Tensor>, Vec<[usize
     let encoded = Generator::encode_images(model, &patches).unwrap();
     let text = ids[..12].to_vec();
     (ids, encoded, grids, text)
-}
-
-/// The first index of the largest value (as kiln's sampler, torch and MLX pick it).
-fn argmax(row: &[f32]) -> u32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    row.iter().position(|&l| l == max).unwrap() as u32
 }
 
 fn load(dir: &Path) -> QwenVl {
