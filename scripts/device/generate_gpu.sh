@@ -134,9 +134,9 @@ fi
 # `Generator::step_next`), against the device's argmax again, alternated.
 bench mlx_f16_64_host f16 64 --set provider.options.greedy_on_device=false
 bench mlx_f16_64_device f16 64
-# The next decode step queued before the tokens are read, off against on.
-bench mlx_f16_64_not_ahead f16 64 --set provider.options.decode_ahead=false
-bench mlx_f16_64_ahead f16 64
+# The next decode step queued before the tokens are read, off (the default) against on.
+bench mlx_f16_64_not_ahead f16 64
+bench mlx_f16_64_ahead f16 64 --set provider.options.decode_ahead=true
 # The file's blocks dequantized to f16 at load: cuBLAS's dense products against MLX's
 # quantized matmul at 64 rows a step (candle's GPU decoder runs dense f16).
 bench mlx_f16_64_dense f16 64 --set 'provider.options.gguf_matrices="dense"'
