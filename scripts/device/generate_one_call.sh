@@ -11,7 +11,7 @@
 #   call 3, .device/: smollm2.gguf.part-ab, smollm2.gguf.part-ac           bash scripts/device/generate_one_call.sh
 #
 # Order: transformers first (batches 1 and 64), then MLX at 64 streams twice (on a fresh
-# machine the first run waits for MLX's run-time kernel compiler, ~3 min), MLX at one
+# machine the first run's warm-up waits for MLX's run-time kernel compiler, ~3-5 min), MLX at one
 # stream, candle at 64 streams twice and one stream, transformers again, so the baseline
 # brackets kiln's runs. Every line is printed as it comes: run the call with a 600 s limit
 # and without piping it through `tail` (files under $OUT are archived only at exit).
@@ -44,14 +44,14 @@ bench() { # TAG BIN EXAMPLE STREAMS [--set ...]
     local tag="$1" bin="$2" example="$3" streams="$4"
     shift 4
     echo "== $tag"
-    timeout 300 "$bin" bench "$example" --set "model.path=\"$gguf\"" --set 'model.device="cuda:0"' \
+    timeout "${LIMIT:-300}" "$bin" bench "$example" --set "model.path=\"$gguf\"" --set 'model.device="cuda:0"' \
         --set 'model.dtype="f16"' --requests "$streams" --concurrency "$streams" \
         --set "batching.max_batch_size=$streams" --set generate.max_new_tokens=128 \
         --set generate.kv_cache_mb=4096 --set generate.prefill_chunk=2048 --json "$out/$tag.json" "$@" \
         2>> "$out/bench.log" | tee -a "$out/bench.txt" || true
 }
 transformers hf_first
-bench mlx_64_cold "$kiln" examples/generate-mlx.toml 64
+LIMIT=450 bench mlx_64_cold "$kiln" examples/generate-mlx.toml 64
 bench mlx_64 "$kiln" examples/generate-mlx.toml 64
 bench mlx_1 "$kiln" examples/generate-mlx.toml 1
 bench candle_64 "$candle" examples/generate-cuda.toml 64

@@ -12,10 +12,11 @@
 //!
 //! A step is one lazy MLX graph: every sequence's new tokens are rows of one matrix for
 //! the projections and the MLP; the keys and values live in buffers shared by all
-//! sequences, a slot each (`kv.rs`): a prompt (or a lone sequence) attends on its
-//! own, the sequences that add one token attend together — one scatter of their new keys, one
-//! batched SDPA with a length mask per row — so the host builds the same few ops per
-//! layer whatever the batch. MLX's fused kernels do RMS norm, rotary embeddings and
+//! sequences, a slot each (`kv.rs`): a lone sequence attends on its own, prompts of
+//! similar lengths attend together in one padded SDPA with a causal mask each
+//! (`prompts.rs`), and the sequences that add one token attend together — one scatter of
+//! their new keys, one batched SDPA with a length mask per row — so the host builds the
+//! same few ops per layer whatever the batch. MLX's fused kernels do RMS norm, rotary embeddings and
 //! attention. The logits and the updated buffers are evaluated together; a greedy
 //! sequence's token is picked there too (`step_next`), so only its id comes to the host.
 
@@ -28,6 +29,7 @@ use kiln_core::{DType, Device, Error, Generator, GeneratorInfo, Next, Result, Se
 use crate::array::{self, Array};
 
 mod kv;
+mod prompts;
 pub use kv::MlxCache;
 use kv::{Ahead, Geometry, SharedPool};
 
@@ -544,25 +546,33 @@ impl Llama {
                 })
             }
         };
-        // The attention output comes out prompts first, then the decode rows; this puts
-        // the rows back in the step's order.
-        let reorder = match (prompts.is_empty(), singles.is_empty()) {
-            (false, false) => {
-                let grouped: Vec<usize> =
-                    prompts.iter().chain(&singles).flat_map(|s| s.row..s.row + s.tokens).collect();
+        // Prompts of similar lengths attend together (`prompts.rs`), the rest one by one.
+        let (batched, in_groups) = match alone {
+            true => (None, Vec::new()),
+            false => prompts::plan(&prompts, self.dtype)?,
+        };
+        let separate: Vec<&Span> =
+            prompts.iter().copied().filter(|s| !in_groups.iter().any(|g| g.row == s.row)).collect();
+        let heads = prompts::Heads { q: nh, kv: nkv, dim: hd };
+        // The attention output comes out as the separate prompts, the grouped ones, then
+        // the decode rows; this puts the rows back in the step's order.
+        let grouped: Vec<usize> =
+            separate.iter().chain(&in_groups).chain(&singles).flat_map(|s| s.row..s.row + s.tokens).collect();
+        let reorder = match grouped.iter().enumerate().all(|(at, &row)| at == row) {
+            true => None,
+            false => {
                 let mut back = vec![0i32; grouped.len()];
                 for (at, &row) in grouped.iter().enumerate() {
                     back[row] = at as i32;
                 }
                 Some(Array::from_i32(&back)?)
             }
-            _ => None,
         };
         for (layer, (kbuf, vbuf)) in self.layers.iter().zip(kv.iter_mut()) {
             let h = x.rms_norm(&layer.attn_norm, eps)?;
             let (q, k, v) = (layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?);
             let mut pieces = Vec::with_capacity(prompts.len() + 1);
-            for s in &prompts {
+            for s in &separate {
                 let (r0, r1, t) = (s.row as i32, (s.row + s.tokens) as i32, s.tokens as i32);
                 let (p0, p1, slot) = (s.pos as i32, (s.pos + s.tokens) as i32, s.slot as i32);
                 let heads = |a: &Array, n: i32| -> Result<Array> {
@@ -579,6 +589,9 @@ impl Llama {
                     _ => qs.causal_attention(&keys, &values, scale)?,
                 };
                 pieces.push(o.transpose(&[0, 2, 1, 3])?.reshape(&[t, nh * hd])?);
+            }
+            if let Some(b) = &batched {
+                b.attend((&q, &k, &v), (&mut *kbuf, &mut *vbuf), heads, base, scale, &mut pieces)?;
             }
             if let Some(d) = &decode {
                 let heads = |a: &Array, n: i32| -> Result<Array> {
@@ -763,6 +776,57 @@ mod tests {
         let mut items = [StepItem { greedy: true, ..StepItem::new(&prompts[0], cache.as_mut()) }];
         assert_eq!(g.step_next(&mut items).unwrap(), [Next::Token(expected[0][0])]);
         assert!(kv::lock(&g.pool).ahead.is_none());
+    }
+
+    /// Prompts stepped together — grouped and padded (`prompts.rs`), one of them the
+    /// second chunk of a sequence's prompt, beside a sequence decoding — get the logits
+    /// each gets stepped alone.
+    #[test]
+    fn prompts_stepped_together_get_the_logits_each_gets_alone() {
+        array::set_device(None).unwrap();
+        let g = smollm();
+        let ids =
+            |p: usize, n: usize| -> Vec<u32> { (0..n).map(|i| (100 + 13 * p + 7 * i) as u32).collect() };
+        // Prompts of 30, 9, 8 (one group) and 7, 5 (another, with the chunk below).
+        let prompts: Vec<Vec<u32>> = [5, 9, 7, 8, 30].iter().enumerate().map(|(p, &n)| ids(p, n)).collect();
+        let (head, chunk) = (ids(7, 6), ids(8, 7));
+        let decoding = vec![1, 504, 3458, 282];
+        // The sequences that have stepped before: the chunked prompt's first 6 tokens,
+        // the decoding sequence's prompt (it then adds its greedy token).
+        let started = |first: &[u32]| -> (Box<dyn SequenceCache>, Vec<f32>) {
+            let mut cache = g.new_sequence().unwrap();
+            let logits = g.step(&mut [StepItem::new(first, cache.as_mut())]).unwrap().remove(0);
+            (cache, logits)
+        };
+        let token = {
+            let (_, logits) = started(&decoding);
+            vec![argmax(&logits)]
+        };
+        let mut expected: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| g.step(&mut [StepItem::new(p, g.new_sequence().unwrap().as_mut())]).unwrap().remove(0))
+            .collect();
+        for (first, then) in [(&head, &chunk), (&decoding, &token)] {
+            let (mut cache, _) = started(first);
+            expected.push(g.step(&mut [StepItem::new(then, cache.as_mut())]).unwrap().remove(0));
+        }
+        let mut fresh: Vec<Box<dyn SequenceCache>> =
+            prompts.iter().map(|_| g.new_sequence().unwrap()).collect();
+        let (mut chunked, _) = started(&head);
+        let (mut decoder, _) = started(&decoding);
+        let mut items: Vec<StepItem<'_>> =
+            prompts.iter().zip(fresh.iter_mut()).map(|(p, c)| StepItem::new(p, c.as_mut())).collect();
+        // The decoding sequence in the middle of the step, the chunk at its end.
+        items.insert(2, StepItem::new(&token, decoder.as_mut()));
+        items.push(StepItem::new(&chunk, chunked.as_mut()));
+        let got = g.step(&mut items).unwrap();
+        // In `expected`'s order: the prompts, the chunk, the decoding sequence.
+        for (i, &at) in [0, 1, 3, 4, 5, 6, 2].iter().enumerate() {
+            let (got, want) = (&got[at], &expected[i]);
+            let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 2e-3, "sequence {i}: logits differ by {worst} from its step alone");
+            assert_eq!(argmax(got), argmax(want), "sequence {i}");
+        }
     }
 
     #[test]

@@ -691,6 +691,13 @@ pub(super) fn release(text: &str, stops: &[String]) -> Release {
 /// generator's every path — tokens picked on the device, a step queued ahead and
 /// taken, logits rows read back — meets its kernels here rather than in the first
 /// requests (MLX compiles each at first use). Returns the steps taken.
+///
+/// Kernels are also chosen by size: MLX's quantized matmul on CUDA compiles one kernel
+/// per power-of-two tile height from 16 to 64 rows (tens of seconds each on a fresh
+/// machine), and cuBLAS picks its algorithm by row count. So the warm-up also steps one
+/// prompt of each power-of-two length from 16 to 64 tokens (the rows of a prompt step)
+/// and each power-of-two count of decoding sequences between 2 and `sequences` (the
+/// rows of a decode step and of its logits), not only the sizes above.
 pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core::Result<usize> {
     let info = generator.info();
     let vocab = info.vocab_size.max(2) as u32;
@@ -720,6 +727,13 @@ pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core:
             })
             .collect())
     };
+    // Prompt steps of 16, 32 and 64 rows, each on a sequence of its own dropped at once
+    // (so a generator with `sequences` slots never holds more).
+    for rows in [16, 32, 64].into_iter().filter(|&rows| rows <= info.context_length / 2) {
+        let long: Vec<u32> = (0..rows as u32).map(|i| (i * 7 + 1) % vocab).collect();
+        let mut alone = vec![generator.new_sequence()?];
+        step(&mut alone, &[long], &[true])?;
+    }
     caches.push(generator.new_sequence()?);
     let mut fed = step(&mut caches, std::slice::from_ref(&prompt), &[true])?;
     fed = step(&mut caches, &fed, &[true])?;
@@ -736,7 +750,12 @@ pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core:
         let all = vec![true; sequences];
         fed = step(&mut caches, &fed, &all)?;
         fed = step(&mut caches, &fed, &all)?;
-        step(&mut caches, &fed, &all)?;
+        fed = step(&mut caches, &fed, &all)?;
+        // Fewer sequences decoding: every power of two between 2 and `sequences`.
+        for n in (2..).map(|k| 1usize << k).take_while(|&n| n < sequences) {
+            let got = step(&mut caches[..n], &fed[..n], &all[..n])?;
+            fed.splice(..n, got);
+        }
     }
     Ok(steps)
 }
@@ -1160,25 +1179,34 @@ mod tests {
     }
 
     /// The warm-up runs every kind of step the engine does: a prompt alone, a token
-    /// alone, a prompt joining a decoding sequence, and a full batch decoding (twice).
+    /// alone, a prompt joining a decoding sequence, and a full batch decoding (three
+    /// times) — and every power-of-two size of them: prompts of 16 and 32 tokens (the
+    /// context of 64 allows no 64), and 4, 8 and 16 of 20 sequences decoding.
     #[test]
-    fn the_warm_up_steps_through_every_kind_of_batch() {
+    fn the_warm_up_steps_through_every_kind_and_size_of_batch() {
         let info = GeneratorInfo::new("recorder", "test", Device::Cpu, 50, 64, TokenizerSource::None);
+        let ones = |n: usize| vec![1; n];
+        let mut twenty = vec![vec![16], vec![32], vec![8], vec![1], vec![1, 8], vec![1, 1]];
+        twenty.push([vec![1, 1], vec![8; 18]].concat());
+        twenty.extend([ones(20), ones(20), ones(4), ones(8), ones(16)]);
         for (sequences, want) in [
-            (1, vec![vec![8], vec![1]]),
-            (2, vec![vec![8], vec![1], vec![1, 8], vec![1, 1]]),
+            (1, vec![vec![16], vec![32], vec![8], vec![1]]),
+            (2, vec![vec![16], vec![32], vec![8], vec![1], vec![1, 8], vec![1, 1]]),
             (
                 4,
                 vec![
+                    vec![16],
+                    vec![32],
                     vec![8],
                     vec![1],
                     vec![1, 8],
                     vec![1, 1],
                     vec![1, 1, 8, 8],
-                    vec![1, 1, 1, 1],
-                    vec![1, 1, 1, 1],
+                    ones(4),
+                    ones(4),
                 ],
             ),
+            (20, twenty),
         ] {
             let g = Recorder(info.clone(), Mutex::new(Vec::new()), false);
             assert_eq!(warm_up(&g, sequences).unwrap(), want.len());
@@ -1227,9 +1255,12 @@ mod tests {
         }
         let info = GeneratorInfo::new("echo", "test", Device::Cpu, 50, 64, TokenizerSource::None);
         let g = Echo(info, Mutex::new(Vec::new()));
-        assert_eq!(warm_up(&g, 3).unwrap(), 7);
-        // The prompt starts with token 1; the item wanting logits is fed it again.
+        assert_eq!(warm_up(&g, 3).unwrap(), 9);
+        // Every prompt starts with token 1 (the first two are the 16- and 32-token ones);
+        // the item wanting logits is fed it again.
         let want = vec![
+            vec![(1, true)],
+            vec![(1, true)],
             vec![(1, true)],
             vec![(2, true)],
             vec![(3, true), (1, false)],
