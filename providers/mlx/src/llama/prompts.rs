@@ -10,8 +10,9 @@
 //! no row's softmax is over nothing). The padded rows are dropped afterwards.
 //!
 //! Grouping bounds the padding: prompts are taken longest first and a group takes the
-//! next one while its padded rows stay within twice its real ones, so one long prompt
-//! beside many short ones does not pad them all to its length.
+//! next one while its padded rows stay within twice its real ones and its mask within
+//! 4 Mi entries, so one long prompt beside many short ones does not pad them all to its
+//! length, and long prompts keep MLX's causal kernel, which needs no mask.
 
 use kiln_core::{DType, Result};
 
@@ -54,23 +55,34 @@ pub(super) struct Heads {
     pub dim: i32,
 }
 
-/// Which of `tokens` (prompt lengths) are attended together: groups of indices, taken
-/// longest first, a group growing while `count × longest ≤ 2 × its tokens`. Groups of
-/// one are left out (such a prompt is attended alone).
-fn groups(tokens: &[usize]) -> Vec<Vec<usize>> {
+/// The most entries a group's mask (`count × tokens × keys`) may have: 4 Mi, 16 MiB of
+/// f32 built on the host (and the scores the SDPA makes from it). Long prompts, or
+/// chunks of prompts with a long cached prefix, attend alone with MLX's causal kernel,
+/// which builds no mask.
+const MASK_ENTRIES: usize = 1 << 22;
+
+/// Which prompts are attended together, given each one's new `tokens` and the keys it
+/// sees (`keys`: its position plus its tokens): groups of indices, taken longest first,
+/// a group growing while `count × longest ≤ 2 × its tokens` and its mask stays within
+/// [`MASK_ENTRIES`]. Groups of one are left out (such a prompt is attended alone).
+fn groups(tokens: &[usize], keys: &[usize]) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..tokens.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(tokens[i]));
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
-    let mut sum = 0;
+    let (mut sum, mut seen) = (0, 0);
     for i in order {
         let longest = current.first().map_or(tokens[i], |&f| tokens[f]);
-        if !current.is_empty() && (current.len() + 1) * longest > 2 * (sum + tokens[i]) {
+        let count = current.len() + 1;
+        let fits =
+            count * longest <= 2 * (sum + tokens[i]) && count * longest * seen.max(keys[i]) <= MASK_ENTRIES;
+        if !current.is_empty() && !fits {
             out.push(std::mem::take(&mut current));
-            sum = 0;
+            (sum, seen) = (0, 0);
         }
         current.push(i);
         sum += tokens[i];
+        seen = seen.max(keys[i]);
     }
     out.push(current);
     out.retain(|g| g.len() > 1);
@@ -81,7 +93,8 @@ fn groups(tokens: &[usize]) -> Vec<Vec<usize>> {
 /// no two of them group; and, in the order their outputs come, the prompts it attends.
 pub(super) fn plan<'a>(prompts: &[&'a Span], dtype: DType) -> Result<(Option<Batched>, Vec<&'a Span>)> {
     let tokens: Vec<usize> = prompts.iter().map(|s| s.tokens).collect();
-    let grouped = groups(&tokens);
+    let keys: Vec<usize> = prompts.iter().map(|s| s.pos + s.tokens).collect();
+    let grouped = groups(&tokens, &keys);
     if grouped.is_empty() {
         return Ok((None, Vec::new()));
     }
@@ -179,21 +192,31 @@ mod tests {
 
     #[test]
     fn prompts_of_similar_lengths_group_and_a_long_one_stays_alone() {
+        // Fresh prompts see as many keys as they have tokens.
+        let fresh = |tokens: &[usize]| groups(tokens, tokens);
         // Similar lengths: one group, longest first.
-        assert_eq!(groups(&[30, 34, 31, 29]), vec![vec![1, 2, 0, 3]]);
+        assert_eq!(fresh(&[30, 34, 31, 29]), vec![vec![1, 2, 0, 3]]);
         // One long prompt beside short ones: padding them all to 1900 rows would be
-        // 64 × 1900; the long one takes one short one (2 × 1900 ≤ 2 × 1912), the
-        // other 62 group on their own.
+        // 64 × 1900; the padding alone would let the long one take one short one
+        // (2 × 1900 ≤ 2 × 1912), but their mask (2 × 1900 × 1912) is past the bound:
+        // it attends alone, the other 63 together.
         let mut tokens = vec![1900];
         tokens.extend([12; 63]);
-        assert_eq!(groups(&tokens), vec![vec![0, 1], (2..64).collect::<Vec<_>>()]);
+        assert_eq!(fresh(&tokens), vec![(1..64).collect::<Vec<_>>()]);
+        assert_eq!(fresh(&[300, 20, 20]), vec![vec![0, 1]], "2 × 300 ≤ 2 × 320, then 3 × 300 > 2 × 340");
         // A single prompt: nothing to batch.
-        assert!(groups(&[40]).is_empty());
+        assert!(fresh(&[40]).is_empty());
         // Padded rows ≤ 2 × real ones in every group.
         let tokens = [50, 45, 30, 26, 24, 10, 9, 8, 3, 2];
-        for g in groups(&tokens) {
+        for g in fresh(&tokens) {
             let longest = g.iter().map(|&i| tokens[i]).max().unwrap();
             assert!(g.len() * longest <= 2 * g.iter().map(|&i| tokens[i]).sum::<usize>(), "{g:?}");
         }
+        // Masks stay bounded: two prompts of 2048 tokens (2 × 2048 × 2048 entries), or
+        // two 512-token chunks after a 4096-token prefix, attend alone; 64 of 40 group.
+        assert!(fresh(&[2048, 2048]).is_empty());
+        assert!(groups(&[512, 512], &[4608, 600]).is_empty());
+        assert_eq!(groups(&[512, 512], &[600, 600]), vec![vec![0, 1]]);
+        assert_eq!(fresh(&[40; 64]), vec![(0..64).collect::<Vec<_>>()]);
     }
 }
