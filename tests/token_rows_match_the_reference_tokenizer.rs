@@ -1,5 +1,6 @@
-//! The tokenizer pool's fast rows (ASCII fast paths in BERT's normaliser and
-//! pre-tokenizer, long texts cut after `max_length` words) give exactly the ids of the
+//! The tokenizer pool's fast rows (BERT's WordPiece straight to ids for ASCII and for
+//! other scripts, ASCII fast paths in BERT's normaliser and pre-tokenizer, long texts
+//! cut after `max_length` words) give exactly the ids of the
 //! folder's unchanged tokenizer: MiniLM's real tokenizer.json, texts in many scripts and
 //! the characters each shortcut has to get right.
 
