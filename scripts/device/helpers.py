@@ -1,8 +1,10 @@
 """Shared steps of the scripts in scripts/device/ (run on the GPU machine).
 
-  helpers.py texts WORK N           WORK/fixture.txt (the reference fixture's texts) and
+  helpers.py texts WORK N [mixed]   WORK/fixture.txt (the reference fixture's texts) and
                                     WORK/long.txt: N distinct 150-word texts (more than
-                                    128 word pieces each, so truncation makes them 128)
+                                    128 word pieces each, so truncation makes them 128);
+                                    `mixed`: every third word German, Chinese, Arabic or
+                                    an emoji (texts that are not plain ASCII)
   helpers.py cosines WORK BASE TAG..  lowest / mean cosine of WORK/TAG.jsonl against
                                     WORK/BASE.jsonl (kiln run outputs)
   helpers.py eager MODEL TEXTS RUNS OUT_JSON [BENCH_JSON..]
@@ -45,11 +47,16 @@ WORDS = ("model inference batch latency throughput memory cache token vector emb
          "rank score server request queue worker thread device tensor layer attention").split()
 
 
-def texts(work, n):
+FOREIGN = ("Straße Größe schön Übersetzung Mädchen über 模型 推理 中文分词 速度 服务器 "
+           "مَرْحَبًا النموذج سريع خادم 😀 🚀 👍").split()
+
+
+def texts(work, n, kind="ascii"):
     fixture = json.load(open("tests/fixtures/minilm_reference.json"))["texts"]
     open(f"{work}/fixture.txt", "w").write("\n".join(t.replace("\n", " ") for t in fixture) + "\n")
     rng = random.Random(11)
-    lines = (" ".join(rng.choice(WORDS) for _ in range(150)) for _ in range(int(n)))
+    word = lambda i: rng.choice(FOREIGN) if kind == "mixed" and i % 3 == 0 else rng.choice(WORDS)
+    lines = (" ".join(word(i) for i in range(150)) for _ in range(int(n)))
     open(f"{work}/long.txt", "w").write("\n".join(lines) + "\n")
 
 
