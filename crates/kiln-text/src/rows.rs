@@ -346,19 +346,11 @@ impl WordPieceRows {
         let mut key = String::with_capacity(64);
         let mut raw = text;
         let mut cut = false;
+        // Once the row is full, segments are still read until one gives a word: that
+        // word cuts the row.
         while !raw.is_empty() && !cut {
-            if pieces.len() >= self.limit {
-                // The row is full: what is left cuts it if any word comes of it.
-                self.normalize(raw, &mut cleaned, &mut normalized);
-                cut = pieces.len() > self.limit || normalized.chars().any(|c| !c.is_whitespace());
-                break;
-            }
-            let end = raw
-                .bytes()
-                .enumerate()
-                .skip(256)
-                .find(|&(_, b)| is_break(b) || b == b' ')
-                .map_or(raw.len(), |(at, _)| at);
+            let end =
+                raw.bytes().enumerate().skip(256).find(|&(_, b)| is_break(b)).map_or(raw.len(), |(at, _)| at);
             self.normalize(&raw[..end], &mut cleaned, &mut normalized);
             raw = &raw[end..];
             // Lowercasing can make ASCII of other characters (the Kelvin sign is `k`).
