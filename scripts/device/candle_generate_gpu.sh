@@ -25,14 +25,7 @@
 # greedy host/device benches alternated at 64 and 16 streams and one stream.
 set -euo pipefail
 stash="${STASH:-/tmp/keep}"
-mkdir -p "$stash"
-for f in .device/*; do
-    if [ -f "$f" ]; then cp "$f" "$stash/"; fi
-done
-if [ -n "${STAGE:-}" ]; then
-    ls -la "$stash"
-    exit 0
-fi
+. scripts/device/stash.sh
 mkdir -p .device && cp "$stash/kiln-cuda.xz" .device/ 2>/dev/null || true
 . scripts/device/common.sh /tmp/kiln-cgen kiln-cuda
 kiln="$work/kiln-cuda"

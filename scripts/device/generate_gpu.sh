@@ -26,14 +26,7 @@
 # for the share of wall time in the generator's steps; transformers at batch 1, 16, 64.
 set -euo pipefail
 stash="$HOME/kiln-mlx"
-mkdir -p "$stash"
-for f in .device/*; do
-    if [ -f "$f" ]; then cp "$f" "$stash/"; fi
-done
-if [ -n "${STAGE:-}" ]; then
-    ls -la "$stash"
-    exit 0
-fi
+. scripts/device/stash.sh
 . scripts/device/common.sh /tmp/kiln-gen
 returned="$out"
 if [ -n "${LEAN:-}" ]; then

@@ -17,10 +17,7 @@
 # and without piping it through `tail` (files under $OUT are archived only at exit).
 set -euo pipefail
 stash="$HOME/kiln-mlx"
-mkdir -p "$stash"
-for f in .device/*; do
-    if [ -f "$f" ]; then cp "$f" "$stash/"; fi
-done
+. scripts/device/stash.sh
 mkdir -p .device && cp "$stash/kiln-cuda.xz" .device/
 . scripts/device/common.sh /tmp/kiln-one kiln-cuda
 candle="$work/kiln-cuda"

@@ -337,8 +337,9 @@ impl WordPieceRows {
     /// crosses an ASCII character, and words end at whitespace — so a segment's words
     /// are the whole text's.
     fn unicode_row(&self, text: &str) -> Option<Row> {
-        let added = |c: char| c.is_ascii() && self.added_starts[c as usize];
-        if text.bytes().any(|b| b.is_ascii() && self.added_starts[b as usize]) {
+        // ASCII characters are their own bytes in UTF-8, and no other byte is ASCII.
+        let added = |b: u8| b.is_ascii() && self.added_starts[b as usize];
+        if text.bytes().any(added) {
             return None;
         }
         let (mut cleaned, mut normalized) = (String::new(), String::new());
@@ -354,7 +355,7 @@ impl WordPieceRows {
             self.normalize(&raw[..end], &mut cleaned, &mut normalized);
             raw = &raw[end..];
             // Lowercasing can make ASCII of other characters (the Kelvin sign is `k`).
-            if normalized.chars().any(added) {
+            if normalized.bytes().any(added) {
                 return None;
             }
             let mut rest = normalized.as_str();
@@ -387,7 +388,8 @@ impl WordPieceRows {
         for c in raw.chars() {
             let c = match self.clean_text {
                 true if c == '\0' || c == '\u{fffd}' || is_removed_control(c) => continue,
-                true if is_kept_break(c) || c.is_whitespace() => ' ',
+                // Tab and line breaks included.
+                true if c.is_whitespace() => ' ',
                 _ => c,
             };
             if self.chinese && is_chinese_char(c) {

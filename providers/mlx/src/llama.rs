@@ -534,12 +534,16 @@ impl Llama {
                     mask.extend((0..longest).map(|j| if j <= s.pos { 0f32 } else { f32::NEG_INFINITY }));
                 }
                 let mask = Array::from_f32(&mask, &[singles.len(), 1, 1, longest])?.astype(self.dtype)?;
-                let rows: Vec<i32> = singles.iter().map(|s| s.row as i32).collect();
+                let field =
+                    |f: fn(&Span) -> usize| -> Vec<i32> { singles.iter().map(|s| f(s) as i32).collect() };
                 let in_order = prompts.is_empty();
+                let rows = field(|s| s.row);
                 Some(Decode {
-                    rows: (!in_order).then(|| Array::from_i32(&rows)).transpose()?,
-                    slots: Array::from_i32(&singles.iter().map(|s| s.slot as i32).collect::<Vec<_>>())?,
-                    positions: Array::from_i32(&singles.iter().map(|s| s.pos as i32).collect::<Vec<_>>())?,
+                    rows: kv::Rows::new(
+                        (!in_order).then_some(&rows[..]),
+                        &field(|s| s.slot),
+                        &field(|s| s.pos),
+                    )?,
                     mask,
                     longest: longest as i32,
                     n: singles.len() as i32,
@@ -547,13 +551,11 @@ impl Llama {
             }
         };
         // Prompts of similar lengths attend together (`prompts.rs`), the rest one by one.
-        let (batched, in_groups) = match alone {
-            true => (None, Vec::new()),
+        let prompts::Plan { batched, grouped: in_groups, separate } = match alone {
+            true => prompts::Plan { batched: None, grouped: Vec::new(), separate: prompts },
             false => prompts::plan(&prompts, self.dtype)?,
         };
-        let separate: Vec<&Span> =
-            prompts.iter().copied().filter(|s| !in_groups.iter().any(|g| g.row == s.row)).collect();
-        let heads = prompts::Heads { q: nh, kv: nkv, dim: hd };
+        let heads = kv::Heads { q: nh, kv: nkv, dim: hd };
         // The attention output comes out as the separate prompts, the grouped ones, then
         // the decode rows; this puts the rows back in the step's order.
         let grouped: Vec<usize> =
@@ -571,7 +573,7 @@ impl Llama {
         for (layer, (kbuf, vbuf)) in self.layers.iter().zip(kv.iter_mut()) {
             let h = x.rms_norm(&layer.attn_norm, eps)?;
             let (q, k, v) = (layer.wq.forward(&h)?, layer.wk.forward(&h)?, layer.wv.forward(&h)?);
-            let mut pieces = Vec::with_capacity(prompts.len() + 1);
+            let mut pieces = Vec::with_capacity(separate.len() + 2);
             for s in &separate {
                 let (r0, r1, t) = (s.row as i32, (s.row + s.tokens) as i32, s.tokens as i32);
                 let (p0, p1, slot) = (s.pos as i32, (s.pos + s.tokens) as i32, s.slot as i32);
@@ -594,23 +596,11 @@ impl Llama {
                 b.attend((&q, &k, &v), (&mut *kbuf, &mut *vbuf), heads, base, scale, &mut pieces)?;
             }
             if let Some(d) = &decode {
-                let heads = |a: &Array, n: i32| -> Result<Array> {
-                    let rows = match &d.rows {
-                        Some(rows) => a.take(rows, 0)?,
-                        None => a.reshape(&[d.n, n * hd])?,
-                    };
-                    rows.reshape(&[d.n, 1, n, hd])?.transpose(&[0, 2, 1, 3])
-                };
-                let qs = heads(&q, nh)?.rope_at(self.head_dim, base, &d.positions)?;
-                let ks = heads(&k, nkv)?.rope_at(self.head_dim, base, &d.positions)?;
-                let update = |a: &Array| a.reshape(&[d.n, 1, nkv, 1, hd]);
-                *kbuf = kbuf.scatter_rows(&d.slots, &d.positions, &update(&ks)?)?;
-                *vbuf = vbuf.scatter_rows(&d.slots, &d.positions, &update(&heads(&v, nkv)?)?)?;
-                let gather = |buf: &Array| -> Result<Array> {
-                    let slots = buf.shape()[0] as i32;
-                    buf.slice(&[0, 0, 0, 0], &[slots, nkv, d.longest, hd])?.take(&d.slots, 0)
-                };
-                let o = qs.attention(&gather(kbuf)?, &gather(vbuf)?, scale, Some(&d.mask))?;
+                let qs = d.rows.store((&q, &k, &v), (&mut *kbuf, &mut *vbuf), heads, base)?;
+                let slots = &d.rows.slots;
+                let (keys, values) =
+                    (kv::gather(kbuf, slots, d.longest)?, kv::gather(vbuf, slots, d.longest)?);
+                let o = qs.attention(&keys, &values, scale, Some(&d.mask))?;
                 pieces.push(o.transpose(&[0, 2, 1, 3])?.reshape(&[d.n, nh * hd])?);
             }
             let mut attn = match pieces.len() {
@@ -651,10 +641,8 @@ struct Span {
 
 /// The single-token rows of a step, attended together.
 struct Decode {
-    /// Their rows in the step (`None`: all rows, in order).
-    rows: Option<Array>,
-    slots: Array,
-    positions: Array,
+    /// Their rows in the step, each at its sequence's slot and position.
+    rows: kv::Rows,
     /// `[n, 1, 1, longest]`: 0 up to each row's position, -inf after.
     mask: Array,
     longest: i32,

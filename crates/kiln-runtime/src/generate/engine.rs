@@ -702,8 +702,8 @@ pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core:
     let info = generator.info();
     let vocab = info.vocab_size.max(2) as u32;
     // Ordinary token ids; the outputs are discarded.
-    let prompt: Vec<u32> =
-        (0..(info.context_length / 4).clamp(1, 8) as u32).map(|i| (i * 7 + 1) % vocab).collect();
+    let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + 1) % vocab).collect() };
+    let prompt = ids((info.context_length / 4).clamp(1, 8));
     let mut caches: Vec<Box<dyn SequenceCache>> = Vec::new();
     let mut steps = 0;
     // A step of `tokens`, items greedy where `greedy` says; what each item is fed next.
@@ -730,9 +730,8 @@ pub(super) fn warm_up(generator: &dyn Generator, sequences: usize) -> kiln_core:
     // Prompt steps of 16, 32 and 64 rows, each on a sequence of its own dropped at once
     // (so a generator with `sequences` slots never holds more).
     for rows in [16, 32, 64].into_iter().filter(|&rows| rows <= info.context_length / 2) {
-        let long: Vec<u32> = (0..rows as u32).map(|i| (i * 7 + 1) % vocab).collect();
         let mut alone = vec![generator.new_sequence()?];
-        step(&mut alone, &[long], &[true])?;
+        step(&mut alone, &[ids(rows)], &[true])?;
     }
     caches.push(generator.new_sequence()?);
     let mut fed = step(&mut caches, std::slice::from_ref(&prompt), &[true])?;

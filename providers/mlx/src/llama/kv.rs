@@ -15,6 +15,71 @@ use crate::array::Array;
 const SLOT_CHUNK: usize = 8;
 const TOKEN_CHUNK: usize = 256;
 
+/// The heads of a layer's attention: query heads, KV heads, head size.
+#[derive(Clone, Copy)]
+pub(super) struct Heads {
+    pub q: i32,
+    pub kv: i32,
+    pub dim: i32,
+}
+
+/// Rows of a step that each write one token's keys and values at their own slot and
+/// position of the shared buffers (decode rows; the tokens of prompts attended in
+/// groups): one rotary embedding and one scatter a layer for all of them.
+pub(super) struct Rows {
+    /// Their rows in the step (`None`: all rows, in order).
+    rows: Option<Array>,
+    /// `[n]`: each row's slot (its sequence's), which its attention gathers.
+    pub(super) slots: Array,
+    positions: Array,
+    n: i32,
+}
+
+impl Rows {
+    /// Rows `rows` of the step (`None`: all, in order) at `slots` and `positions`.
+    pub(super) fn new(rows: Option<&[i32]>, slots: &[i32], positions: &[i32]) -> Result<Rows> {
+        Ok(Rows {
+            rows: rows.map(Array::from_i32).transpose()?,
+            slots: Array::from_i32(slots)?,
+            positions: Array::from_i32(positions)?,
+            n: slots.len() as i32,
+        })
+    }
+
+    /// Their queries roped at their positions (`[n, heads, 1, dim]`), after their keys
+    /// (roped) and values are written into `kbuf` / `vbuf`.
+    pub(super) fn store(
+        &self,
+        (q, k, v): (&Array, &Array, &Array),
+        (kbuf, vbuf): (&mut Array, &mut Array),
+        heads: Heads,
+        base: f32,
+    ) -> Result<Array> {
+        let (n, hd) = (self.n, heads.dim);
+        let pick = |a: &Array, h: i32| -> Result<Array> {
+            let rows = match &self.rows {
+                Some(rows) => a.take(rows, 0)?,
+                None => a.reshape(&[n, h * hd])?,
+            };
+            rows.reshape(&[n, 1, h, hd])?.transpose(&[0, 2, 1, 3])
+        };
+        let qs = pick(q, heads.q)?.rope_at(hd as usize, base, &self.positions)?;
+        let ks = pick(k, heads.kv)?.rope_at(hd as usize, base, &self.positions)?;
+        let update = |a: &Array| a.reshape(&[n, 1, heads.kv, 1, hd]);
+        *kbuf = kbuf.scatter_rows(&self.slots, &self.positions, &update(&ks)?)?;
+        *vbuf = vbuf.scatter_rows(&self.slots, &self.positions, &update(&pick(v, heads.kv)?)?)?;
+        Ok(qs)
+    }
+}
+
+/// The first `keys` positions of a layer's buffer `buf` for each of `slots`:
+/// `[slots, kv heads, keys, dim]`, what a batched SDPA attends over.
+pub(super) fn gather(buf: &Array, slots: &Array, keys: i32) -> Result<Array> {
+    let shape = buf.shape();
+    let (all, kv, dim) = (shape[0] as i32, shape[1] as i32, shape[3] as i32);
+    buf.slice(&[0, 0, 0, 0], &[all, kv, keys, dim])?.take(slots, 0)
+}
+
 /// The shared buffers and which slots are taken.
 #[derive(Default)]
 pub(super) struct Pool {

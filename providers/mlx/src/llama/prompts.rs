@@ -17,6 +17,7 @@
 use kiln_core::{DType, Result};
 
 use super::Span;
+use super::kv::{Heads, Rows, gather};
 use crate::array::Array;
 
 /// Prompts padded to one length and attended in one SDPA.
@@ -38,21 +39,19 @@ struct Group {
 
 /// The prompt rows of a step that are attended in groups.
 pub(super) struct Batched {
-    /// `[n]`: the step's row of each batched token, group by group, prompt by prompt.
-    rows: Array,
-    /// `[n]`: each token's slot and position, for its rotary embedding and its KV row.
-    slots: Array,
-    positions: Array,
-    n: i32,
+    /// Every batched token, group by group, prompt by prompt, at its slot and position.
+    rows: Rows,
     groups: Vec<Group>,
 }
 
-/// The heads of a layer's attention: query heads, KV heads, head size.
-#[derive(Clone, Copy)]
-pub(super) struct Heads {
-    pub q: i32,
-    pub kv: i32,
-    pub dim: i32,
+/// What [`plan`] makes of a step's prompts.
+pub(super) struct Plan<'a> {
+    /// The groups' attention, if any two prompts group.
+    pub batched: Option<Batched>,
+    /// The grouped prompts, in the order their outputs come.
+    pub grouped: Vec<&'a Span>,
+    /// The prompts attended one by one, in the step's order.
+    pub separate: Vec<&'a Span>,
 }
 
 /// The most entries a group's mask (`count × tokens × keys`) may have: 4 Mi, 16 MiB of
@@ -89,14 +88,17 @@ fn groups(tokens: &[usize], keys: &[usize]) -> Vec<Vec<usize>> {
     out
 }
 
-/// The batched attention of `prompts` (spans of more than one token), or `None` when
-/// no two of them group; and, in the order their outputs come, the prompts it attends.
-pub(super) fn plan<'a>(prompts: &[&'a Span], dtype: DType) -> Result<(Option<Batched>, Vec<&'a Span>)> {
+/// How `prompts` (spans of more than one token) attend: the groups' batched attention
+/// and the prompts left to attend one by one.
+pub(super) fn plan<'a>(prompts: &[&'a Span], dtype: DType) -> Result<Plan<'a>> {
     let tokens: Vec<usize> = prompts.iter().map(|s| s.tokens).collect();
     let keys: Vec<usize> = prompts.iter().map(|s| s.pos + s.tokens).collect();
     let grouped = groups(&tokens, &keys);
+    let mut in_group = vec![false; prompts.len()];
+    grouped.iter().flatten().for_each(|&i| in_group[i] = true);
+    let separate = prompts.iter().zip(&in_group).filter(|&(_, &g)| !g).map(|(s, _)| *s).collect();
     if grouped.is_empty() {
-        return Ok((None, Vec::new()));
+        return Ok(Plan { batched: None, grouped: Vec::new(), separate });
     }
     let (mut rows, mut slots, mut positions) = (Vec::new(), Vec::new(), Vec::new());
     let mut order = Vec::new();
@@ -137,15 +139,8 @@ pub(super) fn plan<'a>(prompts: &[&'a Span], dtype: DType) -> Result<(Option<Bat
             valid: Array::from_i32(&valid)?,
         });
     }
-    let n = rows.len() as i32;
-    let batched = Batched {
-        rows: Array::from_i32(&rows)?,
-        slots: Array::from_i32(&slots)?,
-        positions: Array::from_i32(&positions)?,
-        n,
-        groups: built,
-    };
-    Ok((Some(batched), order))
+    let batched = Batched { rows: Rows::new(Some(&rows), &slots, &positions)?, groups: built };
+    Ok(Plan { batched: Some(batched), grouped: order, separate })
 }
 
 impl Batched {
@@ -162,23 +157,13 @@ impl Batched {
         scale: f32,
         pieces: &mut Vec<Array>,
     ) -> Result<()> {
-        let Heads { q: nh, kv: nkv, dim: hd } = heads;
-        let rows = |a: &Array, n: i32| -> Result<Array> {
-            a.take(&self.rows, 0)?.reshape(&[self.n, 1, n, hd])?.transpose(&[0, 2, 1, 3])
-        };
-        let qs = rows(q, nh)?.rope_at(hd as usize, base, &self.positions)?;
-        let ks = rows(k, nkv)?.rope_at(hd as usize, base, &self.positions)?;
-        let update = |a: &Array| a.reshape(&[self.n, 1, nkv, 1, hd]);
-        *kbuf = kbuf.scatter_rows(&self.slots, &self.positions, &update(&ks)?)?;
-        *vbuf = vbuf.scatter_rows(&self.slots, &self.positions, &update(&rows(v, nkv)?)?)?;
+        let Heads { q: nh, dim: hd, .. } = heads;
+        let qs = self.rows.store((q, k, v), (&mut *kbuf, &mut *vbuf), heads, base)?;
         for g in &self.groups {
             let queries =
                 qs.take(&g.pad, 0)?.reshape(&[g.count, g.tokens, nh, hd])?.transpose(&[0, 2, 1, 3])?;
-            let gather = |buf: &Array| -> Result<Array> {
-                let slots = buf.shape()[0] as i32;
-                buf.slice(&[0, 0, 0, 0], &[slots, nkv, g.longest, hd])?.take(&g.slots, 0)
-            };
-            let o = queries.attention(&gather(kbuf)?, &gather(vbuf)?, scale, Some(&g.mask))?;
+            let (keys, values) = (gather(kbuf, &g.slots, g.longest)?, gather(vbuf, &g.slots, g.longest)?);
+            let o = queries.attention(&keys, &values, scale, Some(&g.mask))?;
             let o = o.transpose(&[0, 2, 1, 3])?.reshape(&[g.count * g.tokens, nh * hd])?;
             pieces.push(o.take(&g.valid, 0)?);
         }
